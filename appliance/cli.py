@@ -1,0 +1,483 @@
+"""The `donjon` command: thin typer commands, each calling one function; errors are one line + exit 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import datetime
+from typing import Annotated, Optional
+
+import typer
+
+from appliance.client import AdminClient, ClientError, default_home
+from appliance.ipc import schema as S
+
+app = typer.Typer(help="Donjon: a hardened certificate authority appliance.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+ca_app = typer.Typer(help="Certificate authorities: list, show, create, sign an external CSR, export.", no_args_is_help=True)
+cert_app = typer.Typer(help="Issued certificates: show, list, export.", no_args_is_help=True)
+crl_app = typer.Typer(help="Certificate revocation lists.", no_args_is_help=True)
+audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+app.add_typer(ca_app, name="ca")
+app.add_typer(cert_app, name="cert")
+app.add_typer(crl_app, name="crl")
+app.add_typer(audit_app, name="audit")
+
+Home = Annotated[str, typer.Option("--home", envvar="DONJON_HOME", help="State folder (DONJON_HOME).")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+REASONS = {"unspecified": 0, "keyCompromise": 1, "cACompromise": 2, "affiliationChanged": 3, "superseded": 4,
+           "cessationOfOperation": 5, "certificateHold": 6, "removeFromCRL": 8, "privilegeWithdrawn": 9, "aACompromise": 10}
+
+
+def fail(msg: str, code: int = 1) -> None:
+    typer.echo(f"donjon: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def client(home: str) -> AdminClient:
+    try:
+        return AdminClient(home)
+    except ClientError as e:
+        fail(str(e))
+
+
+def call(home: str, cls, **kw):
+    try:
+        with client(home) as c:
+            return c.call(cls, **kw)
+    except ClientError as e:
+        fail(str(e))
+
+
+def out_bytes(data: bytes, out: Optional[str]) -> None:
+    if out:
+        with open(out, "wb") as f:
+            f.write(data)
+    else:
+        sys.stdout.buffer.write(data)
+
+
+def parse_serial(s: str) -> bytes:
+    try:
+        v = int(s.removeprefix("0x").replace(":", ""), 16)
+    except ValueError:
+        fail(f"serial {s!r} is not hexadecimal")
+    if v <= 0 or v.bit_length() > 159:
+        fail("a serial is positive and at most 20 octets")
+    return v.to_bytes((v.bit_length() + 7) // 8, "big")
+
+
+def parse_subject(s: str) -> tuple[tuple[str, str], ...]:
+    """'CN=Issuing CA 1,O=Example,C=FR' -> attribute pairs (commas inside values: escape as \\,)."""
+    parts, cur, esc = [], "", False
+    for ch in s:
+        if esc:
+            cur += ch
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch == ",":
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    out = []
+    for p in parts:
+        if "=" not in p:
+            fail(f"subject part {p!r} is not ATTR=value")
+        k, v = p.split("=", 1)
+        out.append((k.strip(), v.strip()))
+    return tuple(out)
+
+
+def read_file(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        fail(f"cannot read {what} {path}: {e.strerror}")
+
+
+def der_of(data: bytes, label: str) -> bytes:
+    """Accept DER or PEM."""
+    if data.lstrip().startswith(b"-----BEGIN"):
+        import base64
+        import re
+        m = re.search(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", data, re.S)
+        if not m:
+            fail(f"the {label} is not valid PEM")
+        try:
+            return base64.b64decode(b"".join(m.group(2).split()), validate=True)
+        except ValueError:
+            fail(f"the {label} is not valid PEM")
+    return data
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+@app.command()
+def init(home: Home = "./var",
+         ceremony: Annotated[str, typer.Option(help="Root-CA ceremony TOML (key type, subject, validity, path length).")] = ...,
+         pin_file: Annotated[Optional[str], typer.Option(help="Token user PIN (default: a new random PIN written to HOME/pin).")] = None) -> None:
+    """Create the state folder, the embedded token and the CMDB, and run the root-CA ceremony.
+
+    Example: donjon init --home ./var --ceremony image/demo-ceremony.toml
+    """
+    import trio
+
+    from appliance import config as C
+    from appliance import home as H
+    from appliance.supervisor import Supervisor, SupervisorError
+
+    try:
+        spec = C.load_ceremony(ceremony)
+        pin = H.read_pin(pin_file) if pin_file else None
+        cfg, pin = H.create(home, pin)
+        rc = trio.run(Supervisor(home, cfg).run, spec, pin)
+    except (C.ConfigError, H.HomeError, SupervisorError) as e:
+        fail(str(e))
+    if rc != 0:
+        fail("the ceremony failed (see the log above); nothing was kept in the CMDB but its audit records")
+    names = [spec.root.name] + [c.name for c in spec.issuing]
+    typer.echo(f"Initialised {os.path.abspath(home)}: CAs {', '.join(names)}. Start it with: donjon run --home {home}")
+
+
+@app.command()
+def run(home: Home = "./var",
+        activate: Annotated[bool, typer.Option(help="Activate from the PIN file at start (developer mode).")] = True) -> None:
+    """Start the appliance (supervisor and roles) in the foreground; stop it with Ctrl-C or SIGTERM.
+
+    Example: donjon run --home ./var
+    """
+    import trio
+
+    from appliance import config as C
+    from appliance import home as H
+    from appliance.supervisor import Supervisor, SupervisorError
+
+    try:
+        cfg = C.load(home)
+        pin = None
+        if activate and cfg.hsm.pin_file:
+            p = os.path.join(home, cfg.hsm.pin_file)
+            if os.path.exists(p):
+                pin = H.read_pin(p)
+        rc = trio.run(Supervisor(home, cfg).run, None, pin)
+    except (C.ConfigError, H.HomeError, SupervisorError) as e:
+        fail(str(e))
+    raise typer.Exit(rc)
+
+
+@app.command()
+def status(home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Show whether the appliance runs, is activated, and what it holds.
+
+    Example: donjon status --json
+    """
+    doc = call(home, S.AStatus)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    typer.echo(f"activated: {'yes' if doc['activated'] else 'no'}")
+    if doc.get("token"):
+        typer.echo(f"token: {doc['token']}")
+    if doc["activated"]:
+        typer.echo(f"CAs: {', '.join(doc['cas']) or '-'}; certificates: {doc['certificates']}; revoked: {doc['revoked']}")
+        typer.echo(f"audit: {doc['audit_records']} records, head {doc['audit_head']}")
+
+
+@app.command("activate")
+def activate_cmd(home: Home = "./var",
+                 pin_file: Annotated[Optional[str], typer.Option(help="Read the token PIN from this file instead of prompting.")] = None) -> None:
+    """Log the CIS into the token and open the CMDB.
+
+    Example: donjon activate --pin-file ./var/pin
+    """
+    from appliance import home as H
+    try:
+        pin = H.read_pin(pin_file) if pin_file else typer.prompt("Token PIN", hide_input=True)
+    except H.HomeError as e:
+        fail(str(e))
+    doc = call(home, S.AActivate, pin=pin)
+    typer.echo(f"activated: {doc['token']}")
+
+
+# ---------------------------------------------------------------- CAs
+
+
+@ca_app.command("list")
+def ca_list(home: Home = "./var", as_json: JsonOut = False) -> None:
+    """List the CAs. Example: donjon ca list"""
+    cas = call(home, S.ACaList)["cas"]
+    if as_json:
+        typer.echo(json.dumps(cas, indent=2))
+        return
+    for c in cas:
+        typer.echo(f"{c['name']:<20} {c['key_type']:<8} parent={c['parent'] or '-':<16} until {c['not_after'][:10]}  {c['subject']}")
+
+
+@ca_app.command("show")
+def ca_show(name: str, home: Home = "./var") -> None:
+    """Show one CA. Example: donjon ca show issuing"""
+    typer.echo(json.dumps(call(home, S.ACaShow, name=name), indent=2))
+
+
+@ca_app.command("create")
+def ca_create(name: str,
+              parent: Annotated[str, typer.Option(help="The issuing (parent) CA.")] = ...,
+              subject: Annotated[str, typer.Option(help="Subject, e.g. 'CN=Issuing CA 2,O=Example,C=FR'.")] = ...,
+              profile: Annotated[str, typer.Option(help="CA profile.")] = "sub-ca",
+              key_type: Annotated[str, typer.Option(help="rsa2048|rsa3072|rsa4096|p256|p384|ed25519")] = "p256",
+              days: Annotated[int, typer.Option(help="Validity in days (clamped to the parent's).")] = 3650,
+              path_length: Annotated[Optional[int], typer.Option(help="pathLenConstraint.")] = None,
+              home: Home = "./var") -> None:
+    """Create a subordinate CA whose key is generated in the HSM.
+
+    Example: donjon ca create issuing2 --parent root --subject 'CN=Issuing CA 2,O=Example'
+    """
+    doc = call(home, S.ACaCreate, name=name, parent=parent, profile=profile, key_type=key_type,
+               subject=parse_subject(subject), validity_days=days, path_length=path_length)
+    typer.echo(f"created CA {doc['name']}: {doc['subject']} serial {doc['serial']}")
+
+
+@ca_app.command("sign-csr")
+def ca_sign_csr(csr: str,
+                parent: Annotated[str, typer.Option(help="The signing CA.")] = ...,
+                profile: Annotated[str, typer.Option(help="A sub-ca profile.")] = "sub-ca",
+                days: Annotated[int, typer.Option(help="Validity in days.")] = 3650,
+                path_length: Annotated[Optional[int], typer.Option(help="pathLenConstraint.")] = None,
+                out: Annotated[Optional[str], typer.Option(help="Write the certificate (PEM) here.")] = None,
+                home: Home = "./var") -> None:
+    """Certify an external subordinate CA from its CSR (the offline root's main job).
+
+    Example: donjon ca sign-csr sub.csr --parent root --out sub.pem
+    """
+    der = der_of(read_file(csr, "CSR"), "CSR")
+    doc = call(home, S.ACaSignCsr, parent=parent, profile=profile, csr=der, validity_days=days, path_length=path_length)
+    out_bytes(doc["cert"].encode(), out)
+    if out:
+        typer.echo(f"signed serial {doc['serial']} -> {out}")
+
+
+@ca_app.command("export")
+def ca_export(name: str, chain: Annotated[bool, typer.Option(help="Include the parents up to the root.")] = False,
+              out: Annotated[Optional[str], typer.Option(help="Output file (PEM).")] = None, home: Home = "./var") -> None:
+    """Export a CA certificate (and its chain) as PEM. Example: donjon ca export issuing --chain --out chain.pem"""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    ders = [bytes.fromhex(h) for h in call(home, S.ACaExport, name=name)["chain"]]
+    if not chain:
+        ders = ders[:1]
+    out_bytes(b"".join(x509.load_der_x509_certificate(d).public_bytes(Encoding.PEM) for d in ders), out)
+
+
+# ---------------------------------------------------------------- certificates
+
+
+@app.command()
+def issue(ca: Annotated[str, typer.Option(help="Issuing CA.")] = ...,
+          profile: Annotated[str, typer.Option(help="Certificate profile, e.g. tls-server.")] = ...,
+          csr: Annotated[list[str], typer.Option(help="CSR file (PEM or DER); repeat for a batch.")] = ...,
+          out: Annotated[Optional[str], typer.Option(help="Write the certificate(s) (PEM) here.")] = None,
+          days: Annotated[Optional[int], typer.Option(help="Validity in days (default and maximum: the profile's).")] = None,
+          as_json: JsonOut = False, home: Home = "./var") -> None:
+    """Issue certificates from CSRs.
+
+    Example: donjon issue --ca issuing --profile tls-server --csr www.csr --out www.pem
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    ders = [der_of(read_file(p, "CSR"), "CSR") for p in csr]
+    try:
+        with client(home) as c:
+            r = c.issue(ca=ca, profile=profile, csrs=ders, validity_days=days)
+    except ClientError as e:
+        fail(str(e))
+    pem = b""
+    docs = []
+    failed = 0
+    for path, res, serial in zip(csr, r.results, r.serials):
+        if res.cert is None:
+            failed += 1
+            typer.echo(f"donjon: {path}: refused: {res.error}", err=True)
+            docs.append({"csr": path, "error": res.error})
+        else:
+            p = x509.load_der_x509_certificate(res.cert).public_bytes(Encoding.PEM)
+            pem += p
+            docs.append({"csr": path, "serial": serial, "pem": p.decode()})
+    if as_json:
+        typer.echo(json.dumps(docs, indent=2))
+    elif pem:
+        out_bytes(pem, out)
+        if out:
+            typer.echo(f"issued {len(csr) - failed} certificate(s) -> {out}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@cert_app.command("show")
+def cert_show(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = ..., home: Home = "./var") -> None:
+    """Show a certificate's record. Example: donjon cert show --ca issuing 5f3a..."""
+    doc = call(home, S.ACertShow, ca=ca, serial=parse_serial(serial))
+    typer.echo(json.dumps({k: v for k, v in doc.items() if k != "pem"}, indent=2))
+
+
+@cert_app.command("export")
+def cert_export(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = ...,
+                out: Annotated[Optional[str], typer.Option(help="Output file (PEM).")] = None, home: Home = "./var") -> None:
+    """Export a certificate as PEM. Example: donjon cert export --ca issuing 5f3a... --out c.pem"""
+    out_bytes(call(home, S.ACertShow, ca=ca, serial=parse_serial(serial))["pem"].encode(), out)
+
+
+@cert_app.command("list")
+def cert_list(ca: Annotated[Optional[str], typer.Option(help="Only this CA.")] = None,
+              limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
+              as_json: JsonOut = False, home: Home = "./var") -> None:
+    """List issued certificates, newest first. Example: donjon cert list --ca issuing"""
+    certs = call(home, S.ACertList, ca=ca, limit=limit)["certs"]
+    if as_json:
+        typer.echo(json.dumps(certs, indent=2))
+        return
+    for c in certs:
+        typer.echo(f"{c['ca']:<12} {c['serial']:<34} {'REVOKED' if c['revoked'] else 'valid  '} {c['profile']:<12} {c['subject']}")
+
+
+@app.command()
+def revoke(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = ...,
+           reason: Annotated[str, typer.Option(help="RFC 5280 reason: " + ", ".join(REASONS))] = "unspecified",
+           invalidity: Annotated[Optional[str], typer.Option(help="Invalidity date (ISO 8601, UTC).")] = None,
+           home: Home = "./var") -> None:
+    """Revoke a certificate.
+
+    Example: donjon revoke --ca issuing 5f3a... --reason keyCompromise
+    """
+    if reason not in REASONS:
+        fail(f"unknown reason {reason!r} (one of: {', '.join(REASONS)})")
+    inv = None
+    if invalidity:
+        try:
+            d = datetime.fromisoformat(invalidity.replace("Z", "+00:00"))
+        except ValueError:
+            fail(f"invalidity date {invalidity!r} is not ISO 8601")
+        if d.tzinfo is None:
+            from datetime import timezone
+            d = d.replace(tzinfo=timezone.utc)
+        inv = int(d.timestamp())
+    doc = call(home, S.ARevoke, ca=ca, serial=parse_serial(serial), reason=REASONS[reason], invalidity=inv)
+    typer.echo(f"revoked {doc['ca']}/{doc['serial']} ({reason})")
+
+
+@crl_app.command("generate")
+def crl_generate(ca: Annotated[str, typer.Option(help="The CA.")] = ...,
+                 out: Annotated[Optional[str], typer.Option(help="Write the CRL (DER) here.")] = None,
+                 home: Home = "./var") -> None:
+    """Sign a new full CRL now.
+
+    Example: donjon crl generate --ca issuing --out issuing.crl
+    """
+    try:
+        with client(home) as c:
+            data = b"".join(c.stream(S.ACrlGenerate, ca=ca))
+    except ClientError as e:
+        fail(str(e))
+    if out:
+        out_bytes(data, out)
+        typer.echo(f"CRL for {ca}: {len(data)} bytes -> {out}")
+    else:
+        out_bytes(data, None)
+
+
+# ---------------------------------------------------------------- audit
+
+
+@audit_app.command("export")
+def audit_export(out: Annotated[Optional[str], typer.Option(help="Output file (JSON Lines).")] = None, home: Home = "./var") -> None:
+    """Export the audit log as JSON Lines. Example: donjon audit export --out audit.jsonl"""
+    try:
+        with client(home) as c:
+            data = b"".join(c.stream(S.AAuditExport))
+    except ClientError as e:
+        fail(str(e))
+    out_bytes(data, out)
+
+
+@audit_app.command("verify")
+def audit_verify(file: Annotated[Optional[str], typer.Argument(help="An exported log; default: export from the running appliance.")] = None,
+                 home: Home = "./var") -> None:
+    """Verify the audit hash chain and name the first record that breaks it.
+
+    Example: donjon audit verify audit.jsonl
+    """
+    from appliance.factory.cmdb import verify_audit
+    if file:
+        data = read_file(file, "audit log")
+    else:
+        try:
+            with client(home) as c:
+                data = b"".join(c.stream(S.AAuditExport))
+        except ClientError as e:
+            fail(str(e))
+    records = []
+    for i, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            fail(f"line {i}: not JSON")
+    try:
+        n, problem = verify_audit(iter(records))
+    except (KeyError, ValueError, TypeError) as e:
+        fail(f"malformed audit record: {e}")
+    if problem:
+        fail(f"audit chain broken: {problem}")
+    typer.echo(f"audit chain intact: {n} records")
+
+
+@audit_app.command("reconcile")
+def audit_reconcile(home: Home = "./var") -> None:
+    """List serials whose intent had no certificate after a crash (voided, treated as possibly issued)."""
+    for v in call(home, S.AReconcile)["voided"]:
+        typer.echo(f"#{v['seq']} {datetime.utcfromtimestamp(v['ts']).isoformat()}Z {v['object']}: {v['detail']}")
+
+
+# ---------------------------------------------------------------- internals
+
+
+@app.command(hidden=True)
+def role(name: str,
+         fd: Annotated[list[str], typer.Option(help="link=fd")] = [],  # noqa: B006
+         rw: Annotated[list[str], typer.Option()] = [],  # noqa: B006
+         ro: Annotated[list[str], typer.Option()] = [],  # noqa: B006
+         uid: Annotated[Optional[int], typer.Option()] = None,
+         gid: Annotated[Optional[int], typer.Option()] = None) -> None:
+    """Run one role (started by the supervisor only)."""
+    from appliance.roles import run_role
+    fds = {}
+    for spec in fd:
+        link, _, num = spec.partition("=")
+        fds[link] = int(num)
+    raise typer.Exit(run_role(name, fds, rw, ro, uid, gid))
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as v
+    try:
+        typer.echo(f"donjon {v('donjon')}")
+    except PackageNotFoundError:
+        typer.echo("donjon (source)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The encrypted CM database: the only module in Donjon that opens it.
+
+SQLite3 Multiple Ciphers through apsw, an authenticated cipher, WAL, synchronous=FULL (checked),
+a versioned schema with migrations, and the hash-chained audit log written in the same transaction
+as the action it records. Not thread-safe: the Factory serialises every call (one DB thread).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import apsw
+
+SCHEMA_VERSION = 1
+GENESIS = b"\x00" * 32
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE cas(
+        name TEXT PRIMARY KEY,
+        key_label TEXT UNIQUE NOT NULL,
+        key_type TEXT NOT NULL,
+        parent TEXT REFERENCES cas(name),
+        profile TEXT NOT NULL,
+        cert BLOB NOT NULL,
+        created INTEGER NOT NULL,
+        crl_number INTEGER NOT NULL DEFAULT 0
+    );
+    -- Every serial ever reserved, whatever became of it: a serial is never used twice.
+    CREATE TABLE serials(
+        serial BLOB PRIMARY KEY,
+        ca TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('intent', 'issued', 'void')),
+        reserved INTEGER NOT NULL,
+        request BLOB
+    ) WITHOUT ROWID;
+    CREATE TABLE certs(
+        serial BLOB PRIMARY KEY REFERENCES serials(serial),
+        ca TEXT NOT NULL REFERENCES cas(name),
+        profile TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        not_before INTEGER NOT NULL,
+        not_after INTEGER NOT NULL,
+        issued_at INTEGER NOT NULL,
+        der BLOB NOT NULL,
+        request BLOB
+    ) WITHOUT ROWID;
+    CREATE INDEX certs_ca ON certs(ca, issued_at);
+    CREATE TABLE revocations(
+        ca TEXT NOT NULL,
+        serial BLOB NOT NULL REFERENCES certs(serial),
+        revoked_at INTEGER NOT NULL,
+        reason INTEGER,
+        invalidity INTEGER,
+        entry_len INTEGER NOT NULL,
+        PRIMARY KEY (ca, serial)
+    ) WITHOUT ROWID;
+    CREATE TABLE crls(
+        ca TEXT NOT NULL,
+        number INTEGER NOT NULL,
+        this_update INTEGER NOT NULL,
+        next_update INTEGER NOT NULL,
+        entries INTEGER NOT NULL,
+        sha256 BLOB NOT NULL,
+        der BLOB NOT NULL,
+        PRIMARY KEY (ca, number)
+    );
+    CREATE TABLE audit(
+        seq INTEGER PRIMARY KEY,
+        ts INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        object TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        prev BLOB NOT NULL,
+        hash BLOB NOT NULL
+    );
+    """,
+}
+
+
+class CmdbError(Exception):
+    """Domain error of the database layer (safe to show an operator)."""
+
+
+def serial_bytes(serial: int) -> bytes:
+    return serial.to_bytes((serial.bit_length() + 7) // 8, "big")
+
+
+def serial_int(b: bytes) -> int:
+    return int.from_bytes(b, "big")
+
+
+def audit_hash(prev: bytes, rec: dict[str, Any]) -> bytes:
+    """Chain hash of one record: SHA-256(prev || canonical JSON of the record without prev/hash)."""
+    body = json.dumps(rec, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return hashlib.sha256(prev + body).digest()
+
+
+class Cmdb:
+    def __init__(self, path: str, key: bytes, cipher: str = "chacha20", create: bool = False):
+        if not create and not os.path.exists(path):
+            raise CmdbError(f"no CMDB at {path}")
+        if create and os.path.exists(path):
+            raise CmdbError(f"a CMDB already exists at {path}: refusing to overwrite it")
+        flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
+        old = os.umask(0o077)
+        try:
+            self.db = apsw.Connection(path, flags=flags)
+        finally:
+            os.umask(old)
+        c = self.db
+        c.execute(f"PRAGMA cipher = '{cipher}'")
+        if cipher == "chacha20":
+            c.execute("PRAGMA kdf_iter = 1")  # the key is 256 random bits, not a passphrase
+        c.execute(f"PRAGMA hexkey = '{key.hex()}'")
+        try:
+            c.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        except apsw.NotADBError:
+            raise CmdbError("the CMDB does not decrypt with this key (wrong token, or a damaged file)") from None
+        c.execute("PRAGMA journal_mode = WAL")
+        c.execute("PRAGMA synchronous = FULL")
+        c.execute("PRAGMA foreign_keys = ON")
+        c.execute("PRAGMA secure_delete = ON")
+        if c.execute("PRAGMA synchronous").fetchone()[0] != 2:
+            raise CmdbError("could not set synchronous=FULL: refusing to run with weaker durability")
+        c.setbusytimeout(5000)
+        self._migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise CmdbError(f"CMDB schema v{version} is newer than this software (v{SCHEMA_VERSION})")
+        for v in range(version + 1, SCHEMA_VERSION + 1):
+            with self.tx():
+                self.db.execute(_MIGRATIONS[v])
+                self.db.execute(f"PRAGMA user_version = {v}")
+
+    @contextmanager
+    def tx(self) -> Iterator[apsw.Connection]:
+        """One durable transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on any exception)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------ audit
+
+    def audit(self, actor: str, action: str, obj: str, outcome: str, detail: str = "", ts: int | None = None) -> int:
+        """Append one chained record; must be called inside tx() so it commits with its action."""
+        row = self.db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
+        rec = {"seq": seq, "ts": ts if ts is not None else int(time.time()), "actor": actor, "action": action,
+               "object": obj, "outcome": outcome, "detail": detail}
+        h = audit_hash(prev, rec)
+        self.db.execute("INSERT INTO audit VALUES (?,?,?,?,?,?,?,?,?)",
+                        (seq, rec["ts"], actor, action, obj, outcome, detail, prev, h))
+        return seq
+
+    def audit_records(self) -> Iterator[dict[str, Any]]:
+        for seq, ts, actor, action, obj, outcome, detail, prev, h in self.db.execute("SELECT * FROM audit ORDER BY seq"):
+            yield {"seq": seq, "ts": ts, "actor": actor, "action": action, "object": obj, "outcome": outcome,
+                   "detail": detail, "prev": prev.hex(), "hash": h.hex()}
+
+
+def verify_audit(records: Iterator[dict[str, Any]]) -> tuple[int, str | None]:
+    """Check an exported chain. Returns (records checked, None) or (n, what breaks it and where)."""
+    prev = GENESIS
+    n = 0
+    expect = 1
+    for r in records:
+        n += 1
+        if r.get("seq") != expect:
+            return n, f"record {n}: sequence {r.get('seq')} where {expect} was expected (deleted or reordered)"
+        if bytes.fromhex(r["prev"]) != prev:
+            return n, f"record seq={r['seq']}: does not chain to the record before it"
+        rec = {k: r[k] for k in ("seq", "ts", "actor", "action", "object", "outcome", "detail")}
+        h = audit_hash(prev, rec)
+        if h.hex() != r["hash"]:
+            return n, f"record seq={r['seq']}: content does not match its hash (edited)"
+        prev = h
+        expect += 1
+    return n, None

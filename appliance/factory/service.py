@@ -1,0 +1,633 @@
+"""The Certificate Factory's business: activation, CAs, issuance with group commit, revocation, CRLs.
+
+Every database call runs in one DB thread (a CapacityLimiter(1)); CRL generation reads from its own
+WAL snapshot connection so that issuance keeps committing while a large CRL streams to the CIS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from appliance.ipc import schema as S
+from policy import crl as crlenc
+from policy import csr as csrcheck
+from policy import profiles as profmod
+from policy.errors import PolicyError
+
+from .cis_link import CisLink, CisRefused
+from .cmdb import Cmdb, CmdbError, serial_bytes, serial_int
+
+BACKDATE = 60  # seconds: tolerate client clock skew without predating the issuer
+BATCH_MAX = 256
+CRL_CHUNK = 10000
+
+
+class FactoryError(Exception):
+    """One domain error for the Factory; `code` maps to Refused.code at the admin edge."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _log(msg: str) -> None:
+    print(f"donjon[factory {os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+
+
+def _cn(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string()
+
+
+def new_serial() -> int:
+    """127 CSPRNG bits, positive, 16 octets at most in DER; uniqueness is enforced by the CMDB."""
+    while True:
+        s = secrets.randbits(127)
+        if s >> 63:  # at least 64 significant bits
+            return s
+
+
+@dataclass
+class _Pending:
+    ca: str
+    profile: str
+    csr: bytes
+    info: csrcheck.CsrInfo
+    validity_days: int | None
+    done: trio.Event = field(default_factory=trio.Event)
+    result: S.IssueOutcome | None = None
+    serial: int | None = None
+
+
+class Factory:
+    def __init__(self, cfg: S.FactoryConfig, cis: CisLink, send_event, profiles: dict[str, profmod.Profile]):
+        self.cfg = cfg
+        self.cis = cis
+        self.send_event = send_event
+        self.profiles = profiles
+        self.db: Cmdb | None = None
+        self.reader: Cmdb | None = None
+        self.token_info = ""
+        self.db_limiter = trio.CapacityLimiter(1)
+        self.reader_limiter = trio.CapacityLimiter(1)
+        self._activating = trio.Lock()
+        self._pending: list[_Pending] = []
+        self._wake = trio.Event()
+        self._crl_locks: dict[str, trio.Lock] = {}
+        self.stats = {"issued": 0, "refused": 0, "revoked": 0, "crls": 0}
+
+    # ------------------------------------------------------------ plumbing
+
+    @property
+    def home(self) -> str:
+        return self.cfg.home
+
+    async def run_db(self, fn, *args):
+        if self.db is None:
+            raise FactoryError("inactive", "the CA is not activated (run `donjon activate`)")
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.db_limiter)
+
+    def _require_active(self) -> Cmdb:
+        if self.db is None:
+            raise FactoryError("inactive", "the CA is not activated (run `donjon activate`)")
+        return self.db
+
+    async def audit(self, actor: str, action: str, obj: str, outcome: str, detail: str = "") -> None:
+        def w():
+            with self.db.tx():
+                self.db.audit(actor, action, obj, outcome, detail)
+        if self.db is not None:
+            await self.run_db(w)
+
+    # ------------------------------------------------------------ activation
+
+    async def activate(self, pin: str, actor: str) -> dict[str, Any]:
+        async with self._activating:
+            if self.db is not None:
+                raise FactoryError("exists", "already activated")
+            key_path = os.path.join(self.home, "cmdb.key")
+            db_path = os.path.join(self.home, "cmdb.sqlite")
+            wrapped = None
+            if os.path.exists(key_path):
+                with open(key_path, "rb") as f:
+                    wrapped = f.read()
+            elif os.path.exists(db_path):
+                raise FactoryError("internal", f"{db_path} exists but its wrapped key {key_path} is missing")
+            try:
+                reply = await self.cis.request(S.Activate(id=self.cis.new_id(), pin=pin, wrapped_db_key=wrapped))
+            except CisRefused as e:
+                _log(f"activation refused: {e.reason}")
+                raise FactoryError("auth" if "PIN" in e.reason else "hsm", e.reason) from None
+            if wrapped is None:
+                _write_durably(key_path, reply.wrapped_db_key)
+            create = not os.path.exists(db_path)
+
+            def open_db():
+                db = Cmdb(db_path, reply.db_key, self.cfg.cipher, create=create)
+                reader = Cmdb(db_path, reply.db_key, self.cfg.cipher)
+                return db, reader
+            try:
+                self.db, self.reader = await trio.to_thread.run_sync(open_db, limiter=self.db_limiter)
+            except CmdbError as e:
+                raise FactoryError("internal", str(e)) from None
+            self.token_info = reply.token
+            voided = await self.run_db(self._reconcile, actor)
+            await self.audit(actor, "activate", "appliance", "ok", reply.token)
+            await self.send_event(S.Event(kind="activated", detail=f"CMDB open; {voided} stale intents voided"))
+            return {"activated": True, "token": reply.token, "voided_intents": voided}
+
+    def _reconcile(self, actor: str) -> int:
+        """Intents without a certificate (a crash between reservation and storage): void, never reuse."""
+        db = self.db
+        with db.tx():
+            rows = db.db.execute("SELECT serial, ca FROM serials WHERE state='intent'").fetchall()
+            for serial, ca in rows:
+                db.db.execute("UPDATE serials SET state='void' WHERE serial=?", (serial,))
+                db.audit(actor, "reconcile", f"{ca}/{serial_int(serial):x}", "voided",
+                         "intent without a stored certificate after a restart: possibly signed, never returned, serial retired")
+        return len(rows)
+
+    # ------------------------------------------------------------ CAs
+
+    async def ceremony(self, spec: S.CeremonySpec, actor: str) -> list[str]:
+        made = []
+        db = self._require_active()
+        exists = await self.run_db(lambda: db.db.execute("SELECT count(*) FROM cas").fetchone()[0])
+        if exists:
+            raise FactoryError("exists", "this appliance already has a CA: the ceremony refuses to overwrite it")
+        await self.create_ca(spec.root, parent=None, actor=actor)
+        made.append(spec.root.name)
+        for sub in spec.issuing:
+            await self.create_ca(sub, parent=spec.root.name, actor=actor)
+            made.append(sub.name)
+        return made
+
+    async def create_ca(self, c: S.CeremonyCa | S.ACaCreate, parent: str | None, actor: str) -> dict[str, Any]:
+        db = self._require_active()
+        name = c.name
+        profile = getattr(c, "profile", None) or ("root-ca" if parent is None else "sub-ca")
+        if isinstance(c, S.CeremonyCa):
+            subject = tuple((k, v) for k, v in c.subject.items())
+        else:
+            subject = tuple(c.subject)
+        if profile not in self.profiles:
+            raise FactoryError("not-found", f"unknown profile {profile!r}")
+        row = await self.run_db(lambda: db.db.execute("SELECT name FROM cas WHERE name=? OR key_label=?", (name, name)).fetchone())
+        if row:
+            raise FactoryError("exists", f"CA {name!r} already exists")
+        parent_cert = None
+        if parent is not None:
+            prow = await self.run_db(lambda: db.db.execute("SELECT cert FROM cas WHERE name=?", (parent,)).fetchone())
+            if not prow:
+                raise FactoryError("not-found", f"no parent CA {parent!r}")
+            parent_cert = x509.load_der_x509_certificate(prow[0])
+        try:
+            pub = await self.cis.request(S.GenerateKey(id=self.cis.new_id(), label=name, key_type=c.key_type))
+        except CisRefused as e:
+            await self.audit(actor, "ca-create", name, "refused", e.reason)
+            raise FactoryError(e.code, e.reason) from None
+        now = int(time.time()) - BACKDATE
+        not_after = now + c.validity_days * 86400 - 1  # RFC 5280 validity is inclusive
+        if parent_cert is not None:
+            not_after = min(not_after, int(parent_cert.not_valid_after_utc.timestamp()))
+        serial = new_serial()
+        item = S.IssueItem(profile=profile, spki=pub.spki, subject=subject, sans=(), serial=serial_bytes(serial),
+                           validity=S.Validity(now, not_after), path_length=c.path_length, install_as=name)
+        await self.run_db(self._reserve, [(serial, parent or name, None)])
+        try:
+            issued = await self.cis.request(S.Issue(id=self.cis.new_id(), ca=parent or name, self_signed=parent is None, items=[item]))
+            outcome = issued.outcomes[0]
+            if outcome.cert is None:
+                raise CisRefused("policy", outcome.error or "refused")
+        except CisRefused as e:
+            await self.run_db(self._void, [serial], actor, "ca-create", e.reason)
+            await self.cis.request(S.DeleteKey(id=self.cis.new_id(), label=name))
+            raise FactoryError(e.code, e.reason) from None
+        cert = x509.load_der_x509_certificate(outcome.cert)
+
+        def store():
+            with db.tx():
+                db.db.execute("INSERT INTO cas(name, key_label, key_type, parent, profile, cert, created) VALUES (?,?,?,?,?,?,?)",
+                              (name, name, c.key_type, parent, profile, outcome.cert, int(time.time())))
+                self._store_cert(serial, parent or name, profile, cert, outcome.cert, None)
+                db.audit(actor, "ca-create", name, "ok", f"{c.key_type} {_cn(cert)} serial={serial:x} parent={parent or '-'}")
+        await self.run_db(store)
+        return self._ca_doc(name, c.key_type, parent, profile, outcome.cert)
+
+    def _ca_doc(self, name, key_type, parent, profile, der) -> dict[str, Any]:
+        cert = x509.load_der_x509_certificate(der)
+        return {"name": name, "key_type": key_type, "parent": parent, "profile": profile,
+                "subject": _cn(cert), "serial": f"{cert.serial_number:x}",
+                "not_before": cert.not_valid_before_utc.isoformat(), "not_after": cert.not_valid_after_utc.isoformat(),
+                "sha256": hashlib.sha256(der).hexdigest()}
+
+    async def ca_list(self) -> list[dict[str, Any]]:
+        db = self._require_active()
+        rows = await self.run_db(lambda: db.db.execute("SELECT name, key_type, parent, profile, cert FROM cas ORDER BY created, name").fetchall())
+        return [self._ca_doc(*r) for r in rows]
+
+    async def ca_row(self, name: str):
+        db = self._require_active()
+        row = await self.run_db(lambda: db.db.execute("SELECT name, key_type, parent, profile, cert FROM cas WHERE name=?", (name,)).fetchone())
+        if not row:
+            raise FactoryError("not-found", f"no CA named {name!r}")
+        return row
+
+    async def ca_chain(self, name: str) -> list[bytes]:
+        chain = []
+        cur: str | None = name
+        while cur is not None:
+            row = await self.ca_row(cur)
+            chain.append(row[4])
+            cur = row[2]
+        return chain
+
+    # ------------------------------------------------------------ issuance
+
+    def _reserve(self, items: list[tuple[int, str, bytes | None]]) -> None:
+        """Commit the intents: from here on these serials are spent, whatever happens next."""
+        db = self.db
+        now = int(time.time())
+        with db.tx():
+            for serial, ca, request in items:
+                db.db.execute("INSERT INTO serials VALUES (?,?,?,?,?)", (serial_bytes(serial), ca, "intent", now, request))
+
+    def _void(self, serials: list[int], actor: str, action: str, reason: str) -> None:
+        db = self.db
+        with db.tx():
+            for s in serials:
+                db.db.execute("UPDATE serials SET state='void' WHERE serial=?", (serial_bytes(s),))
+                db.audit(actor, action, f"{s:x}", "refused", reason)
+
+    def _store_cert(self, serial: int, ca: str, profile: str, cert: x509.Certificate, der: bytes, request: bytes | None) -> None:
+        db = self.db.db
+        sb = serial_bytes(serial)
+        db.execute("UPDATE serials SET state='issued' WHERE serial=? AND state='intent'", (sb,))
+        if self.db.db.changes() != 1:
+            raise CmdbError(f"serial {serial:x} was not an open intent")
+        db.execute("INSERT INTO certs VALUES (?,?,?,?,?,?,?,?,?)",
+                   (sb, ca, profile, _cn(cert), int(cert.not_valid_before_utc.timestamp()),
+                    int(cert.not_valid_after_utc.timestamp()), int(time.time()), der, request))
+
+    async def issue(self, req: S.AIssue, actor: str) -> S.IssueReply:
+        """Check every CSR, then hand the good ones to the group-commit pipeline."""
+        db = self._require_active()
+        profile = self.profiles.get(req.profile)
+        if profile is None:
+            raise FactoryError("not-found", f"unknown profile {req.profile!r}")
+        if profile.kind in ("root-ca",):
+            raise FactoryError("policy", "use `donjon init` for a root CA")
+        row = await self.run_db(lambda: db.db.execute("SELECT 1 FROM cas WHERE name=?", (req.ca,)).fetchone())
+        if not row:
+            raise FactoryError("not-found", f"no CA named {req.ca!r}")
+        pend: list[_Pending | S.IssueOutcome] = []
+        refusals = []
+        for der in req.csrs:
+            try:
+                info = await trio.to_thread.run_sync(csrcheck.check_csr, der, profile)
+                pend.append(_Pending(req.ca, req.profile, der, info, req.validity_days))
+            except PolicyError as e:
+                pend.append(S.IssueOutcome(cert=None, error=str(e)))
+                refusals.append(str(e))
+        if refusals:
+            def w():
+                with db.tx():
+                    for r in refusals:
+                        db.audit(actor, "issue", req.ca, "refused", r)
+            await self.run_db(w)
+            self.stats["refused"] += len(refusals)
+        todo = [p for p in pend if isinstance(p, _Pending)]
+        self._pending.extend(todo)
+        self._wake.set()
+        for p in todo:
+            await p.done.wait()
+        results = [p.result if isinstance(p, _Pending) else p for p in pend]
+        serials = [f"{p.serial:x}" if isinstance(p, _Pending) and p.result and p.result.cert else None for p in pend]
+        return S.IssueReply(id=req.id, results=results, serials=serials)
+
+    async def issuance_worker(self, actor: str = "factory") -> None:
+        """Take a batch of pending requests for one CA; two workers overlap DB commits with signing."""
+        while True:
+            while not self._pending:
+                self._wake = trio.Event()
+                await self._wake.wait()
+            ca = self._pending[0].ca
+            batch = [p for p in self._pending if p.ca == ca][:BATCH_MAX]
+            ids = {id(p) for p in batch}
+            self._pending = [p for p in self._pending if id(p) not in ids]
+            try:
+                await self._issue_batch(ca, batch, actor)
+            except Exception as e:  # never leave a requester waiting
+                _log(f"issuance batch failed: {type(e).__name__}: {e}")
+                for p in batch:
+                    if p.result is None:
+                        p.result = S.IssueOutcome(cert=None, error="internal error during issuance")
+            finally:
+                for p in batch:
+                    p.done.set()
+
+    async def _issue_batch(self, ca: str, batch: list[_Pending], actor: str) -> None:
+        cert_row = await self.ca_row(ca)
+        ca_cert = x509.load_der_x509_certificate(cert_row[4])
+        ca_end = int(ca_cert.not_valid_after_utc.timestamp())
+        now = int(time.time()) - BACKDATE
+        items = []
+        for p in batch:
+            prof = self.profiles[p.profile]
+            days = min(p.validity_days or prof.max_validity_days, prof.max_validity_days)
+            p.serial = new_serial()
+            items.append(S.IssueItem(profile=p.profile, spki=p.info.public_key_der, subject=p.info.subject, sans=p.info.sans,
+                                     serial=serial_bytes(p.serial), validity=S.Validity(now, min(now + days * 86400 - 1, ca_end))))
+        await self.run_db(self._reserve, [(p.serial, ca, p.csr) for p in batch])
+        try:
+            reply = await self.cis.request(S.Issue(id=self.cis.new_id(), ca=ca, self_signed=False, items=items))
+            outcomes = reply.outcomes
+            if len(outcomes) != len(batch):
+                raise CisRefused("internal", "the CIS answered a different number of items")
+        except CisRefused as e:
+            await self.run_db(self._void, [p.serial for p in batch], actor, "issue", e.reason)
+            for p in batch:
+                p.result = S.IssueOutcome(cert=None, error=e.reason)
+            return
+
+        def store():
+            db = self.db
+            with db.tx():
+                for p, o in zip(batch, outcomes):
+                    if o.cert is not None:
+                        cert = x509.load_der_x509_certificate(o.cert)
+                        if cert.serial_number != p.serial:
+                            raise CmdbError("the CIS returned a certificate with another serial")
+                        self._store_cert(p.serial, ca, p.profile, cert, o.cert, p.csr)
+                        db.audit(actor, "issue", f"{ca}/{p.serial:x}", "ok", f"{p.profile} {_cn(cert)}")
+                    else:
+                        db.db.execute("UPDATE serials SET state='void' WHERE serial=?", (serial_bytes(p.serial),))
+                        db.audit(actor, "issue", f"{ca}/{p.serial:x}", "refused", o.error or "")
+        await self.run_db(store)
+        # Only now, with certificate and audit record committed, do requesters get their results.
+        for p, o in zip(batch, outcomes):
+            p.result = o
+            self.stats["issued" if o.cert else "refused"] += 1
+
+    async def sign_csr_ca(self, req: S.ACaSignCsr, actor: str) -> dict[str, Any]:
+        """An external subordinate CA: the offline root's main job."""
+        profile = self.profiles.get(req.profile)
+        if profile is None or profile.kind != "sub-ca":
+            raise FactoryError("policy", f"profile {req.profile!r} is not a subordinate-CA profile")
+        db = self._require_active()
+        try:
+            info = await trio.to_thread.run_sync(csrcheck.check_csr, req.csr, profile)
+        except PolicyError as e:
+            await self.audit(actor, "ca-sign-csr", req.parent, "refused", str(e))
+            raise FactoryError("policy", str(e)) from None
+        row = await self.ca_row(req.parent)
+        parent_cert = x509.load_der_x509_certificate(row[4])
+        now = int(time.time()) - BACKDATE
+        not_after = min(now + req.validity_days * 86400 - 1, int(parent_cert.not_valid_after_utc.timestamp()))
+        serial = new_serial()
+        item = S.IssueItem(profile=req.profile, spki=info.public_key_der, subject=info.subject, sans=info.sans,
+                           serial=serial_bytes(serial), validity=S.Validity(now, not_after), path_length=req.path_length)
+        await self.run_db(self._reserve, [(serial, req.parent, req.csr)])
+        try:
+            reply = await self.cis.request(S.Issue(id=self.cis.new_id(), ca=req.parent, self_signed=False, items=[item]))
+            o = reply.outcomes[0]
+            if o.cert is None:
+                raise CisRefused("policy", o.error or "refused")
+        except CisRefused as e:
+            await self.run_db(self._void, [serial], actor, "ca-sign-csr", e.reason)
+            raise FactoryError(e.code, e.reason) from None
+        cert = x509.load_der_x509_certificate(o.cert)
+
+        def store():
+            with db.tx():
+                self._store_cert(serial, req.parent, req.profile, cert, o.cert, req.csr)
+                db.audit(actor, "ca-sign-csr", f"{req.parent}/{serial:x}", "ok", _cn(cert))
+        await self.run_db(store)
+        return {"serial": f"{serial:x}", "cert": cert.public_bytes(serialization.Encoding.PEM).decode()}
+
+    # ------------------------------------------------------------ certificates
+
+    async def cert_get(self, ca: str, serial: int) -> dict[str, Any]:
+        db = self._require_active()
+        row = await self.run_db(lambda: db.db.execute(
+            "SELECT c.profile, c.subject, c.not_before, c.not_after, c.issued_at, c.der, r.revoked_at, r.reason "
+            "FROM certs c LEFT JOIN revocations r ON r.ca=c.ca AND r.serial=c.serial WHERE c.ca=? AND c.serial=?",
+            (ca, serial_bytes(serial))).fetchone())
+        if not row:
+            raise FactoryError("not-found", f"no certificate {serial:x} issued by {ca!r}")
+        profile, subject, nb, na, issued, der, rev_at, reason = row
+        return {"ca": ca, "serial": f"{serial:x}", "profile": profile, "subject": subject, "not_before": nb,
+                "not_after": na, "issued_at": issued, "revoked_at": rev_at, "reason": reason,
+                "pem": x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()}
+
+    async def cert_list(self, ca: str | None, limit: int) -> list[dict[str, Any]]:
+        db = self._require_active()
+        q = ("SELECT c.ca, c.serial, c.profile, c.subject, c.not_after, r.revoked_at FROM certs c "
+             "LEFT JOIN revocations r ON r.ca=c.ca AND r.serial=c.serial ")
+        args: tuple = ()
+        if ca:
+            q += "WHERE c.ca=? "
+            args = (ca,)
+        q += "ORDER BY c.issued_at DESC LIMIT ?"
+        rows = await self.run_db(lambda: db.db.execute(q, args + (limit,)).fetchall())
+        return [{"ca": r[0], "serial": f"{serial_int(r[1]):x}", "profile": r[2], "subject": r[3], "not_after": r[4],
+                 "revoked": r[5] is not None} for r in rows]
+
+    # ------------------------------------------------------------ revocation and CRLs
+
+    async def revoke(self, req: S.ARevoke, actor: str) -> dict[str, Any]:
+        db = self._require_active()
+        serial = serial_int(req.serial)
+        if req.reason == 7:
+            raise FactoryError("policy", "reason code 7 is not used (RFC 5280 §5.3.1)")
+        sb = serial_bytes(serial)
+        now = int(time.time())
+        reason = req.reason or None
+        entry_len = crlenc.entry_length(serial, now, reason, req.invalidity)
+
+        def w():
+            with db.tx():
+                if not db.db.execute("SELECT 1 FROM certs WHERE ca=? AND serial=?", (req.ca, sb)).fetchone():
+                    db.audit(actor, "revoke", f"{req.ca}/{serial:x}", "refused", "no such certificate")
+                    return "not-found"
+                if db.db.execute("SELECT 1 FROM revocations WHERE ca=? AND serial=?", (req.ca, sb)).fetchone():
+                    db.audit(actor, "revoke", f"{req.ca}/{serial:x}", "refused", "already revoked")
+                    return "exists"
+                db.db.execute("INSERT INTO revocations VALUES (?,?,?,?,?,?)", (req.ca, sb, now, reason, req.invalidity, entry_len))
+                db.audit(actor, "revoke", f"{req.ca}/{serial:x}", "ok", f"reason={req.reason}")
+                return "ok"
+        r = await self.run_db(w)
+        if r == "not-found":
+            raise FactoryError("not-found", f"no certificate {serial:x} issued by {req.ca!r}")
+        if r == "exists":
+            raise FactoryError("exists", f"certificate {serial:x} is already revoked")
+        self.stats["revoked"] += 1
+        return {"ca": req.ca, "serial": f"{serial:x}", "revoked_at": now, "reason": req.reason}
+
+    async def generate_crl(self, ca: str, actor: str) -> tuple[int, int, bytes]:
+        """Stream the CA's revocations to the CIS and store the signed CRL. Returns (number, entries, sha256)."""
+        lock = self._crl_locks.setdefault(ca, trio.Lock())
+        async with lock:
+            return await self._generate_crl(ca, actor)
+
+    async def _generate_crl(self, ca: str, actor: str) -> tuple[int, int, bytes]:
+        db = self._require_active()
+        await self.ca_row(ca)
+        this_update = int(time.time())
+        next_update = this_update + self.cfg.crl_validity_hours * 3600
+
+        def reserve_number():
+            with db.tx():
+                db.db.execute("UPDATE cas SET crl_number = crl_number + 1 WHERE name=?", (ca,))
+                return db.db.execute("SELECT crl_number FROM cas WHERE name=?", (ca,)).fetchone()[0]
+        number = await self.run_db(reserve_number)
+
+        reader = self.reader
+        rl = self.reader_limiter
+
+        def snap_begin():
+            reader.db.execute("BEGIN")
+            return reader.db.execute("SELECT count(*), coalesce(sum(entry_len), 0) FROM revocations WHERE ca=?", (ca,)).fetchone()
+
+        def page(after: bytes):
+            return [(s, t, r, i) for s, t, r, i in reader.db.execute(
+                "SELECT serial, revoked_at, reason, invalidity FROM revocations WHERE ca=? AND serial > ? ORDER BY serial LIMIT ?",
+                (ca, after, CRL_CHUNK))]
+
+        def snap_end():
+            reader.db.execute("COMMIT")
+
+        count, length = await trio.to_thread.run_sync(snap_begin, limiter=rl)
+        mid = self.cis.new_id()
+        replies = self.cis.open(mid)
+        tmp = tempfile.TemporaryFile(dir=self.home)
+        tbs_hash = hashlib.sha256()
+        tbs_len = 0
+        try:
+            async with trio.open_nursery() as n:
+                async def sender():
+                    try:
+                        await self.cis.chan.send(S.CrlBegin(id=mid, ca=ca, crl_number=number, this_update=this_update,
+                                                            next_update=next_update, entry_count=count, entries_length=length))
+                        after = b""
+                        while True:
+                            rows = await trio.to_thread.run_sync(page, after, limiter=rl)
+                            if not rows:
+                                break
+                            after = rows[-1][0]
+                            await self.cis.chan.send(S.CrlEntries(id=mid, entries=rows))
+                        await self.cis.chan.send(S.CrlEnd(id=mid))
+                    finally:
+                        await trio.to_thread.run_sync(snap_end, limiter=rl)
+                n.start_soon(sender)
+                while True:
+                    m = await replies.receive()
+                    if isinstance(m, S.CrlChunk):
+                        tbs_hash.update(m.data)
+                        tbs_len += len(m.data)
+                        await trio.to_thread.run_sync(tmp.write, m.data)
+                    elif isinstance(m, S.CrlSigned):
+                        signed = m
+                        break
+                    else:  # Refused
+                        n.cancel_scope.cancel()
+                        await self.audit(actor, "crl", f"{ca}#{number}", "refused", m.reason)
+                        raise FactoryError("lint" if m.code == "lint" else m.code, m.reason)
+            if tbs_hash.digest() != signed.tbs_sha256:
+                raise FactoryError("internal", "the CRL bytes received differ from what the CIS signed")
+
+            def store():
+                total = len(signed.prefix) + tbs_len + len(signed.suffix)
+                with db.tx():
+                    db.db.execute("INSERT INTO crls VALUES (?,?,?,?,?,?,zeroblob(?))",
+                                  (ca, number, this_update, next_update, count, b"", total))
+                    rowid = db.db.last_insert_rowid()
+                    h = hashlib.sha256()
+                    with db.db.blob_open("main", "crls", "der", rowid, True) as blob:
+                        blob.write(signed.prefix)
+                        h.update(signed.prefix)
+                        tmp.seek(0)
+                        while chunk := tmp.read(1 << 20):
+                            blob.write(chunk)
+                            h.update(chunk)
+                        blob.write(signed.suffix)
+                        h.update(signed.suffix)
+                    digest = h.digest()
+                    db.db.execute("UPDATE crls SET sha256=? WHERE rowid=?", (digest, rowid))
+                    db.audit(actor, "crl", f"{ca}#{number}", "ok", f"entries={count} sha256={digest.hex()}")
+                return digest
+            digest = await self.run_db(store)
+        finally:
+            self.cis.close(mid)
+            tmp.close()
+        self.stats["crls"] += 1
+        return number, count, digest
+
+    async def crl_chunks(self, ca: str, number: int | None = None):
+        """Yield the stored CRL DER in 1 MiB pieces (latest unless a number is given)."""
+        db = self._require_active()
+        q = "SELECT rowid, length(der) FROM crls WHERE ca=? " + ("AND number=?" if number else "ORDER BY number DESC LIMIT 1")
+        args = (ca, number) if number else (ca,)
+        row = await self.run_db(lambda: db.db.execute(q, args).fetchone())
+        if not row:
+            raise FactoryError("not-found", f"no CRL for CA {ca!r} yet (run `donjon crl generate --ca {ca}`)")
+        rowid, size = row
+        off = 0
+        while off < size:
+            n = min(1 << 20, size - off)
+
+            def rd(o=off, k=n):
+                with db.db.blob_open("main", "crls", "der", rowid, False) as b:
+                    b.seek(o)
+                    return b.read(k)
+            yield await self.run_db(rd)
+            off += n
+
+    async def status(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"activated": self.db is not None, "token": self.token_info, "stats": dict(self.stats),
+                               "pending": len(self._pending)}
+        if self.db is not None:
+            db = self.db
+
+            def q():
+                cas = db.db.execute("SELECT name FROM cas ORDER BY created").fetchall()
+                certs = db.db.execute("SELECT count(*) FROM certs").fetchone()[0]
+                revoked = db.db.execute("SELECT count(*) FROM revocations").fetchone()[0]
+                audit = db.db.execute("SELECT count(*), max(seq) FROM audit").fetchone()
+                head = db.db.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                return [c[0] for c in cas], certs, revoked, audit[0], head[0].hex() if head else None
+            cas, certs, revoked, n_audit, head = await self.run_db(q)
+            doc.update(cas=cas, certificates=certs, revoked=revoked, audit_records=n_audit, audit_head=head)
+        return doc
+
+    async def audit_export(self) -> bytes:
+        db = self._require_active()
+        return await self.run_db(lambda: b"".join(msgspec.json.encode(r) + b"\n" for r in db.audit_records()))
+
+
+def _write_durably(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,131 @@
+"""Framing and handshake for every Donjon link: 4-byte big-endian length, then one msgpack message.
+
+The length is checked against the link's maximum before the body is read; a receiver decodes with
+its peer's union only. Anything unexpected raises ProtocolViolation, and roles exit on it.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import msgspec
+import trio
+
+from . import schema
+
+_LEN = struct.Struct(">I")
+_encoder = msgspec.msgpack.Encoder()
+
+
+class ProtocolViolation(Exception):
+    """The peer sent something we do not expect: the caller must close the link (roles exit)."""
+
+
+class LinkClosed(ProtocolViolation):
+    """The peer closed the link."""
+
+
+def encode(msg: Any) -> bytes:
+    body = _encoder.encode(msg)
+    return _LEN.pack(len(body)) + body
+
+
+class Channel:
+    """A trio stream carrying framed messages of one link.
+
+    `incoming` is the union type the peer may send. One writer lock per link: two tasks calling
+    send_all on one stream raise BusyResourceError.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, link: str, incoming: Any):
+        self.stream = stream
+        self.link = link
+        self.max = schema.MAX_FRAME[link]
+        self._decoder = msgspec.msgpack.Decoder(incoming)
+        self._send_lock = trio.Lock()
+        self._buf = bytearray()
+
+    @classmethod
+    def from_fd(cls, fd: int, link: str, incoming: Any) -> "Channel":
+        sock = socket.socket(fileno=fd)
+        return cls(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), link, incoming)
+
+    async def send(self, msg: Any) -> None:
+        data = encode(msg)
+        if len(data) - 4 > self.max:
+            raise ProtocolViolation(f"{self.link}: refusing to send a {len(data)}-byte frame")
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+    async def _read_exactly(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            chunk = await self.stream.receive_some(max(65536, n - len(self._buf)))
+            if not chunk:
+                raise LinkClosed(f"{self.link}: peer closed the link")
+            self._buf += chunk
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    async def recv(self) -> Any:
+        (length,) = _LEN.unpack(await self._read_exactly(4))
+        if length > self.max:
+            raise ProtocolViolation(f"{self.link}: frame of {length} bytes exceeds the link maximum {self.max}")
+        body = await self._read_exactly(length)
+        try:
+            return self._decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise ProtocolViolation(f"{self.link}: undecodable frame: {e}") from None
+
+    async def handshake(self) -> None:
+        await self.send(schema.Hello(link=self.link, version=schema.VERSION))  # type: ignore[arg-type]
+        hello = await self.recv()
+        check_hello(hello, self.link)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def check_hello(hello: Any, link: str) -> None:
+    if not isinstance(hello, schema.Hello):
+        raise ProtocolViolation(f"{link}: expected Hello, got {type(hello).__name__}")
+    if hello.link != link or hello.version != schema.VERSION:
+        raise ProtocolViolation(f"{link}: handshake mismatch (peer {hello.link} v{hello.version}, ours v{schema.VERSION})")
+
+
+class SyncChannel:
+    """Blocking counterpart for admin clients (CLI, console)."""
+
+    def __init__(self, sock: socket.socket, link: str, incoming: Any):
+        self.sock = sock
+        self.link = link
+        self.max = schema.MAX_FRAME[link]
+        self._decoder = msgspec.msgpack.Decoder(incoming)
+
+    def send(self, msg: Any) -> None:
+        self.sock.sendall(encode(msg))
+
+    def _read_exactly(self, n: int) -> bytes:
+        parts = []
+        while n:
+            chunk = self.sock.recv(min(n, 1 << 20))
+            if not chunk:
+                raise LinkClosed(f"{self.link}: peer closed the link")
+            parts.append(chunk)
+            n -= len(chunk)
+        return b"".join(parts)
+
+    def recv(self) -> Any:
+        (length,) = _LEN.unpack(self._read_exactly(4))
+        if length > self.max:
+            raise ProtocolViolation(f"{self.link}: frame of {length} bytes exceeds the link maximum")
+        try:
+            return self._decoder.decode(self._read_exactly(length))
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise ProtocolViolation(f"{self.link}: undecodable frame: {e}") from None
+
+    def handshake(self) -> None:
+        self.send(schema.Hello(link=self.link, version=schema.VERSION))  # type: ignore[arg-type]
+        check_hello(self.recv(), self.link)

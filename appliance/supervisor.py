@@ -1,0 +1,327 @@
+"""The supervisor: creates every link with socketpair(), starts the roles, watches and stops them.
+
+It holds the configuration and the listening sockets it opens for the children, never reads them,
+and never touches PKCS#11 or the CMDB. If the CIS or the Factory dies, it stops everything and exits
+non-zero (the service manager restarts the appliance).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import signal
+import socket
+import stat
+import sys
+from dataclasses import dataclass, field
+
+import msgspec
+import trio
+
+from appliance import config as C
+from appliance import privdrop
+from appliance.ipc import schema as S
+from appliance.ipc.channel import Channel, ProtocolViolation
+
+START_TIMEOUT = 60
+STOP_TIMEOUT = 20
+
+
+def log(msg: str) -> None:
+    print(f"donjon[supervisor {os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+
+
+class SupervisorError(Exception):
+    pass
+
+
+@dataclass
+class Layout:
+    """Where each role's state lives under DONJON_HOME (one folder per owner, so uids separate them)."""
+
+    home: str
+
+    @property
+    def cmdb(self) -> str:
+        return os.path.join(self.home, "cmdb")
+
+    @property
+    def softhsm(self) -> str:
+        return os.path.join(self.home, "softhsm")
+
+    @property
+    def softhsm_conf(self) -> str:
+        return os.path.join(self.softhsm, "softhsm2.conf")
+
+    @property
+    def run(self) -> str:
+        return os.path.join(self.home, "run")
+
+    @property
+    def admin_socket(self) -> str:
+        return os.path.join(self.run, "admin.sock")
+
+
+def role_argv(name: str) -> list[str]:
+    """Re-execute this same program as a role (frozen bundle or source tree)."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable, "role", name]
+    return [sys.executable, "-m", "appliance.cli", "role", name]
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A clean environment: nothing inherited but what a role needs (no LD_LIBRARY_PATH from a bundle)."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+    for k in ("PYTHONPATH", "COVERAGE_PROCESS_START", "DONJON_TEST_CLOCK"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    if extra:
+        env.update(extra)
+    return env
+
+
+@dataclass
+class Role:
+    name: str
+    fds: dict[str, int]  # link -> fd number in the child (same as ours: pass_fds keeps numbers)
+    rw: list[str] = field(default_factory=list)
+    ro: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: trio.Process | None = None
+    chan: Channel | None = None
+
+
+class Supervisor:
+    def __init__(self, home: str, cfg: C.Config):
+        self.home = os.path.abspath(home)
+        self.layout = Layout(self.home)
+        self.cfg = cfg
+        self.appliance = os.geteuid() == 0
+        self.ids: dict[str, privdrop.Identity] = {}
+        self.admin_gid: int | None = None
+        self.failed: str | None = None
+        self.events: list[S.Event] = []
+        self._event = trio.Event()
+        self.stopping = False
+
+    # ------------------------------------------------------------ preparation
+
+    def prepare(self) -> None:
+        L = self.layout
+        if not os.path.isdir(self.home):
+            raise SupervisorError(f"{self.home} does not exist (run `donjon init --home {self.home} --ceremony FILE`)")
+        os.makedirs(L.cmdb, mode=0o700, exist_ok=True)
+        os.makedirs(L.run, mode=0o750, exist_ok=True)
+        if self.appliance:
+            self.ids = privdrop.ensure_role_users(["cis", "factory"])
+            self.admin_gid = grp.getgrnam(privdrop.ADMIN_GROUP).gr_gid
+            os.chmod(self.home, 0o711)
+            _chown_tree(L.cmdb, self.ids["factory"])
+            if self.cfg.hsm.embedded:
+                _chown_tree(L.softhsm, self.ids["cis"])
+            os.chown(L.run, 0, self.admin_gid)
+            os.chmod(L.run, 0o750)
+
+    def open_admin_socket(self) -> socket.socket:
+        path = self.layout.admin_socket
+        try:
+            st = os.lstat(path)
+            if stat.S_ISSOCK(st.st_mode):
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    probe.connect(path)
+                    raise SupervisorError(f"another Donjon is already running on {self.home}")
+                except (ConnectionRefusedError, FileNotFoundError):
+                    os.unlink(path)
+                finally:
+                    probe.close()
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        if self.appliance:
+            os.chown(path, 0, self.admin_gid)
+            os.chmod(path, 0o660)
+        else:
+            os.chmod(path, 0o600)
+        s.listen(64)
+        return s
+
+    # ------------------------------------------------------------ roles
+
+    def _roles(self, admin: socket.socket | None) -> tuple[dict[str, Role], list[socket.socket]]:
+        L = self.layout
+        keep: list[socket.socket] = []
+
+        def pair():
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            keep.extend([a, b])
+            return a, b
+        sup_cis, cis_sup = pair()
+        sup_fac, fac_sup = pair()
+        fac_cis, cis_fac = pair()
+        module_dir = os.path.dirname(os.path.realpath(self.cfg.hsm.module))
+        cis = Role("cis", {"sup-cis": cis_sup.fileno(), "factory-cis": cis_fac.fileno()},
+                   rw=[L.softhsm] if self.cfg.hsm.embedded else [],
+                   ro=[module_dir, "/etc/softhsm"],
+                   env={"SOFTHSM2_CONF": L.softhsm_conf} if self.cfg.hsm.embedded else {})
+        fac_fds = {"sup-factory": fac_sup.fileno(), "factory-cis": fac_cis.fileno()}
+        if admin is not None:
+            fac_fds["admin"] = admin.fileno()
+        fac = Role("factory", fac_fds, rw=[L.cmdb])
+        self._sup_ends = {"cis": sup_cis, "factory": sup_fac}
+        return {"cis": cis, "factory": fac}, keep
+
+    async def _start(self, role: Role) -> None:
+        argv = role_argv(role.name)
+        for link, fd in role.fds.items():
+            argv += ["--fd", f"{link}={fd}"]
+        for p in role.rw:
+            argv += ["--rw", p]
+        for p in role.ro:
+            argv += ["--ro", p]
+        ident = self.ids.get(role.name)
+        if ident is not None:
+            argv += ["--uid", str(ident.uid), "--gid", str(ident.gid)]
+        role.proc = await trio.lowlevel.open_process(
+            argv, pass_fds=list(role.fds.values()), env=child_env(role.env), stdin=subprocess_devnull(),
+            start_new_session=False)
+        sock = self._sup_ends[role.name]
+        role.chan = Channel.from_fd(os.dup(sock.fileno()), f"sup-{role.name}", S.CisToSup if role.name == "cis" else S.FactoryToSup)
+        sock.close()
+
+    async def _wait_ready(self, role: Role) -> None:
+        await role.chan.handshake()
+        if role.name == "cis":
+            await role.chan.send(S.CisConfig(module=self.cfg.hsm.module, token_label=self.cfg.hsm.token,
+                                             softhsm_conf=self.layout.softhsm_conf if self.cfg.hsm.embedded else None,
+                                             profiles=self.profiles, base_url=self.cfg.endpoint.base_url))
+        else:
+            await role.chan.send(S.FactoryConfig(home=self.layout.cmdb, cipher=self.cfg.cmdb.cipher, profiles=self.profiles,
+                                                 base_url=self.cfg.endpoint.base_url, crl_validity_hours=self.cfg.crl.validity_hours,
+                                                 admin_gid=self.admin_gid, dev_uid=None if self.appliance else os.getuid()))
+        m = await role.chan.recv()
+        if not isinstance(m, S.Ready):
+            raise ProtocolViolation(f"{role.name}: expected Ready, got {type(m).__name__}")
+        log(f"{role.name} ready (pid {m.pid})")
+
+    async def _listen(self, role: Role) -> None:
+        try:
+            while True:
+                m = await role.chan.recv()
+                if not isinstance(m, S.Event):
+                    raise ProtocolViolation(f"unexpected {type(m).__name__}")
+                log(f"event from {role.name}: {m.kind}: {m.detail}")
+                self.events.append(m)
+                self._event.set()
+                self._event = trio.Event()
+        except ProtocolViolation as e:
+            if self.failed is None and not self.stopping:
+                log(f"{role.name}: {e}")
+
+    async def wait_event(self, *kinds: str) -> S.Event:
+        while True:
+            for ev in self.events:
+                if ev.kind in kinds:
+                    self.events.remove(ev)
+                    return ev
+            await self._event.wait()
+
+    async def _watch(self, role: Role, nursery: trio.Nursery) -> None:
+        rc = await role.proc.wait()
+        if not self.stopping:
+            self.failed = f"{role.name} exited with status {rc}"
+            log(f"{self.failed}: stopping the appliance")
+            nursery.cancel_scope.cancel()
+
+    # ------------------------------------------------------------ main
+
+    async def run(self, ceremony: S.CeremonySpec | None = None, pin: str | None = None, on_ready=None) -> int:
+        self.stopping = False
+        self.prepare()
+        self.profiles = C.profile_overrides(self.home, self.cfg)
+        admin = self.open_admin_socket() if ceremony is None else None
+        roles, keep = self._roles(admin)
+        result = 1
+        try:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async with trio.open_nursery() as n:
+                    for name in ("cis", "factory"):
+                        await self._start(roles[name])
+                    for s in keep:
+                        s.close()
+                    if admin is not None:
+                        admin.close()  # the Factory owns it now
+                    for name in ("cis", "factory"):
+                        n.start_soon(self._watch, roles[name], n)
+                    with trio.fail_after(START_TIMEOUT):
+                        async with trio.open_nursery() as ready:  # they handshake with each other too
+                            ready.start_soon(self._wait_ready, roles["cis"])
+                            ready.start_soon(self._wait_ready, roles["factory"])
+                    for name in ("cis", "factory"):
+                        n.start_soon(self._listen, roles[name])
+                    if ceremony is not None:
+                        await roles["factory"].chan.send(S.Ceremony(pin=pin, spec=msgspec.msgpack.encode(ceremony)))
+                        ev = await self.wait_event("ceremony-done", "ceremony-failed")
+                        result = 0 if ev.kind == "ceremony-done" else 2
+                        if result:
+                            self.failed = ev.detail
+                        await self._stop(roles)
+                        n.cancel_scope.cancel()
+                        return result
+                    if pin is not None:
+                        await roles["factory"].chan.send(S.AutoActivate(pin=pin))
+                        ev = await self.wait_event("activated", "activation-failed")
+                        if ev.kind == "activation-failed":
+                            log(f"activation from the PIN file failed: {ev.detail}")
+                    if on_ready is not None:
+                        on_ready()
+                    log(f"running; admin socket {self.layout.admin_socket}")
+                    async for sig in signals:
+                        log(f"signal {signal.Signals(sig).name}: stopping")
+                        await self._stop(roles)
+                        n.cancel_scope.cancel()
+                        return 0
+        finally:
+            for r in roles.values():
+                if r.proc is not None and r.proc.returncode is None:
+                    r.proc.kill()
+            if ceremony is None:
+                try:
+                    os.unlink(self.layout.admin_socket)
+                except FileNotFoundError:
+                    pass
+        log(f"stopped: {self.failed}")
+        return 1
+
+    async def _stop(self, roles: dict[str, Role]) -> None:
+        """Factory first (it finishes its transaction and closes the CMDB), then the CIS."""
+        self.stopping = True
+        for name in ("factory", "cis"):
+            r = roles[name]
+            if r.proc is None or r.proc.returncode is not None:
+                continue
+            try:
+                await r.chan.send(S.Shutdown())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            with trio.move_on_after(STOP_TIMEOUT):
+                await r.proc.wait()
+            if r.proc.returncode is None:
+                log(f"{name} did not stop in {STOP_TIMEOUT}s: killing it")
+                r.proc.kill()
+                await r.proc.wait()
+
+
+def subprocess_devnull() -> int:
+    import subprocess
+    return subprocess.DEVNULL
+
+
+def _chown_tree(path: str, ident: privdrop.Identity) -> None:
+    if not os.path.exists(path):
+        return
+    os.chown(path, ident.uid, ident.gid)
+    for root, dirs, files in os.walk(path):
+        for n in dirs + files:
+            os.chown(os.path.join(root, n), ident.uid, ident.gid, follow_symlinks=False)

@@ -1,0 +1,368 @@
+"""The Certificate Issuing System role: the only process that loads the PKCS#11 module and signs.
+
+It takes structured requests from the Factory, builds every to-be-signed structure itself with
+policy/, checks it against the profile and the issuer certificate kept in the token, lints CA
+certificates and CRLs under a throwaway key (the linted TBS must equal the signed TBS), then signs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import traceback
+from datetime import datetime, timezone
+
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from appliance.ipc import schema as S
+from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation
+from policy import certs, crl, lint, profiles
+from policy.errors import PolicyError
+
+from .token import Token, TokenError, make_private_key
+
+LINT_SAMPLE = 1000  # CRL entries linted under the throwaway key (memory stays flat for big CRLs)
+
+
+def _log(msg: str) -> None:
+    print(f"donjon[cis {os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+
+
+def _utc(ts: int) -> datetime:
+    return datetime.fromtimestamp(ts, timezone.utc)
+
+
+class Cis:
+    def __init__(self, cfg: S.CisConfig):
+        self.token = Token(cfg.module, cfg.token_label)
+        self.profiles = profiles.load_profiles(dict(cfg.profiles))
+        self.base_url = cfg.base_url.rstrip("/") if cfg.base_url else None
+        self._throwaway: dict[str, object] = {}
+        self._shadows: dict[bytes, bytes] = {}
+        self._crls: dict[int, _CrlState] = {}
+        self.limiter = trio.CapacityLimiter(1)
+
+    # ------------------------------------------------------------ helpers (run in the HSM thread)
+
+    def throwaway(self, key_type: str):
+        k = self._throwaway.get(key_type)
+        if k is None:
+            if key_type.startswith("rsa"):
+                k = rsa.generate_private_key(65537, int(key_type[3:]))
+            elif key_type == "ed25519":
+                k = ed25519.Ed25519PrivateKey.generate()
+            else:
+                k = ec.generate_private_key({"p256": ec.SECP256R1(), "p384": ec.SECP384R1()}[key_type])
+            self._throwaway[key_type] = k
+        return k
+
+    def shadow_issuer(self, issuer_der: bytes, key_type: str) -> bytes:
+        """The issuer certificate re-made around the throwaway key, so that pkilint's chain checks
+        (names, AKI/SKI, signature) run on the trial certificate exactly as on the real one."""
+        cached = self._shadows.get(issuer_der)
+        if cached is not None:
+            return cached
+        real = x509.load_der_x509_certificate(issuer_der)
+        tk = self.throwaway(key_type)
+        b = (x509.CertificateBuilder().subject_name(real.subject).issuer_name(real.issuer)
+             .public_key(tk.public_key()).serial_number(real.serial_number)
+             .not_valid_before(real.not_valid_before_utc).not_valid_after(real.not_valid_after_utc))
+        for ext in real.extensions:
+            b = b.add_extension(ext.value, ext.critical)
+        der = b.sign(tk, certs.signature_hash(key_type)).public_bytes(serialization.Encoding.DER)
+        self._shadows[issuer_der] = der
+        return der
+
+    def issuer_cert(self, label: str) -> x509.Certificate:
+        ders = self.token.certificates(label)
+        if not ders:
+            raise TokenError(f"CA {label!r} has no certificate in the token")
+        return max((x509.load_der_x509_certificate(d) for d in ders), key=lambda c: c.not_valid_after_utc)
+
+    def issuer_info(self, label: str, cert: x509.Certificate) -> certs.IssuerInfo:
+        key = self.token.key(label)
+        if cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != key.spki:
+            raise TokenError(f"CA {label!r}: the certificate in the token does not match the key")
+        try:
+            bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+            path_length = bc.path_length
+        except x509.ExtensionNotFound:
+            path_length = None
+        permitted: tuple[str, ...] = ()
+        excluded: tuple[str, ...] = ()
+        try:
+            nc = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+            permitted = tuple(g.value for g in nc.permitted_subtrees or () if isinstance(g, x509.DNSName))
+            excluded = tuple(g.value for g in nc.excluded_subtrees or () if isinstance(g, x509.DNSName))
+        except x509.ExtensionNotFound:
+            pass
+        base = self.base_url
+        return certs.IssuerInfo(
+            name_der=cert.subject.public_bytes(), key_type=key.key_type, spki_der=key.spki,
+            not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, path_length=path_length,
+            permitted_dns=permitted, excluded_dns=excluded,
+            crl_url=f"{base}/crl/{label}.crl" if base else None,
+            ocsp_url=f"{base}/ocsp" if base else None,
+            ca_issuers_url=f"{base}/ca/{label}.crt" if base else None,
+        )
+
+    def issue(self, req: S.Issue) -> list[S.IssueOutcome]:
+        key = self.token.key(req.ca)
+        if req.self_signed:
+            if len(req.items) != 1:
+                raise PolicyError("issue", "self-signed", "a self-signed request carries exactly one item")
+            issuer = None
+            issuer_der = None
+        else:
+            cert = self.issuer_cert(req.ca)
+            issuer = self.issuer_info(req.ca, cert)
+            issuer_der = cert.public_bytes(serialization.Encoding.DER)
+        signer = make_private_key(self.token, key)
+        halg = certs.signature_hash(key.key_type)
+        out = []
+        for item in req.items:
+            try:
+                out.append(S.IssueOutcome(cert=self._issue_one(item, key, signer, halg, issuer, issuer_der, req), error=None))
+            except PolicyError as e:
+                out.append(S.IssueOutcome(cert=None, error=str(e)))
+        return out
+
+    def _issue_one(self, item: S.IssueItem, key, signer, halg, issuer, issuer_der, req: S.Issue) -> bytes:
+        profile = self.profiles.get(item.profile)
+        if profile is None:
+            raise PolicyError("profile", "known", f"unknown profile {item.profile!r}")
+        if req.self_signed:
+            if profile.kind != "root-ca":
+                raise PolicyError("profile", "self-signed", "only a root-ca profile can be self-signed")
+            if item.spki != key.spki:
+                raise PolicyError("public key", "self-signed", "a root certificate must certify the CA's own key")
+        spec = certs.IssueSpec(
+            profile=profile, public_key_der=item.spki, subject=tuple(item.subject), sans=tuple(item.sans),
+            serial=int.from_bytes(item.serial, "big"), not_before=_utc(item.validity.not_before), not_after=_utc(item.validity.not_after),
+            path_length=item.path_length, permitted_dns=tuple(item.permitted_dns),
+        )
+        builder = certs.build_tbs(spec, issuer)
+        linted_tbs = None
+        if profile.lint:
+            trial = builder.sign(self.throwaway(key.key_type), halg)
+            shadow = self.shadow_issuer(issuer_der, key.key_type) if issuer_der else None
+            findings = lint.lint_certificate(trial.public_bytes(serialization.Encoding.DER), profile, shadow)
+            if findings:
+                raise PolicyError("certificate", "lint", "; ".join(findings[:5]))
+            linted_tbs = trial.tbs_certificate_bytes
+        cert = builder.sign(signer, halg)
+        if linted_tbs is not None and cert.tbs_certificate_bytes != linted_tbs:
+            raise PolicyError("certificate", "lint", "the signed TBS differs from the linted TBS")
+        der = cert.public_bytes(serialization.Encoding.DER)
+        if item.install_as is not None:
+            if profile.kind not in ("root-ca", "sub-ca"):
+                raise PolicyError("install_as", "ca", "only CA certificates are kept in the token")
+            if self.token.key(item.install_as).spki != item.spki:
+                raise PolicyError("install_as", "key", f"the certified key is not the token key {item.install_as!r}")
+            self.token.store_certificate(item.install_as, der, cert.subject.public_bytes())
+        return der
+
+    # ------------------------------------------------------------ CRLs
+
+    def crl_begin(self, m: S.CrlBegin) -> bytes:
+        cert = self.issuer_cert(m.ca)
+        key = self.token.key(m.ca)
+        if m.next_update <= m.this_update:
+            raise PolicyError("nextUpdate", "order", "nextUpdate must be after thisUpdate")
+        if _utc(m.next_update) > cert.not_valid_after_utc:
+            raise PolicyError("nextUpdate", "issuer-validity", "nextUpdate is beyond the CA certificate's notAfter")
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        tbs = crl.TbsCrl(issuer_name_der=cert.subject.public_bytes(), key_type=key.key_type, this_update=m.this_update,
+                         next_update=m.next_update, crl_number=m.crl_number, aki_key_id=ski,
+                         entry_count=m.entry_count, entries_length=m.entries_length)
+        st = _CrlState(m, tbs, key.key_type, cert)
+        self._crls[m.id] = st
+        head = tbs.header()
+        st.feed(head)
+        return head
+
+    def crl_entries(self, m: S.CrlEntries) -> bytes:
+        st = self._crls[m.id]
+        prev = st.last_serial
+        for e in m.entries:  # the Factory sends serials in strictly increasing byte order: no duplicates
+            if e[0] <= prev:
+                raise PolicyError("crl entry", "order", "serials out of order or duplicated")
+            prev = e[0]
+        st.last_serial = prev
+        entries = [(int.from_bytes(s, "big"), t, r, i) for s, t, r, i in m.entries]
+        try:
+            data = st.tbs.entries(entries)
+        except ValueError as e:
+            raise PolicyError("crl entry", "encoding", str(e)) from None
+        if len(st.sample) < LINT_SAMPLE:
+            st.sample.extend(entries[: LINT_SAMPLE - len(st.sample)])
+        st.feed(data)
+        return data
+
+    def crl_end(self, m: S.CrlEnd) -> tuple[bytes, S.CrlSigned]:
+        st = self._crls.pop(m.id)
+        try:
+            trailer = st.tbs.trailer()
+        except ValueError as e:
+            raise PolicyError("crl", "declaration", str(e)) from None
+        st.feed(trailer)
+        self._lint_crl_sample(st)
+        key = self.token.key(st.begin.ca)
+        if st.buffer is not None:  # Ed25519: pure EdDSA signs the whole message
+            sig = self.token.sign(key, b"".join(st.buffer), None)
+        else:
+            sig = self.token.sign_digest(key, st.hash.digest(), st.halg)
+        prefix, suffix = crl.certificate_list(st.tbs.length(), key.key_type, sig)
+        return trailer, S.CrlSigned(id=m.id, prefix=prefix, suffix=suffix, tbs_sha256=st.sha256.digest())
+
+    def _lint_crl_sample(self, st: "_CrlState") -> None:
+        b = st.begin
+        sample = st.sample
+        ln = sum(crl.entry_length(*e) for e in sample)
+        tbs = crl.TbsCrl(issuer_name_der=st.cert.subject.public_bytes(), key_type=st.key_type, this_update=b.this_update,
+                         next_update=b.next_update, crl_number=b.crl_number,
+                         aki_key_id=st.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest,
+                         entry_count=len(sample), entries_length=ln)
+        body = tbs.header() + tbs.entries(sample) + tbs.trailer()
+        k = self.throwaway(st.key_type)
+        if st.key_type == "ed25519":
+            sig = k.sign(body)
+        elif st.key_type.startswith("rsa"):
+            from cryptography.hazmat.primitives.asymmetric import padding
+            sig = k.sign(body, padding.PKCS1v15(), st.halg)
+        else:
+            sig = k.sign(body, ec.ECDSA(st.halg))
+        prefix, suffix = crl.certificate_list(len(body), st.key_type, sig)
+        findings = lint.lint_crl(prefix + body + suffix)
+        if findings:
+            raise PolicyError("crl", "lint", "; ".join(findings[:5]))
+
+
+class _CrlState:
+    def __init__(self, begin: S.CrlBegin, tbs, key_type: str, cert: x509.Certificate):
+        self.begin = begin
+        self.tbs = tbs
+        self.key_type = key_type
+        self.cert = cert
+        self.halg = certs.signature_hash(key_type)
+        self.hash = hashlib.new(self.halg.name) if self.halg else None
+        self.sha256 = hashlib.sha256()
+        self.buffer: list[bytes] | None = [] if key_type == "ed25519" else None
+        self.sample: list = []
+        self.last_serial = b""
+
+    def feed(self, data: bytes) -> None:
+        if self.hash is not None:
+            self.hash.update(data)
+        else:
+            self.buffer.append(data)
+        self.sha256.update(data)
+
+
+async def serve(sup: Channel, fac: Channel, cis: Cis) -> None:
+    async def hsm(fn, *args):
+        return await trio.to_thread.run_sync(fn, *args, limiter=cis.limiter)
+
+    async def refuse(mid: int, code: str, reason: str) -> None:
+        await fac.send(S.Refused(id=mid, code=code, reason=reason))
+
+    async def watch_supervisor(n: trio.Nursery):
+        m = await sup.recv()
+        if isinstance(m, S.Shutdown):
+            _log("stopped cleanly")
+            n.cancel_scope.cancel()
+            return
+        raise ProtocolViolation(f"unexpected {type(m).__name__} from the supervisor")
+
+    async def handle(m) -> None:
+        mid = getattr(m, "id", 0)
+        try:
+            if isinstance(m, S.Ping):
+                await fac.send(S.Ok(id=mid))
+            elif isinstance(m, S.Activate):
+                await fac.send(await hsm(_activate, cis, m))
+                _log(f"activated: {cis.token.token_info()}")
+                await sup.send(S.Event(kind="activated", detail=cis.token.token_info()))
+            elif not cis.token.active:
+                await refuse(mid, "inactive", "the CIS is not activated")
+            elif isinstance(m, S.GenerateKey):
+                spki = await hsm(cis.token.call, cis.token.generate, m.label, m.key_type)
+                await fac.send(S.PublicKey(id=mid, spki=spki))
+            elif isinstance(m, S.DeleteKey):
+                await hsm(cis.token.call, cis.token.delete, m.label)
+                await fac.send(S.Ok(id=mid))
+            elif isinstance(m, S.Issue):
+                outcomes = await hsm(cis.token.call, cis.issue, m)
+                await fac.send(S.Issued(id=mid, outcomes=outcomes))
+            elif isinstance(m, S.CrlBegin):
+                if mid in cis._crls:
+                    raise ProtocolViolation("duplicate CRL stream id")
+                await fac.send(S.CrlChunk(id=mid, data=await hsm(cis.token.call, cis.crl_begin, m)))
+            elif isinstance(m, S.CrlEntries):
+                if mid not in cis._crls:
+                    return  # the stream was refused earlier; the Factory already got the refusal
+                await fac.send(S.CrlChunk(id=mid, data=cis.crl_entries(m)))
+            elif isinstance(m, S.CrlEnd):
+                if mid not in cis._crls:
+                    return
+                trailer, signed = await hsm(cis.token.call, cis.crl_end, m)
+                await fac.send(S.CrlChunk(id=mid, data=trailer))
+                await fac.send(signed)
+            else:
+                raise ProtocolViolation(f"unexpected {type(m).__name__} from the Factory")
+        except PolicyError as e:
+            cis._crls.pop(mid, None)
+            await refuse(mid, "lint" if e.rule == "lint" else "policy", str(e))
+        except TokenError as e:
+            cis._crls.pop(mid, None)
+            await refuse(mid, "hsm", str(e))
+        except ProtocolViolation:
+            raise
+        except Exception:
+            cis._crls.pop(mid, None)
+            _log("internal error:\n" + traceback.format_exc(limit=8))
+            await refuse(mid, "internal", "internal error in the CIS (see its log)")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(watch_supervisor, n)
+        while True:
+            try:
+                m = await fac.recv()
+            except LinkClosed:
+                _log("the Factory closed its link: stopping")
+                n.cancel_scope.cancel()
+                return
+            await handle(m)
+
+
+def _activate(cis: Cis, m: S.Activate) -> S.Activated:
+    if cis.token.active:
+        raise TokenError("already activated")
+    cis.token.login(m.pin)
+    if m.wrapped_db_key is None:
+        key, wrapped = cis.token.new_db_key()
+    else:
+        key, wrapped = cis.token.unwrap_db_key(m.wrapped_db_key), m.wrapped_db_key
+    return S.Activated(id=m.id, db_key=key, wrapped_db_key=wrapped, token=cis.token.token_info())
+
+
+async def main(fds: dict[str, int], drop) -> None:
+    sup = Channel.from_fd(fds["sup-cis"], "sup-cis", S.SupToCis)
+    await sup.handshake()
+    cfg = await sup.recv()
+    if not isinstance(cfg, S.CisConfig):
+        raise ProtocolViolation("expected CisConfig")
+    if cfg.softhsm_conf:
+        os.environ["SOFTHSM2_CONF"] = cfg.softhsm_conf
+    cis = Cis(cfg)
+    cis.token.load()  # map the PKCS#11 module before the privilege drop
+    getattr(lint, "warm", lambda: None)()  # import pkilint's validators before the drop
+    drop()
+    fac = Channel.from_fd(fds["factory-cis"], "factory-cis", S.FactoryToCis)
+    await fac.handshake()
+    await sup.send(S.Ready(role="cis", pid=os.getpid()))
+    await serve(sup, fac, cis)

@@ -1,0 +1,191 @@
+"""pkilint, in-process: the findings (WARNING or worse) that gate a signature."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from policy.profiles import Profile
+
+# Findings at or above this severity are reported (pkilint: FATAL=0, ERROR=1, WARNING=2).
+_MAX_SEVERITY = 2
+
+
+@functools.cache
+def _validators() -> dict[str, Any]:
+    # pkilint takes ~0.5 s to import: only roles that lint pay for it, once.
+    from pyasn1_alt_modules import rfc5280
+
+    from pkilint import document, loader, pkix, validation
+    from pkilint.cabf import serverauth
+    from pkilint.pkix import algorithm, certificate, crl, extension, key, name, ocsp
+    from pkilint.pkix.certificate import certificate_extension, certificate_key
+
+    pkix_cert = certificate.create_pkix_certificate_validator_container(
+        certificate.create_decoding_validators(name.ATTRIBUTE_TYPE_MAPPINGS, extension.EXTENSION_MAPPINGS),
+        [
+            certificate.create_issuer_validator_container([]),
+            certificate.create_validity_validator_container(),
+            certificate.create_subject_validator_container([]),
+            certificate.create_extensions_validator_container([]),
+            certificate.create_spki_validator_container([]),
+        ],
+    )
+    pkix_crl = crl.create_pkix_crl_validator_container(
+        [
+            pkix.create_attribute_decoder(name.ATTRIBUTE_TYPE_MAPPINGS),
+            pkix.create_extension_decoder(extension.EXTENSION_MAPPINGS),
+        ],
+        [
+            crl.create_issuer_validator_container([]),
+            crl.create_validity_validator_container([]),
+            crl.create_extensions_validator_container([]),
+        ],
+    )
+    pkix_ocsp = ocsp.create_pkix_ocsp_response_validator_container(
+        [
+            ocsp.create_response_decoder(),
+            pkix.create_attribute_decoder(name.ATTRIBUTE_TYPE_MAPPINGS),
+            pkix.create_extension_decoder(extension.EXTENSION_MAPPINGS),
+        ],
+        [],
+    )
+    chain_decoders = validation.ValidatorContainer(
+        validators=[
+            pkix.create_attribute_decoder(name.ATTRIBUTE_TYPE_MAPPINGS),
+            pkix.create_extension_decoder(extension.EXTENSION_MAPPINGS),
+            pkix.create_signature_algorithm_identifier_decoder(
+                algorithm.SIGNATURE_ALGORITHM_IDENTIFIER_MAPPINGS, path="certificate.tbsCertificate.signature"
+            ),
+            certificate.create_spki_decoder(
+                key.SUBJECT_PUBLIC_KEY_ALGORITHM_IDENTIFIER_MAPPINGS,
+                key.SUBJECT_KEY_PARAMETER_ALGORITHM_IDENTIFIER_MAPPINGS,
+            ),
+        ],
+        path="certificate",
+    )
+    chain_issuer = validation.ValidatorContainer(
+        validators=[
+            name.IssuerSubjectNameBinaryEqualValidator(
+                path="certificate.tbsCertificate.subject",
+                subject_document_issuer_dn_path="subject:certificate.tbsCertificate.issuer",
+            ),
+            extension.IssuerSubjectKeyIdentifierBinaryEqualValidator(
+                subject_auth_key_id_retriever=(
+                    lambda n: document.get_document_by_name(n, "subject").get_extension_by_oid(
+                        rfc5280.id_ce_authorityKeyIdentifier
+                    )
+                )
+            ),
+            certificate_extension.IssuerSubjectPolicyChainValidator(),
+        ]
+    )
+    chain_subject = validation.ValidatorContainer(
+        validators=[
+            certificate_key.SubjectSignatureVerificationValidator(
+                tbs_node_retriever=lambda n: n.navigate("^.tbsCertificate"), path="certificate.signature"
+            )
+        ]
+    )
+    return {
+        "loader": loader,
+        "serverauth": serverauth,
+        "certificate": certificate,
+        "finding_filter": __import__("pkilint.finding_filter", fromlist=["filter_results"]),
+        "pkix_cert": pkix_cert,
+        "pkix_crl": pkix_crl,
+        "pkix_ocsp": pkix_ocsp,
+        "chain": (chain_decoders, chain_issuer, chain_subject),
+        "serverauth_cache": {},
+    }
+
+
+def _findings(results, prefix: str) -> list[str]:
+    out = []
+    for r in results:
+        for fd in r.finding_descriptions:
+            if int(fd.finding.severity) <= _MAX_SEVERITY:
+                if fd.finding.code == "pkix.invalid_domain_name_syntax" and (fd.message or "").startswith('Invalid domain name syntax: "*.'):
+                    # RFC 5280 has no wildcards; RFC 6125 does. check_sans already allowed only a
+                    # whole leftmost '*' label over a valid name, so this finding is not a defect.
+                    continue
+                msg = f": {fd.message}" if fd.message else ""
+                out.append(f"{prefix}{fd.finding.severity.name} {fd.finding.code} @ {r.node.path}{msg}")
+    return out
+
+
+def _load(loader_cls, der: bytes, what: str, name: str | None = None, parent=None):
+    try:
+        if name is None:
+            return loader_cls().load_der_document(bytes(der), what), None
+        return loader_cls().load_der_document(bytes(der), name, what, parent), None
+    except Exception as e:  # noqa: BLE001 - a document pkilint cannot decode is a finding, not a crash
+        return None, f"FATAL malformed {what}: {type(e).__name__}"
+
+
+def _serverauth(v: dict[str, Any], der: bytes) -> list[str]:
+    serverauth = v["serverauth"]
+    doc, bad = _load(v["loader"].RFC5280CertificateDocumentLoader, der, "certificate")
+    if bad:
+        return [bad]
+    cert_type = serverauth.determine_certificate_type(doc)
+    validator = v["serverauth_cache"].get(cert_type)
+    if validator is None:
+        validator = v["certificate"].create_pkix_certificate_validator_container(
+            serverauth.create_decoding_validators(), serverauth.create_validators(cert_type)
+        )
+        v["serverauth_cache"][cert_type] = validator
+    results = validator.validate(doc.root)
+    results, _ = v["finding_filter"].filter_results(serverauth.create_serverauth_finding_filters(cert_type), results)
+    return _findings(results, "cabf-serverauth: ")
+
+
+def lint_certificate(der: bytes, profile: Profile, issuer_der: bytes | None = None) -> list[str]:
+    """Lint a certificate (RFC 5280; the CA/B Forum TLS BRs for `cabf` profiles; the issuer link if given)."""
+    v = _validators()
+    doc, bad = _load(v["loader"].RFC5280CertificateDocumentLoader, der, "certificate")
+    if bad:
+        return [bad]
+    if profile.cabf and not profile.ca:
+        # The BR validator set includes the RFC 5280 one, and filters the PKIX findings the BRs
+        # supersede (e.g. a missing SKI, which RFC 5280 wants and the BRs advise against).
+        findings = _serverauth(v, der)
+    else:
+        findings = _findings(v["pkix_cert"].validate(doc.root), "pkix: ")
+    if issuer_der is not None:
+        docs: dict[str, Any] = {}
+        cert_loader = v["loader"].RFC5280CertificateDocumentLoader
+        issuer, bad = _load(cert_loader, issuer_der, "issuer certificate", "issuer", docs)
+        if bad:
+            return findings + [bad]
+        docs["issuer"] = issuer
+        subject, bad = _load(cert_loader, der, "certificate", "subject", docs)
+        if bad:
+            return findings + [bad]
+        docs["subject"] = subject
+        decoders, issuer_v, subject_v = v["chain"]
+        results = decoders.validate(issuer.root) + decoders.validate(subject.root)
+        results += issuer_v.validate(issuer.root) + subject_v.validate(subject.root)
+        findings += _findings(results, "chain: ")
+    return findings
+
+
+def lint_crl(der: bytes) -> list[str]:
+    """Lint a CRL against RFC 5280."""
+    v = _validators()
+    doc, bad = _load(v["loader"].RFC5280CertificateListDocumentLoader, der, "CRL")
+    if bad:
+        return [bad]
+    return _findings(v["pkix_crl"].validate(doc.root), "pkix-crl: ")
+
+
+def lint_ocsp_response(der: bytes) -> list[str]:
+    """Lint an OCSP response against RFC 6960."""
+    v = _validators()
+    doc, bad = _load(v["loader"].RFC6960OCSPResponseDocumentLoader, der, "OCSP response")
+    if bad:
+        return [bad]
+    return _findings(v["pkix_ocsp"].validate(doc.root), "pkix-ocsp: ")
+
+
+__all__ = ["lint_certificate", "lint_crl", "lint_ocsp_response"]
