@@ -1,0 +1,246 @@
+"""Shared helpers of the benchmarks: temp dirs, the appliance under test (init/start/stop by pid),
+its role processes and their memory, CSR generation, a throwaway SoftHSM token.
+
+Every wait is bounded by a deadline; every process started here is stopped by its own pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+DONJON = str(VENV_BIN / "donjon") if (VENV_BIN / "donjon").exists() else None
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+OPENSSL = "/usr/bin/openssl"
+
+
+class BenchError(Exception):
+    pass
+
+
+def donjon_argv(*args: str) -> list[str]:
+    if DONJON:
+        return [DONJON, *args]
+    return [sys.executable, "-m", "appliance.cli", *args]
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def temp_dir(prefix: str, keep: bool = False):
+    """A private temporary folder, removed afterwards (unless keep). 0o755 so that dropped roles can traverse."""
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        if keep:
+            log(f"kept {d}")
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the appliance
+
+
+def write_ceremony(path: Path, issuing: list[tuple[str, str]]) -> None:
+    """Root P-256 plus one issuing CA per (name, key type)."""
+    lines = ['[root]', 'name = "root"', 'key-type = "p256"',
+             'subject = { C = "FR", O = "Donjon Bench", CN = "Donjon Bench Root CA" }',
+             'validity-days = 3650', 'path-length = 1', '']
+    for name, kt in issuing:
+        lines += ['[[issuing]]', f'name = "{name}"', f'key-type = "{kt}"',
+                  f'subject = {{ C = "FR", O = "Donjon Bench", CN = "Donjon Bench {name}" }}',
+                  'validity-days = 1825', 'path-length = 0', '']
+    path.write_text("\n".join(lines))
+
+
+def init_home(home: Path, issuing: list[tuple[str, str]], nolint_profile: bool = True, timeout: float = 300) -> None:
+    cer = home.parent / (home.name + "-ceremony.toml")
+    write_ceremony(cer, issuing)
+    r = subprocess.run(donjon_argv("init", "--home", str(home), "--ceremony", str(cer)), capture_output=True,
+                       text=True, timeout=timeout, cwd=REPO)
+    if r.returncode != 0:
+        raise BenchError(f"donjon init failed: {r.stderr[-2000:]}")
+    if nolint_profile:
+        add_nolint_profile(home)
+
+
+def add_nolint_profile(home: Path) -> None:
+    """Operator profile tls-server-nolint: the shipped tls-server with lint = false (read at `donjon run`)."""
+    text = (REPO / "policy" / "profiles" / "tls-server.toml").read_text()
+    lines = [("lint = false" if ln.strip().startswith("lint") and "=" in ln else ln) for ln in text.splitlines()]
+    if "lint = false" not in lines:
+        lines.append("lint = false")
+    d = home / "profiles"
+    d.mkdir(exist_ok=True)
+    (d / "tls-server-nolint.toml").write_text("\n".join(lines) + "\n")
+
+
+class Appliance:
+    """`donjon run --home HOME` in the foreground as a child; stopped with SIGTERM to its pid."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.proc: subprocess.Popen | None = None
+        self.logf = None
+
+    def start(self, timeout: float = 60) -> None:
+        self.logf = open(self.home.parent / (self.home.name + "-run.log"), "ab")
+        self.proc = subprocess.Popen(donjon_argv("run", "--home", str(self.home)), stdout=self.logf,
+                                     stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"donjon run exited with {self.proc.returncode}: see {self.logf.name}")
+            if self._activated():
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise BenchError(f"the appliance was not activated within {timeout:.0f} s")
+
+    def _activated(self) -> bool:
+        from appliance.client import AdminClient, ClientError
+        from appliance.ipc import schema as S
+        try:
+            with AdminClient(str(self.home), timeout=5) as c:
+                return bool(c.call(S.AStatus).get("activated"))
+        except (ClientError, OSError):
+            return False
+
+    def stop(self, timeout: float = 30) -> None:
+        p = self.proc
+        if p is None:
+            return
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log(f"donjon run {p.pid} ignored SIGTERM for {timeout:.0f} s: SIGKILL to its process group")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)  # its own session, started above
+                p.wait(10)
+        self.proc = None
+        if self.logf:
+            self.logf.close()
+            self.logf = None
+
+    def role_pids(self) -> dict[str, int]:
+        """pids of the `donjon role NAME` descendants of our `donjon run`."""
+        if self.proc is None:
+            return {}
+        children: dict[int, list[int]] = {}
+        for ent in os.listdir("/proc"):
+            if not ent.isdigit():
+                continue
+            try:
+                with open(f"/proc/{ent}/stat") as f:
+                    st = f.read()
+            except OSError:
+                continue
+            ppid = int(st[st.rindex(")") + 2:].split()[1])
+            children.setdefault(ppid, []).append(int(ent))
+        out: dict[str, int] = {}
+        todo = [self.proc.pid]
+        for _ in range(1000):  # bounded walk of the process tree
+            if not todo:
+                break
+            pid = todo.pop()
+            for c in children.get(pid, []):
+                todo.append(c)
+                try:
+                    argv = Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if b"role" in argv:
+                    i = argv.index(b"role")
+                    if i + 1 < len(argv):
+                        out[argv[i + 1].decode()] = c
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.stop()
+
+
+def proc_status_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for ln in f:
+            if ln.startswith(field + ":"):
+                return int(ln.split()[1])
+    raise BenchError(f"no {field} for pid {pid}")
+
+
+def export_chain(home: Path, ca: str, out: Path) -> None:
+    r = subprocess.run(donjon_argv("ca", "export", ca, "--chain", "--out", str(out), "--home", str(home)),
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    if r.returncode != 0:
+        raise BenchError(f"donjon ca export failed: {r.stderr}")
+
+
+# ---------------------------------------------------------------- CSRs
+
+
+def make_csrs(n: int, prefix: str = "bench") -> list[bytes]:
+    """n DER CSRs, P-256 subject keys, empty subject, one DNS SAN each."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = []
+    for i in range(n):
+        k = ec.generate_private_key(ec.SECP256R1())
+        csr = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, f"host{i}.{prefix}.example.org")]))
+               .add_extension(x509.SubjectAlternativeName([x509.DNSName(f"host{i}.{prefix}.example.org")]), critical=False)
+               .sign(k, hashes.SHA256()))
+        out.append(csr.public_bytes(serialization.Encoding.DER))
+    return out
+
+
+# ---------------------------------------------------------------- a throwaway SoftHSM token
+
+
+@contextlib.contextmanager
+def softhsm_token(d: Path, label: str = "bench", pin: str = "1234"):
+    """A fresh SoftHSM2 token in d (own SOFTHSM2_CONF, set in os.environ for this process)."""
+    tokdir = d / "tokens"
+    tokdir.mkdir(parents=True)
+    conf = d / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokdir}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    env = dict(os.environ, SOFTHSM2_CONF=str(conf))
+    r = subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", "123456", "--pin", pin],
+                       env=env, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise BenchError(f"softhsm2-util failed: {r.stderr}")
+    old = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    try:
+        yield label, pin
+    finally:
+        if old is None:
+            os.environ.pop("SOFTHSM2_CONF", None)
+        else:
+            os.environ["SOFTHSM2_CONF"] = old
+
+
+def fmt_rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"

@@ -1,0 +1,54 @@
+# Donjon developer tasks. `just --list` shows them; run `bash .ci/setup` once first.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := justfile_directory() / ".venv/bin"
+home := env_var_or_default("DONJON_HOME", "var")
+
+# List the recipes
+default:
+    @just --list
+
+# Install system packages and the pinned Python environment (idempotent)
+setup:
+    bash .ci/setup
+
+# Create a demo CA hierarchy in ./var (once) and run the appliance in the foreground
+demo:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ ! -e "{{home}}/cmdb/cmdb.key" ]; then
+      {{venv}}/donjon init --home "{{home}}" --ceremony image/demo-ceremony.toml
+    fi
+    cat <<MSG
+    Donjon is starting on {{home}} (developer mode when not root; stop it with Ctrl-C).
+    In another terminal:
+      export DONJON_HOME={{home}} PATH={{venv}}:\$PATH
+      donjon status
+      donjon ca list
+      openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout www.key -subj / -addext subjectAltName=DNS:www.example.org -out www.csr
+      donjon issue --ca issuing --profile tls-server --csr www.csr --out www.pem
+      donjon ca export issuing --chain --out chain.pem && openssl verify -x509_strict -CAfile <(donjon ca export root) -untrusted chain.pem www.pem
+      donjon revoke --ca issuing <serial> --reason keyCompromise && donjon crl generate --ca issuing --out issuing.crl
+    MSG
+    exec {{venv}}/donjon run --home "{{home}}"
+
+# Run the appliance on an existing state folder
+run *ARGS:
+    {{venv}}/donjon run --home "{{home}}" {{ARGS}}
+
+# Run the whole test suite (pass pytest arguments through: just test -k crl)
+test *ARGS:
+    {{venv}}/python -m pytest {{ARGS}}
+
+# Run the unit tests only (no appliance processes)
+test-unit *ARGS:
+    {{venv}}/python -m pytest tests/unit {{ARGS}}
+
+# Benchmarks side by side with the peers (openssl ca, raw SoftHSM signing); --quick for a short run
+bench *ARGS:
+    {{venv}}/python -m bench.run {{ARGS}}
+
+# What the admin CLI offers
+help:
+    {{venv}}/donjon --help

@@ -1,0 +1,193 @@
+"""Fixtures that run the real appliance: `donjon init` + `donjon run` with a SoftHSM2 token and an
+encrypted CMDB in a temporary DONJON_HOME, driven through the real CLI and admin socket."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "tests" / "data"
+VENV_BIN = Path(sys.executable).parent
+
+
+def _world_readable_source() -> str:
+    """Roles drop to their own users and import lazily afterwards: they must be able to read the
+    code. A checkout under a 0700 home would stop them, so tests run a world-readable copy."""
+    dst = Path(tempfile.mkdtemp(prefix="donjon-src-"))
+    os.chmod(dst, 0o755)
+    for pkg in ("appliance", "hsm", "policy"):
+        shutil.copytree(REPO / pkg, dst / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    for root, dirs, files in os.walk(dst):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o755)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
+    return str(dst)
+
+
+@pytest.fixture(scope="session")
+def src_path():
+    p = _world_readable_source()
+    yield p
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def make_ceremony(path: Path, root_key="p384", issuing_key="p256", extra: str = "") -> Path:
+    path.write_text(f"""
+[root]
+name = "root"
+key-type = "{root_key}"
+subject = {{ C = "FR", O = "Donjon Test", CN = "Donjon Test Root CA" }}
+validity-days = 3650
+path-length = 1
+
+[[issuing]]
+name = "issuing"
+key-type = "{issuing_key}"
+subject = {{ C = "FR", O = "Donjon Test", CN = "Donjon Test Issuing CA" }}
+validity-days = 1825
+path-length = 0
+{extra}""")
+    return path
+
+
+class Appliance:
+    """One appliance: a state folder, its `donjon run` process group, and the CLI."""
+
+    def __init__(self, home: Path, src: str, user: str | None = None):
+        self.home = home
+        self.src = src
+        self.user = user  # developer mode as this non-root user
+        self.proc: subprocess.Popen | None = None
+        self.log = home.parent / f"{home.name}.log"
+
+    def env(self) -> dict[str, str]:
+        e = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+        e["PYTHONPATH"] = self.src
+        e["DONJON_HOME"] = str(self.home)
+        return e
+
+    def argv(self, *args: str) -> list[str]:
+        base = [str(VENV_BIN / "python"), "-m", "appliance.cli", *args]
+        if self.user:
+            return ["runuser", "-u", self.user, "--", *base]
+        return base
+
+    def cli(self, *args: str, check: bool = True, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        r = subprocess.run(self.argv(*args), env=self.env(), capture_output=True, input=input, timeout=timeout, cwd="/")
+        if check and r.returncode != 0:
+            raise AssertionError(f"donjon {' '.join(args)} failed ({r.returncode}):\n{r.stdout.decode()}\n{r.stderr.decode()}")
+        return r
+
+    def init(self, ceremony: Path) -> None:
+        self.cli("init", "--home", str(self.home), "--ceremony", str(ceremony))
+
+    def start(self, timeout: float = 60) -> None:
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(self.argv("run", "--home", str(self.home)), env=self.env(), stdout=logf,
+                                         stderr=subprocess.STDOUT, start_new_session=True, cwd="/")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"donjon run exited {self.proc.returncode}:\n{self.log.read_text()}")
+            r = self.cli("status", "--json", check=False, timeout=30)
+            if r.returncode == 0 and b'"activated": true' in r.stdout:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"appliance not ready in {timeout}s:\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (supervisor and every role at once)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+
+    def role_pids(self) -> dict[str, int]:
+        out = {}
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                cmd = (p / "cmdline").read_bytes().split(b"\0")
+                stat = (p / "stat").read_text()
+            except OSError:
+                continue
+            if b"role" in cmd and int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                out[cmd[cmd.index(b"role") + 1].decode()] = int(p.name)
+        return out
+
+    def export(self, name: str, out: Path, chain: bool = False) -> Path:
+        self.cli("ca", "export", name, "--out", str(out), *(["--chain"] if chain else []))
+        return out
+
+
+@pytest.fixture
+def homes():
+    """A base folder the role users can traverse (pytest's tmp_path sits under a 0700 folder)."""
+    base = Path(tempfile.mkdtemp(prefix="donjon-test-"))
+    os.chmod(base, 0o711)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def appliance_factory(tmp_path, src_path, homes):
+    made: list[Appliance] = []
+
+    def make(ceremony: Path | None = None, start: bool = True, user: str | None = None, **kw) -> Appliance:
+        home = homes / f"home{len(made)}"
+        a = Appliance(home, src_path, user=user)
+        made.append(a)
+        a.init(ceremony or make_ceremony(tmp_path / f"ceremony{len(made)}.toml", **kw))
+        if start:
+            a.start()
+        return a
+
+    yield make
+    for a in made:
+        a.stop()
+
+
+@pytest.fixture
+def appliance(appliance_factory):
+    return appliance_factory()
+
+
+def openssl(*args: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run(["openssl", *args], capture_output=True, input=input, timeout=120)
+    if check and r.returncode != 0:
+        raise AssertionError(f"openssl {' '.join(args)} failed:\n{r.stdout.decode()}\n{r.stderr.decode()}")
+    return r
+
+
+def make_csr(tmp: Path, name: str, san: str | None = "DNS:www.example.org", subj: str = "/",
+             key: str = "ec", bits: str = "P-256") -> Path:
+    keyf, csrf = tmp / f"{name}.key", tmp / f"{name}.csr"
+    opts = ["-newkey", "ec", "-pkeyopt", f"ec_paramgen_curve:{bits}"] if key == "ec" else ["-newkey", f"rsa:{bits}"]
+    args = ["req", "-new", *opts, "-nodes", "-keyout", str(keyf), "-subj", subj, "-out", str(csrf)]
+    if san:
+        args += ["-addext", f"subjectAltName={san}"]
+    openssl(*args)
+    return csrf
