@@ -76,7 +76,7 @@ class Channel:
         body = await self._read_exactly(length)
         try:
             return self._decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        except (msgspec.MsgspecError, ValueError, TypeError, OverflowError) as e:  # msgspec also raises UnicodeDecodeError
             raise ProtocolViolation(f"{self.link}: undecodable frame: {e}") from None
 
     async def handshake(self) -> None:
@@ -123,7 +123,7 @@ class SyncChannel:
             raise ProtocolViolation(f"{self.link}: frame of {length} bytes exceeds the link maximum")
         try:
             return self._decoder.decode(self._read_exactly(length))
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        except (msgspec.MsgspecError, ValueError, TypeError, OverflowError) as e:  # msgspec also raises UnicodeDecodeError
             raise ProtocolViolation(f"{self.link}: undecodable frame: {e}") from None
 
     def handshake(self) -> None:

@@ -376,5 +376,5 @@ def schema_hash() -> str:
     import json
 
     unions = [SupToCis, CisToSup, SupToFactory, FactoryToSup, FactoryToCis, CisToFactory, AdminRequest, AdminReply, CeremonySpec]
-    schema = msgspec.json.schema_components(unions)
+    schema = msgspec.json.schema_components(unions, schema_hook=lambda t: {"any": repr(t)})
     return hashlib.sha256(json.dumps(schema, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,70 @@
+"""`just bench`: Donjon side by side with its peers, in one run.
+
+    .venv/bin/python -m bench.run            # issuance N=2000, CRL 10k/100k/1M
+    .venv/bin/python -m bench.run --quick    # issuance N=300, CRL 10k/100k
+
+1. Issuance rate (bench.issuance): the appliance (P-256 and RSA-2048 issuing CAs, with and without leaf
+   lint) against `openssl ca -batch -infiles` and the raw SoftHSM signing rate.
+2. CRL generation (bench.crl): time and peak memory through the appliance against `openssl ca -gencrl`.
+A readable table goes to stdout, everything measured to bench/out/results.json. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from bench import common, crl, issuance
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="N=300 CSRs, CRLs of 10k and 100k entries")
+    ap.add_argument("--n", type=int, help="number of CSRs (default 2000, --quick 300)")
+    ap.add_argument("--sizes", help="CRL sizes, comma-separated (default 10000,100000,1000000)")
+    ap.add_argument("--only", choices=["issuance", "crl"], help="run one benchmark only")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (appliance homes, CA dirs)")
+    ap.add_argument("--out", default=str(OUT / "results.json"))
+    a = ap.parse_args(argv)
+    n = a.n or (300 if a.quick else 2000)
+    sizes = [int(s) for s in (a.sizes or ("10000,100000" if a.quick else "10000,100000,1000000")).split(",") if s]
+
+    t0 = time.perf_counter()
+    results: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": a.quick,
+                     "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                              "openssl": _openssl_version()}}
+    tables = []
+    with common.temp_dir("donjon-bench-", keep=a.keep) as work:
+        if a.only in (None, "issuance"):
+            results["issuance"] = issuance.run(work, n)
+            tables.append(issuance.table(results["issuance"]))
+        if a.only in (None, "crl"):
+            results["crl"] = crl.run(work, sizes)
+            tables.append(crl.table(results["crl"]))
+    results["seconds"] = time.perf_counter() - t0
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print("\n\n".join(tables))
+    print(f"\nWhole run: {results['seconds']:.0f} s; results in {out}")
+    return 0
+
+
+def _openssl_version() -> str:
+    import subprocess
+    try:
+        return subprocess.run([common.OPENSSL, "version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
