@@ -391,6 +391,23 @@ def crl_generate(ca: Annotated[str, typer.Option(help="The CA.")] = ...,
         out_bytes(data, None)
 
 
+@crl_app.command("export")
+def crl_export(ca: Annotated[str, typer.Option(help="The CA.")] = ...,
+               number: Annotated[Optional[int], typer.Option(help="A given CRL number (default: the latest).")] = None,
+               out: Annotated[Optional[str], typer.Option(help="Write the CRL (DER) here.")] = None,
+               home: Home = "./var") -> None:
+    """Export the latest stored CRL (or a given number) without signing a new one.
+
+    Example: donjon crl export --ca issuing --out issuing.crl
+    """
+    try:
+        with client(home) as c:
+            data = b"".join(c.stream(S.ACrlExport, ca=ca, number=number))
+    except ClientError as e:
+        fail(str(e))
+    out_bytes(data, out)
+
+
 # ---------------------------------------------------------------- audit
 
 

@@ -185,6 +185,14 @@ def proc_status_kb(pid: int, field: str) -> int:
     raise BenchError(f"no {field} for pid {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process so far (seconds)."""
+    with open(f"/proc/{pid}/stat") as f:
+        st = f.read()
+    fields = st[st.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def export_chain(home: Path, ca: str, out: Path) -> None:
     r = subprocess.run(donjon_argv("ca", "export", ca, "--chain", "--out", str(out), "--home", str(home)),
                        capture_output=True, text=True, timeout=60, cwd=REPO)

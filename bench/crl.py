@@ -50,6 +50,7 @@ def _load_child(home: Path, start: int, stop: int) -> dict:
     t0 = time.perf_counter()
     db = Cmdb(str(home / "cmdb" / "cmdb.sqlite"), key)
     c = db.db
+    c.execute("PRAGMA cache_size = -1000000")  # bench-only: ~1 GB page cache for the bulk insert (random keys)
     now = int(time.time())
     nb, na = now - 86400, now + 300 * 86400
     el = crlenc.entry_length
@@ -60,6 +61,7 @@ def _load_child(home: Path, start: int, stop: int) -> dict:
             chunk = list(itertools.islice(it, INSERT_CHUNK))
             if not chunk:
                 break
+            chunk.sort()  # random serials: insert each chunk in key order
             rows = [(serial_bytes(s), t, r, i) for s, t, r, i in chunk]
             c.executemany("INSERT INTO serials VALUES (?,?,'issued',?,NULL)", [(sb, CA, now) for sb, *_ in rows])
             c.executemany("INSERT INTO certs VALUES (?,?,'tls-server','CN=bench',?,?,?,?,NULL)",
@@ -149,6 +151,12 @@ def run(work: Path, sizes: list[int]) -> dict:
             common.log(f"crl: donjon crl generate, {n} entries")
             out = work / f"donjon-{n}.crl"
             d = donjon_generate(app, out)
+            # a second generation in the same (now warm) processes: the first pays one-off costs
+            # (the CIS's throwaway lint key, pkilint's first CRL lint); memory is reported from the first
+            warm = donjon_generate(app, work / f"donjon-{n}-warm.crl")
+            (work / f"donjon-{n}-warm.crl").unlink()
+            d["warm_seconds"] = warm["seconds"]
+            d["warm_hwm_after"] = warm["hwm_after"]
             common.log(f"crl: openssl ca -gencrl, {n} entries")
             o = openssl_generate(work, n)
             r = {"load": load, "donjon": d, "openssl": o, "time_ratio": d["seconds"] / o["seconds"],
@@ -167,16 +175,18 @@ def table(res: dict) -> str:
     mb = 2 ** 20
     lines = [f"CRL generation, {res['ca']} ({res['key_type']}); Donjon peak = max VmHWM of the factory/cis roles "
              "(absolute | delta during generation); ratios = donjon/openssl",
-             f"{'entries':>9} {'donjon s':>9} {'openssl s':>9} {'time':>6} | {'donjon MB':>9} {'(delta)':>8} "
-             f"{'openssl MB':>10} {'mem':>6} {'(delta)':>7} | {'CRL MB':>6}",
-             "-" * 100]
+             f"{'entries':>9} {'donjon s':>9} {'(warm)':>7} {'openssl s':>9} {'time':>6} {'(warm)':>7} | "
+             f"{'donjon MB':>9} {'(delta)':>8} {'openssl MB':>10} {'mem':>6} {'(delta)':>7} | {'CRL MB':>6}",
+             "-" * 116]
     for n, r in res["sizes"].items():
         d, o = r["donjon"], r["openssl"]
-        lines.append(f"{int(n):>9,} {d['seconds']:>9.2f} {o['seconds']:>9.2f} {r['time_ratio']:>5.2f}x | "
+        lines.append(f"{int(n):>9,} {d['seconds']:>9.2f} {d['warm_seconds']:>7.2f} {o['seconds']:>9.2f} "
+                     f"{r['time_ratio']:>5.2f}x {d['warm_seconds'] / o['seconds']:>6.2f}x | "
                      f"{d['peak'] / mb:>9.1f} {d['peak_delta'] / mb:>8.1f} {o['peak'] / mb:>10.1f} "
                      f"{r['mem_ratio']:>5.2f}x {r['mem_delta_ratio']:>6.2f}x | {d['bytes'] / mb:>6.1f}")
         if "verify" in r:
             lines.append(f"  {int(n):,}-entry Donjon CRL: openssl crl -CAfile chain: {r['verify']}")
+    lines.append("donjon s = first generation after a restart (what the ratios use); (warm) = a second one right after.")
     lines.append("Targets at 1M: faster than openssl (time < 1.00x) with under half its peak memory (mem < 0.50x).")
     return "\n".join(lines)
 

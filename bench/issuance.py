@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -32,7 +33,9 @@ RAW_N = {"rsa2048": 3000, "p256": 30000}
 # ---------------------------------------------------------------- Donjon
 
 
-def issue_all(home: Path, ca: str, profile: str, csrs: list[bytes], threads: int = THREADS, batch: int = BATCH) -> dict:
+def issue_all(home: Path, ca: str, profile: str, csrs: list[bytes], threads: int = THREADS, batch: int = BATCH,
+              roles: dict[str, int] | None = None) -> dict:
+    """Issue csrs; `roles` (name -> pid) adds each role's CPU use during the run (CPU seconds / wall seconds)."""
     from appliance.client import AdminClient
 
     batches = [csrs[i:i + batch] for i in range(0, len(csrs), batch)]
@@ -63,11 +66,17 @@ def issue_all(home: Path, ca: str, profile: str, csrs: list[bytes], threads: int
     ts = [threading.Thread(target=worker, args=(c,), daemon=True) for c in clients]
     for t in ts:
         t.start()
+    roles = roles or {}
+    cpu0 = {r: common.cpu_seconds(p) for r, p in roles.items()}
+    own0 = os.times()
     start.wait(60)
     t0 = time.perf_counter()
     for t in ts:
         t.join(1800)
     wall = time.perf_counter() - t0
+    own1 = os.times()
+    cpu = {r: (common.cpu_seconds(p) - cpu0[r]) / wall for r, p in roles.items()}
+    cpu["bench-client"] = (own1.user + own1.system - own0.user - own0.system) / wall
     for c in clients:
         c.close()
     if any(t.is_alive() for t in ts):
@@ -75,7 +84,8 @@ def issue_all(home: Path, ca: str, profile: str, csrs: list[bytes], threads: int
     if errors:
         common.log(f"{ca}/{profile}: {len(errors)} errors, first: {errors[0]}")
     return {"requested": len(csrs), "issued": issued[0], "errors": len(errors), "seconds": wall,
-            "rate": issued[0] / wall if wall else None, "first_error": errors[0] if errors else None}
+            "rate": issued[0] / wall if wall else None, "first_error": errors[0] if errors else None,
+            "cpu_util": cpu}
 
 
 # ---------------------------------------------------------------- OpenSSL
@@ -178,7 +188,7 @@ def run(work: Path, n: int) -> dict:
             for prof in PROFILES:
                 issue_all(home, ca, prof, common.make_csrs(min(64, n), f"warm-{kt}-{prof}"), threads=1, batch=64)  # imports, caches
                 common.log(f"issuance: donjon {ca} {prof} x{n}")
-                r["donjon"][prof] = issue_all(home, ca, prof, csrs)
+                r["donjon"][prof] = issue_all(home, ca, prof, csrs, roles={**app.role_pids(), "supervisor": app.proc.pid})
             results["key_types"][kt] = r
     for kt in KEY_TYPES:
         r = results["key_types"][kt]
@@ -209,6 +219,10 @@ def table(res: dict) -> str:
         for prof, d in r["donjon"].items():
             if d["errors"] or d["issued"] != d["requested"]:
                 lines.append(f"  ! {kt} {prof}: issued {d['issued']}/{d['requested']}, {d['errors']} errors: {d['first_error']}")
+    lines.append("CPU use during the Donjon runs (CPU s / wall s; 1.00 = one core busy):")
+    for kt, r in res["key_types"].items():
+        for prof, d in r["donjon"].items():
+            lines.append(f"  {kt:<8} {prof:<18} " + "  ".join(f"{k} {v:.2f}" for k, v in d.get("cpu_util", {}).items()))
     lines.append("Targets: donjon >= 2x openssl ca batch; donjon >= 80% of the raw HSM rate for RSA-2048.")
     return "\n".join(lines)
 

@@ -109,6 +109,10 @@ async def dispatch(chan: Channel, req, f: Factory, actor: str) -> None:
         async for chunk in f.crl_chunks(req.ca, number):
             await chan.send(S.BlobChunk(id=rid, data=chunk, last=False))
         await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
+    elif isinstance(req, S.ACrlExport):
+        async for chunk in f.crl_chunks(req.ca, req.number):
+            await chan.send(S.BlobChunk(id=rid, data=chunk, last=False))
+        await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
     elif isinstance(req, S.AAuditExport):
         data = await f.audit_export()
         for i in range(0, len(data), 1 << 20):
@@ -145,6 +149,7 @@ async def main(fds: dict[str, int], drop) -> None:
         n.start_soon(cis.run)
         n.start_soon(f.issuance_worker)
         n.start_soon(f.issuance_worker)
+        n.start_soon(f.crl_scheduler)
         if admin_sock is not None:
             listener = trio.SocketListener(trio.socket.from_stdlib_socket(admin_sock))
             limiter = trio.CapacityLimiter(MAX_ADMIN_CONNECTIONS)

@@ -32,6 +32,7 @@ from .cmdb import Cmdb, CmdbError, serial_bytes, serial_int
 BACKDATE = 60  # seconds: tolerate client clock skew without predating the issuer
 BATCH_MAX = 256
 CRL_CHUNK = 10000
+CRL_CHECK_SECONDS = 60
 
 
 class FactoryError(Exception):
@@ -86,6 +87,8 @@ class Factory:
         self._pending: list[_Pending] = []
         self._wake = trio.Event()
         self._crl_locks: dict[str, trio.Lock] = {}
+        self._crl_dirty: set[str] = set()
+        self._crl_wake = trio.Event()
         self.stats = {"issued": 0, "refused": 0, "revoked": 0, "crls": 0}
 
     # ------------------------------------------------------------ plumbing
@@ -474,6 +477,8 @@ class Factory:
         if r == "exists":
             raise FactoryError("exists", f"certificate {serial:x} is already revoked")
         self.stats["revoked"] += 1
+        self._crl_dirty.add(req.ca)
+        self._crl_wake.set()
         return {"ca": req.ca, "serial": f"{serial:x}", "revoked_at": now, "reason": req.reason}
 
     async def generate_crl(self, ca: str, actor: str) -> tuple[int, int, bytes]:
@@ -574,6 +579,33 @@ class Factory:
             tmp.close()
         self.stats["crls"] += 1
         return number, count, digest
+
+    async def crl_scheduler(self) -> None:
+        """Sign a new CRL right after revocations (debounced), and re-sign each CA's CRL once half
+        of its validity has passed, so that a published CRL never lapses."""
+        while True:
+            with trio.move_on_after(CRL_CHECK_SECONDS):
+                await self._crl_wake.wait()
+            self._crl_wake = trio.Event()
+            if self.db is None:
+                continue
+            await trio.sleep(0.2)  # let a burst of revocations land in one CRL
+            db = self.db
+            now = int(time.time())
+
+            def due():
+                return {r[0] for r in db.db.execute(
+                    "SELECT c.name FROM cas c LEFT JOIN (SELECT ca, max(this_update) tu, max(next_update) nu FROM crls GROUP BY ca) l "
+                    "ON l.ca = c.name WHERE l.ca IS NULL OR l.tu + (l.nu - l.tu) / 2 <= ?", (now,))}
+            todo = self._crl_dirty | await self.run_db(due)
+            self._crl_dirty = set()
+            for ca in sorted(todo):
+                try:
+                    number, count, _ = await self.generate_crl(ca, "factory:crl-scheduler")
+                    _log(f"CRL {ca} #{number} signed ({count} entries)")
+                except FactoryError as e:
+                    self._crl_dirty.add(ca)
+                    await self.send_event(S.Event(kind="crl-failed", detail=f"{ca}: {e.reason}"[:4000]))
 
     async def crl_chunks(self, ca: str, number: int | None = None):
         """Yield the stored CRL DER in 1 MiB pieces (latest unless a number is given)."""

@@ -306,6 +306,14 @@ class ACrlGenerate(_Msg, tag="crl-generate"):
     ca: Name
 
 
+class ACrlExport(_Msg, tag="crl-export"):
+    """The latest stored CRL of a CA (or CRL number `number`), streamed as BlobChunks."""
+
+    id: ReqId
+    ca: Name
+    number: Annotated[int, msgspec.Meta(ge=1, lt=2**62)] | None = None
+
+
 class AAuditExport(_Msg, tag="audit-export"):
     id: ReqId
 
@@ -316,7 +324,7 @@ class AReconcile(_Msg, tag="reconcile"):
 
 AdminRequest = Union[
     Hello, AStatus, AActivate, ACaList, ACaShow, ACaCreate, ACaSignCsr, ACaExport, AIssue,
-    ACertShow, ACertList, ARevoke, ACrlGenerate, AAuditExport, AReconcile,
+    ACertShow, ACertList, ARevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile,
 ]
 
 

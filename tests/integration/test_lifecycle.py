@@ -155,3 +155,26 @@ def test_bad_ceremony_names_file_and_key(tmp_path, src_path):
     assert r.returncode == 1
     assert str(bad).encode() in r.stderr and b"line 3" in r.stderr and b"key-type" in r.stderr
     assert not (tmp_path / "h").exists()
+
+
+def test_revocation_schedules_a_new_crl(appliance, tmp_path):
+    import time
+    csr = make_csr(tmp_path, "r")
+    leaf = tmp_path / "r.pem"
+    appliance.cli("issue", "--ca", "issuing", "--profile", "tls-server", "--csr", str(csr), "--out", str(leaf))
+    serial = x509.load_pem_x509_certificate(leaf.read_bytes()).serial_number
+    out = tmp_path / "latest.crl"
+    appliance.cli("crl", "export", "--ca", "issuing", "--out", str(out))
+    first = x509.load_der_x509_crl(out.read_bytes())
+    assert first.get_revoked_certificate_by_serial_number(serial) is None
+    appliance.cli("revoke", "--ca", "issuing", format(serial, "x"), "--reason", "superseded")
+    deadline = time.monotonic() + 20  # the bound: the scheduler's debounce plus one signing
+    while time.monotonic() < deadline:
+        appliance.cli("crl", "export", "--ca", "issuing", "--out", str(out))
+        crl = x509.load_der_x509_crl(out.read_bytes())
+        if crl.get_revoked_certificate_by_serial_number(serial) is not None:
+            n0 = first.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+            assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number > n0
+            return
+        time.sleep(0.2)
+    raise AssertionError("the revocation did not reach a stored CRL within 20 s")
