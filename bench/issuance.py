@@ -76,7 +76,7 @@ def issue_all(home: Path, ca: str, profile: str, csrs: list[bytes], threads: int
     wall = time.perf_counter() - t0
     own1 = os.times()
     cpu = {r: (common.cpu_seconds(p) - cpu0[r]) / wall for r, p in roles.items()}
-    cpu["bench-client"] = (own1.user + own1.system - own0.user - own0.system) / wall
+    cpu["bench-client"] = max(0.0, own1.user + own1.system - own0.user - own0.system) / wall
     for c in clients:
         c.close()
     if any(t.is_alive() for t in ts):

@@ -23,7 +23,7 @@ from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation
 from policy import certs, crl, lint, profiles
 from policy.errors import PolicyError
 
-from .token import Token, TokenError, make_private_key
+from .token import ObjectMissing, Token, TokenError, make_private_key
 
 LINT_SAMPLE = 1000  # CRL entries linted under the throwaway key (memory stays flat for big CRLs)
 
@@ -80,7 +80,7 @@ class Cis:
     def issuer_cert(self, label: str) -> x509.Certificate:
         ders = self.token.certificates(label)
         if not ders:
-            raise TokenError(f"CA {label!r} has no certificate in the token")
+            raise ObjectMissing(f"CA {label!r} has no certificate in the token")
         return max((x509.load_der_x509_certificate(d) for d in ders), key=lambda c: c.not_valid_after_utc)
 
     def issuer_info(self, label: str, cert: x509.Certificate) -> certs.IssuerInfo:
@@ -340,7 +340,7 @@ async def serve(sup: Channel, fac: Channel, cis: Cis) -> None:
 
 
 def _activate(cis: Cis, m: S.Activate) -> S.Activated:
-    if cis.token.active:
+    if cis.token.active:  # a second login would raise UserAlreadyLoggedIn anyway
         raise TokenError("already activated")
     cis.token.login(m.pin)
     if m.wrapped_db_key is None:

@@ -48,6 +48,11 @@ class TokenError(Exception):
     """Domain error of the HSM layer: the message is safe to show an operator."""
 
 
+class ObjectMissing(TokenError):
+    """An expected key or certificate is not found: maybe the token storage went away and came back,
+    and SoftHSM only sees it again after the library is re-initialised."""
+
+
 @dataclass
 class CaKey:
     label: str
@@ -91,7 +96,8 @@ class Token:
 
     @property
     def active(self) -> bool:
-        return self._session is not None
+        """Activated once with a good PIN (the session itself may need a reconnect)."""
+        return self._pin is not None
 
     def reconnect(self) -> None:
         """Re-initialise the library, log in again, forget cached handles (keys are re-found by label)."""
@@ -102,15 +108,21 @@ class Token:
         except pkcs11.exceptions.PKCS11Error:
             pass
         self._session = None
-        self.login(self._pin)
+        pin, self._pin = self._pin, None
+        try:
+            self.login(pin)
+        finally:
+            self._pin = pin  # still activated: the next call tries again
 
     def call(self, fn, *args):
         """Run fn(*args) once; on a connection-level failure reconnect and retry once."""
-        if self._session is None:
+        if self._pin is None:
             raise TokenError("the CA is not activated")
+        if self._session is None:
+            self.reconnect()
         try:
             return fn(*args)
-        except _RECONNECT:
+        except (*_RECONNECT, ObjectMissing):
             self.reconnect()
             return fn(*args)
 
@@ -163,7 +175,7 @@ class Token:
             return k
         priv = self._find_private(label)
         if priv is None:
-            raise TokenError(f"no key labelled {label!r} in the token")
+            raise ObjectMissing(f"no key labelled {label!r} in the token")
         pub = self._session.get_key(object_class=ObjectClass.PUBLIC_KEY, label=label)
         if priv.key_type == KeyType.RSA:
             n = int.from_bytes(pub[Attribute.MODULUS], "big")

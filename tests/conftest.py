@@ -108,7 +108,13 @@ class Appliance:
     def stop(self) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
+        if self.user:  # signal the supervisor itself, not runuser
+            pids = self.role_pids()
+            ppids = {int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) for p in pids.values()}
+            for p in ppids:
+                os.kill(p, signal.SIGTERM)
+        else:
+            self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout=60)
         finally:
@@ -124,19 +130,24 @@ class Appliance:
             pass
         self.proc.wait(timeout=30)
 
+    def _supervisors(self, procs) -> set[int]:
+        home = str(self.home).encode()
+        return {pid for pid, (cmd, _) in procs.items() if b"run" in cmd and home in cmd and not cmd[0].endswith(b"runuser")}
+
     def role_pids(self) -> dict[str, int]:
-        out = {}
+        """The role processes of this appliance: children of its supervisor (found by its command line)."""
+        procs = {}
         for p in Path("/proc").iterdir():
-            if not p.name.isdigit():
-                continue
-            try:
-                cmd = (p / "cmdline").read_bytes().split(b"\0")
-                stat = (p / "stat").read_text()
-            except OSError:
-                continue
-            if b"role" in cmd and int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
-                out[cmd[cmd.index(b"role") + 1].decode()] = int(p.name)
-        return out
+            if p.name.isdigit():
+                try:
+                    cmd = (p / "cmdline").read_bytes().split(b"\0")
+                    ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError):
+                    continue
+                procs[int(p.name)] = (cmd, ppid)
+        sups = self._supervisors(procs)
+        return {cmd[cmd.index(b"role") + 1].decode(): pid for pid, (cmd, ppid) in procs.items()
+                if ppid in sups and b"role" in cmd}
 
     def export(self, name: str, out: Path, chain: bool = False) -> Path:
         self.cli("ca", "export", name, "--out", str(out), *(["--chain"] if chain else []))
