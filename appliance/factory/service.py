@@ -295,15 +295,22 @@ class Factory:
         row = await self.run_db(lambda: db.db.execute("SELECT 1 FROM cas WHERE name=?", (req.ca,)).fetchone())
         if not row:
             raise FactoryError("not-found", f"no CA named {req.ca!r}")
+        def check_all() -> list[csrcheck.CsrInfo | PolicyError]:  # one thread hop for the whole request
+            out: list[csrcheck.CsrInfo | PolicyError] = []
+            for der in req.csrs:
+                try:
+                    out.append(csrcheck.check_csr(der, profile))
+                except PolicyError as e:
+                    out.append(e)
+            return out
         pend: list[_Pending | S.IssueOutcome] = []
         refusals = []
-        for der in req.csrs:
-            try:
-                info = await trio.to_thread.run_sync(csrcheck.check_csr, der, profile)
+        for der, info in zip(req.csrs, await trio.to_thread.run_sync(check_all)):
+            if isinstance(info, PolicyError):
+                pend.append(S.IssueOutcome(cert=None, error=str(info)))
+                refusals.append(str(info))
+            else:
                 pend.append(_Pending(req.ca, req.profile, der, info, req.validity_days))
-            except PolicyError as e:
-                pend.append(S.IssueOutcome(cert=None, error=str(e)))
-                refusals.append(str(e))
         if refusals:
             def w():
                 with db.tx():
