@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from policy.csr import ATTR_OIDS, check_dns_name, check_names, check_public_key
 from policy.errors import PolicyError
-from policy.profiles import EKU_NAMES, Profile
+from policy.profiles import EKU_NAMES, KEY_USAGES, Profile
 
 # RFC 5280 4.1.2.2: at most 20 octets, positive. 159 bits keeps the sign bit clear.
 _MAX_SERIAL_BITS = 159
@@ -26,15 +26,6 @@ _MAX_SERIAL_BITS = 159
 _SUBJECT_ORDER = ("DC", "C", "ST", "L", "O", "OU", "CN", "serialNumber", "emailAddress")
 _RSA_ONLY_USAGES = ("key_encipherment", "data_encipherment")
 _EC_ONLY_USAGES = ("key_agreement",)
-_KU_ARGS = (
-    "digital_signature",
-    "content_commitment",
-    "key_encipherment",
-    "data_encipherment",
-    "key_agreement",
-    "key_cert_sign",
-    "crl_sign",
-)
 _EKU_OIDS = {
     "serverAuth": ExtendedKeyUsageOID.SERVER_AUTH,
     "clientAuth": ExtendedKeyUsageOID.CLIENT_AUTH,
@@ -185,7 +176,7 @@ def _key_usage(profile: Profile, public_key: object) -> x509.KeyUsage:
         usages -= set(_EC_ONLY_USAGES)
     if not usages:
         raise PolicyError("public_key", "key-usage", f"this key type can do none of {', '.join(profile.key_usage)}")
-    args = {k: k in usages for k in _KU_ARGS}
+    args = {k: k in usages for k in KEY_USAGES}
     return x509.KeyUsage(encipher_only=False, decipher_only=False, **args)
 
 
