@@ -30,6 +30,7 @@ class Hsm(_C):
     token: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] = "donjon"
     embedded: bool = True  # SoftHSM2 token folder inside DONJON_HOME/softhsm
     pin_file: str | None = "pin"  # developer mode: activate at start from this file (relative to home)
+    signers: Annotated[int, msgspec.Meta(ge=1, le=16)] = 2  # CIS processes (one PKCS#11 caller each)
 
 
 class CmdbCfg(_C):
@@ -68,6 +69,7 @@ module = "/usr/lib/softhsm/libsofthsm2.so"   # any vendor PKCS#11 module
 token = "donjon"                              # token label (tokens are found by label, never by slot)
 embedded = true                               # SoftHSM2 token folder under DONJON_HOME/softhsm
 pin-file = "pin"                              # developer mode: activate at start from this file
+signers = 2                                   # CIS signing processes (SoftHSM: one PKCS#11 caller per process)
 
 [cmdb]
 cipher = "chacha20"                           # chacha20 or aegis (both authenticated)

@@ -82,13 +82,17 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 @dataclass
 class Role:
-    name: str
+    name: str  # "factory", "cis", "cis.1", ...: the CIS runs as several signing processes
     fds: dict[str, int]  # link -> fd number in the child (same as ours: pass_fds keeps numbers)
     rw: list[str] = field(default_factory=list)
     ro: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     proc: trio.Process | None = None
     chan: Channel | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.name.split(".")[0]
 
 
 class Supervisor:
@@ -150,6 +154,8 @@ class Supervisor:
     # ------------------------------------------------------------ roles
 
     def _roles(self, admin: socket.socket | None) -> tuple[dict[str, Role], list[socket.socket]]:
+        """Every link is a socketpair made here; the graph (supervisor-each role, Factory-each CIS)
+        is enforced by construction: no role can open a path to reach another."""
         L = self.layout
         keep: list[socket.socket] = []
 
@@ -157,42 +163,48 @@ class Supervisor:
             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             keep.extend([a, b])
             return a, b
-        sup_cis, cis_sup = pair()
-        sup_fac, fac_sup = pair()
-        fac_cis, cis_fac = pair()
+        roles: dict[str, Role] = {}
+        self._sup_ends = {}
         module_dir = os.path.dirname(os.path.realpath(self.cfg.hsm.module))
-        cis = Role("cis", {"sup-cis": cis_sup.fileno(), "factory-cis": cis_fac.fileno()},
-                   rw=[L.softhsm] if self.cfg.hsm.embedded else [],
-                   ro=[module_dir, "/etc/softhsm"],
-                   env={"SOFTHSM2_CONF": L.softhsm_conf} if self.cfg.hsm.embedded else {})
-        fac_fds = {"sup-factory": fac_sup.fileno(), "factory-cis": fac_cis.fileno()}
+        sup_fac, fac_sup = pair()
+        fac_fds = {"sup-factory": fac_sup.fileno()}
+        for i in range(self.cfg.hsm.signers):
+            name = "cis" if i == 0 else f"cis.{i}"
+            sup_cis, cis_sup = pair()
+            fac_cis, cis_fac = pair()
+            roles[name] = Role(name, {"sup-cis": cis_sup.fileno(), "factory-cis": cis_fac.fileno()},
+                               rw=[L.softhsm] if self.cfg.hsm.embedded else [],
+                               ro=[module_dir, "/etc/softhsm"],
+                               env={"SOFTHSM2_CONF": L.softhsm_conf} if self.cfg.hsm.embedded else {})
+            fac_fds["factory-cis" if i == 0 else f"factory-cis.{i}"] = fac_cis.fileno()
+            self._sup_ends[name] = sup_cis
         if admin is not None:
             fac_fds["admin"] = admin.fileno()
-        fac = Role("factory", fac_fds, rw=[L.cmdb])
-        self._sup_ends = {"cis": sup_cis, "factory": sup_fac}
-        return {"cis": cis, "factory": fac}, keep
+        roles["factory"] = Role("factory", fac_fds, rw=[L.cmdb])
+        self._sup_ends["factory"] = sup_fac
+        return roles, keep
 
     async def _start(self, role: Role) -> None:
-        argv = role_argv(role.name)
+        argv = role_argv(role.kind)
         for link, fd in role.fds.items():
             argv += ["--fd", f"{link}={fd}"]
         for p in role.rw:
             argv += ["--rw", p]
         for p in role.ro:
             argv += ["--ro", p]
-        ident = self.ids.get(role.name)
+        ident = self.ids.get(role.kind)
         if ident is not None:
             argv += ["--uid", str(ident.uid), "--gid", str(ident.gid)]
         role.proc = await trio.lowlevel.open_process(
             argv, pass_fds=list(role.fds.values()), env=child_env(role.env), stdin=subprocess_devnull(),
             start_new_session=False)
         sock = self._sup_ends[role.name]
-        role.chan = Channel.from_fd(os.dup(sock.fileno()), f"sup-{role.name}", S.CisToSup if role.name == "cis" else S.FactoryToSup)
+        role.chan = Channel.from_fd(os.dup(sock.fileno()), f"sup-{role.kind}", S.CisToSup if role.kind == "cis" else S.FactoryToSup)
         sock.close()
 
     async def _wait_ready(self, role: Role) -> None:
         await role.chan.handshake()
-        if role.name == "cis":
+        if role.kind == "cis":
             await role.chan.send(S.CisConfig(module=self.cfg.hsm.module, token_label=self.cfg.hsm.token,
                                              softhsm_conf=self.layout.softhsm_conf if self.cfg.hsm.embedded else None,
                                              profiles=self.profiles, base_url=self.cfg.endpoint.base_url))
@@ -246,20 +258,20 @@ class Supervisor:
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as n:
-                    for name in ("cis", "factory"):
-                        await self._start(roles[name])
+                    for role in roles.values():
+                        await self._start(role)
                     for s in keep:
                         s.close()
                     if admin is not None:
                         admin.close()  # the Factory owns it now
-                    for name in ("cis", "factory"):
-                        n.start_soon(self._watch, roles[name], n)
+                    for role in roles.values():
+                        n.start_soon(self._watch, role, n)
                     with trio.fail_after(START_TIMEOUT):
                         async with trio.open_nursery() as ready:  # they handshake with each other too
-                            ready.start_soon(self._wait_ready, roles["cis"])
-                            ready.start_soon(self._wait_ready, roles["factory"])
-                    for name in ("cis", "factory"):
-                        n.start_soon(self._listen, roles[name])
+                            for role in roles.values():
+                                ready.start_soon(self._wait_ready, role)
+                    for role in roles.values():
+                        n.start_soon(self._listen, role)
                     if ceremony is not None:
                         await roles["factory"].chan.send(S.Ceremony(pin=pin, spec=msgspec.msgpack.encode(ceremony)))
                         ev = await self.wait_event("ceremony-done", "ceremony-failed")
@@ -297,8 +309,7 @@ class Supervisor:
     async def _stop(self, roles: dict[str, Role]) -> None:
         """Factory first (it finishes its transaction and closes the CMDB), then the CIS."""
         self.stopping = True
-        for name in ("factory", "cis"):
-            r = roles[name]
+        for r in sorted(roles.values(), key=lambda r: r.kind != "factory"):
             if r.proc is None or r.proc.returncode is not None:
                 continue
             try:
@@ -308,7 +319,7 @@ class Supervisor:
             with trio.move_on_after(STOP_TIMEOUT):
                 await r.proc.wait()
             if r.proc.returncode is None:
-                log(f"{name} did not stop in {STOP_TIMEOUT}s: killing it")
+                log(f"{r.name} did not stop in {STOP_TIMEOUT}s: killing it")
                 r.proc.kill()
                 await r.proc.wait()
 

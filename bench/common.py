@@ -167,7 +167,12 @@ class Appliance:
                 if b"role" in argv:
                     i = argv.index(b"role")
                     if i + 1 < len(argv):
-                        out[argv[i + 1].decode()] = c
+                        name = argv[i + 1].decode()
+                        k = 1
+                        while name in out:  # several CIS signing processes: cis, cis.1, ...
+                            name = f"{argv[i + 1].decode()}.{k}"
+                            k += 1
+                        out[name] = c
         return out
 
     def __enter__(self):

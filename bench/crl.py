@@ -93,7 +93,7 @@ def bulk_load(home: Path, start: int, stop: int) -> dict:
 
 def _hwm(app: common.Appliance) -> dict[str, int]:
     pids = app.role_pids()
-    return {role: common.proc_status_kb(pids[role], "VmHWM") * 1024 for role in ("factory", "cis")}
+    return {role: common.proc_status_kb(pid, "VmHWM") * 1024 for role, pid in pids.items()}
 
 
 def donjon_generate(app: common.Appliance, out: Path) -> dict:

@@ -146,8 +146,15 @@ class Appliance:
                     continue
                 procs[int(p.name)] = (cmd, ppid)
         sups = self._supervisors(procs)
-        return {cmd[cmd.index(b"role") + 1].decode(): pid for pid, (cmd, ppid) in procs.items()
-                if ppid in sups and b"role" in cmd}
+        out: dict[str, int] = {}
+        for pid, (cmd, ppid) in sorted(procs.items()):
+            if ppid in sups and b"role" in cmd:
+                base = name = cmd[cmd.index(b"role") + 1].decode()
+                k = 1
+                while name in out:  # several CIS signing processes: cis, cis.1, ...
+                    name, k = f"{base}.{k}", k + 1
+                out[name] = pid
+        return out
 
     def export(self, name: str, out: Path, chain: bool = False) -> Path:
         self.cli("ca", "export", name, "--out", str(out), *(["--chain"] if chain else []))

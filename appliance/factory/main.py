@@ -138,17 +138,23 @@ async def main(fds: dict[str, int], drop) -> None:
     from policy import profiles as profmod
     profiles = profmod.load_profiles(dict(cfg.profiles))
     drop()
-    cis = CisLink(Channel.from_fd(fds["factory-cis"], "factory-cis", S.CisToFactory))
-    await cis.chan.handshake()
+    # "factory-cis" is the primary CIS (keys, CRLs, activation); "factory-cis.N" are more signers.
+    names = sorted((k for k in fds if k.split(".")[0] == "factory-cis"), key=lambda k: (k != "factory-cis", k))
+    signers = [CisLink(Channel.from_fd(fds[k], "factory-cis", S.CisToFactory)) for k in names]
+    async with trio.open_nursery() as hs:
+        for link in signers:
+            hs.start_soon(link.chan.handshake)
 
     async def send_event(ev):
         await sup.send(ev)
 
-    f = Factory(cfg, cis, send_event, profiles)
+    f = Factory(cfg, signers[0], send_event, profiles, signers)
     async with trio.open_nursery() as n:
-        n.start_soon(cis.run)
-        n.start_soon(f.issuance_worker)
-        n.start_soon(f.issuance_worker)
+        for link in signers:
+            n.start_soon(link.run)
+        # Two pipeline workers per signer: one commits while the other's batch is being signed.
+        for i in range(2 * len(signers)):
+            n.start_soon(f.issuance_worker, signers[i % len(signers)])
         n.start_soon(f.crl_scheduler)
         if admin_sock is not None:
             listener = trio.SocketListener(trio.socket.from_stdlib_socket(admin_sock))

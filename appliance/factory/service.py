@@ -30,7 +30,7 @@ from .cis_link import CisLink, CisRefused
 from .cmdb import Cmdb, CmdbError, serial_bytes, serial_int
 
 BACKDATE = 60  # seconds: tolerate client clock skew without predating the issuer
-BATCH_MAX = 256
+BATCH_MAX = 64  # small enough that every signer always has a batch waiting
 CRL_CHUNK = 10000
 CRL_CHECK_SECONDS = 60
 
@@ -73,9 +73,11 @@ class _Pending:
 
 
 class Factory:
-    def __init__(self, cfg: S.FactoryConfig, cis: CisLink, send_event, profiles: dict[str, profmod.Profile]):
+    def __init__(self, cfg: S.FactoryConfig, cis: CisLink, send_event, profiles: dict[str, profmod.Profile],
+                 signers: list[CisLink] | None = None):
         self.cfg = cfg
-        self.cis = cis
+        self.cis = cis  # the primary CIS: activation, keys, CA certificates, CRLs
+        self.signers = signers or [cis]  # every CIS process, for issuance batches
         self.send_event = send_event
         self.profiles = profiles
         self.db: Cmdb | None = None
@@ -133,6 +135,13 @@ class Factory:
             except CisRefused as e:
                 _log(f"activation refused: {e.reason}")
                 raise FactoryError("auth" if "PIN" in e.reason else "hsm", e.reason) from None
+            for other in self.signers[1:]:
+                try:
+                    more = await other.request(S.Activate(id=other.new_id(), pin=pin, wrapped_db_key=reply.wrapped_db_key))
+                except CisRefused as e:
+                    raise FactoryError("hsm", f"a signing process could not activate: {e.reason}") from None
+                if more.db_key != reply.db_key:
+                    raise FactoryError("hsm", "the signing processes disagree on the CMDB key")
             if wrapped is None:
                 _write_durably(key_path, reply.wrapped_db_key)
             create = not os.path.exists(db_path)
@@ -327,18 +336,22 @@ class Factory:
         serials = [f"{p.serial:x}" if isinstance(p, _Pending) and p.result and p.result.cert else None for p in pend]
         return S.IssueReply(id=req.id, results=results, serials=serials)
 
-    async def issuance_worker(self, actor: str = "factory") -> None:
-        """Take a batch of pending requests for one CA; two workers overlap DB commits with signing."""
+    async def issuance_worker(self, signer: CisLink, actor: str = "factory") -> None:
+        """Take a batch of pending requests for one CA and have `signer` sign it; several workers
+        overlap DB commits with signing, and several signers sign in parallel."""
         while True:
             while not self._pending:
-                self._wake = trio.Event()
+                if self._wake.is_set():  # every idle worker waits on the same event
+                    self._wake = trio.Event()
                 await self._wake.wait()
             ca = self._pending[0].ca
             batch = [p for p in self._pending if p.ca == ca][:BATCH_MAX]
             ids = {id(p) for p in batch}
             self._pending = [p for p in self._pending if id(p) not in ids]
+            if self._pending:
+                self._wake.set()  # more work: wake another worker
             try:
-                await self._issue_batch(ca, batch, actor)
+                await self._issue_batch(ca, batch, actor, signer)
             except Exception as e:  # never leave a requester waiting
                 _log(f"issuance batch failed: {type(e).__name__}: {e}")
                 for p in batch:
@@ -348,7 +361,7 @@ class Factory:
                 for p in batch:
                     p.done.set()
 
-    async def _issue_batch(self, ca: str, batch: list[_Pending], actor: str) -> None:
+    async def _issue_batch(self, ca: str, batch: list[_Pending], actor: str, signer: CisLink) -> None:
         cert_row = await self.ca_row(ca)
         ca_cert = x509.load_der_x509_certificate(cert_row[4])
         ca_end = int(ca_cert.not_valid_after_utc.timestamp())
@@ -362,7 +375,7 @@ class Factory:
                                      serial=serial_bytes(p.serial), validity=S.Validity(now, min(now + days * 86400 - 1, ca_end))))
         await self.run_db(self._reserve, [(p.serial, ca, p.csr) for p in batch])
         try:
-            reply = await self.cis.request(S.Issue(id=self.cis.new_id(), ca=ca, self_signed=False, items=items))
+            reply = await signer.request(S.Issue(id=signer.new_id(), ca=ca, self_signed=False, items=items))
             outcomes = reply.outcomes
             if len(outcomes) != len(batch):
                 raise CisRefused("internal", "the CIS answered a different number of items")
