@@ -19,10 +19,12 @@ ca_app = typer.Typer(help="Certificate authorities: list, show, create, sign an 
 cert_app = typer.Typer(help="Issued certificates: show, list, export.", no_args_is_help=True)
 crl_app = typer.Typer(help="Certificate revocation lists.", no_args_is_help=True)
 audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+ocsp_app = typer.Typer(help="The OCSP/CRL endpoint and its pre-produced responses.", no_args_is_help=True)
 app.add_typer(ca_app, name="ca")
 app.add_typer(cert_app, name="cert")
 app.add_typer(crl_app, name="crl")
 app.add_typer(audit_app, name="audit")
+app.add_typer(ocsp_app, name="ocsp")
 
 Home = Annotated[str, typer.Option("--home", envvar="DONJON_HOME", help="State folder (DONJON_HOME).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -406,6 +408,26 @@ def crl_export(ca: Annotated[str, typer.Option(help="The CA.")] = ...,
     except ClientError as e:
         fail(str(e))
     out_bytes(data, out)
+
+
+@ocsp_app.command("status")
+def ocsp_status(home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Pre-produced responses per CA (held, queued, oldest, next refresh, lapsed) and the endpoint's counters.
+
+    Example: donjon ocsp status
+    """
+    doc = call(home, S.AOcspStatus)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    ep = doc.get("endpoint")
+    typer.echo(f"endpoint: {'connected' if doc['endpoint_connected'] else 'not connected'}"
+               + (f"; requests {ep['requests']} good {ep['good']} revoked {ep['revoked']} unauthorized {ep['unauthorized']} "
+                  f"malformed {ep['malformed']} errors {ep['errors']} held {ep['responses_held']}" if ep else ""))
+    for c in doc["cas"]:
+        nu = datetime.utcfromtimestamp(c["earliest_next_update"]).isoformat() + "Z" if c["earliest_next_update"] else "-"
+        typer.echo(f"{c['ca']:<16} responses {c['responses']:<8} revoked {c['revoked']:<6} queued {c['queued']:<6} "
+                   f"earliest nextUpdate {nu}{'  LAPSED' if c['lapsed'] else ''}")
 
 
 # ---------------------------------------------------------------- audit

@@ -45,6 +45,43 @@ class Crl(_C):
     validity_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 366)] = 168
 
 
+class Ocsp(_C):
+    enabled: bool = True
+    listen: str = "127.0.0.1:8080"  # host:port of the OCSP/CRL/CA-certificate HTTP endpoint (port 0: any free port)
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 1024
+    read_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    max_age: Annotated[int, msgspec.Meta(ge=0, le=7 * 86400)] = 3600
+    validity_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 31)] = 24
+    hashes: tuple[Literal["sha1", "sha256"], ...] = ("sha1",)
+
+
+class SnmpUserCfg(_C):
+    name: str
+    auth_key: str
+    priv_key: str
+    auth: Literal["sha256", "sha384", "sha512"] = "sha256"
+    priv: Literal["aes128", "aes192", "aes256"] = "aes128"
+
+
+class SnmpTargetCfg(_C):
+    host: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 162
+    kind: Literal["trap", "inform"] = "trap"
+    version: Literal["v3", "v2c"] = "v3"
+    user: str | None = None
+    community: str | None = None
+
+
+class Snmp(_C):
+    enabled: bool = False
+    listen: str = "127.0.0.1:1161"
+    users: tuple[SnmpUserCfg, ...] = ()
+    community: str | None = None  # read-only v2c, only from community-sources
+    community_sources: tuple[str, ...] = ("127.0.0.0/8",)
+    targets: tuple[SnmpTargetCfg, ...] = ()
+    lead_time_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 90)] = 72  # warn this long before a CRL/OCSP/cert lapses
+
+
 class Admin(_C):
     group: str = "donjon-admin"
 
@@ -58,6 +95,8 @@ class Config(_C):
     cmdb: CmdbCfg = CmdbCfg()
     endpoint: Endpoint = Endpoint()
     crl: Crl = Crl()
+    ocsp: Ocsp = Ocsp()
+    snmp: Snmp = Snmp()
     admin: Admin = Admin()
     profiles: Profiles = Profiles()
 
@@ -79,6 +118,32 @@ base-url = "http://127.0.0.1:8080"            # CRL DP and AIA URLs derive from 
 
 [crl]
 validity-hours = 168                          # nextUpdate = thisUpdate + this
+
+[ocsp]
+enabled = true
+listen = "127.0.0.1:8080"                     # the OCSP, CRL and CA-certificate HTTP endpoint
+max-connections = 1024
+read-timeout = 10.0                           # seconds to receive a whole request
+max-age = 3600                                # cap on Cache-Control max-age
+validity-hours = 24                           # nextUpdate of pre-produced responses (re-signed at half)
+hashes = ["sha1"]                             # CertID hashes to pre-produce (RFC 5019: sha1; add "sha256")
+
+[snmp]
+enabled = false                               # the SNMP agent (DONJON-MIB) and notifications
+listen = "127.0.0.1:1161"
+# community = "public"                        # optional read-only v2c, only from community-sources
+community-sources = ["127.0.0.0/8"]
+lead-time-hours = 72                          # warn this long before a CRL, OCSP response or CA cert lapses
+# [[snmp.users]]                              # SNMPv3 authPriv users (SHA-2 + AES only)
+# name = "ops"
+# auth-key = "..."
+# priv-key = "..."
+# [[snmp.targets]]                            # where notifications go
+# host = "127.0.0.1"
+# port = 162
+# kind = "trap"                               # or "inform"
+# version = "v3"                              # or "v2c" with community
+# user = "ops"
 
 [admin]
 group = "donjon-admin"                        # members may use the admin socket

@@ -10,7 +10,7 @@ import trio
 from appliance import privdrop
 from appliance.ipc.channel import ProtocolViolation
 
-ROLES = ("cis", "factory")
+ROLES = ("cis", "factory", "ocsp")
 
 
 def _close_inherited(keep: set[int]) -> None:
@@ -42,6 +42,8 @@ def run_role(name: str, fds: dict[str, int], rw: list[str], ro: list[str], uid: 
 
     if name == "cis":
         from hsm.cis import main
+    elif name == "ocsp":
+        from appliance.ocsp.main import main
     else:
         from appliance.factory.main import main
     try:

@@ -13,6 +13,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 from dataclasses import dataclass, field
 
 import msgspec
@@ -25,6 +26,10 @@ from appliance.ipc.channel import Channel, ProtocolViolation
 
 START_TIMEOUT = 60
 STOP_TIMEOUT = 20
+STATELESS = {"ocsp"}  # roles restarted on their own; the others' death stops the appliance
+THROTTLE_AFTER = 10.0  # a role that dies sooner than this after starting backs off exponentially
+MAX_BACKOFF = 60.0
+STATUS_SECONDS = 5
 
 
 def log(msg: str) -> None:
@@ -52,6 +57,14 @@ class Layout:
     @property
     def softhsm_conf(self) -> str:
         return os.path.join(self.softhsm, "softhsm2.conf")
+
+    @property
+    def ocsp(self) -> str:
+        return os.path.join(self.home, "ocsp")
+
+    @property
+    def endpoint_file(self) -> str:
+        return os.path.join(self.run, "endpoint")
 
     @property
     def run(self) -> str:
@@ -89,6 +102,8 @@ class Role:
     env: dict[str, str] = field(default_factory=dict)
     proc: trio.Process | None = None
     chan: Channel | None = None
+    restarts: int = 0
+    backoff: float = 0.5
 
     @property
     def kind(self) -> str:
@@ -107,6 +122,11 @@ class Supervisor:
         self.events: list[S.Event] = []
         self._event = trio.Event()
         self.stopping = False
+        self.ocsp_stats: S.OcspStats | None = None
+        self.roles: dict[str, Role] = {}
+        self.factory_status: S.StatusReport | None = None
+        self.tokens: dict[str, bool] = {}
+        self.listen: socket.socket | None = None
 
     # ------------------------------------------------------------ preparation
 
@@ -116,15 +136,36 @@ class Supervisor:
             raise SupervisorError(f"{self.home} does not exist (run `donjon init --home {self.home} --ceremony FILE`)")
         os.makedirs(L.cmdb, mode=0o700, exist_ok=True)
         os.makedirs(L.run, mode=0o750, exist_ok=True)
+        os.makedirs(L.ocsp, mode=0o700, exist_ok=True)
         if self.appliance:
-            self.ids = privdrop.ensure_role_users(["cis", "factory"])
+            self.ids = privdrop.ensure_role_users(["cis", "factory", "ocsp"])
             self.admin_gid = grp.getgrnam(privdrop.ADMIN_GROUP).gr_gid
             os.chmod(self.home, 0o711)
             _chown_tree(L.cmdb, self.ids["factory"])
+            _chown_tree(L.ocsp, self.ids["ocsp"])
             if self.cfg.hsm.embedded:
                 _chown_tree(L.softhsm, self.ids["cis"])
             os.chown(L.run, 0, self.admin_gid)
             os.chmod(L.run, 0o750)
+
+    def open_endpoint_socket(self) -> socket.socket:
+        """The OCSP/CRL HTTP listener: opened here, handed to the OCSP role, never read by us."""
+        host, _, port = self.cfg.ocsp.listen.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # room for several workers later
+        try:
+            s.bind((host, int(port)))
+        except (OSError, ValueError) as e:
+            s.close()
+            raise SupervisorError(f"cannot listen on {self.cfg.ocsp.listen} (ocsp.listen): {e}") from None
+        s.listen(1024)
+        bound = s.getsockname()
+        with open(self.layout.endpoint_file, "w", encoding="utf-8") as f:
+            f.write(f"http://{'[' + bound[0] + ']' if family == socket.AF_INET6 else bound[0]}:{bound[1]}\n")
+        return s
 
     def open_admin_socket(self) -> socket.socket:
         path = self.layout.admin_socket
@@ -153,7 +194,7 @@ class Supervisor:
 
     # ------------------------------------------------------------ roles
 
-    def _roles(self, admin: socket.socket | None) -> tuple[dict[str, Role], list[socket.socket]]:
+    def _roles(self, admin: socket.socket | None, listen: socket.socket | None) -> tuple[dict[str, Role], list[socket.socket]]:
         """Every link is a socketpair made here; the graph (supervisor-each role, Factory-each CIS)
         is enforced by construction: no role can open a path to reach another."""
         L = self.layout
@@ -180,6 +221,13 @@ class Supervisor:
             self._sup_ends[name] = sup_cis
         if admin is not None:
             fac_fds["admin"] = admin.fileno()
+        if listen is not None:
+            sup_ocsp, ocsp_sup = pair()
+            fac_ocsp, ocsp_fac = pair()
+            fac_fds["factory-ocsp"] = fac_ocsp.fileno()
+            roles["ocsp"] = Role("ocsp", {"sup-ocsp": ocsp_sup.fileno(), "factory-ocsp": ocsp_fac.fileno(),
+                                          "listen": listen.fileno()}, rw=[L.ocsp])
+            self._sup_ends["ocsp"] = sup_ocsp
         roles["factory"] = Role("factory", fac_fds, rw=[L.cmdb])
         self._sup_ends["factory"] = sup_fac
         return roles, keep
@@ -199,7 +247,8 @@ class Supervisor:
             argv, pass_fds=list(role.fds.values()), env=child_env(role.env), stdin=subprocess_devnull(),
             start_new_session=False)
         sock = self._sup_ends[role.name]
-        role.chan = Channel.from_fd(os.dup(sock.fileno()), f"sup-{role.kind}", S.CisToSup if role.kind == "cis" else S.FactoryToSup)
+        incoming = {"cis": S.CisToSup, "factory": S.FactoryToSup, "ocsp": S.OcspToSup}[role.kind]
+        role.chan = Channel.from_fd(os.dup(sock.fileno()), f"sup-{role.kind}", incoming)
         sock.close()
 
     async def _wait_ready(self, role: Role) -> None:
@@ -208,10 +257,15 @@ class Supervisor:
             await role.chan.send(S.CisConfig(module=self.cfg.hsm.module, token_label=self.cfg.hsm.token,
                                              softhsm_conf=self.layout.softhsm_conf if self.cfg.hsm.embedded else None,
                                              profiles=self.profiles, base_url=self.cfg.endpoint.base_url))
+        elif role.kind == "ocsp":
+            o = self.cfg.ocsp
+            await role.chan.send(S.OcspConfig(store_dir=self.layout.ocsp, max_connections=o.max_connections,
+                                              read_timeout=o.read_timeout, max_age=o.max_age))
         else:
             await role.chan.send(S.FactoryConfig(home=self.layout.cmdb, cipher=self.cfg.cmdb.cipher, profiles=self.profiles,
                                                  base_url=self.cfg.endpoint.base_url, crl_validity_hours=self.cfg.crl.validity_hours,
-                                                 admin_gid=self.admin_gid, dev_uid=None if self.appliance else os.getuid()))
+                                                 admin_gid=self.admin_gid, dev_uid=None if self.appliance else os.getuid(),
+                                                 ocsp_validity_hours=self.cfg.ocsp.validity_hours, ocsp_hashes=self.cfg.ocsp.hashes))
         m = await role.chan.recv()
         if not isinstance(m, S.Ready):
             raise ProtocolViolation(f"{role.name}: expected Ready, got {type(m).__name__}")
@@ -221,9 +275,25 @@ class Supervisor:
         try:
             while True:
                 m = await role.chan.recv()
-                if not isinstance(m, S.Event):
+                if not isinstance(m, (S.Event, S.OcspStats, S.StatusReport)):
                     raise ProtocolViolation(f"unexpected {type(m).__name__}")
+                if isinstance(m, S.StatusReport):
+                    self.factory_status = m
+                    continue
+                if isinstance(m, S.OcspStats):
+                    self.ocsp_stats = m
+                    factory = self.roles.get("factory")
+                    if factory is not None and factory.chan is not None and not self.stopping:
+                        await factory.chan.send(m)  # the admin API (Factory) answers `donjon ocsp status`
+                    continue
                 log(f"event from {role.name}: {m.kind}: {m.detail}")
+                if m.kind in ("token-unavailable", "token-recovered"):
+                    self.tokens[m.detail] = m.kind == "token-recovered"
+                    await self.notify(m.kind, m.detail, f"reported by {role.name}")
+                elif m.kind == "activated" and role.kind == "factory":
+                    await self.notify("activated", "appliance", m.detail)
+                elif m.kind == "activated" and role.kind == "cis":
+                    self.tokens.setdefault(self.cfg.hsm.token, True)
                 self.events.append(m)
                 self._event.set()
                 self._event = trio.Event()
@@ -240,11 +310,107 @@ class Supervisor:
             await self._event.wait()
 
     async def _watch(self, role: Role, nursery: trio.Nursery) -> None:
-        rc = await role.proc.wait()
-        if not self.stopping:
-            self.failed = f"{role.name} exited with status {rc}"
-            log(f"{self.failed}: stopping the appliance")
-            nursery.cancel_scope.cancel()
+        """CIS or Factory death stops the appliance; a stateless role is restarted with backoff,
+        throttled (Postfix-style) when it dies soon after starting."""
+        while True:
+            started = trio.current_time()
+            rc = await role.proc.wait()
+            if self.stopping:
+                return
+            if role.kind not in STATELESS:
+                self.failed = f"{role.name} exited with status {rc}"
+                with trio.move_on_after(2):
+                    await self.notify("role-died", role.name, f"exit status {rc}: the appliance stops")
+                log(f"{self.failed}: stopping the appliance")
+                nursery.cancel_scope.cancel()
+                return
+            role.restarts += 1
+            quick = trio.current_time() - started < THROTTLE_AFTER
+            role.backoff = min(MAX_BACKOFF, role.backoff * 2) if quick else 1.0
+            log(f"{role.name} exited with status {rc}: restart #{role.restarts} in {role.backoff:.0f}s")
+            await self.notify("role-died", role.name, f"exit status {rc}; restart #{role.restarts} in {role.backoff:.0f}s")
+            await trio.sleep(role.backoff)
+            if self.stopping:
+                return
+            try:
+                await self._restart(role, nursery)
+            except (ProtocolViolation, trio.TooSlowError, OSError) as e:
+                log(f"{role.name} restart failed: {e}")  # its process is watched again just below
+                if role.proc.returncode is None:
+                    role.proc.kill()
+
+    async def _restart(self, role: Role, nursery: trio.Nursery) -> None:
+        """New links for the role (the Factory gets its end of the feed link by SCM_RIGHTS)."""
+        sup_end, role_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fac_end, role_fac = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            role.fds = {"sup-ocsp": role_end.fileno(), "factory-ocsp": role_fac.fileno(), "listen": self.listen.fileno()}
+            self._sup_ends[role.name] = sup_end
+            await self.roles["factory"].chan.send_fd(S.NewLink(link="factory-ocsp"), fac_end.fileno())
+            await self._start(role)
+        finally:
+            for sk in (role_end, role_fac, fac_end):
+                sk.close()
+        with trio.fail_after(START_TIMEOUT):
+            await self._wait_ready(role)
+        nursery.start_soon(self._listen, role)
+        log(f"{role.name} restarted")
+        await self.notify("role-restarted", role.name, f"restart #{role.restarts}")
+
+    # ------------------------------------------------------------ operator notifications (SNMP)
+
+    async def notify(self, kind: str, subject: str, detail: str) -> None:
+        """Hand an operator-facing event to the SNMP agent, if it runs (and always to the log)."""
+        log(f"notify {kind} {subject}: {detail}")
+        snmp = self.roles.get("snmp")
+        if snmp is None or snmp.chan is None or snmp.proc is None or snmp.proc.returncode is not None:
+            return
+        try:
+            await snmp.chan.send(S.Notify(kind=kind, subject=subject[:255], detail=detail[:4000]))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    def appliance_status(self) -> S.ApplianceStatus:
+        fs = self.factory_status
+        roles = []
+        for r in self.roles.values():
+            alive = r.proc is not None and r.proc.returncode is None
+            state = "running" if alive else ("restarting" if r.kind in STATELESS and not self.stopping else "stopped")
+            roles.append(S.RoleState(name=r.name, state=state, restarts=r.restarts, pid=r.proc.pid if r.proc else 0))
+        return S.ApplianceStatus(
+            activated=bool(fs and fs.activated), roles=roles,
+            tokens=[S.TokenState(label=k, available=v) for k, v in sorted(self.tokens.items())],
+            cas=list(fs.cas) if fs else [], ocsp=self.ocsp_stats,
+            oldest_response_age=fs.oldest_response_age if fs else None, destinations=[],
+            audit_records=fs.audit_records if fs else 0, audit_checkpoint=fs.audit_checkpoint if fs else None)
+
+    async def watch_deadlines(self) -> None:
+        """Every few seconds: push the status to the SNMP agent, and warn once per CRL and CA
+        certificate when it comes within the lead time of lapsing, and again when it lapses."""
+        warned: set[tuple] = set()
+        lead = self.cfg.snmp.lead_time_hours * 3600
+        while True:
+            snmp = self.roles.get("snmp")
+            if snmp is not None and snmp.chan is not None and snmp.proc is not None and snmp.proc.returncode is None:
+                try:
+                    await snmp.chan.send(self.appliance_status())
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            fs = self.factory_status
+            now = int(time.time())
+            for ca in fs.cas if fs else []:
+                if ca.crl_next_update is not None:
+                    for kind, when in (("crl-lapsed", ca.crl_next_update), ("crl-expiring", ca.crl_next_update - lead)):
+                        key = (kind, ca.name, ca.crl_number)
+                        if now >= when and key not in warned:
+                            warned.add(key)
+                            await self.notify(kind, ca.name, f"CRL #{ca.crl_number} nextUpdate {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(ca.crl_next_update))}")
+                            break
+                key = ("ca-cert-expiring", ca.name, ca.not_after)
+                if now >= ca.not_after - max(lead, 30 * 86400) and key not in warned:
+                    warned.add(key)
+                    await self.notify("ca-cert-expiring", ca.name, f"notAfter {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(ca.not_after))}")
+            await trio.sleep(STATUS_SECONDS)
 
     # ------------------------------------------------------------ main
 
@@ -253,7 +419,10 @@ class Supervisor:
         self.prepare()
         self.profiles = C.profile_overrides(self.home, self.cfg)
         admin = self.open_admin_socket() if ceremony is None else None
-        roles, keep = self._roles(admin)
+        listen = self.open_endpoint_socket() if ceremony is None and self.cfg.ocsp.enabled else None
+        self.listen = listen  # kept (never read) so that a restarted endpoint gets the same listener
+        roles, keep = self._roles(admin, listen)
+        self.roles = roles
         result = 1
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -286,6 +455,7 @@ class Supervisor:
                         ev = await self.wait_event("activated", "activation-failed")
                         if ev.kind == "activation-failed":
                             log(f"activation from the PIN file failed: {ev.detail}")
+                    n.start_soon(self.watch_deadlines)
                     if on_ready is not None:
                         on_ready()
                     log(f"running; admin socket {self.layout.admin_socket}")
@@ -298,6 +468,8 @@ class Supervisor:
             for r in roles.values():
                 if r.proc is not None and r.proc.returncode is None:
                     r.proc.kill()
+            if self.listen is not None:
+                self.listen.close()
             if ceremony is None:
                 try:
                     os.unlink(self.layout.admin_socket)
@@ -307,9 +479,9 @@ class Supervisor:
         return 1
 
     async def _stop(self, roles: dict[str, Role]) -> None:
-        """Factory first (it finishes its transaction and closes the CMDB), then the CIS."""
+        """The endpoint first, then the Factory (it finishes its transaction and closes the CMDB), then the CIS."""
         self.stopping = True
-        for r in sorted(roles.values(), key=lambda r: r.kind != "factory"):
+        for r in sorted(roles.values(), key=lambda r: {"ocsp": 0, "factory": 1}.get(r.kind, 2)):
             if r.proc is None or r.proc.returncode is not None:
                 continue
             try:

@@ -14,7 +14,9 @@ import traceback
 from datetime import datetime, timezone
 
 import trio
+from asn1crypto import keys as _asn1keys
 from cryptography import x509
+from cryptography.x509 import ocsp
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -25,7 +27,8 @@ from policy.errors import PolicyError
 
 from .token import ObjectMissing, Token, TokenError, make_private_key
 
-LINT_SAMPLE = 1000  # CRL entries linted under the throwaway key (memory stays flat for big CRLs)
+LINT_SAMPLE = 1000
+TOKEN_CHECK_SECONDS = 5  # CRL entries linted under the throwaway key (memory stays flat for big CRLs)
 
 
 def _log(msg: str) -> None:
@@ -166,6 +169,39 @@ class Cis:
             self.token.store_certificate(item.install_as, der, cert.subject.public_bytes())
         return der
 
+    # ------------------------------------------------------------ OCSP
+
+    def sign_ocsp(self, m: S.SignOcsp) -> list[bytes]:
+        """Build and sign one pre-produced response per item and CertID hash (RFC 6960, RFC 5019:
+        responderID by key hash, no nonce, no certificates since the CA itself signs)."""
+        cert = self.issuer_cert(m.ca)
+        key = self.token.key(m.ca)
+        if m.next_update <= m.this_update:
+            raise PolicyError("nextUpdate", "order", "nextUpdate must be after thisUpdate")
+        if _utc(m.next_update) > cert.not_valid_after_utc:
+            raise PolicyError("nextUpdate", "issuer-validity", "nextUpdate is beyond the CA certificate's notAfter")
+        signer = make_private_key(self.token, key)
+        halg = certs.signature_hash(key.key_type)
+        name_der = cert.subject.public_bytes()
+        key_bits = _subject_public_key_bits(cert)
+        this_update, next_update = _utc(m.this_update), _utc(m.next_update)
+        out = []
+        for serial_b, status, revoked_at, reason in m.items:
+            if status == 1 and revoked_at is None:
+                raise PolicyError("ocsp", "revoked", "a revoked status needs its revocation time")
+            for h in m.hashes:
+                alg = hashes.SHA1() if h == "sha1" else hashes.SHA256()
+                hn, hk = hashlib.new(h, name_der).digest(), hashlib.new(h, key_bits).digest()
+                b = ocsp.OCSPResponseBuilder().add_response_by_hash(
+                    hn, hk, int.from_bytes(serial_b, "big"), alg,
+                    ocsp.OCSPCertStatus.GOOD if status == 0 else ocsp.OCSPCertStatus.REVOKED,
+                    this_update, next_update,
+                    _utc(revoked_at) if status == 1 else None,
+                    _REASON_FLAGS.get(reason) if status == 1 and reason else None,
+                ).responder_id(ocsp.OCSPResponderEncoding.HASH, cert)
+                out.append(b.sign(signer, halg).public_bytes(serialization.Encoding.DER))
+        return out
+
     # ------------------------------------------------------------ CRLs
 
     def crl_begin(self, m: S.CrlBegin) -> bytes:
@@ -242,6 +278,19 @@ class Cis:
             raise PolicyError("crl", "lint", "; ".join(findings[:5]))
 
 
+_REASON_FLAGS = {
+    1: x509.ReasonFlags.key_compromise, 2: x509.ReasonFlags.ca_compromise, 3: x509.ReasonFlags.affiliation_changed,
+    4: x509.ReasonFlags.superseded, 5: x509.ReasonFlags.cessation_of_operation, 6: x509.ReasonFlags.certificate_hold,
+    8: x509.ReasonFlags.remove_from_crl, 9: x509.ReasonFlags.privilege_withdrawn, 10: x509.ReasonFlags.aa_compromise,
+}
+
+
+def _subject_public_key_bits(cert: x509.Certificate) -> bytes:
+    """The contents of the subjectPublicKey BIT STRING (what an OCSP issuerKeyHash is computed over)."""
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return bytes(_asn1keys.PublicKeyInfo.load(spki)["public_key"].contents[1:])
+
+
 class _CrlState:
     def __init__(self, begin: S.CrlBegin, tbs, key_type: str, cert: x509.Certificate):
         self.begin = begin
@@ -298,6 +347,9 @@ async def serve(sup: Channel, fac: Channel, cis: Cis) -> None:
             elif isinstance(m, S.Issue):
                 outcomes = await hsm(cis.token.call, cis.issue, m)
                 await fac.send(S.Issued(id=mid, outcomes=outcomes))
+            elif isinstance(m, S.SignOcsp):
+                responses = await hsm(cis.token.call, cis.sign_ocsp, m)
+                await fac.send(S.OcspSigned(id=mid, responses=responses))
             elif isinstance(m, S.CrlBegin):
                 if mid in cis._crls:
                     raise ProtocolViolation("duplicate CRL stream id")
@@ -327,8 +379,25 @@ async def serve(sup: Channel, fac: Channel, cis: Cis) -> None:
             _log("internal error:\n" + traceback.format_exc(limit=8))
             await refuse(mid, "internal", "internal error in the CIS (see its log)")
 
+    async def watch_token():
+        """Tell the supervisor when the token becomes unavailable and when it is back."""
+        ok = True
+        while True:
+            await trio.sleep(TOKEN_CHECK_SECONDS)
+            if not cis.token.active:
+                continue
+            try:
+                await hsm(cis.token.call, cis.token.probe)
+                now_ok = True
+            except Exception:  # noqa: BLE001 - any failure of the token counts as unavailable
+                now_ok = False
+            if now_ok != ok:
+                ok = now_ok
+                await sup.send(S.Event(kind="token-recovered" if ok else "token-unavailable", detail=cis.token.label))
+
     async with trio.open_nursery() as n:
         n.start_soon(watch_supervisor, n)
+        n.start_soon(watch_token)
         while True:
             try:
                 m = await fac.recv()

@@ -126,6 +126,10 @@ class Token:
             self.reconnect()
             return fn(*args)
 
+    def probe(self) -> None:
+        """A live look into the token (the wrapping key must be there): raises if it is unavailable."""
+        self._wrapping_key(create=False)
+
     def token_info(self) -> str:
         t = self._session.token
         return f"{t.label} serial={t.serial.decode() if isinstance(t.serial, bytes) else t.serial} model={t.model}"
@@ -243,7 +247,7 @@ class Token:
             return self._session.get_key(object_class=ObjectClass.SECRET_KEY, label=WRAP_LABEL)
         except pkcs11.exceptions.NoSuchKey:
             if not create:
-                raise TokenError("the CMDB wrapping key is missing from the token") from None
+                raise ObjectMissing("the CMDB wrapping key is missing from the token") from None
         return self._session.generate_key(KeyType.AES, 256, label=WRAP_LABEL, store=True, template={
             Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.ENCRYPT: True, Attribute.DECRYPT: True,
             Attribute.WRAP: False, Attribute.UNWRAP: False, Attribute.TOKEN: True, Attribute.PRIVATE: True})

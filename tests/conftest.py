@@ -88,22 +88,40 @@ class Appliance:
             raise AssertionError(f"donjon {' '.join(args)} failed ({r.returncode}):\n{r.stdout.decode()}\n{r.stderr.decode()}")
         return r
 
-    def init(self, ceremony: Path) -> None:
+    def init(self, ceremony: Path, config: str = "") -> None:
+        """`donjon init`, with a donjon.toml whose endpoint listens on a free port of 127.0.0.1."""
+        self.home.mkdir(mode=0o711, exist_ok=True)
+        if self.user:
+            pw = __import__("pwd").getpwnam(self.user)
+            os.chown(self.home, pw.pw_uid, pw.pw_gid)
+        cfg = self.home / "donjon.toml"
+        cfg.write_text('[ocsp]\nlisten = "127.0.0.1:0"\n' + config)
+        os.chmod(cfg, 0o644)
         self.cli("init", "--home", str(self.home), "--ceremony", str(ceremony))
 
-    def start(self, timeout: float = 60) -> None:
+    @property
+    def endpoint(self) -> str:
+        """The OCSP/CRL endpoint's base URL, as the supervisor bound it."""
+        return (self.home / "run" / "endpoint").read_text().strip()
+
+    def start(self, timeout: float = 60, activate: bool = True) -> None:
+        args = ["run", "--home", str(self.home)] + ([] if activate else ["--no-activate"])
         with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(self.argv("run", "--home", str(self.home)), env=self.env(), stdout=logf,
+            self.proc = subprocess.Popen(self.argv(*args), env=self.env(), stdout=logf,
                                          stderr=subprocess.STDOUT, start_new_session=True, cwd="/")
+        want = b'"activated": true' if activate else b'"activated": false'
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"donjon run exited {self.proc.returncode}:\n{self.log.read_text()}")
             r = self.cli("status", "--json", check=False, timeout=30)
-            if r.returncode == 0 and b'"activated": true' in r.stdout:
+            if r.returncode == 0 and want in r.stdout:
                 return
             time.sleep(0.1)
         raise AssertionError(f"appliance not ready in {timeout}s:\n{self.log.read_text()}")
+
+    def start_inactive(self) -> None:
+        self.start(activate=False)
 
     def stop(self) -> int:
         if self.proc is None or self.proc.poll() is not None:

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import apsw
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GENESIS = b"\x00" * 32
 
 _MIGRATIONS: dict[int, str] = {
@@ -81,6 +81,27 @@ _MIGRATIONS: dict[int, str] = {
         prev BLOB NOT NULL,
         hash BLOB NOT NULL
     );
+    """,
+    2: """
+    -- Pre-produced OCSP responses (RFC 6960 §2.5), one row per certificate, re-signed at refresh_at.
+    -- seq orders publication to the OCSP endpoint, which resumes from the highest seq it holds.
+    CREATE TABLE ocsp(
+        ca TEXT NOT NULL,
+        serial BLOB NOT NULL,
+        status INTEGER NOT NULL,
+        this_update INTEGER NOT NULL,
+        next_update INTEGER NOT NULL,
+        refresh_at INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        sha1 BLOB,
+        sha256 BLOB,
+        PRIMARY KEY (ca, serial)
+    ) WITHOUT ROWID;
+    CREATE INDEX ocsp_refresh ON ocsp(refresh_at);
+    CREATE UNIQUE INDEX ocsp_seq ON ocsp(seq);
+    -- Certificates whose response must be (re)signed now: written in the issuance or revocation transaction.
+    CREATE TABLE ocsp_queue(ca TEXT NOT NULL, serial BLOB NOT NULL, PRIMARY KEY (ca, serial)) WITHOUT ROWID;
+    INSERT OR IGNORE INTO ocsp_queue SELECT ca, serial FROM certs;
     """,
 }
 

@@ -118,6 +118,8 @@ async def dispatch(chan: Channel, req, f: Factory, actor: str) -> None:
         for i in range(0, len(data), 1 << 20):
             await chan.send(S.BlobChunk(id=rid, data=data[i:i + (1 << 20)], last=False))
         await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
+    elif isinstance(req, S.AOcspStatus):
+        await reply(**await f.ocsp_status())
     elif isinstance(req, S.AReconcile):
         db = f._require_active()
         rows = await f.run_db(lambda: db.db.execute(
@@ -128,7 +130,7 @@ async def dispatch(chan: Channel, req, f: Factory, actor: str) -> None:
 
 
 async def main(fds: dict[str, int], drop) -> None:
-    sup = Channel.from_fd(fds["sup-factory"], "sup-factory", S.SupToFactory)
+    sup = Channel.from_fd(fds["sup-factory"], "sup-factory", S.SupToFactory, accept_fds=True)
     await sup.handshake()
     cfg = await sup.recv()
     if not isinstance(cfg, S.FactoryConfig):
@@ -156,6 +158,23 @@ async def main(fds: dict[str, int], drop) -> None:
         for i in range(2 * len(signers)):
             n.start_soon(f.issuance_worker, signers[i % len(signers)])
         n.start_soon(f.crl_scheduler)
+        n.start_soon(f.ocsp.run)
+        n.start_soon(f.status_reporter, sup.send)
+        endpoint = trio.CancelScope()
+
+        async def serve_endpoint(fd: int, scope: trio.CancelScope) -> None:
+            with scope:
+                chan = Channel.from_fd(fd, "factory-ocsp", S.OcspToFactory)
+                try:
+                    await f.ocsp.serve_endpoint(chan)
+                except ProtocolViolation as e:
+                    _log(f"OCSP endpoint link: {e}")  # the supervisor restarts the endpoint with a new link
+                finally:
+                    if f.ocsp_feed is chan:
+                        f.ocsp_feed = None
+                    await chan.aclose()
+        if "factory-ocsp" in fds:
+            n.start_soon(serve_endpoint, fds["factory-ocsp"], endpoint)
         if admin_sock is not None:
             listener = trio.SocketListener(trio.socket.from_stdlib_socket(admin_sock))
             limiter = trio.CapacityLimiter(MAX_ADMIN_CONNECTIONS)
@@ -170,7 +189,13 @@ async def main(fds: dict[str, int], drop) -> None:
             if isinstance(m, S.Shutdown):
                 n.cancel_scope.cancel()
                 break
-            if isinstance(m, S.AutoActivate):
+            if isinstance(m, S.OcspStats):
+                f.ocsp_stats = m
+            elif isinstance(m, S.NewLink):
+                endpoint.cancel()
+                endpoint = trio.CancelScope()
+                n.start_soon(serve_endpoint, sup.take_fd(), endpoint)
+            elif isinstance(m, S.AutoActivate):
                 try:
                     await f.activate(m.pin, "supervisor:pin-file")
                 except FactoryError as e:

@@ -26,13 +26,17 @@ from policy import csr as csrcheck
 from policy import profiles as profmod
 from policy.errors import PolicyError
 
+from appliance.ipc.channel import Channel
+
 from .cis_link import CisLink, CisRefused
+from .ocsp import OcspProducer
 from .cmdb import Cmdb, CmdbError, serial_bytes, serial_int
 
 BACKDATE = 60  # seconds: tolerate client clock skew without predating the issuer
 BATCH_MAX = 64  # small enough that every signer always has a batch waiting
 CRL_CHUNK = 10000
 CRL_CHECK_SECONDS = 60
+STATUS_SECONDS = 5
 
 
 class FactoryError(Exception):
@@ -91,6 +95,9 @@ class Factory:
         self._crl_locks: dict[str, trio.Lock] = {}
         self._crl_dirty: set[str] = set()
         self._crl_wake = trio.Event()
+        self.ocsp_feed: Channel | None = None  # the OCSP endpoint's link, when it runs
+        self.ocsp_stats: S.OcspStats | None = None  # the endpoint's counters, relayed by the supervisor
+        self.ocsp = OcspProducer(self)
         self.stats = {"issued": 0, "refused": 0, "revoked": 0, "crls": 0}
 
     # ------------------------------------------------------------ plumbing
@@ -236,6 +243,8 @@ class Factory:
                 self._store_cert(serial, parent or name, profile, cert, outcome.cert, None)
                 db.audit(actor, "ca-create", name, "ok", f"{c.key_type} {_cn(cert)} serial={serial:x} parent={parent or '-'}")
         await self.run_db(store)
+        await self.ocsp.publish(S.PublishCa(ca=name, cert=outcome.cert))
+        self.ocsp.poke()
         return self._ca_doc(name, c.key_type, parent, profile, outcome.cert)
 
     def _ca_doc(self, name, key_type, parent, profile, der) -> dict[str, Any]:
@@ -292,6 +301,7 @@ class Factory:
         db.execute("INSERT INTO certs VALUES (?,?,?,?,?,?,?,?,?)",
                    (sb, ca, profile, _cn(cert), int(cert.not_valid_before_utc.timestamp()),
                     int(cert.not_valid_after_utc.timestamp()), int(time.time()), der, request))
+        db.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (ca, sb))  # a response at once
 
     async def issue(self, req: S.AIssue, actor: str) -> S.IssueReply:
         """Check every CSR, then hand the good ones to the group-commit pipeline."""
@@ -399,6 +409,7 @@ class Factory:
                         db.db.execute("UPDATE serials SET state='void' WHERE serial=?", (serial_bytes(p.serial),))
                         db.audit(actor, "issue", f"{ca}/{p.serial:x}", "refused", o.error or "")
         await self.run_db(store)
+        self.ocsp.poke()
         # Only now, with certificate and audit record committed, do requesters get their results.
         for p, o in zip(batch, outcomes):
             p.result = o
@@ -438,6 +449,7 @@ class Factory:
                 self._store_cert(serial, req.parent, req.profile, cert, o.cert, req.csr)
                 db.audit(actor, "ca-sign-csr", f"{req.parent}/{serial:x}", "ok", _cn(cert))
         await self.run_db(store)
+        self.ocsp.poke()
         return {"serial": f"{serial:x}", "cert": cert.public_bytes(serialization.Encoding.PEM).decode()}
 
     # ------------------------------------------------------------ certificates
@@ -489,6 +501,7 @@ class Factory:
                     db.audit(actor, "revoke", f"{req.ca}/{serial:x}", "refused", "already revoked")
                     return "exists"
                 db.db.execute("INSERT INTO revocations VALUES (?,?,?,?,?,?)", (req.ca, sb, now, reason, req.invalidity, entry_len))
+                db.db.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (req.ca, sb))
                 db.audit(actor, "revoke", f"{req.ca}/{serial:x}", "ok", f"reason={req.reason}")
                 return "ok"
         r = await self.run_db(w)
@@ -499,6 +512,7 @@ class Factory:
         self.stats["revoked"] += 1
         self._crl_dirty.add(req.ca)
         self._crl_wake.set()
+        self.ocsp.poke()
         return {"ca": req.ca, "serial": f"{serial:x}", "revoked_at": now, "reason": req.reason}
 
     async def generate_crl(self, ca: str, actor: str) -> tuple[int, int, bytes]:
@@ -598,6 +612,7 @@ class Factory:
             self.cis.close(mid)
             tmp.close()
         self.stats["crls"] += 1
+        await self.ocsp.publish_crl(ca, number)
         return number, count, digest
 
     async def crl_scheduler(self) -> None:
@@ -646,6 +661,55 @@ class Factory:
                     return b.read(k)
             yield await self.run_db(rd)
             off += n
+
+    async def ocsp_status(self) -> dict[str, Any]:
+        """What the endpoint reports, and what the CMDB holds per CA (responses, queue, oldest, next refresh)."""
+        db = self._require_active()
+        now = int(time.time())
+
+        def q():
+            rows = db.db.execute("SELECT ca, count(*), sum(status), min(this_update), min(next_update), min(refresh_at) "
+                                 "FROM ocsp GROUP BY ca ORDER BY ca").fetchall()
+            queued = dict(db.db.execute("SELECT ca, count(*) FROM ocsp_queue GROUP BY ca").fetchall())
+            return rows, queued
+        rows, queued = await self.run_db(q)
+        cas = [{"ca": ca, "responses": n, "revoked": rev or 0, "oldest_this_update": tu, "earliest_next_update": nu,
+                "next_refresh": rf, "queued": queued.get(ca, 0), "lapsed": nu is not None and nu <= now}
+               for ca, n, rev, tu, nu, rf in rows]
+        st = self.ocsp_stats
+        return {"endpoint_connected": self.ocsp_feed is not None, "cas": cas,
+                "endpoint": msgspec.structs.asdict(st) if st else None}
+
+    async def status_reporter(self, send) -> None:
+        """Every few seconds, the Factory's part of the appliance status (SNMP reads it)."""
+        while True:
+            try:
+                await send(await self.status_report())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            await trio.sleep(STATUS_SECONDS)
+
+    async def status_report(self) -> S.StatusReport:
+        if self.db is None:
+            return S.StatusReport(activated=False, cas=[], audit_records=0, audit_checkpoint=None, oldest_response_age=None)
+        db = self.db
+        now = int(time.time())
+
+        def q():
+            cas = []
+            for name, key_type, der, crl_number in db.db.execute("SELECT name, key_type, cert, crl_number FROM cas ORDER BY created"):
+                nu = db.db.execute("SELECT next_update FROM crls WHERE ca=? ORDER BY number DESC LIMIT 1", (name,)).fetchone()
+                issued = db.db.execute("SELECT count(*) FROM certs WHERE ca=?", (name,)).fetchone()[0]
+                revoked = db.db.execute("SELECT count(*) FROM revocations WHERE ca=?", (name,)).fetchone()[0]
+                cert = x509.load_der_x509_certificate(der)
+                cas.append(S.CaState(name=name, key_type=key_type, not_after=int(cert.not_valid_after_utc.timestamp()),
+                                     crl_number=crl_number, crl_next_update=nu[0] if nu else None, issued=issued, revoked=revoked))
+            n_audit = db.db.execute("SELECT coalesce(max(seq), 0) FROM audit").fetchone()[0]
+            oldest = db.db.execute("SELECT min(this_update) FROM ocsp").fetchone()[0]
+            return cas, n_audit, oldest
+        cas, n_audit, oldest = await self.run_db(q)
+        return S.StatusReport(activated=True, cas=cas, audit_records=n_audit, audit_checkpoint=None,
+                              oldest_response_age=max(0, now - oldest) if oldest else None)
 
     async def status(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"activated": self.db is not None, "token": self.token_info, "stats": dict(self.stats),

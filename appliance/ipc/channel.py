@@ -39,18 +39,36 @@ class Channel:
     send_all on one stream raise BusyResourceError.
     """
 
-    def __init__(self, stream: trio.abc.Stream, link: str, incoming: Any):
+    def __init__(self, stream: trio.abc.Stream, link: str, incoming: Any, accept_fds: bool = False):
         self.stream = stream
         self.link = link
         self.max = schema.MAX_FRAME[link]
         self._decoder = msgspec.msgpack.Decoder(incoming)
         self._send_lock = trio.Lock()
         self._buf = bytearray()
+        self.accept_fds = accept_fds  # a link that may carry new links (SCM_RIGHTS): supervisor -> Factory
+        self._fds: list[int] = []
 
     @classmethod
-    def from_fd(cls, fd: int, link: str, incoming: Any) -> "Channel":
+    def from_fd(cls, fd: int, link: str, incoming: Any, accept_fds: bool = False) -> "Channel":
         sock = socket.socket(fileno=fd)
-        return cls(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), link, incoming)
+        return cls(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), link, incoming, accept_fds)
+
+    async def send_fd(self, msg: Any, fd: int) -> None:
+        """Send a message with a file descriptor attached (the NewLink of a restarted role)."""
+        data = encode(msg)
+        sock = self.stream.socket
+        async with self._send_lock:
+            n = await sock.sendmsg([data[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+            if n != 1:
+                raise ProtocolViolation(f"{self.link}: could not pass a descriptor")
+            await self.stream.send_all(data[1:])
+
+    def take_fd(self) -> int:
+        """The descriptor that came with the NewLink just received."""
+        if not self._fds:
+            raise ProtocolViolation(f"{self.link}: a NewLink arrived without its descriptor")
+        return self._fds.pop(0)
 
     async def send(self, msg: Any) -> None:
         data = encode(msg)
@@ -59,9 +77,21 @@ class Channel:
         async with self._send_lock:
             await self.stream.send_all(data)
 
+    async def _receive(self, n: int) -> bytes:
+        if not self.accept_fds:
+            return await self.stream.receive_some(n)
+        data, anc, flags, _ = await self.stream.socket.recvmsg(n, socket.CMSG_SPACE(4 * struct.calcsize("i")))
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                k = len(payload) // 4
+                self._fds.extend(struct.unpack(f"{k}i", payload[:4 * k]))
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolViolation(f"{self.link}: too many descriptors in one message")
+        return data
+
     async def _read_exactly(self, n: int) -> bytes:
         while len(self._buf) < n:
-            chunk = await self.stream.receive_some(max(65536, n - len(self._buf)))
+            chunk = await self._receive(max(65536, n - len(self._buf)))
             if not chunk:
                 raise LinkClosed(f"{self.link}: peer closed the link")
             self._buf += chunk

@@ -25,7 +25,7 @@ KeyType = Literal["rsa2048", "rsa3072", "rsa4096", "p256", "p384", "ed25519"]
 Reason = Annotated[int, msgspec.Meta(ge=0, le=10)]
 Attr = tuple[Annotated[str, msgspec.Meta(max_length=32)], Annotated[str, msgspec.Meta(max_length=256)]]
 
-LinkName = Literal["sup-cis", "sup-factory", "factory-cis", "admin"]
+LinkName = Literal["sup-cis", "sup-factory", "factory-cis", "admin", "sup-ocsp", "factory-ocsp", "sup-snmp"]
 
 
 class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="t"):
@@ -94,12 +94,20 @@ class FactoryConfig(_Msg, tag="factory-config"):
     crl_validity_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 366)]
     admin_gid: int | None
     dev_uid: int | None  # developer mode: this uid may use the admin socket
+    ocsp_validity_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 31)] = 24
+    ocsp_hashes: tuple[Literal["sha1", "sha256"], ...] = ("sha1",)
 
 
 class AutoActivate(_Msg, tag="auto-activate"):
     """Developer mode only: the supervisor read the PIN file."""
 
     pin: Pin
+
+
+class NewLink(_Msg, tag="new-link"):
+    """A restarted role's link, its descriptor attached (SCM_RIGHTS): the receiver drops the old one."""
+
+    link: Literal["factory-ocsp"]
 
 
 class Ceremony(_Msg, tag="ceremony"):
@@ -109,8 +117,6 @@ class Ceremony(_Msg, tag="ceremony"):
     spec: Annotated[bytes, msgspec.Meta(max_length=65536)]  # msgspec-encoded CeremonySpec
 
 
-SupToFactory = Union[Hello, FactoryConfig, AutoActivate, Ceremony, Shutdown]
-FactoryToSup = Union[Hello, Ready, Event]
 
 
 # ---------------------------------------------------------------- Factory <-> CIS
@@ -219,12 +225,209 @@ class CrlSigned(_Msg, tag="crl-signed"):
     tbs_sha256: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
 
 
+OcspItem = tuple[Serial, Literal[0, 1], Epoch | None, Reason | None]  # serial, 0 good / 1 revoked, revoked_at, reason
+
+
+class SignOcsp(_Msg, tag="sign-ocsp"):
+    """Pre-produce OCSP responses (RFC 6960 §2.5, RFC 5019) for these certificates of CA `ca`, one
+    response per item and CertID hash algorithm, signed by the CA key. The CIS builds every response."""
+
+    id: ReqId
+    ca: Name
+    this_update: Epoch
+    next_update: Epoch
+    hashes: tuple[Literal["sha1", "sha256"], ...]
+    items: Annotated[list[OcspItem], msgspec.Meta(min_length=1, max_length=4096)]
+
+
+class OcspSigned(_Msg, tag="ocsp-signed"):
+    """DER OCSPResponses, item-major: for each item, one per hash algorithm in request order."""
+
+    id: ReqId
+    responses: list[Der]
+
+
 class Ping(_Msg, tag="ping"):
     id: ReqId
 
 
-FactoryToCis = Union[Hello, Activate, GenerateKey, DeleteKey, Issue, CrlBegin, CrlEntries, CrlEnd, Ping]
-CisToFactory = Union[Hello, Activated, PublicKey, Issued, CrlChunk, CrlSigned, Ok, Refused]
+FactoryToCis = Union[Hello, Activate, GenerateKey, DeleteKey, Issue, CrlBegin, CrlEntries, CrlEnd, SignOcsp, Ping]
+CisToFactory = Union[Hello, Activated, PublicKey, Issued, CrlChunk, CrlSigned, OcspSigned, Ok, Refused]
+
+
+# ---------------------------------------------------------------- supervisor <-> OCSP endpoint
+
+
+class OcspConfig(_Msg, tag="ocsp-config"):
+    store_dir: Text  # the endpoint's own on-disk store of pre-signed responses, CRLs and CA certificates
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=100000)]
+    read_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)]
+    max_age: Annotated[int, msgspec.Meta(ge=0, le=7 * 86400)]  # cap on Cache-Control max-age
+
+
+class OcspStats(_Msg, tag="ocsp-stats"):
+    requests: int
+    good: int
+    revoked: int
+    unauthorized: int
+    malformed: int
+    errors: int
+    responses_held: int
+    oldest_this_update: Epoch | None
+
+
+SupToOcsp = Union[Hello, OcspConfig, Shutdown]
+
+OcspToSup = Union[Hello, Ready, Event, OcspStats]
+
+
+# ---------------------------------------------------------------- supervisor <-> SNMP agent
+
+
+class SnmpUser(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An SNMPv3 USM user: authPriv with HMAC-SHA-2 and AES only."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+    auth: Literal["sha256", "sha384", "sha512"]
+    auth_key: Annotated[str, msgspec.Meta(min_length=8, max_length=256)]
+    priv: Literal["aes128", "aes192", "aes256"]
+    priv_key: Annotated[str, msgspec.Meta(min_length=8, max_length=256)]
+
+
+class SnmpTarget(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where notifications go: v3 (with a user above) or v2c (with a community); trap or inform."""
+
+    host: Annotated[str, msgspec.Meta(max_length=255)]
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    kind: Literal["trap", "inform"]
+    version: Literal["v3", "v2c"]
+    user: Annotated[str, msgspec.Meta(max_length=32)] | None = None
+    community: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+
+class SnmpConfig(_Msg, tag="snmp-config"):
+    listen: Text  # host:port (UDP)
+    users: list[SnmpUser]
+    community: Annotated[str, msgspec.Meta(max_length=64)] | None  # read-only v2c, optional
+    community_sources: list[Annotated[str, msgspec.Meta(max_length=64)]]  # CIDRs allowed to use it
+    targets: list[SnmpTarget]
+
+
+class RoleState(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    name: Name
+    state: Literal["starting", "running", "restarting", "stopped", "failed"]
+    restarts: int
+    pid: int
+
+
+class TokenState(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    label: Annotated[str, msgspec.Meta(max_length=32)]
+    available: bool
+
+
+class CaState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Name
+    key_type: KeyType
+    not_after: Epoch
+    crl_number: int
+    crl_next_update: Epoch | None
+    issued: int
+    revoked: int
+
+
+class DestinationState(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    name: Name
+    backlog: int
+    failing: bool
+
+
+class StatusReport(_Msg, tag="status-report"):
+    """The Factory's part of the appliance status (for SNMP), sent every few seconds."""
+
+    activated: bool
+    cas: list[CaState]
+    audit_records: int
+    audit_checkpoint: Epoch | None
+    oldest_response_age: int | None
+
+
+SupToFactory = Union[Hello, FactoryConfig, AutoActivate, Ceremony, Shutdown, OcspStats, NewLink]  # the endpoint's counters, relayed
+FactoryToSup = Union[Hello, Ready, Event, StatusReport]
+
+
+class ApplianceStatus(_Msg, tag="appliance-status"):
+    """A snapshot for the SNMP agent (sent on change and every few seconds)."""
+
+    activated: bool
+    roles: list[RoleState]
+    tokens: list[TokenState]
+    cas: list[CaState]
+    ocsp: OcspStats | None
+    oldest_response_age: int | None  # seconds since the oldest held response's thisUpdate
+    destinations: list[DestinationState]
+    audit_records: int
+    audit_checkpoint: Epoch | None
+
+
+NotifyKind = Literal[
+    "role-died", "role-restarted", "token-unavailable", "token-recovered", "activated", "deactivated",
+    "login-lockout", "ca-cert-expiring", "responder-cert-expiring", "crl-expiring", "crl-lapsed",
+    "ocsp-expiring", "ocsp-lapsed", "destination-failing", "audit-verify-failed", "disk-nearly-full",
+]
+
+
+class Notify(_Msg, tag="notify"):
+    """An event the operator must hear about: the agent sends the matching NOTIFICATION-TYPE."""
+
+    kind: NotifyKind
+    subject: Annotated[str, msgspec.Meta(max_length=255)]  # role name, token label, CA name, destination ...
+    detail: Text
+
+
+SupToSnmp = Union[Hello, SnmpConfig, ApplianceStatus, Notify, Shutdown]
+SnmpToSup = Union[Hello, Ready, Event]
+
+
+# ---------------------------------------------------------------- Factory -> OCSP endpoint (its feed)
+
+
+class PublishCa(_Msg, tag="publish-ca"):
+    """A CA the endpoint serves: its certificate (at /ca/<ca>.crt; the OCSP issuer hashes derive from it)."""
+
+    ca: Name
+    cert: Der
+
+
+PublishedResponse = tuple[Serial, Literal["sha1", "sha256"], Epoch, Epoch, Der]  # serial, CertID hash, thisUpdate, nextUpdate, DER
+
+
+class PublishResponses(_Msg, tag="publish-responses"):
+    """Pre-signed responses replacing any older one for the same (ca, hash, serial). `seq` is the
+    Factory's publication sequence number of the last of them: the endpoint keeps the highest it
+    has stored and says it in OcspResume when its link opens, and the Factory resends what is newer."""
+
+    ca: Name
+    responses: Annotated[list[PublishedResponse], msgspec.Meta(max_length=8192)]
+    seq: Annotated[int, msgspec.Meta(ge=0, lt=2**62)] = 0
+
+
+class PublishCrl(_Msg, tag="publish-crl"):
+    """A CRL (DER) streamed in chunks; the endpoint swaps it in when `last` arrives, if newer."""
+
+    ca: Name
+    number: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    data: Annotated[bytes, msgspec.Meta(max_length=4 * 1024 * 1024)]
+    last: bool
+
+
+class OcspResume(_Msg, tag="ocsp-resume"):
+    """First message after the handshake: the highest publication `seq` the endpoint holds durably."""
+
+    seq: Annotated[int, msgspec.Meta(ge=0, lt=2**62)]
+
+
+FactoryToOcsp = Union[Hello, PublishCa, PublishResponses, PublishCrl]
+OcspToFactory = Union[Hello, OcspResume]
 
 
 # ---------------------------------------------------------------- admin clients -> Factory
@@ -322,9 +525,13 @@ class AReconcile(_Msg, tag="reconcile"):
     id: ReqId
 
 
+class AOcspStatus(_Msg, tag="ocsp-status"):
+    id: ReqId
+
+
 AdminRequest = Union[
     Hello, AStatus, AActivate, ACaList, ACaShow, ACaCreate, ACaSignCsr, ACaExport, AIssue,
-    ACertShow, ACertList, ARevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile,
+    ACertShow, ACertList, ARevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus,
 ]
 
 
@@ -375,6 +582,9 @@ MAX_FRAME = {
     "sup-factory": 256 * 1024,
     "factory-cis": 8 * 1024 * 1024,
     "admin": 8 * 1024 * 1024,
+    "sup-ocsp": 256 * 1024,
+    "factory-ocsp": 16 * 1024 * 1024,
+    "sup-snmp": 1024 * 1024,
 }
 
 
@@ -383,6 +593,7 @@ def schema_hash() -> str:
     import hashlib
     import json
 
-    unions = [SupToCis, CisToSup, SupToFactory, FactoryToSup, FactoryToCis, CisToFactory, AdminRequest, AdminReply, CeremonySpec]
+    unions = [SupToCis, CisToSup, SupToFactory, FactoryToSup, FactoryToCis, CisToFactory, AdminRequest, AdminReply,
+              SupToOcsp, OcspToSup, FactoryToOcsp, OcspToFactory, SupToSnmp, SnmpToSup, CeremonySpec]
     schema = msgspec.json.schema_components(unions, schema_hook=lambda t: {"any": repr(t)})
     return hashlib.sha256(json.dumps(schema, sort_keys=True, default=str).encode()).hexdigest()

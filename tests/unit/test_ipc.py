@@ -79,3 +79,28 @@ def test_mutated_valid_frames_only_raise_protocol_violation(data):
         i = data.draw(st.integers(4, len(frame) - 1))
         frame[i] = data.draw(st.integers(0, 255))
     _recv_all(bytes(frame))
+
+
+def test_a_new_link_travels_with_its_descriptor():
+    import os
+    import socket
+
+    async def go():
+        a, b = socket.socketpair()
+        sup = Channel.from_fd(a.detach(), "sup-factory", S.FactoryToSup)
+        fac = Channel.from_fd(b.detach(), "sup-factory", S.SupToFactory, accept_fds=True)
+        r, w = os.pipe()
+        await sup.send_fd(S.NewLink(link="factory-ocsp"), r)
+        os.close(r)
+        m = await fac.recv()
+        assert isinstance(m, S.NewLink)
+        fd = fac.take_fd()
+        os.write(w, b"ping")
+        assert os.read(fd, 4) == b"ping"
+        os.close(fd)
+        os.close(w)
+        with pytest.raises(ProtocolViolation):
+            fac.take_fd()  # one descriptor per NewLink, no more
+        await sup.aclose()
+        await fac.aclose()
+    trio.run(go)

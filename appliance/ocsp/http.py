@@ -1,0 +1,323 @@
+"""The endpoint's HTTP/1.0 and 1.1 server (h11 on trio): routing, caching headers, and the bounds
+h11 leaves to us — connections, header and body caps, a read deadline, CL+TE, close on any error.
+
+Routes: POST / and /ocsp (application/ocsp-request); GET /ocsp/<b64> and /<b64>; GET
+/crl/<ca>.crl; GET /ca/<ca>.crt; GET /health. Handlers never raise into the server: every
+exception becomes a 500 with a fixed body, and no exception text is ever sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+import time
+from dataclasses import dataclass
+from email.utils import formatdate, parsedate_to_datetime
+from typing import Callable
+
+import h11
+import trio
+
+from .request import MalformedRequest, decode_get_path
+from .responder import Answer, Responder
+from .store import Store
+
+HEADER_CAP = 8 * 1024
+BODY_CAP = 64 * 1024
+CHUNK = 64 * 1024
+DRAIN_LIMIT = 256 * 1024  # bytes read and dropped while closing gracefully
+DRAIN_TIME = 1.0
+
+_CA_PATH = re.compile(rb"^/(crl|ca)/([A-Za-z0-9][A-Za-z0-9._-]{0,63})\.(crl|crt)$")
+OCSP_REQUEST = b"application/ocsp-request"
+OCSP_RESPONSE = b"application/ocsp-response"
+
+
+@dataclass
+class HttpConfig:
+    max_connections: int = 1024
+    read_timeout: float = 10.0
+    max_age: int = 3600
+    header_cap: int = HEADER_CAP
+    body_cap: int = BODY_CAP
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    good: int = 0
+    revoked: int = 0
+    unauthorized: int = 0
+    malformed: int = 0
+    errors: int = 0
+
+    def count(self, answer: Answer) -> None:
+        self.requests += 1
+        if answer.outcome in ("good", "revoked", "unauthorized", "malformed"):
+            setattr(self, answer.outcome, getattr(self, answer.outcome) + 1)
+        elif answer.outcome in ("error", "trylater"):
+            self.errors += 1
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes | memoryview = b""
+    close: bool = False
+
+
+class _Fail(Exception):
+    """An HTTP-level refusal: answer `status` and close."""
+
+    def __init__(self, status: int):
+        self.status = status
+
+
+_REASONS = {400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
+            413: b"Content Too Large", 415: b"Unsupported Media Type", 431: b"Request Header Fields Too Large",
+            500: b"Internal Server Error", 503: b"Service Unavailable"}
+
+
+def _http_date(ts: float) -> bytes:
+    return formatdate(ts, usegmt=True).encode()
+
+
+def _plain(status: int, close: bool = False, extra: list | None = None) -> Reply:
+    body = _REASONS.get(status, b"Error") + b"\n"
+    return Reply(status, [(b"content-type", b"text/plain; charset=utf-8"), *(extra or [])], body, close)
+
+
+def _etag_matches(header: bytes, etag: bytes) -> bool:
+    for tag in header.split(b","):
+        tag = tag.strip()
+        if tag == b"*" or tag.removeprefix(b"W/") == etag:
+            return True
+    return False
+
+
+def _not_modified(headers: dict[bytes, bytes], etag: bytes, last_modified: int) -> bool:
+    """RFC 9110 §13.2.2: If-None-Match wins over If-Modified-Since when both are present."""
+    inm = headers.get(b"if-none-match")
+    if inm is not None:
+        return _etag_matches(inm, etag)
+    ims = headers.get(b"if-modified-since")
+    if ims is not None:
+        try:
+            return last_modified <= parsedate_to_datetime(ims.decode("latin-1")).timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return False
+    return False
+
+
+class Endpoint:
+    """Routing and answers (sans-IO: `route`) plus the trio connection handler (`serve_connection`)."""
+
+    def __init__(self, store: Store, cfg: HttpConfig, stats: Stats | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.store = store
+        self.cfg = cfg
+        self.stats = stats or Stats()
+        self.clock = clock
+        self.responder = Responder(store, clock)
+        self.active = 0
+
+    # ---------------------------------------------------------------- routing (sans-IO)
+
+    def route(self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes) -> Reply:
+        path = target.split(b"?", 1)[0]
+        if method == b"POST":
+            if path not in (b"/", b"/ocsp"):
+                return _plain(405 if self._is_get_route(path) else 404, extra=[(b"allow", b"GET, HEAD")])
+            ctype = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+            if ctype != OCSP_REQUEST:
+                return _plain(415)
+            return self._ocsp(body, headers, post=True)
+        if method not in (b"GET", b"HEAD"):
+            return _plain(405, extra=[(b"allow", b"GET, HEAD, POST")])
+        if path == b"/health":
+            n = self.store.responses_held()
+            text = f"ok: {n} OCSP responses held for {len(self.store.cas)} CAs\n".encode()
+            return Reply(200, [(b"content-type", b"text/plain; charset=utf-8"), (b"cache-control", b"no-store")], text)
+        m = _CA_PATH.match(path)
+        if m and (m.group(1), m.group(3)) in ((b"crl", b"crl"), (b"ca", b"crt")):
+            return self._ca_file(m.group(1), m.group(2).decode(), headers)
+        if path in (b"/", b"/ocsp", b"/ocsp/") or m:
+            return _plain(404)
+        try:
+            der = decode_get_path(target)
+        except MalformedRequest:
+            if path.startswith(b"/ocsp/"):
+                return self._ocsp(b"", headers, post=False)  # asked as OCSP: answered as OCSP
+            return _plain(404)
+        return self._ocsp(der, headers, post=False)
+
+    @staticmethod
+    def _is_get_route(path: bytes) -> bool:
+        return path == b"/health" or _CA_PATH.match(path) is not None
+
+    def _ocsp(self, der: bytes, headers: dict[bytes, bytes], post: bool) -> Reply:
+        answer = self.responder.answer(der)
+        self.stats.count(answer)
+        base = [(b"content-type", OCSP_RESPONSE)]
+        if not answer.successful:
+            return Reply(200, base + [(b"cache-control", b"no-store")], answer.der)
+        now = self.clock()
+        max_age = max(0, min(int(answer.next_update - now), self.cfg.max_age))
+        etag = b'"' + hashlib.sha256(answer.der).hexdigest().encode() + b'"'
+        cache = [
+            (b"last-modified", _http_date(answer.this_update)),
+            (b"expires", _http_date(answer.next_update)),
+            (b"cache-control", b"max-age=%d, public, no-transform, must-revalidate" % max_age),
+            (b"etag", etag),
+        ]
+        if not post and _not_modified(headers, etag, answer.this_update):
+            return Reply(304, cache)
+        return Reply(200, base + cache, answer.der)
+
+    def _ca_file(self, kind: bytes, name: str, headers: dict[bytes, bytes]) -> Reply:
+        ca = self.store.cas.get(name)
+        if ca is None:
+            return _plain(404)
+        if kind == b"crl":
+            if ca.crl is None:
+                return _plain(404)
+            body, etag, mtime, ctype = ca.crl, ca.crl_etag, ca.crl_mtime, b"application/pkix-crl"
+        else:
+            body, etag, mtime, ctype = ca.cert, ca.cert_etag, ca.cert_mtime, b"application/pkix-cert"
+        hdrs = [(b"etag", etag.encode()), (b"last-modified", _http_date(mtime)), (b"cache-control", b"no-cache")]
+        if _not_modified(headers, etag.encode(), mtime):
+            return Reply(304, hdrs)
+        return Reply(200, [(b"content-type", ctype)] + hdrs, body)
+
+    # ---------------------------------------------------------------- connections (trio)
+
+    async def serve(self, listener: trio.abc.Listener, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await trio.serve_listeners(self.serve_connection, [listener], task_status=task_status)
+
+    async def serve_connection(self, stream: trio.abc.Stream) -> None:
+        if self.active >= self.cfg.max_connections:
+            await trio.aclose_forcefully(stream)  # over the limit: closed at once, nothing read
+            return
+        self.active += 1
+        try:
+            await self._connection(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError, _Closed):
+            pass
+        except Exception as e:  # noqa: BLE001 - the worker outlives any connection
+            self.stats.errors += 1
+            print(f"donjon[ocsp]: connection handler error: {type(e).__name__}", file=sys.stderr, flush=True)
+        finally:
+            self.active -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _send(self, stream, data: bytes) -> None:
+        if data:
+            with trio.fail_after(self.cfg.read_timeout):  # a client that does not read is dropped too
+                await stream.send_all(data)
+
+    async def _connection(self, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.cfg.header_cap)
+        while True:
+            fail: int | None = None
+            got = None
+            with trio.move_on_after(self.cfg.read_timeout) as scope:
+                try:
+                    got = await self._read_request(conn, stream)
+                except _Fail as f:
+                    fail = f.status
+                except h11.RemoteProtocolError as e:
+                    fail = 431 if e.error_status_hint == 431 else 400
+            if scope.cancelled_caught:
+                if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+                    return  # an idle keep-alive connection: close quietly
+                fail = 408
+            if fail is not None:
+                await self._respond(conn, stream, _plain(fail, close=True))
+                await self._close(stream)
+                return
+            if got is None:
+                return  # closed by the client (possibly before any request: costs nothing)
+            req, body = got
+            headers: dict[bytes, bytes] = {}
+            for k, v in req.headers:
+                headers[k] = v if k not in headers else headers[k] + b", " + v
+            try:
+                reply = self.route(req.method, req.target, headers, body)
+            except Exception as e:  # noqa: BLE001 - mapped to 500, never shown
+                self.stats.errors += 1
+                print(f"donjon[ocsp]: handler error: {type(e).__name__}", file=sys.stderr, flush=True)
+                reply = _plain(500, close=True)
+            await self._respond(conn, stream, reply, head=req.method == b"HEAD")
+            if reply.close or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                await self._close(stream)
+                return
+            conn.start_next_cycle()
+
+    async def _read_request(self, conn: h11.Connection, stream):
+        req = None
+        body = bytearray()
+        while True:
+            ev = conn.next_event()
+            if ev is h11.NEED_DATA:
+                if conn.they_are_waiting_for_100_continue:
+                    await self._send(stream, conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+                data = await stream.receive_some(CHUNK)
+                conn.receive_data(data)
+                continue
+            if isinstance(ev, h11.ConnectionClosed):
+                return None
+            if isinstance(ev, h11.Request):
+                req = ev
+                names = [k for k, _ in ev.headers]
+                size = len(ev.method) + len(ev.target) + 12 + sum(len(k) + len(v) + 4 for k, v in ev.headers)
+                if size > self.cfg.header_cap:
+                    raise _Fail(431)
+                if b"content-length" in names and b"transfer-encoding" in names:
+                    raise _Fail(400)  # request smuggling shape: refuse, whatever h11 would do
+                for k, v in ev.headers:
+                    if k == b"content-length" and int(v) > self.cfg.body_cap:
+                        raise _Fail(413)
+            elif isinstance(ev, h11.Data):
+                body += ev.data
+                if len(body) > self.cfg.body_cap:
+                    raise _Fail(413)
+            elif isinstance(ev, h11.EndOfMessage):
+                return req, bytes(body)
+
+    async def _respond(self, conn: h11.Connection, stream, reply: Reply, head: bool = False) -> None:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        headers = [(b"date", _http_date(self.clock())), *reply.headers, (b"content-length", b"%d" % len(reply.body))]
+        if reply.close:
+            headers.append((b"connection", b"close"))
+        try:
+            await self._send(stream, conn.send(h11.Response(status_code=reply.status, headers=headers,
+                                                            reason=_REASONS.get(reply.status, b""))))
+            if not head and reply.status != 304:
+                view = memoryview(reply.body)
+                for i in range(0, len(view), CHUNK):
+                    await self._send(stream, conn.send(h11.Data(data=view[i:i + CHUNK])))
+            await self._send(stream, conn.send(h11.EndOfMessage()))
+        except h11.LocalProtocolError:
+            raise _Closed() from None
+
+    async def _close(self, stream) -> None:
+        """Half-close, then read and drop what the client still sends (bounded), so that the
+        kernel does not answer unread data with a RST that could destroy our response."""
+        try:
+            await stream.send_eof()
+            with trio.move_on_after(DRAIN_TIME):
+                dropped = 0
+                while dropped < DRAIN_LIMIT:
+                    data = await stream.receive_some(CHUNK)
+                    if not data:
+                        break
+                    dropped += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+class _Closed(Exception):
+    """The connection cannot carry a response any more."""

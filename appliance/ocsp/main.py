@@ -1,0 +1,121 @@
+"""The OCSP/CRL endpoint role: serve the store over HTTP, apply the Factory's feed, report counters.
+
+Start: handshake with the supervisor, OcspConfig, open the store (serving from disk at once),
+wrap the inherited listening socket, drop(), Ready. The Factory link is opened after Ready and
+fed concurrently: the endpoint serves what it holds whether or not the Factory (or the CA) is up.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import trio
+
+# Everything used after drop() is imported before it (Landlock, seccomp).
+from appliance.ipc import schema as S
+from appliance.ipc.channel import Channel, ProtocolViolation
+
+from . import http, request, responder, store  # noqa: F401 - imported before the drop
+from .http import Endpoint, HttpConfig, Stats
+from .store import Store, prepare_responses
+
+STATS_EVERY = 10.0
+
+
+def _log(msg: str) -> None:
+    print(f"donjon[ocsp {os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+
+
+def listener_from_fd(fd: int) -> trio.SocketListener:
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+def stats_message(st: Store, stats: Stats) -> S.OcspStats:
+    return S.OcspStats(requests=stats.requests, good=stats.good, revoked=stats.revoked,
+                       unauthorized=stats.unauthorized, malformed=stats.malformed, errors=stats.errors,
+                       responses_held=st.responses_held(), oldest_this_update=st.oldest_this_update())
+
+
+async def apply(st: Store, msg, events: list[S.Event]) -> None:
+    """One feed message, durable before it is visible. Blocking work runs in a worker thread;
+    the store's dicts are only changed here, in the trio thread."""
+    if isinstance(msg, S.PublishCa):
+        try:
+            await trio.to_thread.run_sync(st.publish_ca, msg.ca, msg.cert)
+        except ValueError:
+            raise ProtocolViolation(f"factory-ocsp: PublishCa {msg.ca}: not a certificate") from None
+    elif isinstance(msg, S.PublishResponses):
+        ca = st.cas.get(msg.ca)
+        if ca is None:
+            raise ProtocolViolation(f"factory-ocsp: responses for {msg.ca}, a CA never published")
+        ok, bad = await trio.to_thread.run_sync(prepare_responses, ca.hashes, msg.responses)
+        plan = st.plan(msg.ca, ok, msg.seq)
+        await trio.to_thread.run_sync(plan.write)
+        st.commit(plan, msg.seq)
+        if bad:
+            events.append(S.Event(kind="ocsp-rejected", detail=(
+                f"{msg.ca}: {len(bad)} published response(s) refused, first serial {bad[0].serial:x} "
+                f"({bad[0].alg}): {bad[0].why}")[:4000]))
+        if st.needs_compaction(msg.ca):
+            built = await trio.to_thread.run_sync(st.build_compaction, msg.ca)
+            st.finish_compaction(built)
+    elif isinstance(msg, S.PublishCrl):
+        try:
+            await trio.to_thread.run_sync(st.crl_chunk, msg.ca, msg.number, msg.data, msg.last)
+        except KeyError:
+            raise ProtocolViolation(f"factory-ocsp: CRL for {msg.ca}, a CA never published") from None
+        except ValueError as e:
+            events.append(S.Event(kind="crl-rejected", detail=f"{msg.ca} #{msg.number}: {e}"[:4000]))
+    else:
+        raise ProtocolViolation(f"factory-ocsp: unexpected {type(msg).__name__}")
+
+
+async def feed(fd: int, st: Store, sup: Channel) -> None:
+    fac = Channel.from_fd(fd, "factory-ocsp", S.FactoryToOcsp)
+    await fac.handshake()
+    await fac.send(S.OcspResume(seq=st.max_seq()))
+    events: list[S.Event] = []
+    while True:
+        msg = await fac.recv()  # LinkClosed is a ProtocolViolation: the supervisor restarts us with a new link
+        await apply(st, msg, events)
+        for ev in events:
+            await sup.send(ev)
+        events.clear()
+
+
+async def report(sup: Channel, st: Store, stats: Stats) -> None:
+    while True:
+        await trio.sleep(STATS_EVERY)
+        await sup.send(stats_message(st, stats))
+
+
+async def main(fds: dict[str, int], drop) -> None:
+    sup = Channel.from_fd(fds["sup-ocsp"], "sup-ocsp", S.SupToOcsp)
+    await sup.handshake()
+    cfg = await sup.recv()
+    if not isinstance(cfg, S.OcspConfig):
+        raise ProtocolViolation(f"sup-ocsp: expected OcspConfig, got {type(cfg).__name__}")
+    st = Store.open(cfg.store_dir)
+    listener = listener_from_fd(fds["listen"])
+    stats = Stats()
+    endpoint = Endpoint(st, HttpConfig(max_connections=cfg.max_connections, read_timeout=cfg.read_timeout,
+                                       max_age=cfg.max_age), stats)
+    drop()
+    await sup.send(S.Ready(role="ocsp", pid=os.getpid()))
+    _log(f"serving {st.responses_held()} responses for {len(st.cas)} CAs from {cfg.store_dir}")
+    async with trio.open_nursery() as n:
+        await n.start(endpoint.serve, listener)
+        if "factory-ocsp" in fds:
+            n.start_soon(feed, fds["factory-ocsp"], st, sup)
+        n.start_soon(report, sup, st, stats)
+        while True:
+            m = await sup.recv()
+            if isinstance(m, S.Shutdown):
+                n.cancel_scope.cancel()
+                break
+            raise ProtocolViolation(f"sup-ocsp: unexpected {type(m).__name__}")
+    st.close()

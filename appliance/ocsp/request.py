@@ -1,0 +1,139 @@
+"""Parse untrusted OCSP requests (RFC 6960 §4.1, DER) and GET paths into CertIDs: one error type.
+
+asn1crypto, not cryptography: cryptography refuses requests with several CertIDs, which
+`openssl ocsp -cert A -cert B` sends. Every failure, whatever asn1crypto raises, becomes
+MalformedRequest; nothing else leaves this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
+
+from asn1crypto import core
+from asn1crypto import ocsp as a_ocsp
+
+MAX_REQUEST = 64 * 1024  # bytes of DER (the HTTP body cap is the same)
+MAX_CERT_IDS = 32
+HASH_LENGTHS = {"sha1": 20, "sha256": 32}
+MAX_SERIAL_BYTES = 20  # RFC 5280 §4.1.2.2 (a longer one cannot be ours)
+
+
+class MalformedRequest(Exception):
+    """The request is not a well-formed OCSPRequest we support (answered `malformedRequest`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CertId:
+    hash: str  # "sha1" | "sha256"
+    name_hash: bytes
+    key_hash: bytes
+    serial: int
+
+
+@dataclass(frozen=True, slots=True)
+class OcspRequest:
+    cert_ids: tuple[CertId, ...]
+    nonce: bytes | None
+
+
+def parse_request(der: bytes) -> OcspRequest:
+    if not isinstance(der, (bytes, bytearray)) or not der or len(der) > MAX_REQUEST:
+        raise MalformedRequest("empty or oversize request")
+    try:
+        return _parse(bytes(der))
+    except MalformedRequest:
+        raise
+    except Exception:  # noqa: BLE001 - asn1crypto raises ValueError, TypeError, KeyError, OverflowError, ...
+        raise MalformedRequest("undecodable request") from None
+
+
+def _parse(der: bytes) -> OcspRequest:
+    req = a_ocsp.OCSPRequest.load(der, strict=True)  # strict: trailing data is an error
+    tbs = req["tbs_request"]
+    if tbs["version"].native != "v1":
+        raise MalformedRequest("unsupported version")
+    items = tbs["request_list"]
+    n = len(items)
+    if n == 0 or n > MAX_CERT_IDS:
+        raise MalformedRequest("no or too many CertIDs")
+    ids = []
+    for item in items:
+        cid = item["req_cert"]
+        alg = cid["hash_algorithm"]["algorithm"].native
+        params = cid["hash_algorithm"]["parameters"]
+        if alg not in HASH_LENGTHS or params.native is not None:
+            raise MalformedRequest("unsupported CertID hash")
+        name_hash = cid["issuer_name_hash"].native
+        key_hash = cid["issuer_key_hash"].native
+        if len(name_hash) != HASH_LENGTHS[alg] or len(key_hash) != HASH_LENGTHS[alg]:
+            raise MalformedRequest("bad CertID hash length")
+        serial = cid["serial_number"].native
+        if not isinstance(serial, int) or serial < 0 or serial.bit_length() > 8 * MAX_SERIAL_BYTES:
+            raise MalformedRequest("bad serial")
+        _touch(item["single_request_extensions"])
+        ids.append(CertId(alg, name_hash, key_hash, serial))
+    nonce = None
+    exts = tbs["request_extensions"]
+    _touch(tbs["requestor_name"])
+    _touch(req["optional_signature"])
+    if exts.native is not None:
+        for ext in exts:
+            if ext["extn_id"].native == "nonce":
+                if nonce is not None:
+                    raise MalformedRequest("two nonces")
+                value = ext["extn_value"].parsed  # OCTET STRING inside the extension's OCTET STRING
+                nonce = value.native if isinstance(value, core.OctetString) else ext["extn_value"].native
+                if not isinstance(nonce, bytes) or len(nonce) > 128:
+                    raise MalformedRequest("bad nonce")
+            else:
+                ext.native  # noqa: B018 - decode fully: a malformed extension is a malformed request
+    if req.dump(force=True) != der:
+        raise MalformedRequest("not DER")  # BER (indefinite lengths, non-minimal encodings) is not an OCSP request
+    return OcspRequest(tuple(ids), nonce)
+
+
+def _touch(value) -> None:
+    """Force asn1crypto's lazy parsing of an optional part: errors must surface here, not later."""
+    value.native  # noqa: B018
+
+
+# ------------------------------------------------------------------ GET (RFC 6960 Appendix A.1)
+
+_B64_CHARS = re.compile(rb"^[A-Za-z0-9+/]*={0,2}$")
+
+
+def decode_get_path(path: bytes | str) -> bytes:
+    """`/ocsp/<url-encoded base64>` or `/<url-encoded base64>` (openssl appends the base64 right
+    after the URL path) → the DER request. `/`, `//` and `+` inside the base64 are kept as they
+    are (the router must not normalise the path); %2F, %2B, %3D are decoded. A query string is
+    not part of the request."""
+    try:
+        raw = path.encode("latin-1") if isinstance(path, str) else bytes(path)
+        raw = raw.split(b"?", 1)[0]
+        if raw.startswith(b"/ocsp/"):
+            raw = raw[6:]
+        elif raw.startswith(b"/"):
+            raw = raw[1:]
+        else:
+            raise MalformedRequest("not a path")
+        if len(raw) > 4 * MAX_REQUEST:
+            raise MalformedRequest("oversize")
+        text = unquote_to_bytes(raw)
+        # Some clients form-encode ('+' became ' ') or use the URL-safe alphabet.
+        text = text.replace(b" ", b"+").replace(b"-", b"+").replace(b"_", b"/")
+        text = text.rstrip(b"=")
+        text += b"=" * (-len(text) % 4)
+        if not text or not _B64_CHARS.match(text):
+            raise MalformedRequest("not base64")
+        der = base64.b64decode(text, validate=True)
+    except MalformedRequest:
+        raise
+    except (binascii.Error, ValueError, UnicodeError):
+        raise MalformedRequest("not base64") from None
+    if not der:
+        raise MalformedRequest("empty")
+    return der

@@ -1,0 +1,163 @@
+"""The appliance's OCSP and CRL endpoint, judged by openssl and curl: pre-produced responses for
+every certificate, revocation visible within a bound, CRLs fetched through the CRL DP, and serving
+from the endpoint's own store while the CA is not activated."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import ocsp
+
+from policy import lint
+from tests.conftest import make_csr, openssl
+
+BOUND = 20.0  # seconds: issuance/revocation to a served response (debounce + one CIS batch + push)
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _setup(appliance_factory, tmp_path):
+    port = _free_port()
+    a = appliance_factory(start=False)
+    # The CRL DP and AIA URLs must name where the endpoint listens.
+    cfg = a.home / "donjon.toml"
+    cfg.write_text(f'[ocsp]\nlisten = "127.0.0.1:{port}"\n[endpoint]\nbase-url = "http://127.0.0.1:{port}"\n')
+    a.start()
+    root = a.export("root", tmp_path / "root.pem")
+    issuing = a.export("issuing", tmp_path / "issuing.pem")
+    chain = a.export("issuing", tmp_path / "chain.pem", chain=True)
+    return a, root, issuing, chain
+
+
+def _issue(a, tmp_path, name):
+    csr = make_csr(tmp_path, name, san=f"DNS:{name}.example.org")
+    out = tmp_path / f"{name}.pem"
+    a.cli("issue", "--ca", "issuing", "--profile", "tls-server", "--csr", str(csr), "--out", str(out))
+    return out
+
+
+def _ask(a, issuing, chain, cert, *extra) -> subprocess.CompletedProcess:
+    return openssl("ocsp", "-issuer", str(issuing), "-cert", str(cert), "-url", f"{a.endpoint}/ocsp",
+                   "-CAfile", str(chain), *extra, check=False)
+
+
+def _wait_for(a, issuing, chain, cert, word: str, *extra) -> subprocess.CompletedProcess:
+    deadline = time.monotonic() + BOUND
+    while True:
+        r = _ask(a, issuing, chain, cert, *extra)
+        if r.returncode == 0 and f": {word}".encode() in r.stdout:
+            return r
+        assert time.monotonic() < deadline, f"no '{word}' within {BOUND}s:\n{r.stdout.decode()}\n{r.stderr.decode()}"
+        time.sleep(0.2)
+
+
+def test_ocsp_good_then_revoked_and_crl_download(appliance_factory, tmp_path):
+    a, root, issuing, chain = _setup(appliance_factory, tmp_path)
+    leaf = _issue(a, tmp_path, "www")
+    r = _wait_for(a, issuing, chain, leaf, "good", "-no_nonce")
+    assert b"Response verify OK" in r.stderr
+    r = _ask(a, issuing, chain, leaf)  # with a nonce: a pre-produced response carries none, still verifies
+    assert r.returncode == 0 and b": good" in r.stdout
+
+    # The CRL through the certificate's own CRL DP, as a relying party would fetch it.
+    r = openssl("verify", "-crl_check", "-crl_download", "-CAfile", str(root), "-untrusted", str(issuing), str(leaf), check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    serial = format(x509.load_pem_x509_certificate(leaf.read_bytes()).serial_number, "x")
+    a.cli("revoke", "--ca", "issuing", serial, "--reason", "keyCompromise")
+    r = _wait_for(a, issuing, chain, leaf, "revoked", "-no_nonce")
+    assert b"Reason: keyCompromise" in r.stdout
+    deadline = time.monotonic() + BOUND
+    while True:
+        r = openssl("verify", "-crl_check", "-crl_download", "-CAfile", str(root), "-untrusted", str(issuing), str(leaf), check=False)
+        if b"certificate revoked" in r.stdout + r.stderr:
+            break
+        assert time.monotonic() < deadline, r.stdout + r.stderr
+        time.sleep(0.3)
+
+
+def test_get_post_headers_and_lint(appliance_factory, tmp_path):
+    a, root, issuing, chain = _setup(appliance_factory, tmp_path)
+    leaf = _issue(a, tmp_path, "api")
+    _wait_for(a, issuing, chain, leaf, "good", "-no_nonce")
+    req = tmp_path / "req.der"
+    openssl("ocsp", "-issuer", str(issuing), "-cert", str(leaf), "-no_nonce", "-reqout", str(req))
+    post = subprocess.run(["curl", "-sS", "-D", "-", "-o", str(tmp_path / "post.der"), "--data-binary", f"@{req}",
+                           "-H", "Content-Type: application/ocsp-request", f"{a.endpoint}/ocsp"], capture_output=True, timeout=30)
+    headers = post.stdout.decode().lower()
+    assert "200" in headers.splitlines()[0] and "content-type: application/ocsp-response" in headers
+    import base64
+    import urllib.parse
+    b64 = urllib.parse.quote(base64.b64encode(req.read_bytes()).decode(), safe="")
+    get = subprocess.run(["curl", "-sS", "-D", "-", "-o", str(tmp_path / "get.der"), f"{a.endpoint}/ocsp/{b64}"],
+                         capture_output=True, timeout=30)
+    gh = get.stdout.decode().lower()
+    for h in ("cache-control: max-age=", "expires:", "last-modified:", "etag:"):
+        assert h in gh, gh
+    der = (tmp_path / "get.der").read_bytes()
+    assert der == (tmp_path / "post.der").read_bytes()
+    resp = ocsp.load_der_ocsp_response(der)
+    assert resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+    assert resp.certificate_status == ocsp.OCSPCertStatus.GOOD
+    assert lint.lint_ocsp_response(der) == []
+    # The CA certificate and the CRL are served as DER.
+    ca = subprocess.run(["curl", "-sSf", f"{a.endpoint}/ca/issuing.crt"], capture_output=True, timeout=30).stdout
+    assert x509.load_der_x509_certificate(ca).public_bytes(serialization.Encoding.PEM) == issuing.read_bytes()
+    crl = subprocess.run(["curl", "-sSf", f"{a.endpoint}/crl/issuing.crl"], capture_output=True, timeout=30).stdout
+    x509.load_der_x509_crl(crl)
+
+
+def test_never_good_for_a_serial_that_was_not_issued(appliance_factory, tmp_path):
+    a, root, issuing, chain = _setup(appliance_factory, tmp_path)
+    r = openssl("ocsp", "-issuer", str(issuing), "-serial", "0x1234567890abcdef", "-url", f"{a.endpoint}/ocsp",
+                "-CAfile", str(chain), "-no_nonce", check=False)
+    out = (r.stdout + r.stderr).decode()
+    assert ": good" not in out and "unauthorized" in out.lower(), out
+    # An issuer the endpoint does not serve: unauthorized as well.
+    other = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                            "-keyout", str(tmp_path / "o.key"), "-subj", "/CN=Other", "-out", str(tmp_path / "o.pem")],
+                           capture_output=True)
+    assert other.returncode == 0
+    r = openssl("ocsp", "-issuer", str(tmp_path / "o.pem"), "-serial", "0x10", "-url", f"{a.endpoint}/ocsp", "-no_nonce", check=False)
+    assert "unauthorized" in (r.stdout + r.stderr).decode().lower()
+
+
+def test_endpoint_serves_its_store_while_the_ca_is_not_activated(appliance_factory, tmp_path):
+    a, root, issuing, chain = _setup(appliance_factory, tmp_path)
+    leaf = _issue(a, tmp_path, "keep")
+    _wait_for(a, issuing, chain, leaf, "good", "-no_nonce")
+    assert a.stop() == 0
+    a.start_inactive()
+    r = _wait_for(a, issuing, chain, leaf, "good", "-no_nonce")
+    assert b"Response verify OK" in r.stderr
+    st = a.cli("status", "--json").stdout
+    assert b'"activated": false' in st
+
+
+def test_endpoint_is_restarted_and_fed_again_when_it_dies(appliance_factory, tmp_path):
+    import os
+    a, root, issuing, chain = _setup(appliance_factory, tmp_path)
+    first = _issue(a, tmp_path, "before")
+    _wait_for(a, issuing, chain, first, "good", "-no_nonce")
+    old = a.role_pids()["ocsp"]
+    os.kill(old, 9)
+    # The supervisor restarts it (stateless role) while the rest keeps running...
+    deadline = time.monotonic() + BOUND
+    while a.role_pids().get("ocsp") in (None, old):
+        assert time.monotonic() < deadline and a.proc.poll() is None, a.log.read_text()
+        time.sleep(0.2)
+    # ...and a certificate issued afterwards is fed to the new endpoint over its new link.
+    second = _issue(a, tmp_path, "after")
+    _wait_for(a, issuing, chain, second, "good", "-no_nonce")
+    _wait_for(a, issuing, chain, first, "good", "-no_nonce")
+    assert "notify role-died ocsp" in a.log.read_text()
