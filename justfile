@@ -29,7 +29,9 @@ demo:
       openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout www.key -subj / -addext subjectAltName=DNS:www.example.org -out www.csr
       donjon issue --ca issuing --profile tls-server --csr www.csr --out www.pem
       donjon ca export issuing --chain --out chain.pem && openssl verify -x509_strict -CAfile <(donjon ca export root) -untrusted chain.pem www.pem
-      donjon revoke --ca issuing <serial> --reason keyCompromise && donjon crl generate --ca issuing --out issuing.crl
+      openssl ocsp -issuer <(donjon ca export issuing) -cert www.pem -url http://127.0.0.1:8080/ocsp -CAfile chain.pem
+      donjon revoke --ca issuing <serial> --reason keyCompromise && donjon ocsp status
+      curl -s http://127.0.0.1:8080/crl/issuing.crl | openssl crl -inform DER -noout -text
     MSG
     exec {{venv}}/donjon run --home "{{home}}"
 
