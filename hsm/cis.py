@@ -14,7 +14,6 @@ import traceback
 from datetime import datetime, timezone
 
 import trio
-from asn1crypto import keys as _asn1keys
 from cryptography import x509
 from cryptography.x509 import ocsp
 from cryptography.hazmat.primitives import hashes, serialization
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation
 from policy import certs, crl, lint, profiles
+from policy import ocsp as ocsp_hashes
 from policy.errors import PolicyError
 
 from .token import ObjectMissing, Token, TokenError, make_private_key
@@ -176,14 +176,10 @@ class Cis:
         responderID by key hash, no nonce, no certificates since the CA itself signs)."""
         cert = self.issuer_cert(m.ca)
         key = self.token.key(m.ca)
-        if m.next_update <= m.this_update:
-            raise PolicyError("nextUpdate", "order", "nextUpdate must be after thisUpdate")
-        if _utc(m.next_update) > cert.not_valid_after_utc:
-            raise PolicyError("nextUpdate", "issuer-validity", "nextUpdate is beyond the CA certificate's notAfter")
+        _check_window(cert, m.this_update, m.next_update)
         signer = make_private_key(self.token, key)
         halg = certs.signature_hash(key.key_type)
-        name_der = cert.subject.public_bytes()
-        key_bits = _subject_public_key_bits(cert)
+        issuer = ocsp_hashes.issuer_hashes(cert.public_bytes(serialization.Encoding.DER))
         this_update, next_update = _utc(m.this_update), _utc(m.next_update)
         out = []
         for serial_b, status, revoked_at, reason in m.items:
@@ -191,7 +187,7 @@ class Cis:
                 raise PolicyError("ocsp", "revoked", "a revoked status needs its revocation time")
             for h in m.hashes:
                 alg = hashes.SHA1() if h == "sha1" else hashes.SHA256()
-                hn, hk = hashlib.new(h, name_der).digest(), hashlib.new(h, key_bits).digest()
+                hn, hk = issuer[h]
                 b = ocsp.OCSPResponseBuilder().add_response_by_hash(
                     hn, hk, int.from_bytes(serial_b, "big"), alg,
                     ocsp.OCSPCertStatus.GOOD if status == 0 else ocsp.OCSPCertStatus.REVOKED,
@@ -207,10 +203,7 @@ class Cis:
     def crl_begin(self, m: S.CrlBegin) -> bytes:
         cert = self.issuer_cert(m.ca)
         key = self.token.key(m.ca)
-        if m.next_update <= m.this_update:
-            raise PolicyError("nextUpdate", "order", "nextUpdate must be after thisUpdate")
-        if _utc(m.next_update) > cert.not_valid_after_utc:
-            raise PolicyError("nextUpdate", "issuer-validity", "nextUpdate is beyond the CA certificate's notAfter")
+        _check_window(cert, m.this_update, m.next_update)
         ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
         tbs = crl.TbsCrl(issuer_name_der=cert.subject.public_bytes(), key_type=key.key_type, this_update=m.this_update,
                          next_update=m.next_update, crl_number=m.crl_number, aki_key_id=ski,
@@ -285,10 +278,12 @@ _REASON_FLAGS = {
 }
 
 
-def _subject_public_key_bits(cert: x509.Certificate) -> bytes:
-    """The contents of the subjectPublicKey BIT STRING (what an OCSP issuerKeyHash is computed over)."""
-    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return bytes(_asn1keys.PublicKeyInfo.load(spki)["public_key"].contents[1:])
+def _check_window(cert: x509.Certificate, this_update: int, next_update: int) -> None:
+    """A CRL's or OCSP response's validity window must be ordered and within the CA certificate's."""
+    if next_update <= this_update:
+        raise PolicyError("nextUpdate", "order", "nextUpdate must be after thisUpdate")
+    if _utc(next_update) > cert.not_valid_after_utc:
+        raise PolicyError("nextUpdate", "issuer-validity", "nextUpdate is beyond the CA certificate's notAfter")
 
 
 class _CrlState:

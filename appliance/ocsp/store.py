@@ -29,12 +29,12 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
-from asn1crypto import x509 as a_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509 import ocsp
 
-HASHES = ("sha1", "sha256")
+from policy.ocsp import HASHES, issuer_hashes
+
 _ALG = {"sha1": 1, "sha256": 2}
 _ALG_NAME = {1: "sha1", 2: "sha256"}
 GOOD, REVOKED, UNKNOWN = 0, 1, 2
@@ -96,18 +96,6 @@ class Rejected:
     serial: int
     alg: str
     why: str
-
-
-def issuer_hashes(cert_der: bytes) -> dict[str, tuple[bytes, bytes]]:
-    """{alg: (issuerNameHash, issuerKeyHash)} for CertIDs naming this CA as the issuer (RFC 6960
-    §4.1.1: hash of the DER subject Name; hash of the subjectPublicKey BIT STRING's contents)."""
-    cert = a_x509.Certificate.load(cert_der)
-    name_der = cert["tbs_certificate"]["subject"].dump()
-    key_bits = cert["tbs_certificate"]["subject_public_key_info"]["public_key"].contents[1:]  # skip unused-bits byte
-    out = {}
-    for alg in HASHES:
-        out[alg] = (hashlib.new(alg, name_der).digest(), hashlib.new(alg, key_bits).digest())
-    return out
 
 
 def _ts(dt) -> int:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 
-from appliance.ocsp.store import issuer_hashes
+from policy.ocsp import issuer_hashes
 
 UTC = dt.timezone.utc
 _HASH = {"sha1": hashes.SHA1, "sha256": hashes.SHA256}

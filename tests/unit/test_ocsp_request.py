@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance.ocsp.request import MAX_CERT_IDS, MalformedRequest, decode_get_path, parse_request
-from appliance.ocsp.store import issuer_hashes
+from policy.ocsp import issuer_hashes
 from tests.unit.test_ocsp_pki import cert_id_request, make_ca
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "ocsp"
