@@ -430,6 +430,22 @@ def ocsp_status(home: Home = "./var", as_json: JsonOut = False) -> None:
                    f"earliest nextUpdate {nu}{'  LAPSED' if c['lapsed'] else ''}")
 
 
+@ocsp_app.command("responder-cert")
+def ocsp_responder_cert(ca: Annotated[str, typer.Option(help="The CA the responder answers for.")] = ...,
+                        days: Annotated[int, typer.Option(help="Validity in days (short-lived: ocsp-nocheck).")] = 30,
+                        out: Annotated[Optional[str], typer.Option(help="Write the responder certificate (PEM) here.")] = None,
+                        home: Home = "./var") -> None:
+    """Give the endpoint a delegated responder for a CA: a key in the endpoint's own token, certified by the CA.
+    With it the endpoint also answers requests with several certificates and echoes nonces.
+
+    Example: donjon ocsp responder-cert --ca issuing
+    """
+    doc = call(home, S.AOcspResponderCert, ca=ca, validity_days=days)
+    if out:
+        out_bytes(doc["cert"].encode(), out)
+    typer.echo(f"responder for {doc['ca']}: serial {doc['serial']}, key {doc['label']}, until {doc['not_after'][:10]}")
+
+
 # ---------------------------------------------------------------- audit
 
 

@@ -10,7 +10,7 @@ import trio
 from appliance import privdrop
 from appliance.ipc.channel import ProtocolViolation
 
-ROLES = ("cis", "factory", "ocsp")
+ROLES = ("cis", "factory", "ocsp", "snmp")
 
 
 def _close_inherited(keep: set[int]) -> None:
@@ -40,6 +40,14 @@ def run_role(name: str, fds: dict[str, int], rw: list[str], ro: list[str], uid: 
         privdrop.drop(privdrop.DropSpec(role=name, identity=identity, keep_fds=keep, rw_paths=tuple(rw),
                                         ro_paths=tuple(ro), network=False))
 
+    if name == "snmp":
+        # pysnmp 7 is asyncio-only: this role runs its own asyncio loop, not trio.
+        from appliance.snmp.main import run as run_snmp
+        try:
+            return run_snmp(fds, drop)
+        except ProtocolViolation as e:
+            print(f"donjon[snmp {os.getpid()}]: protocol violation: {e}", file=sys.stderr, flush=True)
+            return 3
     if name == "cis":
         from hsm.cis import main
     elif name == "ocsp":

@@ -26,10 +26,11 @@ from appliance.ipc.channel import Channel, ProtocolViolation
 
 START_TIMEOUT = 60
 STOP_TIMEOUT = 20
-STATELESS = {"ocsp"}  # roles restarted on their own; the others' death stops the appliance
+STATELESS = {"ocsp", "snmp"}  # roles restarted on their own; the others' death stops the appliance
 THROTTLE_AFTER = 10.0  # a role that dies sooner than this after starting backs off exponentially
 MAX_BACKOFF = 60.0
 STATUS_SECONDS = 5
+DISK_LOW = 0.10  # notify when less than this fraction of the state folder's filesystem is free
 
 
 def log(msg: str) -> None:
@@ -61,6 +62,10 @@ class Layout:
     @property
     def ocsp(self) -> str:
         return os.path.join(self.home, "ocsp")
+
+    @property
+    def ocsp_token(self) -> str:
+        return os.path.join(self.home, "ocsp-token")
 
     @property
     def endpoint_file(self) -> str:
@@ -126,6 +131,8 @@ class Supervisor:
         self.roles: dict[str, Role] = {}
         self.factory_status: S.StatusReport | None = None
         self.tokens: dict[str, bool] = {}
+        self.ocsp_pin: str | None = None
+        self._disk_low = False
         self.listen: socket.socket | None = None
 
     # ------------------------------------------------------------ preparation
@@ -137,12 +144,15 @@ class Supervisor:
         os.makedirs(L.cmdb, mode=0o700, exist_ok=True)
         os.makedirs(L.run, mode=0o750, exist_ok=True)
         os.makedirs(L.ocsp, mode=0o700, exist_ok=True)
+        if self.cfg.hsm.embedded and self.cfg.ocsp.enabled:
+            self.ocsp_pin = _ensure_softhsm_token(L.ocsp_token, "donjon-ocsp")
         if self.appliance:
-            self.ids = privdrop.ensure_role_users(["cis", "factory", "ocsp"])
+            self.ids = privdrop.ensure_role_users(["cis", "factory", "ocsp"] + (["snmp"] if self.cfg.snmp.enabled else []))
             self.admin_gid = grp.getgrnam(privdrop.ADMIN_GROUP).gr_gid
             os.chmod(self.home, 0o711)
             _chown_tree(L.cmdb, self.ids["factory"])
             _chown_tree(L.ocsp, self.ids["ocsp"])
+            _chown_tree(L.ocsp_token, self.ids["ocsp"])
             if self.cfg.hsm.embedded:
                 _chown_tree(L.softhsm, self.ids["cis"])
             os.chown(L.run, 0, self.admin_gid)
@@ -225,11 +235,18 @@ class Supervisor:
             sup_ocsp, ocsp_sup = pair()
             fac_ocsp, ocsp_fac = pair()
             fac_fds["factory-ocsp"] = fac_ocsp.fileno()
+            embedded = self.cfg.hsm.embedded
             roles["ocsp"] = Role("ocsp", {"sup-ocsp": ocsp_sup.fileno(), "factory-ocsp": ocsp_fac.fileno(),
-                                          "listen": listen.fileno()}, rw=[L.ocsp])
+                                          "listen": listen.fileno()}, rw=[L.ocsp] + ([L.ocsp_token] if embedded else []),
+                                 ro=[module_dir, "/etc/softhsm"] if embedded else [],
+                                 env={"SOFTHSM2_CONF": os.path.join(L.ocsp_token, "softhsm2.conf")} if embedded else {})
             self._sup_ends["ocsp"] = sup_ocsp
         roles["factory"] = Role("factory", fac_fds, rw=[L.cmdb])
         self._sup_ends["factory"] = sup_fac
+        if self.cfg.snmp.enabled:
+            sup_snmp, snmp_sup = pair()
+            roles["snmp"] = Role("snmp", {"sup-snmp": snmp_sup.fileno()})  # it opens its UDP sockets before its drop
+            self._sup_ends["snmp"] = sup_snmp
         return roles, keep
 
     async def _start(self, role: Role) -> None:
@@ -247,7 +264,7 @@ class Supervisor:
             argv, pass_fds=list(role.fds.values()), env=child_env(role.env), stdin=subprocess_devnull(),
             start_new_session=False)
         sock = self._sup_ends[role.name]
-        incoming = {"cis": S.CisToSup, "factory": S.FactoryToSup, "ocsp": S.OcspToSup}[role.kind]
+        incoming = {"cis": S.CisToSup, "factory": S.FactoryToSup, "ocsp": S.OcspToSup, "snmp": S.SnmpToSup}[role.kind]
         role.chan = Channel.from_fd(os.dup(sock.fileno()), f"sup-{role.kind}", incoming)
         sock.close()
 
@@ -257,10 +274,20 @@ class Supervisor:
             await role.chan.send(S.CisConfig(module=self.cfg.hsm.module, token_label=self.cfg.hsm.token,
                                              softhsm_conf=self.layout.softhsm_conf if self.cfg.hsm.embedded else None,
                                              profiles=self.profiles, base_url=self.cfg.endpoint.base_url))
+        elif role.kind == "snmp":
+            c = self.cfg.snmp
+            await role.chan.send(S.SnmpConfig(
+                listen=c.listen, community=c.community, community_sources=list(c.community_sources),
+                users=[S.SnmpUser(name=u.name, auth=u.auth, auth_key=u.auth_key, priv=u.priv, priv_key=u.priv_key) for u in c.users],
+                targets=[S.SnmpTarget(host=t.host, port=t.port, kind=t.kind, version=t.version, user=t.user, community=t.community)
+                         for t in c.targets]))
         elif role.kind == "ocsp":
             o = self.cfg.ocsp
-            await role.chan.send(S.OcspConfig(store_dir=self.layout.ocsp, max_connections=o.max_connections,
-                                              read_timeout=o.read_timeout, max_age=o.max_age))
+            embedded = self.cfg.hsm.embedded and self.ocsp_pin is not None
+            await role.chan.send(S.OcspConfig(
+                store_dir=self.layout.ocsp, max_connections=o.max_connections, read_timeout=o.read_timeout, max_age=o.max_age,
+                token_module=self.cfg.hsm.module if embedded else None, token_pin=self.ocsp_pin if embedded else None,
+                softhsm_conf=os.path.join(self.layout.ocsp_token, "softhsm2.conf") if embedded else None))
         else:
             await role.chan.send(S.FactoryConfig(home=self.layout.cmdb, cipher=self.cfg.cmdb.cipher, profiles=self.profiles,
                                                  base_url=self.cfg.endpoint.base_url, crl_validity_hours=self.cfg.crl.validity_hours,
@@ -340,16 +367,20 @@ class Supervisor:
                     role.proc.kill()
 
     async def _restart(self, role: Role, nursery: trio.Nursery) -> None:
-        """New links for the role (the Factory gets its end of the feed link by SCM_RIGHTS)."""
+        """New links for the role (the Factory gets its end of the endpoint's feed link by SCM_RIGHTS)."""
         sup_end, role_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fac_end, role_fac = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        mine = [role_end]
         try:
-            role.fds = {"sup-ocsp": role_end.fileno(), "factory-ocsp": role_fac.fileno(), "listen": self.listen.fileno()}
+            role.fds = {f"sup-{role.kind}": role_end.fileno()}
+            if role.kind == "ocsp":
+                fac_end, role_fac = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                mine += [fac_end, role_fac]
+                role.fds.update({"factory-ocsp": role_fac.fileno(), "listen": self.listen.fileno()})
+                await self.roles["factory"].chan.send_fd(S.NewLink(link="factory-ocsp"), fac_end.fileno())
             self._sup_ends[role.name] = sup_end
-            await self.roles["factory"].chan.send_fd(S.NewLink(link="factory-ocsp"), fac_end.fileno())
             await self._start(role)
         finally:
-            for sk in (role_end, role_fac, fac_end):
+            for sk in mine:
                 sk.close()
         with trio.fail_after(START_TIMEOUT):
             await self._wait_ready(role)
@@ -410,6 +441,26 @@ class Supervisor:
                 if now >= ca.not_after - max(lead, 30 * 86400) and key not in warned:
                     warned.add(key)
                     await self.notify("ca-cert-expiring", ca.name, f"notAfter {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(ca.not_after))}")
+            # Pre-produced OCSP responses are re-signed at half validity: one near its nextUpdate
+            # means the CA cannot sign (not activated, token gone), and relying parties will soon fail.
+            nu = fs.ocsp_earliest_next_update if fs else None
+            if nu is not None:
+                ocsp_lead = min(lead, self.cfg.ocsp.validity_hours * 3600 // 4)
+                for kind, when in (("ocsp-lapsed", nu), ("ocsp-expiring", nu - ocsp_lead)):
+                    key = (kind, nu)
+                    if now >= when and key not in warned:
+                        warned.add(key)
+                        await self.notify(kind, "ocsp", f"earliest nextUpdate {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(nu))}")
+                        break
+            try:
+                st = os.statvfs(self.home)
+                free = st.f_bavail / st.f_blocks if st.f_blocks else 1.0
+            except OSError:
+                free = 1.0
+            low = free < DISK_LOW
+            if low and not self._disk_low:
+                await self.notify("disk-nearly-full", self.home, f"{free:.1%} free")
+            self._disk_low = low
             await trio.sleep(STATUS_SECONDS)
 
     # ------------------------------------------------------------ main
@@ -499,6 +550,31 @@ class Supervisor:
 def subprocess_devnull() -> int:
     import subprocess
     return subprocess.DEVNULL
+
+
+def _ensure_softhsm_token(folder: str, label: str) -> str:
+    """The endpoint's own SoftHSM2 token (embedded mode), made on first start; returns its user PIN.
+    It only ever holds delegated OCSP responder keys, never a CA key."""
+    import secrets
+    import subprocess
+    pin_path = os.path.join(folder, "pin")
+    if os.path.exists(pin_path):
+        with open(pin_path, encoding="utf-8") as f:
+            return f.read().strip()
+    os.makedirs(os.path.join(folder, "tokens"), mode=0o700, exist_ok=True)
+    conf = os.path.join(folder, "softhsm2.conf")
+    with open(conf, "w", encoding="utf-8") as f:
+        f.write(f"directories.tokendir = {folder}/tokens\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n")
+    pin = secrets.token_urlsafe(18)
+    r = subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", secrets.token_urlsafe(18),
+                        "--pin", pin], env=child_env({"SOFTHSM2_CONF": conf}), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SupervisorError(f"cannot create the endpoint's token: {r.stderr.strip() or r.stdout.strip()}")
+    fd = os.open(pin_path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(pin + "\n")
+    os.rename(pin_path + ".tmp", pin_path)
+    return pin
 
 
 def _chown_tree(path: str, ident: privdrop.Identity) -> None:

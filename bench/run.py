@@ -6,6 +6,9 @@
 1. Issuance rate (bench.issuance): the appliance (P-256 and RSA-2048 issuing CAs, with and without leaf
    lint) against `openssl ca -batch -infiles` and the raw SoftHSM signing rate.
 2. CRL generation (bench.crl): time and peak memory through the appliance against `openssl ca -gencrl`.
+3. OCSP serving (bench.ocsp): requests/s and p50/p99 at 1/16/64 connections (wrk) on 100k certificates
+   (--quick 10k) against `openssl ocsp` (P-256 and RSA-2048 CAs) and `cfssl ocspserve`; start-up time and
+   memory with 1M pre-signed responses (--quick 200k) against cfssl.
 A readable table goes to stdout, everything measured to bench/out/results.json. Progress goes to stderr.
 """
 
@@ -19,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import common, crl, issuance
+from bench import common, crl, issuance, ocsp
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -29,7 +32,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="N=300 CSRs, CRLs of 10k and 100k entries")
     ap.add_argument("--n", type=int, help="number of CSRs (default 2000, --quick 300)")
     ap.add_argument("--sizes", help="CRL sizes, comma-separated (default 10000,100000,1000000)")
-    ap.add_argument("--only", choices=["issuance", "crl"], help="run one benchmark only")
+    ap.add_argument("--only", choices=["issuance", "crl", "ocsp"], help="run one benchmark only")
+    ap.add_argument("--ocsp-certs", type=int, help="OCSP: certificates served (default 100000, --quick 10000)")
+    ap.add_argument("--ocsp-big", type=int, help="OCSP: responses for the start-up test (default 1000000, --quick 200000)")
+    ap.add_argument("--ocsp-duration", type=float, default=5.0, help="OCSP: seconds of wrk per point")
+    ap.add_argument("--ocsp-profile", action="store_true", help="OCSP: py-spy the endpoint during one more run")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (appliance homes, CA dirs)")
     ap.add_argument("--out", default=str(OUT / "results.json"))
     a = ap.parse_args(argv)
@@ -48,6 +55,11 @@ def main(argv=None) -> int:
         if a.only in (None, "crl"):
             results["crl"] = crl.run(work, sizes)
             tables.append(crl.table(results["crl"]))
+        if a.only in (None, "ocsp"):
+            results["ocsp"] = ocsp.run(work, a.ocsp_certs or (10_000 if a.quick else 100_000),
+                                       a.ocsp_big or (200_000 if a.quick else 1_000_000), a.ocsp_duration,
+                                       a.ocsp_profile)
+            tables.append(ocsp.table(results["ocsp"]))
     results["seconds"] = time.perf_counter() - t0
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

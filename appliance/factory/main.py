@@ -118,6 +118,8 @@ async def dispatch(chan: Channel, req, f: Factory, actor: str) -> None:
         for i in range(0, len(data), 1 << 20):
             await chan.send(S.BlobChunk(id=rid, data=data[i:i + (1 << 20)], last=False))
         await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
+    elif isinstance(req, S.AOcspResponderCert):
+        await reply(**await f.ocsp_responder_cert(req.ca, req.validity_days, actor))
     elif isinstance(req, S.AOcspStatus):
         await reply(**await f.ocsp_status())
     elif isinstance(req, S.AReconcile):

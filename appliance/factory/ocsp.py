@@ -33,6 +33,8 @@ class OcspProducer:
         self.f = f
         self.wake = trio.Event()
         self.produced = 0
+        self._ids = 0
+        self._waiting: dict[int, trio.MemorySendChannel] = {}
 
     def poke(self) -> None:
         self.wake.set()
@@ -165,6 +167,24 @@ class OcspProducer:
                 await self.publish(S.PublishResponses(ca=ca, responses=resp, seq=group[-1][6]))
             after = rows[-1][6]
         self.poke()
-        m = await chan.recv()  # the endpoint sends nothing after OcspResume
-        raise ProtocolViolation(f"factory-ocsp: unexpected {type(m).__name__}")
+        while True:  # after OcspResume the endpoint only answers our requests (responder keys)
+            m = await chan.recv()
+            waiter = self._waiting.pop(getattr(m, "id", None), None) if isinstance(m, (S.ResponderKey, S.Refused)) else None
+            if waiter is None:
+                raise ProtocolViolation(f"factory-ocsp: unexpected {type(m).__name__}")
+            waiter.send_nowait(m)
+
+    async def request_responder_key(self, ca: str) -> S.ResponderKey:
+        chan = self.f.ocsp_feed
+        if chan is None:
+            raise CisRefused("not-found", "the OCSP endpoint is not connected")
+        self._ids += 1
+        send, recv = trio.open_memory_channel(1)
+        self._waiting[self._ids] = send
+        await chan.send(S.ResponderKeyRequest(id=self._ids, ca=ca))
+        with trio.fail_after(30):
+            m = await recv.receive()
+        if isinstance(m, S.Refused):
+            raise CisRefused(m.code, m.reason)
+        return m
 

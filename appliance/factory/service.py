@@ -19,6 +19,7 @@ import msgspec
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 
 from appliance.ipc import schema as S
 from policy import crl as crlenc
@@ -662,6 +663,45 @@ class Factory:
             yield await self.run_db(rd)
             off += n
 
+    async def ocsp_responder_cert(self, ca: str, days: int, actor: str) -> dict[str, Any]:
+        """A delegated responder for CA `ca`: the endpoint makes the key in its own token, the CA
+        certifies it under the ocsp-responder profile (id-kp-OCSPSigning, ocsp-nocheck)."""
+        db = self._require_active()
+        row = await self.ca_row(ca)
+        ca_cert = x509.load_der_x509_certificate(row[4])
+        try:
+            key = await self.ocsp.request_responder_key(ca)
+        except (CisRefused, trio.TooSlowError) as e:
+            reason = getattr(e, "reason", "the OCSP endpoint did not answer")
+            await self.audit(actor, "ocsp-responder", ca, "refused", reason)
+            raise FactoryError("hsm", reason) from None
+        org = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+        subject = ((("O", org[0].value),) if org else ()) + (("CN", f"{ca} OCSP Responder"[:64]),)
+        now = int(time.time()) - BACKDATE
+        serial = new_serial()
+        item = S.IssueItem(profile="ocsp-responder", spki=key.spki, subject=subject, sans=(), serial=serial_bytes(serial),
+                           validity=S.Validity(now, min(now + days * 86400 - 1, int(ca_cert.not_valid_after_utc.timestamp()))))
+        await self.run_db(self._reserve, [(serial, ca, None)])
+        try:
+            reply = await self.cis.request(S.Issue(id=self.cis.new_id(), ca=ca, self_signed=False, items=[item]))
+            o = reply.outcomes[0]
+            if o.cert is None:
+                raise CisRefused("policy", o.error or "refused")
+        except CisRefused as e:
+            await self.run_db(self._void, [serial], actor, "ocsp-responder", e.reason)
+            raise FactoryError(e.code, e.reason) from None
+        cert = x509.load_der_x509_certificate(o.cert)
+
+        def store():
+            with db.tx():
+                self._store_cert(serial, ca, "ocsp-responder", cert, o.cert, None)
+                db.audit(actor, "ocsp-responder", f"{ca}/{serial:x}", "ok", f"key {key.label} in the endpoint's token")
+        await self.run_db(store)
+        await self.ocsp.publish(S.ResponderCert(ca=ca, label=key.label, cert=o.cert))
+        self.ocsp.poke()
+        return {"ca": ca, "serial": f"{serial:x}", "label": key.label, "not_after": cert.not_valid_after_utc.isoformat(),
+                "cert": cert.public_bytes(serialization.Encoding.PEM).decode()}
+
     async def ocsp_status(self) -> dict[str, Any]:
         """What the endpoint reports, and what the CMDB holds per CA (responses, queue, oldest, next refresh)."""
         db = self._require_active()
@@ -705,11 +745,12 @@ class Factory:
                 cas.append(S.CaState(name=name, key_type=key_type, not_after=int(cert.not_valid_after_utc.timestamp()),
                                      crl_number=crl_number, crl_next_update=nu[0] if nu else None, issued=issued, revoked=revoked))
             n_audit = db.db.execute("SELECT coalesce(max(seq), 0) FROM audit").fetchone()[0]
-            oldest = db.db.execute("SELECT min(this_update) FROM ocsp").fetchone()[0]
-            return cas, n_audit, oldest
-        cas, n_audit, oldest = await self.run_db(q)
+            oldest, earliest = db.db.execute("SELECT min(this_update), min(next_update) FROM ocsp").fetchone()
+            return cas, n_audit, oldest, earliest
+        cas, n_audit, oldest, earliest = await self.run_db(q)
         return S.StatusReport(activated=True, cas=cas, audit_records=n_audit, audit_checkpoint=None,
-                              oldest_response_age=max(0, now - oldest) if oldest else None)
+                              oldest_response_age=max(0, now - oldest) if oldest else None,
+                              ocsp_earliest_next_update=earliest)
 
     async def status(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"activated": self.db is not None, "token": self.token_info, "stats": dict(self.stats),

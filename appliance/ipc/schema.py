@@ -263,6 +263,11 @@ class OcspConfig(_Msg, tag="ocsp-config"):
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=100000)]
     read_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)]
     max_age: Annotated[int, msgspec.Meta(ge=0, le=7 * 86400)]  # cap on Cache-Control max-age
+    # The endpoint's own PKCS#11 token for delegated responder keys (never a CA key); None: no live signing.
+    token_module: Text | None = None
+    token_label: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] = "donjon-ocsp"
+    token_pin: Pin | None = None
+    softhsm_conf: Text | None = None
 
 
 class OcspStats(_Msg, tag="ocsp-stats"):
@@ -349,6 +354,7 @@ class StatusReport(_Msg, tag="status-report"):
     audit_records: int
     audit_checkpoint: Epoch | None
     oldest_response_age: int | None
+    ocsp_earliest_next_update: Epoch | None = None  # of every pre-produced response held in the CMDB
 
 
 SupToFactory = Union[Hello, FactoryConfig, AutoActivate, Ceremony, Shutdown, OcspStats, NewLink]  # the endpoint's counters, relayed
@@ -420,14 +426,36 @@ class PublishCrl(_Msg, tag="publish-crl"):
     last: bool
 
 
+class ResponderKeyRequest(_Msg, tag="responder-key-request"):
+    """Generate a delegated responder key (P-256) for CA `ca` in the endpoint's own token."""
+
+    id: ReqId
+    ca: Name
+
+
+class ResponderKey(_Msg, tag="responder-key"):
+    id: ReqId
+    ca: Name
+    label: Name
+    spki: Der
+
+
+class ResponderCert(_Msg, tag="responder-cert"):
+    """The certificate (id-kp-OCSPSigning, ocsp-nocheck) the CA issued for that key: live signing starts."""
+
+    ca: Name
+    label: Name
+    cert: Der
+
+
 class OcspResume(_Msg, tag="ocsp-resume"):
     """First message after the handshake: the highest publication `seq` the endpoint holds durably."""
 
     seq: Annotated[int, msgspec.Meta(ge=0, lt=2**62)]
 
 
-FactoryToOcsp = Union[Hello, PublishCa, PublishResponses, PublishCrl]
-OcspToFactory = Union[Hello, OcspResume]
+FactoryToOcsp = Union[Hello, PublishCa, PublishResponses, PublishCrl, ResponderKeyRequest, ResponderCert]
+OcspToFactory = Union[Hello, OcspResume, ResponderKey, Refused]
 
 
 # ---------------------------------------------------------------- admin clients -> Factory
@@ -529,9 +557,17 @@ class AOcspStatus(_Msg, tag="ocsp-status"):
     id: ReqId
 
 
+class AOcspResponderCert(_Msg, tag="ocsp-responder-cert"):
+    """Have the endpoint generate a delegated responder key and the CA certify it."""
+
+    id: ReqId
+    ca: Name
+    validity_days: Annotated[int, msgspec.Meta(ge=1, le=366)] = 30
+
+
 AdminRequest = Union[
     Hello, AStatus, AActivate, ACaList, ACaShow, ACaCreate, ACaSignCsr, ACaExport, AIssue,
-    ACertShow, ACertList, ARevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus,
+    ACertShow, ACertList, ARevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus, AOcspResponderCert,
 ]
 
 

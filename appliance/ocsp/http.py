@@ -80,8 +80,15 @@ _REASONS = {400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 
             500: b"Internal Server Error", 503: b"Service Unavailable"}
 
 
+_date_cache: list = [None, b""]
+
+
 def _http_date(ts: float) -> bytes:
-    return formatdate(ts, usegmt=True).encode()
+    """RFC 7231 date; the Date header of every answer is formatted once per second."""
+    sec = int(ts)
+    if _date_cache[0] != sec:
+        _date_cache[0], _date_cache[1] = sec, formatdate(sec, usegmt=True).encode()
+    return _date_cache[1]
 
 
 def _plain(status: int, close: bool = False, extra: list | None = None) -> Reply:
@@ -115,12 +122,12 @@ class Endpoint:
     """Routing and answers (sans-IO: `route`) plus the trio connection handler (`serve_connection`)."""
 
     def __init__(self, store: Store, cfg: HttpConfig, stats: Stats | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, live=None):
         self.store = store
         self.cfg = cfg
         self.stats = stats or Stats()
         self.clock = clock
-        self.responder = Responder(store, clock)
+        self.responder = Responder(store, clock, live)
         self.active = 0
 
     # ---------------------------------------------------------------- routing (sans-IO)
@@ -161,7 +168,7 @@ class Endpoint:
         answer = self.responder.answer(der)
         self.stats.count(answer)
         base = [(b"content-type", OCSP_RESPONSE)]
-        if not answer.successful:
+        if not answer.successful or not answer.cacheable:  # errors, and live answers (a nonce is unique)
             return Reply(200, base + [(b"cache-control", b"no-store")], answer.der)
         now = self.clock()
         max_age = max(0, min(int(answer.next_update - now), self.cfg.max_age))
@@ -293,13 +300,18 @@ class Endpoint:
         if reply.close:
             headers.append((b"connection", b"close"))
         try:
-            await self._send(stream, conn.send(h11.Response(status_code=reply.status, headers=headers,
-                                                            reason=_REASONS.get(reply.status, b""))))
+            out = [conn.send(h11.Response(status_code=reply.status, headers=headers, reason=_REASONS.get(reply.status, b"")))]
             if not head and reply.status != 304:
-                view = memoryview(reply.body)
-                for i in range(0, len(view), CHUNK):
-                    await self._send(stream, conn.send(h11.Data(data=view[i:i + CHUNK])))
-            await self._send(stream, conn.send(h11.EndOfMessage()))
+                if len(reply.body) <= CHUNK:  # an OCSP answer: head, body and end in one write
+                    out.append(conn.send(h11.Data(data=reply.body)))
+                else:
+                    await self._send(stream, b"".join(out))
+                    out = []
+                    view = memoryview(reply.body)
+                    for i in range(0, len(view), CHUNK):
+                        await self._send(stream, conn.send(h11.Data(data=view[i:i + CHUNK])))
+            out.append(conn.send(h11.EndOfMessage()))
+            await self._send(stream, b"".join(out))
         except h11.LocalProtocolError:
             raise _Closed() from None
 

@@ -19,7 +19,9 @@ from appliance.ipc.channel import Channel, ProtocolViolation
 
 from . import http, request, responder, store  # noqa: F401 - imported before the drop
 from .http import Endpoint, HttpConfig, Stats
+from .live import LiveSigner
 from .store import Store, prepare_responses
+from hsm.token import Token, TokenError
 
 STATS_EVERY = 10.0
 
@@ -40,7 +42,7 @@ def stats_message(st: Store, stats: Stats) -> S.OcspStats:
                        responses_held=st.responses_held(), oldest_this_update=st.oldest_this_update())
 
 
-async def apply(st: Store, msg, events: list[S.Event]) -> None:
+async def apply(st: Store, msg, events: list[S.Event], fac: Channel | None = None, live: LiveSigner | None = None) -> None:
     """One feed message, durable before it is visible. Blocking work runs in a worker thread;
     the store's dicts are only changed here, in the trio thread."""
     if isinstance(msg, S.PublishCa):
@@ -70,18 +72,36 @@ async def apply(st: Store, msg, events: list[S.Event]) -> None:
             raise ProtocolViolation(f"factory-ocsp: CRL for {msg.ca}, a CA never published") from None
         except ValueError as e:
             events.append(S.Event(kind="crl-rejected", detail=f"{msg.ca} #{msg.number}: {e}"[:4000]))
+    elif isinstance(msg, S.ResponderKeyRequest):
+        if live is None:
+            await fac.send(S.Refused(id=msg.id, code="hsm", reason="the endpoint has no token for responder keys"))
+            return
+        try:
+            label, spki = live.generate(msg.ca)  # in the trio thread: the one PKCS#11 caller
+        except TokenError as e:
+            await fac.send(S.Refused(id=msg.id, code="hsm", reason=str(e)))
+            return
+        await fac.send(S.ResponderKey(id=msg.id, ca=msg.ca, label=label, spki=spki))
+    elif isinstance(msg, S.ResponderCert):
+        if live is None:
+            raise ProtocolViolation("factory-ocsp: a responder certificate, but no token")
+        try:
+            live.install(msg.ca, msg.label, msg.cert)
+            _log(f"delegated responder {msg.label} active for {msg.ca}")
+        except (TokenError, ValueError) as e:
+            events.append(S.Event(kind="responder-rejected", detail=f"{msg.ca}: {e}"[:4000]))
     else:
         raise ProtocolViolation(f"factory-ocsp: unexpected {type(msg).__name__}")
 
 
-async def feed(fd: int, st: Store, sup: Channel) -> None:
+async def feed(fd: int, st: Store, sup: Channel, live: LiveSigner | None = None) -> None:
     fac = Channel.from_fd(fd, "factory-ocsp", S.FactoryToOcsp)
     await fac.handshake()
     await fac.send(S.OcspResume(seq=st.max_seq()))
     events: list[S.Event] = []
     while True:
         msg = await fac.recv()  # LinkClosed is a ProtocolViolation: the supervisor restarts us with a new link
-        await apply(st, msg, events)
+        await apply(st, msg, events, fac, live)
         for ev in events:
             await sup.send(ev)
         events.clear()
@@ -102,15 +122,27 @@ async def main(fds: dict[str, int], drop) -> None:
     st = Store.open(cfg.store_dir)
     listener = listener_from_fd(fds["listen"])
     stats = Stats()
+    live = None
+    if cfg.token_module and cfg.token_pin:
+        # The endpoint's own token (delegated responder keys only): mapped and logged in before the drop.
+        if cfg.softhsm_conf:
+            os.environ["SOFTHSM2_CONF"] = cfg.softhsm_conf
+        token = Token(cfg.token_module, cfg.token_label)
+        try:
+            token.login(cfg.token_pin)
+            live = LiveSigner(token, cfg.store_dir)
+            live.load()
+        except TokenError as e:
+            _log(f"no live signing: {e}")
     endpoint = Endpoint(st, HttpConfig(max_connections=cfg.max_connections, read_timeout=cfg.read_timeout,
-                                       max_age=cfg.max_age), stats)
+                                       max_age=cfg.max_age), stats, live=live)
     drop()
     await sup.send(S.Ready(role="ocsp", pid=os.getpid()))
     _log(f"serving {st.responses_held()} responses for {len(st.cas)} CAs from {cfg.store_dir}")
     async with trio.open_nursery() as n:
         await n.start(endpoint.serve, listener)
         if "factory-ocsp" in fds:
-            n.start_soon(feed, fds["factory-ocsp"], st, sup)
+            n.start_soon(feed, fds["factory-ocsp"], st, sup, live)
         n.start_soon(report, sup, st, stats)
         while True:
             m = await sup.recv()

@@ -161,3 +161,37 @@ def test_endpoint_is_restarted_and_fed_again_when_it_dies(appliance_factory, tmp
     _wait_for(a, issuing, chain, second, "good", "-no_nonce")
     _wait_for(a, issuing, chain, first, "good", "-no_nonce")
     assert "notify role-died ocsp" in a.log.read_text()
+
+
+def test_delegated_responder_answers_several_certificates_and_echoes_the_nonce(appliance_factory, tmp_path):
+    a, root, issuing, chain = _setup(appliance_factory, tmp_path)
+    one, two = _issue(a, tmp_path, "one"), _issue(a, tmp_path, "two")
+    _wait_for(a, issuing, chain, two, "good", "-no_nonce")
+    a.cli("revoke", "--ca", "issuing", format(x509.load_pem_x509_certificate(two.read_bytes()).serial_number, "x"),
+          "--reason", "superseded")
+    _wait_for(a, issuing, chain, two, "revoked", "-no_nonce")
+    # Without a delegated responder, two CertIDs in one request cannot be answered.
+    r = openssl("ocsp", "-issuer", str(issuing), "-cert", str(one), "-cert", str(two), "-url", f"{a.endpoint}/ocsp",
+                "-CAfile", str(chain), check=False)
+    assert "unauthorized" in (r.stdout + r.stderr).decode().lower()
+    resp_pem = tmp_path / "responder.pem"
+    a.cli("ocsp", "responder-cert", "--ca", "issuing", "--out", str(resp_pem))
+    rc = x509.load_pem_x509_certificate(resp_pem.read_bytes())
+    assert x509.ExtendedKeyUsageOID.OCSP_SIGNING in rc.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    deadline = time.monotonic() + BOUND
+    while True:  # two certificates and a nonce: signed live by the responder key, nonce echoed
+        r = openssl("ocsp", "-issuer", str(issuing), "-cert", str(one), "-cert", str(two), "-serial", "0x123456789",
+                    "-url", f"{a.endpoint}/ocsp", "-CAfile", str(chain), check=False)
+        if r.returncode == 0 and b"Response verify OK" in r.stderr:
+            break
+        assert time.monotonic() < deadline, (r.stdout + r.stderr).decode()
+        time.sleep(0.3)
+    out = r.stdout.decode()
+    assert f"{one}: good" in out and f"{two}: revoked" in out and "0x123456789: unknown" in out, out
+    assert "WARNING: no nonce" not in r.stderr.decode()
+    resp = tmp_path / "live.der"
+    openssl("ocsp", "-issuer", str(issuing), "-cert", str(one), "-url", f"{a.endpoint}/ocsp", "-CAfile", str(chain),
+            "-respout", str(resp))
+    assert lint.lint_ocsp_response(resp.read_bytes()) == []
+    # The key lives in the endpoint's own token, not in the CA token: the CIS holds no responder key.
+    assert (a.home / "ocsp-token" / "tokens").is_dir()

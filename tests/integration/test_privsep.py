@@ -28,8 +28,13 @@ def _maps(pid: int) -> str:
 def test_only_the_cis_maps_the_pkcs11_module(appliance):
     pids = appliance.role_pids()
     assert set(pids) == {"cis", "cis.1", "factory", "ocsp"}  # two signing processes by default
+    # The CIS processes reach the CA token; the endpoint maps the module for its own token (delegated
+    # responder keys only); the Factory and the supervisor never map it.
     for name, pid in pids.items():
-        assert ("libsofthsm2" in _maps(pid)) == name.startswith("cis"), name
+        assert ("libsofthsm2" in _maps(pid)) == (name.startswith("cis") or name == "ocsp"), name
+    with open(f"/proc/{pids['ocsp']}/environ", "rb") as f:
+        env = f.read().split(b"\0")
+    assert f"SOFTHSM2_CONF={appliance.home / 'ocsp-token' / 'softhsm2.conf'}".encode() in env
     assert "libsofthsm2" not in _maps(appliance.proc.pid)
 
 
@@ -61,6 +66,9 @@ def test_role_users_cannot_reach_each_others_state(appliance):
     token_file = next(tokens.iterdir())
     assert as_user("donjon-factory", str(token_file)) != 0
     assert as_user("donjon-factory", str(home / "pin")) != 0
+    assert as_user("donjon-ocsp", str(home / "cmdb" / "cmdb.sqlite")) != 0
+    assert as_user("donjon-ocsp", str(token_file)) != 0
+    assert as_user("donjon-cis", str(home / "ocsp-token" / "pin")) != 0
     # No role is reachable by a path: the only named socket is the admin socket, owned by root:admin.
     socks = [p for p in home.rglob("*") if p.is_socket()]
     assert socks == [home / "run" / "admin.sock"]
@@ -153,4 +161,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (1, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "2d7a327e5253192f9adf56f4dba903aeed423ad7616f5a1a0e5241bc0f21a701"
+PINNED_SCHEMA_HASH = "214c66aa7115e2541be5823edf48aff3f33cf9579dc2549343b990d5cabe9de6"
