@@ -140,3 +140,42 @@ def test_fuzz_mutated_der(seed, edits):
         else:
             data[i:i] = data[i:i + (val % 16)]
     _check(bytes(data))
+
+
+# ---------------------------------------------------------------- the hand-read fast path
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from appliance.ocsp.request import _fast, _parse  # noqa: E402
+
+
+def _certid_request(alg: str, null: bool, nh: bytes, kh: bytes, serial: int) -> bytes:
+    from asn1crypto import ocsp as a
+    algo = {"algorithm": alg}
+    if null:
+        from asn1crypto import core as c
+        algo["parameters"] = c.Null()
+    return a.OCSPRequest({"tbs_request": {"request_list": [{"req_cert": {
+        "hash_algorithm": algo, "issuer_name_hash": nh, "issuer_key_hash": kh, "serial_number": serial}}]}}).dump()
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from(["sha1", "sha256"]), st.booleans(), st.data(), st.integers(0, 2**160 - 1))
+def test_fast_path_reads_what_the_full_parser_reads(alg, null, data, serial):
+    hl = 20 if alg == "sha1" else 32
+    nh, kh = data.draw(st.binary(min_size=hl, max_size=hl)), data.draw(st.binary(min_size=hl, max_size=hl))
+    der = _certid_request(alg, null, nh, kh, serial)
+    fast = _fast(der)
+    assert fast is not None and fast == _parse(der)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.data())
+def test_fast_path_never_accepts_what_the_full_parser_refuses(data):
+    der = bytearray(_certid_request("sha1", True, b"\x01" * 20, b"\x02" * 20, 0x1234567890))
+    for _ in range(data.draw(st.integers(1, 3))):
+        der[data.draw(st.integers(0, len(der) - 1))] = data.draw(st.integers(0, 255))
+    fast = _fast(bytes(der))
+    if fast is not None:
+        assert fast == _parse(bytes(der))  # _parse raising here would fail the test
