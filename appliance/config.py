@@ -48,6 +48,7 @@ class Crl(_C):
 class Ocsp(_C):
     enabled: bool = True
     listen: str = "127.0.0.1:8080"  # host:port of the OCSP/CRL/CA-certificate HTTP endpoint (port 0: any free port)
+    workers: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1  # endpoint processes accepting on the one listener
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 1024
     read_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
     max_age: Annotated[int, msgspec.Meta(ge=0, le=7 * 86400)] = 3600
@@ -122,6 +123,7 @@ validity-hours = 168                          # nextUpdate = thisUpdate + this
 [ocsp]
 enabled = true
 listen = "127.0.0.1:8080"                     # the OCSP, CRL and CA-certificate HTTP endpoint
+workers = 1                                   # endpoint processes on that listener (each its own store)
 max-connections = 1024
 read-timeout = 10.0                           # seconds to receive a whole request
 max-age = 3600                                # cap on Cache-Control max-age

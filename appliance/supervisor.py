@@ -59,9 +59,9 @@ class Layout:
     def softhsm_conf(self) -> str:
         return os.path.join(self.softhsm, "softhsm2.conf")
 
-    @property
-    def ocsp(self) -> str:
-        return os.path.join(self.home, "ocsp")
+    def ocsp_store(self, role: str) -> str:
+        """Each endpoint process has its own store: HOME/ocsp, HOME/ocsp.1, ..."""
+        return os.path.join(self.home, role)
 
     @property
     def ocsp_token(self) -> str:
@@ -128,6 +128,7 @@ class Supervisor:
         self._event = trio.Event()
         self.stopping = False
         self.ocsp_stats: S.OcspStats | None = None
+        self._ocsp_stats: dict[str, S.OcspStats] = {}
         self.roles: dict[str, Role] = {}
         self.factory_status: S.StatusReport | None = None
         self.tokens: dict[str, bool] = {}
@@ -143,7 +144,8 @@ class Supervisor:
             raise SupervisorError(f"{self.home} does not exist (run `donjon init --home {self.home} --ceremony FILE`)")
         os.makedirs(L.cmdb, mode=0o700, exist_ok=True)
         os.makedirs(L.run, mode=0o750, exist_ok=True)
-        os.makedirs(L.ocsp, mode=0o700, exist_ok=True)
+        for name in self._endpoint_names():
+            os.makedirs(L.ocsp_store(name), mode=0o700, exist_ok=True)
         if self.cfg.hsm.embedded and self.cfg.ocsp.enabled:
             self.ocsp_pin = _ensure_softhsm_token(L.ocsp_token, "donjon-ocsp")
         if self.appliance:
@@ -151,12 +153,18 @@ class Supervisor:
             self.admin_gid = grp.getgrnam(privdrop.ADMIN_GROUP).gr_gid
             os.chmod(self.home, 0o711)
             _chown_tree(L.cmdb, self.ids["factory"])
-            _chown_tree(L.ocsp, self.ids["ocsp"])
+            for name in self._endpoint_names():
+                _chown_tree(L.ocsp_store(name), self.ids["ocsp"])
             _chown_tree(L.ocsp_token, self.ids["ocsp"])
             if self.cfg.hsm.embedded:
                 _chown_tree(L.softhsm, self.ids["cis"])
             os.chown(L.run, 0, self.admin_gid)
             os.chmod(L.run, 0o750)
+
+    def _endpoint_names(self) -> list[str]:
+        if not self.cfg.ocsp.enabled:
+            return []
+        return ["ocsp"] + [f"ocsp.{i}" for i in range(1, self.cfg.ocsp.workers)]
 
     def open_endpoint_socket(self) -> socket.socket:
         """The OCSP/CRL HTTP listener: opened here, handed to the OCSP role, never read by us."""
@@ -231,16 +239,16 @@ class Supervisor:
             self._sup_ends[name] = sup_cis
         if admin is not None:
             fac_fds["admin"] = admin.fileno()
-        if listen is not None:
+        for name in self._endpoint_names() if listen is not None else []:
             sup_ocsp, ocsp_sup = pair()
             fac_ocsp, ocsp_fac = pair()
-            fac_fds["factory-ocsp"] = fac_ocsp.fileno()
+            fac_fds["factory-" + name] = fac_ocsp.fileno()  # factory-ocsp, factory-ocsp.1, ...
             embedded = self.cfg.hsm.embedded
-            roles["ocsp"] = Role("ocsp", {"sup-ocsp": ocsp_sup.fileno(), "factory-ocsp": ocsp_fac.fileno(),
-                                          "listen": listen.fileno()}, rw=[L.ocsp] + ([L.ocsp_token] if embedded else []),
-                                 ro=[module_dir, "/etc/softhsm"] if embedded else [],
-                                 env={"SOFTHSM2_CONF": os.path.join(L.ocsp_token, "softhsm2.conf")} if embedded else {})
-            self._sup_ends["ocsp"] = sup_ocsp
+            roles[name] = Role(name, {"sup-ocsp": ocsp_sup.fileno(), "factory-ocsp": ocsp_fac.fileno(),
+                                      "listen": listen.fileno()}, rw=[L.ocsp_store(name)] + ([L.ocsp_token] if embedded else []),
+                               ro=[module_dir, "/etc/softhsm"] if embedded else [],
+                               env={"SOFTHSM2_CONF": os.path.join(L.ocsp_token, "softhsm2.conf")} if embedded else {})
+            self._sup_ends[name] = sup_ocsp
         roles["factory"] = Role("factory", fac_fds, rw=[L.cmdb])
         self._sup_ends["factory"] = sup_fac
         if self.cfg.snmp.enabled:
@@ -285,7 +293,7 @@ class Supervisor:
             o = self.cfg.ocsp
             embedded = self.cfg.hsm.embedded and self.ocsp_pin is not None
             await role.chan.send(S.OcspConfig(
-                store_dir=self.layout.ocsp, max_connections=o.max_connections, read_timeout=o.read_timeout, max_age=o.max_age,
+                store_dir=self.layout.ocsp_store(role.name), max_connections=o.max_connections, read_timeout=o.read_timeout, max_age=o.max_age,
                 token_module=self.cfg.hsm.module if embedded else None, token_pin=self.ocsp_pin if embedded else None,
                 softhsm_conf=os.path.join(self.layout.ocsp_token, "softhsm2.conf") if embedded else None))
         else:
@@ -308,7 +316,8 @@ class Supervisor:
                     self.factory_status = m
                     continue
                 if isinstance(m, S.OcspStats):
-                    self.ocsp_stats = m
+                    self._ocsp_stats[role.name] = m
+                    self.ocsp_stats = m = _sum_stats(list(self._ocsp_stats.values()))
                     factory = self.roles.get("factory")
                     if factory is not None and factory.chan is not None and not self.stopping:
                         await factory.chan.send(m)  # the admin API (Factory) answers `donjon ocsp status`
@@ -376,7 +385,7 @@ class Supervisor:
                 fac_end, role_fac = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 mine += [fac_end, role_fac]
                 role.fds.update({"factory-ocsp": role_fac.fileno(), "listen": self.listen.fileno()})
-                await self.roles["factory"].chan.send_fd(S.NewLink(link="factory-ocsp"), fac_end.fileno())
+                await self.roles["factory"].chan.send_fd(S.NewLink(link="factory-ocsp", role=role.name), fac_end.fileno())
             self._sup_ends[role.name] = sup_end
             await self._start(role)
         finally:
@@ -550,6 +559,16 @@ class Supervisor:
 def subprocess_devnull() -> int:
     import subprocess
     return subprocess.DEVNULL
+
+
+def _sum_stats(all_stats: list[S.OcspStats]) -> S.OcspStats:
+    """The endpoint's counters over all its processes (each holds every response: the max, not the sum)."""
+    olds = [s.oldest_this_update for s in all_stats if s.oldest_this_update is not None]
+    return S.OcspStats(
+        requests=sum(s.requests for s in all_stats), good=sum(s.good for s in all_stats),
+        revoked=sum(s.revoked for s in all_stats), unauthorized=sum(s.unauthorized for s in all_stats),
+        malformed=sum(s.malformed for s in all_stats), errors=sum(s.errors for s in all_stats),
+        responses_held=max((s.responses_held for s in all_stats), default=0), oldest_this_update=min(olds) if olds else None)
 
 
 def _ensure_softhsm_token(folder: str, label: str) -> str:

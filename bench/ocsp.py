@@ -328,10 +328,14 @@ def profile(pid: int, seconds: float, out: Path) -> dict:
 # ---------------------------------------------------------------- Donjon (appliance)
 
 
+WORKERS = 1  # endpoint processes (ocsp.workers); bench.run --ocsp-workers sets it
+
+
 def _set_listen_any_port(home: Path) -> None:
     cfg = home / "donjon.toml"
     text = cfg.read_text()
     new = re.sub(r'(?m)^listen = "127\.0\.0\.1:8080"', 'listen = "127.0.0.1:0"', text, count=1)
+    new = re.sub(r'(?m)^workers = 1\b', f"workers = {WORKERS}", new, count=1)
     if new == text:
         if "[ocsp]" in text:
             raise common.BenchError("cannot set ocsp.listen in donjon.toml")

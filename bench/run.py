@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ocsp-certs", type=int, help="OCSP: certificates served (default 100000, --quick 10000)")
     ap.add_argument("--ocsp-big", type=int, help="OCSP: responses for the start-up test (default 1000000, --quick 200000)")
     ap.add_argument("--ocsp-duration", type=float, default=5.0, help="OCSP: seconds of wrk per point")
+    ap.add_argument("--ocsp-workers", type=int, default=1, help="OCSP: endpoint processes on the listener (ocsp.workers)")
     ap.add_argument("--ocsp-profile", action="store_true", help="OCSP: py-spy the endpoint during one more run")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (appliance homes, CA dirs)")
     ap.add_argument("--out", default=str(OUT / "results.json"))
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
             results["crl"] = crl.run(work, sizes)
             tables.append(crl.table(results["crl"]))
         if a.only in (None, "ocsp"):
+            ocsp.WORKERS = a.ocsp_workers
             results["ocsp"] = ocsp.run(work, a.ocsp_certs or (10_000 if a.quick else 100_000),
                                        a.ocsp_big or (200_000 if a.quick else 1_000_000), a.ocsp_duration,
                                        a.ocsp_profile)

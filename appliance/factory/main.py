@@ -162,21 +162,27 @@ async def main(fds: dict[str, int], drop) -> None:
         n.start_soon(f.crl_scheduler)
         n.start_soon(f.ocsp.run)
         n.start_soon(f.status_reporter, sup.send)
-        endpoint = trio.CancelScope()
+        endpoints: dict[str, trio.CancelScope] = {}
 
-        async def serve_endpoint(fd: int, scope: trio.CancelScope) -> None:
+        async def serve_endpoint(fd: int, role: str, scope: trio.CancelScope) -> None:
             with scope:
                 chan = Channel.from_fd(fd, "factory-ocsp", S.OcspToFactory)
                 try:
-                    await f.ocsp.serve_endpoint(chan)
+                    await f.ocsp.serve_endpoint(chan, role)
                 except ProtocolViolation as e:
-                    _log(f"OCSP endpoint link: {e}")  # the supervisor restarts the endpoint with a new link
+                    _log(f"OCSP endpoint link ({role}): {e}")  # the supervisor restarts it with a new link
                 finally:
-                    if f.ocsp_feed is chan:
-                        f.ocsp_feed = None
+                    if f.ocsp_feeds.get(role) is chan:
+                        del f.ocsp_feeds[role]
                     await chan.aclose()
-        if "factory-ocsp" in fds:
-            n.start_soon(serve_endpoint, fds["factory-ocsp"], endpoint)
+
+        def start_endpoint(fd: int, role: str) -> None:
+            if role in endpoints:
+                endpoints[role].cancel()
+            endpoints[role] = trio.CancelScope()
+            n.start_soon(serve_endpoint, fd, role, endpoints[role])
+        for key in sorted(k for k in fds if k.split(".")[0] == "factory-ocsp"):
+            start_endpoint(fds[key], "ocsp" + key[len("factory-ocsp"):])  # factory-ocsp.1 -> ocsp.1
         if admin_sock is not None:
             listener = trio.SocketListener(trio.socket.from_stdlib_socket(admin_sock))
             limiter = trio.CapacityLimiter(MAX_ADMIN_CONNECTIONS)
@@ -194,9 +200,7 @@ async def main(fds: dict[str, int], drop) -> None:
             if isinstance(m, S.OcspStats):
                 f.ocsp_stats = m
             elif isinstance(m, S.NewLink):
-                endpoint.cancel()
-                endpoint = trio.CancelScope()
-                n.start_soon(serve_endpoint, sup.take_fd(), endpoint)
+                start_endpoint(sup.take_fd(), m.role)
             elif isinstance(m, S.AutoActivate):
                 try:
                     await f.activate(m.pin, "supervisor:pin-file")

@@ -120,24 +120,24 @@ class OcspProducer:
                 self.produced += len(items)
                 await self.publish(S.PublishResponses(ca=ca, responses=published, seq=seq))
 
-    async def publish(self, msg) -> None:
-        chan = self.f.ocsp_feed
-        if chan is None:
-            return
-        try:
-            await chan.send(msg)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.f.ocsp_feed = None
+    async def publish(self, msg, only: Channel | None = None) -> None:
+        """Send to every connected endpoint process (or to one, during its resync)."""
+        for name, chan in list(self.f.ocsp_feeds.items()) if only is None else [("", only)]:
+            try:
+                await chan.send(msg)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                if self.f.ocsp_feeds.get(name) is chan:
+                    del self.f.ocsp_feeds[name]
 
-    async def publish_crl(self, ca: str, number: int) -> None:
-        if self.f.ocsp_feed is None:
+    async def publish_crl(self, ca: str, number: int, only: Channel | None = None) -> None:
+        if not self.f.ocsp_feeds and only is None:
             return
         chunks = [c async for c in self.f.crl_chunks(ca, number)]
         for i, c in enumerate(chunks):
-            await self.publish(S.PublishCrl(ca=ca, number=number, data=c, last=i == len(chunks) - 1))
+            await self.publish(S.PublishCrl(ca=ca, number=number, data=c, last=i == len(chunks) - 1), only)
 
-    async def serve_endpoint(self, chan: Channel) -> None:
-        """The endpoint's link: resume from its sequence number, then push as things change."""
+    async def serve_endpoint(self, chan: Channel, role: str = "ocsp") -> None:
+        """One endpoint process's link: resume from its sequence number, then push as things change."""
         f = self.f
         await chan.handshake()
         resume = await chan.recv()
@@ -145,13 +145,13 @@ class OcspProducer:
             raise ProtocolViolation(f"factory-ocsp: expected OcspResume, got {type(resume).__name__}")
         while f.db is None:  # nothing to feed before activation; the endpoint serves its own store
             await trio.sleep(0.2)
-        f.ocsp_feed = chan
+        f.ocsp_feeds[role] = chan
         for name, _, _, _, der in [tuple(r) for r in await f.run_db(lambda: f.db.db.execute(
                 "SELECT name, key_type, parent, profile, cert FROM cas").fetchall())]:
-            await self.publish(S.PublishCa(ca=name, cert=der))
+            await self.publish(S.PublishCa(ca=name, cert=der), chan)
             number = await f.run_db(lambda n=name: f.db.db.execute("SELECT max(number) FROM crls WHERE ca=?", (n,)).fetchone()[0])
             if number:
-                await self.publish_crl(name, number)
+                await self.publish_crl(name, number, chan)
         after = resume.seq
         for _ in range(1 << 30):
             rows = await f.run_db(lambda a=after: f.db.db.execute(
@@ -164,7 +164,7 @@ class OcspProducer:
                 resp = []
                 for _, serial, tu, nu, sha1, sha256, _ in group:
                     resp += [(serial, h, tu, nu, d) for h, d in (("sha1", sha1), ("sha256", sha256)) if d]
-                await self.publish(S.PublishResponses(ca=ca, responses=resp, seq=group[-1][6]))
+                await self.publish(S.PublishResponses(ca=ca, responses=resp, seq=group[-1][6]), chan)
             after = rows[-1][6]
         self.poke()
         while True:  # after OcspResume the endpoint only answers our requests (responder keys)
@@ -175,7 +175,8 @@ class OcspProducer:
             waiter.send_nowait(m)
 
     async def request_responder_key(self, ca: str) -> S.ResponderKey:
-        chan = self.f.ocsp_feed
+        """The first endpoint process makes the key; every process shares the endpoint's token."""
+        chan = self.f.ocsp_feeds.get("ocsp") or next(iter(self.f.ocsp_feeds.values()), None)
         if chan is None:
             raise CisRefused("not-found", "the OCSP endpoint is not connected")
         self._ids += 1

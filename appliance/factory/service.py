@@ -96,7 +96,7 @@ class Factory:
         self._crl_locks: dict[str, trio.Lock] = {}
         self._crl_dirty: set[str] = set()
         self._crl_wake = trio.Event()
-        self.ocsp_feed: Channel | None = None  # the OCSP endpoint's link, when it runs
+        self.ocsp_feeds: dict[str, Channel] = {}  # the endpoint processes' links, by role name, when they run
         self.ocsp_stats: S.OcspStats | None = None  # the endpoint's counters, relayed by the supervisor
         self.ocsp = OcspProducer(self)
         self.stats = {"issued": 0, "refused": 0, "revoked": 0, "crls": 0}
@@ -717,7 +717,7 @@ class Factory:
                 "next_refresh": rf, "queued": queued.get(ca, 0), "lapsed": nu is not None and nu <= now}
                for ca, n, rev, tu, nu, rf in rows]
         st = self.ocsp_stats
-        return {"endpoint_connected": self.ocsp_feed is not None, "cas": cas,
+        return {"endpoint_connected": bool(self.ocsp_feeds), "endpoints": sorted(self.ocsp_feeds), "cas": cas,
                 "endpoint": msgspec.structs.asdict(st) if st else None}
 
     async def status_reporter(self, send) -> None:

@@ -108,6 +108,7 @@ class NewLink(_Msg, tag="new-link"):
     """A restarted role's link, its descriptor attached (SCM_RIGHTS): the receiver drops the old one."""
 
     link: Literal["factory-ocsp"]
+    role: Name = "ocsp"  # which endpoint process ("ocsp", "ocsp.1", ...)
 
 
 class Ceremony(_Msg, tag="ceremony"):

@@ -26,12 +26,12 @@ def _free_port() -> int:
     return port
 
 
-def _setup(appliance_factory, tmp_path):
+def _setup(appliance_factory, tmp_path, workers: int = 1):
     port = _free_port()
     a = appliance_factory(start=False)
     # The CRL DP and AIA URLs must name where the endpoint listens.
     cfg = a.home / "donjon.toml"
-    cfg.write_text(f'[ocsp]\nlisten = "127.0.0.1:{port}"\n[endpoint]\nbase-url = "http://127.0.0.1:{port}"\n')
+    cfg.write_text(f'[ocsp]\nlisten = "127.0.0.1:{port}"\nworkers = {workers}\n[endpoint]\nbase-url = "http://127.0.0.1:{port}"\n')
     a.start()
     root = a.export("root", tmp_path / "root.pem")
     issuing = a.export("issuing", tmp_path / "issuing.pem")
@@ -195,3 +195,25 @@ def test_delegated_responder_answers_several_certificates_and_echoes_the_nonce(a
     assert lint.lint_ocsp_response(resp.read_bytes()) == []
     # The key lives in the endpoint's own token, not in the CA token: the CIS holds no responder key.
     assert (a.home / "ocsp-token" / "tokens").is_dir()
+
+
+def test_several_endpoint_processes_share_the_listener(appliance_factory, tmp_path):
+    import os
+    a, root, issuing, chain = _setup(appliance_factory, tmp_path, workers=2)
+    pids = a.role_pids()
+    assert {"ocsp", "ocsp.1"} <= set(pids)
+    leaf = _issue(a, tmp_path, "both")
+    for _ in range(20):  # whichever process accepts, the answer is the same
+        _wait_for(a, issuing, chain, leaf, "good", "-no_nonce")
+    for store in ("ocsp", "ocsp.1"):  # each process keeps its own store
+        assert any((a.home / store).iterdir())
+    os.kill(pids["ocsp.1"], 9)
+    deadline = time.monotonic() + BOUND
+    while a.role_pids().get("ocsp.1") in (None, pids["ocsp.1"]):
+        assert time.monotonic() < deadline and a.proc.poll() is None, a.log.read_text()
+        time.sleep(0.2)
+    later = _issue(a, tmp_path, "later")
+    for _ in range(20):
+        _wait_for(a, issuing, chain, later, "good", "-no_nonce")
+    st = a.cli("ocsp", "status", "--json").stdout
+    assert b'"ocsp.1"' in st and b'"ocsp"' in st

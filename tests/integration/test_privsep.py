@@ -161,4 +161,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (1, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "214c66aa7115e2541be5823edf48aff3f33cf9579dc2549343b990d5cabe9de6"
+PINNED_SCHEMA_HASH = "ca34c6904e6ba9fd89b34551a60212acf2c127c4aace944b48f37977ccd951e4"
