@@ -416,12 +416,36 @@ class Factory:
             p.result = o
             self.stats["issued" if o.cert else "refused"] += 1
 
+    async def _issue_one(self, ca: str, item: S.IssueItem, serial: int, actor: str, action: str,
+                         request: bytes | None, detail: str = "") -> x509.Certificate:
+        """Reserve the serial, have the CIS sign one certificate, store it with its audit record.
+        A refusal voids the serial (audited) and raises FactoryError."""
+        db = self._require_active()
+        await self.run_db(self._reserve, [(serial, ca, request)])
+        try:
+            reply = await self.cis.request(S.Issue(id=self.cis.new_id(), ca=ca, self_signed=False, items=[item]))
+            o = reply.outcomes[0]
+            if o.cert is None:
+                raise CisRefused("policy", o.error or "refused")
+        except CisRefused as e:
+            await self.run_db(self._void, [serial], actor, action, e.reason)
+            raise FactoryError(e.code, e.reason) from None
+        cert = x509.load_der_x509_certificate(o.cert)
+
+        def store():
+            with db.tx():
+                self._store_cert(serial, ca, item.profile, cert, o.cert, request)
+                db.audit(actor, action, f"{ca}/{serial:x}", "ok", detail or _cn(cert))
+        await self.run_db(store)
+        self.ocsp.poke()
+        return cert
+
     async def sign_csr_ca(self, req: S.ACaSignCsr, actor: str) -> dict[str, Any]:
         """An external subordinate CA: the offline root's main job."""
         profile = self.profiles.get(req.profile)
         if profile is None or profile.kind != "sub-ca":
             raise FactoryError("policy", f"profile {req.profile!r} is not a subordinate-CA profile")
-        db = self._require_active()
+        self._require_active()
         try:
             info = await trio.to_thread.run_sync(csrcheck.check_csr, req.csr, profile)
         except PolicyError as e:
@@ -434,23 +458,7 @@ class Factory:
         serial = new_serial()
         item = S.IssueItem(profile=req.profile, spki=info.public_key_der, subject=info.subject, sans=info.sans,
                            serial=serial_bytes(serial), validity=S.Validity(now, not_after), path_length=req.path_length)
-        await self.run_db(self._reserve, [(serial, req.parent, req.csr)])
-        try:
-            reply = await self.cis.request(S.Issue(id=self.cis.new_id(), ca=req.parent, self_signed=False, items=[item]))
-            o = reply.outcomes[0]
-            if o.cert is None:
-                raise CisRefused("policy", o.error or "refused")
-        except CisRefused as e:
-            await self.run_db(self._void, [serial], actor, "ca-sign-csr", e.reason)
-            raise FactoryError(e.code, e.reason) from None
-        cert = x509.load_der_x509_certificate(o.cert)
-
-        def store():
-            with db.tx():
-                self._store_cert(serial, req.parent, req.profile, cert, o.cert, req.csr)
-                db.audit(actor, "ca-sign-csr", f"{req.parent}/{serial:x}", "ok", _cn(cert))
-        await self.run_db(store)
-        self.ocsp.poke()
+        cert = await self._issue_one(req.parent, item, serial, actor, "ca-sign-csr", req.csr)
         return {"serial": f"{serial:x}", "cert": cert.public_bytes(serialization.Encoding.PEM).decode()}
 
     # ------------------------------------------------------------ certificates
@@ -666,7 +674,7 @@ class Factory:
     async def ocsp_responder_cert(self, ca: str, days: int, actor: str) -> dict[str, Any]:
         """A delegated responder for CA `ca`: the endpoint makes the key in its own token, the CA
         certifies it under the ocsp-responder profile (id-kp-OCSPSigning, ocsp-nocheck)."""
-        db = self._require_active()
+        self._require_active()
         row = await self.ca_row(ca)
         ca_cert = x509.load_der_x509_certificate(row[4])
         try:
@@ -681,24 +689,9 @@ class Factory:
         serial = new_serial()
         item = S.IssueItem(profile="ocsp-responder", spki=key.spki, subject=subject, sans=(), serial=serial_bytes(serial),
                            validity=S.Validity(now, min(now + days * 86400 - 1, int(ca_cert.not_valid_after_utc.timestamp()))))
-        await self.run_db(self._reserve, [(serial, ca, None)])
-        try:
-            reply = await self.cis.request(S.Issue(id=self.cis.new_id(), ca=ca, self_signed=False, items=[item]))
-            o = reply.outcomes[0]
-            if o.cert is None:
-                raise CisRefused("policy", o.error or "refused")
-        except CisRefused as e:
-            await self.run_db(self._void, [serial], actor, "ocsp-responder", e.reason)
-            raise FactoryError(e.code, e.reason) from None
-        cert = x509.load_der_x509_certificate(o.cert)
-
-        def store():
-            with db.tx():
-                self._store_cert(serial, ca, "ocsp-responder", cert, o.cert, None)
-                db.audit(actor, "ocsp-responder", f"{ca}/{serial:x}", "ok", f"key {key.label} in the endpoint's token")
-        await self.run_db(store)
-        await self.ocsp.publish(S.ResponderCert(ca=ca, label=key.label, cert=o.cert))
-        self.ocsp.poke()
+        cert = await self._issue_one(ca, item, serial, actor, "ocsp-responder", None, f"key {key.label} in the endpoint's token")
+        der = cert.public_bytes(serialization.Encoding.DER)
+        await self.ocsp.publish(S.ResponderCert(ca=ca, label=key.label, cert=der))
         return {"ca": ca, "serial": f"{serial:x}", "label": key.label, "not_after": cert.not_valid_after_utc.isoformat(),
                 "cert": cert.public_bytes(serialization.Encoding.PEM).decode()}
 
