@@ -182,6 +182,21 @@ class Appliance:
         self.stop()
 
 
+def open_stopped_cmdb(home: Path):
+    """Bench-only: open a stopped appliance's CMDB for a bulk load, unwrapping its key through the
+    token with the PIN file (what the CIS does at activation), with a large page cache."""
+    from appliance.factory.cmdb import Cmdb
+    from hsm.token import Token
+
+    os.environ["SOFTHSM2_CONF"] = str(home / "softhsm" / "softhsm2.conf")
+    tok = Token(SOFTHSM_MODULE, "donjon")
+    tok.login((home / "pin").read_text().strip())
+    key = tok.unwrap_db_key((home / "cmdb" / "cmdb.key").read_bytes())
+    db = Cmdb(str(home / "cmdb" / "cmdb.sqlite"), key)
+    db.db.execute("PRAGMA cache_size = -1000000")  # ~1 GB page cache for the bulk insert (random keys)
+    return db
+
+
 def proc_status_kb(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for ln in f:

@@ -72,18 +72,11 @@ def bench_serial(i: int) -> int:
 
 
 def _load_child(home: Path, n: int) -> dict:
-    from appliance.factory.cmdb import Cmdb, serial_bytes
-    from hsm.token import Token
+    from appliance.factory.cmdb import serial_bytes
 
-    os.environ["SOFTHSM2_CONF"] = str(home / "softhsm" / "softhsm2.conf")
-    pin = (home / "pin").read_text().strip()
-    tok = Token(common.SOFTHSM_MODULE, "donjon")
-    tok.login(pin)
-    key = tok.unwrap_db_key((home / "cmdb" / "cmdb.key").read_bytes())
     t0 = time.perf_counter()
-    db = Cmdb(str(home / "cmdb" / "cmdb.sqlite"), key)
+    db = common.open_stopped_cmdb(home)
     c = db.db
-    c.execute("PRAGMA cache_size = -1000000")  # bench-only: ~1 GB page cache for the bulk insert (random keys)
     now = int(time.time())
     nb, na = now - 86400, now + 300 * 86400
     inserted = 0

@@ -32,6 +32,36 @@ def encode(msg: Any) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
+class Frames:
+    """Sans-IO frame reader shared by every link flavour (trio, blocking, asyncio): feed bytes,
+    take whole messages. The length is checked against the link maximum before the body is read."""
+
+    def __init__(self, link: str, incoming: Any):
+        self.link = link
+        self.max = schema.MAX_FRAME[link]
+        self._decoder = msgspec.msgpack.Decoder(incoming)
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next(self) -> Any | None:
+        """The next message, or None while more bytes are needed."""
+        if len(self._buf) < 4:
+            return None
+        (length,) = _LEN.unpack_from(self._buf)
+        if length > self.max:
+            raise ProtocolViolation(f"{self.link}: frame of {length} bytes exceeds the link maximum {self.max}")
+        if len(self._buf) < 4 + length:
+            return None
+        body = bytes(self._buf[4:4 + length])
+        del self._buf[:4 + length]
+        try:
+            return self._decoder.decode(body)
+        except (msgspec.MsgspecError, ValueError, TypeError, OverflowError) as e:  # msgspec also raises UnicodeDecodeError
+            raise ProtocolViolation(f"{self.link}: undecodable frame: {e}") from None
+
+
 class Channel:
     """A trio stream carrying framed messages of one link.
 
@@ -43,9 +73,8 @@ class Channel:
         self.stream = stream
         self.link = link
         self.max = schema.MAX_FRAME[link]
-        self._decoder = msgspec.msgpack.Decoder(incoming)
+        self._frames = Frames(link, incoming)
         self._send_lock = trio.Lock()
-        self._buf = bytearray()
         self.accept_fds = accept_fds  # a link that may carry new links (SCM_RIGHTS): supervisor -> Factory
         self._fds: list[int] = []
 
@@ -89,25 +118,13 @@ class Channel:
             raise ProtocolViolation(f"{self.link}: too many descriptors in one message")
         return data
 
-    async def _read_exactly(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            chunk = await self._receive(max(65536, n - len(self._buf)))
+    async def recv(self) -> Any:
+        while (m := self._frames.next()) is None:
+            chunk = await self._receive(65536)
             if not chunk:
                 raise LinkClosed(f"{self.link}: peer closed the link")
-            self._buf += chunk
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
-
-    async def recv(self) -> Any:
-        (length,) = _LEN.unpack(await self._read_exactly(4))
-        if length > self.max:
-            raise ProtocolViolation(f"{self.link}: frame of {length} bytes exceeds the link maximum {self.max}")
-        body = await self._read_exactly(length)
-        try:
-            return self._decoder.decode(body)
-        except (msgspec.MsgspecError, ValueError, TypeError, OverflowError) as e:  # msgspec also raises UnicodeDecodeError
-            raise ProtocolViolation(f"{self.link}: undecodable frame: {e}") from None
+            self._frames.feed(chunk)
+        return m
 
     async def handshake(self) -> None:
         await self.send(schema.Hello(link=self.link, version=schema.VERSION))  # type: ignore[arg-type]
@@ -131,30 +148,18 @@ class SyncChannel:
     def __init__(self, sock: socket.socket, link: str, incoming: Any):
         self.sock = sock
         self.link = link
-        self.max = schema.MAX_FRAME[link]
-        self._decoder = msgspec.msgpack.Decoder(incoming)
+        self._frames = Frames(link, incoming)
 
     def send(self, msg: Any) -> None:
         self.sock.sendall(encode(msg))
 
-    def _read_exactly(self, n: int) -> bytes:
-        parts = []
-        while n:
-            chunk = self.sock.recv(min(n, 1 << 20))
+    def recv(self) -> Any:
+        while (m := self._frames.next()) is None:
+            chunk = self.sock.recv(1 << 20)
             if not chunk:
                 raise LinkClosed(f"{self.link}: peer closed the link")
-            parts.append(chunk)
-            n -= len(chunk)
-        return b"".join(parts)
-
-    def recv(self) -> Any:
-        (length,) = _LEN.unpack(self._read_exactly(4))
-        if length > self.max:
-            raise ProtocolViolation(f"{self.link}: frame of {length} bytes exceeds the link maximum")
-        try:
-            return self._decoder.decode(self._read_exactly(length))
-        except (msgspec.MsgspecError, ValueError, TypeError, OverflowError) as e:  # msgspec also raises UnicodeDecodeError
-            raise ProtocolViolation(f"{self.link}: undecodable frame: {e}") from None
+            self._frames.feed(chunk)
+        return m
 
     def handshake(self) -> None:
         self.send(schema.Hello(link=self.link, version=schema.VERSION))  # type: ignore[arg-type]

@@ -6,10 +6,8 @@ import asyncio
 import socket
 from typing import Any
 
-import msgspec
-
 from appliance.ipc import schema as S
-from appliance.ipc.channel import LinkClosed, ProtocolViolation, _LEN, check_hello, encode
+from appliance.ipc.channel import Frames, LinkClosed, check_hello, encode
 
 LINK = "sup-snmp"
 
@@ -20,31 +18,17 @@ class Link:
     def __init__(self, fd: int):
         self.sock = socket.socket(fileno=fd)
         self.sock.setblocking(False)
-        self.max = S.MAX_FRAME[LINK]
-        self._decoder = msgspec.msgpack.Decoder(S.SupToSnmp)
+        self._frames = Frames(LINK, S.SupToSnmp)
         self._lock = asyncio.Lock()
-        self._buf = bytearray()
-
-    async def _read_exactly(self, n: int) -> bytes:
-        loop = asyncio.get_running_loop()
-        while len(self._buf) < n:
-            chunk = await loop.sock_recv(self.sock, max(65536, n - len(self._buf)))
-            if not chunk:
-                raise LinkClosed(f"{LINK}: peer closed the link")
-            self._buf += chunk
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
 
     async def recv(self) -> Any:
-        (length,) = _LEN.unpack(await self._read_exactly(4))
-        if length > self.max:  # checked before the body is read
-            raise ProtocolViolation(f"{LINK}: frame of {length} bytes exceeds the link maximum {self.max}")
-        body = await self._read_exactly(length)
-        try:
-            return self._decoder.decode(body)
-        except (msgspec.MsgspecError, ValueError, TypeError, OverflowError) as e:
-            raise ProtocolViolation(f"{LINK}: undecodable frame: {e}") from None
+        loop = asyncio.get_running_loop()
+        while (m := self._frames.next()) is None:
+            chunk = await loop.sock_recv(self.sock, 65536)
+            if not chunk:
+                raise LinkClosed(f"{LINK}: peer closed the link")
+            self._frames.feed(chunk)
+        return m
 
     async def send(self, msg: Any) -> None:
         data = encode(msg)
