@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from appliance.client import AdminClient, ClientError, default_home
+from appliance.client import AdminClient, ClientError
 from appliance.ipc import schema as S
 
 app = typer.Typer(help="Donjon: a hardened certificate authority appliance.", no_args_is_help=True,

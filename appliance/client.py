@@ -19,10 +19,6 @@ class ClientError(Exception):
         self.code = code
 
 
-def default_home() -> str:
-    return os.environ.get("DONJON_HOME", "./var")
-
-
 class AdminClient:
     def __init__(self, home: str, timeout: float | None = 600):
         self.home = home

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -69,16 +67,7 @@ def _load_child(home: Path, start: int, stop: int) -> dict:
 
 def bulk_load(home: Path, start: int, stop: int) -> dict:
     """Insert entries [start, stop) while the appliance is stopped; restore file ownership for the roles."""
-    owners = {p: (p.stat().st_uid, p.stat().st_gid) for p in (home / "cmdb", home / "softhsm")}
-    r = subprocess.run([sys.executable, "-m", "bench.crl", "--load", str(home), str(start), str(stop)],
-                       capture_output=True, text=True, timeout=3600, cwd=common.REPO)
-    for top, (uid, gid) in owners.items():  # the child ran as root: give back what it created or touched
-        for dirpath, dirnames, filenames in os.walk(top):
-            for name in [*dirnames, *filenames]:
-                os.lchown(os.path.join(dirpath, name), uid, gid)
-    if r.returncode != 0:
-        raise common.BenchError(f"bulk load failed: {r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return common.run_bulk_load(home, "bench.crl", str(start), str(stop))
 
 
 # ---------------------------------------------------------------- measurements

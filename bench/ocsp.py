@@ -95,16 +95,7 @@ def _load_child(home: Path, n: int) -> dict:
 
 
 def bulk_load(home: Path, n: int) -> dict:
-    owners = {p: (p.stat().st_uid, p.stat().st_gid) for p in (home / "cmdb", home / "softhsm")}
-    r = subprocess.run([sys.executable, "-m", "bench.ocsp", "--load", str(home), str(n)],
-                       capture_output=True, text=True, timeout=3600, cwd=common.REPO)
-    for top, (uid, gid) in owners.items():  # the child ran as root: give back what it created or touched
-        for dirpath, dirnames, filenames in os.walk(top):
-            for name in [*dirnames, *filenames]:
-                os.lchown(os.path.join(dirpath, name), uid, gid)
-    if r.returncode != 0:
-        raise common.BenchError(f"bulk load failed: {r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return common.run_bulk_load(home, "bench.ocsp", str(n))
 
 
 # ---------------------------------------------------------------- requests, answers

@@ -22,12 +22,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from appliance.ipc import schema as S
+from appliance.ipc.channel import Channel
 from policy import crl as crlenc
 from policy import csr as csrcheck
 from policy import profiles as profmod
 from policy.errors import PolicyError
-
-from appliance.ipc.channel import Channel
 
 from .cis_link import CisLink, CisRefused
 from .ocsp import OcspProducer
