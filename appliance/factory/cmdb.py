@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import apsw
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 GENESIS = b"\x00" * 32
 
 _MIGRATIONS: dict[int, str] = {
@@ -102,6 +102,38 @@ _MIGRATIONS: dict[int, str] = {
     -- Certificates whose response must be (re)signed now: written in the issuance or revocation transaction.
     CREATE TABLE ocsp_queue(ca TEXT NOT NULL, serial BLOB NOT NULL, PRIMARY KEY (ca, serial)) WITHOUT ROWID;
     INSERT OR IGNORE INTO ocsp_queue SELECT ca, serial FROM certs;
+    """,
+    3: """
+    -- The Distribution queue: one row per publication, written in the transaction of the event that
+    -- caused it; done only when the agent acknowledged it. `ref` is the serial (cert, uncert) and
+    -- `number` the CRL or list number. Per destination, jobs go out in id order.
+    CREATE TABLE dist_jobs(
+        id INTEGER PRIMARY KEY,
+        rule TEXT NOT NULL,
+        action TEXT NOT NULL CHECK (action IN ('ca-cert', 'cert', 'uncert', 'crl', 'issued-serials')),
+        ca TEXT NOT NULL,
+        ref BLOB,
+        number INTEGER NOT NULL DEFAULT 0,
+        created INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'done', 'parked', 'superseded')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_at INTEGER,
+        last_error TEXT,
+        done_at INTEGER
+    );
+    CREATE INDEX dist_open ON dist_jobs(rule, state, id);
+    -- Signed issued-serials lists (policy/serials.py), numbered per CA like CRLs.
+    ALTER TABLE cas ADD COLUMN list_number INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE serials_lists(
+        ca TEXT NOT NULL,
+        number INTEGER NOT NULL,
+        this_update INTEGER NOT NULL,
+        next_update INTEGER NOT NULL,
+        entries INTEGER NOT NULL,
+        sha256 BLOB NOT NULL,
+        der BLOB NOT NULL,
+        PRIMARY KEY (ca, number)
+    );
     """,
 }
 

@@ -1,0 +1,126 @@
+"""The Distribution agent role: take jobs from the Factory, verify, publish, acknowledge.
+
+Stateless: the queue lives in the CMDB; this process holds the destinations' credentials in memory
+only (never logged) and reaches LDAP/HTTP servers outbound. One worker per destination publishes its
+jobs in order; a failure makes the rest of that round "not attempted" so the Factory resends them,
+in order, after its backoff. A broken destination never blocks the others.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import trio
+
+# Everything used after drop() is imported before it (Landlock, seccomp).
+import ldap3  # noqa: F401
+import ldap3.operation  # noqa: F401
+import ldap3.strategy.sync  # noqa: F401
+import http.client  # noqa: F401
+import ssl  # noqa: F401
+import encodings.idna  # noqa: F401 - host names with ldap3/http.client
+
+from appliance.ipc import schema as S
+from appliance.ipc.channel import Channel, ProtocolViolation
+
+from .publish import Job, PublishError, publisher_for, verify
+
+MAX_OBJECT = 256 * 1024 * 1024  # a CRL bigger than this is refused (the Factory never makes one)
+
+
+def _log(msg: str) -> None:
+    print(f"donjon[distribution {os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+
+
+class Worker:
+    """One destination: its publisher (a blocking client run in its own thread) and its queue."""
+
+    def __init__(self, rule: S.DistRule, ack):
+        self.rule = rule
+        self.publisher = publisher_for(rule)
+        self.send, self.recv = trio.open_memory_channel[tuple[S.DistJob, bytes]](1 << 16)
+        self.limiter = trio.CapacityLimiter(1)
+        self.ack = ack
+        self.failed_round: int | None = None
+
+    def _publish(self, job: Job) -> None:
+        verify(job)
+        self.publisher.publish(job)
+
+    async def run(self) -> None:
+        async for m, data in self.recv:
+            if self.failed_round is not None and m.round <= self.failed_round:
+                await self.ack(S.DistAck(id=m.id, outcome="failed", error="an earlier job of this destination failed",
+                                         attempted=False))
+                continue
+            self.failed_round = None
+            job = Job(action=m.action, ca=m.ca, ca_root=m.ca_root, issuer=m.issuer, subject=dict(m.subject),
+                      number=m.number, data=data)
+            try:
+                await trio.to_thread.run_sync(self._publish, job, limiter=self.limiter, abandon_on_cancel=True)
+            except PublishError as e:
+                if not e.permanent:
+                    self.failed_round = m.round
+                _log(f"{self.rule.name}: job {m.id} ({m.action} {m.ca}): {e}")
+                await self.ack(S.DistAck(id=m.id, outcome="permanent" if e.permanent else "failed", error=str(e)[:4000]))
+                continue
+            await self.ack(S.DistAck(id=m.id, outcome="done"))
+
+
+async def main(fds: dict[str, int], drop) -> None:
+    sup = Channel.from_fd(fds["sup-distribution"], "sup-distribution", S.SupToDist)
+    await sup.handshake()
+    cfg = await sup.recv()
+    if not isinstance(cfg, S.DistConfig):
+        raise ProtocolViolation("expected DistConfig")
+    fac = Channel.from_fd(fds["factory-distribution"], "factory-distribution", S.FactoryToDist)
+    drop()
+    lock = trio.Lock()
+
+    async def ack(a: S.DistAck) -> None:
+        async with lock:
+            await fac.send(a)
+
+    workers = {r.name: Worker(r, ack) for r in cfg.rules}
+    await sup.send(S.Ready(role="distribution", pid=os.getpid()))
+    async with trio.open_nursery() as n:
+        for w in workers.values():
+            n.start_soon(w.run)
+
+        async def from_supervisor():
+            while True:
+                m = await sup.recv()
+                if isinstance(m, S.Shutdown):
+                    n.cancel_scope.cancel()
+                    return
+                raise ProtocolViolation(f"unexpected {type(m).__name__} from the supervisor")
+        n.start_soon(from_supervisor)
+        await fac.handshake()
+        pending: dict[int, tuple[S.DistJob, list[bytes], int]] = {}
+        while True:
+            m = await fac.recv()
+            if isinstance(m, S.DistJob):
+                w = workers.get(m.rule)
+                if w is None or m.id in pending or m.size > MAX_OBJECT:
+                    raise ProtocolViolation(f"factory-distribution: bad job {m.id} for {m.rule!r}")
+                if m.size == 0:
+                    raise ProtocolViolation(f"factory-distribution: job {m.id} without an object")
+                pending[m.id] = (m, [], 0)
+            elif isinstance(m, S.DistData):
+                if m.id not in pending:
+                    raise ProtocolViolation(f"factory-distribution: data for unknown job {m.id}")
+                job, parts, got = pending[m.id]
+                parts.append(m.data)
+                got += len(m.data)
+                if got > job.size:
+                    raise ProtocolViolation(f"factory-distribution: job {m.id} longer than announced")
+                if got == job.size:
+                    del pending[m.id]
+                    workers[job.rule].send.send_nowait((job, b"".join(parts)))
+                else:
+                    pending[m.id] = (job, parts, got)
+            else:
+                raise ProtocolViolation(f"unexpected {type(m).__name__} from the Factory")
+    for w in workers.values():
+        w.publisher.close()

@@ -1,0 +1,160 @@
+"""The Distribution agent against a real slapd and a real HTTP receiver: publication, removal on
+revocation, outages, broken peers, and kill -9 of the whole appliance mid-publication."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtensionOID
+
+from policy import serials as serials_list
+from tests.conftest import make_csr, openssl
+from tests.servers import ADMIN_DN, ADMIN_PW, BASE, Receiver, Slapd
+
+
+@pytest.fixture
+def slapd(homes):
+    d = Slapd(homes / "slapd")
+    d.start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def receiver(homes):
+    r = Receiver(homes / "web", token="push-token")
+    yield r
+    r.stop()
+
+
+def rules(homes: Path, ldap_url: str, http_url: str | None = None, extra: str = "") -> str:
+    (homes / "ldap.secret").write_text(ADMIN_PW + "\n")
+    (homes / "web.secret").write_text("push-token\n")
+    cfg = f"""
+[distribution]
+backoff-max = 2
+[[distribution.rule]]
+name = "directory"
+url = "{ldap_url}"
+bind-dn = "{ADMIN_DN}"
+secret-file = "{homes / 'ldap.secret'}"
+publish = ["ca-cert", "certs", "crl"]
+profiles = ["user-auth"]
+dn = "cn={{CN}},ou=people,{BASE}"
+ca-dn = "cn={{CN}},ou=CAs,{BASE}"
+timeout = 2.0
+{extra}
+"""
+    if http_url:
+        cfg += f"""
+[[distribution.rule]]
+name = "web"
+url = "{http_url}/pub/{{name}}"
+secret-file = "{homes / 'web.secret'}"
+publish = ["ca-cert", "crl", "issued-serials"]
+cas = ["issuing"]
+"""
+    return cfg
+
+
+def dist_status(a) -> dict:
+    return json.loads(a.cli("dist", "status", "--json").stdout)
+
+
+def wait_drained(a, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        doc = dist_status(a)
+        if doc["agent"] and all(d["pending"] == 0 and d["in_flight"] == 0 for d in doc["destinations"]):
+            return doc
+        time.sleep(0.2)
+    raise AssertionError(f"backlog not drained in {timeout}s: {doc}")
+
+
+def issue_user(a, tmp: Path, cn: str) -> x509.Certificate:
+    csr = make_csr(tmp, cn.replace(" ", "_"), san=f"email:{cn.split()[0].lower()}@example.org", subj=f"/CN={cn}")
+    out = tmp / f"{cn.replace(' ', '_')}.pem"
+    a.cli("issue", "--ca", "issuing", "--profile", "user-auth", "--csr", str(csr), "--out", str(out))
+    return x509.load_pem_x509_certificate(out.read_bytes())
+
+
+def crl_number(der: bytes) -> int:
+    return x509.load_der_x509_crl(der).extensions.get_extension_for_oid(ExtensionOID.CRL_NUMBER).value.crl_number
+
+
+def test_publish_issue_revoke_ldap_and_http(appliance_factory, slapd, receiver, homes, tmp_path):
+    a = appliance_factory(config=rules(homes, slapd.url, receiver.url))
+    cert = issue_user(a, tmp_path, "Alice Example")
+    wait_drained(a)
+    dn = f"cn=Alice Example,ou=people,{BASE}"
+    values = slapd.search(dn, "userCertificate;binary")
+    assert len(values) == 1
+    (tmp_path / "alice.der").write_bytes(values[0])
+    text = openssl("x509", "-inform", "DER", "-in", str(tmp_path / "alice.der"), "-noout", "-serial", "-subject").stdout.decode()
+    assert f"serial={cert.serial_number:X}" in text and "Alice Example" in text
+    # CA entries carry their certificate and CRL (the root's also as the authority revocation list).
+    issuing = x509.load_pem_x509_certificate(a.export("issuing", tmp_path / "issuing.pem").read_bytes())
+    ca_dn = f"cn=Donjon Test Issuing CA,ou=CAs,{BASE}"
+    assert slapd.search(ca_dn, "cACertificate;binary") == [issuing.public_bytes(Encoding.DER)]
+    before = crl_number(slapd.search(ca_dn, "certificateRevocationList;binary")[0])
+    assert slapd.search(f"cn=Donjon Test Root CA,ou=CAs,{BASE}", "authorityRevocationList;binary")
+    # Over HTTP: the issuing CA's certificate and CRL, with the bearer token, as DER.
+    web = {row[1]: row for row in receiver.log()}
+    assert web["/pub/issuing.crl"][3] == "application/pkix-crl"
+    assert web["/pub/issuing.crt"][3] == "application/pkix-cert"
+
+    a.cli("revoke", "--ca", "issuing", f"{cert.serial_number:x}", "--reason", "keyCompromise")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        crls = slapd.search(ca_dn, "certificateRevocationList;binary")
+        if crls and crl_number(crls[0]) > before:
+            break
+        time.sleep(0.2)
+    wait_drained(a)
+    assert slapd.search(dn, "userCertificate;binary") == []  # removed on revocation
+    crl = x509.load_der_x509_crl(slapd.search(ca_dn, "certificateRevocationList;binary")[0])
+    assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+    pub = x509.load_der_x509_crl((receiver.dir / "pub_issuing.crl").read_bytes())
+    assert pub.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+    assert crl_number(pub.public_bytes(Encoding.DER)) > before
+    # The issued-serials list went over HTTP too, signed by the issuing CA, listing the certificate.
+    lst = serials_list.decode((receiver.dir / "pub_issuing.serials").read_bytes())
+    assert cert.serial_number in lst.serials
+    issuing.public_key().verify(lst.signature, lst.tbs, ec.ECDSA(serials_list.hash_for(lst.signature_oid)))
+    doc = dist_status(a)
+    assert {d["rule"] for d in doc["destinations"]} == {"directory", "web"}
+    assert all(d["parked"] == 0 and d["last_success"] for d in doc["destinations"])
+
+
+def test_slapd_outage_during_500_issuances(appliance_factory, slapd, homes, tmp_path):
+    """Every publication arrives exactly once in effect; nothing lost; the backlog drains."""
+    a = appliance_factory(config=rules(homes, slapd.url))
+    wait_drained(a)
+    slapd.stop()
+    csrs = []
+    for i in range(10):
+        csrs.append(str(make_csr(tmp_path, f"u{i}", san=f"email:u{i}@example.org", subj=f"/CN=user {i}")))
+    serials = set()
+    for round_ in range(50):  # 50 × 10 = 500 issuances while the directory is down
+        # Every CSR again: a new certificate (new serial) for the same subject each round.
+        out = tmp_path / f"r{round_}.pem"
+        a.cli("issue", "--ca", "issuing", "--profile", "user-auth", *sum((["--csr", c] for c in csrs), []), "--out", str(out))
+        for c in x509.load_pem_x509_certificates(out.read_bytes()):
+            serials.add(c.serial_number)
+    assert len(serials) == 500
+    doc = dist_status(a)
+    d = next(x for x in doc["destinations"] if x["rule"] == "directory")
+    assert d["pending"] >= 500 and d["last_error"]
+    slapd.start()
+    wait_drained(a, timeout=300)
+    seen = []
+    for i in range(10):
+        seen += [x509.load_der_x509_certificate(v).serial_number for v in slapd.search(f"cn=user {i},ou=people,{BASE}", "userCertificate;binary")]
+    assert sorted(seen) == sorted(serials)  # each exactly once (a value set: duplicates impossible, none missing)
+    assert dist_status(a)["destinations"][0]["parked"] == 0

@@ -1,0 +1,182 @@
+"""Real servers the Distribution tests and benchmarks publish to: a throwaway slapd on 127.0.0.1, and a
+small HTTP receiver (Python's http.server) that stores what is PUT/POSTed. Each is started on a free
+port and stopped by pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BASE = "dc=example,dc=org"
+ADMIN_DN = f"cn=admin,{BASE}"
+ADMIN_PW = "slapd-test-secret"
+
+SLAPD_CONF = """\
+include /etc/ldap/schema/core.schema
+include /etc/ldap/schema/cosine.schema
+include /etc/ldap/schema/inetorgperson.schema
+pidfile {dir}/slapd.pid
+modulepath /usr/lib/ldap
+moduleload back_mdb
+database mdb
+maxsize 1073741824
+suffix "{base}"
+rootdn "{admin}"
+rootpw {pw}
+directory {dir}/db
+"""
+
+SEED = f"""\
+dn: {BASE}
+objectClass: dcObject
+objectClass: organization
+dc: example
+o: Example
+
+dn: ou=people,{BASE}
+objectClass: organizationalUnit
+ou: people
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+class Slapd:
+    def __init__(self, root: Path):
+        self.dir = root
+        (root / "db").mkdir(parents=True, exist_ok=True)
+        self.conf = root / "slapd.conf"
+        self.conf.write_text(SLAPD_CONF.format(dir=root, base=BASE, admin=ADMIN_DN, pw=ADMIN_PW))
+        subprocess.run(["slapadd", "-f", str(self.conf), "-b", BASE], input=SEED.encode(), check=True, capture_output=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ldap://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["slapd", "-f", str(self.conf), "-h", f"ldap://127.0.0.1:{self.port}/", "-d", "0"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGCONT)
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.proc = None
+
+    def pause(self) -> None:
+        """The directory hangs: connections are accepted by the kernel, nothing answers."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def search(self, base: str, attr: str, filt: str = "(objectClass=*)", scope: str = "base") -> list[bytes]:
+        """Values of `attr` read back with the real `ldapsearch` (binary values come base64 in LDIF)."""
+        import base64
+
+        r = subprocess.run(["ldapsearch", "-LLL", "-x", "-H", self.url, "-D", ADMIN_DN, "-w", ADMIN_PW, "-o", "ldif-wrap=no",
+                            "-s", scope, "-b", base, filt, attr], capture_output=True, text=True)
+        if r.returncode == 32:  # no such object
+            return []
+        assert r.returncode == 0, r.stderr
+        out = []
+        for line in r.stdout.splitlines():
+            name, sep, value = line.partition(":: ")
+            if sep and name.lower() == attr.lower():
+                out.append(base64.b64decode(value))
+        return out
+
+
+RECEIVER = r'''
+import hashlib, http.server, os, socket, sys, threading, time
+mode, root, token = sys.argv[1], sys.argv[2], sys.argv[3]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def _store(self):
+        n = int(self.headers.get("Content-Length", "0"))
+        body = self.rfile.read(n)
+        if token != "-" and self.headers.get("Authorization") != "Bearer " + token:
+            self.send_response(401); self.send_header("Content-Length", "0"); self.end_headers(); return
+        if mode == "fail":
+            self.send_response(503); self.send_header("Content-Length", "0"); self.end_headers(); return
+        name = self.path.strip("/").replace("/", "_")
+        tmp = os.path.join(root, name + ".tmp")
+        with open(tmp, "wb") as f: f.write(body)
+        os.replace(tmp, os.path.join(root, name))
+        with open(os.path.join(root, "log"), "a") as f:
+            f.write(f"{self.command} {self.path} {len(body)} {self.headers.get('Content-Type')} {hashlib.sha256(body).hexdigest()}\n")
+        self.send_response(201); self.send_header("Content-Length", "0"); self.end_headers()
+    do_PUT = do_POST = _store
+if mode in ("ok", "fail"):
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    print(srv.server_address[1], flush=True)
+    srv.serve_forever()
+else:  # a broken peer (a fake: no real server misbehaves on demand): junk bytes, or silence
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(64)
+    print(s.getsockname()[1], flush=True)
+    held = []
+    while True:
+        c, _ = s.accept()
+        if mode == "garbage":
+            try:
+                c.recv(65536); c.sendall(b"\x30\x84\xff\xff\xff\xff garbage \x00\x01" * 8); c.close()
+            except OSError:
+                pass
+        else:
+            held.append(c)
+'''
+
+
+class Receiver:
+    """mode: ok (stores bodies), fail (503), garbage (junk bytes on any TCP request), hang (accepts, never answers)."""
+
+    def __init__(self, root: Path, mode: str = "ok", token: str | None = None):
+        self.dir = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-c", RECEIVER, mode, str(root), token or "-"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.port = int(self.proc.stdout.readline())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> list[list[str]]:
+        p = self.dir / "log"
+        return [ln.split() for ln in p.read_text().splitlines()] if p.exists() else []
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc.stdout.close()
