@@ -158,3 +158,84 @@ def test_slapd_outage_during_500_issuances(appliance_factory, slapd, homes, tmp_
         seen += [x509.load_der_x509_certificate(v).serial_number for v in slapd.search(f"cn=user {i},ou=people,{BASE}", "userCertificate;binary")]
     assert sorted(seen) == sorted(serials)  # each exactly once (a value set: duplicates impossible, none missing)
     assert dist_status(a)["destinations"][0]["parked"] == 0
+
+
+def _wait_for(pred, timeout: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _directory(a) -> dict:
+    return next(d for d in dist_status(a)["destinations"] if d["rule"] == "directory")
+
+
+@pytest.mark.parametrize("mode", ["garbage", "hang"])
+def test_broken_directory_no_crash_retried_visible(appliance_factory, homes, tmp_path, mode):
+    """A peer answering junk (a fake: slapd cannot be made to) or a real slapd frozen with SIGSTOP:
+    the agent survives, the job stays pending with a visible error, and later succeeds."""
+    if mode == "garbage":
+        broken = Receiver(homes / "junk", mode="garbage")
+        url = broken.url.replace("http", "ldap")
+    else:
+        broken = Slapd(homes / "frozen")
+        broken.start()
+        broken.pause()
+        url = broken.url
+    try:
+        a = appliance_factory(config=rules(homes, url))
+        pids = a.role_pids()
+        issue_user(a, tmp_path, "Carol Example")
+        d = _wait_for(lambda: (lambda x: x if x["last_error"] and x["consecutive_failures"] >= 2 else None)(_directory(a)),
+                      what="two failed attempts")
+        assert d["pending"] >= 1 and d["parked"] == 0
+        assert "slapd-test-secret" not in json.dumps(d)  # credentials never in errors
+        assert a.role_pids()["distribution"] == pids["distribution"]  # no crash, no restart
+        if mode == "hang":
+            broken.resume()  # the directory answers again: the backlog drains
+            wait_drained(a)
+            assert broken.search(f"cn=Carol Example,ou=people,{BASE}", "userCertificate;binary")
+    finally:
+        broken.stop()
+
+
+def test_http_refusal_parks_and_retry_requeues(appliance_factory, slapd, homes, tmp_path):
+    web = Receiver(homes / "web401", token="another-token")  # our token is refused: HTTP 401, permanent
+    try:
+        a = appliance_factory(config=rules(homes, slapd.url, web.url))
+        _wait_for(lambda: next(d for d in dist_status(a)["destinations"] if d["rule"] == "web")["parked"] >= 2,
+                  what="parked jobs")
+        parked = json.loads(a.cli("dist", "list", "--state", "parked", "--json").stdout)["jobs"]
+        assert parked and all("HTTP 401" in j["last_error"] for j in parked)
+        out = a.cli("dist", "retry", "--rule", "web").stdout.decode()
+        assert f"{len(parked)} job(s) back in the queue" in out
+        _wait_for(lambda: next(d for d in dist_status(a)["destinations"] if d["rule"] == "web")["parked"] == len(parked),
+                  what="parked again")
+        audit = a.cli("audit", "export").stdout.decode()
+        assert '"dist-park"' in audit and '"dist-retry"' in audit
+    finally:
+        web.stop()
+
+
+def test_kill9_mid_publication_resumes(appliance_factory, slapd, homes, tmp_path):
+    a = appliance_factory(config=rules(homes, slapd.url))
+    wait_drained(a)
+    slapd.pause()  # publications are in flight, none acknowledged
+    csrs = [str(make_csr(tmp_path, f"k{i}", san=f"email:k{i}@example.org", subj=f"/CN=kill {i}")) for i in range(20)]
+    out = tmp_path / "k.pem"
+    a.cli("issue", "--ca", "issuing", "--profile", "user-auth", *sum((["--csr", c] for c in csrs), []), "--out", str(out))
+    serials = {c.serial_number for c in x509.load_pem_x509_certificates(out.read_bytes())}
+    _wait_for(lambda: _directory(a)["in_flight"] or _directory(a)["last_error"], what="jobs in flight")
+    a.kill()  # the whole appliance, kill -9, mid-publication
+    slapd.resume()
+    a.start()
+    wait_drained(a)
+    seen = set()
+    for i in range(20):
+        seen |= {x509.load_der_x509_certificate(v).serial_number
+                 for v in slapd.search(f"cn=kill {i},ou=people,{BASE}", "userCertificate;binary")}
+    assert seen == serials
