@@ -104,6 +104,7 @@ class DistRuleCfg(_C):
     ca_entry_classes: tuple[str, ...] = ("applicationProcess", "pkiCA")
     method: Literal["PUT", "POST"] = "PUT"
     timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    connections: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4  # parallel connections; per object, order is kept
 
 
 class Distribution(_C):
@@ -319,7 +320,7 @@ def dist_rules(home: str, cfg: Config, with_secrets: bool) -> list[S.DistRule]:
                 remove_on_revoke=r.remove_on_revoke, bind_dn=r.bind_dn, username=r.username,
                 secret=secret if with_secrets else None, starttls=r.starttls, ca_file_pem=ca_pem, dn=r.dn, ca_dn=r.ca_dn,
                 entry_classes=r.entry_classes, entry_attributes=r.entry_attributes, ca_entry_classes=r.ca_entry_classes,
-                method=r.method, timeout=r.timeout), S.DistRule))
+                method=r.method, timeout=r.timeout, connections=r.connections), S.DistRule))
         except msgspec.ValidationError as e:
             raise ConfigError(f"{where}: {e}") from None
     return out

@@ -34,37 +34,55 @@ def _log(msg: str) -> None:
 
 
 class Worker:
-    """One destination: its publisher (a blocking client run in its own thread) and its queue."""
+    """One destination: `rule.connections` lanes, each a publisher (a blocking client in its own
+    thread) with its queue. An object (an entry, a CA's CRL, a URL) always takes the same lane, so
+    its jobs stay in order while different objects are published in parallel."""
 
     def __init__(self, rule: S.DistRule, ack):
         self.rule = rule
-        self.publisher = publisher_for(rule)
-        self.send, self.recv = trio.open_memory_channel[tuple[S.DistJob, bytes]](1 << 16)
-        self.limiter = trio.CapacityLimiter(1)
+        self.lanes = []
+        for _ in range(rule.connections):
+            send, recv = trio.open_memory_channel[tuple[S.DistJob, bytes]](1 << 16)
+            self.lanes.append((publisher_for(rule), send, recv, trio.CapacityLimiter(1)))
         self.ack = ack
         self.failed_round: int | None = None
 
-    def _publish(self, job: Job) -> None:
-        verify(job)
-        self.publisher.publish(job)
+    def submit(self, m: S.DistJob, data: bytes) -> None:
+        subject = tuple(kv for kv in m.subject if kv[0] != "serial")
+        key = (m.action if m.action not in ("cert", "uncert") else "cert", m.ca, subject)
+        self.lanes[hash(key) % len(self.lanes)][1].send_nowait((m, data))
+
+    def close(self) -> None:
+        for publisher, *_ in self.lanes:
+            publisher.close()
 
     async def run(self) -> None:
-        async for m, data in self.recv:
+        async with trio.open_nursery() as n:
+            for lane in self.lanes:
+                n.start_soon(self._lane, *lane)
+
+    async def _lane(self, publisher, send, recv, limiter) -> None:
+        def publish(job: Job) -> None:
+            verify(job)
+            publisher.publish(job)
+
+        async for m, data in recv:
             if self.failed_round is not None and m.round <= self.failed_round:
                 await self.ack(S.DistAck(id=m.id, outcome="failed", error="an earlier job of this destination failed",
                                          attempted=False))
                 continue
-            self.failed_round = None
             job = Job(action=m.action, ca=m.ca, ca_root=m.ca_root, issuer=m.issuer, subject=dict(m.subject),
                       number=m.number, data=data)
             try:
-                await trio.to_thread.run_sync(self._publish, job, limiter=self.limiter, abandon_on_cancel=True)
+                await trio.to_thread.run_sync(publish, job, limiter=limiter, abandon_on_cancel=True)
             except PublishError as e:
                 if not e.permanent:
-                    self.failed_round = m.round
+                    self.failed_round = max(self.failed_round or 0, m.round)
                 _log(f"{self.rule.name}: job {m.id} ({m.action} {m.ca}): {e}")
                 await self.ack(S.DistAck(id=m.id, outcome="permanent" if e.permanent else "failed", error=str(e)[:4000]))
                 continue
+            if self.failed_round is not None and m.round > self.failed_round:
+                self.failed_round = None  # a newer round went through: the destination is back
             await self.ack(S.DistAck(id=m.id, outcome="done"))
 
 
@@ -117,10 +135,10 @@ async def main(fds: dict[str, int], drop) -> None:
                     raise ProtocolViolation(f"factory-distribution: job {m.id} longer than announced")
                 if got == job.size:
                     del pending[m.id]
-                    workers[job.rule].send.send_nowait((job, b"".join(parts)))
+                    workers[job.rule].submit(job, b"".join(parts))
                 else:
                     pending[m.id] = (job, parts, got)
             else:
                 raise ProtocolViolation(f"unexpected {type(m).__name__} from the Factory")
     for w in workers.values():
-        w.publisher.close()
+        w.close()

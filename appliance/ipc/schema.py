@@ -95,6 +95,7 @@ class DistRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ca_entry_classes: tuple[Annotated[str, msgspec.Meta(max_length=64)], ...] = ("applicationProcess", "pkiCA")
     method: Literal["PUT", "POST"] = "PUT"
     timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    connections: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4  # parallel lanes; one object always takes the same lane
 
 
 # ---------------------------------------------------------------- supervisor <-> CIS
