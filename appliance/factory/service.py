@@ -30,6 +30,7 @@ from policy.errors import PolicyError
 
 from .cis_link import CisLink, CisRefused
 from .ocsp import OcspProducer
+from .tenants import TenantManager
 from .cmdb import Cmdb, CmdbError, serial_bytes, serial_int
 
 BACKDATE = 60  # seconds: tolerate client clock skew without predating the issuer
@@ -98,6 +99,7 @@ class Factory:
         self.ocsp_feeds: dict[str, Channel] = {}  # the endpoint processes' links, by role name, when they run
         self.ocsp_stats: S.OcspStats | None = None  # the endpoint's counters, relayed by the supervisor
         self.ocsp = OcspProducer(self)
+        self.tenants = TenantManager(self)  # CRL-fed OCSP tenants
         self.stats = {"issued": 0, "refused": 0, "revoked": 0, "crls": 0}
 
     # ------------------------------------------------------------ plumbing
@@ -693,6 +695,15 @@ class Factory:
         await self.ocsp.publish(S.ResponderCert(ca=ca, label=key.label, cert=der))
         return {"ca": ca, "serial": f"{serial:x}", "label": key.label, "not_after": cert.not_valid_after_utc.isoformat(),
                 "cert": cert.public_bytes(serialization.Encoding.PEM).decode()}
+
+    async def tenant_crl_received(self, tenant: str, der: bytes, source: str) -> str:
+        """Every tenant CRL enters here (officer upload, HTTP push, the Distribution agent's fetch):
+        verified, stored and audited, pushed to every endpoint; returns "accepted" or a one-line reason."""
+        return await self.tenants.crl_received(tenant, der, source)
+
+    def tenant_fetch_plan(self) -> list[tuple[str, list[str], float]]:
+        """What to fetch: (tenant, CRL URLs, next fetch unix time) for every tenant with URLs."""
+        return self.tenants.fetch_plan()
 
     async def ocsp_status(self) -> dict[str, Any]:
         """What the endpoint reports, and what the CMDB holds per CA (responses, queue, oldest, next refresh)."""
