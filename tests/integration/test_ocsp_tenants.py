@@ -290,3 +290,32 @@ def test_tenant_commands_refuse_bad_input(tenant, tmp_path):
     a.cli("ocsp", "tenant", "remove", "partner")
     assert tenants(a) == {}
     wait(a, ca, str(good), "unauthorized")
+
+
+def test_tenant_answered_by_every_endpoint_process(appliance_factory, tmp_path):
+    """Two endpoint processes: the key made by the first is used by both (one token), and a CRL
+    pushed to whichever process accepts the connection reaches both."""
+    a = appliance_factory(start=False)
+    cfg = a.home / "donjon.toml"
+    cfg.write_text(cfg.read_text().replace("[ocsp]\n", "[ocsp]\nworkers = 2\n", 1))
+    a.start()
+    ca = OpensslCa(tmp_path / "partner")
+    good, bad = ca.leaf("good"), ca.leaf("bad")
+    (tmp_path / "secret").write_text(SECRET)
+    a.cli("ocsp", "tenant", "add", "partner", "--ca-cert", str(ca.pem), "--push-secret-file", str(tmp_path / "secret"))
+    a.cli("ocsp", "tenant", "csr", "partner", "--out", str(tmp_path / "r.csr"))
+    a.cli("ocsp", "tenant", "update", "partner", "--responder-cert", str(ca.sign(tmp_path / "r.csr", tmp_path / "r.pem", "responder")))
+    assert push(a, "partner", ca.crl("one"), SECRET) == (200, "accepted")
+    wait(a, ca, str(bad), f"{bad}: good")
+    for _ in range(12):  # whichever process answers, the same status, verified
+        r = ask(a, ca, str(bad))
+        assert f"{bad}: good".encode() in r.stdout and b"Response verify OK" in r.stderr, r.stdout + r.stderr
+    ca.revoke(bad)
+    assert push(a, "partner", ca.crl("two"), SECRET) == (200, "accepted")
+    deadline = time.monotonic() + 15
+    streak = 0
+    while streak < 12:  # both processes switch to the new CRL
+        r = ask(a, ca, str(bad))
+        streak = streak + 1 if f"{bad}: revoked".encode() in r.stdout else 0
+        assert time.monotonic() < deadline, r.stdout + r.stderr
+    assert a.log.read_text().count("tenant partner: CRL #2 in use") == 2
