@@ -122,8 +122,9 @@ class TenantManager:
 
     def fetch_plan(self, now: float | None = None) -> list[tuple[str, list[str], float]]:
         """(tenant, CRL URLs, next fetch time) for every tenant with URLs: a refresh interval after
-        the last intake attempt, or at the current CRL's nextUpdate if sooner; at once when no CRL
-        is held; a minute after an attempt that found nothing newer once nextUpdate has passed.
+        the last intake attempt, or at the current CRL's nextUpdate if sooner; at once when nothing
+        was ever received; a minute after an attempt that brought no usable CRL while none is held,
+        or nothing newer once nextUpdate has passed.
         A fetch that fails before reaching `crl_received` is the fetcher's to back off."""
         now = time.time() if now is None else now
         plan = []
@@ -132,7 +133,7 @@ class TenantManager:
                 continue
             last = self.attempts.get(t.name) or t.crl_at
             if last is None or t.crl_next_update is None:
-                nxt = now if last is None else min(last + RETRY_SECONDS, now)
+                nxt = now if last is None else last + RETRY_SECONDS
             else:
                 nxt = last + t.refresh
                 nxt = min(nxt, t.crl_next_update if t.crl_next_update > last else last + RETRY_SECONDS)
