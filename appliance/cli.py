@@ -424,6 +424,10 @@ def ocsp_status(home: Home = "./var", as_json: JsonOut = False) -> None:
     typer.echo(f"endpoint: {'connected' if doc['endpoint_connected'] else 'not connected'}"
                + (f"; requests {ep['requests']} good {ep['good']} revoked {ep['revoked']} unauthorized {ep['unauthorized']} "
                   f"malformed {ep['malformed']} errors {ep['errors']} held {ep['responses_held']}" if ep else ""))
+    tc = doc.get("tenant_crls")
+    if tc and tc["tenants"]:
+        typer.echo(f"CRL-fed tenants: {tc['tenants']}; CRLs accepted {tc['accepted']} refused {tc['refused']} since start"
+                   " (see `donjon ocsp tenant list`)")
     for c in doc["cas"]:
         nu = datetime.utcfromtimestamp(c["earliest_next_update"]).isoformat() + "Z" if c["earliest_next_update"] else "-"
         typer.echo(f"{c['ca']:<16} responses {c['responses']:<8} revoked {c['revoked']:<6} queued {c['queued']:<6} "

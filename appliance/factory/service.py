@@ -721,7 +721,9 @@ class Factory:
                for ca, n, rev, tu, nu, rf in rows]
         st = self.ocsp_stats
         return {"endpoint_connected": bool(self.ocsp_feeds), "endpoints": sorted(self.ocsp_feeds), "cas": cas,
-                "endpoint": msgspec.structs.asdict(st) if st else None}
+                "endpoint": msgspec.structs.asdict(st) if st else None,
+                "tenant_crls": {"tenants": len(self.tenants.info), "accepted": self.tenants.accepted,
+                                "refused": self.tenants.refused}}
 
     async def status_reporter(self, send) -> None:
         """Every few seconds, the Factory's part of the appliance status (SNMP reads it)."""

@@ -214,6 +214,9 @@ def test_tenant_served_from_an_openssl_ca_crl(tenant, tmp_path):
         assert f"{bad}: revoked".encode() in r.stdout, r.stdout
     t = tenants(a)["partner"]
     assert t["crl_number"] == 2 and "lower than the current 2" in t["last_refusal"]
+    st = json.loads(a.cli("ocsp", "status", "--json").stdout)["tenant_crls"]
+    assert st == {"tenants": 1, "accepted": 2, "refused": 3}
+    assert b"CRLs accepted 2 refused 3" in a.cli("ocsp", "status").stdout
     audit = a.cli("audit", "export").stdout.decode()
     assert audit.count('"action":"tenant-crl","object":"partner","outcome":"refused"') == 3
     assert '"action":"tenant-crl","object":"partner#2","outcome":"ok"' in audit
