@@ -430,6 +430,10 @@ def ocsp_status(home: Home = "./var", as_json: JsonOut = False) -> None:
     typer.echo(f"endpoint: {'connected' if doc['endpoint_connected'] else 'not connected'}"
                + (f"; requests {ep['requests']} good {ep['good']} revoked {ep['revoked']} unauthorized {ep['unauthorized']} "
                   f"malformed {ep['malformed']} errors {ep['errors']} held {ep['responses_held']}" if ep else ""))
+    tc = doc.get("tenant_crls")
+    if tc and tc["tenants"]:
+        typer.echo(f"CRL-fed tenants: {tc['tenants']}; CRLs accepted {tc['accepted']} refused {tc['refused']} since start"
+                   " (see `donjon ocsp tenant list`)")
     for c in doc["cas"]:
         nu = datetime.utcfromtimestamp(c["earliest_next_update"]).isoformat() + "Z" if c["earliest_next_update"] else "-"
         typer.echo(f"{c['ca']:<16} responses {c['responses']:<8} revoked {c['revoked']:<6} queued {c['queued']:<6} "
@@ -511,6 +515,133 @@ def dist_retry(rule: Annotated[Optional[str], typer.Option(help="Only this desti
     """
     doc = call(home, S.ADistRetry, rule=rule, job=job)
     typer.echo(f"{doc['requeued']} job(s) back in the queue")
+
+
+# ---------------------------------------------------------------- OCSP: CRL-fed tenants
+
+tenant_app = typer.Typer(help="CRL-fed tenants: other CAs the endpoint answers for from their CRLs.", no_args_is_help=True)
+ocsp_app.add_typer(tenant_app, name="tenant")
+Unissued = Annotated[Optional[str], typer.Option("--unissued", help="A serial outside the issued-serials list: "
+                                                 "`unknown`, or `revoked` (RFC 6960 extended revoked).")]
+
+
+def _unissued(v: Optional[str]) -> Optional[str]:
+    if v is not None and v not in ("unknown", "revoked"):
+        fail("--unissued is `unknown` or `revoked`")
+    return v
+
+
+def _secret(path: Optional[str]) -> Optional[bytes]:
+    return read_file(path, "push secret file").strip() if path else None
+
+
+@tenant_app.command("add")
+def tenant_add(name: str,
+               ca_cert: Annotated[str, typer.Option("--ca-cert", help="The tenant CA's certificate (PEM or DER).")] = ...,
+               crl_url: Annotated[Optional[list[str]], typer.Option("--crl-url", help="Where its CRL is published (http://, ldap://); repeatable.")] = None,
+               refresh: Annotated[int, typer.Option(help="Seconds between scheduled CRL fetches (also fetched at nextUpdate).")] = 3600,
+               unissued: Unissued = "unknown",
+               push_secret_file: Annotated[Optional[str], typer.Option("--push-secret-file", help="A file holding the bearer secret that allows `PUT /tenant/NAME/crl`.")] = None,
+               home: Home = "./var") -> None:
+    """Answer OCSP for another CA from its CRL. Then: `tenant csr`, have that CA certify the CSR, `tenant update --responder-cert`.
+
+    Example: donjon ocsp tenant add partner --ca-cert partner-ca.pem --crl-url http://pki.partner.example/ca.crl
+    """
+    ca = der_of(read_file(ca_cert, "CA certificate"), "CA certificate")
+    doc = call(home, S.AOcspTenantAdd, name=name, ca_cert=ca, crl_urls=list(crl_url or []), refresh_seconds=refresh,
+               unissued=_unissued(unissued), push_secret=_secret(push_secret_file))
+    typer.echo(f"tenant {doc['name']} added: {doc['ca']}; next: donjon ocsp tenant csr {doc['name']} --out {doc['name']}-responder.csr")
+
+
+@tenant_app.command("update")
+def tenant_update(name: str,
+                  responder_cert: Annotated[Optional[str], typer.Option("--responder-cert", help="The OCSP-signing certificate the tenant CA issued for `tenant csr` (PEM or DER).")] = None,
+                  crl_url: Annotated[Optional[list[str]], typer.Option("--crl-url", help="Replace the CRL URLs; repeatable.")] = None,
+                  refresh: Annotated[Optional[int], typer.Option(help="Seconds between scheduled CRL fetches.")] = None,
+                  unissued: Unissued = None,
+                  push_secret_file: Annotated[Optional[str], typer.Option("--push-secret-file", help="Replace the push bearer secret.")] = None,
+                  home: Home = "./var") -> None:
+    """Change a tenant; `--responder-cert` installs its delegated responder (checked: that key, that CA, id-kp-OCSPSigning).
+
+    Example: donjon ocsp tenant update partner --responder-cert partner-responder.pem
+    """
+    cert = der_of(read_file(responder_cert, "responder certificate"), "responder certificate") if responder_cert else None
+    doc = call(home, S.AOcspTenantUpdate, name=name, crl_urls=list(crl_url) if crl_url else None, refresh_seconds=refresh,
+               unissued=_unissued(unissued), push_secret=_secret(push_secret_file), responder_cert=cert)
+    msg = f"tenant {doc['name']} updated"
+    if doc.get("responder"):
+        msg += f"; responder certificate {doc['responder']['serial']} until {doc['responder']['not_after'][:10]}"
+    if doc.get("responder_nocheck") is False:
+        msg += " (warning: no id-pkix-ocsp-nocheck extension)"
+    typer.echo(msg)
+
+
+@tenant_app.command("list")
+def tenant_list(home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Tenants, their current CRL, responder and last refusal. Example: donjon ocsp tenant list"""
+    doc = call(home, S.AOcspTenantList)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    for t in doc["tenants"]:
+        nu = datetime.utcfromtimestamp(t["crl_next_update"]).isoformat() + "Z" if t["crl_next_update"] else "-"
+        typer.echo(f"{t['name']:<16} CRL #{t['crl_number'] if t['crl_number'] is not None else '-'} nextUpdate {nu}"
+                   f"{'  STALE' if t['stale'] else ''}  responder {'yes' if t['responder'] else 'no'}  unissued {t['unissued']}"
+                   f"  serials-list {'yes' if t['issued_serials'] else 'no'}  push {'yes' if t['push'] else 'no'}"
+                   f"  urls {' '.join(t['crl_urls']) or '-'}")
+        if t["last_refusal"]:
+            typer.echo(f"{'':<16} last refused CRL: {t['last_refusal']}")
+
+
+@tenant_app.command("remove")
+def tenant_remove(name: str, home: Home = "./var") -> None:
+    """Stop answering for a tenant. Example: donjon ocsp tenant remove partner"""
+    call(home, S.AOcspTenantRemove, name=name)
+    typer.echo(f"tenant {name} removed")
+
+
+@tenant_app.command("csr")
+def tenant_csr(name: str, out: Annotated[str, typer.Option(help="Write the CSR (PEM) here.")] = ...,
+               home: Home = "./var") -> None:
+    """Generate the tenant's responder key in the endpoint's own token and a CSR for the tenant CA to certify
+    (it should give id-kp-OCSPSigning and id-pkix-ocsp-nocheck).
+
+    Example: donjon ocsp tenant csr partner --out partner-responder.csr
+    """
+    doc = call(home, S.AOcspTenantCsr, name=name)
+    out_bytes(doc["csr"].encode(), out)
+    typer.echo(f"CSR for tenant {name} (key {doc['label']} in the endpoint's token) written to {out}")
+
+
+@tenant_app.command("crl")
+def tenant_crl(name: str, file: str, home: Home = "./var") -> None:
+    """Upload a tenant CRL by hand (e.g. from removable media at an offline site); it is verified before use.
+
+    Example: donjon ocsp tenant crl partner partner.crl
+    """
+    der = der_of(read_file(file, "CRL"), "CRL")
+    if len(der) > 7 * 1024 * 1024:
+        fail("the CRL is larger than 7 MiB: have the Distribution agent fetch it, or push it over HTTP")
+    doc = call(home, S.AOcspTenantCrl, name=name, crl=der)
+    nu = datetime.utcfromtimestamp(doc["next_update"]).isoformat() + "Z"
+    typer.echo(f"tenant {name}: CRL #{doc['crl_number']} in use until {nu}")
+
+
+@tenant_app.command("serials")
+def tenant_serials(name: str, file: Annotated[Optional[str], typer.Argument(help="Hex serials, one a line.")] = None,
+                   clear: Annotated[bool, typer.Option(help="Drop the list.")] = False, home: Home = "./var") -> None:
+    """The tenant's issued-serials list: a serial outside it is never `good`.
+
+    Example: donjon ocsp tenant serials partner issued.txt
+    """
+    if (file is None) == (not clear):
+        fail("give a FILE or --clear")
+    data = None if clear else read_file(file, "serials list")
+    if data is not None and len(data) > 7 * 1024 * 1024:
+        fail("the serials list is larger than 7 MiB")
+    doc = call(home, S.AOcspTenantSerials, name=name, data=data)
+    typer.echo(f"tenant {name}: issued-serials list cleared" if clear
+               else f"tenant {name}: issued-serials list of {doc['serials']} serials in use")
 
 
 # ---------------------------------------------------------------- audit

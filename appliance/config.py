@@ -54,6 +54,11 @@ class Ocsp(_C):
     max_age: Annotated[int, msgspec.Meta(ge=0, le=7 * 86400)] = 3600
     validity_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 31)] = 24
     hashes: tuple[Literal["sha1", "sha256"], ...] = ("sha1",)
+    # A local CA's serial with no held response is never `good`: `unauthorized` (RFC 5019), or, signed
+    # live by the CA's delegated responder, `unknown` or `revoked` (RFC 6960 §2.2 extended revoked).
+    unissued: Literal["unauthorized", "unknown", "revoked"] = "unauthorized"
+    unissued_by_ca: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")],
+                         Literal["unauthorized", "unknown", "revoked"]] = {}
 
 
 class SnmpUserCfg(_C):
@@ -160,6 +165,9 @@ read-timeout = 10.0                           # seconds to receive a whole reque
 max-age = 3600                                # cap on Cache-Control max-age
 validity-hours = 24                           # nextUpdate of pre-produced responses (re-signed at half)
 hashes = ["sha1"]                             # CertID hashes to pre-produce (RFC 5019: sha1; add "sha256")
+unissued = "unauthorized"                     # never-issued serials: unauthorized, or (with a delegated responder) unknown or revoked
+# [ocsp.unissued-by-ca]                       # per CA, overriding `unissued`
+# issuing = "revoked"                         # RFC 6960 extended revoked
 
 [snmp]
 enabled = false                               # the SNMP agent (DONJON-MIB) and notifications

@@ -309,7 +309,8 @@ class Supervisor:
             await role.chan.send(S.OcspConfig(
                 store_dir=self.layout.ocsp_store(role.name), max_connections=o.max_connections, read_timeout=o.read_timeout, max_age=o.max_age,
                 token_module=self.cfg.hsm.module if embedded else None, token_pin=self.ocsp_pin if embedded else None,
-                softhsm_conf=os.path.join(self.layout.ocsp_token, "softhsm2.conf") if embedded else None))
+                softhsm_conf=os.path.join(self.layout.ocsp_token, "softhsm2.conf") if embedded else None,
+                unissued_default=o.unissued, unissued=dict(o.unissued_by_ca)))
         else:
             await role.chan.send(S.FactoryConfig(home=self.layout.cmdb, cipher=self.cfg.cmdb.cipher, profiles=self.profiles,
                                                  base_url=self.cfg.endpoint.base_url, crl_validity_hours=self.cfg.crl.validity_hours,

@@ -50,9 +50,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 10) -> None:
+def wait_port(port: int, timeout: float = 10, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ChildProcessError(f"exited with {proc.returncode}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return
@@ -76,9 +78,18 @@ class Slapd:
         return f"ldap://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["slapd", "-f", str(self.conf), "-h", f"ldap://127.0.0.1:{self.port}/", "-d", "0"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
+        log = open(self.dir / "slapd.log", "ab")
+        for _ in range(50):  # a restart right after a stop may find the old process still releasing the db
+            self.proc = subprocess.Popen(["slapd", "-f", str(self.conf), "-h", f"ldap://127.0.0.1:{self.port}/", "-d", "0"],
+                                         stdout=log, stderr=log)
+            try:
+                wait_port(self.port, 30, self.proc)
+                break
+            except ChildProcessError:
+                time.sleep(0.2)
+        log.close()
+        if self.proc.poll() is not None:
+            raise AssertionError(f"slapd did not start: {(self.dir / 'slapd.log').read_text()[-2000:]}")
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import apsw
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 GENESIS = b"\x00" * 32
 
 _MIGRATIONS: dict[int, str] = {
@@ -133,6 +133,30 @@ _MIGRATIONS: dict[int, str] = {
         sha256 BLOB NOT NULL,
         der BLOB NOT NULL,
         PRIMARY KEY (ca, number)
+    );
+    """,
+    4: """
+    -- CRL-fed OCSP tenants (another CA): answered live from their CRL by a delegated responder key
+    -- held in the endpoint's own token. The push secret is kept as its SHA-256 only.
+    CREATE TABLE ocsp_tenants(
+        name TEXT PRIMARY KEY,
+        ca_cert BLOB NOT NULL,
+        crl_urls TEXT NOT NULL,                  -- JSON list of http:// and ldap:// URLs
+        refresh_seconds INTEGER NOT NULL,
+        unissued TEXT NOT NULL CHECK (unissued IN ('unknown', 'revoked')),
+        push_secret_sha256 BLOB,
+        key_label TEXT,                          -- the responder key made in the endpoint's token (tenant csr)
+        key_spki BLOB,
+        responder_cert BLOB,                     -- issued by the tenant CA for that key
+        crl_number INTEGER,
+        crl_this_update INTEGER,
+        crl_next_update INTEGER,
+        crl_der BLOB,
+        crl_source TEXT,
+        crl_at INTEGER,
+        serials BLOB,                            -- the issued-serials list as uploaded (NULL: none)
+        last_refusal TEXT,
+        created INTEGER NOT NULL
     );
     """,
 }

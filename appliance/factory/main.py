@@ -123,6 +123,9 @@ async def dispatch(chan: Channel, req, f: Factory, actor: str) -> None:
         await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
     elif isinstance(req, S.AOcspResponderCert):
         await reply(**await f.ocsp_responder_cert(req.ca, req.validity_days, actor))
+    elif isinstance(req, (S.AOcspTenantAdd, S.AOcspTenantUpdate, S.AOcspTenantRemove, S.AOcspTenantList,
+                          S.AOcspTenantCsr, S.AOcspTenantCrl, S.AOcspTenantSerials)):
+        await reply(**await f.tenants.admin(req, actor))
     elif isinstance(req, S.AOcspStatus):
         await reply(**await f.ocsp_status())
     elif isinstance(req, S.ADistStatus):
@@ -173,6 +176,7 @@ async def main(fds: dict[str, int], drop) -> None:
             n.start_soon(f.issuance_worker, signers[i % len(signers)])
         n.start_soon(f.crl_scheduler)
         n.start_soon(f.ocsp.run)
+        n.start_soon(f.tenants.run)
         n.start_soon(f.status_reporter, sup.send)
         n.start_soon(f.dist.dispatcher)
         n.start_soon(f.dist.committer)

@@ -166,26 +166,41 @@ class OcspProducer:
                     resp += [(serial, h, tu, nu, d) for h, d in (("sha1", sha1), ("sha256", sha256)) if d]
                 await self.publish(S.PublishResponses(ca=ca, responses=resp, seq=group[-1][6]), chan)
             after = rows[-1][6]
+        await f.tenants.sync_endpoint(chan)
         self.poke()
-        while True:  # after OcspResume the endpoint only answers our requests (responder keys)
+        while True:  # after OcspResume the endpoint answers our requests (responder keys) and forwards pushed CRLs
             m = await chan.recv()
-            waiter = self._waiting.pop(getattr(m, "id", None), None) if isinstance(m, (S.ResponderKey, S.Refused)) else None
+            if isinstance(m, S.TenantCrlPush):
+                await f.tenants.on_push(chan, m)
+                continue
+            waiter = (self._waiting.pop(getattr(m, "id", None), None)
+                      if isinstance(m, (S.ResponderKey, S.Refused, S.TenantCsr)) else None)
             if waiter is None:
                 raise ProtocolViolation(f"factory-ocsp: unexpected {type(m).__name__}")
             waiter.send_nowait(m)
 
     async def request_responder_key(self, ca: str) -> S.ResponderKey:
-        """The first endpoint process makes the key; every process shares the endpoint's token."""
+        return await self.ask_endpoint(lambda rid: S.ResponderKeyRequest(id=rid, ca=ca), S.ResponderKey)
+
+    async def ask_endpoint(self, make, expect):
+        """A request to the first endpoint process (it makes keys; every process shares the
+        endpoint's token); `make(id)` builds it, the answer must be an `expect` or a Refused."""
         chan = self.f.ocsp_feeds.get("ocsp") or next(iter(self.f.ocsp_feeds.values()), None)
         if chan is None:
             raise CisRefused("not-found", "the OCSP endpoint is not connected")
         self._ids += 1
+        rid = self._ids
         send, recv = trio.open_memory_channel(1)
-        self._waiting[self._ids] = send
-        await chan.send(S.ResponderKeyRequest(id=self._ids, ca=ca))
-        with trio.fail_after(30):
-            m = await recv.receive()
+        self._waiting[rid] = send
+        try:
+            await chan.send(make(rid))
+            with trio.fail_after(30):
+                m = await recv.receive()
+        finally:
+            self._waiting.pop(rid, None)
         if isinstance(m, S.Refused):
             raise CisRefused(m.code, m.reason)
+        if not isinstance(m, expect):
+            raise CisRefused("internal", f"the endpoint answered {type(m).__name__}")
         return m
 

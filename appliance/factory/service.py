@@ -31,6 +31,7 @@ from policy.errors import PolicyError
 from .cis_link import CisLink, CisRefused
 from .dist import Dist
 from .ocsp import OcspProducer
+from .tenants import TenantManager
 from .cmdb import Cmdb, CmdbError, serial_bytes, serial_int
 
 BACKDATE = 60  # seconds: tolerate client clock skew without predating the issuer
@@ -103,6 +104,7 @@ class Factory:
         self.dist = Dist(self)
         self._serials_dirty: set[str] = set()
         self._serials_last: dict[str, float] = {}
+        self.tenants = TenantManager(self)  # CRL-fed OCSP tenants
         self.stats = {"issued": 0, "refused": 0, "revoked": 0, "crls": 0}
 
     # ------------------------------------------------------------ plumbing
@@ -754,6 +756,15 @@ class Factory:
         return {"ca": ca, "serial": f"{serial:x}", "label": key.label, "not_after": cert.not_valid_after_utc.isoformat(),
                 "cert": cert.public_bytes(serialization.Encoding.PEM).decode()}
 
+    async def tenant_crl_received(self, tenant: str, der: bytes, source: str) -> str:
+        """Every tenant CRL enters here (officer upload, HTTP push, the Distribution agent's fetch):
+        verified, stored and audited, pushed to every endpoint; returns "accepted" or a one-line reason."""
+        return await self.tenants.crl_received(tenant, der, source)
+
+    def tenant_fetch_plan(self) -> list[tuple[str, list[str], float]]:
+        """What to fetch: (tenant, CRL URLs, next fetch unix time) for every tenant with URLs."""
+        return self.tenants.fetch_plan()
+
     async def ocsp_status(self) -> dict[str, Any]:
         """What the endpoint reports, and what the CMDB holds per CA (responses, queue, oldest, next refresh)."""
         db = self._require_active()
@@ -770,7 +781,9 @@ class Factory:
                for ca, n, rev, tu, nu, rf in rows]
         st = self.ocsp_stats
         return {"endpoint_connected": bool(self.ocsp_feeds), "endpoints": sorted(self.ocsp_feeds), "cas": cas,
-                "endpoint": msgspec.structs.asdict(st) if st else None}
+                "endpoint": msgspec.structs.asdict(st) if st else None,
+                "tenant_crls": {"tenants": len(self.tenants.info), "accepted": self.tenants.accepted,
+                                "refused": self.tenants.refused}}
 
     async def status_reporter(self, send) -> None:
         """Every few seconds, the Factory's part of the appliance status (SNMP reads it)."""

@@ -310,6 +310,10 @@ class OcspConfig(_Msg, tag="ocsp-config"):
     token_label: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] = "donjon-ocsp"
     token_pin: Pin | None = None
     softhsm_conf: Text | None = None
+    # Local CAs: the answer for a serial with no held response (never `good`); "unknown" and
+    # "revoked" (extended revoked) need the CA's delegated responder, else "unauthorized".
+    unissued_default: Literal["unauthorized", "unknown", "revoked"] = "unauthorized"
+    unissued: dict[Name, Literal["unauthorized", "unknown", "revoked"]] = {}
 
 
 class OcspStats(_Msg, tag="ocsp-stats"):
@@ -551,6 +555,87 @@ FactoryToDist = Union[Hello, DistJob, DistData]
 DistToFactory = Union[Hello, DistAck]
 
 
+# ---------------------------------------------------------------- CRL-fed tenants (another CA's CRL, answered live)
+
+Unissued = Literal["unknown", "revoked"]  # RFC 6960 §2.2: "revoked" is extended revoked (id-pkix-ocsp-extended-revoke)
+Sha256 = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+Blob = Annotated[bytes, msgspec.Meta(max_length=4 * 1024 * 1024)]  # one chunk of a streamed CRL or serials list
+
+
+class TenantConfig(_Msg, tag="tenant-config"):
+    """A tenant the endpoint answers for (replaces any earlier config of that name). The push
+    secret travels as its SHA-256 only; the responder certificate is None until installed."""
+
+    tenant: Name
+    ca_cert: Der
+    unissued: Unissued
+    push_secret_sha256: Sha256 | None
+    responder_label: Name | None
+    responder_cert: Der | None
+
+
+class TenantRemove(_Msg, tag="tenant-remove"):
+    tenant: Name
+
+
+class TenantSync(_Msg, tag="tenant-sync"):
+    """Sent when the feed opens: the tenants that exist; the endpoint forgets any other."""
+
+    tenants: Annotated[list[Name], msgspec.Meta(max_length=4096)]
+
+
+class TenantCrl(_Msg, tag="tenant-crl"):
+    """A tenant CRL the Factory verified, streamed in chunks; swapped in on `last`."""
+
+    tenant: Name
+    number: Annotated[int, msgspec.Meta(ge=0)]
+    data: Blob
+    last: bool
+
+
+class TenantSerials(_Msg, tag="tenant-serials"):
+    """The tenant's issued-serials list, streamed; `present` False (with empty data) clears it."""
+
+    tenant: Name
+    data: Blob
+    last: bool
+    present: bool = True
+
+
+class TenantKeyRequest(_Msg, tag="tenant-key-request"):
+    """Generate the tenant's delegated responder key (P-256) in the endpoint's own token and a CSR signed by it."""
+
+    id: ReqId
+    tenant: Name
+
+
+class TenantCsr(_Msg, tag="tenant-csr"):
+    id: ReqId
+    tenant: Name
+    label: Name
+    spki: Der
+    csr: Der
+
+
+class TenantCrlPush(_Msg, tag="tenant-crl-push"):
+    """A CRL pushed over HTTP to an endpoint (bearer secret checked there), for the Factory to verify."""
+
+    id: ReqId
+    tenant: Name
+    data: Blob
+    last: bool
+
+
+class TenantPushResult(_Msg, tag="tenant-push-result"):
+    id: ReqId
+    outcome: Text  # "accepted" or a one-line reason
+
+
+FactoryToOcsp = Union[Hello, PublishCa, PublishResponses, PublishCrl, ResponderKeyRequest, ResponderCert,
+                      TenantConfig, TenantRemove, TenantSync, TenantCrl, TenantSerials, TenantKeyRequest, TenantPushResult]
+OcspToFactory = Union[Hello, OcspResume, ResponderKey, Refused, TenantCsr, TenantCrlPush]
+
+
 # ---------------------------------------------------------------- admin clients -> Factory
 
 
@@ -683,10 +768,69 @@ class ADistList(_Msg, tag="dist-list"):
     limit: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
 
 
+Url = Annotated[str, msgspec.Meta(min_length=8, max_length=1024)]
+
+
+class AOcspTenantAdd(_Msg, tag="ocsp-tenant-add"):
+    id: ReqId
+    name: Name
+    ca_cert: Der
+    crl_urls: Annotated[list[Url], msgspec.Meta(max_length=16)] = []
+    refresh_seconds: Annotated[int, msgspec.Meta(ge=60, le=7 * 86400)] = 3600
+    unissued: Unissued = "unknown"
+    push_secret: Annotated[bytes, msgspec.Meta(max_length=1024)] | None = None
+
+
+class AOcspTenantUpdate(_Msg, tag="ocsp-tenant-update"):
+    """Change what is given (None: unchanged); `responder_cert` installs the delegated responder."""
+
+    id: ReqId
+    name: Name
+    crl_urls: Annotated[list[Url], msgspec.Meta(max_length=16)] | None = None
+    refresh_seconds: Annotated[int, msgspec.Meta(ge=60, le=7 * 86400)] | None = None
+    unissued: Unissued | None = None
+    push_secret: Annotated[bytes, msgspec.Meta(max_length=1024)] | None = None
+    responder_cert: Der | None = None
+
+
+class AOcspTenantRemove(_Msg, tag="ocsp-tenant-remove"):
+    id: ReqId
+    name: Name
+
+
+class AOcspTenantList(_Msg, tag="ocsp-tenant-list"):
+    id: ReqId
+
+
+class AOcspTenantCsr(_Msg, tag="ocsp-tenant-csr"):
+    id: ReqId
+    name: Name
+
+
+class AOcspTenantCrl(_Msg, tag="ocsp-tenant-crl"):
+    """A CRL uploaded by an officer (e.g. from removable media at an offline site)."""
+
+    id: ReqId
+    name: Name
+    crl: Annotated[bytes, msgspec.Meta(max_length=7 * 1024 * 1024)]
+
+
+class AOcspTenantSerials(_Msg, tag="ocsp-tenant-serials"):
+    """The tenant's issued-serials list (None clears it)."""
+
+    id: ReqId
+    name: Name
+    data: Annotated[bytes, msgspec.Meta(max_length=7 * 1024 * 1024)] | None
+
+
+
+
 AdminRequest = Union[
     Hello, AStatus, AActivate, ACaList, ACaShow, ACaCreate, ACaSignCsr, ACaExport, AIssue,
     ACertShow, ACertList, ARevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus, AOcspResponderCert,
     ADistStatus, ADistRetry, ADistList,
+    AOcspTenantAdd, AOcspTenantUpdate, AOcspTenantRemove, AOcspTenantList, AOcspTenantCsr, AOcspTenantCrl,
+    AOcspTenantSerials,
 ]
 
 

@@ -2,13 +2,15 @@
 h11 leaves to us — connections, header and body caps, a read deadline, CL+TE, close on any error.
 
 Routes: POST / and /ocsp (application/ocsp-request); GET /ocsp/<b64> and /<b64>; GET
-/crl/<ca>.crl; GET /ca/<ca>.crt; GET /health. Handlers never raise into the server: every
+/crl/<ca>.crl; GET /ca/<ca>.crt; GET /health; PUT or POST /tenant/<name>/crl (a tenant's CRL,
+application/pkix-crl, `Authorization: Bearer <secret>`, forwarded to the Factory which verifies it). Handlers never raise into the server: every
 exception becomes a 500 with a fixed body, and no exception text is ever sent.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import sys
 import time
@@ -30,6 +32,9 @@ DRAIN_LIMIT = 256 * 1024  # bytes read and dropped while closing gracefully
 DRAIN_TIME = 1.0
 
 _CA_PATH = re.compile(rb"^/(crl|ca)/([A-Za-z0-9][A-Za-z0-9._-]{0,63})\.(crl|crt)$")
+_TENANT_PATH = re.compile(rb"^/tenant/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/crl$")
+PUSH_CAP = 8 * 1024 * 1024  # body cap of a pushed tenant CRL
+PUSH_TIMEOUT = 60.0
 OCSP_REQUEST = b"application/ocsp-request"
 OCSP_RESPONSE = b"application/ocsp-response"
 
@@ -41,6 +46,7 @@ class HttpConfig:
     max_age: int = 3600
     header_cap: int = HEADER_CAP
     body_cap: int = BODY_CAP
+    push_cap: int = PUSH_CAP
 
 
 @dataclass
@@ -51,6 +57,7 @@ class Stats:
     unauthorized: int = 0
     malformed: int = 0
     errors: int = 0
+    push_refused: int = 0  # tenant CRL pushes refused (bad secret, or the Factory refused the CRL)
 
     def count(self, answer: Answer) -> None:
         self.requests += 1
@@ -75,8 +82,8 @@ class _Fail(Exception):
         self.status = status
 
 
-_REASONS = {400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
-            413: b"Content Too Large", 415: b"Unsupported Media Type", 431: b"Request Header Fields Too Large",
+_REASONS = {200: b"OK", 304: b"Not Modified", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
+            413: b"Content Too Large", 415: b"Unsupported Media Type", 422: b"Unprocessable Content", 431: b"Request Header Fields Too Large",
             500: b"Internal Server Error", 503: b"Service Unavailable"}
 
 
@@ -122,12 +129,15 @@ class Endpoint:
     """Routing and answers (sans-IO: `route`) plus the trio connection handler (`serve_connection`)."""
 
     def __init__(self, store: Store, cfg: HttpConfig, stats: Stats | None = None,
-                 clock: Callable[[], float] = time.time, live=None):
+                 clock: Callable[[], float] = time.time, live=None, tenants=None, push=None,
+                 unissued_default: str = "unauthorized", unissued: dict[str, str] | None = None):
         self.store = store
         self.cfg = cfg
         self.stats = stats or Stats()
         self.clock = clock
-        self.responder = Responder(store, clock, live)
+        self.tenants = tenants
+        self.push = push  # async (tenant, der) -> "accepted" | reason: the Factory's verdict
+        self.responder = Responder(store, clock, live, tenants, unissued_default, unissued)
         self.active = 0
 
     # ---------------------------------------------------------------- routing (sans-IO)
@@ -159,6 +169,44 @@ class Endpoint:
                 return self._ocsp(b"", headers, post=False)  # asked as OCSP: answered as OCSP
             return _plain(404)
         return self._ocsp(der, headers, post=False)
+
+    async def tenant_push(self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes) -> Reply:
+        """PUT/POST /tenant/<name>/crl: the bearer secret is checked here (its SHA-256, in constant
+        time); the CRL itself is verified by the Factory, whose one-line verdict is the answer."""
+        m = _TENANT_PATH.match(target.split(b"?", 1)[0])
+        if m is None:
+            return _plain(404)
+        if method not in (b"PUT", b"POST"):
+            return _plain(405, extra=[(b"allow", b"PUT, POST")])
+        name = m.group(1).decode()
+        t = self.tenants.by_name.get(name) if self.tenants is not None else None
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        token = token.strip()
+        if t is not None:
+            ok = t.secret_ok(token)
+        else:
+            hmac.compare_digest(hashlib.sha256(token).digest(), bytes(32))  # the same work as for a tenant
+            ok = False
+        if scheme.lower() != b"bearer" or not ok:
+            self.stats.push_refused += 1
+            return _plain(401, extra=[(b"www-authenticate", b'Bearer realm="donjon"')])  # an unknown tenant looks the same
+        ctype = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+        if ctype != b"application/pkix-crl":
+            return _plain(415)
+        if self.push is None:
+            return _plain(503)
+        try:
+            with trio.fail_after(PUSH_TIMEOUT):
+                outcome = await self.push(name, body)
+        except trio.TooSlowError:
+            return _plain(503)
+        text = [(b"content-type", b"text/plain; charset=utf-8"), (b"cache-control", b"no-store")]
+        if outcome == "accepted":
+            return Reply(200, text, b"accepted\n")
+        if outcome.startswith("unavailable:"):
+            return Reply(503, text, outcome.encode("utf-8", "replace")[:400] + b"\n")
+        self.stats.push_refused += 1
+        return Reply(422, text, outcome.encode("utf-8", "replace")[:400] + b"\n")
 
     @staticmethod
     def _is_get_route(path: bytes) -> bool:
@@ -251,7 +299,10 @@ class Endpoint:
             for k, v in req.headers:
                 headers[k] = v if k not in headers else headers[k] + b", " + v
             try:
-                reply = self.route(req.method, req.target, headers, body)
+                if req.target.startswith(b"/tenant/"):
+                    reply = await self.tenant_push(req.method, req.target, headers, body)
+                else:
+                    reply = self.route(req.method, req.target, headers, body)
             except Exception as e:  # noqa: BLE001 - mapped to 500, never shown
                 self.stats.errors += 1
                 print(f"donjon[ocsp]: handler error: {type(e).__name__}", file=sys.stderr, flush=True)
@@ -265,6 +316,7 @@ class Endpoint:
     async def _read_request(self, conn: h11.Connection, stream):
         req = None
         body = bytearray()
+        cap = self.cfg.body_cap
         while True:
             ev = conn.next_event()
             if ev is h11.NEED_DATA:
@@ -283,12 +335,14 @@ class Endpoint:
                     raise _Fail(431)
                 if b"content-length" in names and b"transfer-encoding" in names:
                     raise _Fail(400)  # request smuggling shape: refuse, whatever h11 would do
+                if ev.target.startswith(b"/tenant/") and ev.method in (b"PUT", b"POST"):
+                    cap = max(cap, self.cfg.push_cap)
                 for k, v in ev.headers:
-                    if k == b"content-length" and int(v) > self.cfg.body_cap:
+                    if k == b"content-length" and int(v) > cap:
                         raise _Fail(413)
             elif isinstance(ev, h11.Data):
                 body += ev.data
-                if len(body) > self.cfg.body_cap:
+                if len(body) > cap:
                     raise _Fail(413)
             elif isinstance(ev, h11.EndOfMessage):
                 return req, bytes(body)

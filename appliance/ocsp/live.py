@@ -22,7 +22,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from hsm.token import Token, TokenError
+from cryptography.x509.oid import NameOID
+
+from hsm.token import Token, TokenError, make_private_key
 
 _REASONS = {
     x509.ReasonFlags.key_compromise: "key_compromise", x509.ReasonFlags.ca_compromise: "ca_compromise",
@@ -100,14 +102,24 @@ class LiveSigner:
         label = f"responder-{ca}-{int(datetime.now(timezone.utc).timestamp())}"[:64]
         return label, self.token.call(self.token.generate, label, "p256")
 
-    def _install(self, ca: str, label: str, cert_der: bytes, persist: bool = True) -> None:
+    def _install(self, ca: str, label: str, cert_der: bytes, persist: bool = True,
+                 issuer: x509.Certificate | None = None) -> None:
+        """`ca` is a local CA's name, or `tenant/<name>`; `issuer` (tenants) must have issued the certificate."""
         cert = x509.load_der_x509_certificate(cert_der)
         key = self.token.call(self.token.key, label)
         if cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != key.spki:
             raise ValueError("the responder certificate does not certify the token key")
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        try:
+            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            eku = ()
         if x509.ExtendedKeyUsageOID.OCSP_SIGNING not in eku:
             raise ValueError("the responder certificate lacks id-kp-OCSPSigning")
+        if issuer is not None:
+            try:
+                cert.verify_directly_issued_by(issuer)
+            except Exception:  # noqa: BLE001 - ValueError, TypeError, InvalidSignature
+                raise ValueError("the responder certificate is not issued by the tenant CA") from None
         bits = a_x509.Certificate.load(cert_der)["tbs_certificate"]["subject_public_key_info"]["public_key"].contents[1:]
         if persist:
             d = os.path.join(self.store_dir, ca)
@@ -120,6 +132,22 @@ class LiveSigner:
             os.rename(tmp, os.path.join(d, "responder.json"))
         self.responders[ca] = Responder(label, cert_der, hashlib.sha1(bits).digest(), cert.not_valid_after_utc.timestamp())
 
+    def install_tenant(self, key: str, label: str | None, cert_der: bytes | None, issuer: x509.Certificate) -> None:
+        """A tenant's responder, kept in the tenant's own record (not persisted here); None removes it."""
+        self.responders.pop(key, None)
+        if label and cert_der:
+            self._install(key, label, cert_der, persist=False, issuer=issuer)
+
+    def generate_tenant(self, tenant: str, subject_cn: str) -> tuple[str, bytes, bytes]:
+        """A P-256 key for a tenant's responder and a PKCS#10 CSR signed by it (in the token)."""
+        label = f"tenant-{tenant}-{int(datetime.now(timezone.utc).timestamp())}"[:64]
+        spki = self.token.call(self.token.generate, label, "p256")
+        priv = make_private_key(self.token, self.token.call(self.token.key, label))
+        csr = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn[:64])]))
+               .sign(priv, hashes.SHA256()))
+        return label, spki, csr.public_bytes(serialization.Encoding.DER)
+
     def install(self, ca: str, label: str, cert_der: bytes) -> None:
         self._install(ca, label, cert_der)
 
@@ -127,7 +155,7 @@ class LiveSigner:
         r = self.responders.get(ca)
         return r is not None and r.not_after > now
 
-    def sign(self, ca: str, singles: list[Single], nonce: bytes | None, now: int) -> bytes:
+    def sign(self, ca: str, singles: list[Single], nonce: bytes | None, now: int, extended_revoke: bool = False) -> bytes:
         r = self.responders[ca]
         responses = []
         for s in singles:
@@ -148,8 +176,13 @@ class LiveSigner:
             responses.append(single)
         data = {"responder_id": a_ocsp.ResponderId(name="by_key", value=r.key_hash),
                 "produced_at": _time(now), "responses": responses}
+        exts = []
         if nonce is not None:
-            data["response_extensions"] = [{"extn_id": "nonce", "critical": False, "extn_value": nonce}]  # asn1crypto wraps it in the OCTET STRING
+            exts.append({"extn_id": "nonce", "critical": False, "extn_value": nonce})  # asn1crypto wraps it in the OCTET STRING
+        if extended_revoke:  # RFC 6960 §4.4.8: MUST accompany "revoked" for a serial that was not issued
+            exts.append({"extn_id": "extended_revoke", "critical": False, "extn_value": a_core.Null()})
+        if exts:
+            data["response_extensions"] = exts
         tbs = a_ocsp.ResponseData(data)
         key = self.token.call(self.token.key, r.label)
         sig = self.token.sign(key, tbs.dump(), hashes.SHA256())

