@@ -482,6 +482,10 @@ def dist_status(home: Home = "./var", as_json: JsonOut = False) -> None:
         if d["last_error"]:
             typer.echo(f"{'':<16} last error {_when(d['last_error_at'])}: {d['last_error']}"
                        + (f" (retry in {d['retry_in']}s)" if d["retry_in"] else ""))
+    for t in doc.get("tenant_fetches", []):
+        typer.echo(f"tenant {t['tenant']:<9} CRL fetch: last {_when(t['last_fetch'])} ({t['last_result'] or '-'})"
+                   + (f"; last error {_when(t['last_error_at'])}: {t['last_error']}" if t["last_error"] else "")
+                   + (f" (retry in {t['retry_in']}s)" if t["retry_in"] else ""))
 
 
 @dist_app.command("list")

@@ -152,7 +152,7 @@ class Supervisor:
             self.ocsp_pin = _ensure_softhsm_token(L.ocsp_token, "donjon-ocsp")
         if self.appliance:
             self.ids = privdrop.ensure_role_users(["cis", "factory", "ocsp"] + (["snmp"] if self.cfg.snmp.enabled else [])
-                                                  + (["distribution"] if self.dist_rules else []))
+                                                  + (["distribution"] if self._dist_enabled() else []))
             self.admin_gid = grp.getgrnam(privdrop.ADMIN_GROUP).gr_gid
             os.chmod(self.home, 0o711)
             _chown_tree(L.cmdb, self.ids["factory"])
@@ -163,6 +163,11 @@ class Supervisor:
                 _chown_tree(L.softhsm, self.ids["cis"])
             os.chown(L.run, 0, self.admin_gid)
             os.chmod(L.run, 0o750)
+
+    def _dist_enabled(self) -> bool:
+        """The agent runs when there is something to publish, or CRL-fed tenants may need fetching
+        (tenants live in the CMDB and come and go at run time: whenever the endpoint runs)."""
+        return bool(self.dist_rules) or self.cfg.ocsp.enabled
 
     def _endpoint_names(self) -> list[str]:
         if not self.cfg.ocsp.enabled:
@@ -252,7 +257,7 @@ class Supervisor:
                                ro=[module_dir, "/etc/softhsm"] if embedded else [],
                                env={"SOFTHSM2_CONF": os.path.join(L.ocsp_token, "softhsm2.conf")} if embedded else {})
             self._sup_ends[name] = sup_ocsp
-        if self.dist_rules:
+        if self._dist_enabled():
             sup_dist, dist_sup = pair()
             fac_dist, dist_fac = pair()
             fac_fds["factory-distribution"] = fac_dist.fileno()

@@ -110,6 +110,19 @@ class Slapd:
     def resume(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
 
+    def put_binary(self, dn: str, attr: str, value: bytes, classes: tuple[str, ...] = ("applicationProcess", "pkiCA")) -> None:
+        """Create (or replace the attribute of) an entry with the real `ldapadd`/`ldapmodify`."""
+        import base64
+
+        b64 = base64.b64encode(value).decode()
+        cn = dn.split(",", 1)[0].split("=", 1)[1]
+        add = f"dn: {dn}\n" + "".join(f"objectClass: {c}\n" for c in classes) + f"cn: {cn}\n{attr}:: {b64}\n"
+        r = subprocess.run(["ldapadd", "-x", "-H", self.url, "-D", ADMIN_DN, "-w", ADMIN_PW], input=add, capture_output=True, text=True)
+        if r.returncode == 68:
+            mod = f"dn: {dn}\nchangetype: modify\nreplace: {attr}\n{attr}:: {b64}\n"
+            r = subprocess.run(["ldapmodify", "-x", "-H", self.url, "-D", ADMIN_DN, "-w", ADMIN_PW], input=mod, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+
     def search(self, base: str, attr: str, filt: str = "(objectClass=*)", scope: str = "base") -> list[bytes]:
         """Values of `attr` read back with the real `ldapsearch` (binary values come base64 in LDIF)."""
         import base64
@@ -148,6 +161,13 @@ class H(http.server.BaseHTTPRequestHandler):
             f.write(f"{self.command} {self.path} {len(body)} {self.headers.get('Content-Type')} {hashlib.sha256(body).hexdigest()}\n")
         self.send_response(201); self.send_header("Content-Length", "0"); self.end_headers()
     do_PUT = do_POST = _store
+    def do_GET(self):
+        path = os.path.join(root, self.path.strip("/").replace("/", "_"))
+        if not os.path.isfile(path):
+            self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers(); return
+        body = open(path, "rb").read()
+        self.send_response(200); self.send_header("Content-Type", "application/pkix-crl")
+        self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
 if mode in ("ok", "fail"):
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
     print(srv.server_address[1], flush=True)
@@ -169,7 +189,8 @@ else:  # a broken peer (a fake: no real server misbehaves on demand): junk bytes
 
 
 class Receiver:
-    """mode: ok (stores bodies), fail (503), garbage (junk bytes on any TCP request), hang (accepts, never answers)."""
+    """mode: ok (stores PUT/POST bodies, serves them back on GET), fail (503), garbage (junk bytes on any
+    TCP request), hang (accepts, never answers)."""
 
     def __init__(self, root: Path, mode: str = "ok", token: str | None = None):
         self.dir = root

@@ -24,9 +24,12 @@ import encodings.idna  # noqa: F401 - host names with ldap3/http.client
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, ProtocolViolation
 
+from .fetch import fetch
 from .publish import Job, PublishError, publisher_for, verify
 
 MAX_OBJECT = 256 * 1024 * 1024  # a CRL bigger than this is refused (the Factory never makes one)
+FETCH_CHUNK = 1 << 20
+FETCHERS = 2  # tenant CRL fetches at once
 
 
 def _log(msg: str) -> None:
@@ -96,11 +99,11 @@ async def main(fds: dict[str, int], drop) -> None:
     drop()
     lock = trio.Lock()
 
-    async def ack(a: S.DistAck) -> None:
+    async def ack(a) -> None:
         async with lock:
             await fac.send(a)
 
-    workers = {r.name: Worker(r, ack) for r in cfg.rules}
+    workers = {r.name: Worker(r, ack) for r in cfg.rules}  # may be none: the agent then only fetches tenant CRLs
     await sup.send(S.Ready(role="distribution", pid=os.getpid()))
     async with trio.open_nursery() as n:
         for w in workers.values():
@@ -116,9 +119,24 @@ async def main(fds: dict[str, int], drop) -> None:
         n.start_soon(from_supervisor)
         await fac.handshake()
         pending: dict[int, tuple[S.DistJob, list[bytes], int]] = {}
+        fetchers = trio.CapacityLimiter(FETCHERS)
+
+        async def fetch_crl(m: S.FetchCrl) -> None:
+            async with fetchers:
+                try:
+                    url, data = await trio.to_thread.run_sync(fetch, list(m.urls), abandon_on_cancel=True)
+                except PublishError as e:
+                    _log(f"tenant {m.tenant}: CRL fetch failed: {e}")
+                    await ack(S.FetchFailed(id=m.id, error=str(e)[:4000]))
+                    return
+            for off in range(0, len(data), FETCH_CHUNK):
+                await ack(S.FetchedCrl(id=m.id, url=url, data=data[off:off + FETCH_CHUNK], last=off + FETCH_CHUNK >= len(data)))
+
         while True:
             m = await fac.recv()
-            if isinstance(m, S.DistJob):
+            if isinstance(m, S.FetchCrl):
+                n.start_soon(fetch_crl, m)
+            elif isinstance(m, S.DistJob):
                 w = workers.get(m.rule)
                 if w is None or m.id in pending or m.size > MAX_OBJECT:
                     raise ProtocolViolation(f"factory-distribution: bad job {m.id} for {m.rule!r}")

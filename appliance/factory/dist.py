@@ -23,6 +23,9 @@ CHUNK = 1 << 20
 BACKOFF_BASE = 1.0
 FAILING_AFTER = 3  # consecutive failures before the destination is reported failing (SNMP)
 DONE_RETENTION = 30 * 86400  # acknowledged jobs are kept this long for `dist list --state done`
+FETCH_POLL = 5.0  # seconds between two looks at the tenants' fetch plan
+FETCH_BACKOFF_MAX = 3600
+FETCH_MAX = 64 << 20  # bytes: no CRL larger than this is accepted from any intake path
 _SHORT = {"CN": "CN", "O": "O", "OU": "OU", "C": "C", "L": "L", "ST": "ST", "UID": "UID", "emailAddress": "E"}
 
 
@@ -64,6 +67,13 @@ class Dist:
         self._acks: list[S.DistAck] = []
         self._ack_wake = trio.Event()
         self._jobs_rule: dict[int, str] = {}
+        # CRL-fed tenants: the agent fetches their CRLs (the Factory has no network)
+        self._fetch_ids = iter(range(1, 2**62))
+        self._fetching: dict[int, tuple[str, list[bytes], int]] = {}  # id -> (tenant, chunks, size)
+        self._fetch_busy: set[str] = set()
+        self.fetch_state: dict[str, dict[str, Any]] = {}  # tenant -> failures, retry_at, last_error, last_ok
+        self._fetched_send, self._fetched_recv = trio.open_memory_channel[tuple[int, str, str, bytes | None, str]](64)
+        self._fetch_wake = trio.Event()
 
     # ------------------------------------------------------------ enqueueing (inside a CMDB transaction)
 
@@ -142,6 +152,10 @@ class Dist:
         self.link = chan
         self._link_gen += 1
         self._jobs_rule.clear()
+        for _, (tenant, _, _) in list(self._fetching.items()):
+            self._fetch_busy.discard(tenant)
+        self._fetching.clear()
+        self._fetch_wake.set()
         for st in self.rules.values():
             st.inflight.clear()
             st.last_sent = 0
@@ -153,6 +167,9 @@ class Dist:
         """Read acknowledgements until the link closes."""
         while True:
             m = await chan.recv()
+            if isinstance(m, (S.FetchedCrl, S.FetchFailed)):
+                await self._fetch_answer(m)
+                continue
             if not isinstance(m, S.DistAck):
                 from appliance.ipc.channel import ProtocolViolation
                 raise ProtocolViolation(f"factory-distribution: unexpected {type(m).__name__}")
@@ -320,6 +337,77 @@ class Dist:
         r = db.execute(f"SELECT der FROM {table} WHERE ca=? AND number=?", (ca, number)).fetchone()
         return ca_der, ca_root, subject_fields(ca_cert), (r[0] if r else None)
 
+    # ------------------------------------------------------------ tenant CRL fetches
+
+    async def _fetch_answer(self, m) -> None:
+        got = self._fetching.get(m.id)
+        if got is None:
+            return  # from a link we gave up on
+        tenant, parts, size = got
+        if isinstance(m, S.FetchFailed):
+            del self._fetching[m.id]
+            await self._fetched_send.send((m.id, tenant, "", None, m.error))
+            return
+        parts.append(m.data)
+        size += len(m.data)
+        if size > FETCH_MAX:
+            from appliance.ipc.channel import ProtocolViolation
+            raise ProtocolViolation("factory-distribution: a fetched CRL larger than the agent may send")
+        if m.last:
+            del self._fetching[m.id]
+            await self._fetched_send.send((m.id, tenant, m.url, b"".join(parts), ""))
+        else:
+            self._fetching[m.id] = (tenant, parts, size)
+
+    async def fetcher(self) -> None:
+        """Ask the agent for each tenant's CRL when the tenant's fetch plan says so; a fetch that fails
+        before reaching the tenant's intake backs off here (exponentially, capped at an hour)."""
+        while True:
+            with trio.move_on_after(FETCH_POLL):
+                await self._fetch_wake.wait()
+            self._fetch_wake = trio.Event()
+            if self.link is None or self.f.db is None:
+                continue
+            if not self.f.tenants.loaded:
+                try:
+                    await self.f.tenants._reload()
+                except Exception as e:  # noqa: BLE001 - the CMDB is checked again at the next poll
+                    _log(f"tenant fetch plan unavailable: {e}")
+                    continue
+            plan = self.f.tenant_fetch_plan()
+            now = time.time()  # after the plan: "fetch at once" is the plan's own clock reading
+            for tenant, urls, due in plan:
+                st = self.fetch_state.setdefault(tenant, {"failures": 0, "retry_at": 0.0, "last_error": None,
+                                                          "last_error_at": None, "last_ok": None, "last_result": None})
+                if tenant in self._fetch_busy or due > now or st["retry_at"] > now or self.link is None:
+                    continue
+                fid = next(self._fetch_ids)
+                self._fetching[fid] = (tenant, [], 0)
+                self._fetch_busy.add(tenant)
+                try:
+                    await self.link.send(S.FetchCrl(id=fid, tenant=tenant, urls=urls[:16]))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    self._fetching.pop(fid, None)
+                    self._fetch_busy.discard(tenant)
+
+    async def fetch_results(self) -> None:
+        """Hand each fetched CRL to the tenant intake (which verifies it and keeps the old one if bad)."""
+        async for _fid, tenant, url, data, error in self._fetched_recv:
+            self._fetch_busy.discard(tenant)
+            st = self.fetch_state.setdefault(tenant, {"failures": 0, "retry_at": 0.0, "last_error": None,
+                                                      "last_error_at": None, "last_ok": None, "last_result": None})
+            now = time.time()
+            if data is None:
+                st["failures"] += 1
+                st["retry_at"] = now + min(FETCH_BACKOFF_MAX, 30 * 2 ** min(st["failures"] - 1, 10)) * random.uniform(0.5, 1.0)
+                st["last_error"], st["last_error_at"] = error[:500], int(now)
+                continue
+            st["failures"], st["retry_at"] = 0, 0.0
+            result = await self.f.tenant_crl_received(tenant, data, f"distribution:fetch {url}"[:200])
+            st["last_ok"], st["last_result"] = int(now), result
+            if result != "accepted":
+                st["last_error"], st["last_error_at"] = f"{url}: {result}"[:500], int(now)
+
     # ------------------------------------------------------------ admin
 
     def states(self) -> list[S.DestinationState]:
@@ -332,6 +420,7 @@ class Dist:
         for d in doc["destinations"]:
             st = self.rules.get(d["rule"])
             d["retry_in"] = round(st.backoff_until - clock, 1) if st and st.backoff_until > clock else 0
+        doc["tenant_fetches"] = self._fetch_doc()
         return doc
 
     def _status_rows(self) -> dict[str, Any]:
@@ -362,6 +451,13 @@ class Dist:
                 "last_success": last_ok, "last_error": last_error, "last_error_at": last_error_at,
             })
         return {"destinations": out, "agent": self.link is not None}
+
+    def _fetch_doc(self) -> list[dict[str, Any]]:
+        clock = time.time()
+        return [{"tenant": t, "failures": st["failures"], "retry_in": max(0, round(st["retry_at"] - clock, 1)),
+                 "last_fetch": st["last_ok"], "last_result": st["last_result"], "last_error": st["last_error"],
+                 "last_error_at": st["last_error_at"], "in_flight": t in self._fetch_busy}
+                for t, st in sorted(self.fetch_state.items())]
 
     def backlog(self) -> dict[str, int]:
         return dict(self.f.db.db.execute("SELECT rule, count(*) FROM dist_jobs WHERE state='pending' GROUP BY rule").fetchall())

@@ -180,6 +180,8 @@ async def main(fds: dict[str, int], drop) -> None:
         n.start_soon(f.status_reporter, sup.send)
         n.start_soon(f.dist.dispatcher)
         n.start_soon(f.dist.committer)
+        n.start_soon(f.dist.fetcher)
+        n.start_soon(f.dist.fetch_results)
         endpoints: dict[str, trio.CancelScope] = {}
 
         async def serve_distribution(fd: int, scope: trio.CancelScope) -> None:

@@ -551,8 +551,30 @@ class DistAck(_Msg, tag="dist-ack"):
     attempted: bool = True
 
 
-FactoryToDist = Union[Hello, DistJob, DistData]
-DistToFactory = Union[Hello, DistAck]
+class FetchCrl(_Msg, tag="fetch-crl"):
+    """Fetch a CRL-fed tenant's CRL from the first of these URLs that answers (http://, ldap://)."""
+
+    id: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    tenant: Name
+    urls: Annotated[list[Annotated[str, msgspec.Meta(max_length=1024)]], msgspec.Meta(min_length=1, max_length=16)]
+
+
+class FetchedCrl(_Msg, tag="fetched-crl"):
+    """What the URL returned, in chunks (unverified: the Factory checks it against the tenant CA)."""
+
+    id: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    url: Annotated[str, msgspec.Meta(max_length=1024)]
+    data: Annotated[bytes, msgspec.Meta(max_length=4 * 1024 * 1024)]
+    last: bool
+
+
+class FetchFailed(_Msg, tag="fetch-failed"):
+    id: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    error: Text
+
+
+FactoryToDist = Union[Hello, DistJob, DistData, FetchCrl]
+DistToFactory = Union[Hello, DistAck, FetchedCrl, FetchFailed]
 
 
 # ---------------------------------------------------------------- CRL-fed tenants (another CA's CRL, answered live)

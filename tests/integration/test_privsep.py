@@ -161,4 +161,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (1, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "cd9e31e5ea3ee53db1f89e05546d65a9972afc0cdbcb5a997af8c7e62d5ac38b"
+PINNED_SCHEMA_HASH = "d1977a0af0e92490ef8ab21750332cde08d059592272f0191984a5dbb7905582"
