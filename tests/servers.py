@@ -63,12 +63,36 @@ def wait_port(port: int, timeout: float = 10, proc: subprocess.Popen | None = No
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
+def make_tls(d: Path, name: str = "127.0.0.1") -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with openssl: (ca.pem, cert, key)."""
+    d.mkdir(parents=True, exist_ok=True)
+    ca, cakey, cert, key, csr = (d / n for n in ("tls-ca.pem", "tls-ca.key", "server.pem", "server.key", "server.csr"))
+    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(cakey), "-out", str(ca),
+        "-subj", "/CN=Test TLS CA", "-days", "2", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
+    run("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(csr),
+        "-subj", f"/CN={name}")
+    ext = d / "ext.cnf"
+    ext.write_text(f"subjectAltName=IP:{name}\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(cakey), "-CAcreateserial", "-out", str(cert), "-days", "2",
+        "-extfile", str(ext))
+    os.chmod(key, 0o644)  # slapd may drop to its own user
+    return ca, cert, key
+
+
 class Slapd:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, tls: bool = False):
         self.dir = root
         (root / "db").mkdir(parents=True, exist_ok=True)
         self.conf = root / "slapd.conf"
-        self.conf.write_text(SLAPD_CONF.format(dir=root, base=BASE, admin=ADMIN_DN, pw=ADMIN_PW))
+        conf = SLAPD_CONF.format(dir=root, base=BASE, admin=ADMIN_DN, pw=ADMIN_PW)
+        self.tls_ca: Path | None = None
+        self.tls_port: int | None = None
+        if tls:
+            self.tls_ca, cert, key = make_tls(root / "tls")
+            conf = (f"TLSCACertificateFile {self.tls_ca}\nTLSCertificateFile {cert}\nTLSCertificateKeyFile {key}\n") + conf
+            self.tls_port = free_port()
+        self.conf.write_text(conf)
         subprocess.run(["slapadd", "-f", str(self.conf), "-b", BASE], input=SEED.encode(), check=True, capture_output=True)
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -80,8 +104,8 @@ class Slapd:
     def start(self) -> None:
         log = open(self.dir / "slapd.log", "ab")
         for _ in range(50):  # a restart right after a stop may find the old process still releasing the db
-            self.proc = subprocess.Popen(["slapd", "-f", str(self.conf), "-h", f"ldap://127.0.0.1:{self.port}/", "-d", "0"],
-                                         stdout=log, stderr=log)
+            urls = f"ldap://127.0.0.1:{self.port}/" + (f" ldaps://127.0.0.1:{self.tls_port}/" if self.tls_port else "")
+            self.proc = subprocess.Popen(["slapd", "-f", str(self.conf), "-h", urls, "-d", "0"], stdout=log, stderr=log)
             try:
                 wait_port(self.port, 30, self.proc)
                 break
@@ -142,7 +166,7 @@ class Slapd:
 
 RECEIVER = r'''
 import hashlib, http.server, os, socket, sys, threading, time
-mode, root, token = sys.argv[1], sys.argv[2], sys.argv[3]
+mode, root, token, tls = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def log_message(self, *a): pass
@@ -158,7 +182,8 @@ class H(http.server.BaseHTTPRequestHandler):
         with open(tmp, "wb") as f: f.write(body)
         os.replace(tmp, os.path.join(root, name))
         with open(os.path.join(root, "log"), "a") as f:
-            f.write(f"{self.command} {self.path} {len(body)} {self.headers.get('Content-Type')} {hashlib.sha256(body).hexdigest()}\n")
+            auth = (self.headers.get("Authorization") or "-").replace(" ", "_")
+            f.write(f"{self.command} {self.path} {len(body)} {self.headers.get('Content-Type')} {hashlib.sha256(body).hexdigest()} {auth}\n")
         self.send_response(201); self.send_header("Content-Length", "0"); self.end_headers()
     do_PUT = do_POST = _store
     def do_GET(self):
@@ -170,6 +195,11 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
 if mode in ("ok", "fail"):
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    if tls != "-":
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(*tls.split(","))
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     print(srv.server_address[1], flush=True)
     srv.serve_forever()
 else:  # a broken peer (a fake: no real server misbehaves on demand): junk bytes, or silence
@@ -192,16 +222,21 @@ class Receiver:
     """mode: ok (stores PUT/POST bodies, serves them back on GET), fail (503), garbage (junk bytes on any
     TCP request), hang (accepts, never answers)."""
 
-    def __init__(self, root: Path, mode: str = "ok", token: str | None = None):
+    def __init__(self, root: Path, mode: str = "ok", token: str | None = None, tls: bool = False):
         self.dir = root
         root.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-c", RECEIVER, mode, str(root), token or "-"],
+        self.tls_ca = None
+        arg = "-"
+        if tls:
+            self.tls_ca, cert, key = make_tls(root.parent / (root.name + "-tls"))
+            arg = f"{cert},{key}"
+        self.proc = subprocess.Popen([sys.executable, "-c", RECEIVER, mode, str(root), token or "-", arg],
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.port = int(self.proc.stdout.readline())
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls_ca else 'http'}://127.0.0.1:{self.port}"
 
     def log(self) -> list[list[str]]:
         p = self.dir / "log"

@@ -15,7 +15,7 @@ from cryptography.x509.oid import ExtensionOID
 
 from policy import serials as serials_list
 from tests.conftest import make_csr, openssl
-from tests.servers import ADMIN_DN, ADMIN_PW, BASE, Receiver, Slapd
+from tests.servers import ADMIN_DN, ADMIN_PW, BASE, Receiver, Slapd, make_tls
 
 
 @pytest.fixture
@@ -239,3 +239,64 @@ def test_kill9_mid_publication_resumes(appliance_factory, slapd, homes, tmp_path
         seen |= {x509.load_der_x509_certificate(v).serial_number
                  for v in slapd.search(f"cn=kill {i},ou=people,{BASE}", "userCertificate;binary")}
     assert seen == serials
+
+
+@pytest.mark.parametrize("how", ["ldaps", "starttls"])
+def test_tls_to_the_directory_with_a_trust_anchor(appliance_factory, homes, tmp_path, how):
+    """LDAPS and StartTLS verify slapd's certificate against the configured anchor; a rule trusting
+    another anchor never sends anything (visible error, nothing published)."""
+    d = Slapd(homes / "tls-slapd", tls=True)
+    d.start()
+    try:
+        url = f"ldaps://127.0.0.1:{d.tls_port}" if how == "ldaps" else d.url
+        tls = f'ca-file = "{d.tls_ca}"\n' + ("starttls = true\n" if how == "starttls" else "")
+        a = appliance_factory(config=rules(homes, url, extra=tls))
+        cert = issue_user(a, tmp_path, "Dave Example")
+        wait_drained(a)
+        values = d.search(f"cn=Dave Example,ou=people,{BASE}", "userCertificate;binary")
+        assert [x509.load_der_x509_certificate(v).serial_number for v in values] == [cert.serial_number]
+    finally:
+        d.stop()
+
+
+def test_tls_refuses_an_untrusted_directory(appliance_factory, homes, tmp_path):
+    d = Slapd(homes / "tls-slapd2", tls=True)
+    d.start()
+    try:
+        other_ca, _, _ = make_tls(homes / "other-tls")
+        a = appliance_factory(config=rules(homes, f"ldaps://127.0.0.1:{d.tls_port}", extra=f'ca-file = "{other_ca}"\n'))
+        issue_user(a, tmp_path, "Eve Example")
+        dd = _wait_for(lambda: (lambda x: x if x["last_error"] else None)(_directory(a)), what="a TLS error")
+        assert dd["pending"] >= 1
+        assert d.search(f"cn=Eve Example,ou=people,{BASE}", "userCertificate;binary") == []
+    finally:
+        d.stop()
+
+
+def test_https_publication_with_basic_auth(appliance_factory, slapd, homes, tmp_path):
+    """CRLs and CA certificates PUT over HTTPS (trust anchor from ca-file) with HTTP basic credentials."""
+    web = Receiver(homes / "tls-web", tls=True)
+    try:
+        (homes / "basic.secret").write_text("basic-pass\n")
+        extra = f"""
+[[distribution.rule]]
+name = "secure-web"
+url = "{web.url}/{{ca}}/{{name}}"
+username = "donjon"
+secret-file = "{homes / 'basic.secret'}"
+ca-file = "{web.tls_ca}"
+method = "POST"
+publish = ["ca-cert", "crl"]
+"""
+        a = appliance_factory(config=rules(homes, slapd.url) + extra)
+        wait_drained(a)
+        names = {row[1] for row in web.log()}
+        assert {"/issuing/issuing.crl", "/issuing/issuing.crt", "/root/root.crl", "/root/root.crt"} <= names
+        assert all(row[0] == "POST" for row in web.log())
+        import base64
+        assert {row[5] for row in web.log()} == {"Basic_" + base64.b64encode(b"donjon:basic-pass").decode()}
+        crl = x509.load_der_x509_crl((web.dir / "issuing_issuing.crl").read_bytes())
+        issuing = x509.load_pem_x509_certificate(a.export("issuing", tmp_path / "i.pem").read_bytes())
+        assert crl.is_signature_valid(issuing.public_key())
+    finally:
+        web.stop()
