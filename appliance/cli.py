@@ -56,6 +56,11 @@ def call(home: str, cls, **kw):
         fail(str(e))
 
 
+def _when(t) -> str:
+    """An epoch as ISO 8601 UTC, or '-'."""
+    return datetime.utcfromtimestamp(t).isoformat() + "Z" if t else "-"
+
+
 def out_bytes(data: bytes, out: Optional[str]) -> None:
     if out:
         with open(out, "wb") as f:
@@ -435,7 +440,7 @@ def ocsp_status(home: Home = "./var", as_json: JsonOut = False) -> None:
         typer.echo(f"CRL-fed tenants: {tc['tenants']}; CRLs accepted {tc['accepted']} refused {tc['refused']} since start"
                    " (see `donjon ocsp tenant list`)")
     for c in doc["cas"]:
-        nu = datetime.utcfromtimestamp(c["earliest_next_update"]).isoformat() + "Z" if c["earliest_next_update"] else "-"
+        nu = _when(c["earliest_next_update"])
         typer.echo(f"{c['ca']:<16} responses {c['responses']:<8} revoked {c['revoked']:<6} queued {c['queued']:<6} "
                    f"earliest nextUpdate {nu}{'  LAPSED' if c['lapsed'] else ''}")
 
@@ -457,10 +462,6 @@ def ocsp_responder_cert(ca: Annotated[str, typer.Option(help="The CA the respond
 
 
 # ---------------------------------------------------------------- distribution
-
-
-def _when(t) -> str:
-    return datetime.utcfromtimestamp(t).isoformat() + "Z" if t else "-"
 
 
 @dist_app.command("status")
@@ -588,7 +589,7 @@ def tenant_list(home: Home = "./var", as_json: JsonOut = False) -> None:
         typer.echo(json.dumps(doc, indent=2))
         return
     for t in doc["tenants"]:
-        nu = datetime.utcfromtimestamp(t["crl_next_update"]).isoformat() + "Z" if t["crl_next_update"] else "-"
+        nu = _when(t["crl_next_update"])
         typer.echo(f"{t['name']:<16} CRL #{t['crl_number'] if t['crl_number'] is not None else '-'} nextUpdate {nu}"
                    f"{'  STALE' if t['stale'] else ''}  responder {'yes' if t['responder'] else 'no'}  unissued {t['unissued']}"
                    f"  serials-list {'yes' if t['issued_serials'] else 'no'}  push {'yes' if t['push'] else 'no'}"
@@ -627,7 +628,7 @@ def tenant_crl(name: str, file: str, home: Home = "./var") -> None:
     if len(der) > 7 * 1024 * 1024:
         fail("the CRL is larger than 7 MiB: have the Distribution agent fetch it, or push it over HTTP")
     doc = call(home, S.AOcspTenantCrl, name=name, crl=der)
-    nu = datetime.utcfromtimestamp(doc["next_update"]).isoformat() + "Z"
+    nu = _when(doc["next_update"])
     typer.echo(f"tenant {name}: CRL #{doc['crl_number']} in use until {nu}")
 
 
@@ -699,7 +700,7 @@ def audit_verify(file: Annotated[Optional[str], typer.Argument(help="An exported
 def audit_reconcile(home: Home = "./var") -> None:
     """List serials whose intent had no certificate after a crash (voided, treated as possibly issued)."""
     for v in call(home, S.AReconcile)["voided"]:
-        typer.echo(f"#{v['seq']} {datetime.utcfromtimestamp(v['ts']).isoformat()}Z {v['object']}: {v['detail']}")
+        typer.echo(f"#{v['seq']} {_when(v['ts'])} {v['object']}: {v['detail']}")
 
 
 # ---------------------------------------------------------------- internals
