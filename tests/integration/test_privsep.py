@@ -161,4 +161,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (1, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "ca34c6904e6ba9fd89b34551a60212acf2c127c4aace944b48f37977ccd951e4"
+PINNED_SCHEMA_HASH = "95ad281ed94687431da18b3a8eb42ea9e3e15901d0940c126b569356f149a7b5"
