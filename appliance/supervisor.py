@@ -331,6 +331,8 @@ class Supervisor:
                     await self.notify("activated", "appliance", m.detail)
                 elif m.kind == "activated" and role.kind == "cis":
                     self.tokens.setdefault(self.cfg.hsm.token, True)
+                elif m.kind == "login-lockout" and role.kind == "factory":
+                    await self.notify("login-lockout", m.detail.split()[1] if len(m.detail.split()) > 1 else "officer", m.detail)
                 self.events.append(m)
                 self._event.set()
                 self._event = trio.Event()

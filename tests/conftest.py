@@ -102,8 +102,16 @@ class Appliance:
 
     def session(self, officer: str = "oper") -> str:
         """A live session token of `officer` (for AdminClient(home, session=...))."""
-        self.cli("status", officer=officer)  # resumes the stored session, or logs in and stores a new one
-        return self.session_file(officer).read_text().strip()
+        from appliance.client import AdminClient, ClientError
+        f = self.session_file(officer)
+        if f.exists():  # usually left by start()'s status polling, which logs the operator in
+            try:
+                AdminClient(str(self.home), timeout=30, session=f.read_text().strip()).close()
+                return f.read_text().strip()
+            except ClientError:
+                pass
+        self.cli("status", officer=officer)  # logs in and stores a new session
+        return f.read_text().strip()
 
     def argv(self, *args: str) -> list[str]:
         base = [str(VENV_BIN / "python"), "-m", "appliance.cli", *args]
