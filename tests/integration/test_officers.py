@@ -181,6 +181,10 @@ def test_bootstrap_allows_only_the_first_administrator(appliance_factory):
 DUAL = """
 [dual-control]
 approvals = 2
+expiry-minutes = 1
+
+[officers]
+session-idle-minutes = 1
 """
 FIVE = {"admin": "administrator", "admin2": "administrator", "oper": "operator", "oper2": "operator", "aud": "auditor"}
 
@@ -233,3 +237,19 @@ def test_dual_control_m_minus_1_does_nothing_m_runs(appliance_factory):
                      ("dual-control", f"request#{pid}", "done"), ("approve", f"request#{pid}", "refused")]
     made = [r for r in recs if r["action"] == "ca-create" and r["object"] == "sub2"]
     assert len(made) == 1 and "approved-by:oper2" in made[0]["actor"] and made[0]["actor"].startswith("officer:oper ")
+
+    # a request left waiting expires with its approvals; an idle session ends
+    r = a.cli("officer", "add", "late", "--role", "operator")
+    lid = int(r.stdout.split(b"#")[1].split()[0])
+    idle = AdminClient(str(a.home))
+    idle.login("aud", PASSWORD)
+    time.sleep(62)
+    r = a.cli("approve", str(lid), officer="admin2", check=False)
+    assert r.returncode == 1 and b"expired" in r.stderr
+    assert "late" not in a.cli("officer", "list").stdout.decode()
+    with pytest.raises(ClientError) as e:
+        idle.call(S.APendingList)
+    assert e.value.code == "auth" and "expired" in str(e.value)
+    idle.close()
+    trail = [(r["action"], r["outcome"]) for r in audit_records(a) if r["object"] == f"request#{lid}"]
+    assert trail == [("dual-control", "pending"), ("dual-control", "expired"), ("approve", "refused")]
