@@ -161,4 +161,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (1, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "ca34c6904e6ba9fd89b34551a60212acf2c127c4aace944b48f37977ccd951e4"
+PINNED_SCHEMA_HASH = "82f378e2b02adb28308ce89b3eb15b3ae2f2413f6576daa332a9850388b4a833"
