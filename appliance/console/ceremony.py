@@ -249,7 +249,7 @@ class Ceremony:
         for i, st in enumerate(self.spec.step, 1):
             self.t.say("", *step_lines(i, st))
             rec: dict[str, Any] = {"n": i, "action": st.action, "params": {k: v for k, v in msgspec.structs.asdict(st).items()
-                                                                              if v not in (None, {}, "") and k != "action"}}
+                                                                              if v not in (None, {}, "", False) and k != "action"}}
             witnesses = self.witness(i)
             rec["witnesses"] = witnesses
             if len(witnesses) < h.quorum:
@@ -322,7 +322,8 @@ def pdf_lines(tr: dict[str, Any]) -> list[str]:
             lines.append(f"    output {o['file']} ({o['bytes']} bytes)")
             lines.append(f"      sha256 {o['sha256']}")
         lines.append("")
-    lines += [f"Transcript SHA-256 (canonical JSON without the signature): {tr['transcript_sha256']}",
+    lines += ["Transcript SHA-256 (canonical JSON, without this digest and the signature):",
+              f"    {tr['transcript_sha256']}",
               f"Signature: {json.dumps(tr['signature'], sort_keys=True)}", "",
               "Witness signatures:", ""]
     for o in tr["officers_present"]:
