@@ -244,6 +244,34 @@ def ocsp_status_lines(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def backup_to(c: AdminClient, path: str) -> tuple[int, str]:
+    """Write the appliance's online backup (tar: encrypted cmdb.sqlite, wrapped cmdb.key, manifest.json)
+    to a new file, never over an existing one. Returns (bytes, sha256)."""
+    import hashlib
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise OpError(f"{path} already exists: refusing to overwrite it") from None
+    except OSError as e:
+        raise OpError(f"cannot write {path}: {e.strerror}") from None
+    h, n, ok = hashlib.sha256(), 0, False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in c.stream(S.ABackup):
+                f.write(chunk)
+                h.update(chunk)
+                n += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        ok = True
+    except ClientError as e:
+        raise OpError(str(e)) from None
+    finally:
+        if not ok:
+            os.unlink(path)  # no partial backup left looking like a good one
+    return n, h.hexdigest()
+
+
 def shutdown(c: AdminClient) -> dict[str, Any]:
     """Ask the appliance to stop cleanly (the supervisor stops every role as on SIGTERM)."""
     return _wrap(c.call, S.AShutdown)

@@ -461,6 +461,18 @@ def shutdown(home: Home = "./var",
     typer.echo("the appliance is stopping")
 
 
+@app.command()
+def backup(out: Annotated[str, typer.Option(help="New file for the backup (tar); never overwritten.")] = ...,
+           home: Home = "./var") -> None:
+    """A consistent online copy of the encrypted CMDB and its HSM-wrapped key (audited).
+
+    Example: donjon backup --out /media/donjon/backup.tar
+    """
+    with client(home) as c:
+        n, digest = op(ops.backup_to, c, out)
+    typer.echo(f"backup: {n} bytes -> {out} sha256 {digest}")
+
+
 @ceremony_app.command("run")
 def ceremony_run(file: Annotated[str, typer.Argument(help="The ceremony TOML file.")],
                  out_dir: Annotated[Optional[str], typer.Option(help="Folder holding the output folder (default: the file's).")] = None,

@@ -88,8 +88,13 @@ def load(path: str) -> CeremonyFile:
     return spec
 
 
+def _shown(v: Any) -> bool:
+    """A step parameter worth showing (0, e.g. path-length 0, is one; unset and false are not)."""
+    return v is not None and v is not False and v != {} and v != ""
+
+
 def step_lines(i: int, st: Step) -> list[str]:
-    fields = {k: v for k, v in msgspec.structs.asdict(st).items() if v not in (None, {}, "", False) and k not in ("action", "note")}
+    fields = {k: v for k, v in msgspec.structs.asdict(st).items() if _shown(v) and k not in ("action", "note")}
     lines = [f"step {i}: {st.action}"]
     for k, v in fields.items():
         if k == "subject":
@@ -248,8 +253,8 @@ class Ceremony:
         rc = 0
         for i, st in enumerate(self.spec.step, 1):
             self.t.say("", *step_lines(i, st))
-            rec: dict[str, Any] = {"n": i, "action": st.action, "params": {k: v for k, v in msgspec.structs.asdict(st).items()
-                                                                              if v not in (None, {}, "", False) and k != "action"}}
+            rec: dict[str, Any] = {"n": i, "action": st.action,
+                                   "params": {k: v for k, v in msgspec.structs.asdict(st).items() if _shown(v) and k != "action"}}
             witnesses = self.witness(i)
             rec["witnesses"] = witnesses
             if len(witnesses) < h.quorum:

@@ -308,9 +308,11 @@ class Console:
             self.t.say(ops.settings_set(self.home, key, value))
 
     def backup(self) -> None:
-        self.t.say("backup: not available in this build. A copy of the live encrypted CMDB must be taken",
-                   "by the Factory (only it opens the database, and a file copy of a database in WAL mode",
-                   "is not consistent); that online copy is not implemented yet.")
+        media = M.media_dir(self.home)
+        name = time.strftime("donjon-backup-%Y%m%dT%H%M%SZ.tar", time.gmtime())
+        n, digest = ops.backup_to(self.s.client, M.path_in(media, name))
+        self.t.say(f"backup: {n} bytes -> media: {name}", f"  sha256 {digest}",
+                   "  (encrypted CMDB + HSM-wrapped key: restorable only with the same HSM token)")
 
     def shutdown(self) -> None:
         if not self.t.confirm("stop the appliance (every role, cleanly)?"):

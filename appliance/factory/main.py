@@ -129,6 +129,11 @@ async def dispatch(chan: Channel, req, f: Factory, actor: str) -> None:
         await reply(voided=[{"seq": r[0], "ts": r[1], "object": r[2], "detail": r[3]} for r in rows])
     elif isinstance(req, S.ACaCreateRoot):
         await reply(**await f.create_ca(req, parent=None, actor=actor))
+    elif isinstance(req, S.ABackup):
+        from .backup import backup_tar
+        async for chunk in backup_tar(f, actor):
+            await chan.send(S.BlobChunk(id=rid, data=chunk, last=False))
+        await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
     elif isinstance(req, S.AShutdown):
         await f.audit(actor, "shutdown", "appliance", "ok", "requested through the admin API")
         await f.send_event(S.Event(kind="shutdown-requested", detail=actor))

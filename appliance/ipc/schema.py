@@ -584,10 +584,16 @@ class AShutdown(_Msg, tag="shutdown-request"):
     id: ReqId
 
 
+class ABackup(_Msg, tag="backup"):
+    """A consistent online copy of the encrypted CMDB and its wrapped key, streamed as a tar (BlobChunks)."""
+
+    id: ReqId
+
+
 AdminRequest = Union[
     Hello, AStatus, AActivate, ACaList, ACaShow, ACaCreate, ACaSignCsr, ACaExport, AIssue,
     ACertShow, ACertList, ARevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus, AOcspResponderCert,
-    ACaCreateRoot, AShutdown,
+    ACaCreateRoot, AShutdown, ABackup,
 ]
 
 

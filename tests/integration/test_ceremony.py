@@ -94,6 +94,7 @@ def test_ceremony_transcript_hashes_verify_and_no_overwrite(appliance, tmp_path)
     assert tr["hsm"]["token"].startswith("donjon serial=")
     assert tr["software"]["sha256"] and tr["file_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert [s["witnesses"] for s in tr["steps"]] == [["alice", "carol"]] * 5
+    assert tr["steps"][0]["params"]["path_length"] == 0 and "chain" not in tr["steps"][0]["params"]
     for o in tr["outputs"]:
         assert hashlib.sha256((folder / o["file"]).read_bytes()).hexdigest() == o["sha256"]
     assert len(tr["outputs"]) == 5

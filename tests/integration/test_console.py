@@ -291,6 +291,8 @@ def test_shutdown_from_the_console(ready, tmp_path):
         t.expect(r"new value \(Enter: keep\):$")
         t.send("127.0.0.1:18443")
         t.expect(r"ocsp\.listen = \"127\.0\.0\.1:18443\" \(takes effect at the next start\)[\s\S]*choice>$")
+        t.send("11")  # backup to the media: the same operation as `donjon backup`
+        t.expect(r"backup: \d+ bytes -> media: (donjon-backup-\d{8}T\d{6}Z\.tar)\s+sha256 ([0-9a-f]{64})[\s\S]*choice>$")
         t.send("12")
         t.expect(r"\[yes/no\]$")
         t.send("yes")
@@ -299,6 +301,8 @@ def test_shutdown_from_the_console(ready, tmp_path):
     finally:
         t.close()
     assert a.proc.wait(timeout=60) == 0
+    backups = list(media.glob("donjon-backup-*.tar"))
+    assert len(backups) == 1 and backups[0].stat().st_mode & 0o077 == 0
     assert 'listen = "127.0.0.1:18443"' in (a.home / "donjon.toml").read_text()
     assert "evil" not in (a.home / "donjon.toml").read_text()
 

@@ -161,4 +161,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (1, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "82f378e2b02adb28308ce89b3eb15b3ae2f2413f6576daa332a9850388b4a833"
+PINNED_SCHEMA_HASH = "a982de5c2ca5428f64b46237b0f0d6e10b2a1971e677fe390833154af8c269e5"
