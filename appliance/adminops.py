@@ -21,6 +21,15 @@ class OpError(Exception):
     """One line for the operator (the CLI prints it and exits 1; the console prints it and stays)."""
 
 
+class PendingApproval(Exception):
+    """Dual control filed the request instead of running it: other officers approve it (`approve ID`)."""
+
+    def __init__(self, doc: dict[str, Any]):
+        self.doc = doc
+        super().__init__(f"request #{doc['pending']} ({doc['operation']}) is pending: {doc['approvals']} of "
+                         f"{doc['required']} approvals; other officers run `donjon approve {doc['pending']}`")
+
+
 def check_name(s: str, what: str = "name") -> str:
     if not NAME_RE.match(s) or ".." in s:
         raise OpError(f"invalid {what} {s[:40]!r}: letters, digits, '.', '_', '-' only (at most 64)")
@@ -93,9 +102,12 @@ def der_of(data: bytes, label: str) -> bytes:
 
 def _wrap(fn, *a, **kw):
     try:
-        return fn(*a, **kw)
+        doc = fn(*a, **kw)
     except ClientError as e:
         raise OpError(str(e)) from None
+    if isinstance(doc, dict) and "pending" in doc and "required" in doc:
+        raise PendingApproval(doc)
+    return doc
 
 
 # ---------------------------------------------------------------- operations (each: client in, data out)
@@ -112,6 +124,10 @@ def status_lines(doc: dict[str, Any]) -> list[str]:
     if doc["activated"]:
         lines.append(f"CAs: {', '.join(doc['cas']) or '-'}; certificates: {doc['certificates']}; revoked: {doc['revoked']}")
         lines.append(f"audit: {doc['audit_records']} records, head {doc['audit_head']}")
+        cp = doc.get("audit_checkpoint")
+        lines.append(f"audit checkpoint: seq {cp['seq']} head {cp['head']} signed "
+                     f"{datetime.fromtimestamp(cp['time'], timezone.utc).strftime('%Y-%m-%dT%H:%M:%S')}Z"
+                     if cp else "audit checkpoint: none yet (donjon audit checkpoint)")
     return lines
 
 
@@ -205,26 +221,122 @@ def audit_export(c: AdminClient) -> bytes:
     return _wrap(lambda: b"".join(c.stream(S.AAuditExport)))
 
 
-def audit_verify(data: bytes) -> int:
-    """Check an exported log's hash chain; returns the record count, raises OpError naming the break."""
+def audit_verify(data: bytes, cert_pem: bytes | None = None, anchor: bytes | None = None) -> str:
+    """Check an exported log offline (chain, checkpoint signatures with the audit certificate, a
+    published anchor against rollback); returns the summary line, raises OpError naming the break."""
     import json
 
-    from appliance.factory.cmdb import verify_audit
-    records = []
+    from policy import audit as A
+    entries = []
     for i, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            e = json.loads(line)
         except ValueError:
             raise OpError(f"line {i}: not JSON") from None
+        if not isinstance(e, dict):
+            raise OpError(f"line {i}: not a record")
+        entries.append(e)
     try:
-        n, problem = verify_audit(iter(records))
-    except (KeyError, ValueError, TypeError) as e:
-        raise OpError(f"malformed audit record: {e}") from None
+        crt = A.load_cert(cert_pem) if cert_pem else None
+    except ValueError:
+        raise OpError("the audit certificate is not a certificate") from None
+    anc = None
+    if anchor:
+        try:
+            anc = json.loads(anchor)
+        except ValueError:
+            raise OpError("the anchor is not a signed checkpoint (JSON)") from None
+        if crt is None:
+            raise OpError("--anchor needs --cert (the anchor is only worth its signature)")
+    summary, problem = A.verify_export(entries, crt, anc)
     if problem:
         raise OpError(f"audit chain broken: {problem}")
-    return n
+    extra = ""
+    if summary["checkpoints"]:
+        extra = f", {summary['checkpoints']} checkpoints" + (" with valid signatures" if crt else " (signatures not checked: no --cert)")
+    if "anchor_seq" in summary:
+        extra += f", consistent with the anchor at seq {summary['anchor_seq']}"
+    return f"audit chain intact: {summary['records']} records{extra}"
+
+
+def audit_checkpoint(c: AdminClient) -> dict[str, Any]:
+    return _wrap(c.call, S.AAuditCheckpoint)
+
+
+def audit_cert(c: AdminClient) -> str:
+    return _wrap(c.call, S.AAuditCert)["cert"]
+
+
+def ceremony_record(c: AdminClient, ceremony: str, digest: bytes) -> dict[str, Any]:
+    """The transcript digest as an audit record, with a checkpoint of it signed by the HSM's audit key."""
+    return _wrap(c.call, S.ACeremonyRecord, ceremony=ceremony, transcript_sha256=digest)
+
+
+# ---------------------------------------------------------------- officers and dual control
+
+
+def activate_shares(c: AdminClient, shares: list[str]) -> dict[str, Any]:
+    from policy import shamir
+    from policy.errors import PolicyError
+    for t in shares:
+        try:
+            shamir.parse_share(t)
+        except PolicyError as e:
+            raise OpError(e.message) from None
+    return _wrap(c.call, S.AActivateShares, shares=shares)
+
+
+def officer_list(c: AdminClient) -> list[dict[str, Any]]:
+    return _wrap(c.call, S.AOfficerList)["officers"]
+
+
+def officer_list_lines(docs: list[dict[str, Any]]) -> list[str]:
+    return [f"{o['name']:<20} {','.join(o['roles']):<24} totp={'on ' if o['totp'] else 'off'} "
+            f"failures={o['failures']}{'  LOCKED' if o['locked'] else ''}" for o in docs]
+
+
+ROLE_NAMES = ("administrator", "operator", "auditor")
+
+
+def officer_add(c: AdminClient, name: str, roles: tuple[str, ...], password: str) -> dict[str, Any]:
+    check_name(name, "officer name")
+    for r in roles:
+        if r not in ROLE_NAMES:
+            raise OpError(f"unknown role {r!r} (one of: {', '.join(ROLE_NAMES)})")
+    return _wrap(c.call, S.AOfficerAdd, name=name, roles=tuple(roles), password=password)
+
+
+def officer_remove(c: AdminClient, name: str) -> dict[str, Any]:
+    return _wrap(c.call, S.AOfficerRemove, name=check_name(name, "officer name"))
+
+
+def officer_passwd(c: AdminClient, name: str, password: str) -> dict[str, Any]:
+    return _wrap(c.call, S.AOfficerPasswd, name=check_name(name, "officer name"), password=password)
+
+
+def officer_unlock(c: AdminClient, name: str) -> dict[str, Any]:
+    return _wrap(c.call, S.AOfficerUnlock, name=check_name(name, "officer name"))
+
+
+def pending_list(c: AdminClient, open_only: bool = True) -> list[dict[str, Any]]:
+    return _wrap(c.call, S.APendingList, open_only=open_only)["pending"]
+
+
+def pending_lines(docs: list[dict[str, Any]]) -> list[str]:
+    return [f"#{p['id']:<5} {p['state']:<8} {p['operation']:<12} by {p['requester']:<12} "
+            f"approvals {len(p['approvals'])}/{p['required']} ({', '.join(p['approvals'])}) "
+            f"expires {datetime.fromtimestamp(p['expires'], timezone.utc).strftime('%Y-%m-%dT%H:%M:%S')}Z  {p['summary']}"
+            for p in docs]
+
+
+def approve(c: AdminClient, request: int) -> dict[str, Any]:
+    """Approve a pending request; the M-th approval runs it (then `result` is its answer)."""
+    try:
+        return c.call(S.AApprove, request=request)
+    except ClientError as e:
+        raise OpError(str(e)) from None
 
 
 def ocsp_status(c: AdminClient) -> dict[str, Any]:

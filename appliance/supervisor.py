@@ -300,7 +300,8 @@ class Supervisor:
             await role.chan.send(S.FactoryConfig(home=self.layout.cmdb, cipher=self.cfg.cmdb.cipher, profiles=self.profiles,
                                                  base_url=self.cfg.endpoint.base_url, crl_validity_hours=self.cfg.crl.validity_hours,
                                                  admin_gid=self.admin_gid, dev_uid=None if self.appliance else os.getuid(),
-                                                 ocsp_validity_hours=self.cfg.ocsp.validity_hours, ocsp_hashes=self.cfg.ocsp.hashes))
+                                                 ocsp_validity_hours=self.cfg.ocsp.validity_hours, ocsp_hashes=self.cfg.ocsp.hashes,
+                                                 **C.officer_settings(self.cfg)))
         m = await role.chan.recv()
         if not isinstance(m, S.Ready):
             raise ProtocolViolation(f"{role.name}: expected Ready, got {type(m).__name__}")
@@ -505,7 +506,8 @@ class Supervisor:
                     for role in roles.values():
                         n.start_soon(self._listen, role)
                     if ceremony is not None:
-                        await roles["factory"].chan.send(S.Ceremony(pin=pin, spec=msgspec.msgpack.encode(ceremony)))
+                        await roles["factory"].chan.send(S.Ceremony(pin=pin, spec=msgspec.msgpack.encode(ceremony),
+                                                                    officers=list(getattr(self, "init_officers", []))))
                         ev = await self.wait_event("ceremony-done", "ceremony-failed")
                         result = 0 if ev.kind == "ceremony-done" else 2
                         if result:

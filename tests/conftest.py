@@ -60,6 +60,12 @@ path-length = 0
     return path
 
 
+PASSWORD = "correct horse battery staple"
+# Officers every test appliance is created with (donjon init --officer): the CLI logs in as the one
+# whose role the command needs (see Appliance.officer_for).
+OFFICERS = {"admin": "administrator", "oper": "operator", "aud": "auditor"}
+
+
 class Appliance:
     """One appliance: a state folder, its `donjon run` process group, and the CLI."""
 
@@ -70,11 +76,32 @@ class Appliance:
         self.proc: subprocess.Popen | None = None
         self.log = home.parent / f"{home.name}.log"
 
-    def env(self) -> dict[str, str]:
-        e = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    def env(self, officer: str = "oper") -> dict[str, str]:
+        """The CLI's environment, logged in as `officer` (a new login when its stored session is gone)."""
+        e = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST") and not k.startswith("DONJON_")}
         e["PYTHONPATH"] = self.src
         e["DONJON_HOME"] = str(self.home)
+        e["DONJON_OFFICER"] = officer
+        e["DONJON_PASSWORD"] = PASSWORD
+        e["DONJON_SESSION_FILE"] = str(self.session_file(officer))
         return e
+
+    def session_file(self, officer: str) -> Path:
+        return self.home.parent / f"{self.home.name}.session-{officer}"
+
+    @staticmethod
+    def officer_for(args: tuple[str, ...]) -> str:
+        """Audit commands as the auditor, officer management as the administrator, the rest as the operator."""
+        if args[:1] == ("audit",):
+            return "aud"
+        if args[:1] == ("officer",):
+            return "admin"
+        return "oper"
+
+    def session(self, officer: str = "oper") -> str:
+        """A live session token of `officer` (for AdminClient(home, session=...))."""
+        self.cli("status", officer=officer)  # resumes the stored session, or logs in and stores a new one
+        return self.session_file(officer).read_text().strip()
 
     def argv(self, *args: str) -> list[str]:
         base = [str(VENV_BIN / "python"), "-m", "appliance.cli", *args]
@@ -82,8 +109,11 @@ class Appliance:
             return ["runuser", "-u", self.user, "--", *base]
         return base
 
-    def cli(self, *args: str, check: bool = True, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        r = subprocess.run(self.argv(*args), env=self.env(), capture_output=True, input=input, timeout=timeout, cwd="/")
+    def cli(self, *args: str, check: bool = True, input: bytes | None = None, timeout: float = 120,
+            officer: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        e = self.env(officer or self.officer_for(args))
+        e.update(env or {})
+        r = subprocess.run(self.argv(*args), env=e, capture_output=True, input=input, timeout=timeout, cwd="/")
         if check and r.returncode != 0:
             raise AssertionError(f"donjon {' '.join(args)} failed ({r.returncode}):\n{r.stdout.decode()}\n{r.stderr.decode()}")
         return r
@@ -97,7 +127,8 @@ class Appliance:
         cfg = self.home / "donjon.toml"
         cfg.write_text('[ocsp]\nlisten = "127.0.0.1:0"\n' + config)
         os.chmod(cfg, 0o644)
-        self.cli("init", "--home", str(self.home), "--ceremony", str(ceremony))
+        officers = [a for n, r in OFFICERS.items() for a in ("--officer", f"{n}:{r}")]
+        self.cli("init", "--home", str(self.home), "--ceremony", str(ceremony), *officers)
 
     @property
     def endpoint(self) -> str:

@@ -16,7 +16,7 @@ from appliance import adminops as ops
 from appliance.adminops import OpError
 from appliance.console import media as M
 from appliance.console.pdf import text_pdf
-from appliance.console.session import Session, login
+from appliance.console.session import Session, ask_login, refusal
 from appliance.console.term import Term
 from appliance.ipc import schema as S
 
@@ -142,10 +142,10 @@ def canonical(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def sign_transcript(session: Session, digest: bytes) -> dict[str, Any] | None:
-    """HOOK (issue #6, officers branch): sign the transcript digest with the HSM audit key and return
-    {"alg", "signature", "audit_cert"}. Until the audit-key signing API exists, None: unsigned."""
-    return None
+def sign_transcript(session: Session, name: str, digest: bytes) -> dict[str, Any]:
+    """The audit key signs the transcript through the audit chain (the CIS never signs bytes it is handed):
+    the digest becomes an audit record, and a checkpoint of exactly that record is signed in the HSM."""
+    return ops.ceremony_record(session.client, name, digest)
 
 
 def now() -> str:
@@ -190,11 +190,10 @@ class Ceremony:
             if any(n == name for n, _ in self.present):
                 self.t.say(f"{name} is already logged in")
                 continue
-            password = self.t.secret("password: ")
             try:
-                client, token = login(self.home, name, password)
+                client, token = ask_login(self.t, self.home, name)
             except OpError as e:
-                self.t.say(f"login refused: {e}")
+                self.t.say(refusal(e))
                 continue
             self.present.append((name, Session(self.home, name, client, token)))
             self.t.say(f"{name} present")
@@ -206,16 +205,36 @@ class Ceremony:
                 yes.append(name)
         return yes
 
-    def execute(self, st: Step) -> tuple[dict[str, Any], bytes]:
+    def guarded(self, fn, witnesses: list[str], rec: dict[str, Any]) -> dict[str, Any]:
+        """Run one request as the first officer; where dual control files it instead, the other
+        witnesses of the step approve it with their own sessions until it runs."""
+        try:
+            return fn(self.present[0][1].client)
+        except ops.PendingApproval as p:
+            rid = p.doc["pending"]
+            rec["dual_control"] = {"request": rid, "required": p.doc["required"], "approved_by": [self.present[0][0]]}
+            self.t.say(f"dual control: request #{rid} needs {p.doc['required']} approvals; the witnesses approve it")
+            for name, sess in self.present[1:]:
+                if name not in witnesses:
+                    continue
+                doc = ops.approve(sess.client, rid)
+                rec["dual_control"]["approved_by"].append(name)
+                if doc.get("executed"):
+                    return doc["result"]
+            raise OpError(f"request #{rid} still lacks approvals: more witnesses who may approve it are needed") from None
+
+    def execute(self, st: Step, witnesses: list[str], rec: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         c = self.present[0][1].client
         if st.action in ("create-root", "create-ca"):
             subject = tuple(st.subject.items())
-            doc = ops.ca_create(c, st.name, st.parent if st.action == "create-ca" else None, subject, st.profile,
-                                st.key_type, st.validity_days, st.path_length)
+            parent = st.parent if st.action == "create-ca" else None
+            doc = self.guarded(lambda cl: ops.ca_create(cl, st.name, parent, subject, st.profile, st.key_type,
+                                                        st.validity_days, st.path_length), witnesses, rec)
             return doc, ops.ca_chain_pem(c, st.name, False)
         if st.action == "sign-csr":
             der = ops.der_of(M.read(os.path.dirname(self.path), st.csr), "CSR")
-            doc = ops.ca_sign_csr(c, st.parent, st.profile or "sub-ca", der, st.validity_days, st.path_length)
+            doc = self.guarded(lambda cl: ops.ca_sign_csr(cl, st.parent, st.profile or "sub-ca", der, st.validity_days,
+                                                          st.path_length), witnesses, rec)
             return {k: v for k, v in doc.items() if k != "cert"}, doc["cert"].encode()
         if st.action == "crl":
             der = ops.crl_generate(c, st.ca)
@@ -266,7 +285,7 @@ class Ceremony:
                 break
             rec["started"] = now()
             try:
-                result, data = self.execute(st)
+                result, data = self.execute(st, witnesses, rec)
             except OpError as e:
                 rec["outcome"] = f"failed: {e}"
                 tr["steps"].append(rec)
@@ -286,9 +305,12 @@ class Ceremony:
         tr["finished"] = now()
         tr["outputs"] = [o for s in tr["steps"] for o in s.get("outputs", [])]
         digest = hashlib.sha256(canonical(tr)).digest()
-        sig = sign_transcript(first, digest)
         tr["transcript_sha256"] = digest.hex()
-        tr["signature"] = sig if sig is not None else {"status": "unsigned: the audit-key signing API is not available in this build"}
+        try:
+            tr["signature"] = sign_transcript(first, h.name, digest)
+        except OpError as e:  # the outputs exist: keep the transcript, say plainly that it is unsigned
+            tr["signature"] = {"status": f"unsigned: {e}"}
+            rc = 1
         body = json.dumps(tr, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
         M.write_new(os.path.join(self.out, "transcript.json"), body)
         M.write_new(os.path.join(self.out, "transcript.pdf"), text_pdf(pdf_lines(tr), f"Donjon ceremony {h.name}"))
@@ -329,15 +351,50 @@ def pdf_lines(tr: dict[str, Any]) -> list[str]:
         lines.append("")
     lines += ["Transcript SHA-256 (canonical JSON, without this digest and the signature):",
               f"    {tr['transcript_sha256']}",
-              f"Signature: {json.dumps(tr['signature'], sort_keys=True)}", "",
+              *signature_lines(tr["signature"]), "",
               "Witness signatures:", ""]
     for o in tr["officers_present"]:
         lines += [f"    {o['name']:<24} ______________________________   date ____________", ""]
     return lines
 
 
-def verify(path: str) -> list[str]:
-    """Problems with a transcript (empty: the digest and every output's SHA-256 match)."""
+def signature_lines(sig: dict[str, Any]) -> list[str]:
+    if "checkpoint" not in sig:
+        return [f"Signature: {sig.get('status', 'none')}"]
+    r, cp = sig["record"], sig["checkpoint"]
+    return ["Signed by the HSM audit key through the audit chain:",
+            f"    audit record seq {r['seq']} ({r['action']} {r['object']}, by {r['actor']})",
+            f"    record hash {r['hash']}",
+            f"    checkpoint seq {cp['seq']} signed {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(cp['time']))} ({cp['alg']})",
+            f"    audit certificate SHA-256 {hashlib.sha256(sig['audit_cert'].encode()).hexdigest()}"]
+
+
+def verify_signature(tr: dict[str, Any], cert_pem: bytes | None) -> list[str]:
+    """The transcript's audit record carries its digest, chains to its own hash, and the checkpoint of
+    exactly that record verifies under the audit certificate (the one given, else the one embedded)."""
+    from policy import audit as A
+    sig = tr.get("signature") or {}
+    if "checkpoint" not in sig:
+        return [f"not signed ({sig.get('status', 'no signature')})"]
+    r = sig["record"]
+    problems = []
+    if r.get("action") != "ceremony" or r.get("detail") != f"transcript sha256={tr.get('transcript_sha256')}":
+        problems.append("the audit record is not this transcript's")
+    try:
+        rec = {k: r[k] for k in ("seq", "ts", "actor", "action", "object", "outcome", "detail")}
+        if A.audit_hash(bytes.fromhex(r["prev"]), rec).hex() != r["hash"]:
+            problems.append("the audit record does not match its hash")
+        cert = A.load_cert(cert_pem or sig["audit_cert"].encode())
+        seq, head, _ = A.verify_checkpoint(sig["checkpoint"], cert)
+        if (seq, head.hex()) != (r["seq"], r["hash"]):
+            problems.append("the signed checkpoint is not of the transcript's audit record")
+    except (KeyError, ValueError, TypeError) as e:
+        problems.append(f"bad signature: {e}")
+    return problems
+
+
+def verify(path: str, cert_pem: bytes | None = None) -> list[str]:
+    """Problems with a transcript (empty: the digest, every output's SHA-256 and the signature check out)."""
     try:
         with open(path, "rb") as f:
             tr = json.loads(f.read())
@@ -352,11 +409,16 @@ def verify(path: str) -> list[str]:
         problems.append("the transcript was changed after it was written (digest mismatch)")
     folder = os.path.dirname(os.path.abspath(path))
     for o in tr.get("outputs", []):
-        p = os.path.join(folder, M.check_file_name(o["file"]))
+        try:
+            p = os.path.join(folder, M.check_file_name(o["file"]))
+        except OpError as e:
+            problems.append(str(e))
+            continue
         if not os.path.exists(p):
             problems.append(f"{o['file']}: missing")
         elif sha256_file(p) != o["sha256"]:
             problems.append(f"{o['file']}: SHA-256 differs from the transcript")
+    problems += verify_signature(tr, cert_pem)
     return problems
 
 

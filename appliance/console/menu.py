@@ -10,7 +10,7 @@ from typing import Callable
 from appliance import adminops as ops
 from appliance.adminops import OpError
 from appliance.console import media as M
-from appliance.console.session import Session, login, login_supported
+from appliance.console.session import Session, ask_login, login_supported, refusal
 from appliance.console.term import Term
 
 CSR_SUFFIXES = (".csr", ".req", ".pem", ".der", ".p10")
@@ -92,12 +92,9 @@ class Console:
                 officer = self.t.ask("officer: ").strip()
                 if not officer:
                     continue
-                ops.check_name(officer, "officer name")
-                password = self.t.secret("password: ")
-                otp = None
-                client, token = login(self.home, officer, password, otp)
+                client, token = ask_login(self.t, self.home, officer)
             except OpError as e:
-                self.t.say(f"login refused: {e}")
+                self.t.say(refusal(e))
                 continue
             except KeyboardInterrupt:
                 self.t.say("")
@@ -141,6 +138,8 @@ class Console:
             fn()
         except OpError as e:
             self.t.say(f"error: {e}")
+        except ops.PendingApproval as e:
+            self.t.say(str(e))
         except KeyboardInterrupt:
             self.s.reset()
             self.t.say("", "interrupted")
@@ -194,10 +193,20 @@ class Console:
         self.t.page(lines)
 
     def activate(self) -> None:
-        pin = self.t.secret("token PIN: ")
-        if not pin:
+        i = self.t.choose("activate with", ["the token PIN", "a quorum of officers' PIN shares"])
+        if i == 0:
+            pin = self.t.secret("token PIN: ")
+            if not pin:
+                return
+            doc = ops.activate(self.s.client, pin)
+        elif i == 1:
+            n = self._ask_int("how many shares (the quorum)", 1, 16)
+            if n is None:
+                return
+            shares = [self.t.secret(f"share {k + 1} of {n} (its officer types it): ").strip() for k in range(n)]
+            doc = ops.activate_shares(self.s.client, shares)
+        else:
             return
-        doc = ops.activate(self.s.client, pin)
         self.t.say(f"activated: {doc['token']}")
 
     def ceremony(self) -> None:
@@ -278,10 +287,51 @@ class Console:
 
     def officers(self) -> None:
         if not login_supported():
-            self.t.say("officer accounts are not available in this build (the admin socket's credentials",
-                       "are the gate)")
+            self.t.say("officer accounts are not available in this build")
             return
-        raise OpError("officer management is not wired to the console yet")
+        i = self.t.choose("officers", ["List the officers", "Add an officer", "Remove an officer", "Unlock an officer",
+                                       "Change a password", "Pending dual-control requests", "Approve a pending request"])
+        c = self.s.client
+        if i == 0:
+            self.t.page(ops.officer_list_lines(ops.officer_list(c)))
+        elif i == 1:
+            name = self._ask_name("new officer name", what="officer name")
+            if not name:
+                return
+            r = self.t.choose("role", list(ops.ROLE_NAMES))
+            if r is None:
+                return
+            pw = self._new_password(name)
+            doc = ops.officer_add(c, name, (ops.ROLE_NAMES[r],), pw)
+            self.t.say(f"officer {doc['name']} added ({', '.join(doc['roles'])})")
+        elif i in (2, 3, 4):
+            name = self._ask_name("officer name", what="officer name")
+            if not name:
+                return
+            if i == 2 and self.t.confirm(f"remove officer {name}?"):
+                ops.officer_remove(c, name)
+                self.t.say(f"officer {name} removed")
+            elif i == 3:
+                ops.officer_unlock(c, name)
+                self.t.say(f"officer {name} unlocked")
+            elif i == 4:
+                ops.officer_passwd(c, name, self._new_password(name))
+                self.t.say(f"password of {name} changed")
+        elif i == 5:
+            self.t.page(ops.pending_lines(ops.pending_list(c)) or ["no pending request"])
+        elif i == 6:
+            rid = self._ask_int("request number", 1, 2**62 - 1)
+            if rid is None:
+                return
+            doc = ops.approve(c, rid)
+            self.t.say(f"request #{rid} approved ({doc['approvals']} of {doc['required']})"
+                       + (": executed" if doc.get("executed") else ""))
+
+    def _new_password(self, name: str) -> str:
+        pw = self.t.secret(f"new password for {name}: ")
+        if pw != self.t.secret("again: "):
+            raise OpError("the two passwords differ")
+        return pw
 
     def audit(self) -> None:
         i = self.t.choose("audit", ["Verify the audit chain", "Export the audit log to the media"])
@@ -297,6 +347,10 @@ class Console:
 
     def settings(self) -> None:
         rows = ops.settings_show(self.home)
+        roles = getattr(self.s.client, "roles", None)
+        if login_supported() and "administrator" not in (roles or []):
+            self.t.page(["settings (HOME/donjon.toml; an administrator changes them):"] + [f"{k:<20} {v}" for k, v in rows])
+            return
         self.t.say("settings (HOME/donjon.toml; changes take effect at the next start):")
         i = self.t.choose("change", [f"{k:<20} {v}" for k, v in rows])
         if i is None:

@@ -17,6 +17,21 @@ def _connect(home: str, token: str | None) -> AdminClient:
         raise OpError(str(e)) from None
 
 
+def ask_login(t, home: str, officer: str) -> tuple[AdminClient, str | None]:
+    """Prompt for the password and the optional second-factor code on terminal `t`, then log in."""
+    check_name(officer, "officer name")
+    password = t.secret("password: ")
+    otp = t.ask("second-factor code (Enter: none): ").strip() or None
+    if otp is not None and not (otp.isdigit() and 6 <= len(otp) <= 8):
+        raise OpError("a second-factor code is 6 to 8 digits")
+    return login(home, officer, password, otp)
+
+
+def refusal(e: Exception) -> str:
+    m = str(e)
+    return m if m.startswith("login refused") else f"login refused: {m}"
+
+
 def login(home: str, officer: str, password: str, otp: str | None = None) -> tuple[AdminClient, str | None]:
     """THE authentication hook of the console, the SSH shell and ceremonies: log the officer in and
     return the open client and its session token. Where the appliance has no officer login (before

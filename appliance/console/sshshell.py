@@ -78,17 +78,43 @@ def parse(command: str) -> list[str] | None:
     return None
 
 
+PUBLIC = {("status",), ("version",)}  # answered without an officer session, as on the admin socket
+
+
 def one_shot(home: str, command: str) -> int:
     argv = parse(command)
     if argv is None:
         print("unknown command", file=sys.stderr)
         print("allowed: " + ", ".join(" ".join(k) for k in ALLOWED) + " (or no command: the menu)", file=sys.stderr)
         return 2
+    from appliance.adminops import OpError
     from appliance.cli import app
+    from appliance.console.session import Session, ask_login, login_supported, refusal
+    from appliance.console.term import Term
+    session = None
+    if tuple(argv[:2]) not in PUBLIC and tuple(argv[:1]) not in PUBLIC and login_supported():
+        # The officer logs in on the channel itself (prompts on stderr, so that stdout carries only
+        # the command's output): `printf 'NAME\nPASSWORD\n\n' | ssh admin@host 'ca list'`.
+        t = Term(sys.stdin, sys.stderr)
+        try:
+            officer = t.ask("officer: ").strip()
+            client, token = ask_login(t, home, officer)
+        except EOFError:
+            print("login refused: no officer given", file=sys.stderr)
+            return 1
+        except OpError as e:
+            print(refusal(e), file=sys.stderr)
+            return 1
+        session = Session(home, officer, client, token)
+        if token:
+            os.environ["DONJON_SESSION"] = token  # the CLI command resumes this session (appliance.client.connect)
     try:
         app(args=argv if argv[0] == "version" else [*argv, "--home", home], prog_name="donjon", standalone_mode=True)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
+    finally:
+        if session is not None:
+            session.close()
     return 0
 
 

@@ -13,7 +13,10 @@ class Tmux:
     def __init__(self, folder: Path, argv: list[str], env: dict[str, str] | None = None):
         self.sock = str(folder / "tmux.sock")
         self.name = "donjon"
-        cmd = shlex.join(["env", *(f"{k}={v}" for k, v in (env or {}).items()), *argv])
+        # tmux runs this through sh; the exit status goes to a file because tmux 3.3 sometimes leaves
+        # the pane's exited process unreaped (a zombie) and then never reports pane_dead_status.
+        self.status_file = folder / "exit-status"
+        cmd = shlex.join(["env", *(f"{k}={v}" for k, v in (env or {}).items()), *argv]) + f"; echo $? > {shlex.quote(str(self.status_file))}"
         self.tmux("-f", "/dev/null", "new-session", "-d", "-x", "80", "-y", "24", "-s", self.name, cmd)
         self.tmux("set-option", "-t", self.name, "remain-on-exit", "on")
         self.tmux("set-option", "-t", self.name, "history-limit", "20000")
@@ -55,16 +58,12 @@ class Tmux:
             time.sleep(0.1)
         raise AssertionError(f"timed out waiting for {pattern!r}; screen:\n{self.screen()}\nhistory:\n{self.history()[-3000:]}")
 
-    def dead(self) -> tuple[bool, int | None]:
-        out = self.tmux("display-message", "-p", "-t", self.name, "#{pane_dead} #{pane_dead_status}").split()
-        return out[0] == "1", int(out[1]) if len(out) > 1 and out[1] else None
-
-    def wait_dead(self, timeout: float = 30) -> int | None:
+    def wait_dead(self, timeout: float = 30) -> int:
+        """The program's exit status, once it has exited."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            dead, status = self.dead()
-            if dead:
-                return status
+            if self.status_file.exists() and self.status_file.read_text().strip():
+                return int(self.status_file.read_text())
             time.sleep(0.1)
         raise AssertionError(f"the program did not exit; screen:\n{self.screen()}")
 

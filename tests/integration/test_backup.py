@@ -19,14 +19,15 @@ def test_backup_and_restore(appliance, tmp_path):
     a = appliance
     kept = _issue(a, tmp_path, "kept")
     out = tmp_path / "backup.tar"
-    r = a.cli("backup", "--out", str(out))
+    r = a.cli("backup", "--out", str(out), officer="admin")
     assert b"sha256" in r.stdout
     assert hashlib.sha256(out.read_bytes()).hexdigest() in r.stdout.decode()
-    r = a.cli("backup", "--out", str(out), check=False)
+    r = a.cli("backup", "--out", str(out), check=False, officer="admin")
     assert r.returncode == 1 and b"refusing to overwrite" in r.stderr
     lost = _issue(a, tmp_path, "lost")
     audit = [json.loads(ln) for ln in a.cli("audit", "export").stdout.splitlines()]
-    assert audit[-2]["action"] == "backup" and audit[-2]["outcome"] == "ok"
+    assert [r["outcome"] for r in audit if r.get("action") == "backup"] == ["ok"]
+    assert b"may not backup" in a.cli("backup", "--out", str(tmp_path / "b2.tar"), check=False).stderr  # not an operator
 
     with tarfile.open(out) as tar:
         assert tar.getnames() == ["cmdb.sqlite", "cmdb.key", "manifest.json"]

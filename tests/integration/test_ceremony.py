@@ -8,9 +8,23 @@ import subprocess
 
 from cryptography import x509
 
-from tests.conftest import make_csr, openssl
+import pytest
 
-OFFICERS = {"alice": "correct horse battery staple", "bob": "tr0ub4dor and 3 more words", "carol": "another long password"}
+from tests.conftest import PASSWORD, make_csr, openssl
+
+OFFICERS = ("alice", "bob", "carol")  # operators added for the ceremony (password: PASSWORD)
+
+
+@pytest.fixture
+def ceremony_appliance(appliance_factory):
+    """Dual control on for CA creation and subordinate signing: two distinct officers per such request."""
+    a = appliance_factory(start=False)
+    with open(a.home / "donjon.toml", "a") as f:
+        f.write('\n[dual-control]\napprovals = 2\noperations = ["ca-create", "ca-sign-csr"]\n')
+    a.start()
+    for name in OFFICERS:
+        a.cli("officer", "add", name, "--role", "operator")
+    return a
 
 
 def ceremony_file(folder, output="out") -> "Path":  # noqa: F821
@@ -69,7 +83,7 @@ def answers(present: list[str], approvals: list[list[str]]) -> bytes:
     """stdin for the ceremony: each officer's name and password, an empty line, then yes/no per step and officer."""
     lines = []
     for name in present:
-        lines += [name, OFFICERS[name]]
+        lines += [name, PASSWORD, ""]  # name, password, no second-factor code
     lines.append("")
     for step in approvals:
         lines += step
@@ -80,8 +94,8 @@ def run(a, path, stdin: bytes) -> subprocess.CompletedProcess:
     return a.cli("ceremony", "run", str(path), input=stdin, check=False, timeout=300)
 
 
-def test_ceremony_transcript_hashes_verify_and_no_overwrite(appliance, tmp_path):
-    a = appliance
+def test_ceremony_transcript_hashes_verify_and_no_overwrite(ceremony_appliance, tmp_path):
+    a = ceremony_appliance
     make_csr(tmp_path, "external", san=None, subj="/C=FR/O=Donjon Test/CN=External Issuing CA")
     path = ceremony_file(tmp_path)
     r = run(a, path, answers(["alice", "carol"], [["yes", "yes"]] * 5))
@@ -99,6 +113,27 @@ def test_ceremony_transcript_hashes_verify_and_no_overwrite(appliance, tmp_path)
         assert hashlib.sha256((folder / o["file"]).read_bytes()).hexdigest() == o["sha256"]
     assert len(tr["outputs"]) == 5
     assert b"transcript intact" in a.cli("ceremony", "verify", str(folder / "transcript.json")).stdout
+    # Dual control: each CA creation and the subordinate signing ran on the two witnesses' approvals.
+    for i in (0, 1, 2):
+        assert tr["steps"][i]["dual_control"]["approved_by"] == ["alice", "carol"]
+    assert "dual_control" not in tr["steps"][3]
+    # Signed by the HSM's audit key: an audit record of the digest and a checkpoint of exactly it,
+    # verified offline against the audit certificate exported on its own.
+    audit_pem = tmp_path / "audit.pem"
+    a.cli("audit", "cert", "--out", str(audit_pem))
+    sig = tr["signature"]
+    assert sig["record"]["action"] == "ceremony" and sig["record"]["detail"] == f"transcript sha256={tr['transcript_sha256']}"
+    assert sig["checkpoint"]["seq"] == sig["record"]["seq"]
+    r = a.cli("ceremony", "verify", str(folder / "transcript.json"), "--cert", str(audit_pem))
+    assert b"audit-key signature verify" in r.stdout
+    other = a.export("root", tmp_path / "not-the-audit-cert.pem")
+    r = a.cli("ceremony", "verify", str(folder / "transcript.json"), "--cert", str(other), check=False)
+    assert r.returncode == 1 and b"bad signature" in r.stderr, r.stderr
+    # The record is in the appliance's own chain, and the chain with its checkpoints verifies.
+    exported = tmp_path / "audit.jsonl"
+    a.cli("audit", "export", "--out", str(exported))
+    assert json.dumps(sig["record"], sort_keys=True) in {json.dumps(json.loads(ln), sort_keys=True) for ln in exported.read_text().splitlines()}
+    assert b"with valid signatures" in a.cli("audit", "verify", str(exported), "--cert", str(audit_pem)).stdout
 
     # What the ceremony made is real: the chain verifies, the second root is self-signed, the CRL parses.
     root = a.export("root", tmp_path / "root.pem")
@@ -123,8 +158,14 @@ def test_ceremony_transcript_hashes_verify_and_no_overwrite(appliance, tmp_path)
     doc = json.loads((folder / "transcript.json").read_text())
     doc["officers_present"][1]["name"] = "mallory"
     (folder / "forged.json").write_text(json.dumps(doc))
-    r = a.cli("ceremony", "verify", str(folder / "forged.json"), check=False)
+    r = a.cli("ceremony", "verify", str(folder / "forged.json"), "--cert", str(audit_pem), check=False)
     assert r.returncode == 1 and b"digest mismatch" in r.stderr
+    doc["transcript_sha256"] = hashlib.sha256(json.dumps(  # a forger who recomputes the digest still lacks the signature
+        {k: v for k, v in doc.items() if k not in ("transcript_sha256", "signature")},
+        sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+    (folder / "forged.json").write_text(json.dumps(doc))
+    r = a.cli("ceremony", "verify", str(folder / "forged.json"), "--cert", str(audit_pem), check=False)
+    assert r.returncode == 1 and b"not this transcript's" in r.stderr
 
     # A rerun refuses before doing anything: no output is overwritten, no CA is made.
     cas = a.cli("ca", "list").stdout
@@ -135,13 +176,13 @@ def test_ceremony_transcript_hashes_verify_and_no_overwrite(appliance, tmp_path)
     assert a.cli("ca", "list").stdout == cas
 
 
-def test_ceremony_aborts_without_quorum(appliance, tmp_path):
-    a = appliance
+def test_ceremony_aborts_without_quorum(ceremony_appliance, tmp_path):
+    a = ceremony_appliance
     make_csr(tmp_path, "external", san=None, subj="/C=FR/O=Donjon Test/CN=External Issuing CA")
     path = ceremony_file(tmp_path, output="noquorum")
     cas = a.cli("ca", "list").stdout
     # One officer present (and a stranger refused): no quorum, nothing done, nothing written.
-    stdin = b"mallory\nalice\n" + OFFICERS["alice"].encode() + b"\n\n"
+    stdin = b"mallory\nalice\n" + PASSWORD.encode() + b"\n\n\n"
     r = run(a, path, stdin)
     assert r.returncode == 1 and b"no quorum: 1 of the required 2" in r.stdout
     assert b"'mallory' is not an officer of this ceremony" in r.stdout

@@ -15,10 +15,19 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from tests.conftest import REPO, VENV_BIN, make_csr, openssl
+from tests.conftest import PASSWORD, REPO, VENV_BIN, make_csr
 from tests.integration.console_driver import Tmux
 
-OFFICER, PASSWORD = "alice", "correct horse battery staple"
+OFFICER = "oper"  # an operator (tests/conftest.py creates admin, oper and aud)
+
+
+def log_in(t: Tmux, officer: str = OFFICER, password: str = PASSWORD) -> None:
+    t.expect(r"officer:$")
+    t.send(officer)
+    t.expect(r"password:$")
+    t.send(password)
+    t.expect(r"second-factor code \(Enter: none\):$")
+    t.send("")
 
 
 def console_argv(a) -> list[str]:
@@ -39,6 +48,8 @@ def drive_menu(t: Tmux, a, media: Path) -> None:
         t.send(attempt)
         t.expect(r"unknown command[\s\S]*choice>$")
     t.send("2")
+    t.expect(r"activate with \(1-2, Enter: back\)>$")
+    t.send("1")
     t.expect(r"token PIN:$")
     t.send(pin)
     t.expect(r"activated: donjon serial=")
@@ -47,8 +58,16 @@ def drive_menu(t: Tmux, a, media: Path) -> None:
     t.expect(r"login refused: invalid officer name[\s\S]*officer:$")
     t.send(OFFICER)
     t.expect(r"password:$")
+    t.send("not the password")
+    t.expect(r"second-factor code \(Enter: none\):$")
+    t.send("")
+    t.expect(r"login refused: wrong officer name, password or code[\s\S]*officer:$")
+    t.send(OFFICER)
+    t.expect(r"password:$")
     t.send(PASSWORD)
-    t.expect(r"logged in as alice[\s\S]*choice>$")
+    t.expect(r"second-factor code \(Enter: none\):$")
+    t.send("")
+    t.expect(r"logged in as oper[\s\S]*choice>$")
 
     t.send("; sh")
     t.expect(r"unknown command[\s\S]*choice>$")
@@ -205,9 +224,9 @@ class Sshd:
                 "-o", f"UserKnownHostsFile={self.dir / 'known_hosts'}", "-o", "StrictHostKeyChecking=yes",
                 "-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-p", str(self.port), *extra, f"{self.user}@127.0.0.1"]
 
-    def ssh(self, command: str | None, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    def ssh(self, command: str | None, *extra: str, input: bytes = b"", timeout: float = 120) -> subprocess.CompletedProcess:
         argv = self.argv(*extra) + ([command] if command is not None else [])
-        return subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        return subprocess.run(argv, capture_output=True, timeout=timeout, input=input)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -248,12 +267,18 @@ def test_ssh_one_shot_allow_list(sshd):
     assert r.returncode == 255 and b"Permission denied" in r.stderr
     r = s.ssh("status", "-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9")
     assert r.returncode != 0
-    # The one-shot runs the same CLI command as `donjon status` locally.
+    # The one-shot runs the same CLI command as `donjon status` locally; beyond status, the officer
+    # logs in on the channel first (prompts on stderr, the output alone on stdout).
     pin = a.home / "pin"
     a.cli("activate", "--pin-file", str(pin))
-    r = s.ssh("ca list")
-    assert r.returncode == 0 and b"issuing" in r.stdout
+    a.cli("status")  # the local CLI logs in once (an audit record); later commands resume its session
     assert s.ssh("status").stdout == a.cli("status").stdout
+    r = s.ssh("ca list", input=f"{OFFICER}\n{PASSWORD}\n\n".encode())
+    assert r.returncode == 0 and r.stdout == a.cli("ca", "list").stdout and b"issuing" in r.stdout
+    r = s.ssh("ca list", input=f"{OFFICER}\nwrong password\n\n".encode())
+    assert r.returncode == 1 and r.stdout == b"" and b"login refused" in r.stderr
+    r = s.ssh("ca list")
+    assert r.returncode == 1 and r.stdout == b"" and b"login refused" in r.stderr
 
 
 def test_ssh_console_menu(sshd, tmp_path):
@@ -274,11 +299,8 @@ def test_shutdown_from_the_console(ready, tmp_path):
     a.cli("activate", "--pin-file", str(a.home / "pin"))
     t = Tmux(tmp_path, console_argv(a), env=a.env())
     try:
-        t.expect(r"officer:$")
-        t.send(OFFICER)
-        t.expect(r"password:$")
-        t.send(PASSWORD)
-        t.expect(r"choice>$")
+        log_in(t, "admin")  # settings, backup and shutdown are an administrator's
+        t.expect(r"logged in as admin[\s\S]*choice>$")
         t.send("10")  # network and endpoint settings: a validated edit of donjon.toml
         t.expect(r"change \(1-\d+, Enter: back\)>$")
         t.send("1")

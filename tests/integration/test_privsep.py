@@ -161,4 +161,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (1, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "a982de5c2ca5428f64b46237b0f0d6e10b2a1971e677fe390833154af8c269e5"
+PINNED_SCHEMA_HASH = "2cbf191798f417c73b0317e02931a1d5d16534a0fea3202a7cb78ef5b4a25a99"
