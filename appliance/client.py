@@ -166,16 +166,17 @@ def connect(home: str, timeout: float | None = 600) -> AdminClient:
     expired and DONJON_OFFICER + DONJON_PASSWORD (+ DONJON_OTP) are set (scripts, tests), a new login,
     stored for the next commands. Without any, only the public requests (status, activate) work."""
     c = AdminClient(home, timeout)
+    officer, password = os.environ.get("DONJON_OFFICER"), os.environ.get("DONJON_PASSWORD")
     token = load_session(home)
     if token:
         try:
             c.resume(token)
-            return c
+            if not officer or c.officer == officer:
+                return c
         except ClientError as e:
             if e.code != "auth":
                 c.close()
                 raise
-    officer, password = os.environ.get("DONJON_OFFICER"), os.environ.get("DONJON_PASSWORD")
     if officer and password:
         try:
             save_session(home, c.login(officer, password, os.environ.get("DONJON_OTP")))

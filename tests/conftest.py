@@ -75,14 +75,16 @@ class Appliance:
         self.user = user  # developer mode as this non-root user
         self.proc: subprocess.Popen | None = None
         self.log = home.parent / f"{home.name}.log"
+        self.officers: dict[str, str] = dict(OFFICERS)
 
     def env(self, officer: str = "oper") -> dict[str, str]:
         """The CLI's environment, logged in as `officer` (a new login when its stored session is gone)."""
         e = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST") and not k.startswith("DONJON_")}
         e["PYTHONPATH"] = self.src
         e["DONJON_HOME"] = str(self.home)
-        e["DONJON_OFFICER"] = officer
-        e["DONJON_PASSWORD"] = PASSWORD
+        if officer in self.officers:  # none before the first one exists (bootstrap tests)
+            e["DONJON_OFFICER"] = officer
+            e["DONJON_PASSWORD"] = PASSWORD
         e["DONJON_SESSION_FILE"] = str(self.session_file(officer))
         return e
 
@@ -100,8 +102,16 @@ class Appliance:
 
     def session(self, officer: str = "oper") -> str:
         """A live session token of `officer` (for AdminClient(home, session=...))."""
-        self.cli("status", officer=officer)  # resumes the stored session, or logs in and stores a new one
-        return self.session_file(officer).read_text().strip()
+        from appliance.client import AdminClient, ClientError
+        f = self.session_file(officer)
+        if f.exists():  # usually left by start()'s status polling, which logs the operator in
+            try:
+                AdminClient(str(self.home), timeout=30, session=f.read_text().strip()).close()
+                return f.read_text().strip()
+            except ClientError:
+                pass
+        self.cli("status", officer=officer)  # logs in and stores a new session
+        return f.read_text().strip()
 
     def argv(self, *args: str) -> list[str]:
         base = [str(VENV_BIN / "python"), "-m", "appliance.cli", *args]
@@ -118,7 +128,7 @@ class Appliance:
             raise AssertionError(f"donjon {' '.join(args)} failed ({r.returncode}):\n{r.stdout.decode()}\n{r.stderr.decode()}")
         return r
 
-    def init(self, ceremony: Path, config: str = "") -> None:
+    def init(self, ceremony: Path, config: str = "", officers: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> None:
         """`donjon init`, with a donjon.toml whose endpoint listens on a free port of 127.0.0.1."""
         self.home.mkdir(mode=0o711, exist_ok=True)
         if self.user:
@@ -127,8 +137,9 @@ class Appliance:
         cfg = self.home / "donjon.toml"
         cfg.write_text('[ocsp]\nlisten = "127.0.0.1:0"\n' + config)
         os.chmod(cfg, 0o644)
-        officers = [a for n, r in OFFICERS.items() for a in ("--officer", f"{n}:{r}")]
-        self.cli("init", "--home", str(self.home), "--ceremony", str(ceremony), *officers)
+        self.officers = dict(OFFICERS if officers is None else officers)
+        args = [a for n, r in self.officers.items() for a in ("--officer", f"{n}:{r}")]
+        self.cli("init", "--home", str(self.home), "--ceremony", str(ceremony), *args, *extra)
 
     @property
     def endpoint(self) -> str:
@@ -223,11 +234,12 @@ def homes():
 def appliance_factory(tmp_path, src_path, homes):
     made: list[Appliance] = []
 
-    def make(ceremony: Path | None = None, start: bool = True, user: str | None = None, **kw) -> Appliance:
+    def make(ceremony: Path | None = None, start: bool = True, user: str | None = None, config: str = "",
+             officers: dict[str, str] | None = None, init_args: tuple[str, ...] = (), **kw) -> Appliance:
         home = homes / f"home{len(made)}"
         a = Appliance(home, src_path, user=user)
         made.append(a)
-        a.init(ceremony or make_ceremony(tmp_path / f"ceremony{len(made)}.toml", **kw))
+        a.init(ceremony or make_ceremony(tmp_path / f"ceremony{len(made)}.toml", **kw), config=config, officers=officers, extra=init_args)
         if start:
             a.start()
         return a

@@ -256,8 +256,9 @@ class Officers:
     async def authorise(self, conn: Conn, req) -> None:
         """Refuse (typed, audited) what this connection's officer may not do."""
         op = tag_of(req)
+        obj = str(getattr(req, "name", None) or getattr(req, "ca", None) or getattr(req, "request", None) or "-")
         if op not in PERMISSIONS:
-            await self.f.audit(conn.actor, op, "-", "denied", "not in the permission table")
+            await self.f.audit(conn.actor, op, obj, "denied", "not in the permission table")
             raise FactoryError("denied", f"{op}: not a permitted operation")
         allowed = PERMISSIONS[op]
         if allowed is PUBLIC:
@@ -271,7 +272,7 @@ class Officers:
                 return
             if self.f.db is None:
                 raise FactoryError("inactive", "the CA is not activated (run `donjon activate`)")
-            await self.f.audit(conn.actor, op, "-", "denied", "no officer session")
+            await self.f.audit(conn.actor, op, obj, "denied", "no officer session")
             if await self.bootstrap():
                 raise FactoryError("denied", "no officer exists yet: create the first administrator with "
                                              "`donjon officer add NAME --role administrator`")
@@ -280,8 +281,7 @@ class Officers:
             return
         if op in SELF_SERVICE and getattr(req, "name", None) == s.officer:
             return
-        await self.f.audit(conn.actor, op, getattr(req, "name", None) or getattr(req, "ca", None) or "-", "denied",
-                           f"roles {','.join(sorted(s.roles))} may not {op}")
+        await self.f.audit(conn.actor, op, obj, "denied", f"roles {','.join(sorted(s.roles))} may not {op}")
         raise FactoryError("denied", f"officer {s.officer} ({', '.join(sorted(s.roles))}) may not {op}")
 
     # ------------------------------------------------------------ officer management
@@ -439,11 +439,11 @@ class Officers:
         if row is None:
             raise FactoryError("not-found", f"no pending request #{request_id}")
         operation, blob, requester, state = row
-        req = msgspec.msgpack.decode(blob, type=S.AdminRequest)
         obj = f"request#{request_id}"
         if state != "open":
             await self.f.audit(conn.actor, "approve", obj, "refused", f"request is {state}")
             raise FactoryError("exists" if state in ("done", "failed", "running") else "policy", f"request #{request_id} is {state}")
+        req = msgspec.msgpack.decode(blob, type=S.AdminRequest)
         allowed = PERMISSIONS.get(tag_of(req)) or frozenset()
         if not s.roles & allowed:
             await self.f.audit(conn.actor, "approve", obj, "denied", f"roles {','.join(sorted(s.roles))} may not approve {operation}")

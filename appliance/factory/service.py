@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import apsw
 import msgspec
 import trio
 from cryptography import x509
@@ -419,6 +420,11 @@ class Factory:
                 self._wake.set()  # more work: wake another worker
             try:
                 await self._issue_batch(ca, batch, actor, signer)
+            except apsw.Error as e:  # the CMDB refused a write: no certificate without its stored record
+                _log(f"issuance batch stopped by a CMDB failure: {type(e).__name__}: {e}")
+                for p in batch:
+                    if p.result is None:
+                        p.result = S.IssueOutcome(cert=None, error=f"audit storage failure ({type(e).__name__}): nothing was issued")
             except Exception as e:  # never leave a requester waiting
                 _log(f"issuance batch failed: {type(e).__name__}: {e}")
                 for p in batch:
