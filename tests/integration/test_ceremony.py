@@ -6,9 +6,8 @@ import hashlib
 import json
 import subprocess
 
-from cryptography import x509
-
 import pytest
+from cryptography import x509
 
 from tests.conftest import PASSWORD, make_csr, openssl
 
