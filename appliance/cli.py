@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from appliance import adminops as ops
 from appliance.client import AdminClient, ClientError, connect, load_session, save_session
 from appliance.ipc import schema as S
 
@@ -36,8 +37,7 @@ Home = Annotated[str, typer.Option("--home", envvar="DONJON_HOME", help="State f
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 IssuedSerials = Annotated[bool, typer.Option("--issued-serials", help="The CA's signed issued-serials list instead of its CRL.")]
 
-REASONS = {"unspecified": 0, "keyCompromise": 1, "cACompromise": 2, "affiliationChanged": 3, "superseded": 4,
-           "cessationOfOperation": 5, "certificateHold": 6, "removeFromCRL": 8, "privilegeWithdrawn": 9, "aACompromise": 10}
+REASONS = ops.REASONS
 
 
 def fail(msg: str, code: int = 1) -> None:
@@ -79,38 +79,23 @@ def out_bytes(data: bytes, out: Optional[str]) -> None:
         sys.stdout.buffer.write(data)
 
 
-def parse_serial(s: str) -> bytes:
+def op(fn, *a, **kw):
+    """Run one shared admin operation (appliance/adminops.py: the CLI, console and SSH bodies)."""
     try:
-        v = int(s.removeprefix("0x").replace(":", ""), 16)
-    except ValueError:
-        fail(f"serial {s!r} is not hexadecimal")
-    if v <= 0 or v.bit_length() > 159:
-        fail("a serial is positive and at most 20 octets")
-    return v.to_bytes((v.bit_length() + 7) // 8, "big")
+        return fn(*a, **kw)
+    except ops.OpError as e:
+        fail(str(e))
+    except ops.PendingApproval as e:  # dual control: filed, not run
+        typer.echo(str(e))
+        raise typer.Exit(0) from None
+
+
+def parse_serial(s: str) -> bytes:
+    return op(ops.parse_serial, s)
 
 
 def parse_subject(s: str) -> tuple[tuple[str, str], ...]:
-    """'CN=Issuing CA 1,O=Example,C=FR' -> attribute pairs (commas inside values: escape as \\,)."""
-    parts, cur, esc = [], "", False
-    for ch in s:
-        if esc:
-            cur += ch
-            esc = False
-        elif ch == "\\":
-            esc = True
-        elif ch == ",":
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
-    out = []
-    for p in parts:
-        if "=" not in p:
-            fail(f"subject part {p!r} is not ATTR=value")
-        k, v = p.split("=", 1)
-        out.append((k.strip(), v.strip()))
-    return tuple(out)
+    return op(ops.parse_subject, s)
 
 
 def read_file(path: str, what: str) -> bytes:
@@ -123,17 +108,7 @@ def read_file(path: str, what: str) -> bytes:
 
 def der_of(data: bytes, label: str) -> bytes:
     """Accept DER or PEM."""
-    if data.lstrip().startswith(b"-----BEGIN"):
-        import base64
-        import re
-        m = re.search(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", data, re.S)
-        if not m:
-            fail(f"the {label} is not valid PEM")
-        try:
-            return base64.b64decode(b"".join(m.group(2).split()), validate=True)
-        except ValueError:
-            fail(f"the {label} is not valid PEM")
-    return data
+    return op(ops.der_of, data, label)
 
 
 # ---------------------------------------------------------------- lifecycle
@@ -268,19 +243,13 @@ def status(home: Home = "./var", as_json: JsonOut = False) -> None:
 
     Example: donjon status --json
     """
-    doc = call(home, S.AStatus)
+    with client(home) as c:
+        doc = op(ops.status, c)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
-    typer.echo(f"activated: {'yes' if doc['activated'] else 'no'}")
-    if doc.get("token"):
-        typer.echo(f"token: {doc['token']}")
-    if doc["activated"]:
-        typer.echo(f"CAs: {', '.join(doc['cas']) or '-'}; certificates: {doc['certificates']}; revoked: {doc['revoked']}")
-        typer.echo(f"audit: {doc['audit_records']} records, head {doc['audit_head']}")
-        cp = doc.get("audit_checkpoint")
-        typer.echo(f"audit checkpoint: seq {cp['seq']} head {cp['head']} signed {datetime.utcfromtimestamp(cp['time']).isoformat()}Z"
-                   if cp else "audit checkpoint: none yet (donjon audit checkpoint)")
+    for line in ops.status_lines(doc):
+        typer.echo(line)
 
 
 @app.command("activate")
@@ -307,19 +276,16 @@ def activate_cmd(home: Home = "./var",
                 typer.echo(f"donjon: {e.message}: type it again", err=True)
                 continue
             texts.append(t)
-        for t in texts:
-            try:
-                shamir.parse_share(t)
-            except PolicyError as e:
-                fail(e.message)
-        doc = call(home, S.AActivateShares, shares=texts)
+        with client(home) as c:
+            doc = op(ops.activate_shares, c, texts)
         typer.echo(f"activated: {doc['token']}")
         return
     try:
         pin = H.read_pin(pin_file) if pin_file else typer.prompt("Token PIN", hide_input=True)
     except H.HomeError as e:
         fail(str(e))
-    doc = call(home, S.AActivate, pin=pin)
+    with client(home) as c:
+        doc = op(ops.activate, c, pin)
     typer.echo(f"activated: {doc['token']}")
 
 
@@ -375,26 +341,28 @@ def officer_add(name: str,
         if r not in ROLE_NAMES:
             fail(f"unknown role {r!r} (one of: {', '.join(ROLE_NAMES)})")
     pw = password_from(f"Password for officer {name}")
-    doc = call(home, S.AOfficerAdd, name=name, roles=tuple(role), password=pw)
+    with client(home) as c:
+        doc = op(ops.officer_add, c, name, tuple(role), pw)
     typer.echo(f"officer {doc['name']} added ({', '.join(doc['roles'])})")
 
 
 @officer_app.command("list")
 def officer_list(home: Home = "./var", as_json: JsonOut = False) -> None:
     """List officers, their roles, second factor and lockout state. Example: donjon officer list"""
-    docs = call(home, S.AOfficerList)["officers"]
+    with client(home) as c:
+        docs = op(ops.officer_list, c)
     if as_json:
         typer.echo(json.dumps(docs, indent=2))
         return
-    for o in docs:
-        typer.echo(f"{o['name']:<20} {','.join(o['roles']):<24} totp={'on ' if o['totp'] else 'off'} "
-                   f"failures={o['failures']}{'  LOCKED' if o['locked'] else ''}")
+    for line in ops.officer_list_lines(docs):
+        typer.echo(line)
 
 
 @officer_app.command("remove")
 def officer_remove(name: str, home: Home = "./var") -> None:
     """Remove an officer (never the last administrator). Example: donjon officer remove bob"""
-    call(home, S.AOfficerRemove, name=name)
+    with client(home) as c:
+        op(ops.officer_remove, c, name)
     typer.echo(f"officer {name} removed")
 
 
@@ -402,14 +370,16 @@ def officer_remove(name: str, home: Home = "./var") -> None:
 def officer_passwd(name: str, home: Home = "./var") -> None:
     """Set an officer's password (prompted, or DONJON_NEW_PASSWORD). Example: donjon officer passwd alice"""
     pw = os.environ.get("DONJON_NEW_PASSWORD") or typer.prompt(f"New password for {name}", hide_input=True, confirmation_prompt=True)
-    call(home, S.AOfficerPasswd, name=name, password=pw)
+    with client(home) as c:
+        op(ops.officer_passwd, c, name, pw)
     typer.echo(f"password of {name} changed")
 
 
 @officer_app.command("unlock")
 def officer_unlock(name: str, home: Home = "./var") -> None:
     """Unlock an officer locked out after repeated failed logins. Example: donjon officer unlock bob"""
-    call(home, S.AOfficerUnlock, name=name)
+    with client(home) as c:
+        op(ops.officer_unlock, c, name)
     typer.echo(f"officer {name} unlocked")
 
 
@@ -431,14 +401,13 @@ def officer_totp(name: str, enable: Annotated[bool, typer.Option("--enable/--dis
 def pending_list(all_: Annotated[bool, typer.Option("--all", help="Also closed requests.")] = False,
                  home: Home = "./var", as_json: JsonOut = False) -> None:
     """Dual-control requests waiting for approvals. Example: donjon pending list"""
-    docs = call(home, S.APendingList, open_only=not all_)["pending"]
+    with client(home) as c:
+        docs = op(ops.pending_list, c, not all_)
     if as_json:
         typer.echo(json.dumps(docs, indent=2))
         return
-    for p in docs:
-        typer.echo(f"#{p['id']:<5} {p['state']:<8} {p['operation']:<12} by {p['requester']:<12} "
-                   f"approvals {len(p['approvals'])}/{p['required']} ({', '.join(p['approvals'])}) "
-                   f"expires {datetime.utcfromtimestamp(p['expires']).isoformat()}Z  {p['summary']}")
+    for line in ops.pending_lines(docs):
+        typer.echo(line)
 
 
 @app.command()
@@ -447,7 +416,8 @@ def approve(request: int, home: Home = "./var", as_json: JsonOut = False) -> Non
 
     Example: donjon approve 7
     """
-    doc = call(home, S.AApprove, request=request)
+    with client(home) as c:
+        doc = op(ops.approve, c, request)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
     elif doc["executed"]:
@@ -463,12 +433,13 @@ def approve(request: int, home: Home = "./var", as_json: JsonOut = False) -> Non
 @ca_app.command("list")
 def ca_list(home: Home = "./var", as_json: JsonOut = False) -> None:
     """List the CAs. Example: donjon ca list"""
-    cas = call(home, S.ACaList)["cas"]
+    with client(home) as c:
+        cas = op(ops.ca_list, c)
     if as_json:
         typer.echo(json.dumps(cas, indent=2))
         return
-    for c in cas:
-        typer.echo(f"{c['name']:<20} {c['key_type']:<8} parent={c['parent'] or '-':<16} until {c['not_after'][:10]}  {c['subject']}")
+    for line in ops.ca_list_lines(cas):
+        typer.echo(line)
 
 
 @ca_app.command("show")
@@ -479,19 +450,19 @@ def ca_show(name: str, home: Home = "./var") -> None:
 
 @ca_app.command("create")
 def ca_create(name: str,
-              parent: Annotated[str, typer.Option(help="The issuing (parent) CA.")] = ...,
+              parent: Annotated[Optional[str], typer.Option(help="The issuing (parent) CA; without it, a new self-signed root.")] = None,
               subject: Annotated[str, typer.Option(help="Subject, e.g. 'CN=Issuing CA 2,O=Example,C=FR'.")] = ...,
-              profile: Annotated[str, typer.Option(help="CA profile.")] = "sub-ca",
+              profile: Annotated[Optional[str], typer.Option(help="CA profile (default sub-ca, or root-ca without --parent).")] = None,
               key_type: Annotated[str, typer.Option(help="rsa2048|rsa3072|rsa4096|p256|p384|ed25519")] = "p256",
               days: Annotated[int, typer.Option(help="Validity in days (clamped to the parent's).")] = 3650,
               path_length: Annotated[Optional[int], typer.Option(help="pathLenConstraint.")] = None,
               home: Home = "./var") -> None:
-    """Create a subordinate CA whose key is generated in the HSM.
+    """Create a CA whose key is generated in the HSM: a subordinate of --parent, or a new root.
 
     Example: donjon ca create issuing2 --parent root --subject 'CN=Issuing CA 2,O=Example'
     """
-    doc = call(home, S.ACaCreate, name=name, parent=parent, profile=profile, key_type=key_type,
-               subject=parse_subject(subject), validity_days=days, path_length=path_length)
+    with client(home) as c:
+        doc = op(ops.ca_create, c, name, parent, parse_subject(subject), profile, key_type, days, path_length)
     typer.echo(f"created CA {doc['name']}: {doc['subject']} serial {doc['serial']}")
 
 
@@ -508,7 +479,8 @@ def ca_sign_csr(csr: str,
     Example: donjon ca sign-csr sub.csr --parent root --out sub.pem
     """
     der = der_of(read_file(csr, "CSR"), "CSR")
-    doc = call(home, S.ACaSignCsr, parent=parent, profile=profile, csr=der, validity_days=days, path_length=path_length)
+    with client(home) as c:
+        doc = op(ops.ca_sign_csr, c, parent, profile, der, days, path_length)
     out_bytes(doc["cert"].encode(), out)
     if out:
         typer.echo(f"signed serial {doc['serial']} -> {out}")
@@ -518,12 +490,8 @@ def ca_sign_csr(csr: str,
 def ca_export(name: str, chain: Annotated[bool, typer.Option(help="Include the parents up to the root.")] = False,
               out: Annotated[Optional[str], typer.Option(help="Output file (PEM).")] = None, home: Home = "./var") -> None:
     """Export a CA certificate (and its chain) as PEM. Example: donjon ca export issuing --chain --out chain.pem"""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-    ders = [bytes.fromhex(h) for h in call(home, S.ACaExport, name=name)["chain"]]
-    if not chain:
-        ders = ders[:1]
-    out_bytes(b"".join(x509.load_der_x509_certificate(d).public_bytes(Encoding.PEM) for d in ders), out)
+    with client(home) as c:
+        out_bytes(op(ops.ca_chain_pem, c, name, chain), out)
 
 
 # ---------------------------------------------------------------- certificates
@@ -540,26 +508,12 @@ def issue(ca: Annotated[str, typer.Option(help="Issuing CA.")] = ...,
 
     Example: donjon issue --ca issuing --profile tls-server --csr www.csr --out www.pem
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
     ders = [der_of(read_file(p, "CSR"), "CSR") for p in csr]
-    try:
-        with client(home) as c:
-            r = c.issue(ca=ca, profile=profile, csrs=ders, validity_days=days)
-    except ClientError as e:
-        fail(str(e))
-    pem = b""
-    docs = []
-    failed = 0
-    for path, res, serial in zip(csr, r.results, r.serials):
-        if res.cert is None:
-            failed += 1
-            typer.echo(f"donjon: {path}: refused: {res.error}", err=True)
-            docs.append({"csr": path, "error": res.error})
-        else:
-            p = x509.load_der_x509_certificate(res.cert).public_bytes(Encoding.PEM)
-            pem += p
-            docs.append({"csr": path, "serial": serial, "pem": p.decode()})
+    with client(home) as c:
+        pem, docs, failed = op(ops.issue, c, ca, profile, ders, days, list(csr))
+    for d in docs:
+        if "error" in d:
+            typer.echo(f"donjon: {d['csr']}: refused: {d['error']}", err=True)
     if as_json:
         typer.echo(json.dumps(docs, indent=2))
     elif pem:
@@ -573,7 +527,8 @@ def issue(ca: Annotated[str, typer.Option(help="Issuing CA.")] = ...,
 @cert_app.command("show")
 def cert_show(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = ..., home: Home = "./var") -> None:
     """Show a certificate's record. Example: donjon cert show --ca issuing 5f3a..."""
-    doc = call(home, S.ACertShow, ca=ca, serial=parse_serial(serial))
+    with client(home) as c:
+        doc = op(ops.cert_show, c, ca, parse_serial(serial))
     typer.echo(json.dumps({k: v for k, v in doc.items() if k != "pem"}, indent=2))
 
 
@@ -581,7 +536,8 @@ def cert_show(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] 
 def cert_export(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = ...,
                 out: Annotated[Optional[str], typer.Option(help="Output file (PEM).")] = None, home: Home = "./var") -> None:
     """Export a certificate as PEM. Example: donjon cert export --ca issuing 5f3a... --out c.pem"""
-    out_bytes(call(home, S.ACertShow, ca=ca, serial=parse_serial(serial))["pem"].encode(), out)
+    with client(home) as c:
+        out_bytes(op(ops.cert_show, c, ca, parse_serial(serial))["pem"].encode(), out)
 
 
 @cert_app.command("list")
@@ -589,12 +545,13 @@ def cert_list(ca: Annotated[Optional[str], typer.Option(help="Only this CA.")] =
               limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
               as_json: JsonOut = False, home: Home = "./var") -> None:
     """List issued certificates, newest first. Example: donjon cert list --ca issuing"""
-    certs = call(home, S.ACertList, ca=ca, limit=limit)["certs"]
+    with client(home) as c:
+        certs = op(ops.cert_list, c, ca, limit)
     if as_json:
         typer.echo(json.dumps(certs, indent=2))
         return
-    for c in certs:
-        typer.echo(f"{c['ca']:<12} {c['serial']:<34} {'REVOKED' if c['revoked'] else 'valid  '} {c['profile']:<12} {c['subject']}")
+    for line in ops.cert_list_lines(certs):
+        typer.echo(line)
 
 
 @app.command()
@@ -606,19 +563,11 @@ def revoke(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = .
 
     Example: donjon revoke --ca issuing 5f3a... --reason keyCompromise
     """
-    if reason not in REASONS:
-        fail(f"unknown reason {reason!r} (one of: {', '.join(REASONS)})")
-    inv = None
-    if invalidity:
-        try:
-            d = datetime.fromisoformat(invalidity.replace("Z", "+00:00"))
-        except ValueError:
-            fail(f"invalidity date {invalidity!r} is not ISO 8601")
-        if d.tzinfo is None:
-            from datetime import timezone
-            d = d.replace(tzinfo=timezone.utc)
-        inv = int(d.timestamp())
-    doc = call(home, S.ARevoke, ca=ca, serial=parse_serial(serial), reason=REASONS[reason], invalidity=inv)
+    sb = parse_serial(serial)
+    op(ops.parse_reason, reason)
+    op(ops.parse_invalidity, invalidity)
+    with client(home) as c:
+        doc = op(ops.revoke, c, ca, sb, reason, invalidity)
     typer.echo(f"revoked {doc['ca']}/{doc['serial']} ({reason})")
 
 
@@ -631,12 +580,8 @@ def crl_generate(ca: Annotated[str, typer.Option(help="The CA.")] = ...,
 
     Example: donjon crl generate --ca issuing --out issuing.crl
     """
-    kind = "issued-serials" if issued_serials else "crl"
-    try:
-        with client(home) as c:
-            data = b"".join(c.stream(S.ACrlGenerate, ca=ca, kind=kind))
-    except ClientError as e:
-        fail(str(e))
+    with client(home) as c:
+        data = op(ops.crl_generate, c, ca, "issued-serials" if issued_serials else "crl")
     if out:
         out_bytes(data, out)
         typer.echo(f"{'issued-serials list' if issued_serials else 'CRL'} for {ca}: {len(data)} bytes -> {out}")
@@ -654,11 +599,8 @@ def crl_export(ca: Annotated[str, typer.Option(help="The CA.")] = ...,
 
     Example: donjon crl export --ca issuing --out issuing.crl
     """
-    try:
-        with client(home) as c:
-            data = b"".join(c.stream(S.ACrlExport, ca=ca, number=number, kind="issued-serials" if issued_serials else "crl"))
-    except ClientError as e:
-        fail(str(e))
+    with client(home) as c:
+        data = op(ops.crl_export, c, ca, number, "issued-serials" if issued_serials else "crl")
     out_bytes(data, out)
 
 
@@ -668,22 +610,13 @@ def ocsp_status(home: Home = "./var", as_json: JsonOut = False) -> None:
 
     Example: donjon ocsp status
     """
-    doc = call(home, S.AOcspStatus)
+    with client(home) as c:
+        doc = op(ops.ocsp_status, c)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
-    ep = doc.get("endpoint")
-    typer.echo(f"endpoint: {'connected' if doc['endpoint_connected'] else 'not connected'}"
-               + (f"; requests {ep['requests']} good {ep['good']} revoked {ep['revoked']} unauthorized {ep['unauthorized']} "
-                  f"malformed {ep['malformed']} errors {ep['errors']} held {ep['responses_held']}" if ep else ""))
-    tc = doc.get("tenant_crls")
-    if tc and tc["tenants"]:
-        typer.echo(f"CRL-fed tenants: {tc['tenants']}; CRLs accepted {tc['accepted']} refused {tc['refused']} since start"
-                   " (see `donjon ocsp tenant list`)")
-    for c in doc["cas"]:
-        nu = _when(c["earliest_next_update"])
-        typer.echo(f"{c['ca']:<16} responses {c['responses']:<8} revoked {c['revoked']:<6} queued {c['queued']:<6} "
-                   f"earliest nextUpdate {nu}{'  LAPSED' if c['lapsed'] else ''}")
+    for line in ops.ocsp_status_lines(doc):
+        typer.echo(line)
 
 
 @ocsp_app.command("responder-cert")
@@ -896,11 +829,8 @@ def tenant_serials(name: str, file: Annotated[Optional[str], typer.Argument(help
 @audit_app.command("export")
 def audit_export(out: Annotated[Optional[str], typer.Option(help="Output file (JSON Lines).")] = None, home: Home = "./var") -> None:
     """Export the audit log as JSON Lines. Example: donjon audit export --out audit.jsonl"""
-    try:
-        with client(home) as c:
-            data = b"".join(c.stream(S.AAuditExport))
-    except ClientError as e:
-        fail(str(e))
+    with client(home) as c:
+        data = op(ops.audit_export, c)
     out_bytes(data, out)
 
 
@@ -914,54 +844,22 @@ def audit_verify(file: Annotated[Optional[str], typer.Argument(help="An exported
 
     Example: donjon audit verify audit.jsonl --cert audit.pem --anchor head.json
     """
-    from policy import audit as A
     if file:
         data = read_file(file, "audit log")
     else:
-        try:
-            with client(home) as c:
-                data = b"".join(c.stream(S.AAuditExport))
-        except ClientError as e:
-            fail(str(e))
-    entries = []
-    for i, line in enumerate(data.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            e = json.loads(line)
-        except ValueError:
-            fail(f"line {i}: not JSON")
-        if not isinstance(e, dict):
-            fail(f"line {i}: not a record")
-        entries.append(e)
-    try:
-        crt = A.load_cert(read_file(cert, "audit certificate")) if cert else None
-    except ValueError:
-        fail(f"{cert}: not a certificate")
-    anc = None
-    if anchor:
-        try:
-            anc = json.loads(read_file(anchor, "anchor"))
-        except ValueError:
-            fail(f"{anchor}: not a signed checkpoint (JSON)")
-        if crt is None:
-            fail("--anchor needs --cert (the anchor is only worth its signature)")
-    summary, problem = A.verify_export(entries, crt, anc)
-    if problem:
-        fail(f"audit chain broken: {problem}")
-    extra = ""
-    if summary["checkpoints"]:
-        extra = f", {summary['checkpoints']} checkpoints" + (" with valid signatures" if crt else " (signatures not checked: no --cert)")
-    if "anchor_seq" in summary:
-        extra += f", consistent with the anchor at seq {summary['anchor_seq']}"
-    typer.echo(f"audit chain intact: {summary['records']} records{extra}")
+        with client(home) as c:
+            data = op(ops.audit_export, c)
+    crt = read_file(cert, "audit certificate") if cert else None
+    anc = read_file(anchor, "anchor") if anchor else None
+    typer.echo(op(ops.audit_verify, data, crt, anc))
 
 
 @audit_app.command("checkpoint")
 def audit_checkpoint(out: Annotated[Optional[str], typer.Option(help="Write the signed head (JSON) here: a rollback anchor to publish.")] = None,
                      home: Home = "./var") -> None:
     """Have the HSM's audit key sign the chain head now. Example: donjon audit checkpoint --out head.json"""
-    doc = call(home, S.AAuditCheckpoint)
+    with client(home) as c:
+        doc = op(ops.audit_checkpoint, c)
     if out:
         out_bytes(json.dumps(doc).encode() + b"\n", out)
     typer.echo(f"checkpoint signed: seq {doc['seq']} head {doc['head']}" + (f" -> {out}" if out else ""))
@@ -970,7 +868,8 @@ def audit_checkpoint(out: Annotated[Optional[str], typer.Option(help="Write the 
 @audit_app.command("cert")
 def audit_cert(out: Annotated[Optional[str], typer.Option(help="Output file (PEM).")] = None, home: Home = "./var") -> None:
     """Export the audit key's self-issued certificate (to verify checkpoints offline). Example: donjon audit cert --out audit.pem"""
-    out_bytes(call(home, S.AAuditCert)["cert"].encode(), out)
+    with client(home) as c:
+        out_bytes(op(ops.audit_cert, c).encode(), out)
 
 
 @audit_app.command("reconcile")
@@ -978,6 +877,108 @@ def audit_reconcile(home: Home = "./var") -> None:
     """List serials whose intent had no certificate after a crash (voided, treated as possibly issued)."""
     for v in call(home, S.AReconcile)["voided"]:
         typer.echo(f"#{v['seq']} {_when(v['ts'])} {v['object']}: {v['detail']}")
+
+
+# ---------------------------------------------------------------- console, SSH, ceremonies, settings (issue #6)
+
+ceremony_app = typer.Typer(help="Scripted, witnessed key ceremonies with a hashed transcript.", no_args_is_help=True)
+config_app = typer.Typer(help="Network and endpoint settings in HOME/donjon.toml (validated).", no_args_is_help=True)
+app.add_typer(ceremony_app, name="ceremony")
+app.add_typer(config_app, name="config")
+
+
+@app.command()
+def console(home: Home = "./var",
+            ssh: Annotated[bool, typer.Option("--ssh", help="Started by sshd (the SSH admin face).")] = False) -> None:
+    """The numbered appliance menu for a serial console or SSH (80x24, plain text, no shell).
+
+    Example: donjon console
+    """
+    from appliance.console.menu import run
+    raise typer.Exit(run(home, ssh=ssh))
+
+
+@app.command("ssh-shell")
+def ssh_shell(home: Home = "/var/lib/donjon") -> None:
+    """sshd's ForceCommand: the menu, or one allow-listed read-only command from SSH_ORIGINAL_COMMAND.
+
+    Example (sshd_config): ForceCommand /usr/bin/donjon ssh-shell
+    """
+    from appliance.console.sshshell import main as ssh_main
+    raise typer.Exit(ssh_main(home))
+
+
+@app.command()
+def shutdown(home: Home = "./var",
+             yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False) -> None:
+    """Stop the appliance cleanly (audited; the supervisor stops every role as on SIGTERM).
+
+    Example: donjon shutdown --yes
+    """
+    if not yes and not typer.confirm("Stop the appliance?"):
+        raise typer.Exit(1)
+    with client(home) as c:
+        op(ops.shutdown, c)
+    typer.echo("the appliance is stopping")
+
+
+@app.command()
+def backup(out: Annotated[str, typer.Option(help="New file for the backup (tar); never overwritten.")] = ...,
+           home: Home = "./var") -> None:
+    """A consistent online copy of the encrypted CMDB and its HSM-wrapped key (audited).
+
+    Example: donjon backup --out /media/donjon/backup.tar
+    """
+    with client(home) as c:
+        n, digest = op(ops.backup_to, c, out)
+    typer.echo(f"backup: {n} bytes -> {out} sha256 {digest}")
+
+
+@ceremony_app.command("run")
+def ceremony_run(file: Annotated[str, typer.Argument(help="The ceremony TOML file.")],
+                 out_dir: Annotated[Optional[str], typer.Option(help="Folder holding the output folder (default: the file's).")] = None,
+                 home: Home = "./var") -> None:
+    """Run a ceremony: officers log in (quorum), witness and approve each step; outputs and a
+    transcript (JSON + PDF) with their SHA-256 are written; nothing is ever overwritten.
+
+    Example: donjon ceremony run rollover.toml
+    """
+    from appliance.console.ceremony import run_file
+    from appliance.console.term import Term
+    rc = op(run_file, home, file, Term(), out_dir)
+    raise typer.Exit(rc)
+
+
+@ceremony_app.command("verify")
+def ceremony_verify(transcript: Annotated[str, typer.Argument(help="transcript.json of a ceremony.")],
+                    cert: Annotated[Optional[str], typer.Option(help="The audit certificate (donjon audit cert) to check the signature with; "
+                                                                     "default: the one in the transcript.")] = None) -> None:
+    """Check a ceremony transcript offline: its digest, the SHA-256 of every output beside it, and its
+    signature (an audit record of the digest and a checkpoint of it signed by the HSM's audit key).
+
+    Example: donjon ceremony verify out/transcript.json --cert audit.pem
+    """
+    from appliance.console.ceremony import verify
+    problems = op(verify, transcript, read_file(cert, "audit certificate") if cert else None)
+    for p in problems:
+        typer.echo(f"donjon: {p}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo("transcript intact: digest, every output hash and the audit-key signature verify")
+
+
+@config_app.command("show")
+def config_show(home: Home = "./var") -> None:
+    """Show the network and endpoint settings. Example: donjon config show"""
+    for k, v in op(ops.settings_show, home):
+        typer.echo(f"{k:<20} {v}")
+
+
+@config_app.command("set")
+def config_set(key: Annotated[str, typer.Argument(help="One of: " + ", ".join(ops.SETTINGS))],
+               value: str, home: Home = "./var") -> None:
+    """Change one setting (validated; takes effect at the next start). Example: donjon config set ocsp.listen 0.0.0.0:80"""
+    typer.echo(op(ops.settings_set, home, key, value))
 
 
 # ---------------------------------------------------------------- internals

@@ -149,6 +149,10 @@ class Activation(_C):
     lockout_minutes: Annotated[int, msgspec.Meta(ge=0, le=1440)] = 15
 
 
+class Console(_C):
+    media: str = "media"  # removable-media folder for CSRs in and certificates/CRLs/backups out (relative to home)
+
+
 class Config(_C):
     hsm: Hsm = Hsm()
     cmdb: CmdbCfg = CmdbCfg()
@@ -163,6 +167,7 @@ class Config(_C):
     dual_control: DualControl = DualControl()
     audit: Audit = Audit()
     activation: Activation = Activation()
+    console: Console = Console()
 
 
 def officer_settings(cfg: Config) -> dict:
@@ -269,6 +274,9 @@ checkpoint-minutes = 60                       # the CIS signs the audit chain he
 [activation]
 max-failures = 5                              # consecutive wrong PINs (or bad share sets) before a lockout
 lockout-minutes = 15                          # activation refused this long after the lockout
+
+[console]
+media = "media"                               # removable media (appliance: /media/donjon); relative to DONJON_HOME
 """
 
 

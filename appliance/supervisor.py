@@ -356,6 +356,9 @@ class Supervisor:
                     await self.notify("activated", "appliance", m.detail)
                 elif m.kind == "activated" and role.kind == "cis":
                     self.tokens.setdefault(self.cfg.hsm.token, True)
+                elif m.kind == "shutdown-requested" and role.kind == "factory":
+                    # An officer asked (audited by the Factory): stop exactly as an operator's SIGTERM does.
+                    os.kill(os.getpid(), signal.SIGTERM)
                 elif m.kind == "login-lockout" and role.kind == "factory":
                     await self.notify("login-lockout", m.detail.split()[1] if len(m.detail.split()) > 1 else "officer", m.detail)
                 self.events.append(m)

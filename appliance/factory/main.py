@@ -110,6 +110,11 @@ async def dispatch(chan: Channel, req, f: Factory, conn: Conn) -> None:
         for i in range(0, len(data), 1 << 20):
             await chan.send(S.BlobChunk(id=rid, data=data[i:i + (1 << 20)], last=False))
         await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
+    elif isinstance(req, S.ABackup):
+        from .backup import backup_tar
+        async for chunk in backup_tar(f, actor):
+            await chan.send(S.BlobChunk(id=rid, data=chunk, last=False))
+        await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
     elif isinstance(req, S.ALogin):
         await reply(**await f.officers.login(conn, req))
     elif isinstance(req, S.AResume):
@@ -193,6 +198,15 @@ async def perform(req, f: Factory, actor: str) -> dict:
         from cryptography.hazmat.primitives.serialization import Encoding
         der = await f.checkpoints.cert()
         return {"cert": x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM).decode()}
+    if isinstance(req, S.ACaCreateRoot):
+        return await f.create_ca(req, parent=None, actor=actor)
+    if isinstance(req, S.AShutdown):
+        await f.audit(actor, "shutdown", "appliance", "ok", "requested through the admin API")
+        await f.send_event(S.Event(kind="shutdown-requested", detail=actor))
+        return {"stopping": True}
+    if isinstance(req, S.ACeremonyRecord):
+        from .ceremonies import ceremony_record
+        return await ceremony_record(f, actor, req.ceremony, req.transcript_sha256)
     raise FactoryError("bad-request", f"unsupported request {type(req).__name__}")
 
 

@@ -43,11 +43,13 @@ PERMISSIONS: dict[str, frozenset[str] | None] = {
     # CRL-fed tenants: which other CAs the endpoint answers for is configuration; their CRLs are operations.
     "ocsp-tenant-list": ANY, "ocsp-tenant-add": ADMIN, "ocsp-tenant-update": ADMIN, "ocsp-tenant-remove": ADMIN,
     "ocsp-tenant-csr": ADMIN, "ocsp-tenant-crl": OPER, "ocsp-tenant-serials": OPER,
+    # console, ceremonies, backup
+    "ca-create-root": OPER, "ceremony-record": ANY, "backup": ADMIN, "shutdown-request": ADMIN,
 }
 SELF_SERVICE = {"officer-passwd", "officer-totp"}  # an officer may also do these to their own account
 
 # Dual-control operation names (donjon.toml [dual-control] operations) for each guarded request.
-GUARDED = {"ca-create": "ca-create", "ca-sign-csr": "ca-sign-csr", "officer-add": "officer",
+GUARDED = {"ca-create": "ca-create", "ca-create-root": "ca-create", "ca-sign-csr": "ca-sign-csr", "officer-add": "officer",
            "officer-remove": "officer", "officer-unlock": "officer", "officer-passwd": "officer", "officer-totp": "officer"}
 
 ARGON = {"m": 47104, "t": 1, "p": 1}  # OWASP's first Argon2id setting: 46 MiB, one pass

@@ -998,6 +998,42 @@ class AActivateShares(_Msg, tag="activate-shares"):
     shares: Annotated[list[ShareText], msgspec.Meta(min_length=1, max_length=16)]
 
 
+# ---------------------------------------------------------------- console, ceremonies, backup (issue #6)
+
+
+class ACaCreateRoot(_Msg, tag="ca-create-root"):
+    """A new self-signed root in the HSM (a ceremony's root creation or root rollover)."""
+
+    id: ReqId
+    name: Name
+    profile: Name
+    key_type: KeyType
+    subject: tuple[Attr, ...]
+    validity_days: Annotated[int, msgspec.Meta(ge=1, le=40 * 366)]
+    path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
+
+
+class AShutdown(_Msg, tag="shutdown-request"):
+    """Stop the appliance cleanly (the supervisor stops every role, as on SIGTERM)."""
+
+    id: ReqId
+
+
+class ABackup(_Msg, tag="backup"):
+    """A consistent online copy of the encrypted CMDB and its wrapped key, streamed as a tar (BlobChunks)."""
+
+    id: ReqId
+
+
+class ACeremonyRecord(_Msg, tag="ceremony-record"):
+    """Write a ceremony transcript's digest into the audit chain and have the audit key sign a checkpoint
+    of exactly that record. Reply: the record, the signed checkpoint, the audit certificate (PEM)."""
+
+    id: ReqId
+    ceremony: Name
+    transcript_sha256: Digest
+
+
 AdminRequest = Union[
     Hello, AStatus, AActivate, ACaList, ACaShow, ACaCreate, ACaSignCsr, ACaExport, AIssue,
     ACertShow, ACertList, ARevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus, AOcspResponderCert,
@@ -1006,6 +1042,7 @@ AdminRequest = Union[
     AOcspTenantSerials,
     ALogin, AResume, ALogout, AOfficerAdd, AOfficerList, AOfficerRemove, AOfficerPasswd, AOfficerUnlock, AOfficerTotp,
     APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
+    ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord,
 ]
 
 
