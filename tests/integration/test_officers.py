@@ -192,6 +192,9 @@ expiry-minutes = 1
 
 [officers]
 session-idle-minutes = 1
+
+[audit]
+checkpoint-minutes = 1
 """
 FIVE = {"admin": "administrator", "admin2": "administrator", "oper": "operator", "oper2": "operator", "aud": "auditor"}
 
@@ -258,5 +261,9 @@ def test_dual_control_m_minus_1_does_nothing_m_runs(appliance_factory):
         idle.call(S.APendingList)
     assert e.value.code == "auth" and "expired" in str(e.value)
     idle.close()
-    trail = [(r["action"], r["outcome"]) for r in audit_records(a) if r["object"] == f"request#{lid}"]
+    recs = audit_records(a)
+    trail = [(r["action"], r["outcome"]) for r in recs if r["object"] == f"request#{lid}"]
     assert trail == [("dual-control", "pending"), ("dual-control", "expired"), ("approve", "refused")]
+    # the schedule signed the moving head meanwhile (every minute here)
+    assert any(r["action"] == "audit-checkpoint" and r["actor"] == "factory:checkpoint-scheduler" and r["outcome"] == "ok" for r in recs)
+    assert b"audit checkpoint: seq" in a.cli("status").stdout
