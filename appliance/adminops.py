@@ -361,6 +361,53 @@ def ocsp_status_lines(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def dist_status(c: AdminClient) -> dict[str, Any]:
+    return _wrap(c.call, S.ADistStatus)
+
+
+def _when(t) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if t else "-"
+
+
+def dist_status_lines(doc: dict[str, Any]) -> list[str]:
+    """Per destination: state, backlog, oldest pending job, parked jobs, last success, last error;
+    then each CRL-fed tenant's CRL fetch."""
+    lines = [f"agent: {'connected' if doc['agent'] else 'not connected'}"]
+    for d in doc["destinations"]:
+        age = f"{d['oldest_pending_age']}s" if d["oldest_pending_age"] is not None else "-"
+        state = "FAILING" if d["failing"] else ("not configured" if not d["configured"] else "ok")
+        lines.append(f"{d['rule']:<16} {state:<8} pending {d['pending']:<6} oldest {age:<8} parked {d['parked']:<5} "
+                     f"last success {_when(d['last_success'])}")
+        if d["last_error"]:
+            lines.append(f"{'':<16} last error {_when(d['last_error_at'])}: {d['last_error']}"
+                         + (f" (retry in {d['retry_in']}s)" if d["retry_in"] else ""))
+    for t in doc.get("tenant_fetches", []):
+        lines.append(f"tenant {t['tenant']:<9} CRL fetch: last {_when(t['last_fetch'])} ({t['last_result'] or '-'})"
+                     + (f"; last error {_when(t['last_error_at'])}: {t['last_error']}" if t["last_error"] else "")
+                     + (f" (retry in {t['retry_in']}s)" if t["retry_in"] else ""))
+    return lines
+
+
+def dist_list(c: AdminClient, state: str = "parked", rule: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    if state not in ("pending", "parked", "done"):
+        raise OpError("the state is pending, parked or done")
+    return _wrap(c.call, S.ADistList, state=state, rule=rule, limit=limit)["jobs"]
+
+
+def dist_list_lines(jobs: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for j in jobs:
+        what = j["serial"] or (f"#{j['number']}" if j["number"] else "")
+        lines.append(f"{j['id']:<8} {j['rule']:<16} {j['action']:<15} {j['ca']}/{what:<20} attempts {j['attempts']:<3} "
+                     f"{j['last_error'] or ''}")
+    return lines
+
+
+def dist_retry(c: AdminClient, rule: str | None = None, job: int | None = None) -> int:
+    """Parked publications back in the queue; returns how many."""
+    return _wrap(c.call, S.ADistRetry, rule=rule, job=job)["requeued"]
+
+
 def backup_to(c: AdminClient, path: str) -> tuple[int, str]:
     """Write the appliance's online backup (tar: encrypted cmdb.sqlite, wrapped cmdb.key, manifest.json)
     to a new file, never over an existing one. Returns (bytes, sha256)."""

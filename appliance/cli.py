@@ -644,23 +644,13 @@ def dist_status(home: Home = "./var", as_json: JsonOut = False) -> None:
 
     Example: donjon dist status
     """
-    doc = call(home, S.ADistStatus)
+    with client(home) as c:
+        doc = op(ops.dist_status, c)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
-    typer.echo(f"agent: {'connected' if doc['agent'] else 'not connected'}")
-    for d in doc["destinations"]:
-        age = f"{d['oldest_pending_age']}s" if d["oldest_pending_age"] is not None else "-"
-        state = "FAILING" if d["failing"] else ("not configured" if not d["configured"] else "ok")
-        typer.echo(f"{d['rule']:<16} {state:<8} pending {d['pending']:<6} oldest {age:<8} parked {d['parked']:<5} "
-                   f"last success {_when(d['last_success'])}")
-        if d["last_error"]:
-            typer.echo(f"{'':<16} last error {_when(d['last_error_at'])}: {d['last_error']}"
-                       + (f" (retry in {d['retry_in']}s)" if d["retry_in"] else ""))
-    for t in doc.get("tenant_fetches", []):
-        typer.echo(f"tenant {t['tenant']:<9} CRL fetch: last {_when(t['last_fetch'])} ({t['last_result'] or '-'})"
-                   + (f"; last error {_when(t['last_error_at'])}: {t['last_error']}" if t["last_error"] else "")
-                   + (f" (retry in {t['retry_in']}s)" if t["retry_in"] else ""))
+    for line in ops.dist_status_lines(doc):
+        typer.echo(line)
 
 
 @dist_app.command("list")
@@ -672,16 +662,13 @@ def dist_list(state: Annotated[str, typer.Option(help="pending, parked or done."
 
     Example: donjon dist list --state parked
     """
-    if state not in ("pending", "parked", "done"):
-        fail("--state is pending, parked or done")
-    doc = call(home, S.ADistList, state=state, rule=rule, limit=limit)
+    with client(home) as c:
+        jobs = op(ops.dist_list, c, state, rule, limit)
     if as_json:
-        typer.echo(json.dumps(doc, indent=2))
+        typer.echo(json.dumps({"jobs": jobs}, indent=2))
         return
-    for j in doc["jobs"]:
-        what = j["serial"] or (f"#{j['number']}" if j["number"] else "")
-        typer.echo(f"{j['id']:<8} {j['rule']:<16} {j['action']:<15} {j['ca']}/{what:<20} attempts {j['attempts']:<3} "
-                   f"{j['last_error'] or ''}")
+    for line in ops.dist_list_lines(jobs):
+        typer.echo(line)
 
 
 @dist_app.command("retry")
@@ -692,8 +679,9 @@ def dist_retry(rule: Annotated[Optional[str], typer.Option(help="Only this desti
 
     Example: donjon dist retry --rule directory
     """
-    doc = call(home, S.ADistRetry, rule=rule, job=job)
-    typer.echo(f"{doc['requeued']} job(s) back in the queue")
+    with client(home) as c:
+        n = op(ops.dist_retry, c, rule, job)
+    typer.echo(f"{n} job(s) back in the queue")
 
 
 # ---------------------------------------------------------------- OCSP: CRL-fed tenants

@@ -39,6 +39,7 @@ class Console:
             ("Officers", self.officers),
             ("Audit: verify, export", self.audit),
             ("Network and endpoint", self.settings),
+            ("Distribution: status, retry", self.distribution),
             ("Backup to media", self.backup),
             ("Shutdown", self.shutdown),
         ]
@@ -360,6 +361,14 @@ class Console:
         value = self.t.ask("new value (Enter: keep): ").strip()
         if value:
             self.t.say(ops.settings_set(self.home, key, value))
+
+    def distribution(self) -> None:
+        """The publication queue per destination and tenant CRL fetches; parked jobs back in the queue."""
+        doc = ops.dist_status(self.s.client)
+        self.t.page(ops.dist_status_lines(doc) + ["", "Parked:"] + (ops.dist_list_lines(ops.dist_list(self.s.client)) or ["none"]))
+        i = self.t.choose("Distribution", ["Retry every parked publication now", "Back to the menu"])
+        if i == 0:
+            self.t.say(f"{ops.dist_retry(self.s.client)} job(s) back in the queue")
 
     def backup(self) -> None:
         media = M.media_dir(self.home)

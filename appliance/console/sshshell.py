@@ -37,6 +37,9 @@ ALLOWED: dict[tuple[str, ...], tuple[list, dict, set]] = {
     ("cert", "export"): ([_serial], {"--ca": _name}, set()),
     ("crl", "export"): ([], {"--ca": _name, "--number": _int}, set()),
     ("ocsp", "status"): ([], {}, {"--json"}),
+    ("ocsp", "tenant", "list"): ([], {}, {"--json"}),
+    ("dist", "status"): ([], {}, {"--json"}),
+    ("dist", "list"): ([], {"--state": lambda v: v in ("pending", "parked", "done"), "--rule": _name, "--limit": _int}, {"--json"}),
     ("audit", "verify"): ([], {}, set()),
     ("audit", "export"): ([], {}, set()),
 }
@@ -50,7 +53,7 @@ def parse(command: str) -> list[str] | None:
         words = shlex.split(command)
     except ValueError:
         return None
-    for n in (2, 1):
+    for n in (3, 2, 1):
         key = tuple(words[:n])
         if key not in ALLOWED:
             continue

@@ -312,9 +312,9 @@ def test_shutdown_from_the_console(ready, tmp_path):
         t.expect(r"new value \(Enter: keep\):$")
         t.send("127.0.0.1:18443")
         t.expect(r"ocsp\.listen = \"127\.0\.0\.1:18443\" \(takes effect at the next start\)[\s\S]*choice>$")
-        t.send("11")  # backup to the media: the same operation as `donjon backup`
+        t.send("12")  # backup to the media: the same operation as `donjon backup`
         t.expect(r"backup: \d+ bytes -> media: (donjon-backup-\d{8}T\d{6}Z\.tar)\s+sha256 ([0-9a-f]{64})[\s\S]*choice>$")
-        t.send("12")
+        t.send("13")
         t.expect(r"\[yes/no\]$")
         t.send("yes")
         t.expect(r"the appliance is stopping")

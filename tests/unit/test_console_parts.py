@@ -17,7 +17,8 @@ from appliance.console.term import Term
 
 @pytest.mark.parametrize("cmd", ["status", "status --json", "ca list", "ca show root", "ca export issuing --chain",
                                  "cert list --ca issuing --limit 5", "cert show --ca issuing 0a1b", "crl export --ca root",
-                                 "ocsp status", "audit verify", "version", "  status  "])
+                                 "ocsp status", "audit verify", "version", "  status  ", "dist status", "dist status --json",
+                                 "dist list --state pending --rule directory", "ocsp tenant list --json"])
 def test_ssh_allowed(cmd):
     assert parse(cmd) is not None
 
@@ -27,7 +28,8 @@ def test_ssh_allowed(cmd):
                                  "ca export root --out /tmp/x", "ca show ../../etc", "ca show -x", "cert show --ca issuing zz",
                                  "cert show 0a", "crl export", "cert list --ca", "cert list --ca '$(id)'", "'unbalanced",
                                  "revoke --ca issuing 0a", "issue --ca issuing --profile p --csr /etc/passwd",
-                                 "login --officer x", "status\nid", "x" * 2000])
+                                 "login --officer x", "status\nid", "x" * 2000, "dist retry", "dist list --state all",
+                                 "ocsp tenant add x --ca-cert /etc/passwd", "ocsp tenant crl x /etc/passwd", "dist list --rule ../x"])
 def test_ssh_refused(cmd):
     assert parse(cmd) is None
 
