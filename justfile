@@ -54,3 +54,7 @@ bench *ARGS:
 # What the admin CLI offers
 help:
     {{venv}}/donjon --help
+
+# Build the PyInstaller onedir bundle into dist/donjon (runtime-only environment; image/README)
+binary:
+    bash image/build-binary

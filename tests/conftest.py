@@ -17,6 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
 VENV_BIN = Path(sys.executable).parent
+# DONJON_BIN=/path/to/dist/donjon/donjon runs every appliance test against the frozen bundle.
+DONJON_BIN = os.environ.get("DONJON_BIN") or None
 
 
 def _world_readable_source() -> str:
@@ -63,21 +65,25 @@ path-length = 0
 class Appliance:
     """One appliance: a state folder, its `donjon run` process group, and the CLI."""
 
-    def __init__(self, home: Path, src: str, user: str | None = None):
+    def __init__(self, home: Path, src: str, user: str | None = None, bin: str | None = None):
         self.home = home
         self.src = src
         self.user = user  # developer mode as this non-root user
+        self.bin = bin or DONJON_BIN  # a frozen bundle's executable instead of the source tree
         self.proc: subprocess.Popen | None = None
         self.log = home.parent / f"{home.name}.log"
 
     def env(self) -> dict[str, str]:
         e = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-        e["PYTHONPATH"] = self.src
+        if self.bin:
+            e.pop("PYTHONPATH", None)
+        else:
+            e["PYTHONPATH"] = self.src
         e["DONJON_HOME"] = str(self.home)
         return e
 
     def argv(self, *args: str) -> list[str]:
-        base = [str(VENV_BIN / "python"), "-m", "appliance.cli", *args]
+        base = [self.bin, *args] if self.bin else [str(VENV_BIN / "python"), "-m", "appliance.cli", *args]
         if self.user:
             return ["runuser", "-u", self.user, "--", *base]
         return base
@@ -192,9 +198,10 @@ def homes():
 def appliance_factory(tmp_path, src_path, homes):
     made: list[Appliance] = []
 
-    def make(ceremony: Path | None = None, start: bool = True, user: str | None = None, **kw) -> Appliance:
+    def make(ceremony: Path | None = None, start: bool = True, user: str | None = None, bin: str | None = None,
+             **kw) -> Appliance:
         home = homes / f"home{len(made)}"
-        a = Appliance(home, src_path, user=user)
+        a = Appliance(home, src_path, user=user, bin=bin)
         made.append(a)
         a.init(ceremony or make_ceremony(tmp_path / f"ceremony{len(made)}.toml", **kw))
         if start:
