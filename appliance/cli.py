@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from appliance import adminops as ops
 from appliance.client import AdminClient, ClientError
 from appliance.ipc import schema as S
 
@@ -29,8 +30,7 @@ app.add_typer(ocsp_app, name="ocsp")
 Home = Annotated[str, typer.Option("--home", envvar="DONJON_HOME", help="State folder (DONJON_HOME).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
-REASONS = {"unspecified": 0, "keyCompromise": 1, "cACompromise": 2, "affiliationChanged": 3, "superseded": 4,
-           "cessationOfOperation": 5, "certificateHold": 6, "removeFromCRL": 8, "privilegeWithdrawn": 9, "aACompromise": 10}
+REASONS = ops.REASONS
 
 
 def fail(msg: str, code: int = 1) -> None:
@@ -61,38 +61,20 @@ def out_bytes(data: bytes, out: Optional[str]) -> None:
         sys.stdout.buffer.write(data)
 
 
-def parse_serial(s: str) -> bytes:
+def op(fn, *a, **kw):
+    """Run one shared admin operation (appliance/adminops.py: the CLI, console and SSH bodies)."""
     try:
-        v = int(s.removeprefix("0x").replace(":", ""), 16)
-    except ValueError:
-        fail(f"serial {s!r} is not hexadecimal")
-    if v <= 0 or v.bit_length() > 159:
-        fail("a serial is positive and at most 20 octets")
-    return v.to_bytes((v.bit_length() + 7) // 8, "big")
+        return fn(*a, **kw)
+    except ops.OpError as e:
+        fail(str(e))
+
+
+def parse_serial(s: str) -> bytes:
+    return op(ops.parse_serial, s)
 
 
 def parse_subject(s: str) -> tuple[tuple[str, str], ...]:
-    """'CN=Issuing CA 1,O=Example,C=FR' -> attribute pairs (commas inside values: escape as \\,)."""
-    parts, cur, esc = [], "", False
-    for ch in s:
-        if esc:
-            cur += ch
-            esc = False
-        elif ch == "\\":
-            esc = True
-        elif ch == ",":
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
-    out = []
-    for p in parts:
-        if "=" not in p:
-            fail(f"subject part {p!r} is not ATTR=value")
-        k, v = p.split("=", 1)
-        out.append((k.strip(), v.strip()))
-    return tuple(out)
+    return op(ops.parse_subject, s)
 
 
 def read_file(path: str, what: str) -> bytes:
@@ -105,17 +87,7 @@ def read_file(path: str, what: str) -> bytes:
 
 def der_of(data: bytes, label: str) -> bytes:
     """Accept DER or PEM."""
-    if data.lstrip().startswith(b"-----BEGIN"):
-        import base64
-        import re
-        m = re.search(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", data, re.S)
-        if not m:
-            fail(f"the {label} is not valid PEM")
-        try:
-            return base64.b64decode(b"".join(m.group(2).split()), validate=True)
-        except ValueError:
-            fail(f"the {label} is not valid PEM")
-    return data
+    return op(ops.der_of, data, label)
 
 
 # ---------------------------------------------------------------- lifecycle
@@ -180,16 +152,13 @@ def status(home: Home = "./var", as_json: JsonOut = False) -> None:
 
     Example: donjon status --json
     """
-    doc = call(home, S.AStatus)
+    with client(home) as c:
+        doc = op(ops.status, c)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
-    typer.echo(f"activated: {'yes' if doc['activated'] else 'no'}")
-    if doc.get("token"):
-        typer.echo(f"token: {doc['token']}")
-    if doc["activated"]:
-        typer.echo(f"CAs: {', '.join(doc['cas']) or '-'}; certificates: {doc['certificates']}; revoked: {doc['revoked']}")
-        typer.echo(f"audit: {doc['audit_records']} records, head {doc['audit_head']}")
+    for line in ops.status_lines(doc):
+        typer.echo(line)
 
 
 @app.command("activate")
@@ -204,7 +173,8 @@ def activate_cmd(home: Home = "./var",
         pin = H.read_pin(pin_file) if pin_file else typer.prompt("Token PIN", hide_input=True)
     except H.HomeError as e:
         fail(str(e))
-    doc = call(home, S.AActivate, pin=pin)
+    with client(home) as c:
+        doc = op(ops.activate, c, pin)
     typer.echo(f"activated: {doc['token']}")
 
 
@@ -214,12 +184,13 @@ def activate_cmd(home: Home = "./var",
 @ca_app.command("list")
 def ca_list(home: Home = "./var", as_json: JsonOut = False) -> None:
     """List the CAs. Example: donjon ca list"""
-    cas = call(home, S.ACaList)["cas"]
+    with client(home) as c:
+        cas = op(ops.ca_list, c)
     if as_json:
         typer.echo(json.dumps(cas, indent=2))
         return
-    for c in cas:
-        typer.echo(f"{c['name']:<20} {c['key_type']:<8} parent={c['parent'] or '-':<16} until {c['not_after'][:10]}  {c['subject']}")
+    for line in ops.ca_list_lines(cas):
+        typer.echo(line)
 
 
 @ca_app.command("show")
@@ -230,19 +201,19 @@ def ca_show(name: str, home: Home = "./var") -> None:
 
 @ca_app.command("create")
 def ca_create(name: str,
-              parent: Annotated[str, typer.Option(help="The issuing (parent) CA.")] = ...,
+              parent: Annotated[Optional[str], typer.Option(help="The issuing (parent) CA; without it, a new self-signed root.")] = None,
               subject: Annotated[str, typer.Option(help="Subject, e.g. 'CN=Issuing CA 2,O=Example,C=FR'.")] = ...,
-              profile: Annotated[str, typer.Option(help="CA profile.")] = "sub-ca",
+              profile: Annotated[Optional[str], typer.Option(help="CA profile (default sub-ca, or root-ca without --parent).")] = None,
               key_type: Annotated[str, typer.Option(help="rsa2048|rsa3072|rsa4096|p256|p384|ed25519")] = "p256",
               days: Annotated[int, typer.Option(help="Validity in days (clamped to the parent's).")] = 3650,
               path_length: Annotated[Optional[int], typer.Option(help="pathLenConstraint.")] = None,
               home: Home = "./var") -> None:
-    """Create a subordinate CA whose key is generated in the HSM.
+    """Create a CA whose key is generated in the HSM: a subordinate of --parent, or a new root.
 
     Example: donjon ca create issuing2 --parent root --subject 'CN=Issuing CA 2,O=Example'
     """
-    doc = call(home, S.ACaCreate, name=name, parent=parent, profile=profile, key_type=key_type,
-               subject=parse_subject(subject), validity_days=days, path_length=path_length)
+    with client(home) as c:
+        doc = op(ops.ca_create, c, name, parent, parse_subject(subject), profile, key_type, days, path_length)
     typer.echo(f"created CA {doc['name']}: {doc['subject']} serial {doc['serial']}")
 
 
@@ -259,7 +230,8 @@ def ca_sign_csr(csr: str,
     Example: donjon ca sign-csr sub.csr --parent root --out sub.pem
     """
     der = der_of(read_file(csr, "CSR"), "CSR")
-    doc = call(home, S.ACaSignCsr, parent=parent, profile=profile, csr=der, validity_days=days, path_length=path_length)
+    with client(home) as c:
+        doc = op(ops.ca_sign_csr, c, parent, profile, der, days, path_length)
     out_bytes(doc["cert"].encode(), out)
     if out:
         typer.echo(f"signed serial {doc['serial']} -> {out}")
@@ -269,12 +241,8 @@ def ca_sign_csr(csr: str,
 def ca_export(name: str, chain: Annotated[bool, typer.Option(help="Include the parents up to the root.")] = False,
               out: Annotated[Optional[str], typer.Option(help="Output file (PEM).")] = None, home: Home = "./var") -> None:
     """Export a CA certificate (and its chain) as PEM. Example: donjon ca export issuing --chain --out chain.pem"""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-    ders = [bytes.fromhex(h) for h in call(home, S.ACaExport, name=name)["chain"]]
-    if not chain:
-        ders = ders[:1]
-    out_bytes(b"".join(x509.load_der_x509_certificate(d).public_bytes(Encoding.PEM) for d in ders), out)
+    with client(home) as c:
+        out_bytes(op(ops.ca_chain_pem, c, name, chain), out)
 
 
 # ---------------------------------------------------------------- certificates
@@ -291,26 +259,12 @@ def issue(ca: Annotated[str, typer.Option(help="Issuing CA.")] = ...,
 
     Example: donjon issue --ca issuing --profile tls-server --csr www.csr --out www.pem
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
     ders = [der_of(read_file(p, "CSR"), "CSR") for p in csr]
-    try:
-        with client(home) as c:
-            r = c.issue(ca=ca, profile=profile, csrs=ders, validity_days=days)
-    except ClientError as e:
-        fail(str(e))
-    pem = b""
-    docs = []
-    failed = 0
-    for path, res, serial in zip(csr, r.results, r.serials):
-        if res.cert is None:
-            failed += 1
-            typer.echo(f"donjon: {path}: refused: {res.error}", err=True)
-            docs.append({"csr": path, "error": res.error})
-        else:
-            p = x509.load_der_x509_certificate(res.cert).public_bytes(Encoding.PEM)
-            pem += p
-            docs.append({"csr": path, "serial": serial, "pem": p.decode()})
+    with client(home) as c:
+        pem, docs, failed = op(ops.issue, c, ca, profile, ders, days, list(csr))
+    for d in docs:
+        if "error" in d:
+            typer.echo(f"donjon: {d['csr']}: refused: {d['error']}", err=True)
     if as_json:
         typer.echo(json.dumps(docs, indent=2))
     elif pem:
@@ -324,7 +278,8 @@ def issue(ca: Annotated[str, typer.Option(help="Issuing CA.")] = ...,
 @cert_app.command("show")
 def cert_show(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = ..., home: Home = "./var") -> None:
     """Show a certificate's record. Example: donjon cert show --ca issuing 5f3a..."""
-    doc = call(home, S.ACertShow, ca=ca, serial=parse_serial(serial))
+    with client(home) as c:
+        doc = op(ops.cert_show, c, ca, parse_serial(serial))
     typer.echo(json.dumps({k: v for k, v in doc.items() if k != "pem"}, indent=2))
 
 
@@ -332,7 +287,8 @@ def cert_show(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] 
 def cert_export(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = ...,
                 out: Annotated[Optional[str], typer.Option(help="Output file (PEM).")] = None, home: Home = "./var") -> None:
     """Export a certificate as PEM. Example: donjon cert export --ca issuing 5f3a... --out c.pem"""
-    out_bytes(call(home, S.ACertShow, ca=ca, serial=parse_serial(serial))["pem"].encode(), out)
+    with client(home) as c:
+        out_bytes(op(ops.cert_show, c, ca, parse_serial(serial))["pem"].encode(), out)
 
 
 @cert_app.command("list")
@@ -340,12 +296,13 @@ def cert_list(ca: Annotated[Optional[str], typer.Option(help="Only this CA.")] =
               limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
               as_json: JsonOut = False, home: Home = "./var") -> None:
     """List issued certificates, newest first. Example: donjon cert list --ca issuing"""
-    certs = call(home, S.ACertList, ca=ca, limit=limit)["certs"]
+    with client(home) as c:
+        certs = op(ops.cert_list, c, ca, limit)
     if as_json:
         typer.echo(json.dumps(certs, indent=2))
         return
-    for c in certs:
-        typer.echo(f"{c['ca']:<12} {c['serial']:<34} {'REVOKED' if c['revoked'] else 'valid  '} {c['profile']:<12} {c['subject']}")
+    for line in ops.cert_list_lines(certs):
+        typer.echo(line)
 
 
 @app.command()
@@ -357,19 +314,11 @@ def revoke(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = .
 
     Example: donjon revoke --ca issuing 5f3a... --reason keyCompromise
     """
-    if reason not in REASONS:
-        fail(f"unknown reason {reason!r} (one of: {', '.join(REASONS)})")
-    inv = None
-    if invalidity:
-        try:
-            d = datetime.fromisoformat(invalidity.replace("Z", "+00:00"))
-        except ValueError:
-            fail(f"invalidity date {invalidity!r} is not ISO 8601")
-        if d.tzinfo is None:
-            from datetime import timezone
-            d = d.replace(tzinfo=timezone.utc)
-        inv = int(d.timestamp())
-    doc = call(home, S.ARevoke, ca=ca, serial=parse_serial(serial), reason=REASONS[reason], invalidity=inv)
+    sb = parse_serial(serial)
+    op(ops.parse_reason, reason)
+    op(ops.parse_invalidity, invalidity)
+    with client(home) as c:
+        doc = op(ops.revoke, c, ca, sb, reason, invalidity)
     typer.echo(f"revoked {doc['ca']}/{doc['serial']} ({reason})")
 
 
@@ -381,11 +330,8 @@ def crl_generate(ca: Annotated[str, typer.Option(help="The CA.")] = ...,
 
     Example: donjon crl generate --ca issuing --out issuing.crl
     """
-    try:
-        with client(home) as c:
-            data = b"".join(c.stream(S.ACrlGenerate, ca=ca))
-    except ClientError as e:
-        fail(str(e))
+    with client(home) as c:
+        data = op(ops.crl_generate, c, ca)
     if out:
         out_bytes(data, out)
         typer.echo(f"CRL for {ca}: {len(data)} bytes -> {out}")
@@ -402,11 +348,8 @@ def crl_export(ca: Annotated[str, typer.Option(help="The CA.")] = ...,
 
     Example: donjon crl export --ca issuing --out issuing.crl
     """
-    try:
-        with client(home) as c:
-            data = b"".join(c.stream(S.ACrlExport, ca=ca, number=number))
-    except ClientError as e:
-        fail(str(e))
+    with client(home) as c:
+        data = op(ops.crl_export, c, ca, number)
     out_bytes(data, out)
 
 
@@ -416,18 +359,13 @@ def ocsp_status(home: Home = "./var", as_json: JsonOut = False) -> None:
 
     Example: donjon ocsp status
     """
-    doc = call(home, S.AOcspStatus)
+    with client(home) as c:
+        doc = op(ops.ocsp_status, c)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
-    ep = doc.get("endpoint")
-    typer.echo(f"endpoint: {'connected' if doc['endpoint_connected'] else 'not connected'}"
-               + (f"; requests {ep['requests']} good {ep['good']} revoked {ep['revoked']} unauthorized {ep['unauthorized']} "
-                  f"malformed {ep['malformed']} errors {ep['errors']} held {ep['responses_held']}" if ep else ""))
-    for c in doc["cas"]:
-        nu = datetime.utcfromtimestamp(c["earliest_next_update"]).isoformat() + "Z" if c["earliest_next_update"] else "-"
-        typer.echo(f"{c['ca']:<16} responses {c['responses']:<8} revoked {c['revoked']:<6} queued {c['queued']:<6} "
-                   f"earliest nextUpdate {nu}{'  LAPSED' if c['lapsed'] else ''}")
+    for line in ops.ocsp_status_lines(doc):
+        typer.echo(line)
 
 
 @ocsp_app.command("responder-cert")
@@ -452,11 +390,8 @@ def ocsp_responder_cert(ca: Annotated[str, typer.Option(help="The CA the respond
 @audit_app.command("export")
 def audit_export(out: Annotated[Optional[str], typer.Option(help="Output file (JSON Lines).")] = None, home: Home = "./var") -> None:
     """Export the audit log as JSON Lines. Example: donjon audit export --out audit.jsonl"""
-    try:
-        with client(home) as c:
-            data = b"".join(c.stream(S.AAuditExport))
-    except ClientError as e:
-        fail(str(e))
+    with client(home) as c:
+        data = op(ops.audit_export, c)
     out_bytes(data, out)
 
 
@@ -467,29 +402,12 @@ def audit_verify(file: Annotated[Optional[str], typer.Argument(help="An exported
 
     Example: donjon audit verify audit.jsonl
     """
-    from appliance.factory.cmdb import verify_audit
     if file:
         data = read_file(file, "audit log")
     else:
-        try:
-            with client(home) as c:
-                data = b"".join(c.stream(S.AAuditExport))
-        except ClientError as e:
-            fail(str(e))
-    records = []
-    for i, line in enumerate(data.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            fail(f"line {i}: not JSON")
-    try:
-        n, problem = verify_audit(iter(records))
-    except (KeyError, ValueError, TypeError) as e:
-        fail(f"malformed audit record: {e}")
-    if problem:
-        fail(f"audit chain broken: {problem}")
+        with client(home) as c:
+            data = op(ops.audit_export, c)
+    n = op(ops.audit_verify, data)
     typer.echo(f"audit chain intact: {n} records")
 
 
@@ -498,6 +416,105 @@ def audit_reconcile(home: Home = "./var") -> None:
     """List serials whose intent had no certificate after a crash (voided, treated as possibly issued)."""
     for v in call(home, S.AReconcile)["voided"]:
         typer.echo(f"#{v['seq']} {datetime.utcfromtimestamp(v['ts']).isoformat()}Z {v['object']}: {v['detail']}")
+
+
+# ---------------------------------------------------------------- console, SSH, ceremonies, settings (issue #6)
+
+ceremony_app = typer.Typer(help="Scripted, witnessed key ceremonies with a hashed transcript.", no_args_is_help=True)
+config_app = typer.Typer(help="Network and endpoint settings in HOME/donjon.toml (validated).", no_args_is_help=True)
+app.add_typer(ceremony_app, name="ceremony")
+app.add_typer(config_app, name="config")
+
+
+@app.command()
+def console(home: Home = "./var",
+            ssh: Annotated[bool, typer.Option("--ssh", help="Started by sshd (the SSH admin face).")] = False) -> None:
+    """The numbered appliance menu for a serial console or SSH (80x24, plain text, no shell).
+
+    Example: donjon console
+    """
+    from appliance.console.menu import run
+    raise typer.Exit(run(home, ssh=ssh))
+
+
+@app.command("ssh-shell")
+def ssh_shell(home: Home = "/var/lib/donjon") -> None:
+    """sshd's ForceCommand: the menu, or one allow-listed read-only command from SSH_ORIGINAL_COMMAND.
+
+    Example (sshd_config): ForceCommand /usr/bin/donjon ssh-shell
+    """
+    from appliance.console.sshshell import main as ssh_main
+    raise typer.Exit(ssh_main(home))
+
+
+@app.command()
+def shutdown(home: Home = "./var",
+             yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False) -> None:
+    """Stop the appliance cleanly (audited; the supervisor stops every role as on SIGTERM).
+
+    Example: donjon shutdown --yes
+    """
+    if not yes and not typer.confirm("Stop the appliance?"):
+        raise typer.Exit(1)
+    with client(home) as c:
+        op(ops.shutdown, c)
+    typer.echo("the appliance is stopping")
+
+
+@app.command()
+def backup(out: Annotated[str, typer.Option(help="New file for the backup (tar); never overwritten.")] = ...,
+           home: Home = "./var") -> None:
+    """A consistent online copy of the encrypted CMDB and its HSM-wrapped key (audited).
+
+    Example: donjon backup --out /media/donjon/backup.tar
+    """
+    with client(home) as c:
+        n, digest = op(ops.backup_to, c, out)
+    typer.echo(f"backup: {n} bytes -> {out} sha256 {digest}")
+
+
+@ceremony_app.command("run")
+def ceremony_run(file: Annotated[str, typer.Argument(help="The ceremony TOML file.")],
+                 out_dir: Annotated[Optional[str], typer.Option(help="Folder holding the output folder (default: the file's).")] = None,
+                 home: Home = "./var") -> None:
+    """Run a ceremony: officers log in (quorum), witness and approve each step; outputs and a
+    transcript (JSON + PDF) with their SHA-256 are written; nothing is ever overwritten.
+
+    Example: donjon ceremony run rollover.toml
+    """
+    from appliance.console.ceremony import run_file
+    from appliance.console.term import Term
+    rc = op(run_file, home, file, Term(), out_dir)
+    raise typer.Exit(rc)
+
+
+@ceremony_app.command("verify")
+def ceremony_verify(transcript: Annotated[str, typer.Argument(help="transcript.json of a ceremony.")]) -> None:
+    """Check a ceremony transcript: its digest and the SHA-256 of every output beside it.
+
+    Example: donjon ceremony verify out/transcript.json
+    """
+    from appliance.console.ceremony import verify
+    problems = op(verify, transcript)
+    for p in problems:
+        typer.echo(f"donjon: {p}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo("transcript intact: digest and every output hash match")
+
+
+@config_app.command("show")
+def config_show(home: Home = "./var") -> None:
+    """Show the network and endpoint settings. Example: donjon config show"""
+    for k, v in op(ops.settings_show, home):
+        typer.echo(f"{k:<20} {v}")
+
+
+@config_app.command("set")
+def config_set(key: Annotated[str, typer.Argument(help="One of: " + ", ".join(ops.SETTINGS))],
+               value: str, home: Home = "./var") -> None:
+    """Change one setting (validated; takes effect at the next start). Example: donjon config set ocsp.listen 0.0.0.0:80"""
+    typer.echo(op(ops.settings_set, home, key, value))
 
 
 # ---------------------------------------------------------------- internals

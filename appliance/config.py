@@ -91,6 +91,10 @@ class Profiles(_C):
     dir: str | None = "profiles"  # operator profile files (*.toml) overriding or adding to the shipped ones
 
 
+class Console(_C):
+    media: str = "media"  # removable-media folder for CSRs in and certificates/CRLs/backups out (relative to home)
+
+
 class Config(_C):
     hsm: Hsm = Hsm()
     cmdb: CmdbCfg = CmdbCfg()
@@ -100,6 +104,7 @@ class Config(_C):
     snmp: Snmp = Snmp()
     admin: Admin = Admin()
     profiles: Profiles = Profiles()
+    console: Console = Console()
 
 
 DEFAULT_TOML = """\
@@ -152,6 +157,9 @@ group = "donjon-admin"                        # members may use the admin socket
 
 [profiles]
 dir = "profiles"                              # *.toml here override or add to the shipped profiles
+
+[console]
+media = "media"                               # removable media (appliance: /media/donjon); relative to DONJON_HOME
 """
 
 

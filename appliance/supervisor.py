@@ -330,6 +330,9 @@ class Supervisor:
                     await self.notify("activated", "appliance", m.detail)
                 elif m.kind == "activated" and role.kind == "cis":
                     self.tokens.setdefault(self.cfg.hsm.token, True)
+                elif m.kind == "shutdown-requested" and role.kind == "factory":
+                    # An officer asked (audited by the Factory): stop exactly as an operator's SIGTERM does.
+                    os.kill(os.getpid(), signal.SIGTERM)
                 self.events.append(m)
                 self._event.set()
                 self._event = trio.Event()

@@ -127,6 +127,17 @@ async def dispatch(chan: Channel, req, f: Factory, actor: str) -> None:
         rows = await f.run_db(lambda: db.db.execute(
             "SELECT seq, ts, object, detail FROM audit WHERE action='reconcile' ORDER BY seq").fetchall())
         await reply(voided=[{"seq": r[0], "ts": r[1], "object": r[2], "detail": r[3]} for r in rows])
+    elif isinstance(req, S.ACaCreateRoot):
+        await reply(**await f.create_ca(req, parent=None, actor=actor))
+    elif isinstance(req, S.ABackup):
+        from .backup import backup_tar
+        async for chunk in backup_tar(f, actor):
+            await chan.send(S.BlobChunk(id=rid, data=chunk, last=False))
+        await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
+    elif isinstance(req, S.AShutdown):
+        await f.audit(actor, "shutdown", "appliance", "ok", "requested through the admin API")
+        await f.send_event(S.Event(kind="shutdown-requested", detail=actor))
+        await reply(stopping=True)
     else:
         raise FactoryError("bad-request", f"unsupported request {type(req).__name__}")
 

@@ -566,9 +566,34 @@ class AOcspResponderCert(_Msg, tag="ocsp-responder-cert"):
     validity_days: Annotated[int, msgspec.Meta(ge=1, le=366)] = 30
 
 
+class ACaCreateRoot(_Msg, tag="ca-create-root"):
+    """A new self-signed root in the HSM (a ceremony's root creation or root rollover)."""
+
+    id: ReqId
+    name: Name
+    profile: Name
+    key_type: KeyType
+    subject: tuple[Attr, ...]
+    validity_days: Annotated[int, msgspec.Meta(ge=1, le=40 * 366)]
+    path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
+
+
+class AShutdown(_Msg, tag="shutdown-request"):
+    """Stop the appliance cleanly (the supervisor stops every role, as on SIGTERM)."""
+
+    id: ReqId
+
+
+class ABackup(_Msg, tag="backup"):
+    """A consistent online copy of the encrypted CMDB and its wrapped key, streamed as a tar (BlobChunks)."""
+
+    id: ReqId
+
+
 AdminRequest = Union[
     Hello, AStatus, AActivate, ACaList, ACaShow, ACaCreate, ACaSignCsr, ACaExport, AIssue,
     ACertShow, ACertList, ARevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus, AOcspResponderCert,
+    ACaCreateRoot, AShutdown, ABackup,
 ]
 
 

@@ -161,4 +161,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (1, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "ca34c6904e6ba9fd89b34551a60212acf2c127c4aace944b48f37977ccd951e4"
+PINNED_SCHEMA_HASH = "a982de5c2ca5428f64b46237b0f0d6e10b2a1971e677fe390833154af8c269e5"

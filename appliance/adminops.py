@@ -1,0 +1,385 @@
+"""The admin operations shared by the CLI, the console menu and the SSH shell: one body per operation."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from datetime import datetime, timezone
+from typing import Any
+
+from appliance.client import AdminClient, ClientError
+from appliance.ipc import schema as S
+
+REASONS = {"unspecified": 0, "keyCompromise": 1, "cACompromise": 2, "affiliationChanged": 3, "superseded": 4,
+           "cessationOfOperation": 5, "certificateHold": 6, "removeFromCRL": 8, "privilegeWithdrawn": 9, "aACompromise": 10}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # the schema's Name: CAs, profiles, officers
+HEX_RE = re.compile(r"^(0x)?[0-9A-Fa-f]{1,40}$|^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){0,19}$")
+
+
+class OpError(Exception):
+    """One line for the operator (the CLI prints it and exits 1; the console prints it and stays)."""
+
+
+def check_name(s: str, what: str = "name") -> str:
+    if not NAME_RE.match(s) or ".." in s:
+        raise OpError(f"invalid {what} {s[:40]!r}: letters, digits, '.', '_', '-' only (at most 64)")
+    return s
+
+
+def parse_serial(s: str) -> bytes:
+    if not HEX_RE.match(s):
+        raise OpError(f"serial {s[:48]!r} is not hexadecimal")
+    v = int(s.removeprefix("0x").replace(":", ""), 16)
+    if v <= 0 or v.bit_length() > 159:
+        raise OpError("a serial is positive and at most 20 octets")
+    return v.to_bytes((v.bit_length() + 7) // 8, "big")
+
+
+def parse_reason(s: str) -> int:
+    if s not in REASONS:
+        raise OpError(f"unknown reason {s!r} (one of: {', '.join(REASONS)})")
+    return REASONS[s]
+
+
+def parse_invalidity(s: str | None) -> int | None:
+    if not s:
+        return None
+    try:
+        d = datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        raise OpError(f"invalidity date {s!r} is not ISO 8601") from None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=timezone.utc)
+    return int(d.timestamp())
+
+
+def parse_subject(s: str) -> tuple[tuple[str, str], ...]:
+    """'CN=Issuing CA 1,O=Example,C=FR' -> attribute pairs (commas inside values: escape as \\,)."""
+    parts, cur, esc = [], "", False
+    for ch in s:
+        if esc:
+            cur += ch
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch == ",":
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    out = []
+    for p in parts:
+        if "=" not in p:
+            raise OpError(f"subject part {p!r} is not ATTR=value")
+        k, v = p.split("=", 1)
+        out.append((k.strip(), v.strip()))
+    return tuple(out)
+
+
+def der_of(data: bytes, label: str) -> bytes:
+    """Accept DER or PEM."""
+    if data.lstrip().startswith(b"-----BEGIN"):
+        m = re.search(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", data, re.S)
+        if not m:
+            raise OpError(f"the {label} is not valid PEM")
+        try:
+            return base64.b64decode(b"".join(m.group(2).split()), validate=True)
+        except ValueError:
+            raise OpError(f"the {label} is not valid PEM") from None
+    return data
+
+
+def _wrap(fn, *a, **kw):
+    try:
+        return fn(*a, **kw)
+    except ClientError as e:
+        raise OpError(str(e)) from None
+
+
+# ---------------------------------------------------------------- operations (each: client in, data out)
+
+
+def status(c: AdminClient) -> dict[str, Any]:
+    return _wrap(c.call, S.AStatus)
+
+
+def status_lines(doc: dict[str, Any]) -> list[str]:
+    lines = [f"activated: {'yes' if doc['activated'] else 'no'}"]
+    if doc.get("token"):
+        lines.append(f"token: {doc['token']}")
+    if doc["activated"]:
+        lines.append(f"CAs: {', '.join(doc['cas']) or '-'}; certificates: {doc['certificates']}; revoked: {doc['revoked']}")
+        lines.append(f"audit: {doc['audit_records']} records, head {doc['audit_head']}")
+    return lines
+
+
+def activate(c: AdminClient, pin: str) -> dict[str, Any]:
+    return _wrap(c.call, S.AActivate, pin=pin)
+
+
+def ca_list(c: AdminClient) -> list[dict[str, Any]]:
+    return _wrap(c.call, S.ACaList)["cas"]
+
+
+def ca_list_lines(cas: list[dict[str, Any]]) -> list[str]:
+    return [f"{c['name']:<20} {c['key_type']:<8} parent={c['parent'] or '-':<16} until {c['not_after'][:10]}  {c['subject']}"
+            for c in cas]
+
+
+def ca_create(c: AdminClient, name: str, parent: str | None, subject: tuple, profile: str | None, key_type: str,
+              days: int, path_length: int | None) -> dict[str, Any]:
+    if parent is None:  # a new root (first root or a root rollover): self-signed
+        return _wrap(c.call, S.ACaCreateRoot, name=name, profile=profile or "root-ca", key_type=key_type, subject=subject,
+                     validity_days=days, path_length=path_length)
+    return _wrap(c.call, S.ACaCreate, name=name, parent=parent, profile=profile or "sub-ca", key_type=key_type,
+                 subject=subject, validity_days=days, path_length=path_length)
+
+
+def ca_sign_csr(c: AdminClient, parent: str, profile: str, csr_der: bytes, days: int, path_length: int | None) -> dict[str, Any]:
+    return _wrap(c.call, S.ACaSignCsr, parent=parent, profile=profile, csr=csr_der, validity_days=days, path_length=path_length)
+
+
+def ca_chain_pem(c: AdminClient, name: str, chain: bool) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    ders = [bytes.fromhex(h) for h in _wrap(c.call, S.ACaExport, name=name)["chain"]]
+    if not chain:
+        ders = ders[:1]
+    return b"".join(x509.load_der_x509_certificate(d).public_bytes(Encoding.PEM) for d in ders)
+
+
+def issue(c: AdminClient, ca: str, profile: str, csr_ders: list[bytes], days: int | None,
+          labels: list[str]) -> tuple[bytes, list[dict[str, Any]], int]:
+    """Returns (PEM of the issued certificates, one document per CSR, number refused)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    r = _wrap(c.issue, ca=ca, profile=profile, csrs=csr_ders, validity_days=days)
+    pem, docs, failed = b"", [], 0
+    for label, res, serial in zip(labels, r.results, r.serials):
+        if res.cert is None:
+            failed += 1
+            docs.append({"csr": label, "error": res.error})
+        else:
+            p = x509.load_der_x509_certificate(res.cert).public_bytes(Encoding.PEM)
+            pem += p
+            docs.append({"csr": label, "serial": serial, "pem": p.decode()})
+    return pem, docs, failed
+
+
+def cert_show(c: AdminClient, ca: str, serial: bytes) -> dict[str, Any]:
+    return _wrap(c.call, S.ACertShow, ca=ca, serial=serial)
+
+
+def cert_list(c: AdminClient, ca: str | None, limit: int) -> list[dict[str, Any]]:
+    return _wrap(c.call, S.ACertList, ca=ca, limit=limit)["certs"]
+
+
+def cert_list_lines(certs: list[dict[str, Any]]) -> list[str]:
+    return [f"{c['ca']:<12} {c['serial']:<34} {'REVOKED' if c['revoked'] else 'valid  '} {c['profile']:<12} {c['subject']}"
+            for c in certs]
+
+
+def revoke(c: AdminClient, ca: str, serial: bytes, reason: str, invalidity: str | None = None) -> dict[str, Any]:
+    code = parse_reason(reason)
+    inv = parse_invalidity(invalidity)
+    return _wrap(c.call, S.ARevoke, ca=ca, serial=serial, reason=code, invalidity=inv)
+
+
+def crl_generate(c: AdminClient, ca: str) -> bytes:
+    return _wrap(lambda: b"".join(c.stream(S.ACrlGenerate, ca=ca)))
+
+
+def crl_export(c: AdminClient, ca: str, number: int | None = None) -> bytes:
+    return _wrap(lambda: b"".join(c.stream(S.ACrlExport, ca=ca, number=number)))
+
+
+def crl_number(der: bytes) -> int:
+    from cryptography import x509
+    crl = x509.load_der_x509_crl(der)
+    return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
+def audit_export(c: AdminClient) -> bytes:
+    return _wrap(lambda: b"".join(c.stream(S.AAuditExport)))
+
+
+def audit_verify(data: bytes) -> int:
+    """Check an exported log's hash chain; returns the record count, raises OpError naming the break."""
+    import json
+
+    from appliance.factory.cmdb import verify_audit
+    records = []
+    for i, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise OpError(f"line {i}: not JSON") from None
+    try:
+        n, problem = verify_audit(iter(records))
+    except (KeyError, ValueError, TypeError) as e:
+        raise OpError(f"malformed audit record: {e}") from None
+    if problem:
+        raise OpError(f"audit chain broken: {problem}")
+    return n
+
+
+def ocsp_status(c: AdminClient) -> dict[str, Any]:
+    return _wrap(c.call, S.AOcspStatus)
+
+
+def ocsp_status_lines(doc: dict[str, Any]) -> list[str]:
+    ep = doc.get("endpoint")
+    lines = [f"endpoint: {'connected' if doc['endpoint_connected'] else 'not connected'}"
+             + (f"; requests {ep['requests']} good {ep['good']} revoked {ep['revoked']} unauthorized {ep['unauthorized']} "
+                f"malformed {ep['malformed']} errors {ep['errors']} held {ep['responses_held']}" if ep else "")]
+    for c in doc["cas"]:
+        nu = (datetime.fromtimestamp(c["earliest_next_update"], timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+              if c["earliest_next_update"] else "-")
+        lines.append(f"{c['ca']:<16} responses {c['responses']:<8} revoked {c['revoked']:<6} queued {c['queued']:<6} "
+                     f"earliest nextUpdate {nu}{'  LAPSED' if c['lapsed'] else ''}")
+    return lines
+
+
+def backup_to(c: AdminClient, path: str) -> tuple[int, str]:
+    """Write the appliance's online backup (tar: encrypted cmdb.sqlite, wrapped cmdb.key, manifest.json)
+    to a new file, never over an existing one. Returns (bytes, sha256)."""
+    import hashlib
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise OpError(f"{path} already exists: refusing to overwrite it") from None
+    except OSError as e:
+        raise OpError(f"cannot write {path}: {e.strerror}") from None
+    h, n, ok = hashlib.sha256(), 0, False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in c.stream(S.ABackup):
+                f.write(chunk)
+                h.update(chunk)
+                n += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        ok = True
+    except ClientError as e:
+        raise OpError(str(e)) from None
+    finally:
+        if not ok:
+            os.unlink(path)  # no partial backup left looking like a good one
+    return n, h.hexdigest()
+
+
+def shutdown(c: AdminClient) -> dict[str, Any]:
+    """Ask the appliance to stop cleanly (the supervisor stops every role as on SIGTERM)."""
+    return _wrap(c.call, S.AShutdown)
+
+
+# ---------------------------------------------------------------- configuration (donjon.toml, edited in place)
+
+# The settings an operator may change from any face; each validated by the full configuration loader
+# before the file is replaced. They take effect at the next start of the appliance.
+SETTINGS = {
+    "ocsp.listen": "the OCSP/CRL endpoint's listen address (host:port)",
+    "endpoint.base-url": "the base of CRL DP / OCSP / caIssuers URLs in new certificates",
+    "snmp.listen": "the SNMP agent's UDP address (host:port)",
+    "crl.validity-hours": "nextUpdate - thisUpdate of new CRLs (hours)",
+    "ocsp.validity-hours": "validity of pre-produced OCSP responses (hours)",
+    "console.media": "the removable-media folder of the console",
+}
+_HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})$")
+_URL = re.compile(r"^https?://(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253})(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
+_PATH = re.compile(r"^/?[A-Za-z0-9._/-]{1,200}$")
+
+
+def settings_show(home: str) -> list[tuple[str, str]]:
+    from appliance import config as C
+    try:
+        cfg = C.load(home)
+    except C.ConfigError as e:
+        raise OpError(str(e)) from None
+    out = []
+    for key in SETTINGS:
+        sect, field = key.split(".")
+        v = getattr(getattr(cfg, sect), field.replace("-", "_"))
+        out.append((key, str(v)))
+    return out
+
+
+def _validate_setting(key: str, value: str) -> str:
+    """The TOML literal for a value, or OpError; never passes operator text through unchecked."""
+    if key not in SETTINGS:
+        raise OpError(f"unknown setting {key!r} (one of: {', '.join(SETTINGS)})")
+    if key in ("ocsp.listen", "snmp.listen"):
+        m = _HOSTPORT.match(value)
+        if not m or int(m.group(2)) > 65535:
+            raise OpError(f"{key}: {value[:60]!r} is not host:port")
+        return f'"{value}"'
+    if key == "endpoint.base-url":
+        m = _URL.match(value)
+        if not m or (m.group(2) and int(m.group(2)[1:]) > 65535):
+            raise OpError(f"{key}: {value[:60]!r} is not an http(s) URL of letters, digits and ._~/-")
+        return f'"{value.rstrip("/")}"'
+    if key.endswith("validity-hours"):
+        if not re.fullmatch(r"[0-9]{1,5}", value):
+            raise OpError(f"{key}: {value[:20]!r} is not a whole number of hours")
+        return value
+    if key == "console.media":
+        if not _PATH.match(value) or ".." in value.split("/"):
+            raise OpError(f"{key}: {value[:60]!r} is not a plain path")
+        return f'"{value}"'
+    raise OpError(f"unknown setting {key!r}")
+
+
+def settings_set(home: str, key: str, value: str) -> str:
+    """Set one key in HOME/donjon.toml (comments kept), validate the whole file, replace it atomically."""
+    from appliance import config as C
+    literal = _validate_setting(key, value)
+    sect, field = key.split(".")
+    path = os.path.join(home, "donjon.toml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    except OSError as e:
+        raise OpError(f"cannot read {path}: {e.strerror}") from None
+    lines = text.splitlines()
+    current, start, done = None, None, False
+    for i, ln in enumerate(lines):
+        m = re.match(r"^\s*\[([A-Za-z0-9_.-]+)\]\s*(#.*)?$", ln)
+        if m:
+            current = m.group(1)
+            if current == sect:
+                start = i
+            continue
+        if current == sect and re.match(rf"^\s*{re.escape(field)}\s*=", ln):
+            m = re.match(r'^\s*("(?:[^"\\]|\\.)*"|[^#"]*?)\s*(#.*)?$', ln.split("=", 1)[1])
+            lines[i] = f"{field} = {literal}" + (f"  {m.group(2)}" if m and m.group(2) else "")
+            done = True
+            break
+    if not done:
+        if start is None:
+            lines += ["", f"[{sect}]", f"{field} = {literal}"]
+        else:
+            lines.insert(start + 1, f"{field} = {literal}")
+    new = "\n".join(lines) + "\n"
+    tmp = path + ".new"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(new)
+        try:
+            C.load_toml(tmp, C.Config)
+        except C.ConfigError as e:
+            raise OpError(str(e).replace(tmp, path)) from None
+        if os.path.exists(path):
+            os.chmod(tmp, os.stat(path).st_mode & 0o777)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OpError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return f"{key} = {literal} (takes effect at the next start)"

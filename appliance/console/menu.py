@@ -1,0 +1,326 @@
+"""`donjon console`: the numbered appliance menu; every input is a menu number or a validated value."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Callable
+
+from appliance import adminops as ops
+from appliance.adminops import OpError
+from appliance.console import media as M
+from appliance.console.session import Session, login, login_supported
+from appliance.console.term import Term
+
+CSR_SUFFIXES = (".csr", ".req", ".pem", ".der", ".p10")
+MAX_LOGIN_TRIES = 3
+
+
+class Exit(Exception):
+    """Leave the console (logout, shutdown)."""
+
+
+class Console:
+    def __init__(self, home: str, term: Term, ssh: bool = False):
+        self.home = home
+        self.t = term
+        self.ssh = ssh
+        self.s = Session(home)
+        # Short labels in two columns: the menu and an action's output fit together on 24 lines.
+        self.items: list[tuple[str, Callable[[], None]]] = [
+            ("Status", self.status),
+            ("Activate the CA", self.activate),
+            ("Ceremonies", self.ceremony),
+            ("Issue from a CSR on media", self.issue),
+            ("Certificates: list, export", self.certificates),
+            ("Revoke a certificate", self.revoke),
+            ("CRL: sign, export", self.crl),
+            ("Officers", self.officers),
+            ("Audit: verify, export", self.audit),
+            ("Network and endpoint", self.settings),
+            ("Backup to media", self.backup),
+            ("Shutdown", self.shutdown),
+        ]
+
+    # ------------------------------------------------------------ loop
+
+    def run(self) -> int:
+        where = "ssh" if self.ssh else os.ttyname(0).removeprefix("/dev/") if self.t.tty else "console"
+        self.t.say(f"Donjon appliance console on {socket.gethostname()} ({where})")
+        try:
+            if not self._activated():
+                self.t.say("The CA is not activated. Officers log in once it is (their accounts are in the",
+                           "locked database): activate it now with the token PIN.")
+                if not self._pre_activation():
+                    return 0
+            if not self._authenticate():
+                return 1
+            self.menu()
+        except (EOFError, Exit):
+            pass
+        finally:
+            self.s.close()
+        self.t.say("bye")
+        return 0
+
+    def _activated(self) -> bool:
+        try:
+            return bool(ops.status(self.s.client)["activated"])
+        except OpError as e:
+            self.t.say(f"error: {e}")
+            raise Exit from None
+
+    def _pre_activation(self) -> bool:
+        while True:
+            self.t.say("", " 1  Status", " 2  Activate the CA", " 0  Exit")
+            a = self._ask_choice()
+            if a == "1":
+                self._guard(self.status)
+            elif a == "2":
+                self._guard(self.activate)
+                if self._activated():
+                    return True
+            elif a in ("0", "q"):
+                return False
+            elif a:
+                self.t.say("unknown command")
+
+    def _authenticate(self) -> bool:
+        for _ in range(MAX_LOGIN_TRIES):
+            try:
+                officer = self.t.ask("officer: ").strip()
+                if not officer:
+                    continue
+                ops.check_name(officer, "officer name")
+                password = self.t.secret("password: ")
+                otp = None
+                client, token = login(self.home, officer, password, otp)
+            except OpError as e:
+                self.t.say(f"login refused: {e}")
+                continue
+            except KeyboardInterrupt:
+                self.t.say("")
+                continue
+            self.s.reset()
+            self.s = Session(self.home, officer, client, token)
+            if token is None:
+                self.t.say("(this appliance has no officer login yet: admitted by the admin socket's credentials)")
+            self.t.say(f"logged in as {officer}")
+            return True
+        self.t.say("too many failed logins")
+        return False
+
+    def _ask_choice(self) -> str:
+        try:
+            return self.t.ask("choice> ").strip().lower()
+        except KeyboardInterrupt:  # Ctrl-C at the menu: a fresh menu, never a way out
+            self.t.say("")
+            return ""
+
+    def menu(self) -> None:
+        while True:
+            self.t.say("", f"== Donjon menu ({self.s.officer or 'officer'}) ==")
+            half = (len(self.items) + 1) // 2
+            for r in range(half):
+                left = f"{r + 1:>3}  {self.items[r][0]}"
+                right = f"{r + 1 + half:>3}  {self.items[r + half][0]}" if r + half < len(self.items) else ""
+                self.t.say(f"{left:<40}{right}".rstrip())
+            self.t.say("  0  Log out")
+            a = self._ask_choice()
+            if a in ("0", "q", "quit", "exit", "logout"):
+                return
+            if a.isdigit() and 1 <= int(a) <= len(self.items):
+                self._guard(self.items[int(a) - 1][1])
+            elif a:
+                self.t.say("unknown command")
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        """Run one menu action: domain errors are one line, Ctrl-C returns here (EOF and Exit leave)."""
+        try:
+            fn()
+        except OpError as e:
+            self.t.say(f"error: {e}")
+        except KeyboardInterrupt:
+            self.s.reset()
+            self.t.say("", "interrupted")
+
+    # ------------------------------------------------------------ prompts
+
+    def _pick_ca(self) -> str | None:
+        cas = ops.ca_list(self.s.client)
+        if not cas:
+            raise OpError("no CA")
+        i = self.t.choose("CA", [f"{c['name']}  ({c['subject']})" for c in cas])
+        return None if i is None else cas[i]["name"]
+
+    def _ask_name(self, prompt: str, default: str | None = None, what: str = "name") -> str | None:
+        a = self.t.ask(f"{prompt}{f' [{default}]' if default else ''}: ").strip()
+        if not a:
+            return default
+        return ops.check_name(a, what)
+
+    def _ask_int(self, prompt: str, lo: int, hi: int) -> int | None:
+        a = self.t.ask(f"{prompt} (Enter: default): ").strip()
+        if not a:
+            return None
+        if not a.isdigit() or not lo <= int(a) <= hi:
+            raise OpError(f"{a[:20]!r} is not a number from {lo} to {hi}")
+        return int(a)
+
+    def _pick_file(self, media: str, suffixes: tuple[str, ...], what: str) -> str | None:
+        files = M.list_files(media, suffixes)
+        if files:
+            self.t.say(f"{what} on the media ({media}):")
+            for i, f in enumerate(files, 1):
+                self.t.say(f"{i:>3}  {f}")
+        else:
+            self.t.say(f"no {what} on the media ({media})")
+        a = self.t.ask(f"{what}: number or file name (Enter: back)> ").strip()
+        if not a:
+            return None
+        if a.isdigit() and 1 <= int(a) <= len(files):
+            return files[int(a) - 1]
+        return M.check_file_name(a)
+
+    # ------------------------------------------------------------ actions
+
+    def status(self) -> None:
+        doc = ops.status(self.s.client)
+        lines = ops.status_lines(doc)
+        if doc["activated"]:
+            lines += ["", "CAs:"] + ops.ca_list_lines(ops.ca_list(self.s.client))
+            lines += ["", "OCSP:"] + ops.ocsp_status_lines(ops.ocsp_status(self.s.client))
+        self.t.page(lines)
+
+    def activate(self) -> None:
+        pin = self.t.secret("token PIN: ")
+        if not pin:
+            return
+        doc = ops.activate(self.s.client, pin)
+        self.t.say(f"activated: {doc['token']}")
+
+    def ceremony(self) -> None:
+        from appliance.console import ceremony as CER
+        media = M.media_dir(self.home)
+        name = self._pick_file(media, (".toml",), "ceremony file")
+        if name is None:
+            return
+        path = M.path_in(media, name)
+        rc = CER.run_file(self.home, path, self.t, out_base=media)
+        self.t.say("ceremony complete" if rc == 0 else "ceremony did not complete")
+
+    def issue(self) -> None:
+        media = M.media_dir(self.home)
+        name = self._pick_file(media, CSR_SUFFIXES, "CSR")
+        if name is None:
+            return
+        der = ops.der_of(M.read(media, name), "CSR")
+        ca = self._pick_ca()
+        if ca is None:
+            return
+        profile = self._ask_name("profile", "tls-server", "profile")
+        days = self._ask_int("validity in days", 1, 40 * 366)
+        pem, docs, failed = ops.issue(self.s.client, ca, profile, [der], days, [name])
+        d = docs[0]
+        if failed:
+            raise OpError(f"{name}: refused: {d['error']}")
+        stem = name.rsplit(".", 1)[0]
+        out = M.write_to_media(media, f"{stem}-{d['serial'][:16]}.pem", pem)
+        self.t.say(f"issued {ca}/{d['serial']}", f"  -> media: {os.path.basename(out)}")
+
+    def certificates(self) -> None:
+        i = self.t.choose("certificates", ["List the latest certificates", "Export a certificate to the media",
+                                           "Export a CA certificate chain to the media"])
+        if i == 0:
+            self.t.page(ops.cert_list_lines(ops.cert_list(self.s.client, None, 200)) or ["no certificates"])
+        elif i == 1:
+            ca = self._pick_ca()
+            if ca is None:
+                return
+            serial = ops.parse_serial(self.t.ask("serial (hex): ").strip())
+            doc = ops.cert_show(self.s.client, ca, serial)
+            out = M.write_to_media(M.media_dir(self.home), f"{ca}-{serial.hex()[:16]}.pem", doc["pem"].encode())
+            self.t.say(f"exported -> media: {os.path.basename(out)}")
+        elif i == 2:
+            ca = self._pick_ca()
+            if ca is None:
+                return
+            out = M.write_to_media(M.media_dir(self.home), f"{ca}-chain.pem", ops.ca_chain_pem(self.s.client, ca, True))
+            self.t.say(f"exported -> media: {os.path.basename(out)}")
+
+    def revoke(self) -> None:
+        ca = self._pick_ca()
+        if ca is None:
+            return
+        serial = ops.parse_serial(self.t.ask("serial (hex): ").strip())
+        reasons = list(ops.REASONS)
+        i = self.t.choose("reason", reasons)
+        if i is None:
+            return
+        if not self.t.confirm(f"revoke {ca}/{serial.hex()} ({reasons[i]})?"):
+            self.t.say("not revoked")
+            return
+        doc = ops.revoke(self.s.client, ca, serial, reasons[i])
+        self.t.say(f"revoked {doc['ca']}/{doc['serial']} ({reasons[i]})")
+
+    def crl(self) -> None:
+        ca = self._pick_ca()
+        if ca is None:
+            return
+        i = self.t.choose("CRL", ["Sign a new CRL now and write it to the media", "Write the latest CRL to the media"])
+        if i is None:
+            return
+        der = ops.crl_generate(self.s.client, ca) if i == 0 else ops.crl_export(self.s.client, ca)
+        n = ops.crl_number(der)
+        out = M.write_to_media(M.media_dir(self.home), f"{ca}-crl-{n}.crl", der)
+        self.t.say(f"CRL {ca} #{n}: {len(der)} bytes -> media: {os.path.basename(out)}")
+
+    def officers(self) -> None:
+        if not login_supported():
+            self.t.say("officer accounts are not available in this build (the admin socket's credentials",
+                       "are the gate)")
+            return
+        raise OpError("officer management is not wired to the console yet")
+
+    def audit(self) -> None:
+        i = self.t.choose("audit", ["Verify the audit chain", "Export the audit log to the media"])
+        if i is None:
+            return
+        data = ops.audit_export(self.s.client)
+        if i == 0:
+            self.t.say(f"audit chain intact: {ops.audit_verify(data)} records")
+        else:
+            name = time.strftime("audit-%Y%m%dT%H%M%SZ.jsonl", time.gmtime())
+            out = M.write_to_media(M.media_dir(self.home), name, data)
+            self.t.say(f"exported {len(data.splitlines())} records -> media: {os.path.basename(out)}")
+
+    def settings(self) -> None:
+        rows = ops.settings_show(self.home)
+        self.t.say("settings (HOME/donjon.toml; changes take effect at the next start):")
+        i = self.t.choose("change", [f"{k:<20} {v}" for k, v in rows])
+        if i is None:
+            return
+        key = rows[i][0]
+        self.t.say(f"{key}: {ops.SETTINGS[key]}")
+        value = self.t.ask("new value (Enter: keep): ").strip()
+        if value:
+            self.t.say(ops.settings_set(self.home, key, value))
+
+    def backup(self) -> None:
+        media = M.media_dir(self.home)
+        name = time.strftime("donjon-backup-%Y%m%dT%H%M%SZ.tar", time.gmtime())
+        n, digest = ops.backup_to(self.s.client, M.path_in(media, name))
+        self.t.say(f"backup: {n} bytes -> media: {name}", f"  sha256 {digest}",
+                   "  (encrypted CMDB + HSM-wrapped key: restorable only with the same HSM token)")
+
+    def shutdown(self) -> None:
+        if not self.t.confirm("stop the appliance (every role, cleanly)?"):
+            return
+        ops.shutdown(self.s.client)
+        self.t.say("the appliance is stopping")
+        raise Exit
+
+
+def run(home: str, ssh: bool = False) -> int:
+    return Console(home, Term(), ssh=ssh).run()
