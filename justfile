@@ -65,7 +65,7 @@ image *PROFILES="online-ca offline-root":
 
 # Build both images and boot each in QEMU, driving the console on the serial line (image/README)
 image-test *ARGS:
-    {{venv}}/python -m pytest image/tests -p no:cacheprovider -s {{ARGS}}
+    {{venv}}/python -m pytest image/tests -p no:cacheprovider --basetemp=/var/tmp/donjon-image-test -s {{ARGS}}
 
 # Re-pin image/packages.lock to what the Debian mirror serves today (review the diff before committing)
 image-lock:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from appliance.privdrop import ROLE_USERS
 from tests.conftest import REPO, make_csr, openssl
 
 SNMP = '[snmp]\nenabled = true\nlisten = "127.0.0.1:0"\ncommunity = "smoke"\ncommunity-sources = ["127.0.0.0/8"]\n'
@@ -74,7 +75,7 @@ def test_smoke(request, appliance_factory, tmp_path, kind):
         else:
             assert cmd[1:3] == [b"-m", b"appliance.cli"], (name, cmd)
         if os.geteuid() == 0:
-            want = pwd.getpwnam(f"donjon-{name.split('.')[0]}").pw_uid
+            want = pwd.getpwnam(ROLE_USERS[name.split(".")[0]]).pw_uid
             uids = Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[:4]
             assert set(uids) == {str(want)}, (name, uids)
 
