@@ -69,7 +69,8 @@ class Appliance:
         self.home = home
         self.src = src
         self.user = user  # developer mode as this non-root user
-        self.bin = bin or DONJON_BIN  # a frozen bundle's executable instead of the source tree
+        # A frozen bundle's executable instead of the source tree; "" forces the source tree.
+        self.bin = DONJON_BIN if bin is None else (bin or None)
         self.proc: subprocess.Popen | None = None
         self.log = home.parent / f"{home.name}.log"
 

@@ -51,7 +51,7 @@ def _bundle_excludes_test_packages(exe: str) -> None:
 def test_smoke(request, appliance_factory, tmp_path, kind):
     """init, run, issue, revoke, CRL and an OCSP answer; every role re-executed from the same program
     and, as root, running under its own user."""
-    exe = request.getfixturevalue("frozen_bin") if kind == "frozen" else None
+    exe = request.getfixturevalue("frozen_bin") if kind == "frozen" else ""
     if exe:
         _bundle_excludes_test_packages(exe)
         t0 = time.monotonic()
