@@ -152,7 +152,7 @@ def _first_boot(vm: Vm, url: str | None) -> None:
         vm.expect(r"Public URL of the OCSP/CRL endpoint.*: ")
         vm.send(url)
     # Builds with officer accounts create the first administrator: its password, twice.
-    m = vm.expect(r"(Password for officer alice: )|(Choice: )", 300)
+    m = vm.expect(r"(Password for officer alice: )|(Choice: )", 900)
     if m.group(1):
         vm.send(PASSWORD)
         vm.expect(r"Repeat for confirmation: ")
