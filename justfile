@@ -56,3 +56,24 @@ bench *ARGS:
 # What the admin CLI offers
 help:
     {{venv}}/donjon --help
+
+# Build the PyInstaller onedir bundle into dist/donjon (runtime-only environment; image/README)
+binary:
+    bash image/build-binary
+
+# Build the appliance disk images (raw + qcow2 + SBOM) into dist/image: just image [offline-root|online-ca]
+image *PROFILES="online-ca offline-root":
+    for p in {{PROFILES}}; do bash image/mkimage "$p" dist/image; done
+
+# Build both images and boot each in QEMU, driving the console on the serial line (image/README)
+image-test *ARGS:
+    {{venv}}/python -m pytest image/tests -p no:cacheprovider --basetemp=/var/tmp/donjon-image-test -s {{ARGS}}
+
+# Re-pin image/packages.lock to what the Debian mirror serves today (review the diff before committing)
+image-lock:
+    DONJON_IMAGE_UNPINNED=1 bash image/mkimage online-ca dist/image-lock
+    { echo "# Debian packages of the appliance image (name version arch), written by just image-lock"; cat dist/image-lock/donjon-online-ca.packages.txt; } > image/packages.lock
+
+# Build an image twice from the same commit and compare the hashes (image/README: reproducibility)
+image-repro PROFILE="offline-root":
+    bash image/repro {{PROFILE}}

@@ -999,6 +999,18 @@ def version() -> None:
         typer.echo("donjon (source)")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        version()
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(show_version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                                        help="Print the version and exit.")] = False) -> None:
+    """Donjon: a hardened certificate authority appliance."""
+
+
 def main() -> None:
     app()
 

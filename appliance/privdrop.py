@@ -372,6 +372,9 @@ def auto_paths() -> tuple[tuple[str, ...], tuple[str, ...]]:
     ro += [_SYSCONFIG_PATHS[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")
            if k in _SYSCONFIG_PATHS]
     ro += _package_dirs()
+    if getattr(sys, "frozen", False):
+        # A PyInstaller bundle keeps its module archive inside the executable: lazy imports read it.
+        ro.append(sys.executable)
     ro += [
         "/usr/lib", "/lib", "/usr/share/zoneinfo", "/etc/localtime", "/etc/ld.so.cache",
         "/etc/ssl", "/usr/share/ca-certificates", "/dev/urandom", "/proc/self",
@@ -515,7 +518,9 @@ def ensure_role_users(roles: Iterable[str]) -> dict[str, Identity]:
 
 
 def _run(argv: list[str]) -> None:
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    # A clean environment: a frozen bundle's LD_LIBRARY_PATH must not reach useradd/groupadd.
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"{os.path.basename(argv[0])} {argv[-1]} failed: {detail}")

@@ -17,6 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
 VENV_BIN = Path(sys.executable).parent
+# DONJON_BIN=/path/to/dist/donjon/donjon runs every appliance test against the frozen bundle.
+DONJON_BIN = os.environ.get("DONJON_BIN") or None
 
 
 def _world_readable_source() -> str:
@@ -69,10 +71,12 @@ OFFICERS = {"admin": "administrator", "oper": "operator", "aud": "auditor"}
 class Appliance:
     """One appliance: a state folder, its `donjon run` process group, and the CLI."""
 
-    def __init__(self, home: Path, src: str, user: str | None = None):
+    def __init__(self, home: Path, src: str, user: str | None = None, bin: str | None = None):
         self.home = home
         self.src = src
         self.user = user  # developer mode as this non-root user
+        # A frozen bundle's executable instead of the source tree; "" forces the source tree.
+        self.bin = DONJON_BIN if bin is None else (bin or None)
         self.proc: subprocess.Popen | None = None
         self.log = home.parent / f"{home.name}.log"
         self.officers: dict[str, str] = dict(OFFICERS)
@@ -80,7 +84,10 @@ class Appliance:
     def env(self, officer: str = "oper") -> dict[str, str]:
         """The CLI's environment, logged in as `officer` (a new login when its stored session is gone)."""
         e = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST") and not k.startswith("DONJON_")}
-        e["PYTHONPATH"] = self.src
+        if self.bin:
+            e.pop("PYTHONPATH", None)
+        else:
+            e["PYTHONPATH"] = self.src
         e["DONJON_HOME"] = str(self.home)
         if officer in self.officers:  # none before the first one exists (bootstrap tests)
             e["DONJON_OFFICER"] = officer
@@ -117,7 +124,7 @@ class Appliance:
         return f.read_text().strip()
 
     def argv(self, *args: str) -> list[str]:
-        base = [str(VENV_BIN / "python"), "-m", "appliance.cli", *args]
+        base = [self.bin, *args] if self.bin else [str(VENV_BIN / "python"), "-m", "appliance.cli", *args]
         if self.user:
             return ["runuser", "-u", self.user, "--", *base]
         return base
@@ -238,9 +245,10 @@ def appliance_factory(tmp_path, src_path, homes):
     made: list[Appliance] = []
 
     def make(ceremony: Path | None = None, start: bool = True, user: str | None = None, config: str = "",
-             officers: dict[str, str] | None = None, init_args: tuple[str, ...] = (), **kw) -> Appliance:
+             officers: dict[str, str] | None = None, init_args: tuple[str, ...] = (), bin: str | None = None,
+             **kw) -> Appliance:
         home = homes / f"home{len(made)}"
-        a = Appliance(home, src_path, user=user)
+        a = Appliance(home, src_path, user=user, bin=bin)
         made.append(a)
         a.init(ceremony or make_ceremony(tmp_path / f"ceremony{len(made)}.toml", **kw), config=config, officers=officers, extra=init_args)
         if start:

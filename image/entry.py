@@ -1,0 +1,5 @@
+"""The frozen program's entry point: the same `donjon` command as the console script."""
+
+from appliance.cli import main
+
+main()
