@@ -75,7 +75,7 @@ class Worker:
                                          attempted=False))
                 continue
             job = Job(action=m.action, ca=m.ca, ca_root=m.ca_root, issuer=m.issuer, subject=dict(m.subject),
-                      number=m.number, data=data)
+                      number=m.number, data=data, attachment=m.attachment)
             try:
                 await trio.to_thread.run_sync(publish, job, limiter=limiter, abandon_on_cancel=True)
             except PublishError as e:

@@ -35,6 +35,7 @@ class Job:
     subject: dict[str, str]
     number: int
     data: bytes
+    attachment: bytes | None = None  # the signed audit head published beside an issued-serials list
 
 
 # ---------------------------------------------------------------- verification before sending
@@ -72,6 +73,11 @@ def verify(job: Job) -> None:
             if lst.issuer_der != issuer.subject.public_bytes():
                 raise PublishError("the issued-serials list names another issuer", permanent=True)
             _verify_sig(issuer, lst.signature, lst.tbs, serials_list.hash_for(lst.signature_oid))
+            if job.attachment is not None:
+                import json
+
+                from policy import audit
+                audit.verify_checkpoint(json.loads(job.attachment), None)  # structure; its signature is the audit key's
         else:
             raise PublishError(f"unknown action {job.action}", permanent=True)
     except PublishError:
@@ -110,15 +116,19 @@ class HttpPublisher:
     def publish(self, job: Job) -> None:
         if job.action not in CONTENT_TYPES:
             raise PublishError(f"{job.action} cannot go to an HTTP destination", permanent=True)
+        if job.attachment is not None:  # the audit head first: a list is never out without its anchor
+            self._put(job, f"{job.ca}.audit-head.json", job.attachment, "application/json")
+        self._put(job, object_name(job), job.data, CONTENT_TYPES[job.action])
+
+    def _put(self, job: Job, name: str, data: bytes, ctype: str) -> None:
         r = self.rule
         url = r.url
-        name = object_name(job)
         if "{" in url:
             url = url.replace("{ca}", quote(job.ca)).replace("{name}", quote(name))
         else:
             url = url.rstrip("/") + "/" + quote(name)
         u = urlsplit(url)
-        headers = {"Content-Type": CONTENT_TYPES[job.action], "Content-Length": str(len(job.data)),
+        headers = {"Content-Type": ctype, "Content-Length": str(len(data)),
                    "User-Agent": "donjon-distribution"}
         if r.secret is not None:
             if r.username:
@@ -131,7 +141,7 @@ class HttpPublisher:
         else:
             conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=r.timeout)
         try:
-            conn.request(r.method, (u.path or "/") + (f"?{u.query}" if u.query else ""), body=job.data, headers=headers)
+            conn.request(r.method, (u.path or "/") + (f"?{u.query}" if u.query else ""), body=data, headers=headers)
             resp = conn.getresponse()
             resp.read(64 * 1024)
             status = resp.status

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import trio
 from cryptography import x509
 
@@ -294,7 +295,7 @@ class Dist:
             return out, (rows[-1][0] if rows else after)
         jobs, last = await self.f.run_db(fetch)
         st.last_sent = max(st.last_sent, last)
-        for jid, action, ca, ref, number, issuer, ca_root, subject, data in jobs:
+        for jid, action, ca, ref, number, issuer, ca_root, subject, data, attachment in jobs:
             if gen != self._link_gen or self.link is None:
                 return
             if data is None:  # the object is gone (cannot happen short of manual surgery): park it
@@ -303,7 +304,8 @@ class Dist:
             st.inflight.add(jid)
             self._jobs_rule[jid] = name
             await self.link.send(S.DistJob(id=jid, rule=name, action=action, ca=ca, ca_root=ca_root, issuer=issuer,
-                                           subject=subject, number=number, size=len(data), round=st.round))
+                                           subject=subject, number=number, size=len(data), round=st.round,
+                                           attachment=attachment))
             for off in range(0, len(data), CHUNK):
                 await self.link.send(S.DistData(id=jid, data=data[off:off + CHUNK]))
 
@@ -313,7 +315,17 @@ class Dist:
         self._ack_wake.set()
 
     def _load(self, db, action: str, ca: str, ref: bytes | None, number: int):
-        """(issuer DER, ca_root, subject fields, object DER) for one job."""
+        """(issuer DER, ca_root, subject fields, object DER, attachment) for one job."""
+        out = self._load_object(db, action, ca, ref, number)
+        attachment = None
+        if action == "issued-serials":
+            row = db.execute("SELECT tbs, signature FROM checkpoints ORDER BY id DESC LIMIT 1").fetchone()
+            if row:
+                from policy import audit
+                attachment = msgspec.json.encode(audit.checkpoint_doc(row[0], row[1]))
+        return out + (attachment,)
+
+    def _load_object(self, db, action: str, ca: str, ref: bytes | None, number: int):
         row = db.execute("SELECT cert, parent FROM cas WHERE name=?", (ca,)).fetchone()
         if row is None:
             return b"", False, (), None

@@ -615,9 +615,15 @@ class Factory:
             return await self._generate_signed_list(ca, actor, "crl")
 
     async def generate_serials_list(self, ca: str, actor: str) -> tuple[int, int, bytes]:
-        """Stream every serial the CA issued to the CIS and store the signed issued-serials list."""
+        """Stream every serial the CA issued to the CIS and store the signed issued-serials list. A fresh
+        signed audit checkpoint comes first: it is published beside the list (the rollback anchor)."""
         lock = self._crl_locks.setdefault("serials:" + ca, trio.Lock())
         async with lock:
+            if getattr(self, "checkpoints", None) is not None:
+                try:
+                    await self.checkpoints.sign(actor)
+                except FactoryError as e:
+                    _log(f"no fresh audit checkpoint for the issued-serials list of {ca}: {e.reason}")
             return await self._generate_signed_list(ca, actor, "issued-serials")
 
     async def _generate_signed_list(self, ca: str, actor: str, kind: str) -> tuple[int, int, bytes]:

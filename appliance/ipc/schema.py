@@ -586,6 +586,9 @@ class DistJob(_Msg, tag="dist-job"):
     # Order per destination: after a failure the agent answers "not attempted" to the rest of this
     # round; the Factory resends from the oldest pending job in the next round.
     round: Annotated[int, msgspec.Meta(ge=0, lt=2**62)] = 0
+    # With an issued-serials list: the latest signed audit checkpoint (JSON), published beside it so
+    # that a CMDB rolled back to an older copy is detectable from outside (issue #6).
+    attachment: Annotated[bytes, msgspec.Meta(max_length=16384)] | None = None
 
 
 class DistData(_Msg, tag="dist-data"):

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtensionOID
 
+from policy import audit
 from policy import serials as serials_list
 from tests.conftest import make_csr, openssl
 from tests.servers import ADMIN_DN, ADMIN_PW, BASE, Receiver, Slapd, make_tls
@@ -98,7 +99,8 @@ def test_publish_issue_revoke_ldap_and_http(appliance_factory, slapd, receiver, 
     assert len(values) == 1
     (tmp_path / "alice.der").write_bytes(values[0])
     text = openssl("x509", "-inform", "DER", "-in", str(tmp_path / "alice.der"), "-noout", "-serial", "-subject").stdout.decode()
-    assert f"serial={cert.serial_number:X}" in text and "Alice Example" in text
+    serial_line = next(ln for ln in text.splitlines() if ln.startswith("serial="))
+    assert int(serial_line[len("serial="):], 16) == cert.serial_number and "Alice Example" in text
     # CA entries carry their certificate and CRL (the root's also as the authority revocation list).
     issuing = x509.load_pem_x509_certificate(a.export("issuing", tmp_path / "issuing.pem").read_bytes())
     ca_dn = f"cn=Donjon Test Issuing CA,ou=CAs,{BASE}"
@@ -128,6 +130,11 @@ def test_publish_issue_revoke_ldap_and_http(appliance_factory, slapd, receiver, 
     lst = serials_list.decode((receiver.dir / "pub_issuing.serials").read_bytes())
     assert cert.serial_number in lst.serials
     issuing.public_key().verify(lst.signature, lst.tbs, ec.ECDSA(serials_list.hash_for(lst.signature_oid)))
+    # Beside it, the signed audit head (the rollback anchor), verified with the audit certificate.
+    a.cli("audit", "cert", "--out", str(tmp_path / "audit.pem"))
+    head = json.loads((receiver.dir / "pub_issuing.audit-head.json").read_bytes())
+    seq, _, _ = audit.verify_checkpoint(head, x509.load_pem_x509_certificate((tmp_path / "audit.pem").read_bytes()))
+    assert seq > 0
     doc = dist_status(a)
     assert {d["rule"] for d in doc["destinations"]} == {"directory", "web"}
     assert all(d["parked"] == 0 and d["last_success"] for d in doc["destinations"])

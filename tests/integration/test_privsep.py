@@ -163,4 +163,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (1, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "391dd9f5f2e3527222e1320999d8c95eb81cfa9f506718c19f6121a77ade6292"
+PINNED_SCHEMA_HASH = "a8c322f0727fafdbba4c2b9a1a3d30e0c7c456f6f52fd8a61691d260146c274e"
