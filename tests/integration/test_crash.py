@@ -28,7 +28,7 @@ def test_kill_9_during_issuance_loses_nothing(appliance, tmp_path):
     rng = random.Random(1234)
     a = appliance
 
-    def issue_until_dead(stop: threading.Event) -> None:
+    def issue_until_dead(stop: threading.Event, flowing: threading.Event) -> None:
         while not stop.is_set():
             try:
                 with AdminClient(str(a.home), timeout=30, session=token) as c:
@@ -38,6 +38,7 @@ def test_kill_9_during_issuance_loses_nothing(appliance, tmp_path):
                             assert res.cert is not None, res.error
                             assert serial not in received, f"serial {serial} returned twice"
                             received[serial] = res.cert
+                        flowing.set()
             except ClientError:
                 return  # the appliance died under us
 
@@ -45,10 +46,13 @@ def test_kill_9_during_issuance_loses_nothing(appliance, tmp_path):
         if cycle:
             a.start()
         token = a.session()  # sessions live in the Factory's memory: one per start
-        stop = threading.Event()
-        t = threading.Thread(target=issue_until_dead, args=(stop,))
+        stop, flowing = threading.Event(), threading.Event()
+        t = threading.Thread(target=issue_until_dead, args=(stop, flowing))
         t.start()
-        time.sleep(rng.uniform(0.05, 0.6))
+        # Kill at a random moment once certificates are flowing (a slow, loaded machine must not turn
+        # the cycle into a kill before the first request): the kill lands mid-issuance, not before it.
+        flowing.wait(60)
+        time.sleep(rng.uniform(0.0, 0.5))
         a.kill()
         stop.set()
         t.join(timeout=60)
