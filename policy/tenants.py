@@ -152,9 +152,10 @@ def parse_issued_serials(data: bytes) -> frozenset[int]:
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        if not _HEX.match(line):
+        digits = line.removeprefix("0x").replace(":", "")
+        if not _HEX.match(line) or not digits:
             raise CrlRefused(f"issued-serials list, line {i}: not a hexadecimal serial")
-        v = int(line.removeprefix("0x").replace(":", ""), 16)
+        v = int(digits, 16)
         if v <= 0 or v.bit_length() > MAX_SERIAL_BITS:
             raise CrlRefused(f"issued-serials list, line {i}: a serial is positive and at most 20 octets")
         out.add(v)

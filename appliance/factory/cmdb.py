@@ -115,6 +115,7 @@ _MIGRATIONS: dict[int, str] = {
         push_secret_sha256 BLOB,
         key_label TEXT,                          -- the responder key made in the endpoint's token (tenant csr)
         key_spki BLOB,
+        responder_label TEXT,                    -- the key of the installed responder certificate
         responder_cert BLOB,                     -- issued by the tenant CA for that key
         crl_number INTEGER,
         crl_this_update INTEGER,

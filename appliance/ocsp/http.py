@@ -34,7 +34,7 @@ DRAIN_TIME = 1.0
 _CA_PATH = re.compile(rb"^/(crl|ca)/([A-Za-z0-9][A-Za-z0-9._-]{0,63})\.(crl|crt)$")
 _TENANT_PATH = re.compile(rb"^/tenant/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/crl$")
 PUSH_CAP = 8 * 1024 * 1024  # body cap of a pushed tenant CRL
-PUSH_TIMEOUT = 60.0
+PUSH_TIMEOUT = 30.0
 OCSP_REQUEST = b"application/ocsp-request"
 OCSP_RESPONSE = b"application/ocsp-response"
 
