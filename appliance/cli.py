@@ -25,9 +25,12 @@ app.add_typer(cert_app, name="cert")
 app.add_typer(crl_app, name="crl")
 app.add_typer(audit_app, name="audit")
 app.add_typer(ocsp_app, name="ocsp")
+dist_app = typer.Typer(help="Distribution: publication to LDAP and HTTP destinations (queue, status, retry).", no_args_is_help=True)
+app.add_typer(dist_app, name="dist")
 
 Home = Annotated[str, typer.Option("--home", envvar="DONJON_HOME", help="State folder (DONJON_HOME).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+IssuedSerials = Annotated[bool, typer.Option("--issued-serials", help="The CA's signed issued-serials list instead of its CRL.")]
 
 REASONS = {"unspecified": 0, "keyCompromise": 1, "cACompromise": 2, "affiliationChanged": 3, "superseded": 4,
            "cessationOfOperation": 5, "certificateHold": 6, "removeFromCRL": 8, "privilegeWithdrawn": 9, "aACompromise": 10}
@@ -51,6 +54,11 @@ def call(home: str, cls, **kw):
             return c.call(cls, **kw)
     except ClientError as e:
         fail(str(e))
+
+
+def _when(t) -> str:
+    """An epoch as ISO 8601 UTC, or '-'."""
+    return datetime.utcfromtimestamp(t).isoformat() + "Z" if t else "-"
 
 
 def out_bytes(data: bytes, out: Optional[str]) -> None:
@@ -376,19 +384,21 @@ def revoke(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = .
 @crl_app.command("generate")
 def crl_generate(ca: Annotated[str, typer.Option(help="The CA.")] = ...,
                  out: Annotated[Optional[str], typer.Option(help="Write the CRL (DER) here.")] = None,
+                 issued_serials: IssuedSerials = False,
                  home: Home = "./var") -> None:
-    """Sign a new full CRL now.
+    """Sign a new full CRL now (or, with --issued-serials, a new issued-serials list).
 
     Example: donjon crl generate --ca issuing --out issuing.crl
     """
+    kind = "issued-serials" if issued_serials else "crl"
     try:
         with client(home) as c:
-            data = b"".join(c.stream(S.ACrlGenerate, ca=ca))
+            data = b"".join(c.stream(S.ACrlGenerate, ca=ca, kind=kind))
     except ClientError as e:
         fail(str(e))
     if out:
         out_bytes(data, out)
-        typer.echo(f"CRL for {ca}: {len(data)} bytes -> {out}")
+        typer.echo(f"{'issued-serials list' if issued_serials else 'CRL'} for {ca}: {len(data)} bytes -> {out}")
     else:
         out_bytes(data, None)
 
@@ -397,6 +407,7 @@ def crl_generate(ca: Annotated[str, typer.Option(help="The CA.")] = ...,
 def crl_export(ca: Annotated[str, typer.Option(help="The CA.")] = ...,
                number: Annotated[Optional[int], typer.Option(help="A given CRL number (default: the latest).")] = None,
                out: Annotated[Optional[str], typer.Option(help="Write the CRL (DER) here.")] = None,
+               issued_serials: IssuedSerials = False,
                home: Home = "./var") -> None:
     """Export the latest stored CRL (or a given number) without signing a new one.
 
@@ -404,7 +415,7 @@ def crl_export(ca: Annotated[str, typer.Option(help="The CA.")] = ...,
     """
     try:
         with client(home) as c:
-            data = b"".join(c.stream(S.ACrlExport, ca=ca, number=number))
+            data = b"".join(c.stream(S.ACrlExport, ca=ca, number=number, kind="issued-serials" if issued_serials else "crl"))
     except ClientError as e:
         fail(str(e))
     out_bytes(data, out)
@@ -429,7 +440,7 @@ def ocsp_status(home: Home = "./var", as_json: JsonOut = False) -> None:
         typer.echo(f"CRL-fed tenants: {tc['tenants']}; CRLs accepted {tc['accepted']} refused {tc['refused']} since start"
                    " (see `donjon ocsp tenant list`)")
     for c in doc["cas"]:
-        nu = datetime.utcfromtimestamp(c["earliest_next_update"]).isoformat() + "Z" if c["earliest_next_update"] else "-"
+        nu = _when(c["earliest_next_update"])
         typer.echo(f"{c['ca']:<16} responses {c['responses']:<8} revoked {c['revoked']:<6} queued {c['queued']:<6} "
                    f"earliest nextUpdate {nu}{'  LAPSED' if c['lapsed'] else ''}")
 
@@ -448,6 +459,67 @@ def ocsp_responder_cert(ca: Annotated[str, typer.Option(help="The CA the respond
     if out:
         out_bytes(doc["cert"].encode(), out)
     typer.echo(f"responder for {doc['ca']}: serial {doc['serial']}, key {doc['label']}, until {doc['not_after'][:10]}")
+
+
+# ---------------------------------------------------------------- distribution
+
+
+@dist_app.command("status")
+def dist_status(home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Per destination: backlog, oldest pending job, parked jobs, last success and last error.
+
+    Example: donjon dist status
+    """
+    doc = call(home, S.ADistStatus)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    typer.echo(f"agent: {'connected' if doc['agent'] else 'not connected'}")
+    for d in doc["destinations"]:
+        age = f"{d['oldest_pending_age']}s" if d["oldest_pending_age"] is not None else "-"
+        state = "FAILING" if d["failing"] else ("not configured" if not d["configured"] else "ok")
+        typer.echo(f"{d['rule']:<16} {state:<8} pending {d['pending']:<6} oldest {age:<8} parked {d['parked']:<5} "
+                   f"last success {_when(d['last_success'])}")
+        if d["last_error"]:
+            typer.echo(f"{'':<16} last error {_when(d['last_error_at'])}: {d['last_error']}"
+                       + (f" (retry in {d['retry_in']}s)" if d["retry_in"] else ""))
+    for t in doc.get("tenant_fetches", []):
+        typer.echo(f"tenant {t['tenant']:<9} CRL fetch: last {_when(t['last_fetch'])} ({t['last_result'] or '-'})"
+                   + (f"; last error {_when(t['last_error_at'])}: {t['last_error']}" if t["last_error"] else "")
+                   + (f" (retry in {t['retry_in']}s)" if t["retry_in"] else ""))
+
+
+@dist_app.command("list")
+def dist_list(state: Annotated[str, typer.Option(help="pending, parked or done.")] = "parked",
+              rule: Annotated[Optional[str], typer.Option(help="Only this destination.")] = None,
+              limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
+              home: Home = "./var", as_json: JsonOut = False) -> None:
+    """List publication jobs (parked ones by default) with their last error.
+
+    Example: donjon dist list --state parked
+    """
+    if state not in ("pending", "parked", "done"):
+        fail("--state is pending, parked or done")
+    doc = call(home, S.ADistList, state=state, rule=rule, limit=limit)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    for j in doc["jobs"]:
+        what = j["serial"] or (f"#{j['number']}" if j["number"] else "")
+        typer.echo(f"{j['id']:<8} {j['rule']:<16} {j['action']:<15} {j['ca']}/{what:<20} attempts {j['attempts']:<3} "
+                   f"{j['last_error'] or ''}")
+
+
+@dist_app.command("retry")
+def dist_retry(rule: Annotated[Optional[str], typer.Option(help="Only this destination's parked jobs.")] = None,
+               job: Annotated[Optional[int], typer.Option(help="Only this job.")] = None,
+               home: Home = "./var") -> None:
+    """Put parked jobs back in the queue and retry their destinations at once.
+
+    Example: donjon dist retry --rule directory
+    """
+    doc = call(home, S.ADistRetry, rule=rule, job=job)
+    typer.echo(f"{doc['requeued']} job(s) back in the queue")
 
 
 # ---------------------------------------------------------------- OCSP: CRL-fed tenants
@@ -517,7 +589,7 @@ def tenant_list(home: Home = "./var", as_json: JsonOut = False) -> None:
         typer.echo(json.dumps(doc, indent=2))
         return
     for t in doc["tenants"]:
-        nu = datetime.utcfromtimestamp(t["crl_next_update"]).isoformat() + "Z" if t["crl_next_update"] else "-"
+        nu = _when(t["crl_next_update"])
         typer.echo(f"{t['name']:<16} CRL #{t['crl_number'] if t['crl_number'] is not None else '-'} nextUpdate {nu}"
                    f"{'  STALE' if t['stale'] else ''}  responder {'yes' if t['responder'] else 'no'}  unissued {t['unissued']}"
                    f"  serials-list {'yes' if t['issued_serials'] else 'no'}  push {'yes' if t['push'] else 'no'}"
@@ -556,7 +628,7 @@ def tenant_crl(name: str, file: str, home: Home = "./var") -> None:
     if len(der) > 7 * 1024 * 1024:
         fail("the CRL is larger than 7 MiB: have the Distribution agent fetch it, or push it over HTTP")
     doc = call(home, S.AOcspTenantCrl, name=name, crl=der)
-    nu = datetime.utcfromtimestamp(doc["next_update"]).isoformat() + "Z"
+    nu = _when(doc["next_update"])
     typer.echo(f"tenant {name}: CRL #{doc['crl_number']} in use until {nu}")
 
 
@@ -628,7 +700,7 @@ def audit_verify(file: Annotated[Optional[str], typer.Argument(help="An exported
 def audit_reconcile(home: Home = "./var") -> None:
     """List serials whose intent had no certificate after a crash (voided, treated as possibly issued)."""
     for v in call(home, S.AReconcile)["voided"]:
-        typer.echo(f"#{v['seq']} {datetime.utcfromtimestamp(v['ts']).isoformat()}Z {v['object']}: {v['detail']}")
+        typer.echo(f"#{v['seq']} {_when(v['ts'])} {v['object']}: {v['detail']}")
 
 
 # ---------------------------------------------------------------- internals

@@ -88,6 +88,36 @@ class Snmp(_C):
     lead_time_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 90)] = 72  # warn this long before a CRL/OCSP/cert lapses
 
 
+class DistRuleCfg(_C):
+    """One `[[distribution.rule]]`: a destination and what it receives."""
+
+    name: str
+    url: str
+    publish: tuple[Literal["ca-cert", "certs", "crl", "delta-crl", "issued-serials"], ...]
+    cas: tuple[str, ...] = ()
+    profiles: tuple[str, ...] = ()
+    remove_on_revoke: bool = True
+    bind_dn: str | None = None
+    username: str | None = None
+    secret_file: str | None = None  # relative to DONJON_HOME; read by the supervisor, held by the agent only
+    starttls: bool = False
+    ca_file: str | None = None  # PEM trust anchors for ldaps://, StartTLS and https://
+    dn: str | None = None
+    ca_dn: str | None = None
+    entry_classes: tuple[str, ...] = ("inetOrgPerson", "pkiUser")
+    entry_attributes: dict[str, str] = msgspec.field(default_factory=lambda: {"sn": "{CN}"})
+    ca_entry_classes: tuple[str, ...] = ("applicationProcess", "pkiCA")
+    method: Literal["PUT", "POST"] = "PUT"
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    connections: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4  # parallel connections; per object, order is kept
+
+
+class Distribution(_C):
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 50  # then the job is parked
+    backoff_max: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 3600  # seconds, cap of the exponential backoff
+    rule: tuple[DistRuleCfg, ...] = ()
+
+
 class Admin(_C):
     group: str = "donjon-admin"
 
@@ -103,6 +133,7 @@ class Config(_C):
     crl: Crl = Crl()
     ocsp: Ocsp = Ocsp()
     snmp: Snmp = Snmp()
+    distribution: Distribution = Distribution()
     admin: Admin = Admin()
     profiles: Profiles = Profiles()
 
@@ -155,6 +186,31 @@ lead-time-hours = 72                          # warn this long before a CRL, OCS
 # version = "v3"                              # or "v2c" with community
 # user = "ops"
 
+[distribution]                                # the Distribution agent publishes to LDAP and HTTP
+max-attempts = 50                             # a job failing this many times is parked (`donjon dist retry`)
+backoff-max = 3600                            # seconds: cap of the per-destination exponential backoff
+# [[distribution.rule]]
+# name = "directory"
+# url = "ldap://ldap.example.org"             # ldap://, ldaps:// (or starttls = true), http://, https://
+# bind-dn = "cn=donjon,dc=example,dc=org"
+# secret-file = "secrets/directory"           # bind password / HTTP password or bearer token (under DONJON_HOME)
+# ca-file = "/etc/donjon/ldap-ca.pem"         # TLS trust anchors
+# publish = ["ca-cert", "certs", "crl", "issued-serials"]
+# cas = []                                    # empty: every CA
+# profiles = ["user-auth"]                    # certs of these profiles (empty: all)
+# dn = "cn={CN},ou=people,dc=example,dc=org"  # subject fields: {CN} {O} {OU} {C} {L} {ST} {UID} {E} {serial} {ca}
+# ca-dn = "cn={CN},ou=CAs,dc=example,dc=org"
+# entry-classes = ["inetOrgPerson", "pkiUser"]
+# entry-attributes = { sn = "{CN}" }
+# remove-on-revoke = true
+# [[distribution.rule]]
+# name = "web"
+# url = "https://pki.example.org/pub/{name}"  # {name}: <ca>.crl, <ca>.crt, <ca>.serials; {ca}: the CA name
+# method = "PUT"
+# username = "donjon"                         # with secret-file: HTTP basic; without username: bearer token
+# secret-file = "secrets/web"
+# publish = ["ca-cert", "crl", "issued-serials"]
+
 [admin]
 group = "donjon-admin"                        # members may use the admin socket
 
@@ -195,6 +251,87 @@ def load(home: str) -> Config:
     if not os.path.exists(path):
         return Config()
     return load_toml(path, Config)
+
+
+DN_FIELDS = {"CN", "O", "OU", "C", "L", "ST", "UID", "E", "serial", "ca"}
+
+
+def dist_rules(home: str, cfg: Config, with_secrets: bool) -> list[S.DistRule]:
+    """Check every rule completely (errors name the rule and the key) and build the messages."""
+    from urllib.parse import urlsplit
+
+    out: list[S.DistRule] = []
+    seen: set[str] = set()
+    path = os.path.join(home, "donjon.toml")
+    for r in cfg.distribution.rule:
+        where = f"{path}: [[distribution.rule]] {r.name!r}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", r.name):
+            raise ConfigError(f"{where}: name must be letters, digits, '.', '_' or '-'")
+        if r.name in seen:
+            raise ConfigError(f"{where}: a second rule with this name")
+        seen.add(r.name)
+        u = urlsplit(r.url.replace("{", "%7B").replace("}", "%7D"))
+        if u.scheme not in ("ldap", "ldaps", "http", "https") or not u.hostname:
+            raise ConfigError(f"{where}: url: want ldap://, ldaps://, http:// or https:// with a host, got {r.url!r}")
+        ldap = u.scheme.startswith("ldap")
+        if "delta-crl" in r.publish:
+            raise ConfigError(f"{where}: publish: delta CRLs are not produced by this version (full CRLs only)")
+        if not r.publish:
+            raise ConfigError(f"{where}: publish: name at least one of ca-cert, certs, crl, issued-serials")
+        if ldap:
+            if "certs" in r.publish and not r.dn:
+                raise ConfigError(f"{where}: dn: an LDAP rule publishing certs needs a dn template")
+            if set(r.publish) - {"certs"} and not r.ca_dn:
+                raise ConfigError(f"{where}: ca-dn: an LDAP rule publishing CA objects needs a ca-dn template")
+            for key, tmpl in (("dn", r.dn), ("ca-dn", r.ca_dn)):
+                for f in re.findall(r"{([^}]*)}", tmpl or ""):
+                    if f not in DN_FIELDS:
+                        raise ConfigError(f"{where}: {key}: unknown field {{{f}}} (use {', '.join(sorted(DN_FIELDS))})")
+            if r.username or r.method != "PUT":
+                raise ConfigError(f"{where}: username/method are for HTTP rules")
+            if "issued-serials" in r.publish:
+                raise ConfigError(f"{where}: publish: the issued-serials list has no LDAP attribute (RFC 4523): publish it over HTTP")
+        else:
+            if "certs" in r.publish:
+                raise ConfigError(f"{where}: publish: end-entity certificates go to LDAP only")
+            if r.bind_dn or r.dn or r.ca_dn or r.starttls:
+                raise ConfigError(f"{where}: bind-dn/dn/ca-dn/starttls are for LDAP rules")
+            for f in re.findall(r"{([^}]*)}", r.url):
+                if f not in ("ca", "name"):
+                    raise ConfigError(f"{where}: url: unknown field {{{f}}} (use {{ca}} or {{name}})")
+        if u.scheme == "ldaps" and r.starttls:
+            raise ConfigError(f"{where}: starttls with ldaps:// (choose one)")
+        if u.username or u.password:
+            raise ConfigError(f"{where}: url: credentials belong in secret-file, not in the URL")
+        secret = None
+        if r.secret_file:
+            sp = os.path.join(home, r.secret_file)
+            try:
+                with open(sp, encoding="utf-8") as f:
+                    secret = f.read().strip()
+            except OSError as e:
+                raise ConfigError(f"{where}: secret-file {sp}: {e.strerror}") from None
+            if not secret:
+                raise ConfigError(f"{where}: secret-file {sp} is empty")
+        if r.bind_dn and secret is None:
+            raise ConfigError(f"{where}: bind-dn needs a secret-file")
+        ca_pem = None
+        if r.ca_file:
+            try:
+                with open(os.path.join(home, r.ca_file), "rb") as f:
+                    ca_pem = f.read()
+            except OSError as e:
+                raise ConfigError(f"{where}: ca-file: {e.strerror}") from None
+        try:
+            out.append(msgspec.convert(dict(
+                name=r.name, url=r.url, publish=tuple(p for p in r.publish), cas=r.cas, profiles=r.profiles,
+                remove_on_revoke=r.remove_on_revoke, bind_dn=r.bind_dn, username=r.username,
+                secret=secret if with_secrets else None, starttls=r.starttls, ca_file_pem=ca_pem, dn=r.dn, ca_dn=r.ca_dn,
+                entry_classes=r.entry_classes, entry_attributes=r.entry_attributes, ca_entry_classes=r.ca_entry_classes,
+                method=r.method, timeout=r.timeout, connections=r.connections), S.DistRule))
+        except msgspec.ValidationError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return out
 
 
 def load_ceremony(path: str) -> S.CeremonySpec:

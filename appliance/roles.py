@@ -10,7 +10,7 @@ import trio
 from appliance import privdrop
 from appliance.ipc.channel import ProtocolViolation
 
-ROLES = ("cis", "factory", "ocsp", "snmp")
+ROLES = ("cis", "factory", "ocsp", "snmp", "distribution")
 
 
 def _close_inherited(keep: set[int]) -> None:
@@ -38,7 +38,7 @@ def run_role(name: str, fds: dict[str, int], rw: list[str], ro: list[str], uid: 
         # the PKCS#11 module's files): keep it; the inherited ones were closed at start.
         keep = frozenset(int(f) for f in os.listdir("/proc/self/fd"))
         privdrop.drop(privdrop.DropSpec(role=name, identity=identity, keep_fds=keep, rw_paths=tuple(rw),
-                                        ro_paths=tuple(ro), network=False))
+                                        ro_paths=tuple(ro), network=name == "distribution"))
 
     if name == "snmp":
         # pysnmp 7 is asyncio-only: this role runs its own asyncio loop, not trio.
@@ -52,6 +52,8 @@ def run_role(name: str, fds: dict[str, int], rw: list[str], ro: list[str], uid: 
         from hsm.cis import main
     elif name == "ocsp":
         from appliance.ocsp.main import main
+    elif name == "distribution":
+        from appliance.distribution.main import main
     else:
         from appliance.factory.main import main
     try:

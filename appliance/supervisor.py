@@ -26,7 +26,7 @@ from appliance.ipc.channel import Channel, ProtocolViolation
 
 START_TIMEOUT = 60
 STOP_TIMEOUT = 20
-STATELESS = {"ocsp", "snmp"}  # roles restarted on their own; the others' death stops the appliance
+STATELESS = {"ocsp", "snmp", "distribution"}  # roles restarted on their own; the others' death stops the appliance
 THROTTLE_AFTER = 10.0  # a role that dies sooner than this after starting backs off exponentially
 MAX_BACKOFF = 60.0
 STATUS_SECONDS = 5
@@ -135,6 +135,7 @@ class Supervisor:
         self.ocsp_pin: str | None = None
         self._disk_low = False
         self.listen: socket.socket | None = None
+        self.dist_rules: list[S.DistRule] = []
 
     # ------------------------------------------------------------ preparation
 
@@ -146,10 +147,12 @@ class Supervisor:
         os.makedirs(L.run, mode=0o750, exist_ok=True)
         for name in self._endpoint_names():
             os.makedirs(L.ocsp_store(name), mode=0o700, exist_ok=True)
+        self.dist_rules = C.dist_rules(self.home, self.cfg, with_secrets=True)  # ConfigError names the rule
         if self.cfg.hsm.embedded and self.cfg.ocsp.enabled:
             self.ocsp_pin = _ensure_softhsm_token(L.ocsp_token, "donjon-ocsp")
         if self.appliance:
-            self.ids = privdrop.ensure_role_users(["cis", "factory", "ocsp"] + (["snmp"] if self.cfg.snmp.enabled else []))
+            self.ids = privdrop.ensure_role_users(["cis", "factory", "ocsp"] + (["snmp"] if self.cfg.snmp.enabled else [])
+                                                  + (["distribution"] if self._dist_enabled() else []))
             self.admin_gid = grp.getgrnam(privdrop.ADMIN_GROUP).gr_gid
             os.chmod(self.home, 0o711)
             _chown_tree(L.cmdb, self.ids["factory"])
@@ -160,6 +163,11 @@ class Supervisor:
                 _chown_tree(L.softhsm, self.ids["cis"])
             os.chown(L.run, 0, self.admin_gid)
             os.chmod(L.run, 0o750)
+
+    def _dist_enabled(self) -> bool:
+        """The agent runs when there is something to publish, or CRL-fed tenants may need fetching
+        (tenants live in the CMDB and come and go at run time: whenever the endpoint runs)."""
+        return bool(self.dist_rules) or self.cfg.ocsp.enabled
 
     def _endpoint_names(self) -> list[str]:
         if not self.cfg.ocsp.enabled:
@@ -249,6 +257,14 @@ class Supervisor:
                                ro=[module_dir, "/etc/softhsm"] if embedded else [],
                                env={"SOFTHSM2_CONF": os.path.join(L.ocsp_token, "softhsm2.conf")} if embedded else {})
             self._sup_ends[name] = sup_ocsp
+        if self._dist_enabled():
+            sup_dist, dist_sup = pair()
+            fac_dist, dist_fac = pair()
+            fac_fds["factory-distribution"] = fac_dist.fileno()
+            # Outbound only: name resolution files, the system trust store comes with every role.
+            roles["distribution"] = Role("distribution", {"sup-distribution": dist_sup.fileno(), "factory-distribution": dist_fac.fileno()},
+                                         ro=["/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf"])
+            self._sup_ends["distribution"] = sup_dist
         roles["factory"] = Role("factory", fac_fds, rw=[L.cmdb])
         self._sup_ends["factory"] = sup_fac
         if self.cfg.snmp.enabled:
@@ -272,7 +288,8 @@ class Supervisor:
             argv, pass_fds=list(role.fds.values()), env=child_env(role.env), stdin=subprocess_devnull(),
             start_new_session=False)
         sock = self._sup_ends[role.name]
-        incoming = {"cis": S.CisToSup, "factory": S.FactoryToSup, "ocsp": S.OcspToSup, "snmp": S.SnmpToSup}[role.kind]
+        incoming = {"cis": S.CisToSup, "factory": S.FactoryToSup, "ocsp": S.OcspToSup, "snmp": S.SnmpToSup,
+                    "distribution": S.DistToSup}[role.kind]
         role.chan = Channel.from_fd(os.dup(sock.fileno()), f"sup-{role.kind}", incoming)
         sock.close()
 
@@ -289,6 +306,8 @@ class Supervisor:
                 users=[S.SnmpUser(name=u.name, auth=u.auth, auth_key=u.auth_key, priv=u.priv, priv_key=u.priv_key) for u in c.users],
                 targets=[S.SnmpTarget(host=t.host, port=t.port, kind=t.kind, version=t.version, user=t.user, community=t.community)
                          for t in c.targets]))
+        elif role.kind == "distribution":
+            await role.chan.send(S.DistConfig(rules=self.dist_rules))
         elif role.kind == "ocsp":
             o = self.cfg.ocsp
             embedded = self.cfg.hsm.embedded and self.ocsp_pin is not None
@@ -301,7 +320,10 @@ class Supervisor:
             await role.chan.send(S.FactoryConfig(home=self.layout.cmdb, cipher=self.cfg.cmdb.cipher, profiles=self.profiles,
                                                  base_url=self.cfg.endpoint.base_url, crl_validity_hours=self.cfg.crl.validity_hours,
                                                  admin_gid=self.admin_gid, dev_uid=None if self.appliance else os.getuid(),
-                                                 ocsp_validity_hours=self.cfg.ocsp.validity_hours, ocsp_hashes=self.cfg.ocsp.hashes))
+                                                 ocsp_validity_hours=self.cfg.ocsp.validity_hours, ocsp_hashes=self.cfg.ocsp.hashes,
+                                                 dist_rules=[msgspec.structs.replace(r, secret=None) for r in self.dist_rules],
+                                                 dist_max_attempts=self.cfg.distribution.max_attempts,
+                                                 dist_backoff_max=self.cfg.distribution.backoff_max))
         m = await role.chan.recv()
         if not isinstance(m, S.Ready):
             raise ProtocolViolation(f"{role.name}: expected Ready, got {type(m).__name__}")
@@ -327,6 +349,8 @@ class Supervisor:
                 if m.kind in ("token-unavailable", "token-recovered"):
                     self.tokens[m.detail] = m.kind == "token-recovered"
                     await self.notify(m.kind, m.detail, f"reported by {role.name}")
+                elif m.kind == "destination-failing" and role.kind == "factory":
+                    await self.notify("destination-failing", m.detail.split(":")[0], m.detail)
                 elif m.kind == "activated" and role.kind == "factory":
                     await self.notify("activated", "appliance", m.detail)
                 elif m.kind == "activated" and role.kind == "cis":
@@ -387,6 +411,12 @@ class Supervisor:
                 mine += [fac_end, role_fac]
                 role.fds.update({"factory-ocsp": role_fac.fileno(), "listen": self.listen.fileno()})
                 await self.roles["factory"].chan.send_fd(S.NewLink(link="factory-ocsp", role=role.name), fac_end.fileno())
+            elif role.kind == "distribution":
+                fac_end, role_fac = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                mine += [fac_end, role_fac]
+                role.fds["factory-distribution"] = role_fac.fileno()
+                await self.roles["factory"].chan.send_fd(S.NewLink(link="factory-distribution", role="distribution"),
+                                                         fac_end.fileno())
             self._sup_ends[role.name] = sup_end
             await self._start(role)
         finally:

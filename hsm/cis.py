@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation
 from policy import certs, crl, lint, profiles
+from policy import serials as serials_list
 from policy import ocsp as ocsp_hashes
 from policy.errors import PolicyError
 
@@ -205,9 +206,17 @@ class Cis:
         key = self.token.key(m.ca)
         _check_window(cert, m.this_update, m.next_update)
         ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-        tbs = crl.TbsCrl(issuer_name_der=cert.subject.public_bytes(), key_type=key.key_type, this_update=m.this_update,
-                         next_update=m.next_update, crl_number=m.crl_number, aki_key_id=ski,
-                         entry_count=m.entry_count, entries_length=m.entries_length)
+        if m.kind == "issued-serials":
+            try:
+                tbs = serials_list.TbsSerials(issuer_name_der=cert.subject.public_bytes(), key_type=key.key_type,
+                                              aki_key_id=ski, list_number=m.crl_number, this_update=m.this_update,
+                                              next_update=m.next_update, count=m.entry_count, serials_length=m.entries_length)
+            except ValueError as e:
+                raise PolicyError("issued-serials", "declaration", str(e)) from None
+        else:
+            tbs = crl.TbsCrl(issuer_name_der=cert.subject.public_bytes(), key_type=key.key_type, this_update=m.this_update,
+                             next_update=m.next_update, crl_number=m.crl_number, aki_key_id=ski,
+                             entry_count=m.entry_count, entries_length=m.entries_length)
         st = _CrlState(m, tbs, key.key_type, cert)
         self._crls[m.id] = st
         head = tbs.header()
@@ -216,6 +225,8 @@ class Cis:
 
     def crl_entries(self, m: S.CrlEntries) -> bytes:
         st = self._crls[m.id]
+        if st.begin.kind != "crl":
+            raise PolicyError("crl entry", "order", "CRL entries sent to an issued-serials stream")
         prev = st.last_serial
         for e in m.entries:  # the Factory sends serials in strictly increasing byte order: no duplicates
             if e[0] <= prev:
@@ -232,6 +243,17 @@ class Cis:
         st.feed(data)
         return data
 
+    def serial_entries(self, m: S.SerialEntries) -> bytes:
+        st = self._crls[m.id]
+        if st.begin.kind != "issued-serials":
+            raise PolicyError("issued-serials", "order", "serials sent to a CRL stream")
+        try:
+            data = st.tbs.entries(m.serials)
+        except ValueError as e:
+            raise PolicyError("issued-serials", "encoding", str(e)) from None
+        st.feed(data)
+        return data
+
     def crl_end(self, m: S.CrlEnd) -> tuple[bytes, S.CrlSigned]:
         st = self._crls.pop(m.id)
         try:
@@ -239,7 +261,8 @@ class Cis:
         except ValueError as e:
             raise PolicyError("crl", "declaration", str(e)) from None
         st.feed(trailer)
-        self._lint_crl_sample(st)
+        if st.begin.kind == "crl":  # the issued-serials list is our own format: no linter knows it
+            self._lint_crl_sample(st)
         key = self.token.key(st.begin.ca)
         if st.buffer is not None:  # Ed25519: pure EdDSA signs the whole message
             sig = self.token.sign(key, b"".join(st.buffer), None)
@@ -353,6 +376,10 @@ async def serve(sup: Channel, fac: Channel, cis: Cis) -> None:
                 if mid not in cis._crls:
                     return  # the stream was refused earlier; the Factory already got the refusal
                 await fac.send(S.CrlChunk(id=mid, data=cis.crl_entries(m)))
+            elif isinstance(m, S.SerialEntries):
+                if mid not in cis._crls:
+                    return
+                await fac.send(S.CrlChunk(id=mid, data=cis.serial_entries(m)))
             elif isinstance(m, S.CrlEnd):
                 if mid not in cis._crls:
                     return

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+
+from policy import serials as serials_list
 
 SKEW = 300  # seconds: a thisUpdate this far in the future is tolerated (clock skew between the CAs)
 MAX_CRL = 64 << 20  # bytes of DER accepted from any intake path
@@ -139,14 +141,17 @@ def check_crl(ca: x509.Certificate, der: bytes, now: float, current: tuple[int, 
 _HEX = re.compile(r"^(?:0x)?[0-9a-fA-F:]+$")
 
 
-def parse_issued_serials(data: bytes) -> frozenset[int]:
-    """The issued-serials list (our open counterpart of a Certificate Issuance List): for now a
-    plain text file, one hexadecimal serial a line (colons allowed, `#` comments and blank lines
-    ignored). The one place that reads the format, so that a signed format can replace it."""
+def parse_issued_serials(data: bytes, ca: x509.Certificate | None = None) -> frozenset[int]:
+    """The issued-serials list (our open counterpart of a Certificate Issuance List). Either the signed
+    DER list a Donjon CA publishes (policy/serials.py; with `ca`, its issuer and signature are checked),
+    or a plain text file, one hexadecimal serial a line (colons allowed, `#` comments and blank lines
+    ignored) for a CA that publishes nothing better. The one place that reads the format."""
+    if data[:1] == b"\x30" and len(data) > 1 and data[1] & 0x80:  # a SEQUENCE of 128+ bytes, never text
+        return _signed_serials(data, ca)
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
-        raise CrlRefused("the issued-serials list is not ASCII text") from None
+        raise CrlRefused("the issued-serials list is neither a signed list nor ASCII text") from None
     out = set()
     for i, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
@@ -160,3 +165,27 @@ def parse_issued_serials(data: bytes) -> frozenset[int]:
             raise CrlRefused(f"issued-serials list, line {i}: a serial is positive and at most 20 octets")
         out.add(v)
     return frozenset(out)
+
+
+def _signed_serials(data: bytes, ca: x509.Certificate | None) -> frozenset[int]:
+    try:
+        lst = serials_list.decode(data)
+    except ValueError as e:
+        raise CrlRefused(f"the signed issued-serials list does not decode: {e}") from None
+    if ca is not None:
+        if lst.issuer_der != ca.subject.public_bytes():
+            raise CrlRefused("the signed issued-serials list names another issuer")
+        pub = ca.public_key()
+        try:
+            h = serials_list.hash_for(lst.signature_oid)
+            if isinstance(pub, rsa.RSAPublicKey):
+                pub.verify(lst.signature, lst.tbs, padding.PKCS1v15(), h)
+            elif isinstance(pub, ec.EllipticCurvePublicKey):
+                pub.verify(lst.signature, lst.tbs, ec.ECDSA(h))
+            elif isinstance(pub, ed25519.Ed25519PublicKey):
+                pub.verify(lst.signature, lst.tbs)
+            else:
+                raise CrlRefused("the tenant CA's key type cannot verify the list")
+        except (InvalidSignature, ValueError, TypeError):
+            raise CrlRefused("the signed issued-serials list does not verify against the tenant CA") from None
+    return lst.serials

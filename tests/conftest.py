@@ -192,11 +192,11 @@ def homes():
 def appliance_factory(tmp_path, src_path, homes):
     made: list[Appliance] = []
 
-    def make(ceremony: Path | None = None, start: bool = True, user: str | None = None, **kw) -> Appliance:
+    def make(ceremony: Path | None = None, start: bool = True, user: str | None = None, config: str = "", **kw) -> Appliance:
         home = homes / f"home{len(made)}"
         a = Appliance(home, src_path, user=user)
         made.append(a)
-        a.init(ceremony or make_ceremony(tmp_path / f"ceremony{len(made)}.toml", **kw))
+        a.init(ceremony or make_ceremony(tmp_path / f"ceremony{len(made)}.toml", **kw), config=config)
         if start:
             a.start()
         return a

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import apsw
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 GENESIS = b"\x00" * 32
 
 _MIGRATIONS: dict[int, str] = {
@@ -104,6 +104,38 @@ _MIGRATIONS: dict[int, str] = {
     INSERT OR IGNORE INTO ocsp_queue SELECT ca, serial FROM certs;
     """,
     3: """
+    -- The Distribution queue: one row per publication, written in the transaction of the event that
+    -- caused it; done only when the agent acknowledged it. `ref` is the serial (cert, uncert) and
+    -- `number` the CRL or list number. Per destination, jobs go out in id order.
+    CREATE TABLE dist_jobs(
+        id INTEGER PRIMARY KEY,
+        rule TEXT NOT NULL,
+        action TEXT NOT NULL CHECK (action IN ('ca-cert', 'cert', 'uncert', 'crl', 'issued-serials')),
+        ca TEXT NOT NULL,
+        ref BLOB,
+        number INTEGER NOT NULL DEFAULT 0,
+        created INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'done', 'parked', 'superseded')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_at INTEGER,
+        last_error TEXT,
+        done_at INTEGER
+    );
+    CREATE INDEX dist_open ON dist_jobs(rule, state, id);
+    -- Signed issued-serials lists (policy/serials.py), numbered per CA like CRLs.
+    ALTER TABLE cas ADD COLUMN list_number INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE serials_lists(
+        ca TEXT NOT NULL,
+        number INTEGER NOT NULL,
+        this_update INTEGER NOT NULL,
+        next_update INTEGER NOT NULL,
+        entries INTEGER NOT NULL,
+        sha256 BLOB NOT NULL,
+        der BLOB NOT NULL,
+        PRIMARY KEY (ca, number)
+    );
+    """,
+    4: """
     -- CRL-fed OCSP tenants (another CA): answered live from their CRL by a delegated responder key
     -- held in the endpoint's own token. The push secret is kept as its SHA-256 only.
     CREATE TABLE ocsp_tenants(
@@ -115,7 +147,6 @@ _MIGRATIONS: dict[int, str] = {
         push_secret_sha256 BLOB,
         key_label TEXT,                          -- the responder key made in the endpoint's token (tenant csr)
         key_spki BLOB,
-        responder_label TEXT,                    -- the key of the installed responder certificate
         responder_cert BLOB,                     -- issued by the tenant CA for that key
         crl_number INTEGER,
         crl_this_update INTEGER,
@@ -127,6 +158,12 @@ _MIGRATIONS: dict[int, str] = {
         last_refusal TEXT,
         created INTEGER NOT NULL
     );
+    """,
+    5: """
+    -- The key of a tenant's installed responder certificate, apart from the latest key `tenant csr`
+    -- made: a renewal's new key leaves the installed responder serving until its certificate comes.
+    ALTER TABLE ocsp_tenants ADD COLUMN responder_label TEXT;
+    UPDATE ocsp_tenants SET responder_label = key_label WHERE responder_cert IS NOT NULL;
     """,
 }
 

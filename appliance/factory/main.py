@@ -105,12 +105,15 @@ async def dispatch(chan: Channel, req, f: Factory, actor: str) -> None:
     elif isinstance(req, S.ARevoke):
         await reply(**await f.revoke(req, actor))
     elif isinstance(req, S.ACrlGenerate):
-        number, count, digest = await f.generate_crl(req.ca, actor)
-        async for chunk in f.crl_chunks(req.ca, number):
+        if req.kind == "crl":
+            number, count, digest = await f.generate_crl(req.ca, actor)
+        else:
+            number, count, digest = await f.generate_serials_list(req.ca, actor)
+        async for chunk in f.crl_chunks(req.ca, number, "crls" if req.kind == "crl" else "serials_lists"):
             await chan.send(S.BlobChunk(id=rid, data=chunk, last=False))
         await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
     elif isinstance(req, S.ACrlExport):
-        async for chunk in f.crl_chunks(req.ca, req.number):
+        async for chunk in f.crl_chunks(req.ca, req.number, "crls" if req.kind == "crl" else "serials_lists"):
             await chan.send(S.BlobChunk(id=rid, data=chunk, last=False))
         await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
     elif isinstance(req, S.AAuditExport):
@@ -125,6 +128,15 @@ async def dispatch(chan: Channel, req, f: Factory, actor: str) -> None:
         await reply(**await f.tenants.admin(req, actor))
     elif isinstance(req, S.AOcspStatus):
         await reply(**await f.ocsp_status())
+    elif isinstance(req, S.ADistStatus):
+        f._require_active()
+        await reply(**await f.dist.status())
+    elif isinstance(req, S.ADistList):
+        f._require_active()
+        await reply(jobs=await f.run_db(f.dist.list_jobs, req.state, req.rule, req.limit))
+    elif isinstance(req, S.ADistRetry):
+        f._require_active()
+        await reply(requeued=await f.dist.retry(req.rule, req.job, actor))
     elif isinstance(req, S.AReconcile):
         db = f._require_active()
         rows = await f.run_db(lambda: db.db.execute(
@@ -166,7 +178,35 @@ async def main(fds: dict[str, int], drop) -> None:
         n.start_soon(f.ocsp.run)
         n.start_soon(f.tenants.run)
         n.start_soon(f.status_reporter, sup.send)
+        n.start_soon(f.dist.dispatcher)
+        n.start_soon(f.dist.committer)
+        n.start_soon(f.dist.fetcher)
+        n.start_soon(f.dist.fetch_results)
         endpoints: dict[str, trio.CancelScope] = {}
+
+        async def serve_distribution(fd: int, scope: trio.CancelScope) -> None:
+            with scope:
+                chan = Channel.from_fd(fd, "factory-distribution", S.DistToFactory)
+                try:
+                    await chan.handshake()
+                    f.dist.attach(chan)
+                    await f.dist.receive(chan)
+                except ProtocolViolation as e:
+                    _log(f"distribution link: {e}")  # the supervisor restarts the agent with a new link
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                finally:
+                    if f.dist.link is chan:
+                        f.dist.attach(None)
+                    await chan.aclose()
+
+        def start_distribution(fd: int) -> None:
+            if "distribution" in endpoints:
+                endpoints["distribution"].cancel()
+            endpoints["distribution"] = trio.CancelScope()
+            n.start_soon(serve_distribution, fd, endpoints["distribution"])
+        if "factory-distribution" in fds:
+            start_distribution(fds["factory-distribution"])
 
         async def serve_endpoint(fd: int, role: str, scope: trio.CancelScope) -> None:
             with scope:
@@ -203,6 +243,8 @@ async def main(fds: dict[str, int], drop) -> None:
                 break
             if isinstance(m, S.OcspStats):
                 f.ocsp_stats = m
+            elif isinstance(m, S.NewLink) and m.link == "factory-distribution":
+                start_distribution(sup.take_fd())
             elif isinstance(m, S.NewLink):
                 start_endpoint(sup.take_fd(), m.role)
             elif isinstance(m, S.AutoActivate):

@@ -29,6 +29,7 @@ from policy import profiles as profmod
 from policy.errors import PolicyError
 
 from .cis_link import CisLink, CisRefused
+from .dist import Dist
 from .ocsp import OcspProducer
 from .tenants import TenantManager
 from .cmdb import Cmdb, CmdbError, serial_bytes, serial_int
@@ -37,6 +38,7 @@ BACKDATE = 60  # seconds: tolerate client clock skew without predating the issue
 BATCH_MAX = 64  # small enough that every signer always has a batch waiting
 CRL_CHUNK = 10000
 CRL_CHECK_SECONDS = 60
+SERIALS_MIN_INTERVAL = 5.0  # seconds between two issued-serials lists of one CA
 STATUS_SECONDS = 5
 
 
@@ -99,6 +101,9 @@ class Factory:
         self.ocsp_feeds: dict[str, Channel] = {}  # the endpoint processes' links, by role name, when they run
         self.ocsp_stats: S.OcspStats | None = None  # the endpoint's counters, relayed by the supervisor
         self.ocsp = OcspProducer(self)
+        self.dist = Dist(self)
+        self._serials_dirty: set[str] = set()
+        self._serials_last: dict[str, float] = {}
         self.tenants = TenantManager(self)  # CRL-fed OCSP tenants
         self.stats = {"issued": 0, "refused": 0, "revoked": 0, "crls": 0}
 
@@ -165,6 +170,8 @@ class Factory:
                 raise FactoryError("internal", str(e)) from None
             self.token_info = reply.token
             voided = await self.run_db(self._reconcile, actor)
+            await self.run_db(self.dist.catch_up)
+            self.dist.poke()
             await self.audit(actor, "activate", "appliance", "ok", reply.token)
             await self.send_event(S.Event(kind="activated", detail=f"CMDB open; {voided} stale intents voided"))
             return {"activated": True, "token": reply.token, "voided_intents": voided}
@@ -243,6 +250,7 @@ class Factory:
                 db.db.execute("INSERT INTO cas(name, key_label, key_type, parent, profile, cert, created) VALUES (?,?,?,?,?,?,?)",
                               (name, name, c.key_type, parent, profile, outcome.cert, int(time.time())))
                 self._store_cert(serial, parent or name, profile, cert, outcome.cert, None)
+                self.dist.enqueue_object(db.db, "ca-cert", name)
                 db.audit(actor, "ca-create", name, "ok", f"{c.key_type} {_cn(cert)} serial={serial:x} parent={parent or '-'}")
         await self.run_db(store)
         await self.ocsp.publish(S.PublishCa(ca=name, cert=outcome.cert))
@@ -304,6 +312,9 @@ class Factory:
                    (sb, ca, profile, _cn(cert), int(cert.not_valid_before_utc.timestamp()),
                     int(cert.not_valid_after_utc.timestamp()), int(time.time()), der, request))
         db.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (ca, sb))  # a response at once
+        self.dist.enqueue_cert(db, ca, serial, profile)  # published with the same commit
+        if self.dist.wants_serials(ca):
+            self._serials_dirty.add(ca)  # the scheduler is woken by the caller, in the trio thread
 
     async def issue(self, req: S.AIssue, actor: str) -> S.IssueReply:
         """Check every CSR, then hand the good ones to the group-commit pipeline."""
@@ -412,6 +423,9 @@ class Factory:
                         db.audit(actor, "issue", f"{ca}/{p.serial:x}", "refused", o.error or "")
         await self.run_db(store)
         self.ocsp.poke()
+        self.dist.poke()
+        if self._serials_dirty:
+            self._crl_wake.set()
         # Only now, with certificate and audit record committed, do requesters get their results.
         for p, o in zip(batch, outcomes):
             p.result = o
@@ -439,6 +453,9 @@ class Factory:
                 db.audit(actor, action, f"{ca}/{serial:x}", "ok", detail or _cn(cert))
         await self.run_db(store)
         self.ocsp.poke()
+        self.dist.poke()
+        if self._serials_dirty:
+            self._crl_wake.set()
         return cert
 
     async def sign_csr_ca(self, req: S.ACaSignCsr, actor: str) -> dict[str, Any]:
@@ -504,7 +521,8 @@ class Factory:
 
         def w():
             with db.tx():
-                if not db.db.execute("SELECT 1 FROM certs WHERE ca=? AND serial=?", (req.ca, sb)).fetchone():
+                row = db.db.execute("SELECT profile FROM certs WHERE ca=? AND serial=?", (req.ca, sb)).fetchone()
+                if not row:
                     db.audit(actor, "revoke", f"{req.ca}/{serial:x}", "refused", "no such certificate")
                     return "not-found"
                 if db.db.execute("SELECT 1 FROM revocations WHERE ca=? AND serial=?", (req.ca, sb)).fetchone():
@@ -512,6 +530,7 @@ class Factory:
                     return "exists"
                 db.db.execute("INSERT INTO revocations VALUES (?,?,?,?,?,?)", (req.ca, sb, now, reason, req.invalidity, entry_len))
                 db.db.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (req.ca, sb))
+                self.dist.enqueue_uncert(db.db, req.ca, serial, row[0])
                 db.audit(actor, "revoke", f"{req.ca}/{serial:x}", "ok", f"reason={req.reason}")
                 return "ok"
         r = await self.run_db(w)
@@ -523,37 +542,53 @@ class Factory:
         self._crl_dirty.add(req.ca)
         self._crl_wake.set()
         self.ocsp.poke()
+        self.dist.poke()
         return {"ca": req.ca, "serial": f"{serial:x}", "revoked_at": now, "reason": req.reason}
 
     async def generate_crl(self, ca: str, actor: str) -> tuple[int, int, bytes]:
         """Stream the CA's revocations to the CIS and store the signed CRL. Returns (number, entries, sha256)."""
         lock = self._crl_locks.setdefault(ca, trio.Lock())
         async with lock:
-            return await self._generate_crl(ca, actor)
+            return await self._generate_signed_list(ca, actor, "crl")
 
-    async def _generate_crl(self, ca: str, actor: str) -> tuple[int, int, bytes]:
+    async def generate_serials_list(self, ca: str, actor: str) -> tuple[int, int, bytes]:
+        """Stream every serial the CA issued to the CIS and store the signed issued-serials list."""
+        lock = self._crl_locks.setdefault("serials:" + ca, trio.Lock())
+        async with lock:
+            return await self._generate_signed_list(ca, actor, "issued-serials")
+
+    async def _generate_signed_list(self, ca: str, actor: str, kind: str) -> tuple[int, int, bytes]:
+        """One streaming path for both signed lists: a CRL (revocations) and the issued-serials list
+        (every serial in state 'issued'), read from a WAL snapshot, encoded and signed by the CIS."""
         db = self._require_active()
         await self.ca_row(ca)
+        crl = kind == "crl"
+        table, counter, action = ("crls", "crl_number", "crl") if crl else ("serials_lists", "list_number", "issued-serials")
         this_update = int(time.time())
         next_update = this_update + self.cfg.crl_validity_hours * 3600
 
         def reserve_number():
             with db.tx():
-                db.db.execute("UPDATE cas SET crl_number = crl_number + 1 WHERE name=?", (ca,))
-                return db.db.execute("SELECT crl_number FROM cas WHERE name=?", (ca,)).fetchone()[0]
+                db.db.execute(f"UPDATE cas SET {counter} = {counter} + 1 WHERE name=?", (ca,))
+                return db.db.execute(f"SELECT {counter} FROM cas WHERE name=?", (ca,)).fetchone()[0]
         number = await self.run_db(reserve_number)
 
         reader = self.reader
         rl = self.reader_limiter
+        if crl:
+            count_q = "SELECT count(*), coalesce(sum(entry_len), 0) FROM revocations WHERE ca=?"
+            page_q = "SELECT serial, revoked_at, reason, invalidity FROM revocations WHERE ca=? AND serial > ? ORDER BY serial LIMIT ?"
+        else:  # INTEGER TLV length: tag + length octet + the octets + a sign octet when the top bit is set
+            count_q = ("SELECT count(*), coalesce(sum(length(serial) + 2 + (hex(substr(serial, 1, 1)) >= '80')), 0) "
+                       "FROM serials WHERE ca=? AND state='issued'")
+            page_q = "SELECT serial FROM serials WHERE ca=? AND state='issued' AND serial > ? ORDER BY serial LIMIT ?"
 
         def snap_begin():
             reader.db.execute("BEGIN")
-            return reader.db.execute("SELECT count(*), coalesce(sum(entry_len), 0) FROM revocations WHERE ca=?", (ca,)).fetchone()
+            return reader.db.execute(count_q, (ca,)).fetchone()
 
         def page(after: bytes):
-            return [(s, t, r, i) for s, t, r, i in reader.db.execute(
-                "SELECT serial, revoked_at, reason, invalidity FROM revocations WHERE ca=? AND serial > ? ORDER BY serial LIMIT ?",
-                (ca, after, CRL_CHUNK))]
+            return [tuple(r) for r in reader.db.execute(page_q, (ca, after, CRL_CHUNK))]
 
         def snap_end():
             reader.db.execute("COMMIT")
@@ -569,14 +604,16 @@ class Factory:
                 async def sender():
                     try:
                         await self.cis.chan.send(S.CrlBegin(id=mid, ca=ca, crl_number=number, this_update=this_update,
-                                                            next_update=next_update, entry_count=count, entries_length=length))
+                                                            next_update=next_update, entry_count=count, entries_length=length,
+                                                            kind=kind))
                         after = b""
                         while True:
                             rows = await trio.to_thread.run_sync(page, after, limiter=rl)
                             if not rows:
                                 break
                             after = rows[-1][0]
-                            await self.cis.chan.send(S.CrlEntries(id=mid, entries=rows))
+                            await self.cis.chan.send(S.CrlEntries(id=mid, entries=rows) if crl else
+                                                     S.SerialEntries(id=mid, serials=[r[0] for r in rows]))
                         await self.cis.chan.send(S.CrlEnd(id=mid))
                     finally:
                         await trio.to_thread.run_sync(snap_end, limiter=rl)
@@ -592,19 +629,19 @@ class Factory:
                         break
                     else:  # Refused
                         n.cancel_scope.cancel()
-                        await self.audit(actor, "crl", f"{ca}#{number}", "refused", m.reason)
+                        await self.audit(actor, action, f"{ca}#{number}", "refused", m.reason)
                         raise FactoryError("lint" if m.code == "lint" else m.code, m.reason)
             if tbs_hash.digest() != signed.tbs_sha256:
-                raise FactoryError("internal", "the CRL bytes received differ from what the CIS signed")
+                raise FactoryError("internal", "the bytes received differ from what the CIS signed")
 
             def store():
                 total = len(signed.prefix) + tbs_len + len(signed.suffix)
                 with db.tx():
-                    db.db.execute("INSERT INTO crls VALUES (?,?,?,?,?,?,zeroblob(?))",
+                    db.db.execute(f"INSERT INTO {table} VALUES (?,?,?,?,?,?,zeroblob(?))",
                                   (ca, number, this_update, next_update, count, b"", total))
                     rowid = db.db.last_insert_rowid()
                     h = hashlib.sha256()
-                    with db.db.blob_open("main", "crls", "der", rowid, True) as blob:
+                    with db.db.blob_open("main", table, "der", rowid, True) as blob:
                         blob.write(signed.prefix)
                         h.update(signed.prefix)
                         tmp.seek(0)
@@ -614,22 +651,25 @@ class Factory:
                         blob.write(signed.suffix)
                         h.update(signed.suffix)
                     digest = h.digest()
-                    db.db.execute("UPDATE crls SET sha256=? WHERE rowid=?", (digest, rowid))
-                    db.audit(actor, "crl", f"{ca}#{number}", "ok", f"entries={count} sha256={digest.hex()}")
+                    db.db.execute(f"UPDATE {table} SET sha256=? WHERE rowid=?", (digest, rowid))
+                    self.dist.enqueue_object(db.db, action, ca, number)  # published with the same commit
+                    db.audit(actor, action, f"{ca}#{number}", "ok", f"entries={count} sha256={digest.hex()}")
                 return digest
             digest = await self.run_db(store)
         finally:
             self.cis.close(mid)
             tmp.close()
-        self.stats["crls"] += 1
-        await self.ocsp.publish_crl(ca, number)
+        self.dist.poke()
+        if crl:
+            self.stats["crls"] += 1
+            await self.ocsp.publish_crl(ca, number)
         return number, count, digest
 
     async def crl_scheduler(self) -> None:
         """Sign a new CRL right after revocations (debounced), and re-sign each CA's CRL once half
         of its validity has passed, so that a published CRL never lapses."""
         while True:
-            with trio.move_on_after(CRL_CHECK_SECONDS):
+            with trio.move_on_after(SERIALS_MIN_INTERVAL if self._serials_dirty else CRL_CHECK_SECONDS):
                 await self._crl_wake.wait()
             self._crl_wake = trio.Event()
             if self.db is None:
@@ -651,22 +691,42 @@ class Factory:
                 except FactoryError as e:
                     self._crl_dirty.add(ca)
                     await self.send_event(S.Event(kind="crl-failed", detail=f"{ca}: {e.reason}"[:4000]))
+                if self.dist.wants_serials(ca):
+                    self._serials_dirty.add(ca)  # the list is re-signed with each CRL, so it never lapses first
+            await self._sign_serials_lists()
 
-    async def crl_chunks(self, ca: str, number: int | None = None):
-        """Yield the stored CRL DER in 1 MiB pieces (latest unless a number is given)."""
+    async def _sign_serials_lists(self) -> None:
+        """Issued-serials lists for CAs with a destination that wants them: after issuance (at most
+        every SERIALS_MIN_INTERVAL seconds per CA) and with every CRL."""
+        now = trio.current_time()
+        for ca in sorted(self._serials_dirty):
+            if now - self._serials_last.get(ca, -1e9) < SERIALS_MIN_INTERVAL:
+                continue
+            self._serials_dirty.discard(ca)
+            self._serials_last[ca] = now
+            try:
+                number, count, _ = await self.generate_serials_list(ca, "factory:crl-scheduler")
+                _log(f"issued-serials list {ca} #{number} signed ({count} serials)")
+            except FactoryError as e:
+                self._serials_dirty.add(ca)
+                await self.send_event(S.Event(kind="crl-failed", detail=f"{ca} issued-serials: {e.reason}"[:4000]))
+
+    async def crl_chunks(self, ca: str, number: int | None = None, table: str = "crls"):
+        """Yield the stored CRL (or issued-serials list) DER in 1 MiB pieces (latest unless a number is given)."""
         db = self._require_active()
-        q = "SELECT rowid, length(der) FROM crls WHERE ca=? " + ("AND number=?" if number else "ORDER BY number DESC LIMIT 1")
+        q = f"SELECT rowid, length(der) FROM {table} WHERE ca=? " + ("AND number=?" if number else "ORDER BY number DESC LIMIT 1")
         args = (ca, number) if number else (ca,)
         row = await self.run_db(lambda: db.db.execute(q, args).fetchone())
         if not row:
-            raise FactoryError("not-found", f"no CRL for CA {ca!r} yet (run `donjon crl generate --ca {ca}`)")
+            what = "CRL" if table == "crls" else "issued-serials list"
+            raise FactoryError("not-found", f"no {what} for CA {ca!r} yet")
         rowid, size = row
         off = 0
         while off < size:
             n = min(1 << 20, size - off)
 
             def rd(o=off, k=n):
-                with db.db.blob_open("main", "crls", "der", rowid, False) as b:
+                with db.db.blob_open("main", table, "der", rowid, False) as b:
                     b.seek(o)
                     return b.read(k)
             yield await self.run_db(rd)
@@ -751,11 +811,12 @@ class Factory:
                                      crl_number=crl_number, crl_next_update=nu[0] if nu else None, issued=issued, revoked=revoked))
             n_audit = db.db.execute("SELECT coalesce(max(seq), 0) FROM audit").fetchone()[0]
             oldest, earliest = db.db.execute("SELECT min(this_update), min(next_update) FROM ocsp").fetchone()
-            return cas, n_audit, oldest, earliest
-        cas, n_audit, oldest, earliest = await self.run_db(q)
+            return cas, n_audit, oldest, earliest, self.dist.backlog()
+        cas, n_audit, oldest, earliest, backlog = await self.run_db(q)
+        dests = [S.DestinationState(name=d.name, backlog=backlog.get(d.name, 0), failing=d.failing) for d in self.dist.states()]
         return S.StatusReport(activated=True, cas=cas, audit_records=n_audit, audit_checkpoint=None,
                               oldest_response_age=max(0, now - oldest) if oldest else None,
-                              ocsp_earliest_next_update=earliest)
+                              ocsp_earliest_next_update=earliest, destinations=dests)
 
     async def status(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"activated": self.db is not None, "token": self.token_info, "stats": dict(self.stats),
@@ -772,6 +833,9 @@ class Factory:
                 return [c[0] for c in cas], certs, revoked, audit[0], head[0].hex() if head else None
             cas, certs, revoked, n_audit, head = await self.run_db(q)
             doc.update(cas=cas, certificates=certs, revoked=revoked, audit_records=n_audit, audit_head=head)
+            if self.dist.rules:
+                backlog = await self.run_db(self.dist.backlog)
+                doc["distribution"] = {d.name: {"backlog": backlog.get(d.name, 0), "failing": d.failing} for d in self.dist.states()}
         return doc
 
     async def audit_export(self) -> bytes:

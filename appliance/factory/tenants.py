@@ -434,11 +434,12 @@ class TenantManager:
         return {"tenant": name, "label": m.label, "csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
 
     async def serials(self, name: str, data: bytes | None, actor: str) -> dict[str, Any]:
-        await self._get(name)
+        info = await self._get(name)
         count = None
         if data is not None:
             try:
-                count = len(await trio.to_thread.run_sync(parse_issued_serials, data))
+                ca = x509.load_der_x509_certificate(info.ca_der)
+                count = len(await trio.to_thread.run_sync(parse_issued_serials, data, ca))
             except CrlRefused as e:
                 await self.f.audit(actor, "tenant-serials", name, "refused", str(e))
                 raise _fail("bad-request", str(e)) from None

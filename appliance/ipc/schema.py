@@ -25,7 +25,8 @@ KeyType = Literal["rsa2048", "rsa3072", "rsa4096", "p256", "p384", "ed25519"]
 Reason = Annotated[int, msgspec.Meta(ge=0, le=10)]
 Attr = tuple[Annotated[str, msgspec.Meta(max_length=32)], Annotated[str, msgspec.Meta(max_length=256)]]
 
-LinkName = Literal["sup-cis", "sup-factory", "factory-cis", "admin", "sup-ocsp", "factory-ocsp", "sup-snmp"]
+LinkName = Literal["sup-cis", "sup-factory", "factory-cis", "admin", "sup-ocsp", "factory-ocsp", "sup-snmp",
+                   "sup-distribution", "factory-distribution"]
 
 
 class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="t"):
@@ -68,6 +69,35 @@ class Event(_Msg, tag="event"):
     detail: Text
 
 
+# ---------------------------------------------------------------- distribution rules (config -> Factory, agent)
+
+Publishable = Literal["ca-cert", "certs", "crl", "issued-serials"]
+
+
+class DistRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One destination and what goes there. The Factory's copy has `secret` = None."""
+
+    name: Name
+    url: Text  # ldap://, ldaps://, http://, https:// (HTTP: may hold {ca} and {name} placeholders)
+    publish: tuple[Publishable, ...]
+    cas: tuple[Name, ...] = ()  # empty: every CA
+    profiles: tuple[Name, ...] = ()  # for "certs": empty means every profile
+    remove_on_revoke: bool = True
+    bind_dn: Text | None = None  # LDAP simple bind (None: anonymous)
+    username: Text | None = None  # HTTP basic auth user (None with a secret: bearer token)
+    secret: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    starttls: bool = False
+    ca_file_pem: Annotated[bytes, msgspec.Meta(max_length=256 * 1024)] | None = None  # trust anchors for TLS
+    dn: Text | None = None  # end-entity entry template, e.g. cn={CN},ou=people,dc=example,dc=org
+    ca_dn: Text | None = None  # CA entry template, e.g. cn={CN},ou=CAs,dc=example,dc=org
+    entry_classes: tuple[Annotated[str, msgspec.Meta(max_length=64)], ...] = ("inetOrgPerson", "pkiUser")
+    entry_attributes: dict[Annotated[str, msgspec.Meta(max_length=64)], Text] = {}
+    ca_entry_classes: tuple[Annotated[str, msgspec.Meta(max_length=64)], ...] = ("applicationProcess", "pkiCA")
+    method: Literal["PUT", "POST"] = "PUT"
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    connections: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4  # parallel lanes; one object always takes the same lane
+
+
 # ---------------------------------------------------------------- supervisor <-> CIS
 
 
@@ -96,6 +126,9 @@ class FactoryConfig(_Msg, tag="factory-config"):
     dev_uid: int | None  # developer mode: this uid may use the admin socket
     ocsp_validity_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 31)] = 24
     ocsp_hashes: tuple[Literal["sha1", "sha256"], ...] = ("sha1",)
+    dist_rules: list[DistRule] = []  # what each destination receives (credentials stripped: the agent alone holds them)
+    dist_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 50
+    dist_backoff_max: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 3600
 
 
 class AutoActivate(_Msg, tag="auto-activate"):
@@ -107,8 +140,8 @@ class AutoActivate(_Msg, tag="auto-activate"):
 class NewLink(_Msg, tag="new-link"):
     """A restarted role's link, its descriptor attached (SCM_RIGHTS): the receiver drops the old one."""
 
-    link: Literal["factory-ocsp"]
-    role: Name = "ocsp"  # which endpoint process ("ocsp", "ocsp.1", ...)
+    link: Literal["factory-ocsp", "factory-distribution"]
+    role: Name = "ocsp"  # which process ("ocsp", "ocsp.1", ..., "distribution")
 
 
 class Ceremony(_Msg, tag="ceremony"):
@@ -198,6 +231,9 @@ class CrlBegin(_Msg, tag="crl-begin"):
     next_update: Epoch
     entry_count: Annotated[int, msgspec.Meta(ge=0, le=50_000_000)]
     entries_length: Annotated[int, msgspec.Meta(ge=0, le=4_000_000_000)]
+    # "issued-serials": the same stream signs the CA's issued-serials list (policy/serials.py),
+    # fed with SerialEntries instead of CrlEntries; `crl_number` is then the list number.
+    kind: Literal["crl", "issued-serials"] = "crl"
 
 
 CrlEntry = tuple[Serial, Epoch, Reason | None, Epoch | None]
@@ -206,6 +242,11 @@ CrlEntry = tuple[Serial, Epoch, Reason | None, Epoch | None]
 class CrlEntries(_Msg, tag="crl-entries"):
     id: ReqId
     entries: Annotated[list[CrlEntry], msgspec.Meta(max_length=20000)]
+
+
+class SerialEntries(_Msg, tag="serial-entries"):
+    id: ReqId
+    serials: Annotated[list[Serial], msgspec.Meta(max_length=20000)]
 
 
 class CrlEnd(_Msg, tag="crl-end"):
@@ -252,7 +293,7 @@ class Ping(_Msg, tag="ping"):
     id: ReqId
 
 
-FactoryToCis = Union[Hello, Activate, GenerateKey, DeleteKey, Issue, CrlBegin, CrlEntries, CrlEnd, SignOcsp, Ping]
+FactoryToCis = Union[Hello, Activate, GenerateKey, DeleteKey, Issue, CrlBegin, CrlEntries, SerialEntries, CrlEnd, SignOcsp, Ping]
 CisToFactory = Union[Hello, Activated, PublicKey, Issued, CrlChunk, CrlSigned, OcspSigned, Ok, Refused]
 
 
@@ -360,6 +401,7 @@ class StatusReport(_Msg, tag="status-report"):
     audit_checkpoint: Epoch | None
     oldest_response_age: int | None
     ocsp_earliest_next_update: Epoch | None = None  # of every pre-produced response held in the CMDB
+    destinations: list[DestinationState] = []  # distribution rules: backlog and whether failing
 
 
 SupToFactory = Union[Hello, FactoryConfig, AutoActivate, Ceremony, Shutdown, OcspStats, NewLink]  # the endpoint's counters, relayed
@@ -461,6 +503,78 @@ class OcspResume(_Msg, tag="ocsp-resume"):
 
 FactoryToOcsp = Union[Hello, PublishCa, PublishResponses, PublishCrl, ResponderKeyRequest, ResponderCert]
 OcspToFactory = Union[Hello, OcspResume, ResponderKey, Refused]
+
+
+# ---------------------------------------------------------------- supervisor/Factory <-> Distribution agent
+
+
+class DistConfig(_Msg, tag="dist-config"):
+    """The rules with their credentials: held only in the agent's memory, never logged."""
+
+    rules: list[DistRule]
+
+
+SupToDist = Union[Hello, DistConfig, Shutdown]
+DistToSup = Union[Hello, Ready, Event]
+
+
+class DistJob(_Msg, tag="dist-job"):
+    """Publish (or remove) one object at one destination. The object's DER follows in DistData
+    frames (`size` bytes in all); `issuer` is the CA certificate the agent verifies it against."""
+
+    id: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    rule: Name
+    action: Literal["ca-cert", "cert", "uncert", "crl", "issued-serials"]
+    ca: Name
+    ca_root: bool  # a self-signed CA: its CRL is also the authority revocation list
+    issuer: Der
+    subject: tuple[Attr, ...]  # of the object's subject (certificates) or of the CA: for DN templates
+    number: Annotated[int, msgspec.Meta(ge=0, lt=2**62)] = 0  # CRL / list number
+    size: Annotated[int, msgspec.Meta(ge=0, le=1 << 30)] = 0
+    # Order per destination: after a failure the agent answers "not attempted" to the rest of this
+    # round; the Factory resends from the oldest pending job in the next round.
+    round: Annotated[int, msgspec.Meta(ge=0, lt=2**62)] = 0
+
+
+class DistData(_Msg, tag="dist-data"):
+    id: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    data: Annotated[bytes, msgspec.Meta(max_length=4 * 1024 * 1024)]
+
+
+class DistAck(_Msg, tag="dist-ack"):
+    """The outcome of one job: done, failed (retry later), or refused for good (park it).
+    `attempted` False: not tried because an earlier job of the same destination failed."""
+
+    id: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    outcome: Literal["done", "failed", "permanent"]
+    error: Text = ""
+    attempted: bool = True
+
+
+class FetchCrl(_Msg, tag="fetch-crl"):
+    """Fetch a CRL-fed tenant's CRL from the first of these URLs that answers (http://, ldap://)."""
+
+    id: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    tenant: Name
+    urls: Annotated[list[Annotated[str, msgspec.Meta(max_length=1024)]], msgspec.Meta(min_length=1, max_length=16)]
+
+
+class FetchedCrl(_Msg, tag="fetched-crl"):
+    """What the URL returned, in chunks (unverified: the Factory checks it against the tenant CA)."""
+
+    id: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    url: Annotated[str, msgspec.Meta(max_length=1024)]
+    data: Annotated[bytes, msgspec.Meta(max_length=4 * 1024 * 1024)]
+    last: bool
+
+
+class FetchFailed(_Msg, tag="fetch-failed"):
+    id: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    error: Text
+
+
+FactoryToDist = Union[Hello, DistJob, DistData, FetchCrl]
+DistToFactory = Union[Hello, DistAck, FetchedCrl, FetchFailed]
 
 
 # ---------------------------------------------------------------- CRL-fed tenants (another CA's CRL, answered live)
@@ -621,6 +735,7 @@ class ARevoke(_Msg, tag="revoke"):
 class ACrlGenerate(_Msg, tag="crl-generate"):
     id: ReqId
     ca: Name
+    kind: Literal["crl", "issued-serials"] = "crl"
 
 
 class ACrlExport(_Msg, tag="crl-export"):
@@ -629,6 +744,7 @@ class ACrlExport(_Msg, tag="crl-export"):
     id: ReqId
     ca: Name
     number: Annotated[int, msgspec.Meta(ge=1, lt=2**62)] | None = None
+    kind: Literal["crl", "issued-serials"] = "crl"
 
 
 class AAuditExport(_Msg, tag="audit-export"):
@@ -649,6 +765,29 @@ class AOcspResponderCert(_Msg, tag="ocsp-responder-cert"):
     id: ReqId
     ca: Name
     validity_days: Annotated[int, msgspec.Meta(ge=1, le=366)] = 30
+
+
+class ADistStatus(_Msg, tag="dist-status"):
+    """Per destination: backlog, oldest pending age, parked jobs, last success and last error."""
+
+    id: ReqId
+
+
+class ADistRetry(_Msg, tag="dist-retry"):
+    """Put parked jobs back in the queue (all, one destination's, or one job) and retry at once."""
+
+    id: ReqId
+    rule: Name | None = None
+    job: Annotated[int, msgspec.Meta(ge=1, lt=2**62)] | None = None
+
+
+class ADistList(_Msg, tag="dist-list"):
+    """Jobs of one state (pending, parked, done), newest first."""
+
+    id: ReqId
+    state: Literal["pending", "parked", "done"] = "parked"
+    rule: Name | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
 
 
 Url = Annotated[str, msgspec.Meta(min_length=8, max_length=1024)]
@@ -711,6 +850,7 @@ class AOcspTenantSerials(_Msg, tag="ocsp-tenant-serials"):
 AdminRequest = Union[
     Hello, AStatus, AActivate, ACaList, ACaShow, ACaCreate, ACaSignCsr, ACaExport, AIssue,
     ACertShow, ACertList, ARevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus, AOcspResponderCert,
+    ADistStatus, ADistRetry, ADistList,
     AOcspTenantAdd, AOcspTenantUpdate, AOcspTenantRemove, AOcspTenantList, AOcspTenantCsr, AOcspTenantCrl,
     AOcspTenantSerials,
 ]
@@ -766,6 +906,8 @@ MAX_FRAME = {
     "sup-ocsp": 256 * 1024,
     "factory-ocsp": 16 * 1024 * 1024,
     "sup-snmp": 1024 * 1024,
+    "sup-distribution": 1024 * 1024,
+    "factory-distribution": 8 * 1024 * 1024,
 }
 
 
@@ -775,6 +917,7 @@ def schema_hash() -> str:
     import json
 
     unions = [SupToCis, CisToSup, SupToFactory, FactoryToSup, FactoryToCis, CisToFactory, AdminRequest, AdminReply,
-              SupToOcsp, OcspToSup, FactoryToOcsp, OcspToFactory, SupToSnmp, SnmpToSup, CeremonySpec]
+              SupToOcsp, OcspToSup, FactoryToOcsp, OcspToFactory, SupToSnmp, SnmpToSup, CeremonySpec,
+              SupToDist, DistToSup, FactoryToDist, DistToFactory]
     schema = msgspec.json.schema_components(unions, schema_hook=lambda t: {"any": repr(t)})
     return hashlib.sha256(json.dumps(schema, sort_keys=True, default=str).encode()).hexdigest()

@@ -119,7 +119,7 @@ async def apply_tenant(tn: Tenants, msg, events: list[S.Event], fac: Channel | N
             elif not msg.present:
                 await trio.to_thread.run_sync(tn.set_serials, msg.tenant, None, None)
             else:
-                serials = await trio.to_thread.run_sync(read_serials, whole)
+                serials = await trio.to_thread.run_sync(read_serials, t.ca, whole)
                 await trio.to_thread.run_sync(tn.set_serials, msg.tenant, whole, serials)
         except CrlRefused as e:
             event("tenant-crl-rejected", f"tenant {msg.tenant}: {kind} refused by the endpoint: {e}")

@@ -64,8 +64,8 @@ def read_crl(ca: x509.Certificate, der: bytes) -> TenantCrl:
     return check_crl(ca, der, 0, None, clock=False)
 
 
-def read_serials(data: bytes) -> frozenset[int]:
-    return parse_issued_serials(data)
+def read_serials(ca: x509.Certificate, data: bytes) -> frozenset[int]:
+    return parse_issued_serials(data, ca)
 
 
 class Tenants:
@@ -103,7 +103,7 @@ class Tenants:
             if os.path.exists(spath):
                 with open(spath, "rb") as f:
                     try:
-                        t.serials = parse_issued_serials(f.read())
+                        t.serials = parse_issued_serials(f.read(), t.ca)
                     except CrlRefused as e:
                         log(f"tenant {name}: stored issued-serials list not used: {e}")
             self._index(t)

@@ -9,6 +9,7 @@ import random
 import threading
 import time
 
+import pytest
 from cryptography import x509
 
 from appliance.client import AdminClient, ClientError
@@ -18,6 +19,7 @@ from tests.conftest import make_csr
 CYCLES = int(os.environ.get("DONJON_KILL_CYCLES", "100"))
 
 
+@pytest.mark.timeout(1800)  # 100 full restarts: minutes on a quiet 2-core machine, more on a busy one
 def test_kill_9_during_issuance_loses_nothing(appliance, tmp_path):
     csrs = [make_csr(tmp_path, f"c{i}", san=f"DNS:host{i}.example.org").read_bytes() for i in range(8)]
     from cryptography.hazmat.primitives.serialization import Encoding

@@ -27,7 +27,7 @@ def _maps(pid: int) -> str:
 
 def test_only_the_cis_maps_the_pkcs11_module(appliance):
     pids = appliance.role_pids()
-    assert set(pids) == {"cis", "cis.1", "factory", "ocsp"}  # two signing processes by default
+    assert set(pids) == {"cis", "cis.1", "factory", "ocsp", "distribution"}  # two signing processes by default
     # The CIS processes reach the CA token; the endpoint maps the module for its own token (delegated
     # responder keys only); the Factory and the supervisor never map it.
     for name, pid in pids.items():
@@ -69,6 +69,8 @@ def test_role_users_cannot_reach_each_others_state(appliance):
     assert as_user("donjon-ocsp", str(home / "cmdb" / "cmdb.sqlite")) != 0
     assert as_user("donjon-ocsp", str(token_file)) != 0
     assert as_user("donjon-cis", str(home / "ocsp-token" / "pin")) != 0
+    for path in (home / "cmdb" / "cmdb.sqlite", token_file, home / "pin", home / "ocsp-token" / "pin"):
+        assert as_user("donjon-dist", str(path)) != 0, path  # the agent holds destination credentials only
     # No role is reachable by a path: the only named socket is the admin socket, owned by root:admin.
     socks = [p for p in home.rglob("*") if p.is_socket()]
     assert socks == [home / "run" / "admin.sock"]
@@ -161,4 +163,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (1, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "b9bebe63bb44efe11c054d0f3b57df4823705890acb264ca0fd213c426983d1f"
+PINNED_SCHEMA_HASH = "d1977a0af0e92490ef8ab21750332cde08d059592272f0191984a5dbb7905582"

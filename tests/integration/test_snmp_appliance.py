@@ -113,6 +113,14 @@ host = "127.0.0.1"
 port = {trap_port}
 version = "v2c"
 community = "{TRAP_COMMUNITY}"
+[distribution]
+backoff-max = 1
+[[distribution.rule]]
+name = "dead-directory"
+url = "ldap://127.0.0.1:9"
+publish = ["ca-cert"]
+ca-dn = "cn={{CN}},dc=example,dc=org"
+timeout = 1.0
 """)
     a.start()
 
@@ -149,6 +157,9 @@ community = "{TRAP_COMMUNITY}"
     finally:
         os.rename(tokens.with_name("tokens.away"), tokens)
     _until(lambda: trapped("token-recovered", "donjon"), "a token-recovered notification")
+
+    # A destination nobody answers at: destination-failing after three failed attempts.
+    _until(lambda: trapped("destination-failing", "dead-directory"), "a destination-failing notification")
 
     # A role is killed: role-died, then it is restarted.
     os.kill(a.role_pids()["ocsp"], 9)

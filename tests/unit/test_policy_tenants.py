@@ -8,6 +8,7 @@ import datetime as dt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -126,3 +127,23 @@ def make_ca_cached() -> Ca:
     if not _CA:
         _CA.append(make_ca("fuzz"))
     return _CA[0]
+
+
+def test_signed_issued_serials_list_checked_against_the_tenant_ca():
+    """A Donjon CA's signed list (policy/serials.py) is read as the issued-serials list; one signed by
+    another key, or naming another issuer, is refused."""
+    from tests.unit.test_serials_list import KEY, NAME, make
+
+    ca = (x509.CertificateBuilder().subject_name(NAME).issuer_name(NAME).public_key(KEY.public_key())
+          .serial_number(1).not_valid_before(dt.datetime(2020, 1, 1)).not_valid_after(dt.datetime(2040, 1, 1))
+          .sign(KEY, hashes.SHA256()))
+    der = make([5, 7, 2**64])
+    assert parse_issued_serials(der, ca) == {5, 7, 2**64}
+    other = ec.generate_private_key(ec.SECP256R1())
+    wrong = (x509.CertificateBuilder().subject_name(NAME).issuer_name(NAME).public_key(other.public_key())
+             .serial_number(1).not_valid_before(dt.datetime(2020, 1, 1)).not_valid_after(dt.datetime(2040, 1, 1))
+             .sign(other, hashes.SHA256()))
+    with pytest.raises(CrlRefused, match="does not verify"):
+        parse_issued_serials(der, wrong)
+    with pytest.raises(CrlRefused, match="does not decode"):
+        parse_issued_serials(der[:-3], ca)

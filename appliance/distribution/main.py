@@ -1,0 +1,162 @@
+"""The Distribution agent role: take jobs from the Factory, verify, publish, acknowledge.
+
+Stateless: the queue lives in the CMDB; this process holds the destinations' credentials in memory
+only (never logged) and reaches LDAP/HTTP servers outbound. One worker per destination publishes its
+jobs in order; a failure makes the rest of that round "not attempted" so the Factory resends them,
+in order, after its backoff. A broken destination never blocks the others.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import trio
+
+# Everything used after drop() is imported before it (Landlock, seccomp).
+import ldap3  # noqa: F401
+import ldap3.operation  # noqa: F401
+import ldap3.strategy.sync  # noqa: F401
+import http.client  # noqa: F401
+import ssl  # noqa: F401
+import encodings.idna  # noqa: F401 - host names with ldap3/http.client
+
+from appliance.ipc import schema as S
+from appliance.ipc.channel import Channel, ProtocolViolation
+
+from .fetch import fetch
+from .publish import Job, PublishError, publisher_for, verify
+
+MAX_OBJECT = 256 * 1024 * 1024  # a CRL bigger than this is refused (the Factory never makes one)
+FETCH_CHUNK = 1 << 20
+FETCHERS = 2  # tenant CRL fetches at once
+
+
+def _log(msg: str) -> None:
+    print(f"donjon[distribution {os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+
+
+class Worker:
+    """One destination: `rule.connections` lanes, each a publisher (a blocking client in its own
+    thread) with its queue. An object (an entry, a CA's CRL, a URL) always takes the same lane, so
+    its jobs stay in order while different objects are published in parallel."""
+
+    def __init__(self, rule: S.DistRule, ack):
+        self.rule = rule
+        self.lanes = []
+        for _ in range(rule.connections):
+            send, recv = trio.open_memory_channel[tuple[S.DistJob, bytes]](1 << 16)
+            self.lanes.append((publisher_for(rule), send, recv, trio.CapacityLimiter(1)))
+        self.ack = ack
+        self.failed_round: int | None = None
+
+    def submit(self, m: S.DistJob, data: bytes) -> None:
+        subject = tuple(kv for kv in m.subject if kv[0] != "serial")
+        key = (m.action if m.action not in ("cert", "uncert") else "cert", m.ca, subject)
+        self.lanes[hash(key) % len(self.lanes)][1].send_nowait((m, data))
+
+    def close(self) -> None:
+        for publisher, *_ in self.lanes:
+            publisher.close()
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as n:
+            for lane in self.lanes:
+                n.start_soon(self._lane, *lane)
+
+    async def _lane(self, publisher, send, recv, limiter) -> None:
+        def publish(job: Job) -> None:
+            verify(job)
+            publisher.publish(job)
+
+        async for m, data in recv:
+            if self.failed_round is not None and m.round <= self.failed_round:
+                await self.ack(S.DistAck(id=m.id, outcome="failed", error="an earlier job of this destination failed",
+                                         attempted=False))
+                continue
+            job = Job(action=m.action, ca=m.ca, ca_root=m.ca_root, issuer=m.issuer, subject=dict(m.subject),
+                      number=m.number, data=data)
+            try:
+                await trio.to_thread.run_sync(publish, job, limiter=limiter, abandon_on_cancel=True)
+            except PublishError as e:
+                if not e.permanent:
+                    self.failed_round = max(self.failed_round or 0, m.round)
+                _log(f"{self.rule.name}: job {m.id} ({m.action} {m.ca}): {e}")
+                await self.ack(S.DistAck(id=m.id, outcome="permanent" if e.permanent else "failed", error=str(e)[:4000]))
+                continue
+            if self.failed_round is not None and m.round > self.failed_round:
+                self.failed_round = None  # a newer round went through: the destination is back
+            await self.ack(S.DistAck(id=m.id, outcome="done"))
+
+
+async def main(fds: dict[str, int], drop) -> None:
+    sup = Channel.from_fd(fds["sup-distribution"], "sup-distribution", S.SupToDist)
+    await sup.handshake()
+    cfg = await sup.recv()
+    if not isinstance(cfg, S.DistConfig):
+        raise ProtocolViolation("expected DistConfig")
+    fac = Channel.from_fd(fds["factory-distribution"], "factory-distribution", S.FactoryToDist)
+    drop()
+    lock = trio.Lock()
+
+    async def ack(a) -> None:
+        async with lock:
+            await fac.send(a)
+
+    workers = {r.name: Worker(r, ack) for r in cfg.rules}  # may be none: the agent then only fetches tenant CRLs
+    await sup.send(S.Ready(role="distribution", pid=os.getpid()))
+    async with trio.open_nursery() as n:
+        for w in workers.values():
+            n.start_soon(w.run)
+
+        async def from_supervisor():
+            while True:
+                m = await sup.recv()
+                if isinstance(m, S.Shutdown):
+                    n.cancel_scope.cancel()
+                    return
+                raise ProtocolViolation(f"unexpected {type(m).__name__} from the supervisor")
+        n.start_soon(from_supervisor)
+        await fac.handshake()
+        pending: dict[int, tuple[S.DistJob, list[bytes], int]] = {}
+        fetchers = trio.CapacityLimiter(FETCHERS)
+
+        async def fetch_crl(m: S.FetchCrl) -> None:
+            async with fetchers:
+                try:
+                    url, data = await trio.to_thread.run_sync(fetch, list(m.urls), abandon_on_cancel=True)
+                except PublishError as e:
+                    _log(f"tenant {m.tenant}: CRL fetch failed: {e}")
+                    await ack(S.FetchFailed(id=m.id, error=str(e)[:4000]))
+                    return
+            for off in range(0, len(data), FETCH_CHUNK):
+                await ack(S.FetchedCrl(id=m.id, url=url, data=data[off:off + FETCH_CHUNK], last=off + FETCH_CHUNK >= len(data)))
+
+        while True:
+            m = await fac.recv()
+            if isinstance(m, S.FetchCrl):
+                n.start_soon(fetch_crl, m)
+            elif isinstance(m, S.DistJob):
+                w = workers.get(m.rule)
+                if w is None or m.id in pending or m.size > MAX_OBJECT:
+                    raise ProtocolViolation(f"factory-distribution: bad job {m.id} for {m.rule!r}")
+                if m.size == 0:
+                    raise ProtocolViolation(f"factory-distribution: job {m.id} without an object")
+                pending[m.id] = (m, [], 0)
+            elif isinstance(m, S.DistData):
+                if m.id not in pending:
+                    raise ProtocolViolation(f"factory-distribution: data for unknown job {m.id}")
+                job, parts, got = pending[m.id]
+                parts.append(m.data)
+                got += len(m.data)
+                if got > job.size:
+                    raise ProtocolViolation(f"factory-distribution: job {m.id} longer than announced")
+                if got == job.size:
+                    del pending[m.id]
+                    workers[job.rule].submit(job, b"".join(parts))
+                else:
+                    pending[m.id] = (job, parts, got)
+            else:
+                raise ProtocolViolation(f"unexpected {type(m).__name__} from the Factory")
+    for w in workers.values():
+        w.close()

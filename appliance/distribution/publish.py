@@ -1,0 +1,344 @@
+"""Publishers: put one verified object at one LDAP or HTTP destination, idempotently (blocking code,
+run in a worker thread per destination by the agent)."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import re
+import ssl
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.x509.oid import ExtensionOID
+
+from appliance.ipc import schema as S
+from policy import serials as serials_list
+
+
+class PublishError(Exception):
+    """One line for `donjon dist status`. `permanent`: retrying cannot help (park the job)."""
+
+    def __init__(self, msg: str, permanent: bool = False):
+        super().__init__(msg)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class Job:
+    action: str
+    ca: str
+    ca_root: bool
+    issuer: bytes
+    subject: dict[str, str]
+    number: int
+    data: bytes
+
+
+# ---------------------------------------------------------------- verification before sending
+
+
+def _verify_sig(issuer: x509.Certificate, signature: bytes, tbs: bytes, hash_alg) -> None:
+    pub = issuer.public_key()
+    if isinstance(pub, rsa.RSAPublicKey):
+        pub.verify(signature, tbs, padding.PKCS1v15(), hash_alg)
+    elif isinstance(pub, ec.EllipticCurvePublicKey):
+        pub.verify(signature, tbs, ec.ECDSA(hash_alg))
+    elif isinstance(pub, ed25519.Ed25519PublicKey):
+        pub.verify(signature, tbs)
+    else:
+        raise PublishError("unsupported issuer key type", permanent=True)
+
+
+def verify(job: Job) -> None:
+    """Never publish what does not parse and verify against its CA (a truncated CRL, a mangled
+    certificate): the agent checks every object itself before it leaves the appliance."""
+    try:
+        issuer = x509.load_der_x509_certificate(job.issuer)
+        if job.action in ("cert", "uncert", "ca-cert"):
+            cert = x509.load_der_x509_certificate(job.data)
+            cert.verify_directly_issued_by(issuer)
+        elif job.action == "crl":
+            crl = x509.load_der_x509_crl(job.data)
+            if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):
+                raise PublishError("the CRL does not verify against its CA certificate", permanent=True)
+            num = crl.extensions.get_extension_for_oid(ExtensionOID.CRL_NUMBER).value.crl_number
+            if num != job.number:
+                raise PublishError(f"CRL number {num} is not the job's {job.number}", permanent=True)
+        elif job.action == "issued-serials":
+            lst = serials_list.decode(job.data)
+            if lst.issuer_der != issuer.subject.public_bytes():
+                raise PublishError("the issued-serials list names another issuer", permanent=True)
+            _verify_sig(issuer, lst.signature, lst.tbs, serials_list.hash_for(lst.signature_oid))
+        else:
+            raise PublishError(f"unknown action {job.action}", permanent=True)
+    except PublishError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any parse or signature failure means: do not send it
+        raise PublishError(f"{job.action} for {job.ca} does not verify: {type(e).__name__}", permanent=True) from None
+
+
+def object_name(job: Job) -> str:
+    return {"crl": f"{job.ca}.crl", "ca-cert": f"{job.ca}.crt", "issued-serials": f"{job.ca}.serials"}[job.action]
+
+
+CONTENT_TYPES = {"crl": "application/pkix-crl", "ca-cert": "application/pkix-cert",
+                 "issued-serials": "application/vnd.donjon.issued-serials"}
+
+
+def _tls_context(rule: S.DistRule) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    if rule.ca_file_pem:
+        ctx.load_verify_locations(cadata=rule.ca_file_pem.decode("ascii", "replace"))
+    return ctx
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+class HttpPublisher:
+    """PUT or POST each object to its URL; any 2xx is success. Replacing a file is idempotent."""
+
+    def __init__(self, rule: S.DistRule):
+        self.rule = rule
+
+    def close(self) -> None:
+        pass
+
+    def publish(self, job: Job) -> None:
+        if job.action not in CONTENT_TYPES:
+            raise PublishError(f"{job.action} cannot go to an HTTP destination", permanent=True)
+        r = self.rule
+        url = r.url
+        name = object_name(job)
+        if "{" in url:
+            url = url.replace("{ca}", quote(job.ca)).replace("{name}", quote(name))
+        else:
+            url = url.rstrip("/") + "/" + quote(name)
+        u = urlsplit(url)
+        headers = {"Content-Type": CONTENT_TYPES[job.action], "Content-Length": str(len(job.data)),
+                   "User-Agent": "donjon-distribution"}
+        if r.secret is not None:
+            if r.username:
+                tok = base64.b64encode(f"{r.username}:{r.secret}".encode()).decode()
+                headers["Authorization"] = f"Basic {tok}"
+            else:
+                headers["Authorization"] = f"Bearer {r.secret}"
+        if u.scheme == "https":
+            conn = http.client.HTTPSConnection(u.hostname, u.port or 443, timeout=r.timeout, context=_tls_context(r))
+        else:
+            conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=r.timeout)
+        try:
+            conn.request(r.method, (u.path or "/") + (f"?{u.query}" if u.query else ""), body=job.data, headers=headers)
+            resp = conn.getresponse()
+            resp.read(64 * 1024)
+            status = resp.status
+        except (OSError, http.client.HTTPException, ssl.SSLError, ValueError) as e:
+            raise PublishError(f"{u.hostname}:{u.port}: {_oneline(e)}") from None
+        finally:
+            conn.close()
+        if 200 <= status < 300:
+            return
+        # 4xx will not mend by itself (bad path, credentials): park it; 408/425/429 and 5xx: retry.
+        permanent = 400 <= status < 500 and status not in (408, 425, 429)
+        raise PublishError(f"{r.method} {u.path}: HTTP {status}", permanent=permanent)
+
+
+# ---------------------------------------------------------------- LDAP (RFC 4523 attributes)
+
+
+# Object classes for missing parent entries, by the attribute of their RDN.
+PARENT_CLASSES = {"ou": ["organizationalUnit"], "o": ["organization"], "dc": ["domain"], "c": ["country"],
+                  "l": ["locality"], "cn": ["applicationProcess"]}
+
+_FIELD = re.compile(r"{([A-Za-z]+)}")
+
+
+def render(template: str, fields: dict[str, str], escape) -> str:
+    def sub(m: re.Match) -> str:
+        k = m.group(1)
+        if k not in fields or not fields[k]:
+            raise PublishError(f"the subject has no {k} for the template {template!r}", permanent=True)
+        return escape(fields[k])
+    return _FIELD.sub(sub, template)
+
+
+class LdapPublisher:
+    """One bound connection per destination, re-opened after any error. Certificates are added as
+    values (an existing value is success), removed as values (a missing one is success); a CRL
+    replaces the stored one only if its number is not lower."""
+
+    def __init__(self, rule: S.DistRule):
+        import ldap3  # noqa: F401 - imported before the drop by the agent
+
+        self.rule = rule
+        self.conn = None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.unbind()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+            self.conn = None
+
+    def _connect(self):
+        import ldap3
+
+        r = self.rule
+        u = urlsplit(r.url)
+        tls = None
+        if u.scheme == "ldaps" or r.starttls:
+            tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_data=r.ca_file_pem.decode() if r.ca_file_pem else None)
+        server = ldap3.Server(u.hostname, port=u.port or (636 if u.scheme == "ldaps" else 389), use_ssl=u.scheme == "ldaps",
+                              tls=tls, get_info=ldap3.NONE, connect_timeout=max(1, int(r.timeout)))
+        conn = ldap3.Connection(server, user=r.bind_dn, password=r.secret, auto_bind=ldap3.AUTO_BIND_NONE,
+                                receive_timeout=max(1, int(r.timeout)), raise_exceptions=False, check_names=False,
+                                read_only=False, return_empty_attributes=False)
+        conn.open(read_server_info=False)
+        if conn.closed:
+            raise PublishError(f"cannot reach {u.hostname}:{server.port}")
+        if r.starttls and not conn.start_tls(read_server_info=False):
+            raise PublishError("StartTLS refused")
+        if not conn.bind(read_server_info=False):
+            res = conn.result or {}
+            raise PublishError(f"bind as {r.bind_dn or 'anonymous'} refused: {res.get('description', 'error')}",
+                               permanent=res.get("result") in (48, 49, 50))
+        self.conn = conn
+        return conn
+
+    def publish(self, job: Job) -> None:
+        try:
+            conn = self.conn or self._connect()
+            self._do(conn, job)
+        except PublishError as e:
+            if not e.permanent:
+                self.close()
+            raise
+        except Exception as e:  # noqa: BLE001 - ldap3 raises IndexError, socket errors, its own types on garbage
+            self.close()
+            raise PublishError(f"LDAP: {_oneline(e)}") from None
+
+    def _dn(self, job: Job) -> str:
+        from ldap3.utils.dn import escape_rdn
+
+        template = self.rule.dn if job.action in ("cert", "uncert") else self.rule.ca_dn
+        if not template:
+            raise PublishError(f"no dn template for {job.action}", permanent=True)
+        fields = dict(job.subject)
+        fields.setdefault("ca", job.ca)
+        return render(template, fields, escape_rdn)
+
+    def _do(self, conn, job: Job) -> None:
+        import ldap3
+
+        dn = self._dn(job)
+        if job.action in ("cert", "ca-cert"):
+            attr = "userCertificate;binary" if job.action == "cert" else "cACertificate;binary"
+            ok = self._modify(conn, dn, {attr: [(ldap3.MODIFY_ADD, [job.data])]}, ok_codes=(20,))  # 20: value exists
+            if ok == "missing":
+                self._create(conn, dn, job, {attr: [job.data]})
+        elif job.action == "uncert":
+            self._modify(conn, dn, {"userCertificate;binary": [(ldap3.MODIFY_DELETE, [job.data])]}, ok_codes=(16, 32))
+        elif job.action == "crl":
+            current = self._current_crl_number(conn, dn)
+            if current is not None and current > job.number:
+                return  # a newer CRL is already there: an older one never overwrites it
+            changes = {"certificateRevocationList;binary": [(ldap3.MODIFY_REPLACE, [job.data])]}
+            if job.ca_root:
+                changes["authorityRevocationList;binary"] = [(ldap3.MODIFY_REPLACE, [job.data])]
+            if self._modify(conn, dn, changes) == "missing":
+                self._create(conn, dn, job, {k: [job.data] for k in changes})
+        else:
+            raise PublishError(f"{job.action} has no LDAP attribute (RFC 4523); publish it over HTTP", permanent=True)
+
+    def _current_crl_number(self, conn, dn: str) -> int | None:
+        import ldap3
+
+        if not conn.search(dn, "(objectClass=*)", search_scope=ldap3.BASE, attributes=["certificateRevocationList;binary"]):
+            if (conn.result or {}).get("result") == 32:
+                return None
+            raise PublishError(f"read {dn}: {(conn.result or {}).get('description', 'error')}")
+        for e in conn.response or []:
+            vals = (e.get("raw_attributes") or {}).get("certificateRevocationList;binary") or []
+            for v in vals:
+                try:
+                    crl = x509.load_der_x509_crl(v)
+                    return crl.extensions.get_extension_for_oid(ExtensionOID.CRL_NUMBER).value.crl_number
+                except Exception:  # noqa: BLE001 - a broken value in the directory is simply replaced
+                    return None
+        return None
+
+    def _modify(self, conn, dn: str, changes, ok_codes: tuple[int, ...] = ()) -> str:
+        conn.modify(dn, changes)
+        code = (conn.result or {}).get("result")
+        if code == 0 or code in ok_codes:
+            return "ok"
+        if code == 32:
+            return "missing"
+        raise PublishError(_ldap_error(conn, f"modify {dn}"), permanent=code in (17, 21, 34, 50, 64, 65, 69))
+
+    def _create(self, conn, dn: str, job: Job, attrs: dict[str, list[bytes]]) -> None:
+        from ldap3.utils.dn import parse_dn
+
+        rdns = parse_dn(dn)
+        rdn_attr, rdn_val = rdns[0][0], _unescape(rdns[0][1])
+        if job.action in ("cert", "uncert"):
+            classes = list(self.rule.entry_classes)
+            extra = {k: render(v, dict(job.subject), lambda x: x) for k, v in self.rule.entry_attributes.items()}
+        else:
+            classes = list(self.rule.ca_entry_classes)
+            extra = {}
+        entry = {"objectClass": classes, rdn_attr: rdn_val, **extra, **attrs}
+        for _ in range(2):
+            conn.add(dn, attributes=entry)
+            code = (conn.result or {}).get("result")
+            if code in (0, 68):  # 68: someone (an earlier attempt) created it: retry the modify path
+                if code == 68:
+                    self._do(conn, job)
+                return
+            if code != 32:
+                raise PublishError(_ldap_error(conn, f"add {dn}"), permanent=code in (17, 19, 21, 34, 50, 64, 65, 69))
+            self._create_parents(conn, rdns[1:])
+        raise PublishError(f"add {dn}: parent entries could not be created")
+
+    def _create_parents(self, conn, rdns, depth: int = 0) -> None:
+        """Create the missing ancestors, nearest first, walking up only as far as needed (the
+        directory's own suffix entry must exist: we never create above it)."""
+        if not rdns or depth > 16:
+            raise PublishError("no existing ancestor entry to create the entry under", permanent=True)
+        dn = ",".join(f"{a}={v}" for a, v, _ in rdns)
+        attr = rdns[0][0].lower()
+        classes = PARENT_CLASSES.get(attr)
+        if classes is None:
+            raise PublishError(f"cannot create parent {dn}: no object class for {attr}=", permanent=True)
+        for _ in range(2):
+            conn.add(dn, attributes={"objectClass": classes, attr: _unescape(rdns[0][1])})
+            code = (conn.result or {}).get("result")
+            if code in (0, 68):
+                return
+            if code != 32:
+                raise PublishError(_ldap_error(conn, f"add parent {dn}"), permanent=code in (17, 21, 34, 50, 53, 64, 65, 69))
+            self._create_parents(conn, rdns[1:], depth + 1)
+        raise PublishError(f"add parent {dn}: its own parent could not be created")
+
+
+def _unescape(v: str) -> str:
+    return re.sub(r"\\(.)", r"\1", v)
+
+
+def _ldap_error(conn, what: str) -> str:
+    res = conn.result or {}
+    return f"{what}: {res.get('description', 'error')} ({res.get('result')})"
+
+
+def _oneline(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}"[:300] if text else type(e).__name__
+
+
+def publisher_for(rule: S.DistRule):
+    return LdapPublisher(rule) if rule.url.startswith("ldap") else HttpPublisher(rule)
+
