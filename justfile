@@ -18,13 +18,15 @@ demo:
     #!/usr/bin/env bash
     set -euo pipefail
     if [ ! -e "{{home}}/cmdb/cmdb.key" ]; then
-      {{venv}}/donjon init --home "{{home}}" --ceremony image/demo-ceremony.toml
+      echo "Choose a password (12 characters or more) for the demo officer 'demo' (administrator and operator):"
+      {{venv}}/donjon init --home "{{home}}" --ceremony image/demo-ceremony.toml --officer demo:administrator+operator
     fi
     cat <<MSG
     Donjon is starting on {{home}} (developer mode when not root; stop it with Ctrl-C).
     In another terminal:
       export DONJON_HOME={{home}} PATH={{venv}}:\$PATH
       donjon status
+      donjon login --officer demo
       donjon ca list
       openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout www.key -subj / -addext subjectAltName=DNS:www.example.org -out www.csr
       donjon issue --ca issuing --profile tls-server --csr www.csr --out www.pem

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from appliance.client import AdminClient, ClientError
+from appliance.client import AdminClient, ClientError, connect, load_session, save_session
 from appliance.ipc import schema as S
 
 app = typer.Typer(help="Donjon: a hardened certificate authority appliance.", no_args_is_help=True,
@@ -20,6 +20,8 @@ cert_app = typer.Typer(help="Issued certificates: show, list, export.", no_args_
 crl_app = typer.Typer(help="Certificate revocation lists.", no_args_is_help=True)
 audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
 ocsp_app = typer.Typer(help="The OCSP/CRL endpoint and its pre-produced responses.", no_args_is_help=True)
+officer_app = typer.Typer(help="Officer accounts: add, list, remove, passwd, unlock, totp.", no_args_is_help=True)
+pending_app = typer.Typer(help="Dual-control requests waiting for approvals.", no_args_is_help=True)
 app.add_typer(ca_app, name="ca")
 app.add_typer(cert_app, name="cert")
 app.add_typer(crl_app, name="crl")
@@ -27,6 +29,8 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(ocsp_app, name="ocsp")
 dist_app = typer.Typer(help="Distribution: publication to LDAP and HTTP destinations (queue, status, retry).", no_args_is_help=True)
 app.add_typer(dist_app, name="dist")
+app.add_typer(officer_app, name="officer")
+app.add_typer(pending_app, name="pending")
 
 Home = Annotated[str, typer.Option("--home", envvar="DONJON_HOME", help="State folder (DONJON_HOME).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -42,8 +46,9 @@ def fail(msg: str, code: int = 1) -> None:
 
 
 def client(home: str) -> AdminClient:
+    """A connection carrying this user's officer session (see appliance.client.connect)."""
     try:
-        return AdminClient(home)
+        return connect(home)
     except ClientError as e:
         fail(str(e))
 
@@ -51,9 +56,14 @@ def client(home: str) -> AdminClient:
 def call(home: str, cls, **kw):
     try:
         with client(home) as c:
-            return c.call(cls, **kw)
+            doc = c.call(cls, **kw)
     except ClientError as e:
         fail(str(e))
+    if "pending" in doc and "required" in doc:  # dual control: filed, not run
+        typer.echo(f"request #{doc['pending']} ({doc['operation']}) is pending: {doc['approvals']} of {doc['required']} "
+                   f"approvals; other officers run `donjon approve {doc['pending']}`")
+        raise typer.Exit(0)
+    return doc
 
 
 def _when(t) -> str:
@@ -129,31 +139,101 @@ def der_of(data: bytes, label: str) -> bytes:
 # ---------------------------------------------------------------- lifecycle
 
 
+ROLE_NAMES = ("administrator", "operator", "auditor")
+
+
+def password_from(prompt: str, confirm: bool = True) -> str:
+    """DONJON_PASSWORD (scripts, tests), else a hidden prompt."""
+    pw = os.environ.get("DONJON_PASSWORD")
+    if pw:
+        return pw
+    return typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
+
+
+def parse_officer(spec: str) -> tuple[str, tuple[str, ...]]:
+    """'alice' (an administrator) or 'bob:operator' or 'carol:administrator+operator'."""
+    name, _, roles = spec.partition(":")
+    rs = tuple(r.strip() for r in roles.split("+")) if roles else ("administrator",)
+    bad = [r for r in rs if r not in ROLE_NAMES]
+    if bad or not name:
+        fail(f"officer {spec!r}: NAME or NAME:ROLE[+ROLE] with roles among {', '.join(ROLE_NAMES)}")
+    return name, rs
+
+
 @app.command()
 def init(home: Home = "./var",
          ceremony: Annotated[str, typer.Option(help="Root-CA ceremony TOML (key type, subject, validity, path length).")] = ...,
-         pin_file: Annotated[Optional[str], typer.Option(help="Token user PIN (default: a new random PIN written to HOME/pin).")] = None) -> None:
+         pin_file: Annotated[Optional[str], typer.Option(help="Token user PIN (default: a new random PIN written to HOME/pin).")] = None,
+         officer: Annotated[list[str], typer.Option(help="Create this officer: NAME (an administrator) or NAME:ROLE[+ROLE]; "
+                                                         "repeatable; password prompted, or DONJON_PASSWORD.")] = [],  # noqa: B006
+         shares: Annotated[Optional[int], typer.Option(help="Split the token PIN into this many shares (quorum activation).")] = None,
+         threshold: Annotated[Optional[int], typer.Option(help="Shares needed to activate (with --shares).")] = None,
+         shares_dir: Annotated[Optional[str], typer.Option(help="Write share-N.txt files here (0600) instead of printing them.")] = None) -> None:
     """Create the state folder, the embedded token and the CMDB, and run the root-CA ceremony.
 
-    Example: donjon init --home ./var --ceremony image/demo-ceremony.toml
+    With --shares N --threshold M the token PIN is split (Shamir, GF(256)) into N checksummed shares,
+    any M of which activate (`donjon activate --share ...`); no PIN file is kept.
+
+    Example: donjon init --home ./var --ceremony image/demo-ceremony.toml --officer alice
     """
+    import secrets
+
     import trio
 
     from appliance import config as C
     from appliance import home as H
     from appliance.supervisor import Supervisor, SupervisorError
+    from policy import shamir
+    from policy.errors import PolicyError
 
+    if (shares is None) != (threshold is None):
+        fail("--shares and --threshold go together")
+    officers = []
+    for spec_ in officer:
+        name, roles = parse_officer(spec_)
+        if "auditor" in roles and len(roles) > 1:
+            fail(f"officer {name}: the auditor role is exclusive of the others")
+        pw = password_from(f"Password for officer {name}")
+        if len(pw) < 12:
+            fail(f"officer {name}: a password has at least 12 characters")
+        officers.append(S.InitOfficer(name=name, roles=roles, password=pw))
+    if officers and not any("administrator" in o.roles for o in officers):
+        fail("at least one of the --officer accounts must be an administrator")
+    share_texts: list[str] = []
     try:
         spec = C.load_ceremony(ceremony)
         pin = H.read_pin(pin_file) if pin_file else None
-        cfg, pin = H.create(home, pin)
-        rc = trio.run(Supervisor(home, cfg).run, spec, pin)
+        if shares is not None:
+            if shares_dir and os.path.exists(shares_dir) and os.listdir(shares_dir):
+                fail(f"{shares_dir} is not empty: refusing to overwrite shares")
+            pin = pin or secrets.token_urlsafe(18)
+            share_texts = shamir.split_pin(pin, threshold, shares, secrets.token_bytes)
+        cfg, pin = H.create(home, pin, write_pin=shares is None)
+        sup = Supervisor(home, cfg)
+        sup.init_officers = officers
+        rc = trio.run(sup.run, spec, pin)
     except (C.ConfigError, H.HomeError, SupervisorError) as e:
         fail(str(e))
+    except PolicyError as e:
+        fail(e.message)
     if rc != 0:
         fail("the ceremony failed (see the log above); nothing was kept in the CMDB but its audit records")
+    if share_texts:
+        if shares_dir:
+            os.makedirs(shares_dir, mode=0o700, exist_ok=True)
+            for i, t in enumerate(share_texts, 1):
+                fd = os.open(os.path.join(shares_dir, f"share-{i}.txt"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(t + "\n")
+            typer.echo(f"{len(share_texts)} PIN shares (any {threshold} activate) -> {shares_dir}/share-N.txt: hand one to each officer")
+        else:
+            typer.echo(f"PIN shares (any {threshold} of {len(share_texts)} activate); hand one to each officer, keep none here:")
+            for i, t in enumerate(share_texts, 1):
+                typer.echo(f"  share {i}: {t}")
     names = [spec.root.name] + [c.name for c in spec.issuing]
     typer.echo(f"Initialised {os.path.abspath(home)}: CAs {', '.join(names)}. Start it with: donjon run --home {home}")
+    if not officers:
+        typer.echo("No officer yet: create the first administrator with `donjon officer add NAME --role administrator`.")
 
 
 @app.command()
@@ -198,22 +278,183 @@ def status(home: Home = "./var", as_json: JsonOut = False) -> None:
     if doc["activated"]:
         typer.echo(f"CAs: {', '.join(doc['cas']) or '-'}; certificates: {doc['certificates']}; revoked: {doc['revoked']}")
         typer.echo(f"audit: {doc['audit_records']} records, head {doc['audit_head']}")
+        cp = doc.get("audit_checkpoint")
+        typer.echo(f"audit checkpoint: seq {cp['seq']} head {cp['head']} signed {datetime.utcfromtimestamp(cp['time']).isoformat()}Z"
+                   if cp else "audit checkpoint: none yet (donjon audit checkpoint)")
 
 
 @app.command("activate")
 def activate_cmd(home: Home = "./var",
-                 pin_file: Annotated[Optional[str], typer.Option(help="Read the token PIN from this file instead of prompting.")] = None) -> None:
-    """Log the CIS into the token and open the CMDB.
+                 pin_file: Annotated[Optional[str], typer.Option(help="Read the token PIN from this file instead of prompting.")] = None,
+                 share: Annotated[list[str], typer.Option(help="A PIN share (repeat for each officer present); '-' prompts.")] = [],  # noqa: B006
+                 quorum: Annotated[Optional[int], typer.Option(help="Prompt for this many shares, one officer at a time.")] = None) -> None:
+    """Log the CIS into the token and open the CMDB, with the PIN or with a quorum of PIN shares.
 
     Example: donjon activate --pin-file ./var/pin
+    Example: donjon activate --share DJS1-... --share DJS1-...   (or --quorum 3 to be prompted)
     """
     from appliance import home as H
+    if share or quorum:
+        from policy import shamir
+        from policy.errors import PolicyError
+        texts = [t for t in share if t != "-"]
+        want = max(quorum or 0, len(share))
+        while len(texts) < want:
+            t = typer.prompt(f"Share {len(texts) + 1} of {want}", hide_input=True)
+            try:
+                shamir.parse_share(t)  # a typo is caught here, before anything reaches the appliance
+            except PolicyError as e:
+                typer.echo(f"donjon: {e.message}: type it again", err=True)
+                continue
+            texts.append(t)
+        for t in texts:
+            try:
+                shamir.parse_share(t)
+            except PolicyError as e:
+                fail(e.message)
+        doc = call(home, S.AActivateShares, shares=texts)
+        typer.echo(f"activated: {doc['token']}")
+        return
     try:
         pin = H.read_pin(pin_file) if pin_file else typer.prompt("Token PIN", hide_input=True)
     except H.HomeError as e:
         fail(str(e))
     doc = call(home, S.AActivate, pin=pin)
     typer.echo(f"activated: {doc['token']}")
+
+
+# ---------------------------------------------------------------- officers and sessions
+
+
+@app.command()
+def login(officer: Annotated[str, typer.Option(help="Officer name.")] = ...,
+          otp: Annotated[Optional[str], typer.Option(help="TOTP code, when the officer has the second factor on.")] = None,
+          home: Home = "./var") -> None:
+    """Log in as an officer; later commands use the session until `donjon logout` or 15 idle minutes.
+
+    The password is prompted (or DONJON_PASSWORD). The token is kept 0600 in ~/.cache/donjon/ (or
+    DONJON_SESSION_FILE); DONJON_SESSION passes one explicitly.
+
+    Example: donjon login --officer alice
+    """
+    pw = password_from(f"Password for {officer}", confirm=False)
+    try:
+        with AdminClient(home) as c:
+            token = c.login(officer, pw, otp)
+            roles = c.roles
+    except ClientError as e:
+        fail(str(e))
+    save_session(home, token)
+    typer.echo(f"logged in as {officer} ({', '.join(roles)})")
+
+
+@app.command()
+def logout(home: Home = "./var") -> None:
+    """End the stored session. Example: donjon logout"""
+    token = load_session(home)
+    if token:
+        try:
+            with AdminClient(home, session=token) as c:
+                c.logout()
+        except ClientError as e:
+            if e.code not in ("auth", "not-running"):
+                fail(str(e))
+    save_session(home, None)
+    typer.echo("logged out")
+
+
+@officer_app.command("add")
+def officer_add(name: str,
+                role: Annotated[list[str], typer.Option(help="administrator | operator | auditor (repeatable; auditor alone).")] = ...,
+                home: Home = "./var") -> None:
+    """Create an officer (password prompted, or DONJON_PASSWORD). With no officer yet, only an administrator.
+
+    Example: donjon officer add alice --role administrator
+    """
+    for r in role:
+        if r not in ROLE_NAMES:
+            fail(f"unknown role {r!r} (one of: {', '.join(ROLE_NAMES)})")
+    pw = password_from(f"Password for officer {name}")
+    doc = call(home, S.AOfficerAdd, name=name, roles=tuple(role), password=pw)
+    typer.echo(f"officer {doc['name']} added ({', '.join(doc['roles'])})")
+
+
+@officer_app.command("list")
+def officer_list(home: Home = "./var", as_json: JsonOut = False) -> None:
+    """List officers, their roles, second factor and lockout state. Example: donjon officer list"""
+    docs = call(home, S.AOfficerList)["officers"]
+    if as_json:
+        typer.echo(json.dumps(docs, indent=2))
+        return
+    for o in docs:
+        typer.echo(f"{o['name']:<20} {','.join(o['roles']):<24} totp={'on ' if o['totp'] else 'off'} "
+                   f"failures={o['failures']}{'  LOCKED' if o['locked'] else ''}")
+
+
+@officer_app.command("remove")
+def officer_remove(name: str, home: Home = "./var") -> None:
+    """Remove an officer (never the last administrator). Example: donjon officer remove bob"""
+    call(home, S.AOfficerRemove, name=name)
+    typer.echo(f"officer {name} removed")
+
+
+@officer_app.command("passwd")
+def officer_passwd(name: str, home: Home = "./var") -> None:
+    """Set an officer's password (prompted, or DONJON_NEW_PASSWORD). Example: donjon officer passwd alice"""
+    pw = os.environ.get("DONJON_NEW_PASSWORD") or typer.prompt(f"New password for {name}", hide_input=True, confirmation_prompt=True)
+    call(home, S.AOfficerPasswd, name=name, password=pw)
+    typer.echo(f"password of {name} changed")
+
+
+@officer_app.command("unlock")
+def officer_unlock(name: str, home: Home = "./var") -> None:
+    """Unlock an officer locked out after repeated failed logins. Example: donjon officer unlock bob"""
+    call(home, S.AOfficerUnlock, name=name)
+    typer.echo(f"officer {name} unlocked")
+
+
+@officer_app.command("totp")
+def officer_totp(name: str, enable: Annotated[bool, typer.Option("--enable/--disable", help="Turn the TOTP second factor on or off.")] = True,
+                 home: Home = "./var") -> None:
+    """Turn an officer's TOTP second factor on (prints the secret and otpauth URI once) or off.
+
+    Example: donjon officer totp alice --enable
+    """
+    doc = call(home, S.AOfficerTotp, name=name, enable=enable)
+    if doc.get("totp"):
+        typer.echo(f"TOTP on for {name}: secret {doc['secret']}\n{doc['uri']}")
+    else:
+        typer.echo(f"TOTP off for {name}")
+
+
+@pending_app.command("list")
+def pending_list(all_: Annotated[bool, typer.Option("--all", help="Also closed requests.")] = False,
+                 home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Dual-control requests waiting for approvals. Example: donjon pending list"""
+    docs = call(home, S.APendingList, open_only=not all_)["pending"]
+    if as_json:
+        typer.echo(json.dumps(docs, indent=2))
+        return
+    for p in docs:
+        typer.echo(f"#{p['id']:<5} {p['state']:<8} {p['operation']:<12} by {p['requester']:<12} "
+                   f"approvals {len(p['approvals'])}/{p['required']} ({', '.join(p['approvals'])}) "
+                   f"expires {datetime.utcfromtimestamp(p['expires']).isoformat()}Z  {p['summary']}")
+
+
+@app.command()
+def approve(request: int, home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Approve a pending dual-control request; the last approval needed runs it.
+
+    Example: donjon approve 7
+    """
+    doc = call(home, S.AApprove, request=request)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+    elif doc["executed"]:
+        typer.echo(f"request #{request} approved ({doc['approvals']} of {doc['required']}) and executed")
+        typer.echo(json.dumps(doc["result"], indent=2))
+    else:
+        typer.echo(f"request #{request} approved: {doc['approvals']} of {doc['required']}")
 
 
 # ---------------------------------------------------------------- CAs
@@ -665,12 +906,15 @@ def audit_export(out: Annotated[Optional[str], typer.Option(help="Output file (J
 
 @audit_app.command("verify")
 def audit_verify(file: Annotated[Optional[str], typer.Argument(help="An exported log; default: export from the running appliance.")] = None,
+                 cert: Annotated[Optional[str], typer.Option(help="The audit certificate (donjon audit cert): check checkpoint signatures.")] = None,
+                 anchor: Annotated[Optional[str], typer.Option(help="A published signed head (donjon audit checkpoint --out): detect a rollback.")] = None,
                  home: Home = "./var") -> None:
-    """Verify the audit hash chain and name the first record that breaks it.
+    """Verify the audit hash chain offline, name the first record that breaks it, check the signed
+    checkpoints against the audit certificate and, with --anchor, that the log was not rolled back.
 
-    Example: donjon audit verify audit.jsonl
+    Example: donjon audit verify audit.jsonl --cert audit.pem --anchor head.json
     """
-    from appliance.factory.cmdb import verify_audit
+    from policy import audit as A
     if file:
         data = read_file(file, "audit log")
     else:
@@ -679,21 +923,54 @@ def audit_verify(file: Annotated[Optional[str], typer.Argument(help="An exported
                 data = b"".join(c.stream(S.AAuditExport))
         except ClientError as e:
             fail(str(e))
-    records = []
+    entries = []
     for i, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            e = json.loads(line)
         except ValueError:
             fail(f"line {i}: not JSON")
+        if not isinstance(e, dict):
+            fail(f"line {i}: not a record")
+        entries.append(e)
     try:
-        n, problem = verify_audit(iter(records))
-    except (KeyError, ValueError, TypeError) as e:
-        fail(f"malformed audit record: {e}")
+        crt = A.load_cert(read_file(cert, "audit certificate")) if cert else None
+    except ValueError:
+        fail(f"{cert}: not a certificate")
+    anc = None
+    if anchor:
+        try:
+            anc = json.loads(read_file(anchor, "anchor"))
+        except ValueError:
+            fail(f"{anchor}: not a signed checkpoint (JSON)")
+        if crt is None:
+            fail("--anchor needs --cert (the anchor is only worth its signature)")
+    summary, problem = A.verify_export(entries, crt, anc)
     if problem:
         fail(f"audit chain broken: {problem}")
-    typer.echo(f"audit chain intact: {n} records")
+    extra = ""
+    if summary["checkpoints"]:
+        extra = f", {summary['checkpoints']} checkpoints" + (" with valid signatures" if crt else " (signatures not checked: no --cert)")
+    if "anchor_seq" in summary:
+        extra += f", consistent with the anchor at seq {summary['anchor_seq']}"
+    typer.echo(f"audit chain intact: {summary['records']} records{extra}")
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(out: Annotated[Optional[str], typer.Option(help="Write the signed head (JSON) here: a rollback anchor to publish.")] = None,
+                     home: Home = "./var") -> None:
+    """Have the HSM's audit key sign the chain head now. Example: donjon audit checkpoint --out head.json"""
+    doc = call(home, S.AAuditCheckpoint)
+    if out:
+        out_bytes(json.dumps(doc).encode() + b"\n", out)
+    typer.echo(f"checkpoint signed: seq {doc['seq']} head {doc['head']}" + (f" -> {out}" if out else ""))
+
+
+@audit_app.command("cert")
+def audit_cert(out: Annotated[Optional[str], typer.Option(help="Output file (PEM).")] = None, home: Home = "./var") -> None:
+    """Export the audit key's self-issued certificate (to verify checkpoints offline). Example: donjon audit cert --out audit.pem"""
+    out_bytes(call(home, S.AAuditCert)["cert"].encode(), out)
 
 
 @audit_app.command("reconcile")

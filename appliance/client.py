@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import socket
@@ -20,8 +21,15 @@ class ClientError(Exception):
 
 
 class AdminClient:
-    def __init__(self, home: str, timeout: float | None = 600):
+    """One admin-socket connection. With `session` (a token from `login`) it resumes that officer
+    session right after the handshake; otherwise call `login` (or only use the public requests:
+    status, activate)."""
+
+    def __init__(self, home: str, timeout: float | None = 600, session: str | None = None):
         self.home = home
+        self.session: str | None = None
+        self.officer: str | None = None
+        self.roles: list[str] = []
         path = os.path.join(home, "run", "admin.sock")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -39,6 +47,28 @@ class AdminClient:
             self.chan.handshake()
         except (ProtocolViolation, OSError):
             raise ClientError("the appliance refused the connection (not root, owner or admin group?)", "auth") from None
+        if session is not None:
+            try:
+                self.resume(session)
+            except ClientError:
+                self.close()
+                raise
+
+    def login(self, officer: str, password: str, otp: str | None = None) -> str:
+        """Authenticate; the session is bound to this connection. Returns the session token (kept on the client)."""
+        d = self.call(S.ALogin, officer=officer, password=password, otp=otp or None)
+        self.session, self.officer, self.roles = d["token"], d["officer"], d["roles"]
+        return self.session
+
+    def resume(self, token: str) -> dict[str, Any]:
+        """Attach an existing session to this connection."""
+        d = self.call(S.AResume, token=token)
+        self.session, self.officer, self.roles = token, d["officer"], d["roles"]
+        return d
+
+    def logout(self) -> None:
+        self.call(S.ALogout)
+        self.session, self.officer, self.roles = None, None, []
 
     def close(self) -> None:
         self.chan.sock.close()
@@ -87,3 +117,71 @@ class AdminClient:
                 yield m.data
             if m.last:
                 return
+
+
+# ---------------------------------------------------------------- the CLI's stored session
+
+
+def session_file(home: str) -> str:
+    """Where `donjon login` keeps the token for this user and this appliance (0600): DONJON_SESSION_FILE,
+    else $XDG_CACHE_HOME/donjon/session-<hash of the home path> (~/.cache by default)."""
+    explicit = os.environ.get("DONJON_SESSION_FILE")
+    if explicit:
+        return explicit
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    h = hashlib.sha256(os.path.realpath(home).encode()).hexdigest()[:16]
+    return os.path.join(cache, "donjon", f"session-{h}")
+
+
+def load_session(home: str) -> str | None:
+    token = os.environ.get("DONJON_SESSION")
+    if token:
+        return token.strip()
+    try:
+        with open(session_file(home), encoding="ascii") as f:
+            return f.read().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def save_session(home: str, token: str | None) -> None:
+    """Store (or, with None, forget) the session token; a cache that cannot be written is not an error."""
+    path = session_file(home)
+    try:
+        if token is None:
+            os.unlink(path)
+            return
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        os.rename(tmp, path)
+    except OSError:
+        pass
+
+
+def connect(home: str, timeout: float | None = 600) -> AdminClient:
+    """A client carrying this user's session: DONJON_SESSION or the stored token; if there is none or it
+    expired and DONJON_OFFICER + DONJON_PASSWORD (+ DONJON_OTP) are set (scripts, tests), a new login,
+    stored for the next commands. Without any, only the public requests (status, activate) work."""
+    c = AdminClient(home, timeout)
+    officer, password = os.environ.get("DONJON_OFFICER"), os.environ.get("DONJON_PASSWORD")
+    token = load_session(home)
+    if token:
+        try:
+            c.resume(token)
+            if not officer or c.officer == officer:
+                return c
+        except ClientError as e:
+            if e.code != "auth":
+                c.close()
+                raise
+    if officer and password:
+        try:
+            save_session(home, c.login(officer, password, os.environ.get("DONJON_OTP")))
+        except ClientError as e:
+            if e.code != "inactive":  # before activation only the public requests work anyway
+                c.close()
+                raise
+    return c

@@ -126,6 +126,29 @@ class Profiles(_C):
     dir: str | None = "profiles"  # operator profile files (*.toml) overriding or adding to the shipped ones
 
 
+GUARDABLE = ("ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore")
+
+
+class Officers(_C):
+    session_idle_minutes: Annotated[int, msgspec.Meta(ge=1, le=1440)] = 15
+    max_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5  # consecutive failed logins before lockout
+
+
+class DualControl(_C):
+    approvals: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1  # M distinct officers, the requester included; 1: off
+    operations: tuple[Literal["ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore"], ...] = GUARDABLE
+    expiry_minutes: Annotated[int, msgspec.Meta(ge=1, le=30 * 1440)] = 60
+
+
+class Audit(_C):
+    checkpoint_minutes: Annotated[int, msgspec.Meta(ge=0, le=30 * 1440)] = 60  # 0: on demand only
+
+
+class Activation(_C):
+    max_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5  # consecutive wrong PINs before a lockout
+    lockout_minutes: Annotated[int, msgspec.Meta(ge=0, le=1440)] = 15
+
+
 class Config(_C):
     hsm: Hsm = Hsm()
     cmdb: CmdbCfg = CmdbCfg()
@@ -136,6 +159,20 @@ class Config(_C):
     distribution: Distribution = Distribution()
     admin: Admin = Admin()
     profiles: Profiles = Profiles()
+    officers: Officers = Officers()
+    dual_control: DualControl = DualControl()
+    audit: Audit = Audit()
+    activation: Activation = Activation()
+
+
+def officer_settings(cfg: Config) -> dict:
+    """The FactoryConfig fields for officers, dual control, audit checkpoints and activation lockout."""
+    return {"session_idle_seconds": cfg.officers.session_idle_minutes * 60, "max_login_failures": cfg.officers.max_failures,
+            "dual_approvals": cfg.dual_control.approvals, "dual_operations": tuple(cfg.dual_control.operations),
+            "dual_expiry_seconds": cfg.dual_control.expiry_minutes * 60,
+            "checkpoint_seconds": cfg.audit.checkpoint_minutes * 60,
+            "activation_max_failures": cfg.activation.max_failures,
+            "activation_lockout_seconds": cfg.activation.lockout_minutes * 60}
 
 
 DEFAULT_TOML = """\
@@ -216,6 +253,22 @@ group = "donjon-admin"                        # members may use the admin socket
 
 [profiles]
 dir = "profiles"                              # *.toml here override or add to the shipped profiles
+
+[officers]
+session-idle-minutes = 15                     # an admin session ends after this long unused
+max-failures = 5                              # consecutive failed logins lock the officer (an administrator unlocks)
+
+[dual-control]
+approvals = 1                                 # M distinct officers (the requester counts as one); 1 = off
+operations = ["ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore"]
+expiry-minutes = 60                           # a pending request expires with its approvals
+
+[audit]
+checkpoint-minutes = 60                       # the CIS signs the audit chain head this often (0: on demand only)
+
+[activation]
+max-failures = 5                              # consecutive wrong PINs (or bad share sets) before a lockout
+lockout-minutes = 15                          # activation refused this long after the lockout
 """
 
 

@@ -32,7 +32,7 @@ def read_pin(path: str) -> str:
     return pin
 
 
-def create(home: str, pin: str | None = None) -> tuple[C.Config, str]:
+def create(home: str, pin: str | None = None, write_pin: bool = True) -> tuple[C.Config, str]:
     """Make the folder, the default donjon.toml and (embedded mode) a fresh SoftHSM2 token.
 
     Refuses a folder that already holds a CMDB: a CA is never overwritten.
@@ -61,7 +61,7 @@ def create(home: str, pin: str | None = None) -> tuple[C.Config, str]:
         f.write(f"directories.tokendir = {L.softhsm}/tokens\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n")
     user_pin = pin or secrets.token_urlsafe(18)
     so_pin = secrets.token_urlsafe(18)
-    if cfg.hsm.pin_file:
+    if cfg.hsm.pin_file and write_pin:  # not with a quorum: nobody alone may hold the PIN
         pin_path = os.path.join(home, cfg.hsm.pin_file)
         if not os.path.exists(pin_path):
             _write_secret(pin_path, user_pin)

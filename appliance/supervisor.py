@@ -323,7 +323,8 @@ class Supervisor:
                                                  ocsp_validity_hours=self.cfg.ocsp.validity_hours, ocsp_hashes=self.cfg.ocsp.hashes,
                                                  dist_rules=[msgspec.structs.replace(r, secret=None) for r in self.dist_rules],
                                                  dist_max_attempts=self.cfg.distribution.max_attempts,
-                                                 dist_backoff_max=self.cfg.distribution.backoff_max))
+                                                 dist_backoff_max=self.cfg.distribution.backoff_max,
+                                                 **C.officer_settings(self.cfg)))
         m = await role.chan.recv()
         if not isinstance(m, S.Ready):
             raise ProtocolViolation(f"{role.name}: expected Ready, got {type(m).__name__}")
@@ -355,6 +356,8 @@ class Supervisor:
                     await self.notify("activated", "appliance", m.detail)
                 elif m.kind == "activated" and role.kind == "cis":
                     self.tokens.setdefault(self.cfg.hsm.token, True)
+                elif m.kind == "login-lockout" and role.kind == "factory":
+                    await self.notify("login-lockout", m.detail.split()[1] if len(m.detail.split()) > 1 else "officer", m.detail)
                 self.events.append(m)
                 self._event.set()
                 self._event = trio.Event()
@@ -533,7 +536,8 @@ class Supervisor:
                     for role in roles.values():
                         n.start_soon(self._listen, role)
                     if ceremony is not None:
-                        await roles["factory"].chan.send(S.Ceremony(pin=pin, spec=msgspec.msgpack.encode(ceremony)))
+                        await roles["factory"].chan.send(S.Ceremony(pin=pin, spec=msgspec.msgpack.encode(ceremony),
+                                                                    officers=list(getattr(self, "init_officers", []))))
                         ev = await self.wait_event("ceremony-done", "ceremony-failed")
                         result = 0 if ev.kind == "ceremony-done" else 2
                         if result:

@@ -23,6 +23,13 @@ SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 OPENSSL = "/usr/bin/openssl"
 
 
+# The benchmark's officers (issue #6): every CLI call and admin client below logs in as the operator
+# through the environment (appliance.client.connect).
+BENCH_PASSWORD = "bench-officer-password"
+os.environ.setdefault("DONJON_OFFICER", "bench")
+os.environ.setdefault("DONJON_PASSWORD", BENCH_PASSWORD)
+
+
 class BenchError(Exception):
     pass
 
@@ -69,7 +76,8 @@ def write_ceremony(path: Path, issuing: list[tuple[str, str]]) -> None:
 def init_home(home: Path, issuing: list[tuple[str, str]], nolint_profile: bool = True, timeout: float = 300) -> None:
     cer = home.parent / (home.name + "-ceremony.toml")
     write_ceremony(cer, issuing)
-    r = subprocess.run(donjon_argv("init", "--home", str(home), "--ceremony", str(cer)), capture_output=True,
+    r = subprocess.run(donjon_argv("init", "--home", str(home), "--ceremony", str(cer),
+                                   "--officer", "bench-admin:administrator", "--officer", "bench:operator"), capture_output=True,
                        text=True, timeout=timeout, cwd=REPO)
     if r.returncode != 0:
         raise BenchError(f"donjon init failed: {r.stderr[-2000:]}")

@@ -79,13 +79,13 @@ def _hwm(app: common.Appliance) -> dict[str, int]:
 
 
 def donjon_generate(app: common.Appliance, out: Path) -> dict:
-    from appliance.client import AdminClient
+    from appliance.client import connect
     from appliance.ipc import schema as S
 
     before = _hwm(app)
     t0 = time.perf_counter()
     size = 0
-    with AdminClient(str(app.home), timeout=3600) as c, open(out, "wb") as f:
+    with connect(str(app.home), timeout=3600) as c, open(out, "wb") as f:
         for chunk in c.stream(S.ACrlGenerate, ca=CA):
             f.write(chunk)
             size += len(chunk)

@@ -44,10 +44,10 @@ entry-attributes = {{}}
 
 
 def _status(home: Path) -> dict:
-    from appliance.client import AdminClient
+    from appliance.client import connect
     from appliance.ipc import schema as S
 
-    with AdminClient(str(home), timeout=30) as c:
+    with connect(str(home), timeout=30) as c:
         return c.call(S.ADistStatus)["destinations"][0]
 
 

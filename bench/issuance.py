@@ -36,13 +36,13 @@ RAW_N = {"rsa2048": 3000, "p256": 30000}
 def issue_all(home: Path, ca: str, profile: str, csrs: list[bytes], threads: int = THREADS, batch: int = BATCH,
               roles: dict[str, int] | None = None) -> dict:
     """Issue csrs; `roles` (name -> pid) adds each role's CPU use during the run (CPU seconds / wall seconds)."""
-    from appliance.client import AdminClient
+    from appliance.client import AdminClient, connect
 
     batches = [csrs[i:i + batch] for i in range(0, len(csrs), batch)]
     lock = threading.Lock()
     issued = [0]
     errors: list[str] = []
-    clients = [AdminClient(str(home)) for _ in range(threads)]
+    clients = [connect(str(home)) for _ in range(threads)]
     start = threading.Barrier(threads + 1)
 
     def worker(c: AdminClient) -> None:

@@ -11,7 +11,7 @@ import hashlib
 import os
 import sys
 import traceback
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import trio
 from cryptography import x509
@@ -21,13 +21,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation
-from policy import certs, crl, lint, profiles
+from policy import audit, certs, crl, lint, profiles
 from policy import serials as serials_list
 from policy import ocsp as ocsp_hashes
 from policy.errors import PolicyError
 
 from .token import ObjectMissing, Token, TokenError, make_private_key
 
+AUDIT_LABEL = "donjon-audit"  # the audit key's token label (CA names may not take it)
 LINT_SAMPLE = 1000
 TOKEN_CHECK_SECONDS = 5  # CRL entries linted under the throwaway key (memory stays flat for big CRLs)
 
@@ -169,6 +170,41 @@ class Cis:
                 raise PolicyError("install_as", "key", f"the certified key is not the token key {item.install_as!r}")
             self.token.store_certificate(item.install_as, der, cert.subject.public_bytes())
         return der
+
+    # ------------------------------------------------------------ audit checkpoints
+
+    def audit_key(self):
+        """The audit key (P-256, label donjon-audit) and its self-issued certificate, made on first use."""
+        try:
+            key = self.token.key(AUDIT_LABEL)
+        except ObjectMissing:
+            self.token.generate(AUDIT_LABEL, "p256")
+            key = self.token.key(AUDIT_LABEL)
+        if not self.token.certificates(AUDIT_LABEL):
+            now = datetime.now(timezone.utc)
+            name = x509.Name([x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "Donjon"),
+                              x509.NameAttribute(x509.NameOID.COMMON_NAME, f"Donjon audit key {self.token.label}"[:64])])
+            pub = serialization.load_der_public_key(key.spki)
+            cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(pub)
+                    .serial_number(x509.random_serial_number())
+                    .not_valid_before(now - timedelta(seconds=60)).not_valid_after(now + timedelta(days=20 * 365))
+                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                    .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=True, key_encipherment=False,
+                                                 data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                                 crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+                    .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+                    .sign(make_private_key(self.token, key), hashes.SHA256()))
+            self.token.store_certificate(AUDIT_LABEL, cert.public_bytes(serialization.Encoding.DER), name.public_bytes())
+        return key
+
+    def audit_cert(self) -> bytes:
+        self.audit_key()
+        return self.token.certificates(AUDIT_LABEL)[0]
+
+    def sign_checkpoint(self, m: S.SignCheckpoint) -> tuple[bytes, bytes]:
+        """Build the checkpoint text from its fields (never bytes from the Factory) and sign it."""
+        tbs = audit.checkpoint_tbs(m.seq, m.head, m.time)
+        return tbs, self.token.sign(self.audit_key(), tbs, hashes.SHA256())
 
     # ------------------------------------------------------------ OCSP
 
@@ -365,6 +401,11 @@ async def serve(sup: Channel, fac: Channel, cis: Cis) -> None:
             elif isinstance(m, S.Issue):
                 outcomes = await hsm(cis.token.call, cis.issue, m)
                 await fac.send(S.Issued(id=mid, outcomes=outcomes))
+            elif isinstance(m, S.SignCheckpoint):
+                tbs, sig = await hsm(cis.token.call, cis.sign_checkpoint, m)
+                await fac.send(S.CheckpointSigned(id=mid, tbs=tbs, signature=sig))
+            elif isinstance(m, S.GetAuditCert):
+                await fac.send(S.AuditCert(id=mid, cert=await hsm(cis.token.call, cis.audit_cert)))
             elif isinstance(m, S.SignOcsp):
                 responses = await hsm(cis.token.call, cis.sign_ocsp, m)
                 await fac.send(S.OcspSigned(id=mid, responses=responses))

@@ -60,6 +60,12 @@ path-length = 0
     return path
 
 
+PASSWORD = "correct horse battery staple"
+# Officers every test appliance is created with (donjon init --officer): the CLI logs in as the one
+# whose role the command needs (see Appliance.officer_for).
+OFFICERS = {"admin": "administrator", "oper": "operator", "aud": "auditor"}
+
+
 class Appliance:
     """One appliance: a state folder, its `donjon run` process group, and the CLI."""
 
@@ -69,12 +75,46 @@ class Appliance:
         self.user = user  # developer mode as this non-root user
         self.proc: subprocess.Popen | None = None
         self.log = home.parent / f"{home.name}.log"
+        self.officers: dict[str, str] = dict(OFFICERS)
 
-    def env(self) -> dict[str, str]:
-        e = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    def env(self, officer: str = "oper") -> dict[str, str]:
+        """The CLI's environment, logged in as `officer` (a new login when its stored session is gone)."""
+        e = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST") and not k.startswith("DONJON_")}
         e["PYTHONPATH"] = self.src
         e["DONJON_HOME"] = str(self.home)
+        if officer in self.officers:  # none before the first one exists (bootstrap tests)
+            e["DONJON_OFFICER"] = officer
+            e["DONJON_PASSWORD"] = PASSWORD
+        e["DONJON_SESSION_FILE"] = str(self.session_file(officer))
         return e
+
+    def session_file(self, officer: str) -> Path:
+        return self.home.parent / f"{self.home.name}.session-{officer}"
+
+    @staticmethod
+    def officer_for(args: tuple[str, ...]) -> str:
+        """Audit commands as the auditor, officer management and tenant configuration as the administrator,
+        the rest as the operator."""
+        if args[:1] == ("audit",):
+            return "aud"
+        if args[:1] == ("officer",):
+            return "admin"
+        if args[:2] == ("ocsp", "tenant") and args[2:3] in (("add",), ("update",), ("remove",), ("csr",)):
+            return "admin"  # which other CAs the endpoint answers for is configuration
+        return "oper"
+
+    def session(self, officer: str = "oper") -> str:
+        """A live session token of `officer` (for AdminClient(home, session=...))."""
+        from appliance.client import AdminClient, ClientError
+        f = self.session_file(officer)
+        if f.exists():  # usually left by start()'s status polling, which logs the operator in
+            try:
+                AdminClient(str(self.home), timeout=30, session=f.read_text().strip()).close()
+                return f.read_text().strip()
+            except ClientError:
+                pass
+        self.cli("status", officer=officer)  # logs in and stores a new session
+        return f.read_text().strip()
 
     def argv(self, *args: str) -> list[str]:
         base = [str(VENV_BIN / "python"), "-m", "appliance.cli", *args]
@@ -82,13 +122,16 @@ class Appliance:
             return ["runuser", "-u", self.user, "--", *base]
         return base
 
-    def cli(self, *args: str, check: bool = True, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        r = subprocess.run(self.argv(*args), env=self.env(), capture_output=True, input=input, timeout=timeout, cwd="/")
+    def cli(self, *args: str, check: bool = True, input: bytes | None = None, timeout: float = 120,
+            officer: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        e = self.env(officer or self.officer_for(args))
+        e.update(env or {})
+        r = subprocess.run(self.argv(*args), env=e, capture_output=True, input=input, timeout=timeout, cwd="/")
         if check and r.returncode != 0:
             raise AssertionError(f"donjon {' '.join(args)} failed ({r.returncode}):\n{r.stdout.decode()}\n{r.stderr.decode()}")
         return r
 
-    def init(self, ceremony: Path, config: str = "") -> None:
+    def init(self, ceremony: Path, config: str = "", officers: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> None:
         """`donjon init`, with a donjon.toml whose endpoint listens on a free port of 127.0.0.1."""
         self.home.mkdir(mode=0o711, exist_ok=True)
         if self.user:
@@ -97,7 +140,9 @@ class Appliance:
         cfg = self.home / "donjon.toml"
         cfg.write_text('[ocsp]\nlisten = "127.0.0.1:0"\n' + config)
         os.chmod(cfg, 0o644)
-        self.cli("init", "--home", str(self.home), "--ceremony", str(ceremony))
+        self.officers = dict(OFFICERS if officers is None else officers)
+        args = [a for n, r in self.officers.items() for a in ("--officer", f"{n}:{r}")]
+        self.cli("init", "--home", str(self.home), "--ceremony", str(ceremony), *args, *extra)
 
     @property
     def endpoint(self) -> str:
@@ -192,11 +237,12 @@ def homes():
 def appliance_factory(tmp_path, src_path, homes):
     made: list[Appliance] = []
 
-    def make(ceremony: Path | None = None, start: bool = True, user: str | None = None, config: str = "", **kw) -> Appliance:
+    def make(ceremony: Path | None = None, start: bool = True, user: str | None = None, config: str = "",
+             officers: dict[str, str] | None = None, init_args: tuple[str, ...] = (), **kw) -> Appliance:
         home = homes / f"home{len(made)}"
         a = Appliance(home, src_path, user=user)
         made.append(a)
-        a.init(ceremony or make_ceremony(tmp_path / f"ceremony{len(made)}.toml", **kw), config=config)
+        a.init(ceremony or make_ceremony(tmp_path / f"ceremony{len(made)}.toml", **kw), config=config, officers=officers, extra=init_args)
         if start:
             a.start()
         return a

@@ -7,8 +7,6 @@ as the action it records. Not thread-safe: the Factory serialises every call (on
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from contextlib import contextmanager
@@ -16,8 +14,9 @@ from typing import Any, Iterator
 
 import apsw
 
-SCHEMA_VERSION = 5
-GENESIS = b"\x00" * 32
+from policy.audit import GENESIS, audit_hash, verify_chain
+
+SCHEMA_VERSION = 6
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -159,13 +158,61 @@ _MIGRATIONS: dict[int, str] = {
         created INTEGER NOT NULL
     );
     """,
-    5: """
-    -- The key of a tenant's installed responder certificate, apart from the latest key `tenant csr`
-    -- made: a renewal's new key leaves the installed responder serving until its certificate comes.
+}
+
+
+def _officers_migration() -> str:
+    """Officers, dual-control requests and their approvals, signed audit checkpoints (issue #6)."""
+    return """
+    CREATE TABLE officers(
+        name TEXT PRIMARY KEY,
+        roles TEXT NOT NULL,                -- comma-separated: administrator, operator, auditor
+        pwhash TEXT NOT NULL,               -- argon2id$m=..,t=..,p=..$salt$hash
+        totp BLOB,                          -- TOTP secret, NULL when the second factor is off
+        totp_last INTEGER NOT NULL DEFAULT 0,  -- last accepted TOTP time step: no replay
+        failures INTEGER NOT NULL DEFAULT 0,   -- consecutive failed logins
+        locked INTEGER NOT NULL DEFAULT 0,
+        created INTEGER NOT NULL,
+        changed INTEGER NOT NULL
+    );
+    -- Dual control: a guarded request waits here until enough distinct officers approve it.
+    CREATE TABLE pending(
+        id INTEGER PRIMARY KEY,
+        operation TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        request BLOB NOT NULL,              -- the admin request (msgpack), executed as it was asked
+        requester TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        expires INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('open', 'running', 'done', 'failed', 'expired')),
+        result TEXT
+    );
+    CREATE TABLE approvals(
+        pending INTEGER NOT NULL REFERENCES pending(id),
+        officer TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        PRIMARY KEY (pending, officer)
+    );
+    -- Chain heads signed by the audit key in the HSM.
+    CREATE TABLE checkpoints(
+        id INTEGER PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        ts INTEGER NOT NULL,
+        head BLOB NOT NULL,
+        tbs BLOB NOT NULL,
+        signature BLOB NOT NULL
+    );
+    """
+
+
+_MIGRATIONS[5] = _officers_migration()
+
+# The key of a tenant's installed responder certificate, apart from the latest key `tenant csr` made:
+# a renewal's new key leaves the installed responder serving until its certificate comes (issue #3).
+_MIGRATIONS[6] = """
     ALTER TABLE ocsp_tenants ADD COLUMN responder_label TEXT;
     UPDATE ocsp_tenants SET responder_label = key_label WHERE responder_cert IS NOT NULL;
-    """,
-}
+    """
 
 
 class CmdbError(Exception):
@@ -178,12 +225,6 @@ def serial_bytes(serial: int) -> bytes:
 
 def serial_int(b: bytes) -> int:
     return int.from_bytes(b, "big")
-
-
-def audit_hash(prev: bytes, rec: dict[str, Any]) -> bytes:
-    """Chain hash of one record: SHA-256(prev || canonical JSON of the record without prev/hash)."""
-    body = json.dumps(rec, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-    return hashlib.sha256(prev + body).digest()
 
 
 class Cmdb:
@@ -260,19 +301,5 @@ class Cmdb:
 
 def verify_audit(records: Iterator[dict[str, Any]]) -> tuple[int, str | None]:
     """Check an exported chain. Returns (records checked, None) or (n, what breaks it and where)."""
-    prev = GENESIS
-    n = 0
-    expect = 1
-    for r in records:
-        n += 1
-        if r.get("seq") != expect:
-            return n, f"record {n}: sequence {r.get('seq')} where {expect} was expected (deleted or reordered)"
-        if bytes.fromhex(r["prev"]) != prev:
-            return n, f"record seq={r['seq']}: does not chain to the record before it"
-        rec = {k: r[k] for k in ("seq", "ts", "actor", "action", "object", "outcome", "detail")}
-        h = audit_hash(prev, rec)
-        if h.hex() != r["hash"]:
-            return n, f"record seq={r['seq']}: content does not match its hash (edited)"
-        prev = h
-        expect += 1
-    return n, None
+    n, problem, _ = verify_chain(records)
+    return n, problem

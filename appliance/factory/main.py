@@ -8,14 +8,17 @@ import struct
 import sys
 import traceback
 
+import apsw
 import msgspec
 import trio
 
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, ProtocolViolation
 
+from .checkpoints import Checkpoints
 from .cis_link import CisLink
 from .cmdb import CmdbError
+from .officers import Conn, Officers
 from .service import Factory, FactoryError, _log
 
 SO_PEERGROUPS = 59
@@ -44,11 +47,11 @@ def peer_allowed(sock: socket.socket, cfg: S.FactoryConfig) -> tuple[bool, str]:
 async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
     sock = stream.socket
     ok, who = peer_allowed(sock, f.cfg)  # type: ignore[arg-type]
-    actor = f"admin:{who}"
+    conn = Conn(who)
     chan = Channel(stream, "admin", S.AdminRequest)
     try:
         if not ok:
-            await f.audit(actor, "connect", "admin-socket", "refused", "not root, owner or admin group")
+            await f.audit(conn.actor, "connect", "admin-socket", "refused", "not root, owner or admin group")
             return
         await chan.handshake()
         while True:
@@ -56,11 +59,17 @@ async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
             if isinstance(req, S.Hello):
                 raise ProtocolViolation("second Hello")
             try:
-                await dispatch(chan, req, f, actor)
+                await f.officers.authorise(conn, req)
+                await dispatch(chan, req, f, conn)
             except FactoryError as e:
                 await chan.send(S.Refused(id=req.id, code=e.code, reason=e.reason))
             except CmdbError as e:
                 await chan.send(S.Refused(id=req.id, code="internal", reason=str(e)))
+            except apsw.Error as e:
+                # The CMDB refused a write (disk full, read-only, I/O error): the action's transaction,
+                # its audit record included, was rolled back, so nothing happened.
+                _log(f"CMDB error: {type(e).__name__}: {e}")
+                await chan.send(S.Refused(id=req.id, code="internal", reason=f"audit storage failure ({type(e).__name__}): nothing was done"))
             except Exception:
                 _log("internal error:\n" + traceback.format_exc(limit=8))
                 await chan.send(S.Refused(id=req.id, code="internal", reason="internal error in the Factory (see its log)"))
@@ -74,36 +83,15 @@ async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
         await stream.aclose()
 
 
-async def dispatch(chan: Channel, req, f: Factory, actor: str) -> None:
+async def dispatch(chan: Channel, req, f: Factory, conn: Conn) -> None:
     rid = req.id
+    actor = conn.actor
 
     async def reply(**data):
         await chan.send(S.Reply(id=rid, data=data))
 
-    if isinstance(req, S.AStatus):
-        await reply(**await f.status())
-    elif isinstance(req, S.AActivate):
-        await reply(**await f.activate(req.pin, actor))
-    elif isinstance(req, S.ACaList):
-        await reply(cas=await f.ca_list())
-    elif isinstance(req, S.ACaShow):
-        row = await f.ca_row(req.name)
-        await reply(**f._ca_doc(*row))
-    elif isinstance(req, S.ACaExport):
-        chain = await f.ca_chain(req.name)
-        await reply(chain=[c.hex() for c in chain])
-    elif isinstance(req, S.ACaCreate):
-        await reply(**await f.create_ca(req, parent=req.parent, actor=actor))
-    elif isinstance(req, S.ACaSignCsr):
-        await reply(**await f.sign_csr_ca(req, actor))
-    elif isinstance(req, S.AIssue):
+    if isinstance(req, S.AIssue):
         await chan.send(await f.issue(req, actor))
-    elif isinstance(req, S.ACertShow):
-        await reply(**await f.cert_get(req.ca, int.from_bytes(req.serial, 'big')))
-    elif isinstance(req, S.ACertList):
-        await reply(certs=await f.cert_list(req.ca, req.limit))
-    elif isinstance(req, S.ARevoke):
-        await reply(**await f.revoke(req, actor))
     elif isinstance(req, S.ACrlGenerate):
         if req.kind == "crl":
             number, count, digest = await f.generate_crl(req.ca, actor)
@@ -118,32 +106,94 @@ async def dispatch(chan: Channel, req, f: Factory, actor: str) -> None:
         await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
     elif isinstance(req, S.AAuditExport):
         data = await f.audit_export()
+        await f.audit(actor, "audit-export", "audit", "ok", f"{len(data)} bytes")
         for i in range(0, len(data), 1 << 20):
             await chan.send(S.BlobChunk(id=rid, data=data[i:i + (1 << 20)], last=False))
         await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
-    elif isinstance(req, S.AOcspResponderCert):
-        await reply(**await f.ocsp_responder_cert(req.ca, req.validity_days, actor))
-    elif isinstance(req, (S.AOcspTenantAdd, S.AOcspTenantUpdate, S.AOcspTenantRemove, S.AOcspTenantList,
-                          S.AOcspTenantCsr, S.AOcspTenantCrl, S.AOcspTenantSerials)):
-        await reply(**await f.tenants.admin(req, actor))
-    elif isinstance(req, S.AOcspStatus):
-        await reply(**await f.ocsp_status())
-    elif isinstance(req, S.ADistStatus):
+    elif isinstance(req, S.ALogin):
+        await reply(**await f.officers.login(conn, req))
+    elif isinstance(req, S.AResume):
+        await reply(**await f.officers.resume(conn, req.token))
+    elif isinstance(req, S.ALogout):
+        await reply(**await f.officers.logout(conn))
+    elif isinstance(req, S.AApprove):
+        await reply(**await f.officers.approve(req.request, conn, lambda r, a: perform(r, f, a)))
+    else:
+        guarded = await f.officers.guard(req, conn)
+        if guarded is not None:
+            await reply(**await f.officers.propose(req, guarded, conn))
+        else:
+            await reply(**await perform(req, f, actor))
+
+
+async def perform(req, f: Factory, actor: str) -> dict:
+    """Every request answered with one Reply: run at once, or later by dual control's last approval."""
+    if isinstance(req, S.AStatus):
+        return await f.status()
+    if isinstance(req, S.AActivate):
+        return await f.activate(req.pin, actor)
+    if isinstance(req, S.AActivateShares):
+        return await f.activate_shares(req.shares, actor)
+    if isinstance(req, S.ACaList):
+        return {"cas": await f.ca_list()}
+    if isinstance(req, S.ACaShow):
+        row = await f.ca_row(req.name)
+        return f._ca_doc(*row)
+    if isinstance(req, S.ACaExport):
+        return {"chain": [c.hex() for c in await f.ca_chain(req.name)]}
+    if isinstance(req, S.ACaCreate):
+        return await f.create_ca(req, parent=req.parent, actor=actor)
+    if isinstance(req, S.ACaSignCsr):
+        return await f.sign_csr_ca(req, actor)
+    if isinstance(req, S.ACertShow):
+        return await f.cert_get(req.ca, int.from_bytes(req.serial, "big"))
+    if isinstance(req, S.ACertList):
+        return {"certs": await f.cert_list(req.ca, req.limit)}
+    if isinstance(req, S.ARevoke):
+        return await f.revoke(req, actor)
+    if isinstance(req, S.AOcspResponderCert):
+        return await f.ocsp_responder_cert(req.ca, req.validity_days, actor)
+    if isinstance(req, S.AOcspStatus):
+        return await f.ocsp_status()
+    if isinstance(req, (S.AOcspTenantAdd, S.AOcspTenantUpdate, S.AOcspTenantRemove, S.AOcspTenantList,
+                        S.AOcspTenantCsr, S.AOcspTenantCrl, S.AOcspTenantSerials)):
+        return await f.tenants.admin(req, actor)
+    if isinstance(req, S.ADistStatus):
         f._require_active()
-        await reply(**await f.dist.status())
-    elif isinstance(req, S.ADistList):
+        return await f.dist.status()
+    if isinstance(req, S.ADistList):
         f._require_active()
-        await reply(jobs=await f.run_db(f.dist.list_jobs, req.state, req.rule, req.limit))
-    elif isinstance(req, S.ADistRetry):
+        return {"jobs": await f.run_db(f.dist.list_jobs, req.state, req.rule, req.limit)}
+    if isinstance(req, S.ADistRetry):
         f._require_active()
-        await reply(requeued=await f.dist.retry(req.rule, req.job, actor))
-    elif isinstance(req, S.AReconcile):
+        return {"requeued": await f.dist.retry(req.rule, req.job, actor)}
+    if isinstance(req, S.AReconcile):
         db = f._require_active()
         rows = await f.run_db(lambda: db.db.execute(
             "SELECT seq, ts, object, detail FROM audit WHERE action='reconcile' ORDER BY seq").fetchall())
-        await reply(voided=[{"seq": r[0], "ts": r[1], "object": r[2], "detail": r[3]} for r in rows])
-    else:
-        raise FactoryError("bad-request", f"unsupported request {type(req).__name__}")
+        return {"voided": [{"seq": r[0], "ts": r[1], "object": r[2], "detail": r[3]} for r in rows]}
+    if isinstance(req, S.AOfficerAdd):
+        return await f.officers.add(req, actor)
+    if isinstance(req, S.AOfficerList):
+        return await f.officers.list()
+    if isinstance(req, S.AOfficerRemove):
+        return await f.officers.remove(req.name, actor)
+    if isinstance(req, S.AOfficerPasswd):
+        return await f.officers.passwd(req.name, req.password, actor)
+    if isinstance(req, S.AOfficerUnlock):
+        return await f.officers.unlock(req.name, actor)
+    if isinstance(req, S.AOfficerTotp):
+        return await f.officers.totp(req.name, req.enable, actor)
+    if isinstance(req, S.APendingList):
+        return await f.officers.pending_list(req.open_only)
+    if isinstance(req, S.AAuditCheckpoint):
+        return await f.checkpoints.sign(actor)
+    if isinstance(req, S.AAuditCert):
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+        der = await f.checkpoints.cert()
+        return {"cert": x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM).decode()}
+    raise FactoryError("bad-request", f"unsupported request {type(req).__name__}")
 
 
 async def main(fds: dict[str, int], drop) -> None:
@@ -168,6 +218,8 @@ async def main(fds: dict[str, int], drop) -> None:
         await sup.send(ev)
 
     f = Factory(cfg, signers[0], send_event, profiles, signers)
+    f.officers = Officers(f)
+    f.checkpoints = Checkpoints(f)
     async with trio.open_nursery() as n:
         for link in signers:
             n.start_soon(link.run)
@@ -182,6 +234,7 @@ async def main(fds: dict[str, int], drop) -> None:
         n.start_soon(f.dist.committer)
         n.start_soon(f.dist.fetcher)
         n.start_soon(f.dist.fetch_results)
+        n.start_soon(f.checkpoints.scheduler)
         endpoints: dict[str, trio.CancelScope] = {}
 
         async def serve_distribution(fd: int, scope: trio.CancelScope) -> None:
@@ -256,6 +309,8 @@ async def main(fds: dict[str, int], drop) -> None:
                 try:
                     spec = msgspec.msgpack.decode(m.spec, type=S.CeremonySpec)
                     await f.activate(m.pin, "ceremony")
+                    for o in m.officers:
+                        await f.officers.add(o, "ceremony")
                     made = await f.ceremony(spec, "ceremony")
                     for name in made:
                         await f.generate_crl(name, "ceremony")

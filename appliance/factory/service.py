@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import apsw
 import msgspec
 import trio
 from cryptography import x509
@@ -132,10 +133,55 @@ class Factory:
 
     # ------------------------------------------------------------ activation
 
+    # Wrong PINs are counted here, outside the still-locked CMDB (SoftHSM never locks a PIN), and
+    # written to the audit log with their times once the CMDB opens.
+    def _failures_path(self) -> str:
+        return os.path.join(self.home, "activation-failures.json")
+
+    def _failures(self) -> dict[str, Any]:
+        try:
+            with open(self._failures_path(), "rb") as f:
+                doc = msgspec.json.decode(f.read())
+            return doc if isinstance(doc, dict) and isinstance(doc.get("count"), int) else {"count": 0, "last": 0, "log": []}
+        except (OSError, msgspec.DecodeError):
+            return {"count": 0, "last": 0, "log": []}
+
+    def _check_lockout(self) -> None:
+        doc = self._failures()
+        wait = doc["count"] >= self.cfg.activation_max_failures and doc["last"] + self.cfg.activation_lockout_seconds - time.time()
+        if wait and wait > 0:
+            raise FactoryError("auth", f"activation locked after {doc['count']} failed attempts: try again in {int(wait) + 1} s")
+
+    def _count_failure(self, actor: str, reason: str) -> None:
+        doc = self._failures()
+        now = int(time.time())
+        doc["count"] += 1
+        doc["last"] = now
+        doc["log"] = (doc.get("log") or [])[-99:] + [[now, actor[:200], reason[:200]]]
+        _write_durably(self._failures_path(), msgspec.json.encode(doc))
+        if doc["count"] >= self.cfg.activation_max_failures:
+            _log(f"activation locked for {self.cfg.activation_lockout_seconds} s after {doc['count']} failed attempts")
+
+    async def activate_shares(self, shares: list[str], actor: str) -> dict[str, Any]:
+        """Quorum activation: combine M PIN shares (policy.shamir), then activate with the PIN."""
+        from policy import shamir
+        from policy.errors import PolicyError
+        if self.db is not None:
+            raise FactoryError("exists", "already activated")
+        self._check_lockout()
+        try:
+            pin = shamir.combine_pin(list(shares))
+        except PolicyError as e:
+            if e.rule == "combine":  # a forged or mixed set: counted like a wrong PIN
+                self._count_failure(actor, e.message)
+            raise FactoryError("auth", f"activation refused: {e.message}") from None
+        return await self.activate(pin, actor + " (quorum of shares)")
+
     async def activate(self, pin: str, actor: str) -> dict[str, Any]:
         async with self._activating:
             if self.db is not None:
                 raise FactoryError("exists", "already activated")
+            self._check_lockout()
             key_path = os.path.join(self.home, "cmdb.key")
             db_path = os.path.join(self.home, "cmdb.sqlite")
             wrapped = None
@@ -148,6 +194,8 @@ class Factory:
                 reply = await self.cis.request(S.Activate(id=self.cis.new_id(), pin=pin, wrapped_db_key=wrapped))
             except CisRefused as e:
                 _log(f"activation refused: {e.reason}")
+                if "PIN" in e.reason:
+                    self._count_failure(actor, e.reason)
                 raise FactoryError("auth" if "PIN" in e.reason else "hsm", e.reason) from None
             for other in self.signers[1:]:
                 try:
@@ -172,6 +220,14 @@ class Factory:
             voided = await self.run_db(self._reconcile, actor)
             await self.run_db(self.dist.catch_up)
             self.dist.poke()
+            failed = self._failures()
+            if failed["count"] or failed.get("log"):
+                def record():
+                    with self.db.tx():
+                        for ts, who, why in failed.get("log") or []:
+                            self.db.audit(str(who), "activate", "appliance", "refused", str(why), ts=int(ts))
+                await self.run_db(record)
+                os.unlink(self._failures_path())
             await self.audit(actor, "activate", "appliance", "ok", reply.token)
             await self.send_event(S.Event(kind="activated", detail=f"CMDB open; {voided} stale intents voided"))
             return {"activated": True, "token": reply.token, "voided_intents": voided}
@@ -212,6 +268,8 @@ class Factory:
             subject = tuple(c.subject)
         if profile not in self.profiles:
             raise FactoryError("not-found", f"unknown profile {profile!r}")
+        if name == "donjon-audit":
+            raise FactoryError("policy", "the name donjon-audit is the audit key's: choose another CA name")
         row = await self.run_db(lambda: db.db.execute("SELECT name FROM cas WHERE name=? OR key_label=?", (name, name)).fetchone())
         if row:
             raise FactoryError("exists", f"CA {name!r} already exists")
@@ -375,6 +433,11 @@ class Factory:
                 self._wake.set()  # more work: wake another worker
             try:
                 await self._issue_batch(ca, batch, actor, signer)
+            except apsw.Error as e:  # the CMDB refused a write: no certificate without its stored record
+                _log(f"issuance batch stopped by a CMDB failure: {type(e).__name__}: {e}")
+                for p in batch:
+                    if p.result is None:
+                        p.result = S.IssueOutcome(cert=None, error=f"audit storage failure ({type(e).__name__}): nothing was issued")
             except Exception as e:  # never leave a requester waiting
                 _log(f"issuance batch failed: {type(e).__name__}: {e}")
                 for p in batch:
@@ -811,10 +874,11 @@ class Factory:
                                      crl_number=crl_number, crl_next_update=nu[0] if nu else None, issued=issued, revoked=revoked))
             n_audit = db.db.execute("SELECT coalesce(max(seq), 0) FROM audit").fetchone()[0]
             oldest, earliest = db.db.execute("SELECT min(this_update), min(next_update) FROM ocsp").fetchone()
-            return cas, n_audit, oldest, earliest, self.dist.backlog()
-        cas, n_audit, oldest, earliest, backlog = await self.run_db(q)
+            cp = db.db.execute("SELECT max(ts) FROM checkpoints").fetchone()[0]
+            return cas, n_audit, oldest, earliest, cp, self.dist.backlog()
+        cas, n_audit, oldest, earliest, cp, backlog = await self.run_db(q)
         dests = [S.DestinationState(name=d.name, backlog=backlog.get(d.name, 0), failing=d.failing) for d in self.dist.states()]
-        return S.StatusReport(activated=True, cas=cas, audit_records=n_audit, audit_checkpoint=None,
+        return S.StatusReport(activated=True, cas=cas, audit_records=n_audit, audit_checkpoint=cp,
                               oldest_response_age=max(0, now - oldest) if oldest else None,
                               ocsp_earliest_next_update=earliest, destinations=dests)
 
@@ -836,11 +900,26 @@ class Factory:
             if self.dist.rules:
                 backlog = await self.run_db(self.dist.backlog)
                 doc["distribution"] = {d.name: {"backlog": backlog.get(d.name, 0), "failing": d.failing} for d in self.dist.states()}
+            cp = await self.checkpoints.latest() if getattr(self, "checkpoints", None) else None
+            doc["audit_checkpoint"] = {k: cp[k] for k in ("seq", "head", "time")} if cp else None
         return doc
 
     async def audit_export(self) -> bytes:
+        """JSON Lines: every record in order, each signed checkpoint right after the record it covers."""
+        from policy.audit import checkpoint_doc
         db = self._require_active()
-        return await self.run_db(lambda: b"".join(msgspec.json.encode(r) + b"\n" for r in db.audit_records()))
+
+        def q():
+            cps: dict[int, list[bytes]] = {}
+            for seq, tbs, sig in db.db.execute("SELECT seq, tbs, signature FROM checkpoints ORDER BY id"):
+                cps.setdefault(seq, []).append(msgspec.json.encode(checkpoint_doc(tbs, sig)) + b"\n")
+            out = [b"".join(cps.pop(0, []))]
+            for r in db.audit_records():
+                out.append(msgspec.json.encode(r) + b"\n")
+                out.extend(cps.pop(r["seq"], []))
+            out.extend(b"".join(v) for v in cps.values())
+            return b"".join(out)
+        return await self.run_db(q)
 
 
 def _write_durably(path: str, data: bytes) -> None:

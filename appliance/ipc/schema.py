@@ -45,7 +45,7 @@ class Refused(_Msg, tag="refused"):
     """A typed refusal. `code` is machine-readable, `reason` is one line for the operator."""
 
     id: ReqId
-    code: Literal["policy", "not-found", "exists", "inactive", "auth", "hsm", "internal", "bad-request", "lint", "busy"]
+    code: Literal["policy", "not-found", "exists", "inactive", "auth", "hsm", "internal", "bad-request", "lint", "busy", "denied"]
     reason: Text
 
 
@@ -129,6 +129,15 @@ class FactoryConfig(_Msg, tag="factory-config"):
     dist_rules: list[DistRule] = []  # what each destination receives (credentials stripped: the agent alone holds them)
     dist_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 50
     dist_backoff_max: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 3600
+    # Officers, dual control and audit checkpoints (issue #6).
+    session_idle_seconds: Annotated[int, msgspec.Meta(ge=30, le=86400)] = 900
+    max_login_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
+    dual_approvals: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1  # M: distinct officers, the requester included
+    dual_operations: tuple[Name, ...] = ()
+    dual_expiry_seconds: Annotated[int, msgspec.Meta(ge=60, le=30 * 86400)] = 3600
+    checkpoint_seconds: Annotated[int, msgspec.Meta(ge=0, le=30 * 86400)] = 3600  # 0: on demand only
+    activation_max_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
+    activation_lockout_seconds: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 900
 
 
 class AutoActivate(_Msg, tag="auto-activate"):
@@ -144,11 +153,24 @@ class NewLink(_Msg, tag="new-link"):
     role: Name = "ocsp"  # which process ("ocsp", "ocsp.1", ..., "distribution")
 
 
+OfficerRole = Literal["administrator", "operator", "auditor"]
+Password = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+
+
+class InitOfficer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An officer created by `donjon init --officer` (the first administrator, at least)."""
+
+    name: Name
+    roles: Annotated[tuple[OfficerRole, ...], msgspec.Meta(min_length=1, max_length=3)]
+    password: Password
+
+
 class Ceremony(_Msg, tag="ceremony"):
     """`donjon init`: run this root ceremony (already validated) and stop."""
 
     pin: Pin
     spec: Annotated[bytes, msgspec.Meta(max_length=65536)]  # msgspec-encoded CeremonySpec
+    officers: Annotated[list[InitOfficer], msgspec.Meta(max_length=16)] = []
 
 
 
@@ -293,8 +315,38 @@ class Ping(_Msg, tag="ping"):
     id: ReqId
 
 
-FactoryToCis = Union[Hello, Activate, GenerateKey, DeleteKey, Issue, CrlBegin, CrlEntries, SerialEntries, CrlEnd, SignOcsp, Ping]
-CisToFactory = Union[Hello, Activated, PublicKey, Issued, CrlChunk, CrlSigned, OcspSigned, Ok, Refused]
+Digest = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+
+
+class SignCheckpoint(_Msg, tag="sign-checkpoint"):
+    """Sign a checkpoint of the audit chain head with the audit key (created with its self-issued
+    certificate on first use). The CIS builds the signed text itself (policy.audit.checkpoint_tbs)."""
+
+    id: ReqId
+    seq: Annotated[int, msgspec.Meta(ge=0, lt=2**62)]
+    head: Digest
+    time: Epoch
+
+
+class GetAuditCert(_Msg, tag="get-audit-cert"):
+    id: ReqId
+
+
+class CheckpointSigned(_Msg, tag="checkpoint-signed"):
+    id: ReqId
+    tbs: Annotated[bytes, msgspec.Meta(max_length=1024)]
+    signature: Annotated[bytes, msgspec.Meta(max_length=1024)]
+
+
+class AuditCert(_Msg, tag="audit-cert"):
+    id: ReqId
+    cert: Der
+
+
+FactoryToCis = Union[Hello, Activate, GenerateKey, DeleteKey, Issue, CrlBegin, CrlEntries, SerialEntries, CrlEnd, SignOcsp, Ping,
+                     SignCheckpoint, GetAuditCert]
+CisToFactory = Union[Hello, Activated, PublicKey, Issued, CrlChunk, CrlSigned, OcspSigned, Ok, Refused,
+                     CheckpointSigned, AuditCert]
 
 
 # ---------------------------------------------------------------- supervisor <-> OCSP endpoint
@@ -847,12 +899,113 @@ class AOcspTenantSerials(_Msg, tag="ocsp-tenant-serials"):
 
 
 
+# ---------------------------------------------------------------- officers, sessions, dual control, audit (issue #6)
+
+SessionToken = Annotated[str, msgspec.Meta(min_length=16, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+OtpCode = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{6,8}$")]
+ShareText = Annotated[str, msgspec.Meta(min_length=1, max_length=1200)]
+
+
+class ALogin(_Msg, tag="login"):
+    """Authenticate an officer; the session is bound to this connection. Reply: token, officer, roles, idle_seconds."""
+
+    id: ReqId
+    officer: Name
+    password: Password
+    otp: OtpCode | None = None
+
+
+class AResume(_Msg, tag="resume"):
+    """Attach an existing session (from ALogin's token) to this connection. Reply: officer, roles."""
+
+    id: ReqId
+    token: SessionToken
+
+
+class ALogout(_Msg, tag="logout"):
+    """End this connection's session (everywhere it is attached)."""
+
+    id: ReqId
+
+
+class AOfficerAdd(_Msg, tag="officer-add"):
+    id: ReqId
+    name: Name
+    roles: Annotated[tuple[OfficerRole, ...], msgspec.Meta(min_length=1, max_length=3)]
+    password: Password
+
+
+class AOfficerList(_Msg, tag="officer-list"):
+    id: ReqId
+
+
+class AOfficerRemove(_Msg, tag="officer-remove"):
+    id: ReqId
+    name: Name
+
+
+class AOfficerPasswd(_Msg, tag="officer-passwd"):
+    """Set an officer's password (an administrator, or the officer themself)."""
+
+    id: ReqId
+    name: Name
+    password: Password
+
+
+class AOfficerUnlock(_Msg, tag="officer-unlock"):
+    id: ReqId
+    name: Name
+
+
+class AOfficerTotp(_Msg, tag="officer-totp"):
+    """Turn the TOTP second factor on (reply: secret, otpauth URI) or off."""
+
+    id: ReqId
+    name: Name
+    enable: bool
+
+
+class APendingList(_Msg, tag="pending-list"):
+    """Dual-control requests (open ones, and the recently closed unless `open_only`)."""
+
+    id: ReqId
+    open_only: bool = True
+
+
+class AApprove(_Msg, tag="approve"):
+    """Approve a pending dual-control request; the M-th distinct approval runs it (reply: its result)."""
+
+    id: ReqId
+    request: ReqId
+
+
+class AAuditCheckpoint(_Msg, tag="audit-checkpoint"):
+    """Have the CIS sign the chain head now. Reply: the signed checkpoint (policy.audit.checkpoint_doc)."""
+
+    id: ReqId
+
+
+class AAuditCert(_Msg, tag="audit-cert"):
+    """The audit key's self-issued certificate (PEM in the reply)."""
+
+    id: ReqId
+
+
+class AActivateShares(_Msg, tag="activate-shares"):
+    """Activate with a quorum of PIN shares (policy.shamir); the Factory combines them."""
+
+    id: ReqId
+    shares: Annotated[list[ShareText], msgspec.Meta(min_length=1, max_length=16)]
+
+
 AdminRequest = Union[
     Hello, AStatus, AActivate, ACaList, ACaShow, ACaCreate, ACaSignCsr, ACaExport, AIssue,
     ACertShow, ACertList, ARevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus, AOcspResponderCert,
     ADistStatus, ADistRetry, ADistList,
     AOcspTenantAdd, AOcspTenantUpdate, AOcspTenantRemove, AOcspTenantList, AOcspTenantCsr, AOcspTenantCrl,
     AOcspTenantSerials,
+    ALogin, AResume, ALogout, AOfficerAdd, AOfficerList, AOfficerRemove, AOfficerPasswd, AOfficerUnlock, AOfficerTotp,
+    APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
 ]
 
 

@@ -31,7 +31,7 @@ def test_kill_9_during_issuance_loses_nothing(appliance, tmp_path):
     def issue_until_dead(stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                with AdminClient(str(a.home), timeout=30) as c:
+                with AdminClient(str(a.home), timeout=30, session=token) as c:
                     while not stop.is_set():
                         r = c.issue(ca="issuing", profile="tls-server", csrs=rng.sample(ders, 4))
                         for res, serial in zip(r.results, r.serials):
@@ -44,6 +44,7 @@ def test_kill_9_during_issuance_loses_nothing(appliance, tmp_path):
     for cycle in range(CYCLES):
         if cycle:
             a.start()
+        token = a.session()  # sessions live in the Factory's memory: one per start
         stop = threading.Event()
         t = threading.Thread(target=issue_until_dead, args=(stop,))
         t.start()
@@ -55,7 +56,7 @@ def test_kill_9_during_issuance_loses_nothing(appliance, tmp_path):
 
     a.start()
     assert len(received) > CYCLES, "the load did not issue enough to mean anything"
-    with AdminClient(str(a.home)) as c:
+    with AdminClient(str(a.home), session=a.session()) as c:
         stored = {x["serial"] for x in c.call(S.ACertList, ca="issuing", limit=100000)["certs"]}
         missing = set(received) - stored
         assert not missing, f"{len(missing)} returned certificates are not in the CMDB"

@@ -33,12 +33,13 @@ def receiver(homes):
     r.stop()
 
 
-def rules(homes: Path, ldap_url: str, http_url: str | None = None, extra: str = "") -> str:
+def rules(homes: Path, ldap_url: str, http_url: str | None = None, extra: str = "", max_attempts: int = 50) -> str:
     (homes / "ldap.secret").write_text(ADMIN_PW + "\n")
     (homes / "web.secret").write_text("push-token\n")
     cfg = f"""
 [distribution]
 backoff-max = 2
+max-attempts = {max_attempts}
 [[distribution.rule]]
 name = "directory"
 url = "{ldap_url}"
@@ -134,7 +135,8 @@ def test_publish_issue_revoke_ldap_and_http(appliance_factory, slapd, receiver, 
 
 def test_slapd_outage_during_500_issuances(appliance_factory, slapd, homes, tmp_path):
     """Every publication arrives exactly once in effect; nothing lost; the backlog drains."""
-    a = appliance_factory(config=rules(homes, slapd.url))
+    # Backoff is capped at 2 s here (not an hour): allow the attempts a real outage would take.
+    a = appliance_factory(config=rules(homes, slapd.url, max_attempts=100000))
     wait_drained(a)
     slapd.stop()
     csrs = []

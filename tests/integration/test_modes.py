@@ -46,7 +46,7 @@ def test_developer_mode_runs_the_same_roles_without_uid_switch(homes, src_path, 
         a.cli("issue", "--ca", "issuing", "--profile", "tls-server", "--csr", str(csr), "--out", str(out))
         assert out.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
         pids = a.role_pids()
-        assert set(pids) == {"cis", "cis.1", "factory", "ocsp"}
+        assert set(pids) == {"cis", "cis.1", "factory", "ocsp", "distribution"}
         for role, pid in pids.items():
             c = privdrop.current_confinement(pid)
             assert c["uid"] == (pw.pw_uid,) * 4, (role, c)

@@ -1,0 +1,508 @@
+"""Officers: password and TOTP checks, lockout, sessions, the one permission table, and dual control."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import trio
+from cryptography.hazmat.primitives import hashes
+
+from appliance.ipc import schema as S
+
+from .service import Factory, FactoryError
+
+MIN_PASSWORD = 12
+ROLES = ("administrator", "operator", "auditor")
+ADMIN = frozenset({"administrator"})
+OPER = frozenset({"operator"})
+AUD = frozenset({"auditor"})
+ANY = frozenset(ROLES)
+PUBLIC = None  # no session needed: activation is authorised by the PIN or the shares, not by an officer
+
+# The one permission table: admin request (its message tag) -> roles allowed. A tag missing here is
+# refused to everyone (fail closed). Checked for every admin request before it is dispatched.
+PERMISSIONS: dict[str, frozenset[str] | None] = {
+    "status": PUBLIC, "activate": PUBLIC, "activate-shares": PUBLIC, "login": PUBLIC, "resume": PUBLIC, "logout": PUBLIC,
+    "ca-list": ANY, "ca-show": ANY, "ca-export": ANY, "cert-show": ANY, "cert-list": ANY, "crl-export": ANY,
+    "ocsp-status": ANY, "pending-list": ANY, "approve": ANY, "audit-cert": ANY, "audit-checkpoint": ANY,
+    "ca-create": OPER, "ca-sign-csr": OPER, "issue": OPER, "revoke": OPER, "crl-generate": OPER,
+    "ocsp-responder-cert": OPER,
+    "audit-export": AUD, "reconcile": OPER | AUD,
+    "officer-add": ADMIN, "officer-remove": ADMIN, "officer-unlock": ADMIN, "officer-list": ADMIN | AUD,
+    "officer-passwd": ADMIN, "officer-totp": ADMIN,
+    "dist-status": ANY, "dist-list": ANY, "dist-retry": OPER,
+    # CRL-fed tenants: which other CAs the endpoint answers for is configuration; their CRLs are operations.
+    "ocsp-tenant-list": ANY, "ocsp-tenant-add": ADMIN, "ocsp-tenant-update": ADMIN, "ocsp-tenant-remove": ADMIN,
+    "ocsp-tenant-csr": ADMIN, "ocsp-tenant-crl": OPER, "ocsp-tenant-serials": OPER,
+}
+SELF_SERVICE = {"officer-passwd", "officer-totp"}  # an officer may also do these to their own account
+
+# Dual-control operation names (donjon.toml [dual-control] operations) for each guarded request.
+GUARDED = {"ca-create": "ca-create", "ca-sign-csr": "ca-sign-csr", "officer-add": "officer",
+           "officer-remove": "officer", "officer-unlock": "officer", "officer-passwd": "officer", "officer-totp": "officer"}
+
+ARGON = {"m": 47104, "t": 1, "p": 1}  # OWASP's first Argon2id setting: 46 MiB, one pass
+TOTP_STEP = 30
+
+
+def tag_of(req) -> str:
+    return type(req).__struct_config__.tag
+
+
+# ---------------------------------------------------------------- passwords and TOTP
+
+
+def _argon2(password: str, salt: bytes, m: int, t: int, p: int) -> bytes:
+    from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+    return Argon2id(salt=salt, length=32, iterations=t, lanes=p, memory_cost=m).derive(password.encode())
+
+
+def hash_password(password: str) -> str:
+    salt = os.urandom(16)
+    d = _argon2(password, salt, **ARGON)
+    return f"argon2id$m={ARGON['m']},t={ARGON['t']},p={ARGON['p']}${salt.hex()}${d.hex()}"
+
+
+def check_password(stored: str, password: str) -> bool:
+    try:
+        alg, params, salt, digest = stored.split("$")
+        kv = dict(x.split("=") for x in params.split(","))
+        if alg != "argon2id":
+            return False
+        d = _argon2(password, bytes.fromhex(salt), int(kv["m"]), int(kv["t"]), int(kv["p"]))
+    except (ValueError, KeyError):
+        return False
+    return hmac.compare_digest(d, bytes.fromhex(digest))
+
+
+_DUMMY = None
+
+
+def dummy_check(password: str) -> None:
+    """Spend the same KDF time for an unknown officer, so that names cannot be probed by timing."""
+    global _DUMMY
+    if _DUMMY is None:
+        _DUMMY = hash_password(secrets.token_urlsafe(16))
+    check_password(_DUMMY, password)
+
+
+def totp_code(secret: bytes, step: int) -> str:
+    from cryptography.hazmat.primitives.twofactor.totp import TOTP
+    return TOTP(secret, 6, hashes.SHA1(), TOTP_STEP, enforce_key_length=False).generate(step * TOTP_STEP).decode()
+
+
+def totp_match(secret: bytes, code: str, now: float, last_step: int) -> int | None:
+    """The time step the code belongs to (one step of clock skew either way), never one already used."""
+    cur = int(now) // TOTP_STEP
+    for step in (cur, cur - 1, cur + 1):
+        if step > last_step and hmac.compare_digest(totp_code(secret, step), code):
+            return step
+    return None
+
+
+def check_new_password(password: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise FactoryError("policy", f"a password has at least {MIN_PASSWORD} characters")
+
+
+def check_roles(roles) -> tuple[str, ...]:
+    rs = tuple(sorted(set(roles)))
+    if not rs or any(r not in ROLES for r in rs):
+        raise FactoryError("bad-request", f"roles are among {', '.join(ROLES)}")
+    if "auditor" in rs and len(rs) > 1:
+        raise FactoryError("policy", "the auditor role is exclusive of the others")
+    return rs
+
+
+# ---------------------------------------------------------------- sessions
+
+
+@dataclass
+class Session:
+    officer: str
+    roles: frozenset[str]
+    token_hash: bytes
+    created: float
+    last_used: float
+
+
+@dataclass
+class Conn:
+    """One admin-socket connection: who is at the other end (SO_PEERCRED) and its session, if any."""
+
+    who: str
+    session: Session | None = None
+
+    @property
+    def actor(self) -> str:
+        return f"officer:{self.session.officer} {self.who}" if self.session else f"admin:{self.who}"
+
+
+@dataclass
+class Officers:
+    f: Factory
+    sessions: dict[bytes, Session] = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> S.FactoryConfig:
+        return self.f.cfg
+
+    # ------------------------------------------------------------ authentication
+
+    def _session_of(self, conn: Conn) -> Session | None:
+        s = conn.session
+        if s is None:
+            return None
+        now = time.monotonic()
+        if self.sessions.get(s.token_hash) is not s or now - s.last_used > self.cfg.session_idle_seconds:
+            self.sessions.pop(s.token_hash, None)
+            conn.session = None
+            raise FactoryError("auth", "the session expired: log in again (donjon login)")
+        s.last_used = now
+        return s
+
+    def end_sessions(self, officer: str) -> None:
+        for h, s in list(self.sessions.items()):
+            if s.officer == officer:
+                del self.sessions[h]
+
+    async def login(self, conn: Conn, req: S.ALogin) -> dict[str, Any]:
+        db = self.f._require_active()
+        name = req.officer
+        actor = f"login:{name} {conn.who}"
+        row = await self.f.run_db(lambda: db.db.execute(
+            "SELECT roles, pwhash, totp, totp_last, failures, locked FROM officers WHERE name=?", (name,)).fetchone())
+        if row is None:
+            await trio.to_thread.run_sync(dummy_check, req.password)
+            await self.f.audit(actor, "login", name, "refused", "no such officer")
+            raise FactoryError("auth", "login refused: wrong officer name, password or code")
+        roles, pwhash, totp, totp_last, failures, locked = row
+        if locked:
+            await self.f.audit(actor, "login", name, "refused", "officer locked out")
+            raise FactoryError("auth", f"officer {name!r} is locked out after repeated failures: an administrator must unlock it")
+        ok = await trio.to_thread.run_sync(check_password, pwhash, req.password)
+        step = None
+        why = "wrong password"
+        if ok and totp is not None:
+            step = totp_match(totp, req.otp, time.time(), totp_last) if req.otp else None
+            if step is None:
+                ok = False
+                why = "missing, wrong or replayed TOTP code"
+        if not ok:
+            limit = self.cfg.max_login_failures
+
+            def fail():
+                with db.tx():
+                    db.db.execute("UPDATE officers SET failures = failures + 1 WHERE name=?", (name,))
+                    n = db.db.execute("SELECT failures FROM officers WHERE name=?", (name,)).fetchone()[0]
+                    db.audit(actor, "login", name, "refused", f"{why} (failure {n} of {limit})")
+                    if n >= limit:
+                        db.db.execute("UPDATE officers SET locked = 1 WHERE name=?", (name,))
+                        db.audit("factory", "lockout", name, "locked", f"{n} consecutive failed logins")
+                    return n
+            n = await self.f.run_db(fail)
+            if n >= limit:
+                self.end_sessions(name)
+                await self.f.send_event(S.Event(kind="login-lockout", detail=f"officer {name} locked after {n} failed logins"))
+            raise FactoryError("auth", "login refused: wrong officer name, password or code")
+        token = secrets.token_urlsafe(32)
+        th = hashlib.sha256(token.encode()).digest()
+
+        def good():
+            with db.tx():
+                db.db.execute("UPDATE officers SET failures = 0, totp_last = max(totp_last, ?) WHERE name=?", (step or 0, name))
+                db.audit(actor, "login", name, "ok", roles)
+        await self.f.run_db(good)
+        now = time.monotonic()
+        s = Session(name, frozenset(roles.split(",")), th, now, now)
+        self.sessions[th] = s
+        conn.session = s
+        return {"token": token, "officer": name, "roles": sorted(s.roles), "idle_seconds": self.cfg.session_idle_seconds}
+
+    async def resume(self, conn: Conn, token: str) -> dict[str, Any]:
+        th = hashlib.sha256(token.encode()).digest()
+        s = self.sessions.get(th)
+        if s is None or time.monotonic() - s.last_used > self.cfg.session_idle_seconds:
+            self.sessions.pop(th, None)
+            raise FactoryError("auth", "no such session, or it expired: log in again (donjon login)")
+        s.last_used = time.monotonic()
+        conn.session = s
+        return {"officer": s.officer, "roles": sorted(s.roles)}
+
+    async def logout(self, conn: Conn) -> dict[str, Any]:
+        s = conn.session
+        if s is not None:
+            self.sessions.pop(s.token_hash, None)
+            conn.session = None
+            await self.f.audit(f"officer:{s.officer} {conn.who}", "logout", s.officer, "ok")
+        return {"logged_out": s is not None}
+
+    # ------------------------------------------------------------ the permission check
+
+    async def bootstrap(self) -> bool:
+        """True while the CMDB holds no officer: only the first administrator may be created."""
+        if self.f.db is None:
+            return False
+        db = self.f.db
+        return not await self.f.run_db(lambda: db.db.execute("SELECT 1 FROM officers LIMIT 1").fetchone())
+
+    async def authorise(self, conn: Conn, req) -> None:
+        """Refuse (typed, audited) what this connection's officer may not do."""
+        op = tag_of(req)
+        obj = str(getattr(req, "name", None) or getattr(req, "ca", None) or getattr(req, "request", None) or "-")
+        if op not in PERMISSIONS:
+            await self.f.audit(conn.actor, op, obj, "denied", "not in the permission table")
+            raise FactoryError("denied", f"{op}: not a permitted operation")
+        allowed = PERMISSIONS[op]
+        if allowed is PUBLIC:
+            return
+        s = self._session_of(conn)
+        if s is None:
+            if op == "officer-add" and await self.bootstrap():
+                if tuple(req.roles) != ("administrator",):
+                    await self.f.audit(conn.actor, op, req.name, "denied", "bootstrap: the first officer is an administrator")
+                    raise FactoryError("denied", "no officer exists yet: the first one must be an administrator only (--role administrator)")
+                return
+            if self.f.db is None:
+                raise FactoryError("inactive", "the CA is not activated (run `donjon activate`)")
+            await self.f.audit(conn.actor, op, obj, "denied", "no officer session")
+            if await self.bootstrap():
+                raise FactoryError("denied", "no officer exists yet: create the first administrator with "
+                                             "`donjon officer add NAME --role administrator`")
+            raise FactoryError("auth", "log in first (donjon login --officer NAME)")
+        if s.roles & allowed:
+            return
+        if op in SELF_SERVICE and getattr(req, "name", None) == s.officer:
+            return
+        await self.f.audit(conn.actor, op, obj, "denied", f"roles {','.join(sorted(s.roles))} may not {op}")
+        raise FactoryError("denied", f"officer {s.officer} ({', '.join(sorted(s.roles))}) may not {op}")
+
+    # ------------------------------------------------------------ officer management
+
+    async def add(self, req: S.AOfficerAdd | S.InitOfficer, actor: str) -> dict[str, Any]:
+        db = self.f._require_active()
+        roles = check_roles(req.roles)
+        check_new_password(req.password)
+        pw = await trio.to_thread.run_sync(hash_password, req.password)
+        now = int(time.time())
+
+        def w():
+            with db.tx():
+                if db.db.execute("SELECT 1 FROM officers WHERE name=?", (req.name,)).fetchone():
+                    db.audit(actor, "officer-add", req.name, "refused", "exists")
+                    return False
+                db.db.execute("INSERT INTO officers(name, roles, pwhash, created, changed) VALUES (?,?,?,?,?)",
+                              (req.name, ",".join(roles), pw, now, now))
+                db.audit(actor, "officer-add", req.name, "ok", ",".join(roles))
+                return True
+        if not await self.f.run_db(w):
+            raise FactoryError("exists", f"officer {req.name!r} already exists")
+        return {"name": req.name, "roles": list(roles)}
+
+    async def _update(self, name: str, action: str, actor: str, sql: str, args: tuple, detail: str = "") -> None:
+        db = self.f._require_active()
+
+        def w():
+            with db.tx():
+                db.db.execute(sql, args)
+                if db.db.changes() != 1:
+                    db.audit(actor, action, name, "refused", "no such officer")
+                    return False
+                db.audit(actor, action, name, "ok", detail)
+                return True
+        if not await self.f.run_db(w):
+            raise FactoryError("not-found", f"no officer named {name!r}")
+
+    async def remove(self, name: str, actor: str) -> dict[str, Any]:
+        db = self.f._require_active()
+
+        def admins_left():
+            return db.db.execute("SELECT count(*) FROM officers WHERE name<>? AND ','||roles||',' LIKE '%,administrator,%'",
+                                 (name,)).fetchone()[0]
+        if await self.f.run_db(admins_left) == 0:
+            await self.f.audit(actor, "officer-remove", name, "refused", "the last administrator")
+            raise FactoryError("policy", "refusing to remove the last administrator")
+        await self._update(name, "officer-remove", actor, "DELETE FROM officers WHERE name=?", (name,))
+        self.end_sessions(name)
+        return {"removed": name}
+
+    async def passwd(self, name: str, password: str, actor: str) -> dict[str, Any]:
+        check_new_password(password)
+        pw = await trio.to_thread.run_sync(hash_password, password)
+        await self._update(name, "officer-passwd", actor, "UPDATE officers SET pwhash=?, changed=? WHERE name=?",
+                           (pw, int(time.time()), name))
+        return {"name": name, "password": "changed"}
+
+    async def unlock(self, name: str, actor: str) -> dict[str, Any]:
+        await self._update(name, "officer-unlock", actor, "UPDATE officers SET locked=0, failures=0 WHERE name=?", (name,))
+        return {"name": name, "locked": False}
+
+    async def totp(self, name: str, enable: bool, actor: str) -> dict[str, Any]:
+        secret = os.urandom(20) if enable else None
+        await self._update(name, "officer-totp", actor, "UPDATE officers SET totp=?, totp_last=0 WHERE name=?",
+                           (secret, name), "on" if enable else "off")
+        if not enable:
+            return {"name": name, "totp": False}
+        b32 = base64.b32encode(secret).decode().rstrip("=")
+        return {"name": name, "totp": True, "secret": b32,
+                "uri": f"otpauth://totp/Donjon:{name}?secret={b32}&issuer=Donjon&algorithm=SHA1&digits=6&period={TOTP_STEP}"}
+
+    async def list(self) -> dict[str, Any]:
+        db = self.f._require_active()
+        rows = await self.f.run_db(lambda: db.db.execute(
+            "SELECT name, roles, totp IS NOT NULL, failures, locked, created FROM officers ORDER BY name").fetchall())
+        return {"officers": [{"name": n, "roles": r.split(","), "totp": bool(t), "failures": fl, "locked": bool(lk), "created": c}
+                             for n, r, t, fl, lk, c in rows]}
+
+    # ------------------------------------------------------------ dual control
+
+    async def guard(self, req, conn: Conn) -> str | None:
+        """The dual-control operation name this request falls under, or None when it runs at once."""
+        if self.cfg.dual_approvals <= 1 or conn.session is None:
+            return None  # no policy, or the bootstrap administrator (no officer exists to approve)
+        op = tag_of(req)
+        name = GUARDED.get(op)
+        if op in SELF_SERVICE and getattr(req, "name", None) == conn.session.officer and "administrator" not in conn.session.roles:
+            name = None  # an officer's own password or second factor
+        if op == "revoke" and await self._is_ca_cert(req.ca, req.serial):
+            name = "revoke-ca"
+        return name if name in self.cfg.dual_operations else None
+
+    async def _is_ca_cert(self, ca: str, serial: bytes) -> bool:
+        db = self.f._require_active()
+        row = await self.f.run_db(lambda: db.db.execute("SELECT profile FROM certs WHERE ca=? AND serial=?", (ca, serial)).fetchone())
+        prof = self.f.profiles.get(row[0]) if row else None
+        return prof is not None and prof.kind in ("root-ca", "sub-ca")
+
+    async def propose(self, req, operation: str, conn: Conn) -> dict[str, Any]:
+        db = self.f._require_active()
+        s = conn.session
+        now = int(time.time())
+        summary = _summary(req)
+        blob = msgspec.msgpack.encode(req)
+
+        def w():
+            with db.tx():
+                db.db.execute("INSERT INTO pending(operation, summary, request, requester, created, expires, state) "
+                              "VALUES (?,?,?,?,?,?, 'open')", (operation, summary, blob, s.officer, now, now + self.cfg.dual_expiry_seconds))
+                pid = db.db.last_insert_rowid()
+                db.db.execute("INSERT INTO approvals VALUES (?,?,?)", (pid, s.officer, now))
+                db.audit(conn.actor, "dual-control", f"request#{pid}", "pending",
+                         f"{operation}: {summary}; 1 of {self.cfg.dual_approvals} approvals")
+                return pid
+        pid = await self.f.run_db(w)
+        return {"pending": pid, "operation": operation, "summary": summary, "approvals": 1,
+                "required": self.cfg.dual_approvals, "expires": now + self.cfg.dual_expiry_seconds}
+
+    async def pending_list(self, open_only: bool) -> dict[str, Any]:
+        db = self.f._require_active()
+        await self._expire()
+
+        def q():
+            rows = db.db.execute("SELECT id, operation, summary, requester, created, expires, state, result FROM pending "
+                                 + ("WHERE state='open' " if open_only else "") + "ORDER BY id DESC LIMIT 200").fetchall()
+            out = []
+            for pid, op, summ, who, created, expires, state, result in rows:
+                approvers = [r[0] for r in db.db.execute("SELECT officer FROM approvals WHERE pending=? ORDER BY ts", (pid,))]
+                out.append({"id": pid, "operation": op, "summary": summ, "requester": who, "created": created,
+                            "expires": expires, "state": state, "approvals": approvers, "required": self.cfg.dual_approvals,
+                            "result": json.loads(result) if result else None})
+            return out
+        return {"pending": await self.f.run_db(q)}
+
+    async def _expire(self) -> None:
+        db = self.f._require_active()
+        now = int(time.time())
+
+        def w():
+            with db.tx():
+                rows = db.db.execute("SELECT id, operation FROM pending WHERE state='open' AND expires <= ?", (now,)).fetchall()
+                for pid, op in rows:
+                    db.db.execute("UPDATE pending SET state='expired', request=x'' WHERE id=?", (pid,))
+                    db.audit("factory:dual-control", "dual-control", f"request#{pid}", "expired", f"{op}: approvals expired")
+        await self.f.run_db(w)
+
+    async def approve(self, request_id: int, conn: Conn, execute) -> dict[str, Any]:
+        """Record this officer's approval; the M-th distinct one runs the request with `execute(req, actor)`."""
+        db = self.f._require_active()
+        await self._expire()
+        s = conn.session
+        row = await self.f.run_db(lambda: db.db.execute(
+            "SELECT operation, request, requester, state FROM pending WHERE id=?", (request_id,)).fetchone())
+        if row is None:
+            raise FactoryError("not-found", f"no pending request #{request_id}")
+        operation, blob, requester, state = row
+        obj = f"request#{request_id}"
+        if state != "open":
+            await self.f.audit(conn.actor, "approve", obj, "refused", f"request is {state}")
+            raise FactoryError("exists" if state in ("done", "failed", "running") else "policy", f"request #{request_id} is {state}")
+        req = msgspec.msgpack.decode(blob, type=S.AdminRequest)
+        allowed = PERMISSIONS.get(tag_of(req)) or frozenset()
+        if not s.roles & allowed:
+            await self.f.audit(conn.actor, "approve", obj, "denied", f"roles {','.join(sorted(s.roles))} may not approve {operation}")
+            raise FactoryError("denied", f"officer {s.officer} may not approve {operation} (needs {', '.join(sorted(allowed))})")
+        m = self.cfg.dual_approvals
+        now = int(time.time())
+
+        def w():
+            with db.tx():
+                if db.db.execute("SELECT 1 FROM approvals WHERE pending=? AND officer=?", (request_id, s.officer)).fetchone():
+                    db.audit(conn.actor, "approve", obj, "refused", "already approved by this officer")
+                    return None
+                db.db.execute("INSERT INTO approvals VALUES (?,?,?)", (request_id, s.officer, now))
+                approvers = [r[0] for r in db.db.execute("SELECT officer FROM approvals WHERE pending=? ORDER BY ts, rowid", (request_id,))]
+                run = len(approvers) >= m
+                if run:
+                    db.db.execute("UPDATE pending SET state='running' WHERE id=? AND state='open'", (request_id,))
+                    run = db.db.changes() == 1
+                db.audit(conn.actor, "approve", obj, "ok", f"{operation}: {len(approvers)} of {m} approvals"
+                         + ("; running it" if run else ""))
+                return approvers, run
+        r = await self.f.run_db(w)
+        if r is None:
+            raise FactoryError("exists", f"officer {s.officer} already approved request #{request_id}: another officer must")
+        approvers, run = r
+        if not run:
+            return {"request": request_id, "approvals": len(approvers), "required": m, "executed": False}
+        actor = f"officer:{requester} approved-by:{','.join(a for a in approvers if a != requester)} {conn.who}"
+        try:
+            result = await execute(req, actor)
+        except FactoryError as e:
+            await self._close(request_id, "failed", {"code": e.code, "reason": e.reason})
+            raise
+        except Exception:
+            await self._close(request_id, "failed", {"code": "internal", "reason": "internal error"})
+            raise
+        await self._close(request_id, "done", result)
+        return {"request": request_id, "approvals": len(approvers), "required": m, "executed": True, "result": result}
+
+    async def _close(self, request_id: int, state: str, result: dict[str, Any]) -> None:
+        db = self.f._require_active()
+
+        def w():
+            with db.tx():
+                # The request may hold a password: keep only its summary once it has run.
+                db.db.execute("UPDATE pending SET state=?, result=?, request=x'' WHERE id=?",
+                              (state, json.dumps(result, default=str), request_id))
+                db.audit("factory:dual-control", "dual-control", f"request#{request_id}", state, json.dumps(result, default=str)[:500])
+        await self.f.run_db(w)
+
+
+def _summary(req) -> str:
+    d = msgspec.structs.asdict(req)
+    d.pop("id", None)
+    if "password" in d:
+        d["password"] = "***"
+    for k, v in list(d.items()):
+        if isinstance(v, bytes):
+            d[k] = v.hex() if len(v) <= 20 else f"<{len(v)} bytes sha256={hashlib.sha256(v).hexdigest()[:16]}>"
+    return f"{tag_of(req)} " + " ".join(f"{k}={v}" for k, v in d.items() if v not in (None, ()))[:900]
