@@ -16,7 +16,7 @@ import apsw
 
 from policy.audit import GENESIS, audit_hash, verify_chain
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -206,6 +206,13 @@ def _officers_migration() -> str:
 
 
 _MIGRATIONS[5] = _officers_migration()
+
+# The key of a tenant's installed responder certificate, apart from the latest key `tenant csr` made:
+# a renewal's new key leaves the installed responder serving until its certificate comes (issue #3).
+_MIGRATIONS[6] = """
+    ALTER TABLE ocsp_tenants ADD COLUMN responder_label TEXT;
+    UPDATE ocsp_tenants SET responder_label = key_label WHERE responder_cert IS NOT NULL;
+    """
 
 
 class CmdbError(Exception):

@@ -34,7 +34,8 @@ CHUNK = 4 * 1024 * 1024
 RETRY_SECONDS = 60  # next fetch after an attempt that found no newer CRL past nextUpdate
 _SECRET = re.compile(rb"^[A-Za-z0-9._~+/=-]{16,512}$")  # RFC 6750 b64token, at least 16 characters
 _URL = re.compile(r"^(https?|ldaps?)://[^\s]+$")
-_COLS = ("name, ca_cert, crl_urls, refresh_seconds, unissued, push_secret_sha256, key_label, key_spki, responder_cert, "
+_COLS = ("name, ca_cert, crl_urls, refresh_seconds, unissued, push_secret_sha256, key_label, key_spki, responder_label, "
+         "responder_cert, "
          "crl_number, crl_this_update, crl_next_update, crl_source, crl_at, serials IS NOT NULL, last_refusal")
 
 
@@ -48,8 +49,9 @@ class Info:
     refresh: int
     unissued: str
     secret_sha256: bytes | None
-    key_label: str | None
+    key_label: str | None  # the latest key `tenant csr` made (its certificate may not be installed yet)
     key_spki: bytes | None
+    responder_label: str | None  # the key of the installed responder certificate
     responder_cert: bytes | None
     crl_number: int | None
     crl_this_update: int | None
@@ -64,9 +66,8 @@ class Info:
         return x509.load_der_x509_certificate(self.ca_der)
 
     def config(self) -> S.TenantConfig:
-        installed = self.responder_cert is not None
         return S.TenantConfig(tenant=self.name, ca_cert=self.ca_der, unissued=self.unissued,
-                              push_secret_sha256=self.secret_sha256, responder_label=self.key_label if installed else None,
+                              push_secret_sha256=self.secret_sha256, responder_label=self.responder_label,
                               responder_cert=self.responder_cert)
 
 
@@ -96,7 +97,7 @@ class TenantManager:
 
     def _row(self, r) -> Info:
         return Info(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13],
-                    bool(r[14]), r[15])
+                    r[14], bool(r[15]), r[16])
 
     async def _reload(self, name: str | None = None) -> None:
         db = self.f.db
@@ -341,6 +342,7 @@ class TenantManager:
                 await self.f.audit(actor, "tenant-responder", req.name, "refused", str(e))
                 raise _fail("policy", str(e)) from None
             sets["responder_cert"] = req.responder_cert
+            sets["responder_label"] = t.key_label  # a new `tenant csr` later does not disturb this one
             what.append(f"responder certificate serial={cert.serial_number:x} until {cert.not_valid_after_utc.isoformat()}")
         if not sets:
             raise _fail("bad-request", "nothing to change")

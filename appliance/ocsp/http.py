@@ -28,13 +28,14 @@ from .store import Store
 HEADER_CAP = 8 * 1024
 BODY_CAP = 64 * 1024
 CHUNK = 64 * 1024
+FAST_READ = 16 * 1024  # a request is a few hundred bytes: a smaller read buffer costs less per call
 DRAIN_LIMIT = 256 * 1024  # bytes read and dropped while closing gracefully
 DRAIN_TIME = 1.0
 
 _CA_PATH = re.compile(rb"^/(crl|ca)/([A-Za-z0-9][A-Za-z0-9._-]{0,63})\.(crl|crt)$")
 _TENANT_PATH = re.compile(rb"^/tenant/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/crl$")
 PUSH_CAP = 8 * 1024 * 1024  # body cap of a pushed tenant CRL
-PUSH_TIMEOUT = 60.0
+PUSH_TIMEOUT = 30.0
 OCSP_REQUEST = b"application/ocsp-request"
 OCSP_RESPONSE = b"application/ocsp-response"
 
@@ -87,15 +88,19 @@ _REASONS = {200: b"OK", 304: b"Not Modified", 400: b"Bad Request", 401: b"Unauth
             500: b"Internal Server Error", 503: b"Service Unavailable"}
 
 
-_date_cache: list = [None, b""]
+_date_cache: dict[int, bytes] = {}
 
 
 def _http_date(ts: float) -> bytes:
-    """RFC 7231 date; the Date header of every answer is formatted once per second."""
+    """RFC 7231 date, each second formatted once: Date, and the Last-Modified and Expires of the
+    held responses (they share a few thisUpdate/nextUpdate values)."""
     sec = int(ts)
-    if _date_cache[0] != sec:
-        _date_cache[0], _date_cache[1] = sec, formatdate(sec, usegmt=True).encode()
-    return _date_cache[1]
+    d = _date_cache.get(sec)
+    if d is None:
+        if len(_date_cache) >= 4096:
+            _date_cache.clear()
+        d = _date_cache[sec] = formatdate(sec, usegmt=True).encode()
+    return d
 
 
 def _plain(status: int, close: bool = False, extra: list | None = None) -> Reply:
@@ -273,7 +278,77 @@ class Endpoint:
                 await stream.send_all(data)
 
     async def _connection(self, stream: trio.abc.Stream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.cfg.header_cap)
+        """The fast path first (the request shapes OCSP clients send, parsed by hand, strictly);
+        at the first request that is anything else, h11 takes the connection over, with the bytes
+        already read, and keeps it."""
+        buf = bytearray()
+        while True:
+            got = None
+            with trio.move_on_after(self.cfg.read_timeout) as scope:
+                got = await self._read_fast(stream, buf)
+            if scope.cancelled_caught:
+                if not buf:
+                    return  # an idle keep-alive connection: close quietly
+                await self._send(stream, _raw_reply(_plain(408, close=True), self.clock(), False, False))
+                await self._close(stream)
+                return
+            if got is None:
+                return  # closed by the client (possibly before any request: costs nothing)
+            if got is _FALLBACK:
+                conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.cfg.header_cap)
+                conn.receive_data(bytes(buf))
+                await self._h11_connection(stream, conn)
+                return
+            method, target, headers, body, keep_alive = got
+            try:
+                reply = self.route(method, target, headers, body)
+            except Exception as e:  # noqa: BLE001 - mapped to 500, never shown
+                self.stats.errors += 1
+                print(f"donjon[ocsp]: handler error: {type(e).__name__}", file=sys.stderr, flush=True)
+                reply = _plain(500, close=True)
+            close = reply.close or not keep_alive
+            data = _raw_reply(reply, self.clock(), close, method == b"HEAD")
+            if len(data) <= CHUNK:  # an OCSP answer: one write
+                await self._send(stream, data)
+            else:  # a large CRL: each piece under its own deadline
+                view = memoryview(data)
+                for i in range(0, len(view), CHUNK):
+                    await self._send(stream, view[i:i + CHUNK])
+            if close:
+                await self._close(stream)
+                return
+
+    async def _read_fast(self, stream, buf: bytearray):
+        """One request in the common shape: (method, target, headers, body, keep_alive); None if
+        the client closed before sending anything; _FALLBACK for anything else (h11 decides). The
+        request's bytes are removed from `buf`, what follows them (pipelining) stays."""
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                if end > self.cfg.header_cap:
+                    return _FALLBACK
+                break
+            if len(buf) > self.cfg.header_cap:
+                return _FALLBACK
+            data = await stream.receive_some(FAST_READ)
+            if not data:
+                return _FALLBACK if buf else None
+            buf += data
+        parsed = _parse_head(bytes(buf[:end]), self.cfg.body_cap)
+        if parsed is None:
+            return _FALLBACK
+        method, target, headers, length, keep_alive = parsed
+        start = end + 4
+        while len(buf) < start + length:
+            data = await stream.receive_some(CHUNK)
+            if not data:
+                return _FALLBACK  # h11 sees the truncated body and the close
+            buf += data
+        body = bytes(buf[start:start + length])
+        del buf[:start + length]
+        return method, target, headers, body, keep_alive
+
+    async def _h11_connection(self, stream: trio.abc.Stream, conn: h11.Connection) -> None:
         while True:
             fail: int | None = None
             got = None
@@ -383,6 +458,71 @@ class Endpoint:
                     dropped += len(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
+
+
+_FALLBACK = object()
+_REQUEST_LINE = re.compile(rb"^(GET|POST|HEAD) (/[\x21-\x7e]*) HTTP/1\.([01])$")
+_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_VALUE = re.compile(rb"^[\x20-\x7e]*$")
+_FAST_HEADERS = {b"host", b"content-type", b"content-length", b"connection", b"accept", b"user-agent",
+                 b"if-none-match", b"if-modified-since", b"cache-control", b"pragma", b"accept-encoding"}
+
+
+def _parse_head(head: bytes, body_cap: int):
+    """The strict subset of HTTP/1.x the fast path answers: GET/HEAD/POST, an origin-form target,
+    known headers once each with plain values, Host on 1.1, Content-Length exactly on POST, no
+    Transfer-Encoding, Expect or tenant push. Anything else: None (h11 and the checks around it
+    decide, as for any request). Returns (method, target, headers, body length, keep-alive)."""
+    lines = head.split(b"\r\n")
+    m = _REQUEST_LINE.match(lines[0])
+    if m is None:
+        return None
+    method, target, minor = m.group(1), m.group(2), m.group(3)
+    if target.startswith(b"/tenant/"):
+        return None
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        name = name.lower()
+        if not sep or name not in _FAST_HEADERS or name in headers or not _TOKEN.match(name):
+            return None
+        value = value.strip(b" \t")
+        if not _VALUE.match(value):
+            return None
+        headers[name] = value
+    if minor == b"1" and not headers.get(b"host"):
+        return None
+    cl = headers.get(b"content-length")
+    if method == b"POST":
+        if cl is None or not cl.isdigit() or len(cl) > 9 or int(cl) > body_cap:
+            return None
+        length = int(cl)
+    else:
+        if cl not in (None, b"0"):
+            return None
+        length = 0
+    conn = headers.get(b"connection", b"").lower()
+    if conn not in (b"", b"close", b"keep-alive"):
+        return None
+    # h11 keeps HTTP/1.0 connections for one request only; the fast path does the same.
+    keep_alive = minor == b"1" and conn != b"close"
+    return method, target, headers, length, keep_alive
+
+
+def _raw_reply(reply: Reply, now: float, close: bool, head: bool) -> bytes:
+    """A response serialised as h11 would (HTTP/1.1 status line, lower-case names, Content-Length)."""
+    out = [b"HTTP/1.1 %d %s\r\ndate: %s\r\n" % (reply.status, _REASONS.get(reply.status, b""), _http_date(now))]
+    for k, v in reply.headers:
+        out.append(k + b": " + v + b"\r\n")
+    out.append(b"content-length: %d\r\n" % len(reply.body))
+    if reply.close:
+        out.append(b"connection: close\r\n")
+    elif close:
+        out.append(b"Connection: close\r\n")  # what h11 adds for a connection it will not keep
+    out.append(b"\r\n")
+    if not head and reply.status != 304:
+        out.append(bytes(reply.body))
+    return b"".join(out)
 
 
 class _Closed(Exception):

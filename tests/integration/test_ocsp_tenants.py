@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from asn1crypto import ocsp as a_ocsp
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from policy import lint
 from tests.conftest import openssl
@@ -288,6 +289,27 @@ def test_tenant_commands_refuse_bad_input(tenant, tmp_path):
     (tmp_path / "bad.txt").write_text("12ab\nnot-hex\n")
     r = a.cli("ocsp", "tenant", "serials", "partner", str(tmp_path / "bad.txt"), check=False)
     assert r.returncode == 1 and b"line 2" in r.stderr
+    # A new key (renewal) leaves the installed responder answering until its certificate is installed.
+    a.cli("ocsp", "tenant", "crl", "partner", str(ca.crl("one")))
+    wait(a, ca, str(good), ": good")
+    a.cli("ocsp", "tenant", "csr", "partner", "--out", str(tmp_path / "renew.csr"))
+    old = tmp_path / "responder.pem"
+    r = a.cli("ocsp", "tenant", "update", "partner", "--responder-cert", str(old), check=False)
+    assert r.returncode == 1 and b"does not certify the key" in r.stderr  # the old one is not the latest key's
+    r = ask(a, ca, str(good))
+    assert b": good" in r.stdout and b"Response verify OK" in r.stderr, r.stdout + r.stderr
+    new = ca.sign(tmp_path / "renew.csr", tmp_path / "renew.pem", "responder")
+    a.cli("ocsp", "tenant", "update", "partner", "--responder-cert", str(new))
+    deadline = time.monotonic() + 15
+    while True:  # the answers now carry the new responder certificate
+        out = tmp_path / "renewed.der"
+        openssl("ocsp", "-issuer", str(ca.pem), "-cert", str(good), "-url", f"{a.endpoint}/ocsp", "-CAfile", str(ca.pem),
+                "-no_nonce", "-respout", str(out))
+        certs = a_ocsp.OCSPResponse.load(out.read_bytes()).basic_ocsp_response["certs"]
+        if certs[0].dump() == x509.load_pem_x509_certificate(new.read_bytes()).public_bytes(serialization.Encoding.DER):
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
     r = a.cli("ocsp", "tenant", "crl", "nobody", str(ca.pem), check=False)
     assert r.returncode == 1 and b"no OCSP tenant named 'nobody'" in r.stderr
     a.cli("ocsp", "tenant", "remove", "partner")

@@ -226,3 +226,61 @@ def test_fuzz_raw_requests_never_kill_the_server(server, method, target, version
 def test_after_fuzz_normal_request_works(server):
     raw(server.port, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 100, timeout=3, shut=True)  # a TLS hello
     health(server.port)
+
+
+def _no_date(out: bytes) -> bytes:
+    return b"\r\n".join(ln for ln in out.split(b"\r\n") if not ln.lower().startswith(b"date:"))
+
+
+def test_fast_path_answers_exactly_as_h11(server, pki):
+    """The hand-written fast path and h11 (forced by a header the fast path does not take) send the
+    same bytes for the common requests."""
+    req = cert_id_request(pki, [7])
+    import base64
+    b64 = base64.b64encode(req)
+    cases = [
+        b"POST /ocsp HTTP/1.1\r\nHost: x\r\nContent-Type: application/ocsp-request\r\nContent-Length: %d\r\n%s\r\n" % (len(req), b"%s") + req,
+        b"POST / HTTP/1.0\r\nContent-Type: application/ocsp-request\r\nContent-Length: %d\r\n%s\r\n" % (len(req), b"%s") + req,
+        b"GET /ocsp/" + b64 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n%s\r\n",
+        b"GET /" + b64 + b" HTTP/1.0\r\nHost: 127.0.0.1\r\n%s\r\n",
+        b"GET /ca/issuing.crt HTTP/1.0\r\n%s\r\n",
+        b"HEAD /health HTTP/1.0\r\n%s\r\n",
+        b"GET /nothing HTTP/1.0\r\n%s\r\n",
+        b"GET /ocsp/MAA= HTTP/1.0\r\n%s\r\n",
+        b"POST /ocsp HTTP/1.0\r\nContent-Type: text/plain\r\nContent-Length: 1\r\n%s\r\nx",
+    ]
+    for c in cases:
+        fast, _ = raw(server.port, c.replace(b"%s", b""), shut=True)
+        slow, _ = raw(server.port, c.replace(b"%s", b"X-Force-H11: 1\r\n"), shut=True)
+        assert fast and _no_date(fast) == _no_date(slow), (c, fast, slow)
+
+
+_HEAD_LINES = st.lists(st.sampled_from([
+    b"Host: x", b"host:x", b"Content-Length: 3", b"Content-Length: 03", b"Content-Length: 3 ", b"Content-Length:+3",
+    b"Content-Type: application/ocsp-request", b"Connection: close", b"Connection: keep-alive", b"Connection: upgrade",
+    b"Accept: */*", b"User-Agent: t", b"If-None-Match: \"x\"", b"host: x", b" Host: x", b"Host : x", b"Host: a\tb",
+    b"Host: \x7f", b"Transfer-Encoding: chunked", b"Cache-Control: no-cache"]), max_size=5)
+
+
+@settings(max_examples=500, deadline=None)
+@given(line=st.sampled_from([b"GET / HTTP/1.1", b"POST /ocsp HTTP/1.1", b"POST /ocsp HTTP/1.0", b"HEAD /x HTTP/1.0",
+                             b"GET /a b HTTP/1.1", b"GET http://x/ HTTP/1.1", b"get / HTTP/1.1", b"GET / HTTP/1.2",
+                             b"GET /\xff HTTP/1.1", b"POST /tenant/x/crl HTTP/1.1"]),
+       lines=_HEAD_LINES, body=st.binary(max_size=8))
+def test_fast_path_takes_only_what_h11_reads_the_same(line, lines, body):
+    import h11
+    from appliance.ocsp.http import _parse_head
+    head = b"\r\n".join([line, *lines])
+    parsed = _parse_head(head, 1024)
+    if parsed is None:
+        return
+    method, target, headers, length, keep_alive = parsed
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(head + b"\r\n\r\n" + body[:length].ljust(length, b"z"))
+    ev = conn.next_event()  # h11 must accept it, as the same request
+    assert isinstance(ev, h11.Request) and ev.method == method and ev.target == target
+    assert {k: v for k, v in ev.headers} == headers
+    if length:
+        data = conn.next_event()
+        assert isinstance(data, h11.Data) and len(data.data) == length
+    assert isinstance(conn.next_event(), h11.EndOfMessage)

@@ -103,7 +103,7 @@ def test_ca_certificate_checks():
 
 def test_issued_serials_list():
     assert parse_issued_serials(b"# partner\n0x1f\n\nAB:CD  # colons\n1f\n") == {0x1F, 0xABCD}
-    for bad, why in ((b"12\nxyz\n", "line 2"), (b"0\n", "positive"), (b"\xff\n", "ASCII"), (b"1" * 41 + b"\n", "20 octets")):
+    for bad, why in ((b"12\nxyz\n", "line 2"), (b":\n", "line 1"), (b"0x\n", "line 1"), (b"0\n", "positive"), (b"\xff\n", "ASCII"), (b"1" * 41 + b"\n", "20 octets")):
         with pytest.raises(CrlRefused, match=why):
             parse_issued_serials(bad)
 

@@ -6,7 +6,7 @@ from appliance.factory.tenants import RETRY_SECONDS, Info, TenantManager
 
 
 def info(name: str, urls=("http://x/ca.crl",), refresh=3600, crl_at=None, nu=None) -> Info:
-    return Info(name, b"", list(urls), refresh, "unknown", None, None, None, None, 1 if nu else None, None, nu,
+    return Info(name, b"", list(urls), refresh, "unknown", None, None, None, None, None, 1 if nu else None, None, nu,
                 None, crl_at, False, None)
 
 
