@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 
 import msgspec
 
-VERSION = 1
+VERSION = 2
 
 # Size limits, checked by msgspec at decode time.
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
