@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from appliance.ipc import schema as S
 from policy import audit as A
 
-from .cis_link import CisRefused
-from .service import Factory, FactoryError
+from .service import Factory
 
 
 async def ceremony_record(f: Factory, actor: str, ceremony: str, digest: bytes) -> dict[str, Any]:
@@ -26,24 +23,7 @@ async def ceremony_record(f: Factory, actor: str, ceremony: str, digest: bytes) 
             return db.db.execute("SELECT seq, ts, actor, action, object, outcome, detail, prev, hash FROM audit WHERE seq=?",
                                  (seq,)).fetchone()
         seq, ts, who, action, obj, outcome, detail, prev, head = await f.run_db(write)
-        now = int(time.time())
-        try:
-            r = await f.cis.request(S.SignCheckpoint(id=f.cis.new_id(), seq=seq, head=head, time=now))
-        except CisRefused as e:
-            await f.audit(actor, "audit-checkpoint", f"seq={seq}", "refused", e.reason)
-            raise FactoryError("hsm", e.reason) from None
-        try:
-            if A.parse_checkpoint_tbs(r.tbs) != (seq, head, now):
-                raise ValueError("different fields")
-        except ValueError:
-            raise FactoryError("internal", "the CIS signed a checkpoint other than the one asked") from None
-
-        def store():
-            with db.tx():
-                db.db.execute("INSERT INTO checkpoints(seq, ts, head, tbs, signature) VALUES (?,?,?,?,?)",
-                              (seq, now, head, r.tbs, r.signature))
-                db.audit(actor, "audit-checkpoint", f"seq={seq}", "ok", f"head {head.hex()} (ceremony {ceremony})")
-        await f.run_db(store)
+        r = await cps.sign_head(seq, head, actor, f" (ceremony {ceremony})")
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
     cert = x509.load_der_x509_certificate(await cps.cert()).public_bytes(Encoding.PEM).decode()

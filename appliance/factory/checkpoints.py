@@ -28,25 +28,33 @@ class Checkpoints:
         async with self._lock:
             row = await f.run_db(lambda: db.db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone())
             seq, head = (row[0], row[1]) if row else (0, A.GENESIS)
-            ts = int(time.time())
-            try:
-                r = await f.cis.request(S.SignCheckpoint(id=f.cis.new_id(), seq=seq, head=head, time=ts))
-            except CisRefused as e:
-                await f.audit(actor, "audit-checkpoint", f"seq={seq}", "refused", e.reason)
-                raise FactoryError("hsm", e.reason) from None
-            try:
-                if A.parse_checkpoint_tbs(r.tbs) != (seq, head, ts):
-                    raise ValueError("different fields")
-            except ValueError:
-                raise FactoryError("internal", "the CIS signed a checkpoint other than the one asked") from None
-
-            def store():
-                with db.tx():
-                    db.db.execute("INSERT INTO checkpoints(seq, ts, head, tbs, signature) VALUES (?,?,?,?,?)",
-                                  (seq, ts, head, r.tbs, r.signature))
-                    db.audit(actor, "audit-checkpoint", f"seq={seq}", "ok", f"head {head.hex()}")
-            await f.run_db(store)
+            r = await self.sign_head(seq, head, actor)
             return A.checkpoint_doc(r.tbs, r.signature)
+
+    async def sign_head(self, seq: int, head: bytes, actor: str, note: str = "") -> S.CheckpointSigned:
+        """Have the CIS sign a checkpoint of (seq, head) now, check it is the one asked, store and audit
+        it. The caller holds self._lock (one checkpoint signing at a time)."""
+        f = self.f
+        db = f._require_active()
+        ts = int(time.time())
+        try:
+            r = await f.cis.request(S.SignCheckpoint(id=f.cis.new_id(), seq=seq, head=head, time=ts))
+        except CisRefused as e:
+            await f.audit(actor, "audit-checkpoint", f"seq={seq}", "refused", e.reason)
+            raise FactoryError("hsm", e.reason) from None
+        try:
+            if A.parse_checkpoint_tbs(r.tbs) != (seq, head, ts):
+                raise ValueError("different fields")
+        except ValueError:
+            raise FactoryError("internal", "the CIS signed a checkpoint other than the one asked") from None
+
+        def store():
+            with db.tx():
+                db.db.execute("INSERT INTO checkpoints(seq, ts, head, tbs, signature) VALUES (?,?,?,?,?)",
+                              (seq, ts, head, r.tbs, r.signature))
+                db.audit(actor, "audit-checkpoint", f"seq={seq}", "ok", f"head {head.hex()}{note}")
+        await f.run_db(store)
+        return r
 
     async def latest(self) -> dict[str, Any] | None:
         db = self.f._require_active()
