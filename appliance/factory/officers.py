@@ -32,7 +32,8 @@ PUBLIC = None  # no session needed: activation is authorised by the PIN or the s
 # refused to everyone (fail closed). Checked for every admin request before it is dispatched.
 PERMISSIONS: dict[str, frozenset[str] | None] = {
     "status": PUBLIC, "activate": PUBLIC, "activate-shares": PUBLIC, "login": PUBLIC, "resume": PUBLIC, "logout": PUBLIC,
-    "ca-list": ANY, "ca-show": ANY, "ca-export": ANY, "cert-show": ANY, "cert-list": ANY, "crl-export": ANY,
+    "ca-list": PUBLIC,  # CA names and certificate summaries: public data (the endpoint serves the certificates)
+    "ca-show": ANY, "ca-export": ANY, "cert-show": ANY, "cert-list": ANY, "crl-export": ANY,
     "ocsp-status": ANY, "pending-list": ANY, "approve": ANY, "audit-cert": ANY, "audit-checkpoint": ANY,
     "ca-create": OPER, "ca-sign-csr": OPER, "issue": OPER, "revoke": OPER, "crl-generate": OPER,
     "ocsp-responder-cert": OPER,
