@@ -46,6 +46,7 @@ class AdminClient:
         try:
             self.chan.handshake()
         except (ProtocolViolation, OSError):
+            sock.close()  # a refused (or not yet ready) appliance must not leak the socket
             raise ClientError("the appliance refused the connection (not root, owner or admin group?)", "auth") from None
         if session is not None:
             try:
