@@ -354,19 +354,19 @@ def ocsp_status_lines(doc: dict[str, Any]) -> list[str]:
         lines.append(f"CRL-fed tenants: {tc['tenants']}; CRLs accepted {tc['accepted']} refused {tc['refused']} since start"
                      " (see `donjon ocsp tenant list`)")
     for c in doc["cas"]:
-        nu = (datetime.fromtimestamp(c["earliest_next_update"], timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-              if c["earliest_next_update"] else "-")
+        nu = when(c["earliest_next_update"])
         lines.append(f"{c['ca']:<16} responses {c['responses']:<8} revoked {c['revoked']:<6} queued {c['queued']:<6} "
                      f"earliest nextUpdate {nu}{'  LAPSED' if c['lapsed'] else ''}")
     return lines
 
 
+def when(t) -> str:
+    """An epoch as ISO 8601 UTC (seconds), or '-': every face prints times this way."""
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if t else "-"
+
+
 def dist_status(c: AdminClient) -> dict[str, Any]:
     return _wrap(c.call, S.ADistStatus)
-
-
-def _when(t) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if t else "-"
 
 
 def dist_status_lines(doc: dict[str, Any]) -> list[str]:
@@ -377,13 +377,13 @@ def dist_status_lines(doc: dict[str, Any]) -> list[str]:
         age = f"{d['oldest_pending_age']}s" if d["oldest_pending_age"] is not None else "-"
         state = "FAILING" if d["failing"] else ("not configured" if not d["configured"] else "ok")
         lines.append(f"{d['rule']:<16} {state:<8} pending {d['pending']:<6} oldest {age:<8} parked {d['parked']:<5} "
-                     f"last success {_when(d['last_success'])}")
+                     f"last success {when(d['last_success'])}")
         if d["last_error"]:
-            lines.append(f"{'':<16} last error {_when(d['last_error_at'])}: {d['last_error']}"
+            lines.append(f"{'':<16} last error {when(d['last_error_at'])}: {d['last_error']}"
                          + (f" (retry in {d['retry_in']}s)" if d["retry_in"] else ""))
     for t in doc.get("tenant_fetches", []):
-        lines.append(f"tenant {t['tenant']:<9} CRL fetch: last {_when(t['last_fetch'])} ({t['last_result'] or '-'})"
-                     + (f"; last error {_when(t['last_error_at'])}: {t['last_error']}" if t["last_error"] else "")
+        lines.append(f"tenant {t['tenant']:<9} CRL fetch: last {when(t['last_fetch'])} ({t['last_result'] or '-'})"
+                     + (f"; last error {when(t['last_error_at'])}: {t['last_error']}" if t["last_error"] else "")
                      + (f" (retry in {t['retry_in']}s)" if t["retry_in"] else ""))
     return lines
 

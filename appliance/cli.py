@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from datetime import datetime
 from typing import Annotated, Optional
 
 import typer
@@ -64,11 +63,6 @@ def call(home: str, cls, **kw):
                    f"approvals; other officers run `donjon approve {doc['pending']}`")
         raise typer.Exit(0)
     return doc
-
-
-def _when(t) -> str:
-    """An epoch as ISO 8601 UTC, or '-'."""
-    return datetime.utcfromtimestamp(t).isoformat() + "Z" if t else "-"
 
 
 def out_bytes(data: bytes, out: Optional[str]) -> None:
@@ -751,7 +745,7 @@ def tenant_list(home: Home = "./var", as_json: JsonOut = False) -> None:
         typer.echo(json.dumps(doc, indent=2))
         return
     for t in doc["tenants"]:
-        nu = _when(t["crl_next_update"])
+        nu = ops.when(t["crl_next_update"])
         typer.echo(f"{t['name']:<16} CRL #{t['crl_number'] if t['crl_number'] is not None else '-'} nextUpdate {nu}"
                    f"{'  STALE' if t['stale'] else ''}  responder {'yes' if t['responder'] else 'no'}  unissued {t['unissued']}"
                    f"  serials-list {'yes' if t['issued_serials'] else 'no'}  push {'yes' if t['push'] else 'no'}"
@@ -790,7 +784,7 @@ def tenant_crl(name: str, file: str, home: Home = "./var") -> None:
     if len(der) > 7 * 1024 * 1024:
         fail("the CRL is larger than 7 MiB: have the Distribution agent fetch it, or push it over HTTP")
     doc = call(home, S.AOcspTenantCrl, name=name, crl=der)
-    nu = _when(doc["next_update"])
+    nu = ops.when(doc["next_update"])
     typer.echo(f"tenant {name}: CRL #{doc['crl_number']} in use until {nu}")
 
 
@@ -864,7 +858,7 @@ def audit_cert(out: Annotated[Optional[str], typer.Option(help="Output file (PEM
 def audit_reconcile(home: Home = "./var") -> None:
     """List serials whose intent had no certificate after a crash (voided, treated as possibly issued)."""
     for v in call(home, S.AReconcile)["voided"]:
-        typer.echo(f"#{v['seq']} {_when(v['ts'])} {v['object']}: {v['detail']}")
+        typer.echo(f"#{v['seq']} {ops.when(v['ts'])} {v['object']}: {v['detail']}")
 
 
 # ---------------------------------------------------------------- console, SSH, ceremonies, settings (issue #6)
