@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 
+from appliance import adminops as ops
 from appliance.client import AdminClient, ClientError
 from appliance.ipc import schema as S
 from appliance.snmp import mib as M
@@ -89,10 +90,16 @@ def _serial(pem: Path) -> str:
     return format(x509.load_pem_x509_certificate(pem.read_bytes()).serial_number, "x")
 
 
+def _admin(a: Appliance) -> AdminClient:
+    """In-process admin calls where the CLI itself is not what is judged (a CLI process costs ~1 s)."""
+    return AdminClient(str(a.home), timeout=60, session=a.session())
+
+
 def _crl(a: Appliance, tmp: Path, name: str) -> tuple[Path, str]:
     """A new CRL of `issuing` (DER file for pkilint, PEM file for openssl verify) and its text."""
     der = tmp / f"{name}.crl"
-    a.cli("crl", "generate", "--ca", "issuing", "--out", str(der))
+    with _admin(a) as c:
+        der.write_bytes(ops.crl_generate(c, "issuing"))
     assert lint.lint_crl(der.read_bytes()) == []
     pem = tmp / f"{name}.crl.pem"
     openssl("crl", "-inform", "DER", "-in", str(der), "-out", str(pem))
@@ -127,10 +134,10 @@ def _refused(a: Appliance, *args: str) -> str:
     return r.stderr.decode()
 
 
-def _audit(a: Appliance, tmp: Path) -> list[dict]:
-    f = tmp / "audit.jsonl"
-    a.cli("audit", "export", "--out", str(f))
-    return [d for line in f.read_text().splitlines() if line.strip() and "action" in (d := json.loads(line))]
+def _audit(a: Appliance) -> list[dict]:
+    with AdminClient(str(a.home), timeout=60, session=a.session("aud")) as c:
+        text = ops.audit_export(c).decode()
+    return [d for line in text.splitlines() if line.strip() and "action" in (d := json.loads(line))]
 
 
 def test_hold_release_permanent_and_remove_from_crl(rev):
@@ -142,9 +149,10 @@ def test_hold_release_permanent_and_remove_from_crl(rev):
     # removeFromCRL is no revocation reason: the CLI says so, and so does the Factory (audited) to a
     # client that sends code 8 anyway; nothing is revoked.
     assert "removeFromCRL is not a revocation reason" in _refused(a, "revoke", "--ca", "issuing", sh, "--reason", "removeFromCRL")
-    with AdminClient(str(a.home), timeout=30, session=a.session()) as c, pytest.raises(ClientError, match="removeFromCRL"):
-        c.call(S.ARevoke, ca="issuing", serial=int(sh, 16).to_bytes((len(sh) + 1) // 2, "big"), reason=8)
-    assert json.loads(a.cli("cert", "show", "--ca", "issuing", sh).stdout)["revoked_at"] is None
+    with _admin(a) as c:
+        with pytest.raises(ClientError, match="removeFromCRL"):
+            c.call(S.ARevoke, ca="issuing", serial=int(sh, 16).to_bytes((len(sh) + 1) // 2, "big"), reason=8)
+        assert ops.cert_show(c, "issuing", int(sh, 16).to_bytes((len(sh) + 1) // 2, "big"))["revoked_at"] is None
 
     # On hold: OCSP revoked (certificateHold), and thisUpdate is never before the revocation (item 6).
     a.cli("revoke", "--ca", "issuing", sh, "--reason", "certificateHold")
@@ -189,7 +197,7 @@ def test_hold_release_permanent_and_remove_from_crl(rev):
     assert "already revoked" in _refused(a, "revoke", "--ca", "issuing", sp, "--reason", "certificateHold")
     assert "--release takes no --reason" in _refused(a, "revoke", "--ca", "issuing", sp, "--release", "--reason", "keyCompromise")
 
-    audit = _audit(a, tmp)
+    audit = _audit(a)
     mine = [(r["action"], r["object"].split("/")[-1], r["outcome"], r["detail"]) for r in audit
             if r["action"] in ("revoke", "unrevoke") and r["object"].split("/")[-1] in (sh, sp)]
     assert ("revoke", sh, "refused", "removeFromCRL is not a revocation reason") in mine
@@ -210,8 +218,8 @@ def test_hold_release_permanent_and_remove_from_crl(rev):
 
 
 def _responder_certs(a: Appliance) -> list[dict]:
-    certs = json.loads(a.cli("cert", "list", "--ca", "issuing", "--json").stdout)
-    return [c for c in certs if c["profile"] == "ocsp-responder"]
+    with _admin(a) as c:
+        return [x for x in ops.cert_list(c, "issuing", 1000) if x["profile"] == "ocsp-responder"]
 
 
 def _until(pred, what: str, timeout: float = 30.0):
@@ -271,7 +279,7 @@ def test_delegated_responder_renewed_before_it_lapses_and_failure_notified(rev, 
     life = new.not_valid_after_utc - new.not_valid_before_utc
     assert 29.9 < life.total_seconds() / 86400 <= 30
     assert x509.ExtendedKeyUsageOID.OCSP_SIGNING in new.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    audit = _audit(a, tmp)
+    audit = _audit(a)
     assert any(r["actor"] == "factory:responder-renewal" and r["action"] == "ocsp-responder" and r["outcome"] == "refused"
                for r in audit)
     assert any(r["actor"] == "factory:responder-renewal" and r["action"] == "ocsp-responder" and r["outcome"] == "ok"
