@@ -153,11 +153,13 @@ class OcspProducer:
             self.renew_wake = trio.Event()
             if self.f.db is None or not self.f.cfg.responder_renew_days:
                 continue
-            db = self.f.db.db
-            latest = await self.f.run_db(lambda: db.execute(
-                "SELECT ca, max(not_after) FROM certs WHERE profile='ocsp-responder' GROUP BY ca ORDER BY ca").fetchall())
-            for ca, not_after in latest:
+            for ca, not_after in await self.f.run_db(self._latest_responders):
                 await self._renew(ca, not_after)
+
+    def _latest_responders(self) -> list[tuple[str, int]]:
+        """(CA, notAfter of its latest delegated responder certificate), for CAs that have one."""
+        return self.f.db.db.execute(
+            "SELECT ca, max(not_after) FROM certs WHERE profile='ocsp-responder' GROUP BY ca ORDER BY ca").fetchall()
 
     async def _renew(self, ca: str, not_after: int) -> None:
         from .service import FactoryError, _log  # the service module imports this one
