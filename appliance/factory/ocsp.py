@@ -165,8 +165,10 @@ class OcspProducer:
         from .service import FactoryError, _log  # the service module imports this one
 
         f = self.f
-        if not_after - time.time() > f.cfg.responder_renew_days * 86400 or trio.current_time() < self._renew_after.get(ca, 0):
+        if not_after - time.time() > f.cfg.responder_renew_days * 86400:
             return
+        if ca in self._renew_after and trio.current_time() < self._renew_after[ca]:
+            return  # failed lately (notified): retried later, or at once when an endpoint reconnects
         ends = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(not_after))
         try:
             ca_end = int(x509.load_der_x509_certificate((await f.ca_row(ca))[4]).not_valid_after_utc.timestamp())

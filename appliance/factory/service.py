@@ -587,6 +587,7 @@ class Factory:
         sb = serial_bytes(serial)
         now = int(time.time())
         reason = req.reason or None
+        entry_len = crlenc.entry_length(serial, now, reason, req.invalidity)
         obj = f"{req.ca}/{serial:x}"
 
         def w():
@@ -608,8 +609,7 @@ class Factory:
                     db.db.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (req.ca, sb))
                     db.audit(actor, "revoke", obj, "ok", f"reason={req.reason} (was certificateHold since {old[0]})")
                     return "changed", old[0]
-                db.db.execute("INSERT INTO revocations VALUES (?,?,?,?,?,?)",
-                              (req.ca, sb, now, reason, req.invalidity, crlenc.entry_length(serial, now, reason, req.invalidity)))
+                db.db.execute("INSERT INTO revocations VALUES (?,?,?,?,?,?)", (req.ca, sb, now, reason, req.invalidity, entry_len))
                 db.db.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (req.ca, sb))
                 self.dist.enqueue_uncert(db.db, req.ca, serial, row[0])
                 db.audit(actor, "revoke", obj, "ok", f"reason={req.reason}")
