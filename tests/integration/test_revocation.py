@@ -25,7 +25,7 @@ from appliance.ipc import schema as S
 from appliance.snmp import mib as M
 from policy import lint
 from policy.ocsp import issuer_hashes
-from tests.conftest import Appliance, make_ceremony, openssl
+from tests.conftest import OFFICERS, Appliance, make_ceremony, openssl
 from tests.data.ocsp.make import botan
 from tests.integration.test_ocsp import BOUND, _free_port, _issue, _wait_for
 from tests.integration.test_snmp_appliance import TRAP_COMMUNITY, _oid, _udp_port
@@ -54,12 +54,13 @@ def trap_log(tmp_path_factory):
 @pytest.fixture(scope="module")
 def rev(src_path, tmp_path_factory, trap_log):
     """One appliance for the module: endpoint on a known port (CRL DP and AIA point at it), delegated
-    responders renewed when less than 2 days remain, notifications to the module's snmptrapd."""
+    responders renewed when less than 2 days remain, notifications to the module's snmptrapd, two
+    operators' approvals for what touches a CA certificate."""
     base = Path(tempfile.mkdtemp(prefix="donjon-test-"))
     os.chmod(base, 0o711)
     tmp = tmp_path_factory.mktemp("revocation")
     a = Appliance(base / "home", src_path)
-    a.init(make_ceremony(tmp / "ceremony.toml"))
+    a.init(make_ceremony(tmp / "ceremony.toml"), officers={**OFFICERS, "oper2": "operator"})
     port = _free_port()
     (a.home / "donjon.toml").write_text(f"""
 [ocsp]
@@ -68,6 +69,8 @@ responder-days = 30
 responder-renew-days = 2
 [endpoint]
 base-url = "http://127.0.0.1:{port}"
+[dual-control]
+approvals = 2
 [snmp]
 enabled = true
 listen = "127.0.0.1:{_udp_port()}"
@@ -284,3 +287,19 @@ def test_delegated_responder_renewed_before_it_lapses_and_failure_notified(rev, 
                for r in audit)
     assert any(r["actor"] == "factory:responder-renewal" and r["action"] == "ocsp-responder" and r["outcome"] == "ok"
                for r in audit)
+
+
+def test_releasing_a_ca_certificate_from_hold_is_dual_controlled(rev):
+    """Lifting a CA certificate's hold brings the CA back: guarded like its revocation (revoke-ca)."""
+    a, tmp, root, issuing, chain = rev
+    serial = _serial(issuing)
+    r = a.cli("revoke", "--ca", "root", serial, "--reason", "certificateHold")
+    a.cli("approve", r.stdout.split(b"#")[1].split()[0].decode(), officer="oper2")
+    with _admin(a) as c:
+        sb = int(serial, 16).to_bytes((len(serial) + 1) // 2, "big")
+        assert ops.cert_show(c, "root", sb)["reason"] == 6
+        r = a.cli("unrevoke", "--ca", "root", serial)
+        assert b"pending" in r.stdout
+        assert ops.cert_show(c, "root", sb)["reason"] == 6  # one approval of two: still on hold
+        a.cli("approve", r.stdout.split(b"#")[1].split()[0].decode(), officer="oper2")
+        assert ops.cert_show(c, "root", sb)["revoked_at"] is None
