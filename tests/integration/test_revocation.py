@@ -27,8 +27,10 @@ from policy import lint
 from policy.ocsp import issuer_hashes
 from tests.conftest import OFFICERS, Appliance, make_ceremony, openssl
 from tests.data.ocsp.make import botan
+from tests.integration.test_distribution import issue_user, wait_drained
 from tests.integration.test_ocsp import BOUND, _free_port, _issue, _wait_for
 from tests.integration.test_snmp_appliance import TRAP_COMMUNITY, _oid, _udp_port
+from tests.servers import ADMIN_DN, ADMIN_PW, BASE, Slapd
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +54,25 @@ def trap_log(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def rev(src_path, tmp_path_factory, trap_log):
+def slapd(tmp_path_factory):
+    d = Slapd(tmp_path_factory.mktemp("slapd"))
+    d.start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def rev(src_path, tmp_path_factory, trap_log, slapd):
     """One appliance for the module: endpoint on a known port (CRL DP and AIA point at it), delegated
     responders renewed when less than 2 days remain, notifications to the module's snmptrapd, two
-    operators' approvals for what touches a CA certificate."""
+    operators' approvals for what touches a CA certificate, user certificates published to slapd."""
     base = Path(tempfile.mkdtemp(prefix="donjon-test-"))
     os.chmod(base, 0o711)
     tmp = tmp_path_factory.mktemp("revocation")
     a = Appliance(base / "home", src_path)
     a.init(make_ceremony(tmp / "ceremony.toml"), officers={**OFFICERS, "oper2": "operator"})
     port = _free_port()
+    (base / "ldap.secret").write_text(ADMIN_PW + "\n")
     (a.home / "donjon.toml").write_text(f"""
 [ocsp]
 listen = "127.0.0.1:{port}"
@@ -79,6 +90,17 @@ host = "127.0.0.1"
 port = {trap_log[0]}
 version = "v2c"
 community = "{TRAP_COMMUNITY}"
+[distribution]
+backoff-max = 2
+[[distribution.rule]]
+name = "directory"
+url = "{slapd.url}"
+bind-dn = "{ADMIN_DN}"
+secret-file = "{base / 'ldap.secret'}"
+publish = ["certs"]
+profiles = ["user-auth"]
+dn = "cn={{CN}},ou=people,{BASE}"
+timeout = 2.0
 """)
     a.start()
     try:
@@ -218,6 +240,22 @@ def test_hold_release_permanent_and_remove_from_crl(rev):
         r = openssl("ocsp", "-respin", str(tmp / f"botan-{name}.resp"), "-issuer", str(issuing),
                     "-cert", str(held if name == "held" else perm), "-CAfile", str(chain), check=False)
         assert r.returncode == 0 and b"Response verify OK" in r.stderr and f": {word}".encode() in r.stdout, r
+
+
+def test_released_certificate_is_published_again(rev, slapd):
+    """On hold the certificate leaves the directory (remove-on-revoke); released, it comes back."""
+    a, tmp, root, issuing, chain = rev
+    cert = issue_user(a, tmp, "Holly Example")
+    dn = f"cn=Holly Example,ou=people,{BASE}"
+    serial = format(cert.serial_number, "x")
+    wait_drained(a)
+    assert len(slapd.search(dn, "userCertificate;binary")) == 1
+    a.cli("revoke", "--ca", "issuing", serial, "--reason", "certificateHold")
+    wait_drained(a)
+    assert slapd.search(dn, "userCertificate;binary") == []
+    a.cli("unrevoke", "--ca", "issuing", serial)
+    wait_drained(a)
+    assert slapd.search(dn, "userCertificate;binary") == [cert.public_bytes(Encoding.DER)]
 
 
 def _responder_certs(a: Appliance) -> list[dict]:
