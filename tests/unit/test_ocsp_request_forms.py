@@ -7,7 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from asn1crypto import ocsp as a_ocsp
 from cryptography.hazmat.primitives import serialization
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from appliance.ocsp.request import MalformedRequest, parse_request
 from policy.ocsp import issuer_hashes
@@ -61,3 +64,21 @@ def test_openssl_responder_and_ours_answer_the_botan_request(tmp_path):
     assert f"Serial Number: {leaf.serial_number:X}" in text, text
     req = parse_request(der)
     assert [(c.hash, c.name_hash, c.key_hash, c.serial) for c in req.cert_ids] == [("sha1", nh, kh, leaf.serial_number)]
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(GOOD_CORPUS.values())), st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)),
+                                                               min_size=1, max_size=3))
+def test_fuzz_around_the_explicit_version_form(seed, edits):
+    """Mutations of the admitted form: a request, or MalformedRequest, nothing else; an accepted
+    mutation still has the explicit v1 exactly, or is plain DER."""
+    data = bytearray(seed)
+    for pos, val in edits:
+        data[pos % len(data)] = val
+    try:
+        req = parse_request(bytes(data))
+    except MalformedRequest:
+        return
+    assert len(req.cert_ids) == 1
+    data = bytes(data)
+    assert a_ocsp.OCSPRequest.load(data).dump(force=True) == data or data[4:9] == b"\xa0\x03\x02\x01\x00"
