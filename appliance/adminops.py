@@ -12,7 +12,7 @@ from appliance.client import AdminClient, ClientError
 from appliance.ipc import schema as S
 
 REASONS = {"unspecified": 0, "keyCompromise": 1, "cACompromise": 2, "affiliationChanged": 3, "superseded": 4,
-           "cessationOfOperation": 5, "certificateHold": 6, "removeFromCRL": 8, "privilegeWithdrawn": 9, "aACompromise": 10}
+           "cessationOfOperation": 5, "certificateHold": 6, "privilegeWithdrawn": 9, "aACompromise": 10}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # the schema's Name: CAs, profiles, officers
 HEX_RE = re.compile(r"^(0x)?[0-9A-Fa-f]{1,40}$|^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){0,19}$")
 
@@ -46,6 +46,9 @@ def parse_serial(s: str) -> bytes:
 
 
 def parse_reason(s: str) -> int:
+    if s == "removeFromCRL":  # RFC 5280 §5.3.1: delta CRLs only; a full CRL entry with it is read both ways
+        raise OpError("removeFromCRL is not a revocation reason (RFC 5280: delta CRLs only); "
+                      "to lift a certificateHold use `donjon unrevoke --ca CA SERIAL`")
     if s not in REASONS:
         raise OpError(f"unknown reason {s!r} (one of: {', '.join(REASONS)})")
     return REASONS[s]
@@ -201,6 +204,11 @@ def revoke(c: AdminClient, ca: str, serial: bytes, reason: str, invalidity: str 
     code = parse_reason(reason)
     inv = parse_invalidity(invalidity)
     return _wrap(c.call, S.ARevoke, ca=ca, serial=serial, reason=code, invalidity=inv)
+
+
+def unrevoke(c: AdminClient, ca: str, serial: bytes) -> dict[str, Any]:
+    """Release a certificate from certificateHold (any other revocation is permanent)."""
+    return _wrap(c.call, S.AUnrevoke, ca=ca, serial=serial)
 
 
 def crl_generate(c: AdminClient, ca: str, kind: str = "crl") -> bytes:

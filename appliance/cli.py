@@ -552,17 +552,39 @@ def cert_list(ca: Annotated[Optional[str], typer.Option(help="Only this CA.")] =
 def revoke(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = ...,
            reason: Annotated[str, typer.Option(help="RFC 5280 reason: " + ", ".join(REASONS))] = "unspecified",
            invalidity: Annotated[Optional[str], typer.Option(help="Invalidity date (ISO 8601, UTC).")] = None,
+           release: Annotated[bool, typer.Option("--release", help="Release from certificateHold (as `donjon unrevoke`).")] = False,
            home: Home = "./var") -> None:
-    """Revoke a certificate.
+    """Revoke a certificate; revoking one on certificateHold with another reason makes it permanent.
 
     Example: donjon revoke --ca issuing 5f3a... --reason keyCompromise
     """
     sb = parse_serial(serial)
+    if release:
+        if reason != "unspecified" or invalidity:
+            fail("--release takes no --reason or --invalidity")
+        _unrevoke(home, ca, sb)
+        return
     op(ops.parse_reason, reason)
     op(ops.parse_invalidity, invalidity)
     with client(home) as c:
         doc = op(ops.revoke, c, ca, sb, reason, invalidity)
-    typer.echo(f"revoked {doc['ca']}/{doc['serial']} ({reason})")
+    was = " (was certificateHold)" if doc.get("was_on_hold") else ""
+    typer.echo(f"revoked {doc['ca']}/{doc['serial']} ({reason}){was}")
+
+
+@app.command()
+def unrevoke(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = ..., home: Home = "./var") -> None:
+    """Release a certificate from certificateHold: off the next CRL, OCSP `good` again.
+
+    Example: donjon unrevoke --ca issuing 5f3a...
+    """
+    _unrevoke(home, ca, parse_serial(serial))
+
+
+def _unrevoke(home: str, ca: str, sb: bytes) -> None:
+    with client(home) as c:
+        doc = op(ops.unrevoke, c, ca, sb)
+    typer.echo(f"released {doc['ca']}/{doc['serial']} from certificateHold")
 
 
 @crl_app.command("generate")

@@ -59,6 +59,10 @@ class Ocsp(_C):
     unissued: Literal["unauthorized", "unknown", "revoked"] = "unauthorized"
     unissued_by_ca: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")],
                          Literal["unauthorized", "unknown", "revoked"]] = {}
+    # A CA's delegated responder certificate is renewed (new key in the endpoint's token) once less than
+    # `responder-renew-days` of it remains; the new one lasts `responder-days`. 0: no automatic renewal.
+    responder_days: Annotated[int, msgspec.Meta(ge=1, le=30)] = 30
+    responder_renew_days: Annotated[int, msgspec.Meta(ge=0, le=29)] = 10
 
 
 class SnmpUserCfg(_C):
@@ -208,6 +212,8 @@ max-age = 3600                                # cap on Cache-Control max-age
 validity-hours = 24                           # nextUpdate of pre-produced responses (re-signed at half)
 hashes = ["sha1"]                             # CertID hashes to pre-produce (RFC 5019: sha1; add "sha256")
 unissued = "unauthorized"                     # never-issued serials: unauthorized, or (with a delegated responder) unknown or revoked
+responder-days = 30                           # lifetime of an automatically renewed delegated responder certificate
+responder-renew-days = 10                     # renew it when less than this remains (0: never automatically)
 # [ocsp.unissued-by-ca]                       # per CA, overriding `unissued`
 # issuing = "revoked"                         # RFC 6960 extended revoked
 
@@ -311,7 +317,11 @@ def load(home: str) -> Config:
     path = os.path.join(home, "donjon.toml")
     if not os.path.exists(path):
         return Config()
-    return load_toml(path, Config)
+    cfg = load_toml(path, Config)
+    if cfg.ocsp.responder_renew_days >= cfg.ocsp.responder_days:  # a renewed responder would be due again at once
+        raise ConfigError(f"{path}: [ocsp] responder-renew-days ({cfg.ocsp.responder_renew_days}) must be less than "
+                          f"responder-days ({cfg.ocsp.responder_days})")
+    return cfg
 
 
 DN_FIELDS = {"CN", "O", "OU", "C", "L", "ST", "UID", "E", "serial", "ca"}

@@ -321,6 +321,8 @@ class Supervisor:
                                                  base_url=self.cfg.endpoint.base_url, crl_validity_hours=self.cfg.crl.validity_hours,
                                                  admin_gid=self.admin_gid, dev_uid=None if self.appliance else os.getuid(),
                                                  ocsp_validity_hours=self.cfg.ocsp.validity_hours, ocsp_hashes=self.cfg.ocsp.hashes,
+                                                 responder_days=self.cfg.ocsp.responder_days,
+                                                 responder_renew_days=self.cfg.ocsp.responder_renew_days,
                                                  dist_rules=[msgspec.structs.replace(r, secret=None) for r in self.dist_rules],
                                                  dist_max_attempts=self.cfg.distribution.max_attempts,
                                                  dist_backoff_max=self.cfg.distribution.backoff_max,
@@ -359,6 +361,8 @@ class Supervisor:
                 elif m.kind == "shutdown-requested" and role.kind == "factory":
                     # An officer asked (audited by the Factory): stop exactly as an operator's SIGTERM does.
                     os.kill(os.getpid(), signal.SIGTERM)
+                elif m.kind == "responder-renewal-failed" and role.kind == "factory":
+                    await self.notify("responder-cert-expiring", m.detail.split(":")[0], m.detail)
                 elif m.kind == "login-lockout" and role.kind == "factory":
                     await self.notify("login-lockout", m.detail.split()[1] if len(m.detail.split()) > 1 else "officer", m.detail)
                 self.events.append(m)

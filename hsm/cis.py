@@ -222,6 +222,10 @@ class Cis:
         for serial_b, status, revoked_at, reason in m.items:
             if status == 1 and revoked_at is None:
                 raise PolicyError("ocsp", "revoked", "a revoked status needs its revocation time")
+            if status == 1 and revoked_at > m.this_update:
+                raise PolicyError("ocsp", "thisUpdate", "thisUpdate precedes the revocation the response reports")
+            if status == 1 and reason == 8:
+                raise PolicyError("ocsp", "reason", "removeFromCRL is not a revocation reason (RFC 5280 §5.3.1)")
             for h in m.hashes:
                 alg = hashes.SHA1() if h == "sha1" else hashes.SHA256()
                 hn, hk = issuer[h]

@@ -45,7 +45,8 @@ REASONS = {
     "superseded": 4,
     "cessationOfOperation": 5,
     "certificateHold": 6,
-    "removeFromCRL": 8,
+    # removeFromCRL (8) is not here: RFC 5280 §5.3.1 allows it in delta CRLs only, and relying parties
+    # disagree on what it means in a full CRL (revoked for some, not revoked for others).
     "privilegeWithdrawn": 9,
     "aACompromise": 10,
 }

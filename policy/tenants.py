@@ -128,8 +128,8 @@ def check_crl(ca: x509.Certificate, der: bytes, now: float, current: tuple[int, 
                     reason = REASON_CODES.get(ext.value.reason)
                 elif isinstance(ext.value, x509.CertificateIssuer):
                     raise CrlRefused("an indirect CRL entry (certificateIssuer) cannot be served")
-            if reason == 8:  # removeFromCRL belongs in delta CRLs only
-                continue
+            if reason == 8:  # delta CRLs only: in a full CRL clients read it as revoked or as not; never guess
+                raise CrlRefused("a full CRL with a removeFromCRL entry (RFC 5280: delta CRLs only) is ambiguous")
             revoked[entry.serial_number] = (_ts(entry.revocation_date_utc), reason)
     except CrlRefused:
         raise

@@ -264,9 +264,17 @@ class Console:
         if ca is None:
             return
         serial = ops.parse_serial(self.t.ask("serial (hex): ").strip())
-        reasons = list(ops.REASONS)
+        release = "release from certificateHold"
+        reasons = list(ops.REASONS) + [release]
         i = self.t.choose("reason", reasons)
         if i is None:
+            return
+        if reasons[i] == release:
+            if not self.t.confirm(f"release {ca}/{serial.hex()} from certificateHold?"):
+                self.t.say("not released")
+                return
+            doc = ops.unrevoke(self.s.client, ca, serial)
+            self.t.say(f"released {doc['ca']}/{doc['serial']} from certificateHold")
             return
         if not self.t.confirm(f"revoke {ca}/{serial.hex()} ({reasons[i]})?"):
             self.t.say("not revoked")

@@ -16,7 +16,7 @@ import apsw
 
 from policy.audit import GENESIS, audit_hash, verify_chain
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -212,6 +212,17 @@ _MIGRATIONS[5] = _officers_migration()
 _MIGRATIONS[6] = """
     ALTER TABLE ocsp_tenants ADD COLUMN responder_label TEXT;
     UPDATE ocsp_tenants SET responder_label = key_label WHERE responder_cert IS NOT NULL;
+    """
+
+
+# removeFromCRL (8) is for delta CRLs only (RFC 5280 §5.3.1), yet older versions accepted it from `revoke`
+# and wrote it into full CRLs, where clients disagree on it (revoked for some, not for others). Keep
+# what the officer asked for (revoked), reason unspecified: the reasonCode extension goes from the
+# entry (14 octets, 12 beside an invalidity date), and the OCSP response is re-signed.
+_MIGRATIONS[7] = """
+    INSERT OR IGNORE INTO ocsp_queue SELECT ca, serial FROM revocations WHERE reason = 8;
+    UPDATE revocations SET reason = NULL, entry_len = entry_len - (CASE WHEN invalidity IS NULL THEN 14 ELSE 12 END)
+        WHERE reason = 8;
     """
 
 

@@ -156,6 +156,8 @@ async def perform(req, f: Factory, actor: str) -> dict:
         return {"certs": await f.cert_list(req.ca, req.limit)}
     if isinstance(req, S.ARevoke):
         return await f.revoke(req, actor)
+    if isinstance(req, S.AUnrevoke):
+        return await f.unrevoke(req, actor)
     if isinstance(req, S.AOcspResponderCert):
         return await f.ocsp_responder_cert(req.ca, req.validity_days, actor)
     if isinstance(req, S.AOcspStatus):
@@ -242,6 +244,7 @@ async def main(fds: dict[str, int], drop) -> None:
             n.start_soon(f.issuance_worker, signers[i % len(signers)])
         n.start_soon(f.crl_scheduler)
         n.start_soon(f.ocsp.run)
+        n.start_soon(f.ocsp.renewal)
         n.start_soon(f.tenants.run)
         n.start_soon(f.status_reporter, sup.send)
         n.start_soon(f.dist.dispatcher)

@@ -26,6 +26,22 @@ if TYPE_CHECKING:
 BATCH = 2048
 BACKDATE = 60
 CHECK_SECONDS = 30
+RENEW_CHECK_SECONDS = 600  # how often delegated responder certificates are checked for renewal
+RENEW_RETRY_SECONDS = 3600  # after a failed renewal (notified), unless an endpoint (re)connects first
+
+
+def _by_this_update(items: list[tuple], backdated: int, floors: dict[bytes, int]) -> list[tuple[int, list[tuple]]]:
+    """Group the items by the thisUpdate they can carry: the backdated one (client clock skew), except
+    for those whose floor is later: a revocation more recent than that (a response may not say "as of
+    T, revoked after T"), or a response held with a thisUpdate that late (the endpoint replaces a held
+    response only with a newer one: a release from hold or a hold made permanent must be). Those are
+    signed as of their latest floor, so at most two signatures per batch."""
+    late = [it for it in items if floors.get(it[0], 0) > backdated]
+    rest = [it for it in items if floors.get(it[0], 0) <= backdated]
+    groups = [(backdated, rest)] if rest else []
+    if late:
+        groups.append((max(floors[it[0]] for it in late), late))
+    return groups
 
 
 class OcspProducer:
@@ -35,6 +51,8 @@ class OcspProducer:
         self.produced = 0
         self._ids = 0
         self._waiting: dict[int, trio.MemorySendChannel] = {}
+        self.renew_wake = trio.Event()
+        self._renew_after: dict[str, float] = {}  # CA -> trio time before which a failed renewal waits
 
     def poke(self) -> None:
         self.wake.set()
@@ -59,8 +77,9 @@ class OcspProducer:
             keys += db.execute("SELECT ca, serial FROM ocsp WHERE refresh_at <= ? LIMIT ?", (now, BATCH - len(keys))).fetchall()
         out = []
         for ca, serial in dict.fromkeys(keys):
-            row = db.execute("SELECT c.not_after, r.revoked_at, r.reason FROM certs c LEFT JOIN revocations r "
-                             "ON r.ca = c.ca AND r.serial = c.serial WHERE c.ca=? AND c.serial=?", (ca, serial)).fetchone()
+            row = db.execute("SELECT c.not_after, r.revoked_at, r.reason, o.this_update FROM certs c LEFT JOIN revocations r "
+                             "ON r.ca = c.ca AND r.serial = c.serial LEFT JOIN ocsp o ON o.ca = c.ca AND o.serial = c.serial "
+                             "WHERE c.ca=? AND c.serial=?", (ca, serial)).fetchone()
             out.append((ca, serial, row))
         return out
 
@@ -100,25 +119,69 @@ class OcspProducer:
                 ca_row = await f.ca_row(ca)
                 ca_end = int(x509.load_der_x509_certificate(ca_row[4]).not_valid_after_utc.timestamp())
                 items = []
+                floors = {}  # serial -> the earliest thisUpdate its new response may carry
                 for _, serial, row in group:
                     if row is None or row[0] < now:
                         await f.run_db(self._retire, ca, serial)
                         continue
-                    revoked_at, reason = row[1], row[2]
+                    revoked_at, reason, held_tu = row[1], row[2], row[3]
                     items.append((serial, 1 if revoked_at is not None else 0, revoked_at, reason))
-                if not items:
-                    continue
-                this_update = now - BACKDATE
+                    floors[serial] = max(revoked_at or 0, held_tu + 1 if held_tu is not None else 0)
                 next_update = min(now + f.cfg.ocsp_validity_hours * 3600, ca_end)
-                signer = f.signers[self.produced % len(f.signers)]
-                hashes = tuple(f.cfg.ocsp_hashes)
-                reply = await signer.request(S.SignOcsp(id=signer.new_id(), ca=ca, this_update=this_update,
-                                                        next_update=next_update, hashes=hashes, items=items))
-                if len(reply.responses) != len(items) * len(hashes):
-                    raise CisRefused("internal", "the CIS answered a different number of OCSP responses")
-                published, seq = await f.run_db(self._store, ca, items, reply.responses, hashes, this_update, next_update)
-                self.produced += len(items)
-                await self.publish(S.PublishResponses(ca=ca, responses=published, seq=seq))
+                for this_update, batch in _by_this_update(items, now - BACKDATE, floors):
+                    await self._sign_batch(ca, batch, this_update, next_update)
+
+    async def _sign_batch(self, ca: str, items: list[tuple], this_update: int, next_update: int) -> None:
+        f = self.f
+        signer = f.signers[self.produced % len(f.signers)]
+        hashes = tuple(f.cfg.ocsp_hashes)
+        reply = await signer.request(S.SignOcsp(id=signer.new_id(), ca=ca, this_update=this_update,
+                                                next_update=next_update, hashes=hashes, items=items))
+        if len(reply.responses) != len(items) * len(hashes):
+            raise CisRefused("internal", "the CIS answered a different number of OCSP responses")
+        published, seq = await f.run_db(self._store, ca, items, reply.responses, hashes, this_update, next_update)
+        self.produced += len(items)
+        await self.publish(S.PublishResponses(ca=ca, responses=published, seq=seq))
+
+    async def renewal(self) -> None:
+        """Renew each CA's delegated responder certificate before it lapses (after it, several CertIDs
+        and nonces could no longer be answered): a new key in the endpoint's token, certified by the CA.
+        A renewal that fails is notified (SNMP responder-cert-expiring) and retried."""
+        while True:
+            with trio.move_on_after(RENEW_CHECK_SECONDS):
+                await self.renew_wake.wait()
+            self.renew_wake = trio.Event()
+            if self.f.db is None or not self.f.cfg.responder_renew_days:
+                continue
+            for ca, not_after in await self.f.run_db(self._latest_responders):
+                await self._renew(ca, not_after)
+
+    def _latest_responders(self) -> list[tuple[str, int]]:
+        """(CA, notAfter of its latest delegated responder certificate), for CAs that have one."""
+        return self.f.db.db.execute(
+            "SELECT ca, max(not_after) FROM certs WHERE profile='ocsp-responder' GROUP BY ca ORDER BY ca").fetchall()
+
+    async def _renew(self, ca: str, not_after: int) -> None:
+        from .service import FactoryError, _log  # the service module imports this one
+
+        f = self.f
+        if not_after - time.time() > f.cfg.responder_renew_days * 86400:
+            return
+        if ca in self._renew_after and trio.current_time() < self._renew_after[ca]:
+            return  # failed lately (notified): retried later, or at once when an endpoint reconnects
+        ends = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(not_after))
+        try:
+            ca_end = int(x509.load_der_x509_certificate((await f.ca_row(ca))[4]).not_valid_after_utc.timestamp())
+            if not_after >= ca_end:
+                raise FactoryError("policy", "a new responder cannot outlast the CA certificate, which ends then too")
+            doc = await f.ocsp_responder_cert(ca, f.cfg.responder_days, "factory:responder-renewal")
+        except FactoryError as e:
+            self._renew_after[ca] = trio.current_time() + RENEW_RETRY_SECONDS
+            await f.send_event(S.Event(kind="responder-renewal-failed",
+                                       detail=f"{ca}: delegated responder (notAfter {ends}) not renewed: {e.reason}"[:4000]))
+            return
+        self._renew_after.pop(ca, None)
+        _log(f"delegated responder of {ca} renewed (notAfter {ends} -> {doc['not_after']})")
 
     async def publish(self, msg, only: Channel | None = None) -> None:
         """Send to every connected endpoint process (or to one, during its resync)."""
@@ -168,6 +231,8 @@ class OcspProducer:
             after = rows[-1][6]
         await f.tenants.sync_endpoint(chan)
         self.poke()
+        self._renew_after.clear()  # a (new) endpoint: check its responders now, failed ones included
+        self.renew_wake.set()
         while True:  # after OcspResume the endpoint answers our requests (responder keys) and forwards pushed CRLs
             m = await chan.recv()
             if isinstance(m, S.TenantCrlPush):

@@ -35,7 +35,7 @@ PERMISSIONS: dict[str, frozenset[str] | None] = {
     "ca-list": PUBLIC,  # CA names and certificate summaries: public data (the endpoint serves the certificates)
     "ca-show": ANY, "ca-export": ANY, "cert-show": ANY, "cert-list": ANY, "crl-export": ANY,
     "ocsp-status": ANY, "pending-list": ANY, "approve": ANY, "audit-cert": ANY, "audit-checkpoint": ANY,
-    "ca-create": OPER, "ca-sign-csr": OPER, "issue": OPER, "revoke": OPER, "crl-generate": OPER,
+    "ca-create": OPER, "ca-sign-csr": OPER, "issue": OPER, "revoke": OPER, "unrevoke": OPER, "crl-generate": OPER,
     "ocsp-responder-cert": OPER,
     "audit-export": AUD, "reconcile": OPER | AUD,
     "officer-add": ADMIN, "officer-remove": ADMIN, "officer-unlock": ADMIN, "officer-list": ADMIN | AUD,
@@ -376,7 +376,7 @@ class Officers:
         name = GUARDED.get(op)
         if op in SELF_SERVICE and getattr(req, "name", None) == conn.session.officer and "administrator" not in conn.session.roles:
             name = None  # an officer's own password or second factor
-        if op == "revoke" and await self._is_ca_cert(req.ca, req.serial):
+        if op in ("revoke", "unrevoke") and await self._is_ca_cert(req.ca, req.serial):  # lifting a CA's hold too
             name = "revoke-ca"
         return name if name in self.cfg.dual_operations else None
 

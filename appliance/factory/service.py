@@ -40,6 +40,7 @@ BATCH_MAX = 64  # small enough that every signer always has a batch waiting
 CRL_CHUNK = 10000
 CRL_CHECK_SECONDS = 60
 SERIALS_MIN_INTERVAL = 5.0  # seconds between two issued-serials lists of one CA
+HOLD = 6  # CRLReason certificateHold: the one revocation that can be released or made permanent
 STATUS_SECONDS = 5
 
 
@@ -573,40 +574,95 @@ class Factory:
     # ------------------------------------------------------------ revocation and CRLs
 
     async def revoke(self, req: S.ARevoke, actor: str) -> dict[str, Any]:
+        """Revoke a certificate, or change a certificateHold to a permanent reason (the entry keeps its
+        revocation date: the certificate has not been trusted since the hold)."""
         db = self._require_active()
         serial = serial_int(req.serial)
         if req.reason == 7:
             raise FactoryError("policy", "reason code 7 is not used (RFC 5280 §5.3.1)")
+        if req.reason == 8:  # delta CRLs only: in a full CRL relying parties read it as revoked or as not
+            await self.audit(actor, "revoke", f"{req.ca}/{serial:x}", "refused", "removeFromCRL is not a revocation reason")
+            raise FactoryError("policy", "removeFromCRL is not a revocation reason (RFC 5280 §5.3.1: delta CRLs only); "
+                                         "to lift a certificateHold, release it (donjon unrevoke)")
         sb = serial_bytes(serial)
         now = int(time.time())
         reason = req.reason or None
         entry_len = crlenc.entry_length(serial, now, reason, req.invalidity)
+        obj = f"{req.ca}/{serial:x}"
 
         def w():
             with db.tx():
                 row = db.db.execute("SELECT profile FROM certs WHERE ca=? AND serial=?", (req.ca, sb)).fetchone()
                 if not row:
-                    db.audit(actor, "revoke", f"{req.ca}/{serial:x}", "refused", "no such certificate")
-                    return "not-found"
-                if db.db.execute("SELECT 1 FROM revocations WHERE ca=? AND serial=?", (req.ca, sb)).fetchone():
-                    db.audit(actor, "revoke", f"{req.ca}/{serial:x}", "refused", "already revoked")
-                    return "exists"
+                    db.audit(actor, "revoke", obj, "refused", "no such certificate")
+                    return "not-found", now
+                old = db.db.execute("SELECT revoked_at, reason, invalidity FROM revocations WHERE ca=? AND serial=?",
+                                    (req.ca, sb)).fetchone()
+                if old is not None and (old[1] != HOLD or reason == HOLD):
+                    why = "already on hold" if old[1] == HOLD else "already revoked"
+                    db.audit(actor, "revoke", obj, "refused", why)
+                    return why, old[0]
+                if old is not None:  # certificateHold -> a permanent reason
+                    inv = req.invalidity if req.invalidity is not None else old[2]
+                    db.db.execute("UPDATE revocations SET reason=?, invalidity=?, entry_len=? WHERE ca=? AND serial=?",
+                                  (reason, inv, crlenc.entry_length(serial, old[0], reason, inv), req.ca, sb))
+                    db.db.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (req.ca, sb))
+                    db.audit(actor, "revoke", obj, "ok", f"reason={req.reason} (was certificateHold since {old[0]})")
+                    return "changed", old[0]
                 db.db.execute("INSERT INTO revocations VALUES (?,?,?,?,?,?)", (req.ca, sb, now, reason, req.invalidity, entry_len))
                 db.db.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (req.ca, sb))
                 self.dist.enqueue_uncert(db.db, req.ca, serial, row[0])
-                db.audit(actor, "revoke", f"{req.ca}/{serial:x}", "ok", f"reason={req.reason}")
-                return "ok"
-        r = await self.run_db(w)
+                db.audit(actor, "revoke", obj, "ok", f"reason={req.reason}")
+                return "ok", now
+        r, revoked_at = await self.run_db(w)
         if r == "not-found":
             raise FactoryError("not-found", f"no certificate {serial:x} issued by {req.ca!r}")
-        if r == "exists":
+        if r == "already on hold":
+            raise FactoryError("exists", f"certificate {serial:x} is already on hold")
+        if r == "already revoked":
             raise FactoryError("exists", f"certificate {serial:x} is already revoked")
-        self.stats["revoked"] += 1
-        self._crl_dirty.add(req.ca)
+        if r == "ok":
+            self.stats["revoked"] += 1
+        self._revocations_changed(req.ca)
+        return {"ca": req.ca, "serial": f"{serial:x}", "revoked_at": revoked_at, "reason": req.reason,
+                "was_on_hold": r == "changed"}
+
+    async def unrevoke(self, req: S.AUnrevoke, actor: str) -> dict[str, Any]:
+        """Release a certificate from certificateHold: its entry leaves the CRL (the next full CRL omits
+        it) and its OCSP response is re-signed `good`. A permanent revocation is never undone."""
+        db = self._require_active()
+        serial = serial_int(req.serial)
+        sb = serial_bytes(serial)
+        obj = f"{req.ca}/{serial:x}"
+
+        def w():
+            with db.tx():
+                row = db.db.execute("SELECT profile FROM certs WHERE ca=? AND serial=?", (req.ca, sb)).fetchone()
+                old = db.db.execute("SELECT revoked_at, reason FROM revocations WHERE ca=? AND serial=?", (req.ca, sb)).fetchone()
+                why = ("no such certificate" if not row else "not revoked" if old is None
+                       else None if old[1] == HOLD else "revoked permanently, not on hold")
+                if why:
+                    db.audit(actor, "unrevoke", obj, "refused", why)
+                    return why, None
+                db.db.execute("DELETE FROM revocations WHERE ca=? AND serial=?", (req.ca, sb))
+                db.db.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (req.ca, sb))
+                self.dist.enqueue_cert(db.db, req.ca, serial, row[0])  # published again where revocation removed it
+                db.audit(actor, "unrevoke", obj, "ok", f"released from certificateHold (held since {old[0]})")
+                return "ok", old[0]
+        r, held_since = await self.run_db(w)
+        if r == "no such certificate":
+            raise FactoryError("not-found", f"no certificate {serial:x} issued by {req.ca!r}")
+        if r != "ok":
+            raise FactoryError("policy", f"certificate {serial:x} is {r}: only a certificateHold can be released")
+        self._revocations_changed(req.ca)
+        return {"ca": req.ca, "serial": f"{serial:x}", "released": True, "held_since": held_since}
+
+    def _revocations_changed(self, ca: str) -> None:
+        """A new CRL soon (debounced), fresh OCSP responses, distribution jobs on their way."""
+        self._crl_dirty.add(ca)
         self._crl_wake.set()
         self.ocsp.poke()
         self.dist.poke()
-        return {"ca": req.ca, "serial": f"{serial:x}", "revoked_at": now, "reason": req.reason}
 
     async def generate_crl(self, ca: str, actor: str) -> tuple[int, int, bytes]:
         """Stream the CA's revocations to the CIS and store the signed CRL. Returns (number, entries, sha256)."""

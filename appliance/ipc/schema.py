@@ -126,6 +126,8 @@ class FactoryConfig(_Msg, tag="factory-config"):
     dev_uid: int | None  # developer mode: this uid may use the admin socket
     ocsp_validity_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 31)] = 24
     ocsp_hashes: tuple[Literal["sha1", "sha256"], ...] = ("sha1",)
+    responder_days: Annotated[int, msgspec.Meta(ge=1, le=30)] = 30  # renewed delegated responders last this long
+    responder_renew_days: Annotated[int, msgspec.Meta(ge=0, le=29)] = 10  # ... renewed this close to notAfter; 0: never
     dist_rules: list[DistRule] = []  # what each destination receives (credentials stripped: the agent alone holds them)
     dist_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 50
     dist_backoff_max: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 3600
@@ -787,6 +789,14 @@ class ARevoke(_Msg, tag="revoke"):
     invalidity: Epoch | None = None
 
 
+class AUnrevoke(_Msg, tag="unrevoke"):
+    """Release a certificate from certificateHold: off the next full CRL, OCSP `good` again."""
+
+    id: ReqId
+    ca: Name
+    serial: Serial
+
+
 class ACrlGenerate(_Msg, tag="crl-generate"):
     id: ReqId
     ca: Name
@@ -1039,7 +1049,7 @@ class ACeremonyRecord(_Msg, tag="ceremony-record"):
 
 AdminRequest = Union[
     Hello, AStatus, AActivate, ACaList, ACaShow, ACaCreate, ACaSignCsr, ACaExport, AIssue,
-    ACertShow, ACertList, ARevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus, AOcspResponderCert,
+    ACertShow, ACertList, ARevoke, AUnrevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus, AOcspResponderCert,
     ADistStatus, ADistRetry, ADistList,
     AOcspTenantAdd, AOcspTenantUpdate, AOcspTenantRemove, AOcspTenantList, AOcspTenantCsr, AOcspTenantCrl,
     AOcspTenantSerials,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -99,7 +100,8 @@ class LiveSigner:
                     continue  # a responder whose key is gone is simply not used
 
     def generate(self, ca: str) -> tuple[str, bytes]:
-        label = f"responder-{ca}-{int(datetime.now(timezone.utc).timestamp())}"[:64]
+        # Unique even for two keys in one second (an officer's and an automatic renewal's).
+        label = f"responder-{ca[:32]}-{int(datetime.now(timezone.utc).timestamp())}-{secrets.token_hex(4)}"
         return label, self.token.call(self.token.generate, label, "p256")
 
     def _install(self, ca: str, label: str, cert_der: bytes, persist: bool = True,
@@ -159,7 +161,10 @@ class LiveSigner:
         r = self.responders[ca]
         responses = []
         for s in singles:
+            this_update = s.this_update
             if s.status == "revoked":
+                # Never "as of T, revoked after T" (a CRL entry may postdate the CRL's thisUpdate).
+                this_update = max(this_update, int(s.revoked_at.timestamp()))
                 info = {"revocation_time": s.revoked_at}
                 if s.reason:
                     info["revocation_reason"] = s.reason
@@ -169,7 +174,7 @@ class LiveSigner:
             single = {
                 "cert_id": {"hash_algorithm": {"algorithm": s.hash}, "issuer_name_hash": s.name_hash,
                             "issuer_key_hash": s.key_hash, "serial_number": s.serial},
-                "cert_status": status, "this_update": _time(s.this_update),
+                "cert_status": status, "this_update": _time(this_update),
             }
             if s.next_update is not None:
                 single["next_update"] = _time(s.next_update)

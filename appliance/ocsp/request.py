@@ -141,9 +141,31 @@ def _parse(der: bytes) -> OcspRequest:
                     raise MalformedRequest("bad nonce")
             else:
                 ext.native  # noqa: B018 - decode fully: a malformed extension is a malformed request
-    if req.dump(force=True) != der:
+    if req.dump(force=True) != der and _explicit_v1(req) != der:
         raise MalformedRequest("not DER")  # BER (indefinite lengths, non-minimal encodings) is not an OCSP request
     return OcspRequest(tuple(ids), nonce)
+
+
+# TBSRequest `version [0] EXPLICIT Version DEFAULT v1` written out: DER omits a default, BER allows it,
+# and Botan's client sends it (OpenSSL's responder accepts it). The only non-DER form we take.
+_EXPLICIT_V1 = b"\xa0\x03\x02\x01\x00"
+
+
+def _explicit_v1(req: a_ocsp.OCSPRequest) -> bytes:
+    """The request re-encoded in DER except for an explicit v1 version: every other part must still be
+    exactly DER, so this admits one known client form and nothing looser."""
+    tbs = req["tbs_request"]
+    tbs_der = tbs.dump()  # already re-encoded in DER by the caller's dump(force=True)
+    rest = req.contents[len(tbs_der):]  # the optional signature
+    return _tlv(0x30, _tlv(0x30, _EXPLICIT_V1 + tbs.contents) + rest)
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 0x80:
+        return bytes((tag, n)) + content
+    ln = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(ln))) + ln + content
 
 
 def _touch(value) -> None:

@@ -24,7 +24,7 @@ EXPECTED = {
     "administrator": READ | {"officer-add", "officer-remove", "officer-unlock", "officer-list", "officer-passwd", "officer-totp",
                              "backup", "shutdown-request",
                              "ocsp-tenant-add", "ocsp-tenant-update", "ocsp-tenant-remove", "ocsp-tenant-csr"},
-    "operator": READ | {"ca-create", "ca-sign-csr", "issue", "revoke", "crl-generate", "ocsp-responder-cert", "reconcile",
+    "operator": READ | {"ca-create", "ca-sign-csr", "issue", "revoke", "unrevoke", "crl-generate", "ocsp-responder-cert", "reconcile",
                         "ca-create-root", "dist-retry", "ocsp-tenant-crl", "ocsp-tenant-serials"},
     "auditor": READ | {"audit-export", "reconcile", "officer-list"},
 }
@@ -36,6 +36,7 @@ SAMPLES = [
     S.ACaCreate(id=1, name="m-x", parent="nope", profile="sub-ca", key_type="p256", subject=(("CN", "x"),), validity_days=10),
     S.ACaSignCsr(id=1, parent="nope", profile="sub-ca", csr=b"junk", validity_days=10),
     S.AIssue(id=1, ca="nope", profile="tls-server", csrs=[b"junk"]), S.ARevoke(id=1, ca="nope", serial=b"\x01", reason=0),
+    S.AUnrevoke(id=1, ca="nope", serial=b"\x01"),
     S.ACrlGenerate(id=1, ca="nope"), S.AOcspResponderCert(id=1, ca="nope"), S.AAuditExport(id=1), S.AReconcile(id=1),
     S.AOfficerAdd(id=1, name="m-new", roles=("operator",), password="short"), S.AOfficerList(id=1),
     S.AOfficerRemove(id=1, name="nobody"), S.AOfficerPasswd(id=1, name="nobody", password="short"),
