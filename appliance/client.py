@@ -47,7 +47,8 @@ class AdminClient:
             self.chan.handshake()
         except (ProtocolViolation, OSError):
             sock.close()  # a refused (or not yet ready) appliance must not leak the socket
-            raise ClientError("the appliance refused the connection (not root, owner or admin group?)", "auth") from None
+            raise ClientError("the appliance refused the connection (not root, owner or admin group, "
+                              "or too many connections open from this process or user)", "auth") from None
         if session is not None:
             try:
                 self.resume(session)

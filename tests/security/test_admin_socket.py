@@ -1,0 +1,53 @@
+"""Idle connections cannot starve the admin socket: a handshake deadline and per-peer connection caps."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from appliance.factory.main import HANDSHAKE_SECONDS, MAX_PER_PID, AdminGate
+
+
+def test_gate_caps_per_pid_per_uid_and_total():
+    g = AdminGate(total=6, per_pid=2, per_uid=3)
+    assert g.admit(10, 1000) is None and g.admit(10, 1000) is None
+    assert "pid 10" in g.admit(10, 1000)  # a third from one process
+    assert g.admit(11, 1000) is None
+    assert "uid 1000" in g.admit(12, 1000)  # a fourth from one non-root user, whatever its pids
+    assert g.admit(20, 0) is None and g.admit(21, 0) is None  # root is bounded per pid only
+    assert g.admit(22, 0) is None
+    assert "6 admin connections" in g.admit(23, 0)
+    g.release(10, 1000)
+    assert g.admit(12, 1000) is None  # a released slot is free again
+    for pid in (10, 11, 12, 20, 21, 22):
+        g.release(pid, 1000 if pid < 20 else 0)
+    assert g.n == 0 and not g.pids and not g.uids
+
+
+def test_64_idle_connections_do_not_block_status(appliance):
+    a = appliance
+    path = str(a.home / "run" / "admin.sock")
+    idle = []
+    try:
+        for _ in range(64):  # connect and say nothing (the reported attack)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(HANDSHAKE_SECONDS + 10)
+            s.connect(path)
+            idle.append(s)
+        t0 = time.monotonic()
+        r = a.cli("status", timeout=30)
+        assert r.returncode == 0 and b"activ" in r.stdout.lower()
+        # The Factory closed all but MAX_PER_PID of them at once; those got its Hello, then were closed
+        # when they did not answer within the handshake deadline. None is left holding a slot.
+        greeted = 0
+        for s in idle:
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+            greeted += bool(data)
+        assert greeted <= MAX_PER_PID
+        assert time.monotonic() - t0 < HANDSHAKE_SECONDS + 10  # closed by the deadline, not by our timeout
+    finally:
+        for s in idle:
+            s.close()
+    assert a.cli("status").returncode == 0
