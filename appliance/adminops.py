@@ -321,6 +321,18 @@ def officer_unlock(c: AdminClient, name: str) -> dict[str, Any]:
     return _wrap(c.call, S.AOfficerUnlock, name=check_name(name, "officer name"))
 
 
+def officer_unlock_shares(c: AdminClient, name: str, shares: list[str], password: str | None = None) -> dict[str, Any]:
+    """Break-glass: unlock an officer (and set a new password) with a quorum of activation shares."""
+    from policy import shamir
+    from policy.errors import PolicyError
+    for t in shares:
+        try:
+            shamir.parse_share(t)
+        except PolicyError as e:
+            raise OpError(e.message) from None
+    return _wrap(c.call, S.AOfficerUnlockShares, name=check_name(name, "officer name"), shares=shares, password=password)
+
+
 def pending_list(c: AdminClient, open_only: bool = True) -> list[dict[str, Any]]:
     return _wrap(c.call, S.APendingList, open_only=open_only)["pending"]
 

@@ -370,8 +370,33 @@ def officer_passwd(name: str, home: Home = "./var") -> None:
 
 
 @officer_app.command("unlock")
-def officer_unlock(name: str, home: Home = "./var") -> None:
-    """Unlock an officer locked out after repeated failed logins. Example: donjon officer unlock bob"""
+def officer_unlock(name: str, home: Home = "./var",
+                   share: Annotated[list[str], typer.Option(help="Break-glass: an activation PIN share (repeat for the quorum; "
+                                                                   "'-' prompts); no officer login needed.")] = [],  # noqa: B006
+                   new_password: Annotated[bool, typer.Option(help="Break-glass: also set a new password (prompted, "
+                                                                   "or DONJON_NEW_PASSWORD).")] = False) -> None:
+    """Unlock an officer. An administrator does it; when none can log in, a quorum of activation shares
+    does (break-glass, audited), and may set a new password.
+
+    Example: donjon officer unlock bob
+    Example: donjon officer unlock alice --share DJS1-... --share DJS1-... --new-password
+    """
+    if share:
+        texts = [t if t != "-" else typer.prompt("Share", hide_input=True) for t in share]
+        pw = None
+        if new_password:
+            pw = os.environ.get("DONJON_NEW_PASSWORD") or typer.prompt(f"New password for {name}", hide_input=True,
+                                                                       confirmation_prompt=True)
+        try:
+            c = AdminClient(home)  # no officer session: the shares are the authority
+        except ClientError as e:
+            fail(str(e))
+        with c:
+            doc = op(ops.officer_unlock_shares, c, name, texts, pw)
+        typer.echo(f"officer {name} unlocked by a quorum of shares" + ("; new password set" if doc.get("password") == "changed" else ""))
+        return
+    if new_password:
+        fail("--new-password goes with --share (break-glass); an administrator uses `donjon officer passwd`")
     with client(home) as c:
         op(ops.officer_unlock, c, name)
     typer.echo(f"officer {name} unlocked")

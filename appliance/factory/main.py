@@ -100,7 +100,7 @@ def peer_allowed(sock: socket.socket, cfg: S.FactoryConfig) -> tuple[bool, str]:
 async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
     sock = stream.socket
     ok, who = peer_allowed(sock, f.cfg)  # type: ignore[arg-type]
-    conn = Conn(who)
+    conn = Conn(who, uid=peer_ids(sock)[1])  # type: ignore[arg-type]
     chan = Channel(stream, "admin", S.AdminRequest)
     try:
         if not ok:
@@ -179,6 +179,8 @@ async def dispatch(chan: Channel, req, f: Factory, conn: Conn) -> None:
         await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
     elif isinstance(req, S.ALogin):
         await reply(**await f.officers.login(conn, req))
+    elif isinstance(req, S.AOfficerUnlockShares):
+        await reply(**await f.officers.unlock_shares(conn, req))
     elif isinstance(req, S.AResume):
         await reply(**await f.officers.resume(conn, req.token))
     elif isinstance(req, S.ALogout):

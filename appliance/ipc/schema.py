@@ -960,6 +960,16 @@ class AOfficerUnlock(_Msg, tag="officer-unlock"):
     name: Name
 
 
+class AOfficerUnlockShares(_Msg, tag="officer-unlock-shares"):
+    """Break-glass: unlock an officer (and optionally set a new password) on the authority of a quorum of
+    activation shares, when no administrator can log in to do it."""
+
+    id: ReqId
+    name: Name
+    shares: Annotated[list[ShareText], msgspec.Meta(min_length=1, max_length=16)]
+    password: Password | None = None
+
+
 class AOfficerTotp(_Msg, tag="officer-totp"):
     """Turn the TOTP second factor on (reply: secret, otpauth URI) or off."""
 
@@ -1044,7 +1054,7 @@ AdminRequest = Union[
     AOcspTenantAdd, AOcspTenantUpdate, AOcspTenantRemove, AOcspTenantList, AOcspTenantCsr, AOcspTenantCrl,
     AOcspTenantSerials,
     ALogin, AResume, ALogout, AOfficerAdd, AOfficerList, AOfficerRemove, AOfficerPasswd, AOfficerUnlock, AOfficerTotp,
-    APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
+    AOfficerUnlockShares, APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
     ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord,
 ]
 

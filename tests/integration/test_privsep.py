@@ -163,4 +163,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (2, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "a8c322f0727fafdbba4c2b9a1a3d30e0c7c456f6f52fd8a61691d260146c274e"
+PINNED_SCHEMA_HASH = "080a46debb482bab5359e9dc8ca92608bbb2b56969405bfeac9ce75d468acd6a"
