@@ -270,9 +270,25 @@ def audit_cert(c: AdminClient) -> str:
     return _wrap(c.call, S.AAuditCert)["cert"]
 
 
-def ceremony_record(c: AdminClient, ceremony: str, digest: bytes) -> dict[str, Any]:
-    """The transcript digest as an audit record, with a checkpoint of it signed by the HSM's audit key."""
-    return _wrap(c.call, S.ACeremonyRecord, ceremony=ceremony, transcript_sha256=digest)
+def ceremony_record(c: AdminClient, ceremony: str, digest: bytes, ceremony_seq: int, witnesses: list[str],
+                    operations: list[tuple[int, str]]) -> dict[str, Any]:
+    """The transcript digest as an audit record bound to the ceremony's opening, witness and operation
+    records, with a checkpoint of it signed by the HSM's audit key."""
+    ops_ = [S.CeremonyOperation(seq=q, hash=bytes.fromhex(h)) for q, h in operations]
+    return _wrap(c.call, S.ACeremonyRecord, ceremony=ceremony, transcript_sha256=digest, ceremony_seq=ceremony_seq,
+                 witnesses=witnesses, operations=ops_)
+
+
+def ceremony_begin(c: AdminClient, ceremony: str) -> dict[str, Any]:
+    return _wrap(c.call, S.ACeremonyBegin, ceremony=ceremony)
+
+
+def ceremony_witness(c: AdminClient, ceremony_seq: int) -> dict[str, Any]:
+    return _wrap(c.call, S.ACeremonyWitness, ceremony_seq=ceremony_seq)
+
+
+def ceremony_records(c: AdminClient, ceremony_seq: int) -> list[dict[str, Any]]:
+    return _wrap(c.call, S.ACeremonyRecords, ceremony_seq=ceremony_seq)["records"]
 
 
 # ---------------------------------------------------------------- officers and dual control

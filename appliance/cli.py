@@ -959,19 +959,24 @@ def ceremony_run(file: Annotated[str, typer.Argument(help="The ceremony TOML fil
 @ceremony_app.command("verify")
 def ceremony_verify(transcript: Annotated[str, typer.Argument(help="transcript.json of a ceremony.")],
                     cert: Annotated[Optional[str], typer.Option(help="The audit certificate (donjon audit cert) to check the signature with; "
-                                                                     "default: the one in the transcript.")] = None) -> None:
-    """Check a ceremony transcript offline: its digest, the SHA-256 of every output beside it, and its
-    signature (an audit record of the digest and a checkpoint of it signed by the HSM's audit key).
+                                                                     "default: the one in the transcript.")] = None,
+                    audit_log: Annotated[Optional[str], typer.Option(help="An exported audit log (donjon audit export): check that "
+                                                                          "every record the transcript is bound to is in it.")] = None) -> None:
+    """Check a ceremony transcript offline: its digest, the SHA-256 of every output beside it, its
+    signature (an audit record of the digest and a checkpoint of it signed by the HSM's audit key), and
+    its bindings: the audit records of its operations and of the witnesses who logged in during it.
 
-    Example: donjon ceremony verify out/transcript.json --cert audit.pem
+    Example: donjon ceremony verify out/transcript.json --cert audit.pem --audit-log audit.jsonl
     """
     from appliance.console.ceremony import verify
-    problems = op(verify, transcript, read_file(cert, "audit certificate") if cert else None)
+    problems = op(verify, transcript, read_file(cert, "audit certificate") if cert else None,
+                  read_file(audit_log, "audit log") if audit_log else None)
     for p in problems:
         typer.echo(f"donjon: {p}", err=True)
     if problems:
         raise typer.Exit(1)
-    typer.echo("transcript intact: digest, every output hash and the audit-key signature verify")
+    typer.echo("transcript intact: digest, every output hash and the audit-key signature verify; bound to its audit records "
+               "and authenticated witnesses" + (", all present in the audit log" if audit_log else " (give --audit-log to check them in the log)"))
 
 
 @config_app.command("show")

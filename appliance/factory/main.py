@@ -179,6 +179,16 @@ async def dispatch(chan: Channel, req, f: Factory, conn: Conn) -> None:
         await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
     elif isinstance(req, S.ALogin):
         await reply(**await f.officers.login(conn, req))
+    elif isinstance(req, (S.ACeremonyBegin, S.ACeremonyWitness, S.ACeremonyRecords, S.ACeremonyRecord)):
+        from . import ceremonies as C  # bound to this connection's session: never filed for dual control
+        if isinstance(req, S.ACeremonyBegin):
+            await reply(**await C.ceremony_begin(f, conn, req.ceremony))
+        elif isinstance(req, S.ACeremonyWitness):
+            await reply(**await C.ceremony_witness(f, conn, req.ceremony_seq))
+        elif isinstance(req, S.ACeremonyRecords):
+            await reply(**await C.ceremony_records(f, conn, req.ceremony_seq))
+        else:
+            await reply(**await C.ceremony_record(f, conn, req))
     elif isinstance(req, S.AOfficerUnlockShares):
         await reply(**await f.officers.unlock_shares(conn, req))
     elif isinstance(req, S.AResume):
@@ -268,9 +278,6 @@ async def perform(req, f: Factory, actor: str) -> dict:
         await f.audit(actor, "shutdown", "appliance", "ok", "requested through the admin API")
         await f.send_event(S.Event(kind="shutdown-requested", detail=actor))
         return {"stopping": True}
-    if isinstance(req, S.ACeremonyRecord):
-        from .ceremonies import ceremony_record
-        return await ceremony_record(f, actor, req.ceremony, req.transcript_sha256)
     raise FactoryError("bad-request", f"unsupported request {type(req).__name__}")
 
 

@@ -48,6 +48,7 @@ PERMISSIONS: dict[str, frozenset[str] | None] = {
     "ocsp-tenant-csr": ADMIN, "ocsp-tenant-crl": OPER, "ocsp-tenant-serials": OPER,
     # console, ceremonies, backup
     "ca-create-root": OPER, "ceremony-record": ANY, "backup": ADMIN, "shutdown-request": ADMIN,
+    "ceremony-begin": ANY, "ceremony-witness": ANY, "ceremony-records": ANY,
 }
 SELF_SERVICE = {"officer-passwd", "officer-totp"}  # an officer may also do these to their own account
 
@@ -145,6 +146,7 @@ class Session:
     token_hash: bytes
     created: float
     last_used: float
+    login_seq: int = 0  # the audit record of the login: a ceremony checks its witnesses logged in during it
 
 
 @dataclass
@@ -270,10 +272,10 @@ class Officers:
         def good():
             with db.tx():
                 db.db.execute("UPDATE officers SET failures = 0, totp_last = max(totp_last, ?) WHERE name=?", (step or 0, name))
-                db.audit(actor, "login", name, "ok", roles)
-        await self.f.run_db(good)
+                return db.audit(actor, "login", name, "ok", roles)
+        login_seq = await self.f.run_db(good)
         now = time.monotonic()
-        s = Session(name, frozenset(roles.split(",")), th, now, now)
+        s = Session(name, frozenset(roles.split(",")), th, now, now, login_seq)
         self.sessions[th] = s
         conn.session = s
         return {"token": token, "officer": name, "roles": sorted(s.roles), "idle_seconds": self.cfg.session_idle_seconds}

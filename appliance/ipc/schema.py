@@ -1038,13 +1038,44 @@ class ABackup(_Msg, tag="backup"):
     id: ReqId
 
 
+class ACeremonyBegin(_Msg, tag="ceremony-begin"):
+    """Open a ceremony: an audit record whose seq identifies it; its window starts at this session's login."""
+
+    id: ReqId
+    ceremony: Name
+
+
+class ACeremonyWitness(_Msg, tag="ceremony-witness"):
+    """This session's officer, logged in during the ceremony, witnesses it (an audit record of their own)."""
+
+    id: ReqId
+    ceremony_seq: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ACeremonyRecords(_Msg, tag="ceremony-records"):
+    """The audit records (seq, hash, action, object, outcome) the ceremony's witnesses made since it began."""
+
+    id: ReqId
+    ceremony_seq: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class CeremonyOperation(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    seq: Annotated[int, msgspec.Meta(ge=1)]
+    hash: Digest
+
+
 class ACeremonyRecord(_Msg, tag="ceremony-record"):
-    """Write a ceremony transcript's digest into the audit chain and have the audit key sign a checkpoint
-    of exactly that record. Reply: the record, the signed checkpoint, the audit certificate (PEM)."""
+    """Write a ceremony transcript's digest into the audit chain, bound to the ceremony's opening record,
+    its witnesses' records and the audit records of its operations (all checked by the Factory), and
+    have the audit key sign a checkpoint of exactly that record. Reply: the record, the signed
+    checkpoint, the audit certificate (PEM), the bindings."""
 
     id: ReqId
     ceremony: Name
     transcript_sha256: Digest
+    ceremony_seq: Annotated[int, msgspec.Meta(ge=1)]
+    witnesses: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=32)]
+    operations: Annotated[list[CeremonyOperation], msgspec.Meta(max_length=4096)] = []
 
 
 AdminRequest = Union[
@@ -1055,7 +1086,7 @@ AdminRequest = Union[
     AOcspTenantSerials,
     ALogin, AResume, ALogout, AOfficerAdd, AOfficerList, AOfficerRemove, AOfficerPasswd, AOfficerUnlock, AOfficerTotp,
     AOfficerUnlockShares, APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
-    ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord,
+    ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, ACeremonyBegin, ACeremonyWitness, ACeremonyRecords,
 ]
 
 

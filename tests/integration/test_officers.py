@@ -18,7 +18,7 @@ from tests.conftest import PASSWORD
 
 PUBLIC = {"status", "activate", "activate-shares", "login", "resume", "logout", "ca-list", "officer-unlock-shares"}
 READ = {"ca-show", "ca-export", "cert-show", "cert-list", "crl-export", "ocsp-status", "pending-list", "approve",
-        "audit-cert", "audit-checkpoint", "ceremony-record", "dist-status", "dist-list", "ocsp-tenant-list"}
+        "audit-cert", "audit-checkpoint", "ceremony-record", "ceremony-begin", "ceremony-witness", "ceremony-records", "dist-status", "dist-list", "ocsp-tenant-list"}
 # What the issue asks for, written independently of the Factory's table.
 EXPECTED = {
     "administrator": READ | {"officer-add", "officer-remove", "officer-unlock", "officer-list", "officer-passwd", "officer-totp",
@@ -45,7 +45,8 @@ SAMPLES = [
     S.AOcspTenantRemove(id=1, name="nope"), S.AOcspTenantCsr(id=1, name="nope"), S.AOcspTenantCrl(id=1, name="nope", crl=b"junk"),
     S.AOcspTenantSerials(id=1, name="nope", data=None),
     S.ACaCreateRoot(id=1, name="m-root", profile="nope", key_type="p256", subject=(("CN", "x"),), validity_days=10),
-    S.ABackup(id=1), S.ACeremonyRecord(id=1, ceremony="m-x", transcript_sha256=b"\0" * 32),
+    S.ABackup(id=1), S.ACeremonyRecord(id=1, ceremony="m-x", transcript_sha256=b"\0" * 32, ceremony_seq=999999, witnesses=["nobody"]),
+    S.ACeremonyBegin(id=1, ceremony="m-x"), S.ACeremonyWitness(id=1, ceremony_seq=999999), S.ACeremonyRecords(id=1, ceremony_seq=999999),
 ]
 # Sent only where they must be refused (allowed, they stop the appliance: tests/integration/test_console.py).
 DISRUPTIVE = [S.AShutdown(id=1)]

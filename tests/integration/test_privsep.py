@@ -163,4 +163,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (2, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "080a46debb482bab5359e9dc8ca92608bbb2b56969405bfeac9ce75d468acd6a"
+PINNED_SCHEMA_HASH = "5a381ab33ea38c62432835b9247c52631961c8a8084d2a4aba972867dd346824"
