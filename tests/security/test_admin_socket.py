@@ -5,7 +5,9 @@ from __future__ import annotations
 import socket
 import time
 
+from appliance.console.session import Session
 from appliance.factory.main import HANDSHAKE_SECONDS, MAX_PER_PID, AdminGate
+from appliance.ipc import schema as S
 
 
 def test_gate_caps_per_pid_per_uid_and_total():
@@ -24,7 +26,7 @@ def test_gate_caps_per_pid_per_uid_and_total():
     assert g.n == 0 and not g.pids and not g.uids
 
 
-def test_64_idle_connections_do_not_block_status(appliance):
+def test_64_idle_connections_do_not_block_status_and_the_console_reconnects(appliance):
     a = appliance
     path = str(a.home / "run" / "admin.sock")
     idle = []
@@ -51,3 +53,17 @@ def test_64_idle_connections_do_not_block_status(appliance):
         for s in idle:
             s.close()
     assert a.cli("status").returncode == 0
+
+    # The console keeps a connection without a session at its PIN prompt: once the Factory has closed
+    # it (idle deadline), the next action opens a new one instead of failing.
+    s = Session(str(a.home))
+    first = s.client
+    assert first.call(S.AStatus)["activated"] and not first.dropped()
+    first.chan.sock.shutdown(socket.SHUT_WR)  # the Factory ends the connection, as at its idle deadline
+    deadline = time.monotonic() + 10
+    while not first.dropped() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.dropped() and s.client is not first
+    assert s.client.call(S.AStatus)["activated"]
+    s.close()
+
