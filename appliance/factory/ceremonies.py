@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from appliance.ipc import schema as S
@@ -10,6 +11,9 @@ from policy import audit as A
 from .service import Factory, FactoryError
 
 MAX_RECORDS = 4096  # audit records one ceremony may reference
+# A ceremony's window starts at the login of the officer who opens it: that login must be recent, so
+# that "witnesses logged in during the ceremony" means during it, not since some old session.
+FRESH_LOGIN_SECONDS = 3600
 
 
 def _officer(actor: str) -> str | None:
@@ -41,6 +45,9 @@ async def _begin_row(f: Factory, seq: int) -> tuple[str, int]:
 async def ceremony_begin(f: Factory, conn, ceremony: str) -> dict[str, Any]:
     s = _session(conn)
     db = f._require_active()
+    if time.monotonic() - s.created > FRESH_LOGIN_SECONDS:  # the window starts at this login: keep it near
+        raise FactoryError("policy", f"officer {s.officer} logged in more than {FRESH_LOGIN_SECONDS // 60} minutes ago: "
+                                     "log in again to open a ceremony")
 
     def w():
         with db.tx():

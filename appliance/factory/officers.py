@@ -404,7 +404,7 @@ class Officers:
         db = self.f._require_active()
         actor = f"break-glass:quorum-of-shares {conn.who}"
         try:
-            self.f.check_shares(req.shares)
+            self.f.check_shares(req.shares, conn.uid)
         except FactoryError as e:
             await self.f.audit(actor, "officer-unlock", req.name, "refused", f"break-glass: {e.reason}")
             raise

@@ -99,7 +99,7 @@ class Factory:
         # prove a quorum of shares against it without another token login. Bad share sets are counted.
         self._pin_key = secrets.token_bytes(32)
         self._pin_mac: bytes | None = None
-        self._share_failures: list[float] = []
+        self._share_failures: dict[int, list[float]] = {}  # per peer uid: a stranger locks out only himself
         self._pending: list[_Pending] = []
         self._wake = trio.Event()
         self._crl_locks: dict[str, trio.Lock] = {}
@@ -183,24 +183,26 @@ class Factory:
             raise FactoryError("auth", f"activation refused: {e.message}") from None
         return await self.activate(pin, actor + " (quorum of shares)")
 
-    def check_shares(self, shares: list[str]) -> None:
+    def check_shares(self, shares: list[str], uid: int) -> None:
         """Refuse (FactoryError) unless these shares combine to the PIN this appliance was activated with;
-        after activation.max-failures bad sets in a lockout period, refuse every set for that period."""
+        after activation.max-failures bad sets from one peer user in a lockout period, refuse its sets
+        for that period (others' are still heard: a stranger cannot block the custodians)."""
         from policy import shamir
         from policy.errors import PolicyError
         now = time.monotonic()
-        self._share_failures = [t for t in self._share_failures if now - t < self.cfg.activation_lockout_seconds]
-        if len(self._share_failures) >= self.cfg.activation_max_failures:
-            wait = self._share_failures[0] + self.cfg.activation_lockout_seconds - now
-            raise FactoryError("auth", f"refused after {len(self._share_failures)} bad share sets: try again in {int(wait) + 1} s")
+        failed = [t for t in self._share_failures.get(uid, []) if now - t < self.cfg.activation_lockout_seconds]
+        self._share_failures[uid] = failed
+        if len(failed) >= self.cfg.activation_max_failures:
+            wait = failed[0] + self.cfg.activation_lockout_seconds - now
+            raise FactoryError("auth", f"refused after {len(failed)} bad share sets from this user: try again in {int(wait) + 1} s")
         try:
             pin = shamir.combine_pin(list(shares))
         except PolicyError as e:
             if e.rule == "combine":
-                self._share_failures.append(now)
+                failed.append(now)
             raise FactoryError("auth", f"refused: {e.message}") from None
         if self._pin_mac is None or not hmac.compare_digest(self._pin_mac, hmac.new(self._pin_key, pin.encode(), "sha256").digest()):
-            self._share_failures.append(now)
+            failed.append(now)
             raise FactoryError("auth", "refused: these shares do not give this appliance's activation PIN")
 
     async def activate(self, pin: str, actor: str) -> dict[str, Any]:

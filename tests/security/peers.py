@@ -34,14 +34,37 @@ print(json.dumps(out))
 '''
 
 
-def logins(a, plan: list[tuple[str, str]], stranger: bool, parallel: bool = False) -> subprocess.Popen:
-    """Start the attempts in `plan` from one process: as root, or as the stranger (nobody in donjon-admin)."""
+# Break-glass unlocks, one after the other; prints one outcome per attempt.
+UNLOCKS = r'''
+import json, sys
+from appliance.client import AdminClient, ClientError
+from appliance.ipc import schema as S
+home, plan = sys.argv[1], json.loads(sys.argv[2])
+out = []
+for name, shares in plan:
+    try:
+        with AdminClient(home, timeout=120) as c:
+            c.call(S.AOfficerUnlockShares, name=name, shares=shares)
+            out.append("ok")
+    except ClientError as e:
+        out.append(str(e))
+print(json.dumps(out))
+'''
+
+
+def run(a, code: str, plan: list, stranger: bool, *extra: str) -> subprocess.Popen:
+    """Start `code` (LOGINS, UNLOCKS) on `plan` in one process: as root, or as the stranger (nobody in donjon-admin)."""
     env = {"PYTHONPATH": a.src, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     kw = {}
     if stranger:
         kw = {"user": 65534, "group": 65534, "extra_groups": [grp.getgrnam("donjon-admin").gr_gid]}
-    return subprocess.Popen([PY, "-c", LOGINS, str(a.home), json.dumps(plan), "parallel" if parallel else "serial"],
+    return subprocess.Popen([PY, "-c", code, str(a.home), json.dumps(plan), *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", **kw)
+
+
+def logins(a, plan: list[tuple[str, str]], stranger: bool, parallel: bool = False) -> subprocess.Popen:
+    """Start the login attempts in `plan` from one process, one after the other or all at once."""
+    return run(a, LOGINS, plan, stranger, "parallel" if parallel else "serial")
 
 
 def outcomes(p: subprocess.Popen) -> list[str]:

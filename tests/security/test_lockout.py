@@ -19,7 +19,7 @@ from appliance.ipc import schema as S
 from policy import shamir
 from tests.conftest import PASSWORD, Appliance, make_ceremony
 
-from .peers import logins, outcomes
+from .peers import UNLOCKS, logins, outcomes, run
 
 SLOWED = "login refused: too many failed logins from this user"
 
@@ -81,6 +81,10 @@ def test_break_glass_unlock_by_a_quorum_of_shares(quorum):
     assert r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr
     r = a.cli("officer", "unlock", "admin", "--share", shares[1], check=False)
     assert r.returncode == 1 and b"2 shares are needed" in r.stderr and b"Traceback" not in r.stderr
+    # A stranger trying forged sets is stopped after 5 (activation.max-failures) and blocks only himself.
+    got = outcomes(run(a, UNLOCKS, [("admin", forged[:2])] * 6, stranger=True))
+    assert all("do not give this appliance's activation PIN" in g for g in got[:5])
+    assert got[5].startswith("refused after 5 bad share sets from this user: try again in")
     # Every administrator forgot the password: the custodians' quorum unlocks and sets a new one.
     new = "break glass password 2026"
     r = a.cli("officer", "unlock", "admin", "--share", shares[1], "--share", shares[0], "--new-password",
@@ -93,8 +97,9 @@ def test_break_glass_unlock_by_a_quorum_of_shares(quorum):
         c.login("admin", new)
         c.call(S.AOfficerPasswd, name="admin", password=PASSWORD)  # back to the module's password
     recs = [r for r in audit(a) if r["action"] == "officer-unlock"]
-    assert [(r["outcome"], r["actor"].split()[0]) for r in recs] == [("refused", "break-glass:quorum-of-shares")] * 2 + [
+    assert [(r["outcome"], r["actor"].split()[0]) for r in recs] == [("refused", "break-glass:quorum-of-shares")] * 8 + [
         ("ok", "break-glass:quorum-of-shares")]
+    assert sum("uid=65534" in r["actor"] for r in recs) == 6
     assert "new password set" in recs[-1]["detail"] and "activation PIN" in recs[0]["detail"]
 
 
