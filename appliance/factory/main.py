@@ -26,9 +26,10 @@ MAX_ADMIN_CONNECTIONS = 64
 # Idle connections must not starve the admin socket: a peer sends its Hello within HANDSHAKE_SECONDS,
 # a connection without an officer session sends each request within IDLE_SECONDS, and one process
 # (pid) or one non-root user (uid) holds only so many connections; beyond, new ones are closed at once.
+# Root and the other members of the admin group draw on separate totals: no member can starve root.
 HANDSHAKE_SECONDS = 5.0
 IDLE_SECONDS = 120.0
-MAX_PER_PID = 8
+MAX_PER_PID = 16  # a ceremony holds one connection per officer present
 MAX_PER_UID = 16
 
 
@@ -38,31 +39,35 @@ def peer_ids(sock: socket.socket) -> tuple[int, int, int]:
 
 
 class AdminGate:
-    """Connection accounting for the admin socket: a total cap, and caps per pid and per non-root uid
-    (root is the appliance's own operator account: its processes are bounded per pid only)."""
+    """Connection accounting for the admin socket: caps per pid, per non-root uid, and a total for root
+    and another for everyone else (root is the appliance's own operator account: never starved by a
+    member of the admin group)."""
 
     def __init__(self, total: int = MAX_ADMIN_CONNECTIONS, per_pid: int = MAX_PER_PID, per_uid: int = MAX_PER_UID):
         self.total, self.per_pid, self.per_uid = total, per_pid, per_uid
         self.n = 0
+        self.pools = {True: 0, False: 0}  # root?, open connections
         self.pids: dict[int, int] = {}
         self.uids: dict[int, int] = {}
         self.warned: set[int] = set()
 
     def admit(self, pid: int, uid: int) -> str | None:
         """None when admitted (call release later), else why the connection is closed."""
-        if self.n >= self.total:
-            return f"{self.total} admin connections open"
+        if self.pools[uid == 0] >= self.total:
+            return f"{self.total} admin connections open" + (" by root" if uid == 0 else " by members of the admin group")
         if self.pids.get(pid, 0) >= self.per_pid:
             return f"{self.per_pid} connections from pid {pid}"
         if uid != 0 and self.uids.get(uid, 0) >= self.per_uid:
             return f"{self.per_uid} connections from uid {uid}"
         self.n += 1
+        self.pools[uid == 0] += 1
         self.pids[pid] = self.pids.get(pid, 0) + 1
         self.uids[uid] = self.uids.get(uid, 0) + 1
         return None
 
     def release(self, pid: int, uid: int) -> None:
         self.n -= 1
+        self.pools[uid == 0] -= 1
         for d, k in ((self.pids, pid), (self.uids, uid)):
             d[k] -= 1
             if not d[k]:
@@ -180,7 +185,9 @@ async def dispatch(chan: Channel, req, f: Factory, conn: Conn) -> None:
     elif isinstance(req, S.ALogin):
         await reply(**await f.officers.login(conn, req))
     elif isinstance(req, (S.ACeremonyBegin, S.ACeremonyWitness, S.ACeremonyRecords, S.ACeremonyRecord)):
-        from . import ceremonies as C  # bound to this connection's session: never filed for dual control
+        # Bound to this connection's session (its login, its officer): never filed for dual control.
+        from . import ceremonies as C
+
         if isinstance(req, S.ACeremonyBegin):
             await reply(**await C.ceremony_begin(f, conn, req.ceremony))
         elif isinstance(req, S.ACeremonyWitness):

@@ -401,7 +401,7 @@ class Officers:
     async def unlock_shares(self, conn: Conn, req: S.AOfficerUnlockShares) -> dict[str, Any]:
         """Break-glass: a quorum of activation shares (the custodians, not an officer) unlocks an officer,
         and may set a new password, when no administrator can log in. Audited; every peer's slow-down ends."""
-        db = self.f._require_active()
+        self.f._require_active()
         actor = f"break-glass:quorum-of-shares {conn.who}"
         try:
             self.f.check_shares(req.shares, conn.uid)

@@ -11,19 +11,23 @@ from appliance.ipc import schema as S
 
 
 def test_gate_caps_per_pid_per_uid_and_total():
-    g = AdminGate(total=6, per_pid=2, per_uid=3)
+    g = AdminGate(total=5, per_pid=2, per_uid=3)
     assert g.admit(10, 1000) is None and g.admit(10, 1000) is None
     assert "pid 10" in g.admit(10, 1000)  # a third from one process
     assert g.admit(11, 1000) is None
     assert "uid 1000" in g.admit(12, 1000)  # a fourth from one non-root user, whatever its pids
-    assert g.admit(20, 0) is None and g.admit(21, 0) is None  # root is bounded per pid only
-    assert g.admit(22, 0) is None
-    assert "6 admin connections" in g.admit(23, 0)
+    assert g.admit(20, 1001) is None and g.admit(21, 1001) is None
+    assert "5 admin connections open by members of the admin group" in g.admit(22, 1002)
+    assert g.admit(30, 0) is None and g.admit(30, 0) is None  # root draws on its own total: not starved
+    assert "pid 30" in g.admit(30, 0)  # root's processes are bounded per pid too
+    for pid in (31, 31, 32):
+        assert g.admit(pid, 0) is None
+    assert "5 admin connections open by root" in g.admit(33, 0)
     g.release(10, 1000)
     assert g.admit(12, 1000) is None  # a released slot is free again
-    for pid in (10, 11, 12, 20, 21, 22):
-        g.release(pid, 1000 if pid < 20 else 0)
-    assert g.n == 0 and not g.pids and not g.uids
+    for pid, uid in ((10, 1000), (11, 1000), (12, 1000), (20, 1001), (21, 1001), (30, 0), (30, 0), (31, 0), (31, 0), (32, 0)):
+        g.release(pid, uid)
+    assert g.n == 0 and not g.pids and not g.uids and g.pools == {True: 0, False: 0}
 
 
 def test_64_idle_connections_do_not_block_status_and_the_console_reconnects(appliance):

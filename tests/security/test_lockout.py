@@ -113,7 +113,7 @@ def test_60_concurrent_failed_logins_keep_the_factory_small(quorum):
     factory = a.role_pids()["factory"]
     before = _rss(factory)
     # 60 at once, two peers: 6 root processes x 8 and 2 stranger processes x 6 (within the admin
-    # socket's caps of 8 per process and 16 per non-root user, so that all 60 reach a login).
+    # socket's caps of 16 per process and 16 per non-root user, so that all 60 reach a login).
     procs = [logins(a, [(f"n{i}-{j}", f"wrong password {j}") for j in range(8 if i < 6 else 6)], stranger=i >= 6, parallel=True)
              for i in range(8)]
     got = [o for p in procs for o in outcomes(p)]
