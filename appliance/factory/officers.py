@@ -264,7 +264,7 @@ class Officers:
                     return n
             n = await self.f.run_db(fail)
             if n == limit:  # an alert, not a lockout: whoever tries is slowed down, the account stays usable
-                await self.f.send_event(S.Event(kind="login-lockout", detail=f"officer {name}: {n} consecutive failed logins"))
+                await self.f.send_event(S.Event(kind="login-lockout", detail=f"officer {name} has {n} consecutive failed logins (no lockout: the peers are slowed down)"))
             raise FactoryError("auth", REFUSED)
         token = secrets.token_urlsafe(32)
         th = hashlib.sha256(token.encode()).digest()

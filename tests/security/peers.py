@@ -52,6 +52,23 @@ print(json.dumps(out))
 '''
 
 
+# Open up to N admin connections that complete the handshake and then idle; report how many the
+# appliance kept, hold them until stdin closes.
+HOLD = r'''
+import json, sys
+from appliance.client import AdminClient, ClientError
+home, n = sys.argv[1], json.loads(sys.argv[2])
+held, refused = [], 0
+for _ in range(n):
+    try:
+        held.append(AdminClient(home, timeout=30))
+    except ClientError:
+        refused += 1
+print(json.dumps([len(held), refused]), flush=True)
+sys.stdin.read()
+'''
+
+
 def run(a, code: str, plan: list, stranger: bool, *extra: str) -> subprocess.Popen:
     """Start `code` (LOGINS, UNLOCKS) on `plan` in one process: as root, or as the stranger (nobody in donjon-admin)."""
     env = {"PYTHONPATH": a.src, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
@@ -59,7 +76,7 @@ def run(a, code: str, plan: list, stranger: bool, *extra: str) -> subprocess.Pop
     if stranger:
         kw = {"user": 65534, "group": 65534, "extra_groups": [grp.getgrnam("donjon-admin").gr_gid]}
     return subprocess.Popen([PY, "-c", code, str(a.home), json.dumps(plan), *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", **kw)
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", **kw)
 
 
 def logins(a, plan: list[tuple[str, str]], stranger: bool, parallel: bool = False) -> subprocess.Popen:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
 from appliance.console.session import Session
-from appliance.factory.main import HANDSHAKE_SECONDS, MAX_PER_PID, AdminGate
+from appliance.factory.main import HANDSHAKE_SECONDS, MAX_PER_PID, MAX_PER_UID, AdminGate
 from appliance.ipc import schema as S
+
+from .peers import HOLD, run
 
 
 def test_gate_caps_per_pid_per_uid_and_total():
@@ -57,6 +60,17 @@ def test_64_idle_connections_do_not_block_status_and_the_console_reconnects(appl
         for s in idle:
             s.close()
     assert a.cli("status").returncode == 0
+
+    # A member of donjon-admin (no officer account) holding 64 handshaken, idle connections keeps 16
+    # (its user's cap); root's commands still answer at once.
+    holder = run(a, HOLD, 64, stranger=True)
+    try:
+        kept, refused = json.loads(holder.stdout.readline())
+        assert (kept, refused) == (MAX_PER_UID, 64 - MAX_PER_UID)
+        r = a.cli("status", timeout=30)
+        assert r.returncode == 0 and b"activ" in r.stdout.lower()
+    finally:
+        holder.communicate(timeout=30)  # closes its stdin: it lets go of its connections
 
     # The console keeps a connection without a session at its PIN prompt: once the Factory has closed
     # it (idle deadline), the next action opens a new one instead of failing.
