@@ -278,9 +278,25 @@ def audit_cert(c: AdminClient) -> str:
     return _wrap(c.call, S.AAuditCert)["cert"]
 
 
-def ceremony_record(c: AdminClient, ceremony: str, digest: bytes) -> dict[str, Any]:
-    """The transcript digest as an audit record, with a checkpoint of it signed by the HSM's audit key."""
-    return _wrap(c.call, S.ACeremonyRecord, ceremony=ceremony, transcript_sha256=digest)
+def ceremony_record(c: AdminClient, ceremony: str, digest: bytes, ceremony_seq: int, witnesses: list[str],
+                    operations: list[tuple[int, str]]) -> dict[str, Any]:
+    """The transcript digest as an audit record bound to the ceremony's opening, witness and operation
+    records, with a checkpoint of it signed by the HSM's audit key."""
+    ops_ = [S.CeremonyOperation(seq=q, hash=bytes.fromhex(h)) for q, h in operations]
+    return _wrap(c.call, S.ACeremonyRecord, ceremony=ceremony, transcript_sha256=digest, ceremony_seq=ceremony_seq,
+                 witnesses=witnesses, operations=ops_)
+
+
+def ceremony_begin(c: AdminClient, ceremony: str) -> dict[str, Any]:
+    return _wrap(c.call, S.ACeremonyBegin, ceremony=ceremony)
+
+
+def ceremony_witness(c: AdminClient, ceremony_seq: int) -> dict[str, Any]:
+    return _wrap(c.call, S.ACeremonyWitness, ceremony_seq=ceremony_seq)
+
+
+def ceremony_records(c: AdminClient, ceremony_seq: int) -> list[dict[str, Any]]:
+    return _wrap(c.call, S.ACeremonyRecords, ceremony_seq=ceremony_seq)["records"]
 
 
 # ---------------------------------------------------------------- officers and dual control
@@ -327,6 +343,18 @@ def officer_passwd(c: AdminClient, name: str, password: str) -> dict[str, Any]:
 
 def officer_unlock(c: AdminClient, name: str) -> dict[str, Any]:
     return _wrap(c.call, S.AOfficerUnlock, name=check_name(name, "officer name"))
+
+
+def officer_unlock_shares(c: AdminClient, name: str, shares: list[str], password: str | None = None) -> dict[str, Any]:
+    """Break-glass: unlock an officer (and set a new password) with a quorum of activation shares."""
+    from policy import shamir
+    from policy.errors import PolicyError
+    for t in shares:
+        try:
+            shamir.parse_share(t)
+        except PolicyError as e:
+            raise OpError(e.message) from None
+    return _wrap(c.call, S.AOfficerUnlockShares, name=check_name(name, "officer name"), shares=shares, password=password)
 
 
 def pending_list(c: AdminClient, open_only: bool = True) -> list[dict[str, Any]]:

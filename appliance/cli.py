@@ -370,8 +370,33 @@ def officer_passwd(name: str, home: Home = "./var") -> None:
 
 
 @officer_app.command("unlock")
-def officer_unlock(name: str, home: Home = "./var") -> None:
-    """Unlock an officer locked out after repeated failed logins. Example: donjon officer unlock bob"""
+def officer_unlock(name: str, home: Home = "./var",
+                   share: Annotated[list[str], typer.Option(help="Break-glass: an activation PIN share (repeat for the quorum; "
+                                                                   "'-' prompts); no officer login needed.")] = [],  # noqa: B006
+                   new_password: Annotated[bool, typer.Option(help="Break-glass: also set a new password (prompted, "
+                                                                   "or DONJON_NEW_PASSWORD).")] = False) -> None:
+    """Unlock an officer. An administrator does it; when none can log in, a quorum of activation shares
+    does (break-glass, audited), and may set a new password.
+
+    Example: donjon officer unlock bob
+    Example: donjon officer unlock alice --share DJS1-... --share DJS1-... --new-password
+    """
+    if share:
+        texts = [t if t != "-" else typer.prompt("Share", hide_input=True) for t in share]
+        pw = None
+        if new_password:
+            pw = os.environ.get("DONJON_NEW_PASSWORD") or typer.prompt(f"New password for {name}", hide_input=True,
+                                                                       confirmation_prompt=True)
+        try:
+            c = AdminClient(home)  # no officer session: the shares are the authority
+        except ClientError as e:
+            fail(str(e))
+        with c:
+            doc = op(ops.officer_unlock_shares, c, name, texts, pw)
+        typer.echo(f"officer {name} unlocked by a quorum of shares" + ("; new password set" if doc.get("password") == "changed" else ""))
+        return
+    if new_password:
+        fail("--new-password goes with --share (break-glass); an administrator uses `donjon officer passwd`")
     with client(home) as c:
         op(ops.officer_unlock, c, name)
     typer.echo(f"officer {name} unlocked")
@@ -956,19 +981,24 @@ def ceremony_run(file: Annotated[str, typer.Argument(help="The ceremony TOML fil
 @ceremony_app.command("verify")
 def ceremony_verify(transcript: Annotated[str, typer.Argument(help="transcript.json of a ceremony.")],
                     cert: Annotated[Optional[str], typer.Option(help="The audit certificate (donjon audit cert) to check the signature with; "
-                                                                     "default: the one in the transcript.")] = None) -> None:
-    """Check a ceremony transcript offline: its digest, the SHA-256 of every output beside it, and its
-    signature (an audit record of the digest and a checkpoint of it signed by the HSM's audit key).
+                                                                     "default: the one in the transcript.")] = None,
+                    audit_log: Annotated[Optional[str], typer.Option(help="An exported audit log (donjon audit export): check that "
+                                                                          "every record the transcript is bound to is in it.")] = None) -> None:
+    """Check a ceremony transcript offline: its digest, the SHA-256 of every output beside it, its
+    signature (an audit record of the digest and a checkpoint of it signed by the HSM's audit key), and
+    its bindings: the audit records of its operations and of the witnesses who logged in during it.
 
-    Example: donjon ceremony verify out/transcript.json --cert audit.pem
+    Example: donjon ceremony verify out/transcript.json --cert audit.pem --audit-log audit.jsonl
     """
     from appliance.console.ceremony import verify
-    problems = op(verify, transcript, read_file(cert, "audit certificate") if cert else None)
+    problems = op(verify, transcript, read_file(cert, "audit certificate") if cert else None,
+                  read_file(audit_log, "audit log") if audit_log else None)
     for p in problems:
         typer.echo(f"donjon: {p}", err=True)
     if problems:
         raise typer.Exit(1)
-    typer.echo("transcript intact: digest, every output hash and the audit-key signature verify")
+    typer.echo("transcript intact: digest, every output hash and the audit-key signature verify; bound to its audit records "
+               "and authenticated witnesses" + (", all present in the audit log" if audit_log else " (give --audit-log to check them in the log)"))
 
 
 @config_app.command("show")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import select
 import socket
 from typing import Any, Iterator
 
@@ -47,7 +48,8 @@ class AdminClient:
             self.chan.handshake()
         except (ProtocolViolation, OSError):
             sock.close()  # a refused (or not yet ready) appliance must not leak the socket
-            raise ClientError("the appliance refused the connection (not root, owner or admin group?)", "auth") from None
+            raise ClientError("the appliance refused the connection (not root, owner or admin group, "
+                              "or too many connections open from this process or user)", "auth") from None
         if session is not None:
             try:
                 self.resume(session)
@@ -73,6 +75,15 @@ class AdminClient:
 
     def close(self) -> None:
         self.chan.sock.close()
+
+    def dropped(self) -> bool:
+        """True when the appliance closed this connection (one without a session that stayed idle past
+        the admin socket's deadline): a long-lived face (the console) then reconnects."""
+        try:
+            readable, _, _ = select.select([self.chan.sock], [], [], 0)
+            return bool(readable) and self.chan.sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def __enter__(self) -> "AdminClient":
         return self

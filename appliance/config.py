@@ -135,7 +135,7 @@ GUARDABLE = ("ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "r
 
 class Officers(_C):
     session_idle_minutes: Annotated[int, msgspec.Meta(ge=1, le=1440)] = 15
-    max_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5  # consecutive failed logins before lockout
+    max_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5  # consecutive failed logins of a peer before its slow-down
 
 
 class DualControl(_C):
@@ -267,7 +267,7 @@ dir = "profiles"                              # *.toml here override or add to t
 
 [officers]
 session-idle-minutes = 15                     # an admin session ends after this long unused
-max-failures = 5                              # consecutive failed logins lock the officer (an administrator unlocks)
+max-failures = 5                              # consecutive failed logins from one peer user before it is slowed down
 
 [dual-control]
 approvals = 1                                 # M distinct officers (the requester counts as one); 1 = off

@@ -155,3 +155,12 @@ def load_cert(data: bytes) -> x509.Certificate:
     if data.lstrip().startswith(b"-----BEGIN"):
         return x509.load_pem_x509_certificate(data)
     return x509.load_der_x509_certificate(data)
+
+
+def ceremony_binding_digest(begin: tuple[int, str], witnesses: list[tuple[str, int, str]],
+                            operations: list[tuple[int, str]]) -> str:
+    """SHA-256 (hex) of a ceremony's bindings as canonical JSON: its opening record (seq, hash), its
+    witnesses' records (name, seq, hash) and its operations' records (seq, hash). The Factory writes it
+    in the ceremony's audit record; `donjon ceremony verify` recomputes it from the transcript."""
+    doc = {"begin": list(begin), "witnesses": [list(w) for w in witnesses], "operations": [list(o) for o in operations]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

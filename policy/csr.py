@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from policy.errors import PolicyError
+from policy.names import check_name_text
 from policy.profiles import KEY_TYPES, Profile
 
 # Larger inputs are refused before any parser sees them: an RSA-4096 CSR with 100 SANs is ~8 KiB.
@@ -229,6 +230,8 @@ def check_subject(subject: tuple[tuple[str, str], ...], profile: Profile) -> Non
             raise PolicyError(f"subject.{attr}", "repeated", f"{attr} appears more than once")
         seen.add(attr)
         check_subject_value(attr, value)
+        if not profile.allow_confusable_names:
+            check_name_text(f"subject.{attr}", value)
         if rule.presence == "fixed" and value != rule.value:
             raise PolicyError(f"subject.{attr}", "fixed", f"{attr} is fixed to {rule.value!r} by the profile")
     for rule in profile.subject:

@@ -77,6 +77,9 @@ class Profile:
     max_validity_days: int
     lint: bool
     cabf: bool = False  # publicly-trusted TLS: build and lint to the CA/B Forum Baseline Requirements
+    # Subject values with bidi or invisible characters, or mixed-script look-alikes (UTS #39), are
+    # refused unless the profile allows them (policy/names.py).
+    allow_confusable_names: bool = False
 
     def rule(self, attr: str) -> SubjectRule | None:
         for r in self.subject:
@@ -103,6 +106,7 @@ _KEYS: dict[str, tuple[bool, Any]] = {
     "max_validity_days": (True, None),
     "lint": (False, False),
     "cabf": (False, False),
+    "allow_confusable_names": (False, False),
 }
 _SUBJECT_KEYS = ("attr", "presence", "value")
 
@@ -263,6 +267,7 @@ def load_profile_text(name: str, text: str) -> Profile:
         max_validity_days=days,
         lint=lint,
         cabf=_bool(name, "cabf", get("cabf")),
+        allow_confusable_names=_bool(name, "allow_confusable_names", get("allow_confusable_names")),
     )
 
 

@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import time
+from types import SimpleNamespace
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -20,7 +21,11 @@ from appliance.console.session import Session, ask_login, refusal
 from appliance.console.term import Term
 from appliance.ipc import schema as S
 
-FORMAT = "donjon-ceremony-transcript/1"
+FORMAT = "donjon-ceremony-transcript/2"  # /1 had no audit bindings: refused by verify
+# The audit record each step's operation must have left (action, and how its object names the step's CA).
+STEP_RECORDS = {"create-root": ("ca-create", lambda st, o: o == st.name), "create-ca": ("ca-create", lambda st, o: o == st.name),
+                "sign-csr": ("ca-sign-csr", lambda st, o: o.startswith(f"{st.parent}/")),
+                "crl": ("crl", lambda st, o: o.startswith(f"{st.ca}#"))}
 FileName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 Days = Annotated[int, msgspec.Meta(ge=1, le=40 * 366)]
 ACTIONS = ("create-root", "create-ca", "sign-csr", "crl", "export-ca")
@@ -142,10 +147,12 @@ def canonical(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def sign_transcript(session: Session, name: str, digest: bytes) -> dict[str, Any]:
+def sign_transcript(session: Session, name: str, digest: bytes, binding: dict[str, Any]) -> dict[str, Any]:
     """The audit key signs the transcript through the audit chain (the CIS never signs bytes it is handed):
-    the digest becomes an audit record, and a checkpoint of exactly that record is signed in the HSM."""
-    return ops.ceremony_record(session.client, name, digest)
+    the digest becomes an audit record bound to the ceremony's audit records (checked by the Factory),
+    and a checkpoint of exactly that record is signed in the HSM."""
+    return ops.ceremony_record(session.client, name, digest, binding["begin"]["seq"],
+                               [w["name"] for w in binding["witnesses"]], [tuple(o) for o in binding["operations"]])
 
 
 def now() -> str:
@@ -257,15 +264,24 @@ class Ceremony:
             return 1
         first = self.present[0][1]
         status = ops.status(first.client)
+        # Open the ceremony in the audit chain; every officer present witnesses it with their own session.
+        opened = ops.ceremony_begin(first.client, h.name)
+        cseq = opened["ceremony_seq"]
+        binding: dict[str, Any] = {"begin": {"seq": cseq, "hash": opened["hash"]}, "witnesses": [], "operations": []}
+        for n, sess in self.present:
+            w = ops.ceremony_witness(sess.client, cseq)
+            binding["witnesses"].append({"name": n, "seq": w["seq"], "hash": w["hash"], "login_seq": w["login_seq"]})
+        seen = cseq
         tr: dict[str, Any] = {
             "format": FORMAT, "ceremony": h.name, "description": h.description,
             "file": os.path.basename(self.path), "file_sha256": sha256_file(self.path),
             "host": socket.gethostname(), "software": code_identity(),
             "hsm": {"token": status.get("token")},
             "officers_listed": list(h.officers), "quorum": h.quorum,
-            "officers_present": [{"name": n, "authenticated": s.token is not None,
-                                  "method": "officer login" if s.token is not None else "admin socket credentials (no officer login in this build)"}
-                                 for n, s in self.present],
+            "officers_present": [{"name": w["name"], "authenticated": True,
+                                  "method": f"officer login during the ceremony (audit seq {w['login_seq']}), witness record seq {w['seq']}"}
+                                 for w in binding["witnesses"]],
+            "audit_binding": binding,
             "audit_head_before": status.get("audit_head"), "started": now(), "steps": [], "outcome": "running",
         }
         os.makedirs(self.out, mode=0o755, exist_ok=True)
@@ -278,6 +294,7 @@ class Ceremony:
             rec["witnesses"] = witnesses
             if len(witnesses) < h.quorum:
                 rec["outcome"] = "not approved"
+                rec["audit"] = []
                 tr["steps"].append(rec)
                 tr["outcome"] = f"aborted at step {i}: {len(witnesses)} approvals, quorum {h.quorum}"
                 self.t.say(f"step {i} not approved by a quorum: ceremony aborted")
@@ -288,6 +305,7 @@ class Ceremony:
                 result, data = self.execute(st, witnesses, rec)
             except OpError as e:
                 rec["outcome"] = f"failed: {e}"
+                seen = self.bind_records(rec, binding, seen)
                 tr["steps"].append(rec)
                 tr["outcome"] = f"aborted at step {i}: {e}"
                 self.t.say(f"step {i} failed: {e}")
@@ -296,6 +314,7 @@ class Ceremony:
             M.write_new(os.path.join(self.out, st.out), data)
             rec.update(outcome="done", finished=now(), result=result,
                        outputs=[{"file": st.out, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}])
+            seen = self.bind_records(rec, binding, seen)
             tr["steps"].append(rec)
             self.t.say(f"step {i} done: {st.out} sha256 {rec['outputs'][0]['sha256']}")
         else:
@@ -307,7 +326,7 @@ class Ceremony:
         digest = hashlib.sha256(canonical(tr)).digest()
         tr["transcript_sha256"] = digest.hex()
         try:
-            tr["signature"] = sign_transcript(first, h.name, digest)
+            tr["signature"] = sign_transcript(first, h.name, digest, binding)
         except OpError as e:  # the outputs exist: keep the transcript, say plainly that it is unsigned
             tr["signature"] = {"status": f"unsigned: {e}"}
             rc = 1
@@ -318,6 +337,13 @@ class Ceremony:
                    f"printable:  {os.path.join(self.out, 'transcript.pdf')}", f"outcome: {tr['outcome']}")
         self.close()
         return rc
+
+    def bind_records(self, rec: dict[str, Any], binding: dict[str, Any], seen: int) -> int:
+        """The audit records the witnesses' sessions made since the last step: this step's operations."""
+        new = [r for r in ops.ceremony_records(self.present[0][1].client, binding["begin"]["seq"]) if r["seq"] > seen]
+        rec["audit"] = [{k: r[k] for k in ("seq", "hash", "action", "object", "outcome", "officer")} for r in new]
+        binding["operations"] += [[r["seq"], r["hash"]] for r in new]
+        return max([seen] + [r["seq"] for r in new])
 
     def close(self) -> None:
         for _, s in self.present:
@@ -343,6 +369,8 @@ def pdf_lines(tr: dict[str, Any]) -> list[str]:
         for k, v in s["params"].items():
             lines.append(f"    {k}: {v}")
         lines.append(f"    witnessed and approved by: {', '.join(s['witnesses']) or '-'}")
+        for r in s.get("audit", []):
+            lines.append(f"    audit seq {r['seq']} {r['action']} {r['object']} {r['outcome']} by {r['officer']}")
         for k, v in (s.get("result") or {}).items():
             lines.append(f"    result {k}: {v}")
         for o in s.get("outputs", []):
@@ -378,8 +406,8 @@ def verify_signature(tr: dict[str, Any], cert_pem: bytes | None) -> list[str]:
         return [f"not signed ({sig.get('status', 'no signature')})"]
     r = sig["record"]
     problems = []
-    if r.get("action") != "ceremony" or r.get("detail") != f"transcript sha256={tr.get('transcript_sha256')}":
-        problems.append("the audit record is not this transcript's")
+    if r.get("action") != "ceremony" or r.get("detail") != expected_detail(tr):
+        problems.append("the audit record is not this transcript's (digest or audit bindings differ)")
     try:
         rec = {k: r[k] for k in ("seq", "ts", "actor", "action", "object", "outcome", "detail")}
         if A.audit_hash(bytes.fromhex(r["prev"]), rec).hex() != r["hash"]:
@@ -393,8 +421,93 @@ def verify_signature(tr: dict[str, Any], cert_pem: bytes | None) -> list[str]:
     return problems
 
 
-def verify(path: str, cert_pem: bytes | None = None) -> list[str]:
-    """Problems with a transcript (empty: the digest, every output's SHA-256 and the signature check out)."""
+def expected_detail(tr: dict[str, Any]) -> str | None:
+    """The detail the Factory wrote in the ceremony's audit record, recomputed from the transcript."""
+    from policy import audit as A
+    try:
+        b = tr["audit_binding"]
+        digest = A.ceremony_binding_digest((b["begin"]["seq"], b["begin"]["hash"]),
+                                           [(w["name"], w["seq"], w["hash"]) for w in b["witnesses"]],
+                                           [(o[0], o[1]) for o in b["operations"]])
+        return f"transcript sha256={tr.get('transcript_sha256')} begin={b['begin']['seq']} bindings sha256={digest}"
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
+def verify_binding(tr: dict[str, Any]) -> list[str]:
+    """The transcript agrees with its own bindings: the witnesses are the officers present and approve
+    each step, the operations are the steps' audit records, and each step done left its record."""
+    b = tr.get("audit_binding")
+    if not isinstance(b, dict):
+        return ["the transcript is not bound to audit records and witnesses"]
+    problems = []
+    try:
+        names = [w["name"] for w in b["witnesses"]]
+        if sorted(names) != sorted(o["name"] for o in tr["officers_present"]):
+            problems.append("the officers present are not the witnesses who authenticated during the ceremony")
+        if len(names) < tr["quorum"]:
+            problems.append(f"{len(names)} authenticated witnesses, quorum {tr['quorum']}")
+        steps = tr["steps"]
+        if [list(o) for o in b["operations"]] != [[r["seq"], r["hash"]] for s in steps for r in s.get("audit", [])]:
+            problems.append("the bound operations are not the steps' audit records")
+        for s in steps:
+            if not set(s["witnesses"]) <= set(names):
+                problems.append(f"step {s['n']}: approved by officers who did not witness the ceremony")
+            want = STEP_RECORDS.get(s["action"])
+            if s["outcome"] == "done" and want is not None:
+                p = s["params"]
+                st = SimpleNamespace(name=p.get("name"), parent=p.get("parent"), ca=p.get("ca"))
+                if not any(r["action"] == want[0] and r["outcome"] == "ok" and want[1](st, r["object"]) for r in s.get("audit", [])):
+                    problems.append(f"step {s['n']} ({s['action']}): no audit record of its operation")
+    except (KeyError, TypeError, ValueError) as e:
+        problems.append(f"malformed audit bindings: {e}")
+    return problems
+
+
+def verify_log(tr: dict[str, Any], log: bytes, cert_pem: bytes | None) -> list[str]:
+    """The records the transcript names are in the exported audit log, unchanged, in the ceremony's
+    window, made by whom and for what the transcript says; and the log itself verifies."""
+    from policy import audit as A
+    try:
+        entries = [json.loads(x) for x in log.splitlines() if x.strip()]
+        _, problem = A.verify_export(entries, A.load_cert(cert_pem) if cert_pem else None)
+    except (ValueError, TypeError) as e:
+        return [f"audit log: {e}"]
+    if problem:
+        return [f"audit log: {problem}"]
+    recs = {e["seq"]: e for e in entries if e.get("type", "record") == "record"}
+    b, sig = tr["audit_binding"], tr.get("signature") or {}
+    begin = b["begin"]["seq"]
+    end = (sig.get("record") or {}).get("seq")
+    problems = []
+
+    def check(seq, h, what, **want):
+        r = recs.get(seq)
+        if r is None or r["hash"] != h:
+            problems.append(f"audit log: {what} (seq {seq}) is not in the log with that hash")
+            return
+        for k, v in want.items():
+            if (not r[k].startswith(v[:-1])) if v.endswith("*") else r[k] != v:
+                problems.append(f"audit log: {what} (seq {seq}) has {k} {r[k]!r}")
+        if what not in ("the ceremony opening", "the transcript's own record") and not (begin < seq and (end is None or seq < end)):
+            problems.append(f"audit log: {what} (seq {seq}) is outside the ceremony")
+
+    check(begin, b["begin"]["hash"], "the ceremony opening", action="ceremony-begin", object=tr["ceremony"])
+    for w in b["witnesses"]:
+        check(w["seq"], w["hash"], f"witness {w['name']}", action="ceremony-witness", object=f"ceremony#{begin}",
+              actor=f"officer:{w['name']} *")
+    for s in tr["steps"]:
+        for r in s.get("audit", []):
+            check(r["seq"], r["hash"], f"step {s['n']} record", action=r["action"], object=r["object"],
+                  actor=f"officer:{r['officer']} *")
+    if end is not None:
+        check(end, sig["record"]["hash"], "the transcript's own record", action="ceremony")
+    return problems
+
+
+def verify(path: str, cert_pem: bytes | None = None, audit_log: bytes | None = None) -> list[str]:
+    """Problems with a transcript (empty: the digest, every output's SHA-256, the signature and the audit
+    bindings check out; with `audit_log`, every bound record is in that exported log too)."""
     try:
         with open(path, "rb") as f:
             tr = json.loads(f.read())
@@ -402,7 +515,9 @@ def verify(path: str, cert_pem: bytes | None = None) -> list[str]:
         return [f"{path}: cannot read a transcript: {e}"]
     problems = []
     if tr.get("format") != FORMAT:
-        problems.append(f"unknown format {tr.get('format')!r}")
+        problems.append(f"unknown format {tr.get('format')!r}" + (": made before transcripts were bound to audit records and "
+                        "authenticated witnesses, it proves nothing about them" if tr.get("format") == "donjon-ceremony-transcript/1" else ""))
+        return problems
     body = {k: v for k, v in tr.items() if k not in ("transcript_sha256", "signature")}
     digest = hashlib.sha256(canonical(body)).hexdigest()
     if digest != tr.get("transcript_sha256"):
@@ -419,6 +534,9 @@ def verify(path: str, cert_pem: bytes | None = None) -> list[str]:
         elif sha256_file(p) != o["sha256"]:
             problems.append(f"{o['file']}: SHA-256 differs from the transcript")
     problems += verify_signature(tr, cert_pem)
+    problems += verify_binding(tr)
+    if audit_log is not None and not problems:
+        problems += verify_log(tr, audit_log, cert_pem)
     return problems
 
 

@@ -64,6 +64,8 @@ class Session:
 
     @property
     def client(self) -> AdminClient:
+        if self._client is not None and self.token is None and self._client.dropped():
+            self.reset()  # idle too long without a session (e.g. at the PIN prompt): a new connection
         if self._client is None:
             self._client = _connect(self.home, self.token)
         return self._client

@@ -23,11 +23,69 @@ from .service import Factory, FactoryError, _log
 
 SO_PEERGROUPS = 59
 MAX_ADMIN_CONNECTIONS = 64
+# Idle connections must not starve the admin socket: a peer sends its Hello within HANDSHAKE_SECONDS,
+# a connection without an officer session sends each request within IDLE_SECONDS, and one process
+# (pid) or one non-root user (uid) holds only so many connections; beyond, new ones are closed at once.
+# Root and the other members of the admin group draw on separate totals: no member can starve root.
+HANDSHAKE_SECONDS = 5.0
+IDLE_SECONDS = 120.0
+MAX_PER_PID = 16  # a ceremony holds one connection per officer present
+MAX_PER_UID = 16
+
+
+def peer_ids(sock: socket.socket) -> tuple[int, int, int]:
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid, uid, gid
+
+
+class AdminGate:
+    """Connection accounting for the admin socket: caps per pid, per non-root uid, and a total for root
+    and another for everyone else (root is the appliance's own operator account: never starved by a
+    member of the admin group)."""
+
+    def __init__(self, total: int = MAX_ADMIN_CONNECTIONS, per_pid: int = MAX_PER_PID, per_uid: int = MAX_PER_UID):
+        self.total, self.per_pid, self.per_uid = total, per_pid, per_uid
+        self.n = 0
+        self.pools = {True: 0, False: 0}  # root?, open connections
+        self.pids: dict[int, int] = {}
+        self.uids: dict[int, int] = {}
+        self.warned: set[int] = set()
+
+    def admit(self, pid: int, uid: int) -> str | None:
+        """None when admitted (call release later), else why the connection is closed."""
+        if self.pools[uid == 0] >= self.total:
+            return f"{self.total} admin connections open" + (" by root" if uid == 0 else " by members of the admin group")
+        if self.pids.get(pid, 0) >= self.per_pid:
+            return f"{self.per_pid} connections from pid {pid}"
+        if uid != 0 and self.uids.get(uid, 0) >= self.per_uid:
+            return f"{self.per_uid} connections from uid {uid}"
+        self.n += 1
+        self.pools[uid == 0] += 1
+        self.pids[pid] = self.pids.get(pid, 0) + 1
+        self.uids[uid] = self.uids.get(uid, 0) + 1
+        return None
+
+    def release(self, pid: int, uid: int) -> None:
+        self.n -= 1
+        self.pools[uid == 0] -= 1
+        for d, k in ((self.pids, pid), (self.uids, uid)):
+            d[k] -= 1
+            if not d[k]:
+                del d[k]
+        if uid not in self.uids:
+            self.warned.discard(uid)
+
+    def warn_once(self, uid: int) -> bool:
+        """Log a refusal once per burst of one user, not once per connection (a flood must not flood the log)."""
+        if uid in self.warned:
+            return False
+        self.warned.add(uid)
+        return True
 
 
 def peer_allowed(sock: socket.socket, cfg: S.FactoryConfig) -> tuple[bool, str]:
     """The admin socket admits root, the developer-mode owner, and members of the admin group."""
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    pid, uid, gid = peer_ids(sock)
     who = f"uid={uid} pid={pid}"
     if uid == 0 or (cfg.dev_uid is not None and uid == cfg.dev_uid):
         return True, who
@@ -47,15 +105,24 @@ def peer_allowed(sock: socket.socket, cfg: S.FactoryConfig) -> tuple[bool, str]:
 async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
     sock = stream.socket
     ok, who = peer_allowed(sock, f.cfg)  # type: ignore[arg-type]
-    conn = Conn(who)
+    conn = Conn(who, uid=peer_ids(sock)[1])  # type: ignore[arg-type]
     chan = Channel(stream, "admin", S.AdminRequest)
     try:
         if not ok:
             await f.audit(conn.actor, "connect", "admin-socket", "refused", "not root, owner or admin group")
             return
-        await chan.handshake()
+        with trio.move_on_after(HANDSHAKE_SECONDS) as hs:
+            await chan.handshake()
+        if hs.cancelled_caught:
+            return  # a peer that does not say Hello in time holds no slot
         while True:
-            req = await chan.recv()
+            if conn.session is None:
+                with trio.move_on_after(IDLE_SECONDS) as idle:
+                    req = await chan.recv()
+                if idle.cancelled_caught:
+                    return
+            else:
+                req = await chan.recv()
             if isinstance(req, S.Hello):
                 raise ProtocolViolation("second Hello")
             try:
@@ -117,6 +184,20 @@ async def dispatch(chan: Channel, req, f: Factory, conn: Conn) -> None:
         await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
     elif isinstance(req, S.ALogin):
         await reply(**await f.officers.login(conn, req))
+    elif isinstance(req, (S.ACeremonyBegin, S.ACeremonyWitness, S.ACeremonyRecords, S.ACeremonyRecord)):
+        # Bound to this connection's session (its login, its officer): never filed for dual control.
+        from . import ceremonies as C
+
+        if isinstance(req, S.ACeremonyBegin):
+            await reply(**await C.ceremony_begin(f, conn, req.ceremony))
+        elif isinstance(req, S.ACeremonyWitness):
+            await reply(**await C.ceremony_witness(f, conn, req.ceremony_seq))
+        elif isinstance(req, S.ACeremonyRecords):
+            await reply(**await C.ceremony_records(f, conn, req.ceremony_seq))
+        else:
+            await reply(**await C.ceremony_record(f, conn, req))
+    elif isinstance(req, S.AOfficerUnlockShares):
+        await reply(**await f.officers.unlock_shares(conn, req))
     elif isinstance(req, S.AResume):
         await reply(**await f.officers.resume(conn, req.token))
     elif isinstance(req, S.ALogout):
@@ -206,9 +287,6 @@ async def perform(req, f: Factory, actor: str) -> dict:
         await f.audit(actor, "shutdown", "appliance", "ok", "requested through the admin API")
         await f.send_event(S.Event(kind="shutdown-requested", detail=actor))
         return {"stopping": True}
-    if isinstance(req, S.ACeremonyRecord):
-        from .ceremonies import ceremony_record
-        return await ceremony_record(f, actor, req.ceremony, req.transcript_sha256)
     raise FactoryError("bad-request", f"unsupported request {type(req).__name__}")
 
 
@@ -299,11 +377,20 @@ async def main(fds: dict[str, int], drop) -> None:
             start_endpoint(fds[key], "ocsp" + key[len("factory-ocsp"):])  # factory-ocsp.1 -> ocsp.1
         if admin_sock is not None:
             listener = trio.SocketListener(trio.socket.from_stdlib_socket(admin_sock))
-            limiter = trio.CapacityLimiter(MAX_ADMIN_CONNECTIONS)
+            gate = AdminGate()
 
             async def serve_one(stream):
-                async with limiter:
+                pid, uid, _ = peer_ids(stream.socket)  # type: ignore[arg-type]
+                why = gate.admit(pid, uid)
+                if why is not None:  # closed at once, never queued behind idle connections
+                    if gate.warn_once(uid):
+                        _log(f"admin socket: refusing connections of uid={uid} pid={pid}: {why}")
+                    await stream.aclose()
+                    return
+                try:
                     await handle_admin(stream, f)
+                finally:
+                    gate.release(pid, uid)
             n.start_soon(trio.serve_listeners, serve_one, [listener])
         await sup.send(S.Ready(role="factory", pid=os.getpid()))
         while True:

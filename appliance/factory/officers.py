@@ -1,4 +1,4 @@
-"""Officers: password and TOTP checks, lockout, sessions, the one permission table, and dual control."""
+"""Officers: password and TOTP checks, per-peer slow-down, break-glass unlock, sessions, the permission table, dual control."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 import time
@@ -32,6 +33,7 @@ PUBLIC = None  # no session needed: activation is authorised by the PIN or the s
 # refused to everyone (fail closed). Checked for every admin request before it is dispatched.
 PERMISSIONS: dict[str, frozenset[str] | None] = {
     "status": PUBLIC, "activate": PUBLIC, "activate-shares": PUBLIC, "login": PUBLIC, "resume": PUBLIC, "logout": PUBLIC,
+    "officer-unlock-shares": PUBLIC,  # break-glass: authorised by a quorum of activation shares, not by an officer
     "ca-list": PUBLIC,  # CA names and certificate summaries: public data (the endpoint serves the certificates)
     "ca-show": ANY, "ca-export": ANY, "cert-show": ANY, "cert-list": ANY, "crl-export": ANY,
     "ocsp-status": ANY, "pending-list": ANY, "approve": ANY, "audit-cert": ANY, "audit-checkpoint": ANY,
@@ -46,6 +48,7 @@ PERMISSIONS: dict[str, frozenset[str] | None] = {
     "ocsp-tenant-csr": ADMIN, "ocsp-tenant-crl": OPER, "ocsp-tenant-serials": OPER,
     # console, ceremonies, backup
     "ca-create-root": OPER, "ceremony-record": ANY, "backup": ADMIN, "shutdown-request": ADMIN,
+    "ceremony-begin": ANY, "ceremony-witness": ANY, "ceremony-records": ANY,
 }
 SELF_SERVICE = {"officer-passwd", "officer-totp"}  # an officer may also do these to their own account
 
@@ -55,6 +58,13 @@ GUARDED = {"ca-create": "ca-create", "ca-create-root": "ca-create", "ca-sign-csr
 
 ARGON = {"m": 47104, "t": 1, "p": 1}  # OWASP's first Argon2id setting: 46 MiB, one pass
 TOTP_STEP = 30
+# At most this many Argon2id runs at once, whoever asks: each takes 46 MiB, and 40 parallel failed
+# logins once took the Factory (whose death stops the appliance) from 105 MB to 1.58 GB.
+KDF_CONCURRENCY = 2
+# After max_login_failures consecutive failures from one peer (uid), its next attempt waits 1 s after
+# the last failure, then 2, 4, ... up to this; a stranger slows down himself, never locks an account.
+MAX_PEER_DELAY = 900
+REFUSED = "login refused: wrong officer name, password or code"  # the one answer, whatever was wrong
 
 
 def tag_of(req) -> str:
@@ -136,6 +146,7 @@ class Session:
     token_hash: bytes
     created: float
     last_used: float
+    login_seq: int = 0  # the audit record of the login: a ceremony checks its witnesses logged in during it
 
 
 @dataclass
@@ -144,6 +155,7 @@ class Conn:
 
     who: str
     session: Session | None = None
+    uid: int = -1  # SO_PEERCRED: failed logins are slowed down per peer user
 
     @property
     def actor(self) -> str:
@@ -151,9 +163,27 @@ class Conn:
 
 
 @dataclass
+class Peer:
+    """Failed logins of one peer user, and the lock that runs its logins one at a time (so that parallel
+    attempts cannot outrun the slow-down)."""
+
+    failures: int = 0
+    last: float = 0.0
+    noted: float = -1.0  # the wait window already audited (one record per window, not per attempt)
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def wait(self, free: int, now: float) -> float:
+        if self.failures < free:
+            return 0.0
+        return max(0.0, self.last + min(2.0 ** (self.failures - free), MAX_PEER_DELAY) - now)
+
+
+@dataclass
 class Officers:
     f: Factory
     sessions: dict[bytes, Session] = field(default_factory=dict)
+    peers: dict[int, Peer] = field(default_factory=dict)
+    kdf: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(KDF_CONCURRENCY))
 
     @property
     def cfg(self) -> S.FactoryConfig:
@@ -179,20 +209,43 @@ class Officers:
                 del self.sessions[h]
 
     async def login(self, conn: Conn, req: S.ALogin) -> dict[str, Any]:
+        self.f._require_active()
+        peer = self.peers.setdefault(conn.uid, Peer())
+        async with peer.lock:
+            wait = peer.wait(self.cfg.max_login_failures, time.monotonic())
+            if wait > 0:
+                if peer.noted != peer.last:
+                    peer.noted = peer.last
+                    await self.f.audit(f"login:{req.officer} {conn.who}", "login", req.officer, "refused",
+                                       f"peer slowed down after {peer.failures} failed logins: {math.ceil(wait)} s to wait")
+                raise FactoryError("auth", f"login refused: too many failed logins from this user: try again in {math.ceil(wait)} s")
+            try:
+                result = await self._login(conn, req)
+            except FactoryError as e:
+                if e.reason == REFUSED:
+                    peer.failures += 1
+                    peer.last = time.monotonic()
+                raise
+            peer.failures = 0
+            return result
+
+    async def _login(self, conn: Conn, req: S.ALogin) -> dict[str, Any]:
         db = self.f._require_active()
         name = req.officer
         actor = f"login:{name} {conn.who}"
         row = await self.f.run_db(lambda: db.db.execute(
             "SELECT roles, pwhash, totp, totp_last, failures, locked FROM officers WHERE name=?", (name,)).fetchone())
+        # Unknown, locked or wrong: the same KDF time and the same answer, so that names cannot be probed.
         if row is None:
-            await trio.to_thread.run_sync(dummy_check, req.password)
+            await trio.to_thread.run_sync(dummy_check, req.password, limiter=self.kdf)
             await self.f.audit(actor, "login", name, "refused", "no such officer")
-            raise FactoryError("auth", "login refused: wrong officer name, password or code")
+            raise FactoryError("auth", REFUSED)
         roles, pwhash, totp, totp_last, failures, locked = row
         if locked:
+            await trio.to_thread.run_sync(dummy_check, req.password, limiter=self.kdf)
             await self.f.audit(actor, "login", name, "refused", "officer locked out")
-            raise FactoryError("auth", f"officer {name!r} is locked out after repeated failures: an administrator must unlock it")
-        ok = await trio.to_thread.run_sync(check_password, pwhash, req.password)
+            raise FactoryError("auth", REFUSED)
+        ok = await trio.to_thread.run_sync(check_password, pwhash, req.password, limiter=self.kdf)
         step = None
         why = "wrong password"
         if ok and totp is not None:
@@ -207,26 +260,22 @@ class Officers:
                 with db.tx():
                     db.db.execute("UPDATE officers SET failures = failures + 1 WHERE name=?", (name,))
                     n = db.db.execute("SELECT failures FROM officers WHERE name=?", (name,)).fetchone()[0]
-                    db.audit(actor, "login", name, "refused", f"{why} (failure {n} of {limit})")
-                    if n >= limit:
-                        db.db.execute("UPDATE officers SET locked = 1 WHERE name=?", (name,))
-                        db.audit("factory", "lockout", name, "locked", f"{n} consecutive failed logins")
+                    db.audit(actor, "login", name, "refused", f"{why} (consecutive failure {n} on this account)")
                     return n
             n = await self.f.run_db(fail)
-            if n >= limit:
-                self.end_sessions(name)
-                await self.f.send_event(S.Event(kind="login-lockout", detail=f"officer {name} locked after {n} failed logins"))
-            raise FactoryError("auth", "login refused: wrong officer name, password or code")
+            if n == limit:  # an alert, not a lockout: whoever tries is slowed down, the account stays usable
+                await self.f.send_event(S.Event(kind="login-lockout", detail=f"officer {name} has {n} consecutive failed logins (no lockout: the peers are slowed down)"))
+            raise FactoryError("auth", REFUSED)
         token = secrets.token_urlsafe(32)
         th = hashlib.sha256(token.encode()).digest()
 
         def good():
             with db.tx():
                 db.db.execute("UPDATE officers SET failures = 0, totp_last = max(totp_last, ?) WHERE name=?", (step or 0, name))
-                db.audit(actor, "login", name, "ok", roles)
-        await self.f.run_db(good)
+                return db.audit(actor, "login", name, "ok", roles)
+        login_seq = await self.f.run_db(good)
         now = time.monotonic()
-        s = Session(name, frozenset(roles.split(",")), th, now, now)
+        s = Session(name, frozenset(roles.split(",")), th, now, now, login_seq)
         self.sessions[th] = s
         conn.session = s
         return {"token": token, "officer": name, "roles": sorted(s.roles), "idle_seconds": self.cfg.session_idle_seconds}
@@ -295,7 +344,7 @@ class Officers:
         db = self.f._require_active()
         roles = check_roles(req.roles)
         check_new_password(req.password)
-        pw = await trio.to_thread.run_sync(hash_password, req.password)
+        pw = await trio.to_thread.run_sync(hash_password, req.password, limiter=self.kdf)
         now = int(time.time())
 
         def w():
@@ -340,7 +389,7 @@ class Officers:
 
     async def passwd(self, name: str, password: str, actor: str) -> dict[str, Any]:
         check_new_password(password)
-        pw = await trio.to_thread.run_sync(hash_password, password)
+        pw = await trio.to_thread.run_sync(hash_password, password, limiter=self.kdf)
         await self._update(name, "officer-passwd", actor, "UPDATE officers SET pwhash=?, changed=? WHERE name=?",
                            (pw, int(time.time()), name))
         return {"name": name, "password": "changed"}
@@ -348,6 +397,29 @@ class Officers:
     async def unlock(self, name: str, actor: str) -> dict[str, Any]:
         await self._update(name, "officer-unlock", actor, "UPDATE officers SET locked=0, failures=0 WHERE name=?", (name,))
         return {"name": name, "locked": False}
+
+    async def unlock_shares(self, conn: Conn, req: S.AOfficerUnlockShares) -> dict[str, Any]:
+        """Break-glass: a quorum of activation shares (the custodians, not an officer) unlocks an officer,
+        and may set a new password, when no administrator can log in. Audited; every peer's slow-down ends."""
+        self.f._require_active()
+        actor = f"break-glass:quorum-of-shares {conn.who}"
+        try:
+            self.f.check_shares(req.shares, conn.uid)
+        except FactoryError as e:
+            await self.f.audit(actor, "officer-unlock", req.name, "refused", f"break-glass: {e.reason}")
+            raise
+        pw = None
+        if req.password is not None:
+            check_new_password(req.password)
+            pw = await trio.to_thread.run_sync(hash_password, req.password, limiter=self.kdf)
+        sql = "UPDATE officers SET locked=0, failures=0" + (", pwhash=?, changed=?" if pw else "") + " WHERE name=?"
+        args = (pw, int(time.time()), req.name) if pw else (req.name,)
+        await self._update(req.name, "officer-unlock", actor, sql, args,
+                           "break-glass: authorised by a quorum of activation shares" + ("; new password set" if pw else ""))
+        if pw:
+            self.end_sessions(req.name)
+        self.peers.clear()
+        return {"name": req.name, "locked": False, "password": "changed" if pw else "unchanged"}
 
     async def totp(self, name: str, enable: bool, actor: str) -> dict[str, Any]:
         secret = os.urandom(20) if enable else None

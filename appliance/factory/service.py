@@ -7,6 +7,7 @@ WAL snapshot connection so that issuance keeps committing while a large CRL stre
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import secrets
 import sys
@@ -95,6 +96,11 @@ class Factory:
         self.db_limiter = trio.CapacityLimiter(1)
         self.reader_limiter = trio.CapacityLimiter(1)
         self._activating = trio.Lock()
+        # The activation PIN, as a MAC under a key that never leaves this process: break-glass requests
+        # prove a quorum of shares against it without another token login. Bad share sets are counted.
+        self._pin_key = secrets.token_bytes(32)
+        self._pin_mac: bytes | None = None
+        self._share_failures: dict[int, list[float]] = {}  # per peer uid: a stranger locks out only himself
         self._pending: list[_Pending] = []
         self._wake = trio.Event()
         self._crl_locks: dict[str, trio.Lock] = {}
@@ -178,6 +184,28 @@ class Factory:
             raise FactoryError("auth", f"activation refused: {e.message}") from None
         return await self.activate(pin, actor + " (quorum of shares)")
 
+    def check_shares(self, shares: list[str], uid: int) -> None:
+        """Refuse (FactoryError) unless these shares combine to the PIN this appliance was activated with;
+        after activation.max-failures bad sets from one peer user in a lockout period, refuse its sets
+        for that period (others' are still heard: a stranger cannot block the custodians)."""
+        from policy import shamir
+        from policy.errors import PolicyError
+        now = time.monotonic()
+        failed = [t for t in self._share_failures.get(uid, []) if now - t < self.cfg.activation_lockout_seconds]
+        self._share_failures[uid] = failed
+        if len(failed) >= self.cfg.activation_max_failures:
+            wait = failed[0] + self.cfg.activation_lockout_seconds - now
+            raise FactoryError("auth", f"refused after {len(failed)} bad share sets from this user: try again in {int(wait) + 1} s")
+        try:
+            pin = shamir.combine_pin(list(shares))
+        except PolicyError as e:
+            if e.rule == "combine":
+                failed.append(now)
+            raise FactoryError("auth", f"refused: {e.message}") from None
+        if self._pin_mac is None or not hmac.compare_digest(self._pin_mac, hmac.new(self._pin_key, pin.encode(), "sha256").digest()):
+            failed.append(now)
+            raise FactoryError("auth", "refused: these shares do not give this appliance's activation PIN")
+
     async def activate(self, pin: str, actor: str) -> dict[str, Any]:
         async with self._activating:
             if self.db is not None:
@@ -229,6 +257,7 @@ class Factory:
                             self.db.audit(str(who), "activate", "appliance", "refused", str(why), ts=int(ts))
                 await self.run_db(record)
                 os.unlink(self._failures_path())
+            self._pin_mac = hmac.new(self._pin_key, pin.encode(), "sha256").digest()
             await self.audit(actor, "activate", "appliance", "ok", reply.token)
             await self.send_event(S.Event(kind="activated", detail=f"CMDB open; {voided} stale intents voided"))
             return {"activated": True, "token": reply.token, "voided_intents": voided}

@@ -970,6 +970,16 @@ class AOfficerUnlock(_Msg, tag="officer-unlock"):
     name: Name
 
 
+class AOfficerUnlockShares(_Msg, tag="officer-unlock-shares"):
+    """Break-glass: unlock an officer (and optionally set a new password) on the authority of a quorum of
+    activation shares, when no administrator can log in to do it."""
+
+    id: ReqId
+    name: Name
+    shares: Annotated[list[ShareText], msgspec.Meta(min_length=1, max_length=16)]
+    password: Password | None = None
+
+
 class AOfficerTotp(_Msg, tag="officer-totp"):
     """Turn the TOTP second factor on (reply: secret, otpauth URI) or off."""
 
@@ -1038,13 +1048,44 @@ class ABackup(_Msg, tag="backup"):
     id: ReqId
 
 
+class ACeremonyBegin(_Msg, tag="ceremony-begin"):
+    """Open a ceremony: an audit record whose seq identifies it; its window starts at this session's login."""
+
+    id: ReqId
+    ceremony: Name
+
+
+class ACeremonyWitness(_Msg, tag="ceremony-witness"):
+    """This session's officer, logged in during the ceremony, witnesses it (an audit record of their own)."""
+
+    id: ReqId
+    ceremony_seq: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ACeremonyRecords(_Msg, tag="ceremony-records"):
+    """The audit records (seq, hash, action, object, outcome) the ceremony's witnesses made since it began."""
+
+    id: ReqId
+    ceremony_seq: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class CeremonyOperation(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    seq: Annotated[int, msgspec.Meta(ge=1)]
+    hash: Digest
+
+
 class ACeremonyRecord(_Msg, tag="ceremony-record"):
-    """Write a ceremony transcript's digest into the audit chain and have the audit key sign a checkpoint
-    of exactly that record. Reply: the record, the signed checkpoint, the audit certificate (PEM)."""
+    """Write a ceremony transcript's digest into the audit chain, bound to the ceremony's opening record,
+    its witnesses' records and the audit records of its operations (all checked by the Factory), and
+    have the audit key sign a checkpoint of exactly that record. Reply: the record, the signed
+    checkpoint, the audit certificate (PEM), the bindings."""
 
     id: ReqId
     ceremony: Name
     transcript_sha256: Digest
+    ceremony_seq: Annotated[int, msgspec.Meta(ge=1)]
+    witnesses: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=32)]
+    operations: Annotated[list[CeremonyOperation], msgspec.Meta(max_length=4096)] = []
 
 
 AdminRequest = Union[
@@ -1054,8 +1095,8 @@ AdminRequest = Union[
     AOcspTenantAdd, AOcspTenantUpdate, AOcspTenantRemove, AOcspTenantList, AOcspTenantCsr, AOcspTenantCrl,
     AOcspTenantSerials,
     ALogin, AResume, ALogout, AOfficerAdd, AOfficerList, AOfficerRemove, AOfficerPasswd, AOfficerUnlock, AOfficerTotp,
-    APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
-    ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord,
+    AOfficerUnlockShares, APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
+    ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, ACeremonyBegin, ACeremonyWitness, ACeremonyRecords,
 ]
 
 

@@ -163,4 +163,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (2, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "290fc03efdf5bcbcbde08e4483e510f2b9a5d895e8c13ffd5c96ed7f27acdcaa"
+PINNED_SCHEMA_HASH = "261d05d4834eeef92c5476384e3cb9223612d8f7f73e6dc428af50941dcc52cf"
