@@ -248,7 +248,8 @@ async def main(fds: dict[str, int], drop) -> None:
                 _log(f"tenant {t.name}: responder not usable: {e}")
     feed_state = Feed()
     endpoint = Endpoint(st, HttpConfig(max_connections=cfg.max_connections, read_timeout=cfg.read_timeout,
-                                       max_age=cfg.max_age), stats, live=live, tenants=tn, push=feed_state.push_crl,
+                                       max_age=cfg.max_age, max_per_source=cfg.max_per_source,
+                                       head_timeout=cfg.head_timeout), stats, live=live, tenants=tn, push=feed_state.push_crl,
                         unissued_default=cfg.unissued_default, unissued=dict(cfg.unissued))
     drop()
     await sup.send(S.Ready(role="ocsp", pid=os.getpid()))
