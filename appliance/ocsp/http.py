@@ -12,10 +12,13 @@ exception becomes a 500 with a fixed body, and no exception text is ever sent.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import ipaddress
+import os
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +39,9 @@ BODY_CAP = 8 * 1024
 CHUNK = 64 * 1024
 FAST_READ = 16 * 1024  # a request is a few hundred bytes: a smaller read buffer costs less per call
 DRAIN_LIMIT = 256 * 1024  # bytes read and dropped while closing gracefully
+# ... in small reads: trio holds what a read returned across a scheduling round, and a thousand
+# connections refused in a burst, each draining 64 KiB at a time, held 64 MiB between them.
+DRAIN_READ = 4 * 1024
 DRAIN_TIME = 1.0
 
 _CA_PATH = re.compile(rb"^/(crl|ca)/([A-Za-z0-9][A-Za-z0-9._-]{0,63})\.(crl|crt)$")
@@ -48,6 +54,8 @@ PUSH_TIMEOUT = 30.0
 INFLIGHT_CAP = 32 * 1024 * 1024
 HEAD_TIMEOUT = 5.0  # seconds from the connection (or the previous answer) to a complete request head
 MAX_PER_SOURCE = 64  # concurrent connections from one IPv4 address or IPv6 /64
+ACCEPT_BATCH = 256  # connections accepted per wake-up before the others run again
+_ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 OCSP_REQUEST = b"application/ocsp-request"
 OCSP_RESPONSE = b"application/ocsp-response"
 
@@ -247,7 +255,7 @@ class Endpoint:
             return _plain(503, close=True)
         return None
 
-    async def tenant_push(self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes) -> Reply:
+    async def tenant_push(self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes | bytearray) -> Reply:
         """PUT/POST /tenant/<name>/crl, once its body is read: the CRL itself is verified by the
         Factory, whose one-line verdict is the answer."""
         refusal = self.tenant_refusal(method, target, headers)  # already passed before the body: cheap
@@ -309,18 +317,59 @@ class Endpoint:
 
     # ---------------------------------------------------------------- connections (trio)
 
-    async def serve(self, listener: trio.abc.Listener, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        await trio.serve_listeners(self.serve_connection, [listener], task_status=task_status)
+    async def serve(self, listener: trio.SocketListener, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept in batches and refuse an over-limit connection right here, before it costs a task:
+        a flood that reconnects as fast as it is closed must not fill the accept queue in front of
+        everyone else (the queue is FIFO: a normal client waits behind all of it)."""
+        lsock = socket.socket(fileno=os.dup(listener.socket.fileno()))  # a plain socket: accept() without a checkpoint each
+        lsock.setblocking(False)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    await trio.lowlevel.wait_readable(lsock)
+                    for _ in range(ACCEPT_BATCH):
+                        try:
+                            conn, peer = lsock.accept()
+                        except BlockingIOError:
+                            break
+                        except OSError as e:
+                            if e.errno in _ACCEPT_CAPACITY:  # out of descriptors or memory: let connections end
+                                await trio.sleep(0.1)
+                            break  # ECONNABORTED and the like: the next poll
+                        conn.setblocking(False)
+                        try:
+                            if conn.recv(1, socket.MSG_PEEK) == b"":  # closed by the client already: costs nothing
+                                conn.close()
+                                continue
+                        except BlockingIOError:
+                            pass  # open, nothing sent yet
+                        except OSError:
+                            conn.close()  # reset by the client
+                            continue
+                        src = source_key(peer[0]) if isinstance(peer, tuple) else b""
+                        nursery.start_soon(self.serve_connection, conn, src)
+        finally:
+            lsock.close()
+            await trio.aclose_forcefully(listener)  # as trio.serve_listeners does
 
-    async def serve_connection(self, stream: trio.SocketStream) -> None:
-        src = _source(stream)
-        n = self.sources.get(src, 0) if src is not None else 0
-        if src is None or self.active >= self.cfg.max_connections or n >= self.cfg.max_per_source:
-            self._refused(src is not None and n >= self.cfg.max_per_source)
-            await trio.aclose_forcefully(stream)  # over a limit: closed at once, nothing read
+    async def serve_connection(self, conn: socket.socket, src: bytes) -> None:
+        """One accepted connection: over a limit, closed at once with nothing read (the limits are
+        checked here, once the connections that ended before it have been counted out)."""
+        for _ in range(3):
+            n = self.sources.get(src, 0)
+            if self.active < self.cfg.max_connections and n < self.cfg.max_per_source:
+                break
+            # Connections accepted in the same batch that the client had already closed end within
+            # a scheduling round or two: let them be counted out before refusing this one.
+            await trio.lowlevel.checkpoint()
+        else:
+            self._refused(n >= self.cfg.max_per_source)
+            conn.close()
             return
         self.active += 1
         self.sources[src] = n + 1
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
         held = _Held()
         try:
             await self._connection(stream, held)
@@ -450,7 +499,7 @@ class Endpoint:
             self._reserve(held, length)
             scope.deadline = start + self.cfg.read_timeout  # the head is in: the body has what is left
         while len(buf) < begin + length:
-            data = await stream.receive_some(CHUNK)
+            data = await stream.receive_some(FAST_READ)
             if not data:
                 return _FALLBACK  # h11 sees the truncated body and the close
             buf += data
@@ -484,7 +533,7 @@ class Endpoint:
                 if req.target.startswith(b"/tenant/"):
                     reply = await self.tenant_push(req.method, req.target, headers, body)
                 else:
-                    reply = self.route(req.method, req.target, headers, body)
+                    reply = self.route(req.method, req.target, headers, bytes(body))  # a few KiB at most
             except Exception as e:  # noqa: BLE001 - mapped to 500, never shown
                 self.stats.errors += 1
                 print(f"donjon[ocsp]: handler error: {type(e).__name__}", file=sys.stderr, flush=True)
@@ -505,14 +554,16 @@ class Endpoint:
         req = None
         headers: dict[bytes, bytes] = {}
         body = bytearray()
+        got = 0
         cap = 0
         while True:
             ev = conn.next_event()
             if ev is h11.NEED_DATA:
                 if conn.they_are_waiting_for_100_continue:
                     await self._send(stream, conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-                # While the head is incomplete, small reads: what comes after it is not read before its route allows it.
-                data = await stream.receive_some(CHUNK if req is not None else FAST_READ)
+                # Small reads but for a push's admitted body: what follows a head is not read before its
+                # route allows it, and a read is held across a scheduling round (see DRAIN_READ).
+                data = await stream.receive_some(CHUNK if cap > CHUNK else FAST_READ)
                 conn.receive_data(data)
                 del data
                 continue
@@ -534,15 +585,19 @@ class Endpoint:
                     raise _Fail(413)
                 if declared:
                     self._reserve(held, declared)
+                    body = bytearray(declared)  # filled in place: a growing buffer would be copied as it grows
                 scope.deadline = start + self.cfg.read_timeout  # the head is in: the body has what is left
             elif isinstance(ev, h11.Data):
-                body += ev.data
-                if len(body) > cap:
+                end = got + len(ev.data)
+                if end > cap:
                     raise _Fail(413)
-                if len(body) > held.n:  # a chunked body: counted as it arrives
-                    self._reserve(held, len(body) - held.n)
+                if end > held.n:  # a chunked body: counted as it arrives
+                    self._reserve(held, end - held.n)
+                body[got:end] = ev.data
+                got = end
             elif isinstance(ev, h11.EndOfMessage):
-                return req, headers, bytes(body)
+                del body[got:]  # nothing, unless the client closed early (h11 then raises first)
+                return req, headers, body  # not copied: a push's body is held once
 
     async def _respond(self, conn: h11.Connection, stream, reply: Reply, head: bool = False) -> None:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -574,7 +629,7 @@ class Endpoint:
             with trio.move_on_after(DRAIN_TIME):
                 dropped = 0
                 while dropped < DRAIN_LIMIT:
-                    n = len(await stream.receive_some(CHUNK))  # dropped at once, not held while waiting
+                    n = len(await stream.receive_some(DRAIN_READ))
                     if not n:
                         break
                     dropped += n
@@ -583,15 +638,6 @@ class Endpoint:
 
 
 _FALLBACK = object()
-
-
-def _source(stream: trio.SocketStream) -> bytes | None:
-    """The peer's source_key; None: the peer is already gone."""
-    try:
-        peer = stream.socket.getpeername()
-    except OSError:
-        return None
-    return source_key(peer[0] if isinstance(peer, tuple) else "")
 
 
 def source_key(host: str) -> bytes:
