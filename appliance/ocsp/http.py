@@ -179,7 +179,7 @@ class Endpoint:
         self.push = push  # async (tenant, der) -> "accepted" | reason: the Factory's verdict
         self.responder = Responder(store, clock, live, tenants, unissued_default, unissued)
         self.active = 0
-        self.sources: dict[bytes, int] = {}  # open connections per source (see _source)
+        self.sources: dict[bytes, int] = {}  # open connections per source (see source_key)
         self.inflight = 0  # bytes of request bodies reserved (see _reserve)
         self._refusal_note = 0.0  # when over-limit refusals were last logged
 
@@ -318,9 +318,10 @@ class Endpoint:
     # ---------------------------------------------------------------- connections (trio)
 
     async def serve(self, listener: trio.SocketListener, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Accept in batches and refuse an over-limit connection right here, before it costs a task:
-        a flood that reconnects as fast as it is closed must not fill the accept queue in front of
-        everyone else (the queue is FIFO: a normal client waits behind all of it)."""
+        """Accept in batches, a plain accept() each and no scheduling round between them: a flood that
+        reconnects as fast as it is closed must not fill the accept queue in front of everyone else
+        (the queue is FIFO: a normal client waits behind all of it). A connection its client already
+        closed is dropped here; the limits are checked by serve_connection."""
         lsock = socket.socket(fileno=os.dup(listener.socket.fileno()))  # a plain socket: accept() without a checkpoint each
         lsock.setblocking(False)
         try:
@@ -447,6 +448,7 @@ class Endpoint:
             if got is None:
                 return  # closed by the client (possibly before any request: costs nothing)
             if got is _FALLBACK:
+                self._release(held)  # h11 reserves again for the same request
                 conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.cfg.header_cap)
                 conn.receive_data(bytes(buf))
                 del buf  # h11 holds those bytes now

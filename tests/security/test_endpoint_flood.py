@@ -170,16 +170,18 @@ def test_flood_keeps_the_endpoint_memory_bounded(box, tmp_path):
     before = _status_kib(pid)
     t = time.monotonic()
     counts: Counter[str] = Counter()
-    peaks = []
+    peaks: dict[str, int] = {}
     for phase in ("unauthenticated", "ocsp", "authorised"):
         counts += _counts(_attack("_push_flood", port, phase), 60)
-        peaks.append(f"{phase} {_status_kib(pid)['VmHWM'] // 1024}")
+        peaks[phase] = _status_kib(pid)["VmHWM"] * 1024
     took = time.monotonic() - t
-    after = _status_kib(pid)
-    print(f"\nflood: {dict(counts)} in {took:.1f} s; endpoint RSS {before['VmRSS'] // 1024} MiB before, "
-          f"peak after each phase (MiB): {', '.join(peaks)} (bound {RSS_BOUND // MiB} MiB)")
+    print(f"\nflood: {dict(counts)} in {took:.1f} s; endpoint RSS {before['VmRSS'] // 1024} MiB before (peak "
+          f"{before['VmHWM'] // 1024}), peak after each phase (MiB): {({k: v // MiB for k, v in peaks.items()})} "
+          f"(bound {RSS_BOUND // MiB} MiB)")
     assert a.role_pids()["ocsp"] == pid  # never died (nor was restarted)
-    assert after["VmHWM"] * 1024 < RSS_BOUND, after
+    assert peaks["authorised"] < RSS_BOUND, peaks
+    # Bodies that are never read cost next to nothing: 1,024 refused pushes add little to the peak.
+    assert peaks["ocsp"] - before["VmHWM"] * 1024 < 32 * MiB, (before, peaks)
     # Every unauthenticated push was refused on its head: 401 (or, once its 401 is sent, a reset of
     # the rest of its body, which is never read); no OCSP POST was refused for lack of memory.
     assert counts["401"] == 1024 and counts["200"] == 1024, counts
@@ -247,18 +249,25 @@ async def _slow_and_idle(port: int, seconds: float, counts: Counter[str]) -> Non
 def test_slow_clients_leave_a_normal_client_answered(box):
     """While one source holds what it may and reconnects as fast as it is closed, and another bursts
     2,000 idle connections, a normal OCSP client from a third address is answered within 1 s, every
-    time (measured: one request every 0.1 s for 12 s)."""
+    time (measured: one request every 0.1 s for 11 s)."""
     a, _, req = box
     port = _port(a)
+    good = _ocsp_post(port, req)[0].partition(b"\r\n\r\n")[2]  # the pre-signed `good` response
+    assert len(good) > 100
     attacker = _attack("_slow_and_idle", port, 12.0)
-    time.sleep(1.0)  # the slow connections are in
     took: list[float] = []
-    end = time.monotonic() + 11.0
-    while time.monotonic() < end and len(took) < 200:
-        out, t = _ocsp_post(port, req)
-        assert out.startswith(b"HTTP/1.1 200") and b"application/ocsp-response" in out, (len(took), out[:80])
-        took.append(t)
-        time.sleep(max(0.0, 0.1 - t))
+    try:
+        time.sleep(1.0)  # the slow connections are in
+        end = time.monotonic() + 11.0
+        while time.monotonic() < end and len(took) < 200:
+            out, t = _ocsp_post(port, req)
+            assert out.startswith(b"HTTP/1.1 200") and out.partition(b"\r\n\r\n")[2] == good, (len(took), out[:80])
+            took.append(t)
+            time.sleep(max(0.0, 0.1 - t))
+    except BaseException:
+        attacker.kill()  # ours, by its Popen
+        attacker.communicate()
+        raise
     counts = _counts(attacker, 60)
     took.sort()
     print(f"\nslow clients: {dict(counts)}; {len(took)} normal OCSP requests, median {took[len(took) // 2] * 1000:.1f} ms, "
