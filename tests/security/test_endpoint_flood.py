@@ -30,14 +30,15 @@ ANSWER_BOUND = 1.0  # seconds for a normal OCSP request during the slow-client a
 
 @pytest.fixture(scope="module")
 def box(src_path, tmp_path_factory):
-    """One appliance (default endpoint limits) with a CRL-fed tenant and one issued certificate; its
-    OCSP request (DER) for that certificate, answered `good`."""
+    """One appliance (default endpoint limits but 48 connections per source, to see the setting reach
+    the endpoint) with a CRL-fed tenant and one issued certificate; its OCSP request (DER) for that
+    certificate, answered `good`."""
     tmp = tmp_path_factory.mktemp("flood")
     base = Path(tempfile.mkdtemp(prefix="donjon-test-"))
     os.chmod(base, 0o711)
     a = Appliance(base / "home0", src_path)
     try:
-        a.init(make_ceremony(tmp / "ceremony.toml"))
+        a.init(make_ceremony(tmp / "ceremony.toml"), config="max-connections-per-source = 48\n")
         a.start()
         partner = OpensslCa(tmp / "partner")
         (tmp / "secret").write_text(SECRET + "\n")
@@ -254,6 +255,19 @@ def test_slow_clients_leave_a_normal_client_answered(box):
     port = _port(a)
     good = _ocsp_post(port, req)[0].partition(b"\r\n\r\n")[2]  # the pre-signed `good` response
     assert len(good) > 100
+    # ocsp.max-connections-per-source = 48 reached the endpoint: the 49th from one address is closed at once.
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.4", 0)) for _ in range(48)]
+    try:
+        out, t = _ocsp_post(port, req, source="127.0.0.5")  # the 48 are in (another address is served)
+        assert out.partition(b"\r\n\r\n")[2] == good
+        try:
+            out, t = _ocsp_post(port, req, source="127.0.0.4")
+        except ConnectionResetError:
+            out = b""
+        assert out == b"" and t < 2.0, out[:60]
+    finally:
+        for c in held:
+            c.close()
     attacker = _attack("_slow_and_idle", port, 12.0)
     took: list[float] = []
     try:

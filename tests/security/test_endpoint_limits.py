@@ -245,3 +245,17 @@ def test_request_head_deadline(tmp_path, pki):
     finally:
         srv.stop()
         st.close()
+
+
+def test_limits_are_configured_and_checked(tmp_path):
+    """`ocsp.max-connections-per-source` and `ocsp.head-timeout`: defaults from the shipped
+    donjon.toml, bad values refused with the file, line and key."""
+    from appliance import config as C
+    (tmp_path / "donjon.toml").write_text(C.DEFAULT_TOML)
+    o = C.load(str(tmp_path)).ocsp
+    assert (o.max_connections_per_source, o.head_timeout, o.read_timeout) == (64, 5.0, 10.0)
+    for line, key in (("max-connections-per-source = 0", "max-connections-per-source"), ("head-timeout = -1", "head-timeout")):
+        (tmp_path / "donjon.toml").write_text(f"[ocsp]\n{line}\n")
+        with pytest.raises(C.ConfigError) as e:
+            C.load(str(tmp_path))
+        assert "line 2" in str(e.value) and key in str(e.value) and "\n" not in str(e.value)
