@@ -55,6 +55,10 @@ INFLIGHT_CAP = 32 * 1024 * 1024
 HEAD_TIMEOUT = 5.0  # seconds from the connection (or the previous answer) to a complete request head
 MAX_PER_SOURCE = 64  # concurrent connections from one IPv4 address or IPv6 /64
 ACCEPT_BATCH = 256  # connections accepted per wake-up before the others run again
+# At max_connections, a new connection evicts the one that has waited longest for a request head, if
+# that wait is this long: many sources (an IPv6 /48 holds 65,536 /64s) cannot hold every slot with
+# slow heads, while a client that sends its request at once is never evicted.
+EVICT_AFTER = 1.0
 _ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 OCSP_REQUEST = b"application/ocsp-request"
 OCSP_RESPONSE = b"application/ocsp-response"
@@ -84,6 +88,7 @@ class Stats:
     push_refused: int = 0  # tenant CRL pushes refused (bad secret, or the Factory refused the CRL)
     refused_connections: int = 0  # closed at once: over max_connections or the per-source limit
     busy: int = 0  # requests answered 503 because the bodies in flight were at their cap
+    evicted: int = 0  # connections closed at max_connections while they waited for a request head
 
     def count(self, answer: Answer) -> None:
         self.requests += 1
@@ -110,12 +115,14 @@ class _Fail(Exception):
 
 
 class _Held:
-    """Bytes of the current request's body counted against the endpoint's in-flight cap."""
+    """One connection's share: bytes of its current body counted against the in-flight cap, and
+    whether it was evicted (closed to make room while it waited for a request head)."""
 
-    __slots__ = ("n",)
+    __slots__ = ("evicted", "n")
 
     def __init__(self) -> None:
         self.n = 0
+        self.evicted = False
 
 
 _REASONS = {200: b"OK", 304: b"Not Modified", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
@@ -182,6 +189,7 @@ class Endpoint:
         self.sources: dict[bytes, int] = {}  # open connections per source (see source_key)
         self.inflight = 0  # bytes of request bodies reserved (see _reserve)
         self._refusal_note = 0.0  # when over-limit refusals were last logged
+        self._heads: dict[_Held, tuple[trio.CancelScope, float]] = {}  # waiting for a request head, oldest first
 
     # ---------------------------------------------------------------- routing (sans-IO)
 
@@ -357,12 +365,15 @@ class Endpoint:
     async def serve_connection(self, conn: socket.socket, src: bytes) -> None:
         """One accepted connection: over a limit, closed at once with nothing read (the limits are
         checked here, once the connections that ended before it have been counted out)."""
+        evicted = False
         for _ in range(3):
             n = self.sources.get(src, 0)
             if self.active < self.cfg.max_connections and n < self.cfg.max_per_source:
                 break
-            # Connections accepted in the same batch that the client had already closed end within
-            # a scheduling round or two: let them be counted out before refusing this one.
+            if n < self.cfg.max_per_source and not evicted:
+                evicted = self._evict_oldest()
+            # Connections accepted in the same batch that the client had already closed (or the one
+            # just evicted) end within a scheduling round or two: let them be counted out first.
             await trio.lowlevel.checkpoint()
         else:
             self._refused(n >= self.cfg.max_per_source)
@@ -401,6 +412,18 @@ class Endpoint:
             print(f"donjon[ocsp]: connections closed over {which}; {self.stats.refused_connections} so far",
                   file=sys.stderr, flush=True)
 
+    def _evict_oldest(self) -> bool:
+        """Close the connection that has waited longest for a request head, if for EVICT_AFTER."""
+        for held, (scope, since) in self._heads.items():
+            if trio.current_time() - since < EVICT_AFTER:
+                return False
+            del self._heads[held]
+            held.evicted = True
+            scope.cancel()
+            self.stats.evicted += 1
+            return True
+        return False
+
     def _reserve(self, held: _Held, n: int) -> None:
         """Count `n` more bytes of the current body against the in-flight cap, before reading them."""
         cap = self.cfg.inflight_cap
@@ -431,13 +454,16 @@ class Endpoint:
             got = None
             start = trio.current_time()
             with trio.move_on_at(start + min(self.cfg.head_timeout, self.cfg.read_timeout)) as scope:
+                self._heads[held] = (scope, start)
                 try:
                     got = await self._read_fast(stream, buf, scope, start, held)
                 except _Fail as f:
                     got = f
+                finally:
+                    self._heads.pop(held, None)
             if scope.cancelled_caught:
-                if not buf:
-                    return  # an idle keep-alive connection: close quietly
+                if not buf or held.evicted:
+                    return  # an idle keep-alive connection, or evicted: close quietly
                 await self._send(stream, _raw_reply(_plain(408, close=True), self.clock(), False, False))
                 await self._close(stream)
                 return
@@ -497,6 +523,7 @@ class Endpoint:
             return _FALLBACK
         method, target, headers, length, keep_alive = parsed
         begin = end + 4
+        self._heads.pop(held, None)  # the head is in: no longer evictable
         if length:
             self._reserve(held, length)
             scope.deadline = start + self.cfg.read_timeout  # the head is in: the body has what is left
@@ -514,15 +541,18 @@ class Endpoint:
             fail: Reply | None = None
             got = None
             with trio.move_on_at(start + min(self.cfg.head_timeout, self.cfg.read_timeout)) as scope:
+                self._heads[held] = (scope, start)
                 try:
                     got = await self._read_request(conn, stream, scope, start, held)
                 except _Fail as f:
                     fail = f.reply
                 except h11.RemoteProtocolError as e:
                     fail = _plain(431 if e.error_status_hint == 431 else 400, close=True)
+                finally:
+                    self._heads.pop(held, None)
             if scope.cancelled_caught:
-                if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
-                    return  # an idle keep-alive connection: close quietly
+                if held.evicted or (conn.their_state is h11.IDLE and not conn.trailing_data[0]):
+                    return  # an idle keep-alive connection, or evicted: close quietly
                 fail = _plain(408, close=True)
             if fail is not None:
                 await self._respond(conn, stream, fail)
@@ -581,6 +611,7 @@ class Endpoint:
                     raise _Fail(400)  # request smuggling shape: refuse, whatever h11 would do
                 for k, v in ev.headers:
                     headers[k] = v if k not in headers else headers[k] + b", " + v
+                self._heads.pop(held, None)  # the head is in: no longer evictable
                 cap = self.route_cap(ev.method, ev.target, headers)
                 declared = int(headers.get(b"content-length", b"0"))  # h11 checked it is one number
                 if declared > cap:

@@ -5,6 +5,7 @@ per-source connection limits and the request-head deadline."""
 from __future__ import annotations
 
 import hashlib
+import select
 import socket
 import time
 
@@ -259,3 +260,42 @@ def test_limits_are_configured_and_checked(tmp_path):
         with pytest.raises(C.ConfigError) as e:
             C.load(str(tmp_path))
         assert "line 2" in str(e.value) and key in str(e.value) and "\n" not in str(e.value)
+
+
+def _closed(socks: list[socket.socket]) -> list[socket.socket]:
+    """Those the server closed without a word (bounded wait for the close to arrive)."""
+    time.sleep(0.2)
+    r, _, _ = select.select(socks, [], [], 0)
+    for s in r:
+        assert s.recv(100) == b""
+    return r
+
+
+def test_at_the_connection_limit_the_oldest_slow_head_makes_room(tmp_path, pki):
+    """Many sources (here 8, one slot each) holding every slot with heads that never complete: a new
+    client evicts the one that waited longest (over EVICT_AFTER) and is answered; connections that
+    have just arrived are never evicted (the next one is refused instead)."""
+    ep, _, st = _endpoint(tmp_path, pki, max_connections=8, max_per_source=1, head_timeout=30.0, read_timeout=30.0)
+    srv = Server(ep)
+    try:
+        slow = [_open(srv.port, b"GET /health HTTP/1.1\r\n", source=f"127.0.1.{i}") for i in range(8)]
+        _wait(lambda: ep.active == 8)
+        time.sleep(1.2)  # past EVICT_AFTER
+        with _open(srv.port, b"GET /health HTTP/1.0\r\n\r\n", source="127.0.2.1") as s:
+            assert _answer(s).startswith(b"HTTP/1.1 200")  # the old code: closed at once
+        assert ep.stats.evicted == 1 and len(_closed(slow)) == 1  # one of them, closed quietly (no 408)
+        _wait(lambda: ep.active == 7)  # the other seven still wait for their heads
+        for s in slow:
+            s.close()
+        _wait(lambda: ep.active == 0 and not ep._heads)
+        # All slots just taken: nothing old enough to evict, the newcomer is refused.
+        young = [_open(srv.port, source=f"127.0.4.{i}") for i in range(8)]
+        _wait(lambda: ep.active == 8)
+        with _open(srv.port, b"GET /health HTTP/1.0\r\n\r\n", source="127.0.2.3") as s:
+            assert _answer(s) == b""
+        assert ep.stats.evicted == 1
+        for s in young:
+            s.close()
+    finally:
+        srv.stop()
+        st.close()
