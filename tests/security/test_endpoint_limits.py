@@ -137,6 +137,8 @@ def test_each_route_has_its_own_body_cap(served, pki):
     for head, status in [
         (ocsp % (8 * 1024 + 1), b"413"),  # an OCSP request is a few hundred bytes
         (ocsp % 60000, b"413"),
+        (ocsp.replace(b"%d", b"9" * 19), b"413"),
+        (ocsp.replace(b"%d", b"9" * 5000), b"400"),  # more digits than int() takes: refused by h11, no error
         (b"POST /ocsp HTTP/1.1\r\nHost: x\r\nContent-Type: application/ocsp-request\r\nTransfer-Encoding: chunked\r\n\r\n"
          b"2001\r\n" + b"a" * 0x2001 + b"\r\n0\r\n\r\n", b"413"),  # chunked: counted as it arrives
         (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n", b"413"),  # no body on a GET route
@@ -148,7 +150,7 @@ def test_each_route_has_its_own_body_cap(served, pki):
     req = cert_id_request(pki[0], [7])
     out, _ = raw(srv.port, (ocsp % len(req)) + req, shut=True)
     assert out.startswith(b"HTTP/1.1 200") and b"application/ocsp-response" in out
-    assert srv.endpoint.inflight == 0 and fake.got == []
+    assert srv.endpoint.inflight == 0 and fake.got == [] and srv.endpoint.stats.errors == 0
 
 
 def test_bodies_in_flight_are_capped(served, pki):
