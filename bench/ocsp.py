@@ -626,7 +626,8 @@ class Role:
         self.sup = SyncChannel(self.sup_s, "sup-ocsp", S.OcspToSup)
         self.fac = SyncChannel(self.fac_s, "factory-ocsp", S.OcspToFactory)
         self.sup.handshake()
-        self.sup.send(S.OcspConfig(store_dir=str(store), max_connections=1024, read_timeout=10.0, max_age=3600))
+        self.sup.send(S.OcspConfig(store_dir=str(store), max_connections=1024, read_timeout=10.0, max_age=3600,
+                                     max_per_source=1024))  # wrk: every connection from one address
         ready = self.sup.recv()
         if not (isinstance(ready, S.Ready) and ready.role == "ocsp"):
             raise common.BenchError(f"endpoint role: expected Ready, got {ready!r}")
