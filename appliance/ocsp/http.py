@@ -525,6 +525,8 @@ class Endpoint:
         begin = end + 4
         self._heads.pop(held, None)  # the head is in: no longer evictable
         if length:
+            if length > self.route_cap(method, target, headers):
+                raise _Fail(413)  # a POST elsewhere than OCSP: no body read, as on the h11 path
             self._reserve(held, length)
             scope.deadline = start + self.cfg.read_timeout  # the head is in: the body has what is left
         while len(buf) < begin + length:

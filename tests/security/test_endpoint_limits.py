@@ -142,6 +142,7 @@ def test_each_route_has_its_own_body_cap(served, pki):
         (b"POST /ocsp HTTP/1.1\r\nHost: x\r\nContent-Type: application/ocsp-request\r\nTransfer-Encoding: chunked\r\n\r\n"
          b"2001\r\n" + b"a" * 0x2001 + b"\r\n0\r\n\r\n", b"413"),  # chunked: counted as it arrives
         (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n", b"413"),  # no body on a GET route
+        (b"POST /health HTTP/1.0\r\nContent-Type: application/ocsp-request\r\nContent-Length: 10\r\n\r\n", b"413"),
         (b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n", b"413"),
     ]:
         out, took = raw(srv.port, head, timeout=5)
