@@ -50,6 +50,9 @@ class Ocsp(_C):
     listen: str = "127.0.0.1:8080"  # host:port of the OCSP/CRL/CA-certificate HTTP endpoint (port 0: any free port)
     workers: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1  # endpoint processes accepting on the one listener
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 1024
+    # Per IPv4 address or IPv6 /64: one slow or flooding client cannot take every connection.
+    max_connections_per_source: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 64
+    head_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
     read_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
     max_age: Annotated[int, msgspec.Meta(ge=0, le=7 * 86400)] = 3600
     validity_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 31)] = 24
@@ -207,6 +210,8 @@ enabled = true
 listen = "127.0.0.1:8080"                     # the OCSP, CRL and CA-certificate HTTP endpoint
 workers = 1                                   # endpoint processes on that listener (each its own store)
 max-connections = 1024
+max-connections-per-source = 64               # per IPv4 address or IPv6 /64 (raise it behind a proxy)
+head-timeout = 5.0                            # seconds to receive a request's head
 read-timeout = 10.0                           # seconds to receive a whole request
 max-age = 3600                                # cap on Cache-Control max-age
 validity-hours = 24                           # nextUpdate of pre-produced responses (re-signed at half)

@@ -313,6 +313,7 @@ class Supervisor:
             embedded = self.cfg.hsm.embedded and self.ocsp_pin is not None
             await role.chan.send(S.OcspConfig(
                 store_dir=self.layout.ocsp_store(role.name), max_connections=o.max_connections, read_timeout=o.read_timeout, max_age=o.max_age,
+                max_per_source=o.max_connections_per_source, head_timeout=o.head_timeout,
                 token_module=self.cfg.hsm.module if embedded else None, token_pin=self.ocsp_pin if embedded else None,
                 softhsm_conf=os.path.join(self.layout.ocsp_token, "softhsm2.conf") if embedded else None,
                 unissued_default=o.unissued, unissued=dict(o.unissued_by_ca)))

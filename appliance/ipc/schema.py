@@ -359,6 +359,8 @@ class OcspConfig(_Msg, tag="ocsp-config"):
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=100000)]
     read_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)]
     max_age: Annotated[int, msgspec.Meta(ge=0, le=7 * 86400)]  # cap on Cache-Control max-age
+    max_per_source: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 64  # connections per IPv4 address or IPv6 /64
+    head_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0  # seconds to a complete request head
     # The endpoint's own PKCS#11 token for delegated responder keys (never a CA key); None: no live signing.
     token_module: Text | None = None
     token_label: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] = "donjon-ocsp"

@@ -1,17 +1,24 @@
 """The endpoint's HTTP/1.0 and 1.1 server (h11 on trio): routing, caching headers, and the bounds
-h11 leaves to us — connections, header and body caps, a read deadline, CL+TE, close on any error.
+h11 leaves to us — connections (in all and per source), header and per-route body caps decided from
+the head before any body byte is read, a cap on the bytes of bodies in flight, head and request
+deadlines, CL+TE, close on any error.
 
 Routes: POST / and /ocsp (application/ocsp-request); GET /ocsp/<b64> and /<b64>; GET
 /crl/<ca>.crl; GET /ca/<ca>.crt; GET /health; PUT or POST /tenant/<name>/crl (a tenant's CRL,
-application/pkix-crl, `Authorization: Bearer <secret>`, forwarded to the Factory which verifies it). Handlers never raise into the server: every
+application/pkix-crl, `Authorization: Bearer <secret>` checked before the body is read, forwarded to
+the Factory which verifies it). Handlers never raise into the server: every
 exception becomes a 500 with a fixed body, and no exception text is ever sent.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
+import ipaddress
+import os
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -26,16 +33,33 @@ from .responder import Answer, Responder
 from .store import Store
 
 HEADER_CAP = 8 * 1024
-BODY_CAP = 64 * 1024
+# Body cap of an OCSP POST: 32 CertIDs (request.MAX_CERT_IDS) with SHA-512 issuer hashes fit; a
+# usual request is under 100 bytes. Routes that take no body get none (route_cap).
+BODY_CAP = 8 * 1024
 CHUNK = 64 * 1024
 FAST_READ = 16 * 1024  # a request is a few hundred bytes: a smaller read buffer costs less per call
 DRAIN_LIMIT = 256 * 1024  # bytes read and dropped while closing gracefully
+# ... in small reads: trio holds what a read returned across a scheduling round, and a thousand
+# connections refused in a burst, each draining 64 KiB at a time, held 64 MiB between them.
+DRAIN_READ = 4 * 1024
 DRAIN_TIME = 1.0
 
 _CA_PATH = re.compile(rb"^/(crl|ca)/([A-Za-z0-9][A-Za-z0-9._-]{0,63})\.(crl|crt)$")
 _TENANT_PATH = re.compile(rb"^/tenant/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/crl$")
-PUSH_CAP = 8 * 1024 * 1024  # body cap of a pushed tenant CRL
+PUSH_CAP = 8 * 1024 * 1024  # body cap of a pushed tenant CRL (read only once its bearer secret is checked)
 PUSH_TIMEOUT = 30.0
+# Bytes of request bodies held at once by one endpoint process, all connections together. Bodies
+# larger than an OCSP request (tenant pushes) may take three quarters of it (three full pushes), so
+# that they never starve OCSP. A request that would go over is answered 503 before its body is read.
+INFLIGHT_CAP = 32 * 1024 * 1024
+HEAD_TIMEOUT = 5.0  # seconds from the connection (or the previous answer) to a complete request head
+MAX_PER_SOURCE = 64  # concurrent connections from one IPv4 address or IPv6 /64
+ACCEPT_BATCH = 256  # connections accepted per wake-up before the others run again
+# At max_connections, a new connection evicts the one that has waited longest for a request head, if
+# that wait is this long: many sources (an IPv6 /48 holds 65,536 /64s) cannot hold every slot with
+# slow heads, while a client that sends its request at once is never evicted.
+EVICT_AFTER = 1.0
+_ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 OCSP_REQUEST = b"application/ocsp-request"
 OCSP_RESPONSE = b"application/ocsp-response"
 
@@ -46,8 +70,11 @@ class HttpConfig:
     read_timeout: float = 10.0
     max_age: int = 3600
     header_cap: int = HEADER_CAP
-    body_cap: int = BODY_CAP
+    body_cap: int = BODY_CAP  # an OCSP POST
     push_cap: int = PUSH_CAP
+    inflight_cap: int = INFLIGHT_CAP
+    head_timeout: float = HEAD_TIMEOUT
+    max_per_source: int = MAX_PER_SOURCE
 
 
 @dataclass
@@ -59,6 +86,9 @@ class Stats:
     malformed: int = 0
     errors: int = 0
     push_refused: int = 0  # tenant CRL pushes refused (bad secret, or the Factory refused the CRL)
+    refused_connections: int = 0  # closed at once: over max_connections or the per-source limit
+    busy: int = 0  # requests answered 503 because the bodies in flight were at their cap
+    evicted: int = 0  # connections closed at max_connections while they waited for a request head
 
     def count(self, answer: Answer) -> None:
         self.requests += 1
@@ -77,10 +107,22 @@ class Reply:
 
 
 class _Fail(Exception):
-    """An HTTP-level refusal: answer `status` and close."""
+    """An HTTP-level refusal: answer `status` (or `reply`) and close."""
 
-    def __init__(self, status: int):
+    def __init__(self, status: int, reply: Reply | None = None):
         self.status = status
+        self.reply = reply or _plain(status, close=True)
+
+
+class _Held:
+    """One connection's share: bytes of its current body counted against the in-flight cap, and
+    whether it was evicted (closed to make room while it waited for a request head)."""
+
+    __slots__ = ("evicted", "n")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.evicted = False
 
 
 _REASONS = {200: b"OK", 304: b"Not Modified", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
@@ -144,6 +186,10 @@ class Endpoint:
         self.push = push  # async (tenant, der) -> "accepted" | reason: the Factory's verdict
         self.responder = Responder(store, clock, live, tenants, unissued_default, unissued)
         self.active = 0
+        self.sources: dict[bytes, int] = {}  # open connections per source (see source_key)
+        self.inflight = 0  # bytes of request bodies reserved (see _reserve)
+        self._refusal_note = 0.0  # when over-limit refusals were last logged
+        self._heads: dict[_Held, tuple[trio.CancelScope, float]] = {}  # waiting for a request head, oldest first
 
     # ---------------------------------------------------------------- routing (sans-IO)
 
@@ -175,14 +221,29 @@ class Endpoint:
             return _plain(404)
         return self._ocsp(der, headers, post=False)
 
-    async def tenant_push(self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes) -> Reply:
-        """PUT/POST /tenant/<name>/crl: the bearer secret is checked here (its SHA-256, in constant
-        time); the CRL itself is verified by the Factory, whose one-line verdict is the answer."""
+    def route_cap(self, method: bytes, target: bytes, headers: dict[bytes, bytes]) -> int:
+        """The body cap of a request's route, from its head alone: an OCSP POST a few KiB, a tenant
+        push its own larger cap once authorised (a refusal raises _Fail before any body byte is
+        read), every other route none."""
+        path = target.split(b"?", 1)[0]
+        if path.startswith(b"/tenant/"):
+            refusal = self.tenant_refusal(method, target, headers)
+            if refusal is not None:
+                raise _Fail(refusal.status, refusal)
+            return self.cfg.push_cap
+        if method == b"POST" and path in (b"/", b"/ocsp"):
+            return self.cfg.body_cap
+        return 0
+
+    def tenant_refusal(self, method: bytes, target: bytes, headers: dict[bytes, bytes]) -> Reply | None:
+        """The answer to a tenant push that is refused on its head (route, method, bearer secret,
+        content type), or None: the body may be read. The secret's SHA-256 is compared in constant
+        time, and an unknown tenant costs the same and looks the same."""
         m = _TENANT_PATH.match(target.split(b"?", 1)[0])
         if m is None:
-            return _plain(404)
+            return _plain(404, close=True)
         if method not in (b"PUT", b"POST"):
-            return _plain(405, extra=[(b"allow", b"PUT, POST")])
+            return _plain(405, close=True, extra=[(b"allow", b"PUT, POST")])
         name = m.group(1).decode()
         t = self.tenants.by_name.get(name) if self.tenants is not None else None
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
@@ -194,12 +255,23 @@ class Endpoint:
             ok = False
         if scheme.lower() != b"bearer" or not ok:
             self.stats.push_refused += 1
-            return _plain(401, extra=[(b"www-authenticate", b'Bearer realm="donjon"')])  # an unknown tenant looks the same
+            return _plain(401, close=True, extra=[(b"www-authenticate", b'Bearer realm="donjon"')])  # an unknown tenant looks the same
         ctype = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
         if ctype != b"application/pkix-crl":
-            return _plain(415)
+            return _plain(415, close=True)
         if self.push is None:
-            return _plain(503)
+            return _plain(503, close=True)
+        return None
+
+    async def tenant_push(self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes | bytearray) -> Reply:
+        """PUT/POST /tenant/<name>/crl, once its body is read: the CRL itself is verified by the
+        Factory, whose one-line verdict is the answer."""
+        refusal = self.tenant_refusal(method, target, headers)  # already passed before the body: cheap
+        if refusal is not None:
+            return refusal
+        m = _TENANT_PATH.match(target.split(b"?", 1)[0])
+        assert m is not None and self.push is not None  # tenant_refusal checked both
+        name = m.group(1).decode()
         try:
             with trio.fail_after(PUSH_TIMEOUT):
                 outcome = await self.push(name, body)
@@ -253,51 +325,160 @@ class Endpoint:
 
     # ---------------------------------------------------------------- connections (trio)
 
-    async def serve(self, listener: trio.abc.Listener, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        await trio.serve_listeners(self.serve_connection, [listener], task_status=task_status)
+    async def serve(self, listener: trio.SocketListener, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept in batches, a plain accept() each and no scheduling round between them: a flood that
+        reconnects as fast as it is closed must not fill the accept queue in front of everyone else
+        (the queue is FIFO: a normal client waits behind all of it). A connection its client already
+        closed is dropped here; the limits are checked by serve_connection."""
+        lsock = socket.socket(fileno=os.dup(listener.socket.fileno()))  # a plain socket: accept() without a checkpoint each
+        lsock.setblocking(False)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    await trio.lowlevel.wait_readable(lsock)
+                    for _ in range(ACCEPT_BATCH):
+                        try:
+                            conn, peer = lsock.accept()
+                        except BlockingIOError:
+                            break
+                        except OSError as e:
+                            if e.errno in _ACCEPT_CAPACITY:  # out of descriptors or memory: let connections end
+                                await trio.sleep(0.1)
+                            break  # ECONNABORTED and the like: the next poll
+                        conn.setblocking(False)
+                        try:
+                            if conn.recv(1, socket.MSG_PEEK) == b"":  # closed by the client already: costs nothing
+                                conn.close()
+                                continue
+                        except BlockingIOError:
+                            pass  # open, nothing sent yet
+                        except OSError:
+                            conn.close()  # reset by the client
+                            continue
+                        src = source_key(peer[0]) if isinstance(peer, tuple) else b""
+                        nursery.start_soon(self.serve_connection, conn, src)
+        finally:
+            lsock.close()
+            await trio.aclose_forcefully(listener)  # as trio.serve_listeners does
 
-    async def serve_connection(self, stream: trio.abc.Stream) -> None:
-        if self.active >= self.cfg.max_connections:
-            await trio.aclose_forcefully(stream)  # over the limit: closed at once, nothing read
+    async def serve_connection(self, conn: socket.socket, src: bytes) -> None:
+        """One accepted connection: over a limit, closed at once with nothing read (the limits are
+        checked here, once the connections that ended before it have been counted out)."""
+        evicted = False
+        for _ in range(3):
+            n = self.sources.get(src, 0)
+            if self.active < self.cfg.max_connections and n < self.cfg.max_per_source:
+                break
+            if n < self.cfg.max_per_source and not evicted:
+                evicted = self._evict_oldest()
+            # Connections accepted in the same batch that the client had already closed (or the one
+            # just evicted) end within a scheduling round or two: let them be counted out first.
+            await trio.lowlevel.checkpoint()
+        else:
+            self._refused(n >= self.cfg.max_per_source)
+            conn.close()
             return
         self.active += 1
+        self.sources[src] = n + 1
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+        held = _Held()
         try:
-            await self._connection(stream)
+            await self._connection(stream, held)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError, _Closed):
             pass
         except Exception as e:  # noqa: BLE001 - the worker outlives any connection
             self.stats.errors += 1
             print(f"donjon[ocsp]: connection handler error: {type(e).__name__}", file=sys.stderr, flush=True)
         finally:
+            self._release(held)
             self.active -= 1
+            left = self.sources[src] - 1
+            if left:
+                self.sources[src] = left
+            else:
+                del self.sources[src]
             await trio.aclose_forcefully(stream)
 
-    async def _send(self, stream, data: bytes) -> None:
+    def _refused(self, per_source: bool) -> None:
+        """Count a connection closed over a limit; say so in the log at most once a minute (an
+        operator behind a proxy or a NAT sees why, a flood does not flood the log)."""
+        self.stats.refused_connections += 1
+        now = time.monotonic()
+        if now - self._refusal_note >= 60.0:
+            self._refusal_note = now
+            which = (f"ocsp.max-connections-per-source ({self.cfg.max_per_source})" if per_source
+                     else f"ocsp.max-connections ({self.cfg.max_connections})")
+            print(f"donjon[ocsp]: connections closed over {which}; {self.stats.refused_connections} so far",
+                  file=sys.stderr, flush=True)
+
+    def _evict_oldest(self) -> bool:
+        """Close the connection that has waited longest for a request head, if for EVICT_AFTER."""
+        for held, (scope, since) in self._heads.items():
+            if trio.current_time() - since < EVICT_AFTER:
+                return False
+            del self._heads[held]
+            held.evicted = True
+            scope.cancel()
+            self.stats.evicted += 1
+            return True
+        return False
+
+    def _reserve(self, held: _Held, n: int) -> None:
+        """Count `n` more bytes of the current body against the in-flight cap, before reading them."""
+        cap = self.cfg.inflight_cap
+        if held.n + n > self.cfg.body_cap:
+            cap -= cap // 4  # the quarter kept for OCSP-sized bodies
+        if self.inflight + n > cap:
+            self.stats.busy += 1
+            raise _Fail(503, _plain(503, close=True, extra=[(b"retry-after", b"5")]))
+        self.inflight += n
+        held.n += n
+
+    def _release(self, held: _Held) -> None:
+        self.inflight -= held.n
+        held.n = 0
+
+    async def _send(self, stream, data: bytes | memoryview) -> None:
         if data:
             with trio.fail_after(self.cfg.read_timeout):  # a client that does not read is dropped too
                 await stream.send_all(data)
 
-    async def _connection(self, stream: trio.abc.Stream) -> None:
+    async def _connection(self, stream: trio.abc.Stream, held: _Held) -> None:
         """The fast path first (the request shapes OCSP clients send, parsed by hand, strictly);
         at the first request that is anything else, h11 takes the connection over, with the bytes
-        already read, and keeps it."""
+        already read, and keeps it. Each request: its head within head_timeout and all of it within
+        read_timeout, counted from the connection or from the previous answer."""
         buf = bytearray()
         while True:
             got = None
-            with trio.move_on_after(self.cfg.read_timeout) as scope:
-                got = await self._read_fast(stream, buf)
+            start = trio.current_time()
+            with trio.move_on_at(start + min(self.cfg.head_timeout, self.cfg.read_timeout)) as scope:
+                self._heads[held] = (scope, start)
+                try:
+                    got = await self._read_fast(stream, buf, scope, start, held)
+                except _Fail as f:
+                    got = f
+                finally:
+                    self._heads.pop(held, None)
             if scope.cancelled_caught:
-                if not buf:
-                    return  # an idle keep-alive connection: close quietly
+                if not buf or held.evicted:
+                    return  # an idle keep-alive connection, or evicted: close quietly
                 await self._send(stream, _raw_reply(_plain(408, close=True), self.clock(), False, False))
+                await self._close(stream)
+                return
+            if isinstance(got, _Fail):
+                await self._send(stream, _raw_reply(got.reply, self.clock(), True, False))
                 await self._close(stream)
                 return
             if got is None:
                 return  # closed by the client (possibly before any request: costs nothing)
             if got is _FALLBACK:
+                self._release(held)  # h11 reserves again for the same request
                 conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.cfg.header_cap)
                 conn.receive_data(bytes(buf))
-                await self._h11_connection(stream, conn)
+                del buf  # h11 holds those bytes now
+                await self._h11_connection(stream, conn, start, held)
                 return
             method, target, headers, body, keep_alive = got
             try:
@@ -306,19 +487,22 @@ class Endpoint:
                 self.stats.errors += 1
                 print(f"donjon[ocsp]: handler error: {type(e).__name__}", file=sys.stderr, flush=True)
                 reply = _plain(500, close=True)
+            del got, body
+            self._release(held)
             close = reply.close or not keep_alive
-            data = _raw_reply(reply, self.clock(), close, method == b"HEAD")
-            if len(data) <= CHUNK:  # an OCSP answer: one write
-                await self._send(stream, data)
-            else:  # a large CRL: each piece under its own deadline
-                view = memoryview(data)
+            head = method == b"HEAD" or reply.status == 304
+            if head or len(reply.body) <= CHUNK:  # an OCSP answer: one write
+                await self._send(stream, _raw_reply(reply, self.clock(), close, head))
+            else:  # a large CRL: the head, then the held body itself, piece by piece (no copy per client)
+                await self._send(stream, _raw_reply(reply, self.clock(), close, True))
+                view = memoryview(reply.body)
                 for i in range(0, len(view), CHUNK):
                     await self._send(stream, view[i:i + CHUNK])
             if close:
                 await self._close(stream)
                 return
 
-    async def _read_fast(self, stream, buf: bytearray):
+    async def _read_fast(self, stream, buf: bytearray, scope: trio.CancelScope, start: float, held: _Held):
         """One request in the common shape: (method, target, headers, body, keep_alive); None if
         the client closed before sending anything; _FALLBACK for anything else (h11 decides). The
         request's bytes are removed from `buf`, what follows them (pipelining) stays."""
@@ -338,67 +522,84 @@ class Endpoint:
         if parsed is None:
             return _FALLBACK
         method, target, headers, length, keep_alive = parsed
-        start = end + 4
-        while len(buf) < start + length:
-            data = await stream.receive_some(CHUNK)
+        begin = end + 4
+        self._heads.pop(held, None)  # the head is in: no longer evictable
+        if length:
+            if length > self.route_cap(method, target, headers):
+                raise _Fail(413)  # a POST elsewhere than OCSP: no body read, as on the h11 path
+            self._reserve(held, length)
+            scope.deadline = start + self.cfg.read_timeout  # the head is in: the body has what is left
+        while len(buf) < begin + length:
+            data = await stream.receive_some(FAST_READ)
             if not data:
                 return _FALLBACK  # h11 sees the truncated body and the close
             buf += data
-        body = bytes(buf[start:start + length])
-        del buf[:start + length]
+        body = bytes(buf[begin:begin + length])
+        del buf[:begin + length]
         return method, target, headers, body, keep_alive
 
-    async def _h11_connection(self, stream: trio.abc.Stream, conn: h11.Connection) -> None:
+    async def _h11_connection(self, stream: trio.abc.Stream, conn: h11.Connection, start: float, held: _Held) -> None:
         while True:
-            fail: int | None = None
+            fail: Reply | None = None
             got = None
-            with trio.move_on_after(self.cfg.read_timeout) as scope:
+            with trio.move_on_at(start + min(self.cfg.head_timeout, self.cfg.read_timeout)) as scope:
+                self._heads[held] = (scope, start)
                 try:
-                    got = await self._read_request(conn, stream)
+                    got = await self._read_request(conn, stream, scope, start, held)
                 except _Fail as f:
-                    fail = f.status
+                    fail = f.reply
                 except h11.RemoteProtocolError as e:
-                    fail = 431 if e.error_status_hint == 431 else 400
+                    fail = _plain(431 if e.error_status_hint == 431 else 400, close=True)
+                finally:
+                    self._heads.pop(held, None)
             if scope.cancelled_caught:
-                if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
-                    return  # an idle keep-alive connection: close quietly
-                fail = 408
+                if held.evicted or (conn.their_state is h11.IDLE and not conn.trailing_data[0]):
+                    return  # an idle keep-alive connection, or evicted: close quietly
+                fail = _plain(408, close=True)
             if fail is not None:
-                await self._respond(conn, stream, _plain(fail, close=True))
+                await self._respond(conn, stream, fail)
                 await self._close(stream)
                 return
             if got is None:
                 return  # closed by the client (possibly before any request: costs nothing)
-            req, body = got
-            headers: dict[bytes, bytes] = {}
-            for k, v in req.headers:
-                headers[k] = v if k not in headers else headers[k] + b", " + v
+            req, headers, body = got
             try:
                 if req.target.startswith(b"/tenant/"):
                     reply = await self.tenant_push(req.method, req.target, headers, body)
                 else:
-                    reply = self.route(req.method, req.target, headers, body)
+                    reply = self.route(req.method, req.target, headers, bytes(body))  # a few KiB at most
             except Exception as e:  # noqa: BLE001 - mapped to 500, never shown
                 self.stats.errors += 1
                 print(f"donjon[ocsp]: handler error: {type(e).__name__}", file=sys.stderr, flush=True)
                 reply = _plain(500, close=True)
+            del body, got
+            self._release(held)
             await self._respond(conn, stream, reply, head=req.method == b"HEAD")
             if reply.close or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 await self._close(stream)
                 return
             conn.start_next_cycle()
+            start = trio.current_time()
 
-    async def _read_request(self, conn: h11.Connection, stream):
+    async def _read_request(self, conn: h11.Connection, stream, scope: trio.CancelScope, start: float, held: _Held):
+        """(request, headers, body), or None if the client closed first. The route's body cap, and
+        a tenant push's authorisation, are decided when the head is in, before any body byte is
+        asked for; the declared length is reserved against the in-flight cap then too."""
         req = None
+        headers: dict[bytes, bytes] = {}
         body = bytearray()
-        cap = self.cfg.body_cap
+        got = 0
+        cap = 0
         while True:
             ev = conn.next_event()
             if ev is h11.NEED_DATA:
                 if conn.they_are_waiting_for_100_continue:
                     await self._send(stream, conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-                data = await stream.receive_some(CHUNK)
+                # Small reads but for a push's admitted body: what follows a head is not read before its
+                # route allows it, and a read is held across a scheduling round (see DRAIN_READ).
+                data = await stream.receive_some(CHUNK if cap > CHUNK else FAST_READ)
                 conn.receive_data(data)
+                del data
                 continue
             if isinstance(ev, h11.ConnectionClosed):
                 return None
@@ -410,17 +611,28 @@ class Endpoint:
                     raise _Fail(431)
                 if b"content-length" in names and b"transfer-encoding" in names:
                     raise _Fail(400)  # request smuggling shape: refuse, whatever h11 would do
-                if ev.target.startswith(b"/tenant/") and ev.method in (b"PUT", b"POST"):
-                    cap = max(cap, self.cfg.push_cap)
                 for k, v in ev.headers:
-                    if k == b"content-length" and int(v) > cap:
-                        raise _Fail(413)
-            elif isinstance(ev, h11.Data):
-                body += ev.data
-                if len(body) > cap:
+                    headers[k] = v if k not in headers else headers[k] + b", " + v
+                self._heads.pop(held, None)  # the head is in: no longer evictable
+                cap = self.route_cap(ev.method, ev.target, headers)
+                declared = int(headers.get(b"content-length", b"0"))  # h11 checked it is one number
+                if declared > cap:
                     raise _Fail(413)
+                if declared:
+                    self._reserve(held, declared)
+                    body = bytearray(declared)  # filled in place: a growing buffer would be copied as it grows
+                scope.deadline = start + self.cfg.read_timeout  # the head is in: the body has what is left
+            elif isinstance(ev, h11.Data):
+                end = got + len(ev.data)
+                if end > cap:
+                    raise _Fail(413)
+                if end > held.n:  # a chunked body: counted as it arrives
+                    self._reserve(held, end - held.n)
+                body[got:end] = ev.data
+                got = end
             elif isinstance(ev, h11.EndOfMessage):
-                return req, bytes(body)
+                del body[got:]  # nothing, unless the client closed early (h11 then raises first)
+                return req, headers, body  # not copied: a push's body is held once
 
     async def _respond(self, conn: h11.Connection, stream, reply: Reply, head: bool = False) -> None:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -452,15 +664,29 @@ class Endpoint:
             with trio.move_on_after(DRAIN_TIME):
                 dropped = 0
                 while dropped < DRAIN_LIMIT:
-                    data = await stream.receive_some(CHUNK)
-                    if not data:
+                    n = len(await stream.receive_some(DRAIN_READ))
+                    if not n:
                         break
-                    dropped += len(data)
+                    dropped += n
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
 
 _FALLBACK = object()
+
+
+def source_key(host: str) -> bytes:
+    """What per-source limits count by: an IPv4 address, or the /64 of an IPv6 one (a single host
+    may hold a whole /64); an IPv4-mapped address as IPv4."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return b""  # not an IP socket (a test's socketpair): one source
+    if isinstance(ip, ipaddress.IPv6Address):
+        return ip.ipv4_mapped.packed if ip.ipv4_mapped else ip.packed[:8]
+    return ip.packed
+
+
 _REQUEST_LINE = re.compile(rb"^(GET|POST|HEAD) (/[\x21-\x7e]*) HTTP/1\.([01])$")
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _VALUE = re.compile(rb"^[\x20-\x7e]*$")

@@ -53,7 +53,7 @@ class Feed:
         self.ids = 0
         self.waiting: dict[int, trio.MemorySendChannel] = {}
 
-    async def push_crl(self, tenant: str, der: bytes) -> str:
+    async def push_crl(self, tenant: str, der: bytes | bytearray) -> str:
         if self.chan is None:
             return "unavailable: the Factory is not connected; try again later"
         self.ids += 1
@@ -62,8 +62,9 @@ class Feed:
         self.waiting[rid] = send
         try:
             chunk = 4 * 1024 * 1024
+            view = memoryview(der)  # slices of the held body, not copies (msgspec encodes a view as bytes)
             for i in range(0, max(len(der), 1), chunk):
-                await self.chan.send(S.TenantCrlPush(id=rid, tenant=tenant, data=der[i:i + chunk], last=i + chunk >= len(der)))
+                await self.chan.send(S.TenantCrlPush(id=rid, tenant=tenant, data=view[i:i + chunk], last=i + chunk >= len(der)))
             m = await recv.receive()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return "unavailable: the Factory link closed; try again later"
@@ -248,7 +249,8 @@ async def main(fds: dict[str, int], drop) -> None:
                 _log(f"tenant {t.name}: responder not usable: {e}")
     feed_state = Feed()
     endpoint = Endpoint(st, HttpConfig(max_connections=cfg.max_connections, read_timeout=cfg.read_timeout,
-                                       max_age=cfg.max_age), stats, live=live, tenants=tn, push=feed_state.push_crl,
+                                       max_age=cfg.max_age, max_per_source=cfg.max_per_source,
+                                       head_timeout=cfg.head_timeout), stats, live=live, tenants=tn, push=feed_state.push_crl,
                         unissued_default=cfg.unissued_default, unissued=dict(cfg.unissued))
     drop()
     await sup.send(S.Ready(role="ocsp", pid=os.getpid()))

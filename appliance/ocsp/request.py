@@ -16,7 +16,7 @@ from urllib.parse import unquote_to_bytes
 from asn1crypto import core
 from asn1crypto import ocsp as a_ocsp
 
-MAX_REQUEST = 64 * 1024  # bytes of DER (the HTTP body cap is the same)
+MAX_REQUEST = 64 * 1024  # bytes of DER (over HTTP a POST body is capped lower: http.BODY_CAP)
 MAX_CERT_IDS = 32
 HASH_LENGTHS = {"sha1": 20, "sha256": 32}
 MAX_SERIAL_BYTES = 20  # RFC 5280 §4.1.2.2 (a longer one cannot be ours)

@@ -163,4 +163,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (2, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "261d05d4834eeef92c5476384e3cb9223612d8f7f73e6dc428af50941dcc52cf"
+PINNED_SCHEMA_HASH = "cdc6a96d459794fd948d183ba1d3606bb3bb879b4d9ed50e2334dd464e3998e3"
