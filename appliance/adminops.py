@@ -140,17 +140,19 @@ def ca_list(c: AdminClient) -> list[dict[str, Any]]:
 
 
 def ca_list_lines(cas: list[dict[str, Any]]) -> list[str]:
-    return [f"{c['name']:<20} {c['key_type']:<8} parent={c['parent'] or '-':<16} until {c['not_after'][:10]}  {c['subject']}"
-            for c in cas]
+    return [f"{c['name']:<20} {c['key_type']:<8} parent={c['parent'] or '-':<16} {c.get('state', '?'):<8} "
+            f"until {c['not_after'][:10]}  {c['subject']}" for c in cas]
 
 
 def ca_create(c: AdminClient, name: str, parent: str | None, subject: tuple, profile: str | None, key_type: str,
-              days: int, path_length: int | None) -> dict[str, Any]:
+              days: int, path_length: int | None, allowed_profiles: tuple[str, ...] = ()) -> dict[str, Any]:
+    for p in allowed_profiles:
+        check_name(p, "profile")
     if parent is None:  # a new root (first root or a root rollover): self-signed
         return _wrap(c.call, S.ACaCreateRoot, name=name, profile=profile or "root-ca", key_type=key_type, subject=subject,
-                     validity_days=days, path_length=path_length)
+                     validity_days=days, path_length=path_length, allowed_profiles=allowed_profiles)
     return _wrap(c.call, S.ACaCreate, name=name, parent=parent, profile=profile or "sub-ca", key_type=key_type,
-                 subject=subject, validity_days=days, path_length=path_length)
+                 subject=subject, validity_days=days, path_length=path_length, allowed_profiles=allowed_profiles)
 
 
 def ca_sign_csr(c: AdminClient, parent: str, profile: str, csr_der: bytes, days: int, path_length: int | None) -> dict[str, Any]:

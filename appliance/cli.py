@@ -450,13 +450,17 @@ def ca_create(name: str,
               key_type: Annotated[str, typer.Option(help="rsa2048|rsa3072|rsa4096|p256|p384|ed25519")] = "p256",
               days: Annotated[int, typer.Option(help="Validity in days (clamped to the parent's).")] = 3650,
               path_length: Annotated[Optional[int], typer.Option(help="pathLenConstraint.")] = None,
+              allow_profile: Annotated[list[str], typer.Option(help="A profile the new CA may issue (repeatable; default: "
+                                                                    "donjon.toml [ca-profiles], else CA profiles for a root and "
+                                                                    "the others for an issuing CA). Kept in the token, never changed.")] = [],  # noqa: B006
               home: Home = "./var") -> None:
     """Create a CA whose key is generated in the HSM: a subordinate of --parent, or a new root.
 
     Example: donjon ca create issuing2 --parent root --subject 'CN=Issuing CA 2,O=Example'
     """
     with client(home) as c:
-        doc = op(ops.ca_create, c, name, parent, parse_subject(subject), profile, key_type, days, path_length)
+        doc = op(ops.ca_create, c, name, parent, parse_subject(subject), profile, key_type, days, path_length,
+                 tuple(allow_profile))
     typer.echo(f"created CA {doc['name']}: {doc['subject']} serial {doc['serial']}")
 
 

@@ -168,6 +168,11 @@ class Config(_C):
     audit: Audit = Audit()
     activation: Activation = Activation()
     console: Console = Console()
+    # Per CA, the profiles it may issue: at its creation, what goes into its policy in the token;
+    # afterwards the Factory also refuses anything not listed here (it can narrow, never widen).
+    ca_profiles: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")],
+                      Annotated[tuple[Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")], ...],
+                                msgspec.Meta(min_length=1, max_length=64)]] = {}
 
 
 def officer_settings(cfg: Config) -> dict:
@@ -277,6 +282,10 @@ lockout-minutes = 15                          # activation refused this long aft
 
 [console]
 media = "media"                               # removable media (appliance: /media/donjon); relative to DONJON_HOME
+
+# [ca-profiles]                               # per CA, the profiles it may issue (default: a root the CA
+# issuing = ["tls-server", "tls-client"]      # profiles, an issuing CA the others); set at the CA's
+                                              # creation in its token policy, and only narrowed here later
 """
 
 
@@ -421,3 +430,14 @@ def profile_overrides(home: str, cfg: Config) -> dict[str, str]:
                 raise ConfigError(f"{os.path.join(d, fn)}: {e}") from None
             out[name] = text
     return out
+
+
+def check_ca_profiles(home: str, cfg: Config, overrides: dict[str, str]) -> None:
+    """Every profile [ca-profiles] names exists (a typo would silently stop a CA issuing)."""
+    from policy.profiles import load_profiles
+
+    known = load_profiles(overrides)
+    for ca, names in cfg.ca_profiles.items():
+        for n in names:
+            if n not in known:
+                raise ConfigError(f"{os.path.join(home, 'donjon.toml')}: [ca-profiles] {ca}: unknown profile {n!r}")

@@ -324,6 +324,7 @@ class Supervisor:
                                                  dist_rules=[msgspec.structs.replace(r, secret=None) for r in self.dist_rules],
                                                  dist_max_attempts=self.cfg.distribution.max_attempts,
                                                  dist_backoff_max=self.cfg.distribution.backoff_max,
+                                                 ca_profiles={k: tuple(v) for k, v in self.cfg.ca_profiles.items()},
                                                  **C.officer_settings(self.cfg)))
         m = await role.chan.recv()
         if not isinstance(m, S.Ready):
@@ -515,6 +516,7 @@ class Supervisor:
         self.stopping = False
         self.prepare()
         self.profiles = C.profile_overrides(self.home, self.cfg)
+        C.check_ca_profiles(self.home, self.cfg, self.profiles)
         admin = self.open_admin_socket() if ceremony is None else None
         listen = self.open_endpoint_socket() if ceremony is None and self.cfg.ocsp.enabled else None
         self.listen = listen  # kept (never read) so that a restarted endpoint gets the same listener

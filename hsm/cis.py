@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation
 from policy import audit, certs, crl, lint, profiles
+from policy.capolicy import CaPolicy, default_policy, named_policy
 from policy import serials as serials_list
 from policy import ocsp as ocsp_hashes
 from policy.errors import PolicyError
@@ -49,6 +50,7 @@ class Cis:
         self._throwaway: dict[str, object] = {}
         self._shadows: dict[bytes, bytes] = {}
         self._crls: dict[int, _CrlState] = {}
+        self._policies: dict[tuple[str, int], CaPolicy] = {}  # by label and CA certificate serial
         self.limiter = trio.CapacityLimiter(1)
 
     # ------------------------------------------------------------ helpers (run in the HSM thread)
@@ -115,8 +117,28 @@ class Cis:
             ca_issuers_url=f"{base}/ca/{label}.crt" if base else None,
         )
 
+    def ca_policy(self, label: str, cert: x509.Certificate) -> CaPolicy:
+        """What the CA may issue, read from beside its key in the token (never from the Factory's
+        request). A CA made before policies were kept gets the default for its place."""
+        pol = self._policies.get((label, cert.serial_number))
+        if pol is None:
+            data = self.token.policy(label)
+            pol = CaPolicy.decode(data) if data is not None else default_policy(cert.issuer == cert.subject)
+            self._policies[(label, cert.serial_number)] = pol
+        return pol
+
+    def new_ca_policy(self, item: S.IssueItem, root: bool) -> CaPolicy:
+        if item.allowed_profiles:
+            if item.allowed_kinds:
+                raise PolicyError("allowed profiles", "conflict", "name profiles or kinds, not both")
+            return named_policy(item.allowed_profiles, self.profiles)
+        if item.allowed_kinds:
+            return CaPolicy(tuple(sorted(set(item.allowed_kinds))), ())
+        return default_policy(root)
+
     def issue(self, req: S.Issue) -> list[S.IssueOutcome]:
         key = self.token.key(req.ca)
+        policy = None
         if req.self_signed:
             if len(req.items) != 1:
                 raise PolicyError("issue", "self-signed", "a self-signed request carries exactly one item")
@@ -126,11 +148,20 @@ class Cis:
             cert = self.issuer_cert(req.ca)
             issuer = self.issuer_info(req.ca, cert)
             issuer_der = cert.public_bytes(serialization.Encoding.DER)
+            policy = self.ca_policy(req.ca, cert)
+            if issuer.not_after < datetime.now(timezone.utc):
+                raise PolicyError("issuer", "expired", f"the certificate of CA {req.ca!r} expired on "
+                                  f"{issuer.not_after:%Y-%m-%d %H:%M} UTC: it issues nothing more")
         signer = make_private_key(self.token, key)
         halg = certs.signature_hash(key.key_type)
         out = []
         for item in req.items:
             try:
+                if policy is not None:
+                    prof = self.profiles.get(item.profile)
+                    if prof is not None and not policy.allows(prof):
+                        raise PolicyError("profile", "ca-policy", f"CA {req.ca!r} may not issue profile {item.profile!r} "
+                                          f"(its policy in the token allows: {policy.describe()})")
                 out.append(S.IssueOutcome(cert=self._issue_one(item, key, signer, halg, issuer, issuer_der, req), error=None))
             except PolicyError as e:
                 out.append(S.IssueOutcome(cert=None, error=str(e)))
@@ -150,6 +181,7 @@ class Cis:
             serial=int.from_bytes(item.serial, "big"), not_before=_utc(item.validity.not_before), not_after=_utc(item.validity.not_after),
             path_length=item.path_length, permitted_dns=tuple(item.permitted_dns),
         )
+        new = self.new_ca_policy(item, req.self_signed) if item.install_as is not None else None
         builder = certs.build_tbs(spec, issuer)
         linted_tbs = None
         if profile.lint:
@@ -168,7 +200,14 @@ class Cis:
                 raise PolicyError("install_as", "ca", "only CA certificates are kept in the token")
             if self.token.key(item.install_as).spki != item.spki:
                 raise PolicyError("install_as", "key", f"the certified key is not the token key {item.install_as!r}")
+            # The policy is written once: a later certificate for the same key keeps it, and a request
+            # that would change it is refused (a compromised Factory cannot widen what a CA issues).
+            old = self.token.policy(item.install_as)
+            if old is not None and CaPolicy.decode(old) != new and (item.allowed_profiles or item.allowed_kinds):
+                raise PolicyError("install_as", "ca-policy", f"CA {item.install_as!r} already has an issuance policy: it is never changed")
             self.token.store_certificate(item.install_as, der, cert.subject.public_bytes())
+            if old is None and new is not None:
+                self.token.store_policy(item.install_as, new.encode())
         return der
 
     # ------------------------------------------------------------ audit checkpoints
@@ -193,8 +232,14 @@ class Cis:
                                                  data_encipherment=False, key_agreement=False, key_cert_sign=False,
                                                  crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
                     .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+                    # RFC 5280 §4.2.1.1: an AKI even when self-signed (pkilint: ERROR without it).
+                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(pub), critical=False)  # type: ignore[arg-type]
                     .sign(make_private_key(self.token, key), hashes.SHA256()))
-            self.token.store_certificate(AUDIT_LABEL, cert.public_bytes(serialization.Encoding.DER), name.public_bytes())
+            der = cert.public_bytes(serialization.Encoding.DER)
+            findings = lint.lint_pkix(der)  # every certificate Donjon makes is linted, this one too
+            if findings:
+                raise PolicyError("audit certificate", "lint", "; ".join(findings[:5]))
+            self.token.store_certificate(AUDIT_LABEL, der, name.public_bytes())
         return key
 
     def audit_cert(self) -> bytes:

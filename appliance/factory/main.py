@@ -142,8 +142,7 @@ async def perform(req, f: Factory, actor: str) -> dict:
     if isinstance(req, S.ACaList):
         return {"cas": await f.ca_list()}
     if isinstance(req, S.ACaShow):
-        row = await f.ca_row(req.name)
-        return f._ca_doc(*row)
+        return await f.ca_show(req.name)
     if isinstance(req, S.ACaExport):
         return {"chain": [c.hex() for c in await f.ca_chain(req.name)]}
     if isinstance(req, S.ACaCreate):

@@ -27,13 +27,14 @@ from appliance.ipc.channel import Channel
 from policy import crl as crlenc
 from policy import csr as csrcheck
 from policy import profiles as profmod
+from policy.capolicy import CaPolicy, default_policy, named_policy
 from policy.errors import PolicyError
 
 from .cis_link import CisLink, CisRefused
 from .dist import Dist
 from .ocsp import OcspProducer
 from .tenants import TenantManager
-from .cmdb import Cmdb, CmdbError, serial_bytes, serial_int
+from .cmdb import Cmdb, CmdbError, cert_facts, serial_bytes, serial_int
 
 BACKDATE = 60  # seconds: tolerate client clock skew without predating the issuer
 BATCH_MAX = 64  # small enough that every signer always has a batch waiting
@@ -75,6 +76,7 @@ class _Pending:
     csr: bytes
     info: csrcheck.CsrInfo
     validity_days: int | None
+    actor: str = "factory"  # who asked: every audit record of the pipeline names them
     done: trio.Event = field(default_factory=trio.Event)
     result: S.IssueOutcome | None = None
     serial: int | None = None
@@ -270,6 +272,14 @@ class Factory:
             raise FactoryError("not-found", f"unknown profile {profile!r}")
         if name == "donjon-audit":
             raise FactoryError("policy", "the name donjon-audit is the audit key's: choose another CA name")
+        if parent is not None:
+            await self.check_issuer(parent, self.profiles[profile], actor, "ca-create")
+        try:
+            names = tuple(getattr(c, "allowed_profiles", ()) or self.cfg.ca_profiles.get(name, ()))
+            policy = named_policy(names, self.profiles) if names else default_policy(parent is None)
+        except PolicyError as e:
+            await self.audit(actor, "ca-create", name, "refused", str(e))
+            raise FactoryError("bad-request", str(e)) from None
         row = await self.run_db(lambda: db.db.execute("SELECT name FROM cas WHERE name=? OR key_label=?", (name, name)).fetchone())
         if row:
             raise FactoryError("exists", f"CA {name!r} already exists")
@@ -290,7 +300,8 @@ class Factory:
             not_after = min(not_after, int(parent_cert.not_valid_after_utc.timestamp()))
         serial = new_serial()
         item = S.IssueItem(profile=profile, spki=pub.spki, subject=subject, sans=(), serial=serial_bytes(serial),
-                           validity=S.Validity(now, not_after), path_length=c.path_length, install_as=name)
+                           validity=S.Validity(now, not_after), path_length=c.path_length, install_as=name,
+                           allowed_kinds=policy.kinds, allowed_profiles=policy.profiles)  # type: ignore[arg-type]
         await self.run_db(self._reserve, [(serial, parent or name, None)])
         try:
             issued = await self.cis.request(S.Issue(id=self.cis.new_id(), ca=parent or name, self_signed=parent is None, items=[item]))
@@ -305,11 +316,12 @@ class Factory:
 
         def store():
             with db.tx():
-                db.db.execute("INSERT INTO cas(name, key_label, key_type, parent, profile, cert, created) VALUES (?,?,?,?,?,?,?)",
-                              (name, name, c.key_type, parent, profile, outcome.cert, int(time.time())))
+                db.db.execute("INSERT INTO cas(name, key_label, key_type, parent, profile, cert, created, profiles) VALUES (?,?,?,?,?,?,?,?)",
+                              (name, name, c.key_type, parent, profile, outcome.cert, int(time.time()), policy.encode().decode()))
                 self._store_cert(serial, parent or name, profile, cert, outcome.cert, None)
                 self.dist.enqueue_object(db.db, "ca-cert", name)
-                db.audit(actor, "ca-create", name, "ok", f"{c.key_type} {_cn(cert)} serial={serial:x} parent={parent or '-'}")
+                db.audit(actor, "ca-create", name, "ok", f"{c.key_type} {_cn(cert)} serial={serial:x} parent={parent or '-'} "
+                                                         f"issues: {policy.describe()}")
         await self.run_db(store)
         await self.ocsp.publish(S.PublishCa(ca=name, cert=outcome.cert))
         self.ocsp.poke()
@@ -324,8 +336,50 @@ class Factory:
 
     async def ca_list(self) -> list[dict[str, Any]]:
         db = self._require_active()
-        rows = await self.run_db(lambda: db.db.execute("SELECT name, key_type, parent, profile, cert FROM cas ORDER BY created, name").fetchall())
-        return [self._ca_doc(*r) for r in rows]
+
+        def q():
+            rows = db.db.execute("SELECT name, key_type, parent, profile, cert FROM cas ORDER BY created, name").fetchall()
+            return [{**self._ca_doc(*r), **self._ca_extra(r[0])} for r in rows]
+        return await self.run_db(q)
+
+    async def ca_show(self, name: str) -> dict[str, Any]:
+        row = await self.ca_row(name)
+        return {**self._ca_doc(*row), **await self.run_db(self._ca_extra, name)}
+
+    def _ca_extra(self, name: str) -> dict[str, Any]:
+        state, why = self._ca_state(name)
+        return {"state": state, "state_reason": why, "issues": self._ca_policy(name).describe()}
+
+    def _ca_state(self, name: str) -> tuple[str, str]:
+        return ca_state(self.db.db, name, time.time())
+
+    def _ca_policy(self, name: str) -> CaPolicy:
+        row = self.db.db.execute("SELECT parent, profiles FROM cas WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise FactoryError("not-found", f"no CA named {name!r}")
+        return CaPolicy.decode(row[1].encode()) if row[1] else default_policy(row[0] is None)
+
+    async def check_issuer(self, ca: str, profile: profmod.Profile, actor: str, action: str) -> None:
+        """Refuse (audited, with the reason) issuance by a CA that is revoked or expired, or of a
+        profile the CA may not issue (its policy, narrowed by donjon.toml [ca-profiles])."""
+        db = self._require_active()
+
+        def q():
+            if not db.db.execute("SELECT 1 FROM cas WHERE name=?", (ca,)).fetchone():
+                return "not-found", f"no CA named {ca!r}"
+            state, why = self._ca_state(ca)
+            if state != "active":
+                return "policy", f"CA {ca!r} is {state}: {why}; it issues nothing more"
+            pol = self._ca_policy(ca)
+            narrowed = self.cfg.ca_profiles.get(ca)
+            if not pol.allows(profile) or (narrowed is not None and profile.name not in narrowed):
+                allowed = pol.describe() + (f"; donjon.toml [ca-profiles] narrows it to {', '.join(narrowed)}" if narrowed is not None else "")
+                return "policy", f"CA {ca!r} may not issue profile {profile.name!r} (it issues: {allowed})"
+            return None
+        bad = await self.run_db(q)
+        if bad is not None:
+            await self.audit(actor, action, ca, "refused", bad[1])
+            raise FactoryError(*bad)
 
     async def ca_row(self, name: str):
         db = self._require_active()
@@ -366,9 +420,11 @@ class Factory:
         db.execute("UPDATE serials SET state='issued' WHERE serial=? AND state='intent'", (sb,))
         if self.db.db.changes() != 1:
             raise CmdbError(f"serial {serial:x} was not an open intent")
-        db.execute("INSERT INTO certs VALUES (?,?,?,?,?,?,?,?,?)",
+        spki_hash, sans = cert_facts(der)
+        db.execute("INSERT INTO certs(serial, ca, profile, subject, not_before, not_after, issued_at, der, request, spki_sha256, sans) "
+                   "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                    (sb, ca, profile, _cn(cert), int(cert.not_valid_before_utc.timestamp()),
-                    int(cert.not_valid_after_utc.timestamp()), int(time.time()), der, request))
+                    int(cert.not_valid_after_utc.timestamp()), int(time.time()), der, request, spki_hash, sans))
         db.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (ca, sb))  # a response at once
         self.dist.enqueue_cert(db, ca, serial, profile)  # published with the same commit
         if self.dist.wants_serials(ca):
@@ -380,11 +436,13 @@ class Factory:
         profile = self.profiles.get(req.profile)
         if profile is None:
             raise FactoryError("not-found", f"unknown profile {req.profile!r}")
-        if profile.kind in ("root-ca",):
-            raise FactoryError("policy", "use `donjon init` for a root CA")
-        row = await self.run_db(lambda: db.db.execute("SELECT 1 FROM cas WHERE name=?", (req.ca,)).fetchone())
-        if not row:
-            raise FactoryError("not-found", f"no CA named {req.ca!r}")
+        if profile.kind in profmod.CA_KINDS:
+            # A CA certificate only ever comes from the guarded CA operations (dual control).
+            why = (f"profile {req.profile!r} makes CA certificates: they are issued only by `donjon ca sign-csr` "
+                   f"or `donjon ca create` (dual control), never by `issue`")
+            await self.audit(actor, "issue", req.ca, "refused", why)
+            raise FactoryError("policy", why)
+        await self.check_issuer(req.ca, profile, actor, "issue")
         def check_all() -> list[csrcheck.CsrInfo | PolicyError]:  # one thread hop for the whole request
             out: list[csrcheck.CsrInfo | PolicyError] = []
             for der in req.csrs:
@@ -400,7 +458,7 @@ class Factory:
                 pend.append(S.IssueOutcome(cert=None, error=str(info)))
                 refusals.append(str(info))
             else:
-                pend.append(_Pending(req.ca, req.profile, der, info, req.validity_days))
+                pend.append(_Pending(req.ca, req.profile, der, info, req.validity_days, actor))
         if refusals:
             def w():
                 with db.tx():
@@ -417,7 +475,7 @@ class Factory:
         serials = [f"{p.serial:x}" if isinstance(p, _Pending) and p.result and p.result.cert else None for p in pend]
         return S.IssueReply(id=req.id, results=results, serials=serials)
 
-    async def issuance_worker(self, signer: CisLink, actor: str = "factory") -> None:
+    async def issuance_worker(self, signer: CisLink) -> None:
         """Take a batch of pending requests for one CA and have `signer` sign it; several workers
         overlap DB commits with signing, and several signers sign in parallel."""
         while True:
@@ -432,7 +490,7 @@ class Factory:
             if self._pending:
                 self._wake.set()  # more work: wake another worker
             try:
-                await self._issue_batch(ca, batch, actor, signer)
+                await self._issue_batch(ca, batch, signer)
             except apsw.Error as e:  # the CMDB refused a write: no certificate without its stored record
                 _log(f"issuance batch stopped by a CMDB failure: {type(e).__name__}: {e}")
                 for p in batch:
@@ -447,7 +505,7 @@ class Factory:
                 for p in batch:
                     p.done.set()
 
-    async def _issue_batch(self, ca: str, batch: list[_Pending], actor: str, signer: CisLink) -> None:
+    async def _issue_batch(self, ca: str, batch: list[_Pending], signer: CisLink) -> None:
         cert_row = await self.ca_row(ca)
         ca_cert = x509.load_der_x509_certificate(cert_row[4])
         ca_end = int(ca_cert.not_valid_after_utc.timestamp())
@@ -466,7 +524,10 @@ class Factory:
             if len(outcomes) != len(batch):
                 raise CisRefused("internal", "the CIS answered a different number of items")
         except CisRefused as e:
-            await self.run_db(self._void, [p.serial for p in batch], actor, "issue", e.reason)
+            def void_each():
+                for p in batch:
+                    self._void([p.serial], p.actor, "issue", e.reason)
+            await self.run_db(void_each)
             for p in batch:
                 p.result = S.IssueOutcome(cert=None, error=e.reason)
             return
@@ -480,10 +541,10 @@ class Factory:
                         if cert.serial_number != p.serial:
                             raise CmdbError("the CIS returned a certificate with another serial")
                         self._store_cert(p.serial, ca, p.profile, cert, o.cert, p.csr)
-                        db.audit(actor, "issue", f"{ca}/{p.serial:x}", "ok", f"{p.profile} {_cn(cert)}")
+                        db.audit(p.actor, "issue", f"{ca}/{p.serial:x}", "ok", f"{p.profile} {_cn(cert)}")
                     else:
                         db.db.execute("UPDATE serials SET state='void' WHERE serial=?", (serial_bytes(p.serial),))
-                        db.audit(actor, "issue", f"{ca}/{p.serial:x}", "refused", o.error or "")
+                        db.audit(p.actor, "issue", f"{ca}/{p.serial:x}", "refused", o.error or "")
         await self.run_db(store)
         self.ocsp.poke()
         self.dist.poke()
@@ -527,6 +588,7 @@ class Factory:
         if profile is None or profile.kind != "sub-ca":
             raise FactoryError("policy", f"profile {req.profile!r} is not a subordinate-CA profile")
         self._require_active()
+        await self.check_issuer(req.parent, profile, actor, "ca-sign-csr")
         try:
             info = await trio.to_thread.run_sync(csrcheck.check_csr, req.csr, profile)
         except PolicyError as e:
@@ -807,6 +869,7 @@ class Factory:
         self._require_active()
         row = await self.ca_row(ca)
         ca_cert = x509.load_der_x509_certificate(row[4])
+        await self.check_issuer(ca, self.profiles["ocsp-responder"], actor, "ocsp-responder")
         try:
             key = await self.ocsp.request_responder_key(ca)
         except (CisRefused, trio.TooSlowError) as e:
@@ -926,6 +989,29 @@ class Factory:
             out.extend(b"".join(v) for v in cps.values())
             return b"".join(out)
         return await self.run_db(q)
+
+
+def ca_state(db: apsw.Connection, name: str, now: float) -> tuple[str, str]:
+    """A CA's state with its reason: active; revoked or expired (its certificate, or one above it);
+    awaiting certificate. DB thread."""
+    cur: str | None = name
+    while cur is not None:
+        row = db.execute("SELECT parent, cert FROM cas WHERE name=?", (cur,)).fetchone()
+        if row is None or not row[1]:
+            return "awaiting certificate", f"CA {cur!r} has no certificate yet"
+        parent, der = row
+        cert = x509.load_der_x509_certificate(der)
+        whose = f"CA {name!r}" if cur == name else f"its parent CA {cur!r}"
+        if cert.not_valid_after_utc.timestamp() < now:
+            return "expired", f"the certificate of {whose} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+        if parent is not None:
+            rev = db.execute("SELECT revoked_at, reason FROM revocations WHERE ca=? AND serial=?",
+                             (parent, serial_bytes(cert.serial_number))).fetchone()
+            if rev is not None:
+                at = time.strftime("%Y-%m-%d %H:%M", time.gmtime(rev[0]))
+                return "revoked", f"the certificate of {whose} was revoked on {at} UTC (reason {rev[1] or 0})"
+        cur = parent
+    return "active", ""
 
 
 def _write_durably(path: str, data: bytes) -> None:

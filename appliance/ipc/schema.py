@@ -138,6 +138,8 @@ class FactoryConfig(_Msg, tag="factory-config"):
     checkpoint_seconds: Annotated[int, msgspec.Meta(ge=0, le=30 * 86400)] = 3600  # 0: on demand only
     activation_max_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
     activation_lockout_seconds: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 900
+    # donjon.toml [ca-profiles]: per CA, the profiles it may issue (narrows what its token policy allows).
+    ca_profiles: dict[Name, Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)]] = {}
 
 
 class AutoActivate(_Msg, tag="auto-activate"):
@@ -224,6 +226,10 @@ class IssueItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
     permitted_dns: tuple[Annotated[str, msgspec.Meta(max_length=253)], ...] = ()
     install_as: Name | None = None  # a CA certificate for the token key of this label: keep it beside the key
+    # With install_as: what the new CA may issue, written once beside its key (the CIS enforces it);
+    # both empty: the default for its place (a root: CA profiles; an issuing CA: the others).
+    allowed_kinds: tuple[Literal["sub-ca", "ocsp-responder", "end-entity"], ...] = ()
+    allowed_profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()
 
 
 class Issue(_Msg, tag="issue"):
@@ -743,6 +749,7 @@ class ACaCreate(_Msg, tag="ca-create"):
     subject: tuple[Attr, ...]
     validity_days: Annotated[int, msgspec.Meta(ge=1, le=40 * 366)]
     path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
+    allowed_profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()  # empty: donjon.toml, else the default
 
 
 class ACaSignCsr(_Msg, tag="ca-sign-csr"):
@@ -1014,6 +1021,7 @@ class ACaCreateRoot(_Msg, tag="ca-create-root"):
     subject: tuple[Attr, ...]
     validity_days: Annotated[int, msgspec.Meta(ge=1, le=40 * 366)]
     path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
+    allowed_profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()
 
 
 class AShutdown(_Msg, tag="shutdown-request"):
@@ -1083,6 +1091,7 @@ class CeremonyCa(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename
     validity_days: Annotated[int, msgspec.Meta(ge=1, le=40 * 366)]
     path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
     profile: Name | None = None
+    allowed_profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()  # what this CA may issue
 
 
 class CeremonySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="kebab"):

@@ -163,4 +163,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (2, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "a8c322f0727fafdbba4c2b9a1a3d30e0c7c456f6f52fd8a61691d260146c274e"
+PINNED_SCHEMA_HASH = "671c5f4da69fd9c52e333bc08cf36d4aee0fd691fcef6bcdcede4ba466a49130"
