@@ -963,8 +963,10 @@ def config_show(home: Home = "./var") -> None:
 @config_app.command("set")
 def config_set(key: Annotated[str, typer.Argument(help="One of: " + ", ".join(ops.SETTINGS))],
                value: str, home: Home = "./var") -> None:
-    """Change one setting (validated; takes effect at the next start). Example: donjon config set ocsp.listen 0.0.0.0:80"""
-    typer.echo(op(ops.settings_set, home, key, value))
+    """Change one setting through the running appliance (an administrator; validated, audited; takes
+    effect at the next start). Example: donjon config set ocsp.listen 0.0.0.0:80"""
+    with client(home) as c:
+        typer.echo(op(ops.settings_set, c, key, value))
 
 
 # ---------------------------------------------------------------- internals

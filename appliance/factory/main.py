@@ -203,6 +203,8 @@ async def perform(req, f: Factory, actor: str) -> dict:
         await f.audit(actor, "shutdown", "appliance", "ok", "requested through the admin API")
         await f.send_event(S.Event(kind="shutdown-requested", detail=actor))
         return {"stopping": True}
+    if isinstance(req, S.AConfigSet):
+        return await f.config_set(req.key, req.value, actor)
     if isinstance(req, S.ACeremonyRecord):
         from .ceremonies import ceremony_record
         return await ceremony_record(f, actor, req.ceremony, req.transcript_sha256)
@@ -231,6 +233,7 @@ async def main(fds: dict[str, int], drop) -> None:
         await sup.send(ev)
 
     f = Factory(cfg, signers[0], send_event, profiles, signers)
+    f.sup_send = sup.send
     f.officers = Officers(f)
     f.checkpoints = Checkpoints(f)
     async with trio.open_nursery() as n:
@@ -309,6 +312,8 @@ async def main(fds: dict[str, int], drop) -> None:
                 break
             if isinstance(m, S.OcspStats):
                 f.ocsp_stats = m
+            elif isinstance(m, S.ConfigSetDone):
+                f.sup_reply(m)
             elif isinstance(m, S.NewLink) and m.link == "factory-distribution":
                 start_distribution(sup.take_fd())
             elif isinstance(m, S.NewLink):

@@ -46,6 +46,7 @@ PERMISSIONS: dict[str, frozenset[str] | None] = {
     "ocsp-tenant-csr": ADMIN, "ocsp-tenant-crl": OPER, "ocsp-tenant-serials": OPER,
     # console, ceremonies, backup
     "ca-create-root": OPER, "ceremony-record": ANY, "backup": ADMIN, "shutdown-request": ADMIN,
+    "config-set": ADMIN,  # HOME/donjon.toml, written by the supervisor on the Factory's audited request
 }
 SELF_SERVICE = {"officer-passwd", "officer-totp"}  # an officer may also do these to their own account
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from appliance.ipc import schema as S
-from appliance.ipc.channel import Channel
+from appliance.ipc.channel import Channel, ProtocolViolation
 from policy import crl as crlenc
 from policy import csr as csrcheck
 from policy import profiles as profmod
@@ -109,6 +109,9 @@ class Factory:
         self._serials_last: dict[str, float] = {}
         self.tenants = TenantManager(self)  # CRL-fed OCSP tenants
         self.stats = {"issued": 0, "refused": 0, "revoked": 0, "crls": 0}
+        self.sup_send = None  # the supervisor link's send (set by main): asks it to write donjon.toml
+        self._sup_waiting: dict[int, tuple[trio.Event, list]] = {}
+        self._sup_ids = 0
 
     # ------------------------------------------------------------ plumbing
 
@@ -396,6 +399,43 @@ class Factory:
             chain.append(row[4])
             cur = row[2]
         return chain
+
+    # ------------------------------------------------------------ settings (`donjon config set`)
+
+    def sup_reply(self, m: S.ConfigSetDone) -> None:
+        waiting = self._sup_waiting.pop(m.id, None)
+        if waiting is None:
+            raise ProtocolViolation(f"the supervisor answered request {m.id}, which is not waiting")
+        waiting[1].append(m)
+        waiting[0].set()
+
+    async def config_set(self, key: str, value: str, actor: str) -> dict[str, Any]:
+        """Ask the supervisor (which alone may write HOME/donjon.toml) to set one key; audited either way."""
+        self._require_active()
+        from appliance import config as C
+        try:
+            C.setting_literal(key, value)
+        except C.ConfigError as e:
+            await self.audit(actor, "config-set", key[:64], "refused", str(e))
+            raise FactoryError("bad-request", str(e)) from None
+        if self.sup_send is None:
+            raise FactoryError("internal", "no supervisor link")
+        self._sup_ids += 1
+        mid = self._sup_ids
+        done: tuple[trio.Event, list] = (trio.Event(), [])
+        self._sup_waiting[mid] = done
+        await self.sup_send(S.ConfigSet(id=mid, key=key, value=value))
+        with trio.move_on_after(30):
+            await done[0].wait()
+        if not done[1]:
+            self._sup_waiting.pop(mid, None)
+            await self.audit(actor, "config-set", key, "refused", "the supervisor did not answer")
+            raise FactoryError("internal", "the supervisor did not answer: nothing is known to be written")
+        r: S.ConfigSetDone = done[1][0]
+        await self.audit(actor, "config-set", key, "ok" if r.ok else "refused", r.message)
+        if not r.ok:
+            raise FactoryError("bad-request", r.message)
+        return {"key": key, "message": r.message}
 
     # ------------------------------------------------------------ issuance
 

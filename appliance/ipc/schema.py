@@ -462,8 +462,24 @@ class StatusReport(_Msg, tag="status-report"):
     destinations: list[DestinationState] = []  # distribution rules: backlog and whether failing
 
 
-SupToFactory = Union[Hello, FactoryConfig, AutoActivate, Ceremony, Shutdown, OcspStats, NewLink]  # the endpoint's counters, relayed
-FactoryToSup = Union[Hello, Ready, Event, StatusReport]
+class ConfigSet(_Msg, tag="config-set"):
+    """Write one setting into HOME/donjon.toml (asked by an administrator, checked and audited by the
+    Factory; the supervisor validates it again: it never trusts the Factory's check)."""
+
+    id: ReqId
+    key: Annotated[str, msgspec.Meta(max_length=64)]
+    value: Annotated[str, msgspec.Meta(max_length=1024)]
+
+
+class ConfigSetDone(_Msg, tag="config-set-done"):
+    id: ReqId
+    message: Text  # what was written, or why nothing was
+    ok: bool
+
+
+SupToFactory = Union[Hello, FactoryConfig, AutoActivate, Ceremony, Shutdown, OcspStats, NewLink,  # the endpoint's counters, relayed
+                     ConfigSetDone]
+FactoryToSup = Union[Hello, Ready, Event, StatusReport, ConfigSet]
 
 
 class ApplianceStatus(_Msg, tag="appliance-status"):
@@ -1024,6 +1040,14 @@ class ACaCreateRoot(_Msg, tag="ca-create-root"):
     allowed_profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()
 
 
+class AConfigSet(_Msg, tag="config-set"):
+    """`donjon config set KEY VALUE`: one setting of HOME/donjon.toml (takes effect at the next start)."""
+
+    id: ReqId
+    key: Annotated[str, msgspec.Meta(max_length=64)]
+    value: Annotated[str, msgspec.Meta(max_length=1024)]
+
+
 class AShutdown(_Msg, tag="shutdown-request"):
     """Stop the appliance cleanly (the supervisor stops every role, as on SIGTERM)."""
 
@@ -1053,7 +1077,7 @@ AdminRequest = Union[
     AOcspTenantSerials,
     ALogin, AResume, ALogout, AOfficerAdd, AOfficerList, AOfficerRemove, AOfficerPasswd, AOfficerUnlock, AOfficerTotp,
     APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
-    ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord,
+    ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, AConfigSet,
 ]
 
 

@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from appliance.client import AdminClient, ClientError
 from appliance.ipc import schema as S
 from appliance.ipc.channel import SyncChannel
 from tests.conftest import OFFICERS, make_csr, openssl
@@ -95,6 +96,25 @@ def test_ca_issuance_is_guarded_per_ca_profiles_officer_audited_and_revoked_ca_r
     r = subprocess.run([str(Path(sys.executable).parent / "lint_pkix_cert"), "lint", "-s", "WARNING", str(audit_pem)],
                        capture_output=True, timeout=60)
     assert r.returncode == 0 and not r.stdout.strip(), r.stdout
+
+    # Item 4: `config set` goes through the admin socket: an administrator's session, audited.
+    toml = (a.home / "donjon.toml").read_text()
+    r = a.cli("config", "set", "crl.validity-hours", "48", officer="oper", check=False)
+    assert r.returncode == 1 and b"may not config-set" in r.stderr and (a.home / "donjon.toml").read_text() == toml
+    r = a.cli("config", "set", "crl.validity-hours", "1e9", officer="admin", check=False)
+    assert r.returncode == 1 and b"not a whole number" in r.stderr and b"Traceback" not in r.stderr
+    assert "takes effect" in a.cli("config", "set", "crl.validity-hours", "48", officer="admin").stdout.decode()
+    assert "[crl]\nvalidity-hours = 48" in (a.home / "donjon.toml").read_text()
+    with AdminClient(str(a.home), timeout=30, session=a.session("admin")) as c:  # past the CLI's own check
+        try:
+            c.call(S.AConfigSet, key="hsm.module", value="/tmp/evil.so")
+            raise AssertionError("hsm.module was accepted")
+        except ClientError as e:
+            assert "unknown setting 'hsm.module'" in str(e)
+    assert "evil" not in (a.home / "donjon.toml").read_text()
+    cfg = [(r["actor"].split()[0], r["object"], r["outcome"]) for r in audit_records(a) if r["action"] == "config-set"]
+    assert cfg == [("officer:oper", "-", "denied"), ("officer:admin", "crl.validity-hours", "ok"),
+                   ("officer:admin", "hsm.module", "refused")], cfg
 
     # Item 1, in the CIS itself: a stand-in Factory speaking the real schema to the real CIS role.
     root_pem = a.export("root", tmp_path / "root.pem")

@@ -163,4 +163,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (2, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "671c5f4da69fd9c52e333bc08cf36d4aee0fd691fcef6bcdcede4ba466a49130"
+PINNED_SCHEMA_HASH = "2da6dc8ec8a43d12c4193cb89dcdbfd7d4072203f97a7d9724c74fc4573a9fda"
