@@ -191,12 +191,32 @@ def cert_show(c: AdminClient, ca: str, serial: bytes) -> dict[str, Any]:
     return _wrap(c.call, S.ACertShow, ca=ca, serial=serial)
 
 
-def cert_list(c: AdminClient, ca: str | None, limit: int) -> list[dict[str, Any]]:
-    return _wrap(c.call, S.ACertList, ca=ca, limit=limit)["certs"]
+CERT_STATUSES = ("valid", "revoked", "expired")
+
+
+def cert_list(c: AdminClient, ca: str | None, limit: int, subject: str | None = None, san: str | None = None,
+              status: str | None = None, expires_within: int | None = None, profile: str | None = None) -> list[dict[str, Any]]:
+    if status is not None and status not in CERT_STATUSES:
+        raise OpError(f"unknown status {status!r} (one of: {', '.join(CERT_STATUSES)})")
+    if expires_within is not None and not 0 <= expires_within <= 40 * 366:
+        raise OpError("--expires-within is a number of days, 0 to 14640")
+    if limit < 1 or limit > 100000:
+        raise OpError("--limit is 1 to 100000")
+    for what, v in (("subject", subject), ("SAN", san)):
+        if v is not None and not 1 <= len(v) <= 256:
+            raise OpError(f"the {what} filter is 1 to 256 characters")
+    if profile is not None:
+        check_name(profile, "profile")
+    if ca is not None:
+        check_name(ca, "CA name")
+    return _wrap(c.call, S.ACertList, ca=ca, limit=limit, subject=subject, san=san, status=status,
+                 expires_within_days=expires_within, profile=profile)["certs"]
 
 
 def cert_list_lines(certs: list[dict[str, Any]]) -> list[str]:
-    return [f"{c['ca']:<12} {c['serial']:<34} {'REVOKED' if c['revoked'] else 'valid  '} {c['profile']:<12} {c['subject']}"
+    def state(c: dict[str, Any]) -> str:
+        return "REVOKED" if c["revoked"] else "expired" if c.get("expired") else "valid  "
+    return [f"{c['ca']:<12} {c['serial']:<34} {state(c)} {c['profile']:<12} {c['subject']}"
             for c in certs]
 
 

@@ -541,10 +541,15 @@ def cert_export(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")
 @cert_app.command("list")
 def cert_list(ca: Annotated[Optional[str], typer.Option(help="Only this CA.")] = None,
               limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
+              subject: Annotated[Optional[str], typer.Option(help="Subject contains this (case-insensitive).")] = None,
+              san: Annotated[Optional[str], typer.Option(help="A SAN contains this, e.g. 'dns:www.' or 'spiffe://'.")] = None,
+              status: Annotated[Optional[str], typer.Option(help="valid, revoked or expired.")] = None,
+              expires_within: Annotated[Optional[int], typer.Option(help="Valid certificates expiring within this many days.")] = None,
+              profile: Annotated[Optional[str], typer.Option(help="Only this profile.")] = None,
               as_json: JsonOut = False, home: Home = "./var") -> None:
-    """List issued certificates, newest first. Example: donjon cert list --ca issuing"""
+    """List issued certificates, newest first, filtered. Example: donjon cert list --ca issuing --expires-within 30"""
     with client(home) as c:
-        certs = op(ops.cert_list, c, ca, limit)
+        certs = op(ops.cert_list, c, ca, limit, subject, san, status, expires_within, profile)
     if as_json:
         typer.echo(json.dumps(certs, indent=2))
         return

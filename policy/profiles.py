@@ -77,6 +77,8 @@ class Profile:
     max_validity_days: int
     lint: bool
     cabf: bool = False  # publicly-trusted TLS: build and lint to the CA/B Forum Baseline Requirements
+    unique_subject: bool = False  # refuse a second valid certificate (same CA) for the subject with another key
+    unique_key: bool = False  # refuse a public key this appliance already certified (any CA, any state)
 
     def rule(self, attr: str) -> SubjectRule | None:
         for r in self.subject:
@@ -103,6 +105,8 @@ _KEYS: dict[str, tuple[bool, Any]] = {
     "max_validity_days": (True, None),
     "lint": (False, False),
     "cabf": (False, False),
+    "unique_subject": (False, False),
+    "unique_key": (False, False),
 }
 _SUBJECT_KEYS = ("attr", "presence", "value")
 
@@ -263,6 +267,8 @@ def load_profile_text(name: str, text: str) -> Profile:
         max_validity_days=days,
         lint=lint,
         cabf=_bool(name, "cabf", get("cabf")),
+        unique_subject=_bool(name, "unique_subject", get("unique_subject")),
+        unique_key=_bool(name, "unique_key", get("unique_key")),
     )
 
 

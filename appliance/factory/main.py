@@ -152,7 +152,7 @@ async def perform(req, f: Factory, actor: str) -> dict:
     if isinstance(req, S.ACertShow):
         return await f.cert_get(req.ca, int.from_bytes(req.serial, "big"))
     if isinstance(req, S.ACertList):
-        return {"certs": await f.cert_list(req.ca, req.limit)}
+        return {"certs": await f.cert_list(req)}
     if isinstance(req, S.ARevoke):
         return await f.revoke(req, actor)
     if isinstance(req, S.AOcspResponderCert):

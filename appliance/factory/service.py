@@ -112,6 +112,7 @@ class Factory:
         self.sup_send = None  # the supervisor link's send (set by main): asks it to write donjon.toml
         self._sup_waiting: dict[int, tuple[trio.Event, list]] = {}
         self._sup_ids = 0
+        self._claims: dict[tuple[str, ...], bytes] = {}  # subjects and keys being issued now (uniqueness options)
 
     # ------------------------------------------------------------ plumbing
 
@@ -493,7 +494,11 @@ class Factory:
             return out
         pend: list[_Pending | S.IssueOutcome] = []
         refusals = []
-        for der, info in zip(req.csrs, await trio.to_thread.run_sync(check_all)):
+        infos = await trio.to_thread.run_sync(check_all)
+        claimed: list[tuple[str, ...]] = []
+        if profile.unique_subject or profile.unique_key:
+            infos = await self._check_unique(req.ca, profile, infos, claimed)
+        for der, info in zip(req.csrs, infos):
             if isinstance(info, PolicyError):
                 pend.append(S.IssueOutcome(cert=None, error=str(info)))
                 refusals.append(str(info))
@@ -509,11 +514,76 @@ class Factory:
         todo = [p for p in pend if isinstance(p, _Pending)]
         self._pending.extend(todo)
         self._wake.set()
-        for p in todo:
-            await p.done.wait()
+        try:
+            for p in todo:
+                await p.done.wait()
+        finally:
+            for k in claimed:  # stored (or refused) by now: the CMDB answers for them from here on
+                self._claims.pop(k, None)
         results = [p.result if isinstance(p, _Pending) else p for p in pend]
         serials = [f"{p.serial:x}" if isinstance(p, _Pending) and p.result and p.result.cert else None for p in pend]
         return S.IssueReply(id=req.id, results=results, serials=serials)
+
+    async def _check_unique(self, ca: str, profile: profmod.Profile, infos: list, claimed: list) -> list:
+        """The profile's uniqueness options: refuse a subject that already has a valid certificate of
+        this CA for another key, and a key already certified. Claims (in this trio thread, before any
+        wait) cover requests in flight, so two concurrent requests cannot both pass."""
+        from policy.certs import subject_name
+        now = int(time.time())
+        wanted = []
+        for info in infos:
+            if isinstance(info, PolicyError):
+                wanted.append(None)
+                continue
+            spki = hashlib.sha256(info.public_key_der).digest()
+            subj = subject_name(info.subject, profile).rfc4514_string()
+            why = None
+            if profile.unique_subject:
+                k = ("subject", ca, subj)
+                if k in self._claims and self._claims[k] != spki:
+                    why = f"a certificate for {subj!r} with another key is being issued now"
+            if why is None and profile.unique_key and ("key", spki.hex()) in self._claims:
+                why = "a certificate for this public key is being issued now"
+            if why is not None:
+                wanted.append(PolicyError("csr", "unique", f"{why} (profile {profile.name} requires it to be unique)"))
+                continue
+            for k in ([("subject", ca, subj)] if profile.unique_subject else []) + ([("key", spki.hex())] if profile.unique_key else []):
+                if k not in self._claims:
+                    self._claims[k] = spki
+                    claimed.append(k)
+            wanted.append((spki, subj))
+        db = self.db
+
+        def q():
+            out = []
+            for w in wanted:
+                if w is None or isinstance(w, PolicyError):
+                    out.append(w)
+                    continue
+                spki, subj = w
+                why = None
+                if profile.unique_key:
+                    row = db.db.execute("SELECT ca, serial FROM certs WHERE spki_sha256=? LIMIT 1", (spki,)).fetchone()
+                    if row:
+                        why = (f"this public key is already certified (CA {row[0]} serial {serial_int(row[1]):x}): "
+                               f"profile {profile.name} forbids key re-use")
+                if why is None and profile.unique_subject:
+                    row = db.db.execute(
+                        "SELECT c.serial FROM certs c LEFT JOIN revocations r ON r.ca=c.ca AND r.serial=c.serial "
+                        "WHERE c.ca=? AND c.subject=? AND c.not_after >= ? AND r.serial IS NULL AND c.spki_sha256 IS NOT ? LIMIT 1",
+                        (ca, subj, now, spki)).fetchone()
+                    if row:
+                        why = (f"{subj!r} already has a valid certificate from CA {ca} for another key (serial "
+                               f"{serial_int(row[0]):x}): profile {profile.name} requires unique names (revoke it first)")
+                out.append(PolicyError("csr", "unique", why) if why else None)
+            return out
+        try:
+            verdicts = await self.run_db(q)
+        except BaseException:
+            for k in claimed:
+                self._claims.pop(k, None)
+            raise
+        return [v if isinstance(v, PolicyError) else info for v, info in zip(verdicts, infos)]
 
     async def issuance_worker(self, signer: CisLink) -> None:
         """Take a batch of pending requests for one CA and have `signer` sign it; several workers
@@ -659,18 +729,46 @@ class Factory:
                 "not_after": na, "issued_at": issued, "revoked_at": rev_at, "reason": reason,
                 "pem": x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()}
 
-    async def cert_list(self, ca: str | None, limit: int) -> list[dict[str, Any]]:
+    async def cert_list(self, req: S.ACertList) -> list[dict[str, Any]]:
         db = self._require_active()
-        q = ("SELECT c.ca, c.serial, c.profile, c.subject, c.not_after, r.revoked_at FROM certs c "
+        now = int(time.time())
+        q = ("SELECT c.ca, c.serial, c.profile, c.subject, c.not_after, r.revoked_at, c.sans FROM certs c "
              "LEFT JOIN revocations r ON r.ca=c.ca AND r.serial=c.serial ")
-        args: tuple = ()
-        if ca:
-            q += "WHERE c.ca=? "
-            args = (ca,)
+        where: list[str] = []
+        args: list[Any] = []
+
+        def like(s: str) -> str:  # a literal substring: LIKE's wildcards escaped
+            return "%" + s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        if req.ca:
+            where.append("c.ca=?")
+            args.append(req.ca)
+        if req.profile:
+            where.append("c.profile=?")
+            args.append(req.profile)
+        if req.subject:
+            where.append("c.subject LIKE ? ESCAPE '\\'")
+            args.append(like(req.subject))
+        if req.san:
+            where.append("c.sans LIKE ? ESCAPE '\\'")
+            args.append(like(req.san))
+        if req.status == "revoked":
+            where.append("r.serial IS NOT NULL")
+        elif req.status == "expired":
+            where.append("r.serial IS NULL AND c.not_after < ?")
+            args.append(now)
+        elif req.status == "valid" or req.expires_within_days is not None:
+            where.append("r.serial IS NULL AND c.not_after >= ?")
+            args.append(now)
+        if req.expires_within_days is not None:
+            where.append("c.not_after <= ?")
+            args.append(now + req.expires_within_days * 86400)
+        if where:
+            q += "WHERE " + " AND ".join(where) + " "
         q += "ORDER BY c.issued_at DESC LIMIT ?"
-        rows = await self.run_db(lambda: db.db.execute(q, args + (limit,)).fetchall())
+        args.append(req.limit)
+        rows = await self.run_db(lambda: db.db.execute(q, tuple(args)).fetchall())
         return [{"ca": r[0], "serial": f"{serial_int(r[1]):x}", "profile": r[2], "subject": r[3], "not_after": r[4],
-                 "revoked": r[5] is not None} for r in rows]
+                 "revoked": r[5] is not None, "expired": r[5] is None and r[4] < now, "sans": r[6] or ""} for r in rows]
 
     # ------------------------------------------------------------ revocation and CRLs
 

@@ -800,6 +800,13 @@ class ACertList(_Msg, tag="cert-list"):
     id: ReqId
     ca: Name | None
     limit: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 1000
+    # Filters (all given must match): substrings of the subject or of a SAN (case-insensitive), the
+    # status now, valid certificates expiring within N days, the profile.
+    subject: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    san: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    status: Literal["valid", "revoked", "expired"] | None = None
+    expires_within_days: Annotated[int, msgspec.Meta(ge=0, le=40 * 366)] | None = None
+    profile: Name | None = None
 
 
 class ARevoke(_Msg, tag="revoke"):

@@ -20,7 +20,19 @@ from appliance.ipc import schema as S
 from appliance.ipc.channel import SyncChannel
 from tests.conftest import OFFICERS, make_csr, openssl
 
-DUAL = '\n[dual-control]\napprovals = 2\n\n[ca-profiles]\nissuing = ["tls-server", "tls-client", "ocsp-responder"]\n'
+DUAL = '\n[dual-control]\napprovals = 2\n\n[ca-profiles]\nissuing = ["tls-server", "tls-client", "ocsp-responder", "device"]\n'
+# An operator profile with both uniqueness options on (item 15; they are off by default).
+DEVICE = """kind = "end-entity"
+key_types = ["p256"]
+key_usage = ["digital_signature"]
+extended_key_usage = ["clientAuth"]
+max_validity_days = 30
+unique_subject = true
+unique_key = true
+[[subject]]
+attr = "CN"
+presence = "required"
+"""
 
 
 def audit_records(a) -> list[dict]:
@@ -32,8 +44,13 @@ def pending_id(r: subprocess.CompletedProcess) -> str:
     return r.stdout.split(b"#")[1].split(b" ")[0].decode()
 
 
-def test_ca_issuance_is_guarded_per_ca_profiles_officer_audited_and_revoked_ca_refused(appliance_factory, tmp_path):
+def test_ca_issuance_is_guarded_per_ca_profiles_officer_audited_and_revoked_ca_refused(appliance_factory, homes, tmp_path):
+    home = homes / "home0"  # the factory's first home: the operator profile is there before `donjon init`
+    (home / "profiles").mkdir(parents=True)
+    os.chmod(home, 0o711)
+    (home / "profiles" / "device.toml").write_text(DEVICE)
     a = appliance_factory(config=DUAL, officers={**OFFICERS, "oper2": "operator"})
+    assert a.home == home
     sub_csr = make_csr(tmp_path, "sub", san=None, subj="/CN=Rogue Sub CA/O=Donjon Test")
     www = make_csr(tmp_path, "www")
 
@@ -96,6 +113,40 @@ def test_ca_issuance_is_guarded_per_ca_profiles_officer_audited_and_revoked_ca_r
     r = subprocess.run([str(Path(sys.executable).parent / "lint_pkix_cert"), "lint", "-s", "WARNING", str(audit_pem)],
                        capture_output=True, timeout=60)
     assert r.returncode == 0 and not r.stdout.strip(), r.stdout
+
+    # Item 15: uniqueness options, per profile. Off by default: the same CSR twice under tls-server.
+    a.cli("issue", "--ca", "issuing", "--profile", "tls-server", "--csr", str(www))
+    key_a, key_b = make_csr(tmp_path, "ka", san=None, subj="/CN=dev1"), make_csr(tmp_path, "kb", san=None, subj="/CN=dev1")
+    first = json.loads(a.cli("issue", "--ca", "issuing", "--profile", "device", "--csr", str(key_a), "--json").stdout)[0]
+    r = a.cli("issue", "--ca", "issuing", "--profile", "device", "--csr", str(key_b), check=False)
+    assert r.returncode == 1 and b"requires unique names" in r.stderr and first["serial"].encode() in r.stderr, r.stderr
+    key_a2 = tmp_path / "ka2.csr"  # the same key under another name
+    openssl("req", "-new", "-key", str(tmp_path / "ka.key"), "-subj", "/CN=dev2", "-out", str(key_a2))
+    r = a.cli("issue", "--ca", "issuing", "--profile", "device", "--csr", str(key_a2), check=False)
+    assert r.returncode == 1 and b"forbids key re-use" in r.stderr, r.stderr
+    # Two CSRs for one new name in one request: the first is issued, the second refused.
+    c1, c2 = make_csr(tmp_path, "c1", san=None, subj="/CN=dev3"), make_csr(tmp_path, "c2", san=None, subj="/CN=dev3")
+    r = a.cli("issue", "--ca", "issuing", "--profile", "device", "--csr", str(c1), "--csr", str(c2), "--json", check=False)
+    docs = json.loads(r.stdout)
+    assert r.returncode == 1 and "serial" in docs[0] and "being issued now" in docs[1]["error"], docs
+    # Once the first is revoked, the name is free for another key.
+    a.cli("revoke", "--ca", "issuing", first["serial"], "--reason", "superseded")
+    second = json.loads(a.cli("issue", "--ca", "issuing", "--profile", "device", "--csr", str(key_b), "--json").stdout)[0]
+
+    # `cert list` filters: subject, SAN, status, expiry window, profile.
+    def listed(*args: str) -> list[str]:
+        return [c["serial"] for c in json.loads(a.cli("cert", "list", "--json", *args).stdout)]
+    assert listed("--subject", "CN=DEV1") == [second["serial"], first["serial"]]
+    assert listed("--subject", "dev1", "--status", "valid") == [second["serial"]]
+    assert first["serial"] in listed("--status", "revoked") and second["serial"] not in listed("--status", "revoked")
+    assert listed("--status", "expired") == []
+    soon = set(listed("--expires-within", "31", "--profile", "device"))
+    assert second["serial"] in soon and first["serial"] not in soon and soon == set(listed("--profile", "device", "--status", "valid"))
+    assert first["serial"] not in listed("--expires-within", "31") and listed("--expires-within", "29") == []
+    spiffe = listed("--san", "spiffe://example.org/")
+    assert len(spiffe) == 1 and listed("--san", "dns:www.example.org", "--ca", "issuing") and listed("--san", "%") == []
+    r = a.cli("cert", "list", "--status", "bogus", check=False)
+    assert r.returncode == 1 and b"unknown status" in r.stderr
 
     # Item 4: `config set` goes through the admin socket: an administrator's session, audited.
     toml = (a.home / "donjon.toml").read_text()

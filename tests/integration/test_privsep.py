@@ -163,4 +163,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (2, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "2da6dc8ec8a43d12c4193cb89dcdbfd7d4072203f97a7d9724c74fc4573a9fda"
+PINNED_SCHEMA_HASH = "21fd76f99322304c282c3fe352a89969e44cf05f0308dee3c197e21423747e3a"
