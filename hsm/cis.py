@@ -181,7 +181,18 @@ class Cis:
             serial=int.from_bytes(item.serial, "big"), not_before=_utc(item.validity.not_before), not_after=_utc(item.validity.not_after),
             path_length=item.path_length, permitted_dns=tuple(item.permitted_dns),
         )
-        new = self.new_ca_policy(item, req.self_signed) if item.install_as is not None else None
+        new = None
+        if item.install_as is not None:
+            if profile.kind not in ("root-ca", "sub-ca"):
+                raise PolicyError("install_as", "ca", "only CA certificates are kept in the token")
+            if self.token.key(item.install_as).spki != item.spki:
+                raise PolicyError("install_as", "key", f"the certified key is not the token key {item.install_as!r}")
+            # A CA key is certified once, its policy with it: no later request (a compromised Factory's
+            # included) replaces the certificate the CIS chains from, or the policy beside it.
+            if self.token.certificates(item.install_as):
+                raise PolicyError("install_as", "exists", f"CA {item.install_as!r} already has its certificate in the token: "
+                                  "a CA key is certified once, and its issuance policy is never changed")
+            new = self.new_ca_policy(item, req.self_signed)
         builder = certs.build_tbs(spec, issuer)
         linted_tbs = None
         if profile.lint:
@@ -196,18 +207,13 @@ class Cis:
             raise PolicyError("certificate", "lint", "the signed TBS differs from the linted TBS")
         der = cert.public_bytes(serialization.Encoding.DER)
         if item.install_as is not None:
-            if profile.kind not in ("root-ca", "sub-ca"):
-                raise PolicyError("install_as", "ca", "only CA certificates are kept in the token")
-            if self.token.key(item.install_as).spki != item.spki:
-                raise PolicyError("install_as", "key", f"the certified key is not the token key {item.install_as!r}")
-            # The policy is written once: a later certificate for the same key keeps it, and a request
-            # that would change it is refused (a compromised Factory cannot widen what a CA issues).
+            # The policy goes in first: a certificate never sits in the token without the policy it was made with.
             old = self.token.policy(item.install_as)
-            if old is not None and CaPolicy.decode(old) != new and (item.allowed_profiles or item.allowed_kinds):
+            if old is not None and CaPolicy.decode(old) != new:
                 raise PolicyError("install_as", "ca-policy", f"CA {item.install_as!r} already has an issuance policy: it is never changed")
-            self.token.store_certificate(item.install_as, der, cert.subject.public_bytes())
             if old is None and new is not None:
                 self.token.store_policy(item.install_as, new.encode())
+            self.token.store_certificate(item.install_as, der, cert.subject.public_bytes())
         return der
 
     # ------------------------------------------------------------ audit checkpoints
