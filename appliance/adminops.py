@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from appliance.client import AdminClient, ClientError
-from appliance.config import SETTINGS  # the settings `config set` may change (re-exported for the faces)
+from appliance.config import SETTINGS
 from appliance.ipc import schema as S
 
 REASONS = {"unspecified": 0, "keyCompromise": 1, "cACompromise": 2, "affiliationChanged": 3, "superseded": 4,
@@ -468,6 +468,7 @@ def shutdown(c: AdminClient) -> dict[str, Any]:
 
 # The settings an operator may change from any face; each validated by the full configuration loader
 # before the file is replaced. They take effect at the next start of the appliance.
+# SETTINGS (from appliance.config): the keys `config set` may change, re-exported for the faces.
 def settings_show(home: str) -> list[tuple[str, str]]:
     from appliance import config as C
     try:

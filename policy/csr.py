@@ -204,7 +204,7 @@ def check_uri(value: str, field: str = "san") -> None:
 # refuses them): a URI SAN of these schemes must match the grammar below exactly.
 _SPIFFE = re.compile(r"^spiffe://[a-z0-9._-]{1,255}(/[A-Za-z0-9._-]+)*$")  # SPIFFE-ID §2: no port, query, fragment
 _URN = re.compile(r"^urn:[A-Za-z0-9][A-Za-z0-9-]{0,30}[A-Za-z0-9]:[A-Za-z0-9()+,\-.:=@;$_!*'%/~&]+$")  # RFC 8141 (no r-/q-/f-components)
-_UUID = re.compile(r"^urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)  # RFC 9562
+_UUID = re.compile(r"^urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)  # RFC 9562
 STRICT_URI_SCHEMES = ("spiffe", "urn")
 
 

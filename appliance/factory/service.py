@@ -530,7 +530,7 @@ class Factory:
         wait) cover requests in flight, so two concurrent requests cannot both pass."""
         from policy.certs import subject_name
         now = int(time.time())
-        wanted = []
+        wanted: list[tuple[bytes, str] | PolicyError | None] = []
         for info in infos:
             if isinstance(info, PolicyError):
                 wanted.append(None)
@@ -539,15 +539,17 @@ class Factory:
             subj = subject_name(info.subject, profile).rfc4514_string()
             why = None
             if profile.unique_subject:
-                k = ("subject", ca, subj)
-                if k in self._claims and self._claims[k] != spki:
+                sk = ("subject", ca, subj)
+                if sk in self._claims and self._claims[sk] != spki:
                     why = f"a certificate for {subj!r} with another key is being issued now"
             if why is None and profile.unique_key and ("key", spki.hex()) in self._claims:
                 why = "a certificate for this public key is being issued now"
             if why is not None:
                 wanted.append(PolicyError("csr", "unique", f"{why} (profile {profile.name} requires it to be unique)"))
                 continue
-            for k in ([("subject", ca, subj)] if profile.unique_subject else []) + ([("key", spki.hex())] if profile.unique_key else []):
+            keys: list[tuple[str, ...]] = [("subject", ca, subj)] if profile.unique_subject else []
+            keys += [("key", spki.hex())] if profile.unique_key else []
+            for k in keys:
                 if k not in self._claims:
                     self._claims[k] = spki
                     claimed.append(k)
@@ -634,9 +636,11 @@ class Factory:
             if len(outcomes) != len(batch):
                 raise CisRefused("internal", "the CIS answered a different number of items")
         except CisRefused as e:
+            reason = e.reason
+
             def void_each():
                 for p in batch:
-                    self._void([p.serial], p.actor, "issue", e.reason)
+                    self._void([p.serial], p.actor, "issue", reason)
             await self.run_db(void_each)
             for p in batch:
                 p.result = S.IssueOutcome(cert=None, error=e.reason)
