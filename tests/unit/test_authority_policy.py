@@ -80,3 +80,22 @@ def test_malformed_spiffe_and_urn_are_still_refused(uri):
 
 def test_other_uri_findings_are_not_filtered():
     assert any("pkix.invalid_uri_syntax" in f for f in lint_certificate(_raw_leaf("mailto:a@example.org"), P["tls-client"]))
+
+
+def test_allowed_profiles_in_the_ceremony_file_and_donjon_toml(tmp_path):
+    from appliance import config as C
+    (tmp_path / "c.toml").write_text('[root]\nname = "root"\nkey-type = "p256"\nsubject = { CN = "R" }\nvalidity-days = 10\n'
+                                     '[[issuing]]\nname = "clients"\nkey-type = "p256"\nsubject = { CN = "C" }\nvalidity-days = 5\n'
+                                     'allowed-profiles = ["tls-client"]\n')
+    spec = C.load_ceremony(str(tmp_path / "c.toml"))
+    assert spec.root.allowed_profiles == () and spec.issuing[0].allowed_profiles == ("tls-client",)
+    (tmp_path / "donjon.toml").write_text('[ca-profiles]\nclients = ["tls-client"]\n')
+    cfg = C.load(str(tmp_path))
+    assert cfg.ca_profiles == {"clients": ("tls-client",)}
+    C.check_ca_profiles(str(tmp_path), cfg, {})
+    (tmp_path / "donjon.toml").write_text('[ca-profiles]\nclients = ["tls-clinet"]\n')
+    with pytest.raises(C.ConfigError, match="unknown profile 'tls-clinet'"):
+        C.check_ca_profiles(str(tmp_path), C.load(str(tmp_path)), {})
+    (tmp_path / "donjon.toml").write_text('[ca-profiles]\nclients = []\n')
+    with pytest.raises(C.ConfigError):
+        C.load(str(tmp_path))
