@@ -225,7 +225,9 @@ class Cis:
         except ObjectMissing:
             self.token.generate(AUDIT_LABEL, "p256")
             key = self.token.key(AUDIT_LABEL)
-        if not self.token.certificates(AUDIT_LABEL):
+        if self._audit_der(self.token.certificates(AUDIT_LABEL)) is None:
+            # None yet, or only one made before the AKI was added: a new certificate for the same key
+            # (checkpoints signed before still verify with it); the old one stays, never served again.
             now = datetime.now(timezone.utc)
             name = x509.Name([x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "Donjon"),
                               x509.NameAttribute(x509.NameOID.COMMON_NAME, f"Donjon audit key {self.token.label}"[:64])])
@@ -248,9 +250,25 @@ class Cis:
             self.token.store_certificate(AUDIT_LABEL, der, name.public_bytes())
         return key
 
+    @staticmethod
+    def _audit_der(ders: list[bytes]) -> bytes | None:
+        """The newest audit certificate that carries an AKI."""
+        good = []
+        for d in ders:
+            c = x509.load_der_x509_certificate(d)
+            try:
+                c.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+            except x509.ExtensionNotFound:
+                continue
+            good.append((c.not_valid_before_utc, d))
+        return max(good)[1] if good else None
+
     def audit_cert(self) -> bytes:
         self.audit_key()
-        return self.token.certificates(AUDIT_LABEL)[0]
+        der = self._audit_der(self.token.certificates(AUDIT_LABEL))
+        if der is None:
+            raise ObjectMissing("the audit certificate is missing from the token")
+        return der
 
     def sign_checkpoint(self, m: S.SignCheckpoint) -> tuple[bytes, bytes]:
         """Build the checkpoint text from its fields (never bytes from the Factory) and sign it."""

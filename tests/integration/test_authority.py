@@ -181,17 +181,56 @@ def test_ca_issuance_is_guarded_per_ca_profiles_officer_audited_and_revoked_ca_r
     issuing_spki = x509.load_pem_x509_certificate(issuing_pem.read_bytes()).public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     a.stop()
+    old_audit = audit_cert_without_aki(a.home, a.src)  # what an appliance made before the fix holds
     out = standin_factory(a.home, a.src, issuing_spki)
     assert out["issuing/sub-ca"].startswith("profile: CA 'issuing' may not issue profile 'sub-ca'"), out
     assert "ca-policy" in out["issuing/sub-ca"]
     assert out["root/tls-server"].startswith("profile: CA 'root' may not issue profile 'tls-server'"), out
     assert out["issuing/user-auth"].startswith("profile: CA 'issuing' may not issue profile 'user-auth'"), out
     assert "already has its certificate in the token" in out["widen-issuing"] and "never changed" in out["widen-issuing"], out
+    # An older audit certificate without an AKI is replaced, for the same key, when the CIS first needs it.
+    new_audit = x509.load_der_x509_certificate(bytes.fromhex(out["audit-cert"]))
+    assert new_audit.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    assert new_audit.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) == old_audit
     # The control: the same harness gets a good certificate where the policy allows it.
     good = tmp_path / "good.pem"
     assert len(out["issuing/tls-server"]) > 200, out
     good.write_bytes(x509.load_der_x509_certificate(bytes.fromhex(out["issuing/tls-server"])).public_bytes(serialization.Encoding.PEM))
     openssl("verify", "-CAfile", str(root_pem), "-untrusted", str(issuing_pem), str(good))
+
+
+DOWNGRADE = r"""
+import sys
+from datetime import datetime, timedelta, timezone
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from pkcs11 import Attribute, ObjectClass
+from hsm.token import Token, make_private_key
+t = Token("/usr/lib/softhsm/libsofthsm2.so", "donjon")
+t.login(sys.argv[1])
+key = t.key("donjon-audit")
+for o in list(t._session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.LABEL: "donjon-audit"})):
+    o.destroy()
+pub = serialization.load_der_public_key(key.spki)
+name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Donjon audit key donjon")])
+now = datetime.now(timezone.utc)
+cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(pub).serial_number(7)
+        .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=3650))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+        .sign(make_private_key(t, key), hashes.SHA256()))
+t.store_certificate("donjon-audit", cert.public_bytes(serialization.Encoding.DER), name.public_bytes())
+sys.stdout.write(key.spki.hex())
+"""
+
+
+def audit_cert_without_aki(home: Path, src: str) -> bytes:
+    """Put back the audit certificate as Donjon made it before (no AKI), for the same key in the real token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env.update(PYTHONPATH=src, SOFTHSM2_CONF=str(home / "softhsm" / "softhsm2.conf"))
+    r = subprocess.run([sys.executable, "-c", DOWNGRADE, (home / "pin").read_text().strip()], env=env, capture_output=True,
+                       timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    return bytes.fromhex(r.stdout.decode())
 
 
 def standin_factory(home: Path, src: str, issuing_spki: bytes) -> dict[str, str]:
@@ -238,6 +277,9 @@ def standin_factory(home: Path, src: str, issuing_spki: bytes) -> dict[str, str]
             else:
                 o = m.outcomes[0]
                 out[label] = o.cert.hex() if o.cert else o.error
+        fac.send(S.GetAuditCert(id=99))
+        m = fac.recv()
+        out["audit-cert"] = m.cert.hex() if isinstance(m, S.AuditCert) else m.reason
         sup.send(S.Shutdown())
         log = proc.communicate(timeout=30)[0]
         assert proc.returncode == 0, log
