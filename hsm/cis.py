@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation
 from policy import audit, certs, crl, lint, profiles
-from policy.capolicy import CaPolicy, default_policy, named_policy
 from policy import serials as serials_list
 from policy import ocsp as ocsp_hashes
+from policy.capolicy import CaPolicy, default_policy, named_policy
 from policy.errors import PolicyError
 
 from .token import ObjectMissing, Token, TokenError, make_private_key
