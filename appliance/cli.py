@@ -228,6 +228,9 @@ def run(home: Home = "./var",
         rc = trio.run(Supervisor(home, cfg).run, None, pin)
     except (C.ConfigError, H.HomeError, SupervisorError) as e:
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C outside the supervisor's signal handling (starting, or a second one while stopping)
+        typer.echo("donjon: interrupted", err=True)
+        raise typer.Exit(130) from None
     raise typer.Exit(rc)
 
 
