@@ -92,12 +92,17 @@ def parse_subject(s: str) -> tuple[tuple[str, str], ...]:
     return op(ops.parse_subject, s)
 
 
-def read_file(path: str, what: str) -> bytes:
+def read_file(path: str, what: str, limit: int | None = None) -> bytes:
+    """The file's bytes; with `limit`, at most limit + 1 of them (the caller says what is too large)."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read() if limit is None else f.read(limit + 1)
     except OSError as e:
         fail(f"cannot read {what} {path}: {e.strerror}")
+
+
+def read_csr(path: str) -> bytes:
+    return op(ops.csr_der, read_file(path, "CSR", ops.MAX_CSR_FILE), path)
 
 
 def der_of(data: bytes, label: str) -> bytes:
@@ -442,7 +447,7 @@ def ca_list(home: Home = "./var", as_json: JsonOut = False) -> None:
 @ca_app.command("show")
 def ca_show(name: str, home: Home = "./var") -> None:
     """Show one CA. Example: donjon ca show issuing"""
-    typer.echo(json.dumps(call(home, S.ACaShow, name=name), indent=2))
+    typer.echo(json.dumps(call(home, S.ACaShow, name=op(ops.check_name, name, "CA name")), indent=2))
 
 
 @ca_app.command("create")
@@ -475,7 +480,7 @@ def ca_sign_csr(csr: str,
 
     Example: donjon ca sign-csr sub.csr --parent root --out sub.pem
     """
-    der = der_of(read_file(csr, "CSR"), "CSR")
+    der = read_csr(csr)
     with client(home) as c:
         doc = op(ops.ca_sign_csr, c, parent, profile, der, days, path_length)
     out_bytes(doc["cert"].encode(), out)
@@ -505,7 +510,7 @@ def issue(ca: Annotated[str, typer.Option(help="Issuing CA.")] = ...,
 
     Example: donjon issue --ca issuing --profile tls-server --csr www.csr --out www.pem
     """
-    ders = [der_of(read_file(p, "CSR"), "CSR") for p in csr]
+    ders = [read_csr(p) for p in csr]
     with client(home) as c:
         pem, docs, failed = op(ops.issue, c, ca, profile, ders, days, list(csr))
     for d in docs:
@@ -561,6 +566,7 @@ def revoke(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = .
     Example: donjon revoke --ca issuing 5f3a... --reason keyCompromise
     """
     sb = parse_serial(serial)
+    op(ops.check_name, ca, "CA name")
     op(ops.parse_reason, reason)
     op(ops.parse_invalidity, invalidity)
     with client(home) as c:
@@ -626,6 +632,8 @@ def ocsp_responder_cert(ca: Annotated[str, typer.Option(help="The CA the respond
 
     Example: donjon ocsp responder-cert --ca issuing
     """
+    op(ops.check_name, ca, "CA name")
+    op(ops.check_range, days, 1, 366, "validity in days")
     doc = call(home, S.AOcspResponderCert, ca=ca, validity_days=days)
     if out:
         out_bytes(doc["cert"].encode(), out)

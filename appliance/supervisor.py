@@ -138,6 +138,7 @@ class Supervisor:
         self._disk_low = False
         self.listen: socket.socket | None = None
         self.dist_rules: list[S.DistRule] = []
+        self.auto_activate = False  # the Factory is told an AutoActivate follows (run with a PIN file)
 
     # ------------------------------------------------------------ preparation
 
@@ -333,6 +334,7 @@ class Supervisor:
                                                  dist_rules=[msgspec.structs.replace(r, secret=None) for r in self.dist_rules],
                                                  dist_max_attempts=self.cfg.distribution.max_attempts,
                                                  dist_backoff_max=self.cfg.distribution.backoff_max,
+                                                 auto_activate=self.auto_activate,
                                                  **C.officer_settings(self.cfg)))
         m = await role.chan.recv()
         if not isinstance(m, S.Ready):
@@ -526,6 +528,7 @@ class Supervisor:
 
     async def run(self, ceremony: S.CeremonySpec | None = None, pin: str | None = None, on_ready=None) -> int:
         self.stopping = False
+        self.auto_activate = ceremony is None and pin is not None
         self.prepare()
         self.profiles = C.profile_overrides(self.home, self.cfg)
         admin = self.open_admin_socket() if ceremony is None else None

