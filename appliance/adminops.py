@@ -289,6 +289,13 @@ def cert_show(c: AdminClient, ca: str, serial: bytes) -> dict[str, Any]:
     return _wrap(c.call, S.ACertShow, ca=ca, serial=serial)
 
 
+def cert_doc(doc: dict[str, Any]) -> dict[str, Any]:
+    """A certificate's record for printing: the PEM left out, its times in ISO 8601 exactly as `ca show` prints them."""
+    iso = ("not_before", "not_after", "issued_at", "revoked_at")
+    return {k: (datetime.fromtimestamp(v, timezone.utc).isoformat() if k in iso and isinstance(v, int) else v)
+            for k, v in doc.items() if k != "pem"}
+
+
 def cert_list(c: AdminClient, ca: str | None, limit: int) -> list[dict[str, Any]]:
     if ca is not None:
         check_name(ca, "CA name")
@@ -567,6 +574,14 @@ SETTINGS = {
 _HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})$")
 _URL = re.compile(r"^https?://(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253})(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
 _PATH = re.compile(r"^/?[A-Za-z0-9._/-]{1,200}$")
+
+
+def endpoint_url(listen: str) -> str:
+    """The URL a client on this machine reaches the endpoint at, from `ocsp.listen` (a wildcard address
+    is reached on loopback)."""
+    host, _, port = listen.rpartition(":")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}.get(host, host)
+    return f"http://{host}:{port}"
 
 
 def settings_show(home: str) -> list[tuple[str, str]]:

@@ -287,7 +287,8 @@ class Officers:
         if op in SELF_SERVICE and getattr(req, "name", None) == s.officer:
             return
         await self.f.audit(conn.actor, op, obj, "denied", f"roles {','.join(sorted(s.roles))} may not {op}")
-        raise FactoryError("denied", f"officer {s.officer} ({', '.join(sorted(s.roles))}) may not {op}")
+        raise FactoryError("denied", f"officer {s.officer} ({', '.join(sorted(s.roles))}) may not {op}: "
+                                     f"it needs the {' or '.join(sorted(allowed))} role")
 
     # ------------------------------------------------------------ officer management
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pty
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Appliance, make_ceremony, make_csr
+from tests.conftest import Appliance, make_ceremony, make_csr, openssl
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +148,56 @@ def test_csr_size_count_and_sha1_messages(shared, tmp_path):
     assert r.returncode == 1 and "lost the connection" not in err
     assert err.count("refused:") == 1030
     assert (tmp_path / "o.pem").read_bytes().count(b"BEGIN CERTIFICATE") == 1
+
+
+def test_cli_niceties(shared, tmp_path):
+    csr = make_csr(tmp_path, "www")
+    # issue prints each serial; revoke takes it as printed.
+    r = shared.cli("issue", "--ca", "issuing", "--profile", "tls-server", "--csr", str(csr), "--out", str(tmp_path / "w.pem"))
+    serial_line = r.stdout.decode().splitlines()[-1]
+    assert serial_line.startswith("serial ") and serial_line.endswith(f"  {csr}"), serial_line
+    serial = serial_line.split()[1]
+    r = shared.cli("issue", "--ca", "issuing", "--profile", "tls-server", "--csr", str(csr))
+    assert r.stdout.startswith(b"-----BEGIN CERTIFICATE-----") and b"serial" not in r.stdout  # stdout stays PEM
+    assert r.stderr.decode().startswith("serial ")
+    assert shared.cli("revoke", "--ca", "issuing", serial).stdout.decode().startswith(f"revoked issuing/{serial}")
+    # cert show: the same ISO 8601 times as ca show.
+    cert = json.loads(shared.cli("cert", "show", "--ca", "issuing", serial).stdout)
+    ca = json.loads(shared.cli("ca", "show", "issuing", "--json").stdout)
+    for t in (cert["not_before"], cert["not_after"], cert["issued_at"], cert["revoked_at"], ca["not_after"]):
+        assert datetime.fromisoformat(t).utcoffset() == timedelta(0) and t.endswith("+00:00"), t
+    # --json on commands that print data (the full list is checked in tests/unit/test_cli_options.py).
+    assert json.loads(shared.cli("audit", "reconcile", "--json").stdout) == {"voided": []}
+    # A refusal for a missing role names the role.
+    line = _one_line(shared.cli("issue", "--ca", "issuing", "--profile", "tls-server", "--csr", str(csr), officer="aud", check=False))
+    assert "may not issue: it needs the operator role" in line, line
+    # Empty lists say so.
+    assert shared.cli("dist", "list").stdout == b"no parked jobs\n"
+    assert shared.cli("pending", "list").stdout == b"no pending requests\n"
+    assert shared.cli("ocsp", "tenant", "list").stdout == b"no tenants\n"
+    assert shared.cli("audit", "reconcile").stdout.startswith(b"no voided intents")
+    # A CSR argument that is a certificate or a key says so.
+    shared.export("issuing", tmp_path / "ca.pem")
+    openssl("x509", "-in", str(tmp_path / "ca.pem"), "-outform", "DER", "-out", str(tmp_path / "ca.der"))
+    for path, what in ((tmp_path / "www.key", "a private key"), (tmp_path / "ca.pem", "a certificate"),
+                       (tmp_path / "ca.der", "a certificate")):
+        line = _one_line(shared.cli("issue", "--ca", "issuing", "--profile", "tls-server", "--csr", str(path), check=False))
+        assert f"{path} is {what}, not a certificate request" in line, line
+
+
+def test_crl_der_is_not_written_to_a_terminal(shared):
+    before = shared.cli("crl", "export", "--ca", "issuing").stdout
+    for args in (("crl", "export", "--ca", "issuing"), ("crl", "generate", "--ca", "issuing")):
+        main, sub = pty.openpty()
+        try:
+            e = shared.env("oper")
+            r = subprocess.run(shared.argv(*args), env=e, stdout=sub, stderr=subprocess.PIPE, timeout=120, cwd="/")
+        finally:
+            os.close(sub)
+            os.close(main)
+        assert r.returncode == 1
+        assert r.stderr.decode().strip() == "donjon: a CRL is DER (binary): give --out FILE or redirect the output"
+    assert shared.cli("crl", "export", "--ca", "issuing").stdout == before  # generate refused before signing
 
 
 def test_commands_right_after_a_restart_wait_for_activation(shared):
