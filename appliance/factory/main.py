@@ -14,7 +14,7 @@ import msgspec
 import trio
 
 from appliance.ipc import schema as S
-from appliance.ipc.channel import Channel, ProtocolViolation, Undecodable
+from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation, Undecodable
 
 from .checkpoints import Checkpoints
 from .cis_link import CisLink
@@ -303,6 +303,8 @@ async def main(fds: dict[str, int], drop) -> None:
                     await chan.handshake()
                     f.dist.attach(chan)
                     await f.dist.receive(chan)
+                except LinkClosed:
+                    pass  # the agent stopped (the supervisor reports a death and restarts it with a new link)
                 except ProtocolViolation as e:
                     _log(f"distribution link: {e}")  # the supervisor restarts the agent with a new link
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -325,6 +327,8 @@ async def main(fds: dict[str, int], drop) -> None:
                 chan = Channel.from_fd(fd, "factory-ocsp", S.OcspToFactory)
                 try:
                     await f.ocsp.serve_endpoint(chan, role)
+                except LinkClosed:
+                    pass  # the endpoint stopped (the supervisor reports a death and restarts it with a new link)
                 except ProtocolViolation as e:
                     _log(f"OCSP endpoint link ({role}): {e}")  # the supervisor restarts it with a new link
                 finally:

@@ -7,6 +7,7 @@ import os
 import pty
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -64,7 +65,7 @@ def test_ctrl_c_stops_cleanly_every_time(shared):
         assert shared.proc.wait(timeout=60) == 0
         out = _log_since(shared, offset)
         assert "signal SIGINT: stopping" in out
-        assert "Traceback" not in out and "protocol violation" not in out, out
+        assert "Traceback" not in out and "protocol violation" not in out and "peer closed" not in out, out
         assert "factory" in out and "stopped cleanly" in out
         shared.start()
     # The roles have process groups of their own: the terminal's SIGINT reaches the supervisor alone.
@@ -218,3 +219,51 @@ def test_commands_right_after_a_restart_wait_for_activation(shared):
         time.sleep(0.01)
     r = shared.cli("cert", "list", check=False)
     assert r.returncode == 0, r.stderr.decode()
+
+
+def _files(root: Path) -> set[str]:
+    out = set()
+    for d, dirs, files in os.walk(root):
+        dirs[:] = [x for x in dirs if x != ".git"]
+        out.update(os.path.join(d, f) for f in files + dirs)
+    return out
+
+
+def test_just_demo_as_documented(tmp_path):
+    """`just demo` in a state folder outside the checkout: it writes nothing into the checkout, prints steps
+    with the configured endpoint, and stops cleanly on Ctrl-C."""
+    repo = Path(__file__).resolve().parent.parent.parent
+    base = Path(tempfile.mkdtemp(prefix="donjon-demo-"))
+    os.chmod(base, 0o711)
+    home = base / "state"
+    home.mkdir(mode=0o711)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (home / "donjon.toml").write_text(f'[ocsp]\nlisten = "127.0.0.1:{port}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "DONJON_", "PYTHON"))}
+    env.update(DONJON_HOME=str(home), DONJON_PASSWORD="correct horse battery staple")
+    before = _files(repo)
+    log = base / "demo.log"
+    with open(log, "wb") as out:
+        p = subprocess.Popen([str(repo / ".venv" / "bin" / "just"), "-f", str(repo / "justfile"), "demo"], env=env, cwd=base,
+                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while b"running; admin socket" not in log.read_bytes():
+            assert p.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        text = log.read_text()
+        assert f"export DONJON_HOME={home} " in text
+        assert f"-url http://127.0.0.1:{port}/ocsp " in text and f"curl -s http://127.0.0.1:{port}/crl/issuing.crl" in text
+        os.killpg(p.pid, signal.SIGINT)  # Ctrl-C at the terminal: the foreground process group
+        assert p.wait(timeout=60) in (0, 130), log.read_text()  # 130: just's own "interrupted by SIGINT"
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    text = log.read_text()
+    assert "Traceback" not in text and "protocol violation" not in text and "peer closed" not in text, text
+    assert "factory" in text and "stopped cleanly" in text
+    assert _files(repo) - before == set()
+    shutil.rmtree(base, ignore_errors=True)
