@@ -8,6 +8,7 @@ import socket
 import struct
 import sys
 import traceback
+from typing import Annotated
 
 import apsw
 import msgspec
@@ -94,6 +95,13 @@ async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
         await stream.aclose()
 
 
+class _Envelope(msgspec.Struct):
+    """What a refusal needs of a request that did not decode: its tag and id (other fields skipped)."""
+
+    t: Annotated[str, msgspec.Meta(max_length=4096)] = ""
+    id: S.ReqId | None = None
+
+
 _MSGSPEC_PATH = re.compile(r"^(?P<what>.*?) - at `\$\.?(?P<path>[^`]*)`$")
 
 
@@ -111,21 +119,18 @@ async def refuse_undecodable(chan: Channel, e: Undecodable, f: Factory, conn: Co
     """A well-framed admin request with a value the schema refuses: a typed refusal, audited, link kept.
     A frame that is not even a request with an id is no client of ours: the connection is dropped."""
     try:
-        raw = msgspec.msgpack.decode(e.body)
-    except (msgspec.MsgspecError, ValueError, TypeError, OverflowError):
+        env = msgspec.msgpack.decode(e.body, type=_Envelope)
+    except (msgspec.MsgspecError, ValueError, TypeError, OverflowError, RecursionError):
         raise e from None
-    rid = raw.get("id") if isinstance(raw, dict) else None
-    if type(rid) is not int or not 0 <= rid < 2**62:
+    if env.id is None or env.t == "hello":
         raise e
-    tag = raw.get("t") if isinstance(raw.get("t"), str) else ""
-    if tag == "hello":
-        raise e
-    reason = bad_request_reason(tag[:64], e.detail)
+    tag = env.t[:64]
+    reason = bad_request_reason(tag, e.detail)
     try:
-        await f.audit(conn.actor, tag[:64] or "request", "-", "refused", reason)
+        await f.audit(conn.actor, tag or "request", "-", "refused", reason)
     except apsw.Error as ae:  # the refusal still goes out: nothing was done either way
         _log(f"CMDB error while auditing a bad request: {type(ae).__name__}: {ae}")
-    await chan.send(S.Refused(id=rid, code="bad-request", reason=reason))
+    await chan.send(S.Refused(id=env.id, code="bad-request", reason=reason))
 
 
 async def dispatch(chan: Channel, req, f: Factory, conn: Conn) -> None:

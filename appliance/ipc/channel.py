@@ -68,7 +68,9 @@ class Frames:
         del self._buf[:4 + length]
         try:
             return self._decoder.decode(body)
-        except (msgspec.MsgspecError, ValueError, TypeError, OverflowError) as e:  # msgspec also raises UnicodeDecodeError
+        # msgspec also raises UnicodeDecodeError, and RecursionError on deeply nested values (a frame of
+        # nested one-element arrays): both are the peer's fault, never a crash of the receiver.
+        except (msgspec.MsgspecError, ValueError, TypeError, OverflowError, RecursionError) as e:
             raise Undecodable(f"{self.link}: undecodable frame: {e}", body, str(e)) from None
 
 

@@ -122,6 +122,15 @@ def test_factory_refuses_invalid_requests_typed_and_keeps_the_link(shared):
         c.chan.sock.sendall(encode([1, 2, 3]))  # not a request at all: no client of ours, dropped
         with pytest.raises(ClientError, match="lost the connection"):
             c.call(S.AStatus)
+    # A value nested a million deep (msgspec raises RecursionError): that client is dropped, the Factory lives.
+    for deep in (b"\x83\xa1t\xa6status\xa2id\x05\xa2zz" + b"\x91" * 1_000_000 + b"\xc0",
+                 b"\x83\xa2zz" + b"\x91" * 1_000_000 + b"\xc0\xa1t\xa6status\xa2id\x06"):
+        with AdminClient(str(shared.home), timeout=30) as c:
+            c.chan.sock.sendall(len(deep).to_bytes(4, "big") + deep)
+            with pytest.raises(ClientError, match="lost the connection"):
+                c.call(S.AStatus)
+    with AdminClient(str(shared.home), timeout=30) as c:
+        assert c.call(S.AStatus)["activated"]
     audit = shared.cli("audit", "export").stdout.decode()
     assert "ca-create: validity_days: must be >= 1" in audit
     assert shared.proc.poll() is None
