@@ -69,8 +69,11 @@ def test_ctrl_c_stops_cleanly_every_time(shared):
         assert "factory" in out and "stopped cleanly" in out
         shared.start()
     # The roles have process groups of their own: the terminal's SIGINT reaches the supervisor alone.
+    # ... and, in the terminal's background, they ignore SIGTTOU: `stty tostop` cannot stop them on a log line.
     for pid in shared.role_pids().values():
         assert os.getpgid(pid) == pid != shared.proc.pid
+        sigign = int(next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("SigIgn:")).split()[1], 16)
+        assert sigign & (1 << (signal.SIGTTOU - 1))
 
 
 def _one_line(r: subprocess.CompletedProcess) -> str:
