@@ -200,13 +200,19 @@ class Appliance:
             self.kill()
 
     def kill(self) -> None:
-        """SIGKILL the whole process group (supervisor and every role at once)."""
+        """SIGKILL the supervisor's process group and every role (each role has a process group of its own)."""
         if self.proc is None:
             return
+        roles = self.role_pids().values() if self.proc.poll() is None else ()
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in roles:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait(timeout=30)
 
     def _supervisors(self, procs) -> set[int]:

@@ -27,6 +27,16 @@ class LinkClosed(ProtocolViolation):
     """The peer closed the link."""
 
 
+class Undecodable(ProtocolViolation):
+    """A whole frame that does not decode as the peer's union (the stream stays in step): roles exit on
+    it, the admin server answers it with a typed refusal instead (an admin client is not a role)."""
+
+    def __init__(self, message: str, body: bytes, detail: str):
+        super().__init__(message)
+        self.body = body
+        self.detail = detail
+
+
 def encode(msg: Any) -> bytes:
     body = _encoder.encode(msg)
     return _LEN.pack(len(body)) + body
@@ -58,8 +68,10 @@ class Frames:
         del self._buf[:4 + length]
         try:
             return self._decoder.decode(body)
-        except (msgspec.MsgspecError, ValueError, TypeError, OverflowError) as e:  # msgspec also raises UnicodeDecodeError
-            raise ProtocolViolation(f"{self.link}: undecodable frame: {e}") from None
+        # msgspec also raises UnicodeDecodeError, and RecursionError on deeply nested values (a frame of
+        # nested one-element arrays): both are the peer's fault, never a crash of the receiver.
+        except (msgspec.MsgspecError, ValueError, TypeError, OverflowError, RecursionError) as e:
+            raise Undecodable(f"{self.link}: undecodable frame: {e}", body, str(e)) from None
 
 
 class Channel:
@@ -151,7 +163,11 @@ class SyncChannel:
         self._frames = Frames(link, incoming)
 
     def send(self, msg: Any) -> None:
-        self.sock.sendall(encode(msg))
+        data = encode(msg)
+        if len(data) - 4 > self._frames.max:  # the peer would drop the link on it: say so instead
+            raise ProtocolViolation(f"the request is {len(data)} bytes: more than the {self._frames.max >> 20} MiB "
+                                    f"the {self.link} link carries")
+        self.sock.sendall(data)
 
     def recv(self) -> Any:
         while (m := self._frames.next()) is None:

@@ -142,6 +142,7 @@ class FactoryConfig(_Msg, tag="factory-config"):
     activation_lockout_seconds: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 900
     # donjon.toml [ca-profiles]: per CA, the profiles it may issue (narrows what its token policy allows).
     ca_profiles: dict[Name, Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)]] = {}
+    auto_activate: bool = False  # an AutoActivate follows: admin requests wait for it instead of racing it
 
 
 class AutoActivate(_Msg, tag="auto-activate"):

@@ -163,4 +163,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (2, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "2eea8d6e063190e1dad334f916640c027960ce77f62f2f9bd8ab0374b58995e0"
+PINNED_SCHEMA_HASH = "e2bb9c14bdbfc2d6243cb0e346d39159bdaa0af69f42ee87f6b36a8b54a8453e"
