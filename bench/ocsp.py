@@ -39,7 +39,6 @@ import datetime as dt
 import hashlib
 import http.client
 import json
-import os
 import random
 import re
 import shutil

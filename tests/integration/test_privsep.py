@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import msgspec
 import pytest
 
 from appliance import privdrop
