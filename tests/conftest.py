@@ -270,6 +270,11 @@ def copy_home(src: Path, dst: Path) -> None:
             os.chown(f, st.st_uid, st.st_gid)
 
 
+def _variant(ceremony: Path, config: str, officers: dict[str, str] | None, user: str | None, bin: str | None) -> tuple:
+    """Everything `donjon init` is given: equal variants make equal state folders (but for the keys)."""
+    return (ceremony.read_text(), config, tuple(sorted((officers if officers is not None else OFFICERS).items())), user, bin)
+
+
 @pytest.fixture(scope="session")
 def home_templates(src_path):
     """`donjon init` once per variant (ceremony, config, officers, mode) and per rank within a test
@@ -306,7 +311,7 @@ def appliance_factory(tmp_path, src_path, homes, home_templates):
         if init_args:  # init options may write outside the folder (--shares-dir): a real init each time
             a.init(ceremony, config=config, officers=officers, extra=init_args)
         else:
-            variant = (ceremony.read_text(), config, tuple(sorted((officers if officers is not None else OFFICERS).items())), user, bin)
+            variant = _variant(ceremony, config, officers, user, bin)
             ranks[variant] = ranks.get(variant, -1) + 1
             t = home_templates((*variant, ranks[variant]), ceremony, user, bin, config, officers)
             copy_home(t.home, home)
@@ -324,6 +329,26 @@ def appliance_factory(tmp_path, src_path, homes, home_templates):
 @pytest.fixture
 def appliance(appliance_factory):
     return appliance_factory()
+
+
+@pytest.fixture(scope="module")
+def shared_appliance(src_path, home_templates):
+    """One running appliance of the default variant for the tests of a module that only observe it:
+    none of them may change what another looks at (a test that stops, kills or reconfigures takes
+    `appliance`)."""
+    base = Path(tempfile.mkdtemp(prefix="donjon-test-"))
+    os.chmod(base, 0o711)
+    ceremony = make_ceremony(base / "ceremony.toml")
+    t = home_templates((*_variant(ceremony, "", None, None, None), 0), ceremony, None, None, "", None)
+    a = Appliance(base / "shared", src_path)
+    copy_home(t.home, a.home)
+    a.template, a.officers = t.home, dict(t.officers)
+    try:
+        a.start()
+        yield a
+    finally:
+        a.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def openssl(*args: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess:
