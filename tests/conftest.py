@@ -283,11 +283,12 @@ def home_templates(src_path):
     base = Path(tempfile.mkdtemp(prefix="donjon-templates-"))
     os.chmod(base, 0o711)
     made: dict[tuple, Appliance] = {}
+    tries = iter(range(1 << 30))  # a failed init leaves its folder: the next try gets a new one
 
     def get(key: tuple, ceremony: Path, user: str | None, bin: str | None, config: str,
             officers: dict[str, str] | None) -> Appliance:
         if key not in made:
-            t = Appliance(base / f"t{len(made)}", src_path, user=user, bin=bin)
+            t = Appliance(base / f"t{next(tries)}", src_path, user=user, bin=bin)
             t.init(ceremony, config=config, officers=officers)
             made[key] = t
         return made[key]
