@@ -47,9 +47,18 @@ demo:
 run *ARGS:
     {{venv}}/donjon run --home "{{home}}" {{ARGS}}
 
-# Run the whole test suite (pass pytest arguments through: just test -k crl)
+# Run the whole test suite (pass pytest arguments through: just test -k crl); kill -9 at 10 cycles
 test *ARGS:
     {{venv}}/python -m pytest {{ARGS}}
+
+# Lint: ruff over the tree, mypy over policy/, appliance/ipc/ and the CMDB module (config in pyproject.toml)
+lint:
+    {{venv}}/ruff check .
+    {{venv}}/mypy policy appliance/ipc appliance/factory/cmdb.py
+
+# The kill -9 test at 1,000 cycles (nothing lost, no serial twice, audit chain intact; DONJON_KILL_CYCLES=N for another count)
+torture *ARGS:
+    DONJON_KILL_CYCLES={{env_var_or_default("DONJON_KILL_CYCLES", "1000")}} {{venv}}/python -m pytest tests/integration/test_crash.py -m slow {{ARGS}}
 
 # Run the unit tests only (no appliance processes)
 test-unit *ARGS:

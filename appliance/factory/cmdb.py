@@ -301,7 +301,7 @@ class Cmdb:
         c.execute("PRAGMA synchronous = FULL")
         c.execute("PRAGMA foreign_keys = ON")
         c.execute("PRAGMA secure_delete = ON")
-        if c.execute("PRAGMA synchronous").fetchone()[0] != 2:
+        if c.pragma("synchronous") != 2:
             raise CmdbError("could not set synchronous=FULL: refusing to run with weaker durability")
         c.setbusytimeout(5000)
         self._migrate()
@@ -310,7 +310,7 @@ class Cmdb:
         self.db.close()
 
     def _migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        version = self.db.pragma("user_version")
         if version > SCHEMA_VERSION:
             raise CmdbError(f"CMDB schema v{version} is newer than this software (v{SCHEMA_VERSION})")
         for v in range(version + 1, SCHEMA_VERSION + 1):

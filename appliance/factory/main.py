@@ -145,7 +145,7 @@ async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
                 # its audit record included, was rolled back, so nothing happened.
                 _log(f"CMDB error: {type(e).__name__}: {e}")
                 await chan.send(S.Refused(id=req.id, code="internal", reason=f"audit storage failure ({type(e).__name__}): nothing was done"))
-            except Exception:
+            except Exception:  # noqa: BLE001 - any other failure is one request's, logged; the Factory serves on
                 _log("internal error:\n" + traceback.format_exc(limit=8))
                 await chan.send(S.Refused(id=req.id, code="internal", reason="internal error in the Factory (see its log)"))
     except ProtocolViolation as e:

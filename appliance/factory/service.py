@@ -640,7 +640,7 @@ class Factory:
                 for p in batch:
                     if p.result is None:
                         p.result = S.IssueOutcome(cert=None, error=f"audit storage failure ({type(e).__name__}): nothing was issued")
-            except Exception as e:  # never leave a requester waiting
+            except Exception as e:  # noqa: BLE001 - never leave a requester waiting
                 _log(f"issuance batch failed: {type(e).__name__}: {e}")
                 for p in batch:
                     if p.result is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import trio
@@ -52,7 +52,7 @@ class Frames:
         self._decoder = msgspec.msgpack.Decoder(incoming)
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buf += data
 
     def next(self) -> Any | None:
@@ -98,7 +98,7 @@ class Channel:
     async def send_fd(self, msg: Any, fd: int) -> None:
         """Send a message with a file descriptor attached (the NewLink of a restarted role)."""
         data = encode(msg)
-        sock = self.stream.socket
+        sock = cast(trio.SocketStream, self.stream).socket  # accept_fds links are socketpairs
         async with self._send_lock:
             n = await sock.sendmsg([data[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
             if n != 1:
@@ -118,10 +118,10 @@ class Channel:
         async with self._send_lock:
             await self.stream.send_all(data)
 
-    async def _receive(self, n: int) -> bytes:
+    async def _receive(self, n: int) -> bytes | bytearray:
         if not self.accept_fds:
             return await self.stream.receive_some(n)
-        data, anc, flags, _ = await self.stream.socket.recvmsg(n, socket.CMSG_SPACE(4 * struct.calcsize("i")))
+        data, anc, flags, _ = await cast(trio.SocketStream, self.stream).socket.recvmsg(n, socket.CMSG_SPACE(4 * struct.calcsize("i")))
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 k = len(payload) // 4

@@ -580,10 +580,6 @@ class OcspResume(_Msg, tag="ocsp-resume"):
     seq: Annotated[int, msgspec.Meta(ge=0, lt=2**62)]
 
 
-FactoryToOcsp = Union[Hello, PublishCa, PublishResponses, PublishCrl, ResponderKeyRequest, ResponderCert]
-OcspToFactory = Union[Hello, OcspResume, ResponderKey, Refused]
-
-
 # ---------------------------------------------------------------- supervisor/Factory <-> Distribution agent
 
 
