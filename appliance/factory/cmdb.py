@@ -234,18 +234,21 @@ def cert_facts(der: bytes) -> tuple[bytes, str]:
     from cryptography.hazmat.primitives import serialization
     cert = x509.load_der_x509_certificate(der)
     spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    names: list[x509.GeneralName] = []
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
     except x509.ExtensionNotFound:
-        san = []
-    kinds = {x509.DNSName: "dns", x509.IPAddress: "ip", x509.RFC822Name: "email", x509.UniformResourceIdentifier: "uri"}
-    sans = " ".join(f"{kinds.get(type(g), 'other')}:{g.value}" for g in san)
+        pass
+    kinds: dict[type, str] = {x509.DNSName: "dns", x509.IPAddress: "ip", x509.RFC822Name: "email",
+                              x509.UniformResourceIdentifier: "uri"}
+    sans = " ".join(f"{kinds.get(type(g), 'other')}:{g.value}" for g in names)
     return hashlib.sha256(spki).digest(), sans
 
 
 def _backfill_v7(db: apsw.Connection) -> None:
     rows = db.execute("SELECT serial, der FROM certs WHERE spki_sha256 IS NULL").fetchall()
     for serial, der in rows:
+        assert isinstance(der, bytes)
         h, sans = cert_facts(der)
         db.execute("UPDATE certs SET spki_sha256=?, sans=? WHERE serial=?", (h, sans, serial))
 
