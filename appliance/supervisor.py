@@ -8,6 +8,7 @@ non-zero (the service manager restarts the appliance).
 from __future__ import annotations
 
 import grp
+import hmac
 import os
 import signal
 import socket
@@ -20,7 +21,7 @@ import msgspec
 import trio
 
 from appliance import config as C
-from appliance import privdrop
+from appliance import privdrop, safefs
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, ProtocolViolation
 
@@ -148,21 +149,37 @@ class Supervisor:
         for name in self._endpoint_names():
             os.makedirs(L.ocsp_store(name), mode=0o700, exist_ok=True)
         self.dist_rules = C.dist_rules(self.home, self.cfg, with_secrets=True)  # ConfigError names the rule
-        if self.cfg.hsm.embedded and self.cfg.ocsp.enabled:
-            self.ocsp_pin = _ensure_softhsm_token(L.ocsp_token, "donjon-ocsp")
         if self.appliance:
             self.ids = privdrop.ensure_role_users(["cis", "factory", "ocsp"] + (["snmp"] if self.cfg.snmp.enabled else [])
                                                   + (["distribution"] if self._dist_enabled() else []))
             self.admin_gid = grp.getgrnam(privdrop.ADMIN_GROUP).gr_gid
             os.chmod(self.home, 0o711)
-            _chown_tree(L.cmdb, self.ids["factory"])
-            for name in self._endpoint_names():
-                _chown_tree(L.ocsp_store(name), self.ids["ocsp"])
-            _chown_tree(L.ocsp_token, self.ids["ocsp"])
-            if self.cfg.hsm.embedded:
-                _chown_tree(L.softhsm, self.ids["cis"])
-            os.chown(L.run, 0, self.admin_gid)
-            os.chmod(L.run, 0o750)
+        # HOME's own entries are root's (HOME is 0711): below them, a role's folder is the role's to
+        # fill with links, so everything there goes through fds that never follow one (safefs).
+        home_fd = safefs.open_root(self.home)
+        try:
+            if self.cfg.hsm.embedded and self.cfg.ocsp.enabled:
+                self.ocsp_pin = _ensure_softhsm_token(home_fd, L.ocsp_token, "donjon-ocsp", self.ids.get("ocsp"))
+            if self.appliance:
+                _hand_over(home_fd, "cmdb", self.ids["factory"])
+                for name in self._endpoint_names():
+                    _hand_over(home_fd, name, self.ids["ocsp"])
+                _hand_over(home_fd, "ocsp-token", self.ids["ocsp"], must_exist=False)
+                if self.cfg.hsm.embedded:
+                    _hand_over(home_fd, "softhsm", self.ids["cis"], must_exist=False)
+                os.chown(L.run, 0, self.admin_gid)
+                os.chmod(L.run, 0o750)
+            elif self.cfg.hsm.embedded:
+                _fix_mode(home_fd, "softhsm", 0o700)  # installs made before 0700 was enforced
+        finally:
+            os.close(home_fd)
+
+    def keep_ca_pin_from_endpoint(self, ca_pin: str | None) -> None:
+        """Each token has its own PIN: the CA token's reaches the CIS and nothing else, even when the
+        endpoint's folder holds it (the role could only have stolen or guessed it)."""
+        if ca_pin is not None and self.ocsp_pin is not None and hmac.compare_digest(ca_pin.encode(), self.ocsp_pin.encode()):
+            log("the endpoint's token PIN is the CA token's PIN: not handed to the endpoint (no live signing)")
+            self.ocsp_pin = None
 
     def _dist_enabled(self) -> bool:
         """The agent runs when there is something to publish, or CRL-fed tenants may need fetching
@@ -514,6 +531,7 @@ class Supervisor:
     async def run(self, ceremony: S.CeremonySpec | None = None, pin: str | None = None, on_ready=None) -> int:
         self.stopping = False
         self.prepare()
+        self.keep_ca_pin_from_endpoint(pin)
         self.profiles = C.profile_overrides(self.home, self.cfg)
         admin = self.open_admin_socket() if ceremony is None else None
         listen = self.open_endpoint_socket() if ceremony is None and self.cfg.ocsp.enabled else None
@@ -609,35 +627,88 @@ def _sum_stats(all_stats: list[S.OcspStats]) -> S.OcspStats:
         responses_held=max((s.responses_held for s in all_stats), default=0), oldest_this_update=min(olds) if olds else None)
 
 
-def _ensure_softhsm_token(folder: str, label: str) -> str:
+def _ensure_softhsm_token(home_fd: int, folder: str, label: str, ident: privdrop.Identity | None) -> str:
     """The endpoint's own SoftHSM2 token (embedded mode), made on first start; returns its user PIN.
-    It only ever holds delegated OCSP responder keys, never a CA key."""
+    It only ever holds delegated OCSP responder keys, never a CA key.
+
+    The folder belongs to the endpoint's user: root reads and writes in it only through fds that
+    follow no link (a `pin` linked to the CA's PIN file is refused, never read), and the token tool
+    runs as that user, so whatever the folder holds gives it nothing it did not have."""
     import secrets
     import subprocess
-    pin_path = os.path.join(folder, "pin")
-    if os.path.exists(pin_path):
-        with open(pin_path, encoding="utf-8") as f:
-            return f.read().strip()
-    os.makedirs(os.path.join(folder, "tokens"), mode=0o700, exist_ok=True)
-    conf = os.path.join(folder, "softhsm2.conf")
-    with open(conf, "w", encoding="utf-8") as f:
-        f.write(f"directories.tokendir = {folder}/tokens\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n")
-    pin = secrets.token_urlsafe(18)
-    r = subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", secrets.token_urlsafe(18),
-                        "--pin", pin], env=child_env({"SOFTHSM2_CONF": conf}), capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SupervisorError(f"cannot create the endpoint's token: {r.stderr.strip() or r.stdout.strip()}")
-    fd = os.open(pin_path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(pin + "\n")
-    os.rename(pin_path + ".tmp", pin_path)
-    return pin
+    name = os.path.basename(folder)
+    try:
+        os.mkdir(name, 0o700, dir_fd=home_fd)
+    except FileExistsError:
+        pass
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=home_fd)
+    try:
+        os.fchmod(fd, 0o700)
+        if ident is not None:
+            os.fchown(fd, ident.uid, ident.gid)
+        owners = (os.geteuid(),) + ((ident.uid,) if ident is not None else ())
+        pin_path = os.path.join(folder, "pin")
+        try:
+            raw = safefs.read_file(fd, "pin", 256, owners, where=pin_path)
+            pin = raw.decode("ascii").strip() if raw is not None else ""
+            if raw is not None and not (pin and pin.isprintable() and len(pin) <= 128):
+                raise safefs.UnsafePath(f"{pin_path} does not hold a PIN")
+        except (safefs.UnsafePath, UnicodeDecodeError) as e:
+            log(f"refused {pin_path}: {e if isinstance(e, safefs.UnsafePath) else 'not text'}: a new endpoint token is made")
+            pin = ""
+        if pin:
+            return pin
+        # As the endpoint's user: its own folder, its own power (rm -rf removes a planted link, not its target).
+        as_role = {"user": ident.uid, "group": ident.gid, "extra_groups": []} if ident is not None else {}
+        tokens = os.path.join(folder, "tokens")
+        for argv in (["rm", "-rf", "--", tokens], ["mkdir", "-m", "700", "--", tokens]):
+            r = subprocess.run(argv, env=child_env(), capture_output=True, text=True, cwd="/", **as_role)
+            if r.returncode != 0:
+                raise SupervisorError(f"cannot prepare {tokens}: {r.stderr.strip() or r.stdout.strip()}")
+        owner = (ident.uid, ident.gid) if ident is not None else None
+        conf = f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n"
+        safefs.write_file(fd, "softhsm2.conf", conf.encode(), 0o600, owner)
+        pin = secrets.token_urlsafe(18)
+        r = subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", secrets.token_urlsafe(18),
+                            "--pin", pin], env=child_env({"SOFTHSM2_CONF": os.path.join(folder, "softhsm2.conf")}),
+                           capture_output=True, text=True, cwd="/", **as_role)
+        if r.returncode != 0:
+            raise SupervisorError(f"cannot create the endpoint's token: {r.stderr.strip() or r.stdout.strip()}")
+        safefs.write_file(fd, "pin", (pin + "\n").encode(), 0o600, owner)
+        return pin
+    finally:
+        os.close(fd)
 
 
-def _chown_tree(path: str, ident: privdrop.Identity) -> None:
-    if not os.path.exists(path):
+def _hand_over(home_fd: int, name: str, ident: privdrop.Identity, must_exist: bool = True) -> None:
+    """Give HOME/name and what it holds to a role's user, through fds (safefs.chown_tree): a link or
+    a hard link the role planted there is left as it is, never followed, never re-owned."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=home_fd)  # HOME's entry: root's
+    except FileNotFoundError:
+        if must_exist:
+            raise
         return
-    os.chown(path, ident.uid, ident.gid)
-    for root, dirs, files in os.walk(path):
-        for n in dirs + files:
-            os.chown(os.path.join(root, n), ident.uid, ident.gid, follow_symlinks=False)
+    try:
+        os.fchmod(fd, 0o700)
+        refused: list[str] = []
+        safefs.chown_tree(fd, ident.uid, ident.gid, refused.append)
+        for r in refused[:20]:
+            log(f"not re-owned in {name}/: {r}")
+        if len(refused) > 20:
+            log(f"... and {len(refused) - 20} more in {name}/")
+    except safefs.UnsafePath as e:
+        log(f"ownership of {name}/: {e}")
+    finally:
+        os.close(fd)
+
+
+def _fix_mode(home_fd: int, name: str, mode: int) -> None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=home_fd)
+    except FileNotFoundError:
+        return
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
