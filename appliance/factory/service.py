@@ -662,12 +662,19 @@ class Factory:
         def snap_end():
             reader.db.execute("COMMIT")
 
+        def give_back():
+            # Nothing was signed under this number: it is reused, so CRL numbers stay without gaps.
+            with db.tx():
+                db.db.execute(f"UPDATE cas SET {counter} = {counter} - 1 WHERE name=? AND {counter}=?", (ca, number))
+
         count, length = await trio.to_thread.run_sync(snap_begin, limiter=rl)
         mid = self.cis.new_id()
         replies = self.cis.open(mid)
         tmp = tempfile.TemporaryFile(dir=self.home)
         tbs_hash = hashlib.sha256()
         tbs_len = 0
+        signed: S.CrlSigned | None = None
+        refused: S.Refused | None = None
         try:
             async with trio.open_nursery() as n:
                 async def sender():
@@ -685,7 +692,8 @@ class Factory:
                                                      S.SerialEntries(id=mid, serials=[r[0] for r in rows]))
                         await self.cis.chan.send(S.CrlEnd(id=mid))
                     finally:
-                        await trio.to_thread.run_sync(snap_end, limiter=rl)
+                        with trio.CancelScope(shield=True):  # the reader's snapshot ends even when the CIS refused
+                            await trio.to_thread.run_sync(snap_end, limiter=rl)
                 n.start_soon(sender)
                 while True:
                     m = await replies.receive()
@@ -696,10 +704,18 @@ class Factory:
                     elif isinstance(m, S.CrlSigned):
                         signed = m
                         break
-                    else:  # Refused
+                    else:  # Refused: stop the sender; audit and answer outside the cancelled scope
+                        refused = m
                         n.cancel_scope.cancel()
-                        await self.audit(actor, action, f"{ca}#{number}", "refused", m.reason)
-                        raise FactoryError("lint" if m.code == "lint" else m.code, m.reason)
+                        break
+            if refused is not None:
+                await self.run_db(give_back)
+                what = "CRL" if crl else "issued-serials list"
+                await self.audit(actor, action, f"{ca}#{number}", "refused", f"{refused.code}: {refused.reason}; number {number} not used")
+                raise FactoryError("lint" if refused.code == "lint" else refused.code,
+                                   f"the CIS refused to sign {what} #{number} of {ca}: {refused.reason}")
+            if signed is None:
+                raise FactoryError("internal", f"no signed {'CRL' if crl else 'issued-serials list'} from the CIS")
             if tbs_hash.digest() != signed.tbs_sha256:
                 raise FactoryError("internal", "the bytes received differ from what the CIS signed")
 
