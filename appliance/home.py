@@ -45,7 +45,8 @@ def create(home: str, pin: str | None = None, write_pin: bool = True) -> tuple[C
     os.makedirs(home, mode=0o711, exist_ok=True)
     cfg_path = os.path.join(home, "donjon.toml")
     if not os.path.exists(cfg_path):
-        with open(cfg_path, "w", encoding="utf-8") as f:
+        fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)  # secrets are files of their own
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(C.DEFAULT_TOML)
     cfg = C.load(home)
     if not cfg.hsm.embedded:

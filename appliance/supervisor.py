@@ -133,10 +133,12 @@ class Supervisor:
         self.roles: dict[str, Role] = {}
         self.factory_status: S.StatusReport | None = None
         self.tokens: dict[str, bool] = {}
+        self.unresponsive: set[str] = set()  # CIS processes the Factory reports silent past their deadline
         self.ocsp_pin: str | None = None
         self._disk_low = False
         self.listen: socket.socket | None = None
         self.dist_rules: list[S.DistRule] = []
+        self.snmp_config: S.SnmpConfig | None = None
 
     # ------------------------------------------------------------ preparation
 
@@ -144,16 +146,20 @@ class Supervisor:
         L = self.layout
         if not os.path.isdir(self.home):
             raise SupervisorError(f"{self.home} does not exist (run `donjon init --home {self.home} --ceremony FILE`)")
+        # Configuration errors first: a refused configuration leaves nothing behind.
+        self.dist_rules = C.dist_rules(self.home, self.cfg, with_secrets=True)  # ConfigError names the rule
+        if self.cfg.snmp.enabled:
+            self.snmp_config = C.snmp_config(self.home, self.cfg)  # secrets from their 0600 files
         os.makedirs(L.cmdb, mode=0o700, exist_ok=True)
         os.makedirs(L.run, mode=0o750, exist_ok=True)
         for name in self._endpoint_names():
             os.makedirs(L.ocsp_store(name), mode=0o700, exist_ok=True)
-        self.dist_rules = C.dist_rules(self.home, self.cfg, with_secrets=True)  # ConfigError names the rule
         if self.appliance:
             self.ids = privdrop.ensure_role_users(["cis", "factory", "ocsp"] + (["snmp"] if self.cfg.snmp.enabled else [])
                                                   + (["distribution"] if self._dist_enabled() else []))
             self.admin_gid = grp.getgrnam(privdrop.ADMIN_GROUP).gr_gid
             os.chmod(self.home, 0o711)
+        _protect_config(self.home, self.admin_gid)
         # HOME's own entries are root's (HOME is 0711): below them, a role's folder is the role's to
         # fill with links, so everything there goes through fds that never follow one (safefs).
         home_fd = safefs.open_root(self.home)
@@ -317,12 +323,7 @@ class Supervisor:
                                              softhsm_conf=self.layout.softhsm_conf if self.cfg.hsm.embedded else None,
                                              profiles=self.profiles, base_url=self.cfg.endpoint.base_url))
         elif role.kind == "snmp":
-            c = self.cfg.snmp
-            await role.chan.send(S.SnmpConfig(
-                listen=c.listen, community=c.community, community_sources=list(c.community_sources),
-                users=[S.SnmpUser(name=u.name, auth=u.auth, auth_key=u.auth_key, priv=u.priv, priv_key=u.priv_key) for u in c.users],
-                targets=[S.SnmpTarget(host=t.host, port=t.port, kind=t.kind, version=t.version, user=t.user, community=t.community)
-                         for t in c.targets]))
+            await role.chan.send(self.snmp_config)
         elif role.kind == "distribution":
             await role.chan.send(S.DistConfig(rules=self.dist_rules))
         elif role.kind == "ocsp":
@@ -341,6 +342,7 @@ class Supervisor:
                                                  dist_rules=[msgspec.structs.replace(r, secret=None) for r in self.dist_rules],
                                                  dist_max_attempts=self.cfg.distribution.max_attempts,
                                                  dist_backoff_max=self.cfg.distribution.backoff_max,
+                                                 cis_deadline_seconds=self.cfg.hsm.deadline_seconds,
                                                  **C.officer_settings(self.cfg)))
         m = await role.chan.recv()
         if not isinstance(m, S.Ready):
@@ -373,6 +375,13 @@ class Supervisor:
                     await self.notify("activated", "appliance", m.detail)
                 elif m.kind == "activated" and role.kind == "cis":
                     self.tokens.setdefault(self.cfg.hsm.token, True)
+                elif m.kind in ("cis-unresponsive", "cis-responsive") and role.kind == "factory":
+                    # The Factory pings each CIS: a stopped or hung one shows in status and SNMP.
+                    if m.kind == "cis-unresponsive":
+                        self.unresponsive.add(m.detail)
+                        await self.notify("role-unresponsive", m.detail, "no answer to the Factory within its deadline")
+                    else:
+                        self.unresponsive.discard(m.detail)
                 elif m.kind == "shutdown-requested" and role.kind == "factory":
                     # An officer asked (audited by the Factory): stop exactly as an operator's SIGTERM does.
                     os.kill(os.getpid(), signal.SIGTERM)
@@ -470,6 +479,8 @@ class Supervisor:
         for r in self.roles.values():
             alive = r.proc is not None and r.proc.returncode is None
             state = "running" if alive else ("restarting" if r.kind in STATELESS and not self.stopping else "stopped")
+            if alive and r.name in self.unresponsive:
+                state = "unresponsive"
             roles.append(S.RoleState(name=r.name, state=state, restarts=r.restarts, pid=r.proc.pid if r.proc else 0))
         return S.ApplianceStatus(
             activated=bool(fs and fs.activated), roles=roles,
@@ -699,6 +710,24 @@ def _hand_over(home_fd: int, name: str, ident: privdrop.Identity, must_exist: bo
             log(f"... and {len(refused) - 20} more in {name}/")
     except safefs.UnsafePath as e:
         log(f"ownership of {name}/: {e}")
+    finally:
+        os.close(fd)
+
+
+def _protect_config(home: str, admin_gid: int | None) -> None:
+    """donjon.toml: 0640 at most, readable by the admin group in appliance mode (its secrets are
+    files of their own, 0600)."""
+    try:
+        fd = os.open(os.path.join(home, "donjon.toml"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # none (the defaults), or a link the operator made: theirs to protect
+        return
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            if admin_gid is not None and st.st_uid == 0 and st.st_gid != admin_gid:
+                os.fchown(fd, 0, admin_gid)
+            if st.st_mode & 0o137:
+                os.fchmod(fd, st.st_mode & 0o640)
     finally:
         os.close(fd)
 

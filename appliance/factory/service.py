@@ -29,7 +29,7 @@ from policy import csr as csrcheck
 from policy import profiles as profmod
 from policy.errors import PolicyError
 
-from .cis_link import CisLink, CisRefused
+from .cis_link import CisLink, CisRefused, CisUnresponsive
 from .dist import Dist
 from .ocsp import OcspProducer
 from .tenants import TenantManager
@@ -675,28 +675,34 @@ class Factory:
         tbs_len = 0
         signed: S.CrlSigned | None = None
         refused: S.Refused | None = None
+        late: CisUnresponsive | None = None
         try:
             async with trio.open_nursery() as n:
                 async def sender():
                     try:
-                        await self.cis.chan.send(S.CrlBegin(id=mid, ca=ca, crl_number=number, this_update=this_update,
-                                                            next_update=next_update, entry_count=count, entries_length=length,
-                                                            kind=kind))
+                        await self.cis.send(S.CrlBegin(id=mid, ca=ca, crl_number=number, this_update=this_update,
+                                                       next_update=next_update, entry_count=count, entries_length=length,
+                                                       kind=kind))
                         after = b""
                         while True:
                             rows = await trio.to_thread.run_sync(page, after, limiter=rl)
                             if not rows:
                                 break
                             after = rows[-1][0]
-                            await self.cis.chan.send(S.CrlEntries(id=mid, entries=rows) if crl else
-                                                     S.SerialEntries(id=mid, serials=[r[0] for r in rows]))
-                        await self.cis.chan.send(S.CrlEnd(id=mid))
+                            await self.cis.send(S.CrlEntries(id=mid, entries=rows) if crl else
+                                                S.SerialEntries(id=mid, serials=[r[0] for r in rows]))
+                        await self.cis.send(S.CrlEnd(id=mid))
                     finally:
                         with trio.CancelScope(shield=True):  # the reader's snapshot ends even when the CIS refused
                             await trio.to_thread.run_sync(snap_end, limiter=rl)
                 n.start_soon(sender)
                 while True:
-                    m = await replies.receive()
+                    try:
+                        m = await self.cis.receive(replies)
+                    except CisUnresponsive as e:
+                        late = e
+                        n.cancel_scope.cancel()
+                        break
                     if isinstance(m, S.CrlChunk):
                         tbs_hash.update(m.data)
                         tbs_len += len(m.data)
@@ -708,6 +714,9 @@ class Factory:
                         refused = m
                         n.cancel_scope.cancel()
                         break
+            if late is not None:  # it may yet sign: the number is not given back
+                await self.audit(actor, action, f"{ca}#{number}", "failed", f"{late.reason}; number {number} skipped")
+                raise FactoryError(late.code, late.reason)
             if refused is not None:
                 await self.run_db(give_back)
                 what = "CRL" if crl else "issued-serials list"
@@ -742,7 +751,7 @@ class Factory:
                 return digest
             digest = await self.run_db(store)
         finally:
-            self.cis.close(mid)
+            self.cis.close(mid, answered=late is None)
             tmp.close()
         self.dist.poke()
         if crl:
@@ -906,7 +915,8 @@ class Factory:
 
     async def status(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"activated": self.db is not None, "token": self.token_info, "stats": dict(self.stats),
-                               "pending": len(self._pending)}
+                               "pending": len(self._pending),
+                               "cis": {s.name: "responsive" if s.responsive else "unresponsive" for s in self.signers}}
         if self.db is not None:
             db = self.db
 

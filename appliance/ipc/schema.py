@@ -138,6 +138,7 @@ class FactoryConfig(_Msg, tag="factory-config"):
     checkpoint_seconds: Annotated[int, msgspec.Meta(ge=0, le=30 * 86400)] = 3600  # 0: on demand only
     activation_max_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
     activation_lockout_seconds: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 900
+    cis_deadline_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0  # a CIS silent this long is unresponsive
 
 
 class AutoActivate(_Msg, tag="auto-activate"):
@@ -418,7 +419,7 @@ class SnmpConfig(_Msg, tag="snmp-config"):
 
 class RoleState(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
     name: Name
-    state: Literal["starting", "running", "restarting", "stopped", "failed"]
+    state: Literal["starting", "running", "restarting", "stopped", "failed", "unresponsive"]
     restarts: int
     pid: int
 
@@ -478,6 +479,7 @@ NotifyKind = Literal[
     "role-died", "role-restarted", "token-unavailable", "token-recovered", "activated", "deactivated",
     "login-lockout", "ca-cert-expiring", "responder-cert-expiring", "crl-expiring", "crl-lapsed",
     "ocsp-expiring", "ocsp-lapsed", "destination-failing", "audit-verify-failed", "disk-nearly-full",
+    "role-unresponsive",
 ]
 
 

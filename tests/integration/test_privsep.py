@@ -163,4 +163,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (2, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "a8c322f0727fafdbba4c2b9a1a3d30e0c7c456f6f52fd8a61691d260146c274e"
+PINNED_SCHEMA_HASH = "83fc3f40ff13c7b62a42079446a8724d37b2acf2f08af62d60fe6a360fe7e7de"
