@@ -421,8 +421,8 @@ def read_secret_file(home: str, rel: str, where: str, key: str) -> str:
         raise ConfigError(f"{where}: {key} {path}: {why}") from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{where}: {key} {path}: not a plain file")
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise ConfigError(f"{where}: {key} {path}: not a plain file with one name (a link?)")
         if st.st_mode & 0o077:
             raise ConfigError(f"{where}: {key} {path}: readable by others (mode {st.st_mode & 0o777:04o}): chmod 600 it")
         raw = os.read(fd, 4097)
@@ -458,17 +458,17 @@ def snmp_config(home: str, cfg: Config) -> S.SnmpConfig:
         auth, priv = secret(where, "auth-key", u.auth_key_file), secret(where, "priv-key", u.priv_key_file)
         if auth is None or priv is None:
             raise ConfigError(f"{where}: auth-key-file and priv-key-file are both needed (authPriv only)")
-        users.append(dict(name=u.name, auth=u.auth, auth_key=auth, priv=u.priv, priv_key=priv))
+        users.append({"name": u.name, "auth": u.auth, "auth_key": auth, "priv": u.priv, "priv_key": priv})
     targets = []
     for t in c.targets:
         where = f"{path}: [[snmp.targets]] {t.host}:{t.port}"
         if t.community is not None:
             raise refuse(where, "community")
-        targets.append(dict(host=t.host, port=t.port, kind=t.kind, version=t.version, user=t.user,
-                            community=secret(where, "community", t.community_file)))
+        targets.append({"host": t.host, "port": t.port, "kind": t.kind, "version": t.version, "user": t.user,
+                        "community": secret(where, "community", t.community_file)})
     try:
-        return msgspec.convert(dict(listen=c.listen, community=secret(f"{path}: [snmp]", "community", c.community_file),
-                                    community_sources=list(c.community_sources), users=users, targets=targets), S.SnmpConfig)
+        return msgspec.convert({"listen": c.listen, "community": secret(f"{path}: [snmp]", "community", c.community_file),
+                                "community_sources": list(c.community_sources), "users": users, "targets": targets}, S.SnmpConfig)
     except msgspec.ValidationError as e:
         raise ConfigError(f"{path}: [snmp]: {e}") from None
 

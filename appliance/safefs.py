@@ -195,6 +195,10 @@ def chown_tree(dirfd: int, uid: int, gid: int, refused: Callable[[str], None] | 
                 efd = open_beneath(fd, name, os.O_PATH)
             except FileNotFoundError:
                 continue  # gone meanwhile
+            except OSError as e:  # swapped for something that cannot be opened even as O_PATH
+                if refused:
+                    refused(f"{sub}: {e.strerror}: owner left as it is")
+                continue
             try:
                 st = os.fstat(efd)
                 if stat.S_ISDIR(st.st_mode):

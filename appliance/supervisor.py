@@ -673,7 +673,7 @@ def _ensure_softhsm_token(home_fd: int, folder: str, label: str, ident: privdrop
         as_role = {"user": ident.uid, "group": ident.gid, "extra_groups": []} if ident is not None else {}
         tokens = os.path.join(folder, "tokens")
         for argv in (["rm", "-rf", "--", tokens], ["mkdir", "-m", "700", "--", tokens]):
-            r = subprocess.run(argv, env=child_env(), capture_output=True, text=True, cwd="/", **as_role)
+            r = subprocess.run(argv, env=child_env(), capture_output=True, text=True, cwd="/", check=False, **as_role)
             if r.returncode != 0:
                 raise SupervisorError(f"cannot prepare {tokens}: {r.stderr.strip() or r.stdout.strip()}")
         owner = (ident.uid, ident.gid) if ident is not None else None
@@ -682,7 +682,7 @@ def _ensure_softhsm_token(home_fd: int, folder: str, label: str, ident: privdrop
         pin = secrets.token_urlsafe(18)
         r = subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", secrets.token_urlsafe(18),
                             "--pin", pin], env=child_env({"SOFTHSM2_CONF": os.path.join(folder, "softhsm2.conf")}),
-                           capture_output=True, text=True, cwd="/", **as_role)
+                           capture_output=True, text=True, cwd="/", check=False, **as_role)
         if r.returncode != 0:
             raise SupervisorError(f"cannot create the endpoint's token: {r.stderr.strip() or r.stdout.strip()}")
         safefs.write_file(fd, "pin", (pin + "\n").encode(), 0o600, owner)
