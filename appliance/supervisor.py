@@ -723,7 +723,7 @@ def _protect_config(home: str, admin_gid: int | None) -> None:
         return
     try:
         st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode):
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():  # someone else's file is theirs to protect
             if admin_gid is not None and st.st_uid == 0 and st.st_gid != admin_gid:
                 os.fchown(fd, 0, admin_gid)
             if st.st_mode & 0o137:
@@ -738,6 +738,7 @@ def _fix_mode(home_fd: int, name: str, mode: int) -> None:
     except FileNotFoundError:
         return
     try:
-        os.fchmod(fd, mode)
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, mode)
     finally:
         os.close(fd)

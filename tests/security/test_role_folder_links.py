@@ -43,6 +43,10 @@ def app(src_path, tmp_path_factory):
     as_user("donjon-ocsp", "rm", "-f", str(tok / "pin"))
     as_user("donjon-ocsp", "ln", "-sfn", str(victim), str(tok / "softhsm2.conf"))
     as_user("donjon-ocsp", "ln", str(shared), str(tok / "hard"))
+    token_dir = next(p for p in (tok / "tokens").iterdir() if p.is_dir())
+    token_file = next(token_dir.iterdir())
+    as_user("donjon-ocsp", "ln", "-sfn", str(victim), str(token_file))  # a token file swapped for a link
+    as_user("donjon-ocsp", "ln", str(shared), str(token_dir / "hard.object"))
     as_user("donjon-ocsp", "ln", "-s", str(victim), str(home / "ocsp" / "evil"))
     as_user("donjon-factory", "ln", "-s", "/etc", str(home / "cmdb" / "etc"))
     as_user("donjon-factory", "ln", str(shared), str(home / "cmdb" / "hard"))
