@@ -37,6 +37,7 @@ class CisLink:
         self.name = name  # the CIS process: "cis", "cis.1", ...
         self.deadline = deadline
         self.responsive = True
+        self._changed = trio.Event()  # wakes watch() when a request or a reply flips `responsive`
         self._ids = itertools.count(1)
         self._waiting: dict[int, trio.MemorySendChannel] = {}
         self._abandoned: dict[int, None] = {}  # insertion-ordered set
@@ -67,7 +68,7 @@ class CisLink:
             m = await self.chan.recv()
             if isinstance(m, S.Hello):
                 raise ProtocolViolation("unexpected Hello from the CIS")
-            self.responsive = True  # any reply proves it runs again
+            self._set_responsive(True)  # any reply proves it runs again
             ch = self._waiting.get(m.id)
             if ch is None:
                 if m.id in self._abandoned:
@@ -91,7 +92,7 @@ class CisLink:
         """The next reply on an open request, or CisUnresponsive after the deadline."""
         with trio.move_on_after(self.deadline):
             return await recv.receive()
-        self.responsive = False
+        self._set_responsive(False)
         raise CisUnresponsive(self.name, self.deadline)
 
     async def request(self, msg: Any) -> Any:
@@ -104,21 +105,30 @@ class CisLink:
         finally:
             self.close(msg.id, answered=reply is not None)
         if reply is None:
-            self.responsive = False
+            self._set_responsive(False)
             raise CisUnresponsive(self.name, self.deadline)
         if isinstance(reply, S.Refused):
             raise CisRefused(reply.code, reply.reason)
         return reply
 
+    def _set_responsive(self, value: bool) -> None:
+        if value != self.responsive:
+            self.responsive = value
+            self._changed.set()
+
     async def watch(self, on_change) -> None:
         """Ping the CIS every few seconds; `on_change(link)` hears when it stops or starts answering."""
         reported = True
         while True:
-            try:
-                await self.request(S.Ping(id=self.new_id()))
-            except CisUnresponsive:
-                pass
-            if self.responsive != reported:  # whoever noticed (a request's deadline, a late reply, this ping)
+            if self.responsive != reported:  # whoever noticed: a request's deadline, a late reply, a ping
                 reported = self.responsive
                 await on_change(self)
-            await trio.sleep(PING_SECONDS)
+                continue
+            with trio.move_on_after(PING_SECONDS):
+                await self._changed.wait()
+            self._changed = trio.Event()
+            if self.responsive == reported:  # a quiet interval: ask
+                try:
+                    await self.request(S.Ping(id=self.new_id()))
+                except CisUnresponsive:
+                    pass

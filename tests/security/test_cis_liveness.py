@@ -1,9 +1,11 @@
-"""A stopped CIS is noticed, and SNMP secrets are files of their own (issue 12 items 11 and 10):
-one appliance with SNMP and a short Factory->CIS deadline, its SNMP secrets in 0600 files."""
+"""A stopped CIS is noticed, a CIS without its token refuses CRLs cleanly, and SNMP secrets are files
+of their own (issue 12 items 11, 8 and 10): one appliance with SNMP and a short Factory->CIS
+deadline, its SNMP secrets in 0600 files."""
 
 from __future__ import annotations
 
 import grp
+import json
 import os
 import shutil
 import signal
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from appliance import config as C
 from appliance.snmp import mib as M
@@ -111,8 +114,10 @@ def test_a_stopped_cis_is_unresponsive_in_status_and_snmp_and_issuance_fails_at_
         assert r.returncode == 1 and f"did not answer in {DEADLINE} s: it is unresponsive" in err, err
         assert took < 60, took  # not the CLI's 600 s: the Factory's deadline answered
         until(lambda: b"CIS: UNRESPONSIVE (cis, cis.1)" in a.cli("status", check=False).stdout, "status names both CIS processes")
-        states = until(lambda: (s := snmp_roles(a)).get("cis.1") == M.ROLE_STATES["unresponsive"] and s, "SNMP roleState unresponsive(6)")
-        assert states["cis"] == M.ROLE_STATES["unresponsive"] and states[""] == M.STATE_DEGRADED, states
+        silent = M.ROLE_STATES["unresponsive"]
+        states = until(lambda: (s := snmp_roles(a)).get("cis") == silent and s.get("cis.1") == silent and s,
+                       "SNMP roleState unresponsive(6) for both")
+        assert states[""] == M.STATE_DEGRADED, states
     finally:
         for pid in cis:
             os.kill(pid, signal.SIGCONT)
@@ -121,6 +126,37 @@ def test_a_stopped_cis_is_unresponsive_in_status_and_snmp_and_issuance_fails_at_
     a.cli("issue", "--ca", "issuing", "--profile", "tls-server", "--csr", str(make_csr(tmp_path, "after")))
     assert until(lambda: snmp_roles(a).get("cis") == M.ROLE_STATES["running"], "SNMP shows the CIS running again")
     assert set(a.role_pids()) >= {"cis", "cis.1", "factory"}
+
+
+def test_crl_refused_without_the_token_folder_then_signed_with_the_next_number(app, tmp_path):
+    """Issue 12 item 8: a clear refusal, audited, no CRL number skipped, the next CRL signs once the token is back."""
+    a = app
+    a.cli("crl", "generate", "--ca", "issuing", "--out", str(tmp_path / "first.crl"))
+    first = x509.load_der_x509_crl((tmp_path / "first.crl").read_bytes()).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    tokens = a.home / "softhsm" / "tokens"
+    shutil.move(tokens, a.home / "tokens.away")
+    try:
+        r = a.cli("crl", "generate", "--ca", "issuing", check=False)
+        err = r.stderr.decode()
+        assert r.returncode == 1 and err.count("\n") == 1, err
+        assert f"the CIS refused to sign CRL #{first + 1} of issuing" in err and "internal error" not in err, err
+    finally:
+        shutil.move(a.home / "tokens.away", tokens)
+    log = a.log.read_text()
+    assert "Traceback" not in log and "UnboundLocalError" not in log
+    # Back: the number the refusal did not use is the next CRL's (the reader's snapshot ended too).
+    deadline = time.monotonic() + 60
+    while True:
+        r = a.cli("crl", "generate", "--ca", "issuing", "--out", str(tmp_path / "next.crl"), check=False)
+        if r.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)  # the CIS re-initialises the library when it sees the token back
+    assert r.returncode == 0, r.stderr.decode()
+    crl = x509.load_der_x509_crl((tmp_path / "next.crl").read_bytes())
+    assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == first + 1
+    records = [json.loads(ln) for ln in a.cli("audit", "export").stdout.decode().splitlines() if ln.strip()]
+    refused = [r for r in records if r.get("action") == "crl" and r.get("outcome") == "refused"]
+    assert refused and refused[-1]["object"] == f"issuing#{first + 1}" and "not used" in refused[-1]["detail"], refused
 
 
 def test_snmp_secrets_come_from_0600_files_and_the_config_is_0640(app):
