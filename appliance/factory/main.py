@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 import sys
 import traceback
+from typing import Annotated
 
 import apsw
 import msgspec
 import trio
 
 from appliance.ipc import schema as S
-from appliance.ipc.channel import Channel, ProtocolViolation
+from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation, Undecodable
 
 from .checkpoints import Checkpoints
 from .cis_link import CisLink
@@ -81,6 +83,7 @@ class AdminGate:
             return False
         self.warned.add(uid)
         return True
+AUTO_ACTIVATION_WAIT = 60  # seconds an admin request waits for the activation from the PIN file
 
 
 def peer_allowed(sock: socket.socket, cfg: S.FactoryConfig) -> tuple[bool, str]:
@@ -118,13 +121,18 @@ async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
         while True:
             if conn.session is None:
                 with trio.move_on_after(IDLE_SECONDS) as idle:
-                    req = await chan.recv()
+                    req = await recv_admin(chan, f, conn)
                 if idle.cancelled_caught:
                     return
             else:
-                req = await chan.recv()
+                req = await recv_admin(chan, f, conn)
             if isinstance(req, S.Hello):
                 raise ProtocolViolation("second Hello")
+            if f.auto_activation is not None and not isinstance(req, (S.AStatus, S.AActivate, S.AActivateShares)):
+                # Right after a start the PIN-file activation is under way: wait for it (bounded)
+                # rather than answer "log in first" or "not activated" to a script that races it.
+                with trio.move_on_after(AUTO_ACTIVATION_WAIT):
+                    await f.auto_activation.wait()
             try:
                 await f.officers.authorise(conn, req)
                 await dispatch(chan, req, f, conn)
@@ -137,7 +145,7 @@ async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
                 # its audit record included, was rolled back, so nothing happened.
                 _log(f"CMDB error: {type(e).__name__}: {e}")
                 await chan.send(S.Refused(id=req.id, code="internal", reason=f"audit storage failure ({type(e).__name__}): nothing was done"))
-            except Exception:
+            except Exception:  # noqa: BLE001 - any other failure is one request's, logged; the Factory serves on
                 _log("internal error:\n" + traceback.format_exc(limit=8))
                 await chan.send(S.Refused(id=req.id, code="internal", reason="internal error in the Factory (see its log)"))
     except ProtocolViolation as e:
@@ -148,6 +156,53 @@ async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
         pass
     finally:
         await stream.aclose()
+
+
+class _Envelope(msgspec.Struct):
+    """What a refusal needs of a request that did not decode: its tag and id (other fields skipped)."""
+
+    t: Annotated[str, msgspec.Meta(max_length=4096)] = ""
+    id: S.ReqId | None = None
+
+
+_MSGSPEC_PATH = re.compile(r"^(?P<what>.*?) - at `\$\.?(?P<path>[^`]*)`$")
+
+
+def bad_request_reason(tag: str, detail: str) -> str:
+    """One line naming the request, the field and what is wrong with it (from msgspec's message)."""
+    m = _MSGSPEC_PATH.match(detail)
+    what, path = (m.group("what"), m.group("path")) if m else (detail, "")
+    what = re.sub(r"^Expected `\w+` ", "must be ", what).replace("Invalid enum value", "invalid value")
+    if path == "t":
+        return f"unknown request {tag!r}"
+    return f"{tag or 'request'}: {path or 'message'}: {what}"[:4000]
+
+
+async def recv_admin(chan: Channel, f: Factory, conn: Conn):
+    """The next admin request; well-framed requests with invalid values are refused (typed) on the way."""
+    while True:
+        try:
+            return await chan.recv()
+        except Undecodable as e:
+            await refuse_undecodable(chan, e, f, conn)
+
+
+async def refuse_undecodable(chan: Channel, e: Undecodable, f: Factory, conn: Conn) -> None:
+    """A well-framed admin request with a value the schema refuses: a typed refusal, audited, link kept.
+    A frame that is not even a request with an id is no client of ours: the connection is dropped."""
+    try:
+        env = msgspec.msgpack.decode(e.body, type=_Envelope)
+    except (msgspec.MsgspecError, ValueError, TypeError, OverflowError, RecursionError):
+        raise e from None
+    if env.id is None or env.t == "hello":
+        raise e
+    tag = env.t[:64]
+    reason = bad_request_reason(tag, e.detail)
+    try:
+        await f.audit(conn.actor, tag or "request", "-", "refused", reason)
+    except apsw.Error as ae:  # the refusal still goes out: nothing was done either way
+        _log(f"CMDB error while auditing a bad request: {type(ae).__name__}: {ae}")
+    await chan.send(S.Refused(id=env.id, code="bad-request", reason=reason))
 
 
 async def dispatch(chan: Channel, req, f: Factory, conn: Conn) -> None:
@@ -304,7 +359,8 @@ async def main(fds: dict[str, int], drop) -> None:
     drop()
     # "factory-cis" is the primary CIS (keys, CRLs, activation); "factory-cis.N" are more signers.
     names = sorted((k for k in fds if k.split(".")[0] == "factory-cis"), key=lambda k: (k != "factory-cis", k))
-    signers = [CisLink(Channel.from_fd(fds[k], "factory-cis", S.CisToFactory)) for k in names]
+    signers = [CisLink(Channel.from_fd(fds[k], "factory-cis", S.CisToFactory), k.removeprefix("factory-"), cfg.cis_deadline_seconds)
+               for k in names]
     async with trio.open_nursery() as hs:
         for link in signers:
             hs.start_soon(link.chan.handshake)
@@ -316,9 +372,15 @@ async def main(fds: dict[str, int], drop) -> None:
     f.sup_send = sup.send
     f.officers = Officers(f)
     f.checkpoints = Checkpoints(f)
+    async def cis_liveness(link: CisLink) -> None:
+        state = "responsive" if link.responsive else "unresponsive"
+        _log(f"{link.name} is {state}" + ("" if link.responsive else f" (no answer in {link.deadline:g} s)"))
+        await sup.send(S.Event(kind=f"cis-{state}", detail=link.name))
+
     async with trio.open_nursery() as n:
         for link in signers:
             n.start_soon(link.run)
+            n.start_soon(link.watch, cis_liveness)
         # Two pipeline workers per signer: one commits while the other's batch is being signed.
         for i in range(2 * len(signers)):
             n.start_soon(f.issuance_worker, signers[i % len(signers)])
@@ -341,6 +403,8 @@ async def main(fds: dict[str, int], drop) -> None:
                     await chan.handshake()
                     f.dist.attach(chan)
                     await f.dist.receive(chan)
+                except LinkClosed:
+                    pass  # the agent stopped (the supervisor reports a death and restarts it with a new link)
                 except ProtocolViolation as e:
                     _log(f"distribution link: {e}")  # the supervisor restarts the agent with a new link
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -363,6 +427,8 @@ async def main(fds: dict[str, int], drop) -> None:
                 chan = Channel.from_fd(fd, "factory-ocsp", S.OcspToFactory)
                 try:
                     await f.ocsp.serve_endpoint(chan, role)
+                except LinkClosed:
+                    pass  # the endpoint stopped (the supervisor reports a death and restarts it with a new link)
                 except ProtocolViolation as e:
                     _log(f"OCSP endpoint link ({role}): {e}")  # the supervisor restarts it with a new link
                 finally:
@@ -413,6 +479,9 @@ async def main(fds: dict[str, int], drop) -> None:
                     await f.activate(m.pin, "supervisor:pin-file")
                 except FactoryError as e:
                     await sup.send(S.Event(kind="activation-failed", detail=e.reason))
+                finally:
+                    if f.auto_activation is not None:
+                        f.auto_activation.set()
             elif isinstance(m, S.Ceremony):
                 try:
                     spec = msgspec.msgpack.decode(m.spec, type=S.CeremonySpec)

@@ -39,8 +39,8 @@ _LIST_PAGE = {
 }
 
 
-def inactive() -> FactoryError:
-    return FactoryError("inactive", "the CA is not activated (run `donjon activate`)")
+def inactive(yet: str = "") -> FactoryError:
+    return FactoryError("inactive", f"the CA is not activated{yet} (run `donjon activate`)")
 
 
 class Store:
@@ -71,7 +71,7 @@ class Store:
 
     def require_active(self) -> Cmdb:
         if self.db is None:
-            raise inactive()
+            raise inactive(" yet")
         return self.db
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -225,7 +225,7 @@ class Store:
 
     def next_list_number(self, ca: str, kind: str) -> int:
         """Reserve the next CRL (or issued-serials list) number of a CA, committed before anything is
-        signed: a number handed out is never handed out again, even if the signature then fails."""
+        signed: a number handed out is never handed out again unless given back (nothing signed)."""
         counter = LISTS[kind][1]
         db = self.require_active()
         with db.tx():
@@ -234,6 +234,17 @@ class Store:
         if row is None:
             raise FactoryError("not-found", f"no CA named {ca!r}")
         return row[0]
+
+    def give_back_list_number(self, ca: str, kind: str, number: int) -> bool:
+        """Inside tx(): undo next_list_number when the CIS refused to sign under `number`, so numbers
+        stay without gaps. Only the latest number comes back: once a later one was handed out (or
+        this one stored), it stays spent. Returns whether it came back."""
+        counter = LISTS[kind][1]
+        c = self.require_active().db
+        if c.execute(f"SELECT 1 FROM {LISTS[kind][0]} WHERE ca=? AND number=?", (ca, number)).fetchone():
+            return False
+        c.execute(f"UPDATE cas SET {counter} = {counter} - 1 WHERE name=? AND {counter}=?", (ca, number))
+        return c.changes() == 1
 
     # The three reader calls below bracket one WAL snapshot: a list is consistent however long it streams.
     def list_snapshot_begin(self, ca: str, kind: str) -> tuple[int, int]:

@@ -119,13 +119,21 @@ def test_list_numbers_are_never_reused_also_across_a_reopen(path, st):
     assert st.next_list_number("root", "issued-serials") == 1  # its own counter
     with pytest.raises(FactoryError, match="no CA named"):
         st.next_list_number("nobody", "crl")
-    # Number 3 was handed out but never stored (say the signature failed): it is still spent.
     with st.tx():
         st.store_signed_list("crl", "root", 2, 10, 20, 0, [b"ab", b"cd"], 4)
+        # Given back only when it is the latest and nothing is stored under it (the CIS refused to sign).
+        assert not st.give_back_list_number("root", "crl", 2)
+        assert st.give_back_list_number("root", "crl", 3)
+    assert st.next_list_number("root", "crl") == 3
+    assert st.next_list_number("root", "crl") == 4
+    with st.tx():
+        assert not st.give_back_list_number("root", "crl", 3)  # a later number is out: 3 stays spent
+    # Number 4 was handed out and never stored nor given back (say the CIS stopped answering and may
+    # yet sign): it is spent for good, also after a reopen.
     _close(st)
     again = _open(path)
     try:
-        assert again.next_list_number("root", "crl") == 4
+        assert again.next_list_number("root", "crl") == 5
         assert again.next_list_number("root", "issued-serials") == 2
         with pytest.raises(apsw.ConstraintError):  # a number already stored cannot be stored again
             with again.tx():
