@@ -234,7 +234,7 @@ async def dispatch(chan: Channel, req, f: Factory, conn: Conn) -> None:
         await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
     elif isinstance(req, S.ABackup):
         from .backup import backup_tar
-        async for chunk in backup_tar(f, actor):
+        async for chunk in backup_tar(f.store, f.home, actor):
             await chan.send(S.BlobChunk(id=rid, data=chunk, last=False))
         await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
     elif isinstance(req, S.ALogin):
@@ -371,7 +371,7 @@ async def main(fds: dict[str, int], drop) -> None:
     f = Factory(cfg, signers[0], send_event, profiles, signers)
     f.sup_send = sup.send
     f.officers = Officers(f)
-    f.checkpoints = Checkpoints(f)
+    f.checkpoints = Checkpoints(f.store, f.cis, cfg.checkpoint_seconds, f.send_event)
     async def cis_liveness(link: CisLink) -> None:
         state = "responsive" if link.responsive else "unresponsive"
         _log(f"{link.name} is {state}" + ("" if link.responsive else f" (no answer in {link.deadline:g} s)"))

@@ -101,7 +101,7 @@ class Factory:
         self.dist = Dist(self)
         self._serials_dirty: set[str] = set()
         self._serials_last: dict[str, float] = {}
-        self.tenants = TenantManager(self)  # CRL-fed OCSP tenants
+        self.tenants = TenantManager(self.store, self.ocsp, send_event)  # CRL-fed OCSP tenants
         self.stats = {"issued": 0, "refused": 0, "revoked": 0, "crls": 0}
         self.sup_send = None  # the supervisor link's send (set by main): asks it to write donjon.toml
         self._sup_waiting: dict[int, tuple[trio.Event, list]] = {}
@@ -256,7 +256,7 @@ class Factory:
 
     async def ceremony(self, spec: S.CeremonySpec, actor: str) -> list[str]:
         made = []
-        db = self._require_active()
+        self._require_active()
         exists = await self.run_db(self.store.ca_count)
         if exists:
             raise FactoryError("exists", "this appliance already has a CA: the ceremony refuses to overwrite it")
@@ -341,7 +341,7 @@ class Factory:
                 "sha256": hashlib.sha256(der).hexdigest()}
 
     async def ca_list(self) -> list[dict[str, Any]]:
-        db = self._require_active()
+        self._require_active()
 
         def q():
             return [{**self._ca_doc(*r), **self._ca_extra(r[0])} for r in self.store.ca_rows()]
@@ -367,7 +367,7 @@ class Factory:
     async def check_issuer(self, ca: str, profile: profmod.Profile, actor: str, action: str) -> None:
         """Refuse (audited, with the reason) issuance by a CA that is revoked or expired, or of a
         profile the CA may not issue (its policy, narrowed by donjon.toml [ca-profiles])."""
-        db = self._require_active()
+        self._require_active()
 
         def q():
             if self.store.ca_row(ca) is None:
@@ -387,7 +387,7 @@ class Factory:
             raise FactoryError(*bad)
 
     async def ca_row(self, name: str):
-        db = self._require_active()
+        self._require_active()
         row = await self.run_db(self.store.ca_row, name)
         if not row:
             raise FactoryError("not-found", f"no CA named {name!r}")

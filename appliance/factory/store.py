@@ -39,6 +39,13 @@ _LIST_PAGE = {
 }
 
 
+def _one(c: apsw.Connection, q: str, args: tuple[Any, ...] = ()) -> Any:
+    """The row of a query that always yields one (an aggregate, a pragma)."""
+    row = c.execute(q, args).fetchone()
+    assert row is not None
+    return row
+
+
 def inactive(yet: str = "") -> FactoryError:
     return FactoryError("inactive", f"the CA is not activated{yet} (run `donjon activate`)")
 
@@ -112,7 +119,7 @@ class Store:
         the main file at `path`, then copy its (still encrypted) pages as they are to `out`.
         Returns (bytes, sha256 hex, audit seq, audit head) of the copy."""
         c = self.require_active().db
-        busy, log, done = c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        busy, log, done = _one(c, "PRAGMA wal_checkpoint(TRUNCATE)")
         if busy or log != done:
             raise FactoryError("busy", "a reader holds an old snapshot (a CRL is being made?): try the backup again")
         h = hashlib.sha256()
@@ -139,8 +146,8 @@ class Store:
 
     def audit_moved_since_checkpoint(self) -> bool:
         c = self.require_active().db
-        head = c.execute("SELECT coalesce(max(seq), 0) FROM audit").fetchone()[0]
-        last = c.execute("SELECT coalesce(max(seq), -1) FROM checkpoints").fetchone()[0]
+        head = _one(c, "SELECT coalesce(max(seq), 0) FROM audit")[0]
+        last = _one(c, "SELECT coalesce(max(seq), -1) FROM checkpoints")[0]
         return head > last + 1  # the record of the last checkpoint itself does not count
 
     # ------------------------------------------------------------ serials and certificates
@@ -188,7 +195,7 @@ class Store:
         """Intents without a certificate (a crash between reservation and storage): void, never reuse."""
         db = self.require_active()
         with db.tx():
-            rows = db.db.execute("SELECT serial, ca FROM serials WHERE state='intent'").fetchall()
+            rows: list[Any] = db.db.execute("SELECT serial, ca FROM serials WHERE state='intent'").fetchall()
             for serial, ca in rows:
                 db.db.execute("UPDATE serials SET state='void' WHERE serial=?", (serial,))
                 db.audit(actor, "reconcile", f"{ca}/{serial_int(serial):x}", "voided",
@@ -198,7 +205,7 @@ class Store:
     # ------------------------------------------------------------ CAs
 
     def ca_count(self) -> int:
-        return self.require_active().db.execute("SELECT count(*) FROM cas").fetchone()[0]
+        return _one(self.require_active().db, "SELECT count(*) FROM cas")[0]
 
     def add_ca(self, name: str, key_type: str, parent: str | None, profile: str, der: bytes, profiles: str) -> None:
         """A new CA row (inside tx()); its key label is its name."""
@@ -210,10 +217,10 @@ class Store:
         """(name, key_type, parent, profile, cert DER) or None."""
         row = self.require_active().db.execute(
             "SELECT name, key_type, parent, profile, cert FROM cas WHERE name=?", (name,)).fetchone()
-        return tuple(row) if row else None  # type: ignore[return-value]
+        return (row[0], row[1], row[2], row[3], row[4]) if row else None
 
     def ca_rows(self) -> list[tuple[str, str, str | None, str, bytes]]:
-        return [tuple(r) for r in self.require_active().db.execute(  # type: ignore[misc]
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in self.require_active().db.execute(
             "SELECT name, key_type, parent, profile, cert FROM cas ORDER BY created, name")]
 
     def ca_policy_row(self, name: str) -> tuple[str | None, str | None] | None:
@@ -252,7 +259,7 @@ class Store:
         r = self._reader()
         r.db.execute("BEGIN")
         try:
-            count, length = r.db.execute(_LIST_COUNT[kind], (ca,)).fetchone()
+            count, length = _one(r.db, _LIST_COUNT[kind], (ca,))
         except BaseException:
             r.db.execute("ROLLBACK")
             raise
