@@ -192,3 +192,32 @@ def test_ca_rows_and_audit_on_the_db_thread(st):
             st.add_ca("sub", "rsa-3072", "root", "sub-ca", b"other", "")
     trio.run(st.audit, "bob", "ca-show", "sub", "ok")
     assert st.db.db.execute("SELECT actor, action FROM audit ORDER BY seq DESC LIMIT 1").fetchone() == ("bob", "ca-show")
+
+
+def test_checkpoint_rows_audit_head_and_a_consistent_copy(path, st, tmp_path):
+    from appliance.factory.cmdb import Cmdb
+    from policy.audit import GENESIS
+    assert st.audit_head() == (0, GENESIS)  # an empty log
+    trio.run(st.audit, "alice", "login", "alice", "ok")
+    seq, head = st.audit_head()
+    assert seq == 1 and head != GENESIS and st.audit_moved_since_checkpoint()
+    with st.tx():
+        st.add_checkpoint(seq, 5, head, b"tbs-1", b"sig-1")
+        st.audit_in_tx("factory", "audit-checkpoint", f"seq={seq}", "ok")
+    assert not st.audit_moved_since_checkpoint()  # the checkpoint's own record does not count
+    trio.run(st.audit, "bob", "login", "bob", "ok")
+    assert st.audit_moved_since_checkpoint()
+    with st.tx():
+        st.add_checkpoint(seq + 2, 6, st.audit_head()[1], b"tbs-2", b"sig-2")
+    assert st.checkpoints() == [(b"tbs-1", b"sig-1"), (b"tbs-2", b"sig-2")]
+    assert st.checkpoints(latest_only=True) == [(b"tbs-2", b"sig-2")]
+    # The backup copy: the WAL folded in, the encrypted pages as they are, opening with the same key.
+    with open(tmp_path / "copy.sqlite", "wb") as out:
+        n, sha, cseq, chead = st.copy_consistent(path, out, 4096)
+    assert (cseq, chead) == st.audit_head() and n == os.path.getsize(tmp_path / "copy.sqlite")
+    assert b"SQLite format 3" not in (tmp_path / "copy.sqlite").read_bytes()[:100]  # still encrypted
+    copy = Cmdb(str(tmp_path / "copy.sqlite"), KEY)
+    try:
+        assert copy.db.execute("SELECT count(*) FROM checkpoints").fetchone()[0] == 2
+    finally:
+        copy.close()
