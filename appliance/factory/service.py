@@ -976,14 +976,7 @@ class Factory:
             if self.db is None:
                 continue
             await trio.sleep(0.2)  # let a burst of revocations land in one CRL
-            db = self.db
-            now = int(time.time())
-
-            def due():
-                return {r[0] for r in db.db.execute(
-                    "SELECT c.name FROM cas c LEFT JOIN (SELECT ca, max(this_update) tu, max(next_update) nu FROM crls GROUP BY ca) l "
-                    "ON l.ca = c.name WHERE l.ca IS NULL OR l.tu + (l.nu - l.tu) / 2 <= ?", (now,))}
-            todo = self._crl_dirty | await self.run_db(due)
+            todo = self._crl_dirty | await self.run_db(self.store.crls_due, int(time.time()))
             self._crl_dirty = set()
             for ca in sorted(todo):
                 try:
@@ -1014,10 +1007,8 @@ class Factory:
 
     async def crl_chunks(self, ca: str, number: int | None = None, table: str = "crls"):
         """Yield the stored CRL (or issued-serials list) DER in 1 MiB pieces (latest unless a number is given)."""
-        db = self._require_active()
-        q = f"SELECT rowid, length(der) FROM {table} WHERE ca=? " + ("AND number=?" if number else "ORDER BY number DESC LIMIT 1")
-        args = (ca, number) if number else (ca,)
-        row = await self.run_db(lambda: db.db.execute(q, args).fetchone())
+        self._require_active()
+        row = await self.run_db(self.store.signed_list_blob, table, ca, number)
         if not row:
             what = "CRL" if table == "crls" else "issued-serials list"
             raise FactoryError("not-found", f"no {what} for CA {ca!r} yet")
@@ -1025,12 +1016,7 @@ class Factory:
         off = 0
         while off < size:
             n = min(1 << 20, size - off)
-
-            def rd(o=off, k=n):
-                with db.db.blob_open("main", table, "der", rowid, False) as b:
-                    b.seek(o)
-                    return b.read(k)
-            yield await self.run_db(rd)
+            yield await self.run_db(self.store.read_blob, table, rowid, off, n)
             off += n
 
     async def ocsp_responder_cert(self, ca: str, days: int, actor: str) -> dict[str, Any]:

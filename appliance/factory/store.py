@@ -304,6 +304,26 @@ class Store:
         c.execute(f"UPDATE {table} SET sha256=? WHERE rowid=?", (digest, rowid))
         return digest
 
+    def crls_due(self, now: int) -> set[str]:
+        """CAs whose CRL must be signed now: none signed yet, or half of the latest one's validity gone."""
+        return {r[0] for r in self.require_active().db.execute(
+            "SELECT c.name FROM cas c LEFT JOIN (SELECT ca, max(this_update) tu, max(next_update) nu FROM crls GROUP BY ca) l "
+            "ON l.ca = c.name WHERE l.ca IS NULL OR l.tu + (l.nu - l.tu) / 2 <= ?", (now,))}
+
+    def signed_list_blob(self, table: str, ca: str, number: int | None) -> tuple[int, int] | None:
+        """(rowid, size) of a stored CRL or issued-serials list (the latest unless a number is given)."""
+        if table not in (LISTS["crl"][0], LISTS["issued-serials"][0]):
+            raise ValueError(f"no signed-list table {table!r}")  # a table name goes into the SQL text
+        q = f"SELECT rowid, length(der) FROM {table} WHERE ca=? " + ("AND number=?" if number else "ORDER BY number DESC LIMIT 1")
+        row = self.require_active().db.execute(q, (ca, number) if number else (ca,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def read_blob(self, table: str, rowid: int, offset: int, n: int) -> bytes:
+        with self.require_active().db.blob_open("main", table, "der", rowid, False) as b:
+            b.seek(offset)
+            data = b.read(n)
+        return data
+
     def _reader(self) -> Cmdb:
         if self.reader is None:
             raise inactive()

@@ -221,3 +221,17 @@ def test_checkpoint_rows_audit_head_and_a_consistent_copy(path, st, tmp_path):
         assert copy.db.execute("SELECT count(*) FROM checkpoints").fetchone()[0] == 2
     finally:
         copy.close()
+
+
+def test_crls_due_and_stored_lists_read_back_in_pieces(st):
+    with st.tx():
+        st.add_ca("sub", "ec-p256", "root", "sub-ca", b"sub-der", "")
+    assert st.crls_due(1000) == {"root", "sub"}  # none signed yet
+    with st.tx():
+        st.store_signed_list("crl", "root", 1, 1000, 2000, 0, [b"0123456789"], 10)
+    assert st.crls_due(1499) == {"sub"} and st.crls_due(1500) == {"root", "sub"}  # half of the validity gone
+    rowid, size = st.signed_list_blob("crls", "root", None)
+    assert size == 10 and st.read_blob("crls", rowid, 3, 4) == b"3456"
+    assert st.signed_list_blob("crls", "root", 2) is None and st.signed_list_blob("serials_lists", "root", None) is None
+    with pytest.raises(ValueError, match="no signed-list table"):  # a table name is never taken from outside
+        st.signed_list_blob("audit; --", "root", None)
