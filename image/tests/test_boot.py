@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# The first test also builds both images (the session fixture, each build bounded at 1800 s): the
+# suite's 600 s per test would stop `just image-test` from scratch in the middle of the first build.
+pytestmark = pytest.mark.timeout(2 * 1800 + 900)
 REPO = Path(__file__).resolve().parents[2]
 OVMF = "/usr/share/ovmf/OVMF.fd"
 BOOT_BOUND = 600
