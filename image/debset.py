@@ -3,6 +3,7 @@ as a build artefact (collect) and turned back into a local repository for an off
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import re
@@ -134,7 +135,12 @@ def collect(root: Path, installed: Path, out: Path) -> None:
             raise SetError(f"{src.name}: differs from the signed index")
         lines.append(f"{' '.join(key)} {digest}\n")
     for f in (root / "var/lib/apt/lists").iterdir():
-        if f.is_file() and (f.name.endswith("_InRelease") or "_Packages" in f.name):
+        if f.is_file() and f.name.endswith("_InRelease"):
+            shutil.copyfile(f, out / "indexes" / f.name)
+        elif f.is_file() and f.name.endswith("_Packages"):  # ≈ 90 MB as apt keeps them: gzip (mtime 0)
+            with open(f, "rb") as src, gzip.GzipFile(out / "indexes" / f"{f.name}.gz", "wb", mtime=0) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        elif f.is_file() and "_Packages." in f.name:
             shutil.copyfile(f, out / "indexes" / f.name)
     (out / "packages.txt").write_text("".join(sorted(lines)), encoding="utf-8")
 

@@ -3,6 +3,7 @@ refused whole when anything in it was changed."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -100,7 +101,7 @@ def test_kept_set_rebuilds_a_repository_of_exactly_its_packages(archive, tmp_pat
     debs = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (s / "debs").iterdir()}
     assert manifest == sorted(f"{n} {v} {a} {debs[_file(n, v, a)]}" for n, v, a in PKGS)
     assert sorted(p.name for p in (s / "indexes").iterdir()) == [f"{PREFIX}InRelease",
-                                                                 f"{PREFIX}main_binary-amd64_Packages"]
+                                                                 f"{PREFIX}main_binary-amd64_Packages.gz"]
     r = _run(archive, "verify", s, tmp_path / "repo")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == sorted([*debs, "Packages", "Release"])
@@ -148,10 +149,10 @@ def test_tampered_or_incomplete_sets_are_refused(archive, tmp_path):
     _refused(_run(archive, "verify", s, tmp_path / "r4"), f"{deb_a}: differs from the manifest or the signed index")
 
     # The index edited to match the replaced .deb: it no longer matches the signed InRelease.
-    idx = s / "indexes" / f"{PREFIX}main_binary-amd64_Packages"
-    text = idx.read_text()
+    idx = s / "indexes" / f"{PREFIX}main_binary-amd64_Packages.gz"
+    text = gzip.decompress(idx.read_bytes()).decode()
     old = next(ln for ln in text.splitlines() if ln.startswith("SHA256: "))
-    idx.write_text(text.replace(old, f"SHA256: {digest}", 1))
+    idx.write_bytes(gzip.compress(text.replace(old, f"SHA256: {digest}", 1).encode()))
     _refused(_run(archive, "verify", s, tmp_path / "r5"), "does not match the signed")
 
     s = variant("bad-manifest")
