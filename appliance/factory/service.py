@@ -699,11 +699,8 @@ class Factory:
     # ------------------------------------------------------------ certificates
 
     async def cert_get(self, ca: str, serial: int) -> dict[str, Any]:
-        db = self._require_active()
-        row = await self.run_db(lambda: db.db.execute(
-            "SELECT c.profile, c.subject, c.not_before, c.not_after, c.issued_at, c.der, r.revoked_at, r.reason "
-            "FROM certs c LEFT JOIN revocations r ON r.ca=c.ca AND r.serial=c.serial WHERE c.ca=? AND c.serial=?",
-            (ca, serial_bytes(serial))).fetchone())
+        self._require_active()
+        row = await self.run_db(self.store.cert_row, ca, serial)
         if not row:
             raise FactoryError("not-found", f"no certificate {serial:x} issued by {ca!r}")
         profile, subject, nb, na, issued, der, rev_at, reason = row
@@ -1055,15 +1052,9 @@ class Factory:
 
     async def ocsp_status(self) -> dict[str, Any]:
         """What the endpoint reports, and what the CMDB holds per CA (responses, queue, oldest, next refresh)."""
-        db = self._require_active()
+        self._require_active()
         now = int(time.time())
-
-        def q():
-            rows = db.db.execute("SELECT ca, count(*), sum(status), min(this_update), min(next_update), min(refresh_at) "
-                                 "FROM ocsp GROUP BY ca ORDER BY ca").fetchall()
-            queued = dict(db.db.execute("SELECT ca, count(*) FROM ocsp_queue GROUP BY ca").fetchall())
-            return rows, queued
-        rows, queued = await self.run_db(q)
+        rows, queued = await self.run_db(self.store.ocsp_summary)
         cas = [{"ca": ca, "responses": n, "revoked": rev or 0, "oldest_this_update": tu, "earliest_next_update": nu,
                 "next_refresh": rf, "queued": queued.get(ca, 0), "lapsed": nu is not None and nu <= now}
                for ca, n, rev, tu, nu, rf in rows]

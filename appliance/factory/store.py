@@ -202,6 +202,23 @@ class Store:
                          "intent without a stored certificate after a restart: possibly signed, never returned, serial retired")
         return len(rows)
 
+    def cert_row(self, ca: str, serial: int) -> tuple[Any, ...] | None:
+        """(profile, subject, not_before, not_after, issued_at, der, revoked_at, reason) of a certificate."""
+        row = self.require_active().db.execute(
+            "SELECT c.profile, c.subject, c.not_before, c.not_after, c.issued_at, c.der, r.revoked_at, r.reason "
+            "FROM certs c LEFT JOIN revocations r ON r.ca=c.ca AND r.serial=c.serial WHERE c.ca=? AND c.serial=?",
+            (ca, serial_bytes(serial))).fetchone()
+        return tuple(row) if row else None
+
+    def ocsp_summary(self) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
+        """Per CA: (ca, responses, revoked, oldest thisUpdate, earliest nextUpdate, next refresh); and
+        the responses queued for signing per CA."""
+        c = self.require_active().db
+        rows = [tuple(r) for r in c.execute("SELECT ca, count(*), sum(status), min(this_update), min(next_update), min(refresh_at) "
+                                            "FROM ocsp GROUP BY ca ORDER BY ca")]
+        queued = {r[0]: r[1] for r in c.execute("SELECT ca, count(*) FROM ocsp_queue GROUP BY ca")}
+        return rows, queued
+
     # ------------------------------------------------------------ CAs
 
     def ca_count(self) -> int:

@@ -235,3 +235,16 @@ def test_crls_due_and_stored_lists_read_back_in_pieces(st):
     assert st.signed_list_blob("crls", "root", 2) is None and st.signed_list_blob("serials_lists", "root", None) is None
     with pytest.raises(ValueError, match="no signed-list table"):  # a table name is never taken from outside
         st.signed_list_blob("audit; --", "root", None)
+
+
+def test_cert_row_and_ocsp_summary(st):
+    s = (1 << 64) + 42
+    _issue(st, s)
+    assert st.cert_row("root", s) == ("tls-server", f"CN=s{s:x}", 1, 2, st.cert_row("root", s)[4], b"der-%x" % s, None, None)
+    _revoke(st, s, reason=4)
+    assert st.cert_row("root", s)[6:] == (100, 4)
+    assert st.cert_row("root", s + 1) is None and st.cert_row("sub", s) is None
+    assert st.ocsp_summary() == ([], {"root": 1})  # queued at issuance, no response signed yet
+    with st.tx() as c:
+        c.execute("INSERT INTO ocsp VALUES (?,?,?,?,?,?,?,?,?)", ("root", serial_bytes(s), 1, 10, 20, 15, 1, None, None))
+    assert st.ocsp_summary() == ([("root", 1, 1, 10, 20, 15)], {"root": 1})
