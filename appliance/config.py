@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from appliance.ceremonyspec import CeremonySpec
 from appliance.ipc import schema as S
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -410,8 +411,8 @@ def dist_rules(home: str, cfg: Config, with_secrets: bool) -> list[S.DistRule]:
     return out
 
 
-def load_ceremony(path: str) -> S.CeremonySpec:
-    return load_toml(path, S.CeremonySpec)
+def load_ceremony(path: str) -> CeremonySpec:
+    return load_toml(path, CeremonySpec)
 
 
 def profile_overrides(home: str, cfg: Config) -> dict[str, str]:

@@ -21,6 +21,7 @@ import trio
 
 from appliance import config as C
 from appliance import privdrop
+from appliance.ceremonyspec import CeremonySpec
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, ProtocolViolation
 
@@ -516,7 +517,7 @@ class Supervisor:
 
     # ------------------------------------------------------------ main
 
-    async def run(self, ceremony: S.CeremonySpec | None = None, pin: str | None = None, on_ready=None) -> int:
+    async def run(self, ceremony: CeremonySpec | None = None, pin: str | None = None, on_ready=None) -> int:
         self.stopping = False
         self.prepare()
         self.profiles = C.profile_overrides(self.home, self.cfg)

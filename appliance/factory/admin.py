@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from appliance.ipc import schema as S
 
 from .service import Factory, FactoryError
@@ -87,8 +89,8 @@ async def _ca_show(ctx: Ctx, req: S.ACaShow) -> dict[str, Any]:
     return ctx.f._ca_doc(*await ctx.f.ca_row(req.name))
 
 
-async def _ca_export(ctx: Ctx, req: S.ACaExport) -> dict[str, Any]:
-    return {"chain": [c.hex() for c in await ctx.f.ca_chain(req.name)]}
+async def _ca_export(ctx: Ctx, req: S.ACaExport) -> S.CaExportReply:
+    return S.CaExportReply(id=0, chain=[c.hex() for c in await ctx.f.ca_chain(req.name)])
 
 
 async def _dist_status(ctx: Ctx, req: S.ADistStatus) -> dict[str, Any]:
@@ -156,24 +158,25 @@ TABLE: dict[type, AdminOp] = {
     S.AStatus: AdminOp(PUBLIC, None, lambda c, r: c.f.status(), R),
     S.AActivate: AdminOp(PUBLIC, None, lambda c, r: c.f.activate(r.pin, c.actor), R),
     S.AActivateShares: AdminOp(PUBLIC, None, lambda c, r: c.f.activate_shares(r.shares, c.actor), R),
-    S.ALogin: AdminOp(PUBLIC, None, lambda c, r: c.f.officers.login(_conn(c), r), R, session_bound=True),
-    S.AResume: AdminOp(PUBLIC, None, lambda c, r: c.f.officers.resume(_conn(c), r.token), R, session_bound=True),
-    S.ALogout: AdminOp(PUBLIC, None, lambda c, r: c.f.officers.logout(_conn(c)), R, session_bound=True),
+    S.ALogin: AdminOp(PUBLIC, None, lambda c, r: c.f.officers.login(_conn(c), r), S.LoginReply, session_bound=True),
+    S.AResume: AdminOp(PUBLIC, None, lambda c, r: c.f.officers.resume(_conn(c), r.token), S.LoginReply, session_bound=True),
+    S.ALogout: AdminOp(PUBLIC, None, lambda c, r: c.f.officers.logout(_conn(c)), S.LogoutReply, session_bound=True),
     # break-glass: authorised by a quorum of activation shares, not by an officer
-    S.AOfficerUnlockShares: AdminOp(PUBLIC, None, lambda c, r: c.f.officers.unlock_shares(_conn(c), r), R, session_bound=True),
+    S.AOfficerUnlockShares: AdminOp(PUBLIC, None, lambda c, r: c.f.officers.unlock_shares(_conn(c), r), S.OfficerReply,
+                                    session_bound=True),
     # CA names and certificate summaries: public data (the endpoint serves the certificates)
-    S.ACaList: AdminOp(PUBLIC, None, lambda c, r: _wrap_list("cas", c.f.ca_list()), R),
-    S.ACaShow: AdminOp(ANY, None, _ca_show, R),
-    S.ACaExport: AdminOp(ANY, None, _ca_export, R),
-    S.ACaCreate: AdminOp(OPER, "ca-create", lambda c, r: c.f.create_ca(r, parent=r.parent, actor=c.actor), R),
-    S.ACaCreateRoot: AdminOp(OPER, "ca-create", lambda c, r: c.f.create_ca(r, parent=None, actor=c.actor), R),
-    S.ACaSignCsr: AdminOp(OPER, "ca-sign-csr", lambda c, r: c.f.sign_csr_ca(r, c.actor), R),
+    S.ACaList: AdminOp(PUBLIC, None, lambda c, r: _doc("cas", c.f.ca_list()), S.CaListReply),
+    S.ACaShow: AdminOp(ANY, None, _ca_show, S.CaReply),
+    S.ACaExport: AdminOp(ANY, None, _ca_export, S.CaExportReply),
+    S.ACaCreate: AdminOp(OPER, "ca-create", lambda c, r: c.f.create_ca(r, parent=r.parent, actor=c.actor), S.CaReply),
+    S.ACaCreateRoot: AdminOp(OPER, "ca-create", lambda c, r: c.f.create_ca(r, parent=None, actor=c.actor), S.CaReply),
+    S.ACaSignCsr: AdminOp(OPER, "ca-sign-csr", lambda c, r: c.f.sign_csr_ca(r, c.actor), S.CaSignCsrReply),
     S.AIssue: AdminOp(OPER, None, lambda c, r: c.f.issue(r, c.actor), S.IssueReply),
-    S.ACertShow: AdminOp(ANY, None, lambda c, r: c.f.cert_get(r.ca, int.from_bytes(r.serial, "big")), R),
-    S.ACertList: AdminOp(ANY, None, lambda c, r: _wrap_list("certs", c.f.cert_list(r.ca, r.limit)), R),
+    S.ACertShow: AdminOp(ANY, None, lambda c, r: c.f.cert_get(r.ca, int.from_bytes(r.serial, "big")), S.CertReply),
+    S.ACertList: AdminOp(ANY, None, lambda c, r: _doc("certs", c.f.cert_list(r.ca, r.limit)), S.CertListReply),
     # "revoke-ca" applies only when the certificate is a CA's (Officers.guard checks)
-    S.ARevoke: AdminOp(OPER, "revoke-ca", lambda c, r: c.f.revoke(r, c.actor), R),
-    S.AUnrevoke: AdminOp(OPER, "revoke-ca", lambda c, r: c.f.unrevoke(r, c.actor), R),
+    S.ARevoke: AdminOp(OPER, "revoke-ca", lambda c, r: c.f.revoke(r, c.actor), S.RevokeReply),
+    S.AUnrevoke: AdminOp(OPER, "revoke-ca", lambda c, r: c.f.unrevoke(r, c.actor), S.UnrevokeReply),
     S.ACrlGenerate: AdminOp(OPER, None, _crl_generate, STREAM),
     S.ACrlExport: AdminOp(ANY, None, _crl_export, STREAM),
     S.AOcspStatus: AdminOp(ANY, None, lambda c, r: c.f.ocsp_status(), R),
@@ -182,14 +185,14 @@ TABLE: dict[type, AdminOp] = {
     S.AAuditCheckpoint: AdminOp(ANY, None, lambda c, r: c.f.checkpoints.sign(c.actor), R),
     S.AAuditCert: AdminOp(ANY, None, _audit_cert, R),
     S.AReconcile: AdminOp(OPER | AUD, None, _reconcile, R),
-    S.AOfficerAdd: AdminOp(ADMIN, "officer", lambda c, r: c.f.officers.add(r, c.actor), R),
-    S.AOfficerRemove: AdminOp(ADMIN, "officer", lambda c, r: c.f.officers.remove(r.name, c.actor), R),
-    S.AOfficerUnlock: AdminOp(ADMIN, "officer", lambda c, r: c.f.officers.unlock(r.name, c.actor), R),
-    S.AOfficerPasswd: AdminOp(ADMIN, "officer", lambda c, r: c.f.officers.passwd(r.name, r.password, c.actor), R,
+    S.AOfficerAdd: AdminOp(ADMIN, "officer", lambda c, r: c.f.officers.add(r, c.actor), S.OfficerReply),
+    S.AOfficerRemove: AdminOp(ADMIN, "officer", lambda c, r: c.f.officers.remove(r.name, c.actor), S.OfficerReply),
+    S.AOfficerUnlock: AdminOp(ADMIN, "officer", lambda c, r: c.f.officers.unlock(r.name, c.actor), S.OfficerReply),
+    S.AOfficerPasswd: AdminOp(ADMIN, "officer", lambda c, r: c.f.officers.passwd(r.name, r.password, c.actor), S.OfficerReply,
                               self_service=True),
-    S.AOfficerTotp: AdminOp(ADMIN, "officer", lambda c, r: c.f.officers.totp(r.name, r.enable, c.actor), R,
+    S.AOfficerTotp: AdminOp(ADMIN, "officer", lambda c, r: c.f.officers.totp(r.name, r.enable, c.actor), S.OfficerReply,
                             self_service=True),
-    S.AOfficerList: AdminOp(ADMIN | AUD, None, lambda c, r: c.f.officers.list(), R),
+    S.AOfficerList: AdminOp(ADMIN | AUD, None, lambda c, r: c.f.officers.list(), S.OfficerListReply),
     S.APendingList: AdminOp(ANY, None, lambda c, r: c.f.officers.pending_list(r.open_only), R),
     S.AApprove: AdminOp(ANY, None, _approve, R, session_bound=True),
     S.ADistStatus: AdminOp(ANY, None, _dist_status, R),
@@ -213,12 +216,8 @@ TABLE: dict[type, AdminOp] = {
 }
 
 
-async def _wrap_list(key: str, aw: Awaitable[Any]) -> dict[str, Any]:
+async def _doc(key: str, aw: Awaitable[Any]) -> dict[str, Any]:
     return {key: await aw}
-
-
-def row_of(req) -> AdminOp | None:
-    return TABLE.get(type(req))
 
 
 def missing_rows(union=S.AdminRequest, table: dict[type, AdminOp] = TABLE) -> set[type]:
@@ -227,11 +226,25 @@ def missing_rows(union=S.AdminRequest, table: dict[type, AdminOp] = TABLE) -> se
 
 
 async def run(f: Factory, req, ctx: Ctx) -> Any:
-    """Run a request's handler to its one reply (at once, or at dual control's last approval)."""
+    """Run a request's handler to its one reply, of the row's type (at once, or at dual control's last approval)."""
     row = TABLE.get(type(req))
     if row is None or row.reply is STREAM:
         raise FactoryError("bad-request", f"unsupported request {type(req).__name__}")
-    return await row.handler(ctx, req)  # type: ignore[misc]
+    return as_reply(row.reply, await row.handler(ctx, req))  # type: ignore[misc]
+
+
+def as_reply(cls: type, result: Any) -> Any:
+    """A handler's result as the row's reply type. A document (dict) is converted and checked here, so
+    a wrong shape is the Factory's internal error, never a reply a face misreads; the id is set at send."""
+    if cls is S.Reply:
+        if not isinstance(result, dict):
+            raise TypeError(f"a {type(result).__name__} where the table says a document")
+        return result
+    if isinstance(result, dict):
+        return msgspec.convert({**result, "id": 0}, cls)
+    if not isinstance(result, cls):
+        raise TypeError(f"a {type(result).__name__} where the table says {cls.__name__}")
+    return result
 
 
 async def serve(chan, req, f: Factory, conn: Conn) -> None:
@@ -249,11 +262,10 @@ async def serve(chan, req, f: Factory, conn: Conn) -> None:
         if guarded is not None:
             await chan.send(S.Reply(id=rid, data=await f.officers.propose(req, guarded, conn)))
             return
-    await chan.send(reply_message(rid, await row.handler(ctx, req)))  # type: ignore[misc]
+    await chan.send(reply_message(rid, await run(f, req, ctx)))
 
 
 def _plain(reply) -> dict[str, Any]:
-    import msgspec
     d = msgspec.to_builtins(reply)
     d.pop("t", None)
     d.pop("id", None)
@@ -261,8 +273,7 @@ def _plain(reply) -> dict[str, Any]:
 
 
 def reply_message(rid: int, result: Any):
-    """The wire message for a handler's result: a typed reply carries the request's id."""
+    """The wire message for a reply: a document goes in Reply, a typed reply carries the request's id."""
     if isinstance(result, dict):
         return S.Reply(id=rid, data=result)
-    import msgspec
     return msgspec.structs.replace(result, id=rid)

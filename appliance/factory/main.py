@@ -12,6 +12,7 @@ import apsw
 import msgspec
 import trio
 
+from appliance.ceremonyspec import CeremonySpec
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, ProtocolViolation
 
@@ -272,7 +273,7 @@ async def main(fds: dict[str, int], drop) -> None:
                     await sup.send(S.Event(kind="activation-failed", detail=e.reason))
             elif isinstance(m, S.Ceremony):
                 try:
-                    spec = msgspec.msgpack.decode(m.spec, type=S.CeremonySpec)
+                    spec = msgspec.msgpack.decode(m.spec, type=CeremonySpec)
                     await f.activate(m.pin, "ceremony")
                     for o in m.officers:
                         await f.officers.add(o, "ceremony")

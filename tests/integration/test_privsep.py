@@ -159,8 +159,15 @@ def test_sigterm_stops_cleanly(appliance):
 
 
 def test_schema_hash_is_pinned():
-    # Changing any message changes this hash: bump schema.VERSION in the same change, then update it.
-    assert (S.VERSION, S.schema_hash()) == (2, PINNED_SCHEMA_HASH)
+    # A changed schema fails here until schema.VERSION is bumped and the new hash pinned under it; an
+    # entry is never edited (peers of the old version speak the old schema), only added.
+    assert S.VERSION == max(PINNED_SCHEMA_HASHES), f"schema.VERSION {S.VERSION}: pin its hash under that key"
+    assert len(set(PINNED_SCHEMA_HASHES.values())) == len(PINNED_SCHEMA_HASHES), "a hash pinned under two versions"
+    assert S.schema_hash() == PINNED_SCHEMA_HASHES[S.VERSION], \
+        f"the schema changed: bump schema.VERSION to {S.VERSION + 1} and pin {S.schema_hash()} under it"
 
 
-PINNED_SCHEMA_HASH = "cdc6a96d459794fd948d183ba1d3606bb3bb879b4d9ed50e2334dd464e3998e3"
+PINNED_SCHEMA_HASHES = {
+    2: "cdc6a96d459794fd948d183ba1d3606bb3bb879b4d9ed50e2334dd464e3998e3",
+    3: "b795bb7368b88e907cd0c0225e81517f76c00fc365f95944a12843168108ab53",
+}
