@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import os
 import re
+import typing
 from datetime import datetime, timezone
 from typing import Any
 
 from appliance.client import AdminClient, ClientError
+from appliance.config import SETTINGS
 from appliance.ipc import schema as S
 
 REASONS = {"unspecified": 0, "keyCompromise": 1, "cACompromise": 2, "affiliationChanged": 3, "superseded": 4,
@@ -33,6 +35,25 @@ class PendingApproval(Exception):
 def check_name(s: str, what: str = "name") -> str:
     if not NAME_RE.match(s) or ".." in s:
         raise OpError(f"invalid {what} {s[:40]!r}: letters, digits, '.', '_', '-' only (at most 64)")
+    return s
+
+
+KEY_TYPES = typing.get_args(S.KeyType)
+MAX_DAYS = 40 * 366  # the schema's bound on every validity in days
+MAX_CSRS = 1024  # CSRs in one issue request (the schema's bound)
+MAX_CSR_BYTES = 64 * 1024  # one CSR (the schema's Der)
+
+
+def check_range(v: int, lo: int, hi: int, what: str) -> int:
+    """The admin API refuses out-of-range values too; say so here, before anything is sent."""
+    if not lo <= v <= hi:
+        raise OpError(f"{what} {v}: must be {lo} to {hi}")
+    return v
+
+
+def check_key_type(s: str) -> str:
+    if s not in KEY_TYPES:
+        raise OpError(f"key type {s[:20]!r}: one of {', '.join(KEY_TYPES)}")
     return s
 
 
@@ -103,6 +124,63 @@ def der_of(data: bytes, label: str) -> bytes:
     return data
 
 
+MAX_CSR_FILE = 128 * 1024  # a CSR file read at most this far (PEM of a 64 KiB DER)
+_NOT_CSR = {"CERTIFICATE": "a certificate", "X509 CERTIFICATE": "a certificate", "TRUSTED CERTIFICATE": "a certificate",
+            "PUBLIC KEY": "a public key", "RSA PUBLIC KEY": "a public key", "PKCS7": "a PKCS#7 bundle", "X509 CRL": "a CRL"}
+
+
+def csr_der(data: bytes, name: str) -> bytes:
+    """The DER of a CSR file (PEM or DER); a certificate, a key or an oversize file is named as such,
+    before anything reaches the appliance."""
+    m = re.match(rb"\s*-----BEGIN ([A-Z0-9 ]+)-----", data)
+    if m:
+        kind = m.group(1).decode()
+        what = "a private key" if "PRIVATE KEY" in kind else _NOT_CSR.get(kind)
+        if what:
+            raise OpError(f"{name} is {what}, not a certificate request (make a CSR: openssl req -new -key KEY)")
+    if len(data) > MAX_CSR_FILE:
+        raise OpError(f"{name} is larger than {MAX_CSR_FILE // 1024} KiB: not a certificate request")
+    der = der_of(data, f"CSR {name}")
+    if len(der) > MAX_CSR_BYTES:
+        raise OpError(f"{name} is larger than {MAX_CSR_BYTES // 1024} KiB: not a certificate request")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    try:
+        x509.load_der_x509_csr(der)
+        return der
+    except ValueError:
+        pass
+    try:
+        x509.load_der_x509_certificate(der)
+        raise OpError(f"{name} is a certificate, not a certificate request")
+    except ValueError:
+        pass
+    from cryptography.exceptions import UnsupportedAlgorithm
+    try:
+        serialization.load_der_private_key(der, password=None)
+        is_key = True
+    except TypeError:  # an encrypted key
+        is_key = True
+    except (ValueError, UnsupportedAlgorithm):
+        is_key = False
+    if is_key:
+        raise OpError(f"{name} is a private key, not a certificate request (make a CSR: openssl req -new -key KEY)")
+    return der  # malformed: the appliance names what is wrong (and audits it)
+
+
+def _batches(ders: list[bytes]) -> list[tuple[int, int]]:
+    """[start, end) ranges of at most MAX_CSRS CSRs and 6 MiB each: every request fits in one admin frame."""
+    out, start, size = [], 0, 0
+    for i, d in enumerate(ders):
+        if i > start and (i - start >= MAX_CSRS or size + len(d) > 6 * 1024 * 1024):
+            out.append((start, i))
+            start, size = i, 0
+        size += len(d) + 8
+    if ders:
+        out.append((start, len(ders)))
+    return out
+
+
 def _wrap(fn, *a, **kw):
     try:
         doc = fn(*a, **kw)
@@ -143,27 +221,43 @@ def ca_list(c: AdminClient) -> list[dict[str, Any]]:
 
 
 def ca_list_lines(cas: list[dict[str, Any]]) -> list[str]:
-    return [f"{c['name']:<20} {c['key_type']:<8} parent={c['parent'] or '-':<16} until {c['not_after'][:10]}  {c['subject']}"
-            for c in cas]
+    return [f"{c['name']:<20} {c['key_type']:<8} parent={c['parent'] or '-':<16} {c.get('state', '?'):<8} "
+            f"until {c['not_after'][:10]}  {c['subject']}" for c in cas]
 
 
 def ca_create(c: AdminClient, name: str, parent: str | None, subject: tuple, profile: str | None, key_type: str,
-              days: int, path_length: int | None) -> dict[str, Any]:
+              days: int, path_length: int | None, allowed_profiles: tuple[str, ...] = ()) -> dict[str, Any]:
+    check_name(name, "CA name")
+    if parent is not None:
+        check_name(parent, "parent CA name")
+    if profile is not None:
+        check_name(profile, "profile name")
+    for p in allowed_profiles:
+        check_name(p, "profile")
+    check_key_type(key_type)
+    check_range(days, 1, MAX_DAYS, "validity in days")
+    if path_length is not None:
+        check_range(path_length, 0, 16, "path length")
     if parent is None:  # a new root (first root or a root rollover): self-signed
         return _wrap(c.call, S.ACaCreateRoot, name=name, profile=profile or "root-ca", key_type=key_type, subject=subject,
-                     validity_days=days, path_length=path_length)
+                     validity_days=days, path_length=path_length, allowed_profiles=allowed_profiles)
     return _wrap(c.call, S.ACaCreate, name=name, parent=parent, profile=profile or "sub-ca", key_type=key_type,
-                 subject=subject, validity_days=days, path_length=path_length)
+                 subject=subject, validity_days=days, path_length=path_length, allowed_profiles=allowed_profiles)
 
 
 def ca_sign_csr(c: AdminClient, parent: str, profile: str, csr_der: bytes, days: int, path_length: int | None) -> dict[str, Any]:
+    check_name(parent, "parent CA name")
+    check_name(profile, "profile name")
+    check_range(days, 1, MAX_DAYS, "validity in days")
+    if path_length is not None:
+        check_range(path_length, 0, 16, "path length")
     return _wrap(c.call, S.ACaSignCsr, parent=parent, profile=profile, csr=csr_der, validity_days=days, path_length=path_length)
 
 
 def ca_chain_pem(c: AdminClient, name: str, chain: bool) -> bytes:
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
-    ders = [bytes.fromhex(h) for h in _wrap(c.call, S.ACaExport, name=name)["chain"]]
+    ders = [bytes.fromhex(h) for h in _wrap(c.call, S.ACaExport, name=check_name(name, "CA name"))["chain"]]
     if not chain:
         ders = ders[:1]
     return b"".join(x509.load_der_x509_certificate(d).public_bytes(Encoding.PEM) for d in ders)
@@ -171,32 +265,68 @@ def ca_chain_pem(c: AdminClient, name: str, chain: bool) -> bytes:
 
 def issue(c: AdminClient, ca: str, profile: str, csr_ders: list[bytes], days: int | None,
           labels: list[str]) -> tuple[bytes, list[dict[str, Any]], int]:
-    """Returns (PEM of the issued certificates, one document per CSR, number refused)."""
+    """Returns (PEM of the issued certificates, one document per CSR, number refused). Many CSRs go
+    as several requests, each within the admin API's bounds."""
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
-    r = _wrap(c.issue, ca=ca, profile=profile, csrs=csr_ders, validity_days=days)
+    check_name(ca, "CA name")
+    check_name(profile, "profile name")
+    if days is not None:
+        check_range(days, 1, MAX_DAYS, "validity in days")
+    for label, der in zip(labels, csr_ders):
+        if len(der) > MAX_CSR_BYTES:
+            raise OpError(f"{label} is larger than {MAX_CSR_BYTES // 1024} KiB: not a certificate request")
     pem, docs, failed = b"", [], 0
-    for label, res, serial in zip(labels, r.results, r.serials):
-        if res.cert is None:
-            failed += 1
-            docs.append({"csr": label, "error": res.error})
-        else:
-            p = x509.load_der_x509_certificate(res.cert).public_bytes(Encoding.PEM)
-            pem += p
-            docs.append({"csr": label, "serial": serial, "pem": p.decode()})
+    for start, end in _batches(csr_ders):
+        r = _wrap(c.issue, ca=ca, profile=profile, csrs=csr_ders[start:end], validity_days=days)
+        for label, res, serial in zip(labels[start:end], r.results, r.serials):
+            if res.cert is None:
+                failed += 1
+                docs.append({"csr": label, "error": res.error})
+            else:
+                p = x509.load_der_x509_certificate(res.cert).public_bytes(Encoding.PEM)
+                pem += p
+                docs.append({"csr": label, "serial": serial, "pem": p.decode()})
     return pem, docs, failed
 
 
 def cert_show(c: AdminClient, ca: str, serial: bytes) -> dict[str, Any]:
+    check_name(ca, "CA name")
     return _wrap(c.call, S.ACertShow, ca=ca, serial=serial)
 
 
-def cert_list(c: AdminClient, ca: str | None, limit: int) -> list[dict[str, Any]]:
-    return _wrap(c.call, S.ACertList, ca=ca, limit=limit)["certs"]
+def cert_doc(doc: dict[str, Any]) -> dict[str, Any]:
+    """A certificate's record for printing: the PEM left out, its times in ISO 8601 exactly as `ca show` prints them."""
+    iso = ("not_before", "not_after", "issued_at", "revoked_at")
+    return {k: (datetime.fromtimestamp(v, timezone.utc).isoformat() if k in iso and isinstance(v, int) else v)
+            for k, v in doc.items() if k != "pem"}
+
+
+CERT_STATUSES = ("valid", "revoked", "expired")
+
+
+def cert_list(c: AdminClient, ca: str | None, limit: int, subject: str | None = None, san: str | None = None,
+              status: str | None = None, expires_within: int | None = None, profile: str | None = None) -> list[dict[str, Any]]:
+    if status is not None and status not in CERT_STATUSES:
+        raise OpError(f"unknown status {status!r} (one of: {', '.join(CERT_STATUSES)})")
+    if expires_within is not None and not 0 <= expires_within <= 40 * 366:
+        raise OpError("--expires-within is a number of days, 0 to 14640")
+    check_range(limit, 1, 100000, "limit")
+    for what, v in (("subject", subject), ("SAN", san)):
+        if v is not None and not 1 <= len(v) <= 256:
+            raise OpError(f"the {what} filter is 1 to 256 characters")
+    if profile is not None:
+        check_name(profile, "profile")
+    if ca is not None:
+        check_name(ca, "CA name")
+    return _wrap(c.call, S.ACertList, ca=ca, limit=limit, subject=subject, san=san, status=status,
+                 expires_within_days=expires_within, profile=profile)["certs"]
 
 
 def cert_list_lines(certs: list[dict[str, Any]]) -> list[str]:
-    return [f"{c['ca']:<12} {c['serial']:<34} {'REVOKED' if c['revoked'] else 'valid  '} {c['profile']:<12} {c['subject']}"
+    def state(c: dict[str, Any]) -> str:
+        return "REVOKED" if c["revoked"] else "expired" if c.get("expired") else "valid  "
+    return [f"{c['ca']:<12} {c['serial']:<34} {state(c)} {c['profile']:<12} {c['subject']}"
             for c in certs]
 
 
@@ -213,10 +343,14 @@ def unrevoke(c: AdminClient, ca: str, serial: bytes) -> dict[str, Any]:
 
 def crl_generate(c: AdminClient, ca: str, kind: str = "crl") -> bytes:
     """Sign a new CRL (or, kind="issued-serials", a new issued-serials list) and return its DER."""
+    check_name(ca, "CA name")
     return _wrap(lambda: b"".join(c.stream(S.ACrlGenerate, ca=ca, kind=kind)))
 
 
 def crl_export(c: AdminClient, ca: str, number: int | None = None, kind: str = "crl") -> bytes:
+    check_name(ca, "CA name")
+    if number is not None:
+        check_range(number, 1, 2**62 - 1, "CRL number")
     return _wrap(lambda: b"".join(c.stream(S.ACrlExport, ca=ca, number=number, kind=kind)))
 
 
@@ -427,6 +561,9 @@ def dist_status_lines(doc: dict[str, Any]) -> list[str]:
 def dist_list(c: AdminClient, state: str = "parked", rule: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
     if state not in ("pending", "parked", "done"):
         raise OpError("the state is pending, parked or done")
+    if rule is not None:
+        check_name(rule, "destination name")
+    check_range(limit, 1, 10000, "limit")
     return _wrap(c.call, S.ADistList, state=state, rule=rule, limit=limit)["jobs"]
 
 
@@ -481,17 +618,15 @@ def shutdown(c: AdminClient) -> dict[str, Any]:
 
 # The settings an operator may change from any face; each validated by the full configuration loader
 # before the file is replaced. They take effect at the next start of the appliance.
-SETTINGS = {
-    "ocsp.listen": "the OCSP/CRL endpoint's listen address (host:port)",
-    "endpoint.base-url": "the base of CRL DP / OCSP / caIssuers URLs in new certificates",
-    "snmp.listen": "the SNMP agent's UDP address (host:port)",
-    "crl.validity-hours": "nextUpdate - thisUpdate of new CRLs (hours)",
-    "ocsp.validity-hours": "validity of pre-produced OCSP responses (hours)",
-    "console.media": "the removable-media folder of the console",
-}
-_HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})$")
-_URL = re.compile(r"^https?://(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253})(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
-_PATH = re.compile(r"^/?[A-Za-z0-9._/-]{1,200}$")
+# SETTINGS (from appliance.config): the keys `config set` may change, re-exported for the faces.
+
+
+def endpoint_url(listen: str) -> str:
+    """The URL a client on this machine reaches the endpoint at, from `ocsp.listen` (a wildcard address
+    is reached on loopback)."""
+    host, _, port = listen.rpartition(":")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}.get(host, host)
+    return f"http://{host}:{port}"
 
 
 def settings_show(home: str) -> list[tuple[str, str]]:
@@ -508,78 +643,12 @@ def settings_show(home: str) -> list[tuple[str, str]]:
     return out
 
 
-def _validate_setting(key: str, value: str) -> str:
-    """The TOML literal for a value, or OpError; never passes operator text through unchecked."""
-    if key not in SETTINGS:
-        raise OpError(f"unknown setting {key!r} (one of: {', '.join(SETTINGS)})")
-    if key in ("ocsp.listen", "snmp.listen"):
-        m = _HOSTPORT.match(value)
-        if not m or int(m.group(2)) > 65535:
-            raise OpError(f"{key}: {value[:60]!r} is not host:port")
-        return f'"{value}"'
-    if key == "endpoint.base-url":
-        m = _URL.match(value)
-        if not m or (m.group(2) and int(m.group(2)[1:]) > 65535):
-            raise OpError(f"{key}: {value[:60]!r} is not an http(s) URL of letters, digits and ._~/-")
-        return f'"{value.rstrip("/")}"'
-    if key.endswith("validity-hours"):
-        if not re.fullmatch(r"[0-9]{1,5}", value):
-            raise OpError(f"{key}: {value[:20]!r} is not a whole number of hours")
-        return value
-    if key == "console.media":
-        if not _PATH.match(value) or ".." in value.split("/"):
-            raise OpError(f"{key}: {value[:60]!r} is not a plain path")
-        return f'"{value}"'
-    raise OpError(f"unknown setting {key!r}")
-
-
-def settings_set(home: str, key: str, value: str) -> str:
-    """Set one key in HOME/donjon.toml (comments kept), validate the whole file, replace it atomically."""
+def settings_set(c: AdminClient, key: str, value: str) -> str:
+    """Change one setting through the admin socket: an administrator's session, permission-checked
+    and audited by the Factory; the supervisor validates it again and writes HOME/donjon.toml."""
     from appliance import config as C
-    literal = _validate_setting(key, value)
-    sect, field = key.split(".")
-    path = os.path.join(home, "donjon.toml")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = ""
-    except OSError as e:
-        raise OpError(f"cannot read {path}: {e.strerror}") from None
-    lines = text.splitlines()
-    current, start, done = None, None, False
-    for i, ln in enumerate(lines):
-        m = re.match(r"^\s*\[([A-Za-z0-9_.-]+)\]\s*(#.*)?$", ln)
-        if m:
-            current = m.group(1)
-            if current == sect:
-                start = i
-            continue
-        if current == sect and re.match(rf"^\s*{re.escape(field)}\s*=", ln):
-            m = re.match(r'^\s*("(?:[^"\\]|\\.)*"|[^#"]*?)\s*(#.*)?$', ln.split("=", 1)[1])
-            lines[i] = f"{field} = {literal}" + (f"  {m.group(2)}" if m and m.group(2) else "")
-            done = True
-            break
-    if not done:
-        if start is None:
-            lines += ["", f"[{sect}]", f"{field} = {literal}"]
-        else:
-            lines.insert(start + 1, f"{field} = {literal}")
-    new = "\n".join(lines) + "\n"
-    tmp = path + ".new"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(new)
-        try:
-            C.load_toml(tmp, C.Config)
-        except C.ConfigError as e:
-            raise OpError(str(e).replace(tmp, path)) from None
-        if os.path.exists(path):
-            os.chmod(tmp, os.stat(path).st_mode & 0o777)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OpError(f"cannot write {path}: {e.strerror}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return f"{key} = {literal} (takes effect at the next start)"
+        C.setting_literal(key, value)  # the same check the supervisor makes: a clear error before any round trip
+    except C.ConfigError as e:
+        raise OpError(str(e)) from None
+    return _wrap(c.call, S.AConfigSet, key=key, value=value)["message"]

@@ -19,6 +19,7 @@ class CeremonyCa(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename
     validity_days: Annotated[int, msgspec.Meta(ge=1, le=40 * 366)]
     path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
     profile: Name | None = None
+    allowed_profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()  # what this CA may issue
 
 
 class CeremonySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="kebab"):

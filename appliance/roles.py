@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import trio
@@ -31,6 +32,9 @@ def run_role(name: str, fds: dict[str, int], rw: list[str], ro: list[str], uid: 
     # No PR_SET_PDEATHSIG: trio forks from a worker thread, and the signal fires when that thread
     # exits. A role notices its supervisor's death as EOF on its link instead, and exits.
     _close_inherited(set(fds.values()))
+    # A role has a process group of its own, in the background of the terminal `donjon run` may run
+    # in: with `stty tostop` its log lines would stop it (SIGTTOU) instead of being written.
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     identity = privdrop.Identity(uid, gid) if uid is not None and gid is not None else None
 
     def drop() -> None:

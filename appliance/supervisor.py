@@ -7,6 +7,7 @@ non-zero (the service manager restarts the appliance).
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import signal
@@ -27,6 +28,7 @@ from appliance.ipc.channel import Channel, ProtocolViolation
 
 START_TIMEOUT = 60
 STOP_TIMEOUT = 20
+STOP_ORDER = {"ocsp": 0, "distribution": 1, "snmp": 2, "factory": 3, "cis": 4}
 STATELESS = {"ocsp", "snmp", "distribution"}  # roles restarted on their own; the others' death stops the appliance
 THROTTLE_AFTER = 10.0  # a role that dies sooner than this after starting backs off exponentially
 MAX_BACKOFF = 60.0
@@ -137,6 +139,7 @@ class Supervisor:
         self._disk_low = False
         self.listen: socket.socket | None = None
         self.dist_rules: list[S.DistRule] = []
+        self.auto_activate = False  # the Factory is told an AutoActivate follows (run with a PIN file)
 
     # ------------------------------------------------------------ preparation
 
@@ -181,14 +184,19 @@ class Supervisor:
         host = host.strip("[]") or "127.0.0.1"
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         s = socket.socket(family, socket.SOCK_STREAM)
+        # No SO_REUSEPORT: the endpoint's workers share this one socket, and with it a second
+        # appliance on the same port would silently split the traffic (and serve another CA's CRLs).
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # room for several workers later
         try:
             s.bind((host, int(port)))
-        except (OSError, ValueError) as e:
+            s.listen(1024)
+        except OSError as e:
+            s.close()
+            why = "the port is already in use (another Donjon or another server?)" if e.errno == errno.EADDRINUSE else e.strerror
+            raise SupervisorError(f"cannot listen on {self.cfg.ocsp.listen} (ocsp.listen): {why}") from None
+        except ValueError as e:
             s.close()
             raise SupervisorError(f"cannot listen on {self.cfg.ocsp.listen} (ocsp.listen): {e}") from None
-        s.listen(1024)
         bound = s.getsockname()
         with open(self.layout.endpoint_file, "w", encoding="utf-8") as f:
             f.write(f"http://{'[' + bound[0] + ']' if family == socket.AF_INET6 else bound[0]}:{bound[1]}\n")
@@ -287,7 +295,9 @@ class Supervisor:
             argv += ["--uid", str(ident.uid), "--gid", str(ident.gid)]
         role.proc = await trio.lowlevel.open_process(
             argv, pass_fds=list(role.fds.values()), env=child_env(role.env), stdin=subprocess_devnull(),
-            start_new_session=False)
+            # Its own process group: Ctrl-C at the terminal reaches the supervisor only, which
+            # then stops the roles in order (a role killed by the same SIGINT broke its links).
+            process_group=0)
         sock = self._sup_ends[role.name]
         incoming = {"cis": S.CisToSup, "factory": S.FactoryToSup, "ocsp": S.OcspToSup, "snmp": S.SnmpToSup,
                     "distribution": S.DistToSup}[role.kind]
@@ -328,6 +338,8 @@ class Supervisor:
                                                  dist_rules=[msgspec.structs.replace(r, secret=None) for r in self.dist_rules],
                                                  dist_max_attempts=self.cfg.distribution.max_attempts,
                                                  dist_backoff_max=self.cfg.distribution.backoff_max,
+                                                 ca_profiles={k: tuple(v) for k, v in self.cfg.ca_profiles.items()},
+                                                 auto_activate=self.auto_activate,
                                                  **C.officer_settings(self.cfg)))
         m = await role.chan.recv()
         if not isinstance(m, S.Ready):
@@ -338,8 +350,13 @@ class Supervisor:
         try:
             while True:
                 m = await role.chan.recv()
-                if not isinstance(m, (S.Event, S.OcspStats, S.StatusReport)):
+                if not isinstance(m, (S.Event, S.OcspStats, S.StatusReport, S.ConfigSet)):
                     raise ProtocolViolation(f"unexpected {type(m).__name__}")
+                if isinstance(m, S.ConfigSet):
+                    if role.kind != "factory":
+                        raise ProtocolViolation("a settings change from a role other than the Factory")
+                    await role.chan.send(self._config_set(m))
+                    continue
                 if isinstance(m, S.StatusReport):
                     self.factory_status = m
                     continue
@@ -373,6 +390,20 @@ class Supervisor:
         except ProtocolViolation as e:
             if self.failed is None and not self.stopping:
                 log(f"{role.name}: {e}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            # A role that died resets its link (its watcher reports the death); while stopping it is normal.
+            if self.failed is None and not self.stopping:
+                log(f"{role.name}: link lost: {e}")
+
+    def _config_set(self, m: S.ConfigSet) -> S.ConfigSetDone:
+        """Write one setting for the Factory (which checked the officer and audits the answer); validated
+        here again, whole file included: a compromised Factory gets no more than an administrator could."""
+        try:
+            msg = C.write_setting(self.home, m.key, m.value)
+        except C.ConfigError as e:
+            return S.ConfigSetDone(id=m.id, message=str(e)[:4000], ok=False)
+        log(f"settings: {msg}")
+        return S.ConfigSetDone(id=m.id, message=msg, ok=True)
 
     async def wait_event(self, *kinds: str) -> S.Event:
         while True:
@@ -519,10 +550,18 @@ class Supervisor:
 
     async def run(self, ceremony: CeremonySpec | None = None, pin: str | None = None, on_ready=None) -> int:
         self.stopping = False
+        self.auto_activate = ceremony is None and pin is not None
         self.prepare()
         self.profiles = C.profile_overrides(self.home, self.cfg)
+        C.check_ca_profiles(self.home, self.cfg, self.profiles)
         admin = self.open_admin_socket() if ceremony is None else None
-        listen = self.open_endpoint_socket() if ceremony is None and self.cfg.ocsp.enabled else None
+        try:
+            listen = self.open_endpoint_socket() if ceremony is None and self.cfg.ocsp.enabled else None
+        except BaseException:  # e.g. the port is taken: leave no admin socket behind that answers nothing
+            if admin is not None:
+                admin.close()
+                os.unlink(self.layout.admin_socket)
+            raise
         self.listen = listen  # kept (never read) so that a restarted endpoint gets the same listener
         roles, keep = self._roles(admin, listen)
         self.roles = roles
@@ -583,9 +622,10 @@ class Supervisor:
         return 1
 
     async def _stop(self, roles: dict[str, Role]) -> None:
-        """The endpoint first, then the Factory (it finishes its transaction and closes the CMDB), then the CIS."""
+        """The endpoint and the agents first (they are the Factory's clients), then the Factory (it
+        finishes its transaction and closes the CMDB), then the CIS."""
         self.stopping = True
-        for r in sorted(roles.values(), key=lambda r: {"ocsp": 0, "factory": 1}.get(r.kind, 2)):
+        for r in sorted(roles.values(), key=lambda r: STOP_ORDER.get(r.kind, len(STOP_ORDER))):
             if r.proc is None or r.proc.returncode is not None:
                 continue
             try:

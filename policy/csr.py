@@ -196,6 +196,29 @@ def check_uri(value: str, field: str = "san") -> None:
         raise PolicyError(field, "uri", f"{value!r} is not a URI") from None
     if not re.match(r"^[a-z][a-z0-9+.-]*$", parts.scheme) or not (parts.netloc or parts.path):
         raise PolicyError(field, "uri", f"{value!r} is not an absolute URI")
+    if parts.scheme in STRICT_URI_SCHEMES and not strict_uri_ok(value):
+        what = "SPIFFE ID" if parts.scheme == "spiffe" else "URN (RFC 8141; urn:uuid: takes a UUID)"
+        raise PolicyError(field, "uri", f"{value[:80]!r} is not a valid {what}")
+
+
+# URI schemes whose syntax Donjon checks itself (pkilint's URL validator knows only web URLs and
+# refuses them): a URI SAN of these schemes must match the grammar below exactly.
+_SPIFFE = re.compile(r"^spiffe://[a-z0-9._-]{1,255}(/[A-Za-z0-9._-]+)*$")  # SPIFFE-ID §2: no port, query, fragment
+_URN = re.compile(r"^urn:[A-Za-z0-9][A-Za-z0-9-]{0,30}[A-Za-z0-9]:[A-Za-z0-9()+,\-.:=@;$_!*'%/~&]+$")  # RFC 8141 (no r-/q-/f-components)
+_UUID = re.compile(r"^urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)  # RFC 9562
+STRICT_URI_SCHEMES = ("spiffe", "urn")
+
+
+def strict_uri_ok(value: str) -> bool:
+    """True for a URI of an allow-listed non-web scheme that matches its own grammar exactly."""
+    low = value[:7].lower()
+    if low.startswith("spiffe:"):
+        return bool(_SPIFFE.match(value)) and len(value) <= 2048 and not value.startswith("spiffe:///")
+    if low.startswith("urn:"):
+        if value[4:9].lower() == "uuid:":
+            return bool(_UUID.match(value))
+        return bool(_URN.match(value)) and not value[4:].lower().startswith("urn:")
+    return False
 
 
 def check_subject_value(attr: str, value: str) -> None:
@@ -331,19 +354,42 @@ def _parse(der: bytes):
         raise PolicyError("csr", "der", "malformed certificate request") from None
 
 
+# Signatures by broken hashes: a collision lets one proof of possession stand for another request.
+_WEAK_SIGNATURE_OIDS = {
+    "1.2.840.113549.1.1.5": "SHA-1",  # sha1WithRSAEncryption
+    "1.3.14.3.2.29": "SHA-1",  # sha1WithRSASignature (OIW)
+    "1.2.840.10045.4.1": "SHA-1",  # ecdsa-with-SHA1
+    "1.2.840.10040.4.3": "SHA-1",  # dsa-with-sha1
+    "1.2.840.113549.1.1.4": "MD5",  # md5WithRSAEncryption
+    "1.2.840.113549.1.1.2": "MD2",  # md2WithRSAEncryption
+}
+
+
+def _weak_hash(csr: x509.CertificateSigningRequest) -> str | None:
+    weak = _WEAK_SIGNATURE_OIDS.get(csr.signature_algorithm_oid.dotted_string)
+    if weak is None and csr.signature_algorithm_oid == x509.oid.SignatureAlgorithmOID.RSASSA_PSS:
+        try:
+            h = csr.signature_hash_algorithm
+        except Exception:  # noqa: BLE001 - unknown PSS parameters: the signature check decides
+            h = None
+        weak = {"sha1": "SHA-1", "md5": "MD5"}.get(h.name if h is not None else "")
+    return weak
+
+
 def _parse_inner(der: bytes):
     csr = x509.load_der_x509_csr(der)
     # cryptography parses lazily: touch everything here so hostile bytes fail inside the try.
     pub = csr.public_key()
     spki = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    sig_ok = csr.is_signature_valid
+    weak = _weak_hash(csr)
+    sig_ok = weak is None and csr.is_signature_valid
     rdns = [[(a.oid, a.value) for a in rdn] for rdn in csr.subject.rdns]
     exts = [(e.oid, e.critical, e.value) for e in csr.extensions]
     sans: list[object] = []
     for _, _, v in exts:
         if isinstance(v, x509.SubjectAlternativeName):
             sans = list(v)
-    return csr, pub, spki, sig_ok, rdns, exts, sans
+    return csr, pub, spki, (sig_ok, weak), rdns, exts, sans
 
 
 def check_csr(der: bytes, profile: Profile) -> CsrInfo:
@@ -353,7 +399,9 @@ def check_csr(der: bytes, profile: Profile) -> CsrInfo:
     if len(der) > MAX_CSR_BYTES:
         raise PolicyError("csr", "size", f"certificate request larger than {MAX_CSR_BYTES} bytes")
     der = bytes(der)
-    _csr, _pub, spki, sig_ok, rdns, exts, san_names = _parse(der)
+    _csr, _pub, spki, (sig_ok, weak), rdns, exts, san_names = _parse(der)
+    if weak is not None:
+        raise PolicyError("csr", "signature-algorithm", f"{weak} signature refused: sign the request with SHA-256 or better")
     if not sig_ok:
         raise PolicyError("csr", "signature", "the request signature does not verify (no proof of possession)")
     key_type = check_public_key(spki, profile.key_types)

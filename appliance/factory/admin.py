@@ -85,10 +85,6 @@ async def _backup(ctx: Ctx, req: S.ABackup) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _ca_show(ctx: Ctx, req: S.ACaShow) -> dict[str, Any]:
-    return ctx.f._ca_doc(*await ctx.f.ca_row(req.name))
-
-
 async def _ca_export(ctx: Ctx, req: S.ACaExport) -> S.CaExportReply:
     return S.CaExportReply(id=0, chain=[c.hex() for c in await ctx.f.ca_chain(req.name)])
 
@@ -166,14 +162,14 @@ TABLE: dict[type, AdminOp] = {
                                     session_bound=True),
     # CA names and certificate summaries: public data (the endpoint serves the certificates)
     S.ACaList: AdminOp(PUBLIC, None, lambda c, r: _doc("cas", c.f.ca_list()), S.CaListReply),
-    S.ACaShow: AdminOp(ANY, None, _ca_show, S.CaReply),
+    S.ACaShow: AdminOp(ANY, None, lambda c, r: c.f.ca_show(r.name), S.CaReply),
     S.ACaExport: AdminOp(ANY, None, _ca_export, S.CaExportReply),
     S.ACaCreate: AdminOp(OPER, "ca-create", lambda c, r: c.f.create_ca(r, parent=r.parent, actor=c.actor), S.CaReply),
     S.ACaCreateRoot: AdminOp(OPER, "ca-create", lambda c, r: c.f.create_ca(r, parent=None, actor=c.actor), S.CaReply),
     S.ACaSignCsr: AdminOp(OPER, "ca-sign-csr", lambda c, r: c.f.sign_csr_ca(r, c.actor), S.CaSignCsrReply),
     S.AIssue: AdminOp(OPER, None, lambda c, r: c.f.issue(r, c.actor), S.IssueReply),
     S.ACertShow: AdminOp(ANY, None, lambda c, r: c.f.cert_get(r.ca, int.from_bytes(r.serial, "big")), S.CertReply),
-    S.ACertList: AdminOp(ANY, None, lambda c, r: _doc("certs", c.f.cert_list(r.ca, r.limit)), S.CertListReply),
+    S.ACertList: AdminOp(ANY, None, lambda c, r: _doc("certs", c.f.cert_list(r)), S.CertListReply),
     # "revoke-ca" applies only when the certificate is a CA's (Officers.guard checks)
     S.ARevoke: AdminOp(OPER, "revoke-ca", lambda c, r: c.f.revoke(r, c.actor), S.RevokeReply),
     S.AUnrevoke: AdminOp(OPER, "revoke-ca", lambda c, r: c.f.unrevoke(r, c.actor), S.UnrevokeReply),
@@ -213,6 +209,8 @@ TABLE: dict[type, AdminOp] = {
     S.ACeremonyRecord: AdminOp(ANY, None, _ceremony, R, session_bound=True),
     S.ABackup: AdminOp(ADMIN, None, _backup, STREAM),
     S.AShutdown: AdminOp(ADMIN, None, _shutdown, R),
+    # HOME/donjon.toml, written by the supervisor on the Factory's audited request
+    S.AConfigSet: AdminOp(ADMIN, None, lambda c, r: c.f.config_set(r.key, r.value, c.actor), R),
 }
 
 
