@@ -220,7 +220,8 @@ async def main(fds: dict[str, int], drop) -> None:
     drop()
     # "factory-cis" is the primary CIS (keys, CRLs, activation); "factory-cis.N" are more signers.
     names = sorted((k for k in fds if k.split(".")[0] == "factory-cis"), key=lambda k: (k != "factory-cis", k))
-    signers = [CisLink(Channel.from_fd(fds[k], "factory-cis", S.CisToFactory)) for k in names]
+    signers = [CisLink(Channel.from_fd(fds[k], "factory-cis", S.CisToFactory), k.removeprefix("factory-"), cfg.cis_deadline_seconds)
+               for k in names]
     async with trio.open_nursery() as hs:
         for link in signers:
             hs.start_soon(link.chan.handshake)
@@ -232,9 +233,15 @@ async def main(fds: dict[str, int], drop) -> None:
     f.sup_send = sup.send
     f.officers = Officers(f)
     f.checkpoints = Checkpoints(f)
+    async def cis_liveness(link: CisLink) -> None:
+        state = "responsive" if link.responsive else "unresponsive"
+        _log(f"{link.name} is {state}" + ("" if link.responsive else f" (no answer in {link.deadline:g} s)"))
+        await sup.send(S.Event(kind=f"cis-{state}", detail=link.name))
+
     async with trio.open_nursery() as n:
         for link in signers:
             n.start_soon(link.run)
+            n.start_soon(link.watch, cis_liveness)
         # Two pipeline workers per signer: one commits while the other's batch is being signed.
         for i in range(2 * len(signers)):
             n.start_soon(f.issuance_worker, signers[i % len(signers)])

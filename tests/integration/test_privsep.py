@@ -171,6 +171,6 @@ def test_schema_hash_is_pinned():
 
 
 PINNED_SCHEMA_HASHES = {
-    2: "e2bb9c14bdbfc2d6243cb0e346d39159bdaa0af69f42ee87f6b36a8b54a8453e",
-    3: "8232db698b98bb84a1ea0e0cd940472b3dce0be58fbe3e23a1a72d1ff23b8338",
+    2: "c13c81ddadbb16a3220f5182b620e99c973910835a5238461e9c83ecb8f82e98",
+    3: "04ab501a300ad2df4e9ea7f3353411ca8c2d6c8e9cfda06261e03e1492de4866",
 }
