@@ -129,23 +129,27 @@ async def serve(name: str, fds: dict[str, int], drop: Callable[[], None],
     serve, until Shutdown. Anything else on the control link is a protocol violation."""
     spec = ROLES[name]
     sup, cfg = await config(spec, fds)
-    body = await setup(sup, cfg)
-    drop()
-    if body.connect is not None:
-        await body.connect()
-    await sup.send(S.Ready(role=name, pid=os.getpid()))
     stopped = False
-    async with trio.open_nursery() as n:
-        n.start_soon(body.serve, n)
-        while True:
-            m = await sup.recv()
-            if isinstance(m, S.Shutdown):
-                stopped = True
-                n.cancel_scope.cancel()
-                break
-            if body.control is None or isinstance(m, (S.Hello, spec.config)):
-                raise ProtocolViolation(f"{spec.control.name}: unexpected {type(m).__name__}")
-            await body.control(m)
+    try:
+        body = await setup(sup, cfg)
+        drop()
+        if body.connect is not None:
+            await body.connect()
+        await sup.send(S.Ready(role=name, pid=os.getpid()))
+        async with trio.open_nursery() as n:
+            n.start_soon(body.serve, n)
+            while True:
+                m = await sup.recv()
+                if isinstance(m, S.Shutdown):
+                    stopped = True
+                    n.cancel_scope.cancel()
+                    break
+                if body.control is None or isinstance(m, (S.Hello, spec.config)):
+                    raise ProtocolViolation(f"{spec.control.name}: unexpected {type(m).__name__}")
+                await body.control(m)
+    finally:
+        with trio.CancelScope(shield=True):
+            await sup.aclose()
     if stopped:
         if body.close is not None:
             body.close()
