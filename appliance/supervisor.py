@@ -22,8 +22,8 @@ import trio
 from appliance import config as C
 from appliance import privdrop
 from appliance.ipc import schema as S
-from appliance.roletable import ROLES, Launch, RoleSpec
 from appliance.ipc.channel import Channel, ProtocolViolation
+from appliance.roletable import ROLES, Launch, RoleSpec
 
 START_TIMEOUT = 60
 STOP_TIMEOUT = 20
