@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from appliance.client import AdminClient, ClientError
+from appliance.config import SETTINGS
 from appliance.ipc import schema as S
 
 REASONS = {"unspecified": 0, "keyCompromise": 1, "cACompromise": 2, "affiliationChanged": 3, "superseded": 4,
@@ -143,17 +144,19 @@ def ca_list(c: AdminClient) -> list[dict[str, Any]]:
 
 
 def ca_list_lines(cas: list[dict[str, Any]]) -> list[str]:
-    return [f"{c['name']:<20} {c['key_type']:<8} parent={c['parent'] or '-':<16} until {c['not_after'][:10]}  {c['subject']}"
-            for c in cas]
+    return [f"{c['name']:<20} {c['key_type']:<8} parent={c['parent'] or '-':<16} {c.get('state', '?'):<8} "
+            f"until {c['not_after'][:10]}  {c['subject']}" for c in cas]
 
 
 def ca_create(c: AdminClient, name: str, parent: str | None, subject: tuple, profile: str | None, key_type: str,
-              days: int, path_length: int | None) -> dict[str, Any]:
+              days: int, path_length: int | None, allowed_profiles: tuple[str, ...] = ()) -> dict[str, Any]:
+    for p in allowed_profiles:
+        check_name(p, "profile")
     if parent is None:  # a new root (first root or a root rollover): self-signed
         return _wrap(c.call, S.ACaCreateRoot, name=name, profile=profile or "root-ca", key_type=key_type, subject=subject,
-                     validity_days=days, path_length=path_length)
+                     validity_days=days, path_length=path_length, allowed_profiles=allowed_profiles)
     return _wrap(c.call, S.ACaCreate, name=name, parent=parent, profile=profile or "sub-ca", key_type=key_type,
-                 subject=subject, validity_days=days, path_length=path_length)
+                 subject=subject, validity_days=days, path_length=path_length, allowed_profiles=allowed_profiles)
 
 
 def ca_sign_csr(c: AdminClient, parent: str, profile: str, csr_der: bytes, days: int, path_length: int | None) -> dict[str, Any]:
@@ -191,12 +194,32 @@ def cert_show(c: AdminClient, ca: str, serial: bytes) -> dict[str, Any]:
     return _wrap(c.call, S.ACertShow, ca=ca, serial=serial)
 
 
-def cert_list(c: AdminClient, ca: str | None, limit: int) -> list[dict[str, Any]]:
-    return _wrap(c.call, S.ACertList, ca=ca, limit=limit)["certs"]
+CERT_STATUSES = ("valid", "revoked", "expired")
+
+
+def cert_list(c: AdminClient, ca: str | None, limit: int, subject: str | None = None, san: str | None = None,
+              status: str | None = None, expires_within: int | None = None, profile: str | None = None) -> list[dict[str, Any]]:
+    if status is not None and status not in CERT_STATUSES:
+        raise OpError(f"unknown status {status!r} (one of: {', '.join(CERT_STATUSES)})")
+    if expires_within is not None and not 0 <= expires_within <= 40 * 366:
+        raise OpError("--expires-within is a number of days, 0 to 14640")
+    if limit < 1 or limit > 100000:
+        raise OpError("--limit is 1 to 100000")
+    for what, v in (("subject", subject), ("SAN", san)):
+        if v is not None and not 1 <= len(v) <= 256:
+            raise OpError(f"the {what} filter is 1 to 256 characters")
+    if profile is not None:
+        check_name(profile, "profile")
+    if ca is not None:
+        check_name(ca, "CA name")
+    return _wrap(c.call, S.ACertList, ca=ca, limit=limit, subject=subject, san=san, status=status,
+                 expires_within_days=expires_within, profile=profile)["certs"]
 
 
 def cert_list_lines(certs: list[dict[str, Any]]) -> list[str]:
-    return [f"{c['ca']:<12} {c['serial']:<34} {'REVOKED' if c['revoked'] else 'valid  '} {c['profile']:<12} {c['subject']}"
+    def state(c: dict[str, Any]) -> str:
+        return "REVOKED" if c["revoked"] else "expired" if c.get("expired") else "valid  "
+    return [f"{c['ca']:<12} {c['serial']:<34} {state(c)} {c['profile']:<12} {c['subject']}"
             for c in certs]
 
 
@@ -481,19 +504,7 @@ def shutdown(c: AdminClient) -> dict[str, Any]:
 
 # The settings an operator may change from any face; each validated by the full configuration loader
 # before the file is replaced. They take effect at the next start of the appliance.
-SETTINGS = {
-    "ocsp.listen": "the OCSP/CRL endpoint's listen address (host:port)",
-    "endpoint.base-url": "the base of CRL DP / OCSP / caIssuers URLs in new certificates",
-    "snmp.listen": "the SNMP agent's UDP address (host:port)",
-    "crl.validity-hours": "nextUpdate - thisUpdate of new CRLs (hours)",
-    "ocsp.validity-hours": "validity of pre-produced OCSP responses (hours)",
-    "console.media": "the removable-media folder of the console",
-}
-_HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})$")
-_URL = re.compile(r"^https?://(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253})(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
-_PATH = re.compile(r"^/?[A-Za-z0-9._/-]{1,200}$")
-
-
+# SETTINGS (from appliance.config): the keys `config set` may change, re-exported for the faces.
 def settings_show(home: str) -> list[tuple[str, str]]:
     from appliance import config as C
     try:
@@ -508,78 +519,12 @@ def settings_show(home: str) -> list[tuple[str, str]]:
     return out
 
 
-def _validate_setting(key: str, value: str) -> str:
-    """The TOML literal for a value, or OpError; never passes operator text through unchecked."""
-    if key not in SETTINGS:
-        raise OpError(f"unknown setting {key!r} (one of: {', '.join(SETTINGS)})")
-    if key in ("ocsp.listen", "snmp.listen"):
-        m = _HOSTPORT.match(value)
-        if not m or int(m.group(2)) > 65535:
-            raise OpError(f"{key}: {value[:60]!r} is not host:port")
-        return f'"{value}"'
-    if key == "endpoint.base-url":
-        m = _URL.match(value)
-        if not m or (m.group(2) and int(m.group(2)[1:]) > 65535):
-            raise OpError(f"{key}: {value[:60]!r} is not an http(s) URL of letters, digits and ._~/-")
-        return f'"{value.rstrip("/")}"'
-    if key.endswith("validity-hours"):
-        if not re.fullmatch(r"[0-9]{1,5}", value):
-            raise OpError(f"{key}: {value[:20]!r} is not a whole number of hours")
-        return value
-    if key == "console.media":
-        if not _PATH.match(value) or ".." in value.split("/"):
-            raise OpError(f"{key}: {value[:60]!r} is not a plain path")
-        return f'"{value}"'
-    raise OpError(f"unknown setting {key!r}")
-
-
-def settings_set(home: str, key: str, value: str) -> str:
-    """Set one key in HOME/donjon.toml (comments kept), validate the whole file, replace it atomically."""
+def settings_set(c: AdminClient, key: str, value: str) -> str:
+    """Change one setting through the admin socket: an administrator's session, permission-checked
+    and audited by the Factory; the supervisor validates it again and writes HOME/donjon.toml."""
     from appliance import config as C
-    literal = _validate_setting(key, value)
-    sect, field = key.split(".")
-    path = os.path.join(home, "donjon.toml")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = ""
-    except OSError as e:
-        raise OpError(f"cannot read {path}: {e.strerror}") from None
-    lines = text.splitlines()
-    current, start, done = None, None, False
-    for i, ln in enumerate(lines):
-        m = re.match(r"^\s*\[([A-Za-z0-9_.-]+)\]\s*(#.*)?$", ln)
-        if m:
-            current = m.group(1)
-            if current == sect:
-                start = i
-            continue
-        if current == sect and re.match(rf"^\s*{re.escape(field)}\s*=", ln):
-            m = re.match(r'^\s*("(?:[^"\\]|\\.)*"|[^#"]*?)\s*(#.*)?$', ln.split("=", 1)[1])
-            lines[i] = f"{field} = {literal}" + (f"  {m.group(2)}" if m and m.group(2) else "")
-            done = True
-            break
-    if not done:
-        if start is None:
-            lines += ["", f"[{sect}]", f"{field} = {literal}"]
-        else:
-            lines.insert(start + 1, f"{field} = {literal}")
-    new = "\n".join(lines) + "\n"
-    tmp = path + ".new"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(new)
-        try:
-            C.load_toml(tmp, C.Config)
-        except C.ConfigError as e:
-            raise OpError(str(e).replace(tmp, path)) from None
-        if os.path.exists(path):
-            os.chmod(tmp, os.stat(path).st_mode & 0o777)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OpError(f"cannot write {path}: {e.strerror}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return f"{key} = {literal} (takes effect at the next start)"
+        C.setting_literal(key, value)  # the same check the supervisor makes: a clear error before any round trip
+    except C.ConfigError as e:
+        raise OpError(str(e)) from None
+    return _wrap(c.call, S.AConfigSet, key=key, value=value)["message"]

@@ -475,13 +475,17 @@ def ca_create(name: str,
               key_type: Annotated[str, typer.Option(help="rsa2048|rsa3072|rsa4096|p256|p384|ed25519")] = "p256",
               days: Annotated[int, typer.Option(help="Validity in days (clamped to the parent's).")] = 3650,
               path_length: Annotated[Optional[int], typer.Option(help="pathLenConstraint.")] = None,
+              allow_profile: Annotated[list[str], typer.Option(help="A profile the new CA may issue (repeatable; default: "
+                                                                    "donjon.toml [ca-profiles], else CA profiles for a root and "
+                                                                    "the others for an issuing CA). Kept in the token, never changed.")] = [],  # noqa: B006
               home: Home = "./var") -> None:
     """Create a CA whose key is generated in the HSM: a subordinate of --parent, or a new root.
 
     Example: donjon ca create issuing2 --parent root --subject 'CN=Issuing CA 2,O=Example'
     """
     with client(home) as c:
-        doc = op(ops.ca_create, c, name, parent, parse_subject(subject), profile, key_type, days, path_length)
+        doc = op(ops.ca_create, c, name, parent, parse_subject(subject), profile, key_type, days, path_length,
+                 tuple(allow_profile))
     typer.echo(f"created CA {doc['name']}: {doc['subject']} serial {doc['serial']}")
 
 
@@ -562,10 +566,15 @@ def cert_export(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")
 @cert_app.command("list")
 def cert_list(ca: Annotated[Optional[str], typer.Option(help="Only this CA.")] = None,
               limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
+              subject: Annotated[Optional[str], typer.Option(help="Subject contains this (case-insensitive).")] = None,
+              san: Annotated[Optional[str], typer.Option(help="A SAN contains this, e.g. 'dns:www.' or 'spiffe://'.")] = None,
+              status: Annotated[Optional[str], typer.Option(help="valid, revoked or expired.")] = None,
+              expires_within: Annotated[Optional[int], typer.Option(help="Valid certificates expiring within this many days.")] = None,
+              profile: Annotated[Optional[str], typer.Option(help="Only this profile.")] = None,
               as_json: JsonOut = False, home: Home = "./var") -> None:
-    """List issued certificates, newest first. Example: donjon cert list --ca issuing"""
+    """List issued certificates, newest first, filtered. Example: donjon cert list --ca issuing --expires-within 30"""
     with client(home) as c:
-        certs = op(ops.cert_list, c, ca, limit)
+        certs = op(ops.cert_list, c, ca, limit, subject, san, status, expires_within, profile)
     if as_json:
         typer.echo(json.dumps(certs, indent=2))
         return
@@ -1011,8 +1020,10 @@ def config_show(home: Home = "./var") -> None:
 @config_app.command("set")
 def config_set(key: Annotated[str, typer.Argument(help="One of: " + ", ".join(ops.SETTINGS))],
                value: str, home: Home = "./var") -> None:
-    """Change one setting (validated; takes effect at the next start). Example: donjon config set ocsp.listen 0.0.0.0:80"""
-    typer.echo(op(ops.settings_set, home, key, value))
+    """Change one setting through the running appliance (an administrator; validated, audited; takes
+    effect at the next start). Example: donjon config set ocsp.listen 0.0.0.0:80"""
+    with client(home) as c:
+        typer.echo(op(ops.settings_set, c, key, value))
 
 
 # ---------------------------------------------------------------- internals

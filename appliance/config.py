@@ -175,6 +175,11 @@ class Config(_C):
     audit: Audit = Audit()
     activation: Activation = Activation()
     console: Console = Console()
+    # Per CA, the profiles it may issue: at its creation, what goes into its policy in the token;
+    # afterwards the Factory also refuses anything not listed here (it can narrow, never widen).
+    ca_profiles: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")],
+                      Annotated[tuple[Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")], ...],
+                                msgspec.Meta(min_length=1, max_length=64)]] = {}
 
 
 def officer_settings(cfg: Config) -> dict:
@@ -288,6 +293,10 @@ lockout-minutes = 15                          # activation refused this long aft
 
 [console]
 media = "media"                               # removable media (appliance: /media/donjon); relative to DONJON_HOME
+
+# [ca-profiles]                               # per CA, the profiles it may issue (default: a root the CA
+# issuing = ["tls-server", "tls-client"]      # profiles, an issuing CA the others); set at the CA's
+                                              # creation in its token policy, and only narrowed here later
 """
 
 
@@ -436,3 +445,109 @@ def profile_overrides(home: str, cfg: Config) -> dict[str, str]:
                 raise ConfigError(f"{os.path.join(d, fn)}: {e}") from None
             out[name] = text
     return out
+
+
+def check_ca_profiles(home: str, cfg: Config, overrides: dict[str, str]) -> None:
+    """Every profile [ca-profiles] names exists (a typo would silently stop a CA issuing)."""
+    from policy.profiles import load_profiles
+
+    known = load_profiles(overrides)
+    for ca, names in cfg.ca_profiles.items():
+        for n in names:
+            if n not in known:
+                raise ConfigError(f"{os.path.join(home, 'donjon.toml')}: [ca-profiles] {ca}: unknown profile {n!r}")
+
+
+# ---------------------------------------------------------------- `donjon config set` (through the admin socket)
+
+SETTINGS = {
+    "ocsp.listen": "the OCSP/CRL endpoint's listen address (host:port)",
+    "endpoint.base-url": "the base of CRL DP / OCSP / caIssuers URLs in new certificates",
+    "snmp.listen": "the SNMP agent's UDP address (host:port)",
+    "crl.validity-hours": "nextUpdate - thisUpdate of new CRLs (hours)",
+    "ocsp.validity-hours": "validity of pre-produced OCSP responses (hours)",
+    "console.media": "the removable-media folder of the console",
+}
+_HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})$")
+_URL = re.compile(r"^https?://(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253})(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
+_PATH = re.compile(r"^/?[A-Za-z0-9._/-]{1,200}$")
+
+
+def setting_literal(key: str, value: str) -> str:
+    """The TOML literal for a value, or ConfigError; never passes operator text through unchecked."""
+    if key not in SETTINGS:
+        raise ConfigError(f"unknown setting {key!r} (one of: {', '.join(SETTINGS)})")
+    if key in ("ocsp.listen", "snmp.listen"):
+        m = _HOSTPORT.match(value)
+        if not m or int(m.group(2)) > 65535:
+            raise ConfigError(f"{key}: {value[:60]!r} is not host:port")
+        return f'"{value}"'
+    if key == "endpoint.base-url":
+        m = _URL.match(value)
+        if not m or (m.group(2) and int(m.group(2)[1:]) > 65535):
+            raise ConfigError(f"{key}: {value[:60]!r} is not an http(s) URL of letters, digits and ._~/-")
+        return f'"{value.rstrip("/")}"'
+    if key.endswith("validity-hours"):
+        if not re.fullmatch(r"[0-9]{1,5}", value):
+            raise ConfigError(f"{key}: {value[:20]!r} is not a whole number of hours")
+        return value
+    if key == "console.media":
+        if not _PATH.match(value) or ".." in value.split("/"):
+            raise ConfigError(f"{key}: {value[:60]!r} is not a plain path")
+        return f'"{value}"'
+    raise ConfigError(f"unknown setting {key!r}")
+
+
+def write_setting(home: str, key: str, value: str) -> str:
+    """Set one key in HOME/donjon.toml (comments kept), validate the whole file, replace it atomically.
+    The supervisor's alone (it is asked by the Factory, which checked the officer and audits it)."""
+    literal = setting_literal(key, value)
+    sect, field = key.split(".")
+    path = os.path.join(home, "donjon.toml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    lines = text.splitlines()
+    current, start, done = None, None, False
+    for i, ln in enumerate(lines):
+        m = re.match(r"^\s*\[([A-Za-z0-9_.-]+)\]\s*(#.*)?$", ln)
+        if m:
+            current = m.group(1)
+            if current == sect:
+                start = i
+            continue
+        if current == sect and re.match(rf"^\s*{re.escape(field)}\s*=", ln):
+            m = re.match(r'^\s*("(?:[^"\\]|\\.)*"|[^#"]*?)\s*(#.*)?$', ln.split("=", 1)[1])
+            lines[i] = f"{field} = {literal}" + (f"  {m.group(2)}" if m and m.group(2) else "")
+            done = True
+            break
+    if not done:
+        if start is None:
+            lines += ["", f"[{sect}]", f"{field} = {literal}"]
+        else:
+            lines.insert(start + 1, f"{field} = {literal}")
+    new = "\n".join(lines) + "\n"
+    tmp = path + ".new"
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)  # a stale one; never written through (a link is replaced, not followed)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(new)
+        try:
+            load_toml(tmp, Config)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace(tmp, path)) from None
+        if os.path.exists(path):
+            os.chmod(tmp, os.stat(path).st_mode & 0o777)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    return f"{key} = {literal} (takes effect at the next start)"

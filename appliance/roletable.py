@@ -96,7 +96,7 @@ def _factory(h: Host, name: str) -> Launch:
                         responder_days=cfg.ocsp.responder_days, responder_renew_days=cfg.ocsp.responder_renew_days,
                         dist_rules=[msgspec.structs.replace(r, secret=None) for r in h.dist_rules],
                         dist_max_attempts=cfg.distribution.max_attempts, dist_backoff_max=cfg.distribution.backoff_max,
-                        **C.officer_settings(cfg)),
+                        ca_profiles={k: tuple(v) for k, v in cfg.ca_profiles.items()}, **C.officer_settings(cfg)),
         rw=(h.layout.cmdb,))
 
 

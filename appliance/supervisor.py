@@ -287,8 +287,13 @@ class Supervisor:
         try:
             while True:
                 m = await role.chan.recv()
-                if not isinstance(m, (S.Event, S.OcspStats, S.StatusReport)):
+                if not isinstance(m, (S.Event, S.OcspStats, S.StatusReport, S.ConfigSet)):
                     raise ProtocolViolation(f"unexpected {type(m).__name__}")
+                if isinstance(m, S.ConfigSet):
+                    if role.kind != "factory":
+                        raise ProtocolViolation("a settings change from a role other than the Factory")
+                    await role.chan.send(self._config_set(m))
+                    continue
                 if isinstance(m, S.StatusReport):
                     self.factory_status = m
                     continue
@@ -322,6 +327,16 @@ class Supervisor:
         except ProtocolViolation as e:
             if self.failed is None and not self.stopping:
                 log(f"{role.name}: {e}")
+
+    def _config_set(self, m: S.ConfigSet) -> S.ConfigSetDone:
+        """Write one setting for the Factory (which checked the officer and audits the answer); validated
+        here again, whole file included: a compromised Factory gets no more than an administrator could."""
+        try:
+            msg = C.write_setting(self.home, m.key, m.value)
+        except C.ConfigError as e:
+            return S.ConfigSetDone(id=m.id, message=str(e)[:4000], ok=False)
+        log(f"settings: {msg}")
+        return S.ConfigSetDone(id=m.id, message=msg, ok=True)
 
     async def wait_event(self, *kinds: str) -> S.Event:
         while True:
@@ -467,6 +482,7 @@ class Supervisor:
         self.stopping = False
         self.prepare()
         self.profiles = C.profile_overrides(self.home, self.cfg)
+        C.check_ca_profiles(self.home, self.cfg, self.profiles)
         admin = self.open_admin_socket() if ceremony is None else None
         listen = self.open_endpoint_socket() if ceremony is None and self.cfg.ocsp.enabled else None
         self.listen = listen  # kept (never read) so that a restarted endpoint gets the same listener

@@ -55,7 +55,8 @@ def _load_child(home: Path, start: int, stop: int) -> dict:
             chunk.sort()  # random serials: insert each chunk in key order
             rows = [(serial_bytes(s), t, r, i) for s, t, r, i in chunk]
             c.executemany("INSERT INTO serials VALUES (?,?,'issued',?,NULL)", [(sb, CA, now) for sb, *_ in rows])
-            c.executemany("INSERT INTO certs VALUES (?,?,'tls-server','CN=bench',?,?,?,?,NULL)",
+            c.executemany("INSERT INTO certs(serial, ca, profile, subject, not_before, not_after, issued_at, der, request) "
+                          "VALUES (?,?,'tls-server','CN=bench',?,?,?,?,NULL)",
                           [(sb, CA, nb, na, now, b"\x30\x03\x02\x01\x00") for sb, *_ in rows])
             c.executemany("INSERT INTO revocations VALUES (?,?,?,?,?,?)",
                           [(CA, sb, t, r, i, el(s, t, r, i)) for (sb, t, r, i), (s, *_) in zip(rows, chunk)])

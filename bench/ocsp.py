@@ -84,7 +84,8 @@ def _load_child(home: Path, n: int) -> dict:
         for start in range(0, n, INSERT_CHUNK):  # bounded by n
             sb = sorted(serial_bytes(bench_serial(i)) for i in range(start, min(n, start + INSERT_CHUNK)))
             c.executemany("INSERT INTO serials VALUES (?,?,'issued',?,NULL)", [(s, CA, now) for s in sb])
-            c.executemany("INSERT INTO certs VALUES (?,?,'tls-server','CN=bench',?,?,?,?,NULL)",
+            c.executemany("INSERT INTO certs(serial, ca, profile, subject, not_before, not_after, issued_at, der, request) "
+                          "VALUES (?,?,'tls-server','CN=bench',?,?,?,?,NULL)",
                           [(s, CA, nb, na, now, b"\x30\x03\x02\x01\x00") for s in sb])
             c.executemany("INSERT INTO ocsp_queue VALUES (?,?)", [(CA, s) for s in sb])
             inserted += len(sb)

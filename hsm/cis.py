@@ -26,6 +26,7 @@ from appliance.ipc.links import FACTORY_CIS
 from policy import audit, certs, crl, lint, profiles
 from policy import serials as serials_list
 from policy import ocsp as ocsp_hashes
+from policy.capolicy import CaPolicy, default_policy, named_policy
 from policy.errors import PolicyError
 
 from .token import ObjectMissing, Token, TokenError, make_private_key
@@ -51,6 +52,7 @@ class Cis:
         self._throwaway: dict[str, object] = {}
         self._shadows: dict[bytes, bytes] = {}
         self._crls: dict[int, _CrlState] = {}
+        self._policies: dict[tuple[str, int], CaPolicy] = {}  # by label and CA certificate serial
         self.limiter = trio.CapacityLimiter(1)
 
     # ------------------------------------------------------------ helpers (run in the HSM thread)
@@ -117,8 +119,28 @@ class Cis:
             ca_issuers_url=f"{base}/ca/{label}.crt" if base else None,
         )
 
+    def ca_policy(self, label: str, cert: x509.Certificate) -> CaPolicy:
+        """What the CA may issue, read from beside its key in the token (never from the Factory's
+        request). A CA made before policies were kept gets the default for its place."""
+        pol = self._policies.get((label, cert.serial_number))
+        if pol is None:
+            data = self.token.policy(label)
+            pol = CaPolicy.decode(data) if data is not None else default_policy(cert.issuer == cert.subject)
+            self._policies[(label, cert.serial_number)] = pol
+        return pol
+
+    def new_ca_policy(self, item: S.IssueItem, root: bool) -> CaPolicy:
+        if item.allowed_profiles:
+            if item.allowed_kinds:
+                raise PolicyError("allowed profiles", "conflict", "name profiles or kinds, not both")
+            return named_policy(item.allowed_profiles, self.profiles)
+        if item.allowed_kinds:
+            return CaPolicy(tuple(sorted(set(item.allowed_kinds))), ())
+        return default_policy(root)
+
     def issue(self, req: S.Issue) -> list[S.IssueOutcome]:
         key = self.token.key(req.ca)
+        policy = None
         if req.self_signed:
             if len(req.items) != 1:
                 raise PolicyError("issue", "self-signed", "a self-signed request carries exactly one item")
@@ -128,11 +150,20 @@ class Cis:
             cert = self.issuer_cert(req.ca)
             issuer = self.issuer_info(req.ca, cert)
             issuer_der = cert.public_bytes(serialization.Encoding.DER)
+            policy = self.ca_policy(req.ca, cert)
+            if issuer.not_after < datetime.now(timezone.utc):
+                raise PolicyError("issuer", "expired", f"the certificate of CA {req.ca!r} expired on "
+                                  f"{issuer.not_after:%Y-%m-%d %H:%M} UTC: it issues nothing more")
         signer = make_private_key(self.token, key)
         halg = certs.signature_hash(key.key_type)
         out = []
         for item in req.items:
             try:
+                if policy is not None:
+                    prof = self.profiles.get(item.profile)
+                    if prof is not None and not policy.allows(prof):
+                        raise PolicyError("profile", "ca-policy", f"CA {req.ca!r} may not issue profile {item.profile!r} "
+                                          f"(its policy in the token allows: {policy.describe()})")
                 out.append(S.IssueOutcome(cert=self._issue_one(item, key, signer, halg, issuer, issuer_der, req), error=None))
             except PolicyError as e:
                 out.append(S.IssueOutcome(cert=None, error=str(e)))
@@ -152,6 +183,18 @@ class Cis:
             serial=int.from_bytes(item.serial, "big"), not_before=_utc(item.validity.not_before), not_after=_utc(item.validity.not_after),
             path_length=item.path_length, permitted_dns=tuple(item.permitted_dns),
         )
+        new = None
+        if item.install_as is not None:
+            if profile.kind not in ("root-ca", "sub-ca"):
+                raise PolicyError("install_as", "ca", "only CA certificates are kept in the token")
+            if self.token.key(item.install_as).spki != item.spki:
+                raise PolicyError("install_as", "key", f"the certified key is not the token key {item.install_as!r}")
+            # A CA key is certified once, its policy with it: no later request (a compromised Factory's
+            # included) replaces the certificate the CIS chains from, or the policy beside it.
+            if self.token.certificates(item.install_as):
+                raise PolicyError("install_as", "exists", f"CA {item.install_as!r} already has its certificate in the token: "
+                                  "a CA key is certified once, and its issuance policy is never changed")
+            new = self.new_ca_policy(item, req.self_signed)
         builder = certs.build_tbs(spec, issuer)
         linted_tbs = None
         if profile.lint:
@@ -166,10 +209,12 @@ class Cis:
             raise PolicyError("certificate", "lint", "the signed TBS differs from the linted TBS")
         der = cert.public_bytes(serialization.Encoding.DER)
         if item.install_as is not None:
-            if profile.kind not in ("root-ca", "sub-ca"):
-                raise PolicyError("install_as", "ca", "only CA certificates are kept in the token")
-            if self.token.key(item.install_as).spki != item.spki:
-                raise PolicyError("install_as", "key", f"the certified key is not the token key {item.install_as!r}")
+            # The policy goes in first: a certificate never sits in the token without the policy it was made with.
+            old = self.token.policy(item.install_as)
+            if old is not None and CaPolicy.decode(old) != new:
+                raise PolicyError("install_as", "ca-policy", f"CA {item.install_as!r} already has an issuance policy: it is never changed")
+            if old is None and new is not None:
+                self.token.store_policy(item.install_as, new.encode())
             self.token.store_certificate(item.install_as, der, cert.subject.public_bytes())
         return der
 
@@ -182,7 +227,9 @@ class Cis:
         except ObjectMissing:
             self.token.generate(AUDIT_LABEL, "p256")
             key = self.token.key(AUDIT_LABEL)
-        if not self.token.certificates(AUDIT_LABEL):
+        if self._audit_der(self.token.certificates(AUDIT_LABEL)) is None:
+            # None yet, or only one made before the AKI was added: a new certificate for the same key
+            # (checkpoints signed before still verify with it); the old one stays, never served again.
             now = datetime.now(timezone.utc)
             name = x509.Name([x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "Donjon"),
                               x509.NameAttribute(x509.NameOID.COMMON_NAME, f"Donjon audit key {self.token.label}"[:64])])
@@ -195,13 +242,35 @@ class Cis:
                                                  data_encipherment=False, key_agreement=False, key_cert_sign=False,
                                                  crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
                     .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+                    # RFC 5280 §4.2.1.1: an AKI even when self-signed (pkilint: ERROR without it).
+                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(pub), critical=False)  # type: ignore[arg-type]
                     .sign(make_private_key(self.token, key), hashes.SHA256()))
-            self.token.store_certificate(AUDIT_LABEL, cert.public_bytes(serialization.Encoding.DER), name.public_bytes())
+            der = cert.public_bytes(serialization.Encoding.DER)
+            findings = lint.lint_pkix(der)  # every certificate Donjon makes is linted, this one too
+            if findings:
+                raise PolicyError("audit certificate", "lint", "; ".join(findings[:5]))
+            self.token.store_certificate(AUDIT_LABEL, der, name.public_bytes())
         return key
+
+    @staticmethod
+    def _audit_der(ders: list[bytes]) -> bytes | None:
+        """The newest audit certificate that carries an AKI."""
+        good = []
+        for d in ders:
+            c = x509.load_der_x509_certificate(d)
+            try:
+                c.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+            except x509.ExtensionNotFound:
+                continue
+            good.append((c.not_valid_before_utc, d))
+        return max(good)[1] if good else None
 
     def audit_cert(self) -> bytes:
         self.audit_key()
-        return self.token.certificates(AUDIT_LABEL)[0]
+        der = self._audit_der(self.token.certificates(AUDIT_LABEL))
+        if der is None:
+            raise ObjectMissing("the audit certificate is missing from the token")
+        return der
 
     def sign_checkpoint(self, m: S.SignCheckpoint) -> tuple[bytes, bytes]:
         """Build the checkpoint text from its fields (never bytes from the Factory) and sign it."""

@@ -28,6 +28,7 @@ _CURVE_BY_PARAMS = {
     _ED25519_PARAMS: "ed25519",
 }
 WRAP_LABEL = "donjon-cmdb-wrap"
+POLICY_APP = "donjon-ca-policy"  # CKA_APPLICATION of the data object holding a CA's issuance policy
 
 # Errors after which the token connection is rebuilt (token storage gone, session lost).
 _RECONNECT = (
@@ -159,7 +160,7 @@ class Token:
 
     def delete(self, label: str) -> None:
         found = False
-        for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY, ObjectClass.CERTIFICATE):
+        for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY, ObjectClass.CERTIFICATE, ObjectClass.DATA):
             for obj in list(self._session.get_objects({Attribute.CLASS: cls, Attribute.LABEL: label})):
                 obj.destroy()
                 found = True
@@ -218,6 +219,25 @@ class Token:
     def certificates(self, label: str) -> list[bytes]:
         objs = self._session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.LABEL: label})
         return [bytes(o[Attribute.VALUE]) for o in objs]
+
+    def store_policy(self, label: str, data: bytes) -> None:
+        """Write a CA's issuance policy once, beside its key; never modifiable afterwards."""
+        self._session.create_object({
+            Attribute.CLASS: ObjectClass.DATA,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.MODIFIABLE: False,
+            Attribute.LABEL: label,
+            Attribute.APPLICATION: POLICY_APP,
+            Attribute.VALUE: data,
+        })
+
+    def policy(self, label: str) -> bytes | None:
+        objs = list(self._session.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label,
+                                                Attribute.APPLICATION: POLICY_APP}))
+        if len(objs) > 1:
+            raise TokenError(f"several issuance policies for {label!r}: refusing to guess")
+        return bytes(objs[0][Attribute.VALUE]) if objs else None
 
     # ------------------------------------------------------------ signing
 

@@ -161,6 +161,11 @@ def _looks_like_dns(value: str) -> bool:
         return False
 
 
+def subject_name(subject: tuple[tuple[str, str], ...], profile: Profile) -> x509.Name:
+    """The subject a certificate of this profile will carry (fixed attributes added, in order)."""
+    return _ordered_subject(subject, profile)
+
+
 def _ordered_subject(subject: tuple[tuple[str, str], ...], profile: Profile) -> x509.Name:
     present = {a for a, _ in subject}
     full = list(subject) + [(r.attr, r.value) for r in profile.subject if r.presence == "fixed" and r.attr not in present]

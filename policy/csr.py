@@ -196,6 +196,29 @@ def check_uri(value: str, field: str = "san") -> None:
         raise PolicyError(field, "uri", f"{value!r} is not a URI") from None
     if not re.match(r"^[a-z][a-z0-9+.-]*$", parts.scheme) or not (parts.netloc or parts.path):
         raise PolicyError(field, "uri", f"{value!r} is not an absolute URI")
+    if parts.scheme in STRICT_URI_SCHEMES and not strict_uri_ok(value):
+        what = "SPIFFE ID" if parts.scheme == "spiffe" else "URN (RFC 8141; urn:uuid: takes a UUID)"
+        raise PolicyError(field, "uri", f"{value[:80]!r} is not a valid {what}")
+
+
+# URI schemes whose syntax Donjon checks itself (pkilint's URL validator knows only web URLs and
+# refuses them): a URI SAN of these schemes must match the grammar below exactly.
+_SPIFFE = re.compile(r"^spiffe://[a-z0-9._-]{1,255}(/[A-Za-z0-9._-]+)*$")  # SPIFFE-ID §2: no port, query, fragment
+_URN = re.compile(r"^urn:[A-Za-z0-9][A-Za-z0-9-]{0,30}[A-Za-z0-9]:[A-Za-z0-9()+,\-.:=@;$_!*'%/~&]+$")  # RFC 8141 (no r-/q-/f-components)
+_UUID = re.compile(r"^urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)  # RFC 9562
+STRICT_URI_SCHEMES = ("spiffe", "urn")
+
+
+def strict_uri_ok(value: str) -> bool:
+    """True for a URI of an allow-listed non-web scheme that matches its own grammar exactly."""
+    low = value[:7].lower()
+    if low.startswith("spiffe:"):
+        return bool(_SPIFFE.match(value)) and len(value) <= 2048 and not value.startswith("spiffe:///")
+    if low.startswith("urn:"):
+        if value[4:9].lower() == "uuid:":
+            return bool(_UUID.match(value))
+        return bool(_URN.match(value)) and not value[4:].lower().startswith("urn:")
+    return False
 
 
 def check_subject_value(attr: str, value: str) -> None:

@@ -109,9 +109,23 @@ def _findings(results, prefix: str) -> list[str]:
                     # RFC 5280 has no wildcards; RFC 6125 does. check_sans already allowed only a
                     # whole leftmost '*' label over a valid name, so this finding is not a defect.
                     continue
+                if fd.finding.code == "pkix.invalid_uri_syntax" and _allowed_uri(r.node):
+                    # pkilint checks URIs with a web-URL validator, which refuses every spiffe:// and
+                    # urn: name. For those schemes only, and only in a SAN, our own grammar decides
+                    # (policy.csr.strict_uri_ok: SPIFFE ID, RFC 8141 URN, urn:uuid). Any other URI
+                    # finding still gates the signature.
+                    continue
                 msg = f": {fd.message}" if fd.message else ""
                 out.append(f"{prefix}{fd.finding.severity.name} {fd.finding.code} @ {r.node.path}{msg}")
     return out
+
+
+def _allowed_uri(node) -> bool:
+    from policy.csr import strict_uri_ok
+
+    if node.name != "uniformResourceIdentifier" or "subjectAltName" not in node.path:
+        return False
+    return strict_uri_ok(str(node.pdu))
 
 
 def _load(loader_cls, der: bytes, what: str, name: str | None = None, parent=None):
@@ -170,6 +184,15 @@ def lint_certificate(der: bytes, profile: Profile, issuer_der: bytes | None = No
     return findings
 
 
+def lint_pkix(der: bytes) -> list[str]:
+    """Lint a certificate against RFC 5280 alone (one made outside the profiles: the audit key's)."""
+    v = _validators()
+    doc, bad = _load(v["loader"].RFC5280CertificateDocumentLoader, der, "certificate")
+    if bad:
+        return [bad]
+    return _findings(v["pkix_cert"].validate(doc.root), "pkix: ")
+
+
 def lint_crl(der: bytes) -> list[str]:
     """Lint a CRL against RFC 5280."""
     v = _validators()
@@ -188,4 +211,4 @@ def lint_ocsp_response(der: bytes) -> list[str]:
     return _findings(v["pkix_ocsp"].validate(doc.root), "pkix-ocsp: ")
 
 
-__all__ = ["lint_certificate", "lint_crl", "lint_ocsp_response"]
+__all__ = ["lint_certificate", "lint_crl", "lint_ocsp_response", "lint_pkix"]

@@ -80,6 +80,8 @@ class Profile:
     # Subject values with bidi or invisible characters, or mixed-script look-alikes (UTS #39), are
     # refused unless the profile allows them (policy/names.py).
     allow_confusable_names: bool = False
+    unique_subject: bool = False  # refuse a second valid certificate (same CA) for the subject with another key
+    unique_key: bool = False  # refuse a public key this appliance already certified (any CA, any state)
 
     def rule(self, attr: str) -> SubjectRule | None:
         for r in self.subject:
@@ -107,6 +109,8 @@ _KEYS: dict[str, tuple[bool, Any]] = {
     "lint": (False, False),
     "cabf": (False, False),
     "allow_confusable_names": (False, False),
+    "unique_subject": (False, False),
+    "unique_key": (False, False),
 }
 _SUBJECT_KEYS = ("attr", "presence", "value")
 
@@ -268,6 +272,8 @@ def load_profile_text(name: str, text: str) -> Profile:
         lint=lint,
         cabf=_bool(name, "cabf", get("cabf")),
         allow_confusable_names=_bool(name, "allow_confusable_names", get("allow_confusable_names")),
+        unique_subject=_bool(name, "unique_subject", get("unique_subject")),
+        unique_key=_bool(name, "unique_key", get("unique_key")),
     )
 
 

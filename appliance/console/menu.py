@@ -368,7 +368,7 @@ class Console:
         self.t.say(f"{key}: {ops.SETTINGS[key]}")
         value = self.t.ask("new value (Enter: keep): ").strip()
         if value:
-            self.t.say(ops.settings_set(self.home, key, value))
+            self.t.say(ops.settings_set(self.s.client, key, value))
 
     def distribution(self) -> None:
         """The publication queue per destination and tenant CRL fetches; parked jobs back in the queue."""

@@ -16,7 +16,7 @@ import apsw
 
 from policy.audit import GENESIS, audit_hash, verify_chain
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -214,12 +214,50 @@ _MIGRATIONS[6] = """
     UPDATE ocsp_tenants SET responder_label = key_label WHERE responder_cert IS NOT NULL;
     """
 
+# Issue 11: what each CA may issue (its policy, also kept beside its key in the token; NULL: the
+# default for its place), and per certificate the SPKI hash and SANs that uniqueness checks and
+# `cert list` filters read (filled for older rows by _backfill_v7).
+_MIGRATIONS[7] = """
+    ALTER TABLE cas ADD COLUMN profiles TEXT;
+    ALTER TABLE certs ADD COLUMN spki_sha256 BLOB;
+    ALTER TABLE certs ADD COLUMN sans TEXT;
+    CREATE INDEX certs_spki ON certs(spki_sha256);
+    CREATE INDEX certs_subject ON certs(ca, subject);
+    """
+
+
+def cert_facts(der: bytes) -> tuple[bytes, str]:
+    """The SHA-256 of a certificate's SPKI and its SANs as one text ("dns:a uri:b ...")."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    cert = x509.load_der_x509_certificate(der)
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = []
+    kinds = {x509.DNSName: "dns", x509.IPAddress: "ip", x509.RFC822Name: "email", x509.UniformResourceIdentifier: "uri"}
+    sans = " ".join(f"{kinds.get(type(g), 'other')}:{g.value}" for g in san)
+    return hashlib.sha256(spki).digest(), sans
+
+
+def _backfill_v7(db: apsw.Connection) -> None:
+    rows = db.execute("SELECT serial, der FROM certs WHERE spki_sha256 IS NULL").fetchall()
+    for serial, der in rows:
+        h, sans = cert_facts(der)
+        db.execute("UPDATE certs SET spki_sha256=?, sans=? WHERE serial=?", (h, sans, serial))
+
+
+_AFTER = {7: _backfill_v7}
+
 
 # removeFromCRL (8) is for delta CRLs only (RFC 5280 §5.3.1), yet older versions accepted it from `revoke`
 # and wrote it into full CRLs, where clients disagree on it (revoked for some, not for others). Keep
 # what the officer asked for (revoked), reason unspecified: the reasonCode extension goes from the
 # entry (14 octets, 12 beside an invalidity date), and the OCSP response is re-signed.
-_MIGRATIONS[7] = """
+_MIGRATIONS[8] = """
     INSERT OR IGNORE INTO ocsp_queue SELECT ca, serial FROM revocations WHERE reason = 8;
     UPDATE revocations SET reason = NULL, entry_len = entry_len - (CASE WHEN invalidity IS NULL THEN 14 ELSE 12 END)
         WHERE reason = 8;
@@ -278,6 +316,8 @@ class Cmdb:
         for v in range(version + 1, SCHEMA_VERSION + 1):
             with self.tx():
                 self.db.execute(_MIGRATIONS[v])
+                if v in _AFTER:
+                    _AFTER[v](self.db)
                 self.db.execute(f"PRAGMA user_version = {v}")
 
     @contextmanager

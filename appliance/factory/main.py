@@ -223,8 +223,7 @@ async def perform(req, f: Factory, actor: str) -> dict:
     if isinstance(req, S.ACaList):
         return {"cas": await f.ca_list()}
     if isinstance(req, S.ACaShow):
-        row = await f.ca_row(req.name)
-        return f._ca_doc(*row)
+        return await f.ca_show(req.name)
     if isinstance(req, S.ACaExport):
         return {"chain": [c.hex() for c in await f.ca_chain(req.name)]}
     if isinstance(req, S.ACaCreate):
@@ -234,7 +233,7 @@ async def perform(req, f: Factory, actor: str) -> dict:
     if isinstance(req, S.ACertShow):
         return await f.cert_get(req.ca, int.from_bytes(req.serial, "big"))
     if isinstance(req, S.ACertList):
-        return {"certs": await f.cert_list(req.ca, req.limit)}
+        return {"certs": await f.cert_list(req)}
     if isinstance(req, S.ARevoke):
         return await f.revoke(req, actor)
     if isinstance(req, S.AUnrevoke):
@@ -287,6 +286,8 @@ async def perform(req, f: Factory, actor: str) -> dict:
         await f.audit(actor, "shutdown", "appliance", "ok", "requested through the admin API")
         await f.send_event(S.Event(kind="shutdown-requested", detail=actor))
         return {"stopping": True}
+    if isinstance(req, S.AConfigSet):
+        return await f.config_set(req.key, req.value, actor)
     raise FactoryError("bad-request", f"unsupported request {type(req).__name__}")
 
 
@@ -316,6 +317,7 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
             for link in signers:
                 hs.start_soon(link.chan.handshake)
         f = Factory(cfg, signers[0], send_event, profiles, signers)
+        f.sup_send = sup.send
         f.officers = Officers(f)
         f.checkpoints = Checkpoints(f)
 
@@ -401,6 +403,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
     async def control(m) -> None:
         if isinstance(m, S.OcspStats):
             f.ocsp_stats = m
+        elif isinstance(m, S.ConfigSetDone):
+            f.sup_reply(m)
         elif isinstance(m, S.NewLink) and m.link == FACTORY_DIST.name:
             start_distribution(sup.take_fd())
         elif isinstance(m, S.NewLink):

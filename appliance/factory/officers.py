@@ -49,6 +49,7 @@ PERMISSIONS: dict[str, frozenset[str] | None] = {
     # console, ceremonies, backup
     "ca-create-root": OPER, "ceremony-record": ANY, "backup": ADMIN, "shutdown-request": ADMIN,
     "ceremony-begin": ANY, "ceremony-witness": ANY, "ceremony-records": ANY,
+    "config-set": ADMIN,  # HOME/donjon.toml, written by the supervisor on the Factory's audited request
 }
 SELF_SERVICE = {"officer-passwd", "officer-totp"}  # an officer may also do these to their own account
 

@@ -24,17 +24,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from appliance.ipc import schema as S
-from appliance.ipc.channel import Channel
+from appliance.ipc.channel import Channel, ProtocolViolation
 from policy import crl as crlenc
 from policy import csr as csrcheck
 from policy import profiles as profmod
+from policy.capolicy import CaPolicy, default_policy, named_policy
 from policy.errors import PolicyError
 
 from .cis_link import CisLink, CisRefused
 from .dist import Dist
 from .ocsp import OcspProducer
 from .tenants import TenantManager
-from .cmdb import Cmdb, CmdbError, serial_bytes, serial_int
+from .cmdb import Cmdb, CmdbError, cert_facts, serial_bytes, serial_int
 
 BACKDATE = 60  # seconds: tolerate client clock skew without predating the issuer
 BATCH_MAX = 64  # small enough that every signer always has a batch waiting
@@ -77,6 +78,7 @@ class _Pending:
     csr: bytes
     info: csrcheck.CsrInfo
     validity_days: int | None
+    actor: str = "factory"  # who asked: every audit record of the pipeline names them
     done: trio.Event = field(default_factory=trio.Event)
     result: S.IssueOutcome | None = None
     serial: int | None = None
@@ -114,6 +116,10 @@ class Factory:
         self._serials_last: dict[str, float] = {}
         self.tenants = TenantManager(self)  # CRL-fed OCSP tenants
         self.stats = {"issued": 0, "refused": 0, "revoked": 0, "crls": 0}
+        self.sup_send = None  # the supervisor link's send (set by main): asks it to write donjon.toml
+        self._sup_waiting: dict[int, tuple[trio.Event, list]] = {}
+        self._sup_ids = 0
+        self._claims: dict[tuple[str, ...], bytes] = {}  # subjects and keys being issued now (uniqueness options)
 
     # ------------------------------------------------------------ plumbing
 
@@ -300,6 +306,14 @@ class Factory:
             raise FactoryError("not-found", f"unknown profile {profile!r}")
         if name == "donjon-audit":
             raise FactoryError("policy", "the name donjon-audit is the audit key's: choose another CA name")
+        if parent is not None:
+            await self.check_issuer(parent, self.profiles[profile], actor, "ca-create")
+        try:
+            names = tuple(getattr(c, "allowed_profiles", ()) or self.cfg.ca_profiles.get(name, ()))
+            policy = named_policy(names, self.profiles) if names else default_policy(parent is None)
+        except PolicyError as e:
+            await self.audit(actor, "ca-create", name, "refused", str(e))
+            raise FactoryError("bad-request", str(e)) from None
         row = await self.run_db(lambda: db.db.execute("SELECT name FROM cas WHERE name=? OR key_label=?", (name, name)).fetchone())
         if row:
             raise FactoryError("exists", f"CA {name!r} already exists")
@@ -320,7 +334,8 @@ class Factory:
             not_after = min(not_after, int(parent_cert.not_valid_after_utc.timestamp()))
         serial = new_serial()
         item = S.IssueItem(profile=profile, spki=pub.spki, subject=subject, sans=(), serial=serial_bytes(serial),
-                           validity=S.Validity(now, not_after), path_length=c.path_length, install_as=name)
+                           validity=S.Validity(now, not_after), path_length=c.path_length, install_as=name,
+                           allowed_kinds=policy.kinds, allowed_profiles=policy.profiles)  # type: ignore[arg-type]
         await self.run_db(self._reserve, [(serial, parent or name, None)])
         try:
             issued = await self.cis.request(S.Issue(id=self.cis.new_id(), ca=parent or name, self_signed=parent is None, items=[item]))
@@ -335,11 +350,12 @@ class Factory:
 
         def store():
             with db.tx():
-                db.db.execute("INSERT INTO cas(name, key_label, key_type, parent, profile, cert, created) VALUES (?,?,?,?,?,?,?)",
-                              (name, name, c.key_type, parent, profile, outcome.cert, int(time.time())))
+                db.db.execute("INSERT INTO cas(name, key_label, key_type, parent, profile, cert, created, profiles) VALUES (?,?,?,?,?,?,?,?)",
+                              (name, name, c.key_type, parent, profile, outcome.cert, int(time.time()), policy.encode().decode()))
                 self._store_cert(serial, parent or name, profile, cert, outcome.cert, None)
                 self.dist.enqueue_object(db.db, "ca-cert", name)
-                db.audit(actor, "ca-create", name, "ok", f"{c.key_type} {_cn(cert)} serial={serial:x} parent={parent or '-'}")
+                db.audit(actor, "ca-create", name, "ok", f"{c.key_type} {_cn(cert)} serial={serial:x} parent={parent or '-'} "
+                                                         f"issues: {policy.describe()}")
         await self.run_db(store)
         await self.ocsp.publish(S.PublishCa(ca=name, cert=outcome.cert))
         self.ocsp.poke()
@@ -354,8 +370,50 @@ class Factory:
 
     async def ca_list(self) -> list[dict[str, Any]]:
         db = self._require_active()
-        rows = await self.run_db(lambda: db.db.execute("SELECT name, key_type, parent, profile, cert FROM cas ORDER BY created, name").fetchall())
-        return [self._ca_doc(*r) for r in rows]
+
+        def q():
+            rows = db.db.execute("SELECT name, key_type, parent, profile, cert FROM cas ORDER BY created, name").fetchall()
+            return [{**self._ca_doc(*r), **self._ca_extra(r[0])} for r in rows]
+        return await self.run_db(q)
+
+    async def ca_show(self, name: str) -> dict[str, Any]:
+        row = await self.ca_row(name)
+        return {**self._ca_doc(*row), **await self.run_db(self._ca_extra, name)}
+
+    def _ca_extra(self, name: str) -> dict[str, Any]:
+        state, why = self._ca_state(name)
+        return {"state": state, "state_reason": why, "issues": self._ca_policy(name).describe()}
+
+    def _ca_state(self, name: str) -> tuple[str, str]:
+        return ca_state(self.db.db, name, time.time())
+
+    def _ca_policy(self, name: str) -> CaPolicy:
+        row = self.db.db.execute("SELECT parent, profiles FROM cas WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise FactoryError("not-found", f"no CA named {name!r}")
+        return CaPolicy.decode(row[1].encode()) if row[1] else default_policy(row[0] is None)
+
+    async def check_issuer(self, ca: str, profile: profmod.Profile, actor: str, action: str) -> None:
+        """Refuse (audited, with the reason) issuance by a CA that is revoked or expired, or of a
+        profile the CA may not issue (its policy, narrowed by donjon.toml [ca-profiles])."""
+        db = self._require_active()
+
+        def q():
+            if not db.db.execute("SELECT 1 FROM cas WHERE name=?", (ca,)).fetchone():
+                return "not-found", f"no CA named {ca!r}"
+            state, why = self._ca_state(ca)
+            if state != "active":
+                return "policy", f"CA {ca!r} is {state}: {why}; it issues nothing more"
+            pol = self._ca_policy(ca)
+            narrowed = self.cfg.ca_profiles.get(ca)
+            if not pol.allows(profile) or (narrowed is not None and profile.name not in narrowed):
+                allowed = pol.describe() + (f"; donjon.toml [ca-profiles] narrows it to {', '.join(narrowed)}" if narrowed is not None else "")
+                return "policy", f"CA {ca!r} may not issue profile {profile.name!r} (it issues: {allowed})"
+            return None
+        bad = await self.run_db(q)
+        if bad is not None:
+            await self.audit(actor, action, ca, "refused", bad[1])
+            raise FactoryError(*bad)
 
     async def ca_row(self, name: str):
         db = self._require_active()
@@ -372,6 +430,43 @@ class Factory:
             chain.append(row[4])
             cur = row[2]
         return chain
+
+    # ------------------------------------------------------------ settings (`donjon config set`)
+
+    def sup_reply(self, m: S.ConfigSetDone) -> None:
+        waiting = self._sup_waiting.pop(m.id, None)
+        if waiting is None:
+            raise ProtocolViolation(f"the supervisor answered request {m.id}, which is not waiting")
+        waiting[1].append(m)
+        waiting[0].set()
+
+    async def config_set(self, key: str, value: str, actor: str) -> dict[str, Any]:
+        """Ask the supervisor (which alone may write HOME/donjon.toml) to set one key; audited either way."""
+        self._require_active()
+        from appliance import config as C
+        try:
+            C.setting_literal(key, value)
+        except C.ConfigError as e:
+            await self.audit(actor, "config-set", key[:64], "refused", str(e))
+            raise FactoryError("bad-request", str(e)) from None
+        if self.sup_send is None:
+            raise FactoryError("internal", "no supervisor link")
+        self._sup_ids += 1
+        mid = self._sup_ids
+        done: tuple[trio.Event, list] = (trio.Event(), [])
+        self._sup_waiting[mid] = done
+        await self.sup_send(S.ConfigSet(id=mid, key=key, value=value))
+        with trio.move_on_after(30):
+            await done[0].wait()
+        if not done[1]:
+            self._sup_waiting.pop(mid, None)
+            await self.audit(actor, "config-set", key, "refused", "the supervisor did not answer")
+            raise FactoryError("internal", "the supervisor did not answer: nothing is known to be written")
+        r: S.ConfigSetDone = done[1][0]
+        await self.audit(actor, "config-set", key, "ok" if r.ok else "refused", r.message)
+        if not r.ok:
+            raise FactoryError("bad-request", r.message)
+        return {"key": key, "message": r.message}
 
     # ------------------------------------------------------------ issuance
 
@@ -396,9 +491,11 @@ class Factory:
         db.execute("UPDATE serials SET state='issued' WHERE serial=? AND state='intent'", (sb,))
         if self.db.db.changes() != 1:
             raise CmdbError(f"serial {serial:x} was not an open intent")
-        db.execute("INSERT INTO certs VALUES (?,?,?,?,?,?,?,?,?)",
+        spki_hash, sans = cert_facts(der)
+        db.execute("INSERT INTO certs(serial, ca, profile, subject, not_before, not_after, issued_at, der, request, spki_sha256, sans) "
+                   "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                    (sb, ca, profile, _cn(cert), int(cert.not_valid_before_utc.timestamp()),
-                    int(cert.not_valid_after_utc.timestamp()), int(time.time()), der, request))
+                    int(cert.not_valid_after_utc.timestamp()), int(time.time()), der, request, spki_hash, sans))
         db.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (ca, sb))  # a response at once
         self.dist.enqueue_cert(db, ca, serial, profile)  # published with the same commit
         if self.dist.wants_serials(ca):
@@ -410,11 +507,13 @@ class Factory:
         profile = self.profiles.get(req.profile)
         if profile is None:
             raise FactoryError("not-found", f"unknown profile {req.profile!r}")
-        if profile.kind in ("root-ca",):
-            raise FactoryError("policy", "use `donjon init` for a root CA")
-        row = await self.run_db(lambda: db.db.execute("SELECT 1 FROM cas WHERE name=?", (req.ca,)).fetchone())
-        if not row:
-            raise FactoryError("not-found", f"no CA named {req.ca!r}")
+        if profile.kind in profmod.CA_KINDS:
+            # A CA certificate only ever comes from the guarded CA operations (dual control).
+            why = (f"profile {req.profile!r} makes CA certificates: they are issued only by `donjon ca sign-csr` "
+                   f"or `donjon ca create` (dual control), never by `issue`")
+            await self.audit(actor, "issue", req.ca, "refused", why)
+            raise FactoryError("policy", why)
+        await self.check_issuer(req.ca, profile, actor, "issue")
         def check_all() -> list[csrcheck.CsrInfo | PolicyError]:  # one thread hop for the whole request
             out: list[csrcheck.CsrInfo | PolicyError] = []
             for der in req.csrs:
@@ -425,12 +524,16 @@ class Factory:
             return out
         pend: list[_Pending | S.IssueOutcome] = []
         refusals = []
-        for der, info in zip(req.csrs, await trio.to_thread.run_sync(check_all)):
+        infos = await trio.to_thread.run_sync(check_all)
+        claimed: list[tuple[str, ...]] = []
+        if profile.unique_subject or profile.unique_key:
+            infos = await self._check_unique(req.ca, profile, infos, claimed)
+        for der, info in zip(req.csrs, infos):
             if isinstance(info, PolicyError):
                 pend.append(S.IssueOutcome(cert=None, error=str(info)))
                 refusals.append(str(info))
             else:
-                pend.append(_Pending(req.ca, req.profile, der, info, req.validity_days))
+                pend.append(_Pending(req.ca, req.profile, der, info, req.validity_days, actor))
         if refusals:
             def w():
                 with db.tx():
@@ -441,13 +544,80 @@ class Factory:
         todo = [p for p in pend if isinstance(p, _Pending)]
         self._pending.extend(todo)
         self._wake.set()
-        for p in todo:
-            await p.done.wait()
+        try:
+            for p in todo:
+                await p.done.wait()
+        finally:
+            for k in claimed:  # stored (or refused) by now: the CMDB answers for them from here on
+                self._claims.pop(k, None)
         results = [p.result if isinstance(p, _Pending) else p for p in pend]
         serials = [f"{p.serial:x}" if isinstance(p, _Pending) and p.result and p.result.cert else None for p in pend]
         return S.IssueReply(id=req.id, results=results, serials=serials)
 
-    async def issuance_worker(self, signer: CisLink, actor: str = "factory") -> None:
+    async def _check_unique(self, ca: str, profile: profmod.Profile, infos: list, claimed: list) -> list:
+        """The profile's uniqueness options: refuse a subject that already has a valid certificate of
+        this CA for another key, and a key already certified. Claims (in this trio thread, before any
+        wait) cover requests in flight, so two concurrent requests cannot both pass."""
+        from policy.certs import subject_name
+        now = int(time.time())
+        wanted: list[tuple[bytes, str] | PolicyError | None] = []
+        for info in infos:
+            if isinstance(info, PolicyError):
+                wanted.append(None)
+                continue
+            spki = hashlib.sha256(info.public_key_der).digest()
+            subj = subject_name(info.subject, profile).rfc4514_string()
+            why = None
+            if profile.unique_subject:
+                sk = ("subject", ca, subj)
+                if sk in self._claims and self._claims[sk] != spki:
+                    why = f"a certificate for {subj!r} with another key is being issued now"
+            if why is None and profile.unique_key and ("key", spki.hex()) in self._claims:
+                why = "a certificate for this public key is being issued now"
+            if why is not None:
+                wanted.append(PolicyError("csr", "unique", f"{why} (profile {profile.name} requires it to be unique)"))
+                continue
+            keys: list[tuple[str, ...]] = [("subject", ca, subj)] if profile.unique_subject else []
+            keys += [("key", spki.hex())] if profile.unique_key else []
+            for k in keys:
+                if k not in self._claims:
+                    self._claims[k] = spki
+                    claimed.append(k)
+            wanted.append((spki, subj))
+        db = self.db
+
+        def q():
+            out = []
+            for w in wanted:
+                if w is None or isinstance(w, PolicyError):
+                    out.append(w)
+                    continue
+                spki, subj = w
+                why = None
+                if profile.unique_key:
+                    row = db.db.execute("SELECT ca, serial FROM certs WHERE spki_sha256=? LIMIT 1", (spki,)).fetchone()
+                    if row:
+                        why = (f"this public key is already certified (CA {row[0]} serial {serial_int(row[1]):x}): "
+                               f"profile {profile.name} forbids key re-use")
+                if why is None and profile.unique_subject:
+                    row = db.db.execute(
+                        "SELECT c.serial FROM certs c LEFT JOIN revocations r ON r.ca=c.ca AND r.serial=c.serial "
+                        "WHERE c.ca=? AND c.subject=? AND c.not_after >= ? AND r.serial IS NULL AND c.spki_sha256 IS NOT ? LIMIT 1",
+                        (ca, subj, now, spki)).fetchone()
+                    if row:
+                        why = (f"{subj!r} already has a valid certificate from CA {ca} for another key (serial "
+                               f"{serial_int(row[0]):x}): profile {profile.name} requires unique names (revoke it first)")
+                out.append(PolicyError("csr", "unique", why) if why else None)
+            return out
+        try:
+            verdicts = await self.run_db(q)
+        except BaseException:
+            for k in claimed:
+                self._claims.pop(k, None)
+            raise
+        return [v if isinstance(v, PolicyError) else info for v, info in zip(verdicts, infos)]
+
+    async def issuance_worker(self, signer: CisLink) -> None:
         """Take a batch of pending requests for one CA and have `signer` sign it; several workers
         overlap DB commits with signing, and several signers sign in parallel."""
         while True:
@@ -462,7 +632,7 @@ class Factory:
             if self._pending:
                 self._wake.set()  # more work: wake another worker
             try:
-                await self._issue_batch(ca, batch, actor, signer)
+                await self._issue_batch(ca, batch, signer)
             except apsw.Error as e:  # the CMDB refused a write: no certificate without its stored record
                 _log(f"issuance batch stopped by a CMDB failure: {type(e).__name__}: {e}")
                 for p in batch:
@@ -477,7 +647,7 @@ class Factory:
                 for p in batch:
                     p.done.set()
 
-    async def _issue_batch(self, ca: str, batch: list[_Pending], actor: str, signer: CisLink) -> None:
+    async def _issue_batch(self, ca: str, batch: list[_Pending], signer: CisLink) -> None:
         cert_row = await self.ca_row(ca)
         ca_cert = x509.load_der_x509_certificate(cert_row[4])
         ca_end = int(ca_cert.not_valid_after_utc.timestamp())
@@ -496,7 +666,12 @@ class Factory:
             if len(outcomes) != len(batch):
                 raise CisRefused("internal", "the CIS answered a different number of items")
         except CisRefused as e:
-            await self.run_db(self._void, [p.serial for p in batch], actor, "issue", e.reason)
+            reason = e.reason
+
+            def void_each():
+                for p in batch:
+                    self._void([p.serial], p.actor, "issue", reason)
+            await self.run_db(void_each)
             for p in batch:
                 p.result = S.IssueOutcome(cert=None, error=e.reason)
             return
@@ -510,10 +685,10 @@ class Factory:
                         if cert.serial_number != p.serial:
                             raise CmdbError("the CIS returned a certificate with another serial")
                         self._store_cert(p.serial, ca, p.profile, cert, o.cert, p.csr)
-                        db.audit(actor, "issue", f"{ca}/{p.serial:x}", "ok", f"{p.profile} {_cn(cert)}")
+                        db.audit(p.actor, "issue", f"{ca}/{p.serial:x}", "ok", f"{p.profile} {_cn(cert)}")
                     else:
                         db.db.execute("UPDATE serials SET state='void' WHERE serial=?", (serial_bytes(p.serial),))
-                        db.audit(actor, "issue", f"{ca}/{p.serial:x}", "refused", o.error or "")
+                        db.audit(p.actor, "issue", f"{ca}/{p.serial:x}", "refused", o.error or "")
         await self.run_db(store)
         self.ocsp.poke()
         self.dist.poke()
@@ -557,6 +732,7 @@ class Factory:
         if profile is None or profile.kind != "sub-ca":
             raise FactoryError("policy", f"profile {req.profile!r} is not a subordinate-CA profile")
         self._require_active()
+        await self.check_issuer(req.parent, profile, actor, "ca-sign-csr")
         try:
             info = await trio.to_thread.run_sync(csrcheck.check_csr, req.csr, profile)
         except PolicyError as e:
@@ -587,18 +763,46 @@ class Factory:
                 "not_after": na, "issued_at": issued, "revoked_at": rev_at, "reason": reason,
                 "pem": x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()}
 
-    async def cert_list(self, ca: str | None, limit: int) -> list[dict[str, Any]]:
+    async def cert_list(self, req: S.ACertList) -> list[dict[str, Any]]:
         db = self._require_active()
-        q = ("SELECT c.ca, c.serial, c.profile, c.subject, c.not_after, r.revoked_at FROM certs c "
+        now = int(time.time())
+        q = ("SELECT c.ca, c.serial, c.profile, c.subject, c.not_after, r.revoked_at, c.sans FROM certs c "
              "LEFT JOIN revocations r ON r.ca=c.ca AND r.serial=c.serial ")
-        args: tuple = ()
-        if ca:
-            q += "WHERE c.ca=? "
-            args = (ca,)
+        where: list[str] = []
+        args: list[Any] = []
+
+        def like(s: str) -> str:  # a literal substring: LIKE's wildcards escaped
+            return "%" + s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        if req.ca:
+            where.append("c.ca=?")
+            args.append(req.ca)
+        if req.profile:
+            where.append("c.profile=?")
+            args.append(req.profile)
+        if req.subject:
+            where.append("c.subject LIKE ? ESCAPE '\\'")
+            args.append(like(req.subject))
+        if req.san:
+            where.append("c.sans LIKE ? ESCAPE '\\'")
+            args.append(like(req.san))
+        if req.status == "revoked":
+            where.append("r.serial IS NOT NULL")
+        elif req.status == "expired":
+            where.append("r.serial IS NULL AND c.not_after < ?")
+            args.append(now)
+        elif req.status == "valid" or req.expires_within_days is not None:
+            where.append("r.serial IS NULL AND c.not_after >= ?")
+            args.append(now)
+        if req.expires_within_days is not None:
+            where.append("c.not_after <= ?")
+            args.append(now + req.expires_within_days * 86400)
+        if where:
+            q += "WHERE " + " AND ".join(where) + " "
         q += "ORDER BY c.issued_at DESC LIMIT ?"
-        rows = await self.run_db(lambda: db.db.execute(q, args + (limit,)).fetchall())
+        args.append(req.limit)
+        rows = await self.run_db(lambda: db.db.execute(q, tuple(args)).fetchall())
         return [{"ca": r[0], "serial": f"{serial_int(r[1]):x}", "profile": r[2], "subject": r[3], "not_after": r[4],
-                 "revoked": r[5] is not None} for r in rows]
+                 "revoked": r[5] is not None, "expired": r[5] is None and r[4] < now, "sans": r[6] or ""} for r in rows]
 
     # ------------------------------------------------------------ revocation and CRLs
 
@@ -892,6 +1096,7 @@ class Factory:
         self._require_active()
         row = await self.ca_row(ca)
         ca_cert = x509.load_der_x509_certificate(row[4])
+        await self.check_issuer(ca, self.profiles["ocsp-responder"], actor, "ocsp-responder")
         try:
             key = await self.ocsp.request_responder_key(ca)
         except (CisRefused, trio.TooSlowError) as e:
@@ -1011,6 +1216,29 @@ class Factory:
             out.extend(b"".join(v) for v in cps.values())
             return b"".join(out)
         return await self.run_db(q)
+
+
+def ca_state(db: apsw.Connection, name: str, now: float) -> tuple[str, str]:
+    """A CA's state with its reason: active; revoked or expired (its certificate, or one above it);
+    awaiting certificate. DB thread."""
+    cur: str | None = name
+    while cur is not None:
+        row = db.execute("SELECT parent, cert FROM cas WHERE name=?", (cur,)).fetchone()
+        if row is None or not row[1]:
+            return "awaiting certificate", f"CA {cur!r} has no certificate yet"
+        parent, der = row
+        cert = x509.load_der_x509_certificate(der)
+        whose = f"CA {name!r}" if cur == name else f"its parent CA {cur!r}"
+        if cert.not_valid_after_utc.timestamp() < now:
+            return "expired", f"the certificate of {whose} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+        if parent is not None:
+            rev = db.execute("SELECT revoked_at, reason FROM revocations WHERE ca=? AND serial=?",
+                             (parent, serial_bytes(cert.serial_number))).fetchone()
+            if rev is not None:
+                at = time.strftime("%Y-%m-%d %H:%M", time.gmtime(rev[0]))
+                return "revoked", f"the certificate of {whose} was revoked on {at} UTC (reason {rev[1] or 0})"
+        cur = parent
+    return "active", ""
 
 
 def _write_durably(path: str, data: bytes) -> None:

@@ -140,6 +140,8 @@ class FactoryConfig(_Msg, tag="factory-config"):
     checkpoint_seconds: Annotated[int, msgspec.Meta(ge=0, le=30 * 86400)] = 3600  # 0: on demand only
     activation_max_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
     activation_lockout_seconds: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 900
+    # donjon.toml [ca-profiles]: per CA, the profiles it may issue (narrows what its token policy allows).
+    ca_profiles: dict[Name, Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)]] = {}
 
 
 class AutoActivate(_Msg, tag="auto-activate"):
@@ -226,6 +228,10 @@ class IssueItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
     permitted_dns: tuple[Annotated[str, msgspec.Meta(max_length=253)], ...] = ()
     install_as: Name | None = None  # a CA certificate for the token key of this label: keep it beside the key
+    # With install_as: what the new CA may issue, written once beside its key (the CIS enforces it);
+    # both empty: the default for its place (a root: CA profiles; an issuing CA: the others).
+    allowed_kinds: tuple[Literal["sub-ca", "ocsp-responder", "end-entity"], ...] = ()
+    allowed_profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()
 
 
 class Issue(_Msg, tag="issue"):
@@ -460,8 +466,24 @@ class StatusReport(_Msg, tag="status-report"):
     destinations: list[DestinationState] = []  # distribution rules: backlog and whether failing
 
 
-SupToFactory = Union[Hello, FactoryConfig, AutoActivate, Ceremony, Shutdown, OcspStats, NewLink]  # the endpoint's counters, relayed
-FactoryToSup = Union[Hello, Ready, Event, StatusReport]
+class ConfigSet(_Msg, tag="config-set"):
+    """Write one setting into HOME/donjon.toml (asked by an administrator, checked and audited by the
+    Factory; the supervisor validates it again: it never trusts the Factory's check)."""
+
+    id: ReqId
+    key: Annotated[str, msgspec.Meta(max_length=64)]
+    value: Annotated[str, msgspec.Meta(max_length=1024)]
+
+
+class ConfigSetDone(_Msg, tag="config-set-done"):
+    id: ReqId
+    message: Text  # what was written, or why nothing was
+    ok: bool
+
+
+SupToFactory = Union[Hello, FactoryConfig, AutoActivate, Ceremony, Shutdown, OcspStats, NewLink,  # the endpoint's counters, relayed
+                     ConfigSetDone]
+FactoryToSup = Union[Hello, Ready, Event, StatusReport, ConfigSet]
 
 
 class ApplianceStatus(_Msg, tag="appliance-status"):
@@ -747,6 +769,7 @@ class ACaCreate(_Msg, tag="ca-create"):
     subject: tuple[Attr, ...]
     validity_days: Annotated[int, msgspec.Meta(ge=1, le=40 * 366)]
     path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
+    allowed_profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()  # empty: donjon.toml, else the default
 
 
 class ACaSignCsr(_Msg, tag="ca-sign-csr"):
@@ -781,6 +804,13 @@ class ACertList(_Msg, tag="cert-list"):
     id: ReqId
     ca: Name | None
     limit: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 1000
+    # Filters (all given must match): substrings of the subject or of a SAN (case-insensitive), the
+    # status now, valid certificates expiring within N days, the profile.
+    subject: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    san: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    status: Literal["valid", "revoked", "expired"] | None = None
+    expires_within_days: Annotated[int, msgspec.Meta(ge=0, le=40 * 366)] | None = None
+    profile: Name | None = None
 
 
 class ARevoke(_Msg, tag="revoke"):
@@ -1036,6 +1066,15 @@ class ACaCreateRoot(_Msg, tag="ca-create-root"):
     subject: tuple[Attr, ...]
     validity_days: Annotated[int, msgspec.Meta(ge=1, le=40 * 366)]
     path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
+    allowed_profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()
+
+
+class AConfigSet(_Msg, tag="config-set"):
+    """`donjon config set KEY VALUE`: one setting of HOME/donjon.toml (takes effect at the next start)."""
+
+    id: ReqId
+    key: Annotated[str, msgspec.Meta(max_length=64)]
+    value: Annotated[str, msgspec.Meta(max_length=1024)]
 
 
 class AShutdown(_Msg, tag="shutdown-request"):
@@ -1098,7 +1137,7 @@ AdminRequest = Union[
     AOcspTenantSerials,
     ALogin, AResume, ALogout, AOfficerAdd, AOfficerList, AOfficerRemove, AOfficerPasswd, AOfficerUnlock, AOfficerTotp,
     AOfficerUnlockShares, APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
-    ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, ACeremonyBegin, ACeremonyWitness, ACeremonyRecords,
+    ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, ACeremonyBegin, ACeremonyWitness, ACeremonyRecords, AConfigSet,
 ]
 
 
@@ -1136,6 +1175,7 @@ class CeremonyCa(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename
     validity_days: Annotated[int, msgspec.Meta(ge=1, le=40 * 366)]
     path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
     profile: Name | None = None
+    allowed_profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()  # what this CA may issue
 
 
 class CeremonySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="kebab"):

@@ -22,7 +22,7 @@ READ = {"ca-show", "ca-export", "cert-show", "cert-list", "crl-export", "ocsp-st
 # What the issue asks for, written independently of the Factory's table.
 EXPECTED = {
     "administrator": READ | {"officer-add", "officer-remove", "officer-unlock", "officer-list", "officer-passwd", "officer-totp",
-                             "backup", "shutdown-request",
+                             "backup", "shutdown-request", "config-set",
                              "ocsp-tenant-add", "ocsp-tenant-update", "ocsp-tenant-remove", "ocsp-tenant-csr"},
     "operator": READ | {"ca-create", "ca-sign-csr", "issue", "revoke", "unrevoke", "crl-generate", "ocsp-responder-cert", "reconcile",
                         "ca-create-root", "dist-retry", "ocsp-tenant-crl", "ocsp-tenant-serials"},
@@ -48,6 +48,7 @@ SAMPLES = [
     S.ACaCreateRoot(id=1, name="m-root", profile="nope", key_type="p256", subject=(("CN", "x"),), validity_days=10),
     S.ABackup(id=1), S.ACeremonyRecord(id=1, ceremony="m-x", transcript_sha256=b"\0" * 32, ceremony_seq=999999, witnesses=["nobody"]),
     S.ACeremonyBegin(id=1, ceremony="m-x"), S.ACeremonyWitness(id=1, ceremony_seq=999999), S.ACeremonyRecords(id=1, ceremony_seq=999999),
+    S.AConfigSet(id=1, key="nope", value="x"),
 ]
 # Sent only where they must be refused (allowed, they stop the appliance: tests/integration/test_console.py).
 DISRUPTIVE = [S.AShutdown(id=1)]

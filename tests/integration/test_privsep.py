@@ -163,4 +163,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (2, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "cdc6a96d459794fd948d183ba1d3606bb3bb879b4d9ed50e2334dd464e3998e3"
+PINNED_SCHEMA_HASH = "2eea8d6e063190e1dad334f916640c027960ce77f62f2f9bd8ab0374b58995e0"

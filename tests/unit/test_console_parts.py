@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from appliance import adminops as ops
+from appliance import config as C
 from appliance.console import ceremony as CER
 from appliance.console import media as M
 from appliance.console.pdf import text_pdf
@@ -37,10 +38,10 @@ def test_ssh_refused(cmd):
 def test_settings_edit_keeps_comments_and_validates(tmp_path):
     cfg = tmp_path / "donjon.toml"
     cfg.write_text('# mine\n[ocsp]\nlisten = "127.0.0.1:0"   # where\nworkers = 1\n')
-    assert "takes effect" in ops.settings_set(str(tmp_path), "ocsp.listen", "0.0.0.0:8080")
+    assert "takes effect" in C.write_setting(str(tmp_path), "ocsp.listen", "0.0.0.0:8080")
     assert cfg.read_text() == '# mine\n[ocsp]\nlisten = "0.0.0.0:8080"  # where\nworkers = 1\n'
-    ops.settings_set(str(tmp_path), "endpoint.base-url", "http://ca.example.org/pki")
-    ops.settings_set(str(tmp_path), "crl.validity-hours", "48")
+    C.write_setting(str(tmp_path), "endpoint.base-url", "http://ca.example.org/pki")
+    C.write_setting(str(tmp_path), "crl.validity-hours", "48")
     shown = dict(ops.settings_show(str(tmp_path)))
     assert shown["endpoint.base-url"] == "http://ca.example.org/pki" and shown["crl.validity-hours"] == "48"
     before = cfg.read_text()
@@ -48,8 +49,8 @@ def test_settings_edit_keeps_comments_and_validates(tmp_path):
                        ("ocsp.listen", "$(id):80"), ("endpoint.base-url", "javascript:alert(1)"),
                        ("endpoint.base-url", 'http://x/"a'), ("crl.validity-hours", "0"), ("crl.validity-hours", "1e9"),
                        ("hsm.module", "/tmp/evil.so"), ("console.media", "../../etc")]:
-        with pytest.raises(ops.OpError):
-            ops.settings_set(str(tmp_path), key, value)
+        with pytest.raises(C.ConfigError):
+            C.write_setting(str(tmp_path), key, value)
     assert cfg.read_text() == before
 
 

@@ -49,13 +49,13 @@ def test_migration_keeps_old_remove_from_crl_rows_revoked_with_exact_lengths(tmp
         for serial, reason, inv in rows:
             sb = serial.to_bytes((serial.bit_length() + 7) // 8, "big")
             db.db.execute("INSERT INTO serials VALUES (?, 'ca', 'issued', 0, NULL)", (sb,))
-            db.db.execute("INSERT INTO certs VALUES (?, 'ca', 'tls-server', 'CN=x', 0, ?, 0, x'00', NULL)", (sb, t + 10**6))
+            db.db.execute("INSERT INTO certs VALUES (?, 'ca', 'tls-server', 'CN=x', 0, ?, 0, x'00', NULL, NULL, NULL)", (sb, t + 10**6))
             old_len = C.entry_length(serial, t, 1 if reason == 8 else reason, inv)  # reason 8 was as long as 1
             db.db.execute("INSERT INTO revocations VALUES ('ca', ?, ?, ?, ?, ?)", (sb, t, reason, inv, old_len))
         db.db.execute("DELETE FROM ocsp_queue")
-        db.db.execute("PRAGMA user_version = 6")
+        db.db.execute("PRAGMA user_version = 7")
     db.close()
-    db = Cmdb(path, key)  # runs migration 7
+    db = Cmdb(path, key)  # runs migration 8
     assert db.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     got = {int.from_bytes(s, "big"): (r, ln) for s, r, ln in db.db.execute("SELECT serial, reason, entry_len FROM revocations")}
     assert got == {0x1234: (None, C.entry_length(0x1234, t, None, None)),
