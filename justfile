@@ -3,7 +3,9 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 venv := justfile_directory() / ".venv/bin"
-home := env_var_or_default("DONJON_HOME", "var")
+# The state folder: DONJON_HOME (a relative one is taken from where just was called), else an absolute
+# folder outside the checkout (/var/lib/donjon-demo as root, ~/.local/state/donjon-demo otherwise).
+home := if env("DONJON_HOME", "") == "" { `if [ "$(id -u)" = 0 ]; then echo /var/lib/donjon-demo; else echo "${XDG_STATE_HOME:-$HOME/.local/state}/donjon-demo"; fi` } else { clean(join(invocation_directory(), env("DONJON_HOME"))) }
 
 # List the recipes
 default:
@@ -13,37 +15,50 @@ default:
 setup:
     bash .ci/setup
 
-# Create a demo CA hierarchy in ./var (once) and run the appliance in the foreground
+# Create a demo CA hierarchy in the state folder (once; outside the checkout) and run the appliance in the foreground
 demo:
     #!/usr/bin/env bash
     set -euo pipefail
-    if [ ! -e "{{home}}/cmdb/cmdb.key" ]; then
+    export PYTHONDONTWRITEBYTECODE=1  # nothing written into the checkout
+    home="{{home}}"
+    if [ ! -e "$home/cmdb/cmdb.key" ]; then
+      mkdir -p "$(dirname "$home")"
       echo "Choose a password (12 characters or more) for the demo officer 'demo' (administrator and operator):"
-      {{venv}}/donjon init --home "{{home}}" --ceremony image/demo-ceremony.toml --officer demo:administrator+operator
+      {{venv}}/donjon init --home "$home" --ceremony "{{justfile_directory()}}/image/demo-ceremony.toml" --officer demo:administrator+operator
     fi
+    url=$({{venv}}/donjon config show --home "$home" --json | {{venv}}/python -c 'import json, sys; from appliance.adminops import endpoint_url; print(endpoint_url(json.load(sys.stdin)["ocsp.listen"]))')
     cat <<MSG
-    Donjon is starting on {{home}} (developer mode when not root; stop it with Ctrl-C).
-    In another terminal:
-      export DONJON_HOME={{home}} PATH={{venv}}:\$PATH
+    Donjon is starting on $home (developer mode when not root; stop it with Ctrl-C).
+    In another terminal, in a scratch folder (cd "\$(mktemp -d)"):
+      export DONJON_HOME=$home PATH={{venv}}:\$PATH
       donjon status
       donjon login --officer demo
       donjon ca list
       openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout www.key -subj / -addext subjectAltName=DNS:www.example.org -out www.csr
-      donjon issue --ca issuing --profile tls-server --csr www.csr --out www.pem
+      donjon issue --ca issuing --profile tls-server --csr www.csr --out www.pem      # prints the new serial
       donjon ca export issuing --chain --out chain.pem && openssl verify -x509_strict -CAfile <(donjon ca export root) -untrusted chain.pem www.pem
-      openssl ocsp -issuer <(donjon ca export issuing) -cert www.pem -url http://127.0.0.1:8080/ocsp -CAfile chain.pem
-      donjon revoke --ca issuing <serial> --reason keyCompromise && donjon ocsp status
-      curl -s http://127.0.0.1:8080/crl/issuing.crl | openssl crl -inform DER -noout -text
+      openssl ocsp -issuer <(donjon ca export issuing) -cert www.pem -url $url/ocsp -CAfile chain.pem
+      donjon revoke --ca issuing SERIAL --reason keyCompromise && donjon ocsp status   # SERIAL: the one issue printed
+      curl -s $url/crl/issuing.crl | openssl crl -inform DER -noout -text
     MSG
-    exec {{venv}}/donjon run --home "{{home}}"
+    exec {{venv}}/donjon run --home "$home"
 
 # Run the appliance on an existing state folder
 run *ARGS:
     {{venv}}/donjon run --home "{{home}}" {{ARGS}}
 
-# Run the whole test suite (pass pytest arguments through: just test -k crl)
+# Run the whole test suite (pass pytest arguments through: just test -k crl); kill -9 at 10 cycles
 test *ARGS:
     {{venv}}/python -m pytest {{ARGS}}
+
+# Lint: ruff over the tree, mypy over policy/, appliance/ipc/ and the CMDB module (config in pyproject.toml)
+lint:
+    {{venv}}/ruff check .
+    {{venv}}/mypy policy appliance/ipc appliance/factory/cmdb.py
+
+# The kill -9 test at 1,000 cycles (nothing lost, no serial twice, audit chain intact; DONJON_KILL_CYCLES=N for another count)
+torture *ARGS:
+    DONJON_KILL_CYCLES={{env_var_or_default("DONJON_KILL_CYCLES", "1000")}} {{venv}}/python -m pytest tests/integration/test_crash.py -m slow {{ARGS}}
 
 # Run the unit tests only (no appliance processes)
 test-unit *ARGS:

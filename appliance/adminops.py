@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import typing
 from datetime import datetime, timezone
 from typing import Any
 
@@ -34,6 +35,25 @@ class PendingApproval(Exception):
 def check_name(s: str, what: str = "name") -> str:
     if not NAME_RE.match(s) or ".." in s:
         raise OpError(f"invalid {what} {s[:40]!r}: letters, digits, '.', '_', '-' only (at most 64)")
+    return s
+
+
+KEY_TYPES = typing.get_args(S.KeyType)
+MAX_DAYS = 40 * 366  # the schema's bound on every validity in days
+MAX_CSRS = 1024  # CSRs in one issue request (the schema's bound)
+MAX_CSR_BYTES = 64 * 1024  # one CSR (the schema's Der)
+
+
+def check_range(v: int, lo: int, hi: int, what: str) -> int:
+    """The admin API refuses out-of-range values too; say so here, before anything is sent."""
+    if not lo <= v <= hi:
+        raise OpError(f"{what} {v}: must be {lo} to {hi}")
+    return v
+
+
+def check_key_type(s: str) -> str:
+    if s not in KEY_TYPES:
+        raise OpError(f"key type {s[:20]!r}: one of {', '.join(KEY_TYPES)}")
     return s
 
 
@@ -104,6 +124,63 @@ def der_of(data: bytes, label: str) -> bytes:
     return data
 
 
+MAX_CSR_FILE = 128 * 1024  # a CSR file read at most this far (PEM of a 64 KiB DER)
+_NOT_CSR = {"CERTIFICATE": "a certificate", "X509 CERTIFICATE": "a certificate", "TRUSTED CERTIFICATE": "a certificate",
+            "PUBLIC KEY": "a public key", "RSA PUBLIC KEY": "a public key", "PKCS7": "a PKCS#7 bundle", "X509 CRL": "a CRL"}
+
+
+def csr_der(data: bytes, name: str) -> bytes:
+    """The DER of a CSR file (PEM or DER); a certificate, a key or an oversize file is named as such,
+    before anything reaches the appliance."""
+    m = re.match(rb"\s*-----BEGIN ([A-Z0-9 ]+)-----", data)
+    if m:
+        kind = m.group(1).decode()
+        what = "a private key" if "PRIVATE KEY" in kind else _NOT_CSR.get(kind)
+        if what:
+            raise OpError(f"{name} is {what}, not a certificate request (make a CSR: openssl req -new -key KEY)")
+    if len(data) > MAX_CSR_FILE:
+        raise OpError(f"{name} is larger than {MAX_CSR_FILE // 1024} KiB: not a certificate request")
+    der = der_of(data, f"CSR {name}")
+    if len(der) > MAX_CSR_BYTES:
+        raise OpError(f"{name} is larger than {MAX_CSR_BYTES // 1024} KiB: not a certificate request")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    try:
+        x509.load_der_x509_csr(der)
+        return der
+    except ValueError:
+        pass
+    try:
+        x509.load_der_x509_certificate(der)
+        raise OpError(f"{name} is a certificate, not a certificate request")
+    except ValueError:
+        pass
+    from cryptography.exceptions import UnsupportedAlgorithm
+    try:
+        serialization.load_der_private_key(der, password=None)
+        is_key = True
+    except TypeError:  # an encrypted key
+        is_key = True
+    except (ValueError, UnsupportedAlgorithm):
+        is_key = False
+    if is_key:
+        raise OpError(f"{name} is a private key, not a certificate request (make a CSR: openssl req -new -key KEY)")
+    return der  # malformed: the appliance names what is wrong (and audits it)
+
+
+def _batches(ders: list[bytes]) -> list[tuple[int, int]]:
+    """[start, end) ranges of at most MAX_CSRS CSRs and 6 MiB each: every request fits in one admin frame."""
+    out, start, size = [], 0, 0
+    for i, d in enumerate(ders):
+        if i > start and (i - start >= MAX_CSRS or size + len(d) > 6 * 1024 * 1024):
+            out.append((start, i))
+            start, size = i, 0
+        size += len(d) + 8
+    if ders:
+        out.append((start, len(ders)))
+    return out
+
+
 def _wrap(fn, *a, **kw):
     try:
         doc = fn(*a, **kw)
@@ -150,8 +227,17 @@ def ca_list_lines(cas: list[dict[str, Any]]) -> list[str]:
 
 def ca_create(c: AdminClient, name: str, parent: str | None, subject: tuple, profile: str | None, key_type: str,
               days: int, path_length: int | None, allowed_profiles: tuple[str, ...] = ()) -> dict[str, Any]:
+    check_name(name, "CA name")
+    if parent is not None:
+        check_name(parent, "parent CA name")
+    if profile is not None:
+        check_name(profile, "profile name")
     for p in allowed_profiles:
         check_name(p, "profile")
+    check_key_type(key_type)
+    check_range(days, 1, MAX_DAYS, "validity in days")
+    if path_length is not None:
+        check_range(path_length, 0, 16, "path length")
     if parent is None:  # a new root (first root or a root rollover): self-signed
         return _wrap(c.call, S.ACaCreateRoot, name=name, profile=profile or "root-ca", key_type=key_type, subject=subject,
                      validity_days=days, path_length=path_length, allowed_profiles=allowed_profiles)
@@ -160,13 +246,18 @@ def ca_create(c: AdminClient, name: str, parent: str | None, subject: tuple, pro
 
 
 def ca_sign_csr(c: AdminClient, parent: str, profile: str, csr_der: bytes, days: int, path_length: int | None) -> dict[str, Any]:
+    check_name(parent, "parent CA name")
+    check_name(profile, "profile name")
+    check_range(days, 1, MAX_DAYS, "validity in days")
+    if path_length is not None:
+        check_range(path_length, 0, 16, "path length")
     return _wrap(c.call, S.ACaSignCsr, parent=parent, profile=profile, csr=csr_der, validity_days=days, path_length=path_length)
 
 
 def ca_chain_pem(c: AdminClient, name: str, chain: bool) -> bytes:
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
-    ders = [bytes.fromhex(h) for h in _wrap(c.call, S.ACaExport, name=name)["chain"]]
+    ders = [bytes.fromhex(h) for h in _wrap(c.call, S.ACaExport, name=check_name(name, "CA name"))["chain"]]
     if not chain:
         ders = ders[:1]
     return b"".join(x509.load_der_x509_certificate(d).public_bytes(Encoding.PEM) for d in ders)
@@ -174,24 +265,41 @@ def ca_chain_pem(c: AdminClient, name: str, chain: bool) -> bytes:
 
 def issue(c: AdminClient, ca: str, profile: str, csr_ders: list[bytes], days: int | None,
           labels: list[str]) -> tuple[bytes, list[dict[str, Any]], int]:
-    """Returns (PEM of the issued certificates, one document per CSR, number refused)."""
+    """Returns (PEM of the issued certificates, one document per CSR, number refused). Many CSRs go
+    as several requests, each within the admin API's bounds."""
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
-    r = _wrap(c.issue, ca=ca, profile=profile, csrs=csr_ders, validity_days=days)
+    check_name(ca, "CA name")
+    check_name(profile, "profile name")
+    if days is not None:
+        check_range(days, 1, MAX_DAYS, "validity in days")
+    for label, der in zip(labels, csr_ders):
+        if len(der) > MAX_CSR_BYTES:
+            raise OpError(f"{label} is larger than {MAX_CSR_BYTES // 1024} KiB: not a certificate request")
     pem, docs, failed = b"", [], 0
-    for label, res, serial in zip(labels, r.results, r.serials):
-        if res.cert is None:
-            failed += 1
-            docs.append({"csr": label, "error": res.error})
-        else:
-            p = x509.load_der_x509_certificate(res.cert).public_bytes(Encoding.PEM)
-            pem += p
-            docs.append({"csr": label, "serial": serial, "pem": p.decode()})
+    for start, end in _batches(csr_ders):
+        r = _wrap(c.issue, ca=ca, profile=profile, csrs=csr_ders[start:end], validity_days=days)
+        for label, res, serial in zip(labels[start:end], r.results, r.serials):
+            if res.cert is None:
+                failed += 1
+                docs.append({"csr": label, "error": res.error})
+            else:
+                p = x509.load_der_x509_certificate(res.cert).public_bytes(Encoding.PEM)
+                pem += p
+                docs.append({"csr": label, "serial": serial, "pem": p.decode()})
     return pem, docs, failed
 
 
 def cert_show(c: AdminClient, ca: str, serial: bytes) -> dict[str, Any]:
+    check_name(ca, "CA name")
     return _wrap(c.call, S.ACertShow, ca=ca, serial=serial)
+
+
+def cert_doc(doc: dict[str, Any]) -> dict[str, Any]:
+    """A certificate's record for printing: the PEM left out, its times in ISO 8601 exactly as `ca show` prints them."""
+    iso = ("not_before", "not_after", "issued_at", "revoked_at")
+    return {k: (datetime.fromtimestamp(v, timezone.utc).isoformat() if k in iso and isinstance(v, int) else v)
+            for k, v in doc.items() if k != "pem"}
 
 
 CERT_STATUSES = ("valid", "revoked", "expired")
@@ -203,8 +311,7 @@ def cert_list(c: AdminClient, ca: str | None, limit: int, subject: str | None = 
         raise OpError(f"unknown status {status!r} (one of: {', '.join(CERT_STATUSES)})")
     if expires_within is not None and not 0 <= expires_within <= 40 * 366:
         raise OpError("--expires-within is a number of days, 0 to 14640")
-    if limit < 1 or limit > 100000:
-        raise OpError("--limit is 1 to 100000")
+    check_range(limit, 1, 100000, "limit")
     for what, v in (("subject", subject), ("SAN", san)):
         if v is not None and not 1 <= len(v) <= 256:
             raise OpError(f"the {what} filter is 1 to 256 characters")
@@ -236,10 +343,14 @@ def unrevoke(c: AdminClient, ca: str, serial: bytes) -> dict[str, Any]:
 
 def crl_generate(c: AdminClient, ca: str, kind: str = "crl") -> bytes:
     """Sign a new CRL (or, kind="issued-serials", a new issued-serials list) and return its DER."""
+    check_name(ca, "CA name")
     return _wrap(lambda: b"".join(c.stream(S.ACrlGenerate, ca=ca, kind=kind)))
 
 
 def crl_export(c: AdminClient, ca: str, number: int | None = None, kind: str = "crl") -> bytes:
+    check_name(ca, "CA name")
+    if number is not None:
+        check_range(number, 1, 2**62 - 1, "CRL number")
     return _wrap(lambda: b"".join(c.stream(S.ACrlExport, ca=ca, number=number, kind=kind)))
 
 
@@ -450,6 +561,9 @@ def dist_status_lines(doc: dict[str, Any]) -> list[str]:
 def dist_list(c: AdminClient, state: str = "parked", rule: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
     if state not in ("pending", "parked", "done"):
         raise OpError("the state is pending, parked or done")
+    if rule is not None:
+        check_name(rule, "destination name")
+    check_range(limit, 1, 10000, "limit")
     return _wrap(c.call, S.ADistList, state=state, rule=rule, limit=limit)["jobs"]
 
 
@@ -505,6 +619,16 @@ def shutdown(c: AdminClient) -> dict[str, Any]:
 # The settings an operator may change from any face; each validated by the full configuration loader
 # before the file is replaced. They take effect at the next start of the appliance.
 # SETTINGS (from appliance.config): the keys `config set` may change, re-exported for the faces.
+
+
+def endpoint_url(listen: str) -> str:
+    """The URL a client on this machine reaches the endpoint at, from `ocsp.listen` (a wildcard address
+    is reached on loopback)."""
+    host, _, port = listen.rpartition(":")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}.get(host, host)
+    return f"http://{host}:{port}"
+
+
 def settings_show(home: str) -> list[tuple[str, str]]:
     from appliance import config as C
     try:

@@ -65,6 +65,24 @@ def call(home: str, cls, **kw):
     return doc
 
 
+def emit_json(doc, as_json: bool) -> bool:
+    """With --json, print the command's data document and say so (the caller then prints nothing else)."""
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+    return as_json
+
+
+def lines_or(lines: list[str], empty: str) -> None:
+    """Print the lines of a list, or say that it is empty (an empty output reads like a failure)."""
+    for line in lines or [empty]:
+        typer.echo(line)
+
+
+def no_der_to_terminal(out: Optional[str], what: str) -> None:
+    if out is None and sys.stdout.isatty():
+        fail(f"{what} is DER (binary): give --out FILE or redirect the output")
+
+
 def out_bytes(data: bytes, out: Optional[str]) -> None:
     if out:
         with open(out, "wb") as f:
@@ -92,12 +110,17 @@ def parse_subject(s: str) -> tuple[tuple[str, str], ...]:
     return op(ops.parse_subject, s)
 
 
-def read_file(path: str, what: str) -> bytes:
+def read_file(path: str, what: str, limit: int | None = None) -> bytes:
+    """The file's bytes; with `limit`, at most limit + 1 of them (the caller says what is too large)."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read() if limit is None else f.read(limit + 1)
     except OSError as e:
         fail(f"cannot read {what} {path}: {e.strerror}")
+
+
+def read_csr(path: str) -> bytes:
+    return op(ops.csr_der, read_file(path, "CSR", ops.MAX_CSR_FILE), path)
 
 
 def der_of(data: bytes, label: str) -> bytes:
@@ -228,6 +251,9 @@ def run(home: Home = "./var",
         rc = trio.run(Supervisor(home, cfg).run, None, pin)
     except (C.ConfigError, H.HomeError, SupervisorError) as e:
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C outside the supervisor's signal handling (starting, or a second one while stopping)
+        typer.echo("donjon: interrupted", err=True)
+        raise typer.Exit(130) from None
     raise typer.Exit(rc)
 
 
@@ -250,7 +276,8 @@ def status(home: Home = "./var", as_json: JsonOut = False) -> None:
 def activate_cmd(home: Home = "./var",
                  pin_file: Annotated[Optional[str], typer.Option(help="Read the token PIN from this file instead of prompting.")] = None,
                  share: Annotated[list[str], typer.Option(help="A PIN share (repeat for each officer present); '-' prompts.")] = [],  # noqa: B006
-                 quorum: Annotated[Optional[int], typer.Option(help="Prompt for this many shares, one officer at a time.")] = None) -> None:
+                 quorum: Annotated[Optional[int], typer.Option(help="Prompt for this many shares, one officer at a time.")] = None,
+                 as_json: JsonOut = False) -> None:
     """Log the CIS into the token and open the CMDB, with the PIN or with a quorum of PIN shares.
 
     Example: donjon activate --pin-file ./var/pin
@@ -272,7 +299,8 @@ def activate_cmd(home: Home = "./var",
             texts.append(t)
         with client(home) as c:
             doc = op(ops.activate_shares, c, texts)
-        typer.echo(f"activated: {doc['token']}")
+        if not emit_json(doc, as_json):
+            typer.echo(f"activated: {doc['token']}")
         return
     try:
         pin = H.read_pin(pin_file) if pin_file else typer.prompt("Token PIN", hide_input=True)
@@ -280,7 +308,8 @@ def activate_cmd(home: Home = "./var",
         fail(str(e))
     with client(home) as c:
         doc = op(ops.activate, c, pin)
-    typer.echo(f"activated: {doc['token']}")
+    if not emit_json(doc, as_json):
+        typer.echo(f"activated: {doc['token']}")
 
 
 # ---------------------------------------------------------------- officers and sessions
@@ -289,7 +318,7 @@ def activate_cmd(home: Home = "./var",
 @app.command()
 def login(officer: Annotated[str, typer.Option(help="Officer name.")] = ...,
           otp: Annotated[Optional[str], typer.Option(help="TOTP code, when the officer has the second factor on.")] = None,
-          home: Home = "./var") -> None:
+          home: Home = "./var", as_json: JsonOut = False) -> None:
     """Log in as an officer; later commands use the session until `donjon logout` or 15 idle minutes.
 
     The password is prompted (or DONJON_PASSWORD). The token is kept 0600 in ~/.cache/donjon/ (or
@@ -305,7 +334,8 @@ def login(officer: Annotated[str, typer.Option(help="Officer name.")] = ...,
     except ClientError as e:
         fail(str(e))
     save_session(home, token)
-    typer.echo(f"logged in as {officer} ({', '.join(roles)})")
+    if not emit_json({"officer": officer, "roles": roles}, as_json):
+        typer.echo(f"logged in as {officer} ({', '.join(roles)})")
 
 
 @app.command()
@@ -326,7 +356,7 @@ def logout(home: Home = "./var") -> None:
 @officer_app.command("add")
 def officer_add(name: str,
                 role: Annotated[list[str], typer.Option(help="administrator | operator | auditor (repeatable; auditor alone).")] = ...,
-                home: Home = "./var") -> None:
+                home: Home = "./var", as_json: JsonOut = False) -> None:
     """Create an officer (password prompted, or DONJON_PASSWORD). With no officer yet, only an administrator.
 
     Example: donjon officer add alice --role administrator
@@ -337,7 +367,8 @@ def officer_add(name: str,
     pw = password_from(f"Password for officer {name}")
     with client(home) as c:
         doc = op(ops.officer_add, c, name, tuple(role), pw)
-    typer.echo(f"officer {doc['name']} added ({', '.join(doc['roles'])})")
+    if not emit_json(doc, as_json):
+        typer.echo(f"officer {doc['name']} added ({', '.join(doc['roles'])})")
 
 
 @officer_app.command("list")
@@ -348,8 +379,7 @@ def officer_list(home: Home = "./var", as_json: JsonOut = False) -> None:
     if as_json:
         typer.echo(json.dumps(docs, indent=2))
         return
-    for line in ops.officer_list_lines(docs):
-        typer.echo(line)
+    lines_or(ops.officer_list_lines(docs), "no officers")
 
 
 @officer_app.command("remove")
@@ -404,12 +434,14 @@ def officer_unlock(name: str, home: Home = "./var",
 
 @officer_app.command("totp")
 def officer_totp(name: str, enable: Annotated[bool, typer.Option("--enable/--disable", help="Turn the TOTP second factor on or off.")] = True,
-                 home: Home = "./var") -> None:
+                 home: Home = "./var", as_json: JsonOut = False) -> None:
     """Turn an officer's TOTP second factor on (prints the secret and otpauth URI once) or off.
 
     Example: donjon officer totp alice --enable
     """
     doc = call(home, S.AOfficerTotp, name=name, enable=enable)
+    if emit_json(doc, as_json):
+        return
     if doc.get("totp"):
         typer.echo(f"TOTP on for {name}: secret {doc['secret']}\n{doc['uri']}")
     else:
@@ -425,8 +457,7 @@ def pending_list(all_: Annotated[bool, typer.Option("--all", help="Also closed r
     if as_json:
         typer.echo(json.dumps(docs, indent=2))
         return
-    for line in ops.pending_lines(docs):
-        typer.echo(line)
+    lines_or(ops.pending_lines(docs), "no pending requests")
 
 
 @app.command()
@@ -457,14 +488,13 @@ def ca_list(home: Home = "./var", as_json: JsonOut = False) -> None:
     if as_json:
         typer.echo(json.dumps(cas, indent=2))
         return
-    for line in ops.ca_list_lines(cas):
-        typer.echo(line)
+    lines_or(ops.ca_list_lines(cas), "no CAs")
 
 
 @ca_app.command("show")
-def ca_show(name: str, home: Home = "./var") -> None:
-    """Show one CA. Example: donjon ca show issuing"""
-    typer.echo(json.dumps(call(home, S.ACaShow, name=name), indent=2))
+def ca_show(name: str, home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Show one CA (a JSON document, with or without --json). Example: donjon ca show issuing"""
+    typer.echo(json.dumps(call(home, S.ACaShow, name=op(ops.check_name, name, "CA name")), indent=2))
 
 
 @ca_app.command("create")
@@ -478,7 +508,7 @@ def ca_create(name: str,
               allow_profile: Annotated[list[str], typer.Option(help="A profile the new CA may issue (repeatable; default: "
                                                                     "donjon.toml [ca-profiles], else CA profiles for a root and "
                                                                     "the others for an issuing CA). Kept in the token, never changed.")] = [],  # noqa: B006
-              home: Home = "./var") -> None:
+              home: Home = "./var", as_json: JsonOut = False) -> None:
     """Create a CA whose key is generated in the HSM: a subordinate of --parent, or a new root.
 
     Example: donjon ca create issuing2 --parent root --subject 'CN=Issuing CA 2,O=Example'
@@ -486,7 +516,8 @@ def ca_create(name: str,
     with client(home) as c:
         doc = op(ops.ca_create, c, name, parent, parse_subject(subject), profile, key_type, days, path_length,
                  tuple(allow_profile))
-    typer.echo(f"created CA {doc['name']}: {doc['subject']} serial {doc['serial']}")
+    if not emit_json(doc, as_json):
+        typer.echo(f"created CA {doc['name']}: {doc['subject']} serial {doc['serial']}")
 
 
 @ca_app.command("sign-csr")
@@ -496,14 +527,19 @@ def ca_sign_csr(csr: str,
                 days: Annotated[int, typer.Option(help="Validity in days.")] = 3650,
                 path_length: Annotated[Optional[int], typer.Option(help="pathLenConstraint.")] = None,
                 out: Annotated[Optional[str], typer.Option(help="Write the certificate (PEM) here.")] = None,
-                home: Home = "./var") -> None:
+                home: Home = "./var", as_json: JsonOut = False) -> None:
     """Certify an external subordinate CA from its CSR (the offline root's main job).
 
     Example: donjon ca sign-csr sub.csr --parent root --out sub.pem
     """
-    der = der_of(read_file(csr, "CSR"), "CSR")
+    der = read_csr(csr)
     with client(home) as c:
         doc = op(ops.ca_sign_csr, c, parent, profile, der, days, path_length)
+    if as_json:
+        if out:
+            out_bytes(doc["cert"].encode(), out)
+        emit_json(doc, as_json)
+        return
     out_bytes(doc["cert"].encode(), out)
     if out:
         typer.echo(f"signed serial {doc['serial']} -> {out}")
@@ -531,7 +567,7 @@ def issue(ca: Annotated[str, typer.Option(help="Issuing CA.")] = ...,
 
     Example: donjon issue --ca issuing --profile tls-server --csr www.csr --out www.pem
     """
-    ders = [der_of(read_file(p, "CSR"), "CSR") for p in csr]
+    ders = [read_csr(p) for p in csr]
     with client(home) as c:
         pem, docs, failed = op(ops.issue, c, ca, profile, ders, days, list(csr))
     for d in docs:
@@ -543,16 +579,23 @@ def issue(ca: Annotated[str, typer.Option(help="Issuing CA.")] = ...,
         out_bytes(pem, out)
         if out:
             typer.echo(f"issued {len(csr) - failed} certificate(s) -> {out}")
+        for d in docs:  # the serial is what `revoke`, `cert show` and `cert export` take
+            if "serial" in d:
+                typer.echo(f"serial {d['serial']}  {d['csr']}", err=out is None)
     if failed:
         raise typer.Exit(1)
 
 
 @cert_app.command("show")
-def cert_show(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = ..., home: Home = "./var") -> None:
-    """Show a certificate's record. Example: donjon cert show --ca issuing 5f3a..."""
+def cert_show(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = ..., home: Home = "./var",
+              as_json: JsonOut = False) -> None:
+    """Show a certificate's record (a JSON document, with or without --json; times in ISO 8601 as `ca show`).
+
+    Example: donjon cert show --ca issuing 5f3a...
+    """
     with client(home) as c:
         doc = op(ops.cert_show, c, ca, parse_serial(serial))
-    typer.echo(json.dumps({k: v for k, v in doc.items() if k != "pem"}, indent=2))
+    typer.echo(json.dumps(ops.cert_doc(doc), indent=2))
 
 
 @cert_app.command("export")
@@ -578,8 +621,7 @@ def cert_list(ca: Annotated[Optional[str], typer.Option(help="Only this CA.")] =
     if as_json:
         typer.echo(json.dumps(certs, indent=2))
         return
-    for line in ops.cert_list_lines(certs):
-        typer.echo(line)
+    lines_or(ops.cert_list_lines(certs), "no certificates" + (f" issued by {ca}" if ca else ""))
 
 
 @app.command()
@@ -587,7 +629,7 @@ def revoke(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = .
            reason: Annotated[str, typer.Option(help="RFC 5280 reason: " + ", ".join(REASONS))] = "unspecified",
            invalidity: Annotated[Optional[str], typer.Option(help="Invalidity date (ISO 8601, UTC).")] = None,
            release: Annotated[bool, typer.Option("--release", help="Release from certificateHold (as `donjon unrevoke`).")] = False,
-           home: Home = "./var") -> None:
+           home: Home = "./var", as_json: JsonOut = False) -> None:
     """Revoke a certificate; revoking one on certificateHold with another reason makes it permanent.
 
     Example: donjon revoke --ca issuing 5f3a... --reason keyCompromise
@@ -596,29 +638,34 @@ def revoke(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = .
     if release:
         if reason != "unspecified" or invalidity:
             fail("--release takes no --reason or --invalidity")
-        _unrevoke(home, ca, sb)
+        _unrevoke(home, ca, sb, as_json)
         return
+    op(ops.check_name, ca, "CA name")
     op(ops.parse_reason, reason)
     op(ops.parse_invalidity, invalidity)
     with client(home) as c:
         doc = op(ops.revoke, c, ca, sb, reason, invalidity)
     was = " (was certificateHold)" if doc.get("was_on_hold") else ""
-    typer.echo(f"revoked {doc['ca']}/{doc['serial']} ({reason}){was}")
+    if not emit_json(doc, as_json):
+        typer.echo(f"revoked {doc['ca']}/{doc['serial']} ({reason}){was}")
 
 
 @app.command()
-def unrevoke(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = ..., home: Home = "./var") -> None:
+def unrevoke(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = ..., home: Home = "./var",
+             as_json: JsonOut = False) -> None:
     """Release a certificate from certificateHold: off the next CRL, OCSP `good` again.
 
     Example: donjon unrevoke --ca issuing 5f3a...
     """
-    _unrevoke(home, ca, parse_serial(serial))
+    _unrevoke(home, ca, parse_serial(serial), as_json)
 
 
-def _unrevoke(home: str, ca: str, sb: bytes) -> None:
+def _unrevoke(home: str, ca: str, sb: bytes, as_json: bool = False) -> None:
+    op(ops.check_name, ca, "CA name")
     with client(home) as c:
         doc = op(ops.unrevoke, c, ca, sb)
-    typer.echo(f"released {doc['ca']}/{doc['serial']} from certificateHold")
+    if not emit_json(doc, as_json):
+        typer.echo(f"released {doc['ca']}/{doc['serial']} from certificateHold")
 
 
 @crl_app.command("generate")
@@ -630,6 +677,7 @@ def crl_generate(ca: Annotated[str, typer.Option(help="The CA.")] = ...,
 
     Example: donjon crl generate --ca issuing --out issuing.crl
     """
+    no_der_to_terminal(out, "a CRL" if not issued_serials else "an issued-serials list")  # before a new one is signed
     with client(home) as c:
         data = op(ops.crl_generate, c, ca, "issued-serials" if issued_serials else "crl")
     if out:
@@ -649,6 +697,7 @@ def crl_export(ca: Annotated[str, typer.Option(help="The CA.")] = ...,
 
     Example: donjon crl export --ca issuing --out issuing.crl
     """
+    no_der_to_terminal(out, "a CRL" if not issued_serials else "an issued-serials list")
     with client(home) as c:
         data = op(ops.crl_export, c, ca, number, "issued-serials" if issued_serials else "crl")
     out_bytes(data, out)
@@ -673,15 +722,19 @@ def ocsp_status(home: Home = "./var", as_json: JsonOut = False) -> None:
 def ocsp_responder_cert(ca: Annotated[str, typer.Option(help="The CA the responder answers for.")] = ...,
                         days: Annotated[int, typer.Option(help="Validity in days (short-lived: ocsp-nocheck).")] = 30,
                         out: Annotated[Optional[str], typer.Option(help="Write the responder certificate (PEM) here.")] = None,
-                        home: Home = "./var") -> None:
+                        home: Home = "./var", as_json: JsonOut = False) -> None:
     """Give the endpoint a delegated responder for a CA: a key in the endpoint's own token, certified by the CA.
     With it the endpoint also answers requests with several certificates and echoes nonces.
 
     Example: donjon ocsp responder-cert --ca issuing
     """
+    op(ops.check_name, ca, "CA name")
+    op(ops.check_range, days, 1, 366, "validity in days")
     doc = call(home, S.AOcspResponderCert, ca=ca, validity_days=days)
     if out:
         out_bytes(doc["cert"].encode(), out)
+    if emit_json(doc, as_json):
+        return
     typer.echo(f"responder for {doc['ca']}: serial {doc['serial']}, key {doc['label']}, until {doc['not_after'][:10]}")
 
 
@@ -717,21 +770,21 @@ def dist_list(state: Annotated[str, typer.Option(help="pending, parked or done."
     if as_json:
         typer.echo(json.dumps({"jobs": jobs}, indent=2))
         return
-    for line in ops.dist_list_lines(jobs):
-        typer.echo(line)
+    lines_or(ops.dist_list_lines(jobs), f"no {state} jobs")
 
 
 @dist_app.command("retry")
 def dist_retry(rule: Annotated[Optional[str], typer.Option(help="Only this destination's parked jobs.")] = None,
                job: Annotated[Optional[int], typer.Option(help="Only this job.")] = None,
-               home: Home = "./var") -> None:
+               home: Home = "./var", as_json: JsonOut = False) -> None:
     """Put parked jobs back in the queue and retry their destinations at once.
 
     Example: donjon dist retry --rule directory
     """
     with client(home) as c:
         n = op(ops.dist_retry, c, rule, job)
-    typer.echo(f"{n} job(s) back in the queue")
+    if not emit_json({"requeued": n}, as_json):
+        typer.echo(f"{n} job(s) back in the queue")
 
 
 # ---------------------------------------------------------------- OCSP: CRL-fed tenants
@@ -759,7 +812,7 @@ def tenant_add(name: str,
                refresh: Annotated[int, typer.Option(help="Seconds between scheduled CRL fetches (also fetched at nextUpdate).")] = 3600,
                unissued: Unissued = "unknown",
                push_secret_file: Annotated[Optional[str], typer.Option("--push-secret-file", help="A file holding the bearer secret that allows `PUT /tenant/NAME/crl`.")] = None,
-               home: Home = "./var") -> None:
+               home: Home = "./var", as_json: JsonOut = False) -> None:
     """Answer OCSP for another CA from its CRL. Then: `tenant csr`, have that CA certify the CSR, `tenant update --responder-cert`.
 
     Example: donjon ocsp tenant add partner --ca-cert partner-ca.pem --crl-url http://pki.partner.example/ca.crl
@@ -767,6 +820,8 @@ def tenant_add(name: str,
     ca = der_of(read_file(ca_cert, "CA certificate"), "CA certificate")
     doc = call(home, S.AOcspTenantAdd, name=name, ca_cert=ca, crl_urls=list(crl_url or []), refresh_seconds=refresh,
                unissued=_unissued(unissued), push_secret=_secret(push_secret_file))
+    if emit_json(doc, as_json):
+        return
     typer.echo(f"tenant {doc['name']} added: {doc['ca']}; next: donjon ocsp tenant csr {doc['name']} --out {doc['name']}-responder.csr")
 
 
@@ -777,7 +832,7 @@ def tenant_update(name: str,
                   refresh: Annotated[Optional[int], typer.Option(help="Seconds between scheduled CRL fetches.")] = None,
                   unissued: Unissued = None,
                   push_secret_file: Annotated[Optional[str], typer.Option("--push-secret-file", help="Replace the push bearer secret.")] = None,
-                  home: Home = "./var") -> None:
+                  home: Home = "./var", as_json: JsonOut = False) -> None:
     """Change a tenant; `--responder-cert` installs its delegated responder (checked: that key, that CA, id-kp-OCSPSigning).
 
     Example: donjon ocsp tenant update partner --responder-cert partner-responder.pem
@@ -785,6 +840,8 @@ def tenant_update(name: str,
     cert = der_of(read_file(responder_cert, "responder certificate"), "responder certificate") if responder_cert else None
     doc = call(home, S.AOcspTenantUpdate, name=name, crl_urls=list(crl_url) if crl_url else None, refresh_seconds=refresh,
                unissued=_unissued(unissued), push_secret=_secret(push_secret_file), responder_cert=cert)
+    if emit_json(doc, as_json):
+        return
     msg = f"tenant {doc['name']} updated"
     if doc.get("responder"):
         msg += f"; responder certificate {doc['responder']['serial']} until {doc['responder']['not_after'][:10]}"
@@ -800,6 +857,8 @@ def tenant_list(home: Home = "./var", as_json: JsonOut = False) -> None:
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
+    if not doc["tenants"]:
+        typer.echo("no tenants")
     for t in doc["tenants"]:
         nu = ops.when(t["crl_next_update"])
         typer.echo(f"{t['name']:<16} CRL #{t['crl_number'] if t['crl_number'] is not None else '-'} nextUpdate {nu}"
@@ -831,7 +890,7 @@ def tenant_csr(name: str, out: Annotated[str, typer.Option(help="Write the CSR (
 
 
 @tenant_app.command("crl")
-def tenant_crl(name: str, file: str, home: Home = "./var") -> None:
+def tenant_crl(name: str, file: str, home: Home = "./var", as_json: JsonOut = False) -> None:
     """Upload a tenant CRL by hand (e.g. from removable media at an offline site); it is verified before use.
 
     Example: donjon ocsp tenant crl partner partner.crl
@@ -840,13 +899,16 @@ def tenant_crl(name: str, file: str, home: Home = "./var") -> None:
     if len(der) > 7 * 1024 * 1024:
         fail("the CRL is larger than 7 MiB: have the Distribution agent fetch it, or push it over HTTP")
     doc = call(home, S.AOcspTenantCrl, name=name, crl=der)
+    if emit_json(doc, as_json):
+        return
     nu = ops.when(doc["next_update"])
     typer.echo(f"tenant {name}: CRL #{doc['crl_number']} in use until {nu}")
 
 
 @tenant_app.command("serials")
 def tenant_serials(name: str, file: Annotated[Optional[str], typer.Argument(help="Hex serials, one a line.")] = None,
-                   clear: Annotated[bool, typer.Option(help="Drop the list.")] = False, home: Home = "./var") -> None:
+                   clear: Annotated[bool, typer.Option(help="Drop the list.")] = False, home: Home = "./var",
+                   as_json: JsonOut = False) -> None:
     """The tenant's issued-serials list: a serial outside it is never `good`.
 
     Example: donjon ocsp tenant serials partner issued.txt
@@ -857,7 +919,8 @@ def tenant_serials(name: str, file: Annotated[Optional[str], typer.Argument(help
     if data is not None and len(data) > 7 * 1024 * 1024:
         fail("the serials list is larger than 7 MiB")
     doc = call(home, S.AOcspTenantSerials, name=name, data=data)
-    typer.echo(f"tenant {name}: issued-serials list cleared" if clear
+    if not emit_json(doc, as_json):
+        typer.echo(f"tenant {name}: issued-serials list cleared" if clear
                else f"tenant {name}: issued-serials list of {doc['serials']} serials in use")
 
 
@@ -894,13 +957,14 @@ def audit_verify(file: Annotated[Optional[str], typer.Argument(help="An exported
 
 @audit_app.command("checkpoint")
 def audit_checkpoint(out: Annotated[Optional[str], typer.Option(help="Write the signed head (JSON) here: a rollback anchor to publish.")] = None,
-                     home: Home = "./var") -> None:
+                     home: Home = "./var", as_json: JsonOut = False) -> None:
     """Have the HSM's audit key sign the chain head now. Example: donjon audit checkpoint --out head.json"""
     with client(home) as c:
         doc = op(ops.audit_checkpoint, c)
     if out:
         out_bytes(json.dumps(doc).encode() + b"\n", out)
-    typer.echo(f"checkpoint signed: seq {doc['seq']} head {doc['head']}" + (f" -> {out}" if out else ""))
+    if not emit_json(doc, as_json):
+        typer.echo(f"checkpoint signed: seq {doc['seq']} head {doc['head']}" + (f" -> {out}" if out else ""))
 
 
 @audit_app.command("cert")
@@ -911,10 +975,12 @@ def audit_cert(out: Annotated[Optional[str], typer.Option(help="Output file (PEM
 
 
 @audit_app.command("reconcile")
-def audit_reconcile(home: Home = "./var") -> None:
+def audit_reconcile(home: Home = "./var", as_json: JsonOut = False) -> None:
     """List serials whose intent had no certificate after a crash (voided, treated as possibly issued)."""
-    for v in call(home, S.AReconcile)["voided"]:
-        typer.echo(f"#{v['seq']} {ops.when(v['ts'])} {v['object']}: {v['detail']}")
+    doc = call(home, S.AReconcile)
+    if not emit_json(doc, as_json):
+        lines_or([f"#{v['seq']} {ops.when(v['ts'])} {v['object']}: {v['detail']}" for v in doc["voided"]],
+                 "no voided intents: every reserved serial has its certificate")
 
 
 # ---------------------------------------------------------------- console, SSH, ceremonies, settings (issue #6)
@@ -962,14 +1028,15 @@ def shutdown(home: Home = "./var",
 
 @app.command()
 def backup(out: Annotated[str, typer.Option(help="New file for the backup (tar); never overwritten.")] = ...,
-           home: Home = "./var") -> None:
+           home: Home = "./var", as_json: JsonOut = False) -> None:
     """A consistent online copy of the encrypted CMDB and its HSM-wrapped key (audited).
 
     Example: donjon backup --out /media/donjon/backup.tar
     """
     with client(home) as c:
         n, digest = op(ops.backup_to, c, out)
-    typer.echo(f"backup: {n} bytes -> {out} sha256 {digest}")
+    if not emit_json({"out": out, "bytes": n, "sha256": digest}, as_json):
+        typer.echo(f"backup: {n} bytes -> {out} sha256 {digest}")
 
 
 @ceremony_app.command("run")
@@ -1011,10 +1078,12 @@ def ceremony_verify(transcript: Annotated[str, typer.Argument(help="transcript.j
 
 
 @config_app.command("show")
-def config_show(home: Home = "./var") -> None:
+def config_show(home: Home = "./var", as_json: JsonOut = False) -> None:
     """Show the network and endpoint settings. Example: donjon config show"""
-    for k, v in op(ops.settings_show, home):
-        typer.echo(f"{k:<20} {v}")
+    items = op(ops.settings_show, home)
+    if not emit_json(dict(items), as_json):
+        for k, v in items:
+            typer.echo(f"{k:<20} {v}")
 
 
 @config_app.command("set")

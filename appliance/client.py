@@ -44,6 +44,9 @@ class AdminClient:
             raise ClientError(f"permission denied on {path}: run as root or as a member of the admin group", "auth") from None
         self.chan = SyncChannel(sock, "admin", S.AdminReply)
         self._ids = itertools.count(1)
+        # (officer, password, otp) of a login refused because the CA was not activated yet: tried
+        # again if a request is then refused for want of a session (activation happened meanwhile).
+        self.deferred_login: tuple[str, str, str | None] | None = None
         try:
             self.chan.handshake()
         except (ProtocolViolation, OSError):
@@ -93,7 +96,12 @@ class AdminClient:
 
     def _send(self, cls, **kw) -> int:
         rid = next(self._ids)
-        self.chan.send(cls(id=rid, **kw))
+        try:
+            self.chan.send(cls(id=rid, **kw))
+        except ProtocolViolation as e:
+            raise ClientError(str(e), "bad-request") from None
+        except OSError as e:
+            raise ClientError(f"lost the connection to the appliance: {e.strerror or e}") from None
         return rid
 
     def _recv(self, rid: int) -> Any:
@@ -107,28 +115,42 @@ class AdminClient:
             raise ClientError(m.reason, m.code)
         return m
 
+    def _request(self, cls, kw: dict[str, Any]) -> tuple[int, Any]:
+        """Send one request, take its first answer (after the deferred login, if it turns out to be due)."""
+        rid = self._send(cls, **kw)
+        try:
+            return rid, self._recv(rid)
+        except ClientError as e:
+            if e.code != "auth" or self.deferred_login is None or self.session is not None:
+                raise
+        officer, password, otp = self.deferred_login
+        self.deferred_login = None
+        self.login(officer, password, otp)
+        rid = self._send(cls, **kw)
+        return rid, self._recv(rid)
+
     def call(self, cls, **kw) -> dict[str, Any]:
-        m = self._recv(self._send(cls, **kw))
+        _, m = self._request(cls, kw)
         if not isinstance(m, S.Reply):
             raise ClientError(f"unexpected answer {type(m).__name__}")
         return m.data
 
     def issue(self, **kw) -> S.IssueReply:
-        m = self._recv(self._send(S.AIssue, **kw))
+        _, m = self._request(S.AIssue, kw)
         if not isinstance(m, S.IssueReply):
             raise ClientError(f"unexpected answer {type(m).__name__}")
         return m
 
     def stream(self, cls, **kw) -> Iterator[bytes]:
-        rid = self._send(cls, **kw)
+        rid, m = self._request(cls, kw)
         while True:
-            m = self._recv(rid)
             if not isinstance(m, S.BlobChunk):
                 raise ClientError(f"unexpected answer {type(m).__name__}")
             if m.data:
                 yield m.data
             if m.last:
                 return
+            m = self._recv(rid)
 
 
 # ---------------------------------------------------------------- the CLI's stored session
@@ -196,4 +218,5 @@ def connect(home: str, timeout: float | None = 600) -> AdminClient:
             if e.code != "inactive":  # before activation only the public requests work anyway
                 c.close()
                 raise
+            c.deferred_login = (officer, password, os.environ.get("DONJON_OTP"))
     return c

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -59,6 +60,9 @@ def run_role(name: str, fds: dict[str, int], rw: list[str], ro: list[str], uid: 
     # No PR_SET_PDEATHSIG: trio forks from a worker thread, and the signal fires when that thread
     # exits. A role notices its supervisor's death as EOF on its link instead, and exits.
     _close_inherited(set(fds.values()))
+    # A role has a process group of its own, in the background of the terminal `donjon run` may run
+    # in: with `stty tostop` its log lines would stop it (SIGTTOU) instead of being written.
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     identity = privdrop.Identity(uid, gid) if uid is not None and gid is not None else None
 
     def drop() -> None:

@@ -28,6 +28,7 @@ class Host(Protocol):
     dist_rules: list[S.DistRule]
     ocsp_pin: str | None
     listen: Any  # the endpoint's listening socket (None during the init ceremony: no endpoint then)
+    auto_activate: bool  # an AutoActivate follows the Factory's configuration (run with a PIN file)
 
     @property
     def layout(self) -> Any: ...
@@ -59,7 +60,7 @@ class RoleSpec:
     feed: L.LinkSpec | None = None  # its link with the Factory (the supervisor makes both ends)
     inherits: tuple[str, ...] = ()  # sockets the supervisor opened for it, passed as fds of these names
     own_loop: bool = False  # entry is run(fds, drop) -> int on its own event loop (pysnmp is asyncio-only)
-    stop_order: int = 2  # lower stops first on Shutdown
+    stop_order: int = 0  # lower stops first on Shutdown: the Factory's clients, the Factory, then the CIS
 
     @property
     def may_open_sockets(self) -> bool:
@@ -96,7 +97,8 @@ def _factory(h: Host, name: str) -> Launch:
                         responder_days=cfg.ocsp.responder_days, responder_renew_days=cfg.ocsp.responder_renew_days,
                         dist_rules=[msgspec.structs.replace(r, secret=None) for r in h.dist_rules],
                         dist_max_attempts=cfg.distribution.max_attempts, dist_backoff_max=cfg.distribution.backoff_max,
-                        ca_profiles={k: tuple(v) for k, v in cfg.ca_profiles.items()}, **C.officer_settings(cfg)),
+                        ca_profiles={k: tuple(v) for k, v in cfg.ca_profiles.items()}, auto_activate=h.auto_activate,
+                        **C.officer_settings(cfg)),
         rw=(h.layout.cmdb,))
 
 
@@ -131,17 +133,17 @@ def _snmp(h: Host, name: str) -> Launch:
 
 ROLES: dict[str, RoleSpec] = {r.name: r for r in (
     RoleSpec("cis", "hsm.cis:main", "donjon-cis", L.SUP_CIS, S.CisConfig, restart="fatal", network="none",
-             processes=lambda h: h.cfg.hsm.signers, launch=_cis, feed=L.FACTORY_CIS, stop_order=2),
+             processes=lambda h: h.cfg.hsm.signers, launch=_cis, feed=L.FACTORY_CIS, stop_order=4),
     RoleSpec("factory", "appliance.factory.main:main", "donjon-factory", L.SUP_FACTORY, S.FactoryConfig,
-             restart="fatal", network="none", processes=lambda h: 1, launch=_factory, inherits=("admin",), stop_order=1),
+             restart="fatal", network="none", processes=lambda h: 1, launch=_factory, inherits=("admin",), stop_order=3),
     RoleSpec("ocsp", "appliance.ocsp.main:main", "donjon-ocsp", L.SUP_OCSP, S.OcspConfig, restart="backoff",
              network="inbound", processes=lambda h: h.cfg.ocsp.workers if h.cfg.ocsp.enabled and h.listen is not None else 0, launch=_ocsp,
              feed=L.FACTORY_OCSP, inherits=("listen",), stop_order=0),
     RoleSpec("distribution", "appliance.distribution.main:main", "donjon-dist", L.SUP_DIST, S.DistConfig,
              restart="backoff", network="outbound", processes=lambda h: 1 if h.dist_enabled() else 0,
-             launch=_distribution, feed=L.FACTORY_DIST),
+             launch=_distribution, feed=L.FACTORY_DIST, stop_order=1),
     RoleSpec("snmp", "appliance.snmp.main:run", "donjon-snmp", L.SUP_SNMP, S.SnmpConfig, restart="backoff",
-             network="inbound", processes=lambda h: 1 if h.cfg.snmp.enabled else 0, launch=_snmp, own_loop=True),
+             network="inbound", processes=lambda h: 1 if h.cfg.snmp.enabled else 0, launch=_snmp, own_loop=True, stop_order=2),
 )}
 
 

@@ -7,6 +7,7 @@ non-zero (the service manager restarts the appliance).
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import signal
@@ -141,6 +142,7 @@ class Supervisor:
         self._disk_low = False
         self.listen: socket.socket | None = None
         self.dist_rules: list[S.DistRule] = []
+        self.auto_activate = False  # the Factory is told an AutoActivate follows (run with a PIN file)
 
     # ------------------------------------------------------------ preparation
 
@@ -184,14 +186,19 @@ class Supervisor:
         host = host.strip("[]") or "127.0.0.1"
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         s = socket.socket(family, socket.SOCK_STREAM)
+        # No SO_REUSEPORT: the endpoint's workers share this one socket, and with it a second
+        # appliance on the same port would silently split the traffic (and serve another CA's CRLs).
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # room for several workers later
         try:
             s.bind((host, int(port)))
-        except (OSError, ValueError) as e:
+            s.listen(1024)
+        except OSError as e:
+            s.close()
+            why = "the port is already in use (another Donjon or another server?)" if e.errno == errno.EADDRINUSE else e.strerror
+            raise SupervisorError(f"cannot listen on {self.cfg.ocsp.listen} (ocsp.listen): {why}") from None
+        except ValueError as e:
             s.close()
             raise SupervisorError(f"cannot listen on {self.cfg.ocsp.listen} (ocsp.listen): {e}") from None
-        s.listen(1024)
         bound = s.getsockname()
         with open(self.layout.endpoint_file, "w", encoding="utf-8") as f:
             f.write(f"http://{'[' + bound[0] + ']' if family == socket.AF_INET6 else bound[0]}:{bound[1]}\n")
@@ -269,7 +276,9 @@ class Supervisor:
             argv += ["--uid", str(ident.uid), "--gid", str(ident.gid)]
         role.proc = await trio.lowlevel.open_process(
             argv, pass_fds=list(role.fds.values()), env=child_env(role.env), stdin=subprocess_devnull(),
-            start_new_session=False)
+            # Its own process group: Ctrl-C at the terminal reaches the supervisor only, which
+            # then stops the roles in order (a role killed by the same SIGINT broke its links).
+            process_group=0)
         sock = self._sup_ends[role.name]
         link = role.spec.control
         role.chan = Channel.from_fd(os.dup(sock.fileno()), link.name, link.up)
@@ -327,6 +336,10 @@ class Supervisor:
         except ProtocolViolation as e:
             if self.failed is None and not self.stopping:
                 log(f"{role.name}: {e}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            # A role that died resets its link (its watcher reports the death); while stopping it is normal.
+            if self.failed is None and not self.stopping:
+                log(f"{role.name}: link lost: {e}")
 
     def _config_set(self, m: S.ConfigSet) -> S.ConfigSetDone:
         """Write one setting for the Factory (which checked the officer and audits the answer); validated
@@ -480,11 +493,18 @@ class Supervisor:
 
     async def run(self, ceremony: S.CeremonySpec | None = None, pin: str | None = None, on_ready=None) -> int:
         self.stopping = False
+        self.auto_activate = ceremony is None and pin is not None
         self.prepare()
         self.profiles = C.profile_overrides(self.home, self.cfg)
         C.check_ca_profiles(self.home, self.cfg, self.profiles)
         admin = self.open_admin_socket() if ceremony is None else None
-        listen = self.open_endpoint_socket() if ceremony is None and self.cfg.ocsp.enabled else None
+        try:
+            listen = self.open_endpoint_socket() if ceremony is None and self.cfg.ocsp.enabled else None
+        except BaseException:  # e.g. the port is taken: leave no admin socket behind that answers nothing
+            if admin is not None:
+                admin.close()
+                os.unlink(self.layout.admin_socket)
+            raise
         self.listen = listen  # kept (never read) so that a restarted endpoint gets the same listener
         roles, keep = self._roles(admin, listen)
         self.roles = roles
@@ -545,7 +565,8 @@ class Supervisor:
         return 1
 
     async def _stop(self, roles: dict[str, Role]) -> None:
-        """The endpoint first, then the Factory (it finishes its transaction and closes the CMDB), then the CIS."""
+        """The endpoint and the agents first (they are the Factory's clients), then the Factory (it
+        finishes its transaction and closes the CMDB), then the CIS."""
         self.stopping = True
         for r in sorted(roles.values(), key=lambda r: r.spec.stop_order):
             if r.proc is None or r.proc.returncode is not None:

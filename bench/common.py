@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tests.conftest import Appliance as TestAppliance
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -96,92 +97,18 @@ def add_nolint_profile(home: Path) -> None:
     (d / "tls-server-nolint.toml").write_text("\n".join(lines) + "\n")
 
 
-class Appliance:
-    """`donjon run --home HOME` in the foreground as a child; stopped with SIGTERM to its pid."""
+class Appliance(TestAppliance):
+    """The test suite's appliance helper (tests/conftest.py), run the benchmark's way: the venv's donjon
+    (or the source tree), the benchmark officers, its own process group stopped by pid."""
 
     def __init__(self, home: Path):
-        self.home = home
-        self.proc: subprocess.Popen | None = None
-        self.logf = None
+        super().__init__(home, src=str(REPO), bin=DONJON or "")
+        self.officers = {"bench-admin": "administrator", "bench": "operator"}
 
-    def start(self, timeout: float = 60) -> None:
-        self.logf = open(self.home.parent / (self.home.name + "-run.log"), "ab")
-        self.proc = subprocess.Popen(donjon_argv("run", "--home", str(self.home)), stdout=self.logf,
-                                     stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"donjon run exited with {self.proc.returncode}: see {self.logf.name}")
-            if self._activated():
-                return
-            time.sleep(0.2)
-        self.stop()
-        raise BenchError(f"the appliance was not activated within {timeout:.0f} s")
-
-    def _activated(self) -> bool:
-        from appliance.client import AdminClient, ClientError
-        from appliance.ipc import schema as S
-        try:
-            with AdminClient(str(self.home), timeout=5) as c:
-                return bool(c.call(S.AStatus).get("activated"))
-        except (ClientError, OSError):
-            return False
-
-    def stop(self, timeout: float = 30) -> None:
-        p = self.proc
-        if p is None:
-            return
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log(f"donjon run {p.pid} ignored SIGTERM for {timeout:.0f} s: SIGKILL to its process group")
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)  # its own session, started above
-                p.wait(10)
-        self.proc = None
-        if self.logf:
-            self.logf.close()
-            self.logf = None
-
-    def role_pids(self) -> dict[str, int]:
-        """pids of the `donjon role NAME` descendants of our `donjon run`."""
-        if self.proc is None:
-            return {}
-        children: dict[int, list[int]] = {}
-        for ent in os.listdir("/proc"):
-            if not ent.isdigit():
-                continue
-            try:
-                with open(f"/proc/{ent}/stat") as f:
-                    st = f.read()
-            except OSError:
-                continue
-            ppid = int(st[st.rindex(")") + 2:].split()[1])
-            children.setdefault(ppid, []).append(int(ent))
-        out: dict[str, int] = {}
-        todo = [self.proc.pid]
-        for _ in range(1000):  # bounded walk of the process tree
-            if not todo:
-                break
-            pid = todo.pop()
-            for c in children.get(pid, []):
-                todo.append(c)
-                try:
-                    argv = Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if b"role" in argv:
-                    i = argv.index(b"role")
-                    if i + 1 < len(argv):
-                        name = argv[i + 1].decode()
-                        k = 1
-                        while name in out:  # several CIS signing processes: cis, cis.1, ...
-                            name = f"{argv[i + 1].decode()}.{k}"
-                            k += 1
-                        out[name] = c
-        return out
+    def env(self, officer: str = "bench") -> dict[str, str]:
+        e = super().env(officer if officer in self.officers else "bench")
+        e["DONJON_PASSWORD"] = BENCH_PASSWORD
+        return e
 
     def __enter__(self):
         return self

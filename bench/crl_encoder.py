@@ -20,7 +20,6 @@ import hashlib
 import itertools
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -102,7 +101,6 @@ def _child_donjon(n: int, d: Path, out: Path) -> None:
 
 
 def _measure_donjon(n: int, d: Path) -> tuple[float, int, dict]:
-    out = d / f"donjon-{n}.crl"
     log = d / f"donjon-{n}.json"
     with open(log, "wb") as lf:
         wall, rss, rc = crl_peer.run_measured(

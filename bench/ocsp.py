@@ -34,12 +34,10 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import datetime as dt
 import hashlib
 import http.client
 import json
-import os
 import random
 import re
 import shutil
@@ -52,6 +50,7 @@ import urllib.parse
 from pathlib import Path
 
 from bench import common
+from tests.harness import EndpointRole
 
 CA = "issuing-p256"
 KEY_TYPE = "p256"
@@ -605,54 +604,15 @@ def fill_store(d: Path, n: int) -> dict:
             "file_bytes": (d / "responses.b64").stat().st_size}
 
 
-class Role:
-    """`donjon role ocsp` started as the supervisor starts it: socketpairs and an inherited listening socket."""
+class Role(EndpointRole):
+    """The endpoint role alone (tests/harness.py), run by the bench's donjon, sized for load."""
 
     def __init__(self, store: Path, listen: socket.socket, log: Path):
-        from appliance.ipc import schema as S
-        from appliance.ipc.channel import SyncChannel
-        self.S = S
-        self.sup_s, sup_r = socket.socketpair()
-        self.fac_s, fac_r = socket.socketpair()
-        fds = {"sup-ocsp": sup_r.fileno(), "factory-ocsp": fac_r.fileno(), "listen": listen.fileno()}
-        argv = common.donjon_argv("role", "ocsp", "--rw", str(store))
-        for k, v in fds.items():
-            argv += ["--fd", f"{k}={v}"]
-        self.log = open(log, "ab")
-        self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen(argv, pass_fds=list(fds.values()), cwd=common.REPO, stdin=subprocess.DEVNULL,
-                                     stdout=self.log, stderr=self.log)
-        sup_r.close()
-        fac_r.close()
-        for s in (self.sup_s, self.fac_s):
-            s.settimeout(60)
-        self.sup = SyncChannel(self.sup_s, "sup-ocsp", S.OcspToSup)
-        self.fac = SyncChannel(self.fac_s, "factory-ocsp", S.OcspToFactory)
-        self.sup.handshake()
-        self.sup.send(S.OcspConfig(store_dir=str(store), max_connections=1024, read_timeout=10.0, max_age=3600,
-                                     max_per_source=1024))  # wrk: every connection from one address
-        ready = self.sup.recv()
-        if not (isinstance(ready, S.Ready) and ready.role == "ocsp"):
-            raise common.BenchError(f"endpoint role: expected Ready, got {ready!r}")
-        self.ready_at = time.perf_counter()
+        super().__init__(store, listen, log, common.donjon_argv(), timeout=60, max_connections=1024, read_timeout=10.0, max_age=3600,
+                         max_per_source=1024)  # wrk: every connection from one address
 
-    def connect_feed(self) -> int:
-        self.fac.handshake()
-        return self.fac.recv().seq
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                self.sup.send(self.S.Shutdown())
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-        for s in (self.sup_s, self.fac_s):
-            s.close()
-        self.log.close()
-        return self.proc.returncode
+    def stop(self, timeout: float = 30) -> int | None:
+        return super().stop(timeout)
 
 
 def startup(work: Path, n: int) -> dict:

@@ -505,7 +505,7 @@ async def serve(sup: Channel, fac: Channel, cis: Cis, n: trio.Nursery) -> None:
             await refuse(mid, "hsm", str(e))
         except ProtocolViolation:
             raise
-        except Exception:
+        except Exception:  # noqa: BLE001 - refused and logged: the Factory gets a typed refusal, not silence
             cis._crls.pop(mid, None)
             _log("internal error:\n" + traceback.format_exc(limit=8))
             await refuse(mid, "internal", "internal error in the CIS (see its log)")

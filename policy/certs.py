@@ -6,6 +6,7 @@ import datetime as _dt
 import hashlib
 import ipaddress
 from dataclasses import dataclass
+from typing import cast
 
 from asn1crypto import core as _asn1core
 from asn1crypto import keys as _asn1keys
@@ -13,6 +14,7 @@ from asn1crypto import x509 as _asn1x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -168,7 +170,7 @@ def subject_name(subject: tuple[tuple[str, str], ...], profile: Profile) -> x509
 
 def _ordered_subject(subject: tuple[tuple[str, str], ...], profile: Profile) -> x509.Name:
     present = {a for a, _ in subject}
-    full = list(subject) + [(r.attr, r.value) for r in profile.subject if r.presence == "fixed" and r.attr not in present]
+    full = list(subject) + [(r.attr, r.value) for r in profile.subject if r.presence == "fixed" and r.attr not in present and r.value is not None]  # fixed rows always carry a value
     full.sort(key=lambda av: _SUBJECT_ORDER.index(av[0]))  # stable: repeated DCs keep their order
     return x509.Name([x509.NameAttribute(ATTR_OIDS[a], v) for a, v in full])
 
@@ -255,7 +257,8 @@ def build_tbs(spec: IssueSpec, issuer: IssuerInfo | None) -> x509.CertificateBui
         raise PolicyError("serial", "length", "the serial number must encode in at most 20 octets")
     nb, na = _check_validity(spec, issuer)
     check_public_key(spec.public_key_der, profile.key_types)
-    public_key = serialization.load_der_public_key(spec.public_key_der)
+    # check_public_key (above) admits only certificate key types; the cast says so to the type checker
+    public_key = cast(CertificatePublicKeyTypes, serialization.load_der_public_key(spec.public_key_der))
     subject_t = tuple(spec.subject)
     sans = check_names(subject_t, tuple(spec.sans), profile)
     subject = _ordered_subject(subject_t, profile)

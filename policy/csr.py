@@ -354,19 +354,42 @@ def _parse(der: bytes):
         raise PolicyError("csr", "der", "malformed certificate request") from None
 
 
+# Signatures by broken hashes: a collision lets one proof of possession stand for another request.
+_WEAK_SIGNATURE_OIDS = {
+    "1.2.840.113549.1.1.5": "SHA-1",  # sha1WithRSAEncryption
+    "1.3.14.3.2.29": "SHA-1",  # sha1WithRSASignature (OIW)
+    "1.2.840.10045.4.1": "SHA-1",  # ecdsa-with-SHA1
+    "1.2.840.10040.4.3": "SHA-1",  # dsa-with-sha1
+    "1.2.840.113549.1.1.4": "MD5",  # md5WithRSAEncryption
+    "1.2.840.113549.1.1.2": "MD2",  # md2WithRSAEncryption
+}
+
+
+def _weak_hash(csr: x509.CertificateSigningRequest) -> str | None:
+    weak = _WEAK_SIGNATURE_OIDS.get(csr.signature_algorithm_oid.dotted_string)
+    if weak is None and csr.signature_algorithm_oid == x509.oid.SignatureAlgorithmOID.RSASSA_PSS:
+        try:
+            h = csr.signature_hash_algorithm
+        except Exception:  # noqa: BLE001 - unknown PSS parameters: the signature check decides
+            h = None
+        weak = {"sha1": "SHA-1", "md5": "MD5"}.get(h.name if h is not None else "")
+    return weak
+
+
 def _parse_inner(der: bytes):
     csr = x509.load_der_x509_csr(der)
     # cryptography parses lazily: touch everything here so hostile bytes fail inside the try.
     pub = csr.public_key()
     spki = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    sig_ok = csr.is_signature_valid
+    weak = _weak_hash(csr)
+    sig_ok = weak is None and csr.is_signature_valid
     rdns = [[(a.oid, a.value) for a in rdn] for rdn in csr.subject.rdns]
     exts = [(e.oid, e.critical, e.value) for e in csr.extensions]
     sans: list[object] = []
     for _, _, v in exts:
         if isinstance(v, x509.SubjectAlternativeName):
             sans = list(v)
-    return csr, pub, spki, sig_ok, rdns, exts, sans
+    return csr, pub, spki, (sig_ok, weak), rdns, exts, sans
 
 
 def check_csr(der: bytes, profile: Profile) -> CsrInfo:
@@ -376,7 +399,9 @@ def check_csr(der: bytes, profile: Profile) -> CsrInfo:
     if len(der) > MAX_CSR_BYTES:
         raise PolicyError("csr", "size", f"certificate request larger than {MAX_CSR_BYTES} bytes")
     der = bytes(der)
-    _csr, _pub, spki, sig_ok, rdns, exts, san_names = _parse(der)
+    _csr, _pub, spki, (sig_ok, weak), rdns, exts, san_names = _parse(der)
+    if weak is not None:
+        raise PolicyError("csr", "signature-algorithm", f"{weak} signature refused: sign the request with SHA-256 or better")
     if not sig_ok:
         raise PolicyError("csr", "signature", "the request signature does not verify (no proof of possession)")
     key_type = check_public_key(spki, profile.key_types)

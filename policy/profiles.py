@@ -210,9 +210,9 @@ def load_profile_text(name: str, text: str) -> Profile:
     if not key_usage:
         raise _err(name, "key_usage", "empty", "at least one key usage is needed")
     eku = _str_list(name, "extended_key_usage", get("extended_key_usage"))
-    for e in eku:
-        if e not in EKU_NAMES and not _OID_RE.match(e):
-            raise _err(name, "extended_key_usage", "value", f"{e!r} is neither a known name nor a dotted OID")
+    for oid in eku:
+        if oid not in EKU_NAMES and not _OID_RE.match(oid):
+            raise _err(name, "extended_key_usage", "value", f"{oid!r} is neither a known name nor a dotted OID")
     ca = get("ca")
     ca = is_ca_kind if ca is None else _bool(name, "ca", ca)
     if ca != is_ca_kind:

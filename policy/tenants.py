@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import cast
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 
 from policy import serials as serials_list
 
@@ -87,7 +89,7 @@ def check_crl(ca: x509.Certificate, der: bytes, now: float, current: tuple[int, 
     if crl.issuer != ca.subject:
         raise CrlRefused("the CRL's issuer is not the tenant CA")
     try:
-        ok = crl.is_signature_valid(ca.public_key())
+        ok = crl.is_signature_valid(cast(CertificateIssuerPublicKeyTypes, ca.public_key()))  # other types: TypeError below
     except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
         ok = False
     if not ok:

@@ -80,6 +80,7 @@ class Appliance:
         self.proc: subprocess.Popen | None = None
         self.log = home.parent / f"{home.name}.log"
         self.officers: dict[str, str] = dict(OFFICERS)
+        self.template: Path | None = None  # the initialised folder this one was copied from
 
     def env(self, officer: str = "oper") -> dict[str, str]:
         """The CLI's environment, logged in as `officer` (a new login when its stored session is gone)."""
@@ -200,13 +201,19 @@ class Appliance:
             self.kill()
 
     def kill(self) -> None:
-        """SIGKILL the whole process group (supervisor and every role at once)."""
+        """SIGKILL the supervisor's process group and every role (each role has a process group of its own)."""
         if self.proc is None:
             return
+        roles = self.role_pids().values() if self.proc.poll() is None else ()
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in roles:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait(timeout=30)
 
     def _supervisors(self, procs) -> set[int]:
@@ -249,9 +256,57 @@ def homes():
     shutil.rmtree(base, ignore_errors=True)
 
 
+# The files `donjon init` writes that name the state folder itself (SoftHSM2 finds its tokens through them);
+# everything else in a state folder (token objects, CMDB, its wrapped key, PIN files) is position-free.
+PATH_FILES = ("softhsm/softhsm2.conf", "ocsp-token/softhsm2.conf")
+
+
+def copy_home(src: Path, dst: Path) -> None:
+    """Copy an initialised, stopped state folder: owners and modes kept (cp -a; role users own their
+    folders in appliance mode), and the SoftHSM2 configurations pointed at the copy's own tokens
+    (left alone, the copy's CIS would sign with, and write into, the original's token)."""
+    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+    for rel in PATH_FILES:
+        f = dst / rel
+        if f.exists():
+            text = f.read_text()
+            assert f"{src}/" in text, f"{f} does not name its folder: copy_home needs updating"
+            st = f.stat()
+            f.write_text(text.replace(f"{src}/", f"{dst}/"))
+            os.chown(f, st.st_uid, st.st_gid)
+
+
+def _variant(ceremony: Path, config: str, officers: dict[str, str] | None, user: str | None, bin: str | None) -> tuple:
+    """Everything `donjon init` is given: equal variants make equal state folders (but for the keys)."""
+    return (ceremony.read_text(), config, tuple(sorted((officers if officers is not None else OFFICERS).items())), user, bin)
+
+
+@pytest.fixture(scope="session")
+def home_templates(src_path):
+    """`donjon init` once per variant (ceremony, config, officers, mode) and per rank within a test
+    (a test's second appliance of a variant gets other keys than its first): state folders that are
+    never started, only copied. Init is most of an appliance's start-up."""
+    base = Path(tempfile.mkdtemp(prefix="donjon-templates-"))
+    os.chmod(base, 0o711)
+    made: dict[tuple, Appliance] = {}
+    tries = iter(range(1 << 30))  # a failed init leaves its folder: the next try gets a new one
+
+    def get(key: tuple, ceremony: Path, user: str | None, bin: str | None, config: str,
+            officers: dict[str, str] | None) -> Appliance:
+        if key not in made:
+            t = Appliance(base / f"t{next(tries)}", src_path, user=user, bin=bin)
+            t.init(ceremony, config=config, officers=officers)
+            made[key] = t
+        return made[key]
+
+    yield get
+    shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture
-def appliance_factory(tmp_path, src_path, homes):
+def appliance_factory(tmp_path, src_path, homes, home_templates):
     made: list[Appliance] = []
+    ranks: dict[tuple, int] = {}
 
     def make(ceremony: Path | None = None, start: bool = True, user: str | None = None, config: str = "",
              officers: dict[str, str] | None = None, init_args: tuple[str, ...] = (), bin: str | None = None,
@@ -259,7 +314,16 @@ def appliance_factory(tmp_path, src_path, homes):
         home = homes / f"home{len(made)}"
         a = Appliance(home, src_path, user=user, bin=bin)
         made.append(a)
-        a.init(ceremony or make_ceremony(tmp_path / f"ceremony{len(made)}.toml", **kw), config=config, officers=officers, extra=init_args)
+        ceremony = ceremony or make_ceremony(tmp_path / f"ceremony{len(made)}.toml", **kw)
+        if init_args:  # init options may write outside the folder (--shares-dir): a real init each time
+            a.init(ceremony, config=config, officers=officers, extra=init_args)
+        else:
+            variant = _variant(ceremony, config, officers, user, bin)
+            ranks[variant] = ranks.get(variant, -1) + 1
+            t = home_templates((*variant, ranks[variant]), ceremony, user, bin, config, officers)
+            copy_home(t.home, home)
+            a.template = t.home
+            a.officers = dict(t.officers)
         if start:
             a.start()
         return a
@@ -272,6 +336,26 @@ def appliance_factory(tmp_path, src_path, homes):
 @pytest.fixture
 def appliance(appliance_factory):
     return appliance_factory()
+
+
+@pytest.fixture(scope="module")
+def shared_appliance(src_path, home_templates):
+    """One running appliance of the default variant for the tests of a module that only observe it:
+    none of them may change what another looks at (a test that stops, kills or reconfigures takes
+    `appliance`)."""
+    base = Path(tempfile.mkdtemp(prefix="donjon-test-"))
+    os.chmod(base, 0o711)
+    ceremony = make_ceremony(base / "ceremony.toml")
+    t = home_templates((*_variant(ceremony, "", None, None, None), 0), ceremony, None, None, "", None)
+    a = Appliance(base / "shared", src_path)
+    copy_home(t.home, a.home)
+    a.template, a.officers = t.home, dict(t.officers)
+    try:
+        a.start()
+        yield a
+    finally:
+        a.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def openssl(*args: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess:

@@ -234,18 +234,21 @@ def cert_facts(der: bytes) -> tuple[bytes, str]:
     from cryptography.hazmat.primitives import serialization
     cert = x509.load_der_x509_certificate(der)
     spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    names: list[x509.GeneralName] = []
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
     except x509.ExtensionNotFound:
-        san = []
-    kinds = {x509.DNSName: "dns", x509.IPAddress: "ip", x509.RFC822Name: "email", x509.UniformResourceIdentifier: "uri"}
-    sans = " ".join(f"{kinds.get(type(g), 'other')}:{g.value}" for g in san)
+        pass
+    kinds: dict[type, str] = {x509.DNSName: "dns", x509.IPAddress: "ip", x509.RFC822Name: "email",
+                              x509.UniformResourceIdentifier: "uri"}
+    sans = " ".join(f"{kinds.get(type(g), 'other')}:{g.value}" for g in names)
     return hashlib.sha256(spki).digest(), sans
 
 
 def _backfill_v7(db: apsw.Connection) -> None:
     rows = db.execute("SELECT serial, der FROM certs WHERE spki_sha256 IS NULL").fetchall()
     for serial, der in rows:
+        assert isinstance(der, bytes)
         h, sans = cert_facts(der)
         db.execute("UPDATE certs SET spki_sha256=?, sans=? WHERE serial=?", (h, sans, serial))
 
@@ -301,7 +304,7 @@ class Cmdb:
         c.execute("PRAGMA synchronous = FULL")
         c.execute("PRAGMA foreign_keys = ON")
         c.execute("PRAGMA secure_delete = ON")
-        if c.execute("PRAGMA synchronous").fetchone()[0] != 2:
+        if c.pragma("synchronous") != 2:
             raise CmdbError("could not set synchronous=FULL: refusing to run with weaker durability")
         c.setbusytimeout(5000)
         self._migrate()
@@ -310,7 +313,7 @@ class Cmdb:
         self.db.close()
 
     def _migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        version = self.db.pragma("user_version")
         if version > SCHEMA_VERSION:
             raise CmdbError(f"CMDB schema v{version} is newer than this software (v{SCHEMA_VERSION})")
         for v in range(version + 1, SCHEMA_VERSION + 1):

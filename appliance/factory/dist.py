@@ -295,7 +295,7 @@ class Dist:
             return out, (rows[-1][0] if rows else after)
         jobs, last = await self.f.run_db(fetch)
         st.last_sent = max(st.last_sent, last)
-        for jid, action, ca, ref, number, issuer, ca_root, subject, data, attachment in jobs:
+        for jid, action, ca, _ref, number, issuer, ca_root, subject, data, attachment in jobs:
             if gen != self._link_gen or self.link is None:
                 return
             if data is None:  # the object is gone (cannot happen short of manual surgery): park it

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 import traceback
+from typing import Annotated
 
 import apsw
 import msgspec
@@ -12,7 +14,7 @@ import trio
 
 from appliance import roles
 from appliance.ipc import schema as S
-from appliance.ipc.channel import Channel, ProtocolViolation
+from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation, Undecodable
 from appliance.ipc.links import FACTORY_CIS, FACTORY_DIST, FACTORY_OCSP
 
 from .checkpoints import Checkpoints
@@ -81,6 +83,7 @@ class AdminGate:
             return False
         self.warned.add(uid)
         return True
+AUTO_ACTIVATION_WAIT = 60  # seconds an admin request waits for the activation from the PIN file
 
 
 def peer_allowed(sock: socket.socket, cfg: S.FactoryConfig) -> tuple[bool, str]:
@@ -118,13 +121,18 @@ async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
         while True:
             if conn.session is None:
                 with trio.move_on_after(IDLE_SECONDS) as idle:
-                    req = await chan.recv()
+                    req = await recv_admin(chan, f, conn)
                 if idle.cancelled_caught:
                     return
             else:
-                req = await chan.recv()
+                req = await recv_admin(chan, f, conn)
             if isinstance(req, S.Hello):
                 raise ProtocolViolation("second Hello")
+            if f.auto_activation is not None and not isinstance(req, (S.AStatus, S.AActivate, S.AActivateShares)):
+                # Right after a start the PIN-file activation is under way: wait for it (bounded)
+                # rather than answer "log in first" or "not activated" to a script that races it.
+                with trio.move_on_after(AUTO_ACTIVATION_WAIT):
+                    await f.auto_activation.wait()
             try:
                 await f.officers.authorise(conn, req)
                 await dispatch(chan, req, f, conn)
@@ -137,7 +145,7 @@ async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
                 # its audit record included, was rolled back, so nothing happened.
                 _log(f"CMDB error: {type(e).__name__}: {e}")
                 await chan.send(S.Refused(id=req.id, code="internal", reason=f"audit storage failure ({type(e).__name__}): nothing was done"))
-            except Exception:
+            except Exception:  # noqa: BLE001 - any other failure is one request's, logged; the Factory serves on
                 _log("internal error:\n" + traceback.format_exc(limit=8))
                 await chan.send(S.Refused(id=req.id, code="internal", reason="internal error in the Factory (see its log)"))
     except ProtocolViolation as e:
@@ -148,6 +156,53 @@ async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
         pass
     finally:
         await stream.aclose()
+
+
+class _Envelope(msgspec.Struct):
+    """What a refusal needs of a request that did not decode: its tag and id (other fields skipped)."""
+
+    t: Annotated[str, msgspec.Meta(max_length=4096)] = ""
+    id: S.ReqId | None = None
+
+
+_MSGSPEC_PATH = re.compile(r"^(?P<what>.*?) - at `\$\.?(?P<path>[^`]*)`$")
+
+
+def bad_request_reason(tag: str, detail: str) -> str:
+    """One line naming the request, the field and what is wrong with it (from msgspec's message)."""
+    m = _MSGSPEC_PATH.match(detail)
+    what, path = (m.group("what"), m.group("path")) if m else (detail, "")
+    what = re.sub(r"^Expected `\w+` ", "must be ", what).replace("Invalid enum value", "invalid value")
+    if path == "t":
+        return f"unknown request {tag!r}"
+    return f"{tag or 'request'}: {path or 'message'}: {what}"[:4000]
+
+
+async def recv_admin(chan: Channel, f: Factory, conn: Conn):
+    """The next admin request; well-framed requests with invalid values are refused (typed) on the way."""
+    while True:
+        try:
+            return await chan.recv()
+        except Undecodable as e:
+            await refuse_undecodable(chan, e, f, conn)
+
+
+async def refuse_undecodable(chan: Channel, e: Undecodable, f: Factory, conn: Conn) -> None:
+    """A well-framed admin request with a value the schema refuses: a typed refusal, audited, link kept.
+    A frame that is not even a request with an id is no client of ours: the connection is dropped."""
+    try:
+        env = msgspec.msgpack.decode(e.body, type=_Envelope)
+    except (msgspec.MsgspecError, ValueError, TypeError, OverflowError, RecursionError):
+        raise e from None
+    if env.id is None or env.t == "hello":
+        raise e
+    tag = env.t[:64]
+    reason = bad_request_reason(tag, e.detail)
+    try:
+        await f.audit(conn.actor, tag or "request", "-", "refused", reason)
+    except apsw.Error as ae:  # the refusal still goes out: nothing was done either way
+        _log(f"CMDB error while auditing a bad request: {type(ae).__name__}: {ae}")
+    await chan.send(S.Refused(id=env.id, code="bad-request", reason=reason))
 
 
 async def dispatch(chan: Channel, req, f: Factory, conn: Conn) -> None:
@@ -328,6 +383,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
                 await chan.handshake()
                 f.dist.attach(chan)
                 await f.dist.receive(chan)
+            except LinkClosed:
+                pass  # the agent stopped (the supervisor reports a death and restarts it with a new link)
             except ProtocolViolation as e:
                 _log(f"distribution link: {e}")  # the supervisor restarts the agent with a new link
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -348,6 +405,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
             chan = Channel.from_fd(fd, FACTORY_OCSP.name, FACTORY_OCSP.up)
             try:
                 await f.ocsp.serve_endpoint(chan, role)
+            except LinkClosed:
+                pass  # the endpoint stopped (the supervisor reports a death and restarts it with a new link)
             except ProtocolViolation as e:
                 _log(f"OCSP endpoint link ({role}): {e}")  # the supervisor restarts it with a new link
             finally:
@@ -414,6 +473,9 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
                 await f.activate(m.pin, "supervisor:pin-file")
             except FactoryError as e:
                 await sup.send(S.Event(kind="activation-failed", detail=e.reason))
+            finally:
+                if f.auto_activation is not None:
+                    f.auto_activation.set()
         elif isinstance(m, S.Ceremony):
             try:
                 spec = msgspec.msgpack.decode(m.spec, type=S.CeremonySpec)

@@ -326,7 +326,7 @@ class Officers:
                     raise FactoryError("denied", "no officer exists yet: the first one must be an administrator only (--role administrator)")
                 return
             if self.f.db is None:
-                raise FactoryError("inactive", "the CA is not activated (run `donjon activate`)")
+                raise FactoryError("inactive", "the CA is not activated yet (run `donjon activate`)")
             await self.f.audit(conn.actor, op, obj, "denied", "no officer session")
             if await self.bootstrap():
                 raise FactoryError("denied", "no officer exists yet: create the first administrator with "
@@ -337,7 +337,8 @@ class Officers:
         if op in SELF_SERVICE and getattr(req, "name", None) == s.officer:
             return
         await self.f.audit(conn.actor, op, obj, "denied", f"roles {','.join(sorted(s.roles))} may not {op}")
-        raise FactoryError("denied", f"officer {s.officer} ({', '.join(sorted(s.roles))}) may not {op}")
+        raise FactoryError("denied", f"officer {s.officer} ({', '.join(sorted(s.roles))}) may not {op}: "
+                                     f"it needs the {' or '.join(sorted(allowed))} role")
 
     # ------------------------------------------------------------ officer management
 

@@ -103,6 +103,8 @@ class Factory:
         self._pin_key = secrets.token_bytes(32)
         self._pin_mac: bytes | None = None
         self._share_failures: dict[int, list[float]] = {}  # per peer uid: a stranger locks out only himself
+        # Set once the supervisor's AutoActivate (PIN file) is done, when one is coming (cfg.auto_activate).
+        self.auto_activation: trio.Event | None = trio.Event() if cfg.auto_activate else None
         self._pending: list[_Pending] = []
         self._wake = trio.Event()
         self._crl_locks: dict[str, trio.Lock] = {}
@@ -134,7 +136,7 @@ class Factory:
 
     def _require_active(self) -> Cmdb:
         if self.db is None:
-            raise FactoryError("inactive", "the CA is not activated (run `donjon activate`)")
+            raise FactoryError("inactive", "the CA is not activated yet (run `donjon activate`)")
         return self.db
 
     async def audit(self, actor: str, action: str, obj: str, outcome: str, detail: str = "") -> None:
@@ -638,7 +640,7 @@ class Factory:
                 for p in batch:
                     if p.result is None:
                         p.result = S.IssueOutcome(cert=None, error=f"audit storage failure ({type(e).__name__}): nothing was issued")
-            except Exception as e:  # never leave a requester waiting
+            except Exception as e:  # noqa: BLE001 - never leave a requester waiting
                 _log(f"issuance batch failed: {type(e).__name__}: {e}")
                 for p in batch:
                     if p.result is None:

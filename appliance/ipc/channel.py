@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import trio
@@ -27,6 +27,16 @@ class LinkClosed(ProtocolViolation):
     """The peer closed the link."""
 
 
+class Undecodable(ProtocolViolation):
+    """A whole frame that does not decode as the peer's union (the stream stays in step): roles exit on
+    it, the admin server answers it with a typed refusal instead (an admin client is not a role)."""
+
+    def __init__(self, message: str, body: bytes, detail: str):
+        super().__init__(message)
+        self.body = body
+        self.detail = detail
+
+
 def encode(msg: Any) -> bytes:
     body = _encoder.encode(msg)
     return _LEN.pack(len(body)) + body
@@ -42,7 +52,7 @@ class Frames:
         self._decoder = msgspec.msgpack.Decoder(incoming)
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buf += data
 
     def next(self) -> Any | None:
@@ -58,8 +68,10 @@ class Frames:
         del self._buf[:4 + length]
         try:
             return self._decoder.decode(body)
-        except (msgspec.MsgspecError, ValueError, TypeError, OverflowError) as e:  # msgspec also raises UnicodeDecodeError
-            raise ProtocolViolation(f"{self.link}: undecodable frame: {e}") from None
+        # msgspec also raises UnicodeDecodeError, and RecursionError on deeply nested values (a frame of
+        # nested one-element arrays): both are the peer's fault, never a crash of the receiver.
+        except (msgspec.MsgspecError, ValueError, TypeError, OverflowError, RecursionError) as e:
+            raise Undecodable(f"{self.link}: undecodable frame: {e}", body, str(e)) from None
 
 
 class Channel:
@@ -86,7 +98,7 @@ class Channel:
     async def send_fd(self, msg: Any, fd: int) -> None:
         """Send a message with a file descriptor attached (the NewLink of a restarted role)."""
         data = encode(msg)
-        sock = self.stream.socket
+        sock = cast(trio.SocketStream, self.stream).socket  # accept_fds links are socketpairs
         async with self._send_lock:
             n = await sock.sendmsg([data[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
             if n != 1:
@@ -106,10 +118,10 @@ class Channel:
         async with self._send_lock:
             await self.stream.send_all(data)
 
-    async def _receive(self, n: int) -> bytes:
+    async def _receive(self, n: int) -> bytes | bytearray:
         if not self.accept_fds:
             return await self.stream.receive_some(n)
-        data, anc, flags, _ = await self.stream.socket.recvmsg(n, socket.CMSG_SPACE(4 * struct.calcsize("i")))
+        data, anc, flags, _ = await cast(trio.SocketStream, self.stream).socket.recvmsg(n, socket.CMSG_SPACE(4 * struct.calcsize("i")))
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 k = len(payload) // 4
@@ -151,7 +163,11 @@ class SyncChannel:
         self._frames = Frames(link, incoming)
 
     def send(self, msg: Any) -> None:
-        self.sock.sendall(encode(msg))
+        data = encode(msg)
+        if len(data) - 4 > self._frames.max:  # the peer would drop the link on it: say so instead
+            raise ProtocolViolation(f"the request is {len(data)} bytes: more than the {self._frames.max >> 20} MiB "
+                                    f"the {self.link} link carries")
+        self.sock.sendall(data)
 
     def recv(self) -> Any:
         while (m := self._frames.next()) is None:

@@ -142,6 +142,7 @@ class FactoryConfig(_Msg, tag="factory-config"):
     activation_lockout_seconds: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 900
     # donjon.toml [ca-profiles]: per CA, the profiles it may issue (narrows what its token policy allows).
     ca_profiles: dict[Name, Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)]] = {}
+    auto_activate: bool = False  # an AutoActivate follows: admin requests wait for it instead of racing it
 
 
 class AutoActivate(_Msg, tag="auto-activate"):
@@ -577,10 +578,6 @@ class OcspResume(_Msg, tag="ocsp-resume"):
     """First message after the handshake: the highest publication `seq` the endpoint holds durably."""
 
     seq: Annotated[int, msgspec.Meta(ge=0, lt=2**62)]
-
-
-FactoryToOcsp = Union[Hello, PublishCa, PublishResponses, PublishCrl, ResponderKeyRequest, ResponderCert]
-OcspToFactory = Union[Hello, OcspResume, ResponderKey, Refused]
 
 
 # ---------------------------------------------------------------- supervisor/Factory <-> Distribution agent

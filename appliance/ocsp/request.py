@@ -60,7 +60,7 @@ def _fast(der: bytes) -> OcspRequest | None:
         if der[2 * i] != 0x30 or der[2 * i + 1] != n - 2 * i - 2:
             return None
     p = 10
-    for alg_der, alg in _ALGS:
+    for alg_der, alg in _ALGS:  # noqa: B007 - the match is used after the loop
         if der.startswith(alg_der, p):
             p += len(alg_der)
             break

@@ -136,7 +136,7 @@ def test_rolled_back_database_detected_against_the_published_anchor(appliance, t
     r = a.cli("audit", "verify", "--cert", str(tmp_path / "audit.pem"), "--anchor", str(anchor), check=False)
     assert r.returncode == 1 and b"rolled back" in r.stderr and b"below the published anchor" in r.stderr, r.stderr
     # a copy that went on differently past the anchor's seq is caught too
-    for i in range(60):
+    for _ in range(60):
         if json.loads(a.cli("status", "--json").stdout)["audit_records"] > json.loads(anchor.read_text())["seq"]:
             break
         a.cli("crl", "generate", "--ca", "issuing", "--out", str(tmp_path / "c.crl"))

@@ -16,17 +16,26 @@ from appliance.client import AdminClient, ClientError
 from appliance.ipc import schema as S
 from tests.conftest import make_csr
 
-CYCLES = int(os.environ.get("DONJON_KILL_CYCLES", "100"))
+CYCLES = 10  # in `just test`; `just torture` runs the same test body 1,000 times (DONJON_KILL_CYCLES)
+TORTURE_CYCLES = int(os.environ.get("DONJON_KILL_CYCLES", "1000"))
 
 
-@pytest.mark.timeout(1800)  # 100 full restarts: minutes on a quiet 2-core machine, more on a busy one
 def test_kill_9_during_issuance_loses_nothing(appliance, tmp_path):
+    kill_9_cycles(appliance, tmp_path, CYCLES)
+
+
+@pytest.mark.slow  # deselected by default (pyproject addopts): `just torture`
+@pytest.mark.timeout(600 + 15 * TORTURE_CYCLES)  # a full restart takes seconds on a loaded 2-core machine
+def test_kill_9_torture(appliance, tmp_path):
+    kill_9_cycles(appliance, tmp_path, TORTURE_CYCLES)
+
+
+def kill_9_cycles(a, tmp_path, cycles: int) -> None:
     csrs = [make_csr(tmp_path, f"c{i}", san=f"DNS:host{i}.example.org").read_bytes() for i in range(8)]
     from cryptography.hazmat.primitives.serialization import Encoding
     ders = [x509.load_pem_x509_csr(c).public_bytes(Encoding.DER) for c in csrs]
     received: dict[str, bytes] = {}
     rng = random.Random(1234)
-    a = appliance
 
     def issue_until_dead(stop: threading.Event, flowing: threading.Event) -> None:
         while not stop.is_set():
@@ -42,7 +51,7 @@ def test_kill_9_during_issuance_loses_nothing(appliance, tmp_path):
             except ClientError:
                 return  # the appliance died under us
 
-    for cycle in range(CYCLES):
+    for cycle in range(cycles):
         if cycle:
             a.start()
         token = a.session()  # sessions live in the Factory's memory: one per start
@@ -59,7 +68,7 @@ def test_kill_9_during_issuance_loses_nothing(appliance, tmp_path):
         assert not t.is_alive()
 
     a.start()
-    assert len(received) > CYCLES, "the load did not issue enough to mean anything"
+    assert len(received) > cycles, "the load did not issue enough to mean anything"
     with AdminClient(str(a.home), session=a.session()) as c:
         stored = {x["serial"] for x in c.call(S.ACertList, ca="issuing", limit=100000)["certs"]}
         missing = set(received) - stored

@@ -17,58 +17,18 @@ import pytest
 from cryptography import x509
 
 from appliance.ipc import schema as S
-from appliance.ipc.channel import SyncChannel
+from tests.harness import EndpointRole
 from tests.unit.test_ocsp_pki import make_ca, make_crl, make_leaf, published, sha256_hex
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD, REVOKED, NEVER = 0x1234ABCD, 0x5678EF01, 0x42424242
 
 
-class Role:
-    """One run of the role process; `sup` and `fac` are our ends of its links."""
+class Role(EndpointRole):
+    """One run of the role process from the source tree (tests/harness.py: the benchmark runs the same)."""
 
     def __init__(self, store: Path, listen: socket.socket, log: Path):
-        self.sup_s, sup_r = socket.socketpair()
-        self.fac_s, fac_r = socket.socketpair()
-        fds = {"sup-ocsp": sup_r.fileno(), "factory-ocsp": fac_r.fileno(), "listen": listen.fileno()}
-        argv = [sys.executable, "-m", "appliance.cli", "role", "ocsp", "--rw", str(store)]
-        for k, v in fds.items():
-            argv += ["--fd", f"{k}={v}"]
-        self.log = open(log, "ab")
-        self.proc = subprocess.Popen(argv, pass_fds=list(fds.values()), cwd=REPO, stdin=subprocess.DEVNULL,
-                                     stdout=self.log, stderr=self.log)
-        sup_r.close()
-        fac_r.close()
-        for s in (self.sup_s, self.fac_s):
-            s.settimeout(30)
-        self.sup = SyncChannel(self.sup_s, "sup-ocsp", S.OcspToSup)
-        self.fac = SyncChannel(self.fac_s, "factory-ocsp", S.OcspToFactory)
-        self.sup.handshake()
-        self.sup.send(S.OcspConfig(store_dir=str(store), max_connections=64, read_timeout=5.0, max_age=600))
-        ready = self.sup.recv()
-        assert isinstance(ready, S.Ready) and ready.role == "ocsp"
-
-    def connect_feed(self) -> int:
-        self.fac.handshake()
-        resume = self.fac.recv()
-        assert isinstance(resume, S.OcspResume)
-        return resume.seq
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            try:
-                self.sup.send(S.Shutdown())
-            except OSError:
-                pass
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-        for s in (self.sup_s, self.fac_s):
-            s.close()
-        self.log.close()
-        return self.proc.returncode
+        super().__init__(store, listen, log, [sys.executable, "-m", "appliance.cli"])
 
 
 def _http(url: str, *args: str) -> subprocess.CompletedProcess:

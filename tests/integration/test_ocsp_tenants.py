@@ -325,7 +325,7 @@ def test_tenant_answered_by_every_endpoint_process(appliance_factory, tmp_path):
     cfg.write_text(cfg.read_text().replace("[ocsp]\n", "[ocsp]\nworkers = 2\n", 1))
     a.start()
     ca = OpensslCa(tmp_path / "partner")
-    good, bad = ca.leaf("good"), ca.leaf("bad")
+    _good, bad = ca.leaf("good"), ca.leaf("bad")
     (tmp_path / "secret").write_text(SECRET)
     a.cli("ocsp", "tenant", "add", "partner", "--ca-cert", str(ca.pem), "--push-secret-file", str(tmp_path / "secret"))
     a.cli("ocsp", "tenant", "csr", "partner", "--out", str(tmp_path / "r.csr"))

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import msgspec
 import pytest
 
 from appliance import privdrop
@@ -25,7 +24,8 @@ def _maps(pid: int) -> str:
         return f.read()
 
 
-def test_only_the_cis_maps_the_pkcs11_module(appliance):
+def test_only_the_cis_maps_the_pkcs11_module(shared_appliance):
+    appliance = shared_appliance  # observes only
     pids = appliance.role_pids()
     assert set(pids) == {"cis", "cis.1", "factory", "ocsp", "distribution"}  # two signing processes by default
     # The CIS processes reach the CA token; the endpoint maps the module for its own token (delegated
@@ -38,7 +38,8 @@ def test_only_the_cis_maps_the_pkcs11_module(appliance):
     assert "libsofthsm2" not in _maps(appliance.proc.pid)
 
 
-def test_roles_are_confined(appliance):
+def test_roles_are_confined(shared_appliance):
+    appliance = shared_appliance  # observes only
     pids = appliance.role_pids()
     for role, pid in pids.items():
         c = privdrop.current_confinement(pid)
@@ -54,7 +55,8 @@ def test_roles_are_confined(appliance):
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="uid separation exists only in appliance mode (CI runs as root)")
-def test_role_users_cannot_reach_each_others_state(appliance):
+def test_role_users_cannot_reach_each_others_state(shared_appliance):
+    appliance = shared_appliance  # observes only
     home = appliance.home
 
     def as_user(user: str, path: str) -> int:
@@ -79,7 +81,8 @@ def test_role_users_cannot_reach_each_others_state(appliance):
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs another uid to connect from")
-def test_admin_socket_refuses_other_users(appliance):
+def test_admin_socket_refuses_other_users(shared_appliance):
+    appliance = shared_appliance  # observes only
     r = subprocess.run(["runuser", "-u", "nobody", "--", sys.executable, "-c",
                         f"import socket; s=socket.socket(socket.AF_UNIX); s.connect({str(appliance.home / 'run' / 'admin.sock')!r})"],
                        capture_output=True)
@@ -163,4 +166,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (2, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "2eea8d6e063190e1dad334f916640c027960ce77f62f2f9bd8ab0374b58995e0"
+PINNED_SCHEMA_HASH = "e2bb9c14bdbfc2d6243cb0e346d39159bdaa0af69f42ee87f6b36a8b54a8453e"

@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
 
-from tests.conftest import openssl
 from tests.integration.test_ocsp_tenants import OpensslCa, ask, tenants, wait
 from tests.servers import BASE, Receiver, Slapd
 

@@ -27,6 +27,7 @@ def read(name: str) -> bytes:
 # file -> (profile, field, rule)
 BAD = {
     "bad-signature.der": ("tls-server", "csr", "signature"),
+    "bad-sha1-signature.der": ("tls-server", "csr", "signature-algorithm"),
     "bad-rsa-exponent-3.der": ("tls-server", "public_key", "exponent"),
     "bad-rsa-1024.der": ("tls-server", "public_key", "size"),
     "bad-rsa-fermat.der": ("tls-server", "public_key", "fermat"),

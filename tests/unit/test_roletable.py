@@ -43,7 +43,8 @@ def test_every_role_entry_is_complete_and_consistent():
         assert module and function, spec.entry
     assert {r.name for r in ROLES.values() if r.restart == "fatal"} == {"cis", "factory"}
     assert {r.name for r in ROLES.values() if r.may_open_sockets} == {"distribution"}  # seccomp: socket() for it alone
-    assert sorted(ROLES.values(), key=lambda r: r.stop_order)[:2] == [ROLES["ocsp"], ROLES["factory"]]
+    # Stop order: the Factory's clients first, then the Factory (it closes the CMDB), then the CIS.
+    assert [r.name for r in sorted(ROLES.values(), key=lambda r: r.stop_order)] == ["ocsp", "distribution", "snmp", "factory", "cis"]
 
 
 @pytest.fixture

@@ -107,6 +107,17 @@ def duplicate_extension_csr(key: ec.EllipticCurvePrivateKey) -> bytes:
     return req.dump()
 
 
+def sha1_signed_csr() -> bytes:
+    """cryptography refuses to sign with SHA-1; openssl still does, as old clients do."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run(["openssl", "req", "-new", "-sha1", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                        "-keyout", f"{d}/k", "-subj", "/", "-addext", "subjectAltName=DNS:www.example.com",
+                        "-outform", "DER", "-out", f"{d}/r"], check=True, capture_output=True)
+        return Path(f"{d}/r").read_bytes()
+
+
 def main() -> None:
     p256 = ec.generate_private_key(ec.SECP256R1())
     rsa2048 = rsa.generate_private_key(65537, 2048)
@@ -165,6 +176,7 @@ def main() -> None:
     files["bad-no-san.der"] = make(p256, x509.Name([]), None)
     files["bad-truncated.der"] = good[: len(good) // 2]
     files["bad-empty.der"] = b""
+    files["bad-sha1-signature.der"] = sha1_signed_csr()
 
     for name, data in files.items():
         (HERE / name).write_bytes(data)
