@@ -200,6 +200,9 @@ def status(c: AdminClient) -> dict[str, Any]:
 
 def status_lines(doc: dict[str, Any]) -> list[str]:
     lines = [f"activated: {'yes' if doc['activated'] else 'no'}"]
+    silent = [name for name, state in (doc.get("cis") or {}).items() if state != "responsive"]
+    if silent:  # activated or not, nothing gets signed while the CIS does not answer
+        lines.append(f"CIS: UNRESPONSIVE ({', '.join(silent)}): signing requests fail until it answers again")
     if doc.get("token"):
         lines.append(f"token: {doc['token']}")
     if doc["activated"]:

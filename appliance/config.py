@@ -6,8 +6,10 @@ files: the supervisor pushes what each role needs as messages.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from typing import Annotated, Literal
 
 import msgspec
@@ -31,6 +33,7 @@ class Hsm(_C):
     embedded: bool = True  # SoftHSM2 token folder inside DONJON_HOME/softhsm
     pin_file: str | None = "pin"  # developer mode: activate at start from this file (relative to home)
     signers: Annotated[int, msgspec.Meta(ge=1, le=16)] = 2  # CIS processes (one PKCS#11 caller each)
+    deadline_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0  # a CIS silent this long is unresponsive
 
 
 class CmdbCfg(_C):
@@ -68,12 +71,16 @@ class Ocsp(_C):
     responder_renew_days: Annotated[int, msgspec.Meta(ge=0, le=29)] = 10
 
 
+# SNMP secrets live in 0600 files named here (relative to DONJON_HOME), never in donjon.toml, which the
+# admin group reads. The inline keys are still parsed, only to refuse them with a message that says so.
 class SnmpUserCfg(_C):
     name: str
-    auth_key: str
-    priv_key: str
+    auth_key_file: str | None = None
+    priv_key_file: str | None = None
     auth: Literal["sha256", "sha384", "sha512"] = "sha256"
     priv: Literal["aes128", "aes192", "aes256"] = "aes128"
+    auth_key: str | None = None  # refused
+    priv_key: str | None = None  # refused
 
 
 class SnmpTargetCfg(_C):
@@ -82,14 +89,16 @@ class SnmpTargetCfg(_C):
     kind: Literal["trap", "inform"] = "trap"
     version: Literal["v3", "v2c"] = "v3"
     user: str | None = None
-    community: str | None = None
+    community_file: str | None = None
+    community: str | None = None  # refused
 
 
 class Snmp(_C):
     enabled: bool = False
     listen: str = "127.0.0.1:1161"
     users: tuple[SnmpUserCfg, ...] = ()
-    community: str | None = None  # read-only v2c, only from community-sources
+    community_file: str | None = None  # read-only v2c, only from community-sources
+    community: str | None = None  # refused
     community_sources: tuple[str, ...] = ("127.0.0.0/8",)
     targets: tuple[SnmpTargetCfg, ...] = ()
     lead_time_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 90)] = 72  # warn this long before a CRL/OCSP/cert lapses
@@ -200,6 +209,7 @@ token = "donjon"                              # token label (tokens are found by
 embedded = true                               # SoftHSM2 token folder under DONJON_HOME/softhsm
 pin-file = "pin"                              # developer mode: activate at start from this file
 signers = 2                                   # CIS signing processes (SoftHSM: one PKCS#11 caller per process)
+deadline-seconds = 30                         # a CIS that does not answer this long is unresponsive (requests fail)
 
 [cmdb]
 cipher = "chacha20"                           # chacha20 or aegis (both authenticated)
@@ -230,18 +240,18 @@ responder-renew-days = 10                     # renew it when less than this rem
 [snmp]
 enabled = false                               # the SNMP agent (DONJON-MIB) and notifications
 listen = "127.0.0.1:1161"
-# community = "public"                        # optional read-only v2c, only from community-sources
+# community-file = "secrets/snmp-community"   # optional read-only v2c, only from community-sources (a 0600 file)
 community-sources = ["127.0.0.0/8"]
 lead-time-hours = 72                          # warn this long before a CRL, OCSP response or CA cert lapses
 # [[snmp.users]]                              # SNMPv3 authPriv users (SHA-2 + AES only)
 # name = "ops"
-# auth-key = "..."
-# priv-key = "..."
+# auth-key-file = "secrets/snmp-ops-auth"     # secrets: 0600 files under DONJON_HOME, never in this file
+# priv-key-file = "secrets/snmp-ops-priv"
 # [[snmp.targets]]                            # where notifications go
 # host = "127.0.0.1"
 # port = 162
 # kind = "trap"                               # or "inform"
-# version = "v3"                              # or "v2c" with community
+# version = "v3"                              # or "v2c" with community-file
 # user = "ops"
 
 [distribution]                                # the Distribution agent publishes to LDAP and HTTP
@@ -417,6 +427,74 @@ def dist_rules(home: str, cfg: Config, with_secrets: bool) -> list[S.DistRule]:
         except msgspec.ValidationError as e:
             raise ConfigError(f"{where}: {e}") from None
     return out
+
+
+def read_secret_file(home: str, rel: str, where: str, key: str) -> str:
+    """A secret from a file beneath DONJON_HOME: a plain file, reached without following a link,
+    readable by its owner only (0600); its first line, stripped."""
+    from appliance import safefs
+    path = os.path.join(home, rel)
+    try:
+        home_fd = safefs.open_root(home)
+        try:
+            fd = safefs.open_beneath(home_fd, rel, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        finally:
+            os.close(home_fd)
+    except OSError as e:
+        why = "a symbolic link on the way, or outside DONJON_HOME" if e.errno in (errno.ELOOP, errno.EXDEV) else e.strerror
+        raise ConfigError(f"{where}: {key} {path}: {why}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise ConfigError(f"{where}: {key} {path}: not a plain file with one name (a link?)")
+        if st.st_mode & 0o077:
+            raise ConfigError(f"{where}: {key} {path}: readable by others (mode {st.st_mode & 0o777:04o}): chmod 600 it")
+        raw = os.read(fd, 4097)
+    finally:
+        os.close(fd)
+    lines = raw.decode("utf-8", "replace").splitlines()
+    value = lines[0].strip() if lines else ""
+    if not value or len(raw) > 4096:
+        raise ConfigError(f"{where}: {key} {path}: empty or larger than 4 KiB")
+    return value
+
+
+def snmp_config(home: str, cfg: Config) -> S.SnmpConfig:
+    """The agent's configuration, its secrets read from their files (errors name the key)."""
+    path = os.path.join(home, "donjon.toml")
+    c = cfg.snmp
+
+    def refuse(where: str, key: str) -> ConfigError:
+        return ConfigError(f"{where}: {key}: secrets do not belong in donjon.toml (the admin group reads it): "
+                           f"put it in a 0600 file under DONJON_HOME and name that file with {key}-file")
+
+    def secret(where: str, key: str, rel: str | None) -> str | None:
+        return None if rel is None else read_secret_file(home, rel, where, key + "-file")
+
+    if c.community is not None:
+        raise refuse(f"{path}: [snmp]", "community")
+    users = []
+    for u in c.users:
+        where = f"{path}: [[snmp.users]] {u.name!r}"
+        for key, val in (("auth-key", u.auth_key), ("priv-key", u.priv_key)):
+            if val is not None:
+                raise refuse(where, key)
+        auth, priv = secret(where, "auth-key", u.auth_key_file), secret(where, "priv-key", u.priv_key_file)
+        if auth is None or priv is None:
+            raise ConfigError(f"{where}: auth-key-file and priv-key-file are both needed (authPriv only)")
+        users.append({"name": u.name, "auth": u.auth, "auth_key": auth, "priv": u.priv, "priv_key": priv})
+    targets = []
+    for t in c.targets:
+        where = f"{path}: [[snmp.targets]] {t.host}:{t.port}"
+        if t.community is not None:
+            raise refuse(where, "community")
+        targets.append({"host": t.host, "port": t.port, "kind": t.kind, "version": t.version, "user": t.user,
+                        "community": secret(where, "community", t.community_file)})
+    try:
+        return msgspec.convert({"listen": c.listen, "community": secret(f"{path}: [snmp]", "community", c.community_file),
+                                "community_sources": list(c.community_sources), "users": users, "targets": targets}, S.SnmpConfig)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{path}: [snmp]: {e}") from None
 
 
 def load_ceremony(path: str) -> S.CeremonySpec:

@@ -45,7 +45,8 @@ def create(home: str, pin: str | None = None, write_pin: bool = True) -> tuple[C
     os.makedirs(home, mode=0o711, exist_ok=True)
     cfg_path = os.path.join(home, "donjon.toml")
     if not os.path.exists(cfg_path):
-        with open(cfg_path, "w", encoding="utf-8") as f:
+        fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)  # secrets are files of their own
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(C.DEFAULT_TOML)
     cfg = C.load(home)
     if not cfg.hsm.embedded:
@@ -56,7 +57,9 @@ def create(home: str, pin: str | None = None, write_pin: bool = True) -> tuple[C
         raise HomeError(f"{L.softhsm} exists: remove it to create a new embedded token")
     if shutil.which("softhsm2-util") is None:
         raise HomeError("softhsm2-util is not installed (apt-get install softhsm2)")
-    os.makedirs(os.path.join(L.softhsm, "tokens"), mode=0o700)
+    os.mkdir(L.softhsm, mode=0o700)  # makedirs would give the parent 0777 & ~umask (0755): the token folder is the CIS's alone
+    os.chmod(L.softhsm, 0o700)  # whatever the umask
+    os.mkdir(os.path.join(L.softhsm, "tokens"), mode=0o700)
     with open(L.softhsm_conf, "w", encoding="utf-8") as f:
         f.write(f"directories.tokendir = {L.softhsm}/tokens\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n")
     user_pin = pin or secrets.token_urlsafe(18)

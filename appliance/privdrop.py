@@ -12,8 +12,9 @@ while it is still single-threaded. ``drop()`` does, in this order:
 4. Landlock, if the kernel has it: read/write beneath ``rw_paths``, read/execute beneath
    ``ro_paths`` and the paths Python itself needs (see ``auto_paths()``), nothing else.
    Without Landlock the report says ``landlock=False`` and the drop goes on.
-5. Appliance mode (``identity`` given): setgroups([]), setresgid, setresuid, then verify the ids and
-   that uid 0 / gid 0 cannot be regained and no capability is left; abort otherwise.
+5. Appliance mode (``identity`` given): empty the capability bounding set, setgroups([]),
+   setresgid, setresuid, then verify the ids and that uid 0 / gid 0 cannot be regained and no
+   capability is left (bounding set included); abort otherwise.
 6. seccomp deny-list (see ``_DENIED``): EPERM for exec, ptrace, mount, module, key, bpf, uid
    syscalls and friends; EPERM for socket()/socketpair() other than AF_UNIX when ``network`` is
    False; kill the process for a foreign syscall ABI (i386 on x86_64, arm32 on aarch64).
@@ -142,6 +143,7 @@ _PR_GET_DUMPABLE = 3
 _PR_SET_DUMPABLE = 4
 _PR_GET_SECCOMP = 21
 _PR_SET_SECCOMP = 22
+_PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_GET_NO_NEW_PRIVS = 39
 
@@ -459,7 +461,8 @@ def current_confinement(pid: int) -> dict:
     """What the kernel says about a process's confinement, from /proc/PID/status.
 
     Returns {"uid": (real, effective, saved, fs), "gid": (real, effective, saved, fs),
-    "no_new_privs": bool, "seccomp": int (0 none, 1 strict, 2 filter), "cap_eff": int}.
+    "no_new_privs": bool, "seccomp": int (0 none, 1 strict, 2 filter), "cap_eff": int,
+    "cap_bnd": int}.
     """
     s = _status(pid)
     return {
@@ -468,6 +471,7 @@ def current_confinement(pid: int) -> dict:
         "no_new_privs": s.get("NoNewPrivs", "0") == "1",
         "seccomp": int(s.get("Seccomp", "0")),
         "cap_eff": int(s["CapEff"], 16),
+        "cap_bnd": int(s["CapBnd"], 16),
     }
 
 
@@ -524,7 +528,24 @@ def _run(argv: list[str]) -> None:
 # the drop
 
 
+def _drop_bounding_set(role: str) -> None:
+    """Empty the capability bounding set (needs CAP_SETPCAP, so before the uid switch): nothing the
+    process or a child could ever execute can gain a capability back."""
+    try:
+        with open("/proc/sys/kernel/cap_last_cap", "rb") as f:
+            last = int(f.read())
+    except (OSError, ValueError):
+        last = 63  # unknown kernel: try every bit; EINVAL past the last one is ignored below
+    for cap in range(last + 1):
+        try:
+            _prctl(_PR_CAPBSET_DROP, cap)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise _abort(role, f"cannot drop capability {cap} from the bounding set: {exc.strerror}") from None
+
+
 def _switch_ids(role: str, ident: Identity) -> None:
+    _drop_bounding_set(role)
     try:
         os.setgroups([])
         os.setresgid(ident.gid, ident.gid, ident.gid)
@@ -545,7 +566,7 @@ def _switch_ids(role: str, ident: Identity) -> None:
     s = _status("self")
     if s["Uid"].split() != [str(ident.uid)] * 4 or s["Gid"].split() != [str(ident.gid)] * 4:
         raise _abort(role, "kernel reports other ids than the target ids")
-    if any(int(s[k], 16) for k in ("CapPrm", "CapEff", "CapAmb") if k in s):
+    if any(int(s[k], 16) for k in ("CapPrm", "CapEff", "CapAmb", "CapBnd") if k in s):
         raise _abort(role, "capabilities left after the switch")
 
 

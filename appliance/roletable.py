@@ -29,6 +29,7 @@ class Host(Protocol):
     ocsp_pin: str | None
     listen: Any  # the endpoint's listening socket (None during the init ceremony: no endpoint then)
     auto_activate: bool  # an AutoActivate follows the Factory's configuration (run with a PIN file)
+    snmp_config: S.SnmpConfig | None  # when SNMP is enabled
 
     @property
     def layout(self) -> Any: ...
@@ -98,7 +99,7 @@ def _factory(h: Host, name: str) -> Launch:
                         dist_rules=[msgspec.structs.replace(r, secret=None) for r in h.dist_rules],
                         dist_max_attempts=cfg.distribution.max_attempts, dist_backoff_max=cfg.distribution.backoff_max,
                         ca_profiles={k: tuple(v) for k, v in cfg.ca_profiles.items()}, auto_activate=h.auto_activate,
-                        **C.officer_settings(cfg)),
+                        cis_deadline_seconds=cfg.hsm.deadline_seconds, **C.officer_settings(cfg)),
         rw=(h.layout.cmdb,))
 
 
@@ -123,12 +124,10 @@ def _distribution(h: Host, name: str) -> Launch:
 
 
 def _snmp(h: Host, name: str) -> Launch:
-    c = h.cfg.snmp
-    return Launch(S.SnmpConfig(
-        listen=c.listen, community=c.community, community_sources=list(c.community_sources),
-        users=[S.SnmpUser(name=u.name, auth=u.auth, auth_key=u.auth_key, priv=u.priv, priv_key=u.priv_key) for u in c.users],
-        targets=[S.SnmpTarget(host=t.host, port=t.port, kind=t.kind, version=t.version, user=t.user, community=t.community)
-                 for t in c.targets]))  # it opens its UDP sockets itself, before its drop
+    # Read at prepare(), its secrets from their 0600 files; the agent opens its UDP sockets itself, before its drop.
+    if h.snmp_config is None:
+        raise ValueError("the SNMP agent's configuration is read by prepare()")
+    return Launch(h.snmp_config)
 
 
 ROLES: dict[str, RoleSpec] = {r.name: r for r in (

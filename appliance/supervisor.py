@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import grp
+import hmac
 import os
 import signal
 import socket
@@ -21,7 +22,7 @@ import msgspec
 import trio
 
 from appliance import config as C
-from appliance import privdrop
+from appliance import privdrop, safefs
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, ProtocolViolation
 from appliance.roletable import ROLES, Launch, RoleSpec
@@ -138,11 +139,13 @@ class Supervisor:
         self.roles: dict[str, Role] = {}
         self.factory_status: S.StatusReport | None = None
         self.tokens: dict[str, bool] = {}
+        self.unresponsive: set[str] = set()  # CIS processes the Factory reports silent past their deadline
         self.ocsp_pin: str | None = None
         self._disk_low = False
         self.listen: socket.socket | None = None
         self.dist_rules: list[S.DistRule] = []
         self.auto_activate = False  # the Factory is told an AutoActivate follows (run with a PIN file)
+        self.snmp_config: S.SnmpConfig | None = None
 
     # ------------------------------------------------------------ preparation
 
@@ -150,25 +153,45 @@ class Supervisor:
         L = self.layout
         if not os.path.isdir(self.home):
             raise SupervisorError(f"{self.home} does not exist (run `donjon init --home {self.home} --ceremony FILE`)")
+        # Configuration errors first: a refused configuration leaves nothing behind.
+        self.dist_rules = C.dist_rules(self.home, self.cfg, with_secrets=True)  # ConfigError names the rule
+        if self.cfg.snmp.enabled:
+            self.snmp_config = C.snmp_config(self.home, self.cfg)  # secrets from their 0600 files
         os.makedirs(L.cmdb, mode=0o700, exist_ok=True)
         os.makedirs(L.run, mode=0o750, exist_ok=True)
         for name in self._endpoint_names():
             os.makedirs(L.ocsp_store(name), mode=0o700, exist_ok=True)
-        self.dist_rules = C.dist_rules(self.home, self.cfg, with_secrets=True)  # ConfigError names the rule
-        if self.cfg.hsm.embedded and self.cfg.ocsp.enabled:
-            self.ocsp_pin = _ensure_softhsm_token(L.ocsp_token, "donjon-ocsp")
         if self.appliance:
             self.ids = privdrop.ensure_role_users(ROLES)  # every role's user, whether it runs now or not
             self.admin_gid = grp.getgrnam(privdrop.ADMIN_GROUP).gr_gid
             os.chmod(self.home, 0o711)
-            _chown_tree(L.cmdb, self.ids["factory"])
-            for name in self._endpoint_names():
-                _chown_tree(L.ocsp_store(name), self.ids["ocsp"])
-            _chown_tree(L.ocsp_token, self.ids["ocsp"])
-            if self.cfg.hsm.embedded:
-                _chown_tree(L.softhsm, self.ids["cis"])
-            os.chown(L.run, 0, self.admin_gid)
-            os.chmod(L.run, 0o750)
+        _protect_config(self.home, self.admin_gid)
+        # HOME's own entries are root's (HOME is 0711): below them, a role's folder is the role's to
+        # fill with links, so everything there goes through fds that never follow one (safefs).
+        home_fd = safefs.open_root(self.home)
+        try:
+            if self.cfg.hsm.embedded and self.cfg.ocsp.enabled:
+                self.ocsp_pin = _ensure_softhsm_token(home_fd, L.ocsp_token, "donjon-ocsp", self.ids.get("ocsp"))
+            if self.appliance:
+                _hand_over(home_fd, "cmdb", self.ids["factory"])
+                for name in self._endpoint_names():
+                    _hand_over(home_fd, name, self.ids["ocsp"])
+                _hand_over(home_fd, "ocsp-token", self.ids["ocsp"], must_exist=False)
+                if self.cfg.hsm.embedded:
+                    _hand_over(home_fd, "softhsm", self.ids["cis"], must_exist=False)
+                os.chown(L.run, 0, self.admin_gid)
+                os.chmod(L.run, 0o750)
+            elif self.cfg.hsm.embedded:
+                _fix_mode(home_fd, "softhsm", 0o700)  # installs made before 0700 was enforced
+        finally:
+            os.close(home_fd)
+
+    def keep_ca_pin_from_endpoint(self, ca_pin: str | None) -> None:
+        """Each token has its own PIN: the CA token's reaches the CIS and nothing else, even when the
+        endpoint's folder holds it (the role could only have stolen or guessed it)."""
+        if ca_pin is not None and self.ocsp_pin is not None and hmac.compare_digest(ca_pin.encode(), self.ocsp_pin.encode()):
+            log("the endpoint's token PIN is the CA token's PIN: not handed to the endpoint (no live signing)")
+            self.ocsp_pin = None
 
     def dist_enabled(self) -> bool:
         """The agent runs when there is something to publish, or CRL-fed tenants may need fetching
@@ -323,6 +346,13 @@ class Supervisor:
                     await self.notify("activated", "appliance", m.detail)
                 elif m.kind == "activated" and role.kind == "cis":
                     self.tokens.setdefault(self.cfg.hsm.token, True)
+                elif m.kind in ("cis-unresponsive", "cis-responsive") and role.kind == "factory":
+                    # The Factory pings each CIS: a stopped or hung one shows in status and SNMP.
+                    if m.kind == "cis-unresponsive":
+                        self.unresponsive.add(m.detail)
+                        await self.notify("role-unresponsive", m.detail, "no answer to the Factory within its deadline")
+                    else:
+                        self.unresponsive.discard(m.detail)
                 elif m.kind == "shutdown-requested" and role.kind == "factory":
                     # An officer asked (audited by the Factory): stop exactly as an operator's SIGTERM does.
                     os.kill(os.getpid(), signal.SIGTERM)
@@ -433,6 +463,8 @@ class Supervisor:
         for r in self.roles.values():
             alive = r.proc is not None and r.proc.returncode is None
             state = "running" if alive else ("restarting" if r.spec.restart == "backoff" and not self.stopping else "stopped")
+            if alive and r.name in self.unresponsive:
+                state = "unresponsive"
             roles.append(S.RoleState(name=r.name, state=state, restarts=r.restarts, pid=r.proc.pid if r.proc else 0))
         return S.ApplianceStatus(
             activated=bool(fs and fs.activated), roles=roles,
@@ -495,6 +527,7 @@ class Supervisor:
         self.stopping = False
         self.auto_activate = ceremony is None and pin is not None
         self.prepare()
+        self.keep_ca_pin_from_endpoint(pin)
         self.profiles = C.profile_overrides(self.home, self.cfg)
         C.check_ca_profiles(self.home, self.cfg, self.profiles)
         admin = self.open_admin_socket() if ceremony is None else None
@@ -598,35 +631,107 @@ def _sum_stats(all_stats: list[S.OcspStats]) -> S.OcspStats:
         responses_held=max((s.responses_held for s in all_stats), default=0), oldest_this_update=min(olds) if olds else None)
 
 
-def _ensure_softhsm_token(folder: str, label: str) -> str:
+def _ensure_softhsm_token(home_fd: int, folder: str, label: str, ident: privdrop.Identity | None) -> str:
     """The endpoint's own SoftHSM2 token (embedded mode), made on first start; returns its user PIN.
-    It only ever holds delegated OCSP responder keys, never a CA key."""
+    It only ever holds delegated OCSP responder keys, never a CA key.
+
+    The folder belongs to the endpoint's user: root reads and writes in it only through fds that
+    follow no link (a `pin` linked to the CA's PIN file is refused, never read), and the token tool
+    runs as that user, so whatever the folder holds gives it nothing it did not have."""
     import secrets
     import subprocess
-    pin_path = os.path.join(folder, "pin")
-    if os.path.exists(pin_path):
-        with open(pin_path, encoding="utf-8") as f:
-            return f.read().strip()
-    os.makedirs(os.path.join(folder, "tokens"), mode=0o700, exist_ok=True)
-    conf = os.path.join(folder, "softhsm2.conf")
-    with open(conf, "w", encoding="utf-8") as f:
-        f.write(f"directories.tokendir = {folder}/tokens\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n")
-    pin = secrets.token_urlsafe(18)
-    r = subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", secrets.token_urlsafe(18),
-                        "--pin", pin], env=child_env({"SOFTHSM2_CONF": conf}), capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SupervisorError(f"cannot create the endpoint's token: {r.stderr.strip() or r.stdout.strip()}")
-    fd = os.open(pin_path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(pin + "\n")
-    os.rename(pin_path + ".tmp", pin_path)
-    return pin
+    name = os.path.basename(folder)
+    try:
+        os.mkdir(name, 0o700, dir_fd=home_fd)
+    except FileExistsError:
+        pass
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=home_fd)
+    try:
+        os.fchmod(fd, 0o700)
+        if ident is not None:
+            os.fchown(fd, ident.uid, ident.gid)
+        owners = (os.geteuid(),) + ((ident.uid,) if ident is not None else ())
+        pin_path = os.path.join(folder, "pin")
+        try:
+            raw = safefs.read_file(fd, "pin", 256, owners, where=pin_path)
+            pin = raw.decode("ascii").strip() if raw is not None else ""
+            if raw is not None and not (pin and pin.isprintable() and len(pin) <= 128):
+                raise safefs.UnsafePath(f"{pin_path} does not hold a PIN")
+        except (safefs.UnsafePath, UnicodeDecodeError) as e:
+            log(f"refused {pin_path}: {e if isinstance(e, safefs.UnsafePath) else 'not text'}: a new endpoint token is made")
+            pin = ""
+        if pin:
+            return pin
+        # As the endpoint's user: its own folder, its own power (rm -rf removes a planted link, not its target).
+        as_role = {"user": ident.uid, "group": ident.gid, "extra_groups": []} if ident is not None else {}
+        tokens = os.path.join(folder, "tokens")
+        for argv in (["rm", "-rf", "--", tokens], ["mkdir", "-m", "700", "--", tokens]):
+            r = subprocess.run(argv, env=child_env(), capture_output=True, text=True, cwd="/", check=False, **as_role)
+            if r.returncode != 0:
+                raise SupervisorError(f"cannot prepare {tokens}: {r.stderr.strip() or r.stdout.strip()}")
+        owner = (ident.uid, ident.gid) if ident is not None else None
+        conf = f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n"
+        safefs.write_file(fd, "softhsm2.conf", conf.encode(), 0o600, owner)
+        pin = secrets.token_urlsafe(18)
+        r = subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", secrets.token_urlsafe(18),
+                            "--pin", pin], env=child_env({"SOFTHSM2_CONF": os.path.join(folder, "softhsm2.conf")}),
+                           capture_output=True, text=True, cwd="/", check=False, **as_role)
+        if r.returncode != 0:
+            raise SupervisorError(f"cannot create the endpoint's token: {r.stderr.strip() or r.stdout.strip()}")
+        safefs.write_file(fd, "pin", (pin + "\n").encode(), 0o600, owner)
+        return pin
+    finally:
+        os.close(fd)
 
 
-def _chown_tree(path: str, ident: privdrop.Identity) -> None:
-    if not os.path.exists(path):
+def _hand_over(home_fd: int, name: str, ident: privdrop.Identity, must_exist: bool = True) -> None:
+    """Give HOME/name and what it holds to a role's user, through fds (safefs.chown_tree): a link or
+    a hard link the role planted there is left as it is, never followed, never re-owned."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=home_fd)  # HOME's entry: root's
+    except FileNotFoundError:
+        if must_exist:
+            raise
         return
-    os.chown(path, ident.uid, ident.gid)
-    for root, dirs, files in os.walk(path):
-        for n in dirs + files:
-            os.chown(os.path.join(root, n), ident.uid, ident.gid, follow_symlinks=False)
+    try:
+        os.fchmod(fd, 0o700)
+        refused: list[str] = []
+        safefs.chown_tree(fd, ident.uid, ident.gid, refused.append)
+        for r in refused[:20]:
+            log(f"not re-owned in {name}/: {r}")
+        if len(refused) > 20:
+            log(f"... and {len(refused) - 20} more in {name}/")
+    except safefs.UnsafePath as e:
+        log(f"ownership of {name}/: {e}")
+    finally:
+        os.close(fd)
+
+
+def _protect_config(home: str, admin_gid: int | None) -> None:
+    """donjon.toml: 0640 at most, readable by the admin group in appliance mode (its secrets are
+    files of their own, 0600)."""
+    try:
+        fd = os.open(os.path.join(home, "donjon.toml"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # none (the defaults), or a link the operator made: theirs to protect
+        return
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():  # someone else's file is theirs to protect
+            if admin_gid is not None and st.st_uid == 0 and st.st_gid != admin_gid:
+                os.fchown(fd, 0, admin_gid)
+            if st.st_mode & 0o137:
+                os.fchmod(fd, st.st_mode & 0o640)
+    finally:
+        os.close(fd)
+
+
+def _fix_mode(home_fd: int, name: str, mode: int) -> None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=home_fd)
+    except FileNotFoundError:
+        return
+    try:
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)

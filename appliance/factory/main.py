@@ -357,7 +357,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
     profiles = profmod.load_profiles(dict(cfg.profiles))
     # "factory-cis" is the primary CIS (keys, CRLs, activation); "factory-cis.N" are more signers.
     names = sorted((k for k in fds if k.split(".")[0] == FACTORY_CIS.name), key=lambda k: (k != FACTORY_CIS.name, k))
-    signers = [CisLink(Channel.from_fd(fds[k], FACTORY_CIS.name, FACTORY_CIS.up)) for k in names]
+    signers = [CisLink(Channel.from_fd(fds[k], FACTORY_CIS.name, FACTORY_CIS.up), k.removeprefix("factory-"), cfg.cis_deadline_seconds)
+               for k in names]
 
     async def send_event(ev):
         await sup.send(ev)
@@ -375,6 +376,11 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         f.sup_send = sup.send
         f.officers = Officers(f)
         f.checkpoints = Checkpoints(f)
+
+    async def cis_liveness(link: CisLink) -> None:
+        state = "responsive" if link.responsive else "unresponsive"
+        _log(f"{link.name} is {state}" + ("" if link.responsive else f" (no answer in {link.deadline:g} s)"))
+        await sup.send(S.Event(kind=f"cis-{state}", detail=link.name))
 
     async def serve_distribution(fd: int, scope: trio.CancelScope) -> None:
         with scope:
@@ -424,6 +430,7 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         nursery.append(n)
         for link in signers:
             n.start_soon(link.run)
+            n.start_soon(link.watch, cis_liveness)
         # Two pipeline workers per signer: one commits while the other's batch is being signed.
         for i in range(2 * len(signers)):
             n.start_soon(f.issuance_worker, signers[i % len(signers)])

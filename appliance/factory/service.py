@@ -31,7 +31,7 @@ from policy import profiles as profmod
 from policy.capolicy import CaPolicy, default_policy, named_policy
 from policy.errors import PolicyError
 
-from .cis_link import CisLink, CisRefused
+from .cis_link import CisLink, CisRefused, CisUnresponsive
 from .dist import Dist
 from .ocsp import OcspProducer
 from .tenants import TenantManager
@@ -953,33 +953,47 @@ class Factory:
         def snap_end():
             reader.db.execute("COMMIT")
 
+        def give_back():
+            # Nothing was signed under this number: it is reused, so CRL numbers stay without gaps.
+            with db.tx():
+                db.db.execute(f"UPDATE cas SET {counter} = {counter} - 1 WHERE name=? AND {counter}=?", (ca, number))
+
         count, length = await trio.to_thread.run_sync(snap_begin, limiter=rl)
         mid = self.cis.new_id()
         replies = self.cis.open(mid)
         tmp = tempfile.TemporaryFile(dir=self.home)
         tbs_hash = hashlib.sha256()
         tbs_len = 0
+        signed: S.CrlSigned | None = None
+        refused: S.Refused | None = None
+        late: CisUnresponsive | None = None
         try:
             async with trio.open_nursery() as n:
                 async def sender():
                     try:
-                        await self.cis.chan.send(S.CrlBegin(id=mid, ca=ca, crl_number=number, this_update=this_update,
-                                                            next_update=next_update, entry_count=count, entries_length=length,
-                                                            kind=kind))
+                        await self.cis.send(S.CrlBegin(id=mid, ca=ca, crl_number=number, this_update=this_update,
+                                                       next_update=next_update, entry_count=count, entries_length=length,
+                                                       kind=kind))
                         after = b""
                         while True:
                             rows = await trio.to_thread.run_sync(page, after, limiter=rl)
                             if not rows:
                                 break
                             after = rows[-1][0]
-                            await self.cis.chan.send(S.CrlEntries(id=mid, entries=rows) if crl else
-                                                     S.SerialEntries(id=mid, serials=[r[0] for r in rows]))
-                        await self.cis.chan.send(S.CrlEnd(id=mid))
+                            await self.cis.send(S.CrlEntries(id=mid, entries=rows) if crl else
+                                                S.SerialEntries(id=mid, serials=[r[0] for r in rows]))
+                        await self.cis.send(S.CrlEnd(id=mid))
                     finally:
-                        await trio.to_thread.run_sync(snap_end, limiter=rl)
+                        with trio.CancelScope(shield=True):  # the reader's snapshot ends even when the CIS refused
+                            await trio.to_thread.run_sync(snap_end, limiter=rl)
                 n.start_soon(sender)
                 while True:
-                    m = await replies.receive()
+                    try:
+                        m = await self.cis.receive(replies)
+                    except CisUnresponsive as e:
+                        late = e
+                        n.cancel_scope.cancel()
+                        break
                     if isinstance(m, S.CrlChunk):
                         tbs_hash.update(m.data)
                         tbs_len += len(m.data)
@@ -987,10 +1001,21 @@ class Factory:
                     elif isinstance(m, S.CrlSigned):
                         signed = m
                         break
-                    else:  # Refused
+                    else:  # Refused: stop the sender; audit and answer outside the cancelled scope
+                        refused = m
                         n.cancel_scope.cancel()
-                        await self.audit(actor, action, f"{ca}#{number}", "refused", m.reason)
-                        raise FactoryError("lint" if m.code == "lint" else m.code, m.reason)
+                        break
+            if late is not None:  # it may yet sign: the number is not given back
+                await self.audit(actor, action, f"{ca}#{number}", "failed", f"{late.reason}; number {number} skipped")
+                raise FactoryError(late.code, late.reason)
+            if refused is not None:
+                await self.run_db(give_back)
+                what = "CRL" if crl else "issued-serials list"
+                await self.audit(actor, action, f"{ca}#{number}", "refused", f"{refused.code}: {refused.reason}; number {number} not used")
+                raise FactoryError("lint" if refused.code == "lint" else refused.code,
+                                   f"the CIS refused to sign {what} #{number} of {ca}: {refused.reason}")
+            if signed is None:
+                raise FactoryError("internal", f"no signed {'CRL' if crl else 'issued-serials list'} from the CIS")
             if tbs_hash.digest() != signed.tbs_sha256:
                 raise FactoryError("internal", "the bytes received differ from what the CIS signed")
 
@@ -1017,7 +1042,7 @@ class Factory:
                 return digest
             digest = await self.run_db(store)
         finally:
-            self.cis.close(mid)
+            self.cis.close(mid, answered=late is None)
             tmp.close()
         self.dist.poke()
         if crl:
@@ -1182,7 +1207,8 @@ class Factory:
 
     async def status(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"activated": self.db is not None, "token": self.token_info, "stats": dict(self.stats),
-                               "pending": len(self._pending)}
+                               "pending": len(self._pending),
+                               "cis": {s.name: "responsive" if s.responsive else "unresponsive" for s in self.signers}}
         if self.db is not None:
             db = self.db
 

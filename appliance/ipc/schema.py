@@ -143,6 +143,7 @@ class FactoryConfig(_Msg, tag="factory-config"):
     # donjon.toml [ca-profiles]: per CA, the profiles it may issue (narrows what its token policy allows).
     ca_profiles: dict[Name, Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)]] = {}
     auto_activate: bool = False  # an AutoActivate follows: admin requests wait for it instead of racing it
+    cis_deadline_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0  # a CIS silent this long is unresponsive
 
 
 class AutoActivate(_Msg, tag="auto-activate"):
@@ -429,7 +430,7 @@ class SnmpConfig(_Msg, tag="snmp-config"):
 
 class RoleState(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
     name: Name
-    state: Literal["starting", "running", "restarting", "stopped", "failed"]
+    state: Literal["starting", "running", "restarting", "stopped", "failed", "unresponsive"]
     restarts: int
     pid: int
 
@@ -505,6 +506,7 @@ NotifyKind = Literal[
     "role-died", "role-restarted", "token-unavailable", "token-recovered", "activated", "deactivated",
     "login-lockout", "ca-cert-expiring", "responder-cert-expiring", "crl-expiring", "crl-lapsed",
     "ocsp-expiring", "ocsp-lapsed", "destination-failing", "audit-verify-failed", "disk-nearly-full",
+    "role-unresponsive",
 ]
 
 

@@ -47,7 +47,8 @@ NOTIFY_OID: dict[str, OID] = {
     for i, kind in enumerate(
         ("role-died", "role-restarted", "token-unavailable", "token-recovered", "activated", "deactivated",
          "login-lockout", "ca-cert-expiring", "responder-cert-expiring", "crl-expiring", "crl-lapsed",
-         "ocsp-expiring", "ocsp-lapsed", "destination-failing", "audit-verify-failed", "disk-nearly-full"),
+         "ocsp-expiring", "ocsp-lapsed", "destination-failing", "audit-verify-failed", "disk-nearly-full",
+         "role-unresponsive"),
         start=1,
     )
 }
@@ -60,7 +61,7 @@ NOTIFY_NAME: dict[str, str] = {
 SYS_UPTIME: OID = (1, 3, 6, 1, 2, 1, 1, 3, 0)
 SNMP_TRAP_OID: OID = (1, 3, 6, 1, 6, 3, 1, 1, 4, 1, 0)
 
-ROLE_STATES = {"starting": 1, "running": 2, "restarting": 3, "stopped": 4, "failed": 5}
+ROLE_STATES = {"starting": 1, "running": 2, "restarting": 3, "stopped": 4, "failed": 5, "unresponsive": 6}
 KEY_TYPES = {"rsa2048": 1, "rsa3072": 2, "rsa4096": 3, "p256": 4, "p384": 5, "ed25519": 6}
 STATE_OK, STATE_DEGRADED, STATE_FAILED, STATE_UNKNOWN = 1, 2, 3, 4
 _TRUE, _FALSE = 1, 2  # TruthValue

@@ -16,7 +16,7 @@ from cryptography import x509
 from appliance.privdrop import ROLE_USERS
 from tests.conftest import REPO, make_csr, openssl
 
-SNMP = '[snmp]\nenabled = true\nlisten = "127.0.0.1:0"\ncommunity = "smoke"\ncommunity-sources = ["127.0.0.0/8"]\n'
+SNMP = '[snmp]\nenabled = true\nlisten = "127.0.0.1:0"\ncommunity-file = "snmp-community"\ncommunity-sources = ["127.0.0.0/8"]\n'
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +61,8 @@ def test_smoke(request, appliance_factory, tmp_path, kind):
     assert out.startswith("donjon ") and (not exe or "source" not in out), out
     cfg = a.home / "donjon.toml"
     cfg.write_text(cfg.read_text() + SNMP)
+    (a.home / "snmp-community").write_text("smoke\n")
+    os.chmod(a.home / "snmp-community", 0o600)
     t0 = time.monotonic()
     a.start()
     print(f"{kind}: `donjon run` to activated in {time.monotonic() - t0:.2f} s")

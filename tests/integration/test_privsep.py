@@ -166,4 +166,4 @@ def test_schema_hash_is_pinned():
     assert (S.VERSION, S.schema_hash()) == (2, PINNED_SCHEMA_HASH)
 
 
-PINNED_SCHEMA_HASH = "e2bb9c14bdbfc2d6243cb0e346d39159bdaa0af69f42ee87f6b36a8b54a8453e"
+PINNED_SCHEMA_HASH = "c13c81ddadbb16a3220f5182b620e99c973910835a5238461e9c83ecb8f82e98"

@@ -93,6 +93,10 @@ def test_snmp_in_the_appliance(appliance_factory, tmp_path, snmp_env, trapd):
     trap_port, traplog = trapd
     agent_port = _udp_port()
     a = appliance_factory(start=False)
+    (a.home / "secrets").mkdir(mode=0o700)
+    for name, value in (("ro", "ro-test"), ("auth", AUTH), ("priv", PRIV), ("trap", TRAP_COMMUNITY)):
+        (a.home / "secrets" / name).write_text(value + "\n")
+        os.chmod(a.home / "secrets" / name, 0o600)  # SNMP secrets: 0600 files, never in donjon.toml
     (a.home / "donjon.toml").write_text(f"""
 [ocsp]
 listen = "127.0.0.1:0"
@@ -101,18 +105,18 @@ validity-hours = 1
 [snmp]
 enabled = true
 listen = "127.0.0.1:{agent_port}"
-community = "ro-test"
+community-file = "secrets/ro"
 community-sources = ["127.0.0.0/8"]
 lead-time-hours = 2
 [[snmp.users]]
 name = "{USER}"
-auth-key = "{AUTH}"
-priv-key = "{PRIV}"
+auth-key-file = "secrets/auth"
+priv-key-file = "secrets/priv"
 [[snmp.targets]]
 host = "127.0.0.1"
 port = {trap_port}
 version = "v2c"
-community = "{TRAP_COMMUNITY}"
+community-file = "secrets/trap"
 [distribution]
 backoff-max = 1
 [[distribution.rule]]

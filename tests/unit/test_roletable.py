@@ -52,6 +52,7 @@ def supervisor(tmp_path):
     sup = Supervisor(str(tmp_path), C.Config(hsm=C.Hsm(module="/usr/lib/softhsm/libsofthsm2.so", signers=2),
                                              ocsp=C.Ocsp(workers=2), snmp=C.Snmp(enabled=True)))
     sup.profiles = {}
+    sup.snmp_config = C.snmp_config(str(tmp_path), sup.cfg)  # as prepare() reads it
     return sup
 
 
