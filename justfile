@@ -84,11 +84,10 @@ image *PROFILES="online-ca offline-root":
 image-test *ARGS:
     {{venv}}/python -m pytest image/tests -p no:cacheprovider --basetemp=/var/tmp/donjon-image-test -s {{ARGS}}
 
-# Re-pin image/packages.lock to what the Debian mirror serves today (review the diff before committing)
-image-lock:
-    DONJON_IMAGE_UNPINNED=1 bash image/mkimage online-ca dist/image-lock
-    { echo "# Debian packages of the appliance image (name version arch), written by just image-lock"; cat dist/image-lock/donjon-online-ca.packages.txt; } > image/packages.lock
+# Rebuild an image offline, bit for bit, from the package set an earlier `just image` kept (image/README)
+image-rebuild PROFILE DEBS OUT="dist/image-rebuild":
+    DONJON_IMAGE_DEBS={{DEBS}} bash image/mkimage {{PROFILE}} {{OUT}}
 
-# Build an image twice from the same commit and compare the hashes (image/README: reproducibility)
+# Build an image twice from the same package set (mirror of the day, then offline) and compare the hashes
 image-repro PROFILE="offline-root":
     bash image/repro {{PROFILE}}

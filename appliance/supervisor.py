@@ -27,7 +27,10 @@ from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, ProtocolViolation
 from appliance.roletable import ROLES, Launch, RoleSpec
 
-START_TIMEOUT = 60
+# Seconds for the roles to be ready at a start. A software-emulated machine (an image booted without
+# KVM) imports far slower: the image's units raise it with DONJON_START_TIMEOUT (10 to 3600).
+_start_env = os.environ.get("DONJON_START_TIMEOUT", "")
+START_TIMEOUT = min(max(int(_start_env), 10), 3600) if _start_env.isdigit() else 60
 STOP_TIMEOUT = 20
 THROTTLE_AFTER = 10.0  # a role that dies sooner than this after starting backs off exponentially
 MAX_BACKOFF = 60.0

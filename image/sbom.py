@@ -1,5 +1,5 @@
-"""Write the image's CycloneDX SBOM: every Debian package of the image, every Python package of the
-bundle, and the build host's Debian packages whose libraries PyInstaller copied into the bundle."""
+"""Write the image's CycloneDX SBOM: every Debian package of the image (with its .deb's hash), every
+Python package of the bundle, and the build host's Debian packages whose libraries PyInstaller copied."""
 
 from __future__ import annotations
 
@@ -10,19 +10,22 @@ import sys
 import uuid
 
 
-def deb(name: str, version: str, arch: str, scope: str) -> dict:
-    return {"type": "library", "name": name, "version": version, "scope": "required",
-            "purl": f"pkg:deb/debian/{name}@{version}?arch={arch}&distro=bookworm",
-            "properties": [{"name": "donjon:where", "value": scope}]}
+def deb(name: str, version: str, arch: str, scope: str, sha256: str | None = None) -> dict:
+    c = {"type": "library", "name": name, "version": version, "scope": "required",
+         "purl": f"pkg:deb/debian/{name}@{version}?arch={arch}&distro=bookworm",
+         "properties": [{"name": "donjon:where", "value": scope}]}
+    if sha256:  # the .deb the image was built from (its package set, dist/image/NAME.debs)
+        c["hashes"] = [{"alg": "SHA-256", "content": sha256}]
+    return c
 
 
 def main() -> None:
-    profile, installed, bundle_python, bundle_dir = sys.argv[1:5]
+    profile, manifest, bundle_python, bundle_dir = sys.argv[1:5]
     comps = []
-    with open(installed, encoding="utf-8") as f:
+    with open(manifest, encoding="utf-8") as f:  # name version arch sha256 (image/debset.py)
         for line in f:
-            name, version, arch = line.split()
-            comps.append(deb(name, version, arch, "image"))
+            name, version, arch, sha256 = line.split()
+            comps.append(deb(name, version, arch, "image", sha256))
     with open(bundle_python, encoding="utf-8") as f:
         for line in f:
             name, _, version = line.strip().partition("==")
