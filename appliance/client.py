@@ -7,7 +7,10 @@ import itertools
 import os
 import select
 import socket
+import typing
 from typing import Any, Iterator
+
+import msgspec
 
 from appliance.ipc import schema as S
 from appliance.ipc.channel import ProtocolViolation, SyncChannel
@@ -130,10 +133,15 @@ class AdminClient:
         return rid, self._recv(rid)
 
     def call(self, cls, **kw) -> dict[str, Any]:
+        """The reply as a document: a typed reply (checked strictly on decode) becomes its fields."""
         _, m = self._request(cls, kw)
-        if not isinstance(m, S.Reply):
+        if isinstance(m, S.Reply):
+            return m.data
+        if not isinstance(m, typing.get_args(S.TypedReply)):
             raise ClientError(f"unexpected answer {type(m).__name__}")
-        return m.data
+        doc = msgspec.to_builtins(m)
+        del doc["t"], doc["id"]
+        return doc
 
     def issue(self, **kw) -> S.IssueReply:
         _, m = self._request(S.AIssue, kw)

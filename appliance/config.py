@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from appliance.ceremonyspec import CeremonySpec
 from appliance.ipc import schema as S
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -497,8 +498,8 @@ def snmp_config(home: str, cfg: Config) -> S.SnmpConfig:
         raise ConfigError(f"{path}: [snmp]: {e}") from None
 
 
-def load_ceremony(path: str) -> S.CeremonySpec:
-    return load_toml(path, S.CeremonySpec)
+def load_ceremony(path: str) -> CeremonySpec:
+    return load_toml(path, CeremonySpec)
 
 
 def profile_overrides(home: str, cfg: Config) -> dict[str, str]:

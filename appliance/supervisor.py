@@ -23,6 +23,7 @@ import trio
 
 from appliance import config as C
 from appliance import privdrop, safefs
+from appliance.ceremonyspec import CeremonySpec
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, ProtocolViolation
 from appliance.roletable import ROLES, Launch, RoleSpec
@@ -526,7 +527,7 @@ class Supervisor:
 
     # ------------------------------------------------------------ main
 
-    async def run(self, ceremony: S.CeremonySpec | None = None, pin: str | None = None, on_ready=None) -> int:
+    async def run(self, ceremony: CeremonySpec | None = None, pin: str | None = None, on_ready=None) -> int:
         self.stopping = False
         self.auto_activate = ceremony is None and pin is not None
         self.prepare()

@@ -1,4 +1,4 @@
-"""The Factory role: its links, the admin socket server (SO_PEERCRED gate) and request dispatch."""
+"""The Factory role: its links and the admin socket server (SO_PEERCRED gate); requests are served by admin.py's table."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import msgspec
 import trio
 
 from appliance import roles
+from appliance.ceremonyspec import CeremonySpec
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation, Undecodable
 from appliance.ipc.links import FACTORY_CIS, FACTORY_DIST, FACTORY_OCSP
 
+from . import admin
 from .checkpoints import Checkpoints
 from .cis_link import CisLink
 from .cmdb import CmdbError
@@ -135,7 +137,7 @@ async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
                     await f.auto_activation.wait()
             try:
                 await f.officers.authorise(conn, req)
-                await dispatch(chan, req, f, conn)
+                await admin.serve(chan, req, f, conn)
             except FactoryError as e:
                 await chan.send(S.Refused(id=req.id, code=e.code, reason=e.reason))
             except CmdbError as e:
@@ -203,147 +205,6 @@ async def refuse_undecodable(chan: Channel, e: Undecodable, f: Factory, conn: Co
     except apsw.Error as ae:  # the refusal still goes out: nothing was done either way
         _log(f"CMDB error while auditing a bad request: {type(ae).__name__}: {ae}")
     await chan.send(S.Refused(id=env.id, code="bad-request", reason=reason))
-
-
-async def dispatch(chan: Channel, req, f: Factory, conn: Conn) -> None:
-    rid = req.id
-    actor = conn.actor
-
-    async def reply(**data):
-        await chan.send(S.Reply(id=rid, data=data))
-
-    if isinstance(req, S.AIssue):
-        await chan.send(await f.issue(req, actor))
-    elif isinstance(req, S.ACrlGenerate):
-        if req.kind == "crl":
-            number, count, digest = await f.generate_crl(req.ca, actor)
-        else:
-            number, count, digest = await f.generate_serials_list(req.ca, actor)
-        async for chunk in f.crl_chunks(req.ca, number, "crls" if req.kind == "crl" else "serials_lists"):
-            await chan.send(S.BlobChunk(id=rid, data=chunk, last=False))
-        await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
-    elif isinstance(req, S.ACrlExport):
-        async for chunk in f.crl_chunks(req.ca, req.number, "crls" if req.kind == "crl" else "serials_lists"):
-            await chan.send(S.BlobChunk(id=rid, data=chunk, last=False))
-        await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
-    elif isinstance(req, S.AAuditExport):
-        data = await f.audit_export()
-        await f.audit(actor, "audit-export", "audit", "ok", f"{len(data)} bytes")
-        for i in range(0, len(data), 1 << 20):
-            await chan.send(S.BlobChunk(id=rid, data=data[i:i + (1 << 20)], last=False))
-        await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
-    elif isinstance(req, S.ABackup):
-        from .backup import backup_tar
-        async for chunk in backup_tar(f, actor):
-            await chan.send(S.BlobChunk(id=rid, data=chunk, last=False))
-        await chan.send(S.BlobChunk(id=rid, data=b"", last=True))
-    elif isinstance(req, S.ALogin):
-        await reply(**await f.officers.login(conn, req))
-    elif isinstance(req, (S.ACeremonyBegin, S.ACeremonyWitness, S.ACeremonyRecords, S.ACeremonyRecord)):
-        # Bound to this connection's session (its login, its officer): never filed for dual control.
-        from . import ceremonies as C
-
-        if isinstance(req, S.ACeremonyBegin):
-            await reply(**await C.ceremony_begin(f, conn, req.ceremony))
-        elif isinstance(req, S.ACeremonyWitness):
-            await reply(**await C.ceremony_witness(f, conn, req.ceremony_seq))
-        elif isinstance(req, S.ACeremonyRecords):
-            await reply(**await C.ceremony_records(f, conn, req.ceremony_seq))
-        else:
-            await reply(**await C.ceremony_record(f, conn, req))
-    elif isinstance(req, S.AOfficerUnlockShares):
-        await reply(**await f.officers.unlock_shares(conn, req))
-    elif isinstance(req, S.AResume):
-        await reply(**await f.officers.resume(conn, req.token))
-    elif isinstance(req, S.ALogout):
-        await reply(**await f.officers.logout(conn))
-    elif isinstance(req, S.AApprove):
-        await reply(**await f.officers.approve(req.request, conn, lambda r, a: perform(r, f, a)))
-    else:
-        guarded = await f.officers.guard(req, conn)
-        if guarded is not None:
-            await reply(**await f.officers.propose(req, guarded, conn))
-        else:
-            await reply(**await perform(req, f, actor))
-
-
-async def perform(req, f: Factory, actor: str) -> dict:
-    """Every request answered with one Reply: run at once, or later by dual control's last approval."""
-    if isinstance(req, S.AStatus):
-        return await f.status()
-    if isinstance(req, S.AActivate):
-        return await f.activate(req.pin, actor)
-    if isinstance(req, S.AActivateShares):
-        return await f.activate_shares(req.shares, actor)
-    if isinstance(req, S.ACaList):
-        return {"cas": await f.ca_list()}
-    if isinstance(req, S.ACaShow):
-        return await f.ca_show(req.name)
-    if isinstance(req, S.ACaExport):
-        return {"chain": [c.hex() for c in await f.ca_chain(req.name)]}
-    if isinstance(req, S.ACaCreate):
-        return await f.create_ca(req, parent=req.parent, actor=actor)
-    if isinstance(req, S.ACaSignCsr):
-        return await f.sign_csr_ca(req, actor)
-    if isinstance(req, S.ACertShow):
-        return await f.cert_get(req.ca, int.from_bytes(req.serial, "big"))
-    if isinstance(req, S.ACertList):
-        return {"certs": await f.cert_list(req)}
-    if isinstance(req, S.ARevoke):
-        return await f.revoke(req, actor)
-    if isinstance(req, S.AUnrevoke):
-        return await f.unrevoke(req, actor)
-    if isinstance(req, S.AOcspResponderCert):
-        return await f.ocsp_responder_cert(req.ca, req.validity_days, actor)
-    if isinstance(req, S.AOcspStatus):
-        return await f.ocsp_status()
-    if isinstance(req, (S.AOcspTenantAdd, S.AOcspTenantUpdate, S.AOcspTenantRemove, S.AOcspTenantList,
-                        S.AOcspTenantCsr, S.AOcspTenantCrl, S.AOcspTenantSerials)):
-        return await f.tenants.admin(req, actor)
-    if isinstance(req, S.ADistStatus):
-        f._require_active()
-        return await f.dist.status()
-    if isinstance(req, S.ADistList):
-        f._require_active()
-        return {"jobs": await f.run_db(f.dist.list_jobs, req.state, req.rule, req.limit)}
-    if isinstance(req, S.ADistRetry):
-        f._require_active()
-        return {"requeued": await f.dist.retry(req.rule, req.job, actor)}
-    if isinstance(req, S.AReconcile):
-        db = f._require_active()
-        rows = await f.run_db(lambda: db.db.execute(
-            "SELECT seq, ts, object, detail FROM audit WHERE action='reconcile' ORDER BY seq").fetchall())
-        return {"voided": [{"seq": r[0], "ts": r[1], "object": r[2], "detail": r[3]} for r in rows]}
-    if isinstance(req, S.AOfficerAdd):
-        return await f.officers.add(req, actor)
-    if isinstance(req, S.AOfficerList):
-        return await f.officers.list()
-    if isinstance(req, S.AOfficerRemove):
-        return await f.officers.remove(req.name, actor)
-    if isinstance(req, S.AOfficerPasswd):
-        return await f.officers.passwd(req.name, req.password, actor)
-    if isinstance(req, S.AOfficerUnlock):
-        return await f.officers.unlock(req.name, actor)
-    if isinstance(req, S.AOfficerTotp):
-        return await f.officers.totp(req.name, req.enable, actor)
-    if isinstance(req, S.APendingList):
-        return await f.officers.pending_list(req.open_only)
-    if isinstance(req, S.AAuditCheckpoint):
-        return await f.checkpoints.sign(actor)
-    if isinstance(req, S.AAuditCert):
-        from cryptography import x509
-        from cryptography.hazmat.primitives.serialization import Encoding
-        der = await f.checkpoints.cert()
-        return {"cert": x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM).decode()}
-    if isinstance(req, S.ACaCreateRoot):
-        return await f.create_ca(req, parent=None, actor=actor)
-    if isinstance(req, S.AShutdown):
-        await f.audit(actor, "shutdown", "appliance", "ok", "requested through the admin API")
-        await f.send_event(S.Event(kind="shutdown-requested", detail=actor))
-        return {"stopping": True}
-    if isinstance(req, S.AConfigSet):
-        return await f.config_set(req.key, req.value, actor)
-    raise FactoryError("bad-request", f"unsupported request {type(req).__name__}")
 
 
 async def main(fds: dict[str, int], drop) -> None:
@@ -485,7 +346,7 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
                     f.auto_activation.set()
         elif isinstance(m, S.Ceremony):
             try:
-                spec = msgspec.msgpack.decode(m.spec, type=S.CeremonySpec)
+                spec = msgspec.msgpack.decode(m.spec, type=CeremonySpec)
                 await f.activate(m.pin, "ceremony")
                 for o in m.officers:
                     await f.officers.add(o, "ceremony")

@@ -1,4 +1,4 @@
-"""Officers: password and TOTP checks, per-peer slow-down, break-glass unlock, sessions, the permission table, dual control."""
+"""Officers: password and TOTP checks, per-peer slow-down, break-glass unlock, sessions, the permission check, dual control."""
 
 from __future__ import annotations
 
@@ -19,44 +19,10 @@ from cryptography.hazmat.primitives import hashes
 
 from appliance.ipc import schema as S
 
+from .admin import PUBLIC, ROLES, TABLE, AdminOp
 from .service import Factory, FactoryError
 
 MIN_PASSWORD = 12
-ROLES = ("administrator", "operator", "auditor")
-ADMIN = frozenset({"administrator"})
-OPER = frozenset({"operator"})
-AUD = frozenset({"auditor"})
-ANY = frozenset(ROLES)
-PUBLIC = None  # no session needed: activation is authorised by the PIN or the shares, not by an officer
-
-# The one permission table: admin request (its message tag) -> roles allowed. A tag missing here is
-# refused to everyone (fail closed). Checked for every admin request before it is dispatched.
-PERMISSIONS: dict[str, frozenset[str] | None] = {
-    "status": PUBLIC, "activate": PUBLIC, "activate-shares": PUBLIC, "login": PUBLIC, "resume": PUBLIC, "logout": PUBLIC,
-    "officer-unlock-shares": PUBLIC,  # break-glass: authorised by a quorum of activation shares, not by an officer
-    "ca-list": PUBLIC,  # CA names and certificate summaries: public data (the endpoint serves the certificates)
-    "ca-show": ANY, "ca-export": ANY, "cert-show": ANY, "cert-list": ANY, "crl-export": ANY,
-    "ocsp-status": ANY, "pending-list": ANY, "approve": ANY, "audit-cert": ANY, "audit-checkpoint": ANY,
-    "ca-create": OPER, "ca-sign-csr": OPER, "issue": OPER, "revoke": OPER, "unrevoke": OPER, "crl-generate": OPER,
-    "ocsp-responder-cert": OPER,
-    "audit-export": AUD, "reconcile": OPER | AUD,
-    "officer-add": ADMIN, "officer-remove": ADMIN, "officer-unlock": ADMIN, "officer-list": ADMIN | AUD,
-    "officer-passwd": ADMIN, "officer-totp": ADMIN,
-    "dist-status": ANY, "dist-list": ANY, "dist-retry": OPER,
-    # CRL-fed tenants: which other CAs the endpoint answers for is configuration; their CRLs are operations.
-    "ocsp-tenant-list": ANY, "ocsp-tenant-add": ADMIN, "ocsp-tenant-update": ADMIN, "ocsp-tenant-remove": ADMIN,
-    "ocsp-tenant-csr": ADMIN, "ocsp-tenant-crl": OPER, "ocsp-tenant-serials": OPER,
-    # console, ceremonies, backup
-    "ca-create-root": OPER, "ceremony-record": ANY, "backup": ADMIN, "shutdown-request": ADMIN,
-    "ceremony-begin": ANY, "ceremony-witness": ANY, "ceremony-records": ANY,
-    "config-set": ADMIN,  # HOME/donjon.toml, written by the supervisor on the Factory's audited request
-}
-SELF_SERVICE = {"officer-passwd", "officer-totp"}  # an officer may also do these to their own account
-
-# Dual-control operation names (donjon.toml [dual-control] operations) for each guarded request.
-GUARDED = {"ca-create": "ca-create", "ca-create-root": "ca-create", "ca-sign-csr": "ca-sign-csr", "officer-add": "officer",
-           "officer-remove": "officer", "officer-unlock": "officer", "officer-passwd": "officer", "officer-totp": "officer"}
-
 ARGON = {"m": 47104, "t": 1, "p": 1}  # OWASP's first Argon2id setting: 46 MiB, one pass
 TOTP_STEP = 30
 # At most this many Argon2id runs at once, whoever asks: each takes 46 MiB, and 40 parallel failed
@@ -312,10 +278,11 @@ class Officers:
         """Refuse (typed, audited) what this connection's officer may not do."""
         op = tag_of(req)
         obj = str(getattr(req, "name", None) or getattr(req, "ca", None) or getattr(req, "request", None) or "-")
-        if op not in PERMISSIONS:
-            await self.f.audit(conn.actor, op, obj, "denied", "not in the permission table")
+        row = TABLE.get(type(req))
+        if row is None:
+            await self.f.audit(conn.actor, op, obj, "denied", "not in the admin-request table")
             raise FactoryError("denied", f"{op}: not a permitted operation")
-        allowed = PERMISSIONS[op]
+        allowed = row.allowed
         if allowed is PUBLIC:
             return
         s = self._session_of(conn)
@@ -334,7 +301,7 @@ class Officers:
             raise FactoryError("auth", "log in first (donjon login --officer NAME)")
         if s.roles & allowed:
             return
-        if op in SELF_SERVICE and getattr(req, "name", None) == s.officer:
+        if row.self_service and getattr(req, "name", None) == s.officer:
             return
         await self.f.audit(conn.actor, op, obj, "denied", f"roles {','.join(sorted(s.roles))} may not {op}")
         raise FactoryError("denied", f"officer {s.officer} ({', '.join(sorted(s.roles))}) may not {op}: "
@@ -442,16 +409,15 @@ class Officers:
 
     # ------------------------------------------------------------ dual control
 
-    async def guard(self, req, conn: Conn) -> str | None:
+    async def guard(self, req, conn: Conn, row: AdminOp) -> str | None:
         """The dual-control operation name this request falls under, or None when it runs at once."""
         if self.cfg.dual_approvals <= 1 or conn.session is None:
             return None  # no policy, or the bootstrap administrator (no officer exists to approve)
-        op = tag_of(req)
-        name = GUARDED.get(op)
-        if op in SELF_SERVICE and getattr(req, "name", None) == conn.session.officer and "administrator" not in conn.session.roles:
+        name = row.guard
+        if row.self_service and getattr(req, "name", None) == conn.session.officer and "administrator" not in conn.session.roles:
             name = None  # an officer's own password or second factor
-        if op in ("revoke", "unrevoke") and await self._is_ca_cert(req.ca, req.serial):  # lifting a CA's hold too
-            name = "revoke-ca"
+        if name == "revoke-ca" and not await self._is_ca_cert(req.ca, req.serial):  # lifting a CA's hold too
+            name = None
         return name if name in self.cfg.dual_operations else None
 
     async def _is_ca_cert(self, ca: str, serial: bytes) -> bool:
@@ -523,7 +489,8 @@ class Officers:
             await self.f.audit(conn.actor, "approve", obj, "refused", f"request is {state}")
             raise FactoryError("exists" if state in ("done", "failed", "running") else "policy", f"request #{request_id} is {state}")
         req = msgspec.msgpack.decode(blob, type=S.AdminRequest)
-        allowed = PERMISSIONS.get(tag_of(req)) or frozenset()
+        row = TABLE.get(type(req))
+        allowed = (row.allowed if row is not None else None) or frozenset()
         if not s.roles & allowed:
             await self.f.audit(conn.actor, "approve", obj, "denied", f"roles {','.join(sorted(s.roles))} may not approve {operation}")
             raise FactoryError("denied", f"officer {s.officer} may not approve {operation} (needs {', '.join(sorted(allowed))})")

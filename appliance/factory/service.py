@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from appliance.ceremonyspec import CeremonyCa, CeremonySpec
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, ProtocolViolation
 from policy import crl as crlenc
@@ -283,7 +284,7 @@ class Factory:
 
     # ------------------------------------------------------------ CAs
 
-    async def ceremony(self, spec: S.CeremonySpec, actor: str) -> list[str]:
+    async def ceremony(self, spec: CeremonySpec, actor: str) -> list[str]:
         made = []
         db = self._require_active()
         exists = await self.run_db(lambda: db.db.execute("SELECT count(*) FROM cas").fetchone()[0])
@@ -296,11 +297,11 @@ class Factory:
             made.append(sub.name)
         return made
 
-    async def create_ca(self, c: S.CeremonyCa | S.ACaCreate, parent: str | None, actor: str) -> dict[str, Any]:
+    async def create_ca(self, c: CeremonyCa | S.ACaCreate, parent: str | None, actor: str) -> dict[str, Any]:
         db = self._require_active()
         name = c.name
         profile = getattr(c, "profile", None) or ("root-ca" if parent is None else "sub-ca")
-        if isinstance(c, S.CeremonyCa):
+        if isinstance(c, CeremonyCa):
             subject = tuple((k, v) for k, v in c.subject.items())
         else:
             subject = tuple(c.subject)

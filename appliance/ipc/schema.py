@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 
 import msgspec
 
-VERSION = 2
+VERSION = 3
 
 # Size limits, checked by msgspec at decode time.
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
@@ -175,7 +175,7 @@ class Ceremony(_Msg, tag="ceremony"):
     """`donjon init`: run this root ceremony (already validated) and stop."""
 
     pin: Pin
-    spec: Annotated[bytes, msgspec.Meta(max_length=65536)]  # msgspec-encoded CeremonySpec
+    spec: Annotated[bytes, msgspec.Meta(max_length=65536)]  # msgpack of appliance.ceremonyspec.CeremonySpec
     officers: Annotated[list[InitOfficer], msgspec.Meta(max_length=16)] = []
 
 
@@ -1161,25 +1161,165 @@ class BlobChunk(_Msg, tag="blob"):
     last: bool
 
 
-AdminReply = Union[Hello, Reply, IssueReply, BlobChunk, Refused]
+# ---------------------------------------------------------------- typed replies, one per request family
+# Strict like the requests (the client decodes them with AdminReply); omit_defaults keeps an absent
+# optional field absent, so every face reads the same document as when replies were dicts.
+
+HexSerial = Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=r"^[0-9a-f]+$")]
+Pem = Annotated[str, msgspec.Meta(max_length=128 * 1024)]
+IsoTime = Annotated[str, msgspec.Meta(max_length=40)]
+LongText = Annotated[str, msgspec.Meta(max_length=64 * 1024)]  # a subject or SAN list as stored
 
 
-# ---------------------------------------------------------------- ceremony file (TOML, validated)
+class _Reply(_Msg, omit_defaults=True):
+    pass
 
 
-class CeremonyCa(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="kebab"):
+class RevokeReply(_Reply, tag="revoke-reply"):
+    id: ReqId
+    ca: Name
+    serial: HexSerial
+    revoked_at: Epoch
+    reason: Reason
+    was_on_hold: bool
+
+
+class UnrevokeReply(_Reply, tag="unrevoke-reply"):
+    id: ReqId
+    ca: Name
+    serial: HexSerial
+    released: bool
+    held_since: Epoch
+
+
+class CertReply(_Reply, tag="cert-reply"):
+    id: ReqId
+    ca: Name
+    serial: HexSerial
+    profile: Name
+    subject: LongText
+    not_before: Epoch
+    not_after: Epoch
+    issued_at: Epoch
+    revoked_at: Epoch | None
+    reason: Reason | None
+    pem: Pem
+
+
+class CertSummary(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    ca: Name
+    serial: HexSerial
+    profile: Name
+    subject: LongText
+    not_after: Epoch
+    revoked: bool
+    expired: bool
+    sans: LongText
+
+
+class CertListReply(_Reply, tag="cert-list-reply"):
+    id: ReqId
+    certs: Annotated[list[CertSummary], msgspec.Meta(max_length=10000)]
+
+
+class CaInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: Name
     key_type: KeyType
-    subject: dict[str, str]
-    validity_days: Annotated[int, msgspec.Meta(ge=1, le=40 * 366)]
-    path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
-    profile: Name | None = None
-    allowed_profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()  # what this CA may issue
+    parent: Name | None
+    profile: Name
+    subject: Text
+    serial: HexSerial
+    not_before: IsoTime
+    not_after: IsoTime
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+    state: Text
+    state_reason: Text
+    issues: Text  # what the CA may issue (policy.capolicy.CaPolicy.describe)
 
 
-class CeremonySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="kebab"):
-    root: CeremonyCa
-    issuing: list[CeremonyCa] = []
+class CaReply(_Reply, tag="ca-reply"):
+    """ca-show, ca-create, ca-create-root: the CA's summary (CaInfo's fields; state and issues in ca-show)."""
+
+    id: ReqId
+    name: Name
+    key_type: KeyType
+    parent: Name | None
+    profile: Name
+    subject: Text
+    serial: HexSerial
+    not_before: IsoTime
+    not_after: IsoTime
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+    state: Text | None = None
+    state_reason: Text | None = None
+    issues: Text | None = None
+
+
+class CaListReply(_Reply, tag="ca-list-reply"):
+    id: ReqId
+    cas: Annotated[list[CaInfo], msgspec.Meta(max_length=4096)]
+
+
+class CaExportReply(_Reply, tag="ca-export-reply"):
+    id: ReqId
+    chain: Annotated[list[Annotated[str, msgspec.Meta(max_length=128 * 1024)]], msgspec.Meta(max_length=64)]  # DER, hex
+
+
+class CaSignCsrReply(_Reply, tag="ca-sign-csr-reply"):
+    id: ReqId
+    serial: HexSerial
+    cert: Pem
+
+
+class LoginReply(_Reply, tag="login-reply"):
+    """login (token, idle_seconds) and resume (without them): the session's officer and roles."""
+
+    id: ReqId
+    officer: Name
+    roles: Annotated[list[OfficerRole], msgspec.Meta(max_length=3)]
+    token: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+    idle_seconds: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class LogoutReply(_Reply, tag="logout-reply"):
+    id: ReqId
+    logged_out: bool
+
+
+class OfficerReply(_Reply, tag="officer-reply"):
+    """officer-add (name, roles), -remove (removed), -passwd (name, password), -unlock and -unlock-shares
+    (name, locked, password), -totp (name, totp, and when turned on: secret, uri)."""
+
+    id: ReqId
+    name: Name | None = None
+    roles: Annotated[list[OfficerRole], msgspec.Meta(max_length=3)] | None = None
+    removed: Name | None = None
+    password: Literal["changed", "unchanged"] | None = None
+    locked: bool | None = None
+    totp: bool | None = None
+    secret: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    uri: Annotated[str, msgspec.Meta(max_length=512)] | None = None
+
+
+class OfficerInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Name
+    roles: Annotated[list[OfficerRole], msgspec.Meta(max_length=3)]
+    totp: bool
+    failures: Annotated[int, msgspec.Meta(ge=0)]
+    locked: bool
+    created: Epoch
+
+
+class OfficerListReply(_Reply, tag="officer-list-reply"):
+    id: ReqId
+    officers: Annotated[list[OfficerInfo], msgspec.Meta(max_length=10000)]
+
+
+TypedReply = Union[RevokeReply, UnrevokeReply, CertReply, CertListReply, CaReply, CaListReply, CaExportReply,
+                   CaSignCsrReply, LoginReply, LogoutReply, OfficerReply, OfficerListReply]
+
+
+AdminReply = Union[Hello, Reply, IssueReply, BlobChunk, Refused, TypedReply]
 
 
 def schema_hash() -> str:
@@ -1188,7 +1328,7 @@ def schema_hash() -> str:
     import json
 
     unions = [SupToCis, CisToSup, SupToFactory, FactoryToSup, FactoryToCis, CisToFactory, AdminRequest, AdminReply,
-              SupToOcsp, OcspToSup, FactoryToOcsp, OcspToFactory, SupToSnmp, SnmpToSup, CeremonySpec,
+              SupToOcsp, OcspToSup, FactoryToOcsp, OcspToFactory, SupToSnmp, SnmpToSup,
               SupToDist, DistToSup, FactoryToDist, DistToFactory]
     schema = msgspec.json.schema_components(unions, schema_hook=lambda t: {"any": repr(t)})
     return hashlib.sha256(json.dumps(schema, sort_keys=True, default=str).encode()).hexdigest()

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.twofactor.totp import TOTP
 
 from appliance.client import AdminClient, ClientError
+from appliance.factory import admin
 from appliance.ipc import schema as S
 from tests.conftest import PASSWORD
 
@@ -76,6 +77,14 @@ def test_every_admin_request_is_in_the_matrix():
     covered = {tag(m) for m in SAMPLES + DISRUPTIVE} | PUBLIC
     every = {c.__struct_config__.tag for c in typing.get_args(S.AdminRequest) if c is not S.Hello}
     assert every == covered, f"add these to SAMPLES/EXPECTED: {sorted(every - covered)}"
+    # The Factory's admin-request table has a row for every request, with the permission written above.
+    assert not admin.missing_rows(), f"no row in appliance/factory/admin.py TABLE: {admin.missing_rows()}"
+    for cls in typing.get_args(S.AdminRequest):
+        if cls is S.Hello:
+            continue
+        op, row = cls.__struct_config__.tag, admin.TABLE[cls]
+        want = None if op in PUBLIC else frozenset(r for r in EXPECTED if op in EXPECTED[r])
+        assert row.allowed == want, (op, row.allowed, want)
 
 
 def test_role_operation_matrix_denials_refused_and_audited(appliance):

@@ -162,8 +162,15 @@ def test_sigterm_stops_cleanly(appliance):
 
 
 def test_schema_hash_is_pinned():
-    # Changing any message changes this hash: bump schema.VERSION in the same change, then update it.
-    assert (S.VERSION, S.schema_hash()) == (2, PINNED_SCHEMA_HASH)
+    # A changed schema fails here until schema.VERSION is bumped and the new hash pinned under it; an
+    # entry is never edited (peers of the old version speak the old schema), only added.
+    assert S.VERSION == max(PINNED_SCHEMA_HASHES), f"schema.VERSION {S.VERSION}: pin its hash under that key"
+    assert len(set(PINNED_SCHEMA_HASHES.values())) == len(PINNED_SCHEMA_HASHES), "a hash pinned under two versions"
+    assert S.schema_hash() == PINNED_SCHEMA_HASHES[S.VERSION], \
+        f"the schema changed: bump schema.VERSION to {S.VERSION + 1} and pin {S.schema_hash()} under it"
 
 
-PINNED_SCHEMA_HASH = "c13c81ddadbb16a3220f5182b620e99c973910835a5238461e9c83ecb8f82e98"
+PINNED_SCHEMA_HASHES = {
+    2: "c13c81ddadbb16a3220f5182b620e99c973910835a5238461e9c83ecb8f82e98",
+    3: "04ab501a300ad2df4e9ea7f3353411ca8c2d6c8e9cfda06261e03e1492de4866",
+}
