@@ -124,7 +124,9 @@ class AdminClient:
         try:
             return rid, self._recv(rid)
         except ClientError as e:
-            if e.code != "auth" or self.deferred_login is None or self.session is not None:
+            # An activation refused for a wrong PIN or share is an "auth" refusal too: it was not for want
+            # of a session, so it is no cue for the deferred login.
+            if e.code != "auth" or self.deferred_login is None or self.session is not None or cls in NO_SESSION:
                 raise
         officer, password, otp = self.deferred_login
         self.deferred_login = None
@@ -201,6 +203,9 @@ def save_session(home: str, token: str | None) -> None:
         os.rename(tmp, path)
     except OSError:
         pass
+
+
+NO_SESSION = (S.AActivate, S.AActivateShares, S.AStatus)  # answered without an officer session
 
 
 def connect(home: str, timeout: float | None = 600) -> AdminClient:

@@ -315,7 +315,9 @@ def appliance_factory(tmp_path, src_path, homes, home_templates):
         a = Appliance(home, src_path, user=user, bin=bin)
         made.append(a)
         ceremony = ceremony or make_ceremony(tmp_path / f"ceremony{len(made)}.toml", **kw)
-        if init_args:  # init options may write outside the folder (--shares-dir): a real init each time
+        # A real init each time where a template cannot stand in: init options may write outside the
+        # folder (--shares-dir), and a folder the test seeded before init (its own profiles) is read by it.
+        if init_args or (home.exists() and any(home.iterdir())):
             a.init(ceremony, config=config, officers=officers, extra=init_args)
         else:
             variant = _variant(ceremony, config, officers, user, bin)

@@ -73,6 +73,9 @@ def rev(src_path, tmp_path_factory, trap_log, slapd):
     a.init(make_ceremony(tmp / "ceremony.toml"), officers={**OFFICERS, "oper2": "operator"})
     port = _free_port()
     (base / "ldap.secret").write_text(ADMIN_PW + "\n")
+    (a.home / "secrets").mkdir(mode=0o700)
+    (a.home / "secrets" / "trap").write_text(TRAP_COMMUNITY + "\n")
+    os.chmod(a.home / "secrets" / "trap", 0o600)  # SNMP secrets: 0600 files, never in donjon.toml
     (a.home / "donjon.toml").write_text(f"""
 [ocsp]
 listen = "127.0.0.1:{port}"
@@ -89,7 +92,7 @@ listen = "127.0.0.1:{_udp_port()}"
 host = "127.0.0.1"
 port = {trap_log[0]}
 version = "v2c"
-community = "{TRAP_COMMUNITY}"
+community-file = "secrets/trap"
 [distribution]
 backoff-max = 2
 [[distribution.rule]]
