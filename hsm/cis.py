@@ -32,8 +32,8 @@ from policy.errors import PolicyError
 from .token import ObjectMissing, Token, TokenError, make_private_key
 
 AUDIT_LABEL = "donjon-audit"  # the audit key's token label (CA names may not take it)
-LINT_SAMPLE = 1000
-TOKEN_CHECK_SECONDS = 5  # CRL entries linted under the throwaway key (memory stays flat for big CRLs)
+LINT_SAMPLE = 1000  # CRL entries linted under the throwaway key (memory stays flat for big CRLs)
+TOKEN_CHECK_SECONDS = 5  # how often an idle CIS checks that its token is still there
 
 
 def _log(msg: str) -> None:
@@ -557,7 +557,7 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.CisConfig) -> roles.B
         os.environ["SOFTHSM2_CONF"] = cfg.softhsm_conf
     cis = Cis(cfg)
     cis.token.load()  # map the PKCS#11 module before the privilege drop
-    getattr(lint, "warm", lambda: None)()  # import pkilint's validators before the drop
+    lint.warm()  # import pkilint's validators before the drop (Landlock then allows no new paths)
     fac = Channel.from_fd(fds[FACTORY_CIS.name], FACTORY_CIS.name, FACTORY_CIS.down)
 
     async def serve_factory(n: trio.Nursery) -> None:
