@@ -152,7 +152,7 @@ async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
                 await chan.send(S.Refused(id=req.id, code="internal", reason="internal error in the Factory (see its log)"))
     except ProtocolViolation as e:
         # An admin client is not a peer role: drop the connection, keep serving the others.
-        if not isinstance(e, type(None)) and "peer closed" not in str(e):
+        if not isinstance(e, LinkClosed):  # a client that hung up is no news
             _log(f"admin client {who}: {e}")
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
