@@ -1098,22 +1098,6 @@ def config_set(key: Annotated[str, typer.Argument(help="One of: " + ", ".join(op
 # ---------------------------------------------------------------- internals
 
 
-@app.command(hidden=True)
-def role(name: str,
-         fd: Annotated[list[str], typer.Option(help="link=fd")] = [],  # noqa: B006
-         rw: Annotated[list[str], typer.Option()] = [],  # noqa: B006
-         ro: Annotated[list[str], typer.Option()] = [],  # noqa: B006
-         uid: Annotated[Optional[int], typer.Option()] = None,
-         gid: Annotated[Optional[int], typer.Option()] = None) -> None:
-    """Run one role (started by the supervisor only)."""
-    from appliance.roles import run_role
-    fds = {}
-    for spec in fd:
-        link, _, num = spec.partition("=")
-        fds[link] = int(num)
-    raise typer.Exit(run_role(name, fds, rw, ro, uid, gid))
-
-
 @app.command()
 def version() -> None:
     """Print the version."""
@@ -1141,5 +1125,8 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m appliance.cli: the same dispatch as the `donjon` program
+    from appliance.entry import dispatch_role
+
+    dispatch_role(sys.argv)
     main()

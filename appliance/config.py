@@ -401,14 +401,7 @@ def dist_rules(home: str, cfg: Config, with_secrets: bool) -> list[S.DistRule]:
             raise ConfigError(f"{where}: url: credentials belong in secret-file, not in the URL")
         secret = None
         if r.secret_file:
-            sp = os.path.join(home, r.secret_file)
-            try:
-                with open(sp, encoding="utf-8") as f:
-                    secret = f.read().strip()
-            except OSError as e:
-                raise ConfigError(f"{where}: secret-file {sp}: {e.strerror}") from None
-            if not secret:
-                raise ConfigError(f"{where}: secret-file {sp} is empty")
+            secret = read_secret(os.path.join(home, r.secret_file), f"{where}: secret-file")
         if r.bind_dn and secret is None:
             raise ConfigError(f"{where}: bind-dn needs a secret-file")
         ca_pem = None
@@ -428,6 +421,19 @@ def dist_rules(home: str, cfg: Config, with_secrets: bool) -> list[S.DistRule]:
         except msgspec.ValidationError as e:
             raise ConfigError(f"{where}: {e}") from None
     return out
+
+
+def read_secret(path: str, what: str) -> str:
+    """A secret kept in a file (a PIN, a directory password): its text, stripped; unreadable or empty is
+    refused in one line naming `what` and the path."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: {e.strerror}") from None
+    if not secret:
+        raise ConfigError(f"{what} {path} is empty")
+    return secret
 
 
 def read_secret_file(home: str, rel: str, where: str, key: str) -> str:

@@ -23,13 +23,9 @@ def _write_secret(path: str, value: str) -> None:
 
 def read_pin(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            pin = f.read().strip()
-    except OSError as e:
-        raise HomeError(f"cannot read the PIN file {path}: {e.strerror}") from None
-    if not pin:
-        raise HomeError(f"the PIN file {path} is empty")
-    return pin
+        return C.read_secret(path, "the PIN file")
+    except C.ConfigError as e:
+        raise HomeError(str(e)) from None
 
 
 def create(home: str, pin: str | None = None, write_pin: bool = True) -> tuple[C.Config, str]:

@@ -48,6 +48,8 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from appliance.roletable import ROLES
+
 __all__ = [
     "ADMIN_GROUP",
     "ROLE_USERS",
@@ -62,15 +64,7 @@ __all__ = [
 
 log = logging.getLogger("donjon.privdrop")
 
-ROLE_USERS: dict[str, str] = {
-    "cis": "donjon-cis",
-    "factory": "donjon-factory",
-    "ocsp": "donjon-ocsp",
-    "distribution": "donjon-dist",
-    "gateway": "donjon-gw",
-    "snmp": "donjon-snmp",
-    "kgs": "donjon-kgs",
-}
+ROLE_USERS: dict[str, str] = {r.name: r.user for r in ROLES.values()}  # one user per role of the role table
 ADMIN_GROUP = "donjon-admin"
 
 
@@ -488,7 +482,7 @@ def current_confinement(pid: int) -> dict:
 def ensure_role_users(roles: Iterable[str]) -> dict[str, Identity]:
     """Create the missing per-role system users and the admin group (root only); idempotent."""
     roles = list(roles)
-    unknown = [r for r in roles if r not in ROLE_USERS]
+    unknown = [r for r in roles if r not in ROLES]
     if unknown:
         raise ValueError(f"unknown role(s): {', '.join(sorted(unknown))}")
     if os.geteuid() != 0:
@@ -501,7 +495,7 @@ def ensure_role_users(roles: Iterable[str]) -> dict[str, Identity]:
         _run([groupadd, "--system", ADMIN_GROUP])
     identities = {}
     for role in roles:
-        name = ROLE_USERS[role]
+        name = ROLES[role].user
         try:
             pw = pwd.getpwnam(name)
         except KeyError:

@@ -1,17 +1,25 @@
-"""`donjon role NAME`: the entry point of every child process (hidden from help)."""
+"""`donjon role NAME`: the entry of every child process, and the start-up skeleton every role shares."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 import signal
 import sys
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 import trio
 
 from appliance import privdrop
-from appliance.ipc.channel import ProtocolViolation
+from appliance.ipc import schema as S
+from appliance.ipc.channel import Channel, ProtocolViolation
+from appliance.roletable import ROLES, RoleSpec
 
-ROLES = ("cis", "factory", "ocsp", "snmp", "distribution")
+
+def _log(name: str, msg: str) -> None:
+    print(f"donjon[{name} {os.getpid()}]: {msg}", file=sys.stderr, flush=True)
 
 
 def _close_inherited(keep: set[int]) -> None:
@@ -25,8 +33,28 @@ def _close_inherited(keep: set[int]) -> None:
                 pass
 
 
+def main(argv: list[str]) -> int:
+    """`donjon role NAME --fd LINK=FD ... [--rw P] [--ro P] [--uid N --gid N]` (the supervisor's argv)."""
+    ap = argparse.ArgumentParser(prog="donjon role", description="Run one role (started by the supervisor only).")
+    ap.add_argument("name")
+    ap.add_argument("--fd", action="append", default=[], help="LINK=FD")
+    ap.add_argument("--rw", action="append", default=[])
+    ap.add_argument("--ro", action="append", default=[])
+    ap.add_argument("--uid", type=int)
+    ap.add_argument("--gid", type=int)
+    a = ap.parse_args(argv)
+    fds = {}
+    for spec in a.fd:
+        link, _, num = spec.partition("=")
+        if not num.isdigit():
+            ap.error(f"--fd {spec!r}: expected LINK=FD")
+        fds[link] = int(num)
+    return run_role(a.name, fds, a.rw, a.ro, a.uid, a.gid)
+
+
 def run_role(name: str, fds: dict[str, int], rw: list[str], ro: list[str], uid: int | None, gid: int | None) -> int:
-    if name not in ROLES:
+    spec = ROLES.get(name)
+    if spec is None:
         print(f"donjon: unknown role {name!r}", file=sys.stderr)
         return 2
     # No PR_SET_PDEATHSIG: trio forks from a worker thread, and the signal fires when that thread
@@ -42,32 +70,24 @@ def run_role(name: str, fds: dict[str, int], rw: list[str], ro: list[str], uid: 
         # the PKCS#11 module's files): keep it; the inherited ones were closed at start.
         keep = frozenset(int(f) for f in os.listdir("/proc/self/fd"))
         privdrop.drop(privdrop.DropSpec(role=name, identity=identity, keep_fds=keep, rw_paths=tuple(rw),
-                                        ro_paths=tuple(ro), network=name == "distribution"))
+                                        ro_paths=tuple(ro), network=spec.may_open_sockets))
 
-    if name == "snmp":
-        # pysnmp 7 is asyncio-only: this role runs its own asyncio loop, not trio.
-        from appliance.snmp.main import run as run_snmp
+    module, _, function = spec.entry.partition(":")
+    entry = getattr(importlib.import_module(module), function)  # only this role's code is ever imported
+    if spec.own_loop:
         try:
-            return run_snmp(fds, drop)
+            return entry(fds, drop)
         except ProtocolViolation as e:
-            print(f"donjon[snmp {os.getpid()}]: protocol violation: {e}", file=sys.stderr, flush=True)
+            _log(name, f"protocol violation: {e}")
             return 3
-    if name == "cis":
-        from hsm.cis import main
-    elif name == "ocsp":
-        from appliance.ocsp.main import main
-    elif name == "distribution":
-        from appliance.distribution.main import main
-    else:
-        from appliance.factory.main import main
     try:
-        trio.run(main, fds, drop)
+        trio.run(entry, fds, drop)
     except BaseException as e:  # noqa: BLE001 - classify what ended the role, then exit
         leaves = list(_leaves(e))
         for leaf in leaves:
             if isinstance(leaf, ProtocolViolation):
                 # A role that receives a message it does not expect exits: one line, non-zero.
-                print(f"donjon[{name} {os.getpid()}]: protocol violation: {leaf}", file=sys.stderr, flush=True)
+                _log(name, f"protocol violation: {leaf}")
                 return 3
         if all(isinstance(x, KeyboardInterrupt) for x in leaves):
             return 130
@@ -81,3 +101,60 @@ def _leaves(e: BaseException):
             yield from _leaves(sub)
     else:
         yield e
+
+
+# ---------------------------------------------------------------- the start-up skeleton (trio roles)
+
+
+@dataclass
+class Body:
+    """What a role adds to the skeleton; everything but `serve` is optional."""
+
+    serve: Callable[[trio.Nursery], Awaitable[None]]  # the role's work, started once Ready is sent
+    connect: Callable[[], Awaitable[None]] | None = None  # after the drop, before Ready: links it needs to serve
+    control: Callable[[Any], Awaitable[None]] | None = None  # a supervisor message other than Shutdown
+    close: Callable[[], None] | None = None  # after Shutdown, once its work is cancelled
+
+
+async def config(spec: RoleSpec, fds: dict[str, int]) -> tuple[Channel, Any]:
+    """Handshake on the control link and take the configuration message, nothing else."""
+    link = spec.control
+    sup = Channel.from_fd(fds[link.name], link.name, link.down, accept_fds=link.carries_fds)
+    await sup.handshake()
+    cfg = await sup.recv()
+    if not isinstance(cfg, spec.config):
+        raise ProtocolViolation(f"{link.name}: expected {spec.config.__name__}, got {type(cfg).__name__}")
+    return sup, cfg
+
+
+async def serve(name: str, fds: dict[str, int], drop: Callable[[], None],
+                setup: Callable[[Channel, Any], Awaitable[Body]]) -> None:
+    """handshake -> config -> setup (imports, privileged resources) -> drop -> connect -> Ready ->
+    serve, until Shutdown. Anything else on the control link is a protocol violation."""
+    spec = ROLES[name]
+    sup, cfg = await config(spec, fds)
+    stopped = False
+    try:
+        body = await setup(sup, cfg)
+        drop()
+        if body.connect is not None:
+            await body.connect()
+        await sup.send(S.Ready(role=name, pid=os.getpid()))
+        async with trio.open_nursery() as n:
+            n.start_soon(body.serve, n)
+            while True:
+                m = await sup.recv()
+                if isinstance(m, S.Shutdown):
+                    stopped = True
+                    n.cancel_scope.cancel()
+                    break
+                if body.control is None or isinstance(m, (S.Hello, spec.config)):
+                    raise ProtocolViolation(f"{spec.control.name}: unexpected {type(m).__name__}")
+                await body.control(m)
+    finally:
+        with trio.CancelScope(shield=True):
+            await sup.aclose()
+    if stopped:
+        if body.close is not None:
+            body.close()
+        _log(name, "stopped cleanly")

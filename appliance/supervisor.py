@@ -26,14 +26,13 @@ from appliance import privdrop, safefs
 from appliance.ceremonyspec import CeremonySpec
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, ProtocolViolation
+from appliance.roletable import ROLES, Launch, RoleSpec
 
 # Seconds for the roles to be ready at a start. A software-emulated machine (an image booted without
 # KVM) imports far slower: the image's units raise it with DONJON_START_TIMEOUT (10 to 3600).
 _start_env = os.environ.get("DONJON_START_TIMEOUT", "")
 START_TIMEOUT = min(max(int(_start_env), 10), 3600) if _start_env.isdigit() else 60
 STOP_TIMEOUT = 20
-STOP_ORDER = {"ocsp": 0, "distribution": 1, "snmp": 2, "factory": 3, "cis": 4}
-STATELESS = {"ocsp", "snmp", "distribution"}  # roles restarted on their own; the others' death stops the appliance
 THROTTLE_AFTER = 10.0  # a role that dies sooner than this after starting backs off exponentially
 MAX_BACKOFF = 60.0
 STATUS_SECONDS = 5
@@ -91,7 +90,7 @@ def role_argv(name: str) -> list[str]:
     """Re-execute this same program as a role (frozen bundle or source tree)."""
     if getattr(sys, "frozen", False):
         return [sys.executable, "role", name]
-    return [sys.executable, "-m", "appliance.cli", "role", name]
+    return [sys.executable, "-m", "appliance.entry", "role", name]
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -116,10 +115,15 @@ class Role:
     chan: Channel | None = None
     restarts: int = 0
     backoff: float = 0.5
+    config: msgspec.Struct | None = None  # sent after the handshake (the role table's launch())
 
     @property
     def kind(self) -> str:
         return self.name.split(".")[0]
+
+    @property
+    def spec(self) -> RoleSpec:
+        return ROLES[self.kind]
 
 
 class Supervisor:
@@ -162,8 +166,7 @@ class Supervisor:
         for name in self._endpoint_names():
             os.makedirs(L.ocsp_store(name), mode=0o700, exist_ok=True)
         if self.appliance:
-            self.ids = privdrop.ensure_role_users(["cis", "factory", "ocsp"] + (["snmp"] if self.cfg.snmp.enabled else [])
-                                                  + (["distribution"] if self._dist_enabled() else []))
+            self.ids = privdrop.ensure_role_users(ROLES)  # every role's user, whether it runs now or not
             self.admin_gid = grp.getgrnam(privdrop.ADMIN_GROUP).gr_gid
             os.chmod(self.home, 0o711)
         _protect_config(self.home, self.admin_gid)
@@ -194,7 +197,7 @@ class Supervisor:
             log("the endpoint's token PIN is the CA token's PIN: not handed to the endpoint (no live signing)")
             self.ocsp_pin = None
 
-    def _dist_enabled(self) -> bool:
+    def dist_enabled(self) -> bool:
         """The agent runs when there is something to publish, or CRL-fed tenants may need fetching
         (tenants live in the CMDB and come and go at run time: whenever the endpoint runs)."""
         return bool(self.dist_rules) or self.cfg.ocsp.enabled
@@ -256,57 +259,36 @@ class Supervisor:
     # ------------------------------------------------------------ roles
 
     def _roles(self, admin: socket.socket | None, listen: socket.socket | None) -> tuple[dict[str, Role], list[socket.socket]]:
-        """Every link is a socketpair made here; the graph (supervisor-each role, Factory-each CIS)
-        is enforced by construction: no role can open a path to reach another."""
-        L = self.layout
+        """Every link is a socketpair made here, as the role table says; the graph (supervisor-each
+        role, Factory-each role with a feed) is enforced by construction: no role can open a path to
+        reach another."""
         keep: list[socket.socket] = []
 
         def pair():
             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             keep.extend([a, b])
             return a, b
+        inherited = {"admin": admin, "listen": listen}
         roles: dict[str, Role] = {}
         self._sup_ends = {}
-        module_dir = os.path.dirname(os.path.realpath(self.cfg.hsm.module))
-        sup_fac, fac_sup = pair()
-        fac_fds = {"sup-factory": fac_sup.fileno()}
-        for i in range(self.cfg.hsm.signers):
-            name = "cis" if i == 0 else f"cis.{i}"
-            sup_cis, cis_sup = pair()
-            fac_cis, cis_fac = pair()
-            roles[name] = Role(name, {"sup-cis": cis_sup.fileno(), "factory-cis": cis_fac.fileno()},
-                               rw=[L.softhsm] if self.cfg.hsm.embedded else [],
-                               ro=[module_dir, "/etc/softhsm"],
-                               env={"SOFTHSM2_CONF": L.softhsm_conf} if self.cfg.hsm.embedded else {})
-            fac_fds["factory-cis" if i == 0 else f"factory-cis.{i}"] = fac_cis.fileno()
-            self._sup_ends[name] = sup_cis
-        if admin is not None:
-            fac_fds["admin"] = admin.fileno()
-        for name in self._endpoint_names() if listen is not None else []:
-            sup_ocsp, ocsp_sup = pair()
-            fac_ocsp, ocsp_fac = pair()
-            fac_fds["factory-" + name] = fac_ocsp.fileno()  # factory-ocsp, factory-ocsp.1, ...
-            embedded = self.cfg.hsm.embedded
-            roles[name] = Role(name, {"sup-ocsp": ocsp_sup.fileno(), "factory-ocsp": ocsp_fac.fileno(),
-                                      "listen": listen.fileno()}, rw=[L.ocsp_store(name)] + ([L.ocsp_token] if embedded else []),
-                               ro=[module_dir, "/etc/softhsm"] if embedded else [],
-                               env={"SOFTHSM2_CONF": os.path.join(L.ocsp_token, "softhsm2.conf")} if embedded else {})
-            self._sup_ends[name] = sup_ocsp
-        if self._dist_enabled():
-            sup_dist, dist_sup = pair()
-            fac_dist, dist_fac = pair()
-            fac_fds["factory-distribution"] = fac_dist.fileno()
-            # Outbound only: name resolution files, the system trust store comes with every role.
-            roles["distribution"] = Role("distribution", {"sup-distribution": dist_sup.fileno(), "factory-distribution": dist_fac.fileno()},
-                                         ro=["/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf"])
-            self._sup_ends["distribution"] = sup_dist
-        roles["factory"] = Role("factory", fac_fds, rw=[L.cmdb])
-        self._sup_ends["factory"] = sup_fac
-        if self.cfg.snmp.enabled:
-            sup_snmp, snmp_sup = pair()
-            roles["snmp"] = Role("snmp", {"sup-snmp": snmp_sup.fileno()})  # it opens its UDP sockets before its drop
-            self._sup_ends["snmp"] = sup_snmp
+        fac_fds: dict[str, int] = {}  # the Factory's ends of every feed: factory-cis, factory-cis.1, factory-ocsp, ...
+        for spec in ROLES.values():
+            for name in spec.process_names(self):
+                sup_end, role_end = pair()
+                fds = {spec.control.name: role_end.fileno()}
+                if spec.feed is not None:
+                    fac_end, role_fac = pair()
+                    fds[spec.feed.name] = role_fac.fileno()
+                    fac_fds[spec.feed.name + name[len(spec.name):]] = fac_end.fileno()
+                fds.update({k: inherited[k].fileno() for k in spec.inherits if inherited.get(k) is not None})
+                roles[name] = self._role(name, fds)
+                self._sup_ends[name] = sup_end
+        roles["factory"].fds.update(fac_fds)
         return roles, keep
+
+    def _role(self, name: str, fds: dict[str, int]) -> Role:
+        launch: Launch = ROLES[name.split(".")[0]].launch(self, name)
+        return Role(name, fds, rw=list(launch.rw), ro=list(launch.ro), env=dict(launch.env), config=launch.config)
 
     async def _start(self, role: Role) -> None:
         argv = role_argv(role.kind)
@@ -325,44 +307,13 @@ class Supervisor:
             # then stops the roles in order (a role killed by the same SIGINT broke its links).
             process_group=0)
         sock = self._sup_ends[role.name]
-        incoming = {"cis": S.CisToSup, "factory": S.FactoryToSup, "ocsp": S.OcspToSup, "snmp": S.SnmpToSup,
-                    "distribution": S.DistToSup}[role.kind]
-        role.chan = Channel.from_fd(os.dup(sock.fileno()), f"sup-{role.kind}", incoming)
+        link = role.spec.control
+        role.chan = Channel.from_fd(os.dup(sock.fileno()), link.name, link.up)
         sock.close()
 
     async def _wait_ready(self, role: Role) -> None:
         await role.chan.handshake()
-        if role.kind == "cis":
-            await role.chan.send(S.CisConfig(module=self.cfg.hsm.module, token_label=self.cfg.hsm.token,
-                                             softhsm_conf=self.layout.softhsm_conf if self.cfg.hsm.embedded else None,
-                                             profiles=self.profiles, base_url=self.cfg.endpoint.base_url))
-        elif role.kind == "snmp":
-            await role.chan.send(self.snmp_config)
-        elif role.kind == "distribution":
-            await role.chan.send(S.DistConfig(rules=self.dist_rules))
-        elif role.kind == "ocsp":
-            o = self.cfg.ocsp
-            embedded = self.cfg.hsm.embedded and self.ocsp_pin is not None
-            await role.chan.send(S.OcspConfig(
-                store_dir=self.layout.ocsp_store(role.name), max_connections=o.max_connections, read_timeout=o.read_timeout, max_age=o.max_age,
-                max_per_source=o.max_connections_per_source, head_timeout=o.head_timeout,
-                token_module=self.cfg.hsm.module if embedded else None, token_pin=self.ocsp_pin if embedded else None,
-                softhsm_conf=os.path.join(self.layout.ocsp_token, "softhsm2.conf") if embedded else None,
-                unissued_default=o.unissued, unissued=dict(o.unissued_by_ca)))
-        else:
-            await role.chan.send(S.FactoryConfig(home=self.layout.cmdb, cipher=self.cfg.cmdb.cipher, profiles=self.profiles,
-                                                 base_url=self.cfg.endpoint.base_url, crl_validity_hours=self.cfg.crl.validity_hours,
-                                                 admin_gid=self.admin_gid, dev_uid=None if self.appliance else os.getuid(),
-                                                 ocsp_validity_hours=self.cfg.ocsp.validity_hours, ocsp_hashes=self.cfg.ocsp.hashes,
-                                                 responder_days=self.cfg.ocsp.responder_days,
-                                                 responder_renew_days=self.cfg.ocsp.responder_renew_days,
-                                                 dist_rules=[msgspec.structs.replace(r, secret=None) for r in self.dist_rules],
-                                                 dist_max_attempts=self.cfg.distribution.max_attempts,
-                                                 dist_backoff_max=self.cfg.distribution.backoff_max,
-                                                 ca_profiles={k: tuple(v) for k, v in self.cfg.ca_profiles.items()},
-                                                 auto_activate=self.auto_activate,
-                                                 cis_deadline_seconds=self.cfg.hsm.deadline_seconds,
-                                                 **C.officer_settings(self.cfg)))
+        await role.chan.send(role.config)
         m = await role.chan.recv()
         if not isinstance(m, S.Ready):
             raise ProtocolViolation(f"{role.name}: expected Ready, got {type(m).__name__}")
@@ -450,7 +401,7 @@ class Supervisor:
             rc = await role.proc.wait()
             if self.stopping:
                 return
-            if role.kind not in STATELESS:
+            if role.spec.restart == "fatal":
                 self.failed = f"{role.name} exited with status {rc}"
                 with trio.move_on_after(2):
                     await self.notify("role-died", role.name, f"exit status {rc}: the appliance stops")
@@ -477,18 +428,15 @@ class Supervisor:
         sup_end, role_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         mine = [role_end]
         try:
-            role.fds = {f"sup-{role.kind}": role_end.fileno()}
-            if role.kind == "ocsp":
+            spec = role.spec
+            role.fds = {spec.control.name: role_end.fileno()}
+            if spec.feed is not None:
                 fac_end, role_fac = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 mine += [fac_end, role_fac]
-                role.fds.update({"factory-ocsp": role_fac.fileno(), "listen": self.listen.fileno()})
-                await self.roles["factory"].chan.send_fd(S.NewLink(link="factory-ocsp", role=role.name), fac_end.fileno())
-            elif role.kind == "distribution":
-                fac_end, role_fac = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                mine += [fac_end, role_fac]
-                role.fds["factory-distribution"] = role_fac.fileno()
-                await self.roles["factory"].chan.send_fd(S.NewLink(link="factory-distribution", role="distribution"),
-                                                         fac_end.fileno())
+                role.fds[spec.feed.name] = role_fac.fileno()
+                await self.roles["factory"].chan.send_fd(S.NewLink(link=spec.feed.name, role=role.name), fac_end.fileno())
+            if "listen" in spec.inherits:
+                role.fds["listen"] = self.listen.fileno()
             self._sup_ends[role.name] = sup_end
             await self._start(role)
         finally:
@@ -518,7 +466,7 @@ class Supervisor:
         roles = []
         for r in self.roles.values():
             alive = r.proc is not None and r.proc.returncode is None
-            state = "running" if alive else ("restarting" if r.kind in STATELESS and not self.stopping else "stopped")
+            state = "running" if alive else ("restarting" if r.spec.restart == "backoff" and not self.stopping else "stopped")
             if alive and r.name in self.unresponsive:
                 state = "unresponsive"
             roles.append(S.RoleState(name=r.name, state=state, restarts=r.restarts, pid=r.proc.pid if r.proc else 0))
@@ -657,7 +605,7 @@ class Supervisor:
         """The endpoint and the agents first (they are the Factory's clients), then the Factory (it
         finishes its transaction and closes the CMDB), then the CIS."""
         self.stopping = True
-        for r in sorted(roles.values(), key=lambda r: STOP_ORDER.get(r.kind, len(STOP_ORDER))):
+        for r in sorted(roles.values(), key=lambda r: r.spec.stop_order):
             if r.proc is None or r.proc.returncode is not None:
                 continue
             try:

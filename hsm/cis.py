@@ -19,8 +19,10 @@ from cryptography.x509 import ocsp
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from appliance import roles
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation
+from appliance.ipc.links import FACTORY_CIS
 from policy import audit, certs, crl, lint, profiles
 from policy import serials as serials_list
 from policy import ocsp as ocsp_hashes
@@ -30,8 +32,8 @@ from policy.errors import PolicyError
 from .token import ObjectMissing, Token, TokenError, make_private_key
 
 AUDIT_LABEL = "donjon-audit"  # the audit key's token label (CA names may not take it)
-LINT_SAMPLE = 1000
-TOKEN_CHECK_SECONDS = 5  # CRL entries linted under the throwaway key (memory stays flat for big CRLs)
+LINT_SAMPLE = 1000  # CRL entries linted under the throwaway key (memory stays flat for big CRLs)
+TOKEN_CHECK_SECONDS = 5  # how often an idle CIS checks that its token is still there
 
 
 def _log(msg: str) -> None:
@@ -439,20 +441,13 @@ class _CrlState:
         self.sha256.update(data)
 
 
-async def serve(sup: Channel, fac: Channel, cis: Cis) -> None:
+async def serve(sup: Channel, fac: Channel, cis: Cis, n: trio.Nursery) -> None:
+    """Answer the Factory until it closes its link (the skeleton's nursery `n` stops on Shutdown)."""
     async def hsm(fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=cis.limiter)
 
     async def refuse(mid: int, code: str, reason: str) -> None:
         await fac.send(S.Refused(id=mid, code=code, reason=reason))
-
-    async def watch_supervisor(n: trio.Nursery):
-        m = await sup.recv()
-        if isinstance(m, S.Shutdown):
-            _log("stopped cleanly")
-            n.cancel_scope.cancel()
-            return
-        raise ProtocolViolation(f"unexpected {type(m).__name__} from the supervisor")
 
     async def handle(m) -> None:
         mid = getattr(m, "id", 0)
@@ -531,17 +526,15 @@ async def serve(sup: Channel, fac: Channel, cis: Cis) -> None:
                 ok = now_ok
                 await sup.send(S.Event(kind="token-recovered" if ok else "token-unavailable", detail=cis.token.label))
 
-    async with trio.open_nursery() as n:
-        n.start_soon(watch_supervisor, n)
-        n.start_soon(watch_token)
-        while True:
-            try:
-                m = await fac.recv()
-            except LinkClosed:
-                _log("the Factory closed its link: stopping")
-                n.cancel_scope.cancel()
-                return
-            await handle(m)
+    n.start_soon(watch_token)
+    while True:
+        try:
+            m = await fac.recv()
+        except LinkClosed:
+            _log("the Factory closed its link: stopping")
+            n.cancel_scope.cancel()
+            return
+        await handle(m)
 
 
 def _activate(cis: Cis, m: S.Activate) -> S.Activated:
@@ -556,18 +549,18 @@ def _activate(cis: Cis, m: S.Activate) -> S.Activated:
 
 
 async def main(fds: dict[str, int], drop) -> None:
-    sup = Channel.from_fd(fds["sup-cis"], "sup-cis", S.SupToCis)
-    await sup.handshake()
-    cfg = await sup.recv()
-    if not isinstance(cfg, S.CisConfig):
-        raise ProtocolViolation("expected CisConfig")
+    await roles.serve("cis", fds, drop, lambda sup, cfg: _setup(fds, sup, cfg))
+
+
+async def _setup(fds: dict[str, int], sup: Channel, cfg: S.CisConfig) -> roles.Body:
     if cfg.softhsm_conf:
         os.environ["SOFTHSM2_CONF"] = cfg.softhsm_conf
     cis = Cis(cfg)
     cis.token.load()  # map the PKCS#11 module before the privilege drop
-    getattr(lint, "warm", lambda: None)()  # import pkilint's validators before the drop
-    drop()
-    fac = Channel.from_fd(fds["factory-cis"], "factory-cis", S.FactoryToCis)
-    await fac.handshake()
-    await sup.send(S.Ready(role="cis", pid=os.getpid()))
-    await serve(sup, fac, cis)
+    lint.warm()  # import pkilint's validators before the drop (Landlock then allows no new paths)
+    fac = Channel.from_fd(fds[FACTORY_CIS.name], FACTORY_CIS.name, FACTORY_CIS.down)
+
+    async def serve_factory(n: trio.Nursery) -> None:
+        await serve(sup, fac, cis, n)
+
+    return roles.Body(serve=serve_factory, connect=fac.handshake)  # Ready only once the Factory link is up

@@ -1,5 +1,5 @@
 """The frozen program's entry point: the same `donjon` command as the console script."""
 
-from appliance.cli import main
+from appliance.entry import main
 
 main()

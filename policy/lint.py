@@ -100,6 +100,11 @@ def _validators() -> dict[str, Any]:
     }
 
 
+def warm() -> None:
+    """Build the validators now (pkilint's imports), e.g. before a role drops its privileges."""
+    _validators()
+
+
 def _findings(results, prefix: str) -> list[str]:
     out = []
     for r in results:

@@ -10,7 +10,7 @@ from typing import Callable
 from appliance import adminops as ops
 from appliance.adminops import OpError
 from appliance.console import media as M
-from appliance.console.session import Session, ask_login, login_supported, refusal
+from appliance.console.session import Session, ask_login, refusal
 from appliance.console.term import Term
 
 CSR_SUFFIXES = (".csr", ".req", ".pem", ".der", ".p10")
@@ -295,9 +295,6 @@ class Console:
         self.t.say(f"CRL {ca} #{n}: {len(der)} bytes -> media: {os.path.basename(out)}")
 
     def officers(self) -> None:
-        if not login_supported():
-            self.t.say("officer accounts are not available in this build")
-            return
         i = self.t.choose("officers", ["List the officers", "Add an officer", "Remove an officer", "Unlock an officer",
                                        "Change a password", "Pending dual-control requests", "Approve a pending request"])
         c = self.s.client
@@ -356,8 +353,7 @@ class Console:
 
     def settings(self) -> None:
         rows = ops.settings_show(self.home)
-        roles = getattr(self.s.client, "roles", None)
-        if login_supported() and "administrator" not in (roles or []):
+        if "administrator" not in (self.s.client.roles or []):
             self.t.page(["settings (HOME/donjon.toml; an administrator changes them):"] + [f"{k:<20} {v}" for k, v in rows])
             return
         self.t.say("settings (HOME/donjon.toml; changes take effect at the next start):")

@@ -49,10 +49,6 @@ def login(home: str, officer: str, password: str, otp: str | None = None) -> tup
     return c, token
 
 
-def login_supported() -> bool:
-    return hasattr(AdminClient, "login")
-
-
 class Session:
     """One authenticated officer; reconnects with the same token after an interrupted request."""
 
@@ -80,7 +76,7 @@ class Session:
             self._client = None
 
     def close(self) -> None:
-        if self._client is not None and self.token is not None and hasattr(self._client, "logout"):
+        if self._client is not None and self.token is not None:
             try:
                 self._client.logout()
             except (ClientError, OSError):

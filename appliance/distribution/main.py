@@ -21,8 +21,10 @@ import http.client  # noqa: F401
 import ssl  # noqa: F401
 import encodings.idna  # noqa: F401 - host names with ldap3/http.client
 
+from appliance import roles
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, ProtocolViolation
+from appliance.ipc.links import FACTORY_DIST
 
 from .fetch import fetch
 from .publish import Job, PublishError, publisher_for, verify
@@ -90,33 +92,28 @@ class Worker:
 
 
 async def main(fds: dict[str, int], drop) -> None:
-    sup = Channel.from_fd(fds["sup-distribution"], "sup-distribution", S.SupToDist)
-    await sup.handshake()
-    cfg = await sup.recv()
-    if not isinstance(cfg, S.DistConfig):
-        raise ProtocolViolation("expected DistConfig")
-    fac = Channel.from_fd(fds["factory-distribution"], "factory-distribution", S.FactoryToDist)
-    drop()
+    await roles.serve("distribution", fds, drop, lambda sup, cfg: _setup(fds, cfg))
+
+
+async def _setup(fds: dict[str, int], cfg: S.DistConfig) -> roles.Body:
+    fac = Channel.from_fd(fds[FACTORY_DIST.name], FACTORY_DIST.name, FACTORY_DIST.down)
     lock = trio.Lock()
+    workers: dict[str, Worker] = {}
 
     async def ack(a) -> None:
         async with lock:
             await fac.send(a)
 
-    workers = {r.name: Worker(r, ack) for r in cfg.rules}  # may be none: the agent then only fetches tenant CRLs
-    await sup.send(S.Ready(role="distribution", pid=os.getpid()))
-    async with trio.open_nursery() as n:
+    async def connect() -> None:  # after the drop, as before: publishers are made unprivileged
+        workers.update({r.name: Worker(r, ack) for r in cfg.rules})  # may be none: the agent then only fetches tenant CRLs
+
+    def close() -> None:
+        for w in workers.values():
+            w.close()
+
+    async def serve(n: trio.Nursery) -> None:
         for w in workers.values():
             n.start_soon(w.run)
-
-        async def from_supervisor():
-            while True:
-                m = await sup.recv()
-                if isinstance(m, S.Shutdown):
-                    n.cancel_scope.cancel()
-                    return
-                raise ProtocolViolation(f"unexpected {type(m).__name__} from the supervisor")
-        n.start_soon(from_supervisor)
         await fac.handshake()
         pending: dict[int, tuple[S.DistJob, list[bytes], int]] = {}
         fetchers = trio.CapacityLimiter(FETCHERS)
@@ -158,5 +155,4 @@ async def main(fds: dict[str, int], drop) -> None:
                     pending[m.id] = (job, parts, got)
             else:
                 raise ProtocolViolation(f"unexpected {type(m).__name__} from the Factory")
-    for w in workers.values():
-        w.close()
+    return roles.Body(serve=serve, connect=connect, close=close)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import struct
-import sys
 import traceback
 from typing import Annotated
 
@@ -14,9 +12,11 @@ import apsw
 import msgspec
 import trio
 
+from appliance import roles
 from appliance.ceremonyspec import CeremonySpec
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation, Undecodable
+from appliance.ipc.links import FACTORY_CIS, FACTORY_DIST, FACTORY_OCSP
 
 from . import admin
 from .checkpoints import Checkpoints
@@ -152,7 +152,7 @@ async def handle_admin(stream: trio.SocketStream, f: Factory) -> None:
                 await chan.send(S.Refused(id=req.id, code="internal", reason="internal error in the Factory (see its log)"))
     except ProtocolViolation as e:
         # An admin client is not a peer role: drop the connection, keep serving the others.
-        if not isinstance(e, type(None)) and "peer closed" not in str(e):
+        if not isinstance(e, LinkClosed):  # a client that hung up is no news
             _log(f"admin client {who}: {e}")
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
@@ -208,37 +208,87 @@ async def refuse_undecodable(chan: Channel, e: Undecodable, f: Factory, conn: Co
 
 
 async def main(fds: dict[str, int], drop) -> None:
-    sup = Channel.from_fd(fds["sup-factory"], "sup-factory", S.SupToFactory, accept_fds=True)
-    await sup.handshake()
-    cfg = await sup.recv()
-    if not isinstance(cfg, S.FactoryConfig):
-        raise ProtocolViolation("expected FactoryConfig")
+    await roles.serve("factory", fds, drop, lambda sup, cfg: _setup(fds, sup, cfg))
+
+
+async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> roles.Body:
     admin_sock = socket.socket(fileno=fds["admin"]) if "admin" in fds else None
     import apsw  # noqa: F401 - load the SQLite3MC extension before the privilege drop
     from policy import profiles as profmod
     profiles = profmod.load_profiles(dict(cfg.profiles))
-    drop()
     # "factory-cis" is the primary CIS (keys, CRLs, activation); "factory-cis.N" are more signers.
-    names = sorted((k for k in fds if k.split(".")[0] == "factory-cis"), key=lambda k: (k != "factory-cis", k))
-    signers = [CisLink(Channel.from_fd(fds[k], "factory-cis", S.CisToFactory), k.removeprefix("factory-"), cfg.cis_deadline_seconds)
+    names = sorted((k for k in fds if k.split(".")[0] == FACTORY_CIS.name), key=lambda k: (k != FACTORY_CIS.name, k))
+    signers = [CisLink(Channel.from_fd(fds[k], FACTORY_CIS.name, FACTORY_CIS.up), k.removeprefix("factory-"), cfg.cis_deadline_seconds)
                for k in names]
-    async with trio.open_nursery() as hs:
-        for link in signers:
-            hs.start_soon(link.chan.handshake)
 
     async def send_event(ev):
         await sup.send(ev)
 
-    f = Factory(cfg, signers[0], send_event, profiles, signers)
-    f.sup_send = sup.send
-    f.officers = Officers(f)
-    f.checkpoints = Checkpoints(f.store, f.cis, cfg.checkpoint_seconds, f.send_event)
+    f: Factory = None  # type: ignore[assignment] - made after the drop, once every CIS link is up
+    endpoints: dict[str, trio.CancelScope] = {}
+    nursery: list[trio.Nursery] = []  # the skeleton's, once serving
+
+    async def connect() -> None:  # every CIS link is up before Ready
+        nonlocal f
+        async with trio.open_nursery() as hs:
+            for link in signers:
+                hs.start_soon(link.chan.handshake)
+        f = Factory(cfg, signers[0], send_event, profiles, signers)
+        f.sup_send = sup.send
+        f.officers = Officers(f)
+        f.checkpoints = Checkpoints(f.store, f.cis, cfg.checkpoint_seconds, f.send_event)
+
     async def cis_liveness(link: CisLink) -> None:
         state = "responsive" if link.responsive else "unresponsive"
         _log(f"{link.name} is {state}" + ("" if link.responsive else f" (no answer in {link.deadline:g} s)"))
         await sup.send(S.Event(kind=f"cis-{state}", detail=link.name))
 
-    async with trio.open_nursery() as n:
+    async def serve_distribution(fd: int, scope: trio.CancelScope) -> None:
+        with scope:
+            chan = Channel.from_fd(fd, FACTORY_DIST.name, FACTORY_DIST.up)
+            try:
+                await chan.handshake()
+                f.dist.attach(chan)
+                await f.dist.receive(chan)
+            except LinkClosed:
+                pass  # the agent stopped (the supervisor reports a death and restarts it with a new link)
+            except ProtocolViolation as e:
+                _log(f"distribution link: {e}")  # the supervisor restarts the agent with a new link
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                if f.dist.link is chan:
+                    f.dist.attach(None)
+                await chan.aclose()
+
+    def start_distribution(fd: int) -> None:
+        if "distribution" in endpoints:
+            endpoints["distribution"].cancel()
+        endpoints["distribution"] = trio.CancelScope()
+        nursery[0].start_soon(serve_distribution, fd, endpoints["distribution"])
+
+    async def serve_endpoint(fd: int, role: str, scope: trio.CancelScope) -> None:
+        with scope:
+            chan = Channel.from_fd(fd, FACTORY_OCSP.name, FACTORY_OCSP.up)
+            try:
+                await f.ocsp.serve_endpoint(chan, role)
+            except LinkClosed:
+                pass  # the endpoint stopped (the supervisor reports a death and restarts it with a new link)
+            except ProtocolViolation as e:
+                _log(f"OCSP endpoint link ({role}): {e}")  # the supervisor restarts it with a new link
+            finally:
+                if f.ocsp_feeds.get(role) is chan:
+                    del f.ocsp_feeds[role]
+                await chan.aclose()
+
+    def start_endpoint(fd: int, role: str) -> None:
+        if role in endpoints:
+            endpoints[role].cancel()
+        endpoints[role] = trio.CancelScope()
+        nursery[0].start_soon(serve_endpoint, fd, role, endpoints[role])
+
+    async def serve(n: trio.Nursery) -> None:
+        nursery.append(n)
         for link in signers:
             n.start_soon(link.run)
             n.start_soon(link.watch, cis_liveness)
@@ -255,55 +305,10 @@ async def main(fds: dict[str, int], drop) -> None:
         n.start_soon(f.dist.fetcher)
         n.start_soon(f.dist.fetch_results)
         n.start_soon(f.checkpoints.scheduler)
-        endpoints: dict[str, trio.CancelScope] = {}
-
-        async def serve_distribution(fd: int, scope: trio.CancelScope) -> None:
-            with scope:
-                chan = Channel.from_fd(fd, "factory-distribution", S.DistToFactory)
-                try:
-                    await chan.handshake()
-                    f.dist.attach(chan)
-                    await f.dist.receive(chan)
-                except LinkClosed:
-                    pass  # the agent stopped (the supervisor reports a death and restarts it with a new link)
-                except ProtocolViolation as e:
-                    _log(f"distribution link: {e}")  # the supervisor restarts the agent with a new link
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-                finally:
-                    if f.dist.link is chan:
-                        f.dist.attach(None)
-                    await chan.aclose()
-
-        def start_distribution(fd: int) -> None:
-            if "distribution" in endpoints:
-                endpoints["distribution"].cancel()
-            endpoints["distribution"] = trio.CancelScope()
-            n.start_soon(serve_distribution, fd, endpoints["distribution"])
-        if "factory-distribution" in fds:
-            start_distribution(fds["factory-distribution"])
-
-        async def serve_endpoint(fd: int, role: str, scope: trio.CancelScope) -> None:
-            with scope:
-                chan = Channel.from_fd(fd, "factory-ocsp", S.OcspToFactory)
-                try:
-                    await f.ocsp.serve_endpoint(chan, role)
-                except LinkClosed:
-                    pass  # the endpoint stopped (the supervisor reports a death and restarts it with a new link)
-                except ProtocolViolation as e:
-                    _log(f"OCSP endpoint link ({role}): {e}")  # the supervisor restarts it with a new link
-                finally:
-                    if f.ocsp_feeds.get(role) is chan:
-                        del f.ocsp_feeds[role]
-                    await chan.aclose()
-
-        def start_endpoint(fd: int, role: str) -> None:
-            if role in endpoints:
-                endpoints[role].cancel()
-            endpoints[role] = trio.CancelScope()
-            n.start_soon(serve_endpoint, fd, role, endpoints[role])
-        for key in sorted(k for k in fds if k.split(".")[0] == "factory-ocsp"):
-            start_endpoint(fds[key], "ocsp" + key[len("factory-ocsp"):])  # factory-ocsp.1 -> ocsp.1
+        if FACTORY_DIST.name in fds:
+            start_distribution(fds[FACTORY_DIST.name])
+        for key in sorted(k for k in fds if k.split(".")[0] == FACTORY_OCSP.name):
+            start_endpoint(fds[key], "ocsp" + key[len(FACTORY_OCSP.name):])  # factory-ocsp.1 -> ocsp.1
         if admin_sock is not None:
             listener = trio.SocketListener(trio.socket.from_stdlib_socket(admin_sock))
             gate = AdminGate()
@@ -321,43 +326,42 @@ async def main(fds: dict[str, int], drop) -> None:
                 finally:
                     gate.release(pid, uid)
             n.start_soon(trio.serve_listeners, serve_one, [listener])
-        await sup.send(S.Ready(role="factory", pid=os.getpid()))
-        while True:
-            m = await sup.recv()
-            if isinstance(m, S.Shutdown):
-                n.cancel_scope.cancel()
-                break
-            if isinstance(m, S.OcspStats):
-                f.ocsp_stats = m
-            elif isinstance(m, S.ConfigSetDone):
-                f.sup_reply(m)
-            elif isinstance(m, S.NewLink) and m.link == "factory-distribution":
-                start_distribution(sup.take_fd())
-            elif isinstance(m, S.NewLink):
-                start_endpoint(sup.take_fd(), m.role)
-            elif isinstance(m, S.AutoActivate):
-                try:
-                    await f.activate(m.pin, "supervisor:pin-file")
-                except FactoryError as e:
-                    await sup.send(S.Event(kind="activation-failed", detail=e.reason))
-                finally:
-                    if f.auto_activation is not None:
-                        f.auto_activation.set()
-            elif isinstance(m, S.Ceremony):
-                try:
-                    spec = msgspec.msgpack.decode(m.spec, type=CeremonySpec)
-                    await f.activate(m.pin, "ceremony")
-                    for o in m.officers:
-                        await f.officers.add(o, "ceremony")
-                    made = await f.ceremony(spec, "ceremony")
-                    for name in made:
-                        await f.generate_crl(name, "ceremony")
-                    await sup.send(S.Event(kind="ceremony-done", detail=" ".join(made)))
-                except (FactoryError, msgspec.ValidationError) as e:
-                    await sup.send(S.Event(kind="ceremony-failed", detail=str(e)[:4000]))
-            else:
-                raise ProtocolViolation(f"unexpected {type(m).__name__} from the supervisor")
-    if f.db is not None:
-        f.db.close()
-        f.reader.close()
-    print(f"donjon[factory {os.getpid()}]: stopped cleanly", file=sys.stderr, flush=True)
+
+    async def control(m) -> None:
+        if isinstance(m, S.OcspStats):
+            f.ocsp_stats = m
+        elif isinstance(m, S.ConfigSetDone):
+            f.sup_reply(m)
+        elif isinstance(m, S.NewLink) and m.link == FACTORY_DIST.name:
+            start_distribution(sup.take_fd())
+        elif isinstance(m, S.NewLink):
+            start_endpoint(sup.take_fd(), m.role)
+        elif isinstance(m, S.AutoActivate):
+            try:
+                await f.activate(m.pin, "supervisor:pin-file")
+            except FactoryError as e:
+                await sup.send(S.Event(kind="activation-failed", detail=e.reason))
+            finally:
+                if f.auto_activation is not None:
+                    f.auto_activation.set()
+        elif isinstance(m, S.Ceremony):
+            try:
+                spec = msgspec.msgpack.decode(m.spec, type=CeremonySpec)
+                await f.activate(m.pin, "ceremony")
+                for o in m.officers:
+                    await f.officers.add(o, "ceremony")
+                made = await f.ceremony(spec, "ceremony")
+                for name in made:
+                    await f.generate_crl(name, "ceremony")
+                await sup.send(S.Event(kind="ceremony-done", detail=" ".join(made)))
+            except (FactoryError, msgspec.ValidationError) as e:
+                await sup.send(S.Event(kind="ceremony-failed", detail=str(e)[:4000]))
+        else:
+            raise ProtocolViolation(f"unexpected {type(m).__name__} from the supervisor")
+
+    def close() -> None:
+        if f.db is not None:
+            f.db.close()
+            f.reader.close()
+
+    return roles.Body(serve=serve, connect=connect, control=control, close=close)

@@ -13,7 +13,7 @@ from typing import Any, cast
 import msgspec
 import trio
 
-from . import schema
+from . import links, schema
 
 _LEN = struct.Struct(">I")
 _encoder = msgspec.msgpack.Encoder()
@@ -48,7 +48,7 @@ class Frames:
 
     def __init__(self, link: str, incoming: Any):
         self.link = link
-        self.max = schema.MAX_FRAME[link]
+        self.max = links.max_frame(link)
         self._decoder = msgspec.msgpack.Decoder(incoming)
         self._buf = bytearray()
 
@@ -84,7 +84,7 @@ class Channel:
     def __init__(self, stream: trio.abc.Stream, link: str, incoming: Any, accept_fds: bool = False):
         self.stream = stream
         self.link = link
-        self.max = schema.MAX_FRAME[link]
+        self.max = links.max_frame(link)
         self._frames = Frames(link, incoming)
         self._send_lock = trio.Lock()
         self.accept_fds = accept_fds  # a link that may carry new links (SCM_RIGHTS): supervisor -> Factory

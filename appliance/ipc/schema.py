@@ -1322,20 +1322,6 @@ TypedReply = Union[RevokeReply, UnrevokeReply, CertReply, CertListReply, CaReply
 AdminReply = Union[Hello, Reply, IssueReply, BlobChunk, Refused, TypedReply]
 
 
-# Maximum frame size per link (bytes). Checked before a frame is read.
-MAX_FRAME = {
-    "sup-cis": 256 * 1024,
-    "sup-factory": 256 * 1024,
-    "factory-cis": 8 * 1024 * 1024,
-    "admin": 8 * 1024 * 1024,
-    "sup-ocsp": 256 * 1024,
-    "factory-ocsp": 16 * 1024 * 1024,
-    "sup-snmp": 1024 * 1024,
-    "sup-distribution": 1024 * 1024,
-    "factory-distribution": 8 * 1024 * 1024,
-}
-
-
 def schema_hash() -> str:
     """SHA-256 over the JSON schema of every union: a pinned test forces a VERSION bump on change."""
     import hashlib

@@ -1,7 +1,7 @@
 """The OCSP/CRL endpoint role: serve the store over HTTP, apply the Factory's feed, report counters.
 
-Start: handshake with the supervisor, OcspConfig, open the store (serving from disk at once),
-wrap the inherited listening socket, drop(), Ready. The Factory link is opened after Ready and
+Start (appliance.roles.serve): handshake with the supervisor, OcspConfig, open the store (serving from
+disk at once), wrap the inherited listening socket, drop(), Ready. The Factory link is opened after Ready and
 fed concurrently: the endpoint serves what it holds whether or not the Factory (or the CA) is up.
 """
 
@@ -15,6 +15,7 @@ import time
 import trio
 
 # Everything used after drop() is imported before it (Landlock, seccomp).
+from appliance import roles
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, ProtocolViolation
 
@@ -219,11 +220,12 @@ async def report(sup: Channel, st: Store, stats: Stats) -> None:
 
 
 async def main(fds: dict[str, int], drop) -> None:
-    sup = Channel.from_fd(fds["sup-ocsp"], "sup-ocsp", S.SupToOcsp)
-    await sup.handshake()
-    cfg = await sup.recv()
-    if not isinstance(cfg, S.OcspConfig):
-        raise ProtocolViolation(f"sup-ocsp: expected OcspConfig, got {type(cfg).__name__}")
+    await roles.serve("ocsp", fds, drop, lambda sup, cfg: _setup(fds, sup, cfg))
+
+
+async def _setup(fds: dict[str, int], sup: Channel, cfg: S.OcspConfig) -> roles.Body:
+    """Before the drop: open the store (serving from disk at once), wrap the inherited listener,
+    map and log into the endpoint's own token."""
     st = Store.open(cfg.store_dir)
     listener = listener_from_fd(fds["listen"])
     stats = Stats()
@@ -252,18 +254,12 @@ async def main(fds: dict[str, int], drop) -> None:
                                        max_age=cfg.max_age, max_per_source=cfg.max_per_source,
                                        head_timeout=cfg.head_timeout), stats, live=live, tenants=tn, push=feed_state.push_crl,
                         unissued_default=cfg.unissued_default, unissued=dict(cfg.unissued))
-    drop()
-    await sup.send(S.Ready(role="ocsp", pid=os.getpid()))
-    _log(f"serving {st.responses_held()} responses for {len(st.cas)} CAs and {len(tn.by_name)} CRL-fed tenants from {cfg.store_dir}")
-    async with trio.open_nursery() as n:
+
+    async def serve(n: trio.Nursery) -> None:
+        _log(f"serving {st.responses_held()} responses for {len(st.cas)} CAs and {len(tn.by_name)} CRL-fed tenants from {cfg.store_dir}")
         await n.start(endpoint.serve, listener)
         if "factory-ocsp" in fds:
             n.start_soon(feed, fds["factory-ocsp"], st, sup, live, tn, feed_state)
         n.start_soon(report, sup, st, stats)
-        while True:
-            m = await sup.recv()
-            if isinstance(m, S.Shutdown):
-                n.cancel_scope.cancel()
-                break
-            raise ProtocolViolation(f"sup-ocsp: unexpected {type(m).__name__}")
-    st.close()
+
+    return roles.Body(serve=serve, close=st.close)

@@ -8,8 +8,9 @@ from typing import Any
 
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Frames, LinkClosed, check_hello, encode
+from appliance.ipc.links import SUP_SNMP
 
-LINK = "sup-snmp"
+LINK = SUP_SNMP.name
 
 
 class Link:
@@ -18,7 +19,7 @@ class Link:
     def __init__(self, fd: int):
         self.sock = socket.socket(fileno=fd)
         self.sock.setblocking(False)
-        self._frames = Frames(LINK, S.SupToSnmp)
+        self._frames = Frames(LINK, SUP_SNMP.down)
         self._lock = asyncio.Lock()
 
     async def recv(self) -> Any:

@@ -75,7 +75,7 @@ def test_smoke(request, appliance_factory, tmp_path, kind):
         if program:  # re-executed from the bundle itself, not from an interpreter
             assert os.path.realpath(f"/proc/{pid}/exe") == program, (name, cmd)
         else:
-            assert cmd[1:3] == [b"-m", b"appliance.cli"], (name, cmd)
+            assert cmd[1:4] == [b"-m", b"appliance.entry", b"role"], (name, cmd)  # typer-free entry
         if os.geteuid() == 0:
             want = pwd.getpwnam(ROLE_USERS[name.split(".")[0]]).pw_uid
             uids = Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[:4]

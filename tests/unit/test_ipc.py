@@ -11,6 +11,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from appliance.ipc import links
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, ProtocolViolation, encode
 
@@ -46,7 +47,7 @@ def test_round_trip_of_every_request():
 
 
 def test_oversize_frame_is_refused_before_reading():
-    out, err = _recv_all(struct.pack(">I", S.MAX_FRAME["factory-cis"] + 1))
+    out, err = _recv_all(struct.pack(">I", links.max_frame("factory-cis") + 1))
     assert out == [] and "exceeds" in str(err)
 
 
