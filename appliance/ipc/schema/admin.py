@@ -1,0 +1,590 @@
+"""Admin clients -> Factory: requests, officers, dual control, ceremonies, and their typed replies."""
+
+from __future__ import annotations
+
+from .tenants import *  # each link module sees the messages of those before it
+from .common import _Msg
+
+
+# ---------------------------------------------------------------- admin clients -> Factory
+
+
+class AStatus(_Msg, tag="status"):
+    id: ReqId
+
+
+class AActivate(_Msg, tag="activate"):
+    id: ReqId
+    pin: Pin
+
+
+class ACaList(_Msg, tag="ca-list"):
+    id: ReqId
+
+
+class ACaShow(_Msg, tag="ca-show"):
+    id: ReqId
+    name: Name
+
+
+class ACaCreate(_Msg, tag="ca-create"):
+    id: ReqId
+    name: Name
+    parent: Name
+    profile: Name
+    key_type: KeyType
+    subject: tuple[Attr, ...]
+    validity_days: Annotated[int, msgspec.Meta(ge=1, le=40 * 366)]
+    path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
+    allowed_profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()  # empty: donjon.toml, else the default
+
+
+class ACaSignCsr(_Msg, tag="ca-sign-csr"):
+    id: ReqId
+    parent: Name
+    profile: Name
+    csr: Der
+    validity_days: Annotated[int, msgspec.Meta(ge=1, le=40 * 366)]
+    path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
+
+
+class ACaExport(_Msg, tag="ca-export"):
+    id: ReqId
+    name: Name
+
+
+class AIssue(_Msg, tag="issue"):
+    id: ReqId
+    ca: Name
+    profile: Name
+    csrs: Annotated[list[Der], msgspec.Meta(min_length=1, max_length=1024)]
+    validity_days: Annotated[int, msgspec.Meta(ge=1, le=40 * 366)] | None = None
+
+
+class ACertShow(_Msg, tag="cert-show"):
+    id: ReqId
+    ca: Name
+    serial: Serial
+
+
+class ACertList(_Msg, tag="cert-list"):
+    id: ReqId
+    ca: Name | None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 1000
+    # Filters (all given must match): substrings of the subject or of a SAN (case-insensitive), the
+    # status now, valid certificates expiring within N days, the profile.
+    subject: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    san: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    status: Literal["valid", "revoked", "expired"] | None = None
+    expires_within_days: Annotated[int, msgspec.Meta(ge=0, le=40 * 366)] | None = None
+    profile: Name | None = None
+
+
+class ARevoke(_Msg, tag="revoke"):
+    id: ReqId
+    ca: Name
+    serial: Serial
+    reason: Reason
+    invalidity: Epoch | None = None
+
+
+class AUnrevoke(_Msg, tag="unrevoke"):
+    """Release a certificate from certificateHold: off the next full CRL, OCSP `good` again."""
+
+    id: ReqId
+    ca: Name
+    serial: Serial
+
+
+class ACrlGenerate(_Msg, tag="crl-generate"):
+    id: ReqId
+    ca: Name
+    kind: Literal["crl", "issued-serials"] = "crl"
+
+
+class ACrlExport(_Msg, tag="crl-export"):
+    """The latest stored CRL of a CA (or CRL number `number`), streamed as BlobChunks."""
+
+    id: ReqId
+    ca: Name
+    number: Annotated[int, msgspec.Meta(ge=1, lt=2**62)] | None = None
+    kind: Literal["crl", "issued-serials"] = "crl"
+
+
+class AAuditExport(_Msg, tag="audit-export"):
+    id: ReqId
+
+
+class AReconcile(_Msg, tag="reconcile"):
+    id: ReqId
+
+
+class AOcspStatus(_Msg, tag="ocsp-status"):
+    id: ReqId
+
+
+class AOcspResponderCert(_Msg, tag="ocsp-responder-cert"):
+    """Have the endpoint generate a delegated responder key and the CA certify it."""
+
+    id: ReqId
+    ca: Name
+    validity_days: Annotated[int, msgspec.Meta(ge=1, le=366)] = 30
+
+
+class ADistStatus(_Msg, tag="dist-status"):
+    """Per destination: backlog, oldest pending age, parked jobs, last success and last error."""
+
+    id: ReqId
+
+
+class ADistRetry(_Msg, tag="dist-retry"):
+    """Put parked jobs back in the queue (all, one destination's, or one job) and retry at once."""
+
+    id: ReqId
+    rule: Name | None = None
+    job: Annotated[int, msgspec.Meta(ge=1, lt=2**62)] | None = None
+
+
+class ADistList(_Msg, tag="dist-list"):
+    """Jobs of one state (pending, parked, done), newest first."""
+
+    id: ReqId
+    state: Literal["pending", "parked", "done"] = "parked"
+    rule: Name | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
+
+
+Url = Annotated[str, msgspec.Meta(min_length=8, max_length=1024)]
+
+
+class AOcspTenantAdd(_Msg, tag="ocsp-tenant-add"):
+    id: ReqId
+    name: Name
+    ca_cert: Der
+    crl_urls: Annotated[list[Url], msgspec.Meta(max_length=16)] = []
+    refresh_seconds: Annotated[int, msgspec.Meta(ge=60, le=7 * 86400)] = 3600
+    unissued: Unissued = "unknown"
+    push_secret: Annotated[bytes, msgspec.Meta(max_length=1024)] | None = None
+
+
+class AOcspTenantUpdate(_Msg, tag="ocsp-tenant-update"):
+    """Change what is given (None: unchanged); `responder_cert` installs the delegated responder."""
+
+    id: ReqId
+    name: Name
+    crl_urls: Annotated[list[Url], msgspec.Meta(max_length=16)] | None = None
+    refresh_seconds: Annotated[int, msgspec.Meta(ge=60, le=7 * 86400)] | None = None
+    unissued: Unissued | None = None
+    push_secret: Annotated[bytes, msgspec.Meta(max_length=1024)] | None = None
+    responder_cert: Der | None = None
+
+
+class AOcspTenantRemove(_Msg, tag="ocsp-tenant-remove"):
+    id: ReqId
+    name: Name
+
+
+class AOcspTenantList(_Msg, tag="ocsp-tenant-list"):
+    id: ReqId
+
+
+class AOcspTenantCsr(_Msg, tag="ocsp-tenant-csr"):
+    id: ReqId
+    name: Name
+
+
+class AOcspTenantCrl(_Msg, tag="ocsp-tenant-crl"):
+    """A CRL uploaded by an officer (e.g. from removable media at an offline site)."""
+
+    id: ReqId
+    name: Name
+    crl: Annotated[bytes, msgspec.Meta(max_length=7 * 1024 * 1024)]
+
+
+class AOcspTenantSerials(_Msg, tag="ocsp-tenant-serials"):
+    """The tenant's issued-serials list (None clears it)."""
+
+    id: ReqId
+    name: Name
+    data: Annotated[bytes, msgspec.Meta(max_length=7 * 1024 * 1024)] | None
+
+
+
+
+# ---------------------------------------------------------------- officers, sessions, dual control, audit (issue #6)
+
+SessionToken = Annotated[str, msgspec.Meta(min_length=16, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+OtpCode = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{6,8}$")]
+ShareText = Annotated[str, msgspec.Meta(min_length=1, max_length=1200)]
+
+
+class ALogin(_Msg, tag="login"):
+    """Authenticate an officer; the session is bound to this connection. Reply: token, officer, roles, idle_seconds."""
+
+    id: ReqId
+    officer: Name
+    password: Password
+    otp: OtpCode | None = None
+
+
+class AResume(_Msg, tag="resume"):
+    """Attach an existing session (from ALogin's token) to this connection. Reply: officer, roles."""
+
+    id: ReqId
+    token: SessionToken
+
+
+class ALogout(_Msg, tag="logout"):
+    """End this connection's session (everywhere it is attached)."""
+
+    id: ReqId
+
+
+class AOfficerAdd(_Msg, tag="officer-add"):
+    id: ReqId
+    name: Name
+    roles: Annotated[tuple[OfficerRole, ...], msgspec.Meta(min_length=1, max_length=3)]
+    password: Password
+
+
+class AOfficerList(_Msg, tag="officer-list"):
+    id: ReqId
+
+
+class AOfficerRemove(_Msg, tag="officer-remove"):
+    id: ReqId
+    name: Name
+
+
+class AOfficerPasswd(_Msg, tag="officer-passwd"):
+    """Set an officer's password (an administrator, or the officer themself)."""
+
+    id: ReqId
+    name: Name
+    password: Password
+
+
+class AOfficerUnlock(_Msg, tag="officer-unlock"):
+    id: ReqId
+    name: Name
+
+
+class AOfficerUnlockShares(_Msg, tag="officer-unlock-shares"):
+    """Break-glass: unlock an officer (and optionally set a new password) on the authority of a quorum of
+    activation shares, when no administrator can log in to do it."""
+
+    id: ReqId
+    name: Name
+    shares: Annotated[list[ShareText], msgspec.Meta(min_length=1, max_length=16)]
+    password: Password | None = None
+
+
+class AOfficerTotp(_Msg, tag="officer-totp"):
+    """Turn the TOTP second factor on (reply: secret, otpauth URI) or off."""
+
+    id: ReqId
+    name: Name
+    enable: bool
+
+
+class APendingList(_Msg, tag="pending-list"):
+    """Dual-control requests (open ones, and the recently closed unless `open_only`)."""
+
+    id: ReqId
+    open_only: bool = True
+
+
+class AApprove(_Msg, tag="approve"):
+    """Approve a pending dual-control request; the M-th distinct approval runs it (reply: its result)."""
+
+    id: ReqId
+    request: ReqId
+
+
+class AAuditCheckpoint(_Msg, tag="audit-checkpoint"):
+    """Have the CIS sign the chain head now. Reply: the signed checkpoint (policy.audit.checkpoint_doc)."""
+
+    id: ReqId
+
+
+class AAuditCert(_Msg, tag="audit-cert"):
+    """The audit key's self-issued certificate (PEM in the reply)."""
+
+    id: ReqId
+
+
+class AActivateShares(_Msg, tag="activate-shares"):
+    """Activate with a quorum of PIN shares (policy.shamir); the Factory combines them."""
+
+    id: ReqId
+    shares: Annotated[list[ShareText], msgspec.Meta(min_length=1, max_length=16)]
+
+
+# ---------------------------------------------------------------- console, ceremonies, backup (issue #6)
+
+
+class ACaCreateRoot(_Msg, tag="ca-create-root"):
+    """A new self-signed root in the HSM (a ceremony's root creation or root rollover)."""
+
+    id: ReqId
+    name: Name
+    profile: Name
+    key_type: KeyType
+    subject: tuple[Attr, ...]
+    validity_days: Annotated[int, msgspec.Meta(ge=1, le=40 * 366)]
+    path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
+    allowed_profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()
+
+
+class AConfigSet(_Msg, tag="config-set"):
+    """`donjon config set KEY VALUE`: one setting of HOME/donjon.toml (takes effect at the next start)."""
+
+    id: ReqId
+    key: Annotated[str, msgspec.Meta(max_length=64)]
+    value: Annotated[str, msgspec.Meta(max_length=1024)]
+
+
+class AShutdown(_Msg, tag="shutdown-request"):
+    """Stop the appliance cleanly (the supervisor stops every role, as on SIGTERM)."""
+
+    id: ReqId
+
+
+class ABackup(_Msg, tag="backup"):
+    """A consistent online copy of the encrypted CMDB and its wrapped key, streamed as a tar (BlobChunks)."""
+
+    id: ReqId
+
+
+class ACeremonyBegin(_Msg, tag="ceremony-begin"):
+    """Open a ceremony: an audit record whose seq identifies it; its window starts at this session's login."""
+
+    id: ReqId
+    ceremony: Name
+
+
+class ACeremonyWitness(_Msg, tag="ceremony-witness"):
+    """This session's officer, logged in during the ceremony, witnesses it (an audit record of their own)."""
+
+    id: ReqId
+    ceremony_seq: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ACeremonyRecords(_Msg, tag="ceremony-records"):
+    """The audit records (seq, hash, action, object, outcome) the ceremony's witnesses made since it began."""
+
+    id: ReqId
+    ceremony_seq: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class CeremonyOperation(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    seq: Annotated[int, msgspec.Meta(ge=1)]
+    hash: Digest
+
+
+class ACeremonyRecord(_Msg, tag="ceremony-record"):
+    """Write a ceremony transcript's digest into the audit chain, bound to the ceremony's opening record,
+    its witnesses' records and the audit records of its operations (all checked by the Factory), and
+    have the audit key sign a checkpoint of exactly that record. Reply: the record, the signed
+    checkpoint, the audit certificate (PEM), the bindings."""
+
+    id: ReqId
+    ceremony: Name
+    transcript_sha256: Digest
+    ceremony_seq: Annotated[int, msgspec.Meta(ge=1)]
+    witnesses: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=32)]
+    operations: Annotated[list[CeremonyOperation], msgspec.Meta(max_length=4096)] = []
+
+
+AdminRequest = Union[
+    Hello, AStatus, AActivate, ACaList, ACaShow, ACaCreate, ACaSignCsr, ACaExport, AIssue,
+    ACertShow, ACertList, ARevoke, AUnrevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus, AOcspResponderCert,
+    ADistStatus, ADistRetry, ADistList,
+    AOcspTenantAdd, AOcspTenantUpdate, AOcspTenantRemove, AOcspTenantList, AOcspTenantCsr, AOcspTenantCrl,
+    AOcspTenantSerials,
+    ALogin, AResume, ALogout, AOfficerAdd, AOfficerList, AOfficerRemove, AOfficerPasswd, AOfficerUnlock, AOfficerTotp,
+    AOfficerUnlockShares, APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
+    ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, ACeremonyBegin, ACeremonyWitness, ACeremonyRecords, AConfigSet,
+]
+
+
+class Reply(_Msg, tag="reply"):
+    """Generic answer: `data` is a JSON-able document whose shape each command documents."""
+
+    id: ReqId
+    data: dict[str, object]
+
+
+class IssueReply(_Msg, tag="issue-reply"):
+    id: ReqId
+    results: list[IssueOutcome]
+    serials: list[Annotated[str, msgspec.Meta(max_length=40)] | None]  # hex
+
+
+class BlobChunk(_Msg, tag="blob"):
+    """A streamed result (CRL DER, audit export); `last` closes the stream."""
+
+    id: ReqId
+    data: Annotated[bytes, msgspec.Meta(max_length=4 * 1024 * 1024)]
+    last: bool
+
+
+# ---------------------------------------------------------------- typed replies, one per request family
+# Strict like the requests (the client decodes them with AdminReply); omit_defaults keeps an absent
+# optional field absent, so every face reads the same document as when replies were dicts.
+
+HexSerial = Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=r"^[0-9a-f]+$")]
+Pem = Annotated[str, msgspec.Meta(max_length=128 * 1024)]
+IsoTime = Annotated[str, msgspec.Meta(max_length=40)]
+LongText = Annotated[str, msgspec.Meta(max_length=64 * 1024)]  # a subject or SAN list as stored
+
+
+class _Reply(_Msg, omit_defaults=True):
+    pass
+
+
+class RevokeReply(_Reply, tag="revoke-reply"):
+    id: ReqId
+    ca: Name
+    serial: HexSerial
+    revoked_at: Epoch
+    reason: Reason
+    was_on_hold: bool
+
+
+class UnrevokeReply(_Reply, tag="unrevoke-reply"):
+    id: ReqId
+    ca: Name
+    serial: HexSerial
+    released: bool
+    held_since: Epoch
+
+
+class CertReply(_Reply, tag="cert-reply"):
+    id: ReqId
+    ca: Name
+    serial: HexSerial
+    profile: Name
+    subject: LongText
+    not_before: Epoch
+    not_after: Epoch
+    issued_at: Epoch
+    revoked_at: Epoch | None
+    reason: Reason | None
+    pem: Pem
+
+
+class CertSummary(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    ca: Name
+    serial: HexSerial
+    profile: Name
+    subject: LongText
+    not_after: Epoch
+    revoked: bool
+    expired: bool
+    sans: LongText
+
+
+class CertListReply(_Reply, tag="cert-list-reply"):
+    id: ReqId
+    certs: Annotated[list[CertSummary], msgspec.Meta(max_length=10000)]
+
+
+class CaInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Name
+    key_type: KeyType
+    parent: Name | None
+    profile: Name
+    subject: Text
+    serial: HexSerial
+    not_before: IsoTime
+    not_after: IsoTime
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+    state: Text
+    state_reason: Text
+    issues: Text  # what the CA may issue (policy.capolicy.CaPolicy.describe)
+
+
+class CaReply(_Reply, tag="ca-reply"):
+    """ca-show, ca-create, ca-create-root: the CA's summary (CaInfo's fields; state and issues in ca-show)."""
+
+    id: ReqId
+    name: Name
+    key_type: KeyType
+    parent: Name | None
+    profile: Name
+    subject: Text
+    serial: HexSerial
+    not_before: IsoTime
+    not_after: IsoTime
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+    state: Text | None = None
+    state_reason: Text | None = None
+    issues: Text | None = None
+
+
+class CaListReply(_Reply, tag="ca-list-reply"):
+    id: ReqId
+    cas: Annotated[list[CaInfo], msgspec.Meta(max_length=4096)]
+
+
+class CaExportReply(_Reply, tag="ca-export-reply"):
+    id: ReqId
+    chain: Annotated[list[Annotated[str, msgspec.Meta(max_length=128 * 1024)]], msgspec.Meta(max_length=64)]  # DER, hex
+
+
+class CaSignCsrReply(_Reply, tag="ca-sign-csr-reply"):
+    id: ReqId
+    serial: HexSerial
+    cert: Pem
+
+
+class LoginReply(_Reply, tag="login-reply"):
+    """login (token, idle_seconds) and resume (without them): the session's officer and roles."""
+
+    id: ReqId
+    officer: Name
+    roles: Annotated[list[OfficerRole], msgspec.Meta(max_length=3)]
+    token: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+    idle_seconds: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class LogoutReply(_Reply, tag="logout-reply"):
+    id: ReqId
+    logged_out: bool
+
+
+class OfficerReply(_Reply, tag="officer-reply"):
+    """officer-add (name, roles), -remove (removed), -passwd (name, password), -unlock and -unlock-shares
+    (name, locked, password), -totp (name, totp, and when turned on: secret, uri)."""
+
+    id: ReqId
+    name: Name | None = None
+    roles: Annotated[list[OfficerRole], msgspec.Meta(max_length=3)] | None = None
+    removed: Name | None = None
+    password: Literal["changed", "unchanged"] | None = None
+    locked: bool | None = None
+    totp: bool | None = None
+    secret: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    uri: Annotated[str, msgspec.Meta(max_length=512)] | None = None
+
+
+class OfficerInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Name
+    roles: Annotated[list[OfficerRole], msgspec.Meta(max_length=3)]
+    totp: bool
+    failures: Annotated[int, msgspec.Meta(ge=0)]
+    locked: bool
+    created: Epoch
+
+
+class OfficerListReply(_Reply, tag="officer-list-reply"):
+    id: ReqId
+    officers: Annotated[list[OfficerInfo], msgspec.Meta(max_length=10000)]
+
+
+TypedReply = Union[RevokeReply, UnrevokeReply, CertReply, CertListReply, CaReply, CaListReply, CaExportReply,
+                   CaSignCsrReply, LoginReply, LogoutReply, OfficerReply, OfficerListReply]
+
+
+AdminReply = Union[Hello, Reply, IssueReply, BlobChunk, Refused, TypedReply]

@@ -1,0 +1,87 @@
+"""Supervisor <-> CIS and supervisor <-> Factory: configuration, activation, events, status."""
+
+from __future__ import annotations
+
+from .common import *  # each link module sees the messages of those before it
+from .common import _Msg
+
+
+# ---------------------------------------------------------------- supervisor <-> CIS
+
+
+class CisConfig(_Msg, tag="cis-config"):
+    module: Text
+    token_label: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+    softhsm_conf: Text | None
+    profiles: dict[Name, Annotated[str, msgspec.Meta(max_length=16384)]]  # operator TOML overrides
+    base_url: Text | None  # CRL DP / AIA URLs are derived from it: {base}/crl/<ca>.crl, {base}/ocsp, {base}/ca/<ca>.crt
+
+
+SupToCis = Union[Hello, CisConfig, Shutdown]
+CisToSup = Union[Hello, Ready, Event]
+
+
+# ---------------------------------------------------------------- supervisor <-> Factory
+
+
+class FactoryConfig(_Msg, tag="factory-config"):
+    home: Text
+    cipher: Literal["chacha20", "aegis"]
+    profiles: dict[Name, Annotated[str, msgspec.Meta(max_length=16384)]]
+    base_url: Text | None
+    crl_validity_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 366)]
+    admin_gid: int | None
+    dev_uid: int | None  # developer mode: this uid may use the admin socket
+    ocsp_validity_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 31)] = 24
+    ocsp_hashes: tuple[Literal["sha1", "sha256"], ...] = ("sha1",)
+    responder_days: Annotated[int, msgspec.Meta(ge=1, le=30)] = 30  # renewed delegated responders last this long
+    responder_renew_days: Annotated[int, msgspec.Meta(ge=0, le=29)] = 10  # ... renewed this close to notAfter; 0: never
+    dist_rules: list[DistRule] = []  # what each destination receives (credentials stripped: the agent alone holds them)
+    dist_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 50
+    dist_backoff_max: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 3600
+    # Officers, dual control and audit checkpoints (issue #6).
+    session_idle_seconds: Annotated[int, msgspec.Meta(ge=30, le=86400)] = 900
+    max_login_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
+    dual_approvals: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1  # M: distinct officers, the requester included
+    dual_operations: tuple[Name, ...] = ()
+    dual_expiry_seconds: Annotated[int, msgspec.Meta(ge=60, le=30 * 86400)] = 3600
+    checkpoint_seconds: Annotated[int, msgspec.Meta(ge=0, le=30 * 86400)] = 3600  # 0: on demand only
+    activation_max_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
+    activation_lockout_seconds: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 900
+    # donjon.toml [ca-profiles]: per CA, the profiles it may issue (narrows what its token policy allows).
+    ca_profiles: dict[Name, Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)]] = {}
+    auto_activate: bool = False  # an AutoActivate follows: admin requests wait for it instead of racing it
+    cis_deadline_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0  # a CIS silent this long is unresponsive
+
+
+class AutoActivate(_Msg, tag="auto-activate"):
+    """Developer mode only: the supervisor read the PIN file."""
+
+    pin: Pin
+
+
+class NewLink(_Msg, tag="new-link"):
+    """A restarted role's link, its descriptor attached (SCM_RIGHTS): the receiver drops the old one."""
+
+    link: Literal["factory-ocsp", "factory-distribution"]
+    role: Name = "ocsp"  # which process ("ocsp", "ocsp.1", ..., "distribution")
+
+
+OfficerRole = Literal["administrator", "operator", "auditor"]
+Password = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+
+
+class InitOfficer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An officer created by `donjon init --officer` (the first administrator, at least)."""
+
+    name: Name
+    roles: Annotated[tuple[OfficerRole, ...], msgspec.Meta(min_length=1, max_length=3)]
+    password: Password
+
+
+class Ceremony(_Msg, tag="ceremony"):
+    """`donjon init`: run this root ceremony (already validated) and stop."""
+
+    pin: Pin
+    spec: Annotated[bytes, msgspec.Meta(max_length=65536)]  # msgpack of appliance.ceremonyspec.CeremonySpec
+    officers: Annotated[list[InitOfficer], msgspec.Meta(max_length=16)] = []
