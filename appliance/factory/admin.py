@@ -13,8 +13,17 @@ from appliance.ipc import schema as S
 
 from .service import Factory, FactoryError
 
-if typing.TYPE_CHECKING:
-    from .officers import Conn
+
+class Conn(typing.Protocol):
+    """An admin connection (officers.Conn), named here: officers.py imports this table, so this module
+    must not import officers.py (no import circle, tests/unit/test_factory_imports.py)."""
+
+    who: str
+    uid: int
+
+    @property
+    def actor(self) -> str: ...
+
 
 ROLES = ("administrator", "operator", "auditor")
 ADMIN = frozenset({"administrator"})
@@ -81,7 +90,7 @@ async def _audit_export(ctx: Ctx, req: S.AAuditExport) -> AsyncIterator[bytes]:
 
 async def _backup(ctx: Ctx, req: S.ABackup) -> AsyncIterator[bytes]:
     from .backup import backup_tar
-    async for chunk in backup_tar(ctx.f, ctx.actor):
+    async for chunk in backup_tar(ctx.f.store, ctx.f.home, ctx.actor):
         yield chunk
 
 

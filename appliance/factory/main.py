@@ -236,7 +236,7 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         f = Factory(cfg, signers[0], send_event, profiles, signers)
         f.sup_send = sup.send
         f.officers = Officers(f)
-        f.checkpoints = Checkpoints(f)
+        f.checkpoints = Checkpoints(f.store, f.cis, cfg.checkpoint_seconds, f.send_event)
 
     async def cis_liveness(link: CisLink) -> None:
         state = "responsive" if link.responsive else "unresponsive"

@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import os
 import secrets
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,8 @@ from .dist import Dist
 from .ocsp import OcspProducer
 from .tenants import TenantManager
 from .cmdb import Cmdb, CmdbError, cert_facts, serial_bytes, serial_int
+from .errors import FactoryError, _log
+from .store import Store
 
 BACKDATE = 60  # seconds: tolerate client clock skew without predating the issuer
 BATCH_MAX = 64  # small enough that every signer always has a batch waiting
@@ -45,19 +46,6 @@ CRL_CHECK_SECONDS = 60
 SERIALS_MIN_INTERVAL = 5.0  # seconds between two issued-serials lists of one CA
 HOLD = 6  # CRLReason certificateHold: the one revocation that can be released or made permanent
 STATUS_SECONDS = 5
-
-
-class FactoryError(Exception):
-    """One domain error for the Factory; `code` maps to Refused.code at the admin edge."""
-
-    def __init__(self, code: str, reason: str):
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-def _log(msg: str) -> None:
-    print(f"donjon[factory {os.getpid()}]: {msg}", file=sys.stderr, flush=True)
 
 
 def _cn(cert: x509.Certificate) -> str:
@@ -93,11 +81,8 @@ class Factory:
         self.signers = signers or [cis]  # every CIS process, for issuance batches
         self.send_event = send_event
         self.profiles = profiles
-        self.db: Cmdb | None = None
-        self.reader: Cmdb | None = None
+        self.store = Store()  # the CMDB: the DB thread, transactions, audit write, named queries
         self.token_info = ""
-        self.db_limiter = trio.CapacityLimiter(1)
-        self.reader_limiter = trio.CapacityLimiter(1)
         self._activating = trio.Lock()
         # The activation PIN, as a MAC under a key that never leaves this process: break-glass requests
         # prove a quorum of shares against it without another token login. Bad share sets are counted.
@@ -117,7 +102,7 @@ class Factory:
         self.dist = Dist(self)
         self._serials_dirty: set[str] = set()
         self._serials_last: dict[str, float] = {}
-        self.tenants = TenantManager(self)  # CRL-fed OCSP tenants
+        self.tenants = TenantManager(self.store, self.ocsp, send_event)  # CRL-fed OCSP tenants
         self.stats = {"issued": 0, "refused": 0, "revoked": 0, "crls": 0}
         self.sup_send = None  # the supervisor link's send (set by main): asks it to write donjon.toml
         self._sup_waiting: dict[int, tuple[trio.Event, list]] = {}
@@ -130,22 +115,23 @@ class Factory:
     def home(self) -> str:
         return self.cfg.home
 
+    # The store owns these; the Factory and the helpers not yet moved onto the store reach them here.
+    @property
+    def db(self) -> Cmdb | None:
+        return self.store.db
+
+    @property
+    def reader(self) -> Cmdb | None:
+        return self.store.reader
+
     async def run_db(self, fn, *args):
-        if self.db is None:
-            raise FactoryError("inactive", "the CA is not activated (run `donjon activate`)")
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.db_limiter)
+        return await self.store.run(fn, *args)
 
     def _require_active(self) -> Cmdb:
-        if self.db is None:
-            raise FactoryError("inactive", "the CA is not activated yet (run `donjon activate`)")
-        return self.db
+        return self.store.require_active()
 
     async def audit(self, actor: str, action: str, obj: str, outcome: str, detail: str = "") -> None:
-        def w():
-            with self.db.tx():
-                self.db.audit(actor, action, obj, outcome, detail)
-        if self.db is not None:
-            await self.run_db(w)
+        await self.store.audit(actor, action, obj, outcome, detail)
 
     # ------------------------------------------------------------ activation
 
@@ -246,16 +232,12 @@ class Factory:
                 _write_durably(key_path, reply.wrapped_db_key)
             create = not os.path.exists(db_path)
 
-            def open_db():
-                db = Cmdb(db_path, reply.db_key, self.cfg.cipher, create=create)
-                reader = Cmdb(db_path, reply.db_key, self.cfg.cipher)
-                return db, reader
             try:
-                self.db, self.reader = await trio.to_thread.run_sync(open_db, limiter=self.db_limiter)
+                await self.store.open(db_path, reply.db_key, self.cfg.cipher, create=create)
             except CmdbError as e:
                 raise FactoryError("internal", str(e)) from None
             self.token_info = reply.token
-            voided = await self.run_db(self._reconcile, actor)
+            voided = await self.run_db(self.store.reconcile, actor)
             await self.run_db(self.dist.catch_up)
             self.dist.poke()
             failed = self._failures()
@@ -271,23 +253,12 @@ class Factory:
             await self.send_event(S.Event(kind="activated", detail=f"CMDB open; {voided} stale intents voided"))
             return {"activated": True, "token": reply.token, "voided_intents": voided}
 
-    def _reconcile(self, actor: str) -> int:
-        """Intents without a certificate (a crash between reservation and storage): void, never reuse."""
-        db = self.db
-        with db.tx():
-            rows = db.db.execute("SELECT serial, ca FROM serials WHERE state='intent'").fetchall()
-            for serial, ca in rows:
-                db.db.execute("UPDATE serials SET state='void' WHERE serial=?", (serial,))
-                db.audit(actor, "reconcile", f"{ca}/{serial_int(serial):x}", "voided",
-                         "intent without a stored certificate after a restart: possibly signed, never returned, serial retired")
-        return len(rows)
-
     # ------------------------------------------------------------ CAs
 
     async def ceremony(self, spec: CeremonySpec, actor: str) -> list[str]:
         made = []
-        db = self._require_active()
-        exists = await self.run_db(lambda: db.db.execute("SELECT count(*) FROM cas").fetchone()[0])
+        self._require_active()
+        exists = await self.run_db(self.store.ca_count)
         if exists:
             raise FactoryError("exists", "this appliance already has a CA: the ceremony refuses to overwrite it")
         await self.create_ca(spec.root, parent=None, actor=actor)
@@ -339,22 +310,21 @@ class Factory:
         item = S.IssueItem(profile=profile, spki=pub.spki, subject=subject, sans=(), serial=serial_bytes(serial),
                            validity=S.Validity(now, not_after), path_length=c.path_length, install_as=name,
                            allowed_kinds=policy.kinds, allowed_profiles=policy.profiles)  # type: ignore[arg-type]
-        await self.run_db(self._reserve, [(serial, parent or name, None)])
+        await self.run_db(self.store.reserve, [(serial, parent or name, None)])
         try:
             issued = await self.cis.request(S.Issue(id=self.cis.new_id(), ca=parent or name, self_signed=parent is None, items=[item]))
             outcome = issued.outcomes[0]
             if outcome.cert is None:
                 raise CisRefused("policy", outcome.error or "refused")
         except CisRefused as e:
-            await self.run_db(self._void, [serial], actor, "ca-create", e.reason)
+            await self.run_db(self.store.void, [serial], actor, "ca-create", e.reason)
             await self.cis.request(S.DeleteKey(id=self.cis.new_id(), label=name))
             raise FactoryError(e.code, e.reason) from None
         cert = x509.load_der_x509_certificate(outcome.cert)
 
         def store():
             with db.tx():
-                db.db.execute("INSERT INTO cas(name, key_label, key_type, parent, profile, cert, created, profiles) VALUES (?,?,?,?,?,?,?,?)",
-                              (name, name, c.key_type, parent, profile, outcome.cert, int(time.time()), policy.encode().decode()))
+                self.store.add_ca(name, c.key_type, parent, profile, outcome.cert, policy.encode().decode())
                 self._store_cert(serial, parent or name, profile, cert, outcome.cert, None)
                 self.dist.enqueue_object(db.db, "ca-cert", name)
                 db.audit(actor, "ca-create", name, "ok", f"{c.key_type} {_cn(cert)} serial={serial:x} parent={parent or '-'} "
@@ -372,11 +342,10 @@ class Factory:
                 "sha256": hashlib.sha256(der).hexdigest()}
 
     async def ca_list(self) -> list[dict[str, Any]]:
-        db = self._require_active()
+        self._require_active()
 
         def q():
-            rows = db.db.execute("SELECT name, key_type, parent, profile, cert FROM cas ORDER BY created, name").fetchall()
-            return [{**self._ca_doc(*r), **self._ca_extra(r[0])} for r in rows]
+            return [{**self._ca_doc(*r), **self._ca_extra(r[0])} for r in self.store.ca_rows()]
         return await self.run_db(q)
 
     async def ca_show(self, name: str) -> dict[str, Any]:
@@ -391,7 +360,7 @@ class Factory:
         return ca_state(self.db.db, name, time.time())
 
     def _ca_policy(self, name: str) -> CaPolicy:
-        row = self.db.db.execute("SELECT parent, profiles FROM cas WHERE name=?", (name,)).fetchone()
+        row = self.store.ca_policy_row(name)
         if row is None:
             raise FactoryError("not-found", f"no CA named {name!r}")
         return CaPolicy.decode(row[1].encode()) if row[1] else default_policy(row[0] is None)
@@ -399,10 +368,10 @@ class Factory:
     async def check_issuer(self, ca: str, profile: profmod.Profile, actor: str, action: str) -> None:
         """Refuse (audited, with the reason) issuance by a CA that is revoked or expired, or of a
         profile the CA may not issue (its policy, narrowed by donjon.toml [ca-profiles])."""
-        db = self._require_active()
+        self._require_active()
 
         def q():
-            if not db.db.execute("SELECT 1 FROM cas WHERE name=?", (ca,)).fetchone():
+            if self.store.ca_row(ca) is None:
                 return "not-found", f"no CA named {ca!r}"
             state, why = self._ca_state(ca)
             if state != "active":
@@ -419,8 +388,8 @@ class Factory:
             raise FactoryError(*bad)
 
     async def ca_row(self, name: str):
-        db = self._require_active()
-        row = await self.run_db(lambda: db.db.execute("SELECT name, key_type, parent, profile, cert FROM cas WHERE name=?", (name,)).fetchone())
+        self._require_active()
+        row = await self.run_db(self.store.ca_row, name)
         if not row:
             raise FactoryError("not-found", f"no CA named {name!r}")
         return row
@@ -473,34 +442,11 @@ class Factory:
 
     # ------------------------------------------------------------ issuance
 
-    def _reserve(self, items: list[tuple[int, str, bytes | None]]) -> None:
-        """Commit the intents: from here on these serials are spent, whatever happens next."""
-        db = self.db
-        now = int(time.time())
-        with db.tx():
-            for serial, ca, request in items:
-                db.db.execute("INSERT INTO serials VALUES (?,?,?,?,?)", (serial_bytes(serial), ca, "intent", now, request))
-
-    def _void(self, serials: list[int], actor: str, action: str, reason: str) -> None:
-        db = self.db
-        with db.tx():
-            for s in serials:
-                db.db.execute("UPDATE serials SET state='void' WHERE serial=?", (serial_bytes(s),))
-                db.audit(actor, action, f"{s:x}", "refused", reason)
-
     def _store_cert(self, serial: int, ca: str, profile: str, cert: x509.Certificate, der: bytes, request: bytes | None) -> None:
-        db = self.db.db
-        sb = serial_bytes(serial)
-        db.execute("UPDATE serials SET state='issued' WHERE serial=? AND state='intent'", (sb,))
-        if self.db.db.changes() != 1:
-            raise CmdbError(f"serial {serial:x} was not an open intent")
         spki_hash, sans = cert_facts(der)
-        db.execute("INSERT INTO certs(serial, ca, profile, subject, not_before, not_after, issued_at, der, request, spki_sha256, sans) "
-                   "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                   (sb, ca, profile, _cn(cert), int(cert.not_valid_before_utc.timestamp()),
-                    int(cert.not_valid_after_utc.timestamp()), int(time.time()), der, request, spki_hash, sans))
-        db.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (ca, sb))  # a response at once
-        self.dist.enqueue_cert(db, ca, serial, profile)  # published with the same commit
+        self.store.store_issued(serial, ca, profile, _cn(cert), int(cert.not_valid_before_utc.timestamp()),
+                                int(cert.not_valid_after_utc.timestamp()), der, request, spki_hash, sans)
+        self.dist.enqueue_cert(self.db.db, ca, serial, profile)  # published with the same commit
         if self.dist.wants_serials(ca):
             self._serials_dirty.add(ca)  # the scheduler is woken by the caller, in the trio thread
 
@@ -662,7 +608,7 @@ class Factory:
             p.serial = new_serial()
             items.append(S.IssueItem(profile=p.profile, spki=p.info.public_key_der, subject=p.info.subject, sans=p.info.sans,
                                      serial=serial_bytes(p.serial), validity=S.Validity(now, min(now + days * 86400 - 1, ca_end))))
-        await self.run_db(self._reserve, [(p.serial, ca, p.csr) for p in batch])
+        await self.run_db(self.store.reserve, [(p.serial, ca, p.csr) for p in batch])
         try:
             reply = await signer.request(S.Issue(id=signer.new_id(), ca=ca, self_signed=False, items=items))
             outcomes = reply.outcomes
@@ -673,7 +619,7 @@ class Factory:
 
             def void_each():
                 for p in batch:
-                    self._void([p.serial], p.actor, "issue", reason)
+                    self.store.void([p.serial], p.actor, "issue", reason)
             await self.run_db(void_each)
             for p in batch:
                 p.result = S.IssueOutcome(cert=None, error=e.reason)
@@ -690,7 +636,7 @@ class Factory:
                         self._store_cert(p.serial, ca, p.profile, cert, o.cert, p.csr)
                         db.audit(p.actor, "issue", f"{ca}/{p.serial:x}", "ok", f"{p.profile} {_cn(cert)}")
                     else:
-                        db.db.execute("UPDATE serials SET state='void' WHERE serial=?", (serial_bytes(p.serial),))
+                        self.store.void_in_tx(p.serial)
                         db.audit(p.actor, "issue", f"{ca}/{p.serial:x}", "refused", o.error or "")
         await self.run_db(store)
         self.ocsp.poke()
@@ -707,14 +653,14 @@ class Factory:
         """Reserve the serial, have the CIS sign one certificate, store it with its audit record.
         A refusal voids the serial (audited) and raises FactoryError."""
         db = self._require_active()
-        await self.run_db(self._reserve, [(serial, ca, request)])
+        await self.run_db(self.store.reserve, [(serial, ca, request)])
         try:
             reply = await self.cis.request(S.Issue(id=self.cis.new_id(), ca=ca, self_signed=False, items=[item]))
             o = reply.outcomes[0]
             if o.cert is None:
                 raise CisRefused("policy", o.error or "refused")
         except CisRefused as e:
-            await self.run_db(self._void, [serial], actor, action, e.reason)
+            await self.run_db(self.store.void, [serial], actor, action, e.reason)
             raise FactoryError(e.code, e.reason) from None
         cert = x509.load_der_x509_certificate(o.cert)
 
@@ -754,11 +700,8 @@ class Factory:
     # ------------------------------------------------------------ certificates
 
     async def cert_get(self, ca: str, serial: int) -> dict[str, Any]:
-        db = self._require_active()
-        row = await self.run_db(lambda: db.db.execute(
-            "SELECT c.profile, c.subject, c.not_before, c.not_after, c.issued_at, c.der, r.revoked_at, r.reason "
-            "FROM certs c LEFT JOIN revocations r ON r.ca=c.ca AND r.serial=c.serial WHERE c.ca=? AND c.serial=?",
-            (ca, serial_bytes(serial))).fetchone())
+        self._require_active()
+        row = await self.run_db(self.store.cert_row, ca, serial)
         if not row:
             raise FactoryError("not-found", f"no certificate {serial:x} issued by {ca!r}")
         profile, subject, nb, na, issued, der, rev_at, reason = row
@@ -924,42 +867,19 @@ class Factory:
         db = self._require_active()
         await self.ca_row(ca)
         crl = kind == "crl"
-        table, counter, action = ("crls", "crl_number", "crl") if crl else ("serials_lists", "list_number", "issued-serials")
+        action = kind
         this_update = int(time.time())
         next_update = this_update + self.cfg.crl_validity_hours * 3600
 
-        def reserve_number():
-            with db.tx():
-                db.db.execute(f"UPDATE cas SET {counter} = {counter} + 1 WHERE name=?", (ca,))
-                return db.db.execute(f"SELECT {counter} FROM cas WHERE name=?", (ca,)).fetchone()[0]
-        number = await self.run_db(reserve_number)
-
-        reader = self.reader
-        rl = self.reader_limiter
-        if crl:
-            count_q = "SELECT count(*), coalesce(sum(entry_len), 0) FROM revocations WHERE ca=?"
-            page_q = "SELECT serial, revoked_at, reason, invalidity FROM revocations WHERE ca=? AND serial > ? ORDER BY serial LIMIT ?"
-        else:  # INTEGER TLV length: tag + length octet + the octets + a sign octet when the top bit is set
-            count_q = ("SELECT count(*), coalesce(sum(length(serial) + 2 + (hex(substr(serial, 1, 1)) >= '80')), 0) "
-                       "FROM serials WHERE ca=? AND state='issued'")
-            page_q = "SELECT serial FROM serials WHERE ca=? AND state='issued' AND serial > ? ORDER BY serial LIMIT ?"
-
-        def snap_begin():
-            reader.db.execute("BEGIN")
-            return reader.db.execute(count_q, (ca,)).fetchone()
-
-        def page(after: bytes):
-            return [tuple(r) for r in reader.db.execute(page_q, (ca, after, CRL_CHUNK))]
-
-        def snap_end():
-            reader.db.execute("COMMIT")
+        store = self.store
+        number = await store.run(store.next_list_number, ca, kind)
 
         def give_back():
             # Nothing was signed under this number: it is reused, so CRL numbers stay without gaps.
             with db.tx():
-                db.db.execute(f"UPDATE cas SET {counter} = {counter} - 1 WHERE name=? AND {counter}=?", (ca, number))
+                store.give_back_list_number(ca, kind, number)
 
-        count, length = await trio.to_thread.run_sync(snap_begin, limiter=rl)
+        count, length = await store.read(store.list_snapshot_begin, ca, kind)
         mid = self.cis.new_id()
         replies = self.cis.open(mid)
         tmp = tempfile.TemporaryFile(dir=self.home)
@@ -977,7 +897,7 @@ class Factory:
                                                        kind=kind))
                         after = b""
                         while True:
-                            rows = await trio.to_thread.run_sync(page, after, limiter=rl)
+                            rows = await store.read(store.list_page, ca, kind, after, CRL_CHUNK)
                             if not rows:
                                 break
                             after = rows[-1][0]
@@ -986,7 +906,7 @@ class Factory:
                         await self.cis.send(S.CrlEnd(id=mid))
                     finally:
                         with trio.CancelScope(shield=True):  # the reader's snapshot ends even when the CIS refused
-                            await trio.to_thread.run_sync(snap_end, limiter=rl)
+                            await store.read(store.list_snapshot_end)
                 n.start_soon(sender)
                 while True:
                     try:
@@ -1020,28 +940,21 @@ class Factory:
             if tbs_hash.digest() != signed.tbs_sha256:
                 raise FactoryError("internal", "the bytes received differ from what the CIS signed")
 
-            def store():
+            def keep():
                 total = len(signed.prefix) + tbs_len + len(signed.suffix)
+
+                def parts():
+                    yield signed.prefix
+                    tmp.seek(0)
+                    while chunk := tmp.read(1 << 20):
+                        yield chunk
+                    yield signed.suffix
                 with db.tx():
-                    db.db.execute(f"INSERT INTO {table} VALUES (?,?,?,?,?,?,zeroblob(?))",
-                                  (ca, number, this_update, next_update, count, b"", total))
-                    rowid = db.db.last_insert_rowid()
-                    h = hashlib.sha256()
-                    with db.db.blob_open("main", table, "der", rowid, True) as blob:
-                        blob.write(signed.prefix)
-                        h.update(signed.prefix)
-                        tmp.seek(0)
-                        while chunk := tmp.read(1 << 20):
-                            blob.write(chunk)
-                            h.update(chunk)
-                        blob.write(signed.suffix)
-                        h.update(signed.suffix)
-                    digest = h.digest()
-                    db.db.execute(f"UPDATE {table} SET sha256=? WHERE rowid=?", (digest, rowid))
+                    digest = store.store_signed_list(kind, ca, number, this_update, next_update, count, parts(), total)
                     self.dist.enqueue_object(db.db, action, ca, number)  # published with the same commit
                     db.audit(actor, action, f"{ca}#{number}", "ok", f"entries={count} sha256={digest.hex()}")
                 return digest
-            digest = await self.run_db(store)
+            digest = await self.run_db(keep)
         finally:
             self.cis.close(mid, answered=late is None)
             tmp.close()
@@ -1061,14 +974,7 @@ class Factory:
             if self.db is None:
                 continue
             await trio.sleep(0.2)  # let a burst of revocations land in one CRL
-            db = self.db
-            now = int(time.time())
-
-            def due():
-                return {r[0] for r in db.db.execute(
-                    "SELECT c.name FROM cas c LEFT JOIN (SELECT ca, max(this_update) tu, max(next_update) nu FROM crls GROUP BY ca) l "
-                    "ON l.ca = c.name WHERE l.ca IS NULL OR l.tu + (l.nu - l.tu) / 2 <= ?", (now,))}
-            todo = self._crl_dirty | await self.run_db(due)
+            todo = self._crl_dirty | await self.run_db(self.store.crls_due, int(time.time()))
             self._crl_dirty = set()
             for ca in sorted(todo):
                 try:
@@ -1099,10 +1005,8 @@ class Factory:
 
     async def crl_chunks(self, ca: str, number: int | None = None, table: str = "crls"):
         """Yield the stored CRL (or issued-serials list) DER in 1 MiB pieces (latest unless a number is given)."""
-        db = self._require_active()
-        q = f"SELECT rowid, length(der) FROM {table} WHERE ca=? " + ("AND number=?" if number else "ORDER BY number DESC LIMIT 1")
-        args = (ca, number) if number else (ca,)
-        row = await self.run_db(lambda: db.db.execute(q, args).fetchone())
+        self._require_active()
+        row = await self.run_db(self.store.signed_list_blob, table, ca, number)
         if not row:
             what = "CRL" if table == "crls" else "issued-serials list"
             raise FactoryError("not-found", f"no {what} for CA {ca!r} yet")
@@ -1110,12 +1014,7 @@ class Factory:
         off = 0
         while off < size:
             n = min(1 << 20, size - off)
-
-            def rd(o=off, k=n):
-                with db.db.blob_open("main", table, "der", rowid, False) as b:
-                    b.seek(o)
-                    return b.read(k)
-            yield await self.run_db(rd)
+            yield await self.run_db(self.store.read_blob, table, rowid, off, n)
             off += n
 
     async def ocsp_responder_cert(self, ca: str, days: int, actor: str) -> dict[str, Any]:
@@ -1154,15 +1053,9 @@ class Factory:
 
     async def ocsp_status(self) -> dict[str, Any]:
         """What the endpoint reports, and what the CMDB holds per CA (responses, queue, oldest, next refresh)."""
-        db = self._require_active()
+        self._require_active()
         now = int(time.time())
-
-        def q():
-            rows = db.db.execute("SELECT ca, count(*), sum(status), min(this_update), min(next_update), min(refresh_at) "
-                                 "FROM ocsp GROUP BY ca ORDER BY ca").fetchall()
-            queued = dict(db.db.execute("SELECT ca, count(*) FROM ocsp_queue GROUP BY ca").fetchall())
-            return rows, queued
-        rows, queued = await self.run_db(q)
+        rows, queued = await self.run_db(self.store.ocsp_summary)
         cas = [{"ca": ca, "responses": n, "revoked": rev or 0, "oldest_this_update": tu, "earliest_next_update": nu,
                 "next_refresh": rf, "queued": queued.get(ca, 0), "lapsed": nu is not None and nu <= now}
                for ca, n, rev, tu, nu, rf in rows]

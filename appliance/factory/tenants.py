@@ -14,7 +14,8 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import trio
 from cryptography import x509
@@ -26,9 +27,15 @@ from policy.ocsp import issuer_hashes
 from policy.tenants import CrlRefused, check_ca_cert, check_crl, parse_issued_serials
 
 from .cis_link import CisRefused
+from .errors import FactoryError
+from .store import Store
 
-if TYPE_CHECKING:
-    from .service import Factory
+
+class Feed(Protocol):
+    """The endpoints' feed (ocsp.OcspProducer), named here so that neither module imports the other."""
+
+    async def publish(self, msg: Any, only: Channel | None = None) -> None: ...
+    async def ask_endpoint(self, make: Any, expect: Any) -> Any: ...
 
 CHUNK = 4 * 1024 * 1024
 RETRY_SECONDS = 60  # next fetch after an attempt that found no newer CRL past nextUpdate
@@ -71,14 +78,15 @@ class Info:
                               responder_cert=self.responder_cert)
 
 
-def _fail(code: str, reason: str):
-    from .service import FactoryError
+def _fail(code: str, reason: str) -> FactoryError:
     return FactoryError(code, reason)
 
 
 class TenantManager:
-    def __init__(self, f: "Factory"):
-        self.f = f
+    def __init__(self, store: Store, ocsp: Feed, send_event: Callable[[S.Event], Awaitable[None]]):
+        self.store = store
+        self.ocsp = ocsp  # the endpoints' feed
+        self.send_event = send_event
         self.info: dict[str, Info] = {}
         self.loaded = False
         self.attempts: dict[str, float] = {}  # last CRL intake attempt per tenant (any outcome)
@@ -91,7 +99,7 @@ class TenantManager:
 
     async def run(self) -> None:
         """Load the tenants once the CMDB is open (activation)."""
-        while self.f.db is None:
+        while self.store.db is None:
             await trio.sleep(0.2)
         await self._reload()
 
@@ -100,20 +108,20 @@ class TenantManager:
                     r[14], bool(r[15]), r[16])
 
     async def _reload(self, name: str | None = None) -> None:
-        db = self.f.db
+        db = self.store.db
         if name is None:
-            rows = await self.f.run_db(lambda: db.db.execute(f"SELECT {_COLS} FROM ocsp_tenants ORDER BY name").fetchall())
+            rows = await self.store.run(lambda: db.db.execute(f"SELECT {_COLS} FROM ocsp_tenants ORDER BY name").fetchall())
             self.info = {r[0]: self._row(r) for r in rows}
             self.loaded = True
             return
-        row = await self.f.run_db(lambda: db.db.execute(f"SELECT {_COLS} FROM ocsp_tenants WHERE name=?", (name,)).fetchone())
+        row = await self.store.run(lambda: db.db.execute(f"SELECT {_COLS} FROM ocsp_tenants WHERE name=?", (name,)).fetchone())
         if row is None:
             self.info.pop(name, None)
         else:
             self.info[name] = self._row(row)
 
     async def _get(self, name: str) -> Info:
-        self.f._require_active()
+        self.store.require_active()
         if not self.loaded:
             await self._reload()
         t = self.info.get(name)
@@ -145,7 +153,7 @@ class TenantManager:
 
     async def publish(self, msgs: list, only: Channel | None = None) -> None:
         for m in msgs:
-            await self.f.ocsp.publish(m, only)
+            await self.ocsp.publish(m, only)
 
     @staticmethod
     def _chunks(cls, tenant: str, data: bytes, **kw) -> list:
@@ -159,9 +167,9 @@ class TenantManager:
         if not self.loaded:
             await self._reload()
         await self.publish([S.TenantSync(tenants=sorted(self.info))], chan)
-        db = self.f.db
+        db = self.store.db
         for name, t in sorted(self.info.items()):
-            crl, serials = await self.f.run_db(lambda n=name: db.db.execute(
+            crl, serials = await self.store.run(lambda n=name: db.db.execute(
                 "SELECT crl_der, serials FROM ocsp_tenants WHERE name=?", (n,)).fetchone())
             msgs = [t.config()]
             if crl:
@@ -192,7 +200,7 @@ class TenantManager:
 
     async def crl_received(self, tenant: str, der: bytes, source: str) -> str:
         """The one entry point of every tenant CRL: 'accepted' or a one-line reason."""
-        if self.f.db is None:
+        if self.store.db is None:
             return "unavailable: the CA is not activated"
         try:
             t = await self._get(tenant)
@@ -209,8 +217,8 @@ class TenantManager:
             except CrlRefused as e:
                 await self._refuse(t, source, str(e))
                 return str(e)
-            db = self.f.db
-            same = await self.f.run_db(lambda: db.db.execute(
+            db = self.store.db
+            same = await self.store.run(lambda: db.db.execute(
                 "SELECT crl_der = ? FROM ocsp_tenants WHERE name=?", (der, tenant)).fetchone()[0])
             if same:
                 return "accepted"  # the CRL already in use (a scheduled fetch found nothing new)
@@ -222,7 +230,7 @@ class TenantManager:
                                   (crl.number, crl.this_update, crl.next_update, der, source[:200], int(now), tenant))
                     db.audit(source[:200], "tenant-crl", f"{tenant}#{crl.number}", "ok",
                              f"entries={len(crl.revoked)} nextUpdate={crl.next_update} sha256={hashlib.sha256(der).hexdigest()}")
-            await self.f.run_db(store)
+            await self.store.run(store)
             await self._reload(tenant)
             self.accepted += 1
             await self.publish(self._chunks(S.TenantCrl, tenant, der, number=crl.number))
@@ -230,15 +238,15 @@ class TenantManager:
 
     async def _refuse(self, t: Info, source: str, reason: str) -> None:
         self.refused += 1
-        db = self.f.db
+        db = self.store.db
 
         def w():
             with db.tx():
                 db.db.execute("UPDATE ocsp_tenants SET last_refusal=? WHERE name=?", (f"{int(time.time())} {source[:100]}: {reason}", t.name))
                 db.audit(source[:200], "tenant-crl", t.name, "refused", reason)
-        await self.f.run_db(w)
+        await self.store.run(w)
         await self._reload(t.name)
-        await self.f.send_event(S.Event(kind="tenant-crl-refused", detail=f"{t.name} ({source[:100]}): {reason}"[:4000]))
+        await self.send_event(S.Event(kind="tenant-crl-refused", detail=f"{t.name} ({source[:100]}): {reason}"[:4000]))
 
     # ------------------------------------------------------------ admin
 
@@ -258,8 +266,8 @@ class TenantManager:
 
     async def _check_issuer_free(self, name: str, ca_der: bytes) -> None:
         mine = issuer_hashes(ca_der)["sha256"]
-        db = self.f.db
-        cas = await self.f.run_db(lambda: db.db.execute("SELECT name, cert FROM cas").fetchall())
+        db = self.store.db
+        cas = await self.store.run(lambda: db.db.execute("SELECT name, cert FROM cas").fetchall())
         for ca_name, der in cas:
             if issuer_hashes(der)["sha256"] == mine:
                 raise _fail("exists", f"that CA is this appliance's own CA {ca_name!r}: it is answered from its own data")
@@ -290,7 +298,7 @@ class TenantManager:
         raise _fail("bad-request", f"unsupported request {type(req).__name__}")
 
     async def add(self, req: S.AOcspTenantAdd, actor: str) -> dict[str, Any]:
-        db = self.f._require_active()
+        db = self.store.require_active()
         if not self.loaded:
             await self._reload()
         if req.name in self.info:
@@ -298,7 +306,7 @@ class TenantManager:
         try:
             ca = check_ca_cert(req.ca_cert)
         except CrlRefused as e:
-            await self.f.audit(actor, "tenant-add", req.name, "refused", str(e))
+            await self.store.audit(actor, "tenant-add", req.name, "refused", str(e))
             raise _fail("bad-request", str(e)) from None
         urls = self._check_urls(req.crl_urls)
         secret = self._check_secret(req.push_secret)
@@ -312,14 +320,14 @@ class TenantManager:
                 db.audit(actor, "tenant-add", req.name, "ok",
                          f"{ca.subject.rfc4514_string()} urls={','.join(urls) or '-'} unissued={req.unissued} "
                          f"refresh={req.refresh_seconds}s push={'yes' if secret else 'no'}")
-        await self.f.run_db(w)
+        await self.store.run(w)
         await self._reload(req.name)
         await self.publish([self.info[req.name].config()])
         return self._doc(self.info[req.name])
 
     async def update(self, req: S.AOcspTenantUpdate, actor: str) -> dict[str, Any]:
         t = await self._get(req.name)
-        db = self.f.db
+        db = self.store.db
         sets: dict[str, Any] = {}
         what = []
         if req.crl_urls is not None:
@@ -339,7 +347,7 @@ class TenantManager:
             try:
                 cert, nocheck = self._check_responder(t, req.responder_cert)
             except CrlRefused as e:
-                await self.f.audit(actor, "tenant-responder", req.name, "refused", str(e))
+                await self.store.audit(actor, "tenant-responder", req.name, "refused", str(e))
                 raise _fail("policy", str(e)) from None
             sets["responder_cert"] = req.responder_cert
             sets["responder_label"] = t.key_label  # a new `tenant csr` later does not disturb this one
@@ -352,7 +360,7 @@ class TenantManager:
                 db.db.execute(f"UPDATE ocsp_tenants SET {', '.join(k + '=?' for k in sets)} WHERE name=?",
                               (*sets.values(), req.name))
                 db.audit(actor, "tenant-update", req.name, "ok", "; ".join(what))
-        await self.f.run_db(w)
+        await self.store.run(w)
         await self._reload(req.name)
         await self.publish([self.info[req.name].config()])
         doc = self._doc(self.info[req.name])
@@ -394,13 +402,13 @@ class TenantManager:
 
     async def remove(self, name: str, actor: str) -> dict[str, Any]:
         await self._get(name)
-        db = self.f.db
+        db = self.store.db
 
         def w():
             with db.tx():
                 db.db.execute("DELETE FROM ocsp_tenants WHERE name=?", (name,))
                 db.audit(actor, "tenant-remove", name, "ok")
-        await self.f.run_db(w)
+        await self.store.run(w)
         self.info.pop(name, None)
         self.attempts.pop(name, None)
         await self.publish([S.TenantRemove(tenant=name)])
@@ -410,10 +418,10 @@ class TenantManager:
         """The endpoint makes the responder key in its own token and a CSR signed by it."""
         await self._get(name)
         try:
-            m = await self.f.ocsp.ask_endpoint(lambda rid: S.TenantKeyRequest(id=rid, tenant=name), S.TenantCsr)
+            m = await self.ocsp.ask_endpoint(lambda rid: S.TenantKeyRequest(id=rid, tenant=name), S.TenantCsr)
         except (CisRefused, trio.TooSlowError) as e:
             reason = getattr(e, "reason", "the OCSP endpoint did not answer")
-            await self.f.audit(actor, "tenant-csr", name, "refused", reason)
+            await self.store.audit(actor, "tenant-csr", name, "refused", reason)
             raise _fail("hsm", reason) from None
         try:
             csr = x509.load_der_x509_csr(m.csr)
@@ -423,13 +431,13 @@ class TenantManager:
             ok = False
         if not ok:
             raise _fail("internal", "the endpoint returned a CSR that does not match its key")
-        db = self.f.db
+        db = self.store.db
 
         def w():
             with db.tx():
                 db.db.execute("UPDATE ocsp_tenants SET key_label=?, key_spki=? WHERE name=?", (m.label, m.spki, name))
                 db.audit(actor, "tenant-csr", name, "ok", f"key {m.label} in the endpoint's token")
-        await self.f.run_db(w)
+        await self.store.run(w)
         await self._reload(name)
         return {"tenant": name, "label": m.label, "csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
 
@@ -441,16 +449,16 @@ class TenantManager:
                 ca = x509.load_der_x509_certificate(info.ca_der)
                 count = len(await trio.to_thread.run_sync(parse_issued_serials, data, ca))
             except CrlRefused as e:
-                await self.f.audit(actor, "tenant-serials", name, "refused", str(e))
+                await self.store.audit(actor, "tenant-serials", name, "refused", str(e))
                 raise _fail("bad-request", str(e)) from None
-        db = self.f.db
+        db = self.store.db
 
         def w():
             with db.tx():
                 db.db.execute("UPDATE ocsp_tenants SET serials=? WHERE name=?", (data, name))
                 db.audit(actor, "tenant-serials", name, "ok",
                          f"{count} serials sha256={hashlib.sha256(data).hexdigest()}" if data is not None else "cleared")
-        await self.f.run_db(w)
+        await self.store.run(w)
         await self._reload(name)
         if data is None:
             await self.publish([S.TenantSerials(tenant=name, data=b"", last=True, present=False)])
@@ -459,7 +467,7 @@ class TenantManager:
         return {"tenant": name, "serials": count}
 
     async def list(self) -> list[dict[str, Any]]:
-        self.f._require_active()
+        self.store.require_active()
         if not self.loaded:
             await self._reload()
         return [self._doc(t) for _, t in sorted(self.info.items())]

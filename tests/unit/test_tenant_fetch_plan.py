@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from appliance.factory.store import Store
 from appliance.factory.tenants import RETRY_SECONDS, Info, TenantManager
 
 
@@ -11,7 +12,7 @@ def info(name: str, urls=("http://x/ca.crl",), refresh=3600, crl_at=None, nu=Non
 
 
 def test_fetch_plan():
-    m = TenantManager(None)
+    m = TenantManager(Store(), None, None)  # type: ignore[arg-type]  # the plan needs no feed
     now = 1_000_000.0
     m.info = {"new": info("new"), "manual": info("manual", urls=()),
               "fresh": info("fresh", crl_at=now - 100, nu=now + 86400),

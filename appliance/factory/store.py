@@ -1,0 +1,347 @@
+"""The Factory's storage layer: the DB thread, transactions, the audit write, the activation check, named queries."""
+
+# As Boulder's `sa/`: the rest of the Factory asks for what it wants by name and never writes SQL for
+# the tables below. cmdb.py (schema, migrations, the encrypted connection) stays the low layer.
+# Named queries are synchronous and run on the DB thread (inside `run`); the ones that write expect
+# to be called inside `tx()`, so that they commit with the audit record and the queue rows of the
+# caller's transaction, as Cmdb.audit does.
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO, TypeVar
+
+import apsw
+import trio
+
+from policy.audit import GENESIS
+
+from .cmdb import Cmdb, CmdbError, serial_bytes, serial_int
+from .errors import FactoryError
+
+T = TypeVar("T")
+
+# kind -> (table of signed lists, counter column in cas, audit/queue action)
+LISTS = {"crl": ("crls", "crl_number", "crl"), "issued-serials": ("serials_lists", "list_number", "issued-serials")}
+
+_LIST_COUNT = {
+    "crl": "SELECT count(*), coalesce(sum(entry_len), 0) FROM revocations WHERE ca=?",
+    # INTEGER TLV length: tag + length octet + the octets + a sign octet when the top bit is set
+    "issued-serials": ("SELECT count(*), coalesce(sum(length(serial) + 2 + (hex(substr(serial, 1, 1)) >= '80')), 0) "
+                       "FROM serials WHERE ca=? AND state='issued'"),
+}
+_LIST_PAGE = {
+    "crl": "SELECT serial, revoked_at, reason, invalidity FROM revocations WHERE ca=? AND serial > ? ORDER BY serial LIMIT ?",
+    "issued-serials": "SELECT serial FROM serials WHERE ca=? AND state='issued' AND serial > ? ORDER BY serial LIMIT ?",
+}
+
+
+def _one(c: apsw.Connection, q: str, args: tuple[Any, ...] = ()) -> Any:
+    """The row of a query that always yields one (an aggregate, a pragma)."""
+    row = c.execute(q, args).fetchone()
+    assert row is not None
+    return row
+
+
+def inactive(yet: str = "") -> FactoryError:
+    return FactoryError("inactive", f"the CA is not activated{yet} (run `donjon activate`)")
+
+
+class Store:
+    """The CMDB of an active CA (None until activation), its writer thread and its snapshot reader."""
+
+    def __init__(self) -> None:
+        self.db: Cmdb | None = None
+        self.reader: Cmdb | None = None  # a second connection: long WAL snapshots (CRLs) beside the writer
+        self.db_limiter = trio.CapacityLimiter(1)  # one DB thread: Cmdb is not thread-safe
+        self.reader_limiter = trio.CapacityLimiter(1)
+
+    # ------------------------------------------------------------ plumbing
+
+    @property
+    def active(self) -> bool:
+        return self.db is not None
+
+    async def open(self, path: str, key: bytes, cipher: str, create: bool) -> None:
+        """Open the writer and the reader (activation). CmdbError if the file or key is wrong."""
+        def o() -> tuple[Cmdb, Cmdb]:
+            db = Cmdb(path, key, cipher, create=create)
+            try:
+                return db, Cmdb(path, key, cipher)
+            except BaseException:
+                db.close()
+                raise
+        self.db, self.reader = await trio.to_thread.run_sync(o, limiter=self.db_limiter)
+
+    def require_active(self) -> Cmdb:
+        if self.db is None:
+            raise inactive(" yet")
+        return self.db
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn on the DB thread; refused while the CA is inactive."""
+        if self.db is None:
+            raise inactive()
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.db_limiter)
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn on the reader thread (snapshots that must not hold up the writer)."""
+        if self.reader is None:
+            raise inactive()
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.reader_limiter)
+
+    @contextmanager
+    def tx(self) -> Iterator[apsw.Connection]:
+        with self.require_active().tx() as c:
+            yield c
+
+    def audit_in_tx(self, actor: str, action: str, obj: str, outcome: str, detail: str = "", ts: int | None = None) -> int:
+        return self.require_active().audit(actor, action, obj, outcome, detail, ts)
+
+    async def audit(self, actor: str, action: str, obj: str, outcome: str, detail: str = "") -> None:
+        """One audit record in its own transaction; nothing to write to while inactive."""
+        def w() -> None:
+            with self.tx():
+                self.audit_in_tx(actor, action, obj, outcome, detail)
+        if self.db is not None:
+            await self.run(w)
+
+    def audit_head(self) -> tuple[int, bytes]:
+        """(seq, hash) of the newest audit record, (0, GENESIS) for an empty log."""
+        row = self.require_active().db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        return (row[0], row[1]) if row else (0, GENESIS)
+
+    def copy_consistent(self, path: str, out: BinaryIO, chunk: int = 1 << 20) -> tuple[int, str, int, bytes]:
+        """On the DB thread, so no write can land between the checkpoint and the copy: fold the WAL into
+        the main file at `path`, then copy its (still encrypted) pages as they are to `out`.
+        Returns (bytes, sha256 hex, audit seq, audit head) of the copy."""
+        c = self.require_active().db
+        busy, log, done = _one(c, "PRAGMA wal_checkpoint(TRUNCATE)")
+        if busy or log != done:
+            raise FactoryError("busy", "a reader holds an old snapshot (a CRL is being made?): try the backup again")
+        h = hashlib.sha256()
+        n = 0
+        with open(path, "rb") as src:
+            while data := src.read(chunk):
+                out.write(data)
+                h.update(data)
+                n += len(data)
+        seq, head = c.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone() or (0, b"")
+        return n, h.hexdigest(), seq, head
+
+    # ------------------------------------------------------------ signed audit checkpoints
+
+    def add_checkpoint(self, seq: int, ts: int, head: bytes, tbs: bytes, signature: bytes) -> None:
+        """Store a checkpoint the CIS signed (inside tx(), with its audit record)."""
+        self.require_active().db.execute("INSERT INTO checkpoints(seq, ts, head, tbs, signature) VALUES (?,?,?,?,?)",
+                                         (seq, ts, head, tbs, signature))
+
+    def checkpoints(self, latest_only: bool = False) -> list[tuple[bytes, bytes]]:
+        """(tbs, signature) of the stored checkpoints, oldest first (or only the newest)."""
+        q = "SELECT tbs, signature FROM checkpoints ORDER BY id" + (" DESC LIMIT 1" if latest_only else "")
+        return [(r[0], r[1]) for r in self.require_active().db.execute(q)]
+
+    def audit_moved_since_checkpoint(self) -> bool:
+        c = self.require_active().db
+        head = _one(c, "SELECT coalesce(max(seq), 0) FROM audit")[0]
+        last = _one(c, "SELECT coalesce(max(seq), -1) FROM checkpoints")[0]
+        return head > last + 1  # the record of the last checkpoint itself does not count
+
+    # ------------------------------------------------------------ serials and certificates
+
+    def reserve(self, items: list[tuple[int, str, bytes | None]]) -> None:
+        """Commit the intents: from here on these serials are spent, whatever happens next. A serial
+        already reserved (by anyone, in any state) fails the whole batch: the primary key says so."""
+        db = self.require_active()
+        now = int(time.time())
+        with db.tx():
+            for serial, ca, request in items:
+                db.db.execute("INSERT INTO serials VALUES (?,?,?,?,?)", (serial_bytes(serial), ca, "intent", now, request))
+
+    def void(self, serials: list[int], actor: str, action: str, reason: str) -> None:
+        """Retire serials whose signature was refused, one audit record each, in one transaction."""
+        db = self.require_active()
+        with db.tx():
+            for s in serials:
+                self.void_in_tx(s)
+                db.audit(actor, action, f"{s:x}", "refused", reason)
+
+    def void_in_tx(self, serial: int) -> None:
+        self.require_active().db.execute("UPDATE serials SET state='void' WHERE serial=?", (serial_bytes(serial),))
+
+    def store_issued(self, serial: int, ca: str, profile: str, subject: str, not_before: int, not_after: int,
+                     der: bytes, request: bytes | None, spki_sha256: bytes, sans: str) -> bytes:
+        """Turn an open intent into an issued certificate and queue its OCSP response (inside tx()).
+        Returns the serial's bytes. CmdbError if the serial was not an open intent."""
+        c = self.require_active().db
+        sb = serial_bytes(serial)
+        c.execute("UPDATE serials SET state='issued' WHERE serial=? AND state='intent'", (sb,))
+        if c.changes() != 1:
+            raise CmdbError(f"serial {serial:x} was not an open intent")
+        c.execute("INSERT INTO certs(serial, ca, profile, subject, not_before, not_after, issued_at, der, request, spki_sha256, sans) "
+                  "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                  (sb, ca, profile, subject, not_before, not_after, int(time.time()), der, request, spki_sha256, sans))
+        c.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (ca, sb))  # a response at once
+        return sb
+
+    def serial_state(self, serial: int) -> str | None:
+        row = self.require_active().db.execute("SELECT state FROM serials WHERE serial=?", (serial_bytes(serial),)).fetchone()
+        return row[0] if row else None
+
+    def reconcile(self, actor: str) -> int:
+        """Intents without a certificate (a crash between reservation and storage): void, never reuse."""
+        db = self.require_active()
+        with db.tx():
+            rows: list[Any] = db.db.execute("SELECT serial, ca FROM serials WHERE state='intent'").fetchall()
+            for serial, ca in rows:
+                db.db.execute("UPDATE serials SET state='void' WHERE serial=?", (serial,))
+                db.audit(actor, "reconcile", f"{ca}/{serial_int(serial):x}", "voided",
+                         "intent without a stored certificate after a restart: possibly signed, never returned, serial retired")
+        return len(rows)
+
+    def cert_row(self, ca: str, serial: int) -> tuple[Any, ...] | None:
+        """(profile, subject, not_before, not_after, issued_at, der, revoked_at, reason) of a certificate."""
+        row = self.require_active().db.execute(
+            "SELECT c.profile, c.subject, c.not_before, c.not_after, c.issued_at, c.der, r.revoked_at, r.reason "
+            "FROM certs c LEFT JOIN revocations r ON r.ca=c.ca AND r.serial=c.serial WHERE c.ca=? AND c.serial=?",
+            (ca, serial_bytes(serial))).fetchone()
+        return tuple(row) if row else None
+
+    def ocsp_summary(self) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
+        """Per CA: (ca, responses, revoked, oldest thisUpdate, earliest nextUpdate, next refresh); and
+        the responses queued for signing per CA."""
+        c = self.require_active().db
+        rows = [tuple(r) for r in c.execute("SELECT ca, count(*), sum(status), min(this_update), min(next_update), min(refresh_at) "
+                                            "FROM ocsp GROUP BY ca ORDER BY ca")]
+        queued = {r[0]: r[1] for r in c.execute("SELECT ca, count(*) FROM ocsp_queue GROUP BY ca")}
+        return rows, queued
+
+    # ------------------------------------------------------------ CAs
+
+    def ca_count(self) -> int:
+        return _one(self.require_active().db, "SELECT count(*) FROM cas")[0]
+
+    def add_ca(self, name: str, key_type: str, parent: str | None, profile: str, der: bytes, profiles: str) -> None:
+        """A new CA row (inside tx()); its key label is its name."""
+        self.require_active().db.execute(
+            "INSERT INTO cas(name, key_label, key_type, parent, profile, cert, created, profiles) VALUES (?,?,?,?,?,?,?,?)",
+            (name, name, key_type, parent, profile, der, int(time.time()), profiles))
+
+    def ca_row(self, name: str) -> tuple[str, str, str | None, str, bytes] | None:
+        """(name, key_type, parent, profile, cert DER) or None."""
+        row = self.require_active().db.execute(
+            "SELECT name, key_type, parent, profile, cert FROM cas WHERE name=?", (name,)).fetchone()
+        return (row[0], row[1], row[2], row[3], row[4]) if row else None
+
+    def ca_rows(self) -> list[tuple[str, str, str | None, str, bytes]]:
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in self.require_active().db.execute(
+            "SELECT name, key_type, parent, profile, cert FROM cas ORDER BY created, name")]
+
+    def ca_policy_row(self, name: str) -> tuple[str | None, str | None] | None:
+        """(parent, encoded CaPolicy or None) or None when there is no such CA."""
+        row = self.require_active().db.execute("SELECT parent, profiles FROM cas WHERE name=?", (name,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    # ------------------------------------------------------------ CRLs and issued-serials lists
+
+    def next_list_number(self, ca: str, kind: str) -> int:
+        """Reserve the next CRL (or issued-serials list) number of a CA, committed before anything is
+        signed: a number handed out is never handed out again unless given back (nothing signed)."""
+        counter = LISTS[kind][1]
+        db = self.require_active()
+        with db.tx():
+            db.db.execute(f"UPDATE cas SET {counter} = {counter} + 1 WHERE name=?", (ca,))
+            row = db.db.execute(f"SELECT {counter} FROM cas WHERE name=?", (ca,)).fetchone()
+        if row is None:
+            raise FactoryError("not-found", f"no CA named {ca!r}")
+        return row[0]
+
+    def give_back_list_number(self, ca: str, kind: str, number: int) -> bool:
+        """Inside tx(): undo next_list_number when the CIS refused to sign under `number`, so numbers
+        stay without gaps. Only the latest number comes back: once a later one was handed out (or
+        this one stored), it stays spent. Returns whether it came back."""
+        counter = LISTS[kind][1]
+        c = self.require_active().db
+        if c.execute(f"SELECT 1 FROM {LISTS[kind][0]} WHERE ca=? AND number=?", (ca, number)).fetchone():
+            return False
+        c.execute(f"UPDATE cas SET {counter} = {counter} - 1 WHERE name=? AND {counter}=?", (ca, number))
+        return c.changes() == 1
+
+    # The three reader calls below bracket one WAL snapshot: a list is consistent however long it streams.
+    def list_snapshot_begin(self, ca: str, kind: str) -> tuple[int, int]:
+        """Open the snapshot; returns (entries, their total DER length)."""
+        r = self._reader()
+        r.db.execute("BEGIN")
+        try:
+            count, length = _one(r.db, _LIST_COUNT[kind], (ca,))
+        except BaseException:
+            r.db.execute("ROLLBACK")
+            raise
+        return count, length
+
+    def list_page(self, ca: str, kind: str, after: bytes, limit: int) -> list[tuple[Any, ...]]:
+        """The next page of entries (revocations, or issued serials) after serial `after`, in serial order."""
+        return [tuple(row) for row in self._reader().db.execute(_LIST_PAGE[kind], (ca, after, limit))]
+
+    def list_snapshot_end(self) -> None:
+        self._reader().db.execute("COMMIT")
+
+    def revocation_pages(self, ca: str, page: int) -> Iterator[list[tuple[Any, ...]]]:
+        """Every revocation of a CA in serial order, `page` at a time, from one snapshot (reader thread)."""
+        self.list_snapshot_begin(ca, "crl")
+        try:
+            after = b""
+            while rows := self.list_page(ca, "crl", after, page):
+                yield rows
+                after = rows[-1][0]
+        finally:
+            self.list_snapshot_end()
+
+    def store_signed_list(self, kind: str, ca: str, number: int, this_update: int, next_update: int, entries: int,
+                          parts: Iterable[bytes], total: int) -> bytes:
+        """Write a signed CRL or issued-serials list of `total` bytes from its parts (inside tx()),
+        streamed into a blob; returns its SHA-256. A number already stored fails (primary key)."""
+        table = LISTS[kind][0]
+        c = self.require_active().db
+        c.execute(f"INSERT INTO {table} VALUES (?,?,?,?,?,?,zeroblob(?))", (ca, number, this_update, next_update, entries, b"", total))
+        rowid = c.last_insert_rowid()
+        h = hashlib.sha256()
+        written = 0
+        with c.blob_open("main", table, "der", rowid, True) as blob:
+            for p in parts:
+                blob.write(p)
+                h.update(p)
+                written += len(p)
+        if written != total:
+            raise CmdbError(f"the signed list is {written} bytes, {total} announced")
+        digest = h.digest()
+        c.execute(f"UPDATE {table} SET sha256=? WHERE rowid=?", (digest, rowid))
+        return digest
+
+    def crls_due(self, now: int) -> set[str]:
+        """CAs whose CRL must be signed now: none signed yet, or half of the latest one's validity gone."""
+        return {r[0] for r in self.require_active().db.execute(
+            "SELECT c.name FROM cas c LEFT JOIN (SELECT ca, max(this_update) tu, max(next_update) nu FROM crls GROUP BY ca) l "
+            "ON l.ca = c.name WHERE l.ca IS NULL OR l.tu + (l.nu - l.tu) / 2 <= ?", (now,))}
+
+    def signed_list_blob(self, table: str, ca: str, number: int | None) -> tuple[int, int] | None:
+        """(rowid, size) of a stored CRL or issued-serials list (the latest unless a number is given)."""
+        if table not in (LISTS["crl"][0], LISTS["issued-serials"][0]):
+            raise ValueError(f"no signed-list table {table!r}")  # a table name goes into the SQL text
+        q = f"SELECT rowid, length(der) FROM {table} WHERE ca=? " + ("AND number=?" if number else "ORDER BY number DESC LIMIT 1")
+        row = self.require_active().db.execute(q, (ca, number) if number else (ca,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def read_blob(self, table: str, rowid: int, offset: int, n: int) -> bytes:
+        with self.require_active().db.blob_open("main", table, "der", rowid, False) as b:
+            b.seek(offset)
+            data = b.read(n)
+        return data
+
+    def _reader(self) -> Cmdb:
+        if self.reader is None:
+            raise inactive()
+        return self.reader
