@@ -31,6 +31,7 @@ from policy import profiles as profmod
 from policy.capolicy import CaPolicy, default_policy, named_policy
 from policy.errors import PolicyError
 
+from .checkpoints import Checkpoints
 from .cis_link import CisLink, CisRefused, CisUnresponsive
 from .dist import Dist
 from .ocsp import OcspProducer
@@ -108,6 +109,7 @@ class Factory:
         self._sup_waiting: dict[int, tuple[trio.Event, list]] = {}
         self._sup_ids = 0
         self._claims: dict[tuple[str, ...], bytes] = {}  # subjects and keys being issued now (uniqueness options)
+        self.checkpoints: Checkpoints | None = None  # set by main once the CIS link is up
 
     # ------------------------------------------------------------ plumbing
 
@@ -854,7 +856,7 @@ class Factory:
         signed audit checkpoint comes first: it is published beside the list (the rollback anchor)."""
         lock = self._crl_locks.setdefault("serials:" + ca, trio.Lock())
         async with lock:
-            if getattr(self, "checkpoints", None) is not None:
+            if self.checkpoints is not None:
                 try:
                     await self.checkpoints.sign(actor)
                 except FactoryError as e:
@@ -1118,7 +1120,7 @@ class Factory:
             if self.dist.rules:
                 backlog = await self.run_db(self.dist.backlog)
                 doc["distribution"] = {d.name: {"backlog": backlog.get(d.name, 0), "failing": d.failing} for d in self.dist.states()}
-            cp = await self.checkpoints.latest() if getattr(self, "checkpoints", None) else None
+            cp = await self.checkpoints.latest() if self.checkpoints is not None else None
             doc["audit_checkpoint"] = {k: cp[k] for k in ("seq", "head", "time")} if cp else None
         return doc
 

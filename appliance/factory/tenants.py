@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import time
+import traceback
 from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -27,7 +28,7 @@ from policy.ocsp import issuer_hashes
 from policy.tenants import CrlRefused, check_ca_cert, check_crl, parse_issued_serials
 
 from .cis_link import CisRefused
-from .errors import FactoryError
+from .errors import FactoryError, _log
 from .store import Store
 
 
@@ -192,8 +193,11 @@ class TenantManager:
         der = b"".join(self._pushes.pop(key))
         try:
             outcome = await self.crl_received(m.tenant, der, "http-push")
-        except Exception as e:  # noqa: BLE001 - the endpoint gets one line; the Factory keeps running
-            outcome = getattr(e, "reason", "internal error in the Factory")
+        except FactoryError as e:
+            outcome = e.reason
+        except Exception:  # noqa: BLE001 - a bug is logged whole; the endpoint gets one line and the Factory runs on
+            _log("tenant CRL push:\n" + traceback.format_exc(limit=8))
+            outcome = "internal error in the Factory"
         await chan.send(S.TenantPushResult(id=m.id, outcome=outcome[:4000]))
 
     # ------------------------------------------------------------ CRL intake
