@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 BASE = "dc=example,dc=org"
@@ -48,6 +50,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def snmptrapd(d: Path, conf: str, env: dict[str, str], port: int | None = None) -> Iterator[tuple[int, Path]]:
+    """A real snmptrapd on 127.0.0.1 with this configuration, logging to d/traps.log; yields (port, log)
+    once it says it started (bounded), and kills it after."""
+    port = port or free_udp_port()
+    (d / "snmptrapd.conf").write_text(conf)
+    log = d / "traps.log"
+    proc = subprocess.Popen(["snmptrapd", "-f", "-C", "-c", str(d / "snmptrapd.conf"), "-Lf", str(log), "-On", "-m", "",
+                             f"udp:127.0.0.1:{port}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if log.exists() and "NET-SNMP version" in log.read_text():
+                break
+            time.sleep(0.05)
+        yield port, log
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 def wait_port(port: int, timeout: float = 10, proc: subprocess.Popen | None = None) -> None:

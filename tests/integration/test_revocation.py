@@ -30,27 +30,15 @@ from tests.data.ocsp.make import botan
 from tests.integration.test_distribution import issue_user, wait_drained
 from tests.integration.test_ocsp import BOUND, _free_port, _issue, _wait_for
 from tests.integration.test_snmp_appliance import TRAP_COMMUNITY, _oid, _udp_port
-from tests.servers import ADMIN_DN, ADMIN_PW, BASE, Slapd
+from tests.servers import ADMIN_DN, ADMIN_PW, BASE, Slapd, snmptrapd
 
 
 @pytest.fixture(scope="module")
 def trap_log(tmp_path_factory):
     d = tmp_path_factory.mktemp("traps")
     env = dict(os.environ, SNMP_PERSISTENT_DIR=str(d), MIBS="", MIBDIRS="")
-    port = _udp_port()
-    (d / "snmptrapd.conf").write_text(f"authCommunity log {TRAP_COMMUNITY}\n")
-    log = d / "traps.log"
-    proc = subprocess.Popen(["snmptrapd", "-f", "-C", "-c", str(d / "snmptrapd.conf"), "-Lf", str(log), "-On", "-m", "",
-                             f"udp:127.0.0.1:{port}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            if log.exists() and "NET-SNMP version" in log.read_text():
-                break
-            time.sleep(0.05)
+    with snmptrapd(d, f"authCommunity log {TRAP_COMMUNITY}\n", env) as (port, log):
         yield port, log
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from appliance.ipc import schema as S
 from appliance.ipc.channel import SyncChannel, encode
 from appliance.snmp import agent as A
 from appliance.snmp import mib as M
+from tests.servers import free_udp_port, snmptrapd
 
 # The tools are installed by .ci/setup: a missing one is a failure, not a skip.
 assert all(shutil.which(t) for t in ("snmpwalk", "snmpget", "snmptrapd")), "net-snmp tools missing: run bash .ci/setup"
@@ -24,12 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 USER, AUTH, PRIV = "donjon", "auth-secret-123", "priv-secret-456"
 COMMUNITY, TRAP_COMMUNITY = "ro-community", "trap-community"
 ENT = "1.3.6.1.4.1.99999"
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def status(issued=10, crl=3, pid=4242, ocsp=True) -> S.ApplianceStatus:
@@ -122,21 +117,10 @@ def trapd(tmp_path, snmpenv):
     targets = [S.SnmpTarget(host="127.0.0.1", port=port, kind="trap", version="v3", user=USER),
                S.SnmpTarget(host="127.0.0.1", port=port, kind="trap", version="v2c", community=TRAP_COMMUNITY)]
     eid = A.notifier_engine_id(targets[0]).hex()
-    conf = tmp_path / "snmptrapd.conf"
-    conf.write_text(f"createUser -e 0x{eid} {USER} SHA-256 {AUTH} AES {PRIV}\n"
-                    f"authUser log {USER} authPriv\nauthCommunity log {TRAP_COMMUNITY}\n")
-    log = tmp_path / "traps.log"
-    proc = subprocess.Popen(["snmptrapd", "-f", "-C", "-c", str(conf), "-Lf", str(log), "-On", "-m", "",
-                             f"udp:127.0.0.1:{port}"], env=snmpenv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):  # bounded: until it logs that it started
-            if log.exists() and "NET-SNMP version" in log.read_text():
-                break
-            time.sleep(0.05)
+    conf = (f"createUser -e 0x{eid} {USER} SHA-256 {AUTH} AES {PRIV}\n"
+            f"authUser log {USER} authPriv\nauthCommunity log {TRAP_COMMUNITY}\n")
+    with snmptrapd(tmp_path, conf, snmpenv, port) as (_, log):
         yield targets, log
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 def config(port, targets=()) -> S.SnmpConfig:

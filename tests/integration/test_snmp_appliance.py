@@ -5,7 +5,6 @@ away, when a CRL comes within its lead time, and when a role is killed."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 
@@ -13,16 +12,14 @@ import pytest
 
 from appliance.snmp import mib as M
 from tests.conftest import make_csr
+from tests.servers import free_udp_port, snmptrapd
 
 USER, AUTH, PRIV = "ops", "auth-secret-123", "priv-secret-456"
 TRAP_COMMUNITY = "trap-community"
 BOUND = 30.0  # status is pushed every 5 s; the CIS probes its token every 5 s
 
 
-def _udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_udp_port = free_udp_port
 
 
 def _oid(base, *sub) -> str:
@@ -38,21 +35,8 @@ def snmp_env(tmp_path):
 
 @pytest.fixture
 def trapd(tmp_path, snmp_env):
-    port = _udp_port()
-    conf = tmp_path / "snmptrapd.conf"
-    conf.write_text(f"authCommunity log {TRAP_COMMUNITY}\n")
-    log = tmp_path / "traps.log"
-    proc = subprocess.Popen(["snmptrapd", "-f", "-C", "-c", str(conf), "-Lf", str(log), "-On", "-m", "",
-                             f"udp:127.0.0.1:{port}"], env=snmp_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            if log.exists() and "NET-SNMP version" in log.read_text():
-                break
-            time.sleep(0.05)
+    with snmptrapd(tmp_path, f"authCommunity log {TRAP_COMMUNITY}\n", snmp_env) as (port, log):
         yield port, log
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 def _walk(env, port, *auth) -> dict[str, str]:
