@@ -143,6 +143,7 @@ _PR_GET_DUMPABLE = 3
 _PR_SET_DUMPABLE = 4
 _PR_GET_SECCOMP = 21
 _PR_SET_SECCOMP = 22
+_PR_CAPBSET_READ = 23
 _PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_GET_NO_NEW_PRIVS = 39
@@ -538,6 +539,10 @@ def _drop_bounding_set(role: str) -> None:
         last = 63  # unknown kernel: try every bit; EINVAL past the last one is ignored below
     for cap in range(last + 1):
         try:
+            # Only what is there: a service manager may have narrowed the set already (the image's
+            # unit does), and dropping an absent capability still needs CAP_SETPCAP.
+            if _prctl(_PR_CAPBSET_READ, cap) == 0:
+                continue
             _prctl(_PR_CAPBSET_DROP, cap)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
