@@ -189,31 +189,28 @@ def lint_certificate(der: bytes, profile: Profile, issuer_der: bytes | None = No
     return findings
 
 
-def lint_pkix(der: bytes) -> list[str]:
-    """Lint a certificate against RFC 5280 alone (one made outside the profiles: the audit key's)."""
+def _lint_one(loader: str, der: bytes, what: str, validator: str, prefix: str) -> list[str]:
+    """Decode one document with the named pkilint loader and run one validator container over it."""
     v = _validators()
-    doc, bad = _load(v["loader"].RFC5280CertificateDocumentLoader, der, "certificate")
+    doc, bad = _load(getattr(v["loader"], loader), der, what)
     if bad:
         return [bad]
-    return _findings(v["pkix_cert"].validate(doc.root), "pkix: ")
+    return _findings(v[validator].validate(doc.root), prefix)
+
+
+def lint_pkix(der: bytes) -> list[str]:
+    """Lint a certificate against RFC 5280 alone (one made outside the profiles: the audit key's)."""
+    return _lint_one("RFC5280CertificateDocumentLoader", der, "certificate", "pkix_cert", "pkix: ")
 
 
 def lint_crl(der: bytes) -> list[str]:
     """Lint a CRL against RFC 5280."""
-    v = _validators()
-    doc, bad = _load(v["loader"].RFC5280CertificateListDocumentLoader, der, "CRL")
-    if bad:
-        return [bad]
-    return _findings(v["pkix_crl"].validate(doc.root), "pkix-crl: ")
+    return _lint_one("RFC5280CertificateListDocumentLoader", der, "CRL", "pkix_crl", "pkix-crl: ")
 
 
 def lint_ocsp_response(der: bytes) -> list[str]:
     """Lint an OCSP response against RFC 6960."""
-    v = _validators()
-    doc, bad = _load(v["loader"].RFC6960OCSPResponseDocumentLoader, der, "OCSP response")
-    if bad:
-        return [bad]
-    return _findings(v["pkix_ocsp"].validate(doc.root), "pkix-ocsp: ")
+    return _lint_one("RFC6960OCSPResponseDocumentLoader", der, "OCSP response", "pkix_ocsp", "pkix-ocsp: ")
 
 
 __all__ = ["lint_certificate", "lint_crl", "lint_ocsp_response", "lint_pkix"]
