@@ -16,7 +16,7 @@ import apsw
 
 from policy.audit import GENESIS, audit_hash, verify_chain
 
-SCHEMA_VERSION = 15
+SCHEMA_VERSION = 16
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -267,9 +267,9 @@ _MIGRATIONS[8] = """
     """
 
 
-# Migrations 9-15 are reserved, one per feature of this wave, so that features built in parallel never
+# Migrations 9-16 are reserved, one per feature of this wave, so that features built in parallel never
 # collide on a number: 9 two-tier PKI, 10 key backup and restore, 11 the ACME gateway, 12 CMP/EST/SCEP,
-# 13 the Key Generation System, 14 CRL shards and delta CRLs, 15 the storage layer. One left as "SELECT 1"
+# 13 the Key Generation System, 14 CRL shards and delta CRLs, 15 the storage layer, 16 EST/SCEP. One left as "SELECT 1"
 # creates nothing.
 _MIGRATIONS[9] = "SELECT 1"
 _MIGRATIONS[10] = "SELECT 1"
@@ -278,6 +278,7 @@ _MIGRATIONS[12] = "SELECT 1"
 _MIGRATIONS[13] = "SELECT 1"
 _MIGRATIONS[14] = "SELECT 1"
 _MIGRATIONS[15] = "SELECT 1"
+_MIGRATIONS[16] = "SELECT 1"
 
 
 class CmdbError(Exception):
