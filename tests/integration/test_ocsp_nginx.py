@@ -5,19 +5,13 @@ and a revocation shows through the cache within ocsp.max-age."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import os
-import pwd
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -27,88 +21,11 @@ from cryptography.x509 import ocsp
 
 from appliance.ipc import schema as S
 from tests.harness import EndpointRole
+from tests.servers import Nginx
 from tests.unit.test_ocsp_pki import cert_id_request, make_ca, make_leaf, published
 
-REPO = Path(__file__).resolve().parents[2]
-SHIPPED = REPO / "appliance" / "ocsp" / "nginx.conf"
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 MAX_AGE = 3  # ocsp.max-age of this endpoint: the stated revocation bound through the cache
 GOOD, LATER, SHORT, NEVER = 0x1111AAAA, 0x2222BBBB, 0x3333CCCC, 0x4444DDDD
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def render(shipped: str, upstream_port: int, port: int, cache_dir: Path) -> str:
-    """The shipped file with its three marked values set (folder, endpoint address, listen address)."""
-    out = shipped.replace("/var/cache/nginx/donjon-ocsp", str(cache_dir))
-    out = out.replace("server 127.0.0.1:8080;", f"server 127.0.0.1:{upstream_port};")
-    out = out.replace("    listen 80;", f"    listen 127.0.0.1:{port};")
-    assert out.count(str(cache_dir)) == 1 and f":{upstream_port};" in out and f":{port};" in out
-    return out
-
-
-class Nginx:
-    """Debian's nginx in the foreground on 127.0.0.1, with a prefix of its own; stopped by pid."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="donjon-nginx-"))
-        os.chmod(self.dir, 0o755)  # the workers run as nobody when we are root
-        (self.dir / "cache").mkdir()
-        self.port = _free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, upstream_port: int) -> None:
-        site = render(SHIPPED.read_text(), upstream_port, self.port, self.dir / "cache")
-        (self.dir / "site.conf").write_text(site)
-        user = ""
-        if os.geteuid() == 0:
-            nobody = pwd.getpwnam("nobody")
-            for p in [self.dir / "cache", *(self.dir / t for t in ("body", "proxy"))]:
-                p.mkdir(exist_ok=True)
-                os.chown(p, nobody.pw_uid, nobody.pw_gid)
-            user = "user nobody nogroup;"
-        d = self.dir
-        (d / "nginx.conf").write_text(f"""{user}
-worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log {d}/access.log;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    include {d}/site.conf;
-}}
-""")
-        t = subprocess.run([NGINX, "-t", "-p", str(d), "-c", str(d / "nginx.conf")], capture_output=True, timeout=20)
-        assert t.returncode == 0, t.stderr.decode()
-        with open(d / "stderr.log", "wb") as err:
-            self.proc = subprocess.Popen([NGINX, "-p", str(d), "-c", str(d / "nginx.conf")], stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=err)
-        for _ in range(100):  # bounded: 10 s
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return
-            assert self.proc.poll() is None, (d / "stderr.log").read_text()
-            time.sleep(0.1)
-        raise AssertionError("nginx did not listen")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful: the master stops its workers
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _curl(url: str, *args: str) -> tuple[dict[str, str], bytes]:
