@@ -55,8 +55,9 @@ def test_a_connection_that_never_waits_still_lets_others_run_and_be_cancelled():
                 count[0] += 1
 
     trio.run(fair)
-    # the other task ran while the reader was still reading, at most _YIELD_EVERY reads apart
-    assert ticks[-1] < 200 and all(y - x <= _YIELD_EVERY for x, y in zip(ticks, ticks[1:]))
+    # the other task ran while the reader was still reading, a few yields apart
+    # (trio runs each ready task once per scheduling batch, in random order: two slices at most between ticks)
+    assert ticks[-1] < 200 and all(y - x <= 2 * _YIELD_EVERY for x, y in zip(ticks, ticks[1:]))
     for s in (a, b, a2, b2):
         s.close()
 
