@@ -12,8 +12,8 @@ from pkilint.validation import ValidationFindingDescription, ValidationResult, V
 
 # Sub-documents (extension values, names, keys) up to this size are kept decoded, keyed by their exact
 # bytes and schema: leaves of one CA and profile repeat most of them (AKI, AIA, CRL DP, policies, KU, EKU).
-_MEMO_MAX_BYTES = 2048
-_MEMO_ENTRIES = 4096
+_MEMO_MAX_BYTES = 1024
+_MEMO_ENTRIES = 512  # bounded memory: decoded values weigh ~10-50x their DER
 
 _memo: collections.OrderedDict[tuple[bytes, int], Any] = collections.OrderedDict()
 _memo_lock = threading.Lock()
