@@ -219,7 +219,7 @@ def _lint_cert_doc(v: dict[str, Any], der: bytes, profile: Profile, issuer: _Iss
     if issuer is not None:
         if issuer.bad:
             return findings + [issuer.bad]
-        docs["subject"] = doc
+        issuer.docs["subject"] = doc
         decoders, issuer_v, subject_v = v["chain_walkers"]
         # The issuer's decoders ran when it was cached (their results are kept and reported each time);
         # on the subject they find the values the profile's decoders already decoded and add the rest.

@@ -135,9 +135,9 @@ class Walker:
                 results += result
             else:
                 results.append(result)
-        prefixes = self._prefixes.get(id(c), False)
-        if prefixes is False:
-            prefixes = self._prefixes[id(c)] = _path_prefixes(c)
+        if id(c) not in self._prefixes:
+            self._prefixes[id(c)] = _path_prefixes(c)
+        prefixes = self._prefixes[id(c)]
         for child in node.children.values():
             if prefixes is None or child.path in prefixes:
                 self._walk(c, child, results)
