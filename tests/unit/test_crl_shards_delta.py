@@ -171,3 +171,26 @@ def test_delta_crl_openssl_and_pkilint(tmp_path):
     r = _verify(tmp_path, ca, leaf, "-use_deltas", "-CRLfile", str(tmp_path / "base.crl.pem"),
                 "-CRLfile", str(tmp_path / "delta.crl.pem"))
     assert r.returncode != 0 and "certificate revoked" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_issued_certificates_name_their_shard_and_the_delta():
+    """policy.certs: the CRL DP of a certificate names its shard (by serial); freshestCRL when deltas are on."""
+    from tests.unit.test_policy_certs import KEYGEN, P, der, make_root, make_sub, spec
+
+    sub = make_sub(make_root())
+    leaf_key = KEYGEN["p256"]()
+    for serial in (0x1000, 0x1001, 0x1002, 0x1003):
+        s = spec("tls-client", leaf_key, (("CN", "client-7"),), (("dns", "client7.example.com"),), serial=serial)
+        cert = sub.issue(s, crl_url="http://pki.example.com/crl/sub.crl", crl_shards=4)
+        dp = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        assert dp[0].full_name == [x509.UniformResourceIdentifier(f"http://pki.example.com/crl/sub-{serial % 4}.crl")]
+        with pytest.raises(x509.ExtensionNotFound):  # deltas are for one-shard CAs
+            cert.extensions.get_extension_for_class(x509.FreshestCRL)
+        assert lint.lint_certificate(der(cert), P["tls-client"], der(sub.cert)) == []
+    one = sub.issue(s, crl_url="http://pki.example.com/crl/sub.crl")  # the default: exactly as before
+    assert one.extensions.get_extension_for_class(x509.CRLDistributionPoints).value[0].full_name == [
+        x509.UniformResourceIdentifier("http://pki.example.com/crl/sub.crl")]
+    fresh = sub.issue(s, crl_url="http://pki.example.com/crl/sub.crl", delta_crls=True)
+    f = fresh.extensions.get_extension_for_class(x509.FreshestCRL)
+    assert not f.critical and f.value[0].full_name == [x509.UniformResourceIdentifier("http://pki.example.com/crl/sub-delta.crl")]
+    assert lint.lint_certificate(der(fresh), P["tls-client"], der(sub.cert)) == []
