@@ -107,3 +107,14 @@ class CrlShards:
             else:
                 present.append(tuple(r))
         return present, removed
+
+    def prune_log(self, c: apsw.Connection, ca: str) -> int:
+        """Inside tx(), after a full CRL is stored: drop log rows every shard's latest base already reflects
+        (deltas are cut on the latest base), so the log stays as small as the changes since. Returns rows dropped."""
+        n = self.shards(c, ca)
+        marks = [c.execute("SELECT log_seq FROM crl_log_marks WHERE ca=? AND shard=? ORDER BY number DESC LIMIT 1",
+                           (ca, k)).fetchone() for k in range(n)]
+        if any(m is None for m in marks):
+            return 0
+        c.execute("DELETE FROM revocation_log WHERE ca=? AND seq <= ?", (ca, min(int(m[0]) for m in marks if m)))
+        return c.changes()

@@ -94,3 +94,20 @@ def test_delta_entries_since_base(st):
     assert [r[0] for r in present] == [serial_bytes(0x4003)] and removed == []
     with pytest.raises(FactoryError, match="no full CRL #9"):
         sh.delta_entries(c, "sub", 0, 9)
+
+
+def test_log_pruned_once_every_shard_has_a_later_base(st):
+    sh = CrlShards(st, {"sub": 2})
+    for s in (0x5000, 0x5001):
+        _issue_sharded(st, sh, s)
+        _revoke(st, s)
+    with st.tx() as c:
+        sh.mark_base(c, "sub", 0, 1, sh.log_seq(c))
+        assert sh.prune_log(c, "sub") == 0  # shard 1 has no base yet: its delta would need the rows
+        sh.mark_base(c, "sub", 1, 1, sh.log_seq(c))
+        assert sh.prune_log(c, "sub") == 2
+    _issue_sharded(st, sh, 0x5004)
+    _revoke(st, 0x5004)  # a revocation after both bases stays for the next delta
+    with st.tx() as c:
+        assert sh.prune_log(c, "sub") == 0
+        assert c.execute("SELECT count(*) FROM revocation_log WHERE ca='sub'").fetchone()[0] == 1
