@@ -303,11 +303,16 @@ _MIGRATIONS[14] = """
         serial BLOB NOT NULL
     );
     CREATE INDEX IF NOT EXISTS revocation_log_ca ON revocation_log(ca, seq);
+    -- Only CAs that publish delta CRLs pay for the log (a row per change, pruned once every base has it).
+    CREATE TABLE IF NOT EXISTS crl_delta_cas(ca TEXT PRIMARY KEY REFERENCES cas(name));
     CREATE TRIGGER IF NOT EXISTS revocation_log_ins AFTER INSERT ON revocations
+        WHEN EXISTS (SELECT 1 FROM crl_delta_cas WHERE ca = new.ca)
         BEGIN INSERT INTO revocation_log(ca, serial) VALUES (new.ca, new.serial); END;
     CREATE TRIGGER IF NOT EXISTS revocation_log_upd AFTER UPDATE ON revocations
+        WHEN EXISTS (SELECT 1 FROM crl_delta_cas WHERE ca = new.ca)
         BEGIN INSERT INTO revocation_log(ca, serial) VALUES (new.ca, new.serial); END;
     CREATE TRIGGER IF NOT EXISTS revocation_log_del AFTER DELETE ON revocations
+        WHEN EXISTS (SELECT 1 FROM crl_delta_cas WHERE ca = old.ca)
         BEGIN INSERT INTO revocation_log(ca, serial) VALUES (old.ca, old.serial); END;
     -- Where each full CRL's snapshot stood in the log: a delta on base N lists what came after it.
     CREATE TABLE IF NOT EXISTS crl_log_marks(

@@ -80,12 +80,20 @@ class CrlShards:
 
     # ------------------------------------------------------------------ delta CRLs
 
+    def enable_deltas(self, c: apsw.Connection, ca: str) -> None:
+        """Inside tx(), before the first full CRL a delta will be based on: from now on every change to
+        the CA's revocations is logged (before it, a delta could miss a change made during a base's snapshot)."""
+        c.execute("INSERT OR IGNORE INTO crl_delta_cas VALUES (?)", (ca,))
+
     def log_seq(self, c: apsw.Connection) -> int:
         """Where the revocation log stands in the caller's snapshot (taken with a full CRL's entries)."""
         return int(c.execute("SELECT coalesce(max(seq), 0) FROM revocation_log").fetchone()[0])
 
     def mark_base(self, c: apsw.Connection, ca: str, shard: int, number: int, log_seq: int) -> None:
-        """Inside the tx() storing full CRL `number`: remember the log position its entries reflect."""
+        """Inside the tx() storing full CRL `number`: remember the log position its entries reflect
+        (only for a CA whose changes are logged: no delta can be based on another)."""
+        if c.execute("SELECT 1 FROM crl_delta_cas WHERE ca=?", (ca,)).fetchone() is None:
+            raise FactoryError("internal", f"CA {ca} does not log its revocations: no delta CRL can be based on its CRL")
         c.execute("INSERT INTO crl_log_marks VALUES (?,?,?,?)", (ca, shard, number, log_seq))
 
     def delta_entries(self, c: apsw.Connection, ca: str, shard: int, base: int) -> tuple[list[tuple[Any, ...]], list[bytes]]:

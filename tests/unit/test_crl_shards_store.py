@@ -79,6 +79,12 @@ def test_delta_entries_since_base(st):
     sh = CrlShards(st, {"sub": 2})
     for s in (0x4000, 0x4001, 0x4002, 0x4003):
         _issue_sharded(st, sh, s)
+    _revoke(st, 0x4001)  # before deltas are on: nothing logged, no base to mark
+    with st.tx() as c:
+        assert c.execute("SELECT count(*) FROM revocation_log").fetchone()[0] == 0
+        with pytest.raises(FactoryError, match="does not log its revocations"):
+            sh.mark_base(c, "sub", 0, 1, sh.log_seq(c))
+        sh.enable_deltas(c, "sub")
     _revoke(st, 0x4000)
     with st.tx() as c:
         sh.mark_base(c, "sub", 0, 1, sh.log_seq(c))
@@ -98,6 +104,8 @@ def test_delta_entries_since_base(st):
 
 def test_log_pruned_once_every_shard_has_a_later_base(st):
     sh = CrlShards(st, {"sub": 2})
+    with st.tx() as c:
+        sh.enable_deltas(c, "sub")
     for s in (0x5000, 0x5001):
         _issue_sharded(st, sh, s)
         _revoke(st, s)
