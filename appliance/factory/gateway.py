@@ -232,7 +232,7 @@ class GatewayService:
                     db.audit(actor, "gateway-replaces", f"{ca}/{cert.serial_number:x}", "ok", f"replaces {msg.replaces}"[:4000])
         await self.h.store.run(record)
         self.stats["issued"] += 1
-        return S.GwIssued(id=msg.id, cert=out.cert, chain=(await self.h.ca_chain(ca))[:8], serial=sb)
+        return S.GwIssued(id=msg.id, ca=ca, cert=out.cert, chain=(await self.h.ca_chain(ca))[:8], serial=sb)
 
     # ------------------------------------------------------------ revocation and status
 
@@ -352,7 +352,7 @@ class GatewayService:
         item = S.IssueItem(profile=TLS_PROFILE, spki=msg.spki, subject=(("CN", names[0][:64]),), sans=tuple(sans),
                            serial=serial_bytes(serial), validity=S.Validity(now, min(now + TLS_DAYS * 86400, ca_end)))
         cert = await self.h.issue_one(ca, item, serial, actor, "gateway-tls", None, "the gateway's HTTPS server certificate")
-        return S.GwIssued(id=msg.id, cert=cert.public_bytes(serialization.Encoding.DER),
+        return S.GwIssued(id=msg.id, ca=ca, cert=cert.public_bytes(serialization.Encoding.DER),
                           chain=(await self.h.ca_chain(ca))[:8], serial=serial_bytes(serial))
 
     # ------------------------------------------------------------ key-value state

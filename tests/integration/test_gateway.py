@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.acmeenv import Knot, free_port
 from tests.conftest import Appliance, _variant, copy_home, make_ceremony
 
 GATEWAY_TOML = """
@@ -24,11 +25,43 @@ listen = "127.0.0.1:0"
 tls-names = ["gw.donjon.test", "127.0.0.1"]
 validation-networks = ["127.0.0.0/8"]
 """
+# Per run (after the template is copied): the resolver and the ports validation connects to.
+ACME_TOML = """
+[gateway.acme]
+resolver = "127.0.0.1:{dns}"
+http01-port = {http}
+tlsalpn01-port = {alpn}
+[[gateway.acme.profile]]
+name = "classic"
+profile = "tls-server"
+ca = "issuing"
+description = "TLS server certificate, 90 days, with CRL and OCSP"
+[[gateway.acme.profile]]
+name = "shortlived"
+profile = "acme-short"
+ca = "issuing"
+description = "7 days, no CRL DP or OCSP URL"
+"""
+SHORT_PROFILE = """kind = "end-entity"
+key_types = ["rsa2048", "rsa3072", "rsa4096", "p256", "p384"]
+key_usage = ["digital_signature"]
+extended_key_usage = ["serverAuth"]
+san_types = ["dns", "ip"]
+san_required = true
+crl_dp = false
+aia = false
+max_validity_days = 7
+lint = true
+
+[[subject]]
+attr = "CN"
+presence = "optional"
+"""
 
 
 @pytest.fixture(scope="module")
 def gw(src_path, home_templates):
-    """One appliance with the gateway on, for the whole module."""
+    """One appliance with the gateway and ACME on, and the DNS it resolves through, for the whole module."""
     base = Path(tempfile.mkdtemp(prefix="donjon-gw-"))
     os.chmod(base, 0o711)
     ceremony = make_ceremony(base / "ceremony.toml")
@@ -36,14 +69,23 @@ def gw(src_path, home_templates):
     a = Appliance(base / "gw", src_path)
     copy_home(t.home, a.home)
     a.template, a.officers = t.home, dict(t.officers)
+    knot = Knot(base / "knot").start()
+    a.knot = knot
+    a.http_port, a.alpn_port = free_port(), free_port()
+    with open(a.home / "donjon.toml", "a") as f:
+        f.write(ACME_TOML.format(dns=knot.port, http=a.http_port, alpn=a.alpn_port))
+    (a.home / "profiles").mkdir(exist_ok=True)
+    (a.home / "profiles" / "acme-short.toml").write_text(SHORT_PROFILE)
     try:
         a.start()
         a.chain = base / "chain.pem"
         a.export("root", a.chain)
+        a.issuing = a.export("issuing", base / "issuing.pem")
         wait_https(a)
         yield a
     finally:
         a.stop()
+        knot.stop()
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -146,3 +188,78 @@ def test_the_gateway_runs_as_its_own_user_and_is_restarted(gw):
         raise AssertionError("the gateway was not restarted")
     wait_https(gw)
     assert curl(gw, "/acme/directory")[0] == 200  # the same certificate, its key read back from the token
+
+
+# ---------------------------------------------------------------- ACME with real clients
+
+
+def acme_directory(a: Appliance) -> str:
+    return gateway_url(a) + "/acme/directory"
+
+
+def verify(a: Appliance, cert: Path) -> str:
+    """`openssl verify -x509_strict` against the root, the issuing CA as the untrusted intermediate."""
+    r = subprocess.run(["openssl", "verify", "-x509_strict", "-CAfile", str(a.chain), "-untrusted", str(a.issuing),
+                        "-purpose", "sslserver", str(cert)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return subprocess.run(["openssl", "x509", "-noout", "-text", "-in", str(cert)], capture_output=True, text=True).stdout
+
+
+def ocsp_status(a: Appliance, cert: Path, want: str, timeout: float = 30) -> str:
+    """Poll the endpoint until the certificate's status is `want` (responses are signed right after
+    issuance or revocation); the last status seen otherwise."""
+    deadline = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < deadline:
+        r = subprocess.run(["openssl", "ocsp", "-issuer", str(a.issuing), "-cert", str(cert), "-url", a.endpoint + "/ocsp",
+                            "-CAfile", str(a.chain), "-no_nonce"], capture_output=True, text=True, timeout=30)
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith(str(cert) + ":")), "")
+        status = line.split(":", 1)[1].strip() if line else (r.stderr.strip()[-200:] or "no answer")
+        if status == want:
+            return status
+        time.sleep(0.3)
+    return status
+
+
+def first_cert(pem_chain: Path, out: Path) -> Path:
+    text = pem_chain.read_text()
+    end = "-----END CERTIFICATE-----"
+    out.write_text(text[: text.index(end) + len(end)] + "\n")
+    return out
+
+
+def test_certbot_standalone_http01_revoke_ari_renewal_profiles(gw, tmp_path):
+    from tests.acmeenv import CERTBOT, clean_env
+    d = tmp_path / "certbot"
+    env = clean_env(REQUESTS_CA_BUNDLE=str(gw.chain))
+    common = ["--server", acme_directory(gw), "--config-dir", str(d / "conf"), "--work-dir", str(d / "work"),
+              "--logs-dir", str(d / "logs"), "--non-interactive"]
+
+    def certbot(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run([CERTBOT, *args, *common], env=env, capture_output=True, text=True, timeout=120)
+        if check:
+            assert r.returncode == 0, f"certbot {' '.join(args)}:\n{r.stdout}\n{r.stderr}\n{gw.log.read_text()[-3000:]}"
+        return r
+    certbot("register", "--agree-tos", "--register-unsafely-without-email")
+    certbot("certonly", "--standalone", "--http-01-address", "127.0.0.1", "--http-01-port", str(gw.http_port),
+            "-d", "certbot.donjon.test", "--cert-name", "cb", "--required-profile", "classic", "--key-type", "ecdsa")
+    live = d / "conf" / "live" / "cb"
+    text = verify(gw, live / "cert.pem")
+    assert "DNS:certbot.donjon.test" in text and "CRL Distribution Points" in text and "OCSP - URI" in text
+    assert ocsp_status(gw, live / "cert.pem", "good") == "good"
+    first = (live / "cert.pem").read_text()
+    # Revocation with the account key: OCSP says revoked; ARI then moves the renewal window to now, and a
+    # plain `certbot renew` (no --force-renewal: certbot renews when renewalInfo says so) gets a new one.
+    certbot("revoke", "--cert-path", str(live / "cert.pem"), "--reason", "keycompromise", "--no-delete-after-revoke")
+    assert ocsp_status(gw, live / "cert.pem", "revoked") == "revoked"
+    r = certbot("renew", "--no-random-sleep-on-renew", "--cert-name", "cb", "--standalone", "--http-01-address", "127.0.0.1",
+                "--http-01-port", str(gw.http_port))
+    assert (live / "cert.pem").read_text() != first, r.stdout
+    verify(gw, live / "cert.pem")
+    assert ocsp_status(gw, live / "cert.pem", "good") == "good"
+    assert "gateway/acme:" in gw.cli("audit", "export").stdout.decode()
+    # The short-lived profile: no CRL DP, no AIA, at most 7 days.
+    certbot("certonly", "--standalone", "--http-01-address", "127.0.0.1", "--http-01-port", str(gw.http_port),
+            "-d", "short.donjon.test", "--cert-name", "short", "--required-profile", "shortlived", "--key-type", "ecdsa")
+    text = verify(gw, d / "conf" / "live" / "short" / "cert.pem")
+    assert "CRL Distribution Points" not in text and "OCSP - URI" not in text
