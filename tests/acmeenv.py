@@ -51,7 +51,7 @@ class Knot:
 
     def start(self) -> "Knot":
         d = self.dir
-        d.mkdir(parents=True, exist_ok=True)
+        (d / "db").mkdir(parents=True, exist_ok=True)
         (d / f"{ZONE}.zone").write_text(
             f"$ORIGIN {ZONE}.\n$TTL 0\n@ SOA ns.{ZONE}. hostmaster.{ZONE}. 1 3600 600 86400 0\n@ NS ns\nns A 127.0.0.1\n"
             "@ A 127.0.0.1\n* A 127.0.0.1\n")

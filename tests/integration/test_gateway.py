@@ -263,3 +263,66 @@ def test_certbot_standalone_http01_revoke_ari_renewal_profiles(gw, tmp_path):
             "-d", "short.donjon.test", "--cert-name", "short", "--required-profile", "shortlived", "--key-type", "ecdsa")
     text = verify(gw, d / "conf" / "live" / "short" / "cert.pem")
     assert "CRL Distribution Points" not in text and "OCSP - URI" not in text
+
+
+def _lego(gw: Appliance, path: Path, *args: str, eab: tuple[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    from tests.acmeenv import clean_env
+    env = clean_env(LEGO_CA_CERTIFICATES=str(gw.chain), RFC2136_NAMESERVER=gw.knot.server, RFC2136_PROPAGATION_TIMEOUT="10",
+                    RFC2136_POLLING_INTERVAL="1")
+    argv = ["lego", "--server", acme_directory(gw), "--path", str(path), "--email", "lego@donjon.test", "--accept-tos",
+            "--key-type", "ec256"]
+    if eab:
+        argv += ["--eab", "--kid", eab[0], "--hmac", eab[1]]
+    r = subprocess.run(argv + list(args), env=env, capture_output=True, text=True, timeout=120)
+    if check:
+        assert r.returncode == 0, f"lego {' '.join(args)}:\n{r.stdout}\n{r.stderr}\n{gw.log.read_text()[-3000:]}"
+    return r
+
+
+def test_lego_http01_tlsalpn01_dns01_renew_revoke(gw, tmp_path):
+    path = tmp_path / "lego"
+    ways = {"lego-http.donjon.test": ["--http", "--http.port", f"127.0.0.1:{gw.http_port}"],
+            "lego-alpn.donjon.test": ["--tls", "--tls.port", f"127.0.0.1:{gw.alpn_port}"],
+            "*.lego-dns.donjon.test": ["--dns", "rfc2136", "--dns.resolvers", gw.knot.server, "--dns.disable-cp"]}
+    for name, how in ways.items():
+        _lego(gw, path, "-d", name, *how, "run")
+        crt = path / "certificates" / (name.replace("*", "_") + ".crt")
+        leaf = first_cert(crt, tmp_path / "leaf.pem")
+        assert f"DNS:{name}" in verify(gw, leaf)
+        assert ocsp_status(gw, leaf, "good") == "good"
+    # Renew (forced by --days) and revoke the http-01 one.
+    name, how = "lego-http.donjon.test", ways["lego-http.donjon.test"]
+    before = (path / "certificates" / f"{name}.crt").read_text()
+    _lego(gw, path, "-d", name, *how, "renew", "--days", "1000")
+    assert (path / "certificates" / f"{name}.crt").read_text() != before
+    leaf = first_cert(path / "certificates" / f"{name}.crt", tmp_path / "renewed.pem")
+    verify(gw, leaf)
+    _lego(gw, path, "-d", name, "revoke")
+    assert ocsp_status(gw, leaf, "revoked") == "revoked"
+    # A wildcard is only validated through dns-01: http-01 is not even offered for it.
+    r = _lego(gw, path, "-d", "*.nohttp.donjon.test", *ways["lego-http.donjon.test"], "run", check=False)
+    assert r.returncode != 0 and not (path / "certificates" / "_.nohttp.donjon.test.crt").exists()
+
+
+def test_lego_with_eab_made_by_an_officer(gw, tmp_path):
+    doc = json.loads(gw.cli("acme", "eab-add", "--name", "*.eab.donjon.test", "--profile", "classic", "--json",
+                            officer="admin").stdout)
+    kid, key = doc["eab"]["kid"], doc["hmac_key"]
+    path = tmp_path / "lego-eab"
+    http = ["--http", "--http.port", f"127.0.0.1:{gw.http_port}"]
+    _lego(gw, path, "-d", "a.eab.donjon.test", *http, "run", eab=(kid, key))
+    verify(gw, first_cert(path / "certificates" / "a.eab.donjon.test.crt", tmp_path / "eab.pem"))
+    # The key's name patterns bind its account: another name is refused, nothing issued.
+    r = _lego(gw, path, "-d", "other.donjon.test", *http, "run", check=False)
+    assert r.returncode != 0 and "rejectedIdentifier" in r.stdout + r.stderr
+    # A second account cannot reuse the key; a wrong HMAC is refused.
+    r = _lego(gw, tmp_path / "lego-eab2", "-d", "b.eab.donjon.test", *http, "run", eab=(kid, key), check=False)
+    assert r.returncode != 0 and "bound to another account" in r.stdout + r.stderr
+    listed = json.loads(gw.cli("acme", "eab-list", "--json").stdout)["keys"]
+    assert any(k["kid"] == kid and k.get("account") for k in listed)
+    # Revoked by an officer: the account obtains nothing more.
+    gw.cli("acme", "eab-revoke", kid, officer="admin")
+    r = _lego(gw, path, "-d", "c.eab.donjon.test", *http, "run", check=False)
+    assert r.returncode != 0 and not (path / "certificates" / "c.eab.donjon.test.crt").exists()
+    audit = gw.cli("audit", "export").stdout.decode()
+    assert "acme-eab-add" in audit and "eab-bind" in audit and "acme-eab-revoke" in audit
