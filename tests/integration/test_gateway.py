@@ -326,3 +326,83 @@ def test_lego_with_eab_made_by_an_officer(gw, tmp_path):
     assert r.returncode != 0 and not (path / "certificates" / "c.eab.donjon.test.crt").exists()
     audit = gw.cli("audit", "export").stdout.decode()
     assert "acme-eab-add" in audit and "eab-bind" in audit and "acme-eab-revoke" in audit
+
+
+UACME_HOOK = """#!/bin/sh
+# uacme's challenge hook: METHOD TYPE IDENT TOKEN AUTH; http-01 only (a non-zero answer declines the type).
+case "$1:$2" in
+  begin:http-01) printf '%s' "$5" > "{root}/.well-known/acme-challenge/$4"; exit 0;;
+  done:http-01|failed:http-01) rm -f "{root}/.well-known/acme-challenge/$4"; exit 0;;
+  *) exit 1;;
+esac
+"""
+
+
+def test_uacme_http01_hook_key_rollover_renew_revoke(gw, tmp_path):
+    """uacme (libcurl with GnuTLS, no CA option): run in a private mount namespace where the system
+    trust store is the test root, so nothing of the machine's own trust changes."""
+    from tests.acmeenv import WebRoot, clean_env
+    root, conf = tmp_path / "www", tmp_path / "uacme"
+    web = WebRoot(root, gw.http_port).start()
+    hook = tmp_path / "hook.sh"
+    hook.write_text(UACME_HOOK.replace("{root}", str(root)))
+    hook.chmod(0o755)
+    bundle = tmp_path / "trust.pem"
+    bundle.write_text(gw.chain.read_text())
+
+    def uacme(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        inner = " ".join(["uacme", "-v", "-a", acme_directory(gw), "-c", str(conf), "-h", str(hook), "-t", "EC", *args])
+        r = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {bundle} /etc/ssl/certs/ca-certificates.crt && exec {inner}"],
+                           env=clean_env(), capture_output=True, text=True, timeout=120)
+        if check:
+            assert r.returncode == 0, f"uacme {' '.join(args)}:\n{r.stdout}\n{r.stderr[-3000:]}\n{gw.log.read_text()[-2000:]}"
+        return r
+    try:
+        uacme("-y", "new", "uacme@donjon.test")
+        uacme("newkey")  # account key rollover (RFC 8555 §7.3.5)
+        uacme("issue", "uacme.donjon.test")
+        cert = conf / "uacme.donjon.test" / "cert.pem"
+        leaf = first_cert(cert, tmp_path / "leaf.pem")
+        assert "DNS:uacme.donjon.test" in verify(gw, leaf)
+        assert ocsp_status(gw, leaf, "good") == "good"
+        before = cert.read_text()
+        uacme("-f", "issue", "uacme.donjon.test")  # renew (forced), with the rolled-over key
+        assert cert.read_text() != before
+        leaf = first_cert(cert, tmp_path / "renewed.pem")
+        verify(gw, leaf)
+        uacme("revoke", str(cert))
+        assert ocsp_status(gw, leaf, "revoked") == "revoked"
+    finally:
+        web.stop()
+
+
+def test_dehydrated_http01_renew_revoke(gw, tmp_path):
+    from tests.acmeenv import WebRoot, clean_env
+    root, base = tmp_path / "www", tmp_path / "dehydrated"
+    web = WebRoot(root, gw.http_port).start()
+    base.mkdir()
+    cfg = base / "config"
+    cfg.write_text(f'CA="{acme_directory(gw)}"\nCHALLENGETYPE="http-01"\nWELLKNOWN="{root}/.well-known/acme-challenge"\n'
+                   f'BASEDIR="{base}"\nKEY_ALGO="prime256v1"\nCONTACT_EMAIL="dehydrated@donjon.test"\n')
+    env = clean_env(CURL_CA_BUNDLE=str(gw.chain))
+
+    def dehydrated(*args: str) -> subprocess.CompletedProcess:
+        r = subprocess.run(["dehydrated", "--config", str(cfg), *args], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"dehydrated {' '.join(args)}:\n{r.stdout}\n{r.stderr}\n{gw.log.read_text()[-2000:]}"
+        return r
+    try:
+        dehydrated("--register", "--accept-terms")
+        dehydrated("-c", "-d", "dehydrated.donjon.test")
+        cert = base / "certs" / "dehydrated.donjon.test" / "cert.pem"
+        assert "DNS:dehydrated.donjon.test" in verify(gw, cert)
+        assert ocsp_status(gw, cert, "good") == "good"
+        first = cert.resolve().read_text()
+        dehydrated("-c", "-x", "-d", "dehydrated.donjon.test")  # forced renewal
+        assert cert.resolve().read_text() != first
+        verify(gw, cert)
+        kept = tmp_path / "revoked.pem"  # dehydrated renames what it revoked
+        kept.write_text(cert.resolve().read_text())
+        dehydrated("-r", str(cert.resolve()))
+        assert ocsp_status(gw, kept, "revoked") == "revoked"
+    finally:
+        web.stop()
