@@ -525,3 +525,40 @@ def test_acme_ip_identifier_replaces_and_ari(gw, tmp_path):
     finally:
         c.close()
         web.stop()
+
+
+def test_a_fuzzed_jws_corpus_never_crashes_the_gateway(gw):
+    """Mutated JWS/JSON bodies at every POST resource (bounded: 300 requests, fixed seed): each answer
+    is a problem document, none a 500, and the gateway process is the same one afterwards."""
+    import random
+
+    from tests.acmeclient import Client, jwk, sign
+    rnd = random.Random(16)
+    pid = gw.role_pids()["gateway"]
+    with Client(acme_directory(gw), str(gw.chain)) as c:
+        assert c.register().status == 201
+        urls = [c.dir["newAccount"], c.dir["newOrder"], c.dir["revokeCert"], c.dir["keyChange"], c.kid, c.kid + "/orders",
+                c.dir["newOrder"].replace("new-order", "order/x/finalize"), c.dir["newOrder"].replace("new-order", "chall/x/0")]
+        odd = [None, 0, -1, True, "", "A" * 3000, [], {}, {"identifiers": [{"type": "dns", "value": "*.*.x"}]},
+               {"identifiers": [{"type": "ip", "value": "::ffff:1.2.3.4"}] * 101}, {"csr": "AAAA"}, {"certificate": "!!"}]
+        statuses = set()
+        for _ in range(300):
+            url = rnd.choice(urls)
+            prot: dict = {"alg": "ES256", "nonce": c.nonce or c.new_nonce(), "url": url}
+            if rnd.random() < 0.3:
+                prot["jwk"] = jwk(c.key)
+            else:
+                prot["kid"] = c.kid
+            payload = json.dumps(rnd.choice(odd)).encode()
+            raw = bytearray(sign(c.key, prot, payload))
+            if rnd.random() < 0.5:
+                for _ in range(rnd.randrange(1, 6)):
+                    raw[rnd.randrange(len(raw))] = rnd.randrange(32, 127)
+            c.nonce = None
+            r = c.post(url, None, raw=bytes(raw))
+            statuses.add(r.status)
+            assert r.status < 500, (r.status, r.body[:300])
+            assert r.status in (200, 201) or r.problem, r.body[:300]
+        assert len(statuses) > 1
+    assert gw.role_pids()["gateway"] == pid
+    assert curl(gw, "/acme/directory")[0] == 200
