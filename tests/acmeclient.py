@@ -78,6 +78,7 @@ class Client:
         self.dir = self.get(directory).json()
         self.kid: str | None = None
         self.nonce: str | None = None
+        self.last_cert_key: ec.EllipticCurvePrivateKey | None = None  # of the last certificate issue_http01 got
 
     def close(self) -> None:
         if self.conn is not None:
@@ -170,7 +171,7 @@ class Client:
             assert self.post(ch["url"], {}).status == 200
         order = self.wait(order_url, ("ready", "invalid"))
         assert order["status"] == "ready", order
-        der, _ = csr_for(names)
+        der, self.last_cert_key = csr_for(names)
         r = self.post(order["finalize"], {"csr": b64(der)})
         assert r.status == 200, r.body
         order = self.wait(order_url, ("valid", "invalid"))

@@ -230,6 +230,7 @@ def first_cert(pem_chain: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow  # `just acme-clients`; the short version in `just test`: test_acme_ip_identifier_...
 def test_certbot_standalone_http01_revoke_ari_renewal_profiles(gw, tmp_path):
     from tests.acmeenv import CERTBOT, clean_env
     d = tmp_path / "certbot"
@@ -281,6 +282,7 @@ def _lego(gw: Appliance, path: Path, *args: str, eab: tuple[str, str] | None = N
     return r
 
 
+@pytest.mark.slow  # `just acme-clients`; the short version in `just test`: test_acme_ip_identifier_...
 def test_lego_http01_tlsalpn01_dns01_renew_revoke(gw, tmp_path):
     path = tmp_path / "lego"
     ways = {"lego-http.donjon.test": ["--http", "--http.port", f"127.0.0.1:{gw.http_port}"],
@@ -306,6 +308,7 @@ def test_lego_http01_tlsalpn01_dns01_renew_revoke(gw, tmp_path):
     assert r.returncode != 0 and not (path / "certificates" / "_.nohttp.donjon.test.crt").exists()
 
 
+@pytest.mark.slow  # `just acme-clients`; the short version in `just test`: test_acme_ip_identifier_...
 def test_lego_with_eab_made_by_an_officer(gw, tmp_path):
     doc = json.loads(gw.cli("acme", "eab-add", "--name", "*.eab.donjon.test", "--profile", "classic", "--json",
                             officer="admin").stdout)
@@ -340,6 +343,7 @@ esac
 """
 
 
+@pytest.mark.slow  # `just acme-clients`; the short version in `just test`: test_acme_ip_identifier_...
 def test_uacme_http01_hook_key_rollover_renew_revoke(gw, tmp_path):
     """uacme (libcurl with GnuTLS, no CA option): run in a private mount namespace where the system
     trust store is the test root, so nothing of the machine's own trust changes."""
@@ -378,6 +382,7 @@ def test_uacme_http01_hook_key_rollover_renew_revoke(gw, tmp_path):
         web.stop()
 
 
+@pytest.mark.slow  # `just acme-clients`; the short version in `just test`: test_acme_ip_identifier_...
 def test_dehydrated_http01_renew_revoke(gw, tmp_path):
     from tests.acmeenv import WebRoot, clean_env
     root, base = tmp_path / "www", tmp_path / "dehydrated"
@@ -497,7 +502,8 @@ def test_acme_refusals_are_problem_documents_and_issue_nothing(gw, tmp_path):
 
 def test_acme_ip_identifier_replaces_and_ari(gw, tmp_path):
     """RFC 8738: an IP identifier through http-01; RFC 9773: renewalInfo of the certificate, and a
-    new order that `replaces` it (once)."""
+    new order that `replaces` it (once); revocation with the certificate's key. The short version of
+    the real clients' scenario (issue, verify, OCSP good, renew, revoke, OCSP revoked) for `just test`."""
     from tests.acmeclient import Client
     from tests.acmeenv import WebRoot
     web = WebRoot(tmp_path / "www", gw.http_port).start()
@@ -505,6 +511,7 @@ def test_acme_ip_identifier_replaces_and_ari(gw, tmp_path):
     try:
         assert c.register().status == 201
         order, pem = c.issue_http01(["127.0.0.1", "ip.donjon.test"], tmp_path / "www")
+        first_key = c.last_cert_key
         (tmp_path / "ip.pem").write_text(pem)
         leaf = first_cert(tmp_path / "ip.pem", tmp_path / "leaf.pem")
         assert "IP Address:127.0.0.1" in verify(gw, leaf)
@@ -522,6 +529,21 @@ def test_acme_ip_identifier_replaces_and_ari(gw, tmp_path):
         assert (r.status, r.problem) == (409, "conflict")
         assert "replaces " + cid in gw.cli("audit", "export").stdout.decode()
         assert c.get(c.dir["renewalInfo"] + "/AAAA.AAAA").status == 404
+        # Revocation signed with the certificate's own key (no account): OCSP says revoked.
+        assert ocsp_status(gw, leaf, "good") == "good"
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        from tests.acmeclient import b64
+        r = c.post(c.dir["revokeCert"], {"certificate": b64(cert.public_bytes(Encoding.DER))}, key=c.last_cert_key, use_jwk=True)
+        assert (r.status, r.problem) == (403, "unauthorized")  # another certificate's key
+        cert_key = first_key
+        r = c.post(c.dir["revokeCert"], {"certificate": b64(cert.public_bytes(Encoding.DER)),
+                                         "reason": 1}, key=cert_key, use_jwk=True)
+        assert r.status == 200, r.body
+        assert ocsp_status(gw, leaf, "revoked") == "revoked"
+        r = c.post(c.dir["revokeCert"], {"certificate": b64(cert.public_bytes(Encoding.DER))},
+                   key=cert_key, use_jwk=True)
+        assert (r.status, r.problem) == (400, "alreadyRevoked")
     finally:
         c.close()
         web.stop()
