@@ -591,6 +591,8 @@ class Supervisor:
             listen = self.open_endpoint_socket() if ceremony is None and self.cfg.ocsp.enabled else None
             if ceremony is None and self.cfg.gateway.enabled and self.gateway_pin is not None:  # its token holds its TLS key
                 self.gateway_listen = self.open_gateway_socket()
+            elif ceremony is None and self.cfg.gateway.enabled:
+                log("the gateway does not start: it needs a token of its own for its TLS key (hsm.embedded = true)")
         except BaseException:  # e.g. the port is taken: leave no admin socket behind that answers nothing
             if admin is not None:
                 admin.close()
