@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import acme, common, crl, dist, issuance, ocsp
+from bench import acme, common, crl, dist, issuance, ocsp, summary
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -76,6 +76,9 @@ def main(argv=None) -> int:
             results["acme"] = acme.run(work, a.acme_seconds or (5.0 if a.quick else 10.0), a.acme_open or (2000 if a.quick else 10_000))
             tables.append(acme.table(results["acme"]))
     results["seconds"] = time.perf_counter() - t0
+    closing = summary.table(results)  # issue 19's rows, from this run
+    if closing:
+        tables.append(closing)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
