@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -194,3 +196,34 @@ def test_issued_certificates_name_their_shard_and_the_delta():
     f = fresh.extensions.get_extension_for_class(x509.FreshestCRL)
     assert not f.critical and f.value[0].full_name == [x509.UniformResourceIdentifier("http://pki.example.com/crl/sub-delta.crl")]
     assert lint.lint_certificate(der(fresh), P["tls-client"], der(sub.cert)) == []
+
+
+_CA = _Ca()
+
+
+@settings(max_examples=80, deadline=None)
+@given(url=st.text(max_size=80), base=st.integers(0, 2**64), shards=st.integers(-2, 300), serial=st.integers(1, 2**159))
+def test_fuzz_idp_freshest_and_shards(url, base, shards, serial):
+    """Any text as a URL: either refused with ValueError, or an IDP and freshestCRL that cryptography reads back
+    exactly; shard_of/shard_url stay in range or refuse."""
+    full = "http://h/" + url
+    try:
+        idp = C.idp_der(full)
+    except ValueError:
+        assert not full.isascii() or any(c <= " " for c in full)
+    else:
+        der = _CA.crl(base + 1, [], idp_der=idp)
+        got = x509.load_der_x509_crl(der).extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+        assert got.full_name == [x509.UniformResourceIdentifier(full)]
+        der = _CA.crl(base + 1, [], freshest_crl_url=full)
+        got2 = x509.load_der_x509_crl(der).extensions.get_extension_for_class(x509.FreshestCRL).value
+        assert got2[0].full_name == [x509.UniformResourceIdentifier(full)]
+        delta = x509.load_der_x509_crl(_CA.crl(base + 1, [], delta_base=base))
+        assert delta.extensions.get_extension_for_class(x509.DeltaCRLIndicator).value.crl_number == base
+    try:
+        k = C.shard_of(serial, shards)
+    except ValueError:
+        assert not 1 <= shards <= 256
+    else:
+        assert 0 <= k < shards
+        assert C.shard_url("http://h/crl/ca.crl", k, shards).startswith("http://h/crl/ca")
