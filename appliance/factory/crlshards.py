@@ -20,6 +20,13 @@ _PAGE_SHARD = ("SELECT r.serial, r.revoked_at, r.reason, r.invalidity FROM cert_
                "WHERE s.ca=? AND s.shard=? AND s.serial > ? ORDER BY s.serial LIMIT ?")
 
 
+def _row(c: apsw.Connection, q: str, args: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+    """The one row an aggregate (or a row just written) query returns."""
+    row = c.execute(q, args).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
 class CrlShards:
     """The partition of each CA's CRL, by serial. `shards_by_ca` is the operator's `crl.shards`; a CA
     missing from it has one shard (a single CRL, exactly as without this module)."""
@@ -67,11 +74,11 @@ class CrlShards:
             raise FactoryError("not-found", f"CA {ca} has no CRL shard {shard}")
         c.execute("INSERT OR IGNORE INTO crl_shard_numbers VALUES (?,?,0)", (ca, shard))
         c.execute("UPDATE crl_shard_numbers SET number = number + 1 WHERE ca=? AND shard=?", (ca, shard))
-        return int(c.execute("SELECT number FROM crl_shard_numbers WHERE ca=? AND shard=?", (ca, shard)).fetchone()[0])
+        return int(_row(c, "SELECT number FROM crl_shard_numbers WHERE ca=? AND shard=?", (ca, shard))[0])
 
     def shard_count(self, c: apsw.Connection, ca: str, shard: int) -> tuple[int, int]:
         """(entries, their DER length) of one shard, read in the caller's snapshot."""
-        n, length = c.execute(_COUNT_SHARD, (ca, ca, shard)).fetchone()
+        n, length = _row(c, _COUNT_SHARD, (ca, ca, shard))
         return int(n), int(length)
 
     def shard_page(self, c: apsw.Connection, ca: str, shard: int, after: bytes, limit: int) -> list[tuple[Any, ...]]:
@@ -87,7 +94,7 @@ class CrlShards:
 
     def log_seq(self, c: apsw.Connection) -> int:
         """Where the revocation log stands in the caller's snapshot (taken with a full CRL's entries)."""
-        return int(c.execute("SELECT coalesce(max(seq), 0) FROM revocation_log").fetchone()[0])
+        return int(_row(c, "SELECT coalesce(max(seq), 0) FROM revocation_log")[0])
 
     def mark_base(self, c: apsw.Connection, ca: str, shard: int, number: int, log_seq: int) -> None:
         """Inside the tx() storing full CRL `number`: remember the log position its entries reflect
