@@ -37,11 +37,17 @@ class CrlShards:
                 raise FactoryError("config", f"crl.shards.{ca}: {n!r} is not a shard count (1..256)")
         self.store = store
         self.wanted = dict(shards_by_ca)
+        self._pinned: set[str] = set()  # one-shard CAs found pinned (to more: issuance is then refused by pin)
 
     def shards(self, c: apsw.Connection, ca: str) -> int:
         """The CA's pinned shard count (1 if never pinned)."""
         row = c.execute("SELECT shards FROM crl_partition WHERE ca=?", (ca,)).fetchone()
         return int(row[0]) if row else 1
+
+    def effective(self, c: apsw.Connection, ca: str) -> int:
+        """The shard count CRLs are cut by: the pinned one, else the configured one (nothing issued yet)."""
+        row = c.execute("SELECT shards FROM crl_partition WHERE ca=?", (ca,)).fetchone()
+        return int(row[0]) if row else self.wanted.get(ca, 1)
 
     def pin(self, c: apsw.Connection, ca: str, issuing: bytes = b"") -> int:
         """Inside tx(), before a certificate of `ca` is issued: fix the CA's shard count. Once certificates
@@ -61,8 +67,14 @@ class CrlShards:
                                          "(its certificates name them): restore the setting")
         return want
 
-    def cert_issued(self, c: apsw.Connection, ca: str, serial: int) -> int:
-        """Inside the issuing tx(): keep the certificate's shard with it (the one its CRL DP names)."""
+    def cert_issued(self, c: apsw.Connection, ca: str, serial: int) -> int | None:
+        """Inside the issuing tx(): keep the certificate's shard with it (the one its CRL DP names).
+        A CA with one shard, never pinned otherwise, costs one cached lookup."""
+        if self.wanted.get(ca, 1) == 1 and ca not in self._pinned:
+            row = c.execute("SELECT shards FROM crl_partition WHERE ca=?", (ca,)).fetchone()
+            if row is None:
+                return None
+            self._pinned.add(ca)
         sb = serial_bytes(serial)
         shard = pcrl.shard_of(serial, self.pin(c, ca, sb))
         c.execute("INSERT INTO cert_shards VALUES (?,?,?)", (sb, ca, shard))
@@ -70,7 +82,7 @@ class CrlShards:
 
     def next_number(self, c: apsw.Connection, ca: str, shard: int) -> int:
         """Inside tx(): the shard's next CRL number, its own sequence, never handed out twice."""
-        if not 0 <= shard < self.shards(c, ca):
+        if not 0 <= shard < self.effective(c, ca):
             raise FactoryError("not-found", f"CA {ca} has no CRL shard {shard}")
         c.execute("INSERT OR IGNORE INTO crl_shard_numbers VALUES (?,?,0)", (ca, shard))
         c.execute("UPDATE crl_shard_numbers SET number = number + 1 WHERE ca=? AND shard=?", (ca, shard))
@@ -84,6 +96,22 @@ class CrlShards:
     def shard_page(self, c: apsw.Connection, ca: str, shard: int, after: bytes, limit: int) -> list[tuple[Any, ...]]:
         """The shard's next entries after serial `after`, in serial order (as Store.list_page)."""
         return [tuple(r) for r in c.execute(_PAGE_SHARD, (ca, shard, after, limit))]
+
+    # The reader's snapshot, as Store.list_snapshot_begin / list_page (Store.list_snapshot_end ends it).
+    def snapshot_begin(self, ca: str, shard: int) -> tuple[int, int]:
+        r = self.store.reader
+        if r is None:
+            raise FactoryError("inactive", "the CA is not activated")
+        r.db.execute("BEGIN")
+        try:
+            return self.shard_count(r.db, ca, shard)
+        except BaseException:
+            r.db.execute("ROLLBACK")
+            raise
+
+    def snapshot_page(self, ca: str, shard: int, after: bytes, limit: int) -> list[tuple[Any, ...]]:
+        assert self.store.reader is not None
+        return self.shard_page(self.store.reader.db, ca, shard, after, limit)
 
     # ------------------------------------------------------------------ delta CRLs
 

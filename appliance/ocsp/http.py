@@ -38,6 +38,7 @@ from .store import Store
 BODY_CAP = 8 * 1024
 
 _CA_PATH = re.compile(rb"^/(crl|ca)/([A-Za-z0-9][A-Za-z0-9._-]{0,63})\.(crl|crt)$")
+_SHARD_NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})-(0|[1-9][0-9]{0,2})$")
 _TENANT_PATH = re.compile(rb"^/tenant/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/crl$")
 PUSH_CAP = 8 * 1024 * 1024  # body cap of a pushed tenant CRL (read only once its bearer secret is checked)
 PUSH_TIMEOUT = 30.0
@@ -244,6 +245,16 @@ class Endpoint(HttpServer):
 
     def _ca_file(self, kind: bytes, name: str, headers: dict[bytes, bytes]) -> Reply:
         ca = self.store.cas.get(name)
+        if ca is None and kind == b"crl" and (sm := _SHARD_NAME.match(name)):  # /crl/<ca>-<k>.crl: one shard
+            ca = self.store.cas.get(sm.group(1))
+            got = ca.shards.get(int(sm.group(2))) if ca is not None else None
+            if got is None:
+                return _plain(404)
+            _, body, etag, mtime = got
+            hdrs = [(b"etag", etag.encode()), (b"last-modified", _http_date(mtime)), (b"cache-control", b"no-cache")]
+            if _not_modified(headers, etag.encode(), mtime):
+                return Reply(304, hdrs)
+            return Reply(200, [(b"content-type", b"application/pkix-crl")] + hdrs, body)
         if ca is None:
             return _plain(404)
         if kind == b"crl":
