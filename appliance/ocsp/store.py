@@ -187,7 +187,7 @@ class CaRecord:
     crl_number: int = 0
     crl_etag: str = ""
     crl_mtime: int = 0
-    shards: dict[int, tuple[int, bytes, str, int]] = field(default_factory=dict)  # k -> (number, DER, etag, mtime)
+    shards: dict[int, tuple[int, bytes, str, int, str]] = field(default_factory=dict)  # k -> (number, DER, etag, mtime, URL)
 
     @property
     def live(self) -> int:
@@ -432,7 +432,12 @@ class Store:
 
     def _set_shard(self, ca: CaRecord, shard: int, number: int, der: bytes) -> None:
         crl = x509.load_der_x509_crl(der)
-        ca.shards[shard] = (number, der, '"' + hashlib.sha256(der).hexdigest() + '"', _ts(crl.last_update_utc))
+        try:  # its URL as its certificates name it: the IDP the CIS wrote (listed in /crl/<ca>.json)
+            names = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value.full_name or []
+            url = next(str(n.value) for n in names if isinstance(n, x509.UniformResourceIdentifier))
+        except (x509.ExtensionNotFound, StopIteration):
+            raise ValueError(f"CRL shard {shard} of {ca.name} names no URL in its IDP") from None
+        ca.shards[shard] = (number, der, '"' + hashlib.sha256(der).hexdigest() + '"', _ts(crl.last_update_utc), url)
 
     def plan(self, name: str, prepared: list[Prepared], seq: int) -> Plan:
         """Which prepared responses replace what is held: a newer thisUpdate, or the same

@@ -3,6 +3,7 @@ its shard, each shard a complete CRL for its partition with its own number and a
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
@@ -43,6 +44,11 @@ def test_shards_crl_download_revocation_and_lint(appliance_factory, tmp_path):
         idp = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint)
         assert idp.critical and idp.value.full_name == [x509.UniformResourceIdentifier(f"{a.endpoint}/crl/issuing-{k}.crl")]
         numbers[k] = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    # every shard URL of the CA, as CCADB asks; none for an unsharded CA
+    assert json.loads(_get(f"{a.endpoint}/crl/issuing.json")) == [f"{a.endpoint}/crl/issuing-{k}.crl" for k in (0, 1)]
+    r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{a.endpoint}/crl/root.json"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.stdout == "404"
     full = x509.load_der_x509_crl(_get(f"{a.endpoint}/crl/issuing.crl"))
     try:
         full.extensions.get_extension_for_class(x509.IssuingDistributionPoint)
