@@ -655,3 +655,26 @@ def settings_set(c: AdminClient, key: str, value: str) -> str:
     except C.ConfigError as e:
         raise OpError(str(e)) from None
     return _wrap(c.call, S.AConfigSet, key=key, value=value)["message"]
+
+
+# ---------------------------------------------------------------- EST/SCEP enrolment secrets
+
+
+def enrol_secret_create(c: AdminClient, protocol: str, ca: str, profile: str, ttl_seconds: int, uses: int,
+                        ref: str | None, subject: str | None) -> dict[str, Any]:
+    if protocol not in ("est", "scep"):
+        raise OpError("protocol must be est or scep")
+    check_name(ca, "CA name")
+    check_name(profile, "profile name")
+    if ref is not None:
+        check_name(ref, "reference")
+    return _wrap(c.call, S.AEnrolSecretCreate, protocol=protocol, ca=ca, profile=profile, ttl_seconds=ttl_seconds,
+                 uses=uses, ref=ref, subject=subject)
+
+
+def enrol_secret_list(c: AdminClient) -> list[dict[str, Any]]:
+    return _wrap(c.call, S.AEnrolSecretList)["secrets"]
+
+
+def enrol_secret_revoke(c: AdminClient, ref: str) -> dict[str, Any]:
+    return _wrap(c.call, S.AEnrolSecretRevoke, ref=check_name(ref, "reference"))

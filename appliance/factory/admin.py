@@ -157,6 +157,16 @@ def _tenant(ctx: Ctx, req) -> Awaitable[dict[str, Any]]:
     return ctx.f.tenants.admin(req, ctx.actor)
 
 
+async def _enrol_secret(ctx: Ctx, req) -> Any:
+    from .enrolsecrets import EnrolSecrets
+    es = EnrolSecrets(ctx.f.store, ctx.f.profiles)
+    if isinstance(req, S.AEnrolSecretCreate):
+        return await es.create(req.protocol, req.ca, req.profile, req.ttl_seconds, req.uses, req.ref, req.subject, ctx.actor)
+    if isinstance(req, S.AEnrolSecretRevoke):
+        return await es.revoke(req.ref, ctx.actor)
+    return {"secrets": await es.list()}
+
+
 R = S.Reply
 # The table. A request type missing here is refused to everyone (fail closed), and a test fails.
 TABLE: dict[type, AdminOp] = {
@@ -220,6 +230,10 @@ TABLE: dict[type, AdminOp] = {
     S.AShutdown: AdminOp(ADMIN, None, _shutdown, R),
     # HOME/donjon.toml, written by the supervisor on the Factory's audited request
     S.AConfigSet: AdminOp(ADMIN, None, lambda c, r: c.f.config_set(r.key, r.value, c.actor), R),
+    # EST/SCEP enrolment secrets: operators hand them to devices; the Factory spends them (enrolsecrets.py)
+    S.AEnrolSecretCreate: AdminOp(OPER, None, _enrol_secret, S.EnrolSecretReply),
+    S.AEnrolSecretRevoke: AdminOp(OPER, None, _enrol_secret, S.EnrolSecretReply),
+    S.AEnrolSecretList: AdminOp(OPER | AUD, None, _enrol_secret, S.EnrolSecretListReply),
 }
 
 

@@ -396,6 +396,31 @@ class ACeremonyRecord(_Msg, tag="ceremony-record"):
     operations: Annotated[list[CeremonyOperation], msgspec.Meta(max_length=4096)] = []
 
 
+# ---------------------------------------------------------------- EST/SCEP enrolment secrets (officers make them)
+
+
+class AEnrolSecretCreate(_Msg, tag="enrol-secret-create"):
+    """A secret a device presents once (SCEP challenge password) or a few times (EST Basic password)."""
+
+    id: ReqId
+    protocol: Literal["est", "scep"]
+    ca: Name
+    profile: Name
+    ttl_seconds: Annotated[int, msgspec.Meta(ge=60, le=90 * 86400)] = 86400
+    uses: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 1
+    ref: Name | None = None  # the EST user name / the reference the officer hands over; made up when absent
+    subject: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None  # CN pattern it admits
+
+
+class AEnrolSecretList(_Msg, tag="enrol-secret-list"):
+    id: ReqId
+
+
+class AEnrolSecretRevoke(_Msg, tag="enrol-secret-revoke"):
+    id: ReqId
+    ref: Name
+
+
 AdminRequest = Union[
     Hello, AStatus, AActivate, ACaList, ACaShow, ACaCreate, ACaSignCsr, ACaExport, AIssue,
     ACertShow, ACertList, ARevoke, AUnrevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus, AOcspResponderCert,
@@ -405,6 +430,7 @@ AdminRequest = Union[
     ALogin, AResume, ALogout, AOfficerAdd, AOfficerList, AOfficerRemove, AOfficerPasswd, AOfficerUnlock, AOfficerTotp,
     AOfficerUnlockShares, APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
     ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, ACeremonyBegin, ACeremonyWitness, ACeremonyRecords, AConfigSet,
+    AEnrolSecretCreate, AEnrolSecretList, AEnrolSecretRevoke,
 ]
 
 
@@ -583,8 +609,40 @@ class OfficerListReply(_Reply, tag="officer-list-reply"):
     officers: Annotated[list[OfficerInfo], msgspec.Meta(max_length=10000)]
 
 
+class EnrolSecretReply(_Reply, tag="enrol-secret-reply"):
+    """enrol-secret-create (everything; `secret` shown this once) and -revoke (ref, revoked)."""
+
+    id: ReqId
+    ref: Name
+    protocol: Literal["est", "scep"] | None = None
+    secret: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    ca: Name | None = None
+    profile: Name | None = None
+    expires: int | None = None
+    uses: int | None = None
+    revoked: bool | None = None
+
+
+class EnrolSecretInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    ref: Name
+    protocol: Literal["est", "scep"]
+    ca: Name
+    profile: Name
+    subject: Annotated[str, msgspec.Meta(max_length=128)]
+    uses_left: int
+    expires: int
+    created_by: Annotated[str, msgspec.Meta(max_length=128)]
+    state: Literal["usable", "used", "expired", "revoked"]
+
+
+class EnrolSecretListReply(_Reply, tag="enrol-secret-list-reply"):
+    id: ReqId
+    secrets: Annotated[list[EnrolSecretInfo], msgspec.Meta(max_length=100000)]
+
+
 TypedReply = Union[RevokeReply, UnrevokeReply, CertReply, CertListReply, CaReply, CaListReply, CaExportReply,
-                   CaSignCsrReply, LoginReply, LogoutReply, OfficerReply, OfficerListReply]
+                   CaSignCsrReply, LoginReply, LogoutReply, OfficerReply, OfficerListReply,
+                   EnrolSecretReply, EnrolSecretListReply]
 
 
 AdminReply = Union[Hello, Reply, IssueReply, BlobChunk, Refused, TypedReply]
