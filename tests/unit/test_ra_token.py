@@ -16,8 +16,11 @@ from hsm.token import Token, TokenError
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
 
-@pytest.fixture
-def token(tmp_path, monkeypatch) -> Token:
+@pytest.fixture(scope="module")
+def token(tmp_path_factory) -> Token:
+    # one token per module: python-pkcs11 initialises SoftHSM once per process (a second login fails)
+    tmp_path = tmp_path_factory.mktemp("ra-token")
+    monkeypatch = pytest.MonkeyPatch()
     (tmp_path / "tokens").mkdir()
     conf = tmp_path / "softhsm2.conf"
     conf.write_text(f"directories.tokendir = {tmp_path}/tokens\nobjectstore.backend = file\nlog.level = ERROR\n")
@@ -27,7 +30,8 @@ def token(tmp_path, monkeypatch) -> Token:
                     "--pin", pin], check=True, capture_output=True, timeout=30)
     t = Token(MODULE, "ra-test")
     t.login(pin)
-    return t
+    yield t
+    monkeypatch.undo()
 
 
 def test_decrypt_key_decrypts_and_cannot_sign(token):
@@ -48,3 +52,16 @@ def test_decrypt_key_decrypts_and_cannot_sign(token):
     ct = load_der_public_key(sign_spki).encrypt(cek, padding.PKCS1v15())
     with pytest.raises(TokenError):
         ra.decrypt(token, "scep-ra-sign", ct)
+
+
+def test_sign_digests_and_transport_key(token):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_der_private_key
+    pub = load_der_public_key(token.key("scep-ra-sign").spki)
+    for name, h in (("sha256", hashes.SHA256()), ("sha512", hashes.SHA512()), ("sha1", hashes.SHA1())):
+        pub.verify(ra.sign(token, "scep-ra-sign", b"attrs", name), b"attrs", padding.PKCS1v15(), h)
+    with pytest.raises(TokenError):
+        ra.sign(token, "scep-ra-sign", b"attrs", "sha3_256")
+    k1, k2 = ra.generate_transport_ec(token), ra.generate_transport_ec(token)
+    assert k1 != k2 and isinstance(load_der_private_key(k1, None), ec.EllipticCurvePrivateKey)
+    assert len(list(token._session.get_objects({}))) == 4  # the two RA key pairs only: nothing left behind
