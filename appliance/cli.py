@@ -1128,13 +1128,14 @@ def enrol_secret_create(
         uses: Annotated[int, typer.Option(help="How many enrolments it admits (SCEP: 1).")] = 1,
         ref: Annotated[Optional[str], typer.Option(help="Reference (the EST user name); made up when absent.")] = None,
         subject: Annotated[Optional[str], typer.Option(help="Pattern the requested CN must match, e.g. 'router-*'.")] = None,
+        approval: Annotated[bool, typer.Option("--approval", help="Enrolments wait for another officer's decision.")] = False,
         home: Home = "./var", as_json: JsonOut = False) -> None:
     """Make a secret for a device; it is shown this once.
 
     Example: donjon enrol-secret create scep --ca issuing --profile tls-client --ttl 3600
     """
     with client(home) as c:
-        doc = op(ops.enrol_secret_create, c, protocol, ca, profile, ttl, uses, ref, subject)
+        doc = op(ops.enrol_secret_create, c, protocol, ca, profile, ttl, uses, ref, subject, approval)
     if not emit_json(doc, as_json):
         typer.echo(f"{doc['protocol']} secret {doc['ref']}: {doc['secret']} (CA {doc['ca']}, profile {doc['profile']}, "
                    f"{doc['uses']} use(s), expires {doc['expires']})")
@@ -1150,6 +1151,33 @@ def enrol_secret_list(home: Home = "./var", as_json: JsonOut = False) -> None:
         return
     lines_or([f"{d['ref']:<24} {d['protocol']:<5} {d['ca']}/{d['profile']:<20} uses_left={d['uses_left']} {d['state']}"
               for d in docs], "no enrolment secrets")
+
+
+@enrol_app.command("waiting")
+def enrol_waiting(home: Home = "./var", as_json: JsonOut = False) -> None:
+    """EST/SCEP enrolments waiting for a decision (and recent ones). Example: donjon enrol-secret waiting"""
+    with client(home) as c:
+        docs = op(ops.enrol_waiting, c)
+    if as_json:
+        typer.echo(json.dumps(docs, indent=2))
+        return
+    lines_or([f"{d['request']}  {d['state']:<8} {d['protocol']:<5} {d['ca']}/{d['profile']}  {d['summary']}" for d in docs],
+             "no enrolments waiting")
+
+
+@enrol_app.command("decide")
+def enrol_decide(request: str,
+                 approve: Annotated[bool, typer.Option("--approve/--reject", help="Issue it, or refuse it.")] = ...,
+                 reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")] = "",
+                 home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Approve or reject a waiting enrolment (not one admitted by a secret you made).
+
+    Example: donjon enrol-secret decide 3f2a... --approve
+    """
+    with client(home) as c:
+        doc = op(ops.enrol_decide, c, request, approve, reason)
+    if not emit_json(doc, as_json):
+        typer.echo(f"enrolment {doc['request']}: {doc['state']}" + (f", serial {doc['serial']}" if doc["serial"] else ""))
 
 
 @enrol_app.command("revoke")

@@ -161,10 +161,21 @@ async def _enrol_secret(ctx: Ctx, req) -> Any:
     from .enrolsecrets import EnrolSecrets
     es = EnrolSecrets(ctx.f.store, ctx.f.profiles)
     if isinstance(req, S.AEnrolSecretCreate):
-        return await es.create(req.protocol, req.ca, req.profile, req.ttl_seconds, req.uses, req.ref, req.subject, ctx.actor)
+        return await es.create(req.protocol, req.ca, req.profile, req.ttl_seconds, req.uses, req.ref, req.subject, ctx.actor,
+                               req.approval)
     if isinstance(req, S.AEnrolSecretRevoke):
         return await es.revoke(req.ref, ctx.actor)
     return {"secrets": await es.list()}
+
+
+async def _enrol_wait(ctx: Ctx, req) -> Any:
+    gate = ctx.f.estscep
+    if gate is None:
+        raise FactoryError("not-found", "EST/SCEP enrolments wait only when the gateway is enabled")
+    if isinstance(req, S.AEnrolDecide):
+        officer = ctx.conn.session.officer if ctx.conn is not None and ctx.conn.session is not None else ""  # type: ignore[attr-defined]
+        return await gate.decide(req.request, req.approve, req.reason, officer, ctx.actor)
+    return await gate.waiting()
 
 
 R = S.Reply
@@ -234,6 +245,8 @@ TABLE: dict[type, AdminOp] = {
     S.AEnrolSecretCreate: AdminOp(OPER, None, _enrol_secret, S.EnrolSecretReply),
     S.AEnrolSecretRevoke: AdminOp(OPER, None, _enrol_secret, S.EnrolSecretReply),
     S.AEnrolSecretList: AdminOp(OPER | AUD, None, _enrol_secret, S.EnrolSecretListReply),
+    S.AEnrolWaiting: AdminOp(OPER | AUD, None, _enrol_wait, S.EnrolWaitReply),
+    S.AEnrolDecide: AdminOp(OPER, None, _enrol_wait, S.EnrolWaitReply, session_bound=True),
 }
 
 

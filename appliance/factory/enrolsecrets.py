@@ -36,6 +36,8 @@ class Grant:
     protocol: str
     ca: str
     profile: str
+    approval: bool = False  # enrolments under it wait for an officer's decision
+    created_by: str = ""
 
     @property
     def credential(self) -> str:
@@ -48,7 +50,7 @@ class EnrolSecrets:
         self.profiles = profiles  # name -> policy.profiles.Profile (the Factory's loaded profiles)
 
     async def create(self, protocol: str, ca: str, profile: str, ttl: int, uses: int, ref: str | None,
-                     subject: str | None, actor: str) -> dict[str, Any]:
+                     subject: str | None, actor: str, approval: bool = False) -> dict[str, Any]:
         if protocol not in PROTOCOLS:
             raise FactoryError("bad-request", f"protocol must be one of {', '.join(PROTOCOLS)}")
         if not 60 <= ttl <= MAX_TTL:
@@ -75,14 +77,14 @@ class EnrolSecrets:
                 if c.execute("SELECT 1 FROM enrol_secrets WHERE ref=?", (ref,)).fetchone():
                     raise FactoryError("exists", f"an enrolment secret {ref} already exists")
                 c.execute("INSERT INTO enrol_secrets (ref, protocol, digest, ca, profile, subject, uses_left, expires,"
-                          " created, created_by) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                          (ref, protocol, _digest(secret), ca, profile, subject, uses, now + ttl, now, actor))
+                          " created, created_by, approval) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                          (ref, protocol, _digest(secret), ca, profile, subject, uses, now + ttl, now, actor, int(approval)))
                 st.audit_in_tx(actor, "enrol-secret-create", ref, "ok",
                                f"{protocol} ca={ca} profile={profile} uses={uses} expires={now + ttl}"
-                               + (f" subject={subject}" if subject else ""))
+                               + (f" subject={subject}" if subject else "") + (" approval" if approval else ""))
         await st.run(w)
         return {"ref": ref, "protocol": protocol, "secret": secret, "ca": ca, "profile": profile,
-                "expires": now + ttl, "uses": uses}
+                "expires": now + ttl, "uses": uses, "approval": approval}
 
     async def revoke(self, ref: str, actor: str) -> dict[str, Any]:
         st = self.store
@@ -107,6 +109,17 @@ class EnrolSecrets:
                  "state": "revoked" if r[8] else "expired" if r[6] <= now else "used" if r[5] == 0 else "usable"}
                 for r in rows]
 
+    async def ref_of(self, protocol: str, secret: str, ref: str | None) -> str | None:
+        """The reference of a secret, spent or not (a request repeated while it waits for approval
+        proves it holds the secret again, without spending it a second time)."""
+        st = self.store
+        digest = _digest(secret) if 0 < len(secret) <= 256 else b""
+        row = await st.run(lambda: st.require_active().db.execute(
+            "SELECT ref FROM enrol_secrets WHERE digest=? AND protocol=?", (digest, protocol)).fetchone())
+        if row is None or (ref is not None and row[0] != ref):
+            return None
+        return row[0]
+
     async def spend(self, protocol: str, secret: str, ref: str | None, subject_cn: str | None, actor: str) -> Grant:
         """Check and use once, atomically (two requests racing for a one-time secret: one wins). Every
         refusal is audited with the reference when one is known; the secret itself never is."""
@@ -116,8 +129,8 @@ class EnrolSecrets:
 
         def w() -> Grant | str:
             with st.tx() as c:
-                row = c.execute("SELECT ref, protocol, ca, profile, subject, uses_left, expires, revoked FROM enrol_secrets"
-                                " WHERE digest=?", (digest,)).fetchone()
+                row = c.execute("SELECT ref, protocol, ca, profile, subject, uses_left, expires, revoked, approval, created_by"
+                                " FROM enrol_secrets WHERE digest=?", (digest,)).fetchone()
                 why = None
                 if row is None or (ref is not None and row[0] != ref) or row[1] != protocol:
                     why = "wrong secret"
@@ -135,7 +148,7 @@ class EnrolSecrets:
                     return why
                 c.execute("UPDATE enrol_secrets SET uses_left = uses_left - 1 WHERE ref=?", (row[0],))
                 st.audit_in_tx(actor, "enrol-secret-use", row[0], "ok", f"{protocol} uses_left={row[5] - 1}")
-                return Grant(row[0], protocol, row[2], row[3])
+                return Grant(row[0], protocol, row[2], row[3], bool(row[8]), row[9])
         out = await st.run(w)
         if isinstance(out, str):
             raise FactoryError("unauthorized", out)

@@ -82,6 +82,7 @@ class Factory:
         self.signers = signers or [cis]  # every CIS process, for issuance batches
         self.send_event = send_event
         self.profiles = profiles
+        self.estscep = None  # gwestscep.EstScepGate once the gateway link is served: EST/SCEP approvals
         self.store = Store()  # the CMDB: the DB thread, transactions, audit write, named queries
         self.token_info = ""
         self._activating = trio.Lock()

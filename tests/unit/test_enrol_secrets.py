@@ -112,3 +112,16 @@ def test_one_time_secret_raced(es):
                 n.start_soon(one)
         assert (len(wins), len(losses)) == (1, 19)
     trio.run(main)
+
+
+def test_approval_flag_and_ref_of(es):
+    async def main():
+        made = await es.create("scep", "issuing", "tls-client", 3600, 1, None, None, "officer:alice uid=0", approval=True)
+        assert made["approval"] is True
+        assert await es.ref_of("scep", made["secret"], None) == made["ref"]
+        assert await es.ref_of("est", made["secret"], None) is None  # bound to its protocol
+        assert await es.ref_of("scep", "nope", None) is None
+        g = await es.spend("scep", made["secret"], None, None, "scep")
+        assert g.approval and g.created_by == "officer:alice uid=0"
+        assert await es.ref_of("scep", made["secret"], None) == made["ref"]  # still known once spent
+    trio.run(main)

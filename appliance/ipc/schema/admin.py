@@ -410,6 +410,7 @@ class AEnrolSecretCreate(_Msg, tag="enrol-secret-create"):
     uses: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 1
     ref: Name | None = None  # the EST user name / the reference the officer hands over; made up when absent
     subject: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None  # CN pattern it admits
+    approval: bool = False  # enrolments under it wait for another officer's decision (enrol-decide)
 
 
 class AEnrolSecretList(_Msg, tag="enrol-secret-list"):
@@ -421,6 +422,19 @@ class AEnrolSecretRevoke(_Msg, tag="enrol-secret-revoke"):
     ref: Name
 
 
+class AEnrolWaiting(_Msg, tag="enrol-waiting"):
+    """Gateway enrolments (EST/SCEP) waiting for an officer's decision."""
+
+    id: ReqId
+
+
+class AEnrolDecide(_Msg, tag="enrol-decide"):
+    id: ReqId
+    request: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    approve: bool
+    reason: Annotated[str, msgspec.Meta(max_length=500)] = ""
+
+
 AdminRequest = Union[
     Hello, AStatus, AActivate, ACaList, ACaShow, ACaCreate, ACaSignCsr, ACaExport, AIssue,
     ACertShow, ACertList, ARevoke, AUnrevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus, AOcspResponderCert,
@@ -430,7 +444,7 @@ AdminRequest = Union[
     ALogin, AResume, ALogout, AOfficerAdd, AOfficerList, AOfficerRemove, AOfficerPasswd, AOfficerUnlock, AOfficerTotp,
     AOfficerUnlockShares, APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
     ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, ACeremonyBegin, ACeremonyWitness, ACeremonyRecords, AConfigSet,
-    AEnrolSecretCreate, AEnrolSecretList, AEnrolSecretRevoke,
+    AEnrolSecretCreate, AEnrolSecretList, AEnrolSecretRevoke, AEnrolWaiting, AEnrolDecide,
 ]
 
 
@@ -621,6 +635,7 @@ class EnrolSecretReply(_Reply, tag="enrol-secret-reply"):
     expires: int | None = None
     uses: int | None = None
     revoked: bool | None = None
+    approval: bool | None = None
 
 
 class EnrolSecretInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -640,9 +655,29 @@ class EnrolSecretListReply(_Reply, tag="enrol-secret-list-reply"):
     secrets: Annotated[list[EnrolSecretInfo], msgspec.Meta(max_length=100000)]
 
 
+class EnrolWaitInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    request: Annotated[str, msgspec.Meta(max_length=64)]
+    protocol: Annotated[str, msgspec.Meta(max_length=16)]
+    credential: Annotated[str, msgspec.Meta(max_length=400)]
+    ca: Name
+    profile: Name
+    summary: Annotated[str, msgspec.Meta(max_length=1000)]
+    created: int
+    state: Literal["waiting", "issued", "rejected"]
+    decided_by: Annotated[str, msgspec.Meta(max_length=400)] = ""
+    serial: Annotated[str, msgspec.Meta(max_length=40)] = ""
+
+
+class EnrolWaitReply(_Reply, tag="enrol-wait-reply"):
+    """enrol-waiting (requests) and enrol-decide (the one decided)."""
+
+    id: ReqId
+    requests: Annotated[list[EnrolWaitInfo], msgspec.Meta(max_length=10000)]
+
+
 TypedReply = Union[RevokeReply, UnrevokeReply, CertReply, CertListReply, CaReply, CaListReply, CaExportReply,
                    CaSignCsrReply, LoginReply, LogoutReply, OfficerReply, OfficerListReply,
-                   EnrolSecretReply, EnrolSecretListReply]
+                   EnrolSecretReply, EnrolSecretListReply, EnrolWaitReply]
 
 
 AdminReply = Union[Hello, Reply, IssueReply, BlobChunk, Refused, TypedReply]
