@@ -173,5 +173,5 @@ def test_schema_hash_is_pinned():
 PINNED_SCHEMA_HASHES = {
     2: "c13c81ddadbb16a3220f5182b620e99c973910835a5238461e9c83ecb8f82e98",
     3: "04ab501a300ad2df4e9ea7f3353411ca8c2d6c8e9cfda06261e03e1492de4866",
-    4: "8358ea9d7cf828fd10803c129ecff088ec0b966e4753580539fdcb85d5858bb8",
+    4: "aed74e896047ef32fa78eb6f5a92059b05652ded82063a433eb3bed6312eebf4",
 }
