@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import sys
 from dataclasses import dataclass, field
 
@@ -168,10 +169,14 @@ def routes(ctx) -> list:
         def anchors(chain: list[bytes]) -> None:
             if ctx.tls is not None:
                 ctx.tls.client_cas = list(chain)
-                ctx.tls_changed()
+                try:
+                    ctx.tls_changed()
+                except ssl.SSLError as e:  # keep serving with the previous context
+                    _log(f"EST: client-certificate anchors not loaded: {e}")
         hub.on_chain.append(anchors)
         out += EstService(hub, s.est_channel_binding, list(s.est_key_types), ctx.token, ctx.stats).routes(256 * 1024)
     if "scep" in ctx.cfg.protocols:
         algs = scep.Algorithms(allow_des=s.scep_allow_des, allow_weak_digest=s.scep_allow_weak_digest)
         out += ScepService(hub, algs, ctx.cfg.store_dir, ctx.stats).routes(256 * 1024)
     return out
+

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from asn1crypto import algos, cms, core, x509 as ax509
+from asn1crypto import algos, cms, core, parser, x509 as ax509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, padding as sympad
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -337,16 +337,42 @@ def _decrypt_envelope(der: bytes, ra: RaKeys, algs: Algorithms) -> tuple[bytes, 
         cek = b""
     if len(cek) != key_len:
         cek = os.urandom(key_len)
-    data = eci["encrypted_content"].native or b""
+    data = _encrypted_content(eci.contents)
     if not isinstance(iv, bytes) or len(iv) != block.block_size // 8 or not data or len(data) % (block.block_size // 8):
         raise ScepError(BAD_MESSAGE_CHECK, "the envelope does not decrypt")
-    dec = Cipher(block(cek), modes.CBC(iv)).decryptor()
+    dec = Cipher(block(cek * 3 if len(cek) == 8 else cek), modes.CBC(iv)).decryptor()  # DES is 3DES with K1=K2=K3
     padded = dec.update(data) + dec.finalize()
     unpad = sympad.PKCS7(block.block_size).unpadder()
     try:
         return unpad.update(padded) + unpad.finalize(), name
     except ValueError:
         raise ScepError(BAD_MESSAGE_CHECK, "the envelope does not decrypt") from None
+
+
+def _encrypted_content(eci_contents: bytes, depth: int = 0) -> bytes:
+    """The [0] encryptedContent of an EncryptedContentInfo, primitive or constructed (BER: Go's pkcs7,
+    which micromdm's client uses, sends it as a constructed OCTET STRING that asn1crypto refuses)."""
+    if depth > 4:
+        raise ValueError("constructed OCTET STRING nested too deep")
+    out = b""
+    for cls, method, tag, contents in _children(eci_contents):
+        if depth == 0 and not (cls == 2 and tag == 0):
+            continue  # contentType, contentEncryptionAlgorithm
+        if method == 0:
+            out += contents
+        else:
+            out += _encrypted_content(contents, depth + 1)
+        if depth == 0:
+            break
+    return out
+
+
+def _children(data: bytes):
+    while data:
+        n = parser.peek(data)
+        cls, method, tag, _, contents, _ = parser.parse(data[:n])
+        yield cls, method, tag, contents
+        data = data[n:]
 
 
 def _read_payload(req: Request, inner: bytes) -> None:
@@ -446,7 +472,7 @@ def _envelope(data: bytes, recipient: x509.Certificate, cipher: str) -> bytes:
         cipher = "aes128_cbc"
     cek, iv = os.urandom(key_len), os.urandom(block.block_size // 8)
     pad = sympad.PKCS7(block.block_size).padder()
-    enc = Cipher(block(cek), modes.CBC(iv)).encryptor()
+    enc = Cipher(block(cek * 3 if len(cek) == 8 else cek), modes.CBC(iv)).encryptor()
     ct = enc.update(pad.update(data) + pad.finalize()) + enc.finalize()
     rc = ax509.Certificate.load(recipient.public_bytes(Encoding.DER))
     ri = cms.RecipientInfo({"ktri": cms.KeyTransRecipientInfo({

@@ -58,7 +58,9 @@ class ScepService:
         if not self.hub.ready.is_set():
             return _text(503, "SCEP is not ready yet (no CA chain or RA certificates)")
         if op == "GetCACert":
-            ctype, body = scep.ca_cert_response(self.hub.chain, self.hub.ra.ra_certs_der())
+            # The issuing CA and the RA certificates, not the root: some clients (micromdm's) encrypt to
+            # every certificate of the answer, and the root is another key type more often than not.
+            ctype, body = scep.ca_cert_response(self.hub.chain[:1], self.hub.ra.ra_certs_der())
             return Reply(200, [(b"content-type", ctype.encode())], body)
         if op != "PKIOperation":
             return _text(400, "unknown SCEP operation")

@@ -107,7 +107,9 @@ class TlsIdentity:
             # EST re-enrolment authenticates with the current certificate: asked for, never required
             # (ACME and first enrolments have none); verified against the EST/SCEP CA's chain.
             ctx.verify_mode = ssl.CERT_OPTIONAL
-            ctx.load_verify_locations(cadata=b"".join(self.client_cas))
+            # As PEM text: with DER, OpenSSL 3 ends the list without an error of its own and Python
+            # then reports whatever error was queued before (it failed once with NO_SUCH_ENGINE).
+            ctx.load_verify_locations(cadata="".join(ssl.DER_cert_to_PEM_cert(c) for c in self.client_cas))
         data = self.chain_pem + self.key_pem
         try:
             fd = os.memfd_create("gateway-tls", os.MFD_CLOEXEC)
