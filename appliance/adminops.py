@@ -688,3 +688,16 @@ def enrol_decide(c: AdminClient, request: str, approve: bool, reason: str) -> di
     if not request or len(request) > 64:
         raise OpError("request: the id `donjon enrol-secret waiting` shows")
     return _wrap(c.call, S.AEnrolDecide, request=request, approve=approve, reason=reason[:500])["requests"][0]
+
+def acme_eab_add(c: AdminClient, profiles: list[str] | None = None, names: list[str] | None = None) -> dict:
+    """A new ACME EAB key: {"eab": {...}, "hmac_key": base64url} (the key is shown this once)."""
+    return _wrap(c.call, S.AAcmeEabAdd, profiles=tuple(profiles or ()), name_patterns=tuple(names or ()))
+
+
+def acme_eab_list(c: AdminClient) -> list[dict]:
+    return _wrap(c.call, S.AAcmeEabList)["keys"]
+
+
+def acme_eab_revoke(c: AdminClient, kid: str) -> dict:
+    return _wrap(c.call, S.AAcmeEabRevoke, kid=kid)["eab"]
+

@@ -180,6 +180,11 @@ async def _enrol_wait(ctx: Ctx, req) -> Any:
 
 R = S.Reply
 # The table. A request type missing here is refused to everyone (fail closed), and a test fails.
+async def _eab(ctx: Ctx, req) -> Any:
+    from .gateway import eab_admin  # the gateway's EAB keys live with the rest of its Factory side
+    return await eab_admin(ctx.f.store, ctx.f.audit, ctx.actor, req)
+
+
 TABLE: dict[type, AdminOp] = {
     S.AStatus: AdminOp(PUBLIC, None, lambda c, r: c.f.status(), R),
     S.AActivate: AdminOp(PUBLIC, None, lambda c, r: c.f.activate(r.pin, c.actor), R),
@@ -247,6 +252,9 @@ TABLE: dict[type, AdminOp] = {
     S.AEnrolSecretList: AdminOp(OPER | AUD, None, _enrol_secret, S.EnrolSecretListReply),
     S.AEnrolWaiting: AdminOp(OPER | AUD, None, _enrol_wait, S.EnrolWaitReply),
     S.AEnrolDecide: AdminOp(OPER, None, _enrol_wait, S.EnrolWaitReply, session_bound=True),
+    S.AAcmeEabAdd: AdminOp(ADMIN, None, _eab, S.EabReply),
+    S.AAcmeEabList: AdminOp(ANY, None, _eab, S.EabListReply),
+    S.AAcmeEabRevoke: AdminOp(ADMIN, None, _eab, S.EabReply),
 }
 
 
