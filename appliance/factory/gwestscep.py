@@ -164,7 +164,8 @@ class EstScepGate:
         if state == "rejected":
             return S.GwRefused(id=msg.id, code="policy", reason=f"rejected by an officer: {reason or 'no reason given'}"[:4000])
         c = x509.load_der_x509_certificate(bytes(cert))
-        return S.GwIssued(id=msg.id, cert=bytes(cert), chain=(await self.h.ca_chain(ca))[:8], serial=serial_bytes(c.serial_number))
+        return S.GwIssued(id=msg.id, cert=bytes(cert), chain=(await self.h.ca_chain(ca))[:8], serial=serial_bytes(c.serial_number),
+                          ca=ca)
 
     async def waiting(self, only_open: bool = False) -> dict[str, Any]:
         st = self.h.store
@@ -274,7 +275,7 @@ class EstScepGate:
                            validity=S.Validity(now, min(now + RA_DAYS * 86400, ca_end)))
         cert = await self.h.issue_one(ca, item, serial, actor, "gateway-ra", None, f"the SCEP RA's {msg.usage} certificate")
         return S.GwIssued(id=msg.id, cert=cert.public_bytes(Encoding.DER), chain=(await self.h.ca_chain(ca))[:8],
-                          serial=serial_bytes(serial))
+                          serial=serial_bytes(serial), ca=ca)
 
     async def fetch(self, msg: S.GwFetch):
         """SCEP GetCert (a certificate by issuer and serial) and GetCRL (the issuer's latest CRL)."""

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.conftest import Appliance, _variant, copy_home, make_ceremony
 from tests.integration.test_gateway import gateway_url, wait_https
@@ -179,10 +180,11 @@ def test_est_refusals(gw, tmp_path):
 
 def scepclient(a: Appliance, tmp: Path, name: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "SSL_CERT_FILE": str(a.chain)}  # Go's TLS trusts the appliance's root
+    (tmp / f"{name}.d").mkdir(exist_ok=True)  # it keeps its self-signed certificate in self.pem of its folder
     # its default subject has C=US, which the tls-client profile does not take
     return run("scepclient", "-server-url", url(a, "/scep"), "-private-key", str(tmp / f"{name}.key"),
                "-certificate", str(tmp / f"{name}.pem"), "-country", "", "-organization", "Donjon Test", "-ou", "devices",
-               *args, env=env, cwd=tmp)
+               *args, env=env, cwd=tmp / f"{name}.d")
 
 
 def ra_fingerprint(a: Appliance, tmp: Path) -> str:
@@ -206,4 +208,131 @@ def test_scep_with_micromdm_scepclient(gw, tmp_path):
     s = secret(gw, "scep")
     r = scepclient(gw, tmp_path, "dev1", "-cn", "device-1", "-challenge", s["secret"])
     assert r.returncode == 0, r.stdout.decode() + r.stderr.decode() + gw.cli("audit", "export").stdout.decode()[-2000:]
-    assert "CN = device-1" in verify(gw, tmp_path / "dev1.pem")
+    first = verify(gw, tmp_path / "dev1.pem")
+    assert "CN = device-1" in first
+    # renewal: the same command with the certificate in place sends a RenewalReq signed with it
+    r = scepclient(gw, tmp_path, "dev1", "-cn", "device-1")
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+    second = verify(gw, tmp_path / "dev1.pem")
+    assert "CN = device-1" in second and second != first
+    # a wrong challenge password (and a used one) is refused with failInfo, nothing issued
+    for pw in ("WRONGWRONGWRONGWRONGWRON", s["secret"]):
+        r = scepclient(gw, tmp_path, f"bad-{pw[:4]}", "-cn", "device-2", "-challenge", pw)
+        assert r.returncode != 0 and b"failInfo: badRequest" in r.stdout + r.stderr, r.stdout + r.stderr
+        assert not (tmp_path / f"bad-{pw[:4]}.pem").exists()
+    audit = gw.cli("audit", "export").stdout.decode()
+    assert "gateway/scep:txn:" in audit and "gateway/scep" in audit and '"scep-enrol"' in audit and "wrong secret" in audit
+
+
+# ---------------------------------------------------------------------------------------------- approval
+
+
+def _decide(a: Appliance, request: str, approve: bool, officer: str = "oper2") -> subprocess.CompletedProcess:
+    return a.cli("enrol-secret", "decide", request, "--approve" if approve else "--reject", "--reason", "test", "--json",
+                 officer=officer, check=False)
+
+
+def test_approval_waits_polls_and_completes(gw, tmp_path):
+    """A secret marked --approval: EST answers 202 + Retry-After until another officer approves; SCEP
+    answers PENDING and CertPoll; a rejected one gets the protocol's refusal."""
+    if "oper2" not in gw.officers:
+        gw.cli("officer", "add", "oper2", "--role", "operator")
+        gw.officers["oper2"] = "operator"
+    s = secret(gw, "est", "--ref", "router-a", "--approval")
+    req, _ = csr_b64(tmp_path, "ra", "router-a")
+    post = ("/.well-known/est/simpleenroll", "-u", f"router-a:{s['secret']}", *P10, "--data-binary", f"@{req}", "-i")
+    code, body = curl(gw, *post)
+    assert code == 202 and b"retry-after:" in body.lower(), body
+    waiting = json.loads(gw.cli("enrol-secret", "waiting", "--json").stdout)
+    rid = [w for w in waiting if w["state"] == "waiting" and "router-a" in w["credential"]][0]["request"]
+    assert curl(gw, *post)[0] == 202  # the retry is recognised (the secret is not spent twice)
+    r = _decide(gw, rid, True, officer="oper")  # the officer who made the secret may not approve it
+    assert r.returncode == 1 and b"another officer" in r.stderr
+    r = _decide(gw, rid, True)
+    assert r.returncode == 0, r.stderr
+    code, body = curl(gw, *post[:-1])
+    assert code == 200
+    assert "CN = router-a" in verify(gw, p7_to_pem(body, tmp_path / "ra.pem"))
+    # rejected: the protocol's refusal
+    s = secret(gw, "est", "--ref", "router-b", "--approval")
+    req, _ = csr_b64(tmp_path, "rb", "router-b")
+    post = ("/.well-known/est/simpleenroll", "-u", f"router-b:{s['secret']}", *P10, "--data-binary", f"@{req}")
+    assert curl(gw, *post)[0] == 202
+    rid = [w for w in json.loads(gw.cli("enrol-secret", "waiting", "--json").stdout) if "router-b" in w["credential"]][0]["request"]
+    assert _decide(gw, rid, False).returncode == 0
+    code, body = curl(gw, *post)
+    assert code == 400 and b"rejected by an officer" in body
+    # SCEP: PENDING, CertPoll, approval, SUCCESS (a crafted requester: scepclient stops at PENDING)
+    from tests.scepmsg import Requester, csr
+    from appliance.gateway import scep
+    from asn1crypto import x509 as ax509
+    from cryptography import x509
+    ra_certs = [x509.load_pem_x509_certificate(b) for b in _ra_pems(gw, tmp_path)]
+    dec = [c for c in ra_certs if "decryption" in c.subject.rfc4514_string()][0]
+    sign = [c for c in ra_certs if "signing" in c.subject.rfc4514_string()][0]
+    s = secret(gw, "scep", "--approval")
+    dev = Requester.new("device-p")
+    msg = dev.message(scep.PKCS_REQ, csr(dev.key, "device-p", s["secret"]), dec, tid="T-pending")
+    rep = dev.open(_pki(gw, tmp_path, msg), sign)
+    assert rep["scep_pki_status"] == scep.PENDING
+    issuer = ax509.Name.load(x509.load_pem_x509_certificate(gw.issuing.read_bytes()).subject.public_bytes())
+    poll = scep.IssuerAndSubject({"issuer": issuer, "subject": ax509.Name.build({"common_name": "device-p"})}).dump()
+    assert dev.open(_pki(gw, tmp_path, dev.message(scep.CERT_POLL, poll, dec, tid="T-pending")), sign)["scep_pki_status"] == scep.PENDING
+    other = Requester.new("intruder")  # a poll signed by another key learns nothing
+    assert other.open(_pki(gw, tmp_path, other.message(scep.CERT_POLL, poll, dec, tid="T-pending")), sign)["scep_fail_info"] == scep.BAD_CERT_ID
+    rid = [w for w in json.loads(gw.cli("enrol-secret", "waiting", "--json").stdout) if w["state"] == "waiting" and w["protocol"] == "scep"][0]["request"]
+    assert _decide(gw, rid, True).returncode == 0
+    rep = dev.open(_pki(gw, tmp_path, dev.message(scep.CERT_POLL, poll, dec, tid="T-pending")), sign)
+    assert rep["scep_pki_status"] == scep.SUCCESS
+    (tmp_path / "p.pem").write_bytes(x509.load_der_x509_certificate(rep["certs"][0]).public_bytes(Encoding.PEM))
+    assert "CN = device-p" in verify(gw, tmp_path / "p.pem")
+
+
+def _ra_pems(a: Appliance, tmp: Path) -> list[bytes]:
+    code, body = curl(a, "/scep?operation=GetCACert")
+    (tmp / "ca-ra.p7").write_bytes(body)
+    pems = run("openssl", "pkcs7", "-inform", "DER", "-in", str(tmp / "ca-ra.p7"), "-print_certs").stdout
+    return [b"-----BEGIN CERTIFICATE-----" + p.split(b"-----BEGIN CERTIFICATE-----")[1] + b"-----END CERTIFICATE-----\n"
+            for p in pems.split(b"-----END CERTIFICATE-----")[:-1]]
+
+
+def _pki(a: Appliance, tmp: Path, msg: bytes) -> bytes:
+    (tmp / "msg.der").write_bytes(msg)
+    code, body = curl(a, "/scep?operation=PKIOperation", "-H", "Content-Type: application/x-pki-message",
+                      "--data-binary", f"@{tmp / 'msg.der'}")
+    assert code == 200, body
+    return body
+
+
+# ---------------------------------------------------------------------------------------------- fuzz
+
+
+def test_fuzzed_bodies_never_crash_the_role(gw, tmp_path):
+    """Mutated pkiMessages (POST and GET) and EST bodies at the live gateway: answers, never a 5xx, same process."""
+    import random
+    from tests.scepmsg import Requester, csr
+    from appliance.gateway import scep
+    from cryptography import x509
+    pid_before = subprocess.run(["pgrep", "-f", "donjon.*role gateway"], capture_output=True).stdout
+    dec = [x509.load_pem_x509_certificate(b) for b in _ra_pems(gw, tmp_path)]
+    dec = [c for c in dec if "decryption" in c.subject.rfc4514_string()][0]
+    dev = Requester.new("fuzz")
+    seed = dev.message(scep.PKCS_REQ, csr(dev.key, "fuzz", "pw"), dec)
+    est_seed = base64.encodebytes(run("openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                                      "-keyout", "/dev/null", "-subj", "/CN=fuzz", "-outform", "DER").stdout)
+    rng = random.Random(17)
+    statuses = set()
+    for i in range(60):
+        body = bytearray(seed if i % 2 else est_seed)
+        for _ in range(rng.randint(1, 8)):
+            pos = rng.randrange(len(body))
+            body[pos:pos + rng.randint(0, 4)] = bytes(rng.randrange(256) for _ in range(rng.randint(0, 4)))
+        (tmp_path / "f.bin").write_bytes(body)
+        if i % 2:
+            code, _ = curl(gw, "/scep?operation=PKIOperation", "--data-binary", f"@{tmp_path / 'f.bin'}")
+        else:
+            code, _ = curl(gw, "/.well-known/est/simpleenroll", "-u", "x:y", *P10, "--data-binary", f"@{tmp_path / 'f.bin'}")
+        statuses.add(code)
+    assert statuses and all(200 <= c < 500 for c in statuses), statuses
+    assert subprocess.run(["pgrep", "-f", "donjon.*role gateway"], capture_output=True).stdout == pid_before
+    assert curl(gw, "/scep?operation=GetCACaps")[0] == 200
