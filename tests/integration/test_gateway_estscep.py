@@ -179,27 +179,14 @@ def test_est_refusals(gw, tmp_path):
 
 
 def scepclient(a: Appliance, tmp: Path, name: str, *args: str) -> subprocess.CompletedProcess:
+    """Debian's scepclient; its key, certificate and self-signed certificate (self.pem) in tmp/name/."""
     env = {**os.environ, "SSL_CERT_FILE": str(a.chain)}  # Go's TLS trusts the appliance's root
-    (tmp / f"{name}.d").mkdir(exist_ok=True)  # it keeps its self-signed certificate in self.pem of its folder
+    d = tmp / name
+    d.mkdir(exist_ok=True)
     # its default subject has C=US, which the tls-client profile does not take
-    return run("scepclient", "-server-url", url(a, "/scep"), "-private-key", str(tmp / f"{name}.key"),
-               "-certificate", str(tmp / f"{name}.pem"), "-country", "", "-organization", "Donjon Test", "-ou", "devices",
-               *args, env=env, cwd=tmp / f"{name}.d")
-
-
-def ra_fingerprint(a: Appliance, tmp: Path) -> str:
-    """SHA-256 of the RA decryption certificate in GetCACert: scepclient encrypts to the certificate
-    with this fingerprint (else to every certificate of the answer, EC CAs included, which it cannot)."""
-    code, body = curl(a, "/scep?operation=GetCACert")
-    assert code == 200
-    (tmp / "ca-ra.p7").write_bytes(body)
-    pems = run("openssl", "pkcs7", "-inform", "DER", "-in", str(tmp / "ca-ra.p7"), "-print_certs").stdout.decode()
-    for block in pems.split("-----END CERTIFICATE-----")[:-1]:
-        pem = block[block.index("-----BEGIN CERTIFICATE-----"):] + "-----END CERTIFICATE-----\n"
-        text = run("openssl", "x509", "-noout", "-subject", "-fingerprint", "-sha256", input=pem.encode()).stdout.decode()
-        if "RA decryption" in text:
-            return text.split("Fingerprint=")[1].strip().replace(":", "").lower()
-    raise AssertionError(pems)
+    return run("scepclient", "-server-url", url(a, "/scep"), "-private-key", str(d / "key.pem"),
+               "-certificate", str(d / "cert.pem"), "-country", "", "-organization", "Donjon Test", "-ou", "devices",
+               *args, env=env, cwd=d)
 
 
 def test_scep_with_micromdm_scepclient(gw, tmp_path):
@@ -208,18 +195,18 @@ def test_scep_with_micromdm_scepclient(gw, tmp_path):
     s = secret(gw, "scep")
     r = scepclient(gw, tmp_path, "dev1", "-cn", "device-1", "-challenge", s["secret"])
     assert r.returncode == 0, r.stdout.decode() + r.stderr.decode() + gw.cli("audit", "export").stdout.decode()[-2000:]
-    first = verify(gw, tmp_path / "dev1.pem")
+    first = verify(gw, tmp_path / "dev1" / "cert.pem")
     assert "CN = device-1" in first
     # renewal: the same command with the certificate in place sends a RenewalReq signed with it
     r = scepclient(gw, tmp_path, "dev1", "-cn", "device-1")
     assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
-    second = verify(gw, tmp_path / "dev1.pem")
+    second = verify(gw, tmp_path / "dev1" / "cert.pem")
     assert "CN = device-1" in second and second != first
     # a wrong challenge password (and a used one) is refused with failInfo, nothing issued
     for pw in ("WRONGWRONGWRONGWRONGWRON", s["secret"]):
         r = scepclient(gw, tmp_path, f"bad-{pw[:4]}", "-cn", "device-2", "-challenge", pw)
         assert r.returncode != 0 and b"failInfo: badRequest" in r.stdout + r.stderr, r.stdout + r.stderr
-        assert not (tmp_path / f"bad-{pw[:4]}.pem").exists()
+        assert not (tmp_path / f"bad-{pw[:4]}" / "cert.pem").exists()
     audit = gw.cli("audit", "export").stdout.decode()
     assert "gateway/scep:txn:" in audit and "gateway/scep" in audit and '"scep-enrol"' in audit and "wrong secret" in audit
 
