@@ -29,7 +29,7 @@ CERT_KINDS = ("est-tls", "scep-renewal")
 KINDS = (*SECRET_KINDS, *CERT_KINDS)
 BY_CREDENTIAL = "credential"  # the gateway's "as the credential says" for CA and profile
 RA_DAYS = 365
-RA_PROFILES = {"sign": "tls-client", "decrypt": "user-enc"}  # digitalSignature; keyEncipherment for an RSA key
+RA_PROFILES = {"sign": "user-sign", "decrypt": "user-enc"}  # emailProtection: OpenSSL checks CertReps as S/MIME signatures
 RETRY_AFTER = 30  # seconds a waiting client is told to come back after
 MAX_BLOB = 1 << 20
 

@@ -449,9 +449,9 @@ def _signed(content: bytes, attrs: list, ra: RaKeys, digest: str) -> bytes:
         "signature_algorithm": algos.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15"}),
         "signature": sig,
     })
-    eci: dict = {"content_type": "data"}
-    if content:
-        eci["content"] = content
+    # An empty eContent rather than none on FAILURE and PENDING: OpenSSL's PKCS7_verify (certmonger's
+    # scep-submit) refuses a SignedData without content ("no content").
+    eci: dict = {"content_type": "data", "content": content}
     sd = cms.SignedData({
         "version": "v1",
         "digest_algorithms": [algos.DigestAlgorithm({"algorithm": digest})],

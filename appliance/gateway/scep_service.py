@@ -93,8 +93,9 @@ class ScepService:
             assert r.csr is not None
             names = csr_names(r.csr)
             signer = r.signer_cert.public_bytes(Encoding.DER)
-            if r.message_type == scep.RENEWAL_REQ or (r.challenge is None and self.hub.issued_here(r.signer_cert)):
-                # renewal: signed with the current certificate, which the Factory checks again (ours, valid, not revoked)
+            if r.message_type == scep.RENEWAL_REQ or self.hub.issued_here(r.signer_cert):
+                # renewal: signed with the current certificate (a RenewalReq, or a PKCSReq as certmonger sends
+                # it, spent challenge included), which the Factory checks again (ours, valid, not revoked)
                 if not self.hub.issued_here(r.signer_cert):
                     return self._rep(r, scep.FAILURE, fail_info=scep.BAD_MESSAGE_CHECK,
                                      text="a renewal must be signed with a certificate of this CA")
