@@ -67,7 +67,9 @@ def gw(src_path, home_templates):
     base = Path(tempfile.mkdtemp(prefix="donjon-gw-"))
     os.chmod(base, 0o711)
     ceremony = make_ceremony(base / "ceremony.toml")
-    t = home_templates((*_variant(ceremony, GATEWAY_TOML, None, None, None), 0), ceremony, None, None, GATEWAY_TOML, None)
+    # The default variant's template (made once per session, shared with other modules): the gateway's
+    # folder and token are made at its first start.
+    t = home_templates((*_variant(ceremony, "", None, None, None), 0), ceremony, None, None, "", None)
     a = Appliance(base / "gw", src_path)
     copy_home(t.home, a.home)
     a.template, a.officers = t.home, dict(t.officers)
@@ -75,7 +77,7 @@ def gw(src_path, home_templates):
     a.knot = knot
     a.http_port, a.alpn_port = free_port(), free_port()
     with open(a.home / "donjon.toml", "a") as f:
-        f.write(ACME_TOML.format(dns=knot.port, http=a.http_port, alpn=a.alpn_port))
+        f.write(GATEWAY_TOML + ACME_TOML.format(dns=knot.port, http=a.http_port, alpn=a.alpn_port))
     (a.home / "profiles").mkdir(exist_ok=True)
     (a.home / "profiles" / "acme-short.toml").write_text(SHORT_PROFILE)
     try:
