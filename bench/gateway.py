@@ -124,6 +124,7 @@ def est_measure(url: str, chain: str, secret: dict, clients: int, seconds: float
 def scep_measure(url: str, env: dict, clients: int, seconds: float, challenges: list[str], keys: list[Path], work: Path) -> dict:
     lock = threading.Lock()
     done, errors = [0], [0]
+    last: list = [[""]]
     stop = time.monotonic() + seconds
 
     def worker(i: int) -> None:
@@ -145,6 +146,7 @@ def scep_measure(url: str, env: dict, clients: int, seconds: float, challenges: 
                     done[0] += 1
                 else:
                     errors[0] += 1
+                    last[0] = (r.stdout + r.stderr).decode(errors="replace").strip().splitlines()[-1:] or [""]
             shutil.rmtree(d, ignore_errors=True)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
@@ -153,7 +155,8 @@ def scep_measure(url: str, env: dict, clients: int, seconds: float, challenges: 
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return {"clients": clients, "enrolments": done[0], "errors": errors[0], "seconds": wall, "rate": done[0] / wall}
+    return {"clients": clients, "enrolments": done[0], "errors": errors[0], "seconds": wall, "rate": done[0] / wall,
+            "last_error": last[0][0][:300]}
 
 
 def _scepserver(work: Path) -> tuple[subprocess.Popen, str]:
@@ -182,8 +185,8 @@ def _keys(work: Path, n: int) -> list[Path]:
     out = []
     for i in range(n):
         p = work / f"scep-key-{i}.pem"
-        subprocess.run([common.OPENSSL, "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(p)],
-                       check=True, capture_output=True, timeout=60)
+        # PKCS#1 ("RSA PRIVATE KEY"): scepclient reads no other form
+        subprocess.run([common.OPENSSL, "genrsa", "-traditional", "-out", str(p), "2048"], check=True, capture_output=True, timeout=60)
         out.append(p)
     return out
 

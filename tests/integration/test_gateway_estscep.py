@@ -230,8 +230,9 @@ def test_approval_waits_polls_and_completes(gw, tmp_path):
     post = ("/.well-known/est/simpleenroll", "-u", f"router-a:{s['secret']}", *P10, "--data-binary", f"@{req}", "-i")
     code, body = curl(gw, *post)
     assert code == 202 and b"retry-after:" in body.lower(), body
+    rid = body.split(b"(request ")[1].split(b")")[0].decode()
     waiting = json.loads(gw.cli("enrol-secret", "waiting", "--json").stdout)
-    rid = [w for w in waiting if w["state"] == "waiting" and "router-a" in w["credential"]][0]["request"]
+    assert [w["state"] for w in waiting if w["request"] == rid] == ["waiting"]
     assert curl(gw, *post)[0] == 202  # the retry is recognised (the secret is not spent twice)
     r = _decide(gw, rid, True, officer="oper")  # the officer who made the secret may not approve it
     assert r.returncode == 1 and b"another officer" in r.stderr
@@ -244,8 +245,9 @@ def test_approval_waits_polls_and_completes(gw, tmp_path):
     s = secret(gw, "est", "--ref", "router-b", "--approval")
     req, _ = csr_b64(tmp_path, "rb", "router-b")
     post = ("/.well-known/est/simpleenroll", "-u", f"router-b:{s['secret']}", *P10, "--data-binary", f"@{req}")
-    assert curl(gw, *post)[0] == 202
-    rid = [w for w in json.loads(gw.cli("enrol-secret", "waiting", "--json").stdout) if "router-b" in w["credential"]][0]["request"]
+    code, body = curl(gw, *post)
+    assert code == 202
+    rid = body.split(b"(request ")[1].split(b")")[0].decode()
     assert _decide(gw, rid, False).returncode == 0
     code, body = curl(gw, *post)
     assert code == 400 and b"rejected by an officer" in body
