@@ -273,8 +273,22 @@ def test_approval_waits_polls_and_completes(gw, tmp_path):
     assert _decide(gw, rid, True).returncode == 0
     rep = dev.open(_pki(gw, tmp_path, dev.message(scep.CERT_POLL, poll, dec, tid="T-pending")), sign)
     assert rep["scep_pki_status"] == scep.SUCCESS
-    (tmp_path / "p.pem").write_bytes(x509.load_der_x509_certificate(rep["certs"][0]).public_bytes(Encoding.PEM))
+    issued = x509.load_der_x509_certificate(rep["certs"][0])
+    (tmp_path / "p.pem").write_bytes(issued.public_bytes(Encoding.PEM))
     assert "CN = device-p" in verify(gw, tmp_path / "p.pem")
+    # GetCert (by issuer and serial) and GetCRL, answered encrypted to the requester
+    from asn1crypto import cms
+    ias = cms.IssuerAndSerialNumber({"issuer": issuer, "serial_number": issued.serial_number}).dump()
+    rep = dev.open(_pki(gw, tmp_path, dev.message(scep.GET_CERT, ias, dec)), sign)
+    assert rep["scep_pki_status"] == scep.SUCCESS and rep["certs"] == [issued.public_bytes(Encoding.DER)]
+    gw.cli("crl", "generate", "--ca", "issuing", "--out", str(tmp_path / "issuing.crl"))
+    rep = dev.open(_pki(gw, tmp_path, dev.message(scep.GET_CRL, ias, dec)), sign)
+    assert rep["scep_pki_status"] == scep.SUCCESS and len(rep["crls"]) == 1
+    (tmp_path / "scep.crl").write_bytes(rep["crls"][0])
+    r = run("openssl", "crl", "-inform", "DER", "-in", str(tmp_path / "scep.crl"), "-noout", "-CAfile", str(gw.issuing))
+    assert r.returncode == 0 and b"verify OK" in r.stdout + r.stderr, r.stdout + r.stderr
+    unknown = cms.IssuerAndSerialNumber({"issuer": issuer, "serial_number": 12345}).dump()
+    assert dev.open(_pki(gw, tmp_path, dev.message(scep.GET_CERT, unknown, dec)), sign)["scep_fail_info"] == scep.BAD_CERT_ID
 
 
 def _ra_pems(a: Appliance, tmp: Path) -> list[bytes]:
