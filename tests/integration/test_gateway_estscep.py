@@ -175,6 +175,42 @@ def test_est_refusals(gw, tmp_path):
     assert '"est-enrol"' in audit and "secret already used" in audit and s["secret"] not in audit
 
 
+def test_est_channel_binding(gw):
+    """RFC 7030 §3.5: a CSR made after the handshake, its challengePassword base64(tls-unique), is
+    accepted on that TLS connection and refused on another (a CSR lifted from one session)."""
+    import http.client
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    host, port = gateway_url(gw).removeprefix("https://").rsplit(":", 1)
+    ctx = ssl.create_default_context(cafile=str(gw.chain))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # tls-unique exists up to TLS 1.2
+    s = secret(gw, "est", "--ref", "router-cb", "--uses", "2")
+    auth = "Basic " + base64.b64encode(f"router-cb:{s['secret']}".encode()).decode()
+    key = ec.generate_private_key(ec.SECP256R1())
+
+    def post(conn: http.client.HTTPSConnection, body: bytes) -> tuple[int, bytes]:
+        conn.request("POST", "/.well-known/est/simpleenroll", body=body,
+                     headers={"Authorization": auth, "Content-Type": "application/pkcs10"})
+        r = conn.getresponse()
+        return r.status, r.read()
+    c1 = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=30)
+    c1.connect()
+    unique = c1.sock.get_channel_binding("tls-unique")
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "router-cb")]))
+           .add_attribute(x509.oid.AttributeOID.CHALLENGE_PASSWORD, base64.b64encode(unique)).sign(key, hashes.SHA256()))
+    body = base64.encodebytes(csr.public_bytes(Encoding.DER))
+    c2 = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=30)
+    status, text = post(c2, body)
+    assert status == 400 and b"channel binding does not match" in text, text
+    status, text = post(c1, body)
+    assert status == 200, text
+    c1.close()
+    c2.close()
+
+
 # ---------------------------------------------------------------------------------------------- SCEP
 
 
