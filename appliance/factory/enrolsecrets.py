@@ -153,3 +153,15 @@ class EnrolSecrets:
         if isinstance(out, str):
             raise FactoryError("unauthorized", out)
         return out
+
+    async def give_back(self, ref: str, actor: str) -> None:
+        """Undo one spend whose issuance was refused, so that a device that sent a bad CSR can send a
+        good one with the same secret (one certificate per use still; the refusal stays audited)."""
+        st = self.store
+
+        def w() -> None:
+            with st.tx() as c:
+                c.execute("UPDATE enrol_secrets SET uses_left = uses_left + 1 WHERE ref=?", (ref,))
+                if c.changes():
+                    st.audit_in_tx(actor, "enrol-secret-use", ref, "returned", "the enrolment was refused: the use is given back")
+        await st.run(w)

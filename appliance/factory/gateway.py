@@ -205,12 +205,16 @@ class GatewayService:
             r = await self.estscep.admit(msg, actor)
             if not isinstance(r, tuple):
                 return r
-            msg, ca = r
+            msg, ca, spent = r
             refused = gwpolicy.names_refused([(k, v) for k, v in msg.names], tuple(self.h.cfg.gateway_name_patterns))
             if refused:
-                return await self._refuse(actor, "issue", ca, msg.id, "rejected-identifier",
-                                          f"names outside the gateway's policy: {', '.join(sorted(refused)[:5])}")
-            return await self.issue_admitted(msg, ca, actor)
+                out = await self._refuse(actor, "issue", ca, msg.id, "rejected-identifier",
+                                         f"names outside the gateway's policy: {', '.join(sorted(refused)[:5])}")
+            else:
+                out = await self.issue_admitted(msg, ca, actor)
+            if isinstance(out, S.GwRefused) and spent is not None:
+                await self.estscep.give_back(spent, actor)
+            return out
         ca, refusal = await self._admitted(msg, actor)
         if refusal is not None:
             return refusal

@@ -45,8 +45,8 @@ class EstScepGate:
     # ------------------------------------------------------------ admission
 
     async def admit(self, msg: S.GwEnroll, actor: str) -> Any:
-        """(request with CA and profile set, CA) to issue now, or the reply: a refusal, a pending
-        request (parked for an officer), or the answer to a request repeated while it waits."""
+        """(request with CA and profile set, CA, the secret spent or None) to issue now, or the reply: a
+        refusal, a pending request (parked for an officer), or the answer to a request repeated while it waits."""
         kind = msg.auth.kind
         if msg.csr is None:
             return await self._refuse(actor, msg, "-", "bad-request", "an enrolment needs a CSR")
@@ -70,13 +70,13 @@ class EstScepGate:
                 g = await self.secrets.spend(protocol, secret, ref, cn, actor)
             except FactoryError as e:
                 return S.GwRefused(id=msg.id, code="unauthorized", reason=e.reason)  # audited by spend()
-            ca, profile, credential, approval = g.ca, g.profile, g.credential, g.approval
+            ca, profile, credential, approval, ref = g.ca, g.profile, g.credential, g.approval, g.ref
         elif kind in CERT_KINDS:
             r = await self._renewal(msg, csr, actor)
             if isinstance(r, S.GwRefused):
                 return r
             ca, profile, credential = r
-            approval = False
+            approval, ref = False, None
         else:
             raise FactoryError("internal", f"not an EST/SCEP credential: {kind}")
         if msg.ca not in (BY_CREDENTIAL, ca) or msg.profile not in (BY_CREDENTIAL, profile):
@@ -87,7 +87,11 @@ class EstScepGate:
             if not msg.approval_wait:
                 return await self._refuse(actor, msg, ca, "policy", "this credential's enrolments wait for approval: poll")
             return await self._park(admitted, credential, csr_hash, csr, actor)
-        return admitted, ca
+        return admitted, ca, ref
+
+    async def give_back(self, ref: str, actor: str) -> None:
+        """The issuance a secret admitted was refused (the CSR, the names): the use was not consumed."""
+        await self.secrets.give_back(ref, actor)
 
     async def _refuse(self, actor: str, msg, obj: str, code: str, reason: str) -> S.GwRefused:
         await self.h.audit(actor, "issue", obj, "refused", reason[:4000])

@@ -167,6 +167,11 @@ def test_est_refusals(gw, tmp_path):
     assert code == 400 and b"base64" in body
     assert curl(gw, "/.well-known/est/simpleenroll")[0] == 405
     assert curl(gw, "/.well-known/est/nope")[0] == 404
+    # a CSR the profile refuses (C is not a tls-client attribute): refused, and the use is given back
+    der = run("openssl", "req", "-new", "-key", str(key), "-subj", "/C=US/CN=router-9", "-outform", "DER").stdout
+    (tmp_path / "c.b64").write_bytes(base64.encodebytes(der))
+    code, body = curl(gw, "/.well-known/est/simpleenroll", "-u", f"router-9:{s['secret']}", *P10, "--data-binary", f"@{tmp_path / 'c.b64'}")
+    assert code == 400 and b"refused" in body, body
     # the secret is still good after all that (refusals before the Factory spend nothing) and then spent
     assert curl(gw, "/.well-known/est/simpleenroll", "-u", f"router-9:{s['secret']}", *P10, "--data-binary", f"@{req}")[0] == 200
     code, body = curl(gw, "/.well-known/est/simpleenroll", "-u", f"router-9:{s['secret']}", *P10, "--data-binary", f"@{req}")

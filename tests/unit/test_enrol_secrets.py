@@ -125,3 +125,15 @@ def test_approval_flag_and_ref_of(es):
         assert g.approval and g.created_by == "officer:alice uid=0"
         assert await es.ref_of("scep", made["secret"], None) == made["ref"]  # still known once spent
     trio.run(main)
+
+
+def test_a_refused_issuance_gives_the_use_back(es):
+    async def main():
+        made = await es.create("scep", "issuing", "tls-client", 3600, 1, None, None, "alice")
+        g = await es.spend("scep", made["secret"], None, None, "scep")
+        await es.give_back(g.ref, "scep")
+        await es.spend("scep", made["secret"], None, None, "scep")  # usable once more, then spent
+        with pytest.raises(FactoryError):
+            await es.spend("scep", made["secret"], None, None, "scep")
+        assert ("scep", "enrol-secret-use", g.ref, "returned") in [r[:4] for r in _audit(es)]
+    trio.run(main)
