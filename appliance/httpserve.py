@@ -116,6 +116,11 @@ class HttpServer:
     async def handle(self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytearray) -> Reply:
         return _plain(404)
 
+    def stream_for(self, conn: socket.socket) -> trio.abc.Stream:
+        """The accepted socket as a stream: trio's SocketStream, through `wrap` (TLS). The endpoint
+        drives its sockets directly instead (ocsp/http.py _RawStream)."""
+        return self.wrap(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+
     def wrap(self, stream: trio.SocketStream) -> trio.abc.Stream:
         """The stream requests are read from (the gateway puts TLS here)."""
         return stream
@@ -180,7 +185,7 @@ class HttpServer:
             return
         self.active += 1
         self.sources[src] = n + 1
-        stream = self.wrap(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+        stream = self.stream_for(conn)
         held = _Held()
         try:
             await self._connection(stream, held)
