@@ -111,11 +111,16 @@ class GatewayServer(HttpServer):
             print(f"donjon[gateway]: handler error on {r.prefix}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr, flush=True)
             return _plain(500, close=True)
 
-    def wrap(self, stream: trio.SocketStream) -> trio.abc.Stream:
+    def new_stream(self, conn: socket.socket) -> trio.abc.Stream:
         assert self.ssl_context is not None
-        tls = trio.SSLStream(stream, self.ssl_context, server_side=True, https_compatible=True)
+        tcp = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+        tls = trio.SSLStream(tcp, self.ssl_context, server_side=True, https_compatible=True)
         _tls.set(tls)  # this connection's task: handle() reads it through tls_info()
         return tls
+
+    async def _close(self, stream) -> None:
+        """TLS has no half-close: the connection is closed by the caller (close_notify, then the socket)."""
+        await trio.lowlevel.checkpoint()
 
     async def serve_connection(self, conn: socket.socket, src: bytes) -> None:
         try:

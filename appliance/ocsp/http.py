@@ -155,9 +155,6 @@ class Endpoint(HttpServer):
             return _plain(404)
         return self._ocsp(der, headers, post=False)
 
-    def stream_for(self, conn: socket.socket) -> _RawStream:  # type: ignore[override]
-        return _RawStream(conn)  # plain HTTP, driven directly: see _RawStream
-
     def route_cap(self, method: bytes, target: bytes, headers: dict[bytes, bytes]) -> int:
         """The body cap of a request's route, from its head alone: an OCSP POST a few KiB, a tenant
         push its own larger cap once authorised (a refusal raises _Fail before any body byte is
@@ -261,6 +258,9 @@ class Endpoint(HttpServer):
         return Reply(200, [(b"content-type", ctype)] + hdrs, body)
 
     # ---------------------------------------------------------------- connections (trio)
+
+    def new_stream(self, conn: socket.socket) -> "_RawStream":
+        return _RawStream(conn)  # the socket driven directly: see _RawStream
 
     async def _connection(self, stream: trio.abc.Stream, held: _Held) -> None:
         """The fast path first (the request shapes OCSP clients send, parsed by hand, strictly);
