@@ -38,6 +38,7 @@ class CrlShards:
         self.store = store
         self.wanted = dict(shards_by_ca)
         self._pinned: set[str] = set()  # one-shard CAs found pinned (to more: issuance is then refused by pin)
+        self._single: set[str] = set()  # one-shard CAs found unpinned: no lookup per issuance
 
     def shards(self, c: apsw.Connection, ca: str) -> int:
         """The CA's pinned shard count (1 if never pinned)."""
@@ -71,8 +72,11 @@ class CrlShards:
         """Inside the issuing tx(): keep the certificate's shard with it (the one its CRL DP names).
         A CA with one shard, never pinned otherwise, costs one cached lookup."""
         if self.wanted.get(ca, 1) == 1 and ca not in self._pinned:
+            if ca in self._single:
+                return None
             row = c.execute("SELECT shards FROM crl_partition WHERE ca=?", (ca,)).fetchone()
-            if row is None:
+            if row is None:  # nothing pins it while this configuration lasts (only a sharded setting does)
+                self._single.add(ca)
                 return None
             self._pinned.add(ca)
         sb = serial_bytes(serial)

@@ -70,6 +70,12 @@ def test_shard_count_is_pinned(st):
     for wrong in ({"sub": 3}, {}):  # a changed or dropped setting is refused: the certificates name their shard
         with pytest.raises(FactoryError, match="pinned to 2"), st.tx() as c:
             CrlShards(st, wrong).pin(c, "sub")
+    # at issuance too: a dropped setting can't issue certificates naming the single CRL of a sharded CA
+    with pytest.raises(FactoryError, match="pinned to 2"):
+        _issue_sharded(st, CrlShards(st, {}), 0x3003)
+    one = CrlShards(st, {})  # a one-shard CA: nothing kept, nothing pinned
+    assert _issue_sharded(st, one, 0x2002, "old") is None and _issue_sharded(st, one, 0x2004, "old") is None
+    assert st.db.db.execute("SELECT count(*) FROM cert_shards WHERE ca='old'").fetchone()[0] == 0
     for bad in (0, 257, "4"):
         with pytest.raises(FactoryError, match="not a shard count"):
             CrlShards(st, {"sub": bad})  # type: ignore[dict-item]
