@@ -173,5 +173,5 @@ def test_schema_hash_is_pinned():
 PINNED_SCHEMA_HASHES = {
     2: "c13c81ddadbb16a3220f5182b620e99c973910835a5238461e9c83ecb8f82e98",
     3: "04ab501a300ad2df4e9ea7f3353411ca8c2d6c8e9cfda06261e03e1492de4866",
-    4: "34bbd066b9247ef22f592fd0b42e8ac3f4a0be1b6dd7b1c16ed18ae7f32e510d",
+    4: "a7e685de2a2f26fdad7e9c06b5de23b7c8d0c30beeb43ee88b0a0f887ccf731d",
 }
