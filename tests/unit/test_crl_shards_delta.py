@@ -227,3 +227,26 @@ def test_fuzz_idp_freshest_and_shards(url, base, shards, serial):
     else:
         assert 0 <= k < shards
         assert C.shard_url("http://h/crl/ca.crl", k, shards).startswith("http://h/crl/ca")
+
+
+def test_remove_from_crl_only_in_a_delta_and_the_delta_config(tmp_path):
+    ca = _Ca()
+    released = (2002, NOW - 10, 8, None)
+    with pytest.raises(ValueError, match="delta CRLs only"):
+        ca.crl(12, [released])  # a full CRL never carries removeFromCRL (clients read it both ways)
+    with pytest.raises(ValueError, match="delta CRLs only"):
+        ca.crl(12, [(2002, NOW - 10, 8, NOW - 20)])
+    delta = ca.crl(13, [released, (2003, NOW - 5, 8, NOW - 100)], delta_base=12)
+    got = x509.load_der_x509_crl(delta)
+    assert [e.extensions.get_extension_for_class(x509.CRLReason).value.reason for e in got] == \
+        [x509.ReasonFlags.remove_from_crl] * 2
+    assert lint.lint_crl(delta) == []
+    from appliance import config as cfgmod
+    (tmp_path / "donjon.toml").write_text("[crl]\ndelta = { issuing = 60 }\n")
+    assert cfgmod.load(str(tmp_path)).crl.delta == {"issuing": 60}
+    for bad, word in (("shards = { issuing = 4 }\ndelta = { issuing = 60 }", "one-shard CAs"),
+                      ("delta = { issuing = 0 }", ">= 1"), ("delta = { issuing = 1441 }", "<= 1440")):
+        (tmp_path / "donjon.toml").write_text(f"[crl]\n{bad}\n")
+        with pytest.raises(cfgmod.ConfigError, match=word) as e:
+            cfgmod.load(str(tmp_path))
+        assert "\n" not in str(e.value).strip() or "Traceback" not in str(e.value)
