@@ -30,6 +30,8 @@ class Host(Protocol):
     listen: Any  # the endpoint's listening socket (None during the init ceremony: no endpoint then)
     auto_activate: bool  # an AutoActivate follows the Factory's configuration (run with a PIN file)
     snmp_config: S.SnmpConfig | None  # when SNMP is enabled
+    kgs_pin: str | None  # the KGS's own token's PIN (when the KGS is enabled)
+    card_profiles: dict[str, str]
 
     @property
     def layout(self) -> Any: ...
@@ -130,6 +132,21 @@ def _snmp(h: Host, name: str) -> Launch:
     return Launch(h.snmp_config)
 
 
+def _kgs(h: Host, name: str) -> Launch:
+    # Its own token folder (archival and sealing keys; with SoftHSM2 also the reader's "cards": one
+    # SoftHSM2 configuration per process) and its spool of PIN letters; the card module read-only.
+    if h.kgs_pin is None:
+        raise ValueError("the KGS token is made by prepare()")
+    L = h.layout
+    conf = os.path.join(L.kgs_token, "softhsm2.conf")
+    card_module = h.cfg.kgs.card_module or h.cfg.hsm.module
+    return Launch(
+        S.KgsConfig(card_module=card_module, hsm_module=h.cfg.hsm.module, hsm_label="donjon-kgs", hsm_pin=h.kgs_pin,
+                    softhsm_conf=conf, card_profiles=dict(h.card_profiles), profiles=h.profiles, spool=L.kgs_spool),
+        rw=(L.kgs_token, L.kgs_spool), ro=(_module_dir(h), os.path.dirname(os.path.realpath(card_module)), "/etc/softhsm"),
+        env=(("SOFTHSM2_CONF", conf),))
+
+
 ROLES: dict[str, RoleSpec] = {r.name: r for r in (
     RoleSpec("cis", "hsm.cis:main", "donjon-cis", L.SUP_CIS, S.CisConfig, restart="fatal", network="none",
              processes=lambda h: h.cfg.hsm.signers, launch=_cis, feed=L.FACTORY_CIS, stop_order=4),
@@ -143,6 +160,8 @@ ROLES: dict[str, RoleSpec] = {r.name: r for r in (
              launch=_distribution, feed=L.FACTORY_DIST, stop_order=1),
     RoleSpec("snmp", "appliance.snmp.main:run", "donjon-snmp", L.SUP_SNMP, S.SnmpConfig, restart="backoff",
              network="inbound", processes=lambda h: 1 if h.cfg.snmp.enabled else 0, launch=_snmp, own_loop=True, stop_order=2),
+    RoleSpec("kgs", "appliance.kgs.main:main", "donjon-kgs", L.SUP_KGS, S.KgsConfig, restart="backoff", network="none",
+             processes=lambda h: 1 if h.cfg.kgs.enabled else 0, launch=_kgs, feed=L.FACTORY_KGS, stop_order=1),
 )}
 
 

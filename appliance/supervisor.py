@@ -74,6 +74,14 @@ class Layout:
         return os.path.join(self.home, "ocsp-token")
 
     @property
+    def kgs_token(self) -> str:
+        return os.path.join(self.home, "kgs-token")
+
+    @property
+    def kgs_spool(self) -> str:
+        return os.path.join(self.home, "kgs-spool")
+
+    @property
     def endpoint_file(self) -> str:
         return os.path.join(self.run, "endpoint")
 
@@ -145,6 +153,8 @@ class Supervisor:
         self.tokens: dict[str, bool] = {}
         self.unresponsive: set[str] = set()  # CIS processes the Factory reports silent past their deadline
         self.ocsp_pin: str | None = None
+        self.kgs_pin: str | None = None
+        self.card_profiles: dict[str, str] = {}
         self._disk_low = False
         self.listen: socket.socket | None = None
         self.dist_rules: list[S.DistRule] = []
@@ -176,11 +186,17 @@ class Supervisor:
         try:
             if self.cfg.hsm.embedded and self.cfg.ocsp.enabled:
                 self.ocsp_pin = _ensure_softhsm_token(home_fd, L.ocsp_token, "donjon-ocsp", self.ids.get("ocsp"))
+            if self.cfg.kgs.enabled:
+                # The KGS's own token (archival key, sealing key; in tests its reader's "cards" too): its own PIN.
+                os.makedirs(L.kgs_spool, mode=0o700, exist_ok=True)
+                self.kgs_pin = _ensure_softhsm_token(home_fd, L.kgs_token, "donjon-kgs", self.ids.get("kgs"))
             if self.appliance:
                 _hand_over(home_fd, "cmdb", self.ids["factory"])
                 for name in self._endpoint_names():
                     _hand_over(home_fd, name, self.ids["ocsp"])
                 _hand_over(home_fd, "ocsp-token", self.ids["ocsp"], must_exist=False)
+                _hand_over(home_fd, "kgs-token", self.ids["kgs"], must_exist=False)
+                _hand_over(home_fd, "kgs-spool", self.ids["kgs"], must_exist=False)
                 if self.cfg.hsm.embedded:
                     _hand_over(home_fd, "softhsm", self.ids["cis"], must_exist=False)
                 os.chown(L.run, 0, self.admin_gid)
@@ -534,6 +550,7 @@ class Supervisor:
         self.keep_ca_pin_from_endpoint(pin)
         self.profiles = C.profile_overrides(self.home, self.cfg)
         C.check_ca_profiles(self.home, self.cfg, self.profiles)
+        self.card_profiles = C.card_profiles(self.home, self.cfg, self.profiles)
         admin = self.open_admin_socket() if ceremony is None else None
         try:
             listen = self.open_endpoint_socket() if ceremony is None and self.cfg.ocsp.enabled else None

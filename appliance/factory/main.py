@@ -16,10 +16,11 @@ from appliance import roles
 from appliance.ceremonyspec import CeremonySpec
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation, Undecodable
-from appliance.ipc.links import FACTORY_CIS, FACTORY_DIST, FACTORY_OCSP
+from appliance.ipc.links import FACTORY_CIS, FACTORY_DIST, FACTORY_KGS, FACTORY_OCSP
 
 from . import admin
 from .checkpoints import Checkpoints
+from .kgs import KgsLink
 from .cis_link import CisLink
 from .cmdb import CmdbError
 from .officers import Conn, Officers
@@ -237,6 +238,7 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         f.sup_send = sup.send
         f.officers = Officers(f)
         f.checkpoints = Checkpoints(f.store, f.cis, cfg.checkpoint_seconds, f.send_event)
+        f.kgs = KgsLink(f.store, f.issue)  # type: ignore[attr-defined] - the KGS link's end (appliance/factory/kgs.py)
 
     async def cis_liveness(link: CisLink) -> None:
         state = "responsive" if link.responsive else "unresponsive"
@@ -266,6 +268,26 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
             endpoints["distribution"].cancel()
         endpoints["distribution"] = trio.CancelScope()
         nursery[0].start_soon(serve_distribution, fd, endpoints["distribution"])
+
+    async def serve_kgs(fd: int, scope: trio.CancelScope) -> None:
+        with scope:
+            chan = Channel.from_fd(fd, FACTORY_KGS.name, FACTORY_KGS.up)
+            try:
+                await f.kgs.serve(chan)  # type: ignore[attr-defined]
+            except LinkClosed:
+                pass  # the KGS stopped (the supervisor restarts it with a new link)
+            except ProtocolViolation as e:
+                _log(f"KGS link: {e}")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                await chan.aclose()
+
+    def start_kgs(fd: int) -> None:
+        if "kgs" in endpoints:
+            endpoints["kgs"].cancel()
+        endpoints["kgs"] = trio.CancelScope()
+        nursery[0].start_soon(serve_kgs, fd, endpoints["kgs"])
 
     async def serve_endpoint(fd: int, role: str, scope: trio.CancelScope) -> None:
         with scope:
@@ -307,6 +329,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         n.start_soon(f.checkpoints.scheduler)
         if FACTORY_DIST.name in fds:
             start_distribution(fds[FACTORY_DIST.name])
+        if FACTORY_KGS.name in fds:
+            start_kgs(fds[FACTORY_KGS.name])
         for key in sorted(k for k in fds if k.split(".")[0] == FACTORY_OCSP.name):
             start_endpoint(fds[key], "ocsp" + key[len(FACTORY_OCSP.name):])  # factory-ocsp.1 -> ocsp.1
         if admin_sock is not None:
@@ -334,6 +358,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
             f.sup_reply(m)
         elif isinstance(m, S.NewLink) and m.link == FACTORY_DIST.name:
             start_distribution(sup.take_fd())
+        elif isinstance(m, S.NewLink) and m.link == FACTORY_KGS.name:
+            start_kgs(sup.take_fd())
         elif isinstance(m, S.NewLink):
             start_endpoint(sup.take_fd(), m.role)
         elif isinstance(m, S.AutoActivate):

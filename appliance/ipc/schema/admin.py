@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .tenants import *  # each link module sees the messages of those before it
 from .common import _Msg
+from .kgs import *  # noqa: F403 - the KGS's link and its admin requests (a module of its own, issue 18)
 
 
 # ---------------------------------------------------------------- admin clients -> Factory
@@ -405,6 +406,7 @@ AdminRequest = Union[
     ALogin, AResume, ALogout, AOfficerAdd, AOfficerList, AOfficerRemove, AOfficerPasswd, AOfficerUnlock, AOfficerTotp,
     AOfficerUnlockShares, APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
     ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, ACeremonyBegin, ACeremonyWitness, ACeremonyRecords, AConfigSet,
+    AKgsPersonalise, AKgsCards, AKgsLetters, AKgsLetterStatus, AKgsReprint, AKgsRecover, AKgsRecoverTake,
 ]
 
 
@@ -584,7 +586,8 @@ class OfficerListReply(_Reply, tag="officer-list-reply"):
 
 
 TypedReply = Union[RevokeReply, UnrevokeReply, CertReply, CertListReply, CaReply, CaListReply, CaExportReply,
-                   CaSignCsrReply, LoginReply, LogoutReply, OfficerReply, OfficerListReply]
+                   CaSignCsrReply, LoginReply, LogoutReply, OfficerReply, OfficerListReply,
+                   KgsCardsReply, KgsPersonaliseReply, KgsLettersReply, KgsCardReply, KgsRecoverReply, KgsP12Reply]
 
 
 AdminReply = Union[Hello, Reply, IssueReply, BlobChunk, Refused, TypedReply]

@@ -63,7 +63,7 @@ class AutoActivate(_Msg, tag="auto-activate"):
 class NewLink(_Msg, tag="new-link"):
     """A restarted role's link, its descriptor attached (SCM_RIGHTS): the receiver drops the old one."""
 
-    link: Literal["factory-ocsp", "factory-distribution"]
+    link: Literal["factory-ocsp", "factory-distribution", "factory-kgs"]
     role: Name = "ocsp"  # which process ("ocsp", "ocsp.1", ..., "distribution")
 
 
