@@ -190,10 +190,19 @@ class Tokens:
 
     # ------------------------------------------------------------ the reader
 
+    def _tokens(self) -> list:
+        """The tokens in the readers; one that fails to answer (pulled out, storage gone) is left out."""
+        out = []
+        for s in self.card_lib.get_slots(token_present=True):
+            try:
+                out.append(s.get_token())
+            except GONE:
+                continue
+        return out
+
     def find_card(self, label: str):
         """The initialised token labelled so, or None."""
-        found = [s.get_token() for s in self.card_lib.get_slots(token_present=True)]
-        found = [t for t in found if t.flags & TokenFlag.TOKEN_INITIALIZED and t.label == label]
+        found = [t for t in self._tokens() if t.flags & TokenFlag.TOKEN_INITIALIZED and t.label == label]
         if len(found) > 1:
             raise CardError(f"several cards labelled {label!r} in the readers: refusing to guess")
         return found[0] if found else None
@@ -206,10 +215,10 @@ class Tokens:
         if tok is not None:
             slot_id = tok.slot.slot_id
         else:
-            blank = [s for s in self.card_lib.get_slots(token_present=True) if not s.get_token().flags & TokenFlag.TOKEN_INITIALIZED]
+            blank = [t for t in self._tokens() if not t.flags & TokenFlag.TOKEN_INITIALIZED]
             if not blank:
                 raise CardError("no blank card in the readers")
-            slot_id = blank[0].slot_id
+            slot_id = blank[0].slot.slot_id
         so = so_pin.encode()
         rv = self._init_token(slot_id, so, len(so), _pad_label(label))
         if rv != 0:

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,151 @@ def test_personalise_a_batch(kgs, tmp_path):
     assert [(c["card"], c["token_serial"], c["attempts"]) for c in cards(a, "b1")] == [(c["card"], c["token_serial"], 1) for c in recs]
     labels = re.findall(r"token label\s*:\s*(\S+)", p11(a, "--list-token-slots").stdout)
     assert sorted(x for x in labels if x.startswith("EMP-b1-")) == sorted(c["label"] for c in recs)
+
+
+def test_pin_letter_reprint_and_hand_over(kgs, tmp_path):
+    """A reprint sets a new PIN with the PUK (the old one stops working) and spools a new letter;
+    hand-over status only moves forward."""
+    a = kgs
+    c = cards(a, "b1")[0]
+    old = letters(a, "b1", tmp_path / "none")  # already taken in the first test: nothing to read back
+    assert old == {}
+    r = a.cli("kgs", "letter", str(c["card"]), "--status", "acknowledged")
+    assert b"letter acknowledged" in r.stdout
+    r = a.cli("kgs", "letter", str(c["card"]), "--status", "sent", check=False)
+    assert r.returncode == 1 and b"cannot become sent" in r.stderr and b"Traceback" not in r.stderr
+    a.cli("kgs", "reprint", str(c["card"]))
+    pins = letters(a, "reprint", tmp_path / "reprint")
+    assert list(pins) == [c["card"]]
+    text = subprocess.run(["pdftotext", str(tmp_path / "reprint" / f"card-{c['card']}.pdf"), "-"], capture_output=True, text=True).stdout
+    assert "new PIN" in text and c["label"] in text
+    check_card(a, c["label"], pins[c["card"]], tmp_path)
+    assert [x["letter"] for x in cards(a, "b1") if x["card"] == c["card"]] == ["printed"]
+
+
+def enc_cert_pem(a: Appliance, label: str, tmp: Path) -> Path:
+    der = tmp / f"{label}-enc.der"
+    p11(a, "--token-label", label, "--read-object", "--type", "cert", "--id", "03", "--output-file", str(der))
+    pem = tmp / f"{label}-enc.pem"
+    openssl("x509", "-inform", "DER", "-in", str(der), "-out", str(pem))
+    return pem
+
+
+def test_recovery_under_dual_control(kgs, tmp_path):
+    """The archived encryption key comes back, under dual control, as a PKCS#12 that openssl opens with
+    the one-time password; mail encrypted to the card's certificate decrypts with it. One officer alone
+    gets nothing, a recovery is taken once, and the audit names both officers."""
+    a = kgs
+    c = cards(a, "b1")[1]
+    cert = enc_cert_pem(a, c["label"], tmp_path)
+    r = a.cli("kgs", "recover", str(c["card"]), "--reason", "card lost, read the mail archive", officer="oper")
+    m = re.search(rb"request #(\d+) \(key-recovery\) is pending", r.stdout)
+    assert m, r.stdout
+    req = m.group(1).decode()
+    r = a.cli("approve", req, officer="oper", check=False)  # a single officer is refused
+    assert r.returncode == 1 and b"another officer must" in r.stderr
+    r = a.cli("approve", req, "--json", officer="oper2")
+    doc = json.loads(r.stdout)
+    assert doc["executed"] and sorted(doc["result"]["approvers"]) == ["oper", "oper2"]
+    rec = str(doc["result"]["recovery"])
+    r = a.cli("kgs", "recover-take", rec, "--out", str(tmp_path / "x.p12"), officer="admin", check=False)
+    assert r.returncode == 1 and b"Traceback" not in r.stderr  # the administrator approves no recovery
+    r = a.cli("kgs", "recover-take", rec, "--out", str(tmp_path / "k.p12"), officer="oper2")
+    password = re.search(rb"one-time password \(shown once\): (\S+)", r.stdout).group(1).decode()
+    key = tmp_path / "k.pem"
+    openssl("pkcs12", "-in", str(tmp_path / "k.p12"), "-passin", f"pass:{password}", "-nodes", "-nocerts", "-out", str(key))
+    assert openssl("pkcs12", "-in", str(tmp_path / "k.p12"), "-passin", "pass:wrong", "-nodes", check=False).returncode != 0
+    (tmp_path / "mail.txt").write_text("the quarterly figures\n")
+    openssl("cms", "-encrypt", "-binary", "-aes256", "-in", str(tmp_path / "mail.txt"), "-out", str(tmp_path / "mail.cms"), str(cert))
+    out = openssl("cms", "-decrypt", "-in", str(tmp_path / "mail.cms"), "-inkey", str(key))
+    assert out.stdout == b"the quarterly figures\n"
+    r = a.cli("kgs", "recover-take", rec, "--out", str(tmp_path / "again.p12"), officer="oper", check=False)
+    assert r.returncode == 1 and b"taken already" in r.stderr and not (tmp_path / "again.p12").exists()
+    recs = [json.loads(x) for x in a.cli("audit", "export").stdout.splitlines() if b'"kgs-recover' in x]
+    assert any(x["action"] == "kgs-recover" and x["outcome"] == "approved" and "oper, oper2" in x["detail"] for x in recs), recs
+    assert any(x["action"] == "kgs-recover-take" and x["outcome"] == "ok" and "to oper2" in x["detail"] for x in recs), recs
+    assert any(x["action"] == "kgs-recover-take" and x["outcome"] == "refused" for x in recs)
+
+
+def test_bad_batches_and_profiles_are_refused_whole(kgs, tmp_path):
+    a = kgs
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,CN,phone\nx-1,Alice,555\n")
+    r = a.cli("kgs", "personalise", "--card-profile", "employee", "--batch", str(bad), check=False)
+    assert r.returncode == 1 and r.stderr.decode().count("\n") == 1 and b"phone" in r.stderr and b"Traceback" not in r.stderr
+    good = batch_csv(tmp_path / "g.csv", "g", 1)
+    r = a.cli("kgs", "personalise", "--card-profile", "nope", "--batch", str(good), check=False)
+    assert r.returncode == 1 and b"unknown card profile 'nope' (known: employee)" in r.stderr
+    # a client that skips the CLI's checks gets the KGS's typed refusal; nothing is recorded
+    from appliance.client import AdminClient, ClientError
+    from appliance.ipc import schema as S
+    with AdminClient(str(a.home), session=a.session("oper")) as c:
+        with pytest.raises(ClientError) as e:
+            c.call(S.AKgsPersonalise, profile="employee", batch="bad", data=b'[{"id": "x", "CN": 5}]')
+        assert "subject 1: CN" in str(e.value)
+    assert cards(a, "bad") == [] and cards(a, "g") == []
+    recs = [json.loads(x) for x in a.cli("audit", "export").stdout.splitlines() if b'"kgs-personalise"' in x]
+    assert sum(1 for x in recs if x["outcome"] == "refused") >= 2
+
+
+def _kgs_user(a: Appliance) -> list[str]:
+    st = (a.home / "kgs-token").stat()
+    return ["runuser", "-u", __import__("pwd").getpwuid(st.st_uid).pw_name, "--"] if os.geteuid() == 0 and st.st_uid != 0 else []
+
+
+def test_kill9_mid_batch_a_foreign_card_and_a_card_pulled_out(kgs, tmp_path):
+    """kill -9 of the whole appliance in the middle of a batch, a card that is someone else's, a card
+    pulled from the reader half-made: each a clear error and a consistent record; reruns finish the
+    batch with no card personalised twice and none forgotten."""
+    from appliance.client import AdminClient
+    from appliance.ipc import schema as S
+    a = kgs
+    n = 3
+    b = batch_csv(tmp_path / "k.csv", "k", n)
+    conf = str(a.home / "kgs-token" / "softhsm2.conf")
+    env = dict(os.environ, SOFTHSM2_CONF=conf)
+    # the card in the reader for k-001 is someone else's (initialised with an SO PIN the KGS does not know)
+    subprocess.run([*_kgs_user(a), "softhsm2-util", "--init-token", "--free", "--label", "EMP-k-001", "--so-pin", "99999999",
+                    "--pin", "9999"], env=env, check=True, capture_output=True, cwd="/")
+    a.cli("kgs", "personalise", "--card-profile", "employee", "--batch", str(b), "--no-wait")
+    deadline = time.monotonic() + 120
+    with AdminClient(str(a.home), session=a.session("oper")) as c:
+        while time.monotonic() < deadline:  # kill once a card is done and a later one is half-made
+            states = [x["state"] for x in c.call(S.AKgsCards, batch="k")["cards"]]
+            if "done" in states and states[-1] in ("keys", "certs") and len(states) >= 3:
+                break
+            time.sleep(0.01)
+    a.kill()
+    a.start()
+    recs = cards(a, "k")
+    half = [x for x in recs if x["state"] not in ("done", "failed")]
+    assert len(half) == 1 and half[0]["token_serial"], recs
+    # that card is pulled out of the reader while the appliance was down (its token storage is gone)
+    serial = half[0]["token_serial"].lower()
+    gone = [d for d in (a.home / "kgs-token" / "tokens").iterdir() if d.name.replace("-", "").endswith(serial)]
+    assert len(gone) == 1
+    shutil.rmtree(gone[0])
+    r = a.cli("kgs", "personalise", "--card-profile", "employee", "--batch", str(b), check=False)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "Traceback" not in err, err
+    assert "EMP-k-001" in err and "not blank" in err and half[0]["label"] in err and "not in the readers" in err, err
+    recs = cards(a, "k")
+    assert [x["state"] for x in recs].count("done") == n - 2 and len(recs) == n
+    failed = {x["subject_id"]: x for x in recs if x["state"] == "failed"}
+    assert sorted(failed) == sorted(["k-001", half[0]["subject_id"]])
+    assert failed["k-001"]["certs"] == [] and "not blank" in failed["k-001"]["error"]
+    # the foreign card leaves the reader; the rerun makes both on blank cards
+    subprocess.run([*_kgs_user(a), "softhsm2-util", "--delete-token", "--token", "EMP-k-001"], env=env,
+                   check=True, capture_output=True, cwd="/")
+    r = a.cli("kgs", "personalise", "--card-profile", "employee", "--batch", str(b))
+    assert f"{n} of {n} card(s) done, 0 failed" in r.stdout.decode()
+    recs = cards(a, "k")
+    assert len(recs) == n and all(x["state"] == "done" for x in recs)
+    assert sorted(x["subject_id"] for x in recs if x["attempts"] > 1) == sorted(failed)  # only they began again
+    labels = re.findall(r"token label\s*:\s*(\S+)", p11(a, "--list-token-slots").stdout)
+    assert sorted(x for x in labels if x.startswith("EMP-k-")) == sorted(x["label"] for x in recs)  # none twice
+    pins = letters(a, "k", tmp_path / "letters")
+    assert sorted(pins) == sorted(x["card"] for x in recs)  # none forgotten
+    for x in recs:
+        out = p11(a, "--token-label", x["label"], "--login", "--pin", pins[x["card"]], "--list-objects").stdout
+        assert out.count("Private Key Object") == 3 and out.count("Certificate Object") == 3
