@@ -11,6 +11,8 @@
    memory with 1M pre-signed responses (--quick 200k) against cfssl.
 4. Publication (bench.dist): entries/s to a real slapd while issuing, and the drain time of a 10,000-job
    backlog (--quick 2,000) after an outage and a restart, beside `ldapadd` loading the same entries.
+5. Card personalisation (bench.kgs): cards/minute for a batch of 20 (--quick 10), keys on the card
+   against the encryption key made in the HSM, beside softhsm2-util + pkcs11-tool doing the keys alone.
 A readable table goes to stdout, everything measured to bench/out/results.json. Progress goes to stderr.
 """
 
@@ -24,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import common, crl, dist, issuance, ocsp
+from bench import common, crl, dist, issuance, kgs, ocsp
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -34,13 +36,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="N=300 CSRs, CRLs of 10k and 100k entries")
     ap.add_argument("--n", type=int, help="number of CSRs (default 2000, --quick 300)")
     ap.add_argument("--sizes", help="CRL sizes, comma-separated (default 10000,100000,1000000)")
-    ap.add_argument("--only", choices=["issuance", "crl", "ocsp", "dist"], help="run one benchmark only")
+    ap.add_argument("--only", choices=["issuance", "crl", "ocsp", "dist", "kgs"], help="run one benchmark only")
     ap.add_argument("--dist-backlog", type=int, help="publication: backlog jobs (default 10000, --quick 2000)")
     ap.add_argument("--ocsp-certs", type=int, help="OCSP: certificates served (default 100000, --quick 10000)")
     ap.add_argument("--ocsp-big", type=int, help="OCSP: responses for the start-up test (default 1000000, --quick 200000)")
     ap.add_argument("--ocsp-duration", type=float, default=5.0, help="OCSP: seconds of wrk per point")
     ap.add_argument("--ocsp-workers", type=int, default=1, help="OCSP: endpoint processes on the listener (ocsp.workers)")
     ap.add_argument("--ocsp-profile", action="store_true", help="OCSP: py-spy the endpoint during one more run")
+    ap.add_argument("--kgs-cards", type=int, help="KGS: cards per batch (default 20, --quick 10)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (appliance homes, CA dirs)")
     ap.add_argument("--out", default=str(OUT / "results.json"))
     a = ap.parse_args(argv)
@@ -68,6 +71,9 @@ def main(argv=None) -> int:
         if a.only in (None, "dist"):
             results["dist"] = dist.run(work, 500 if a.quick else 2000, a.dist_backlog or (2000 if a.quick else 10_000))
             tables.append(dist.table(results["dist"]))
+        if a.only in (None, "kgs"):
+            results["kgs"] = kgs.run(work, a.kgs_cards or (10 if a.quick else 20))
+            tables.append(kgs.table(results["kgs"]))
     results["seconds"] = time.perf_counter() - t0
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +24,10 @@ RECOVERY_SECONDS = 3600  # an approved recovery must be taken within the hour
 KGS_DEADLINE = 120.0  # seconds the Factory waits for the KGS's answer to one request (a batch answers at once)
 
 Issue = Callable[[S.AIssue, str], Awaitable[S.IssueReply]]
+
+
+def _log(msg: str) -> None:
+    print(f"donjon[factory]: {msg}", file=sys.stderr, flush=True)
 
 
 def _kgs_missing() -> FactoryError:
@@ -55,6 +61,12 @@ class KgsLink:
                         n.start_soon(self._answer, chan, m)
                     else:
                         raise ProtocolViolation(f"{FACTORY_KGS.name}: unexpected {type(m).__name__}")
+        except BaseExceptionGroup as eg:
+            # Only the receive loop raises (_answer never does): hand its one error to the caller as
+            # itself, so that the KGS going away ends this link, never the Factory.
+            if len(eg.exceptions) == 1 and isinstance(eg.exceptions[0], Exception):
+                raise eg.exceptions[0] from None
+            raise
         finally:
             self.calls.close()
             self.running.clear()
@@ -73,6 +85,9 @@ class KgsLink:
                 reply = await self.batch_end(m)
         except FactoryError as e:
             reply = S.Refused(id=m.id, code=e.code, reason=e.reason)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - one request's failure (the CMDB, a bug): refused, logged, the link serves on
+            _log("KGS request failed:\n" + traceback.format_exc(limit=8))
+            reply = S.Refused(id=m.id, code="internal", reason="internal error in the Factory (see its log)")
         try:
             await chan.send(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError, LinkClosed):

@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import sys
+import traceback
 
 import trio
 
@@ -188,6 +189,11 @@ class Kgs:
         except GONE as e:
             why = f"card {label!r} went away ({type(e).__name__})"
             await self._reconnect()
+        except LinkClosed:
+            raise
+        except Exception as e:  # noqa: BLE001 - one card's failure is its record's, never the batch's or the role's
+            _log(f"batch {batch}: card {card}: internal error:\n" + traceback.format_exc(limit=8))
+            why = f"card {label!r}: internal error ({type(e).__name__}); see the KGS log"
         why = why[:4000]
         _log(f"batch {batch}: card {card} ({subj.id}): {why}")
         await self.update(card, "failed", error=why)
@@ -287,6 +293,7 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.KgsConfig) -> roles.B
     kgs = Kgs(cfg, tokens, card_profiles, chan)
 
     async def connect() -> None:
+        await kgs.hsm(tokens.ensure_keys)
         await chan.handshake()
 
     async def serve(n: trio.Nursery) -> None:

@@ -150,6 +150,10 @@ class Tokens:
         f.restype = ctypes.c_ulong
         self._init_token = f
         self._login()
+
+    def ensure_keys(self) -> None:
+        """Make the archival and sealing keys once, after the privilege drop: SoftHSM writes each object
+        as a file, and one written as root would be unreadable to the KGS's own user."""
         for label, caps in ((ARCHIVE_LABEL, {A.WRAP: True, A.UNWRAP: True, A.ENCRYPT: False, A.DECRYPT: False}),
                             (SEAL_LABEL, {A.WRAP: False, A.UNWRAP: False, A.ENCRYPT: True, A.DECRYPT: True})):
             if not list(self.hsm.get_objects({A.CLASS: ObjectClass.SECRET_KEY, A.LABEL: label})):

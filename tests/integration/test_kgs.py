@@ -18,24 +18,29 @@ from tests.conftest import Appliance, _variant, copy_home, make_ceremony, openss
 DATA = Path(__file__).resolve().parents[1] / "data" / "kgs"
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 CARDS = int(os.environ.get("DONJON_KGS_CARDS", "5"))  # `just kgs-cards` runs 20
-CONFIG = "[kgs]\nenabled = true\n[dual-control]\napprovals = 2\n"
-OFFICERS = {"admin": "administrator", "oper": "operator", "oper2": "operator", "aud": "auditor"}
+# Dual control for key recovery only (officer changes stay single-handed, so the module adds oper2 itself).
+CONFIG = '[kgs]\nenabled = true\n[dual-control]\napprovals = 2\noperations = ["key-recovery"]\n'
 
 
 @pytest.fixture(scope="module")
 def kgs(src_path, home_templates):
-    """One appliance with the KGS for the module (its tests build on each other's batches, in order)."""
+    """One appliance with the KGS for the module (its tests build on each other's batches, in order),
+    copied from the default template other modules share (no init of its own)."""
     base = Path(tempfile.mkdtemp(prefix="donjon-test-"))
     os.chmod(base, 0o711)
     ceremony = make_ceremony(base / "ceremony.toml")
-    t = home_templates((*_variant(ceremony, CONFIG, OFFICERS, None, None), 0), ceremony, None, None, CONFIG, OFFICERS)
+    t = home_templates((*_variant(ceremony, "", None, None, None), 0), ceremony, None, None, "", None)
     a = Appliance(base / "kgs", src_path)
     copy_home(t.home, a.home)
     a.template, a.officers = t.home, dict(t.officers)
+    with open(a.home / "donjon.toml", "a") as f:
+        f.write(CONFIG)
     (a.home / "card-profiles").mkdir()
     shutil.copy(DATA / "employee.toml", a.home / "card-profiles" / "employee.toml")
     try:
         a.start()
+        a.cli("officer", "add", "oper2", "--role", "operator")
+        a.officers["oper2"] = "operator"
         a.chain = a.export("issuing", base / "chain.pem", chain=True)  # type: ignore[attr-defined]
         yield a
     finally:
@@ -75,22 +80,24 @@ def letters(a: Appliance, batch: str, out: Path) -> dict[int, str]:
     return pins
 
 
-def check_card(a: Appliance, label: str, pin: str, tmp: Path) -> None:
-    """pkcs11-tool logs in with the letter's PIN and lists three keys and three certificates, each
-    certificate verifies with openssl against the CA chain."""
-    r = p11(a, "--token-label", label, "--login", "--pin", pin, "--list-objects")
-    out = r.stdout
+def check_card(a: Appliance, label: str, pin: str, tmp: Path, wrong_pin: bool = False) -> None:
+    """pkcs11-tool logs in with the letter's PIN and lists three keys and three certificates; each
+    certificate read back from the card verifies with openssl against the CA chain."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    out = p11(a, "--token-label", label, "--login", "--pin", pin, "--list-objects").stdout
     assert out.count("Private Key Object") == 3 and out.count("Certificate Object") == 3, out
+    pems = []
     for ident, slot in (("01", "auth"), ("02", "sign"), ("03", "enc")):
         der = tmp / f"{label}-{slot}.der"
         p11(a, "--token-label", label, "--read-object", "--type", "cert", "--id", ident, "--output-file", str(der))
-        v = openssl("verify", "-CAfile", str(a.chain), str(der), check=False)  # type: ignore[attr-defined]
-        pem = tmp / f"{label}-{slot}.pem"
-        openssl("x509", "-inform", "DER", "-in", str(der), "-out", str(pem))
-        v = openssl("verify", "-CAfile", str(a.chain), str(pem))  # type: ignore[attr-defined]
-        assert b": OK" in v.stdout
-    bad = p11(a, "--token-label", label, "--login", "--pin", "000000" if pin != "000000" else "111111", "--list-objects", check=False)
-    assert bad.returncode != 0
+        pems.append(tmp / f"{label}-{slot}.pem")
+        pems[-1].write_bytes(x509.load_der_x509_certificate(der.read_bytes()).public_bytes(Encoding.PEM))
+    v = openssl("verify", "-CAfile", str(a.chain), *map(str, pems))  # type: ignore[attr-defined]
+    assert v.stdout.count(b": OK") == 3, v.stdout
+    if wrong_pin:
+        assert p11(a, "--token-label", label, "--login", "--pin", "999999" if pin != "999999" else "111111",
+                   "--list-objects", check=False).returncode != 0
 
 
 def test_personalise_a_batch(kgs, tmp_path):
@@ -101,8 +108,8 @@ def test_personalise_a_batch(kgs, tmp_path):
     assert len(recs) == CARDS and all(c["state"] == "done" and c["letter"] == "produced" and len(c["certs"]) == 3 for c in recs)
     pins = letters(a, "b1", tmp_path / "letters")
     assert sorted(pins) == sorted(c["card"] for c in recs)
-    for c in recs:
-        check_card(a, c["label"], pins[c["card"]], tmp_path)
+    for i, c in enumerate(recs):
+        check_card(a, c["label"], pins[c["card"]], tmp_path, wrong_pin=i == 0)
     assert all(c["letter"] == "printed" for c in cards(a, "b1"))
     # letters leave the spool once
     assert "no letters waiting" in a.cli("kgs", "letters", "--batch", "b1", "--out", str(tmp_path / "again")).stdout.decode()
@@ -260,3 +267,19 @@ def test_kill9_mid_batch_a_foreign_card_and_a_card_pulled_out(kgs, tmp_path):
     for x in recs:
         out = p11(a, "--token-label", x["label"], "--login", "--pin", pins[x["card"]], "--list-objects").stdout
         assert out.count("Private Key Object") == 3 and out.count("Certificate Object") == 3
+
+
+def test_the_kgs_dying_is_not_the_factorys(kgs, tmp_path):
+    """A KGS killed (or compromised and exiting) is restarted by the supervisor; the Factory and the
+    admin socket serve on, and the next batch works over the new link."""
+    import signal
+    a = kgs
+    old = a.role_pids()["kgs"]
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and a.role_pids().get("kgs") in (None, old):
+        time.sleep(0.1)
+    assert a.role_pids().get("kgs") not in (None, old)
+    assert a.proc.poll() is None and b'"activated": true' in a.cli("status", "--json").stdout
+    r = a.cli("kgs", "personalise", "--card-profile", "employee", "--batch", str(batch_csv(tmp_path / "z.csv", "z", 1)))
+    assert "1 of 1 card(s) done" in r.stdout.decode()

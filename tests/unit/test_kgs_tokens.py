@@ -31,6 +31,7 @@ def tok(tmp_path_factory):
                    check=True, capture_output=True)
     t = T.Tokens(MODULE, MODULE, "donjon-kgs")
     t.open("1234")
+    t.ensure_keys()
     yield t
     t.lib.finalize()  # one C_Initialize per process: leave SoftHSM for the next test's own configuration
     if old is None:
