@@ -283,3 +283,17 @@ def test_the_kgs_dying_is_not_the_factorys(kgs, tmp_path):
     assert a.proc.poll() is None and b'"activated": true' in a.cli("status", "--json").stdout
     r = a.cli("kgs", "personalise", "--card-profile", "employee", "--batch", str(batch_csv(tmp_path / "z.csv", "z", 1)))
     assert "1 of 1 card(s) done" in r.stdout.decode()
+
+
+@pytest.mark.slow
+def test_personalise_twenty_cards(kgs, tmp_path):
+    """The issue's batch of 20 three-slot cards (`just kgs-cards`; `just test` runs 5 above), each
+    judged by pkcs11-tool, its letter and openssl verify."""
+    a = kgs
+    r = a.cli("kgs", "personalise", "--card-profile", "employee", "--batch", str(batch_csv(tmp_path / "t20.csv", "t20", 20)), timeout=1800)
+    assert "20 of 20 card(s) done, 0 failed" in r.stdout.decode(), r.stdout
+    recs = cards(a, "t20")
+    pins = letters(a, "t20", tmp_path / "letters")
+    assert len(recs) == 20 and sorted(pins) == sorted(c["card"] for c in recs)
+    for i, c in enumerate(recs):
+        check_card(a, c["label"], pins[c["card"]], tmp_path, wrong_pin=i == 0)
