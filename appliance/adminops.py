@@ -684,10 +684,16 @@ def kgs_cards_lines(cards: list[dict[str, Any]]) -> list[str]:
             f"{' '.join(x['certs'])}" + (f"  error: {x['error']}" if x.get("error") else "") for x in cards]
 
 
-def kgs_letters(c: AdminClient, batch: str) -> list[tuple[int, bytes]]:
+def kgs_letters(c: AdminClient, batch: str, limit: int = 100000) -> list[tuple[int, bytes]]:
+    """Every letter waiting in the spool for the batch (the KGS hands them over a few MiB at a time)."""
     import base64
-    doc = _wrap(c.call, S.AKgsLetters, batch=batch)
-    return [(card, base64.b64decode(pdf)) for card, pdf in doc["letters"]]
+    out: list[tuple[int, bytes]] = []
+    while len(out) < limit:
+        doc = _wrap(c.call, S.AKgsLetters, batch=batch)
+        if not doc["letters"]:
+            break
+        out += [(card, base64.b64decode(pdf)) for card, pdf in doc["letters"]]
+    return out
 
 
 def kgs_letter_status(c: AdminClient, card: int, status: str) -> dict[str, Any]:

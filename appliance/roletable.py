@@ -101,7 +101,8 @@ def _factory(h: Host, name: str) -> Launch:
                         dist_rules=[msgspec.structs.replace(r, secret=None) for r in h.dist_rules],
                         dist_max_attempts=cfg.distribution.max_attempts, dist_backoff_max=cfg.distribution.backoff_max,
                         ca_profiles={k: tuple(v) for k, v in cfg.ca_profiles.items()}, auto_activate=h.auto_activate,
-                        cis_deadline_seconds=cfg.hsm.deadline_seconds, **C.officer_settings(cfg)),
+                        cis_deadline_seconds=cfg.hsm.deadline_seconds, card_profiles=dict(h.card_profiles),
+                        **C.officer_settings(cfg)),
         rw=(h.layout.cmdb,))
 
 

@@ -70,6 +70,18 @@ class CardProfile:
                 return s
         raise KeyError(name)
 
+    def refuses(self, slot: str, ca: str, profile: str) -> str | None:
+        """Why a certificate for this slot, CA and certificate profile is not one this card profile makes (or None)."""
+        try:
+            s = self.slot(slot)
+        except KeyError:
+            return f"card profile {self.name} has no slot {slot}"
+        if ca != self.ca:
+            return f"card profile {self.name} is certified by CA {self.ca}, not {ca}"
+        if profile != s.profile:
+            return f"slot {slot} of card profile {self.name} takes certificate profile {s.profile}, not {profile}"
+        return None
+
     def card_label(self, subject: Subject, n: int) -> str:
         """The token label of a subject's card: the format with its fields, cut to what a token holds."""
         out = self.label.format(id=subject.id, cn=subject.cn, n=n)

@@ -16,6 +16,8 @@ from appliance.ipc.calls import Calls
 from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation
 from appliance.ipc.links import FACTORY_KGS
 
+from policy.cards import CardProfile
+
 from .cmdb import serial_bytes
 from .errors import FactoryError
 from .store import Store
@@ -37,8 +39,10 @@ def _kgs_missing() -> FactoryError:
 class KgsLink:
     """Serves the KGS's requests (records, issuance through the normal pipeline) and sends it the officers'."""
 
-    def __init__(self, store: Store, issue: Issue):
-        self.store, self.issue = store, issue
+    def __init__(self, store: Store, issue: Issue, card_profiles: dict[str, CardProfile]):
+        # The card profiles bound what the KGS may have certified: a compromised KGS gets at worst
+        # certificates its card profiles (and through them the certificate profiles) allow.
+        self.store, self.issue, self.card_profiles = store, issue, card_profiles
         self.chan: Channel | None = None
         self.calls: Calls | None = None
         self.batches: dict[str, str] = {}  # batch -> the officer who started its run (audit records name them)
@@ -121,6 +125,10 @@ class KgsLink:
 
     async def card_put(self, m: S.KgsCardPut) -> S.KgsCardRow:
         now = int(time.time())
+        if m.profile not in self.card_profiles:
+            why = f"unknown card profile {m.profile!r}"
+            await self.store.audit(self._actor(m.batch), "kgs-card", m.subject_id, "refused", why)
+            raise FactoryError("policy", why)
 
         def w() -> S.KgsCardRow:
             with self.store.tx() as c:
@@ -171,11 +179,20 @@ class KgsLink:
         return S.Ok(id=m.id)
 
     async def kgs_issue(self, m: S.KgsIssue) -> S.KgsIssued:
-        batch = await self.store.run(lambda: self.store.require_active().db.execute(
-            "SELECT batch FROM kgs_cards WHERE card=?", (m.card,)).fetchone())
-        if batch is None:
+        row = await self.store.run(lambda: self.store.require_active().db.execute(
+            "SELECT batch, profile, state FROM kgs_cards WHERE card=?", (m.card,)).fetchone())
+        if row is None:
             raise FactoryError("not-found", f"no card #{m.card}")
-        actor = self._actor(batch[0])
+        actor = self._actor(row[0])
+        prof = self.card_profiles.get(row[1])
+        why = f"unknown card profile {row[1]!r}" if prof is None else prof.refuses(m.slot, m.ca, m.profile)
+        if why is None and row[2] != "keys":
+            why = f"card #{m.card} is {row[2]}: certificates are made only in its keys step"
+        if why is None and (m.archive is not None) != prof.slot(m.slot).archived:  # type: ignore[union-attr]
+            why = f"slot {m.slot}: an archive blob {'missing' if m.archive is None else 'for a key made on the card'}"
+        if why is not None:
+            await self.store.audit(actor, "kgs-issue", f"card#{m.card}", "refused", why)
+            raise FactoryError("policy", why)
         reply = await self.issue(S.AIssue(id=0, ca=m.ca, profile=m.profile, csrs=[m.csr], validity_days=m.validity_days), actor)
         out = reply.results[0]
         if out.cert is None or reply.serials[0] is None:
@@ -229,6 +246,8 @@ class KgsLink:
     async def take_letters(self, req: S.AKgsLetters, actor: str) -> S.KgsLettersReply:
         self.store.require_active()
         r = await self.call(lambda i: S.KgsTakeLetters(id=i, batch=req.batch))
+        if not r.letters:
+            return S.KgsLettersReply(id=0, letters=[])
 
         def w() -> None:
             with self.store.tx() as c:

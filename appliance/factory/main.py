@@ -238,7 +238,9 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         f.sup_send = sup.send
         f.officers = Officers(f)
         f.checkpoints = Checkpoints(f.store, f.cis, cfg.checkpoint_seconds, f.send_event)
-        f.kgs = KgsLink(f.store, f.issue)  # type: ignore[attr-defined] - the KGS link's end (appliance/factory/kgs.py)
+        from policy.cards import load_card_profile_text
+        card_profiles = {n: load_card_profile_text(n, t, profiles) for n, t in cfg.card_profiles.items()}
+        f.kgs = KgsLink(f.store, f.issue, card_profiles)  # type: ignore[attr-defined] - the KGS link's end (appliance/factory/kgs.py)
 
     async def cis_liveness(link: CisLink) -> None:
         state = "responsive" if link.responsive else "unresponsive"

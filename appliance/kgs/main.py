@@ -22,6 +22,7 @@ from .letter import pin_letter
 from .tokens import GONE, CardError, Tokens, make_csr, public_key_of
 
 SENDER = "Donjon card office - personal and confidential"
+LETTERS_PER_REPLY_BYTES = 2 << 20
 
 
 def _log(msg: str) -> None:
@@ -242,7 +243,10 @@ class Kgs:
         d = os.path.join(self.cfg.spool, m.batch)
         out = []
         names = sorted(os.listdir(d)) if os.path.isdir(d) else []
+        size = 0
         for fn in names:
+            if size > LETTERS_PER_REPLY_BYTES:
+                break  # the rest in the next request: a reply stays far below the link's frame limit
             if fn.endswith(".pdf") and fn[:-4].isdigit():
                 p = os.path.join(d, fn)
                 fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -250,6 +254,7 @@ class Kgs:
                     pdf = f.read(256 * 1024 + 1)
                 if len(pdf) <= 256 * 1024:
                     out.append(S.KgsLetter(card=int(fn[:-4]), pdf=pdf))
+                    size += len(pdf)
         reply = S.KgsLetters(id=m.id, letters=out)
         for letter in out:  # handed over once: the PIN leaves the appliance with the letter
             os.unlink(os.path.join(d, f"{letter.card}.pdf"))

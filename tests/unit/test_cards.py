@@ -107,3 +107,14 @@ def test_fuzz_profile_loader_only_policy_errors(text):
         cards.load_card_profile_text("x", PROFILE.replace('label = "EMP-{id}"', "label = " + repr(text)[:60]))
     except PolicyError:
         pass
+
+
+def test_a_card_profile_bounds_what_the_kgs_may_have_certified():
+    """The Factory's check on every KgsIssue: a compromised KGS gets only what its card profiles name."""
+    p = cards.load_card_profile_text("employee", PROFILE, builtin_profiles())
+    assert p.refuses("enc", "issuing", "user-enc") is None
+    assert "no slot" in p.refuses("wallet", "issuing", "user-enc")
+    assert "not root" in p.refuses("enc", "root", "user-enc")
+    assert "not tls-server" in p.refuses("auth", "issuing", "tls-server")
+    two = PROFILE[:PROFILE.index("[[slot]]\nname = \"enc\"")]
+    assert "no slot enc" in cards.load_card_profile_text("two", two, builtin_profiles()).refuses("enc", "issuing", "user-enc")
