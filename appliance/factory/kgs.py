@@ -22,10 +22,21 @@ from .cmdb import serial_bytes
 from .errors import FactoryError
 from .store import Store
 
+REPRINTS = "reprint"  # the spool folder of reprinted letters (appliance/kgs/main.py)
 RECOVERY_SECONDS = 3600  # an approved recovery must be taken within the hour
 KGS_DEADLINE = 120.0  # seconds the Factory waits for the KGS's answer to one request (a batch answers at once)
 
 Issue = Callable[[S.AIssue, str], Awaitable[S.IssueReply]]
+
+
+def _cn(subject: str) -> str:
+    """The CN of a stored subject (written by the KGS: read defensively)."""
+    try:
+        doc = json.loads(subject)
+    except ValueError:
+        return ""
+    cn = doc.get("CN") if isinstance(doc, dict) else None
+    return cn[:4096] if isinstance(cn, str) else ""
 
 
 def _log(msg: str) -> None:
@@ -219,6 +230,8 @@ class KgsLink:
 
     async def personalise(self, req: S.AKgsPersonalise, actor: str) -> S.KgsPersonaliseReply:
         self.store.require_active()
+        if req.batch == REPRINTS:
+            raise FactoryError("bad-request", f"batch name {REPRINTS!r} is the spool of reprinted letters: choose another")
         try:
             r = await self.call(lambda i: S.KgsPersonalise(id=i, profile=req.profile, batch=req.batch, data=req.data, actor=actor))
         except FactoryError as e:
@@ -238,7 +251,7 @@ class KgsLink:
             out = []
             for card, batch, sid, subject, label, tser, state, letter, error, attempts in rows:
                 certs = [f"{s}:{ser.hex()}" for s, ser in c.execute("SELECT slot, serial FROM kgs_slots WHERE card=? ORDER BY slot", (card,))]
-                out.append(S.KgsCardInfo(card=card, batch=batch, subject_id=sid, cn=json.loads(subject).get("CN", ""), label=label,
+                out.append(S.KgsCardInfo(card=card, batch=batch, subject_id=sid, cn=_cn(subject), label=label,
                                          token_serial=tser, state=state, letter=letter, certs=certs, error=error, attempts=attempts))
             return out
         return S.KgsCardsReply(id=0, cards=await self.store.run(q), running=sorted(self.running))
