@@ -1148,7 +1148,6 @@ def kgs_personalise(card_profile: Annotated[str, typer.Option("--card-profile", 
 
     Example: donjon kgs personalise --card-profile employee --batch staff.csv
     """
-    import os
     import time as _time
     data = read_file(batch, "batch file", 1 << 20)
     bname = name or os.path.splitext(os.path.basename(batch))[0]
@@ -1198,7 +1197,6 @@ def kgs_letters(batch: Annotated[str, typer.Option(help="Batch (reprints: batch 
 
     Example: donjon kgs letters --batch staff --out /media/print
     """
-    import os
     os.makedirs(out, mode=0o700, exist_ok=True)
     with client(home) as c:
         letters = op(ops.kgs_letters, c, batch)
@@ -1247,7 +1245,6 @@ def kgs_recover_take(recovery: int, out: Annotated[str, typer.Option(help="PKCS#
 
     Example: donjon kgs recover-take 3 --out alice-enc.p12
     """
-    import os
     with client(home) as c:
         p12, password = op(ops.kgs_recover_take, c, recovery)
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
