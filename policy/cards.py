@@ -39,7 +39,7 @@ REQUIRED_FIELDS = ("id", "CN")
 class PinPolicy:
     length: int
     alphabet: str  # a key of ALPHABETS
-    tries: int  # wrong entries before the card blocks it (enforced by the KGS where the card cannot)
+    tries: int  # wrong entries before the card blocks it: the card enforces it (PKCS#11 cannot set it; SoftHSM2 never blocks)
 
 
 @dataclass(frozen=True)
