@@ -285,6 +285,32 @@ def test_the_kgs_dying_is_not_the_factorys(kgs, tmp_path):
     assert "1 of 1 card(s) done" in r.stdout.decode()
 
 
+def test_console_cards_item(kgs, tmp_path):
+    """The console face (the real menu code on a line terminal): a batch file from the media, its
+    progress, then its PIN letters written to the media."""
+    import io
+
+    from appliance.console.menu import Console
+    from appliance.console.session import Session
+    from appliance.console.term import Term
+    a = kgs
+    media = a.home / "media"
+    media.mkdir(exist_ok=True)
+    batch_csv(media / "con.csv", "con", 1)
+    out = io.StringIO()
+    con = Console(str(a.home), Term(io.StringIO("1\ncon.csv\nemployee\n3\ncon\n"), out))
+    con.s = Session(str(a.home), "oper", token=a.session("oper"))
+    try:
+        con.cards()  # 1: personalise con.csv with the card profile employee
+        con.cards()  # 3: the letters of batch con to the media
+    finally:
+        con.s.reset()
+    text = out.getvalue()
+    assert "batch con: 1 subject(s) sent to the KGS" in text and "1 done, 0 failed of 1" in text, text
+    assert "1 PIN letter(s) -> media" in text and len(list(media.glob("con-card-*.pdf"))) == 1, text
+    assert [c["state"] for c in cards(a, "con")] == ["done"]
+
+
 @pytest.mark.slow
 def test_personalise_twenty_cards(kgs, tmp_path):
     """The issue's batch of 20 three-slot cards (`just kgs-cards`; `just test` runs 5 above), each
