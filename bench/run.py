@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import common, crl, dist, issuance, kgs, ocsp
+from bench import common, crl, dist, issuance, kgs, ocsp, summary
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -75,6 +75,9 @@ def main(argv=None) -> int:
             results["kgs"] = kgs.run(work, a.kgs_cards or (10 if a.quick else 20))
             tables.append(kgs.table(results["kgs"]))
     results["seconds"] = time.perf_counter() - t0
+    closing = summary.table(results)  # issue 19's rows, from this run
+    if closing:
+        tables.append(closing)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
