@@ -16,13 +16,14 @@ from appliance import roles
 from appliance.ceremonyspec import CeremonySpec
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation, Undecodable
-from appliance.ipc.links import FACTORY_CIS, FACTORY_DIST, FACTORY_KGS, FACTORY_OCSP
+from appliance.ipc.links import FACTORY_CIS, FACTORY_DIST, FACTORY_GATEWAY, FACTORY_KGS, FACTORY_OCSP
 
 from . import admin
 from .checkpoints import Checkpoints
 from .kgs import KgsLink
 from .cis_link import CisLink
 from .cmdb import CmdbError
+from .gateway import GatewayHost, GatewayService
 from .officers import Conn, Officers
 from .service import Factory, FactoryError, _log
 
@@ -228,6 +229,7 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
     f: Factory = None  # type: ignore[assignment] - made after the drop, once every CIS link is up
     endpoints: dict[str, trio.CancelScope] = {}
     nursery: list[trio.Nursery] = []  # the skeleton's, once serving
+    gateway: list[GatewayService] = []  # made with the Factory
 
     async def connect() -> None:  # every CIS link is up before Ready
         nonlocal f
@@ -238,6 +240,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         f.sup_send = sup.send
         f.officers = Officers(f)
         f.checkpoints = Checkpoints(f.store, f.cis, cfg.checkpoint_seconds, f.send_event)
+        gateway.append(GatewayService(GatewayHost(f.store, cfg, f.profiles, f.issue, f.issuance.issue_one, f.revoke, f.check_issuer,
+                                                  f.ca_chain, f.audit)))
         from policy.cards import load_card_profile_text
         card_profiles = {n: load_card_profile_text(n, t, profiles) for n, t in cfg.card_profiles.items()}
         f.kgs = KgsLink(f.store, f.issue, card_profiles)  # type: ignore[attr-defined] - the KGS link's end (appliance/factory/kgs.py)
@@ -271,6 +275,20 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         endpoints["distribution"] = trio.CancelScope()
         nursery[0].start_soon(serve_distribution, fd, endpoints["distribution"])
 
+    async def serve_gateway(fd: int, scope: trio.CancelScope) -> None:
+        with scope:
+            chan = Channel.from_fd(fd, FACTORY_GATEWAY.name, FACTORY_GATEWAY.up)
+            try:
+                await gateway[0].serve(chan)
+            except LinkClosed:
+                pass  # the gateway stopped (the supervisor restarts it with a new link)
+            except ProtocolViolation as e:
+                _log(f"gateway link: {e}")  # a gateway that sends what it may not is cut off; it is restarted
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                await chan.aclose()
+
     async def serve_kgs(fd: int, scope: trio.CancelScope) -> None:
         with scope:
             chan = Channel.from_fd(fd, FACTORY_KGS.name, FACTORY_KGS.up)
@@ -284,6 +302,12 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
                 pass
             finally:
                 await chan.aclose()
+
+    def start_gateway(fd: int) -> None:
+        if "gateway" in endpoints:
+            endpoints["gateway"].cancel()
+        endpoints["gateway"] = trio.CancelScope()
+        nursery[0].start_soon(serve_gateway, fd, endpoints["gateway"])
 
     def start_kgs(fd: int) -> None:
         if "kgs" in endpoints:
@@ -331,6 +355,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         n.start_soon(f.checkpoints.scheduler)
         if FACTORY_DIST.name in fds:
             start_distribution(fds[FACTORY_DIST.name])
+        if FACTORY_GATEWAY.name in fds:
+            start_gateway(fds[FACTORY_GATEWAY.name])
         if FACTORY_KGS.name in fds:
             start_kgs(fds[FACTORY_KGS.name])
         for key in sorted(k for k in fds if k.split(".")[0] == FACTORY_OCSP.name):
@@ -360,6 +386,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
             f.sup_reply(m)
         elif isinstance(m, S.NewLink) and m.link == FACTORY_DIST.name:
             start_distribution(sup.take_fd())
+        elif isinstance(m, S.NewLink) and m.link == FACTORY_GATEWAY.name:
+            start_gateway(sup.take_fd())
         elif isinstance(m, S.NewLink) and m.link == FACTORY_KGS.name:
             start_kgs(sup.take_fd())
         elif isinstance(m, S.NewLink):

@@ -20,12 +20,13 @@ from tests.conftest import PASSWORD
 PUBLIC = {"status", "activate", "activate-shares", "login", "resume", "logout", "ca-list", "officer-unlock-shares"}
 READ = {"ca-show", "ca-export", "cert-show", "cert-list", "crl-export", "ocsp-status", "pending-list", "approve",
         "audit-cert", "audit-checkpoint", "ceremony-record", "ceremony-begin", "ceremony-witness", "ceremony-records", "dist-status", "dist-list", "ocsp-tenant-list",
-        "kgs-cards"}
+        "acme-eab-list", "kgs-cards"}
 # What the issue asks for, written independently of the Factory's table.
 EXPECTED = {
     "administrator": READ | {"officer-add", "officer-remove", "officer-unlock", "officer-list", "officer-passwd", "officer-totp",
                              "backup", "shutdown-request", "config-set",
-                             "ocsp-tenant-add", "ocsp-tenant-update", "ocsp-tenant-remove", "ocsp-tenant-csr"},
+                             "ocsp-tenant-add", "ocsp-tenant-update", "ocsp-tenant-remove", "ocsp-tenant-csr",
+                             "acme-eab-add", "acme-eab-revoke"},
     "operator": READ | {"ca-create", "ca-sign-csr", "issue", "revoke", "unrevoke", "crl-generate", "ocsp-responder-cert", "reconcile",
                         "ca-create-root", "dist-retry", "ocsp-tenant-crl", "ocsp-tenant-serials",
                         "kgs-personalise-req", "kgs-letters-req", "kgs-letter-status", "kgs-reprint", "kgs-recover-req", "kgs-recover-take"},
@@ -52,6 +53,7 @@ SAMPLES = [
     S.ABackup(id=1), S.ACeremonyRecord(id=1, ceremony="m-x", transcript_sha256=b"\0" * 32, ceremony_seq=999999, witnesses=["nobody"]),
     S.ACeremonyBegin(id=1, ceremony="m-x"), S.ACeremonyWitness(id=1, ceremony_seq=999999), S.ACeremonyRecords(id=1, ceremony_seq=999999),
     S.AConfigSet(id=1, key="nope", value="x"),
+    S.AAcmeEabAdd(id=1, profiles=("nope",)), S.AAcmeEabList(id=1), S.AAcmeEabRevoke(id=1, kid="nope"),
     S.AKgsPersonalise(id=1, profile="nope", batch="m-x", data=b"junk"), S.AKgsCards(id=1), S.AKgsLetters(id=1, batch="nope"),
     S.AKgsLetterStatus(id=1, card=999999, status="sent"), S.AKgsReprint(id=1, card=999999),
     S.AKgsRecover(id=1, card=999999, reason="x"), S.AKgsRecoverTake(id=1, recovery=999999),

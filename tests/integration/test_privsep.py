@@ -173,5 +173,5 @@ def test_schema_hash_is_pinned():
 PINNED_SCHEMA_HASHES = {
     2: "c13c81ddadbb16a3220f5182b620e99c973910835a5238461e9c83ecb8f82e98",
     3: "04ab501a300ad2df4e9ea7f3353411ca8c2d6c8e9cfda06261e03e1492de4866",
-    4: "fac4e166eecf4a8aae8f620e7f12b08a35f29bca22c2c0b78db0ee72fb8c589e",
+    4: "c726e5e508b9996cd58f032c868693eb1f1d962f6b8778b9f828a4f740253d0e",
 }

@@ -26,7 +26,9 @@ FACES = ("appliance.cli", "appliance.adminops", "appliance.client", "appliance.c
 # The KGS drives card tokens (C_InitToken, PIN and PUK changes, key injection) and its own token of
 # archival keys: work hsm.token (one CA-key login session) does not model. It never sees the CA token's PIN.
 PKCS11_OK = ("hsm", "appliance.kgs")
-HSM_TOKEN_OK = ("hsm", "appliance.ocsp")
+# The gateway too, for its own token (its TLS key; ARCHITECTURE.md §1: "its TLS/RA/CMP-protection keys in a
+# token of its own"), never the CA token.
+HSM_TOKEN_OK = ("hsm", "appliance.ocsp", "appliance.gateway")
 APSW_OK = ("appliance.factory",)
 
 
