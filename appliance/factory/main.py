@@ -242,6 +242,7 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         f.checkpoints = Checkpoints(f.store, f.cis, cfg.checkpoint_seconds, f.send_event)
         gateway.append(GatewayService(GatewayHost(f.store, cfg, f.profiles, f.issue, f.issuance.issue_one, f.revoke, f.check_issuer,
                                                   f.ca_chain, f.audit)))
+        f.estscep = gateway[0].estscep  # officers decide EST/SCEP enrolments waiting for approval through the admin API
         from policy.cards import load_card_profile_text
         card_profiles = {n: load_card_profile_text(n, t, profiles) for n, t in cfg.card_profiles.items()}
         f.kgs = KgsLink(f.store, f.issue, card_profiles)  # type: ignore[attr-defined] - the KGS link's end (appliance/factory/kgs.py)

@@ -29,8 +29,9 @@ EXPECTED = {
                              "acme-eab-add", "acme-eab-revoke"},
     "operator": READ | {"ca-create", "ca-sign-csr", "issue", "revoke", "unrevoke", "crl-generate", "ocsp-responder-cert", "reconcile",
                         "ca-create-root", "dist-retry", "ocsp-tenant-crl", "ocsp-tenant-serials",
-                        "kgs-personalise-req", "kgs-letters-req", "kgs-letter-status", "kgs-reprint", "kgs-recover-req", "kgs-recover-take"},
-    "auditor": READ | {"audit-export", "reconcile", "officer-list"},
+                        "kgs-personalise-req", "kgs-letters-req", "kgs-letter-status", "kgs-reprint", "kgs-recover-req", "kgs-recover-take",
+                        "enrol-secret-create", "enrol-secret-revoke", "enrol-secret-list", "enrol-waiting", "enrol-decide"},
+    "auditor": READ | {"audit-export", "reconcile", "officer-list", "enrol-secret-list", "enrol-waiting"},
 }
 # One harmless instance of every non-public admin request (names that do not exist, passwords too short).
 SAMPLES = [
@@ -53,6 +54,8 @@ SAMPLES = [
     S.ABackup(id=1), S.ACeremonyRecord(id=1, ceremony="m-x", transcript_sha256=b"\0" * 32, ceremony_seq=999999, witnesses=["nobody"]),
     S.ACeremonyBegin(id=1, ceremony="m-x"), S.ACeremonyWitness(id=1, ceremony_seq=999999), S.ACeremonyRecords(id=1, ceremony_seq=999999),
     S.AConfigSet(id=1, key="nope", value="x"),
+    S.AEnrolSecretCreate(id=1, protocol="scep", ca="nope", profile="nope"), S.AEnrolSecretList(id=1),
+    S.AEnrolSecretRevoke(id=1, ref="nope"), S.AEnrolWaiting(id=1), S.AEnrolDecide(id=1, request="nope", approve=False),
     S.AAcmeEabAdd(id=1, profiles=("nope",)), S.AAcmeEabList(id=1), S.AAcmeEabRevoke(id=1, kid="nope"),
     S.AKgsPersonalise(id=1, profile="nope", batch="m-x", data=b"junk"), S.AKgsCards(id=1), S.AKgsLetters(id=1, batch="nope"),
     S.AKgsLetterStatus(id=1, card=999999, status="sent"), S.AKgsReprint(id=1, card=999999),
