@@ -173,5 +173,5 @@ def test_schema_hash_is_pinned():
 PINNED_SCHEMA_HASHES = {
     2: "c13c81ddadbb16a3220f5182b620e99c973910835a5238461e9c83ecb8f82e98",
     3: "04ab501a300ad2df4e9ea7f3353411ca8c2d6c8e9cfda06261e03e1492de4866",
-    4: "7ae633db34a8c5e15d903e7cc8fd33d5d8d9b1ab20ee5ca82d399fc2eecd310b",
+    4: "80e5b397dce7678a41a742bfd09fd6219953100765f81f8c4bc18ba8fa1a005d",
 }

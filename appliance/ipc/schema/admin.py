@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .gateway import *  # each link module sees the messages of those before it
 from .common import _Msg
+from .kgs import *  # noqa: F403 - the KGS's link and its admin requests (a module of its own, issue 18)
 
 
 # ---------------------------------------------------------------- admin clients -> Factory
@@ -466,6 +467,7 @@ AdminRequest = Union[
     ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, ACeremonyBegin, ACeremonyWitness, ACeremonyRecords, AConfigSet,
     AEnrolSecretCreate, AEnrolSecretList, AEnrolSecretRevoke, AEnrolWaiting, AEnrolDecide,
     AAcmeEabAdd, AAcmeEabList, AAcmeEabRevoke,
+    AKgsPersonalise, AKgsCards, AKgsLetters, AKgsLetterStatus, AKgsReprint, AKgsRecover, AKgsRecoverTake,
 ]
 
 
@@ -719,7 +721,8 @@ class EabListReply(_Reply, tag="eab-list-reply"):
 
 TypedReply = Union[RevokeReply, UnrevokeReply, CertReply, CertListReply, CaReply, CaListReply, CaExportReply,
                    CaSignCsrReply, LoginReply, LogoutReply, OfficerReply, OfficerListReply, EabReply, EabListReply,
-                   EnrolSecretReply, EnrolSecretListReply, EnrolWaitReply]
+                   EnrolSecretReply, EnrolSecretListReply, EnrolWaitReply,
+                   KgsCardsReply, KgsPersonaliseReply, KgsLettersReply, KgsCardReply, KgsRecoverReply, KgsP12Reply]
 
 
 AdminReply = Union[Hello, Reply, IssueReply, BlobChunk, Refused, TypedReply]
