@@ -484,8 +484,8 @@ def dist_rules(home: str, cfg: Config, with_secrets: bool) -> list[S.DistRule]:
         if u.scheme not in ("ldap", "ldaps", "http", "https") or not u.hostname:
             raise ConfigError(f"{where}: url: want ldap://, ldaps://, http:// or https:// with a host, got {r.url!r}")
         ldap = u.scheme.startswith("ldap")
-        if "delta-crl" in r.publish:
-            raise ConfigError(f"{where}: publish: delta CRLs are not produced by this version (full CRLs only)")
+        if "delta-crl" in r.publish and not (set(r.cas) & set(cfg.crl.delta) if r.cas else cfg.crl.delta):
+            raise ConfigError(f"{where}: publish: delta-crl, but no CA of the rule has delta CRLs (crl.delta)")
         if not r.publish:
             raise ConfigError(f"{where}: publish: name at least one of ca-cert, certs, crl, issued-serials")
         if ldap:

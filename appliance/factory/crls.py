@@ -246,8 +246,9 @@ class SignedLists:
                     yield signed.suffix
                 with db.tx():
                     digest = store.store_signed_list(kind, name, number, this_update, next_update, count, parts(), total)
-                    if shard is None and delta is None:  # shards and deltas are not yet published by the Distribution agent
-                        self.dist.enqueue_object(db.db, action, ca, number)  # published with the same commit
+                    # published with the same commit, named like its file: <ca>.crl, <ca>-<k>.crl, <ca>-delta.crl
+                    self.dist.enqueue_object(db.db, action, ca, number,
+                                             "-delta" if delta is not None else "" if shard is None else f"-{shard}")
                     if base_of:
                         sh.mark_base(db.db, ca, 0, number, log_seq)
                         sh.prune_log(db.db, ca)

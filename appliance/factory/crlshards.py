@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import apsw
@@ -25,6 +26,26 @@ def _row(c: apsw.Connection, q: str, args: tuple[Any, ...] = ()) -> tuple[Any, .
     row = c.execute(q, args).fetchone()
     assert row is not None
     return tuple(row)
+
+
+_SUFFIXED = re.compile(r"^(.+)-(0|[1-9][0-9]*|delta)$")
+
+
+def name_collision(c: apsw.Connection, name: str, shards_by_ca: dict[str, int], delta_cas: set[str] | dict[str, int]) -> str | None:
+    """Why a new CA may not be called `name`, if it would share a CRL file name (and its stored CRLs, its
+    endpoint path, its published object) with another CA's shard or delta: <other>-<k>.crl, <other>-delta.crl."""
+    m = _SUFFIXED.match(name)
+    if m is None:
+        return None
+    other, suffix = m.group(1), m.group(2)
+    if suffix == "delta":
+        if other in delta_cas:
+            return f"CA name {name!r} is the delta CRL name of CA {other!r} ({other}-delta.crl): choose another"
+        return None
+    row = c.execute("SELECT shards FROM crl_partition WHERE ca=?", (other,)).fetchone()
+    if shards_by_ca.get(other, 1) > 1 or (row is not None and int(row[0]) > 1):
+        return f"CA name {name!r} is a CRL shard name of CA {other!r} ({name}.crl): choose another"
+    return None
 
 
 class CrlShards:

@@ -82,6 +82,9 @@ def test_shards_crl_download_revocation_and_lint(appliance_factory, tmp_path):
     r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{a.endpoint}/crl/issuing-2.crl"],
                        capture_output=True, text=True, timeout=30)
     assert r.stdout == "404"  # no third shard
+    r = a.cli("ca", "create", "issuing-7", "--parent", "root", "--subject", "CN=Collide,O=Donjon Test", check=False)
+    assert r.returncode != 0 and b"CRL shard name of CA 'issuing'" in r.stderr, r.stderr  # its CRL would be issuing-7.crl
+    assert len(r.stderr.strip().splitlines()) == 1 and b"Traceback" not in r.stderr
 
 
 def _pem_crl(tmp_path, name: str, der: bytes):
@@ -160,3 +163,6 @@ def test_delta_crls_base_plus_delta_remove_from_crl_and_lint(appliance_factory, 
     r = a.cli("crl", "generate", "--ca", "root", "--delta", "--out", str(tmp_path / "x.der"), check=False)
     assert r.returncode != 0 and b"no delta CRLs" in r.stderr and b"Traceback" not in r.stderr
     assert not (tmp_path / "x.der").exists()
+    r = a.cli("ca", "create", "issuing-delta", "--parent", "root", "--subject", "CN=Collide,O=Donjon Test", check=False)
+    assert r.returncode != 0 and b"delta CRL name of CA 'issuing'" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and b"Traceback" not in r.stderr
