@@ -24,7 +24,7 @@ def _officer(actor: str) -> str | None:
 
 def _session(conn):
     if conn.session is None:
-        raise FactoryError("auth", "log in first (donjon login --officer NAME)")
+        raise FactoryError("login-required", "log in first (donjon login --officer NAME)")
     return conn.session
 
 

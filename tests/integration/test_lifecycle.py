@@ -186,3 +186,28 @@ def test_revocation_schedules_a_new_crl(appliance, tmp_path):
             return
         time.sleep(0.2)
     raise AssertionError("the revocation did not reach a stored CRL within 20 s")
+
+
+def test_login_required_is_a_typed_refusal_and_the_deferred_login_cue(shared_appliance):
+    from appliance.client import AdminClient, ClientError
+    from appliance.ipc import schema as S
+    from tests.conftest import PASSWORD
+    a = shared_appliance
+    # No session: the Factory's typed "login-required" refusal (not "auth"), with the hint the CLI prints.
+    with AdminClient(str(a.home), timeout=30) as c:
+        with pytest.raises(ClientError) as e:
+            c.call(S.ACertList, ca=None, limit=1)
+        assert e.value.code == "login-required" and "log in first" in str(e.value)
+    # A client holding a deferred login logs in on that cue and gets its answer...
+    with AdminClient(str(a.home), timeout=30) as c:
+        c.deferred_login = ("oper", PASSWORD, None)
+        assert "certs" in c.call(S.ACertList, ca=None, limit=1) and c.officer == "oper" and c.deferred_login is None
+    # ...but an "auth" refusal (bad credentials) is no cue: the deferred login stays unused.
+    with AdminClient(str(a.home), timeout=30) as c:
+        c.deferred_login = ("oper", PASSWORD, None)
+        with pytest.raises(ClientError) as e:
+            c.call(S.ALogin, officer="nobody", password="wrong password here")
+        assert e.value.code == "auth" and c.deferred_login is not None and c.session is None
+    r = a.cli("cert", "list", env={"DONJON_OFFICER": "", "DONJON_PASSWORD": "", "DONJON_SESSION_FILE": str(a.home.parent / "none")},
+              check=False)
+    assert r.returncode == 1 and r.stderr.decode().strip().endswith("log in first (donjon login --officer NAME)")
