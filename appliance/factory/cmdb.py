@@ -273,12 +273,57 @@ _MIGRATIONS[8] = """
 # creates nothing.
 _MIGRATIONS[9] = "SELECT 1"
 _MIGRATIONS[10] = "SELECT 1"
-_MIGRATIONS[11] = "SELECT 1"
+# 11, the protocol gateway: EAB keys made by officers (the HMAC key never leaves the CMDB: the Factory
+# checks bindings itself), which certificate each gateway credential obtained (revocation by account),
+# and a small key-value store the gateway may keep here.
+_MIGRATIONS[11] = """
+    CREATE TABLE gateway_eab (kid TEXT PRIMARY KEY, hmac_key BLOB NOT NULL, created_by TEXT NOT NULL,
+        created_at INTEGER NOT NULL, profiles TEXT NOT NULL DEFAULT '', name_patterns TEXT NOT NULL DEFAULT '',
+        account TEXT, bound_at INTEGER, revoked_at INTEGER);
+    CREATE TABLE gateway_issued (ca TEXT NOT NULL, serial BLOB NOT NULL, protocol TEXT NOT NULL,
+        credential TEXT NOT NULL, replaces TEXT, PRIMARY KEY (ca, serial));
+    CREATE INDEX gateway_issued_by ON gateway_issued (credential);
+    CREATE TABLE gateway_state (ns TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, PRIMARY KEY (ns, key));
+    """
 _MIGRATIONS[12] = "SELECT 1"
 _MIGRATIONS[13] = "SELECT 1"
 _MIGRATIONS[14] = "SELECT 1"
 _MIGRATIONS[15] = "SELECT 1"
-_MIGRATIONS[16] = "SELECT 1"
+# 16: EST and SCEP enrolment secrets made by officers (EST Basic passwords, SCEP challenge passwords):
+# only a digest of each secret is kept; a use is one atomic decrement, audited. Enrolments admitted by a
+# secret marked `approval` wait in enrol_waiting until an officer (not the secret's maker) decides.
+_MIGRATIONS[16] = """
+    CREATE TABLE enrol_secrets (
+        ref TEXT PRIMARY KEY,
+        protocol TEXT NOT NULL CHECK (protocol IN ('est', 'scep')),
+        digest BLOB NOT NULL UNIQUE,
+        ca TEXT NOT NULL,
+        profile TEXT NOT NULL,
+        subject TEXT,
+        uses_left INTEGER NOT NULL CHECK (uses_left >= 0),
+        expires INTEGER NOT NULL,
+        created INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0,
+        approval INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE enrol_waiting (
+        id TEXT PRIMARY KEY,
+        protocol TEXT NOT NULL,
+        credential TEXT NOT NULL,
+        csr_sha256 BLOB NOT NULL,
+        request BLOB NOT NULL,
+        ca TEXT NOT NULL,
+        profile TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('waiting', 'issued', 'rejected')),
+        decided_by TEXT,
+        reason TEXT,
+        cert BLOB
+    );
+    CREATE INDEX enrol_waiting_by_request ON enrol_waiting(credential, csr_sha256);
+    """
 
 
 class CmdbError(Exception):

@@ -19,15 +19,18 @@ from tests.conftest import PASSWORD
 
 PUBLIC = {"status", "activate", "activate-shares", "login", "resume", "logout", "ca-list", "officer-unlock-shares"}
 READ = {"ca-show", "ca-export", "cert-show", "cert-list", "crl-export", "ocsp-status", "pending-list", "approve",
-        "audit-cert", "audit-checkpoint", "ceremony-record", "ceremony-begin", "ceremony-witness", "ceremony-records", "dist-status", "dist-list", "ocsp-tenant-list"}
+        "audit-cert", "audit-checkpoint", "ceremony-record", "ceremony-begin", "ceremony-witness", "ceremony-records", "dist-status", "dist-list", "ocsp-tenant-list",
+        "acme-eab-list"}
 # What the issue asks for, written independently of the Factory's table.
 EXPECTED = {
     "administrator": READ | {"officer-add", "officer-remove", "officer-unlock", "officer-list", "officer-passwd", "officer-totp",
                              "backup", "shutdown-request", "config-set",
-                             "ocsp-tenant-add", "ocsp-tenant-update", "ocsp-tenant-remove", "ocsp-tenant-csr"},
+                             "ocsp-tenant-add", "ocsp-tenant-update", "ocsp-tenant-remove", "ocsp-tenant-csr",
+                             "acme-eab-add", "acme-eab-revoke"},
     "operator": READ | {"ca-create", "ca-sign-csr", "issue", "revoke", "unrevoke", "crl-generate", "ocsp-responder-cert", "reconcile",
-                        "ca-create-root", "dist-retry", "ocsp-tenant-crl", "ocsp-tenant-serials"},
-    "auditor": READ | {"audit-export", "reconcile", "officer-list"},
+                        "ca-create-root", "dist-retry", "ocsp-tenant-crl", "ocsp-tenant-serials",
+                        "enrol-secret-create", "enrol-secret-revoke", "enrol-secret-list", "enrol-waiting", "enrol-decide"},
+    "auditor": READ | {"audit-export", "reconcile", "officer-list", "enrol-secret-list", "enrol-waiting"},
 }
 # One harmless instance of every non-public admin request (names that do not exist, passwords too short).
 SAMPLES = [
@@ -50,6 +53,9 @@ SAMPLES = [
     S.ABackup(id=1), S.ACeremonyRecord(id=1, ceremony="m-x", transcript_sha256=b"\0" * 32, ceremony_seq=999999, witnesses=["nobody"]),
     S.ACeremonyBegin(id=1, ceremony="m-x"), S.ACeremonyWitness(id=1, ceremony_seq=999999), S.ACeremonyRecords(id=1, ceremony_seq=999999),
     S.AConfigSet(id=1, key="nope", value="x"),
+    S.AEnrolSecretCreate(id=1, protocol="scep", ca="nope", profile="nope"), S.AEnrolSecretList(id=1),
+    S.AEnrolSecretRevoke(id=1, ref="nope"), S.AEnrolWaiting(id=1), S.AEnrolDecide(id=1, request="nope", approve=False),
+    S.AAcmeEabAdd(id=1, profiles=("nope",)), S.AAcmeEabList(id=1), S.AAcmeEabRevoke(id=1, kid="nope"),
 ]
 # Sent only where they must be refused (allowed, they stop the appliance: tests/integration/test_console.py).
 DISRUPTIVE = [S.AShutdown(id=1)]
