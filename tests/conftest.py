@@ -282,29 +282,6 @@ class Appliance:
         return out
 
 
-@pytest.fixture(scope="session")
-def inprocess_token(tmp_path_factory):
-    """One logged-in SoftHSM2 token for the tests that use the token in their own process: python-pkcs11
-    initialises SoftHSM once per process, which reads SOFTHSM2_CONF and its tokens only then (a token made
-    later is not seen, a second login fails), so every such module of a process shares this one, each
-    with key labels of its own, whatever ran before it."""
-    import secrets
-    from hsm.token import Token
-    d = tmp_path_factory.mktemp("softhsm")
-    (d / "tokens").mkdir()
-    conf = d / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {d}/tokens\nobjectstore.backend = file\nlog.level = ERROR\n")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SOFTHSM2_CONF", str(conf))
-    pin = secrets.token_hex(8)
-    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "unit-tests", "--so-pin", secrets.token_hex(8),
-                    "--pin", pin], check=True, capture_output=True, timeout=30)
-    t = Token("/usr/lib/softhsm/libsofthsm2.so", "unit-tests")
-    t.login(pin)
-    yield t
-    mp.undo()
-
-
 @pytest.fixture
 def homes():
     """A base folder the role users can traverse (pytest's tmp_path sits under a 0700 folder)."""

@@ -4,7 +4,8 @@ SoftHSM2 token as the endpoint's, and the producer's thisUpdate grouping for pre
 from __future__ import annotations
 
 import datetime as dt
-
+import secrets
+import subprocess
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -13,6 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance.factory.ocsp import _by_this_update
 from appliance.ocsp.live import LiveSigner, Single
+from hsm.token import Token
 from policy.ocsp import issuer_hashes
 from tests.unit.test_ocsp_pki import make_ca
 
@@ -20,9 +22,24 @@ MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 UTC = dt.timezone.utc
 
 
-def test_live_answer_moves_this_update_up_to_a_later_revocation(tmp_path, inprocess_token):
+def _token(tmp_path, monkeypatch) -> Token:
+    (tmp_path / "tokens").mkdir()
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tmp_path}/tokens\nobjectstore.backend = file\nlog.level = ERROR\n")
+    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
+    pin = secrets.token_hex(8)
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "live-test", "--so-pin", secrets.token_hex(8),
+                    "--pin", pin], check=True, capture_output=True, timeout=30)
+    t = Token(MODULE, "live-test")
+    t.load()
+    t._lib.reinitialize()  # python-pkcs11 keeps one library per process: make SoftHSM re-read SOFTHSM2_CONF
+    t.login(pin)
+    return t
+
+
+def test_live_answer_moves_this_update_up_to_a_later_revocation(tmp_path, monkeypatch):
     ca = make_ca("tenant")
-    live = LiveSigner(inprocess_token, str(tmp_path / "store"))  # the process's one token (tests/conftest.py)
+    live = LiveSigner(_token(tmp_path, monkeypatch), str(tmp_path / "store"))
     label, spki = live.generate("tenant/partner")
     label2, _ = live.generate("tenant/partner")
     assert label != label2  # two keys in one second get two labels (an officer's and a renewal's)

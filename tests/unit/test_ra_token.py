@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import subprocess
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -16,11 +17,23 @@ MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
 
 @pytest.fixture(scope="module")
-def token(inprocess_token) -> Token:
-    # python-pkcs11 initialises SoftHSM once per process: the process's one token, with what other
-    # modules left in it counted now
-    inprocess_token.objects_before = len(list(inprocess_token._session.get_objects({})))  # type: ignore[attr-defined]
-    return inprocess_token
+def token(tmp_path_factory) -> Token:
+    # one token per module: python-pkcs11 initialises SoftHSM once per process (a second login fails)
+    tmp_path = tmp_path_factory.mktemp("ra-token")
+    monkeypatch = pytest.MonkeyPatch()
+    (tmp_path / "tokens").mkdir()
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tmp_path}/tokens\nobjectstore.backend = file\nlog.level = ERROR\n")
+    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
+    pin = secrets.token_hex(8)
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "ra-test", "--so-pin", secrets.token_hex(8),
+                    "--pin", pin], check=True, capture_output=True, timeout=30)
+    t = Token(MODULE, "ra-test")
+    t.load()
+    t._lib.reinitialize()  # python-pkcs11 keeps one library per process: make SoftHSM re-read SOFTHSM2_CONF
+    t.login(pin)
+    yield t
+    monkeypatch.undo()
 
 
 def test_decrypt_key_decrypts_and_cannot_sign(token):
@@ -53,4 +66,4 @@ def test_sign_digests_and_transport_key(token):
         ra.sign(token, "scep-ra-sign", b"attrs", "sha3_256")
     k1, k2 = ra.generate_transport_ec(token), ra.generate_transport_ec(token)
     assert k1 != k2 and isinstance(load_der_private_key(k1, None), ec.EllipticCurvePrivateKey)
-    assert len(list(token._session.get_objects({}))) == token.objects_before + 4  # the two RA key pairs only: nothing left behind
+    assert len(list(token._session.get_objects({}))) == 4  # the two RA key pairs only: nothing left behind
