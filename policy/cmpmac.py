@@ -1,4 +1,4 @@
-"""CMP MAC-based protection (RFC 9810 §5.1.3.1 PasswordBasedMac, RFC 9481 §6.1 PBMAC1): pure key derivation and MAC."""
+"""CMP message protection, pure: MACs (RFC 9810 §5.1.3.1 PasswordBasedMac, RFC 9481 §6.1 PBMAC1) and signature checks (RFC 9481 §3)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 # Digest and HMAC names by OID (RFC 9481 §2 and §6.2; hmac-sha1 is OpenSSL 3.0's default PBM MAC and still a sound MAC).
 DIGESTS = {"1.3.14.3.2.26": "sha1", "2.16.840.1.101.3.4.2.1": "sha256", "2.16.840.1.101.3.4.2.2": "sha384", "2.16.840.1.101.3.4.2.3": "sha512"}
@@ -79,3 +83,40 @@ def verify(spec: MacSpec, secret: bytes, data: bytes, value: bytes) -> bool:
         return hmac.compare_digest(compute(spec, secret, data), value)
     except MacSpecError:
         return False
+
+
+# Signature algorithms accepted for protection and POPO (RFC 9481 §3): OID → (key kind, hash).
+SIG_ALGS: dict[str, tuple[str, type[hashes.HashAlgorithm] | None]] = {
+    "1.2.840.10045.4.3.2": ("ec", hashes.SHA256), "1.2.840.10045.4.3.3": ("ec", hashes.SHA384), "1.2.840.10045.4.3.4": ("ec", hashes.SHA512),
+    "1.2.840.113549.1.1.11": ("rsa", hashes.SHA256), "1.2.840.113549.1.1.12": ("rsa", hashes.SHA384), "1.2.840.113549.1.1.13": ("rsa", hashes.SHA512),
+    "1.3.101.112": ("ed25519", None), "1.3.101.113": ("ed448", None),
+}
+
+
+class VerifyError(ValueError):
+    """A signature that does not verify or cannot be checked."""
+
+
+def verify_signature(spki_or_cert: x509.Certificate | bytes, alg_oid: str, signature: bytes, data: bytes) -> None:
+    """Check `signature` over `data` with the key of a certificate or a DER SubjectPublicKeyInfo; VerifyError if not."""
+    if alg_oid not in SIG_ALGS:
+        raise VerifyError(f"signature algorithm {alg_oid} not accepted")
+    kind, h = SIG_ALGS[alg_oid]
+    try:
+        key = spki_or_cert.public_key() if isinstance(spki_or_cert, x509.Certificate) else load_der_public_key(spki_or_cert)
+        if kind == "ec" and isinstance(key, ec.EllipticCurvePublicKey) and h is not None:
+            key.verify(signature, data, ec.ECDSA(h()))
+        elif kind == "rsa" and isinstance(key, rsa.RSAPublicKey) and h is not None:
+            if key.key_size < 2048:
+                raise VerifyError("RSA key under 2048 bits")
+            key.verify(signature, data, padding.PKCS1v15(), h())
+        elif kind == "ed25519" and isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, data)
+        elif kind == "ed448" and isinstance(key, ed448.Ed448PublicKey):
+            key.verify(signature, data)
+        else:
+            raise VerifyError("signature algorithm does not match the key")
+    except InvalidSignature as exc:
+        raise VerifyError("signature does not verify") from exc
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise VerifyError("public key unusable") from exc

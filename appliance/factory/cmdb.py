@@ -274,7 +274,48 @@ _MIGRATIONS[8] = """
 _MIGRATIONS[9] = "SELECT 1"
 _MIGRATIONS[10] = "SELECT 1"
 _MIGRATIONS[11] = "SELECT 1"
-_MIGRATIONS[12] = "SELECT 1"
+# Migration 12, CMP (issue 17): the credentials officers issue to devices and RAs (a shared secret by
+# reference number, kept in the encrypted CMDB because a PasswordBasedMac/PBMAC1 check needs it in clear
+# with the client's salt: no hash would do; or an RA certificate), enrolments that wait for a second
+# officer, and which credential obtained which certificate (an rr under a MAC may revoke only those).
+_MIGRATIONS[12] = """
+    CREATE TABLE cmp_credentials(
+        ref TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('secret', 'ra')),
+        secret BLOB,
+        ra_cert BLOB,
+        ca TEXT NOT NULL,
+        profile TEXT NOT NULL,
+        subject TEXT,
+        approval INTEGER NOT NULL DEFAULT 0,
+        uses_left INTEGER NOT NULL,
+        created INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        expires INTEGER NOT NULL,
+        failures INTEGER NOT NULL DEFAULT 0,
+        revoked INTEGER
+    );
+    CREATE TABLE cmp_requests(
+        id INTEGER PRIMARY KEY,
+        ref TEXT NOT NULL,
+        ca TEXT NOT NULL,
+        profile TEXT NOT NULL,
+        spki BLOB NOT NULL,
+        subject TEXT NOT NULL,
+        sans TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('waiting', 'issued', 'rejected', 'failed')),
+        decided_by TEXT,
+        reason TEXT,
+        serial BLOB
+    );
+    CREATE TABLE cmp_issued(
+        ca TEXT NOT NULL,
+        serial BLOB NOT NULL,
+        ref TEXT NOT NULL,
+        PRIMARY KEY (ca, serial)
+    ) WITHOUT ROWID;
+    """
 _MIGRATIONS[13] = "SELECT 1"
 _MIGRATIONS[14] = "SELECT 1"
 _MIGRATIONS[15] = "SELECT 1"

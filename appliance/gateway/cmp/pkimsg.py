@@ -450,3 +450,80 @@ def assemble(responder: Responder, header: rfc9810.PKIHeader, body: rfc9810.PKIB
             seen.append(c)
             msg["extraCerts"].append(_cert(c))
     return _der(msg)
+
+
+# ---- names out of a CRMF template, as the Factory's structured enrolment wants them ----------------------
+
+_ATTR_NAMES = {"2.5.4.3": "CN", "2.5.4.10": "O", "2.5.4.11": "OU", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST",
+               "1.2.840.113549.1.9.1": "emailAddress", "2.5.4.5": "serialNumber", "0.9.2342.19200300.100.1.25": "DC"}
+_STRING_SPECS = (char.UTF8String(), char.PrintableString(), char.IA5String(), char.TeletexString(), char.BMPString(), char.UniversalString())
+
+
+def _string(raw: bytes) -> str:
+    for spec in _STRING_SPECS:
+        try:
+            value, rest = decoder.decode(raw, asn1Spec=spec)
+        except PyAsn1Error:
+            continue
+        if not rest:
+            return str(value)
+    raise CmpError(BAD_CERT_TEMPLATE, "a subject attribute is not a string")
+
+
+def subject_attrs(name_der: bytes) -> tuple[tuple[str, str], ...]:
+    """The (attribute, value) pairs of a Name, single-valued RDNs of the attributes Donjon's profiles know."""
+    try:
+        name, _ = decoder.decode(name_der, asn1Spec=rfc5280.Name())
+        out = []
+        for rdn in name["rdnSequence"]:
+            if len(rdn) != 1:
+                raise CmpError(BAD_CERT_TEMPLATE, "multi-valued RDNs are not accepted")
+            atv = rdn[0]
+            attr = _ATTR_NAMES.get(str(atv["type"]))
+            if attr is None:
+                raise CmpError(BAD_CERT_TEMPLATE, f"subject attribute {atv['type']} not supported")
+            out.append((attr, _string(bytes(atv["value"]))))
+        if len(out) > 16:
+            raise CmpError(BAD_CERT_TEMPLATE, "too many subject attributes")
+        return tuple(out)
+    except CmpError:
+        raise
+    except (PyAsn1Error, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+        raise CmpError(BAD_CERT_TEMPLATE, "malformed subject") from exc
+
+
+def template_sans(extensions_der: bytes | None) -> tuple[tuple[str, str], ...]:
+    """The subjectAltName entries of a template's extensions (dns, ip, email, uri); other extensions are refused."""
+    if not extensions_der:
+        return ()
+    import ipaddress
+
+    try:
+        exts, _ = decoder.decode(extensions_der, asn1Spec=rfc5280.Extensions())
+        out: list[tuple[str, str]] = []
+        for ext in exts:
+            oid = ext["extnID"]
+            if oid in (rfc5280.id_ce_keyUsage, rfc5280.id_ce_extKeyUsage, rfc5280.id_ce_basicConstraints) and not ext["critical"]:
+                continue  # the profile decides these
+            if oid != rfc5280.id_ce_subjectAltName:
+                raise CmpError(BAD_CERT_TEMPLATE, f"extension {oid} is not accepted in a request")
+            names, _ = decoder.decode(bytes(ext["extnValue"]), asn1Spec=rfc5280.SubjectAltName())
+            for gn in names:
+                kind = gn.getName()
+                if kind == "dNSName":
+                    out.append(("dns", str(gn["dNSName"])))
+                elif kind == "iPAddress":
+                    out.append(("ip", str(ipaddress.ip_address(bytes(gn["iPAddress"])))))
+                elif kind == "rfc822Name":
+                    out.append(("email", str(gn["rfc822Name"])))
+                elif kind == "uniformResourceIdentifier":
+                    out.append(("uri", str(gn["uniformResourceIdentifier"])))
+                else:
+                    raise CmpError(BAD_CERT_TEMPLATE, f"subjectAltName type {kind} is not supported")
+        if len(out) > 100:
+            raise CmpError(BAD_CERT_TEMPLATE, "too many subjectAltNames")
+        return tuple(out)
+    except CmpError:
+        raise
+    except (PyAsn1Error, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+        raise CmpError(BAD_CERT_TEMPLATE, "malformed extensions") from exc

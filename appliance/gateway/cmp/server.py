@@ -13,19 +13,10 @@ from typing import Awaitable, Callable, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
-from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from appliance.gateway.cmp import pkimsg as P
-from policy.cmpmac import MacSpec
+from policy.cmpmac import MacSpec, VerifyError, verify_signature
 
-# Signature algorithms accepted for protection and POPO (RFC 9481 §3): OID → (key kind, hash).
-SIG_ALGS: dict[str, tuple[str, type[hashes.HashAlgorithm] | None]] = {
-    "1.2.840.10045.4.3.2": ("ec", hashes.SHA256), "1.2.840.10045.4.3.3": ("ec", hashes.SHA384), "1.2.840.10045.4.3.4": ("ec", hashes.SHA512),
-    "1.2.840.113549.1.1.11": ("rsa", hashes.SHA256), "1.2.840.113549.1.1.12": ("rsa", hashes.SHA384), "1.2.840.113549.1.1.13": ("rsa", hashes.SHA512),
-    "1.3.101.112": ("ed25519", None), "1.3.101.113": ("ed448", None),
-}
 TIME_SKEW = timedelta(minutes=5)  # messageTime must be this close to ours
 REPLAY_WINDOW = 30 * 60.0  # seconds a transactionID / nonce is remembered: more than twice TIME_SKEW
 MAX_SEEN = 200_000  # remembered transactionIDs + nonces (authenticated messages only)
@@ -35,35 +26,6 @@ FIRST_BODIES = ("ir", "cr", "p10cr", "kur", "rr", "genm")
 REPLY_BODY = {"ir": "ip", "cr": "cp", "p10cr": "cp", "kur": "kup"}
 CHECK_AFTER = 1  # seconds a polling client waits
 log = logging.getLogger("donjon.gateway.cmp")
-
-
-class VerifyError(ValueError):
-    """A signature that does not verify or cannot be checked."""
-
-
-def verify_signature(spki_or_cert: x509.Certificate | bytes, alg_oid: str, signature: bytes, data: bytes) -> None:
-    """Check `signature` over `data` with the key of a certificate or a DER SubjectPublicKeyInfo; VerifyError if not."""
-    if alg_oid not in SIG_ALGS:
-        raise VerifyError(f"signature algorithm {alg_oid} not accepted")
-    kind, h = SIG_ALGS[alg_oid]
-    try:
-        key = spki_or_cert.public_key() if isinstance(spki_or_cert, x509.Certificate) else load_der_public_key(spki_or_cert)
-        if kind == "ec" and isinstance(key, ec.EllipticCurvePublicKey) and h is not None:
-            key.verify(signature, data, ec.ECDSA(h()))
-        elif kind == "rsa" and isinstance(key, rsa.RSAPublicKey) and h is not None:
-            if key.key_size < 2048:
-                raise VerifyError("RSA key under 2048 bits")
-            key.verify(signature, data, padding.PKCS1v15(), h())
-        elif kind == "ed25519" and isinstance(key, ed25519.Ed25519PublicKey):
-            key.verify(signature, data)
-        elif kind == "ed448" and isinstance(key, ed448.Ed448PublicKey):
-            key.verify(signature, data)
-        else:
-            raise VerifyError("signature algorithm does not match the key")
-    except InvalidSignature as exc:
-        raise VerifyError("signature does not verify") from exc
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise VerifyError("public key unusable") from exc
 
 
 @dataclass(frozen=True)
