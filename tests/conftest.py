@@ -258,7 +258,7 @@ def homes():
 
 # The files `donjon init` writes that name the state folder itself (SoftHSM2 finds its tokens through them);
 # everything else in a state folder (token objects, CMDB, its wrapped key, PIN files) is position-free.
-PATH_FILES = ("softhsm/softhsm2.conf", "ocsp-token/softhsm2.conf")
+PATH_FILES = ("softhsm/softhsm2.conf", "ocsp-token/softhsm2.conf", "gateway-token/softhsm2.conf")
 
 
 def copy_home(src: Path, dst: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .tenants import *  # each link module sees the messages of those before it
+from .gateway import *  # each link module sees the messages of those before it
 from .common import _Msg
 
 
