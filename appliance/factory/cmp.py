@@ -32,6 +32,10 @@ MAX_FAILURES = 10  # consecutive wrong MACs before a reference is locked (an onl
 CMC_RA = x509.ObjectIdentifier("1.3.6.1.5.5.7.3.28")
 REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BACKDATE = 60
+PROTECTION_PROFILE = "tls-client"  # digitalSignature: what openssl cmp wants of a CMP signer certificate
+PROTECTION_DAYS = 90
+# The gateway-link messages this module answers (GatewayService hands them over).
+CMP_REQUESTS = (S.CmpCheck, S.CmpEnroll, S.CmpPoll, S.CmpConfirm, S.CmpRevoke, S.CmpInfo, S.CmpProtectionCert)
 
 
 @dataclass
@@ -80,6 +84,38 @@ def _spki_content(spki: bytes) -> bytes:
 class CmpService:
     def __init__(self, host: CmpHost) -> None:
         self.h = host
+
+    async def answer(self, msg: Any) -> Any:
+        self.h.store.require_active()
+        if isinstance(msg, S.CmpCheck):
+            return await self.mac_check(msg)
+        if isinstance(msg, S.CmpEnroll):
+            return await self.enrol(msg)
+        if isinstance(msg, S.CmpPoll):
+            return await self.poll(msg)
+        if isinstance(msg, S.CmpConfirm):
+            return await self.confirm(msg)
+        if isinstance(msg, S.CmpRevoke):
+            return await self.revoke(msg)
+        if isinstance(msg, S.CmpInfo):
+            return await self.info(msg)
+        return await self.protection_cert(msg)
+
+    async def protection_cert(self, msg: S.CmpProtectionCert) -> S.GwIssued | S.GwRefused:
+        """The gateway's CMP protection certificate, for the key in its own token (first issuing CA, tls-client profile)."""
+        actor = "gateway/cmp-protection"
+        rows = await self.h.store.run(self.h.store.ca_rows)
+        subs = sorted(r[0] for r in rows if r[2] is not None) or sorted(r[0] for r in rows)
+        if not subs:
+            return S.GwRefused(id=msg.id, code="not-found", reason="no CA to issue from")
+        try:
+            serialization.load_der_public_key(msg.spki)
+            cert = await self._issue(subs[0], PROTECTION_PROFILE, msg.spki, (("CN", "Donjon CMP gateway"),), (), actor, "gateway",
+                                     days=PROTECTION_DAYS, record=False)
+        except (ValueError, FactoryError) as e:
+            return await self._refuse(actor, subs[0], msg.id, "policy", getattr(e, "reason", "not a public key"))
+        return S.GwIssued(id=msg.id, cert=cert.public_bytes(serialization.Encoding.DER), chain=(await self.h.ca_chain(subs[0]))[:8],
+                          serial=serial_bytes(cert.serial_number))
 
     # ------------------------------------------------------------ officers: credentials and approvals
 
@@ -223,13 +259,14 @@ class CmpService:
 
     # ------------------------------------------------------------ the gateway: credential checks
 
-    async def _credential(self, ev: S.CmpEvidence, actor: str) -> Cred:
-        """The credential that protects the message, checked again; FactoryError("auth") if it does not hold."""
+    async def _credential(self, ev: S.CmpEvidence, actor: str, enrol: bool = False) -> Cred:
+        """The credential that protects the message, checked again; FactoryError("auth") if it does not hold.
+        Uses are counted by enrolments only: a used-up secret still polls, confirms and revokes what it obtained."""
         if ev.kind == "mac":
-            return await self._mac(ev, actor)
+            return await self._mac(ev, actor, enrol)
         return await self._signer(ev, actor)
 
-    async def _mac(self, ev: S.CmpEvidence, actor: str) -> Cred:
+    async def _mac(self, ev: S.CmpEvidence, actor: str, enrol: bool) -> Cred:
         if ev.mac is None:
             raise FactoryError("auth", "MAC evidence without parameters")
         spec = cmpmac.MacSpec(kind=ev.mac.kind, salt=ev.mac.salt, iterations=ev.mac.iterations, owf=ev.mac.owf, mac=ev.mac.mac,
@@ -248,7 +285,7 @@ class CmpService:
             why = "reference revoked"
         elif row[6] < now:
             why = "reference expired"
-        elif row[5] == 0:
+        elif row[5] == 0 and enrol:
             why = "reference used up"
         elif row[7] >= MAX_FAILURES:
             why = f"reference locked after {MAX_FAILURES} wrong MACs"
@@ -311,7 +348,7 @@ class CmpService:
         actor = f"gateway/cmp:{msg.evidence.ref}"[:400]
         obj = "-"
         try:
-            cred = await self._credential(msg.evidence, actor)
+            cred = await self._credential(msg.evidence, actor, enrol=True)
             obj = cred.ca
             spki, subject, sans = msg.spki, tuple(msg.subject), tuple(msg.sans)
             if msg.csr is not None:
@@ -391,7 +428,8 @@ class CmpService:
                 return db.db.last_insert_rowid()
         return await self.h.store.run(w)
 
-    async def _issue(self, ca: str, profile_name: str, spki: bytes, subject, sans, actor: str, ref: str) -> x509.Certificate:
+    async def _issue(self, ca: str, profile_name: str, spki: bytes, subject, sans, actor: str, ref: str, days: int | None = None,
+                     record: bool = True) -> x509.Certificate:
         profile = self._profile(profile_name)
         await self.h.check_issuer(ca, profile, actor, "issue")
         ca_row = await self.h.store.run(self.h.store.ca_row, ca)
@@ -401,8 +439,10 @@ class CmpService:
         now = int(time.time()) - BACKDATE
         serial = _new_serial()
         item = S.IssueItem(profile=profile_name, spki=spki, subject=tuple(subject), sans=tuple(sans), serial=serial_bytes(serial),
-                           validity=S.Validity(now, min(now + profile.max_validity_days * 86400 - 1, ca_end)))
+                           validity=S.Validity(now, min(now + min(days or 10**6, profile.max_validity_days) * 86400 - 1, ca_end)))
         cert = await self.h.issue_one(ca, item, serial, actor, "issue", None, f"{profile_name} {_rfc4514(subject)} (CMP, {ref})")
+        if not record:
+            return cert
 
         def w() -> None:
             db = self.h.store.require_active()

@@ -30,6 +30,7 @@ from policy import profiles as profmod
 from policy.errors import PolicyError
 
 from .cmdb import serial_bytes, serial_int
+from .cmp import CMP_REQUESTS
 from .errors import FactoryError, _log
 from .store import Store
 
@@ -69,6 +70,7 @@ def new_serial() -> int:
 class GatewayService:
     def __init__(self, host: GatewayHost):
         self.h = host
+        self.extra: Callable[[Any], Awaitable[Any]] | None = None  # another protocol's messages (CMP: factory/cmp.py)
         self.stats = {"issued": 0, "refused": 0}
 
     # ------------------------------------------------------------ the link
@@ -131,6 +133,8 @@ class GatewayService:
             return await self.state_get(msg)
         if isinstance(msg, S.GwStatePut):
             return await self.state_put(msg)
+        if self.extra is not None and isinstance(msg, CMP_REQUESTS):
+            return await self.extra(msg)
         raise ProtocolViolation(f"factory-gateway: unexpected {type(msg).__name__}")
 
     # ------------------------------------------------------------ enrolment

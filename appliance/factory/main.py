@@ -22,6 +22,7 @@ from . import admin
 from .checkpoints import Checkpoints
 from .cis_link import CisLink
 from .cmdb import CmdbError
+from .cmp import CmpHost, CmpService
 from .gateway import GatewayHost, GatewayService
 from .officers import Conn, Officers
 from .service import Factory, FactoryError, _log
@@ -241,6 +242,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         f.checkpoints = Checkpoints(f.store, f.cis, cfg.checkpoint_seconds, f.send_event)
         gateway.append(GatewayService(GatewayHost(f.store, cfg, f.profiles, f.issue, f._issue_one, f.revoke, f.check_issuer,
                                                   f.ca_chain, f.audit)))
+        f.cmp = CmpService(CmpHost(f.store, f.profiles, f._issue_one, f.revoke, f.check_issuer, f.ca_chain, f.audit))
+        gateway[0].extra = f.cmp.answer  # CMP's messages on the gateway link
 
     async def cis_liveness(link: CisLink) -> None:
         state = "responsive" if link.responsive else "unresponsive"

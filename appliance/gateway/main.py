@@ -60,8 +60,12 @@ def routes(ctx: Context) -> list[Route]:
         out += acme.routes(ctx, ACME_BODY_CAP)
     else:
         out.append(Route("/acme/", not_implemented("ACME")))
+    if "cmp" in ctx.cfg.protocols:
+        from .cmp import route as cmp  # imported here, before the drop (routes() runs in setup)
+        out += cmp.routes(ctx)
     for proto, (prefix, cap) in PLACEHOLDERS.items():
-        out.append(Route(prefix, not_implemented(proto.upper()), body_cap=cap))
+        if not (proto == "cmp" and "cmp" in ctx.cfg.protocols):
+            out.append(Route(prefix, not_implemented(proto.upper()), body_cap=cap))
     return out
 
 

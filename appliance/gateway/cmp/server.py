@@ -116,7 +116,7 @@ Signer = Callable[[bytes], Awaitable[bytes]]
 class CmpServer:
     """Answers one PKIMessage at a time (bytes in, bytes out); keeps its transactions in memory."""
 
-    def __init__(self, responder: P.Responder, sign: Signer, backend: Backend, *, allow_implicit_confirm: bool = True) -> None:
+    def __init__(self, responder: P.Responder | None, sign: Signer, backend: Backend, *, allow_implicit_confirm: bool = True) -> None:
         self.responder = responder
         self.sign = sign
         self.backend = backend
@@ -143,6 +143,7 @@ class CmpServer:
     async def _reply(self, req: P.Request | None, body: object, *, implicit: bool = False, extra: tuple[bytes, ...] = (),
                      txn: Txn | None = None) -> bytes:
         nonce = os.urandom(P.NONCE_LEN)
+        assert self.responder is not None  # the route answers 503 until the protection certificate is there
         header, part = P.prepare(self.responder, req, body, nonce=nonce, implicit_confirm=implicit)  # type: ignore[arg-type]
         if txn is not None:
             txn.last_nonce = nonce

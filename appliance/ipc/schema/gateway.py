@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .tenants import *  # each link module sees the messages of those before it
+from .cmp import *  # each link module sees the messages of those before it
 from .common import _Msg
 
 # ---------------------------------------------------------------- supervisor <-> gateway
@@ -214,6 +214,7 @@ class GwState(_Msg, tag="gw-state"):
     value: Annotated[bytes, msgspec.Meta(max_length=64 * 1024)] | None
 
 
-GatewayToFactory = Union[Hello, GwEnroll, GwPoll, GwRevoke, GwCertStatus, GwEabCheck, GwTlsRequest, GwStateGet, GwStatePut]
+GatewayToFactory = Union[Hello, GwEnroll, GwPoll, GwRevoke, GwCertStatus, GwEabCheck, GwTlsRequest, GwStateGet, GwStatePut,
+                         CmpCheck, CmpEnroll, CmpPoll, CmpConfirm, CmpRevoke, CmpInfo, CmpProtectionCert]
 
-FactoryToGateway = Union[Hello, GwIssued, GwPending, GwRefused, GwRevoked, GwCertInfo, GwEabResult, GwState, Ok]
+FactoryToGateway = Union[Hello, GwIssued, GwPending, GwRefused, GwRevoked, GwCertInfo, GwEabResult, GwState, Ok, CmpChecked, CmpInfoReply]
