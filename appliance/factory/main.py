@@ -240,9 +240,9 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         f.sup_send = sup.send
         f.officers = Officers(f)
         f.checkpoints = Checkpoints(f.store, f.cis, cfg.checkpoint_seconds, f.send_event)
-        gateway.append(GatewayService(GatewayHost(f.store, cfg, f.profiles, f.issue, f._issue_one, f.revoke, f.check_issuer,
+        gateway.append(GatewayService(GatewayHost(f.store, cfg, f.profiles, f.issue, f.issuance.issue_one, f.revoke, f.check_issuer,
                                                   f.ca_chain, f.audit)))
-        f.cmp = CmpService(CmpHost(f.store, f.profiles, f._issue_one, f.revoke, f.check_issuer, f.ca_chain, f.audit))
+        f.cmp = CmpService(CmpHost(f.store, f.profiles, f.issuance.issue_one, f.revoke, f.check_issuer, f.ca_chain, f.audit))
         gateway[0].extra = f.cmp.answer  # CMP's messages on the gateway link
 
     async def cis_liveness(link: CisLink) -> None:
