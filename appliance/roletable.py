@@ -150,7 +150,10 @@ def _gateway(h: Host, name: str) -> Launch:
     conf = os.path.join(h.layout.gateway_token, "softhsm2.conf")
     host, _, port = g.listen.rpartition(":")
     bound = h.gateway_listen.getsockname()[1] if h.gateway_listen is not None else port
-    base = g.base_url or f"https://{g.tls_names[0]}:{bound}"
+    # Clients reach it by the listen address when that is a name of its certificate, else by the first name.
+    lhost = host.strip("[]")
+    shown = lhost if lhost in g.tls_names else g.tls_names[0]
+    base = g.base_url or f"https://{'[' + shown + ']' if ':' in shown else shown}:{bound}"
     a = g.acme
     profiles = [S.AcmeProfile(name=p.name, profile=p.profile, ca=p.ca, description=p.description) for p in a.profile] \
         or [S.AcmeProfile(name="default", profile="tls-server", ca=g.tls_ca, description="TLS server (tls-server)")]

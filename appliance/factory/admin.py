@@ -165,6 +165,11 @@ async def _cmp_decide(ctx: Ctx, req: S.ACmpDecide) -> S.CmpRequestListReply:
 
 R = S.Reply
 # The table. A request type missing here is refused to everyone (fail closed), and a test fails.
+async def _eab(ctx: Ctx, req) -> Any:
+    from .gateway import eab_admin  # the gateway's EAB keys live with the rest of its Factory side
+    return await eab_admin(ctx.f.store, ctx.f.audit, ctx.actor, req)
+
+
 TABLE: dict[type, AdminOp] = {
     S.AStatus: AdminOp(PUBLIC, None, lambda c, r: c.f.status(), R),
     S.AActivate: AdminOp(PUBLIC, None, lambda c, r: c.f.activate(r.pin, c.actor), R),
@@ -232,6 +237,9 @@ TABLE: dict[type, AdminOp] = {
     S.ACmpCredentialRevoke: AdminOp(OPER, None, lambda c, r: c.f.cmp.credential_revoke(r.ref, c.actor), S.CmpCredentialListReply),
     S.ACmpRequestList: AdminOp(ANY, None, lambda c, r: c.f.cmp.request_list(r.open_only), S.CmpRequestListReply),
     S.ACmpDecide: AdminOp(OPER, None, _cmp_decide, S.CmpRequestListReply, session_bound=True),
+    S.AAcmeEabAdd: AdminOp(ADMIN, None, _eab, S.EabReply),
+    S.AAcmeEabList: AdminOp(ANY, None, _eab, S.EabListReply),
+    S.AAcmeEabRevoke: AdminOp(ADMIN, None, _eab, S.EabReply),
 }
 
 

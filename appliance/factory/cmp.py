@@ -114,7 +114,7 @@ class CmpService:
                                      days=PROTECTION_DAYS, record=False)
         except (ValueError, FactoryError) as e:
             return await self._refuse(actor, subs[0], msg.id, "policy", getattr(e, "reason", "not a public key"))
-        return S.GwIssued(id=msg.id, cert=cert.public_bytes(serialization.Encoding.DER), chain=(await self.h.ca_chain(subs[0]))[:8],
+        return S.GwIssued(id=msg.id, ca=subs[0], cert=cert.public_bytes(serialization.Encoding.DER), chain=(await self.h.ca_chain(subs[0]))[:8],
                           serial=serial_bytes(cert.serial_number))
 
     # ------------------------------------------------------------ officers: credentials and approvals
@@ -394,7 +394,7 @@ class CmpService:
             cert = await self._issue(cred.ca, cred.profile, spki, subject, sans, f"{actor} ({msg.op})", cred.ref)
         except FactoryError as e:
             return await self._refuse(actor, obj, msg.id, "policy", e.reason)
-        return S.GwIssued(id=msg.id, cert=cert.public_bytes(serialization.Encoding.DER), chain=(await self.h.ca_chain(cred.ca))[:8],
+        return S.GwIssued(id=msg.id, ca=cred.ca, cert=cert.public_bytes(serialization.Encoding.DER), chain=(await self.h.ca_chain(cred.ca))[:8],
                           serial=serial_bytes(cert.serial_number))
 
     def _profile(self, name: str) -> profmod.Profile:
@@ -472,7 +472,7 @@ class CmpService:
             return S.GwPending(id=msg.id, request_id=msg.request_id, retry_after=1)
         if state == "issued" and der is not None:
             cert = x509.load_der_x509_certificate(bytes(der))
-            return S.GwIssued(id=msg.id, cert=bytes(der), chain=(await self.h.ca_chain(ca))[:8], serial=serial_bytes(cert.serial_number))
+            return S.GwIssued(id=msg.id, ca=ca, cert=bytes(der), chain=(await self.h.ca_chain(ca))[:8], serial=serial_bytes(cert.serial_number))
         return S.GwRefused(id=msg.id, code="policy", reason=(reason or state)[:4000])
 
     async def confirm(self, msg: S.CmpConfirm) -> S.Ok | S.GwRefused:

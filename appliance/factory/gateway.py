@@ -236,7 +236,7 @@ class GatewayService:
                     db.audit(actor, "gateway-replaces", f"{ca}/{cert.serial_number:x}", "ok", f"replaces {msg.replaces}"[:4000])
         await self.h.store.run(record)
         self.stats["issued"] += 1
-        return S.GwIssued(id=msg.id, cert=out.cert, chain=(await self.h.ca_chain(ca))[:8], serial=sb)
+        return S.GwIssued(id=msg.id, ca=ca, cert=out.cert, chain=(await self.h.ca_chain(ca))[:8], serial=sb)
 
     # ------------------------------------------------------------ revocation and status
 
@@ -356,7 +356,7 @@ class GatewayService:
         item = S.IssueItem(profile=TLS_PROFILE, spki=msg.spki, subject=(("CN", names[0][:64]),), sans=tuple(sans),
                            serial=serial_bytes(serial), validity=S.Validity(now, min(now + TLS_DAYS * 86400, ca_end)))
         cert = await self.h.issue_one(ca, item, serial, actor, "gateway-tls", None, "the gateway's HTTPS server certificate")
-        return S.GwIssued(id=msg.id, cert=cert.public_bytes(serialization.Encoding.DER),
+        return S.GwIssued(id=msg.id, ca=ca, cert=cert.public_bytes(serialization.Encoding.DER),
                           chain=(await self.h.ca_chain(ca))[:8], serial=serial_bytes(serial))
 
     # ------------------------------------------------------------ key-value state
@@ -381,4 +381,46 @@ class GatewayService:
 def eab_new(kid: str | None = None) -> tuple[str, bytes]:
     """A fresh EAB key id and 256-bit HMAC key."""
     return kid or secrets.token_urlsafe(12), secrets.token_bytes(32)
+
+
+async def eab_admin(store: Store, audit: Callable[..., Awaitable[None]], actor: str, req) -> S.EabReply | S.EabListReply:
+    """Officers' EAB keys (RFC 8555 §7.3.4): made, listed, revoked; each change audited."""
+    def info(r) -> S.EabInfo:
+        return S.EabInfo(kid=r[0], created_by=r[1], created_at=r[2], profiles=tuple(r[3].split()), name_patterns=tuple(r[4].split()),
+                         account=r[5], revoked_at=r[6])
+    cols = "kid, created_by, created_at, profiles, name_patterns, account, revoked_at"
+    if isinstance(req, S.AAcmeEabList):
+        rows = await store.run(lambda: store.require_active().db.execute(f"SELECT {cols} FROM gateway_eab ORDER BY created_at").fetchall())
+        return S.EabListReply(id=req.id, keys=[info(r) for r in rows])
+    if isinstance(req, S.AAcmeEabAdd):
+        kid, key = eab_new()
+        now = int(time.time())
+
+        def add():
+            db = store.require_active()
+            with db.tx():
+                db.db.execute("INSERT INTO gateway_eab (kid, hmac_key, created_by, created_at, profiles, name_patterns) VALUES (?,?,?,?,?,?)",
+                              (kid, key, actor, now, " ".join(req.profiles), " ".join(req.name_patterns)))
+                db.audit(actor, "acme-eab-add", kid, "ok", f"profiles={','.join(req.profiles) or 'all'} "
+                                                           f"names={','.join(req.name_patterns) or 'any the gateway allows'}")
+            return db.db.execute(f"SELECT {cols} FROM gateway_eab WHERE kid=?", (kid,)).fetchone()
+        row = await store.run(add)
+        return S.EabReply(id=req.id, eab=info(row), hmac_key=base64.urlsafe_b64encode(key).rstrip(b"=").decode())
+    kid = req.kid
+
+    def revoke():
+        db = store.require_active()
+        with db.tx():
+            row = db.db.execute(f"SELECT {cols} FROM gateway_eab WHERE kid=?", (kid,)).fetchone()
+            if row is None:
+                db.audit(actor, "acme-eab-revoke", kid, "refused", "no such EAB key")
+                return None
+            if row[6] is None:
+                db.db.execute("UPDATE gateway_eab SET revoked_at=? WHERE kid=?", (int(time.time()), kid))
+                db.audit(actor, "acme-eab-revoke", kid, "ok", f"account {row[5] or '-'}")
+            return db.db.execute(f"SELECT {cols} FROM gateway_eab WHERE kid=?", (kid,)).fetchone()
+    row = await store.run(revoke)
+    if row is None:
+        raise FactoryError("not-found", f"no EAB key {kid!r}")
+    return S.EabReply(id=req.id, eab=info(row))
 

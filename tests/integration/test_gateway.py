@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.acmeenv import Knot, free_port
 from tests.conftest import Appliance, _variant, copy_home, make_ceremony
 
 GATEWAY_TOML = """
@@ -24,11 +25,43 @@ listen = "127.0.0.1:0"
 tls-names = ["gw.donjon.test", "127.0.0.1"]
 validation-networks = ["127.0.0.0/8"]
 """
+# Per run (after the template is copied): the resolver and the ports validation connects to.
+ACME_TOML = """
+[gateway.acme]
+resolver = "127.0.0.1:{dns}"
+http01-port = {http}
+tlsalpn01-port = {alpn}
+[[gateway.acme.profile]]
+name = "classic"
+profile = "tls-server"
+ca = "issuing"
+description = "TLS server certificate, 90 days, with CRL and OCSP"
+[[gateway.acme.profile]]
+name = "shortlived"
+profile = "acme-short"
+ca = "issuing"
+description = "7 days, no CRL DP or OCSP URL"
+"""
+SHORT_PROFILE = """kind = "end-entity"
+key_types = ["rsa2048", "rsa3072", "rsa4096", "p256", "p384"]
+key_usage = ["digital_signature"]
+extended_key_usage = ["serverAuth"]
+san_types = ["dns", "ip"]
+san_required = true
+crl_dp = false
+aia = false
+max_validity_days = 7
+lint = true
+
+[[subject]]
+attr = "CN"
+presence = "optional"
+"""
 
 
 @pytest.fixture(scope="module")
 def gw(src_path, home_templates):
-    """One appliance with the gateway on, for the whole module."""
+    """One appliance with the gateway and ACME on, and the DNS it resolves through, for the whole module."""
     base = Path(tempfile.mkdtemp(prefix="donjon-gw-"))
     os.chmod(base, 0o711)
     ceremony = make_ceremony(base / "ceremony.toml")
@@ -36,14 +69,23 @@ def gw(src_path, home_templates):
     a = Appliance(base / "gw", src_path)
     copy_home(t.home, a.home)
     a.template, a.officers = t.home, dict(t.officers)
+    knot = Knot(base / "knot").start()
+    a.knot = knot
+    a.http_port, a.alpn_port = free_port(), free_port()
+    with open(a.home / "donjon.toml", "a") as f:
+        f.write(ACME_TOML.format(dns=knot.port, http=a.http_port, alpn=a.alpn_port))
+    (a.home / "profiles").mkdir(exist_ok=True)
+    (a.home / "profiles" / "acme-short.toml").write_text(SHORT_PROFILE)
     try:
         a.start()
         a.chain = base / "chain.pem"
         a.export("root", a.chain)
+        a.issuing = a.export("issuing", base / "issuing.pem")
         wait_https(a)
         yield a
     finally:
         a.stop()
+        knot.stop()
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -146,3 +188,221 @@ def test_the_gateway_runs_as_its_own_user_and_is_restarted(gw):
         raise AssertionError("the gateway was not restarted")
     wait_https(gw)
     assert curl(gw, "/acme/directory")[0] == 200  # the same certificate, its key read back from the token
+
+
+# ---------------------------------------------------------------- ACME with real clients
+
+
+def acme_directory(a: Appliance) -> str:
+    return gateway_url(a) + "/acme/directory"
+
+
+def verify(a: Appliance, cert: Path) -> str:
+    """`openssl verify -x509_strict` against the root, the issuing CA as the untrusted intermediate."""
+    r = subprocess.run(["openssl", "verify", "-x509_strict", "-CAfile", str(a.chain), "-untrusted", str(a.issuing),
+                        "-purpose", "sslserver", str(cert)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return subprocess.run(["openssl", "x509", "-noout", "-text", "-in", str(cert)], capture_output=True, text=True).stdout
+
+
+def ocsp_status(a: Appliance, cert: Path, want: str, timeout: float = 30) -> str:
+    """Poll the endpoint until the certificate's status is `want` (responses are signed right after
+    issuance or revocation); the last status seen otherwise."""
+    deadline = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < deadline:
+        r = subprocess.run(["openssl", "ocsp", "-issuer", str(a.issuing), "-cert", str(cert), "-url", a.endpoint + "/ocsp",
+                            "-CAfile", str(a.chain), "-no_nonce"], capture_output=True, text=True, timeout=30)
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith(str(cert) + ":")), "")
+        status = line.split(":", 1)[1].strip() if line else (r.stderr.strip()[-200:] or "no answer")
+        if status == want:
+            return status
+        time.sleep(0.3)
+    return status
+
+
+def first_cert(pem_chain: Path, out: Path) -> Path:
+    text = pem_chain.read_text()
+    end = "-----END CERTIFICATE-----"
+    out.write_text(text[: text.index(end) + len(end)] + "\n")
+    return out
+
+
+def test_certbot_standalone_http01_revoke_ari_renewal_profiles(gw, tmp_path):
+    from tests.acmeenv import CERTBOT, clean_env
+    d = tmp_path / "certbot"
+    env = clean_env(REQUESTS_CA_BUNDLE=str(gw.chain))
+    common = ["--server", acme_directory(gw), "--config-dir", str(d / "conf"), "--work-dir", str(d / "work"),
+              "--logs-dir", str(d / "logs"), "--non-interactive"]
+
+    def certbot(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run([CERTBOT, *args, *common], env=env, capture_output=True, text=True, timeout=120)
+        if check:
+            assert r.returncode == 0, f"certbot {' '.join(args)}:\n{r.stdout}\n{r.stderr}\n{gw.log.read_text()[-3000:]}"
+        return r
+    certbot("register", "--agree-tos", "--register-unsafely-without-email")
+    certbot("certonly", "--standalone", "--http-01-address", "127.0.0.1", "--http-01-port", str(gw.http_port),
+            "-d", "certbot.donjon.test", "--cert-name", "cb", "--required-profile", "classic", "--key-type", "ecdsa")
+    live = d / "conf" / "live" / "cb"
+    text = verify(gw, live / "cert.pem")
+    assert "DNS:certbot.donjon.test" in text and "CRL Distribution Points" in text and "OCSP - URI" in text
+    assert ocsp_status(gw, live / "cert.pem", "good") == "good"
+    first = (live / "cert.pem").read_text()
+    # Revocation with the account key: OCSP says revoked; ARI then moves the renewal window to now, and a
+    # plain `certbot renew` (no --force-renewal: certbot renews when renewalInfo says so) gets a new one.
+    certbot("revoke", "--cert-path", str(live / "cert.pem"), "--reason", "keycompromise", "--no-delete-after-revoke")
+    assert ocsp_status(gw, live / "cert.pem", "revoked") == "revoked"
+    r = certbot("renew", "--no-random-sleep-on-renew", "--cert-name", "cb", "--standalone", "--http-01-address", "127.0.0.1",
+                "--http-01-port", str(gw.http_port))
+    assert (live / "cert.pem").read_text() != first, r.stdout
+    verify(gw, live / "cert.pem")
+    assert ocsp_status(gw, live / "cert.pem", "good") == "good"
+    assert "gateway/acme:" in gw.cli("audit", "export").stdout.decode()
+    # The short-lived profile: no CRL DP, no AIA, at most 7 days.
+    certbot("certonly", "--standalone", "--http-01-address", "127.0.0.1", "--http-01-port", str(gw.http_port),
+            "-d", "short.donjon.test", "--cert-name", "short", "--required-profile", "shortlived", "--key-type", "ecdsa")
+    text = verify(gw, d / "conf" / "live" / "short" / "cert.pem")
+    assert "CRL Distribution Points" not in text and "OCSP - URI" not in text
+
+
+def _lego(gw: Appliance, path: Path, *args: str, eab: tuple[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    from tests.acmeenv import clean_env
+    env = clean_env(LEGO_CA_CERTIFICATES=str(gw.chain), RFC2136_NAMESERVER=gw.knot.server, RFC2136_PROPAGATION_TIMEOUT="10",
+                    RFC2136_POLLING_INTERVAL="1")
+    argv = ["lego", "--server", acme_directory(gw), "--path", str(path), "--email", "lego@donjon.test", "--accept-tos",
+            "--key-type", "ec256"]
+    if eab:
+        argv += ["--eab", "--kid", eab[0], "--hmac", eab[1]]
+    r = subprocess.run(argv + list(args), env=env, capture_output=True, text=True, timeout=120)
+    if check:
+        assert r.returncode == 0, f"lego {' '.join(args)}:\n{r.stdout}\n{r.stderr}\n{gw.log.read_text()[-3000:]}"
+    return r
+
+
+def test_lego_http01_tlsalpn01_dns01_renew_revoke(gw, tmp_path):
+    path = tmp_path / "lego"
+    ways = {"lego-http.donjon.test": ["--http", "--http.port", f"127.0.0.1:{gw.http_port}"],
+            "lego-alpn.donjon.test": ["--tls", "--tls.port", f"127.0.0.1:{gw.alpn_port}"],
+            "*.lego-dns.donjon.test": ["--dns", "rfc2136", "--dns.resolvers", gw.knot.server, "--dns.disable-cp"]}
+    for name, how in ways.items():
+        _lego(gw, path, "-d", name, *how, "run")
+        crt = path / "certificates" / (name.replace("*", "_") + ".crt")
+        leaf = first_cert(crt, tmp_path / "leaf.pem")
+        assert f"DNS:{name}" in verify(gw, leaf)
+        assert ocsp_status(gw, leaf, "good") == "good"
+    # Renew (forced by --days) and revoke the http-01 one.
+    name, how = "lego-http.donjon.test", ways["lego-http.donjon.test"]
+    before = (path / "certificates" / f"{name}.crt").read_text()
+    _lego(gw, path, "-d", name, *how, "renew", "--days", "1000")
+    assert (path / "certificates" / f"{name}.crt").read_text() != before
+    leaf = first_cert(path / "certificates" / f"{name}.crt", tmp_path / "renewed.pem")
+    verify(gw, leaf)
+    _lego(gw, path, "-d", name, "revoke")
+    assert ocsp_status(gw, leaf, "revoked") == "revoked"
+    # A wildcard is only validated through dns-01: http-01 is not even offered for it.
+    r = _lego(gw, path, "-d", "*.nohttp.donjon.test", *ways["lego-http.donjon.test"], "run", check=False)
+    assert r.returncode != 0 and not (path / "certificates" / "_.nohttp.donjon.test.crt").exists()
+
+
+def test_lego_with_eab_made_by_an_officer(gw, tmp_path):
+    doc = json.loads(gw.cli("acme", "eab-add", "--name", "*.eab.donjon.test", "--profile", "classic", "--json",
+                            officer="admin").stdout)
+    kid, key = doc["eab"]["kid"], doc["hmac_key"]
+    path = tmp_path / "lego-eab"
+    http = ["--http", "--http.port", f"127.0.0.1:{gw.http_port}"]
+    _lego(gw, path, "-d", "a.eab.donjon.test", *http, "run", eab=(kid, key))
+    verify(gw, first_cert(path / "certificates" / "a.eab.donjon.test.crt", tmp_path / "eab.pem"))
+    # The key's name patterns bind its account: another name is refused, nothing issued.
+    r = _lego(gw, path, "-d", "other.donjon.test", *http, "run", check=False)
+    assert r.returncode != 0 and "rejectedIdentifier" in r.stdout + r.stderr
+    # A second account cannot reuse the key; a wrong HMAC is refused.
+    r = _lego(gw, tmp_path / "lego-eab2", "-d", "b.eab.donjon.test", *http, "run", eab=(kid, key), check=False)
+    assert r.returncode != 0 and "bound to another account" in r.stdout + r.stderr
+    listed = json.loads(gw.cli("acme", "eab-list", "--json").stdout)["keys"]
+    assert any(k["kid"] == kid and k.get("account") for k in listed)
+    # Revoked by an officer: the account obtains nothing more.
+    gw.cli("acme", "eab-revoke", kid, officer="admin")
+    r = _lego(gw, path, "-d", "c.eab.donjon.test", *http, "run", check=False)
+    assert r.returncode != 0 and not (path / "certificates" / "c.eab.donjon.test.crt").exists()
+    audit = gw.cli("audit", "export").stdout.decode()
+    assert "acme-eab-add" in audit and "eab-bind" in audit and "acme-eab-revoke" in audit
+
+
+UACME_HOOK = """#!/bin/sh
+# uacme's challenge hook: METHOD TYPE IDENT TOKEN AUTH; http-01 only (a non-zero answer declines the type).
+case "$1:$2" in
+  begin:http-01) printf '%s' "$5" > "{root}/.well-known/acme-challenge/$4"; exit 0;;
+  done:http-01|failed:http-01) rm -f "{root}/.well-known/acme-challenge/$4"; exit 0;;
+  *) exit 1;;
+esac
+"""
+
+
+def test_uacme_http01_hook_key_rollover_renew_revoke(gw, tmp_path):
+    """uacme (libcurl with GnuTLS, no CA option): run in a private mount namespace where the system
+    trust store is the test root, so nothing of the machine's own trust changes."""
+    from tests.acmeenv import WebRoot, clean_env
+    root, conf = tmp_path / "www", tmp_path / "uacme"
+    web = WebRoot(root, gw.http_port).start()
+    hook = tmp_path / "hook.sh"
+    hook.write_text(UACME_HOOK.replace("{root}", str(root)))
+    hook.chmod(0o755)
+    bundle = tmp_path / "trust.pem"
+    bundle.write_text(gw.chain.read_text())
+
+    def uacme(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        inner = " ".join(["uacme", "-v", "-a", acme_directory(gw), "-c", str(conf), "-h", str(hook), "-t", "EC", *args])
+        r = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {bundle} /etc/ssl/certs/ca-certificates.crt && exec {inner}"],
+                           env=clean_env(), capture_output=True, text=True, timeout=120)
+        if check:
+            assert r.returncode == 0, f"uacme {' '.join(args)}:\n{r.stdout}\n{r.stderr[-3000:]}\n{gw.log.read_text()[-2000:]}"
+        return r
+    try:
+        uacme("-y", "new", "uacme@donjon.test")
+        uacme("newkey")  # account key rollover (RFC 8555 §7.3.5)
+        uacme("issue", "uacme.donjon.test")
+        cert = conf / "uacme.donjon.test" / "cert.pem"
+        leaf = first_cert(cert, tmp_path / "leaf.pem")
+        assert "DNS:uacme.donjon.test" in verify(gw, leaf)
+        assert ocsp_status(gw, leaf, "good") == "good"
+        before = cert.read_text()
+        uacme("-f", "issue", "uacme.donjon.test")  # renew (forced), with the rolled-over key
+        assert cert.read_text() != before
+        leaf = first_cert(cert, tmp_path / "renewed.pem")
+        verify(gw, leaf)
+        uacme("revoke", str(cert))
+        assert ocsp_status(gw, leaf, "revoked") == "revoked"
+    finally:
+        web.stop()
+
+
+def test_dehydrated_http01_renew_revoke(gw, tmp_path):
+    from tests.acmeenv import WebRoot, clean_env
+    root, base = tmp_path / "www", tmp_path / "dehydrated"
+    web = WebRoot(root, gw.http_port).start()
+    base.mkdir()
+    cfg = base / "config"
+    cfg.write_text(f'CA="{acme_directory(gw)}"\nCHALLENGETYPE="http-01"\nWELLKNOWN="{root}/.well-known/acme-challenge"\n'
+                   f'BASEDIR="{base}"\nKEY_ALGO="prime256v1"\nCONTACT_EMAIL="dehydrated@donjon.test"\n')
+    env = clean_env(CURL_CA_BUNDLE=str(gw.chain))
+
+    def dehydrated(*args: str) -> subprocess.CompletedProcess:
+        r = subprocess.run(["dehydrated", "--config", str(cfg), *args], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"dehydrated {' '.join(args)}:\n{r.stdout}\n{r.stderr}\n{gw.log.read_text()[-2000:]}"
+        return r
+    try:
+        dehydrated("--register", "--accept-terms")
+        dehydrated("-c", "-d", "dehydrated.donjon.test")
+        cert = base / "certs" / "dehydrated.donjon.test" / "cert.pem"
+        assert "DNS:dehydrated.donjon.test" in verify(gw, cert)
+        assert ocsp_status(gw, cert, "good") == "good"
+        first = cert.resolve().read_text()
+        dehydrated("-c", "-x", "-d", "dehydrated.donjon.test")  # forced renewal
+        assert cert.resolve().read_text() != first
+        verify(gw, cert)
+        kept = tmp_path / "revoked.pem"  # dehydrated renames what it revoked
+        kept.write_text(cert.resolve().read_text())
+        dehydrated("-r", str(cert.resolve()))
+        assert ocsp_status(gw, kept, "revoked") == "revoked"
+    finally:
+        web.stop()

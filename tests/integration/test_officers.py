@@ -20,12 +20,13 @@ from tests.conftest import PASSWORD
 PUBLIC = {"status", "activate", "activate-shares", "login", "resume", "logout", "ca-list", "officer-unlock-shares"}
 READ = {"ca-show", "ca-export", "cert-show", "cert-list", "crl-export", "ocsp-status", "pending-list", "approve",
         "audit-cert", "audit-checkpoint", "ceremony-record", "ceremony-begin", "ceremony-witness", "ceremony-records", "dist-status", "dist-list", "ocsp-tenant-list",
-        "cmp-credential-list", "cmp-request-list"}
+        "cmp-credential-list", "cmp-request-list", "acme-eab-list"}
 # What the issue asks for, written independently of the Factory's table.
 EXPECTED = {
     "administrator": READ | {"officer-add", "officer-remove", "officer-unlock", "officer-list", "officer-passwd", "officer-totp",
                              "backup", "shutdown-request", "config-set",
-                             "ocsp-tenant-add", "ocsp-tenant-update", "ocsp-tenant-remove", "ocsp-tenant-csr"},
+                             "ocsp-tenant-add", "ocsp-tenant-update", "ocsp-tenant-remove", "ocsp-tenant-csr",
+                             "acme-eab-add", "acme-eab-revoke"},
     "operator": READ | {"ca-create", "ca-sign-csr", "issue", "revoke", "unrevoke", "crl-generate", "ocsp-responder-cert", "reconcile",
                         "ca-create-root", "dist-retry", "ocsp-tenant-crl", "ocsp-tenant-serials",
                         "cmp-credential-add", "cmp-credential-revoke", "cmp-decide"},
@@ -54,6 +55,7 @@ SAMPLES = [
     S.AConfigSet(id=1, key="nope", value="x"),
     S.ACmpCredentialAdd(id=1, ca="nope", profile="nope"), S.ACmpCredentialList(id=1), S.ACmpCredentialRevoke(id=1, ref="nope"),
     S.ACmpRequestList(id=1), S.ACmpDecide(id=1, request=999999, approve=False),
+    S.AAcmeEabAdd(id=1, profiles=("nope",)), S.AAcmeEabList(id=1), S.AAcmeEabRevoke(id=1, kid="nope"),
 ]
 # Sent only where they must be refused (allowed, they stop the appliance: tests/integration/test_console.py).
 DISRUPTIVE = [S.AShutdown(id=1)]

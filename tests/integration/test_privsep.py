@@ -173,5 +173,5 @@ def test_schema_hash_is_pinned():
 PINNED_SCHEMA_HASHES = {
     2: "c13c81ddadbb16a3220f5182b620e99c973910835a5238461e9c83ecb8f82e98",
     3: "04ab501a300ad2df4e9ea7f3353411ca8c2d6c8e9cfda06261e03e1492de4866",
-    4: "4b2ef5289edd473cb7a14f0e4faf393b71debda168cfd208eb96d4c3dae5ebc0",
+    4: "66cb10b9bc3e4eab63e0d23d625a685bd95ec1855ee27461cba055fb312ec060",
 }

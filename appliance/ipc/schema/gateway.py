@@ -108,6 +108,7 @@ class GwPoll(_Msg, tag="gw-poll"):
 
 class GwIssued(_Msg, tag="gw-issued"):
     id: ReqId
+    ca: Name
     cert: Der
     chain: Annotated[list[Der], msgspec.Meta(max_length=8)]  # issuer first, up to the root
     serial: Serial
