@@ -80,7 +80,7 @@ def verify(d: Path, cert: Path) -> None:
     assert r.returncode == 0 and r.stdout.strip().endswith(": OK"), r.stdout + r.stderr
 
 
-@pytest.mark.slow  # the same flows run on the real appliance in tests/integration/test_cmp.py (just test-cmp-layer)
+@pytest.mark.slow  # the same flows run on the real appliance in tests/integration/test_cmp.py (just cmp-slow)
 def test_ir_mac_implicit_confirm_cr_ra_signature_p10cr_kur_rr(env):
     d, pki, issuer, server, url = env
     # ir, MAC (PasswordBasedMac, OpenSSL's default hmac-sha1 and hmac-sha256), implicit confirmation.
@@ -124,7 +124,7 @@ def test_ir_mac_implicit_confirm_cr_ra_signature_p10cr_kur_rr(env):
     assert r.returncode != 0 and "rejection" in r.stderr and "badCertId" in r.stderr
 
 
-@pytest.mark.slow  # the same flows run on the real appliance in tests/integration/test_cmp.py (just test-cmp-layer)
+@pytest.mark.slow  # the same flows run on the real appliance in tests/integration/test_cmp.py (just cmp-slow)
 def test_genm_ca_certs_and_root_update(env):
     d, pki, issuer, server, url = env
     r = openssl_cmp("-cmd", "genm", *base(url, d), *mac(), "-infotype", "caCerts", "-rspout", str(d / "genp.der"))
@@ -140,7 +140,7 @@ def test_genm_ca_certs_and_root_update(env):
     assert r.returncode == 0 and "id-it-rootCaKeyUpdate" in r.stderr, r.stderr
 
 
-@pytest.mark.slow  # the same flows run on the real appliance in tests/integration/test_cmp.py (just test-cmp-layer)
+@pytest.mark.slow  # the same flows run on the real appliance in tests/integration/test_cmp.py (just cmp-slow)
 def test_polling_approval_and_refusal(env):
     d, pki, issuer, server, url = env
     # A dual-control profile: ip "waiting", then pollReq/pollRep until the (fake) officer decides at the second poll.
@@ -307,7 +307,7 @@ def test_fuzzed_messages_never_crash(env):
 
 @pytest.mark.slow
 def test_fuzzed_messages_long(env):
-    """The same fuzz at 5,000 mutations (just fuzz-cmp)."""
+    """The same fuzz at 5,000 mutations (just cmp-slow)."""
     _fuzz(env, 5000)
 
 
