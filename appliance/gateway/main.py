@@ -72,6 +72,7 @@ def routes(ctx: Context) -> list[Route]:
 async def ensure_tls(ctx: Context, tls: TlsIdentity, server: GatewayServer, ready: trio.Event) -> None:
     """Hold a valid server certificate: ask the Factory when there is none or it is due."""
     await ctx.factory.ready.wait()
+    wait = 0.25  # right after a start the CA is being activated: ask again soon, then every TLS_RETRY
     while True:
         if tls.due():
             try:
@@ -86,14 +87,15 @@ async def ensure_tls(ctx: Context, tls: TlsIdentity, server: GatewayServer, read
                 _log(f"server certificate {reply.serial.hex()} for {', '.join(ctx.cfg.tls_names)} in use")
                 ready.set()
             else:
+                wait = min(TLS_RETRY, wait * 2)
                 if ctx.token is not None:
                     try:
                         ctx.token.delete(label)
                     except Exception:  # noqa: BLE001 - an unused object in its own token
                         pass
-                if not ready.is_set():
-                    _log(f"no server certificate yet: {getattr(reply, 'reason', reply)}; asking again in {TLS_RETRY:g} s")
-                await trio.sleep(TLS_RETRY)
+                if not ready.is_set() and wait >= TLS_RETRY:
+                    _log(f"no server certificate yet: {getattr(reply, 'reason', reply)}; asking again in {wait:g} s")
+                await trio.sleep(wait)
                 continue
         elif server.ssl_context is None:
             server.ssl_context = tls.context()

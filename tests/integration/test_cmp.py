@@ -8,21 +8,26 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import socket
 import ssl
 import subprocess
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Appliance, _variant, copy_home, make_ceremony
-from tests.integration.test_gateway import GATEWAY_TOML, gateway_url, wait_https
+from tests.integration.test_gateway import gateway_url, wait_https
 
+CMP_TOML = """
+[gateway]
+enabled = true
+listen = "127.0.0.1:0"
+protocols = ["cmp"]
+tls-names = ["gw.donjon.test", "127.0.0.1"]
+"""
 # An RA profile (id-kp-cmcRA): its certificate signs enrolments for devices it vouches for.
 RA_PROFILE = """kind = "end-entity"
 key_types = ["p256", "p384", "rsa2048"]
@@ -43,15 +48,13 @@ def gw(src_path, home_templates):
     base = Path(tempfile.mkdtemp(prefix="donjon-cmp-"))
     os.chmod(base, 0o711)
     ceremony = make_ceremony(base / "ceremony.toml")
-    # The gateway tests' state folder (one `donjon init` for both modules), with CMP switched on before the start.
-    t = home_templates((*_variant(ceremony, GATEWAY_TOML, None, None, None), 0), ceremony, None, None, GATEWAY_TOML, None)
+    # The default variant's template (made once per session, shared with other modules), CMP switched on before the start.
+    t = home_templates((*_variant(ceremony, "", None, None, None), 0), ceremony, None, None, "", None)
     a = Appliance(base / "gw", src_path)
     copy_home(t.home, a.home)
     a.template, a.officers = t.home, dict(t.officers)
-    cfg = a.home / "donjon.toml"
-    protocols = tomllib.loads(cfg.read_text()).get("gateway", {}).get("protocols", [])
-    text = re.sub(r"(?m)^protocols\s*=.*\n", "", cfg.read_text())
-    cfg.write_text(text.replace("[gateway]\n", f"[gateway]\nprotocols = {json.dumps(sorted(set(protocols) | {'cmp'}))}\n", 1))
+    with open(a.home / "donjon.toml", "a") as f:
+        f.write(CMP_TOML)
     (a.home / "profiles").mkdir(exist_ok=True)
     (a.home / "profiles" / "cmp-ra.toml").write_text(RA_PROFILE)
     os.chmod(a.home / "profiles", 0o755)

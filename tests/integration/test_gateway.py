@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ validation-networks = ["127.0.0.0/8"]
 # Per run (after the template is copied): the resolver and the ports validation connects to.
 ACME_TOML = """
 [gateway.acme]
+name-patterns = ["*.donjon.test", "127.0.0.1"]
 resolver = "127.0.0.1:{dns}"
 http01-port = {http}
 tlsalpn01-port = {alpn}
@@ -65,7 +67,9 @@ def gw(src_path, home_templates):
     base = Path(tempfile.mkdtemp(prefix="donjon-gw-"))
     os.chmod(base, 0o711)
     ceremony = make_ceremony(base / "ceremony.toml")
-    t = home_templates((*_variant(ceremony, GATEWAY_TOML, None, None, None), 0), ceremony, None, None, GATEWAY_TOML, None)
+    # The default variant's template (made once per session, shared with other modules): the gateway's
+    # folder and token are made at its first start.
+    t = home_templates((*_variant(ceremony, "", None, None, None), 0), ceremony, None, None, "", None)
     a = Appliance(base / "gw", src_path)
     copy_home(t.home, a.home)
     a.template, a.officers = t.home, dict(t.officers)
@@ -73,7 +77,7 @@ def gw(src_path, home_templates):
     a.knot = knot
     a.http_port, a.alpn_port = free_port(), free_port()
     with open(a.home / "donjon.toml", "a") as f:
-        f.write(ACME_TOML.format(dns=knot.port, http=a.http_port, alpn=a.alpn_port))
+        f.write(GATEWAY_TOML + ACME_TOML.format(dns=knot.port, http=a.http_port, alpn=a.alpn_port))
     (a.home / "profiles").mkdir(exist_ok=True)
     (a.home / "profiles" / "acme-short.toml").write_text(SHORT_PROFILE)
     try:
@@ -228,6 +232,7 @@ def first_cert(pem_chain: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow  # `just acme-clients`; the short version in `just test`: test_acme_ip_identifier_...
 def test_certbot_standalone_http01_revoke_ari_renewal_profiles(gw, tmp_path):
     from tests.acmeenv import CERTBOT, clean_env
     d = tmp_path / "certbot"
@@ -279,6 +284,7 @@ def _lego(gw: Appliance, path: Path, *args: str, eab: tuple[str, str] | None = N
     return r
 
 
+@pytest.mark.slow  # `just acme-clients`; the short version in `just test`: test_acme_ip_identifier_...
 def test_lego_http01_tlsalpn01_dns01_renew_revoke(gw, tmp_path):
     path = tmp_path / "lego"
     ways = {"lego-http.donjon.test": ["--http", "--http.port", f"127.0.0.1:{gw.http_port}"],
@@ -304,6 +310,7 @@ def test_lego_http01_tlsalpn01_dns01_renew_revoke(gw, tmp_path):
     assert r.returncode != 0 and not (path / "certificates" / "_.nohttp.donjon.test.crt").exists()
 
 
+@pytest.mark.slow  # `just acme-clients`; the short version in `just test`: test_acme_ip_identifier_...
 def test_lego_with_eab_made_by_an_officer(gw, tmp_path):
     doc = json.loads(gw.cli("acme", "eab-add", "--name", "*.eab.donjon.test", "--profile", "classic", "--json",
                             officer="admin").stdout)
@@ -338,6 +345,7 @@ esac
 """
 
 
+@pytest.mark.slow  # `just acme-clients`; the short version in `just test`: test_acme_ip_identifier_...
 def test_uacme_http01_hook_key_rollover_renew_revoke(gw, tmp_path):
     """uacme (libcurl with GnuTLS, no CA option): run in a private mount namespace where the system
     trust store is the test root, so nothing of the machine's own trust changes."""
@@ -376,6 +384,7 @@ def test_uacme_http01_hook_key_rollover_renew_revoke(gw, tmp_path):
         web.stop()
 
 
+@pytest.mark.slow  # `just acme-clients`; the short version in `just test`: test_acme_ip_identifier_...
 def test_dehydrated_http01_renew_revoke(gw, tmp_path):
     from tests.acmeenv import WebRoot, clean_env
     root, base = tmp_path / "www", tmp_path / "dehydrated"
@@ -406,3 +415,174 @@ def test_dehydrated_http01_renew_revoke(gw, tmp_path):
         assert ocsp_status(gw, kept, "revoked") == "revoked"
     finally:
         web.stop()
+
+
+def issued_count(a: Appliance) -> int:
+    return len(json.loads(a.cli("cert", "list", "--json").stdout))
+
+
+def test_acme_refusals_are_problem_documents_and_issue_nothing(gw, tmp_path):
+    """Replayed nonce, wrong JWS url, key mismatch, a failed challenge, an identifier outside policy, a
+    CSR whose names differ, a deactivated account, validation towards a private address: each gets
+    its RFC 7807 problem type and no certificate is issued."""
+    from tests.acmeclient import Client, b64, csr_for
+    from tests.acmeenv import WebRoot
+    web = WebRoot(tmp_path / "www", gw.http_port).start()
+    clients = contextlib.ExitStack()
+    try:
+        before = issued_count(gw)
+        c = clients.enter_context(Client(acme_directory(gw), str(gw.chain)))
+        assert c.register().status == 201
+        # Replayed nonce.
+        nonce = c.new_nonce()
+        r = c.post(c.dir["newOrder"], {"identifiers": [{"type": "dns", "value": "n1.donjon.test"}]}, nonce=nonce)
+        assert r.status == 201
+        r = c.post(c.dir["newOrder"], {"identifiers": [{"type": "dns", "value": "n1.donjon.test"}]}, nonce=nonce)
+        assert (r.status, r.problem) == (400, "badNonce") and r.headers.get("replay-nonce")
+        # The url in the JWS is not the resource's.
+        r = c.post(c.dir["newOrder"], {"identifiers": [{"type": "dns", "value": "n2.donjon.test"}]}, url_in_jws=c.dir["newAccount"])
+        assert (r.status, r.problem) == (403, "unauthorized")
+        # Key mismatch: this account's kid, another key's signature.
+        from cryptography.hazmat.primitives.asymmetric import ec
+        r = c.post(c.dir["newOrder"], {"identifiers": [{"type": "dns", "value": "n3.donjon.test"}]}, key=ec.generate_private_key(ec.SECP256R1()))
+        assert (r.status, r.problem) == (400, "malformed") and "signature" in r.json()["detail"]
+        # Outside the name policy (gateway.acme.name-patterns).
+        r = c.order(["www.example.org", "ok.donjon.test"])
+        assert (r.status, r.problem) == (400, "rejectedIdentifier")
+        assert [s["identifier"]["value"] for s in r.json()["subproblems"]] == ["www.example.org"]
+        # A failed challenge: the wrong key authorization is served.
+        r = c.order(["wrong.donjon.test"])
+        order, url = r.json(), r.headers["location"]
+        z = c.post(order["authorizations"][0], None).json()
+        ch = next(x for x in z["challenges"] if x["type"] == "http-01")
+        (tmp_path / "www" / ".well-known" / "acme-challenge" / ch["token"]).write_text("not-the-token.x")
+        c.post(ch["url"], {})
+        z = c.wait(order["authorizations"][0], ("valid", "invalid"))
+        assert z["status"] == "invalid" and z["challenges"][0]["error"]["type"].endswith(":incorrectResponse")
+        order = c.wait(url, ("invalid",))
+        r = c.post(order["finalize"], {"csr": b64(csr_for(["wrong.donjon.test"])[0])})
+        assert (r.status, r.problem) == (403, "orderNotReady")
+        # Validation never goes to an address outside the allowed networks (10/8 is not listed).
+        gw.knot.update("update add private.donjon.test. 0 A 10.1.2.3")
+        r = c.order(["private.donjon.test"])
+        z = c.post(r.json()["authorizations"][0], None).json()
+        ch = next(x for x in z["challenges"] if x["type"] == "http-01")
+        c.post(ch["url"], {})
+        z = c.wait(r.json()["authorizations"][0], ("valid", "invalid"))
+        assert z["status"] == "invalid" and "may not reach" in z["challenges"][0]["error"]["detail"]
+        # A CSR whose names differ from the order's.
+        r = c.order(["csr.donjon.test"])
+        order, url = r.json(), r.headers["location"]
+        z = c.post(order["authorizations"][0], None).json()
+        ch = next(x for x in z["challenges"] if x["type"] == "http-01")
+        (tmp_path / "www" / ".well-known" / "acme-challenge" / ch["token"]).write_text(c.key_authorization(ch["token"]))
+        c.post(ch["url"], {})
+        assert c.wait(url, ("ready", "invalid"))["status"] == "ready"
+        r = c.post(order["finalize"], {"csr": b64(csr_for(["csr.donjon.test", "extra.donjon.test"])[0])})
+        assert (r.status, r.problem) == (400, "badCSR")
+        # A deactivated account gets nothing more.
+        assert c.post(c.kid, {"status": "deactivated"}).json()["status"] == "deactivated"
+        r = c.post(order["finalize"], {"csr": b64(csr_for(["csr.donjon.test"])[0])})
+        assert (r.status, r.problem) == (403, "unauthorized")
+        r = c.order(["again.donjon.test"])
+        assert (r.status, r.problem) == (403, "unauthorized")
+        # Not JOSE, an unknown algorithm, a bad profile, an unknown account.
+        r = c._request("POST", c.dir["newOrder"], b"{}", ctype="application/json")
+        assert (r.status, r.problem) == (415, "malformed")
+        d = clients.enter_context(Client(acme_directory(gw), str(gw.chain)))
+        assert d.register().status == 201
+        r = d.order(["p.donjon.test"], profile="nope")
+        assert (r.status, r.problem) == (400, "invalidProfile")
+        d.kid = d.kid.rsplit("/", 1)[0] + "/999999999"
+        r = d.order(["p.donjon.test"])
+        assert (r.status, r.problem) == (400, "accountDoesNotExist")
+        assert issued_count(gw) == before
+    finally:
+        clients.close()
+        web.stop()
+
+
+def test_acme_ip_identifier_replaces_and_ari(gw, tmp_path):
+    """RFC 8738: an IP identifier through http-01; RFC 9773: renewalInfo of the certificate, and a
+    new order that `replaces` it (once); revocation with the certificate's key. The short version of
+    the real clients' scenario (issue, verify, OCSP good, renew, revoke, OCSP revoked) for `just test`."""
+    from tests.acmeclient import Client
+    from tests.acmeenv import WebRoot
+    web = WebRoot(tmp_path / "www", gw.http_port).start()
+    c = Client(acme_directory(gw), str(gw.chain))
+    try:
+        assert c.register().status == 201
+        order, pem = c.issue_http01(["127.0.0.1", "ip.donjon.test"], tmp_path / "www")
+        first_key = c.last_cert_key
+        (tmp_path / "ip.pem").write_text(pem)
+        leaf = first_cert(tmp_path / "ip.pem", tmp_path / "leaf.pem")
+        assert "IP Address:127.0.0.1" in verify(gw, leaf)
+        from cryptography import x509
+        cert = x509.load_pem_x509_certificate(leaf.read_bytes())
+        from appliance.gateway.acme.service import ari_id
+        cid = ari_id(cert)
+        r = c.get(c.dir["renewalInfo"] + "/" + cid)
+        w = r.json()["suggestedWindow"]
+        assert r.status == 200 and r.headers.get("retry-after") and w["start"] < w["end"]
+        assert w["start"] > time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 30 * 86400))  # far off
+        order2, _ = c.issue_http01(["127.0.0.1", "ip.donjon.test"], tmp_path / "www", replaces=cid)
+        assert order2["replaces"] == cid
+        r = c.order(["127.0.0.1"], replaces=cid)
+        assert (r.status, r.problem) == (409, "conflict")
+        assert "replaces " + cid in gw.cli("audit", "export").stdout.decode()
+        assert c.get(c.dir["renewalInfo"] + "/AAAA.AAAA").status == 404
+        # Revocation signed with the certificate's own key (no account): OCSP says revoked.
+        assert ocsp_status(gw, leaf, "good") == "good"
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        from tests.acmeclient import b64
+        r = c.post(c.dir["revokeCert"], {"certificate": b64(cert.public_bytes(Encoding.DER))}, key=c.last_cert_key, use_jwk=True)
+        assert (r.status, r.problem) == (403, "unauthorized")  # another certificate's key
+        cert_key = first_key
+        r = c.post(c.dir["revokeCert"], {"certificate": b64(cert.public_bytes(Encoding.DER)),
+                                         "reason": 1}, key=cert_key, use_jwk=True)
+        assert r.status == 200, r.body
+        assert ocsp_status(gw, leaf, "revoked") == "revoked"
+        r = c.post(c.dir["revokeCert"], {"certificate": b64(cert.public_bytes(Encoding.DER))},
+                   key=cert_key, use_jwk=True)
+        assert (r.status, r.problem) == (400, "alreadyRevoked")
+    finally:
+        c.close()
+        web.stop()
+
+
+def test_a_fuzzed_jws_corpus_never_crashes_the_gateway(gw):
+    """Mutated JWS/JSON bodies at every POST resource (bounded: 300 requests, fixed seed): each answer
+    is a problem document, none a 500, and the gateway process is the same one afterwards."""
+    import random
+
+    from tests.acmeclient import Client, jwk, sign
+    rnd = random.Random(16)
+    pid = gw.role_pids()["gateway"]
+    with Client(acme_directory(gw), str(gw.chain)) as c:
+        assert c.register().status == 201
+        urls = [c.dir["newAccount"], c.dir["newOrder"], c.dir["revokeCert"], c.dir["keyChange"], c.kid, c.kid + "/orders",
+                c.dir["newOrder"].replace("new-order", "order/x/finalize"), c.dir["newOrder"].replace("new-order", "chall/x/0")]
+        odd = [None, 0, -1, True, "", "A" * 3000, [], {}, {"identifiers": [{"type": "dns", "value": "*.*.x"}]},
+               {"identifiers": [{"type": "ip", "value": "::ffff:1.2.3.4"}] * 101}, {"csr": "AAAA"}, {"certificate": "!!"}]
+        statuses = set()
+        for _ in range(300):
+            url = rnd.choice(urls)
+            prot: dict = {"alg": "ES256", "nonce": c.nonce or c.new_nonce(), "url": url}
+            if rnd.random() < 0.3:
+                prot["jwk"] = jwk(c.key)
+            else:
+                prot["kid"] = c.kid
+            payload = json.dumps(rnd.choice(odd)).encode()
+            raw = bytearray(sign(c.key, prot, payload))
+            if rnd.random() < 0.5:
+                for _ in range(rnd.randrange(1, 6)):
+                    raw[rnd.randrange(len(raw))] = rnd.randrange(32, 127)
+            c.nonce = None
+            r = c.post(url, None, raw=bytes(raw))
+            statuses.add(r.status)
+            assert r.status < 500, (r.status, r.body[:300])
+            assert r.status in (200, 201) or r.problem, r.body[:300]
+        assert len(statuses) > 1
+    assert gw.role_pids()["gateway"] == pid
+    assert curl(gw, "/acme/directory")[0] == 200
