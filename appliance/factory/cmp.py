@@ -393,6 +393,7 @@ class CmpService:
         try:
             cert = await self._issue(cred.ca, cred.profile, spki, subject, sans, f"{actor} ({msg.op})", cred.ref)
         except FactoryError as e:
+            await self._give_back(cred)  # nothing was issued: the use is not spent
             return await self._refuse(actor, obj, msg.id, "policy", e.reason)
         return S.GwIssued(id=msg.id, ca=cred.ca, cert=cert.public_bytes(serialization.Encoding.DER), chain=(await self.h.ca_chain(cred.ca))[:8],
                           serial=serial_bytes(cert.serial_number))
@@ -418,6 +419,16 @@ class CmpService:
                 db.db.execute("UPDATE cmp_credentials SET uses_left=uses_left-1 WHERE ref=? AND uses_left > 0", (cred.ref,))
                 return db.db.changes() == 1
         return await self.h.store.run(w)
+
+    async def _give_back(self, cred: Cred) -> None:
+        if cred.kind != "secret":
+            return
+
+        def w() -> None:
+            db = self.h.store.require_active()
+            with db.tx():
+                db.db.execute("UPDATE cmp_credentials SET uses_left=uses_left+1 WHERE ref=? AND uses_left >= 0", (cred.ref,))
+        await self.h.store.run(w)
 
     async def _file(self, cred: Cred, spki: bytes, subject, sans) -> int:
         def w() -> int:

@@ -271,6 +271,17 @@ def test_refusals_replay_and_fuzz(gw):
     assert code == 200 and msg["body"].getName() == "ip" and int(msg["body"]["ip"]["response"][0]["status"]["status"]) == 0
     code, body, ct = post(a, _pbmac1_ir(x509.Name.from_rfc4514_string("CN=Donjon CMP gateway"), ref2.encode(), b"not the secret at all"))
     assert decoder.decode(body, asn1Spec=rfc9810.PKIMessage())[0]["body"].getName() == "error"
+    # Ten wrong MACs in a row lock the reference: the right secret is refused after them, and the officers see why.
+    from appliance.ipc import schema as S
+
+    ref3, sec3 = secret(a, subject="CN=pbmac1-device")
+    gw_name = x509.Name.from_rfc4514_string("CN=Donjon CMP gateway")
+    for _ in range(10):
+        post(a, _pbmac1_ir(gw_name, ref3.encode(), b"a guess, not the secret"))
+    code, body, ct = post(a, _pbmac1_ir(gw_name, ref3.encode(), sec3.encode()))
+    assert decoder.decode(body, asn1Spec=rfc9810.PKIMessage())[0]["body"].getName() == "error"
+    creds = {c["ref"]: c for c in admin(a, S.ACmpCredentialList)["credentials"]}
+    assert creds[ref3]["failures"] == 10 and creds[ref3]["uses_left"] == 1 and creds[ref2]["uses_left"] == 0
     # HTTP: wrong content type, and a bounded fuzz of the real request: every answer a CMP message or an HTTP error, the role alive.
     assert post(a, b"\x30\x00", "text/plain")[0] == 415
     pids = a.role_pids()
@@ -286,3 +297,4 @@ def test_refusals_replay_and_fuzz(gw):
     assert a.role_pids().get("gateway") == pids.get("gateway")
     records = [json.loads(x) for x in audit(a).splitlines() if x.startswith("{")]
     assert any(r["action"] == "cmp-auth" and r["outcome"] == "refused" and "wrong MAC" in r.get("detail", "") for r in records)
+    assert any(r["action"] == "cmp-auth" and r.get("object") == ref3 and "locked" in r.get("detail", "") for r in records)
