@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from cryptography import x509
@@ -86,7 +86,6 @@ class Request:
     info_types: tuple[str, ...] = ()
     cert_confirms: tuple[tuple[int, bytes, int | None, str | None], ...] = ()  # (certReqId, certHash, status, hashAlg OID)
     poll_ids: tuple[int, ...] = ()
-    body_raw: bytes = field(default=b"", repr=False)
 
 
 def _der(value: object) -> bytes:
@@ -104,7 +103,7 @@ def decode(data: bytes) -> Request:
         # DER only: the protection is computed over the re-encoded parts, so they must be the bytes received.
         if _der(msg) != data:
             raise CmpError(BAD_DATA_FORMAT, "message is not DER")
-        return _parse(msg)
+        return _parse(msg, data)
     except CmpError:
         raise
     except (PyAsn1Error, ValueError, TypeError, OverflowError, IndexError, KeyError, AttributeError, RecursionError) as exc:
@@ -117,7 +116,24 @@ def _opt(seq: univ.Sequence, name: str) -> object | None:
     return v if v.isValue else None
 
 
-def _parse(msg: rfc9810.PKIMessage) -> Request:
+def _tlv_len(buf: bytes, pos: int) -> int:
+    """The length of the whole TLV at buf[pos] (DER, checked by the caller's decode)."""
+    n = buf[pos + 1]
+    if n < 0x80:
+        return 2 + n
+    k = n & 0x7F
+    return 2 + k + int.from_bytes(buf[pos + 2:pos + 2 + k], "big")
+
+
+def _protected_part(data: bytes) -> bytes:
+    """DER of ProtectedPart {header, body}: the message's first two elements as received (they are DER)."""
+    inner = _inner(data)
+    h = _tlv_len(inner, 0)
+    b = _tlv_len(inner, h)
+    return _wrap(0x30, inner[:h + b])
+
+
+def _parse(msg: rfc9810.PKIMessage, data: bytes) -> Request:
     h = msg["header"]
     body = msg["body"]
     body_type = body.getName()
@@ -149,9 +165,6 @@ def _parse(msg: rfc9810.PKIMessage) -> Request:
     prot = _opt(msg, "protection")
     if (palg is None) != (prot is None):
         raise CmpError(BAD_MESSAGE_CHECK, "protectionAlg and protection must come together")
-    part = rfc9810.ProtectedPart()
-    part["header"] = h
-    part["body"] = body
     extra = tuple(_der(c) for c in (_opt(msg, "extraCerts") or ()))
     if len(extra) > 8:
         raise CmpError(BAD_REQUEST, "too many extraCerts")
@@ -194,7 +207,7 @@ def _parse(msg: rfc9810.PKIMessage) -> Request:
         protection_alg_oid=str(palg["algorithm"]) if palg is not None else None,
         protection_alg_der=_plain_alg(palg) if palg is not None else None,
         protection=prot.asOctets() if prot is not None else None,
-        protected_part=_der(part), extra_certs=extra, body_raw=_der(body), **fields,  # type: ignore[arg-type]
+        protected_part=_protected_part(data), extra_certs=extra, **fields,  # type: ignore[arg-type]
     )
 
 
@@ -438,18 +451,15 @@ def prepare(responder: Responder, req: Request | None, body: rfc9810.PKIBody, *,
     return h, _der(part)
 
 
-def assemble(responder: Responder, header: rfc9810.PKIHeader, body: rfc9810.PKIBody, signature: bytes, extra: tuple[bytes, ...] = ()) -> bytes:
-    """The response PKIMessage: header, body, the gateway's signature, its certificate (and chain, and `extra`) in extraCerts."""
-    msg = rfc9810.PKIMessage()
-    msg["header"] = header
-    msg["body"] = body
-    msg["protection"] = msg["protection"].clone(univ.BitString.fromOctetString(signature))
+def assemble(responder: Responder, part: bytes, signature: bytes, extra: tuple[bytes, ...] = ()) -> bytes:
+    """The response PKIMessage from the signed ProtectedPart's bytes: header and body, the gateway's signature,
+    its certificate (and chain, and `extra`) in extraCerts, put together as DER without re-encoding them."""
     seen: list[bytes] = []
     for c in (responder.cert_der, *responder.chain_der, *extra):
         if c not in seen:
             seen.append(c)
-            msg["extraCerts"].append(_cert(c))
-    return _der(msg)
+    protection = _wrap(0xA0, _wrap(0x03, b"\x00" + signature))  # [0] EXPLICIT BIT STRING, no unused bits
+    return _wrap(0x30, _inner(part) + protection + _wrap(0xA1, _wrap(0x30, b"".join(seen))))
 
 
 # ---- names out of a CRMF template, as the Factory's structured enrolment wants them ----------------------

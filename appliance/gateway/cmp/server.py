@@ -144,10 +144,10 @@ class CmpServer:
                      txn: Txn | None = None) -> bytes:
         nonce = os.urandom(P.NONCE_LEN)
         assert self.responder is not None  # the route answers 503 until the protection certificate is there
-        header, part = P.prepare(self.responder, req, body, nonce=nonce, implicit_confirm=implicit)  # type: ignore[arg-type]
+        _, part = P.prepare(self.responder, req, body, nonce=nonce, implicit_confirm=implicit)  # type: ignore[arg-type]
         if txn is not None:
             txn.last_nonce = nonce
-        return P.assemble(self.responder, header, body, await self.sign(part), extra)  # type: ignore[arg-type]
+        return P.assemble(self.responder, part, await self.sign(part), extra)
 
     # ---- checks every request goes through ----
 
