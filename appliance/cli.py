@@ -1243,14 +1243,16 @@ def acme_eab_list(home: Home = "./var", as_json: JsonOut = False) -> None:
 
 
 @acme_app.command("eab-revoke")
-def acme_eab_revoke(kid: str, home: Home = "./var") -> None:
+def acme_eab_revoke(kid: str, home: Home = "./var", as_json: JsonOut = False) -> None:
     """Revoke an EAB key: its account gets nothing more. Example: donjon acme eab-revoke KID"""
     try:
         with client(home) as c:
-            ops.acme_eab_revoke(c, kid)
+            doc = ops.acme_eab_revoke(c, kid)
     except ClientError as e:
         fail(str(e))
-    typer.echo(f"EAB key {kid} revoked")
+    if emit_json(doc, as_json):
+        return
+    typer.echo(f"EAB key {kid} revoked" + (f" (account {doc['account']})" if doc.get("account") else ""))
 
 
 
