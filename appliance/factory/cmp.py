@@ -552,13 +552,13 @@ class CmpService:
             ca = msg.ca or next((r[0] for r in rows if r[2] is not None), rows[0][0] if rows else None)
             if ca is None:
                 return S.CmpInfoReply(id=msg.id, items=[])
-            loc = await self.h.store.read(self.h.store.signed_list_blob, "crls", ca, None)
+            loc = await self.h.store.run(self.h.store.signed_list_blob, "crls", ca, None)
             if loc is None:
                 return S.CmpInfoReply(id=msg.id, items=[])
             rowid, size = loc
             if size > 60 * 1024:
                 return S.CmpInfoReply(id=msg.id, items=[])  # too large for one genp: the CRL distribution point serves it
-            return S.CmpInfoReply(id=msg.id, items=[await self.h.store.read(self.h.store.read_blob, "crls", rowid, 0, size)])
+            return S.CmpInfoReply(id=msg.id, items=[await self.h.store.run(self.h.store.read_blob, "crls", rowid, 0, size)])
         return S.CmpInfoReply(id=msg.id, items=[])
 
 

@@ -180,6 +180,20 @@ def test_mac_ir_p10cr_kur_rr_genm(gw):
     assert r.returncode == 0 and "id-it-caCerts" in r.stderr, r.stderr
     r = cmp(a, "-cmd", "genm", "-cert", str(d / "dev1.pem"), "-key", str(key(a, "dev1")), "-infotype", "rootCaKeyUpdate")
     assert r.returncode == 0 and "id-it-rootCaKeyUpdate" in r.stderr, r.stderr
+    r = cmp(a, "-cmd", "genm", *mac, "-infotype", "certReqTemplate")
+    assert r.returncode == 0 and "id-it-certReqTemplate" in r.stderr, r.stderr
+    # currentCRL: the issuing CA's latest CRL, which openssl reads and checks against the CA.
+    from pyasn1.codec.der import decoder
+    from pyasn1_alt_modules import rfc9810
+
+    a.cli("crl", "generate", "--ca", "issuing", "--out", str(d / "issuing.crl"))
+    r = cmp(a, "-cmd", "genm", *mac, "-infotype", "currentCRL", "-rspout", str(d / "genp-crl.der"))
+    assert r.returncode == 0 and "id-it-currentCRL" in r.stderr, r.stderr
+    itav = decoder.decode((d / "genp-crl.der").read_bytes(), asn1Spec=rfc9810.PKIMessage())[0]["body"]["genp"][0]
+    (d / "genp.crl").write_bytes(bytes(itav["infoValue"]))
+    r2 = subprocess.run(["openssl", "crl", "-inform", "DER", "-in", str(d / "genp.crl"), "-CAfile", str(a.issuing), "-noout"],
+                        capture_output=True, text=True)
+    assert r2.returncode == 0 and "verify OK" in r2.stdout + r2.stderr, r2.stdout + r2.stderr
     records = [json.loads(x) for x in audit(a).splitlines() if x.startswith("{")]
     mine = [r for r in records if r.get("actor", "").startswith(f"gateway/cmp:{ref}")]
     assert {r["action"] for r in mine} >= {"issue", "revoke"} and all(r["outcome"] == "ok" for r in mine if r["action"] == "issue")
