@@ -59,7 +59,7 @@ class MacSpec:
             raise MacSpecError(f"PBMAC1 key length {self.key_len} (must be 16..64)")
 
 
-_HASHES = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+_HASHES: dict[str, hashes.HashAlgorithm] = {"sha1": hashes.SHA1(), "sha256": hashes.SHA256(), "sha384": hashes.SHA384(), "sha512": hashes.SHA512()}
 
 
 def derive_key(spec: MacSpec, secret: bytes) -> bytes:
@@ -70,7 +70,7 @@ def derive_key(spec: MacSpec, secret: bytes) -> bytes:
         for _ in range(spec.iterations):
             key = hashlib.new(spec.owf, key).digest()
         return key
-    return PBKDF2HMAC(algorithm=_HASHES[spec.owf](), length=spec.key_len, salt=spec.salt, iterations=spec.iterations).derive(secret)
+    return PBKDF2HMAC(algorithm=_HASHES[spec.owf], length=spec.key_len, salt=spec.salt, iterations=spec.iterations).derive(secret)
 
 
 def compute(spec: MacSpec, secret: bytes, data: bytes) -> bytes:
