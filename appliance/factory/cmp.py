@@ -384,15 +384,17 @@ class CmpService:
             return await self._refuse(actor, obj, msg.id, "policy", str(e))
         except FactoryError as e:
             return await self._refuse(actor, obj, msg.id, "unauthorized" if e.code in ("auth", "denied") else "policy", e.reason)
-        if not await self._use(cred):
-            return await self._refuse(actor, obj, msg.id, "unauthorized", "the credential has no use left")
         if cred.approval:
+            if not await self._use(cred):
+                return await self._refuse(actor, obj, msg.id, "unauthorized", "the credential has no use left")
             rid = await self._file(cred, spki, subject, sans)
             await self.h.audit(actor, "cmp-enrol", f"cmp-request#{rid}", "pending", f"{msg.op} {_rfc4514(subject)}: waits for an officer")
             return S.GwPending(id=msg.id, request_id=str(rid), retry_after=1)
         try:
-            cert = await self._issue(cred.ca, cred.profile, spki, subject, sans, f"{actor} ({msg.op})", cred.ref)
+            cert = await self._issue(cred.ca, cred.profile, spki, subject, sans, f"{actor} ({msg.op})", cred.ref, use=cred)
         except FactoryError as e:
+            if e.code == "auth":
+                return await self._refuse(actor, obj, msg.id, "unauthorized", e.reason)
             await self._give_back(cred)  # nothing was issued: the use is not spent
             return await self._refuse(actor, obj, msg.id, "policy", e.reason)
         return S.GwIssued(id=msg.id, ca=cred.ca, cert=cert.public_bytes(serialization.Encoding.DER), chain=(await self.h.ca_chain(cred.ca))[:8],
@@ -440,7 +442,10 @@ class CmpService:
         return await self.h.store.run(w)
 
     async def _issue(self, ca: str, profile_name: str, spki: bytes, subject, sans, actor: str, ref: str, days: int | None = None,
-                     record: bool = True) -> x509.Certificate:
+                     record: bool = True, use: Cred | None = None) -> x509.Certificate:
+        """Issue through the Factory's pipeline. The credential's use (`use`, a secret) is taken and the serial
+        recorded as this credential's in one transaction before the CIS signs: one durable commit fewer per
+        enrolment; a serial that then fails to be issued is voided by the pipeline and matches no certificate."""
         profile = self._profile(profile_name)
         await self.h.check_issuer(ca, profile, actor, "issue")
         ca_row = await self.h.store.run(self.h.store.ca_row, ca)
@@ -451,16 +456,19 @@ class CmpService:
         serial = _new_serial()
         item = S.IssueItem(profile=profile_name, spki=spki, subject=tuple(subject), sans=tuple(sans), serial=serial_bytes(serial),
                            validity=S.Validity(now, min(now + min(days or 10**6, profile.max_validity_days) * 86400 - 1, ca_end)))
-        cert = await self.h.issue_one(ca, item, serial, actor, "issue", None, f"{profile_name} {_rfc4514(subject)} (CMP, {ref})")
-        if not record:
-            return cert
-
-        def w() -> None:
-            db = self.h.store.require_active()
-            with db.tx():
-                db.db.execute("INSERT OR REPLACE INTO cmp_issued VALUES (?,?,?)", (ca, serial_bytes(serial), ref))
-        await self.h.store.run(w)
-        return cert
+        if record:
+            def w() -> bool:
+                db = self.h.store.require_active()
+                with db.tx():
+                    if use is not None and use.kind == "secret":
+                        db.db.execute("UPDATE cmp_credentials SET uses_left=uses_left-1 WHERE ref=? AND uses_left > 0", (use.ref,))
+                        if db.db.changes() != 1:
+                            return False
+                    db.db.execute("INSERT OR REPLACE INTO cmp_issued VALUES (?,?,?)", (ca, serial_bytes(serial), ref))
+                    return True
+            if not await self.h.store.run(w):
+                raise FactoryError("auth", "the credential has no use left")
+        return await self.h.issue_one(ca, item, serial, actor, "issue", None, f"{profile_name} {_rfc4514(subject)} (CMP, {ref})")
 
     async def poll(self, msg: S.CmpPoll) -> S.GwIssued | S.GwPending | S.GwRefused:
         actor = f"gateway/cmp:{msg.evidence.ref}"[:400]
