@@ -277,20 +277,20 @@ _MIGRATIONS[10] = "SELECT 1"
 # checks bindings itself), which certificate each gateway credential obtained (revocation by account),
 # and a small key-value store the gateway may keep here.
 _MIGRATIONS[11] = """
-    CREATE TABLE gateway_eab (kid TEXT PRIMARY KEY, hmac_key BLOB NOT NULL, created_by TEXT NOT NULL,
+    CREATE TABLE IF NOT EXISTS gateway_eab (kid TEXT PRIMARY KEY, hmac_key BLOB NOT NULL, created_by TEXT NOT NULL,
         created_at INTEGER NOT NULL, profiles TEXT NOT NULL DEFAULT '', name_patterns TEXT NOT NULL DEFAULT '',
         account TEXT, bound_at INTEGER, revoked_at INTEGER);
-    CREATE TABLE gateway_issued (ca TEXT NOT NULL, serial BLOB NOT NULL, protocol TEXT NOT NULL,
+    CREATE TABLE IF NOT EXISTS gateway_issued (ca TEXT NOT NULL, serial BLOB NOT NULL, protocol TEXT NOT NULL,
         credential TEXT NOT NULL, replaces TEXT, PRIMARY KEY (ca, serial));
-    CREATE INDEX gateway_issued_by ON gateway_issued (credential);
-    CREATE TABLE gateway_state (ns TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, PRIMARY KEY (ns, key));
+    CREATE INDEX IF NOT EXISTS gateway_issued_by ON gateway_issued (credential);
+    CREATE TABLE IF NOT EXISTS gateway_state (ns TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, PRIMARY KEY (ns, key));
     """
 # Migration 12, CMP (issue 17): the credentials officers issue to devices and RAs (a shared secret by
 # reference number, kept in the encrypted CMDB because a PasswordBasedMac/PBMAC1 check needs it in clear
 # with the client's salt: no hash would do; or an RA certificate), enrolments that wait for a second
 # officer, and which credential obtained which certificate (an rr under a MAC may revoke only those).
 _MIGRATIONS[12] = """
-    CREATE TABLE cmp_credentials(
+    CREATE TABLE IF NOT EXISTS cmp_credentials(
         ref TEXT PRIMARY KEY,
         kind TEXT NOT NULL CHECK (kind IN ('secret', 'ra')),
         secret BLOB,
@@ -306,7 +306,7 @@ _MIGRATIONS[12] = """
         failures INTEGER NOT NULL DEFAULT 0,
         revoked INTEGER
     );
-    CREATE TABLE cmp_requests(
+    CREATE TABLE IF NOT EXISTS cmp_requests(
         id INTEGER PRIMARY KEY,
         ref TEXT NOT NULL,
         ca TEXT NOT NULL,
@@ -320,7 +320,7 @@ _MIGRATIONS[12] = """
         reason TEXT,
         serial BLOB
     );
-    CREATE TABLE cmp_issued(
+    CREATE TABLE IF NOT EXISTS cmp_issued(
         ca TEXT NOT NULL,
         serial BLOB NOT NULL,
         ref TEXT NOT NULL,
