@@ -527,7 +527,8 @@ class Supervisor:
             tokens=[S.TokenState(label=k, available=v) for k, v in sorted(self.tokens.items())],
             cas=list(fs.cas) if fs else [], ocsp=self.ocsp_stats,
             oldest_response_age=fs.oldest_response_age if fs else None, destinations=[],
-            audit_records=fs.audit_records if fs else 0, audit_checkpoint=fs.audit_checkpoint if fs else None)
+            audit_records=fs.audit_records if fs else 0, audit_checkpoint=fs.audit_checkpoint if fs else None,
+            gateway=_gateway_counters(self.gateway_stats))
 
     async def watch_deadlines(self) -> None:
         """Every few seconds: push the status to the SNMP agent, and warn once per CRL and CA
@@ -591,6 +592,8 @@ class Supervisor:
             listen = self.open_endpoint_socket() if ceremony is None and self.cfg.ocsp.enabled else None
             if ceremony is None and self.cfg.gateway.enabled and self.gateway_pin is not None:  # its token holds its TLS key
                 self.gateway_listen = self.open_gateway_socket()
+            elif ceremony is None and self.cfg.gateway.enabled:
+                log("the gateway does not start: it needs a token of its own for its TLS key (hsm.embedded = true)")
         except BaseException:  # e.g. the port is taken: leave no admin socket behind that answers nothing
             if admin is not None:
                 admin.close()
@@ -679,6 +682,12 @@ class Supervisor:
 def subprocess_devnull() -> int:
     import subprocess
     return subprocess.DEVNULL
+
+
+def _gateway_counters(g: S.GatewayStats | None) -> S.GatewayCounters | None:
+    if g is None:
+        return None
+    return S.GatewayCounters(max(0, g.requests), max(0, g.errors), max(0, g.issued), max(0, g.refused), max(0, g.orders_open))
 
 
 def _sum_stats(all_stats: list[S.OcspStats]) -> S.OcspStats:

@@ -190,3 +190,17 @@ def test_tls_alpn_01_certificate_check():
                 _alpn_cert(["a.example.org"], bytes(32)), _alpn_cert(["a.example.org"], d, critical=False)):
         with pytest.raises(Failed):
             check_alpn_cert(der, "dns", "a.example.org", d)
+
+
+def test_the_acme_store_survives_a_reopen(tmp_path):
+    from appliance.gateway.acme.store import AcmeStore
+    st = AcmeStore(str(tmp_path))
+    acct = st.create_account(7, "tp", '{"kty":"EC"}', ["mailto:a@b.c"], None, (), ())
+    st.put_many([("order", "o1", 7, 2**40, "pending", {"status": "pending"}), ("authz", "z1", 7, 2**40, "pending", {"s": 1})])
+    assert acct["id"] == 7 and st.open_orders == 1
+    st.close()
+    st = AcmeStore(str(tmp_path))
+    assert st.get("order", "o1") == {"status": "pending"} and st.owner("z1") == 7 and st.open_orders == 1
+    assert st.account_by_thumbprint("tp")["contact"] == ["mailto:a@b.c"]
+    assert st.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    st.close()

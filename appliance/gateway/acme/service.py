@@ -403,8 +403,7 @@ class Acme:
         o = await self.db(self.store.get, "order", oid) if _ID.match(oid) else None
         if o is None:
             raise Problem("malformed", "no such order", 404)
-        rows = await self.db(lambda: self.store._q("SELECT account FROM objects WHERE id=?", (oid,)))
-        if not rows or rows[0][0] != acct["id"]:
+        if await self.db(self.store.owner, oid) != acct["id"]:
             raise Problem("unauthorized", "this order belongs to another account")
         return await self._refresh(oid, acct["id"], o)
 
@@ -462,8 +461,7 @@ class Acme:
         z = await self.db(self.store.get, "authz", zid) if _ID.match(zid) else None
         if z is None:
             raise Problem("malformed", "no such authorization", 404)
-        rows = await self.db(lambda: self.store._q("SELECT account FROM objects WHERE id=?", (zid,)))
-        if rows[0][0] != acct["id"]:
+        if await self.db(self.store.owner, zid) != acct["id"]:
             raise Problem("unauthorized", "this authorization belongs to another account")
         return z
 

@@ -172,6 +172,11 @@ class AcmeStore:
         rows = self._q("SELECT doc FROM objects WHERE id=? AND kind=?", (oid, kind))
         return json.loads(rows[0][0]) if rows else None
 
+    def owner(self, oid: str) -> int | None:
+        """The account an order or authorization belongs to."""
+        rows = self._q("SELECT account FROM objects WHERE id=?", (oid,))
+        return rows[0][0] if rows else None
+
     def orders_of(self, account: int, limit: int = 1000) -> list[str]:
         return [r[0] for r in self._q("SELECT id FROM objects WHERE account=? AND kind='order' AND status IN "
                                        "('pending','ready','processing','valid') ORDER BY created DESC LIMIT ?", (account, limit))]
