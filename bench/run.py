@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import acme, common, crl, dist, issuance, ocsp
+from bench import acme, common, crl, dist, issuance, ocsp, summary
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -82,6 +82,9 @@ def main(argv=None) -> int:
             results["gateway-cmp"] = gateway_cmp.run(work, a.quick)
             tables.append(gateway_cmp.table(results["gateway-cmp"]))
     results["seconds"] = time.perf_counter() - t0
+    closing = summary.table(results)  # issue 19's rows, from this run
+    if closing:
+        tables.append(closing)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
