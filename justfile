@@ -64,7 +64,7 @@ torture *ARGS:
 cmp-slow *ARGS:
     {{venv}}/python -m pytest tests/unit/test_cmp_openssl.py -m slow {{ARGS}}
 
-# The ACME server judged by real clients: certbot, lego (http-01, tls-alpn-01, dns-01, EAB), uacme (key rollover), dehydrated; about 5 minutes
+# The ACME server judged by real clients: certbot, lego (http-01, tls-alpn-01, dns-01, EAB), uacme (key rollover), dehydrated; about 2 minutes
 acme-clients *ARGS:
     {{venv}}/python -m pytest tests/integration/test_gateway.py -m slow {{ARGS}}
 

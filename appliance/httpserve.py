@@ -116,9 +116,10 @@ class HttpServer:
     async def handle(self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytearray) -> Reply:
         return _plain(404)
 
-    def wrap(self, stream: trio.SocketStream) -> trio.abc.Stream:
-        """The stream requests are read from (the gateway puts TLS here)."""
-        return stream
+    def new_stream(self, conn: socket.socket) -> trio.abc.Stream:
+        """The stream an accepted connection's requests are read from (the endpoint drives the socket
+        directly, the gateway puts TLS around it)."""
+        return trio.SocketStream(trio.socket.from_stdlib_socket(conn))
 
     async def _connection(self, stream: trio.abc.Stream, held: _Held) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.cfg.header_cap)
@@ -180,7 +181,7 @@ class HttpServer:
             return
         self.active += 1
         self.sources[src] = n + 1
-        stream = self.wrap(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+        stream = self.new_stream(conn)
         held = _Held()
         try:
             await self._connection(stream, held)
@@ -361,8 +362,6 @@ class HttpServer:
     async def _close(self, stream) -> None:
         """Half-close, then read and drop what the client still sends (bounded), so that the
         kernel does not answer unread data with a RST that could destroy our response."""
-        if not isinstance(stream, trio.abc.HalfCloseableStream):
-            return  # TLS: no half-close; the caller closes the connection
         try:
             await stream.send_eof()
             with trio.move_on_after(DRAIN_TIME):

@@ -13,7 +13,9 @@
    backlog (--quick 2,000) after an outage and a restart, beside `ldapadd` loading the same entries.
 5. ACME (bench.acme): complete orders/s at 1, 8, 32 clients, the gateway beside `pebble`, and the
    gateway's memory with 10,000 open orders (--quick 2,000).
-6. The protocol gateway (--only gateway: ACME and these): CMP enrolments/s at 1 and 16 `openssl cmp` clients (bench.gateway_cmp)
+6. EST and SCEP (bench.gateway): enrolments/s at 1 and 16 clients (a scripted EST client; Debian's
+   scepclient), SCEP beside micromdm's scepserver under the same client.
+7. CMP on the gateway (--only gateway, bench.gateway_cmp): enrolments/s at 1 and 16 `openssl cmp` clients (bench.gateway_cmp)
    against OpenSSL's own mock CMP server.
 A readable table goes to stdout, everything measured to bench/out/results.json. Progress goes to stderr.
 """
@@ -28,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import acme, common, crl, dist, issuance, ocsp, summary
+from bench import acme, common, crl, dist, gateway, issuance, ocsp, summary
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -41,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=["issuance", "crl", "ocsp", "dist", "acme", "gateway"], help="run one benchmark only")
     ap.add_argument("--acme-seconds", type=float, help="ACME: seconds per concurrency point (default 10, --quick 5)")
     ap.add_argument("--acme-open", type=int, help="ACME: open orders for the memory figure (default 10000, --quick 2000)")
+    ap.add_argument("--gateway-seconds", type=float, help="EST/SCEP: seconds per concurrency point (default 10, --quick 5)")
     ap.add_argument("--dist-backlog", type=int, help="publication: backlog jobs (default 10000, --quick 2000)")
     ap.add_argument("--ocsp-certs", type=int, help="OCSP: certificates served (default 100000, --quick 10000)")
     ap.add_argument("--ocsp-big", type=int, help="OCSP: responses for the start-up test (default 1000000, --quick 200000)")
@@ -77,10 +80,9 @@ def main(argv=None) -> int:
         if a.only in (None, "acme", "gateway"):
             results["acme"] = acme.run(work, a.acme_seconds or (5.0 if a.quick else 10.0), a.acme_open or (2000 if a.quick else 10_000))
             tables.append(acme.table(results["acme"]))
-        if a.only in (None, "gateway"):  # the protocol gateway: one module per protocol (CMP: bench.gateway_cmp)
-            from bench import gateway_cmp
-            results["gateway-cmp"] = gateway_cmp.run(work, a.quick)
-            tables.append(gateway_cmp.table(results["gateway-cmp"]))
+        if a.only in (None, "gateway"):
+            results["gateway"] = gateway.run(work, a.gateway_seconds or (5.0 if a.quick else 10.0))
+            tables.append(gateway.table(results["gateway"]))
     results["seconds"] = time.perf_counter() - t0
     closing = summary.table(results)  # issue 19's rows, from this run
     if closing:

@@ -244,6 +244,7 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
                                                   f.ca_chain, f.audit)))
         f.cmp = CmpService(CmpHost(f.store, f.profiles, f.issuance.issue_one, f.revoke, f.check_issuer, f.ca_chain, f.audit))
         gateway[0].extra = f.cmp.answer  # CMP's messages on the gateway link
+        f.estscep = gateway[0].estscep  # officers decide EST/SCEP enrolments waiting for approval through the admin API
 
     async def cis_liveness(link: CisLink) -> None:
         state = "responsive" if link.responsive else "unresponsive"

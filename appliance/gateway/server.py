@@ -13,9 +13,24 @@ import trio
 
 from appliance.httpserve import HttpServer, Reply, _Fail, _plain
 
-__all__ = ["GatewayServer", "HttpConfig", "Reply", "Request", "Route", "Stats"]
+__all__ = ["GatewayServer", "HttpConfig", "Reply", "Request", "Route", "Stats", "tls_info"]
 
 _source: contextvars.ContextVar[str] = contextvars.ContextVar("source", default="")
+_tls: contextvars.ContextVar[trio.SSLStream | None] = contextvars.ContextVar("tls", default=None)
+
+
+def tls_info() -> tuple[bytes | None, bytes | None]:
+    """The current connection's verified client certificate (DER) and tls-unique (None on TLS 1.3,
+    which has no tls-unique), for EST's client-certificate authentication and channel binding."""
+    stream = _tls.get()
+    if stream is None:
+        return None, None
+    try:
+        peer = stream.getpeercert(binary_form=True)
+        unique = stream.get_channel_binding("tls-unique") if stream.version() != "TLSv1.3" else None
+    except (ValueError, AttributeError, ssl.SSLError):
+        return None, None
+    return peer or None, unique
 
 
 @dataclass
@@ -96,9 +111,16 @@ class GatewayServer(HttpServer):
             print(f"donjon[gateway]: handler error on {r.prefix}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr, flush=True)
             return _plain(500, close=True)
 
-    def wrap(self, stream: trio.SocketStream) -> trio.abc.Stream:
+    def new_stream(self, conn: socket.socket) -> trio.abc.Stream:
         assert self.ssl_context is not None
-        return trio.SSLStream(stream, self.ssl_context, server_side=True, https_compatible=True)
+        tcp = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+        tls = trio.SSLStream(tcp, self.ssl_context, server_side=True, https_compatible=True)
+        _tls.set(tls)  # this connection's task: handle() reads it through tls_info()
+        return tls
+
+    async def _close(self, stream) -> None:
+        """TLS has no half-close: the connection is closed by the caller (close_notify, then the socket)."""
+        await trio.lowlevel.checkpoint()
 
     async def serve_connection(self, conn: socket.socket, src: bytes) -> None:
         try:

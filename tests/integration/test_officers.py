@@ -29,8 +29,9 @@ EXPECTED = {
                              "acme-eab-add", "acme-eab-revoke"},
     "operator": READ | {"ca-create", "ca-sign-csr", "issue", "revoke", "unrevoke", "crl-generate", "ocsp-responder-cert", "reconcile",
                         "ca-create-root", "dist-retry", "ocsp-tenant-crl", "ocsp-tenant-serials",
-                        "cmp-credential-add", "cmp-credential-revoke", "cmp-decide"},
-    "auditor": READ | {"audit-export", "reconcile", "officer-list"},
+                        "cmp-credential-add", "cmp-credential-revoke", "cmp-decide",
+                        "enrol-secret-create", "enrol-secret-revoke", "enrol-secret-list", "enrol-waiting", "enrol-decide"},
+    "auditor": READ | {"audit-export", "reconcile", "officer-list", "enrol-secret-list", "enrol-waiting"},
 }
 # One harmless instance of every non-public admin request (names that do not exist, passwords too short).
 SAMPLES = [
@@ -55,6 +56,8 @@ SAMPLES = [
     S.AConfigSet(id=1, key="nope", value="x"),
     S.ACmpCredentialAdd(id=1, ca="nope", profile="nope"), S.ACmpCredentialList(id=1), S.ACmpCredentialRevoke(id=1, ref="nope"),
     S.ACmpRequestList(id=1), S.ACmpDecide(id=1, request=999999, approve=False),
+    S.AEnrolSecretCreate(id=1, protocol="scep", ca="nope", profile="nope"), S.AEnrolSecretList(id=1),
+    S.AEnrolSecretRevoke(id=1, ref="nope"), S.AEnrolWaiting(id=1), S.AEnrolDecide(id=1, request="nope", approve=False),
     S.AAcmeEabAdd(id=1, profiles=("nope",)), S.AAcmeEabList(id=1), S.AAcmeEabRevoke(id=1, kid="nope"),
 ]
 # Sent only where they must be refused (allowed, they stop the appliance: tests/integration/test_console.py).

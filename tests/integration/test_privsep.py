@@ -173,5 +173,5 @@ def test_schema_hash_is_pinned():
 PINNED_SCHEMA_HASHES = {
     2: "c13c81ddadbb16a3220f5182b620e99c973910835a5238461e9c83ecb8f82e98",
     3: "04ab501a300ad2df4e9ea7f3353411ca8c2d6c8e9cfda06261e03e1492de4866",
-    4: "f47cb5d3bb276d4febe4e9235384246404949293eb38add5d034c09d49b3b8d3",
+    4: "9d7f61db50e0db284f43ce63e88d46af4653db3e1447a0fa323b498d4d8e8e67",
 }
