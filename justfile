@@ -68,6 +68,10 @@ cmp-slow *ARGS:
 acme-clients *ARGS:
     {{venv}}/python -m pytest tests/integration/test_gateway.py -m slow {{ARGS}}
 
+# The KGS's batch of 20 smart cards (SoftHSM2 tokens) judged by pkcs11-tool, pdftotext and openssl (just test runs 5)
+kgs-cards *ARGS:
+    {{venv}}/python -m pytest tests/integration/test_kgs.py -m slow {{ARGS}}
+
 # Run the unit tests only (no appliance processes)
 test-unit *ARGS:
     {{venv}}/python -m pytest tests/unit {{ARGS}}
