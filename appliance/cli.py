@@ -33,6 +33,8 @@ app.add_typer(officer_app, name="officer")
 app.add_typer(pending_app, name="pending")
 acme_app = typer.Typer(help="The ACME server of the protocol gateway: external account binding (EAB) keys.", no_args_is_help=True)
 app.add_typer(acme_app, name="acme")
+kgs_app = typer.Typer(help="Key generation: card personalisation, PIN letters, key recovery.", no_args_is_help=True)
+app.add_typer(kgs_app, name="kgs")
 
 Home = Annotated[str, typer.Option("--home", envvar="DONJON_HOME", help="State folder (DONJON_HOME).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -1194,6 +1196,221 @@ def enrol_secret_revoke(ref: str, home: Home = "./var") -> None:
 def _options(show_version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
                                                         help="Print the version and exit.")] = False) -> None:
     """Donjon: a hardened certificate authority appliance."""
+
+
+# ---------------------------------------------------------------- CMP (the gateway's /.well-known/cmp)
+
+cmp_app = typer.Typer(help="CMP: credentials for devices and RAs, enrolments waiting for an officer.", no_args_is_help=True)
+app.add_typer(cmp_app, name="cmp")
+
+
+@cmp_app.command("add")
+def cmp_add(ca: Annotated[str, typer.Option("--ca", help="The CA enrolments under this credential get certificates from.")],
+            profile: Annotated[str, typer.Option("--profile", help="The profile they are issued under.")],
+            ref: Annotated[Optional[str], typer.Option("--ref", help="The reference number (default: 10 random digits).")] = None,
+            subject: Annotated[Optional[str], typer.Option("--subject", help="The one subject allowed (RFC 4514, e.g. CN=router-7).")] = None,
+            uses: Annotated[int, typer.Option("--uses", help="Enrolments the secret allows.")] = 1,
+            days: Annotated[int, typer.Option("--days", help="Days the credential is valid.")] = 7,
+            approval: Annotated[bool, typer.Option("--approval", help="Each enrolment waits for another officer's approval.")] = False,
+            ra_cert: Annotated[Optional[str], typer.Option("--ra-cert", help="Register this RA certificate (PEM/DER) instead of making a secret.")] = None,
+            home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Issue a CMP shared secret (shown once) or register an RA certificate.
+
+    Example: donjon cmp add --ca issuing --profile tls-client --subject CN=router-7
+    """
+    der = None
+    if ra_cert:
+        try:
+            from cryptography import x509
+            from cryptography.hazmat.primitives.serialization import Encoding
+            data = open(ra_cert, "rb").read()
+            cert = x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
+            der = cert.public_bytes(Encoding.DER)
+        except (OSError, ValueError) as e:
+            fail(f"--ra-cert {ra_cert}: {e}")
+    doc = call(home, S.ACmpCredentialAdd, ca=ca, profile=profile, ref=ref, subject=subject, uses=uses, days=days, approval=approval, ra_cert=der)
+    if emit_json(doc, as_json):
+        return
+    if doc.get("secret"):
+        typer.echo(f"reference {doc['ref']}  secret {doc['secret']}  (for {doc['ca']}/{doc['profile']}; shown once)")
+    else:
+        typer.echo(f"RA {doc['ref']} registered for {doc['ca']}/{doc['profile']}")
+
+
+@cmp_app.command("list")
+def cmp_list(home: Home = "./var", as_json: JsonOut = False) -> None:
+    """CMP credentials (never their secrets). Example: donjon cmp list"""
+    doc = call(home, S.ACmpCredentialList)
+    if emit_json(doc, as_json):
+        return
+    lines_or([f"{c['ref']:<16} {c['kind']:<6} {c['ca']}/{c['profile']} uses-left={c['uses_left']} failures={c['failures']}"
+              f"{' approval' if c['approval'] else ''}{' REVOKED' if c.get('revoked') else ''}" for c in doc["credentials"]], "no CMP credentials")
+
+
+@cmp_app.command("revoke")
+def cmp_revoke(ref: str, home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Withdraw a CMP credential. Example: donjon cmp revoke 0123456789"""
+    doc = call(home, S.ACmpCredentialRevoke, ref=ref)
+    if not emit_json(doc, as_json):
+        typer.echo(f"CMP credential {ref} revoked")
+
+
+@cmp_app.command("requests")
+def cmp_requests(all_: Annotated[bool, typer.Option("--all", help="Also decided requests.")] = False,
+                 home: Home = "./var", as_json: JsonOut = False) -> None:
+    """CMP enrolments waiting for an officer. Example: donjon cmp requests"""
+    doc = call(home, S.ACmpRequestList, open_only=not all_)
+    if emit_json(doc, as_json):
+        return
+    lines_or([f"#{r['id']:<5} {r['state']:<8} {r['ca']}/{r['profile']} {r['subject'].replace(chr(10), ',')} by {r['ref']}"
+              f"{' serial ' + r['serial'] if r.get('serial') else ''}" for r in doc["requests"]], "no CMP requests")
+
+
+@cmp_app.command("approve")
+def cmp_approve(request: int, home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Approve a waiting CMP enrolment (not by the officer who issued its credential). Example: donjon cmp approve 3"""
+    doc = call(home, S.ACmpDecide, request=request, approve=True)
+    if not emit_json(doc, as_json):
+        typer.echo(f"CMP request #{request} approved: the device gets its certificate at its next poll")
+
+
+@cmp_app.command("reject")
+def cmp_reject(request: int, reason: Annotated[str, typer.Option("--reason", help="Told to the device.")] = "refused by an officer",
+               home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Reject a waiting CMP enrolment. Example: donjon cmp reject 3 --reason 'unknown device'"""
+    doc = call(home, S.ACmpDecide, request=request, approve=False, reason=reason)
+    if not emit_json(doc, as_json):
+        typer.echo(f"CMP request #{request} rejected")
+
+# ---------------------------------------------------------------- the KGS
+
+
+KGS_WAIT_SECONDS = 24 * 3600  # a batch of 10,000 cards at a few seconds each
+
+
+def _progress(done: int, failed: int, total: int) -> None:
+    if not sys.stderr.isatty():
+        return
+    width = 30
+    filled = width * (done + failed) // max(total, 1)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done + failed}/{total} ({failed} failed)")
+    sys.stderr.flush()
+
+
+@kgs_app.command("personalise")
+def kgs_personalise(card_profile: Annotated[str, typer.Option("--card-profile", help="Card profile (HOME/card-profiles/NAME.toml).")] = ...,
+                    batch: Annotated[str, typer.Option(help="Batch file: CSV with a header line, or JSON (id, CN, email, O, OU, C, serialNumber, address).")] = ...,
+                    name: Annotated[Optional[str], typer.Option(help="Batch name (default: the file's name); a rerun of a name finishes it.")] = None,
+                    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the batch with a progress bar until it ends.")] = True,
+                    home: Home = "./var") -> None:
+    """Personalise a card per subject of the batch (resumable: run it again to finish an interrupted batch).
+
+    Example: donjon kgs personalise --card-profile employee --batch staff.csv
+    """
+    import time as _time
+    data = read_file(batch, "batch file", 1 << 20)
+    bname = name or os.path.splitext(os.path.basename(batch))[0]
+    with client(home) as c:
+        doc = op(ops.kgs_personalise, c, card_profile, bname, data)
+        total = doc["subjects"]
+        typer.echo(f"batch {doc['batch']}: {total} subject(s) sent to the KGS")
+        if not wait:
+            return
+        deadline = _time.monotonic() + KGS_WAIT_SECONDS
+        while True:
+            st = op(ops.kgs_cards, c, bname)
+            cards = st["cards"]
+            done = sum(1 for x in cards if x["state"] == "done")
+            failed = [x for x in cards if x["state"] == "failed"]
+            _progress(done, len(failed), total)
+            if bname not in st.get("running", []) or _time.monotonic() > deadline:
+                break
+            _time.sleep(0.3)
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    typer.echo(f"batch {bname}: {done} of {total} card(s) done, {len(failed)} failed")
+    for x in failed:
+        typer.echo(f"card #{x['card']} ({x['subject_id']}, {x['label']}): {x['error']}", err=True)
+    if failed or done < total:
+        raise typer.Exit(1)
+
+
+@kgs_app.command("cards")
+def kgs_cards(batch: Annotated[Optional[str], typer.Option(help="Only this batch.")] = None, home: Home = "./var",
+              as_json: JsonOut = False) -> None:
+    """Card records: state (started, keys, certs, pins, done, failed), letter status, certificates.
+
+    Example: donjon kgs cards --batch staff
+    """
+    with client(home) as c:
+        doc = op(ops.kgs_cards, c, batch)
+    if not emit_json(doc, as_json):
+        lines_or(ops.kgs_cards_lines(doc["cards"]), "no cards")
+
+
+@kgs_app.command("letters")
+def kgs_letters(batch: Annotated[str, typer.Option(help="Batch (reprints: batch 'reprint').")] = ...,
+                out: Annotated[str, typer.Option(help="Folder for the PDFs (created, 0700).")] = ...,
+                home: Home = "./var") -> None:
+    """Take the batch's PIN letters out of the KGS spool, once (they become `printed`).
+
+    Example: donjon kgs letters --batch staff --out /media/print
+    """
+    os.makedirs(out, mode=0o700, exist_ok=True)
+    with client(home) as c:
+        letters = op(ops.kgs_letters, c, batch)
+    for card, pdf in letters:
+        fd = os.open(os.path.join(out, f"card-{card}.pdf"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pdf)
+    typer.echo(f"{len(letters)} PIN letter(s) -> {out}" if letters else "no letters waiting for this batch")
+
+
+@kgs_app.command("letter")
+def kgs_letter(card: int, status: Annotated[str, typer.Option(help="sent or acknowledged.")] = ..., home: Home = "./var") -> None:
+    """Record a PIN letter's hand-over. Example: donjon kgs letter 12 --status sent"""
+    if status not in ("sent", "acknowledged"):
+        fail("--status: sent or acknowledged")
+    with client(home) as c:
+        doc = op(ops.kgs_letter_status, c, card, status)
+    typer.echo(f"card #{doc['card']}: letter {doc['letter']}")
+
+
+@kgs_app.command("reprint")
+def kgs_reprint(card: int, home: Home = "./var") -> None:
+    """A new PIN for a card (set with its PUK) and a new letter in the spool (batch `reprint`).
+
+    Example: donjon kgs reprint 12
+    """
+    with client(home) as c:
+        doc = op(ops.kgs_reprint, c, card)
+    typer.echo(f"card #{doc['card']}: new PIN set, letter {doc['letter']} (take it with `donjon kgs letters --batch reprint`)")
+
+
+@kgs_app.command("recover")
+def kgs_recover(card: int, reason: Annotated[str, typer.Option(help="Why (audited).")] = ..., home: Home = "./var") -> None:
+    """Ask for the recovery of a card's archived encryption key (dual control: another officer approves).
+
+    Example: donjon kgs recover 12 --reason "card lost, mail archive"
+    """
+    doc = call(home, S.AKgsRecover, card=card, reason=reason)
+    typer.echo(f"recovery #{doc['recovery']} of card #{doc['card']} approved by {', '.join(doc['approvers'])}")
+
+
+@kgs_app.command("recover-take")
+def kgs_recover_take(recovery: int, out: Annotated[str, typer.Option(help="PKCS#12 file to write (new, 0600).")] = ...,
+                     home: Home = "./var") -> None:
+    """Take an approved recovery, once: the PKCS#12 and its one-time password (shown once, here).
+
+    Example: donjon kgs recover-take 3 --out alice-enc.p12
+    """
+    with client(home) as c:
+        p12, password = op(ops.kgs_recover_take, c, recovery)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(p12)
+    typer.echo(f"PKCS#12 -> {out}")
+    typer.echo(f"one-time password (shown once): {password}")
 
 
 def main() -> None:
