@@ -173,5 +173,5 @@ def test_schema_hash_is_pinned():
 PINNED_SCHEMA_HASHES = {
     2: "c13c81ddadbb16a3220f5182b620e99c973910835a5238461e9c83ecb8f82e98",
     3: "04ab501a300ad2df4e9ea7f3353411ca8c2d6c8e9cfda06261e03e1492de4866",
-    4: "deff8c70052d41e01babb9173a4568780ce6e41fdc226e46a2e1348e03881cea",
+    4: "375656d7d5a1d4b79ae1b7b61b592e5ffc848af9f10351218bc55d760798eaaa",
 }
