@@ -47,9 +47,12 @@ demo:
 run *ARGS:
     {{venv}}/donjon run --home "{{home}}" {{ARGS}}
 
-# Run the whole test suite (pass pytest arguments through: just test -k crl); kill -9 at 10 cycles
+# Run the whole test suite (pass pytest arguments through: just test -k crl); kill -9 at 10 cycles.
+# In parallel (pytest-xdist): DONJON_TEST_WORKERS processes (3: appliance tests wait on fsync and on
+# their roles as much as they compute), one test module per worker at a time (--dist loadscope), so
+# that a module's fixtures (module_appliance, slapd) live in one worker. DONJON_TEST_WORKERS=0: serial.
 test *ARGS:
-    {{venv}}/python -m pytest {{ARGS}}
+    {{venv}}/python -m pytest -n {{env_var_or_default("DONJON_TEST_WORKERS", "3")}} --dist loadscope {{ARGS}}
 
 # Lint: ruff over the tree, mypy over policy/, appliance/ipc/, the CMDB module and the store (config in pyproject.toml)
 lint:
@@ -59,6 +62,10 @@ lint:
 # The kill -9 test at 1,000 cycles (nothing lost, no serial twice, audit chain intact; DONJON_KILL_CYCLES=N for another count)
 torture *ARGS:
     DONJON_KILL_CYCLES={{env_var_or_default("DONJON_KILL_CYCLES", "1000")}} {{venv}}/python -m pytest tests/integration/test_crash.py -m slow {{ARGS}}
+
+# CMP's long runs: the openssl cmp flows against the protocol layer alone and a 5,000-mutation PKIMessage fuzz (-m slow)
+cmp-slow *ARGS:
+    {{venv}}/python -m pytest tests/unit/test_cmp_openssl.py -m slow {{ARGS}}
 
 # The ACME server judged by real clients: certbot, lego (http-01, tls-alpn-01, dns-01, EAB), uacme (key rollover), dehydrated; about 2 minutes
 acme-clients *ARGS:
