@@ -294,6 +294,8 @@ class SignedLists:
         due = self._delta_dirty | {ca for ca, m in self.delta.items() if now - self._delta_last.get(ca, -1e9) >= 60 * m}
         self._delta_dirty = set()
         for ca in sorted(due):
+            if not await self.store.run(self.store.ca_name_taken, ca):
+                continue  # configured before the CA is created: nothing to sign yet
             try:
                 number, count, _ = await self.generate_delta(ca, "factory:crl-scheduler")
                 _log(f"delta CRL {ca} #{number} signed ({count} entries)")
