@@ -77,10 +77,14 @@ def verify(job: Job) -> None:
                 is_delta = False
             if is_delta != (job.part == "-delta"):
                 raise PublishError(f"a {'delta' if is_delta else 'full'} CRL sent as {object_name(job)}", permanent=True)
-            if job.part not in ("", "-delta"):
+            try:
                 names = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value.full_name or []
-                if not any(str(n.value).endswith("/" + object_name(job)) for n in names):
-                    raise PublishError(f"the CRL's IDP does not name {object_name(job)}", permanent=True)
+            except x509.ExtensionNotFound:
+                names = None
+            if job.part in ("", "-delta") and names is not None:
+                raise PublishError(f"a CRL shard sent as {object_name(job)}", permanent=True)
+            if job.part not in ("", "-delta") and not any(str(n.value).endswith("/" + object_name(job)) for n in names or []):
+                raise PublishError(f"the CRL's IDP does not name {object_name(job)}", permanent=True)
         elif job.action == "issued-serials":
             lst = serials_list.decode(job.data)
             if lst.issuer_der != issuer.subject.public_bytes():
@@ -278,7 +282,7 @@ class LdapPublisher:
             current = self._current_crl_number(conn, dn, attr)
             if current is not None and current > job.number:
                 return  # a newer CRL is already there: an older one never overwrites it
-            changes = {attr: [(ldap3.MODIFY_REPLACE, [job.data])]}
+            changes: dict[str, list[tuple[str, list[bytes | str]]]] = {attr: [(ldap3.MODIFY_REPLACE, [job.data])]}
             if job.ca_root and not job.part:
                 changes["authorityRevocationList;binary"] = [(ldap3.MODIFY_REPLACE, [job.data])]
             if job.part == "-delta":  # deltaRevocationList needs the auxiliary class deltaCRL (RFC 4523 §4.4)

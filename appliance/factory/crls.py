@@ -49,6 +49,7 @@ class SignedLists:
         self.delta = dict(cfg.crl_delta)  # CA -> minutes between delta CRLs
         self._delta_dirty: set[str] = set()
         self._delta_last: dict[str, float] = {}
+        self._delta_blocked: dict[str, str] = {}  # CA -> why its deltas can't start (its full CRLs go on)
 
     def cert_issued(self, ca: str, serial: int | None = None) -> None:
         """DB thread, inside the issuing transaction: the certificate's CRL shard is kept with it, and the
@@ -79,7 +80,12 @@ class SignedLists:
                 def enable() -> None:
                     with self.store.require_active().tx() as c:
                         self.shards.enable_deltas(c, ca)
-                await self.store.run(enable)
+                try:
+                    await self.store.run(enable)
+                    self._delta_blocked.pop(ca, None)
+                except FactoryError as e:  # a name clash: no deltas, but the full CRL never lapses for it
+                    self._delta_blocked[ca] = e.reason
+                    await self.send_event(S.Event(kind="crl-failed", detail=f"{ca} delta: {e.reason}"[:4000]))
             got = await self._generate_signed_list(ca, actor, "crl")
             # A sharded CA keeps its complete CRL (<ca>.crl, as before) and signs every shard beside it
             n = await self.store.run(lambda: self.shards.effective(self.store.require_active().db, ca))
@@ -92,6 +98,8 @@ class SignedLists:
         since, removals as removeFromCRL; its number from the same sequence as the base."""
         if ca not in self.delta:
             raise FactoryError("bad-request", f"CA {ca} has no delta CRLs (crl.delta in donjon.toml)")
+        if ca in self._delta_blocked:
+            raise FactoryError("config", self._delta_blocked[ca])
         db = self.store.require_active()
 
         def latest_base() -> int | None:
@@ -99,6 +107,8 @@ class SignedLists:
             return row[0] if row else None
         if await self.store.run(latest_base) is None:
             await self.generate_crl(ca, actor)
+            if ca in self._delta_blocked:
+                raise FactoryError("config", self._delta_blocked[ca])
         lock = self._locks.setdefault(ca, trio.Lock())
         async with lock:
             base = await self.store.run(latest_base)
@@ -145,7 +155,8 @@ class SignedLists:
         name = ca if shard is None else f"{ca}-{shard}"
         if delta is not None:  # stored as "<ca>-delta", numbered from the CA's own CRL sequence (RFC 5280 §5.2.4)
             name = f"{ca}-delta"
-        base_of = crl and shard is None and delta is None and ca in self.delta  # a full CRL deltas build on
+        # a full CRL deltas build on (its log position is kept with it)
+        base_of = crl and shard is None and delta is None and ca in self.delta and ca not in self._delta_blocked
         log_seq = 0
         if shard is None:
             number = await store.run(store.next_list_number, ca, kind)

@@ -139,3 +139,21 @@ def test_ca_names_colliding_with_shards_or_deltas(st):
     assert "delta CRL name of CA 'old'" in name_collision(c, "old-delta", {}, {"old": 60})
     for name in ("old-1", "sub", "sub-01", "sub-delta", "sub-x", "sub-1a", "next-1", "a-b-c"):  # nothing collides
         assert name_collision(c, name, {"next": 1}, {"old": 60}) is None, name
+
+
+def test_shards_or_deltas_refused_for_a_ca_whose_names_are_taken(st):
+    with st.tx():
+        for name in ("new", "new-1", "new-delta", "neu", "neu-01", "neu-x"):
+            st.add_ca(name, "ec-p256", None, "sub-ca", f"{name}-der".encode(), "")
+    c = st.db.db
+    with pytest.raises(FactoryError, match="a CA is named 'new-1', a shard name of new") as e:
+        with st.tx():
+            CrlShards(st, {"new": 2}).pin(c, "new")
+    assert "\n" not in e.value.reason
+    assert c.execute("SELECT count(*) FROM crl_partition WHERE ca='new'").fetchone()[0] == 0  # nothing half-done
+    with pytest.raises(FactoryError, match="a CA is named 'new-delta', the name of new's delta CRL"):
+        with st.tx():
+            CrlShards(st, {}).enable_deltas(c, "new")
+    with st.tx():  # "neu-01" and "neu-x" are no shard names (shards are neu-0, neu-1, ...); no CA "neu-delta"
+        assert CrlShards(st, {"neu": 2}).pin(c, "neu") == 2
+        CrlShards(st, {}).enable_deltas(c, "neu")
