@@ -100,7 +100,9 @@ def _factory(h: Host, name: str) -> Launch:
                         dist_max_attempts=cfg.distribution.max_attempts, dist_backoff_max=cfg.distribution.backoff_max,
                         ca_profiles={k: tuple(v) for k, v in cfg.ca_profiles.items()}, auto_activate=h.auto_activate,
                         cis_deadline_seconds=cfg.hsm.deadline_seconds, **C.officer_settings(cfg)),
-        rw=(h.layout.cmdb,))
+        rw=(h.layout.cmdb,),
+        # TEST MODE ONLY: a simulated clock for the CRL calendar (appliance/factory/tier.py test_clock), from the harness.
+        env=tuple((k, os.environ[k]) for k in ("DONJON_TEST_CLOCK_FILE",) if k in os.environ))
 
 
 def _ocsp(h: Host, name: str) -> Launch:

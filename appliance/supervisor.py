@@ -362,6 +362,9 @@ class Supervisor:
                     os.kill(os.getpid(), signal.SIGTERM)
                 elif m.kind == "responder-renewal-failed" and role.kind == "factory":
                     await self.notify("responder-cert-expiring", m.detail.split(":")[0], m.detail)
+                elif m.kind == "crl-calendar-low" and role.kind == "factory":
+                    # An offline root's calendar runs short or its current CRL nears nextUpdate (appliance/factory/tier.py).
+                    await self.notify("crl-lapsed" if "lapsed" in m.detail else "crl-expiring", m.detail.split(":")[0], m.detail)
                 elif m.kind == "login-lockout" and role.kind == "factory":
                     await self.notify("login-lockout", m.detail.split()[1] if len(m.detail.split()) > 1 else "officer", m.detail)
                 self.events.append(m)

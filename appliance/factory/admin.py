@@ -157,10 +157,31 @@ def _tenant(ctx: Ctx, req) -> Awaitable[dict[str, Any]]:
     return ctx.f.tenants.admin(req, ctx.actor)
 
 
+def _tier(ctx: Ctx):
+    if ctx.f.tier is None:
+        raise FactoryError("internal", "the two-tier service is not set up")
+    return ctx.f.tier
+
+
+async def _status(ctx: Ctx, req: S.AStatus) -> dict[str, Any]:
+    doc = await ctx.f.status()
+    if ctx.f.tier is not None and doc.get("activated"):
+        cals = await ctx.f.tier.status()
+        if cals:  # an offline root's CRL calendar, on the online box: what is left, and the warning
+            doc["crl_calendars"] = cals
+    return doc
+
+
+async def _calendar_status(ctx: Ctx, req: S.ACrlCalendarStatus) -> dict[str, Any]:
+    ctx.f._require_active()
+    await _tier(ctx).publish_due()  # what is due is published before it is shown (the timer may be between ticks)
+    return {"calendars": await _tier(ctx).status()}
+
+
 R = S.Reply
 # The table. A request type missing here is refused to everyone (fail closed), and a test fails.
 TABLE: dict[type, AdminOp] = {
-    S.AStatus: AdminOp(PUBLIC, None, lambda c, r: c.f.status(), R),
+    S.AStatus: AdminOp(PUBLIC, None, _status, R),
     S.AActivate: AdminOp(PUBLIC, None, lambda c, r: c.f.activate(r.pin, c.actor), R),
     S.AActivateShares: AdminOp(PUBLIC, None, lambda c, r: c.f.activate_shares(r.shares, c.actor), R),
     S.ALogin: AdminOp(PUBLIC, None, lambda c, r: c.f.officers.login(_conn(c), r), S.LoginReply, session_bound=True),
@@ -176,6 +197,9 @@ TABLE: dict[type, AdminOp] = {
     S.ACaCreate: AdminOp(OPER, "ca-create", lambda c, r: c.f.create_ca(r, parent=r.parent, actor=c.actor), S.CaReply),
     S.ACaCreateRoot: AdminOp(OPER, "ca-create", lambda c, r: c.f.create_ca(r, parent=None, actor=c.actor), S.CaReply),
     S.ACaSignCsr: AdminOp(OPER, "ca-sign-csr", lambda c, r: c.f.sign_csr_ca(r, c.actor), S.CaSignCsrReply),
+    # two tiers: a CA key's request to a parent elsewhere, and the certificate it returned (guarded as ca-create)
+    S.ACaRequest: AdminOp(OPER, "ca-create", lambda c, r: _tier(c).request(r, c.actor), S.CaRequestReply),
+    S.ACaInstall: AdminOp(OPER, "ca-create", lambda c, r: _tier(c).install(r, c.actor), S.CaReply),
     S.AIssue: AdminOp(OPER, None, lambda c, r: c.f.issue(r, c.actor), S.IssueReply),
     S.ACertShow: AdminOp(ANY, None, lambda c, r: c.f.cert_get(r.ca, int.from_bytes(r.serial, "big")), S.CertReply),
     S.ACertList: AdminOp(ANY, None, lambda c, r: _doc("certs", c.f.cert_list(r)), S.CertListReply),
@@ -184,6 +208,10 @@ TABLE: dict[type, AdminOp] = {
     S.AUnrevoke: AdminOp(OPER, "revoke-ca", lambda c, r: c.f.unrevoke(r, c.actor), S.UnrevokeReply),
     S.ACrlGenerate: AdminOp(OPER, None, _crl_generate, STREAM),
     S.ACrlExport: AdminOp(ANY, None, _crl_export, STREAM),
+    # an offline root's CRLs signed ahead; the online box's calendar of them
+    S.ACrlPresign: AdminOp(OPER, None, lambda c, r: _tier(c).presign(r, c.actor), S.CrlPresignReply),
+    S.ACrlCalendarLoad: AdminOp(OPER, None, lambda c, r: _tier(c).load(r, c.actor), S.CalendarLoadReply),
+    S.ACrlCalendarStatus: AdminOp(ANY, None, _calendar_status, S.CalendarStatusReply),
     S.AOcspStatus: AdminOp(ANY, None, lambda c, r: c.f.ocsp_status(), R),
     S.AOcspResponderCert: AdminOp(OPER, None, lambda c, r: c.f.ocsp_responder_cert(r.ca, r.validity_days, c.actor), R),
     S.AAuditExport: AdminOp(AUD, None, _audit_export, STREAM),

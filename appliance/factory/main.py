@@ -24,6 +24,7 @@ from .cis_link import CisLink
 from .cmdb import CmdbError
 from .officers import Conn, Officers
 from .service import Factory, FactoryError, _log
+from .tier import Tier
 
 SO_PEERGROUPS = 59
 MAX_ADMIN_CONNECTIONS = 64
@@ -237,6 +238,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         f.sup_send = sup.send
         f.officers = Officers(f)
         f.checkpoints = Checkpoints(f.store, f.cis, cfg.checkpoint_seconds, f.send_event)
+        f.tier = Tier(f.store, f.cis, f.profiles, dict(cfg.ca_profiles), f.ocsp.publish, f.dist.enqueue_object, f.send_event,
+                      f.dist.poke, cfg.home)
 
     async def cis_liveness(link: CisLink) -> None:
         state = "responsive" if link.responsive else "unresponsive"
@@ -305,6 +308,7 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         n.start_soon(f.dist.fetcher)
         n.start_soon(f.dist.fetch_results)
         n.start_soon(f.checkpoints.scheduler)
+        n.start_soon(f.tier.run)
         if FACTORY_DIST.name in fds:
             start_distribution(fds[FACTORY_DIST.name])
         for key in sorted(k for k in fds if k.split(".")[0] == FACTORY_OCSP.name):

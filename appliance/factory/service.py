@@ -36,6 +36,7 @@ from .cis_link import CisLink, CisRefused, CisUnresponsive
 from .dist import Dist
 from .ocsp import OcspProducer
 from .tenants import TenantManager
+from .tier import Tier
 from .cmdb import Cmdb, CmdbError, cert_facts, serial_bytes, serial_int
 from .errors import FactoryError, _log
 from .store import Store
@@ -110,6 +111,7 @@ class Factory:
         self._sup_ids = 0
         self._claims: dict[tuple[str, ...], bytes] = {}  # subjects and keys being issued now (uniqueness options)
         self.checkpoints: Checkpoints | None = None  # set by main once the CIS link is up
+        self.tier: Tier | None = None  # two tiers: CA requests and installs, CRL calendars (set by main)
 
     # ------------------------------------------------------------ plumbing
 
@@ -374,7 +376,8 @@ class Factory:
 
         def q():
             if self.store.ca_row(ca) is None:
-                return "not-found", f"no CA named {ca!r}"
+                awaiting = self.tier.awaiting(ca) if self.tier is not None else None
+                return ("policy", awaiting) if awaiting else ("not-found", f"no CA named {ca!r}")
             state, why = self._ca_state(ca)
             if state != "active":
                 return "policy", f"CA {ca!r} is {state}: {why}; it issues nothing more"

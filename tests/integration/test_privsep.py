@@ -173,4 +173,5 @@ def test_schema_hash_is_pinned():
 PINNED_SCHEMA_HASHES = {
     2: "c13c81ddadbb16a3220f5182b620e99c973910835a5238461e9c83ecb8f82e98",
     3: "04ab501a300ad2df4e9ea7f3353411ca8c2d6c8e9cfda06261e03e1492de4866",
+    4: "46aef18415e492aa021a460d11ee87299f2d046fefb658fbdde15fa582488318",
 }

@@ -396,6 +396,49 @@ class ACeremonyRecord(_Msg, tag="ceremony-record"):
     operations: Annotated[list[CeremonyOperation], msgspec.Meta(max_length=4096)] = []
 
 
+class ACaRequest(_Msg, tag="ca-request"):
+    """A CA's key made in the token (not for renew) and its PKCS#10 request, signed there: the CA then awaits its certificate."""
+
+    id: ReqId
+    name: Name
+    profile: Name
+    key_type: KeyType
+    subject: tuple[Attr, ...]
+    path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
+    allowed_profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()
+    mode: Literal["new", "renew"] = "new"
+
+
+class ACaInstall(_Msg, tag="ca-install"):
+    """The certificate a parent elsewhere returned for a CA request, its chain, and (once) the trust anchor."""
+
+    id: ReqId
+    name: Name
+    cert: Der
+    chain: Annotated[list[Der], msgspec.Meta(max_length=8)] = []
+    anchor: Der | None = None
+
+
+class ACrlPresign(_Msg, tag="crl-presign"):
+    """Sign a CA's next `periods` CRLs ahead (an offline root's calendar), returned as one bundle."""
+
+    id: ReqId
+    ca: Name
+    periods: Annotated[int, msgspec.Meta(ge=1, le=120)]
+    every_seconds: Annotated[int, msgspec.Meta(ge=3600, le=366 * 86400)]
+    overlap_seconds: Annotated[int, msgspec.Meta(ge=0, le=366 * 86400)] = 0
+    start: Epoch | None = None
+
+
+class ACrlCalendarLoad(_Msg, tag="crl-calendar-load"):
+    id: ReqId
+    bundle: Annotated[bytes, msgspec.Meta(max_length=4 * 1024 * 1024)]
+
+
+class ACrlCalendarStatus(_Msg, tag="crl-calendar-status"):
+    id: ReqId
+
+
 AdminRequest = Union[
     Hello, AStatus, AActivate, ACaList, ACaShow, ACaCreate, ACaSignCsr, ACaExport, AIssue,
     ACertShow, ACertList, ARevoke, AUnrevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus, AOcspResponderCert,
@@ -405,6 +448,7 @@ AdminRequest = Union[
     ALogin, AResume, ALogout, AOfficerAdd, AOfficerList, AOfficerRemove, AOfficerPasswd, AOfficerUnlock, AOfficerTotp,
     AOfficerUnlockShares, APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
     ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, ACeremonyBegin, ACeremonyWitness, ACeremonyRecords, AConfigSet,
+    ACaRequest, ACaInstall, ACrlPresign, ACrlCalendarLoad, ACrlCalendarStatus,
 ]
 
 
@@ -583,8 +627,54 @@ class OfficerListReply(_Reply, tag="officer-list-reply"):
     officers: Annotated[list[OfficerInfo], msgspec.Meta(max_length=10000)]
 
 
+class CaRequestReply(_Reply, tag="ca-request-reply"):
+    id: ReqId
+    name: Name
+    state: Text
+    mode: Literal["new", "renew"]
+    key_type: KeyType
+    csr: Pem
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+
+
+class CalendarInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    ca: Name
+    remaining: Annotated[int, msgspec.Meta(ge=0)]
+    covered_until: Epoch | None
+    current: Annotated[int, msgspec.Meta(ge=1, lt=2**62)] | None
+    current_next_update: Epoch | None
+    warning: Text | None
+
+
+class CrlPresignReply(_Reply, tag="crl-presign-reply"):
+    id: ReqId
+    ca: Name
+    first: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    last: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    bundle: Annotated[str, msgspec.Meta(max_length=4 * 1024 * 1024)]
+
+
+class CalendarLoadReply(_Reply, tag="crl-calendar-load-reply"):
+    id: ReqId
+    ca: Name
+    first: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    last: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    new: Annotated[int, msgspec.Meta(ge=0)]
+    remaining: Annotated[int, msgspec.Meta(ge=0)]
+    covered_until: Epoch | None
+    current: Annotated[int, msgspec.Meta(ge=1, lt=2**62)] | None
+    current_next_update: Epoch | None
+    warning: Text | None
+
+
+class CalendarStatusReply(_Reply, tag="crl-calendar-status-reply"):
+    id: ReqId
+    calendars: Annotated[list[CalendarInfo], msgspec.Meta(max_length=64)]
+
+
 TypedReply = Union[RevokeReply, UnrevokeReply, CertReply, CertListReply, CaReply, CaListReply, CaExportReply,
-                   CaSignCsrReply, LoginReply, LogoutReply, OfficerReply, OfficerListReply]
+                   CaSignCsrReply, LoginReply, LogoutReply, OfficerReply, OfficerListReply,
+                   CaRequestReply, CrlPresignReply, CalendarLoadReply, CalendarStatusReply]
 
 
 AdminReply = Union[Hello, Reply, IssueReply, BlobChunk, Refused, TypedReply]

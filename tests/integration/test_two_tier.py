@@ -1,0 +1,291 @@
+"""Issue 14: a two-tier PKI across two appliances (an offline root, an online issuing CA), media carried by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from tests.conftest import Appliance, PASSWORD, _variant, copy_home, make_csr, openssl
+
+WITNESSES = ("alice", "bob")
+DAY = 86400
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _start(templates, src_path, base: Path, name: str, ceremony: str, config: str, edit) -> Appliance:
+    cer = base / f"{name}.toml"
+    cer.write_text(ceremony)
+    t = templates((*_variant(cer, config, None, None, None), 0), cer, None, None, config, None)
+    a = Appliance(base / name, src_path)
+    copy_home(t.home, a.home)
+    a.template, a.officers = t.home, dict(t.officers)
+    cfg = a.home / "donjon.toml"
+    cfg.write_text(edit(cfg.read_text()))
+    return a
+
+
+ROOT_CEREMONY = """
+[root]
+name = "root"
+key-type = "p384"
+subject = { C = "FR", O = "Donjon Two Tier", CN = "Donjon Offline Root" }
+validity-days = 3650
+path-length = 1
+"""
+ONLINE_CEREMONY = """
+[root]
+name = "local"
+key-type = "p256"
+subject = { C = "FR", O = "Donjon Two Tier", CN = "Donjon Online Local Root" }
+validity-days = 3650
+"""
+
+
+@pytest.fixture(scope="module")
+def pki(src_path, home_templates):
+    """The two appliances: the root offline (no endpoint, no Distribution, no inet socket; its profiles'
+    URLs name the online box), the online box with a simulated clock for the CRL calendar (test mode)."""
+    base = Path(tempfile.mkdtemp(prefix="donjon-tier-"))
+    os.chmod(base, 0o711)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    root = _start(home_templates, src_path, base, "root", ROOT_CEREMONY, "enabled = false\n",
+                  lambda t: t + f'\n[endpoint]\nbase-url = "{url}"\n'
+                  '\n[dual-control]\napprovals = 2\noperations = ["ca-create", "ca-sign-csr", "revoke-ca"]\n')
+    online = _start(home_templates, src_path, base, "online", ONLINE_CEREMONY, "",
+                    lambda t: t.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"') +
+                    f'\n[endpoint]\nbase-url = "{url}"\n')
+    assert f'base-url = "{url}"' in (root.home / "donjon.toml").read_text()
+    clock = online.home / "cmdb" / "test-clock"
+    online.run_env = {"DONJON_TEST_CLOCK_FILE": str(clock)}
+    media = base / "media"  # the stick carried between the two boxes
+    media.mkdir(mode=0o755)
+    try:
+        root.start()
+        online.start()
+        for n in WITNESSES:
+            root.cli("officer", "add", n, "--role", "operator", env={"DONJON_PASSWORD": PASSWORD})
+            root.officers[n] = "operator"
+        yield root, online, media, clock, url
+    finally:
+        for a in (online, root):
+            a.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _answers(n_steps: int) -> bytes:
+    lines = []
+    for name in WITNESSES:
+        lines += [name, PASSWORD, ""]  # every listed officer present: no empty name to end the roll call
+    lines += ["yes"] * (n_steps * len(WITNESSES))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _ceremony(root: Appliance, folder: Path, name: str, steps: str, n: int) -> Path:
+    f = folder / f"{name}.toml"
+    f.write_text(f"""
+[ceremony]
+name = "{name}"
+officers = {json.dumps(list(WITNESSES))}
+quorum = 2
+output = "{name}-out"
+{steps}""")
+    r = root.cli("ceremony", "run", str(f), input=_answers(n), check=False, timeout=300)
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+    return folder / f"{name}-out"
+
+
+def _set_clock(clock: Path, t: int) -> None:
+    clock.write_text(str(t))
+    os.chmod(clock, 0o644)
+
+
+def _verify(files: Path, leaf: Path, root_pem: Path, sub_pem: Path, url: str) -> subprocess.CompletedProcess:
+    """openssl verify, every CRL from the online endpoint: the issuing CA's and the root's downloaded from the
+    CRL DPs (-crl_download); the root's also given for the root itself (a self-signed root has no CRL DP)."""
+    der = _get(f"{url}/crl/root.crl")
+    assert der is not None
+    (files / "root-from-endpoint.crl").write_bytes(openssl("crl", "-inform", "DER", input=der).stdout)
+    return openssl("verify", "-x509_strict", "-crl_check_all", "-crl_download", "-CAfile", str(root_pem),
+                   "-CRLfile", str(files / "root-from-endpoint.crl"),
+                   "-untrusted", str(sub_pem), str(leaf), check=False)
+
+
+def _lint_crl(der: bytes) -> list[str]:
+    from policy import lint
+    return lint.lint_crl(der)
+
+
+def test_two_tier_request_sign_install_issue_verify_revoke(pki, tmp_path):
+    root, online, media, clock, url = pki
+    # The root is offline: no endpoint process, no listening inet socket.
+    assert not (root.home / "run" / "endpoint").exists()
+    assert "ocsp" not in root.role_pids() and "distribution" not in root.role_pids()
+    _set_clock(clock, int(time.time()))
+
+    # 1. The online box makes its CA key in the HSM and its request: the CA awaits its certificate.
+    r = online.cli("ca", "request", "issuing", "--subject", "CN=Donjon Online Issuing CA,O=Donjon Two Tier,C=FR",
+                   "--key-type", "p256", "--path-length", "0", "--out", str(media / "issuing.csr"), "--json")
+    doc = json.loads(r.stdout)
+    assert doc["state"] == "awaiting certificate" and doc["mode"] == "new"
+    openssl("req", "-in", str(media / "issuing.csr"), "-verify", "-noout")
+    text = openssl("req", "-in", str(media / "issuing.csr"), "-noout", "-text").stdout.decode()
+    assert "CA:TRUE, pathlen:0" in text and "Certificate Sign, CRL Sign" in text
+    make_csr(tmp_path, "leaf0", subj="/CN=www.example.org")
+    r = online.cli("issue", "--ca", "issuing", "--profile", "tls-server", "--csr", str(tmp_path / "leaf0.csr"), check=False)
+    assert r.returncode == 1 and b"awaiting certificate" in r.stderr
+    # Asking again with other options is refused (the key stays); the same request is signed again.
+    r = online.cli("ca", "request", "issuing", "--subject", "CN=X", "--key-type", "p384", check=False)
+    assert r.returncode == 1 and b"already awaits" in r.stderr
+
+    # 2. At the root, in a ceremony with two witnesses: sign the request, export the root, pre-sign 12 CRLs.
+    shutil.copy(media / "issuing.csr", tmp_path / "issuing.csr")
+    out = _ceremony(root, tmp_path, "sign-issuing", """
+[[step]]
+action = "sign-csr"
+parent = "root"
+csr = "issuing.csr"
+validity-days = 1825
+path-length = 0
+out = "issuing.pem"
+
+[[step]]
+action = "export-ca"
+ca = "root"
+out = "root.pem"
+
+[[step]]
+action = "crl-presign"
+ca = "root"
+periods = 12
+every = "30d"
+overlap = "2d"
+out = "root-calendar.json"
+""", 3)
+    for f in ("issuing.pem", "root.pem", "root-calendar.json"):
+        shutil.copy(out / f, media / f)
+    sub = x509.load_pem_x509_certificate((media / "issuing.pem").read_bytes())
+    assert f"{url}/crl/root.crl" in str(sub.extensions.get_extension_for_class(x509.CRLDistributionPoints).value)
+    bundle = json.loads((media / "root-calendar.json").read_text())
+    crls = [__import__("base64").b64decode(e["der"]) for e in bundle["crls"]]
+    assert len(crls) == 12
+    numbers = [e["number"] for e in bundle["crls"]]
+    assert numbers == list(range(numbers[0], numbers[0] + 12))
+    for e in bundle["crls"]:
+        assert e["next_update"] == e["this_update"] + 32 * DAY
+    for der in crls:  # pkilint clean on every CRL of the calendar
+        assert _lint_crl(der) == []
+    verify_out = root.cli("ceremony", "verify", str(out / "transcript.json"), check=False)
+    assert verify_out.returncode == 0, verify_out.stdout.decode() + verify_out.stderr.decode()
+
+    # 3. Back on the online box: install (bad ones refused naming the check), then issue.
+    r = online.cli("ca", "install", "issuing", str(media / "root.pem"), "--trust-anchor", str(media / "root.pem"), check=False)
+    assert r.returncode == 1 and b"key:" in r.stderr and b"not the CA's key in the token" in r.stderr
+    r = online.cli("ca", "install", "issuing", str(media / "issuing.pem"), check=False)
+    assert r.returncode == 1 and b"no trust anchor" in r.stderr
+    online.cli("ca", "install", "issuing", str(media / "issuing.pem"), "--trust-anchor", str(media / "root.pem"))
+    shown = json.loads(online.cli("ca", "show", "issuing").stdout)
+    assert shown["state"] == "active"
+    r = online.cli("ca", "install", "issuing", str(media / "issuing.pem"), check=False)
+    assert r.returncode == 1 and b"awaits no certificate" in r.stderr
+
+    # The calendar: verified against the root; each CRL published once its thisUpdate has come, not before
+    # (the online box's clock is simulated: test mode).
+    tus = [e["this_update"] for e in bundle["crls"]]
+    _set_clock(clock, tus[0] - 1)
+    r = online.cli("crl", "calendar", "load", str(media / "root-calendar.json"), "--json")
+    doc = json.loads(r.stdout)
+    assert doc["ca"] == "root" and doc["current"] is None and doc["remaining"] == 12 and doc["new"] == 12
+    assert _get(f"{url}/crl/root.crl") is None  # 404: nothing due yet
+    _set_clock(clock, tus[0])
+    cal = _status(online)
+    assert cal["current"] == numbers[0] and cal["remaining"] == 11 and cal["warning"] is None
+    assert _get(f"{url}/crl/root.crl") == crls[0]
+    make_csr(tmp_path, "leaf", subj="/CN=www.example.org")
+    online.cli("issue", "--ca", "issuing", "--profile", "tls-server", "--csr", str(tmp_path / "leaf.csr"),
+               "--out", str(tmp_path / "leaf.pem"))
+    online.cli("crl", "generate", "--ca", "issuing", "--out", str(tmp_path / "issuing.crl"))
+    _wait_crl(url, "issuing")
+    r = _verify(tmp_path, tmp_path / "leaf.pem", media / "root.pem", media / "issuing.pem", url)
+    assert r.returncode == 0 and b"OK" in r.stdout, r.stdout.decode() + r.stderr.decode()
+    got = subprocess.run(["curl", "-sf", f"{url}/ca/root.crt"], capture_output=True, timeout=30).stdout
+    assert got == x509.load_pem_x509_certificate((media / "root.pem").read_bytes()).public_bytes(
+        __import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.DER)
+
+    # Time passes on the online box: each CRL at its thisUpdate, never before; late ones are skipped, never
+    # published after a newer one; fewer than 3 left raises the status warning (and the SNMP notification).
+    _set_clock(clock, tus[1] - 1)
+    assert _status(online)["current"] == numbers[0]
+    _set_clock(clock, tus[1])
+    assert _status(online)["current"] == numbers[1]
+    assert _get(f"{url}/crl/root.crl") == crls[1]
+    _set_clock(clock, tus[10])
+    cal = _status(online)
+    assert cal["current"] == numbers[10] and cal["remaining"] == 1
+    assert "1 pre-signed CRL(s) left" in cal["warning"]
+    st = json.loads(online.cli("status", "--json").stdout)
+    assert st["crl_calendars"][0]["warning"] == cal["warning"]
+    assert "crl-calendar-low" in online.log.read_text()
+    _set_clock(clock, int(time.time()))
+
+    # 4. The root revokes the sub-CA in a second ceremony-like session (dual control), then a new calendar.
+    serial = f"{sub.serial_number:x}"
+    r = root.cli("revoke", "--ca", "root", serial, "--reason", "cACompromise")
+    pending = re.search(rb"#(\d+)", r.stdout)
+    assert pending, r.stdout
+    root.cli("approve", pending.group(1).decode(), officer="alice")
+    out2 = _ceremony(root, tmp_path, "after-compromise", """
+[[step]]
+action = "crl-presign"
+ca = "root"
+periods = 12
+every = "30d"
+overlap = "2d"
+out = "root-calendar-2.json"
+""", 1)
+    shutil.copy(out2 / "root-calendar-2.json", media / "root-calendar-2.json")
+    # The new calendar supersedes the old one at once; the old one again is refused (all older than published).
+    _set_clock(clock, int(time.time()))
+    doc = json.loads(online.cli("crl", "calendar", "load", str(media / "root-calendar-2.json"), "--json").stdout)
+    assert doc["current"] == doc["first"] > numbers[-1] and doc["remaining"] == 11 and doc["warning"] is None
+    r = online.cli("crl", "calendar", "load", str(media / "root-calendar.json"), check=False)
+    assert r.returncode == 1 and b"older than CRL number" in r.stderr
+    r = _verify(tmp_path, tmp_path / "leaf.pem", media / "root.pem", media / "issuing.pem", url)
+    assert r.returncode != 0 and b"certificate revoked" in r.stdout + r.stderr, r.stdout.decode() + r.stderr.decode()
+
+
+def _get(url: str) -> bytes | None:
+    r = subprocess.run(["curl", "-sf", url], capture_output=True, timeout=30)
+    return r.stdout if r.returncode == 0 else None
+
+
+def _status(online: Appliance) -> dict:
+    cals = json.loads(online.cli("crl", "calendar", "status", "--json").stdout)
+    assert [c["ca"] for c in cals] == ["root"]
+    return cals[0]
+
+
+def _wait_crl(url: str, ca: str) -> None:
+    for _ in range(100):
+        r = subprocess.run(["curl", "-sf", "-o", "/dev/null", f"{url}/crl/{ca}.crl"], timeout=30)
+        if r.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{url}/crl/{ca}.crl never served")
