@@ -19,14 +19,16 @@ from tests.conftest import PASSWORD
 
 PUBLIC = {"status", "activate", "activate-shares", "login", "resume", "logout", "ca-list", "officer-unlock-shares"}
 READ = {"ca-show", "ca-export", "cert-show", "cert-list", "crl-export", "ocsp-status", "pending-list", "approve",
-        "audit-cert", "audit-checkpoint", "ceremony-record", "ceremony-begin", "ceremony-witness", "ceremony-records", "dist-status", "dist-list", "ocsp-tenant-list"}
+        "audit-cert", "audit-checkpoint", "ceremony-record", "ceremony-begin", "ceremony-witness", "ceremony-records", "dist-status", "dist-list", "ocsp-tenant-list",
+        "crl-calendar-status"}
 # What the issue asks for, written independently of the Factory's table.
 EXPECTED = {
     "administrator": READ | {"officer-add", "officer-remove", "officer-unlock", "officer-list", "officer-passwd", "officer-totp",
                              "backup", "shutdown-request", "config-set",
                              "ocsp-tenant-add", "ocsp-tenant-update", "ocsp-tenant-remove", "ocsp-tenant-csr"},
     "operator": READ | {"ca-create", "ca-sign-csr", "issue", "revoke", "unrevoke", "crl-generate", "ocsp-responder-cert", "reconcile",
-                        "ca-create-root", "dist-retry", "ocsp-tenant-crl", "ocsp-tenant-serials"},
+                        "ca-create-root", "dist-retry", "ocsp-tenant-crl", "ocsp-tenant-serials",
+                        "ca-request", "ca-install", "crl-presign", "crl-calendar-load"},
     "auditor": READ | {"audit-export", "reconcile", "officer-list"},
 }
 # One harmless instance of every non-public admin request (names that do not exist, passwords too short).
@@ -50,6 +52,9 @@ SAMPLES = [
     S.ABackup(id=1), S.ACeremonyRecord(id=1, ceremony="m-x", transcript_sha256=b"\0" * 32, ceremony_seq=999999, witnesses=["nobody"]),
     S.ACeremonyBegin(id=1, ceremony="m-x"), S.ACeremonyWitness(id=1, ceremony_seq=999999), S.ACeremonyRecords(id=1, ceremony_seq=999999),
     S.AConfigSet(id=1, key="nope", value="x"),
+    S.ACaRequest(id=1, name="m-x", profile="nope", key_type="p256", subject=(("CN", "x"),)),
+    S.ACaInstall(id=1, name="nope", cert=b"junk"), S.ACrlPresign(id=1, ca="nope", periods=1, every_seconds=3600),
+    S.ACrlCalendarLoad(id=1, bundle=b"junk"), S.ACrlCalendarStatus(id=1),
 ]
 # Sent only where they must be refused (allowed, they stop the appliance: tests/integration/test_console.py).
 DISRUPTIVE = [S.AShutdown(id=1)]
