@@ -289,3 +289,94 @@ def _wait_crl(url: str, ca: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"{url}/crl/{ca}.crl never served")
+
+
+OPENSSL_CA = """
+[ca]
+default_ca = ext
+[ext]
+dir = {d}
+database = {d}/index.txt
+new_certs_dir = {d}/certs
+serial = {d}/serial
+crlnumber = {d}/crlnumber
+certificate = {d}/root.pem
+private_key = {d}/root.key
+default_md = sha256
+default_crl_days = 30
+policy = anything
+unique_subject = no
+copy_extensions = none
+[anything]
+commonName = supplied
+organizationName = optional
+countryName = optional
+[sub]
+basicConstraints = critical, CA:true, pathlen:0
+keyUsage = critical, keyCertSign, cRLSign, digitalSignature
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+[req]
+distinguished_name = dn
+[dn]
+[root]
+basicConstraints = critical, CA:true, pathlen:1
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+"""
+
+
+def test_openssl_ca_parent_request_install_renew(pki, tmp_path):
+    """`openssl ca` as the external parent: ca request, signed by openssl, ca install, issue; then --renew (same
+    key, a new certificate): leaves issued before and after the renewal verify with either certificate."""
+    _, online, _, _, url = pki
+    d = tmp_path / "extca"
+    (d / "certs").mkdir(parents=True)
+    (d / "index.txt").write_text("")
+    (d / "serial").write_text("1000\n")
+    (d / "crlnumber").write_text("01\n")
+    cnf = d / "ca.cnf"
+    cnf.write_text(OPENSSL_CA.format(d=d))
+    openssl("req", "-x509", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(d / "root.key"),
+            "-subj", "/CN=External Root CA/O=Elsewhere", "-days", "3650", "-config", str(cnf), "-extensions", "root",
+            "-out", str(d / "root.pem"))
+
+    def sign(csr: Path, out: Path) -> None:
+        openssl("ca", "-batch", "-config", str(cnf), "-extensions", "sub", "-days", "365", "-in", str(csr), "-out", str(out),
+                "-notext")
+
+    online.cli("ca", "request", "ext-issuing", "--subject", "CN=External Issuing CA,O=Elsewhere", "--key-type", "p384",
+               "--path-length", "0", "--out", str(tmp_path / "ext.csr"))
+    sign(tmp_path / "ext.csr", tmp_path / "ext.pem")
+    # The wrong anchor is refused naming the chain; the right one installs.
+    r = online.cli("ca", "install", "ext-issuing", str(tmp_path / "ext.pem"), "--trust-anchor", str(tmp_path / "ext.pem"),
+                   check=False)
+    assert r.returncode == 1 and b"chain:" in r.stderr
+    online.cli("ca", "install", "ext-issuing", str(tmp_path / "ext.pem"), "--trust-anchor", str(d / "root.pem"))
+    make_csr(tmp_path, "a", subj="/CN=a.example.org", san="DNS:a.example.org")
+    online.cli("issue", "--ca", "ext-issuing", "--profile", "tls-server", "--csr", str(tmp_path / "a.csr"), "--out", str(tmp_path / "a.pem"))
+
+    # Renewal: the same key, a new certificate from the same parent.
+    online.cli("ca", "request", "ext-issuing", "--renew", "--subject", "CN=External Issuing CA,O=Elsewhere", "--key-type", "p384",
+               "--path-length", "0", "--out", str(tmp_path / "ext2.csr"))
+    key1 = openssl("req", "-in", str(tmp_path / "ext.csr"), "-noout", "-pubkey").stdout
+    assert openssl("req", "-in", str(tmp_path / "ext2.csr"), "-noout", "-pubkey").stdout == key1
+    sign(tmp_path / "ext2.csr", tmp_path / "ext2.pem")
+    online.cli("ca", "install", "ext-issuing", str(tmp_path / "ext2.pem"))  # the anchor kept in the token from the first install
+    shown = json.loads(online.cli("ca", "show", "ext-issuing").stdout)
+    new = x509.load_pem_x509_certificate((tmp_path / "ext2.pem").read_bytes())
+    assert shown["serial"] == f"{new.serial_number:x}" and shown["state"] == "active"
+    make_csr(tmp_path, "b", subj="/CN=b.example.org", san="DNS:b.example.org")
+    online.cli("issue", "--ca", "ext-issuing", "--profile", "tls-server", "--csr", str(tmp_path / "b.csr"), "--out", str(tmp_path / "b.pem"))
+    online.cli("crl", "generate", "--ca", "ext-issuing", "--out", str(tmp_path / "ext-issuing.crl"))
+    _wait_crl(url, "ext-issuing")
+    openssl("ca", "-gencrl", "-config", str(cnf), "-out", str(d / "root.crl"))
+    for leaf in ("a", "b"):
+        for sub in ("ext", "ext2"):
+            r = openssl("verify", "-x509_strict", "-crl_check_all", "-crl_download", "-CAfile", str(d / "root.pem"),
+                        "-CRLfile", str(d / "root.crl"), "-untrusted", str(tmp_path / f"{sub}.pem"), str(tmp_path / f"{leaf}.pem"),
+                        check=False)
+            assert r.returncode == 0, (leaf, sub, r.stdout.decode() + r.stderr.decode())
+    r = online.cli("ca", "install", "ext-issuing", str(tmp_path / "ext2.pem"), check=False)
+    assert r.returncode == 1 and b"awaits no certificate" in r.stderr
