@@ -742,3 +742,22 @@ def calendar_lines(cals: list[dict[str, Any]]) -> list[str]:
         if d.get("warning"):
             out.append(f"  WARNING: {d['warning']}")
     return out
+
+
+def parse_utc(s: str) -> int:
+    """'YYYY-MM-DD HH:MM:SS' (UTC) as seconds since 1970."""
+    import calendar
+    import time as _t
+    try:
+        return calendar.timegm(_t.strptime(s, "%Y-%m-%d %H:%M:%S"))
+    except ValueError:
+        raise OpError(f"{s[:30]!r} is not a UTC time as YYYY-MM-DD HH:MM:SS") from None
+
+
+def clock_set(c: AdminClient, epoch: int) -> str:
+    from appliance.clock import check_epoch
+    try:
+        check_epoch(str(epoch))
+    except ValueError as e:
+        raise OpError(str(e)) from None
+    return _wrap(c.call, S.AClockSet, time=epoch)["message"]

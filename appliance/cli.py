@@ -736,6 +736,30 @@ def crl_generate(ca: Annotated[str, typer.Option(help="The CA.")] = ...,
         out_bytes(data, None)
 
 
+clock_app = typer.Typer(help="The appliance clock: show (UTC and hardware clock), set (dual control).", no_args_is_help=True)
+app.add_typer(clock_app, name="clock")
+
+
+@clock_app.command("show")
+def clock_show() -> None:
+    """The system clock (UTC) and the hardware clock of this machine. Example: donjon clock show"""
+    from appliance import clock
+    for line in clock.show():
+        typer.echo(line)
+
+
+@clock_app.command("set")
+def clock_set(when: Annotated[str, typer.Argument(help="The time, UTC: 'YYYY-MM-DD HH:MM:SS'.")],
+              home: Home = "./var") -> None:
+    """Set the system and hardware clocks (administrator; dual control `clock-set`; audited).
+
+    Example: donjon clock set '2026-12-07 14:30:00'
+    """
+    epoch = op(ops.parse_utc, when)
+    with client(home) as c:
+        typer.echo(op(ops.clock_set, c, epoch))
+
+
 @crl_app.command("presign")
 def crl_presign(ca: Annotated[str, typer.Option(help="The (offline root) CA.")] = ...,
                 periods: Annotated[int, typer.Option(help="How many CRLs to sign ahead.")] = 12,

@@ -42,6 +42,7 @@ class Console:
             ("Distribution: status, retry", self.distribution),
             ("Backup to media", self.backup),
             ("Shutdown", self.shutdown),
+            ("Clock: show, set", self.clock),
         ]
 
     # ------------------------------------------------------------ loop
@@ -380,6 +381,15 @@ class Console:
         n, digest = ops.backup_to(self.s.client, M.path_in(media, name))
         self.t.say(f"backup: {n} bytes -> media: {name}", f"  sha256 {digest}",
                    "  (encrypted CMDB + HSM-wrapped key: restorable only with the same HSM token)")
+
+    def clock(self) -> None:
+        """UTC time and the hardware clock; an administrator sets the time (dual control, audited)."""
+        from appliance import clock
+        self.t.say(*clock.show())
+        if "administrator" not in (self.s.client.roles or []) or not self.t.confirm("set the time?"):
+            return
+        a = self.t.ask("new time, UTC (YYYY-MM-DD HH:MM:SS): ").strip()
+        self.t.say(ops.clock_set(self.s.client, ops.parse_utc(a)))
 
     def shutdown(self) -> None:
         if not self.t.confirm("stop the appliance (every role, cleanly)?"):

@@ -178,6 +178,27 @@ async def _calendar_status(ctx: Ctx, req: S.ACrlCalendarStatus) -> dict[str, Any
     return {"calendars": await _tier(ctx).status()}
 
 
+def _clock_checked(handler: Handler, what: str) -> Handler:
+    """A CA signing operation, refused (audited) while the clock is before the newest time the appliance signed at."""
+    import inspect
+    if inspect.isasyncgenfunction(handler):
+        async def gen(ctx: Ctx, req: Any) -> AsyncIterator[bytes]:
+            await _tier(ctx).check_clock(ctx.actor, what)
+            async for chunk in handler(ctx, req):  # type: ignore[union-attr]
+                yield chunk
+        return gen
+
+    async def run_checked(ctx: Ctx, req: Any) -> Any:
+        await _tier(ctx).check_clock(ctx.actor, what)
+        return await handler(ctx, req)  # type: ignore[misc]
+    return run_checked
+
+
+async def _clock_set(ctx: Ctx, req: S.AClockSet) -> dict[str, Any]:
+    from .timeset import ClockSetter
+    return await ClockSetter(ctx.f.store, ctx.f.sup_send, ctx.f._sup_waiting).set(req, ctx.actor)
+
+
 R = S.Reply
 # The table. A request type missing here is refused to everyone (fail closed), and a test fails.
 TABLE: dict[type, AdminOp] = {
@@ -194,11 +215,16 @@ TABLE: dict[type, AdminOp] = {
     S.ACaList: AdminOp(PUBLIC, None, lambda c, r: _doc("cas", c.f.ca_list()), S.CaListReply),
     S.ACaShow: AdminOp(ANY, None, lambda c, r: c.f.ca_show(r.name), S.CaReply),
     S.ACaExport: AdminOp(ANY, None, _ca_export, S.CaExportReply),
-    S.ACaCreate: AdminOp(OPER, "ca-create", lambda c, r: c.f.create_ca(r, parent=r.parent, actor=c.actor), S.CaReply),
-    S.ACaCreateRoot: AdminOp(OPER, "ca-create", lambda c, r: c.f.create_ca(r, parent=None, actor=c.actor), S.CaReply),
-    S.ACaSignCsr: AdminOp(OPER, "ca-sign-csr", lambda c, r: c.f.sign_csr_ca(r, c.actor), S.CaSignCsrReply),
+    # a CA's signature while the clock has gone backwards is refused (_clock_checked)
+    S.ACaCreate: AdminOp(OPER, "ca-create", _clock_checked(lambda c, r: c.f.create_ca(r, parent=r.parent, actor=c.actor),
+                                                           "ca-create"), S.CaReply),
+    S.ACaCreateRoot: AdminOp(OPER, "ca-create", _clock_checked(lambda c, r: c.f.create_ca(r, parent=None, actor=c.actor),
+                                                               "ca-create"), S.CaReply),
+    S.ACaSignCsr: AdminOp(OPER, "ca-sign-csr", _clock_checked(lambda c, r: c.f.sign_csr_ca(r, c.actor), "ca-sign-csr"),
+                          S.CaSignCsrReply),
     # two tiers: a CA key's request to a parent elsewhere, and the certificate it returned (guarded as ca-create)
-    S.ACaRequest: AdminOp(OPER, "ca-create", lambda c, r: _tier(c).request(r, c.actor), S.CaRequestReply),
+    S.ACaRequest: AdminOp(OPER, "ca-create", _clock_checked(lambda c, r: _tier(c).request(r, c.actor), "ca-request"),
+                          S.CaRequestReply),
     S.ACaInstall: AdminOp(OPER, "ca-create", lambda c, r: _tier(c).install(r, c.actor), S.CaReply),
     S.AIssue: AdminOp(OPER, None, lambda c, r: c.f.issue(r, c.actor), S.IssueReply),
     S.ACertShow: AdminOp(ANY, None, lambda c, r: c.f.cert_get(r.ca, int.from_bytes(r.serial, "big")), S.CertReply),
@@ -206,7 +232,7 @@ TABLE: dict[type, AdminOp] = {
     # "revoke-ca" applies only when the certificate is a CA's (Officers.guard checks)
     S.ARevoke: AdminOp(OPER, "revoke-ca", lambda c, r: c.f.revoke(r, c.actor), S.RevokeReply),
     S.AUnrevoke: AdminOp(OPER, "revoke-ca", lambda c, r: c.f.unrevoke(r, c.actor), S.UnrevokeReply),
-    S.ACrlGenerate: AdminOp(OPER, None, _crl_generate, STREAM),
+    S.ACrlGenerate: AdminOp(OPER, None, _clock_checked(_crl_generate, "crl"), STREAM),
     S.ACrlExport: AdminOp(ANY, None, _crl_export, STREAM),
     # an offline root's CRLs signed ahead; the online box's calendar of them
     S.ACrlPresign: AdminOp(OPER, None, lambda c, r: _tier(c).presign(r, c.actor), S.CrlPresignReply),
@@ -248,6 +274,8 @@ TABLE: dict[type, AdminOp] = {
     S.AShutdown: AdminOp(ADMIN, None, _shutdown, R),
     # HOME/donjon.toml, written by the supervisor on the Factory's audited request
     S.AConfigSet: AdminOp(ADMIN, None, lambda c, r: c.f.config_set(r.key, r.value, c.actor), R),
+    # the clock, set by the supervisor (root) once dual control approved (console: clock)
+    S.AClockSet: AdminOp(ADMIN, "clock-set", _clock_set, R),
 }
 
 

@@ -187,21 +187,28 @@ class Tier:
     # ---------------------------------------------------------------- clock gone backwards (the offline root)
 
     def signed_high(self) -> int:
-        """DB thread: the newest time this appliance ever signed at (certificates' notBefore, CRLs' thisUpdate,
-        pre-signed calendars' signing time): a clock before it has gone backwards."""
+        """DB thread: the newest time this appliance ever signed at (its CAs' certificates' issuance, CRLs'
+        thisUpdate, pre-signed calendars' signing time): a clock before it has gone backwards. Per CA, on indexes."""
         c = self.store.require_active().db
-        a = c.execute("SELECT max(not_before) FROM certs").fetchone()[0] or 0
-        b = c.execute("SELECT max(this_update) FROM crls WHERE ca IN (SELECT name FROM cas)").fetchone()[0] or 0
-        d = c.execute("SELECT max(signed_at) FROM presigned_crls").fetchone()[0] or 0
-        return max(a + BACKDATE, b, d)
+        high = 0
+        for (ca,) in c.execute("SELECT name FROM cas").fetchall():
+            for q in ("SELECT max(issued_at) FROM certs WHERE ca=?",
+                      "SELECT this_update FROM crls WHERE ca=? ORDER BY number DESC LIMIT 1",
+                      "SELECT max(signed_at) FROM presigned_crls WHERE ca=?"):
+                row = c.execute(q, (ca,)).fetchone()
+                high = max(high, (row[0] if row else 0) or 0)
+        return high
 
     async def check_clock(self, actor: str, what: str) -> None:
-        now = int(time.time())
+        """Refuse (audited) to sign while the clock is before the newest time this appliance signed at."""
+        now = int(self.clock())
         high = await self.store.run(self.signed_high)
         if now < high:
-            at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(high))
-            raise await self.refuse(actor, what, "clock", "policy", f"the clock ({time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(now))} UTC) "
-                                    f"is before {at} UTC, the newest time this CA signed at: it has gone backwards; set it (console) first")
+            def at(t: int) -> str:
+                return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+            raise await self.refuse(actor, what, "clock", "policy", f"the clock ({at(now)} UTC) is before {at(high)} UTC, when "
+                                    "this appliance last signed: it has gone backwards; nothing is signed until it is set right "
+                                    "(console: clock)")
 
     # ---------------------------------------------------------------- crl presign (the offline root)
 

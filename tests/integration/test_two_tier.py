@@ -68,13 +68,16 @@ def pki(src_path, home_templates):
     url = f"http://127.0.0.1:{port}"
     root = _start(home_templates, src_path, base, "root", ROOT_CEREMONY, "enabled = false\n",
                   lambda t: t + f'\n[endpoint]\nbase-url = "{url}"\n'
-                  '\n[dual-control]\napprovals = 2\noperations = ["ca-create", "ca-sign-csr", "revoke-ca"]\n')
+                  '\n[dual-control]\napprovals = 2\noperations = ["ca-create", "ca-sign-csr", "revoke-ca", "clock-set"]\n')
     online = _start(home_templates, src_path, base, "online", ONLINE_CEREMONY, "",
                     lambda t: t.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"') +
                     f'\n[endpoint]\nbase-url = "{url}"\n')
     assert f'base-url = "{url}"' in (root.home / "donjon.toml").read_text()
     clock = online.home / "cmdb" / "test-clock"
     online.run_env = {"DONJON_TEST_CLOCK_FILE": str(clock)}
+    # The root: a simulated clock too (a clock gone backwards), and the FAKE clock setter (records, never sets).
+    root.run_env = {"DONJON_TEST_CLOCK_FILE": str(root.home / "cmdb" / "test-clock"),
+                    "DONJON_TEST_CLOCK_SETTER_FAKE": str(base / "clock-setter-fake.log")}
     media = base / "media"  # the stick carried between the two boxes
     media.mkdir(mode=0o755)
     try:
@@ -83,6 +86,8 @@ def pki(src_path, home_templates):
         for n in WITNESSES:
             root.cli("officer", "add", n, "--role", "operator", env={"DONJON_PASSWORD": PASSWORD})
             root.officers[n] = "operator"
+        root.cli("officer", "add", "admin2", "--role", "administrator", env={"DONJON_PASSWORD": PASSWORD})
+        root.officers["admin2"] = "administrator"
         yield root, online, media, clock, url
     finally:
         for a in (online, root):
@@ -221,6 +226,7 @@ out = "root-calendar.json"
     make_csr(tmp_path, "leaf", subj="/CN=www.example.org")
     online.cli("issue", "--ca", "issuing", "--profile", "tls-server", "--csr", str(tmp_path / "leaf.csr"),
                "--out", str(tmp_path / "leaf.pem"))
+    clock.unlink()  # back to the real clock to sign (a simulated clock behind the last signature refuses it)
     online.cli("crl", "generate", "--ca", "issuing", "--out", str(tmp_path / "issuing.crl"))
     _wait_crl(url, "issuing")
     r = _verify(tmp_path, tmp_path / "leaf.pem", media / "root.pem", media / "issuing.pem", url)
@@ -269,6 +275,7 @@ out = "root-calendar-2.json"
     assert r.returncode == 1 and b"older than CRL number" in r.stderr
     r = _verify(tmp_path, tmp_path / "leaf.pem", media / "root.pem", media / "issuing.pem", url)
     assert r.returncode != 0 and b"certificate revoked" in r.stdout + r.stderr, r.stdout.decode() + r.stderr.decode()
+    clock.unlink()  # the online box back on the real clock for the next tests
 
 
 def _get(url: str) -> bytes | None:
@@ -380,3 +387,41 @@ def test_openssl_ca_parent_request_install_renew(pki, tmp_path):
             assert r.returncode == 0, (leaf, sub, r.stdout.decode() + r.stderr.decode())
     r = online.cli("ca", "install", "ext-issuing", str(tmp_path / "ext2.pem"), check=False)
     assert r.returncode == 1 and b"awaits no certificate" in r.stderr
+
+
+def test_clock_gone_backwards_refused_and_set_under_dual_control(pki, tmp_path):
+    """The root refuses to sign while its clock is before the newest time it signed at; setting the time is an
+    administrator's request under dual control, audited, carried out by the supervisor (here its FAKE setter)."""
+    root, online, _, _, _ = pki
+    root_clock = root.home / "cmdb" / "test-clock"
+    _set_clock(root_clock, 1_704_067_200)  # 2024-01-01: before anything this root signed
+    try:
+        make_csr(tmp_path, "late", san=None, subj="/CN=Late Sub CA")
+        r = root.cli("ca", "sign-csr", str(tmp_path / "late.csr"), "--parent", "root", "--out", str(tmp_path / "late.pem"))
+        pending = re.search(rb"#(\d+)", r.stdout)
+        assert pending, r.stdout
+        r = root.cli("approve", pending.group(1).decode(), officer="alice", check=False)  # the operation runs here: refused
+        assert r.returncode == 1 and b"gone backwards" in r.stderr, r.stdout + r.stderr
+        r = root.cli("crl", "generate", "--ca", "root", "--out", str(tmp_path / "root.crl"), check=False)
+        assert r.returncode == 1 and b"gone backwards" in r.stderr
+        assert not (tmp_path / "late.pem").exists()
+    finally:
+        root_clock.unlink()
+    root.cli("crl", "generate", "--ca", "root", "--out", str(tmp_path / "root.crl"))  # the clock is right again
+
+    shown = root.cli("clock", "show").stdout.decode()
+    assert "system clock:" in shown and "UTC" in shown and "hardware clock:" in shown
+    fake = root.home.parent / "clock-setter-fake.log"
+    r = root.cli("clock", "set", "2031-02-03 04:05:06", officer="admin")
+    pending = re.search(rb"#(\d+)", r.stdout)
+    assert pending and not fake.exists(), r.stdout  # one administrator is not enough
+    r = root.cli("approve", pending.group(1).decode(), officer="admin2")
+    assert fake.read_text() == "1927857906\n"  # what the FAKE setter recorded: the machine's clock is untouched
+    r = root.cli("clock", "set", "1999-01-01 00:00:00", officer="admin", check=False)
+    assert r.returncode == 1 and b"between 2023" in r.stderr
+    r = root.cli("clock", "set", "2031-02-03 04:05:06", officer="oper", check=False)
+    assert r.returncode == 1
+    log = [json.loads(x) for x in root.cli("audit", "export").stdout.splitlines() if b'"seq"' in x and b'"checkpoint"' not in x]
+    sets = [e for e in log if e["action"] == "clock-set" and e["outcome"] == "ok"]
+    assert sets and "to 2031-02-03T04:05:06Z" in sets[-1]["detail"] and "FAKE" in sets[-1]["detail"]
+    assert any(e["action"] == "ca-sign-csr" and e["outcome"] == "refused" and "backwards" in e["detail"] for e in log)

@@ -439,6 +439,13 @@ class ACrlCalendarStatus(_Msg, tag="crl-calendar-status"):
     id: ReqId
 
 
+class AClockSet(_Msg, tag="clock-set"):
+    """Set the appliance's system and hardware clocks (seconds since 1970, UTC): dual-controlled, audited."""
+
+    id: ReqId
+    time: Epoch
+
+
 AdminRequest = Union[
     Hello, AStatus, AActivate, ACaList, ACaShow, ACaCreate, ACaSignCsr, ACaExport, AIssue,
     ACertShow, ACertList, ARevoke, AUnrevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus, AOcspResponderCert,
@@ -448,7 +455,7 @@ AdminRequest = Union[
     ALogin, AResume, ALogout, AOfficerAdd, AOfficerList, AOfficerRemove, AOfficerPasswd, AOfficerUnlock, AOfficerTotp,
     AOfficerUnlockShares, APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
     ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, ACeremonyBegin, ACeremonyWitness, ACeremonyRecords, AConfigSet,
-    ACaRequest, ACaInstall, ACrlPresign, ACrlCalendarLoad, ACrlCalendarStatus,
+    ACaRequest, ACaInstall, ACrlPresign, ACrlCalendarLoad, ACrlCalendarStatus, AClockSet,
 ]
 
 
