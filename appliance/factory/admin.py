@@ -196,7 +196,7 @@ def _clock_checked(handler: Handler, what: str) -> Handler:
 
 async def _clock_set(ctx: Ctx, req: S.AClockSet) -> dict[str, Any]:
     from .timeset import ClockSetter
-    return await ClockSetter(ctx.f.store, ctx.f.sup_send, ctx.f._sup_waiting).set(req, ctx.actor)
+    return await ClockSetter(ctx.f.store, ctx.f.sup_send, ctx.f.settings._waiting).set(req, ctx.actor)
 
 
 R = S.Reply

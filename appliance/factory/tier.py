@@ -177,13 +177,6 @@ class Tier:
                 "not_before": cert.not_valid_before_utc.isoformat(), "not_after": cert.not_valid_after_utc.isoformat(),
                 "sha256": digest}
 
-    def awaiting(self, name: str) -> str | None:
-        """DB thread: why CA `name` cannot issue if it only awaits its certificate (None otherwise)."""
-        row = self.store.require_active().db.execute("SELECT kind FROM ca_requests WHERE name=?", (name,)).fetchone()
-        if row is None or row[0] != "new":
-            return None
-        return f"CA {name!r} is awaiting certificate (ca install): it issues nothing yet"
-
     # ---------------------------------------------------------------- clock gone backwards (the offline root)
 
     def signed_high(self) -> int:
