@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from tests.conftest import Appliance, PASSWORD, _variant, copy_home, make_csr, openssl
+from tests.conftest import PASSWORD, VENV_BIN, Appliance, _variant, copy_home, make_csr, openssl
 
 WITNESSES = ("alice", "bob")
 DAY = 86400
@@ -425,3 +425,59 @@ def test_clock_gone_backwards_refused_and_set_under_dual_control(pki, tmp_path):
     sets = [e for e in log if e["action"] == "clock-set" and e["outcome"] == "ok"]
     assert sets and "to 2031-02-03T04:05:06Z" in sets[-1]["detail"] and "FAKE" in sets[-1]["detail"]
     assert any(e["action"] == "ca-sign-csr" and e["outcome"] == "refused" and "backwards" in e["detail"] for e in log)
+
+
+@pytest.fixture
+def stick(tmp_path):
+    """A loop device standing in for the USB stick (ext4: this kernel has no vfat), with a file on it."""
+    src = tmp_path / "stick-src"
+    src.mkdir()
+    (src / "note.txt").write_text("carried by hand\n")
+    img = tmp_path / "stick.img"
+    subprocess.run(["truncate", "-s", "16M", str(img)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(src), str(img)], check=True)
+    dev = subprocess.run(["losetup", "-f", "--show", str(img)], capture_output=True, check=True, text=True).stdout.strip()
+    try:
+        yield dev, img
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_console_media_mounted_for_its_use_only(pki, stick, tmp_path):
+    """The console mounts the stick at the media folder (nodev,nosuid,noexec) for the actions chosen with it, and
+    unmounts it after: a backup written there is on the stick, and nothing stays mounted."""
+    from appliance.console import stick as S
+    _, online, _, _, _ = pki
+    dev, img = stick
+    os.environ[S.TEST_DEVICE_ENV] = dev
+    try:
+        assert [d.path for d in S.devices()] == [dev]
+        where = tmp_path / "mnt"
+        with S.mounted(S.devices()[0], str(where)):
+            mounts = Path("/proc/mounts").read_text().splitlines()
+            opts = next(line.split()[3] for line in mounts if line.split()[1] == str(where))
+            assert {"nodev", "nosuid", "noexec"} <= set(opts.split(","))
+            assert (where / "note.txt").read_text() == "carried by hand\n"
+        assert not os.path.ismount(where)
+    finally:
+        del os.environ[S.TEST_DEVICE_ENV]
+    media = online.home / "media"
+    lines = ["admin", PASSWORD, "", "15", "1", "6", "", "0"]
+    r = subprocess.run(online.argv("console", "--home", str(online.home)), input=("\n".join(lines) + "\n").encode(),
+                       env={**online.env("admin"), S.TEST_DEVICE_ENV: dev}, capture_output=True, timeout=300, cwd="/")
+    out = r.stdout.decode()
+    assert r.returncode == 0 and f"mounted {dev} at {media}" in out and "note.txt" in out and f"{dev} unmounted" in out, out
+    assert not os.path.ismount(media)
+    assert not [f for f in os.listdir(media) if f.startswith("donjon-backup-")]  # written to the stick, not the disk
+    check = tmp_path / "check"
+    check.mkdir()
+    subprocess.run(["mount", "-o", "ro,nodev,nosuid,noexec", dev, str(check)], check=True)
+    try:
+        assert [f for f in os.listdir(check) if f.startswith("donjon-backup-") and f.endswith(".tar")]
+    finally:
+        subprocess.run(["umount", str(check)], check=True)
+    # Over SSH (not root) nothing is mounted: the console says where media are handled.
+    r = subprocess.run(["/usr/sbin/runuser", "-u", "nobody", "--", str(VENV_BIN / "python"), "-c",
+                        "from appliance.console import stick as S; S.mounted(S.Device('/dev/null','ext4','0',''), '/tmp/x').__enter__()"],
+                       capture_output=True, timeout=60, env={"PYTHONPATH": online.src})
+    assert b"local console only" in r.stderr
