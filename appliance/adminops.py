@@ -761,3 +761,16 @@ def clock_set(c: AdminClient, epoch: int) -> str:
     except ValueError as e:
         raise OpError(str(e)) from None
     return _wrap(c.call, S.AClockSet, time=epoch)["message"]
+
+
+def officer_ssh_key(c: AdminClient, name: str, key: str | None) -> dict[str, Any]:
+    """Enrol (or, key None, remove) an officer's SSH public key for the SSH console account."""
+    check_name(name, "officer name")
+    if key is not None:
+        from policy.errors import PolicyError
+        from policy.sshkey import check_key
+        try:
+            check_key(key)
+        except PolicyError as e:
+            raise OpError(str(e)) from None
+    return _wrap(c.call, S.AOfficerSshKey, name=name, key=key.strip() if key is not None else None)

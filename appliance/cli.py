@@ -432,6 +432,22 @@ def officer_unlock(name: str, home: Home = "./var",
     typer.echo(f"officer {name} unlocked")
 
 
+@officer_app.command("ssh-key")
+def officer_ssh_key(name: str,
+                    key_file: Annotated[Optional[str], typer.Option(help="The officer's OpenSSH public key file (one line).")] = None,
+                    remove: Annotated[bool, typer.Option("--remove", help="Remove the officer's enrolled key.")] = False,
+                    home: Home = "./var") -> None:
+    """Enrol an officer's SSH public key for the SSH console account, or remove it (administrator; audited).
+
+    Example: donjon officer ssh-key alice --key-file alice.pub
+    """
+    if remove == (key_file is not None):
+        fail("give --key-file FILE or --remove")
+    key = read_file(key_file, "SSH public key", 4096).decode("ascii", "replace") if key_file else None
+    with client(home) as c:
+        typer.echo(op(ops.officer_ssh_key, c, name, key)["message"])
+
+
 @officer_app.command("totp")
 def officer_totp(name: str, enable: Annotated[bool, typer.Option("--enable/--disable", help="Turn the TOTP second factor on or off.")] = True,
                  home: Home = "./var", as_json: JsonOut = False) -> None:

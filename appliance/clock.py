@@ -1,4 +1,4 @@
-"""The appliance clock: reading the system and hardware clocks, and the one setter the supervisor calls."""
+"""The supervisor's root-only chores for the Factory: the clock (shown, set) and the officers' SSH keys (authorized_keys)."""
 
 from __future__ import annotations
 
@@ -54,3 +54,42 @@ def set_clock(epoch: int) -> str:
         raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
     r = subprocess.run(["hwclock", "--systohc", "--utc"], capture_output=True, timeout=30, check=False)
     return "system clock set" + ("; hardware clock set" if r.returncode == 0 else "; hardware clock NOT set (hwclock failed)")
+
+
+SSH_KEYS_ENV = "DONJON_SSH_KEYS_DIR"  # the image: /var/lib/donjon-ssh/authorized_keys (sshd's AuthorizedKeysFile); default HOME/ssh/authorized_keys
+SSH_ACCOUNT = "admin"  # the one SSH account (group donjon-admin); the officer then logs in to the console
+
+
+def write_ssh_key(home: str, officer: str, key: str | None) -> str:
+    """Replace the officer's line in the SSH account's authorized_keys (root-owned, 0644, written atomically)."""
+    import re
+
+    from policy.errors import PolicyError
+    from policy.sshkey import OFFICER_TAG, authorized_line
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", officer):
+        raise ValueError("invalid officer name")
+    try:
+        line = authorized_line(officer, key) if key is not None else None
+    except PolicyError as e:
+        raise ValueError(str(e)) from None
+    folder = os.environ.get(SSH_KEYS_ENV) or os.path.join(home, "ssh", "authorized_keys")
+    os.makedirs(folder, mode=0o755, exist_ok=True)
+    path = os.path.join(folder, SSH_ACCOUNT)
+    try:
+        with open(path, encoding="ascii") as f:
+            lines = [x for x in f.read().splitlines() if x.strip()]
+    except FileNotFoundError:
+        lines = []
+    kept = [x for x in lines if not x.endswith(" " + OFFICER_TAG + officer)]
+    if line is None and len(kept) == len(lines):
+        raise ValueError(f"officer {officer!r} has no SSH key enrolled")
+    if line is not None:
+        kept.append(line)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write("".join(x + "\n" for x in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return f"{'enrolled' if line else 'removed'} the SSH key of {officer} ({len(kept)} key(s) for {SSH_ACCOUNT})"

@@ -388,6 +388,13 @@ class Supervisor:
                 return S.ConfigSetDone(id=m.id, message=f"the clock was not set: {e}"[:4000], ok=False)
             log(f"clock: {msg}")
             return S.ConfigSetDone(id=m.id, message=msg, ok=True)
+        if m.key.startswith("ssh-key:"):  # an officer's SSH key (checked and audited by the Factory; checked here again)
+            try:
+                msg = clock.write_ssh_key(self.home, m.key.removeprefix("ssh-key:"), m.value or None)
+            except (ValueError, OSError) as e:
+                return S.ConfigSetDone(id=m.id, message=f"the SSH key was not written: {e}"[:4000], ok=False)
+            log(f"ssh keys: {msg}")
+            return S.ConfigSetDone(id=m.id, message=msg, ok=True)
         try:
             msg = C.write_setting(self.home, m.key, m.value)
         except C.ConfigError as e:

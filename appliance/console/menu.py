@@ -45,6 +45,7 @@ class Console:
             ("Clock: show, set", self.clock),
             ("Removable media (USB)", self.media),
             ("CRL calendar: load, status", self.calendar),
+            ("Officers' SSH keys", self.ssh_keys),
         ]
 
     # ------------------------------------------------------------ loop
@@ -428,6 +429,24 @@ class Console:
             self.t.page(ops.calendar_lines([doc]))
         elif i == 1:
             self.t.page(ops.calendar_lines(ops.crl_calendar_status(self.s.client)) or ["no CRL calendar"])
+
+    def ssh_keys(self) -> None:
+        """An administrator enrols an officer's SSH public key (a .pub file on the media) or removes it; audited."""
+        i = self.t.choose("SSH keys", ["Enrol a key from the media", "Remove an officer's key"])
+        if i is None:
+            return
+        name = self._ask_name("officer", what="officer name")
+        if not name:
+            return
+        if i == 0:
+            media = M.media_dir(self.home)
+            fn = self._pick_file(media, (".pub",), "SSH public key")
+            if fn is None:
+                return
+            key = M.read(media, fn).decode("ascii", "replace")
+            self.t.say(ops.officer_ssh_key(self.s.client, name, key)["message"])
+        elif self.t.confirm(f"remove the SSH key of {name}?"):
+            self.t.say(ops.officer_ssh_key(self.s.client, name, None)["message"])
 
     def shutdown(self) -> None:
         if not self.t.confirm("stop the appliance (every role, cleanly)?"):

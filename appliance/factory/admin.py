@@ -199,6 +199,11 @@ async def _clock_set(ctx: Ctx, req: S.AClockSet) -> dict[str, Any]:
     return await ClockSetter(ctx.f.store, ctx.f.sup_send, ctx.f.settings._waiting).set(req, ctx.actor)
 
 
+async def _ssh_key(ctx: Ctx, req: S.AOfficerSshKey) -> dict[str, Any]:
+    from .timeset import ClockSetter
+    return await ClockSetter(ctx.f.store, ctx.f.sup_send, ctx.f.settings._waiting).ssh_key(req, ctx.actor)
+
+
 R = S.Reply
 # The table. A request type missing here is refused to everyone (fail closed), and a test fails.
 TABLE: dict[type, AdminOp] = {
@@ -276,6 +281,8 @@ TABLE: dict[type, AdminOp] = {
     S.AConfigSet: AdminOp(ADMIN, None, lambda c, r: c.f.config_set(r.key, r.value, c.actor), R),
     # the clock, set by the supervisor (root) once dual control approved (console: clock)
     S.AClockSet: AdminOp(ADMIN, "clock-set", _clock_set, R),
+    # an officer's SSH key for the console account: an officer change (dual control "officer"), written by the supervisor
+    S.AOfficerSshKey: AdminOp(ADMIN, "officer", _ssh_key, R),
 }
 
 

@@ -1,4 +1,4 @@
-"""Setting the appliance clock: an administrator's dual-controlled, audited request, carried out by the supervisor."""
+"""What the supervisor (root) does for the Factory: set the clock, write the officers' SSH keys; checked, audited, waited for."""
 
 from __future__ import annotations
 
@@ -54,3 +54,40 @@ class ClockSetter:
         if not r.ok:
             raise FactoryError("bad-request", r.message)
         return {"time": req.time, "message": r.message}
+
+    async def ssh_key(self, req: S.AOfficerSshKey, actor: str) -> dict[str, Any]:
+        """Enrol (or, key None, remove) an officer's SSH public key in the SSH account's authorized_keys."""
+        from policy.errors import PolicyError
+        from policy.sshkey import check_key
+        db = self.store.require_active()
+        what = "ssh-key-remove" if req.key is None else "ssh-key-add"
+        if not await self.store.run(lambda: db.db.execute("SELECT 1 FROM officers WHERE name=?", (req.name,)).fetchone()):
+            await self.store.audit(actor, what, req.name, "refused", "no such officer")
+            raise FactoryError("not-found", f"no officer named {req.name!r}")
+        fp = ""
+        if req.key is not None:
+            try:
+                _, _, fp = check_key(req.key)
+            except PolicyError as e:
+                await self.store.audit(actor, what, req.name, "refused", str(e))
+                raise FactoryError("bad-request", str(e)) from None
+        r = await self._ask(f"ssh-key:{req.name}", req.key.strip() if req.key is not None else "")
+        await self.store.audit(actor, what, req.name, "ok" if r.ok else "refused", f"{fp} {r.message}".strip())
+        if not r.ok:
+            raise FactoryError("bad-request", r.message)
+        return {"officer": req.name, "fingerprint": fp or None, "message": r.message}
+
+    async def _ask(self, key: str, value: str) -> S.ConfigSetDone:
+        if self.send is None:
+            raise FactoryError("internal", "no supervisor link")
+        self._ids += 1
+        mid = self._ids
+        done: tuple[trio.Event, list] = (trio.Event(), [])
+        self.waiting[mid] = done
+        await self.send(S.ConfigSet(id=mid, key=key, value=value))
+        with trio.move_on_after(ANSWER_SECONDS):
+            await done[0].wait()
+        if not done[1]:
+            self.waiting.pop(mid, None)
+            raise FactoryError("internal", "the supervisor did not answer")
+        return done[1][0]

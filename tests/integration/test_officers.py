@@ -25,7 +25,8 @@ READ = {"ca-show", "ca-export", "cert-show", "cert-list", "crl-export", "ocsp-st
 EXPECTED = {
     "administrator": READ | {"officer-add", "officer-remove", "officer-unlock", "officer-list", "officer-passwd", "officer-totp",
                              "backup", "shutdown-request", "config-set",
-                             "ocsp-tenant-add", "ocsp-tenant-update", "ocsp-tenant-remove", "ocsp-tenant-csr", "clock-set"},
+                             "ocsp-tenant-add", "ocsp-tenant-update", "ocsp-tenant-remove", "ocsp-tenant-csr", "clock-set",
+                             "officer-ssh-key"},
     "operator": READ | {"ca-create", "ca-sign-csr", "issue", "revoke", "unrevoke", "crl-generate", "ocsp-responder-cert", "reconcile",
                         "ca-create-root", "dist-retry", "ocsp-tenant-crl", "ocsp-tenant-serials",
                         "ca-request", "ca-install", "crl-presign", "crl-calendar-load"},
@@ -55,7 +56,7 @@ SAMPLES = [
     S.ACaRequest(id=1, name="m-x", profile="nope", key_type="p256", subject=(("CN", "x"),)),
     S.ACaInstall(id=1, name="nope", cert=b"junk"), S.ACrlPresign(id=1, ca="nope", periods=1, every_seconds=3600),
     S.ACrlCalendarLoad(id=1, bundle=b"junk"), S.ACrlCalendarStatus(id=1),
-    S.AClockSet(id=1, time=1),  # refused for its value (before 2023) where allowed: the clock is never set here
+    S.AClockSet(id=1, time=1), S.AOfficerSshKey(id=1, name="nobody"),  # refused for its value (before 2023) where allowed: the clock is never set here
 ]
 # Sent only where they must be refused (allowed, they stop the appliance: tests/integration/test_console.py).
 DISRUPTIVE = [S.AShutdown(id=1)]

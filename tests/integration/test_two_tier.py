@@ -481,3 +481,43 @@ def test_console_media_mounted_for_its_use_only(pki, stick, tmp_path):
                         "from appliance.console import stick as S; S.mounted(S.Device('/dev/null','ext4','0',''), '/tmp/x').__enter__()"],
                        capture_output=True, timeout=60, env={"PYTHONPATH": online.src})
     assert b"local console only" in r.stderr
+
+
+def test_officer_ssh_key_enrol_and_remove(pki, tmp_path):
+    """An administrator enrols an officer's SSH key for the console account (the supervisor writes authorized_keys,
+    restricted, tagged with the officer), removes it; bad keys and option-smuggling lines are refused; all audited."""
+    _, online, _, _, _ = pki
+    keys = online.home / "ssh" / "authorized_keys" / "admin"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "oper@laptop", "-f", str(tmp_path / "k")], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(tmp_path / "weak")], check=True)
+    pub = (tmp_path / "k.pub").read_text().strip()
+    r = online.cli("officer", "ssh-key", "oper", "--key-file", str(tmp_path / "k.pub"), officer="admin")
+    assert b"enrolled the SSH key of oper" in r.stdout
+    line = keys.read_text()
+    assert line == f"restrict,pty {' '.join(pub.split()[:2])} donjon-officer:oper\n"
+    assert keys.stat().st_uid == 0 and oct(keys.stat().st_mode & 0o777) == "0o644"
+    (tmp_path / "evil.pub").write_text('command="/bin/sh" ' + pub + "\n")
+    (tmp_path / "two.pub").write_text(pub + "\n" + pub + "\n")
+    for f, why in (("evil.pub", b"options are not accepted"), ("weak.pub", b"at least 3072"), ("two.pub", b"one OpenSSH public key line")):
+        r = online.cli("officer", "ssh-key", "oper", "--key-file", str(tmp_path / f), officer="admin", check=False)
+        assert r.returncode == 1 and why in r.stderr and len(r.stderr.splitlines()) == 1, (f, r.stderr)
+    # A client that skips the CLI's check gets the Factory's typed refusal (audited); the file is unchanged.
+    from appliance.client import AdminClient
+    from appliance.ipc import schema as S
+    with AdminClient(str(online.home), session=online.session("admin")) as c:
+        with pytest.raises(Exception, match="options are not accepted"):
+            c.call(S.AOfficerSshKey, name="oper", key='command="/bin/sh" ' + pub)
+    assert keys.read_text() == line
+    r = online.cli("officer", "ssh-key", "nobody", "--key-file", str(tmp_path / "k.pub"), officer="admin", check=False)
+    assert r.returncode == 1 and b"no officer named" in r.stderr
+    r = online.cli("officer", "ssh-key", "oper", "--key-file", str(tmp_path / "k.pub"), officer="oper", check=False)
+    assert r.returncode == 1  # an operator may not
+    online.cli("officer", "ssh-key", "oper", "--remove", officer="admin")
+    assert keys.read_text() == ""
+    r = online.cli("officer", "ssh-key", "oper", "--remove", officer="admin", check=False)
+    assert r.returncode == 1 and b"has no SSH key enrolled" in r.stderr
+    fp = subprocess.run(["ssh-keygen", "-lf", str(tmp_path / "k.pub")], capture_output=True, text=True).stdout.split()[1]
+    log = [json.loads(x) for x in online.cli("audit", "export").stdout.splitlines() if b'"seq"' in x and b'"checkpoint"' not in x]
+    acts = [(e["action"], e["object"], e["outcome"]) for e in log if e["action"].startswith("ssh-key")]
+    assert ("ssh-key-add", "oper", "ok") in acts and ("ssh-key-remove", "oper", "ok") in acts and ("ssh-key-add", "oper", "refused") in acts
+    assert any(fp in e["detail"] for e in log if e["action"] == "ssh-key-add" and e["outcome"] == "ok")

@@ -446,6 +446,14 @@ class AClockSet(_Msg, tag="clock-set"):
     time: Epoch
 
 
+class AOfficerSshKey(_Msg, tag="officer-ssh-key"):
+    """Enrol an officer's SSH public key (one OpenSSH line) for the SSH console account, or remove it (key None)."""
+
+    id: ReqId
+    name: Name
+    key: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
+
+
 AdminRequest = Union[
     Hello, AStatus, AActivate, ACaList, ACaShow, ACaCreate, ACaSignCsr, ACaExport, AIssue,
     ACertShow, ACertList, ARevoke, AUnrevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus, AOcspResponderCert,
@@ -455,7 +463,7 @@ AdminRequest = Union[
     ALogin, AResume, ALogout, AOfficerAdd, AOfficerList, AOfficerRemove, AOfficerPasswd, AOfficerUnlock, AOfficerTotp,
     AOfficerUnlockShares, APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
     ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, ACeremonyBegin, ACeremonyWitness, ACeremonyRecords, AConfigSet,
-    ACaRequest, ACaInstall, ACrlPresign, ACrlCalendarLoad, ACrlCalendarStatus, AClockSet,
+    ACaRequest, ACaInstall, ACrlPresign, ACrlCalendarLoad, ACrlCalendarStatus, AClockSet, AOfficerSshKey,
 ]
 
 
