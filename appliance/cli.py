@@ -570,6 +570,8 @@ def ca_request(name: str,
                allow_profile: Annotated[list[str], typer.Option(help="A profile the CA may issue (repeatable; default: "
                                                                     "the issuing CA's). Kept in the token at install.")] = [],  # noqa: B006
                renew: Annotated[bool, typer.Option("--renew", help="A new certificate for the CA's existing key.")] = False,
+               rekey: Annotated[bool, typer.Option("--rekey", help="A new key: the successor CA NAME.kN, which issues in "
+                                                              "NAME's place once installed (NAME's key keeps signing its CRLs and OCSP).")] = False,
                out: Annotated[Optional[str], typer.Option(help="Write the request (PEM) here.")] = None,
                home: Home = "./var", as_json: JsonOut = False) -> None:
     """Make a CA's key in the HSM and its PKCS#10 request, signed there, for a parent elsewhere; the CA
@@ -577,9 +579,11 @@ def ca_request(name: str,
 
     Example: donjon ca request issuing --subject 'CN=Example Issuing CA,O=Example' --key-type p256 --out issuing.csr
     """
+    if renew and rekey:
+        fail("--renew (same key) or --rekey (new key), not both")
     with client(home) as c:
         doc = op(ops.ca_request, c, name, parse_subject(subject), key_type, profile, path_length, tuple(allow_profile),
-                 "renew" if renew else "new")
+                 "renew" if renew else "rekey" if rekey else "new")
     if out:
         out_bytes(doc["csr"].encode(), out)
     if emit_json(doc, as_json):

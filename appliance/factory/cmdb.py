@@ -277,12 +277,15 @@ _MIGRATIONS[9] = """
 CREATE TABLE ca_requests(
     name TEXT PRIMARY KEY,
     kind TEXT NOT NULL CHECK (kind IN ('new', 'renew')),
+    rekey_of TEXT REFERENCES cas(name),  -- a new key for that CA: installed, it issues in its place
     key_type TEXT NOT NULL,
     profile TEXT NOT NULL,
     profiles TEXT NOT NULL,
     csr BLOB NOT NULL,
     created INTEGER NOT NULL
 );
+-- A re-keyed CA: the old key keeps signing CRLs and OCSP for what it issued; new issuance goes to the successor.
+CREATE TABLE ca_successors(ca TEXT PRIMARY KEY REFERENCES cas(name), successor TEXT NOT NULL REFERENCES cas(name), since INTEGER NOT NULL);
 -- The root each installed CA chains to (also kept in the token beside the CA key).
 CREATE TABLE trust_anchors(ca TEXT PRIMARY KEY, cert BLOB NOT NULL);
 -- The offline root's side: CRLs signed ahead for future periods (numbers from cas.crl_number: never reused).

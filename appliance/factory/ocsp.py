@@ -229,8 +229,9 @@ class OcspProducer:
         while f.db is None:  # nothing to feed before activation; the endpoint serves its own store
             await trio.sleep(0.2)
         f.ocsp_feeds[role] = chan
-        for name, _, _, _, der in [tuple(r) for r in await f.run_db(lambda: f.db.db.execute(
-                "SELECT name, key_type, parent, profile, cert FROM cas").fetchall())]:
+        # This appliance's CAs, and the offline roots whose CRL calendar it publishes (two tiers: tier.py).
+        for name, der in [tuple(r) for r in await f.run_db(lambda: f.db.db.execute(
+                "SELECT name, cert FROM cas UNION ALL SELECT ca, cert FROM calendar_roots").fetchall())]:
             await self.publish(S.PublishCa(ca=name, cert=der), chan)
             number = await f.run_db(lambda n=name: f.db.db.execute("SELECT max(number) FROM crls WHERE ca=?", (n,)).fetchone()[0])
             if number:

@@ -101,22 +101,43 @@ class Tier:
         except PolicyError as e:
             raise await self.refuse(actor, "ca-request", name, "bad-request", str(e)) from None
 
+        rekey_of = None
+        if req.mode == "rekey":  # a new key: the successor CA NAME.kN, which issues in NAME's place once installed
+            def successor():
+                if not db.db.execute("SELECT 1 FROM cas WHERE name=?", (name,)).fetchone():
+                    return None
+                if db.db.execute("SELECT 1 FROM ca_successors WHERE ca=?", (name,)).fetchone():
+                    return ""
+                for k in range(2, 100):
+                    cand = f"{name}.k{k}"[:64]
+                    if not db.db.execute("SELECT 1 FROM cas WHERE name=? UNION ALL SELECT 1 FROM ca_requests WHERE name=? "
+                                         "AND rekey_of IS NULL", (cand, cand)).fetchone():
+                        return cand
+                return ""
+            succ = await st.run(successor)
+            if succ is None:
+                raise await self.refuse(actor, "ca-request", name, "not-found", f"no CA named {name!r} to re-key")
+            if not succ:
+                raise await self.refuse(actor, "ca-request", name, "exists", f"CA {name!r} was already re-keyed: re-key its successor")
+            rekey_of, name = name, succ
+
         def q():
             ca = db.db.execute("SELECT key_type FROM cas WHERE name=? OR key_label=?", (name, name)).fetchone()
             pending = db.db.execute("SELECT kind, key_type FROM ca_requests WHERE name=?", (name,)).fetchone()
             return ca, pending
         ca, pending = await st.run(q)
-        if req.mode == "new" and ca is not None:
+        mode = "new" if req.mode == "rekey" else req.mode
+        if mode == "new" and ca is not None:
             raise await self.refuse(actor, "ca-request", name, "exists", f"CA {name!r} already exists: use --renew for a new certificate")
-        if req.mode == "renew" and ca is None:
+        if mode == "renew" and ca is None:
             raise await self.refuse(actor, "ca-request", name, "not-found", f"no CA named {name!r} to renew")
-        if req.mode == "renew" and ca[0] != req.key_type:
+        if mode == "renew" and ca[0] != req.key_type:
             raise await self.refuse(actor, "ca-request", name, "bad-request", f"CA {name!r} has a {ca[0]} key: --renew keeps it")
-        if pending is not None and (pending[0] != req.mode or pending[1] != req.key_type):
+        if pending is not None and (pending[0] != mode or pending[1] != req.key_type):
             raise await self.refuse(actor, "ca-request", name, "exists", f"CA {name!r} already awaits a {pending[0]} certificate "
                                     f"({pending[1]}): install it, or ask again with the same options")
         # A new CA's key is made once; asking again (a lost CSR) signs a new request with the same key.
-        new_key = req.mode == "new" and pending is None
+        new_key = mode == "new" and pending is None
         try:
             made = await self.cis.request(S.MakeCaRequest(id=self.cis.new_id(), label=name, key_type=req.key_type, profile=req.profile,
                                                           subject=tuple(req.subject), path_length=req.path_length, new_key=new_key))
@@ -127,10 +148,10 @@ class Tier:
 
         def keep():
             with db.tx():
-                db.db.execute("INSERT OR REPLACE INTO ca_requests(name, kind, key_type, profile, profiles, csr, created) "
-                              "VALUES (?,?,?,?,?,?,?)", (name, req.mode, req.key_type, req.profile, policy.encode().decode(),
-                                                        made.csr, int(time.time())))
-                db.audit(actor, "ca-request", name, "ok", f"{req.mode} {req.key_type} {csr.subject.rfc4514_string()[:200]} "
+                db.db.execute("INSERT OR REPLACE INTO ca_requests(name, kind, rekey_of, key_type, profile, profiles, csr, created) "
+                              "VALUES (?,?,?,?,?,?,?,?)", (name, mode, rekey_of, req.key_type, req.profile, policy.encode().decode(),
+                                                          made.csr, int(time.time())))
+                db.audit(actor, "ca-request", name, "ok", f"{req.mode}{f' of {rekey_of}' if rekey_of else ''} {req.key_type} {csr.subject.rfc4514_string()[:200]} "
                                                         f"csr sha256={digest} issues: {policy.describe()}")
         await st.run(keep)
         return {"name": name, "state": "awaiting certificate", "mode": req.mode, "key_type": req.key_type,
@@ -143,15 +164,19 @@ class Tier:
         st = self.store
         db = st.require_active()
         name = req.name
-        row = await st.run(lambda: db.db.execute("SELECT kind, key_type, profile, profiles FROM ca_requests WHERE name=?",
+        row = await st.run(lambda: db.db.execute("SELECT kind, key_type, profile, profiles, rekey_of FROM ca_requests WHERE name=?",
                                                  (name,)).fetchone())
         if row is None:
             raise await self.refuse(actor, "ca-install", name, "not-found", f"CA {name!r} awaits no certificate (make a request with ca request first)")
-        kind, key_type, profile, profiles = row
+        kind, key_type, profile, profiles, rekey_of = row
         policy = CaPolicy.decode(profiles.encode())
+        anchor_in = req.anchor
+        if anchor_in is None and rekey_of is not None:  # a re-keyed CA chains to its predecessor's anchor unless told otherwise
+            kept = await st.run(lambda: db.db.execute("SELECT cert FROM trust_anchors WHERE ca=?", (rekey_of,)).fetchone())
+            anchor_in = kept[0] if kept else None
         try:
             done = await self.cis.request(S.InstallCaCert(id=self.cis.new_id(), label=name, cert=req.cert, chain=list(req.chain),
-                                                          anchor=req.anchor, allowed_kinds=policy.kinds,  # type: ignore[arg-type]
+                                                          anchor=anchor_in, allowed_kinds=policy.kinds,  # type: ignore[arg-type]
                                                           allowed_profiles=policy.profiles))
         except CisRefused as e:
             raise await self.refuse(actor, "ca-install", name, e.code, f"the certificate was not installed: {e.reason}") from None
@@ -167,8 +192,10 @@ class Tier:
                     db.db.execute("UPDATE cas SET cert=? WHERE name=?", (req.cert, name))
                 db.db.execute("INSERT OR IGNORE INTO trust_anchors(ca, cert) VALUES (?,?)", (name, done.anchor))
                 db.db.execute("DELETE FROM ca_requests WHERE name=?", (name,))
+                if rekey_of is not None:  # from now on the successor issues; the old key signs CRLs and OCSP for its own
+                    db.db.execute("INSERT INTO ca_successors(ca, successor, since) VALUES (?,?,?)", (rekey_of, name, int(time.time())))
                 self.enqueue(db.db, "ca-cert", name, 0)
-                db.audit(actor, "ca-install", name, "ok", f"{kind} serial={cert.serial_number:x} sha256={digest} "
+                db.audit(actor, "ca-install", name, "ok", f"{kind}{f' (re-key of {rekey_of})' if rekey_of else ''} serial={cert.serial_number:x} sha256={digest} "
                                                          f"anchor={anchor.subject.rfc4514_string()[:120]} issues: {policy.describe()}")
         await st.run(keep)
         await self.publish(S.PublishCa(ca=name, cert=req.cert))

@@ -388,6 +388,38 @@ def test_openssl_ca_parent_request_install_renew(pki, tmp_path):
     r = online.cli("ca", "install", "ext-issuing", str(tmp_path / "ext2.pem"), check=False)
     assert r.returncode == 1 and b"awaits no certificate" in r.stderr
 
+    # Re-key: a new key, installed as the successor ext-issuing.k2, which issues from then on; the old key keeps
+    # signing the CRL for what it issued (a revoked old leaf shows revoked, a new leaf verifies).
+    doc = json.loads(online.cli("ca", "request", "ext-issuing", "--rekey", "--subject", "CN=External Issuing CA,O=Elsewhere",
+                                "--key-type", "p256", "--path-length", "0", "--out", str(tmp_path / "ext3.csr"), "--json").stdout)
+    assert doc["name"] == "ext-issuing.k2" and doc["mode"] == "rekey"
+    assert openssl("req", "-in", str(tmp_path / "ext3.csr"), "-noout", "-pubkey").stdout != key1
+    sign(tmp_path / "ext3.csr", tmp_path / "ext3.pem")
+    online.cli("ca", "install", "ext-issuing.k2", str(tmp_path / "ext3.pem"))  # the predecessor's anchor
+    make_csr(tmp_path, "c", subj="/CN=c.example.org", san="DNS:c.example.org")
+    r = online.cli("issue", "--ca", "ext-issuing", "--profile", "tls-server", "--csr", str(tmp_path / "c.csr"), check=False)
+    assert r.returncode == 1 and b"issue with its successor 'ext-issuing.k2'" in r.stderr
+    online.cli("issue", "--ca", "ext-issuing.k2", "--profile", "tls-server", "--csr", str(tmp_path / "c.csr"), "--out", str(tmp_path / "c.pem"))
+    a_serial = f"{x509.load_pem_x509_certificate((tmp_path / 'a.pem').read_bytes()).serial_number:x}"
+    online.cli("revoke", "--ca", "ext-issuing", a_serial, "--reason", "keyCompromise")
+    online.cli("crl", "generate", "--ca", "ext-issuing", "--out", str(tmp_path / "old.crl"))  # signed by the old key
+    online.cli("crl", "generate", "--ca", "ext-issuing.k2", "--out", str(tmp_path / "new.crl"))
+    _wait_crl(url, "ext-issuing.k2")
+    for _ in range(100):  # the endpoint swaps in the newer CRL of the old key
+        if _get(f"{url}/crl/ext-issuing.crl") == (tmp_path / "old.crl").read_bytes():
+            break
+        time.sleep(0.1)
+
+    def check(leaf: str, sub: str) -> subprocess.CompletedProcess:
+        return openssl("verify", "-x509_strict", "-crl_check_all", "-crl_download", "-CAfile", str(d / "root.pem"),
+                       "-CRLfile", str(d / "root.crl"), "-untrusted", str(tmp_path / f"{sub}.pem"), str(tmp_path / f"{leaf}.pem"),
+                       check=False)
+    r = check("a", "ext2")
+    assert r.returncode != 0 and b"certificate revoked" in r.stdout + r.stderr
+    assert check("b", "ext2").returncode == 0
+    r = check("c", "ext3")
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+
 
 def test_clock_gone_backwards_refused_and_set_under_dual_control(pki, tmp_path):
     """The root refuses to sign while its clock is before the newest time it signed at; setting the time is an

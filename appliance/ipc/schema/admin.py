@@ -406,7 +406,8 @@ class ACaRequest(_Msg, tag="ca-request"):
     subject: tuple[Attr, ...]
     path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
     allowed_profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()
-    mode: Literal["new", "renew"] = "new"
+    # renew: the same key, a new certificate; rekey: a new key, installed as the successor CA `NAME.kN`
+    mode: Literal["new", "renew", "rekey"] = "new"
 
 
 class ACaInstall(_Msg, tag="ca-install"):
@@ -644,9 +645,9 @@ class OfficerListReply(_Reply, tag="officer-list-reply"):
 
 class CaRequestReply(_Reply, tag="ca-request-reply"):
     id: ReqId
-    name: Name
+    name: Name  # for a rekey, the successor's name (ca install takes it)
     state: Text
-    mode: Literal["new", "renew"]
+    mode: Literal["new", "renew", "rekey"]
     key_type: KeyType
     csr: Pem
     sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
