@@ -87,13 +87,13 @@ def load(path: str) -> CeremonyFile:
         raise OpError(f"{path}: quorum {h.quorum} is more than the {len(h.officers)} officers listed")
     outs: set[str] = set()
     for i, st in enumerate(spec.step, 1):
-        if st.action == "crl-presign":
-            every = ops.parse_period(st.every or "", "period")
-            if ops.parse_period(st.overlap or "0", "overlap") > every:
-                raise OpError(f"{path}: step {i}: the overlap is longer than the period")
         missing = [f.replace("_", "-") for f in _REQUIRED[st.action] if getattr(st, f) in (None, {})]
         if missing:
             raise OpError(f"{path}: step {i} ({st.action}) needs {', '.join(missing)}")
+        if st.action == "crl-presign":
+            every = ops.parse_period(st.every or "", f"{path}: step {i}: period")
+            if ops.parse_period(st.overlap or "0", "overlap") > every:
+                raise OpError(f"{path}: step {i}: the overlap is longer than the period")
         if st.out in outs or st.out in ("transcript.json", "transcript.pdf"):
             raise OpError(f"{path}: step {i}: output {st.out} is named twice")
         outs.add(st.out)
