@@ -449,3 +449,26 @@ class Tier:
 
 def status_json(docs: list[dict[str, Any]]) -> str:
     return json.dumps(docs, sort_keys=True)
+
+
+def calendar_ca_states(db) -> list[S.CaState]:
+    """DB thread: each offline root whose calendar this box publishes, as a CA row of the status report (SNMP's CA
+    table): its certificate's end, the published calendar CRL's number and nextUpdate (the agent warns before it lapses)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+    out = []
+    for ca, der in db.execute("SELECT ca, cert FROM calendar_roots ORDER BY ca").fetchall():
+        cert = x509.load_der_x509_certificate(der)
+        pub = cert.public_key()
+        if isinstance(pub, ec.EllipticCurvePublicKey):
+            kt = {"secp256r1": "p256", "secp384r1": "p384"}.get(pub.curve.name)
+        elif isinstance(pub, rsa.RSAPublicKey):
+            kt = f"rsa{pub.key_size}"
+        else:
+            kt = "ed25519" if isinstance(pub, ed25519.Ed25519PublicKey) else None
+        if kt not in ("rsa2048", "rsa3072", "rsa4096", "p256", "p384", "ed25519"):
+            continue  # a key type the report cannot name: shown in status only
+        cur = db.execute("SELECT number, next_update FROM crl_calendar WHERE ca=? AND state='published' ORDER BY number DESC LIMIT 1",
+                         (ca,)).fetchone()
+        out.append(S.CaState(name=ca, key_type=kt, not_after=int(cert.not_valid_after_utc.timestamp()),  # type: ignore[arg-type]
+                             crl_number=cur[0] if cur else 0, crl_next_update=cur[1] if cur else None, issued=0, revoked=0))
+    return out

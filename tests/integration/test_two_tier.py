@@ -16,6 +16,7 @@ import pytest
 from cryptography import x509
 
 from tests.conftest import PASSWORD, VENV_BIN, Appliance, _variant, copy_home, make_csr, openssl
+from tests.servers import free_udp_port
 
 WITNESSES = ("alice", "bob")
 DAY = 86400
@@ -69,9 +70,15 @@ def pki(src_path, home_templates):
     root = _start(home_templates, src_path, base, "root", ROOT_CEREMONY, "enabled = false\n",
                   lambda t: t + f'\n[endpoint]\nbase-url = "{url}"\n'
                   '\n[dual-control]\napprovals = 2\noperations = ["ca-create", "ca-sign-csr", "revoke-ca", "clock-set"]\n')
+    snmp_port = free_udp_port()
     online = _start(home_templates, src_path, base, "online", ONLINE_CEREMONY, "",
                     lambda t: t.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"') +
-                    f'\n[endpoint]\nbase-url = "{url}"\n')
+                    f'\n[endpoint]\nbase-url = "{url}"\n[snmp]\nenabled = true\nlisten = "127.0.0.1:{snmp_port}"\n'
+                    'community-file = "secrets/ro"\ncommunity-sources = ["127.0.0.0/8"]\n')
+    (online.home / "secrets").mkdir(mode=0o700, exist_ok=True)
+    (online.home / "secrets" / "ro").write_text("ro-test\n")
+    os.chmod(online.home / "secrets" / "ro", 0o600)
+    online.snmp_port = snmp_port  # type: ignore[attr-defined]
     assert f'base-url = "{url}"' in (root.home / "donjon.toml").read_text()
     clock = online.home / "cmdb" / "test-clock"
     online.run_env = {"DONJON_TEST_CLOCK_FILE": str(clock)}
@@ -237,6 +244,22 @@ out = "root-calendar.json"
 
     # Time passes on the online box: each CRL at its thisUpdate, never before; late ones are skipped, never
     # published after a newer one; fewer than 3 left raises the status warning (and the SNMP notification).
+    # SNMP shows the offline root in the CA table: the published calendar CRL's number (its lapse then warned by the agent).
+    from appliance.snmp import mib as M
+    snmp_env = dict(os.environ, SNMP_PERSISTENT_DIR=str(tmp_path), MIBS="", MIBDIRS="")
+    oid = ".".join(map(str, M.CA_ENTRY))
+    for _ in range(60):  # the Factory pushes its status every few seconds
+        w = subprocess.run(["snmpwalk", "-v2c", "-c", "ro-test", "-On", "-m", "", "-t", "2", "-r", "0",
+                            f"udp:127.0.0.1:{online.snmp_port}", oid], env=snmp_env, capture_output=True, text=True, timeout=30).stdout
+        w = "\n".join(ln.lstrip(".") for ln in w.splitlines())
+        names = {ln.split(" = ")[0].rsplit(".", 1)[1]: ln for ln in w.splitlines() if f"{oid}.{M.CA_NAME}." in ln}
+        idx = next((i for i, ln in names.items() if '"root"' in ln), None)
+        crl_line = next((ln for ln in w.splitlines() if idx and ln.startswith(f"{oid}.{M.CA_CRL_NUMBER}.{idx} = ")), "")
+        if crl_line.endswith(f": {numbers[0]}"):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"the root's calendar CRL is not in the SNMP CA table:\n{w}")
     _set_clock(clock, tus[1] - 1)
     assert _status(online)["current"] == numbers[0]
     _set_clock(clock, tus[1])
@@ -440,6 +463,15 @@ def test_clock_gone_backwards_refused_and_set_under_dual_control(pki, tmp_path):
     finally:
         root_clock.unlink()
     root.cli("crl", "generate", "--ca", "root", "--out", str(tmp_path / "root.crl"))  # the clock is right again
+    # ca sign-csr outside a ceremony, of a CA's own request (it asks for basicConstraints CA, as ca request's do).
+    openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(tmp_path / "x.key"),
+            "-subj", "/CN=Outside Sub CA", "-addext", "basicConstraints=critical,CA:TRUE,pathlen:0", "-out", str(tmp_path / "x.csr"))
+    r = root.cli("ca", "sign-csr", str(tmp_path / "x.csr"), "--parent", "root", "--path-length", "0", "--out", str(tmp_path / "x.pem"))
+    doc = json.loads(root.cli("approve", re.search(rb"#(\d+)", r.stdout).group(1).decode(), "--json", officer="bob").stdout)
+    assert doc["executed"]
+    (tmp_path / "x.pem").write_text(doc["result"]["cert"])
+    openssl("verify", "-x509_strict", "-CAfile", str(root.export("root", tmp_path / "root.pem")), str(tmp_path / "x.pem"))
+    assert "CA:TRUE, pathlen:0" in openssl("x509", "-in", str(tmp_path / "x.pem"), "-noout", "-text").stdout.decode()
 
     shown = root.cli("clock", "show").stdout.decode()
     assert "system clock:" in shown and "UTC" in shown and "hardware clock:" in shown
