@@ -59,7 +59,7 @@ def _spki(c: x509.Certificate) -> bytes:
     return c.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _ext(c: x509.Certificate, cls):
+def _ext(c: x509.Certificate | x509.CertificateRevocationList, cls):
     try:
         return c.extensions.get_extension_for_class(cls).value
     except x509.ExtensionNotFound:
