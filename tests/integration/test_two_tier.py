@@ -585,3 +585,37 @@ def test_officer_ssh_key_enrol_and_remove(pki, tmp_path):
     acts = [(e["action"], e["object"], e["outcome"]) for e in log if e["action"].startswith("ssh-key")]
     assert ("ssh-key-add", "oper", "ok") in acts and ("ssh-key-remove", "oper", "ok") in acts and ("ssh-key-add", "oper", "refused") in acts
     assert any(fp in e["detail"] for e in log if e["action"] == "ssh-key-add" and e["outcome"] == "ok")
+
+
+def test_calendar_load_refuses_hostile_bundles(pki, tmp_path):
+    """A bundle from an unknown root, garbage, or an oversize file: one line each, audited, nothing kept."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from policy import tier as T
+    _, online, _, _, _ = pki
+    k = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Rogue Root")])
+    now = dt.datetime.now(dt.timezone.utc)
+    root = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(k.public_key()).serial_number(1)
+            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=400))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(k, hashes.SHA256()).public_bytes(__import__("cryptography.hazmat.primitives.serialization",
+                                                               fromlist=["Encoding"]).Encoding.DER))
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(name).last_update(now).next_update(now + dt.timedelta(days=30))
+           .add_extension(x509.CRLNumber(7), critical=False).sign(k, hashes.SHA256()))
+    der = crl.public_bytes(__import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.DER)
+    (tmp_path / "rogue.json").write_bytes(T.encode_bundle("rogue", root, 30 * DAY, 0, int(now.timestamp()),
+                                                          [(7, int(crl.last_update_utc.timestamp()), int(crl.next_update_utc.timestamp()), der)]))
+    (tmp_path / "garbage.json").write_bytes(b'{"format": 1, "crls": "x"}')
+    (tmp_path / "huge.json").write_bytes(b" " * (4 * 1024 * 1024 + 1))
+    for f, why in (("rogue.json", b"not the trust anchor of any CA installed here"), ("garbage.json", b"manifest unreadable"),
+                   ("huge.json", b"at most 4 MiB")):
+        r = online.cli("crl", "calendar", "load", str(tmp_path / f), check=False)
+        assert r.returncode == 1 and why in r.stderr and len(r.stderr.splitlines()) == 1, (f, r.stderr)
+    assert "rogue" not in [c["ca"] for c in json.loads(online.cli("crl", "calendar", "status", "--json").stdout)]
+    assert _get(f"{pki[4]}/crl/rogue.crl") is None
+    log = [json.loads(x) for x in online.cli("audit", "export").stdout.splitlines() if b'"seq"' in x and b'"checkpoint"' not in x]
+    assert sum(1 for e in log if e["action"] == "crl-calendar-load" and e["outcome"] == "refused") >= 2
