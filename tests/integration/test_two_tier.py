@@ -301,6 +301,12 @@ out = "root-calendar-2.json"
     clock.unlink()  # the online box back on the real clock for the next tests
 
 
+def ops_crl_number(a: Appliance, tmp: Path) -> int:
+    """The number of the CRL just signed (a new one, so that it is the newest number handed out)."""
+    a.cli("crl", "generate", "--ca", "root", "--out", str(tmp / "now.crl"))
+    return x509.load_der_x509_crl((tmp / "now.crl").read_bytes()).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
 def _get(url: str) -> bytes | None:
     r = subprocess.run(["curl", "-sf", url], capture_output=True, timeout=30)
     return r.stdout if r.returncode == 0 else None
@@ -472,6 +478,18 @@ def test_clock_gone_backwards_refused_and_set_under_dual_control(pki, tmp_path):
     (tmp_path / "x.pem").write_text(doc["result"]["cert"])
     openssl("verify", "-x509_strict", "-CAfile", str(root.export("root", tmp_path / "root.pem")), str(tmp_path / "x.pem"))
     assert "CA:TRUE, pathlen:0" in openssl("x509", "-in", str(tmp_path / "x.pem"), "-noout", "-text").stdout.decode()
+
+    # crl presign outside a ceremony: one bundle, never overwritten; numbers continue after every CRL signed before.
+    before = ops_crl_number(root, tmp_path)
+    root.cli("crl", "presign", "--ca", "root", "--periods", "2", "--every", "7d", "--overlap", "12h", "--out", str(tmp_path / "cal.json"))
+    b = json.loads((tmp_path / "cal.json").read_text())
+    assert [e["number"] for e in b["crls"]] == [before + 1, before + 2]
+    assert b["crls"][1]["this_update"] - b["crls"][0]["this_update"] == 7 * DAY
+    assert b["crls"][0]["next_update"] == b["crls"][1]["this_update"] + 12 * 3600
+    r = root.cli("crl", "presign", "--ca", "root", "--periods", "2", "--every", "7d", "--out", str(tmp_path / "cal.json"), check=False)
+    assert r.returncode == 1 and b"never overwritten" in r.stderr
+    r = root.cli("crl", "presign", "--ca", "root", "--periods", "2", "--every", "7x", "--out", str(tmp_path / "cal2.json"), check=False)
+    assert r.returncode == 1 and b"invalid period" in r.stderr and not (tmp_path / "cal2.json").exists()
 
     shown = root.cli("clock", "show").stdout.decode()
     assert "system clock:" in shown and "UTC" in shown and "hardware clock:" in shown
