@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import common, crl, dist, issuance, ocsp
+from bench import common, crl, dist, issuance, ocsp, summary
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -69,6 +69,9 @@ def main(argv=None) -> int:
             results["dist"] = dist.run(work, 500 if a.quick else 2000, a.dist_backlog or (2000 if a.quick else 10_000))
             tables.append(dist.table(results["dist"]))
     results["seconds"] = time.perf_counter() - t0
+    closing = summary.table(results)  # issue 19's rows, from this run
+    if closing:
+        tables.append(closing)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
