@@ -65,29 +65,32 @@ def pki(src_path, home_templates):
     URLs name the online box), the online box with a simulated clock for the CRL calendar (test mode)."""
     base = Path(tempfile.mkdtemp(prefix="donjon-tier-"))
     os.chmod(base, 0o711)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    root = _start(home_templates, src_path, base, "root", ROOT_CEREMONY, "enabled = false\n",
-                  lambda t: t + f'\n[endpoint]\nbase-url = "{url}"\n'
-                  '\n[dual-control]\napprovals = 2\noperations = ["ca-create", "ca-sign-csr", "revoke-ca", "clock-set"]\n')
-    snmp_port = free_udp_port()
-    online = _start(home_templates, src_path, base, "online", ONLINE_CEREMONY, "",
-                    lambda t: t.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"') +
-                    f'\n[endpoint]\nbase-url = "{url}"\n[snmp]\nenabled = true\nlisten = "127.0.0.1:{snmp_port}"\n'
-                    'community-file = "secrets/ro"\ncommunity-sources = ["127.0.0.0/8"]\n')
-    (online.home / "secrets").mkdir(mode=0o700, exist_ok=True)
-    (online.home / "secrets" / "ro").write_text("ro-test\n")
-    os.chmod(online.home / "secrets" / "ro", 0o600)
-    online.snmp_port = snmp_port  # type: ignore[attr-defined]
-    assert f'base-url = "{url}"' in (root.home / "donjon.toml").read_text()
-    clock = online.home / "cmdb" / "test-clock"
-    online.run_env = {"DONJON_TEST_CLOCK_FILE": str(clock)}
-    # The root: a simulated clock too (a clock gone backwards), and the FAKE clock setter (records, never sets).
-    root.run_env = {"DONJON_TEST_CLOCK_FILE": str(root.home / "cmdb" / "test-clock"),
-                    "DONJON_TEST_CLOCK_SETTER_FAKE": str(base / "clock-setter-fake.log")}
-    media = base / "media"  # the stick carried between the two boxes
-    media.mkdir(mode=0o755)
+    made: list[Appliance] = []  # stopped whatever happens, even a failure half-way through the setup
     try:
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        root = _start(home_templates, src_path, base, "root", ROOT_CEREMONY, "enabled = false\n",
+                      lambda t: t + f'\n[endpoint]\nbase-url = "{url}"\n'
+                      '\n[dual-control]\napprovals = 2\noperations = ["ca-create", "ca-sign-csr", "revoke-ca", "clock-set"]\n')
+        made.append(root)
+        snmp_port = free_udp_port()
+        online = _start(home_templates, src_path, base, "online", ONLINE_CEREMONY, "",
+                        lambda t: t.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"') +
+                        f'\n[endpoint]\nbase-url = "{url}"\n[snmp]\nenabled = true\nlisten = "127.0.0.1:{snmp_port}"\n'
+                        'community-file = "secrets/ro"\ncommunity-sources = ["127.0.0.0/8"]\n')
+        (online.home / "secrets").mkdir(mode=0o700, exist_ok=True)
+        (online.home / "secrets" / "ro").write_text("ro-test\n")
+        os.chmod(online.home / "secrets" / "ro", 0o600)
+        online.snmp_port = snmp_port  # type: ignore[attr-defined]
+        made.append(online)
+        assert f'base-url = "{url}"' in (root.home / "donjon.toml").read_text()
+        clock = online.home / "cmdb" / "test-clock"
+        online.run_env = {"DONJON_TEST_CLOCK_FILE": str(clock)}
+        # The root: a simulated clock too (a clock gone backwards), and the FAKE clock setter (records, never sets).
+        root.run_env = {"DONJON_TEST_CLOCK_FILE": str(root.home / "cmdb" / "test-clock"),
+                        "DONJON_TEST_CLOCK_SETTER_FAKE": str(base / "clock-setter-fake.log")}
+        media = base / "media"  # the stick carried between the two boxes
+        media.mkdir(mode=0o755)
         root.start()
         online.start()
         for n in WITNESSES:
@@ -97,7 +100,7 @@ def pki(src_path, home_templates):
         root.officers["admin2"] = "administrator"
         yield root, online, media, clock, url
     finally:
-        for a in (online, root):
+        for a in reversed(made):
             a.stop()
         shutil.rmtree(base, ignore_errors=True)
 
