@@ -60,6 +60,10 @@ lint:
 torture *ARGS:
     DONJON_KILL_CYCLES={{env_var_or_default("DONJON_KILL_CYCLES", "1000")}} {{venv}}/python -m pytest tests/integration/test_crash.py -m slow {{ARGS}}
 
+# The ACME server judged by real clients: certbot, lego (http-01, tls-alpn-01, dns-01, EAB), uacme (key rollover), dehydrated; about 2 minutes
+acme-clients *ARGS:
+    {{venv}}/python -m pytest tests/integration/test_gateway.py -m slow {{ARGS}}
+
 # Run the unit tests only (no appliance processes)
 test-unit *ARGS:
     {{venv}}/python -m pytest tests/unit {{ARGS}}

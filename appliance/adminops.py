@@ -774,3 +774,17 @@ def officer_ssh_key(c: AdminClient, name: str, key: str | None) -> dict[str, Any
         except PolicyError as e:
             raise OpError(str(e)) from None
     return _wrap(c.call, S.AOfficerSshKey, name=name, key=key.strip() if key is not None else None)
+
+
+def acme_eab_add(c: AdminClient, profiles: list[str] | None = None, names: list[str] | None = None) -> dict:
+    """A new ACME EAB key: {"eab": {...}, "hmac_key": base64url} (the key is shown this once)."""
+    return _wrap(c.call, S.AAcmeEabAdd, profiles=tuple(profiles or ()), name_patterns=tuple(names or ()))
+
+
+def acme_eab_list(c: AdminClient) -> list[dict]:
+    return _wrap(c.call, S.AAcmeEabList)["keys"]
+
+
+def acme_eab_revoke(c: AdminClient, kid: str) -> dict:
+    return _wrap(c.call, S.AAcmeEabRevoke, kid=kid)["eab"]
+

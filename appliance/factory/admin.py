@@ -206,6 +206,11 @@ async def _ssh_key(ctx: Ctx, req: S.AOfficerSshKey) -> dict[str, Any]:
 
 R = S.Reply
 # The table. A request type missing here is refused to everyone (fail closed), and a test fails.
+async def _eab(ctx: Ctx, req) -> Any:
+    from .gateway import eab_admin  # the gateway's EAB keys live with the rest of its Factory side
+    return await eab_admin(ctx.f.store, ctx.f.audit, ctx.actor, req)
+
+
 TABLE: dict[type, AdminOp] = {
     S.AStatus: AdminOp(PUBLIC, None, _status, R),
     S.AActivate: AdminOp(PUBLIC, None, lambda c, r: c.f.activate(r.pin, c.actor), R),
@@ -283,6 +288,9 @@ TABLE: dict[type, AdminOp] = {
     S.AClockSet: AdminOp(ADMIN, "clock-set", _clock_set, R),
     # an officer's SSH key for the console account: an officer change (dual control "officer"), written by the supervisor
     S.AOfficerSshKey: AdminOp(ADMIN, "officer", _ssh_key, R),
+    S.AAcmeEabAdd: AdminOp(ADMIN, None, _eab, S.EabReply),
+    S.AAcmeEabList: AdminOp(ANY, None, _eab, S.EabListReply),
+    S.AAcmeEabRevoke: AdminOp(ADMIN, None, _eab, S.EabReply),
 }
 
 

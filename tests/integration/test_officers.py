@@ -20,13 +20,13 @@ from tests.conftest import PASSWORD
 PUBLIC = {"status", "activate", "activate-shares", "login", "resume", "logout", "ca-list", "officer-unlock-shares"}
 READ = {"ca-show", "ca-export", "cert-show", "cert-list", "crl-export", "ocsp-status", "pending-list", "approve",
         "audit-cert", "audit-checkpoint", "ceremony-record", "ceremony-begin", "ceremony-witness", "ceremony-records", "dist-status", "dist-list", "ocsp-tenant-list",
-        "crl-calendar-status"}
+        "crl-calendar-status", "acme-eab-list"}
 # What the issue asks for, written independently of the Factory's table.
 EXPECTED = {
     "administrator": READ | {"officer-add", "officer-remove", "officer-unlock", "officer-list", "officer-passwd", "officer-totp",
                              "backup", "shutdown-request", "config-set",
                              "ocsp-tenant-add", "ocsp-tenant-update", "ocsp-tenant-remove", "ocsp-tenant-csr", "clock-set",
-                             "officer-ssh-key"},
+                             "officer-ssh-key", "acme-eab-add", "acme-eab-revoke"},
     "operator": READ | {"ca-create", "ca-sign-csr", "issue", "revoke", "unrevoke", "crl-generate", "ocsp-responder-cert", "reconcile",
                         "ca-create-root", "dist-retry", "ocsp-tenant-crl", "ocsp-tenant-serials",
                         "ca-request", "ca-install", "crl-presign", "crl-calendar-load"},
@@ -57,6 +57,7 @@ SAMPLES = [
     S.ACaInstall(id=1, name="nope", cert=b"junk"), S.ACrlPresign(id=1, ca="nope", periods=1, every_seconds=3600),
     S.ACrlCalendarLoad(id=1, bundle=b"junk"), S.ACrlCalendarStatus(id=1),
     S.AClockSet(id=1, time=1), S.AOfficerSshKey(id=1, name="nobody"),  # refused for its value (before 2023) where allowed: the clock is never set here
+    S.AAcmeEabAdd(id=1, profiles=("nope",)), S.AAcmeEabList(id=1), S.AAcmeEabRevoke(id=1, kid="nope"),
 ]
 # Sent only where they must be refused (allowed, they stop the appliance: tests/integration/test_console.py).
 DISRUPTIVE = [S.AShutdown(id=1)]
