@@ -47,6 +47,10 @@ class Endpoint(_C):
 
 class Crl(_C):
     validity_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 366)] = 168
+    # CRL shards per CA (RFC 5280 issuingDistributionPoint): each certificate's CRL DP names shard
+    # serial mod N, fixed at issuance; a CA not named here has its one full CRL, as before.
+    shards: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")],
+                 Annotated[int, msgspec.Meta(ge=1, le=256)]] = {}
 
 
 class Ocsp(_C):
@@ -160,6 +164,16 @@ class AcmeCfg(_C):
     renewal_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.33
 
 
+class EstScepCfg(_C):
+    """`[gateway.estscep]`: EST and SCEP (enrolment secrets: `donjon enrol-secret create`)."""
+
+    ca: str | None = None  # the CA of /cacerts, GetCACert and the SCEP RA certificates (default: the first issuing CA)
+    est_channel_binding: Literal["off", "optional", "required"] = "optional"  # tls-unique in the CSR (RFC 7030 §3.5)
+    est_key_types: tuple[str, ...] = ("p256", "rsa2048")  # what /csrattrs asks for
+    scep_allow_des: bool = False  # 3DES for old devices (DES itself is never accepted)
+    scep_allow_weak_digest: bool = False  # SHA-1/MD5 signatures for old devices
+
+
 class Gateway(_C):
     enabled: bool = False
     listen: str = "127.0.0.1:8443"  # host:port of its HTTPS listener (port 0: any free port)
@@ -173,6 +187,7 @@ class Gateway(_C):
     head_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
     read_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
     acme: AcmeCfg = AcmeCfg()
+    estscep: EstScepCfg = EstScepCfg()
 
 
 class Admin(_C):
@@ -631,6 +646,7 @@ SETTINGS = {
     "endpoint.base-url": "the base of CRL DP / OCSP / caIssuers URLs in new certificates",
     "snmp.listen": "the SNMP agent's UDP address (host:port)",
     "crl.validity-hours": "nextUpdate - thisUpdate of new CRLs (hours)",
+    "crl.shards": "per CA, the number of CRL shards (1-256, by serial; fixed once the CA issued): { issuing = 16 }",
     "ocsp.validity-hours": "validity of pre-produced OCSP responses (hours)",
     "console.media": "the removable-media folder of the console",
 }

@@ -83,7 +83,7 @@ def _cis(h: Host, name: str) -> Launch:
     return Launch(
         S.CisConfig(module=h.cfg.hsm.module, token_label=h.cfg.hsm.token,
                     softhsm_conf=h.layout.softhsm_conf if embedded else None,
-                    profiles=h.profiles, base_url=h.cfg.endpoint.base_url),
+                    profiles=h.profiles, base_url=h.cfg.endpoint.base_url, crl_shards=dict(h.cfg.crl.shards)),
         rw=(h.layout.softhsm,) if embedded else (), ro=(_module_dir(h), "/etc/softhsm"),
         env=(("SOFTHSM2_CONF", h.layout.softhsm_conf),) if embedded else ())
 
@@ -95,6 +95,7 @@ def _factory(h: Host, name: str) -> Launch:
     return Launch(
         S.FactoryConfig(home=h.layout.cmdb, cipher=cfg.cmdb.cipher, profiles=h.profiles,
                         base_url=cfg.endpoint.base_url, crl_validity_hours=cfg.crl.validity_hours,
+                        crl_shards=dict(cfg.crl.shards),
                         admin_gid=h.admin_gid, dev_uid=None if h.appliance else os.getuid(),
                         ocsp_validity_hours=cfg.ocsp.validity_hours, ocsp_hashes=cfg.ocsp.hashes,
                         responder_days=cfg.ocsp.responder_days, responder_renew_days=cfg.ocsp.responder_renew_days,
@@ -172,7 +173,12 @@ def _gateway(h: Host, name: str) -> Launch:
                         max_connections=g.max_connections, max_per_source=g.max_connections_per_source,
                         head_timeout=g.head_timeout, read_timeout=g.read_timeout,
                         token_module=h.cfg.hsm.module if embedded else None, token_pin=h.gateway_pin if embedded else None,
-                        softhsm_conf=conf if embedded else None, acme=acme if "acme" in g.protocols else None),
+                        softhsm_conf=conf if embedded else None, acme=acme if "acme" in g.protocols else None,
+                        estscep=S.EstScepSettings(ca=g.estscep.ca, est_channel_binding=g.estscep.est_channel_binding,
+                                                  est_key_types=tuple(g.estscep.est_key_types),
+                                                  scep_allow_des=g.estscep.scep_allow_des,
+                                                  scep_allow_weak_digest=g.estscep.scep_allow_weak_digest)
+                        if {"est", "scep"} & set(g.protocols) else None),
         rw=(h.layout.gateway,) + ((h.layout.gateway_token,) if embedded else ()),
         ro=((_module_dir(h), "/etc/softhsm") if embedded else ()) + resolv,
         env=(("SOFTHSM2_CONF", conf),) if embedded else ())

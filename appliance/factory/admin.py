@@ -204,6 +204,27 @@ async def _ssh_key(ctx: Ctx, req: S.AOfficerSshKey) -> dict[str, Any]:
     return await ClockSetter(ctx.f.store, ctx.f.sup_send, ctx.f.settings._waiting).ssh_key(req, ctx.actor)
 
 
+async def _enrol_secret(ctx: Ctx, req) -> Any:
+    from .enrolsecrets import EnrolSecrets
+    es = EnrolSecrets(ctx.f.store, ctx.f.profiles)
+    if isinstance(req, S.AEnrolSecretCreate):
+        return await es.create(req.protocol, req.ca, req.profile, req.ttl_seconds, req.uses, req.ref, req.subject, ctx.actor,
+                               req.approval)
+    if isinstance(req, S.AEnrolSecretRevoke):
+        return await es.revoke(req.ref, ctx.actor)
+    return {"secrets": await es.list()}
+
+
+async def _enrol_wait(ctx: Ctx, req) -> Any:
+    gate = ctx.f.estscep
+    if gate is None:
+        raise FactoryError("not-found", "EST/SCEP enrolments wait only when the gateway is enabled")
+    if isinstance(req, S.AEnrolDecide):
+        officer = ctx.conn.session.officer if ctx.conn is not None and ctx.conn.session is not None else ""  # type: ignore[attr-defined]
+        return await gate.decide(req.request, req.approve, req.reason, officer, ctx.actor)
+    return await gate.waiting()
+
+
 R = S.Reply
 # The table. A request type missing here is refused to everyone (fail closed), and a test fails.
 async def _eab(ctx: Ctx, req) -> Any:
@@ -288,6 +309,12 @@ TABLE: dict[type, AdminOp] = {
     S.AClockSet: AdminOp(ADMIN, "clock-set", _clock_set, R),
     # an officer's SSH key for the console account: an officer change (dual control "officer"), written by the supervisor
     S.AOfficerSshKey: AdminOp(ADMIN, "officer", _ssh_key, R),
+    # EST/SCEP enrolment secrets: operators hand them to devices; the Factory spends them (enrolsecrets.py)
+    S.AEnrolSecretCreate: AdminOp(OPER, None, _enrol_secret, S.EnrolSecretReply),
+    S.AEnrolSecretRevoke: AdminOp(OPER, None, _enrol_secret, S.EnrolSecretReply),
+    S.AEnrolSecretList: AdminOp(OPER | AUD, None, _enrol_secret, S.EnrolSecretListReply),
+    S.AEnrolWaiting: AdminOp(OPER | AUD, None, _enrol_wait, S.EnrolWaitReply),
+    S.AEnrolDecide: AdminOp(OPER, None, _enrol_wait, S.EnrolWaitReply, session_bound=True),
     S.AAcmeEabAdd: AdminOp(ADMIN, None, _eab, S.EabReply),
     S.AAcmeEabList: AdminOp(ANY, None, _eab, S.EabListReply),
     S.AAcmeEabRevoke: AdminOp(ADMIN, None, _eab, S.EabReply),

@@ -331,9 +331,89 @@ _MIGRATIONS[11] = """
     """
 _MIGRATIONS[12] = "SELECT 1"
 _MIGRATIONS[13] = "SELECT 1"
-_MIGRATIONS[14] = "SELECT 1"
+# 14: CRL shards and delta CRLs (appliance/factory/crlshards.py). A CA's shard count is pinned once
+# (its certificates' CRL DPs name their shard for life); each certificate's shard is kept with it; each
+# shard has its own CRL number sequence; every change to revocations is logged in commit order, so a
+# delta CRL carries exactly what changed since its base (added, changed or removed entries). Re-runnable.
+_MIGRATIONS[14] = """
+    CREATE TABLE IF NOT EXISTS crl_partition(
+        ca TEXT PRIMARY KEY REFERENCES cas(name),
+        shards INTEGER NOT NULL CHECK (shards BETWEEN 1 AND 256)
+    );
+    CREATE TABLE IF NOT EXISTS cert_shards(
+        serial BLOB PRIMARY KEY REFERENCES certs(serial),
+        ca TEXT NOT NULL,
+        shard INTEGER NOT NULL CHECK (shard >= 0)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS cert_shards_ca ON cert_shards(ca, shard, serial);
+    CREATE TABLE IF NOT EXISTS crl_shard_numbers(
+        ca TEXT NOT NULL,
+        shard INTEGER NOT NULL,
+        number INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (ca, shard)
+    );
+    CREATE TABLE IF NOT EXISTS revocation_log(
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        ca TEXT NOT NULL,
+        serial BLOB NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS revocation_log_ca ON revocation_log(ca, seq);
+    -- Only CAs that publish delta CRLs pay for the log (a row per change, pruned once every base has it).
+    CREATE TABLE IF NOT EXISTS crl_delta_cas(ca TEXT PRIMARY KEY REFERENCES cas(name));
+    CREATE TRIGGER IF NOT EXISTS revocation_log_ins AFTER INSERT ON revocations
+        WHEN EXISTS (SELECT 1 FROM crl_delta_cas WHERE ca = new.ca)
+        BEGIN INSERT INTO revocation_log(ca, serial) VALUES (new.ca, new.serial); END;
+    CREATE TRIGGER IF NOT EXISTS revocation_log_upd AFTER UPDATE ON revocations
+        WHEN EXISTS (SELECT 1 FROM crl_delta_cas WHERE ca = new.ca)
+        BEGIN INSERT INTO revocation_log(ca, serial) VALUES (new.ca, new.serial); END;
+    CREATE TRIGGER IF NOT EXISTS revocation_log_del AFTER DELETE ON revocations
+        WHEN EXISTS (SELECT 1 FROM crl_delta_cas WHERE ca = old.ca)
+        BEGIN INSERT INTO revocation_log(ca, serial) VALUES (old.ca, old.serial); END;
+    -- Where each full CRL's snapshot stood in the log: a delta on base N lists what came after it.
+    CREATE TABLE IF NOT EXISTS crl_log_marks(
+        ca TEXT NOT NULL,
+        shard INTEGER NOT NULL,
+        number INTEGER NOT NULL,
+        log_seq INTEGER NOT NULL,
+        PRIMARY KEY (ca, shard, number)
+    );
+    """
 _MIGRATIONS[15] = "SELECT 1"
-_MIGRATIONS[16] = "SELECT 1"
+# 16: EST and SCEP enrolment secrets made by officers (EST Basic passwords, SCEP challenge passwords):
+# only a digest of each secret is kept; a use is one atomic decrement, audited. Enrolments admitted by a
+# secret marked `approval` wait in enrol_waiting until an officer (not the secret's maker) decides.
+_MIGRATIONS[16] = """
+    CREATE TABLE enrol_secrets (
+        ref TEXT PRIMARY KEY,
+        protocol TEXT NOT NULL CHECK (protocol IN ('est', 'scep')),
+        digest BLOB NOT NULL UNIQUE,
+        ca TEXT NOT NULL,
+        profile TEXT NOT NULL,
+        subject TEXT,
+        uses_left INTEGER NOT NULL CHECK (uses_left >= 0),
+        expires INTEGER NOT NULL,
+        created INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0,
+        approval INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE enrol_waiting (
+        id TEXT PRIMARY KEY,
+        protocol TEXT NOT NULL,
+        credential TEXT NOT NULL,
+        csr_sha256 BLOB NOT NULL,
+        request BLOB NOT NULL,
+        ca TEXT NOT NULL,
+        profile TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('waiting', 'issued', 'rejected')),
+        decided_by TEXT,
+        reason TEXT,
+        cert BLOB
+    );
+    CREATE INDEX enrol_waiting_by_request ON enrol_waiting(credential, csr_sha256);
+    """
 
 
 class CmdbError(Exception):

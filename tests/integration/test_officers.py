@@ -29,8 +29,9 @@ EXPECTED = {
                              "officer-ssh-key", "acme-eab-add", "acme-eab-revoke"},
     "operator": READ | {"ca-create", "ca-sign-csr", "issue", "revoke", "unrevoke", "crl-generate", "ocsp-responder-cert", "reconcile",
                         "ca-create-root", "dist-retry", "ocsp-tenant-crl", "ocsp-tenant-serials",
-                        "ca-request", "ca-install", "crl-presign", "crl-calendar-load"},
-    "auditor": READ | {"audit-export", "reconcile", "officer-list"},
+                        "ca-request", "ca-install", "crl-presign", "crl-calendar-load",
+                        "enrol-secret-create", "enrol-secret-revoke", "enrol-secret-list", "enrol-waiting", "enrol-decide"},
+    "auditor": READ | {"audit-export", "reconcile", "officer-list", "enrol-secret-list", "enrol-waiting"},
 }
 # One harmless instance of every non-public admin request (names that do not exist, passwords too short).
 SAMPLES = [
@@ -57,6 +58,8 @@ SAMPLES = [
     S.ACaInstall(id=1, name="nope", cert=b"junk"), S.ACrlPresign(id=1, ca="nope", periods=1, every_seconds=3600),
     S.ACrlCalendarLoad(id=1, bundle=b"junk"), S.ACrlCalendarStatus(id=1),
     S.AClockSet(id=1, time=1), S.AOfficerSshKey(id=1, name="nobody"),  # refused for its value (before 2023) where allowed: the clock is never set here
+    S.AEnrolSecretCreate(id=1, protocol="scep", ca="nope", profile="nope"), S.AEnrolSecretList(id=1),
+    S.AEnrolSecretRevoke(id=1, ref="nope"), S.AEnrolWaiting(id=1), S.AEnrolDecide(id=1, request="nope", approve=False),
     S.AAcmeEabAdd(id=1, profiles=("nope",)), S.AAcmeEabList(id=1), S.AAcmeEabRevoke(id=1, kid="nope"),
 ]
 # Sent only where they must be refused (allowed, they stop the appliance: tests/integration/test_console.py).
