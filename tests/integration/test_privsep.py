@@ -173,9 +173,5 @@ def test_schema_hash_is_pinned():
 PINNED_SCHEMA_HASHES = {
     2: "c13c81ddadbb16a3220f5182b620e99c973910835a5238461e9c83ecb8f82e98",
     3: "04ab501a300ad2df4e9ea7f3353411ca8c2d6c8e9cfda06261e03e1492de4866",
-<<<<<<< HEAD
-    4: "fa0d147399fe292b3269f025cbe1204d2e476fbf956febd817d963cc995f79ad",
-=======
-    4: "a0772c28c23d1bd4bc07b03150d73b961cea4f5e8bae96b6fdf672d65d41a3bd",
->>>>>>> main
+    4: "0b822206d626ba32aa90884d66ca6dc2c04cce5c604c5d8d3505c29457aed9b9",
 }
