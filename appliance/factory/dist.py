@@ -130,6 +130,16 @@ class Dist:
                         row = db.execute("SELECT max(number) FROM crls WHERE ca=?", (ca,)).fetchone()
                         if row[0]:
                             self._insert(db, r.name, "crl", ca, None, row[0])
+                        # and the latest of each CRL shard (stored as "<ca>-<k>")
+                        for k, n in db.execute("SELECT s.shard, max(c.number) FROM crl_shard_numbers s JOIN crls c "
+                                               "ON c.ca = s.ca || '-' || s.shard WHERE s.ca=? GROUP BY s.shard", (ca,)).fetchall():
+                            self._insert(db, r.name, "crl", ca, f"-{k}".encode(), n)
+                    if self._wants(r, "delta-crl", ca) and not db.execute(
+                            "SELECT 1 FROM dist_jobs WHERE rule=? AND action='crl' AND ca=? AND ref=? LIMIT 1",
+                            (r.name, ca, b"-delta")).fetchone():
+                        row = db.execute("SELECT max(number) FROM crls WHERE ca=?", (ca + "-delta",)).fetchone()
+                        if row[0]:
+                            self._insert(db, r.name, "crl", ca, b"-delta", row[0])
                     if self._wants(r, "issued-serials", ca) and never("issued-serials"):
                         row = db.execute("SELECT max(number) FROM serials_lists WHERE ca=?", (ca,)).fetchone()
                         if row[0]:

@@ -376,3 +376,19 @@ publish = ["crl", "delta-crl"]
     base = slapd.search(root_dn, "certificateRevocationList;binary")
     assert len(base) == 1 and not is_delta(base[0])
     assert all(d["parked"] == 0 for d in dist_status(a)["destinations"])
+    # A rule added later gets the current complete CRL, every shard and the delta at its next start.
+    a.stop()
+    with open(a.home / "donjon.toml", "a") as f:
+        f.write(f"""
+[[distribution.rule]]
+name = "late"
+url = "{receiver.url}/late/{{name}}"
+secret-file = "{homes / 'web.secret'}"
+publish = ["crl", "delta-crl"]
+""")
+    a.start()
+    wait_drained(a)
+    late = {p.name: p.read_bytes() for p in receiver.dir.glob("late_*.crl")}
+    assert {"late_issuing.crl", "late_issuing-0.crl", "late_issuing-1.crl", "late_root.crl", "late_root-delta.crl"} <= set(late)
+    assert late["late_issuing-1.crl"] == files["pub_issuing-1.crl"] and is_delta(late["late_root-delta.crl"])
+    assert idp(late["late_issuing.crl"]) is None
