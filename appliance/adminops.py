@@ -655,3 +655,61 @@ def settings_set(c: AdminClient, key: str, value: str) -> str:
     except C.ConfigError as e:
         raise OpError(str(e)) from None
     return _wrap(c.call, S.AConfigSet, key=key, value=value)["message"]
+
+
+# ---------------------------------------------------------------- key backup under custodian shares (issue 15)
+
+
+def keys_backup(c: AdminClient, so_pin: str, threshold: int, shares: int) -> dict[str, Any]:
+    """Ask for a key backup (dual control "keys-backup": may raise PendingApproval); then take it."""
+    made = _wrap(c.call, S.AKeysBackup, so_pin=so_pin, threshold=threshold, shares=shares)
+    return keys_backup_fetch(c, made["backup"])
+
+
+def keys_backup_fetch(c: AdminClient, backup: int) -> dict[str, Any]:
+    return _wrap(c.call, S.AKeysBackupFetch, backup=backup)
+
+
+def write_key_backup(doc: dict[str, Any], out_dir: str) -> tuple[str, list[str]]:
+    """The blob to OUT/keys-backup-<sha>.json and share i to OUT/custodian-i/key-share-i.txt (one folder
+    per custodian's medium), each file new (O_EXCL) and fsynced, each share with its own SHA-256."""
+    import hashlib
+    digest = doc["manifest_sha256"]
+    blob_path = os.path.join(out_dir, f"keys-backup-{digest[:16]}.json")
+    blob = doc["blob"]
+    files: list[tuple[str, bytes]] = [(blob_path, base64.b64decode(blob) if isinstance(blob, str) else blob)]  # JSON form: base64
+    n = len(doc["shares"])
+    for i, text in enumerate(doc["shares"], 1):
+        body = (f"Donjon CA key backup: custodian share {i} of {n} (any {doc['threshold']} recover the keys)\n"
+                f"backup: keys-backup-{digest[:16]}.json sha256 {digest}\n"
+                f"share: {text}\n"
+                f"share-sha256: {hashlib.sha256(text.encode()).hexdigest()}\n")
+        files.append((os.path.join(out_dir, f"custodian-{i}", f"key-share-{i}.txt"), body.encode()))
+    for path, _ in files:
+        if os.path.lexists(path):
+            raise OpError(f"{path} already exists: refusing to overwrite it")
+    written = []
+    for path, data in files:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        written.append(path)
+    return blob_path, written[1:]
+
+
+def read_share_file(path: str) -> str:
+    """The share text of a custodian's file, checked against the SHA-256 written beside it."""
+    import hashlib
+    try:
+        with open(path, "rb") as f:
+            data = f.read(8192)
+    except OSError as e:
+        raise OpError(f"cannot read {path}: {e.strerror}") from None
+    fields = dict(line.split(": ", 1) for line in data.decode("utf-8", "replace").splitlines() if ": " in line)
+    text, check = fields.get("share", "").strip(), fields.get("share-sha256", "").strip()
+    if not text or hashlib.sha256(text.encode()).hexdigest() != check:
+        raise OpError(f"{path}: not a key share, or its SHA-256 does not match (altered or mistyped)")
+    return text

@@ -1120,6 +1120,116 @@ def _options(show_version: Annotated[bool, typer.Option("--version", is_eager=Tr
                                                         help="Print the version and exit.")] = False) -> None:
     """Donjon: a hardened certificate authority appliance."""
 
+# ---------------------------------------------------------------- CA key backup and disaster recovery (issue 15)
+
+keys_app = typer.Typer(help="CA key backup under custodian shares, and recovery onto a fresh appliance.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("backup")
+def keys_backup(out_dir: Annotated[str, typer.Option(help="The media folder: the blob here, share i in custodian-i/.")] = ...,
+                so_pin_file: Annotated[Optional[str], typer.Option(help="The token's SO PIN (it alone can mark the KEK trusted); prompted without it.")] = None,
+                shares: Annotated[int, typer.Option(help="Custodian shares of the KEK.")] = 5,
+                threshold: Annotated[int, typer.Option(help="Shares needed to recover.")] = 3,
+                fetch: Annotated[Optional[int], typer.Option(help="Take backup #N, made when its dual-control request was approved.")] = None,
+                home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Wrap every CA key, the audit key and the CMDB-wrapping key (RFC 5649) under a fresh KEK made in
+    the token, and split the KEK into custodian shares (administrator; dual control "keys-backup").
+
+    Example: donjon keys backup --out-dir /media/donjon/keys --shares 5 --threshold 3 --so-pin-file so-pin
+    """
+    from appliance import home as H
+    if not 2 <= threshold <= shares <= 16:
+        fail(f"need 2 <= --threshold <= --shares <= 16 (got {threshold} of {shares})")
+    with client(home) as c:
+        if fetch is not None:
+            doc = op(ops.keys_backup_fetch, c, fetch)
+        else:
+            try:
+                so_pin = H.read_pin(so_pin_file) if so_pin_file else typer.prompt("Token SO PIN", hide_input=True)
+            except H.HomeError as e:
+                fail(str(e))
+            doc = op(ops.keys_backup, c, so_pin, threshold, shares)
+    blob_path, share_paths = op(ops.write_key_backup, doc, out_dir)
+    if not emit_json({"blob": blob_path, "shares": share_paths, "sha256": doc["manifest_sha256"], "keys": doc["keys"],
+                      "threshold": doc["threshold"]}, as_json):
+        typer.echo(f"key backup sha256 {doc['manifest_sha256']}: {', '.join(doc['keys'])} -> {blob_path}")
+        typer.echo(f"{len(share_paths)} custodian shares (any {doc['threshold']} recover): hand each custodian-N/ folder "
+                   "to its custodian and keep none here")
+
+
+@keys_app.command("recover")
+def keys_recover(blob: Annotated[str, typer.Option(help="The key backup (keys-backup-*.json).")] = ...,
+                 backup: Annotated[str, typer.Option(help="The CMDB backup (donjon backup) to restore with the keys.")] = ...,
+                 share: Annotated[list[str], typer.Option(help="A custodian's share text; '-' prompts.")] = [],  # noqa: B006
+                 share_file: Annotated[list[str], typer.Option(help="A custodian's key-share-N.txt.")] = [],  # noqa: B006
+                 pin_file: Annotated[Optional[str], typer.Option(help="The new token's user PIN (default: a new one in HOME/pin).")] = None,
+                 home: Home = "./var") -> None:
+    """Disaster recovery onto a fresh appliance: a new home and token, the KEK from the custodians'
+    shares, every key unwrapped into the token (sensitive, non-extractable), the CMDB backup put back.
+
+    Example: donjon keys recover --home /var/lib/donjon --blob keys-backup-….json --backup b.tar --share-file s1 ...
+    """
+    import shutil
+
+    import trio
+
+    from appliance import backupfile
+    from appliance import config as C
+    from appliance import home as H
+    from appliance.supervisor import Supervisor, SupervisorError
+    from policy import shamir
+    from policy.errors import PolicyError
+
+    texts = [t for t in share if t != "-"] + [op(ops.read_share_file, p) for p in share_file]
+    for _ in range(share.count("-")):
+        texts.append(typer.prompt(f"Share {len(texts) + 1}", hide_input=True))
+    # Everything that can be checked without the token is checked before anything is created.
+    try:
+        parsed = [shamir.parse_share(t) for t in texts]
+    except PolicyError as e:
+        fail(f"key recovery refused: {e.message}")
+    if not parsed:
+        fail("key recovery refused: no share given")
+    if len({p[0] for p in parsed}) != 1:
+        fail("key recovery refused: the shares come from different sets")
+    if len(parsed) < parsed[0][1]:
+        fail(f"key recovery refused: {parsed[0][1]} shares are needed, {len(parsed)} given")
+    try:
+        blob_data = read_file(blob, "the key backup", 192 * 1024)
+        if len(blob_data) > 192 * 1024:
+            fail(f"{blob}: too large for a key backup")
+        backupfile.verify(backup)
+    except backupfile.BackupFileError as e:
+        fail(str(e))
+    # A new home, holding at most the operator's donjon.toml for the new appliance.
+    if os.path.exists(home) and set(os.listdir(home)) - {"donjon.toml"}:
+        fail(f"{home} is not empty: keys are recovered into a new appliance home")
+    created = not os.path.exists(home)
+    kept = set(os.listdir(home)) if not created else set()
+    ok = False
+    try:
+        pin = H.read_pin(pin_file) if pin_file else None
+        cfg, pin = H.create(home, pin)
+        sup = Supervisor(home, cfg)
+        rc = trio.run(lambda: sup.run(recover=S.RecoverKeys(pin=pin, shares=texts, blob=blob_data)))
+        if rc != 0:
+            fail(f"{sup.failed or 'key recovery failed (see the log above)'}: nothing was kept")
+        backupfile.install_cmdb(backup, os.path.join(home, "cmdb"))
+        ok = True
+    except (C.ConfigError, H.HomeError, SupervisorError, backupfile.BackupFileError) as e:
+        fail(str(e))
+    finally:
+        if not ok:  # nothing left behind: the new home (token included) goes
+            if created:
+                shutil.rmtree(home, ignore_errors=True)
+            else:
+                for entry in set(os.listdir(home)) - kept:
+                    p = os.path.join(home, entry)
+                    shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+    typer.echo(f"keys recovered into {os.path.abspath(home)} and the CMDB restored from {backup}. "
+               f"Start it with: donjon run --home {home}")
+
 
 def main() -> None:
     app()
@@ -1130,3 +1240,4 @@ if __name__ == "__main__":  # python -m appliance.cli: the same dispatch as the 
 
     dispatch_role(sys.argv)
     main()
+

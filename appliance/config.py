@@ -143,7 +143,7 @@ class Profiles(_C):
     dir: str | None = "profiles"  # operator profile files (*.toml) overriding or adding to the shipped ones
 
 
-GUARDABLE = ("ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore")
+GUARDABLE = ("ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "keys-backup")
 
 
 class Officers(_C):
@@ -153,7 +153,7 @@ class Officers(_C):
 
 class DualControl(_C):
     approvals: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1  # M distinct officers, the requester included; 1: off
-    operations: tuple[Literal["ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore"], ...] = GUARDABLE
+    operations: tuple[Literal["ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "keys-backup"], ...] = GUARDABLE
     expiry_minutes: Annotated[int, msgspec.Meta(ge=1, le=30 * 1440)] = 60
 
 
@@ -292,7 +292,7 @@ max-failures = 5                              # consecutive failed logins from o
 
 [dual-control]
 approvals = 1                                 # M distinct officers (the requester counts as one); 1 = off
-operations = ["ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore"]
+operations = ["ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "keys-backup"]
 expiry-minutes = 60                           # a pending request expires with its approvals
 
 [audit]

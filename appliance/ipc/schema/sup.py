@@ -17,7 +17,17 @@ class CisConfig(_Msg, tag="cis-config"):
     base_url: Text | None  # CRL DP / AIA URLs are derived from it: {base}/crl/<ca>.crl, {base}/ocsp, {base}/ca/<ca>.crt
 
 
-SupToCis = Union[Hello, CisConfig, Shutdown]
+class RecoverKeys(_Msg, tag="recover-keys"):
+    """Disaster recovery onto a fresh token (`donjon keys recover`): the CIS logs in, combines the
+    custodians' KEK shares itself, checks the backup's MAC and unwraps every key; answered by an Event
+    ("keys-recovered" or "keys-recover-failed", one line)."""
+
+    pin: Pin
+    shares: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=1200)]], msgspec.Meta(min_length=1, max_length=16)]
+    blob: Annotated[bytes, msgspec.Meta(max_length=192 * 1024)]  # under the control link's 256 KiB frame
+
+
+SupToCis = Union[Hello, CisConfig, Shutdown, RecoverKeys]
 CisToSup = Union[Hello, Ready, Event]
 
 
