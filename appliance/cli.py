@@ -1026,13 +1026,22 @@ def shutdown(home: Home = "./var",
     typer.echo("the appliance is stopping")
 
 
-@app.command()
-def backup(out: Annotated[str, typer.Option(help="New file for the backup (tar); never overwritten.")] = ...,
+backup_app = typer.Typer(help="Backups of the CMDB: make one (--out), or check one (verify).", invoke_without_command=True)
+app.add_typer(backup_app, name="backup")
+
+
+@backup_app.callback()
+def backup(ctx: typer.Context,
+           out: Annotated[Optional[str], typer.Option(help="New file for the backup (tar); never overwritten.")] = None,
            home: Home = "./var", as_json: JsonOut = False) -> None:
     """A consistent online copy of the encrypted CMDB and its HSM-wrapped key (audited).
 
     Example: donjon backup --out /media/donjon/backup.tar
     """
+    if ctx.invoked_subcommand is not None:
+        return
+    if out is None:
+        fail("donjon backup --out FILE makes a backup; donjon backup verify FILE checks one")
     with client(home) as c:
         n, digest = op(ops.backup_to, c, out)
     if not emit_json({"out": out, "bytes": n, "sha256": digest}, as_json):
@@ -1119,6 +1128,47 @@ def _print_version(value: bool) -> None:
 def _options(show_version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
                                                         help="Print the version and exit.")] = False) -> None:
     """Donjon: a hardened certificate authority appliance."""
+
+@backup_app.command("verify")
+def backup_verify(file: Annotated[str, typer.Argument(help="A backup made by donjon backup.")], as_json: JsonOut = False) -> None:
+    """Check a backup without restoring it: every member there once, of the size and SHA-256 its manifest names.
+
+    Example: donjon backup verify /media/donjon/backup.tar
+    """
+    from datetime import datetime, timezone
+
+    from appliance import backupfile
+    try:
+        m = backupfile.verify(file)
+    except backupfile.BackupFileError as e:
+        fail(str(e))
+    doc = {"file": file, "ok": True, "created": m.get("created"), "audit_seq": m["cmdb.sqlite"].get("audit_seq"),
+           "bytes": m["cmdb.sqlite"].get("bytes")}
+    if not emit_json(doc, as_json):
+        typer.echo(f"{file}: backup intact (CMDB {doc['bytes']} bytes, audit seq {doc['audit_seq']}, "
+                   f"made {datetime.fromtimestamp(doc['created'] or 0, timezone.utc):%Y-%m-%d %H:%M} UTC)")
+
+
+@app.command()
+def restore(file: Annotated[str, typer.Argument(help="A backup made by donjon backup.")],
+            anchor: Annotated[Optional[str], typer.Option(help="A published signed audit head (audit checkpoint --out).")] = None,
+            max_age_days: Annotated[int, typer.Option(help="A backup older than this needs a quorum's confirmation.", min=1)] = 7,
+            confirm_share: Annotated[list[str], typer.Option(help="An activation PIN share confirming an older backup (repeat).")] = [],  # noqa: B006
+            home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Restore the CMDB from a backup, the appliance stopped; at the next activation it reconciles with
+    everything already published (CRLs, OCSP responses): nothing revoked comes back, no number is reused.
+
+    Example: donjon shutdown --yes; donjon restore /media/donjon/backup.tar --anchor head.json; donjon run
+    """
+    from appliance import restore as R
+    try:
+        doc = R.restore(home, file, anchor, max_age_days, list(confirm_share))
+    except R.RestoreError as e:
+        fail(str(e))
+    if not emit_json(doc, as_json):
+        typer.echo(f"restored {file} (sha256 {doc['sha256']}); the old CMDB is kept as {doc['kept']}. "
+                   f"Start the appliance: its first activation reconciles with what was published.")
+
 
 # ---------------------------------------------------------------- CA key backup and disaster recovery (issue 15)
 

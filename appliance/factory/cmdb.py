@@ -272,7 +272,21 @@ _MIGRATIONS[8] = """
 # 13 the Key Generation System, 14 CRL shards and delta CRLs, 15 the storage layer, 16 EST/SCEP. One left as "SELECT 1"
 # creates nothing.
 _MIGRATIONS[9] = "SELECT 1"
-_MIGRATIONS[10] = "SELECT 1"
+_MIGRATIONS[10] = """
+    -- Restore (issue 15): revocations found in what the appliance had published (signed CRLs, OCSP
+    -- responses) for certificates the restored CMDB never saw. Only their serial is known: they are
+    -- carried by every later CRL (store.py _LIST_*), and their serial is reserved as issued.
+    CREATE TABLE recovered_revocations(
+        ca TEXT NOT NULL,
+        serial BLOB NOT NULL,
+        revoked_at INTEGER NOT NULL,
+        reason INTEGER,
+        invalidity INTEGER,
+        entry_len INTEGER NOT NULL,
+        recovered_at INTEGER NOT NULL,
+        PRIMARY KEY (ca, serial)
+    ) WITHOUT ROWID;
+    """
 _MIGRATIONS[11] = "SELECT 1"
 _MIGRATIONS[12] = "SELECT 1"
 _MIGRATIONS[13] = "SELECT 1"

@@ -239,6 +239,8 @@ class Factory:
             except CmdbError as e:
                 raise FactoryError("internal", str(e)) from None
             self.token_info = reply.token
+            from . import restore as restored  # issue 15: a restored CMDB first catches up with what was published
+            restored_cas = await self.run_db(restored.reconcile, self.store, self.home, actor)
             voided = await self.run_db(self.store.reconcile, actor)
             await self.run_db(self.dist.catch_up)
             self.dist.poke()
@@ -253,6 +255,11 @@ class Factory:
             self._pin_mac = hmac.new(self._pin_key, pin.encode(), "sha256").digest()
             await self.audit(actor, "activate", "appliance", "ok", reply.token)
             await self.send_event(S.Event(kind="activated", detail=f"CMDB open; {voided} stale intents voided"))
+            for ca in restored_cas:  # the next CRL, numbered above every one published, with the recovered revocations
+                try:
+                    await self.generate_crl(ca, actor)
+                except FactoryError as e:
+                    _log(f"after the restore, the CRL of {ca} could not be signed yet: {e.reason}")
             return {"activated": True, "token": reply.token, "voided_intents": voided}
 
     # ------------------------------------------------------------ CAs

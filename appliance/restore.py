@@ -1,0 +1,179 @@
+"""`donjon restore FILE`, the appliance stopped: checks, evidence of what was published, an atomic CMDB swap.
+
+The CMDB folder is replaced in one step, renameat2(RENAME_EXCHANGE) of `cmdb.restoring` (the backup's
+database and key, and restore.json: the evidence the Factory reconciles with at the next activation,
+appliance/factory/restore.py) with `cmdb`: a kill -9 at any moment leaves either the old folder or the
+restored one, never a mix. The old folder is kept beside it as `cmdb.pre-restore-<time>`.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from typing import Any
+
+import msgspec
+
+from appliance import backupfile
+from appliance.ocsp.store import Store as EndpointStore
+from policy import audit as audit_policy
+from policy import shamir
+from policy.errors import PolicyError
+
+_RENAME_EXCHANGE = 2
+_STORE_DIR = re.compile(r"^ocsp(\.[0-9]+)?$")
+
+
+class RestoreError(Exception):
+    """A restore refused or failed before the swap: nothing was changed."""
+
+
+class _Evidence(msgspec.Struct, frozen=True):
+    crl: bytes | None = None
+    responses: list[bytes] = []
+
+
+class _Marker(msgspec.Struct, frozen=True):
+    format: str
+    backup_sha256: str
+    backup_created: int
+    backup_audit_seq: int
+    anchor_seq: int | None
+    older_confirmed: bool
+    restored_at: int
+    evidence: dict[str, _Evidence]
+    endpoint_seq: int = 0
+
+
+def appliance_running(home: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(os.path.join(home, "run", "admin.sock"))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def anchor_seq(path: str) -> int:
+    """The seq of a published signed head (donjon audit checkpoint --out)."""
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read(65536))
+        return audit_policy.parse_checkpoint_tbs(base64.b64decode(doc["tbs"]))[0]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RestoreError(f"{path}: not a published audit anchor ({type(e).__name__})") from None
+
+
+def collect_evidence(home: str) -> tuple[dict[str, _Evidence], int]:
+    """Every CA's latest CRL and every pre-signed response the endpoint's stores hold, and their highest seq."""
+    found: dict[str, tuple[tuple[int, bytes] | None, dict[int, bytes]]] = {}
+    top = 0
+    for entry in sorted(os.listdir(home)):
+        path = os.path.join(home, entry)
+        if not _STORE_DIR.match(entry) or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        st = EndpointStore.open(path)
+        try:
+            top = max(top, st.max_seq())
+            for name, ca in st.cas.items():
+                crl, responses = found.setdefault(name, (None, {}))
+                if ca.crl is not None and (crl is None or ca.crl_number > crl[0]):
+                    crl = (ca.crl_number, ca.crl)
+                for alg in ("sha256", "sha1"):
+                    for serial in list(ca.index[alg]):
+                        held = st.get(ca, alg, serial)
+                        if held is not None and serial not in responses:
+                            responses[serial] = bytes(held.der)
+                found[name] = (crl, responses)
+        finally:
+            st.close()
+    return {n: _Evidence(crl=c[1] if c else None, responses=list(r.values())) for n, (c, r) in found.items()}, top
+
+
+def _exchange(a: str, b: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, a.encode(), -100, b.encode(), _RENAME_EXCHANGE) != 0:  # AT_FDCWD
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), a)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confirm_shares: list[str]) -> dict[str, Any]:
+    """Check, collect, swap. Returns what was done (for the CLI)."""
+    home = os.path.abspath(home)
+    if appliance_running(home):
+        raise RestoreError("the appliance is running: stop it first (donjon shutdown), then restore")
+    try:
+        manifest = backupfile.verify(backup)
+    except backupfile.BackupFileError as e:
+        raise RestoreError(str(e)) from None
+    created = int(manifest.get("created", 0))
+    seq = int(manifest["cmdb.sqlite"].get("audit_seq", 0))
+    why_older = []
+    if time.time() - created > max_age_days * 86400:
+        why_older.append(f"it is {int((time.time() - created) / 86400)} days old (limit {max_age_days})")
+    a_seq = anchor_seq(anchor) if anchor else None
+    if a_seq is not None and a_seq > seq:
+        why_older.append(f"it ends at audit record {seq}, before the published anchor's {a_seq}")
+    if why_older and not confirm_shares:
+        raise RestoreError("restore refused: the backup is older than allowed (" + "; ".join(why_older) +
+                           "): a quorum of officers confirms it with --confirm-share (their activation PIN shares)")
+    if why_older:
+        try:
+            pin = shamir.combine_pin(confirm_shares)
+        except PolicyError as e:
+            raise RestoreError(f"restore refused: the confirming shares: {e.message}") from None
+        pin_file = os.path.join(home, "pin")
+        if os.path.exists(pin_file):
+            with open(pin_file) as f:
+                if f.read().strip() != pin:
+                    raise RestoreError("restore refused: the confirming shares do not give this appliance's PIN")
+    evidence, top = collect_evidence(home)
+    cmdb = os.path.join(home, "cmdb")
+    staging = os.path.join(home, "cmdb.restoring")
+    now = int(time.time())
+    tag = f"{now}-{time.time_ns() % 10**9:09d}"  # two restores in one second keep both old folders
+    if os.path.lexists(staging):  # a restore killed earlier: the old CMDB or a partial copy, kept aside
+        os.rename(staging, os.path.join(home, f"cmdb.pre-restore-{tag}-partial"))
+    os.mkdir(staging, 0o700)
+    keep = ("activation-failures.json",)
+    for name in keep:
+        if os.path.exists(os.path.join(cmdb, name)):
+            shutil.copy2(os.path.join(cmdb, name), os.path.join(staging, name))
+    backupfile.install_cmdb(backup, staging)
+    with open(backup, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    marker = _Marker(format="donjon-restore/1", backup_sha256=digest, backup_created=created, backup_audit_seq=seq,
+                     anchor_seq=a_seq, older_confirmed=bool(why_older), restored_at=now, evidence=evidence, endpoint_seq=top)
+    fd = os.open(os.path.join(staging, "restore.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(msgspec.msgpack.encode(marker))
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(staging)
+    if os.path.isdir(cmdb):
+        _exchange(staging, cmdb)  # the one step: old or new, never a mix
+        _fsync_dir(home)
+        os.rename(staging, os.path.join(home, f"cmdb.pre-restore-{tag}"))
+    else:
+        os.rename(staging, cmdb)
+    _fsync_dir(home)
+    return {"backup": backup, "sha256": digest, "audit_seq": seq, "anchor_seq": a_seq, "older_confirmed": bool(why_older),
+            "evidence": {n: {"crl": e.crl is not None, "responses": len(e.responses)} for n, e in evidence.items()},
+            "kept": f"cmdb.pre-restore-{tag}"}
