@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import apsw
 import trio
+from cryptography import x509
 
 from policy.audit import GENESIS
 
@@ -224,6 +225,125 @@ class Store:
         queued = {r[0]: r[1] for r in c.execute("SELECT ca, count(*) FROM ocsp_queue GROUP BY ca")}
         return rows, queued
 
+    def cert_profile(self, ca: str, serial: bytes) -> str | None:
+        row = self.require_active().db.execute("SELECT profile FROM certs WHERE ca=? AND serial=?", (ca, serial)).fetchone()
+        return row[0] if row else None
+
+    def cert_list(self, ca: str | None, profile: str | None, subject: str | None, san: str | None, status: str | None,
+                  expires_within_days: int | None, limit: int, now: int) -> list[tuple[Any, ...]]:
+        """(ca, serial, profile, subject, not_after, revoked_at, sans) of matching certificates, newest first;
+        subject and san are literal substrings."""
+        q = ("SELECT c.ca, c.serial, c.profile, c.subject, c.not_after, r.revoked_at, c.sans FROM certs c "
+             "LEFT JOIN revocations r ON r.ca=c.ca AND r.serial=c.serial ")
+        where: list[str] = []
+        args: list[Any] = []
+
+        def like(s: str) -> str:  # a literal substring: LIKE's wildcards escaped
+            return "%" + s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        if ca:
+            where.append("c.ca=?")
+            args.append(ca)
+        if profile:
+            where.append("c.profile=?")
+            args.append(profile)
+        if subject:
+            where.append("c.subject LIKE ? ESCAPE '\\'")
+            args.append(like(subject))
+        if san:
+            where.append("c.sans LIKE ? ESCAPE '\\'")
+            args.append(like(san))
+        if status == "revoked":
+            where.append("r.serial IS NOT NULL")
+        elif status == "expired":
+            where.append("r.serial IS NULL AND c.not_after < ?")
+            args.append(now)
+        elif status == "valid" or expires_within_days is not None:
+            where.append("r.serial IS NULL AND c.not_after >= ?")
+            args.append(now)
+        if expires_within_days is not None:
+            where.append("c.not_after <= ?")
+            args.append(now + expires_within_days * 86400)
+        if where:
+            q += "WHERE " + " AND ".join(where) + " "
+        q += "ORDER BY c.issued_at DESC LIMIT ?"
+        args.append(limit)
+        return [tuple(r) for r in self.require_active().db.execute(q, tuple(args))]
+
+    def cert_with_key(self, spki_sha256: bytes) -> tuple[str, bytes] | None:
+        """(ca, serial) of a certificate for this public key, if any."""
+        row = self.require_active().db.execute("SELECT ca, serial FROM certs WHERE spki_sha256=? LIMIT 1", (spki_sha256,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def valid_cert_for_other_key(self, ca: str, subject: str, spki_sha256: bytes, now: int) -> bytes | None:
+        """The serial of an unrevoked, unexpired certificate of `ca` for `subject` with another key."""
+        row = self.require_active().db.execute(
+            "SELECT c.serial FROM certs c LEFT JOIN revocations r ON r.ca=c.ca AND r.serial=c.serial "
+            "WHERE c.ca=? AND c.subject=? AND c.not_after >= ? AND r.serial IS NULL AND c.spki_sha256 IS NOT ? LIMIT 1",
+            (ca, subject, now, spki_sha256)).fetchone()
+        return row[0] if row else None
+
+    # ------------------------------------------------------------ revocations (inside tx())
+
+    def revocation(self, ca: str, serial: bytes) -> tuple[int, int | None, int | None] | None:
+        """(revoked_at, reason, invalidity) of a revoked certificate, or None."""
+        row = self.require_active().db.execute("SELECT revoked_at, reason, invalidity FROM revocations WHERE ca=? AND serial=?",
+                                               (ca, serial)).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def add_revocation(self, ca: str, serial: bytes, at: int, reason: int | None, invalidity: int | None, entry_len: int) -> None:
+        """A new revocation, its OCSP response queued for re-signing."""
+        c = self.require_active().db
+        c.execute("INSERT INTO revocations VALUES (?,?,?,?,?,?)", (ca, serial, at, reason, invalidity, entry_len))
+        c.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (ca, serial))
+
+    def change_revocation(self, ca: str, serial: bytes, reason: int | None, invalidity: int | None, entry_len: int) -> None:
+        """A held certificate's reason made permanent (its revocation date kept), OCSP queued."""
+        c = self.require_active().db
+        c.execute("UPDATE revocations SET reason=?, invalidity=?, entry_len=? WHERE ca=? AND serial=?",
+                  (reason, invalidity, entry_len, ca, serial))
+        c.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (ca, serial))
+
+    def delete_revocation(self, ca: str, serial: bytes) -> None:
+        """A certificateHold released, OCSP queued."""
+        c = self.require_active().db
+        c.execute("DELETE FROM revocations WHERE ca=? AND serial=?", (ca, serial))
+        c.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (ca, serial))
+
+    # ------------------------------------------------------------ status and audit export
+
+    def status_counts(self) -> tuple[list[str], int, int, int, str | None]:
+        """(CA names, certificates, revocations, audit records, audit head hex)."""
+        c = self.require_active().db
+        cas = [r[0] for r in c.execute("SELECT name FROM cas ORDER BY created")]
+        certs = _one(c, "SELECT count(*) FROM certs")[0]
+        revoked = _one(c, "SELECT count(*) FROM revocations")[0]
+        n_audit = _one(c, "SELECT count(*) FROM audit")[0]
+        head = c.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        return cas, certs, revoked, n_audit, head[0].hex() if head else None
+
+    def ca_report_rows(self) -> list[tuple[str, str, bytes, int, int | None, int, int]]:
+        """Per CA: (name, key_type, cert DER, CRL number, latest CRL's nextUpdate, issued, revoked)."""
+        c = self.require_active().db
+        out: list[Any] = []
+        for name, key_type, der, crl_number in c.execute("SELECT name, key_type, cert, crl_number FROM cas ORDER BY created").fetchall():
+            nu = c.execute("SELECT next_update FROM crls WHERE ca=? ORDER BY number DESC LIMIT 1", (name,)).fetchone()
+            issued = _one(c, "SELECT count(*) FROM certs WHERE ca=?", (name,))[0]
+            revoked = _one(c, "SELECT count(*) FROM revocations WHERE ca=?", (name,))[0]
+            out.append((name, key_type, der, crl_number, nu[0] if nu else None, issued, revoked))
+        return out
+
+    def report_heads(self) -> tuple[int, int | None, int | None, int | None]:
+        """(audit seq, oldest OCSP thisUpdate, earliest OCSP nextUpdate, latest checkpoint time)."""
+        c = self.require_active().db
+        n_audit = _one(c, "SELECT coalesce(max(seq), 0) FROM audit")[0]
+        oldest, earliest = _one(c, "SELECT min(this_update), min(next_update) FROM ocsp")
+        cp = _one(c, "SELECT max(ts) FROM checkpoints")[0]
+        return n_audit, oldest, earliest, cp
+
+    def checkpoints_by_seq(self) -> list[tuple[int, bytes, bytes]]:
+        """(seq, tbs, signature) of every stored checkpoint, oldest first."""
+        return [(r[0], r[1], r[2]) for r in self.require_active().db.execute("SELECT seq, tbs, signature FROM checkpoints ORDER BY id")]
+
     # ------------------------------------------------------------ CAs
 
     def ca_count(self) -> int:
@@ -244,6 +364,10 @@ class Store:
     def ca_rows(self) -> list[tuple[str, str, str | None, str, bytes]]:
         return [(r[0], r[1], r[2], r[3], r[4]) for r in self.require_active().db.execute(
             "SELECT name, key_type, parent, profile, cert FROM cas ORDER BY created, name")]
+
+    def ca_name_taken(self, name: str) -> bool:
+        """A CA with this name, or a key with this label, exists."""
+        return self.require_active().db.execute("SELECT 1 FROM cas WHERE name=? OR key_label=?", (name, name)).fetchone() is not None
 
     def ca_policy_row(self, name: str) -> tuple[str | None, str | None] | None:
         """(parent, encoded CaPolicy or None) or None when there is no such CA."""
@@ -350,3 +474,26 @@ class Store:
         if self.reader is None:
             raise inactive()
         return self.reader
+
+
+def ca_state(db: apsw.Connection, name: str, now: float) -> tuple[str, str]:
+    """A CA's state with its reason: active; revoked or expired (its certificate, or one above it);
+    awaiting certificate. DB thread."""
+    cur: str | None = name
+    while cur is not None:
+        row = db.execute("SELECT parent, cert FROM cas WHERE name=?", (cur,)).fetchone()
+        if row is None or not row[1]:
+            return "awaiting certificate", f"CA {cur!r} has no certificate yet"
+        parent, der = row
+        cert = x509.load_der_x509_certificate(der)
+        whose = f"CA {name!r}" if cur == name else f"its parent CA {cur!r}"
+        if cert.not_valid_after_utc.timestamp() < now:
+            return "expired", f"the certificate of {whose} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+        if parent is not None:
+            rev = db.execute("SELECT revoked_at, reason FROM revocations WHERE ca=? AND serial=?",
+                             (parent, serial_bytes(cert.serial_number))).fetchone()
+            if rev is not None:
+                at = time.strftime("%Y-%m-%d %H:%M", time.gmtime(rev[0]))
+                return "revoked", f"the certificate of {whose} was revoked on {at} UTC (reason {rev[1] or 0})"
+        cur = parent
+    return "active", ""
