@@ -1170,6 +1170,26 @@ def restore(file: Annotated[str, typer.Argument(help="A backup made by donjon ba
                    f"Start the appliance: its first activation reconciles with what was published.")
 
 
+standby_app = typer.Typer(help="The standby CMDB ([cmdb] standby = true): every acknowledged commit on a second disk.",
+                          no_args_is_help=True)
+app.add_typer(standby_app, name="standby")
+
+
+@standby_app.command("promote")
+def standby_promote(home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Put the standby CMDB in place of a lost or damaged primary (the appliance stopped).
+
+    Example: donjon standby promote --home /var/lib/donjon; donjon run --home /var/lib/donjon
+    """
+    from appliance import restore as R
+    try:
+        doc = R.promote_standby(home)
+    except R.RestoreError as e:
+        fail(str(e))
+    if not emit_json(doc, as_json):
+        typer.echo(f"the standby is now the CMDB; the old primary's files are in {doc['kept']}. Start the appliance.")
+
+
 # ---------------------------------------------------------------- CA key backup and disaster recovery (issue 15)
 
 keys_app = typer.Typer(help="CA key backup under custodian shares, and recovery onto a fresh appliance.", no_args_is_help=True)

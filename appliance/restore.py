@@ -177,3 +177,42 @@ def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confi
     return {"backup": backup, "sha256": digest, "audit_seq": seq, "anchor_seq": a_seq, "older_confirmed": bool(why_older),
             "evidence": {n: {"crl": e.crl is not None, "responses": len(e.responses)} for n, e in evidence.items()},
             "kept": f"cmdb.pre-restore-{tag}"}
+
+
+def promote_standby(home: str) -> dict[str, Any]:
+    """Put the standby CMDB (HOME/cmdb/standby, appliance/factory/standby.py) in place of the primary's,
+    the appliance stopped. The primary's files are kept in cmdb/pre-promote-<time>/. The main file is
+    replaced last, atomically; a promote killed half-way is simply run again."""
+    home = os.path.abspath(home)
+    if appliance_running(home):
+        raise RestoreError("the appliance is running: stop it first, then promote the standby")
+    cmdb = os.path.join(home, "cmdb")
+    sb = os.path.join(cmdb, "standby")
+    src = os.path.join(sb, "cmdb.sqlite")
+    if not os.path.isfile(src):
+        raise RestoreError(f"no standby CMDB at {src}")
+    if os.path.exists(os.path.join(sb, "STALE")):
+        raise RestoreError("the standby missed a commit (STALE): it is not a complete copy; restore a backup instead")
+    tag = f"{int(time.time())}-{time.time_ns() % 10**9:09d}"
+    aside = os.path.join(cmdb, f"pre-promote-{tag}")
+    os.mkdir(aside, 0o700)
+    tmp = os.path.join(cmdb, "cmdb.sqlite.promoting")
+    for suffix in ("", "-wal"):
+        if os.path.exists(src + suffix):
+            shutil.copyfile(src + suffix, tmp + suffix)
+            with open(tmp + suffix, "rb+") as f:
+                os.fsync(f.fileno())
+    main = os.path.join(cmdb, "cmdb.sqlite")
+    if os.path.exists(main):
+        os.link(main, os.path.join(aside, "cmdb.sqlite"))
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(main + suffix):
+            os.rename(main + suffix, os.path.join(aside, "cmdb.sqlite" + suffix))
+    if os.path.exists(tmp + "-wal"):
+        os.rename(tmp + "-wal", main + "-wal")
+    os.replace(tmp, main)
+    key = os.path.join(cmdb, "cmdb.key")
+    if not os.path.exists(key):  # the primary disk lost its key too: the standby kept a copy
+        shutil.copyfile(os.path.join(sb, "cmdb.key"), key)
+    _fsync_dir(cmdb)
+    return {"promoted": src, "kept": os.path.relpath(aside, home)}

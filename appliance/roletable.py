@@ -91,7 +91,7 @@ def _factory(h: Host, name: str) -> Launch:
 
     cfg = h.cfg
     return Launch(
-        S.FactoryConfig(home=h.layout.cmdb, cipher=cfg.cmdb.cipher, profiles=h.profiles,
+        S.FactoryConfig(home=h.layout.cmdb, cipher=cfg.cmdb.cipher, standby=cfg.cmdb.standby, profiles=h.profiles,
                         base_url=cfg.endpoint.base_url, crl_validity_hours=cfg.crl.validity_hours,
                         admin_gid=h.admin_gid, dev_uid=None if h.appliance else os.getuid(),
                         ocsp_validity_hours=cfg.ocsp.validity_hours, ocsp_hashes=cfg.ocsp.hashes,

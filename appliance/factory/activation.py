@@ -141,6 +141,9 @@ class Activation:
             except CmdbError as e:
                 raise FactoryError("internal", str(e)) from None
             self.token_info = reply.token
+            if self.cfg.standby:  # before anything else commits: every later commit reaches the standby first
+                from . import standby
+                await self.store.run(standby.attach, self.store.require_active(), self.cfg.home, reply.db_key, self.cfg.cipher)
             from . import restore  # issue 15: a restored CMDB first catches up with what was published
             restored_cas = await self.store.run(restore.reconcile, self.store, self.cfg.home, actor)
             voided = await self.store.run(self.store.reconcile, actor)

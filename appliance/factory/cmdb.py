@@ -351,16 +351,24 @@ class Cmdb:
                     _AFTER[v](self.db)
                 self.db.execute(f"PRAGMA user_version = {v}")
 
+    shipper: Any = None  # standby.Standby: each commit is shipped to the standby before tx() returns
+
     @contextmanager
     def tx(self) -> Iterator[apsw.Connection]:
         """One durable transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on any exception)."""
+        shipper = self.shipper
+        s = shipper.begin() if shipper is not None else None
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
         except BaseException:
             self.db.execute("ROLLBACK")
+            if s is not None:
+                shipper.abort(s)
             raise
         self.db.execute("COMMIT")
+        if s is not None:
+            shipper.ship(s)
 
     # ------------------------------------------------------------ audit
 

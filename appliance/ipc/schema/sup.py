@@ -62,6 +62,7 @@ class FactoryConfig(_Msg, tag="factory-config"):
     ca_profiles: dict[Name, Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)]] = {}
     auto_activate: bool = False  # an AutoActivate follows: admin requests wait for it instead of racing it
     cis_deadline_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0  # a CIS silent this long is unresponsive
+    standby: bool = False  # ship every commit to the standby CMDB (HOME/cmdb/standby) before acknowledging
 
 
 class AutoActivate(_Msg, tag="auto-activate"):
