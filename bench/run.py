@@ -11,6 +11,8 @@
    memory with 1M pre-signed responses (--quick 200k) against cfssl.
 4. Publication (bench.dist): entries/s to a real slapd while issuing, and the drain time of a 10,000-job
    backlog (--quick 2,000) after an outage and a restart, beside `ldapadd` loading the same entries.
+5. Standby CMDB (bench.standby): issuance with [cmdb] standby on and off (group commits, and one commit
+   per certificate), the ratio on/off.
 A readable table goes to stdout, everything measured to bench/out/results.json. Progress goes to stderr.
 """
 
@@ -24,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import common, crl, dist, issuance, ocsp
+from bench import common, crl, dist, issuance, ocsp, standby
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="N=300 CSRs, CRLs of 10k and 100k entries")
     ap.add_argument("--n", type=int, help="number of CSRs (default 2000, --quick 300)")
     ap.add_argument("--sizes", help="CRL sizes, comma-separated (default 10000,100000,1000000)")
-    ap.add_argument("--only", choices=["issuance", "crl", "ocsp", "dist"], help="run one benchmark only")
+    ap.add_argument("--only", choices=["issuance", "crl", "ocsp", "dist", "standby"], help="run one benchmark only")
     ap.add_argument("--dist-backlog", type=int, help="publication: backlog jobs (default 10000, --quick 2000)")
     ap.add_argument("--ocsp-certs", type=int, help="OCSP: certificates served (default 100000, --quick 10000)")
     ap.add_argument("--ocsp-big", type=int, help="OCSP: responses for the start-up test (default 1000000, --quick 200000)")
@@ -68,6 +70,9 @@ def main(argv=None) -> int:
         if a.only in (None, "dist"):
             results["dist"] = dist.run(work, 500 if a.quick else 2000, a.dist_backlog or (2000 if a.quick else 10_000))
             tables.append(dist.table(results["dist"]))
+        if a.only in (None, "standby"):
+            results["standby"] = standby.run(work, 300 if a.quick else 1000)
+            tables.append(standby.table(results["standby"]))
     results["seconds"] = time.perf_counter() - t0
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

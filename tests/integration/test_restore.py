@@ -14,6 +14,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from policy import shamir
@@ -49,12 +50,22 @@ def _cmdb_sha(home: Path) -> str:
 def test_restore_never_goes_back(appliance_factory, homes, tmp_path):
     web = Receiver(homes / "web")
     try:
-        _scenario(appliance_factory, web, tmp_path)
+        _scenario(appliance_factory, web, tmp_path, kills=0)
     finally:
         web.stop()
 
 
-def _scenario(appliance_factory, web: Receiver, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_restore_killed_at_random_moments(appliance_factory, homes, tmp_path):
+    """The same scenario with kill -9 at random moments of the restore first (just drills)."""
+    web = Receiver(homes / "web")
+    try:
+        _scenario(appliance_factory, web, tmp_path, kills=int(os.environ.get("DONJON_RESTORE_KILLS", "12")))
+    finally:
+        web.stop()
+
+
+def _scenario(appliance_factory, web: Receiver, tmp_path: Path, kills: int) -> None:
     a = appliance_factory(start=False)
     with open(a.home / "donjon.toml", "a") as f:
         f.write(WEB.format(url=web.url))
@@ -115,7 +126,7 @@ def _scenario(appliance_factory, web: Receiver, tmp_path: Path) -> None:
     with tarfile.open(tmp_path / "b.tar") as t:
         restored_sha = hashlib.sha256(t.extractfile("cmdb.sqlite").read()).hexdigest()
     rnd = random.Random(15)
-    for _ in range(4):
+    for _ in range(kills):
         cur = _cmdb_sha(a.home)
         p = subprocess.Popen(a.argv(*argv, "--confirm-share", shares[0], "--confirm-share", shares[1]), env=a.env("admin"),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
