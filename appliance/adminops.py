@@ -660,24 +660,34 @@ def settings_set(c: AdminClient, key: str, value: str) -> str:
 # ---------------------------------------------------------------- key backup under custodian shares (issue 15)
 
 
+def keys_backup_request(c: AdminClient, so_pin: str, threshold: int, shares: int) -> dict[str, Any]:
+    """Ask for a key backup (dual control "keys-backup": may raise PendingApproval): its number and digest."""
+    if not 2 <= threshold <= shares <= 16:
+        raise OpError(f"need 2 <= threshold <= shares <= 16 (got {threshold} of {shares})")
+    return _wrap(c.call, S.AKeysBackup, so_pin=so_pin, threshold=threshold, shares=shares)
+
+
 def keys_backup(c: AdminClient, so_pin: str, threshold: int, shares: int) -> dict[str, Any]:
-    """Ask for a key backup (dual control "keys-backup": may raise PendingApproval); then take it."""
-    made = _wrap(c.call, S.AKeysBackup, so_pin=so_pin, threshold=threshold, shares=shares)
-    return keys_backup_fetch(c, made["backup"])
+    """Ask for a key backup, then take it (blob and shares)."""
+    return keys_backup_fetch(c, keys_backup_request(c, so_pin, threshold, shares)["backup"])
 
 
 def keys_backup_fetch(c: AdminClient, backup: int) -> dict[str, Any]:
     return _wrap(c.call, S.AKeysBackupFetch, backup=backup)
 
 
-def write_key_backup(doc: dict[str, Any], out_dir: str) -> tuple[str, list[str]]:
+def key_backup_blob(doc: dict[str, Any]) -> bytes:
+    blob = doc["blob"]
+    return base64.b64decode(blob) if isinstance(blob, str) else blob  # the JSON form of bytes is base64
+
+
+def write_key_backup(doc: dict[str, Any], out_dir: str, with_blob: bool = True) -> tuple[str, list[str]]:
     """The blob to OUT/keys-backup-<sha>.json and share i to OUT/custodian-i/key-share-i.txt (one folder
     per custodian's medium), each file new (O_EXCL) and fsynced, each share with its own SHA-256."""
     import hashlib
     digest = doc["manifest_sha256"]
     blob_path = os.path.join(out_dir, f"keys-backup-{digest[:16]}.json")
-    blob = doc["blob"]
-    files: list[tuple[str, bytes]] = [(blob_path, base64.b64decode(blob) if isinstance(blob, str) else blob)]  # JSON form: base64
+    files: list[tuple[str, bytes]] = [(blob_path, key_backup_blob(doc))] if with_blob else []
     n = len(doc["shares"])
     for i, text in enumerate(doc["shares"], 1):
         body = (f"Donjon CA key backup: custodian share {i} of {n} (any {doc['threshold']} recover the keys)\n"
@@ -697,7 +707,7 @@ def write_key_backup(doc: dict[str, Any], out_dir: str) -> tuple[str, list[str]]
             f.flush()
             os.fsync(f.fileno())
         written.append(path)
-    return blob_path, written[1:]
+    return blob_path, written[1:] if with_blob else written
 
 
 def read_share_file(path: str) -> str:

@@ -25,10 +25,11 @@ FORMAT = "donjon-ceremony-transcript/2"  # /1 had no audit bindings: refused by 
 # The audit record each step's operation must have left (action, and how its object names the step's CA).
 STEP_RECORDS = {"create-root": ("ca-create", lambda st, o: o == st.name), "create-ca": ("ca-create", lambda st, o: o == st.name),
                 "sign-csr": ("ca-sign-csr", lambda st, o: o.startswith(f"{st.parent}/")),
-                "crl": ("crl", lambda st, o: o.startswith(f"{st.ca}#"))}
+                "crl": ("crl", lambda st, o: o.startswith(f"{st.ca}#")),
+                "keys-backup": ("keys-backup", lambda st, o: o == "token")}
 FileName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 Days = Annotated[int, msgspec.Meta(ge=1, le=40 * 366)]
-ACTIONS = ("create-root", "create-ca", "sign-csr", "crl", "export-ca")
+ACTIONS = ("create-root", "create-ca", "sign-csr", "crl", "export-ca", "keys-backup")
 
 
 class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="kebab"):
@@ -40,7 +41,7 @@ class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="ke
 
 
 class Step(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="kebab"):
-    action: Literal["create-root", "create-ca", "sign-csr", "crl", "export-ca", "crl-presign"]
+    action: Literal["create-root", "create-ca", "sign-csr", "crl", "export-ca", "crl-presign", "keys-backup"]
     name: S.Name | None = None  # create-root, create-ca: the new CA (and its token key label)
     parent: S.Name | None = None  # create-ca, sign-csr: the signing CA
     ca: S.Name | None = None  # crl, export-ca
@@ -52,6 +53,11 @@ class Step(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="keba
     csr: FileName | None = None  # sign-csr: a file beside the ceremony file
     out: FileName | None = None  # the output file in the output folder
     chain: bool = False  # export-ca: with the parents up to the root
+    # keys-backup: the KEK split into `shares` custodian shares (custodian-N/ beside the outputs), any
+    # `threshold` of which recover; the token's SO PIN from a file beside the ceremony file.
+    shares: Annotated[int, msgspec.Meta(ge=2, le=16)] | None = None
+    threshold: Annotated[int, msgspec.Meta(ge=2, le=16)] | None = None
+    so_pin_file: FileName | None = None
     note: Annotated[str, msgspec.Meta(max_length=500)] = ""
 
 
@@ -66,6 +72,7 @@ _REQUIRED = {
     "sign-csr": ("parent", "csr", "validity_days", "out"),
     "crl": ("ca", "out"),
     "export-ca": ("ca", "out"),
+    "keys-backup": ("shares", "threshold", "so_pin_file", "out"),
 }
 
 
@@ -248,6 +255,14 @@ class Ceremony:
             return {"ca": st.ca, "crl_number": ops.crl_number(der), "bytes": len(der)}, der
         if st.action == "export-ca":
             return {"ca": st.ca, "chain": st.chain}, ops.ca_chain_pem(c, st.ca, st.chain)
+        if st.action == "keys-backup":  # the blob is the step's output; each share goes to a folder of its own
+            assert st.so_pin_file and st.threshold and st.shares
+            so_pin = M.read(os.path.dirname(self.path), st.so_pin_file).decode("utf-8", "replace").strip()
+            made = self.guarded(lambda cl: ops.keys_backup_request(cl, so_pin, st.threshold, st.shares), witnesses, rec)
+            doc = ops.keys_backup_fetch(c, made["backup"])
+            _, paths = ops.write_key_backup(doc, self.out, with_blob=False)
+            return ({"keys": doc["keys"], "threshold": doc["threshold"], "sha256": doc["manifest_sha256"],
+                     "custodian_files": [os.path.relpath(p, self.out) for p in paths]}, ops.key_backup_blob(doc))
         raise OpError(f"unsupported action {st.action}")
 
     def run(self) -> int:

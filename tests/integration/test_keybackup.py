@@ -12,6 +12,7 @@ import pytest
 
 from policy import shamir
 from tests.conftest import PASSWORD, Appliance, make_csr, openssl
+from tests.integration.test_ceremony import answers
 
 DUAL = '[dual-control]\napprovals = 2\noperations = ["keys-backup"]\n'
 
@@ -61,6 +62,7 @@ def _drill(appliance_factory, homes, tmp_path, src_path, forged: bool) -> None:
     assert all(e["spki_sha256"] is None or len(e["spki_sha256"]) == 64 for e in doc["keys"]) and doc["mac"]
     audit = [json.loads(x) for x in a.cli("audit", "export").stdout.splitlines() if b'"seq"' in x]
     assert [x["outcome"] for x in audit if x.get("action") == "keys-backup"] == ["denied", "ok"]  # the operator, then the backup
+    _ceremony_step(a, tmp_path)
     assert a.stop() == 0
 
     shutil.rmtree(a.home)  # the disaster: the token and the home are gone
@@ -116,6 +118,36 @@ def _drill(appliance_factory, homes, tmp_path, src_path, forged: bool) -> None:
         assert b"audit chain intact" in b.cli("audit", "verify").stdout
     finally:
         b.stop()
+
+
+def _ceremony_step(a: Appliance, tmp_path: Path) -> None:
+    """The same backup as a ceremony step: both administrators witness it and approve its dual control."""
+    d = tmp_path / "ceremony"
+    d.mkdir()
+    (d / "so-pin").write_bytes((a.home / "softhsm" / "so-pin").read_bytes())
+    (d / "keys.toml").write_text("""
+[ceremony]
+name = "key-backup-2027"
+officers = ["admin", "admin2", "oper"]
+quorum = 2
+output = "out"
+
+[[step]]
+action = "keys-backup"
+shares = 3
+threshold = 2
+so-pin-file = "so-pin"
+out = "keys-backup.json"
+""")
+    r = a.cli("ceremony", "run", str(d / "keys.toml"), input=answers(["admin", "admin2"], [["yes", "yes"]]),
+              check=False, timeout=300, officer="admin")
+    assert r.returncode == 0 and b"outcome: complete" in r.stdout, r.stdout.decode() + r.stderr.decode()
+    tr = json.loads((d / "out" / "transcript.json").read_text())
+    step = tr["steps"][0]
+    assert step["dual_control"]["approved_by"] == ["admin", "admin2"]
+    assert step["result"]["custodian_files"] == [f"custodian-{i}/key-share-{i}.txt" for i in (1, 2, 3)]
+    assert json.loads((d / "out" / "keys-backup.json").read_bytes())["threshold"] == 2
+    assert b"transcript intact" in a.cli("ceremony", "verify", str(d / "out" / "transcript.json")).stdout
 
 
 def test_recovery_drill(appliance_factory, homes, tmp_path, src_path):
