@@ -28,7 +28,7 @@ from .errors import _log
 from .store import Store
 
 MARKER = "restore.json"
-_REASONS = {f.value: code for code, f in {
+_REASONS = {f: code for code, f in {  # ReasonFlags -> RFC 5280 reason code
     1: x509.ReasonFlags.key_compromise, 2: x509.ReasonFlags.ca_compromise, 3: x509.ReasonFlags.affiliation_changed,
     4: x509.ReasonFlags.superseded, 5: x509.ReasonFlags.cessation_of_operation, 6: x509.ReasonFlags.certificate_hold,
     9: x509.ReasonFlags.privilege_withdrawn, 10: x509.ReasonFlags.aa_compromise}.items()}

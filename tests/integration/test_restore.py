@@ -148,8 +148,9 @@ def _scenario(appliance_factory, web: Receiver, tmp_path: Path, kills: int) -> N
     latest = a.cli("crl", "export", "--ca", "issuing").stdout
     n = _number(latest)
     assert n > 7
-    revoked = {format(r.serial_number, "x") for r in x509.load_der_x509_crl(latest)}
-    assert {before, after} <= revoked
+    revoked = {format(r.serial_number, "x"): r.extensions.get_extension_for_class(x509.CRLReason).value.reason
+               for r in x509.load_der_x509_crl(latest)}
+    assert revoked[before] == revoked[after] == x509.ReasonFlags.key_compromise  # with their reason
     crls[n] = latest
     wait_drained(a)
     by_sha = {hashlib.sha256(d).hexdigest(): k for k, d in crls.items()}
