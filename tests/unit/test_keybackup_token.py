@@ -184,7 +184,10 @@ def test_backup_then_recover_onto_a_fresh_token(main, softhsm):
 
 
 def test_a_vendor_module_is_told_to_use_its_own_scheme(main, monkeypatch):
+    """A FAKE vendor module: no second PKCS#11 implementation is installed here, so the loaded module's
+    identity (what C_GetInfo reports) is replaced with a YubiHSM's."""
     t, _ = main
+    assert t.module_info()[0] == "SoftHSM"  # the real one, as C_GetInfo reports it
     monkeypatch.setattr(Token, "module_info", lambda self: ("Yubico (www.yubico.com)", "YubiHSM PKCS#11 Library"))
     with pytest.raises(keybackup.BackupRefused, match="not SoftHSM2: back its keys up with the vendor's own scheme"):
         keybackup.backup(t, SO_PIN, ["root"], "donjon-audit", 2, 3)
