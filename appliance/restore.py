@@ -38,6 +38,7 @@ class RestoreError(Exception):
 class _Evidence(msgspec.Struct, frozen=True):
     crl: bytes | None = None
     responses: list[bytes] = []
+    crls: list[bytes] = []  # read back from the Distribution's HTTP destinations
 
 
 class _Marker(msgspec.Struct, frozen=True):
@@ -50,6 +51,7 @@ class _Marker(msgspec.Struct, frozen=True):
     restored_at: int
     evidence: dict[str, _Evidence]
     endpoint_seq: int = 0
+    unread: list[str] = []  # destinations whose held CRL could not be read
 
 
 def appliance_running(home: str) -> bool:
@@ -99,6 +101,58 @@ def collect_evidence(home: str) -> tuple[dict[str, _Evidence], int]:
     return {n: _Evidence(crl=c[1] if c else None, responses=list(r.values())) for n, (c, r) in found.items()}, top
 
 
+MAX_FETCH = 64 << 20  # a CRL read back from a destination (the endpoint caps its own CRLs alike)
+
+
+def fetch_destinations(home: str, cas: list[str]) -> tuple[dict[str, list[bytes]], list[str]]:
+    """The CRL each HTTP destination holds for each CA (as the agent names it: {ca}.crl), and a note per
+    destination that could not be read. LDAP destinations are not read back yet (README)."""
+    import http.client
+    from urllib.parse import quote, urlsplit
+
+    from appliance import config as C
+    try:
+        cfg = C.load(home)
+        rules = C.dist_rules(home, cfg, with_secrets=True)
+    except C.ConfigError as e:
+        return {}, [f"configuration: {e}"]
+    got: dict[str, list[bytes]] = {}
+    notes: list[str] = []
+    for r in rules:
+        if not r.url.startswith(("http://", "https://")) or "crl" not in r.publish:
+            continue
+        for ca in cas:
+            if r.cas and ca not in r.cas:
+                continue
+            url = r.url.replace("{ca}", quote(ca)).replace("{name}", quote(f"{ca}.crl")) if "{" in r.url \
+                else r.url.rstrip("/") + "/" + quote(f"{ca}.crl")
+            u = urlsplit(url)
+            headers = {"User-Agent": "donjon-restore"}
+            if r.secret is not None:
+                tok = base64.b64encode(f"{r.username}:{r.secret}".encode()).decode() if r.username else None
+                headers["Authorization"] = f"Basic {tok}" if tok else f"Bearer {r.secret}"
+            conn: http.client.HTTPConnection
+            if u.scheme == "https":
+                import ssl
+                ctx = ssl.create_default_context(cadata=r.ca_file_pem.decode() if r.ca_file_pem else None)
+                conn = http.client.HTTPSConnection(u.hostname or "", u.port or 443, timeout=r.timeout, context=ctx)
+            else:
+                conn = http.client.HTTPConnection(u.hostname or "", u.port or 80, timeout=r.timeout)
+            try:
+                conn.request("GET", (u.path or "/") + (f"?{u.query}" if u.query else ""), headers=headers)
+                resp = conn.getresponse()
+                body = resp.read(MAX_FETCH + 1)
+                if resp.status == 200 and len(body) <= MAX_FETCH:
+                    got.setdefault(ca, []).append(body)
+                elif resp.status != 404:
+                    notes.append(f"{r.name}: {ca}.crl: HTTP {resp.status}")
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                notes.append(f"{r.name}: {ca}.crl: {type(e).__name__}")
+            finally:
+                conn.close()
+    return got, notes
+
+
 def _exchange(a: str, b: str) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.renameat2(-100, a.encode(), -100, b.encode(), _RENAME_EXCHANGE) != 0:  # AT_FDCWD
@@ -145,6 +199,8 @@ def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confi
                 if f.read().strip() != pin:
                     raise RestoreError("restore refused: the confirming shares do not give this appliance's PIN")
     evidence, top = collect_evidence(home)
+    fetched, notes = fetch_destinations(home, sorted(evidence))
+    evidence = {n: msgspec.structs.replace(e, crls=fetched.get(n, [])) for n, e in evidence.items()}
     cmdb = os.path.join(home, "cmdb")
     staging = os.path.join(home, "cmdb.restoring")
     now = int(time.time())
@@ -160,7 +216,8 @@ def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confi
     with open(backup, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     marker = _Marker(format="donjon-restore/1", backup_sha256=digest, backup_created=created, backup_audit_seq=seq,
-                     anchor_seq=a_seq, older_confirmed=bool(why_older), restored_at=now, evidence=evidence, endpoint_seq=top)
+                     anchor_seq=a_seq, older_confirmed=bool(why_older), restored_at=now, evidence=evidence, endpoint_seq=top,
+                     unread=notes)
     fd = os.open(os.path.join(staging, "restore.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(msgspec.msgpack.encode(marker))
@@ -175,7 +232,9 @@ def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confi
         os.rename(staging, cmdb)
     _fsync_dir(home)
     return {"backup": backup, "sha256": digest, "audit_seq": seq, "anchor_seq": a_seq, "older_confirmed": bool(why_older),
-            "evidence": {n: {"crl": e.crl is not None, "responses": len(e.responses)} for n, e in evidence.items()},
+            "evidence": {n: {"crl": e.crl is not None, "responses": len(e.responses), "destination_crls": len(e.crls)}
+                         for n, e in evidence.items()},
+            "unread_destinations": notes,
             "kept": f"cmdb.pre-restore-{tag}"}
 
 

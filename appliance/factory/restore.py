@@ -37,6 +37,7 @@ _REASONS = {f: code for code, f in {  # ReasonFlags -> RFC 5280 reason code
 class Evidence(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     crl: bytes | None = None  # the endpoint's latest CRL of this CA
     responses: list[bytes] = []  # every pre-signed OCSP response it held
+    crls: list[bytes] = []  # the CRLs the Distribution's HTTP destinations held
 
 
 class Marker(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -49,6 +50,7 @@ class Marker(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     restored_at: int
     evidence: dict[str, Evidence]
     endpoint_seq: int = 0  # the highest publication seq the endpoint's stores held
+    unread: list[str] = []  # destinations whose held CRL could not be read
 
 
 def _verify(pub, sig: bytes, data: bytes, halg) -> bool:
@@ -74,22 +76,21 @@ def published(cert_der: bytes, ev: Evidence) -> tuple[int, dict[int, tuple[int, 
     revoked: dict[int, tuple[int, int | None]] = {}
     issued: set[int] = set()
     number, refused = 0, 0
-    if ev.crl:
+    for der in ([ev.crl] if ev.crl else []) + list(ev.crls):
         try:
-            c = x509.load_der_x509_crl(ev.crl)
+            c = x509.load_der_x509_crl(der)
             if c.issuer != cert.subject or not c.is_signature_valid(pub):  # type: ignore[arg-type]
                 raise ValueError("not this CA's")
-            number = c.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+            number = max(number, c.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
             for r in c:
                 try:
                     reason = _REASONS.get(r.extensions.get_extension_for_class(x509.CRLReason).value.reason)
                 except x509.ExtensionNotFound:
                     reason = None
-                revoked[r.serial_number] = (int(r.revocation_date_utc.timestamp()), reason)
+                revoked.setdefault(r.serial_number, (int(r.revocation_date_utc.timestamp()), reason))
                 issued.add(r.serial_number)
         except Exception:  # noqa: BLE001 - a damaged or foreign CRL is no evidence
             refused += 1
-            number = 0
     for der in ev.responses:
         try:
             resp = ocsp.load_der_ocsp_response(der)
@@ -186,7 +187,7 @@ def reconcile(store: Store, home: str, actor: str) -> list[str]:
         db.audit(actor, "restore", "cmdb", "ok",
                  f"backup sha256={m.backup_sha256} created={m.backup_created} audit_seq={m.backup_audit_seq} "
                  f"(chain resumes at {head + 1}); {gap}{'; older backup confirmed by a quorum' if m.older_confirmed else ''}; "
-                 + "; ".join(lines))
+                 + "; ".join(lines) + ("; destinations not read: " + ", ".join(m.unread) if m.unread else ""))
     os.replace(path, os.path.join(home, f"restore-done-{now}.json"))  # after the commit: a crash before it redoes the above
     _log("restore reconciled: " + "; ".join(lines))
     return need_crl

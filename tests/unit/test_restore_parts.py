@@ -139,3 +139,28 @@ def test_published_evidence_counts_only_what_the_ca_signed():
     assert (number, revoked, issued, refused) == (0, {}, set(), 1)  # a forged CRL #99 moves nothing
     number, revoked, issued, refused = FR.published(der, FR.Evidence(crl=b"\x30\x03junk", responses=[b"", b"\x30\x00", b"x" * 100]))
     assert (number, revoked, issued, refused) == (0, {}, set(), 4)
+
+
+def test_crls_read_back_from_an_http_destination(tmp_path):
+    """The restore reads the CRL each HTTP destination holds (a real HTTP server: tests/servers.py)."""
+    from appliance import config as C
+    from tests.servers import Receiver
+    web = Receiver(tmp_path / "web")
+    try:
+        (tmp_path / "web" / "pub_issuing.crl").write_bytes(b"held CRL bytes")
+        home = tmp_path / "home"
+        home.mkdir()
+        (home / "donjon.toml").write_text(C.DEFAULT_TOML + f"""
+[[distribution.rule]]
+name = "web"
+url = "{web.url}/pub/{{name}}"
+publish = ["crl"]
+cas = ["issuing"]
+""")
+        got, notes = R.fetch_destinations(str(home), ["issuing", "root"])
+        assert got == {"issuing": [b"held CRL bytes"]} and notes == []  # root is not this destination's
+        web.stop()
+        got, notes = R.fetch_destinations(str(home), ["issuing"])
+        assert got == {} and len(notes) == 1 and notes[0].startswith("web: issuing.crl: ")  # unreachable: said so
+    finally:
+        web.stop()
