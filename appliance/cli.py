@@ -1152,7 +1152,8 @@ def backup_verify(file: Annotated[str, typer.Argument(help="A backup made by don
 @app.command()
 def restore(file: Annotated[str, typer.Argument(help="A backup made by donjon backup.")],
             anchor: Annotated[Optional[str], typer.Option(help="A published signed audit head (audit checkpoint --out).")] = None,
-            max_age_days: Annotated[int, typer.Option(help="A backup older than this needs a quorum's confirmation.", min=1)] = 7,
+            max_age_days: Annotated[Optional[int], typer.Option(help="A backup older than this needs a quorum's confirmation "
+                                                                        "(default: cmdb.restore-max-age-days).", min=1)] = None,
             confirm_share: Annotated[list[str], typer.Option(help="An activation PIN share confirming an older backup (repeat).")] = [],  # noqa: B006
             home: Home = "./var", as_json: JsonOut = False) -> None:
     """Restore the CMDB from a backup, the appliance stopped; at the next activation it reconciles with
@@ -1160,10 +1161,12 @@ def restore(file: Annotated[str, typer.Argument(help="A backup made by donjon ba
 
     Example: donjon shutdown --yes; donjon restore /media/donjon/backup.tar --anchor head.json; donjon run
     """
+    from appliance import config as C
     from appliance import restore as R
     try:
-        doc = R.restore(home, file, anchor, max_age_days, list(confirm_share))
-    except R.RestoreError as e:
+        days = max_age_days or C.load(home).cmdb.restore_max_age_days
+        doc = R.restore(home, file, anchor, days, list(confirm_share))
+    except (R.RestoreError, C.ConfigError) as e:
         fail(str(e))
     if not emit_json(doc, as_json):
         typer.echo(f"restored {file} (sha256 {doc['sha256']}); the old CMDB is kept as {doc['kept']}. "

@@ -40,6 +40,7 @@ class Hsm(_C):
 class CmdbCfg(_C):
     cipher: Literal["chacha20", "aegis"] = "chacha20"
     standby: bool = False  # ship every commit to HOME/cmdb/standby (a second disk mounted there) before acknowledging
+    restore_max_age_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 7  # donjon restore: older needs a quorum
 
 
 class Endpoint(_C):
@@ -216,6 +217,7 @@ deadline-seconds = 30                         # a CIS that does not answer this 
 [cmdb]
 cipher = "chacha20"                           # chacha20 or aegis (both authenticated)
 standby = false                               # true: every commit also on HOME/cmdb/standby (a second disk) first
+restore-max-age-days = 7                      # donjon restore: an older backup needs a quorum's confirmation
 
 [endpoint]
 base-url = "http://127.0.0.1:8080"            # CRL DP and AIA URLs derive from it

@@ -164,3 +164,20 @@ cas = ["issuing"]
         assert got == {} and len(notes) == 1 and notes[0].startswith("web: issuing.crl: ")  # unreachable: said so
     finally:
         web.stop()
+
+
+def test_an_old_backup_needs_a_quorum(tmp_path):
+    """Refused before anything is read or written: the home is left exactly as it was."""
+    import os
+    old = _tar(tmp_path / "old.tar", GOOD)  # made in 1970
+    home = tmp_path / "home"
+    (home / "cmdb").mkdir(parents=True)
+    (home / "cmdb" / "cmdb.sqlite").write_bytes(b"current")
+    with pytest.raises(R.RestoreError, match=r"days old \(limit 7\).*quorum"):
+        R.restore(str(home), str(old), None, 7, [])
+    from policy import shamir
+    with pytest.raises(R.RestoreError, match="the confirming shares: the shares come from different sets"):
+        R.restore(str(home), str(old), None, 7, shamir.split_pin("1234-pin", 2, 3, os.urandom)[:1] +
+                  shamir.split_pin("other-pin", 2, 3, os.urandom)[1:2])
+    assert sorted(p.name for p in home.rglob("*")) == ["cmdb", "cmdb.sqlite"]
+    assert (home / "cmdb" / "cmdb.sqlite").read_bytes() == b"current"
