@@ -9,6 +9,7 @@ restored one, never a mix. The old folder is kept beside it as `cmdb.pre-restore
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -23,6 +24,7 @@ import msgspec
 
 from appliance import backupfile
 from appliance.ocsp.store import Store as EndpointStore
+from appliance.ocsp.store import StoreError
 from policy import audit as audit_policy
 from policy import shamir
 from policy.errors import PolicyError
@@ -75,30 +77,62 @@ def anchor_seq(path: str) -> int:
         raise RestoreError(f"{path}: not a published audit anchor ({type(e).__name__})") from None
 
 
-def collect_evidence(home: str) -> tuple[dict[str, _Evidence], int]:
-    """Every CA's latest CRL and every pre-signed response the endpoint's stores hold, and their highest seq."""
+@contextlib.contextmanager
+def _as_endpoint_user():
+    """Root reads the endpoint's stores as the endpoint's own user: a link it planted there reaches
+    nothing root alone may read (ARCHITECTURE.md §1: root never follows a link in a role's folder)."""
+    import pwd
+    try:
+        pw = pwd.getpwnam("donjon-ocsp")
+    except KeyError:
+        pw = None
+    if os.geteuid() != 0 or pw is None:  # developer mode: the stores are this user's own
+        yield
+        return
+    os.setegid(pw.pw_gid)
+    os.seteuid(pw.pw_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def collect_evidence(home: str) -> tuple[dict[str, _Evidence], int, list[str]]:
+    """Every CA's latest CRL and every pre-signed response the endpoint's stores hold, their highest seq,
+    and a note per store that could not be read (it is named in the restore's audit record)."""
     found: dict[str, tuple[tuple[int, bytes] | None, dict[int, bytes]]] = {}
     top = 0
-    for entry in sorted(os.listdir(home)):
+    notes: list[str] = []
+    for entry in sorted(os.listdir(home)):  # HOME's own entries are root's
         path = os.path.join(home, entry)
         if not _STORE_DIR.match(entry) or not os.path.isdir(path) or os.path.islink(path):
             continue
-        st = EndpointStore.open(path)
         try:
-            top = max(top, st.max_seq())
-            for name, ca in st.cas.items():
-                crl, responses = found.setdefault(name, (None, {}))
-                if ca.crl is not None and (crl is None or ca.crl_number > crl[0]):
-                    crl = (ca.crl_number, ca.crl)
-                for alg in ("sha256", "sha1"):
-                    for serial in list(ca.index[alg]):
-                        held = st.get(ca, alg, serial)
-                        if held is not None and serial not in responses:
-                            responses[serial] = bytes(held.der)
-                found[name] = (crl, responses)
-        finally:
-            st.close()
-    return {n: _Evidence(crl=c[1] if c else None, responses=list(r.values())) for n, (c, r) in found.items()}, top
+            with _as_endpoint_user():
+                top = max(top, _read_store(path, found))
+        except (OSError, StoreError, ValueError) as e:
+            notes.append(f"endpoint store {entry}: {type(e).__name__}")
+    return {n: _Evidence(crl=c[1] if c else None, responses=list(r.values())) for n, (c, r) in found.items()}, top, notes
+
+
+def _read_store(path: str, found: dict[str, tuple[tuple[int, bytes] | None, dict[int, bytes]]]) -> int:
+    """One endpoint store into `found` (CA -> latest CRL, serial -> response); its highest seq."""
+    st = EndpointStore.open(path)
+    try:
+        for name, ca in st.cas.items():
+            crl, responses = found.setdefault(name, (None, {}))
+            if ca.crl is not None and (crl is None or ca.crl_number > crl[0]):
+                crl = (ca.crl_number, ca.crl)
+            for alg in ("sha256", "sha1"):
+                for serial in list(ca.index[alg]):
+                    held = st.get(ca, alg, serial)
+                    if held is not None and serial not in responses:
+                        responses[serial] = bytes(held.der)
+            found[name] = (crl, responses)
+        return st.max_seq()
+    finally:
+        st.close()
 
 
 MAX_FETCH = 64 << 20  # a CRL read back from a destination (the endpoint caps its own CRLs alike)
@@ -198,8 +232,9 @@ def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confi
             with open(pin_file) as f:
                 if f.read().strip() != pin:
                     raise RestoreError("restore refused: the confirming shares do not give this appliance's PIN")
-    evidence, top = collect_evidence(home)
+    evidence, top, unread = collect_evidence(home)
     fetched, notes = fetch_destinations(home, sorted(evidence))
+    notes = unread + notes
     evidence = {n: msgspec.structs.replace(e, crls=fetched.get(n, [])) for n, e in evidence.items()}
     cmdb = os.path.join(home, "cmdb")
     staging = os.path.join(home, "cmdb.restoring")

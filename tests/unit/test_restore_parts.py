@@ -181,3 +181,29 @@ def test_an_old_backup_needs_a_quorum(tmp_path):
                   shamir.split_pin("other-pin", 2, 3, os.urandom)[1:2])
     assert sorted(p.name for p in home.rglob("*")) == ["cmdb", "cmdb.sqlite"]
     assert (home / "cmdb" / "cmdb.sqlite").read_bytes() == b"current"
+
+
+def test_evidence_is_read_as_the_endpoint_user(tmp_path):
+    """A link the endpoint planted in its store (here: to a root-only file) reaches nothing: root reads
+    the store as donjon-ocsp, the store is named unreadable, and the secret is in no evidence."""
+    import os
+
+    from appliance import privdrop
+    from appliance.roletable import ROLES
+    assert os.geteuid() == 0, "the suite runs as root (CI); this checks root's reading of a role's folder"
+    privdrop.ensure_role_users(ROLES)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"\0" * 8 + b"root-only secret")
+    os.chmod(secret, 0o600)
+    home = tmp_path / "home"
+    (home / "ocsp" / "evil").mkdir(parents=True)
+    os.chmod(tmp_path, 0o711)
+    os.chmod(home, 0o711)
+    (home / "ocsp" / "evil" / "crl.bin").symlink_to(secret)
+    import pwd
+    pw = pwd.getpwnam("donjon-ocsp")
+    for d in (home / "ocsp", home / "ocsp" / "evil"):
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+    evidence, top, notes = R.collect_evidence(str(home))
+    assert notes == ["endpoint store ocsp: PermissionError"] and evidence == {} and top == 0
+    assert os.geteuid() == 0 and os.getegid() == 0  # root again afterwards
