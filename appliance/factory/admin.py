@@ -96,7 +96,8 @@ async def _backup(ctx: Ctx, req: S.ABackup) -> AsyncIterator[bytes]:
 
 async def _keys_backup(ctx: Ctx, req: S.AKeysBackup) -> S.KeysBackupReply:
     from . import keys
-    return await keys.backup(ctx.f.store, ctx.f.cis, req, ctx.actor)
+    cfg = ctx.f.cfg
+    return await keys.backup(ctx.f.store, ctx.f.cis, req, ctx.actor, cfg.dual_approvals, "keys-backup" in cfg.dual_operations)
 
 
 async def _keys_backup_fetch(ctx: Ctx, req: S.AKeysBackupFetch) -> S.KeysBackupReply:

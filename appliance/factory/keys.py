@@ -19,9 +19,15 @@ _ready: dict[int, tuple[float, S.KeysBackupReply]] = {}
 _ids = itertools.count(1)
 
 
-async def backup(store: Store, cis: CisLink, req: S.AKeysBackup, actor: str) -> S.KeysBackupReply:
-    """Wrap the keys (CIS), audit, keep the result for one AKeysBackupFetch; reply without the secrets."""
+async def backup(store: Store, cis: CisLink, req: S.AKeysBackup, actor: str, approvals: int,
+                 guarded: bool) -> S.KeysBackupReply:
+    """Wrap the keys (CIS), audit, keep the result for one AKeysBackupFetch; reply without the secrets.
+    Only under dual control: the output can rebuild every key of the appliance."""
     store.require_active()
+    if approvals < 2 or not guarded:
+        await store.audit(actor, "keys-backup", "token", "refused", "dual control is off for keys-backup")
+        raise FactoryError("policy", "a key backup needs dual control: set [dual-control] approvals = 2 (or more) "
+                                     "with keys-backup among its operations")
     labels = [r[0] for r in await store.run(store.ca_rows)]
     if not labels:
         raise FactoryError("not-found", "no CA to back up")
