@@ -21,6 +21,10 @@ def test_kill_the_primary_during_issuance_and_promote_the_standby(appliance_fact
     a.start()
     standby = a.home / "cmdb" / "standby" / "cmdb.sqlite"
     assert standby.exists() and b"SQLite format 3" not in standby.read_bytes()[:16]  # encrypted like the primary
+    # (this appliance runs without dual control: a key backup, whose output rebuilds every key, is refused)
+    r = a.cli("keys", "backup", "--out-dir", str(tmp_path / "keys"), "--so-pin-file", str(a.home / "softhsm" / "so-pin"),
+              officer="admin", check=False)
+    assert r.returncode == 1 and b"a key backup needs dual control" in r.stderr and not (tmp_path / "keys").exists()
     ders = [x509.load_pem_x509_csr(make_csr(tmp_path, f"s{i}", san=f"DNS:s{i}.example.org").read_bytes()).public_bytes(Encoding.DER)
             for i in range(16)]
     received: list[str] = []
