@@ -683,8 +683,11 @@ def key_backup_blob(doc: dict[str, Any]) -> bytes:
 
 def write_key_backup(doc: dict[str, Any], out_dir: str, with_blob: bool = True) -> tuple[str, list[str]]:
     """The blob to OUT/keys-backup-<sha>.json and share i to OUT/custodian-i/key-share-i.txt (one folder
-    per custodian's medium), each file new (O_EXCL) and fsynced, each share with its own SHA-256."""
+    per custodian's medium) with a printable sheet key-share-i.pdf, each file new (O_EXCL) and fsynced,
+    each share with its own SHA-256."""
     import hashlib
+
+    from appliance.console.pdf import text_pdf
     digest = doc["manifest_sha256"]
     blob_path = os.path.join(out_dir, f"keys-backup-{digest[:16]}.json")
     files: list[tuple[str, bytes]] = [(blob_path, key_backup_blob(doc))] if with_blob else []
@@ -694,10 +697,15 @@ def write_key_backup(doc: dict[str, Any], out_dir: str, with_blob: bool = True) 
                 f"backup: keys-backup-{digest[:16]}.json sha256 {digest}\n"
                 f"share: {text}\n"
                 f"share-sha256: {hashlib.sha256(text.encode()).hexdigest()}\n")
-        files.append((os.path.join(out_dir, f"custodian-{i}", f"key-share-{i}.txt"), body.encode()))
+        folder = os.path.join(out_dir, f"custodian-{i}")
+        files.append((os.path.join(folder, f"key-share-{i}.txt"), body.encode()))
+        sheet = body.splitlines() + ["", "Keep this sheet apart from the other shares and from the backup file.",
+                                     "", "Custodian: ______________________   Date: ____________   Signature: ____________"]
+        files.append((os.path.join(folder, f"key-share-{i}.pdf"), text_pdf(sheet, f"Donjon key share {i} of {n}")))
     for path, _ in files:
         if os.path.lexists(path):
             raise OpError(f"{path} already exists: refusing to overwrite it")
+    # the text files are the shares (the PDF sheets, written beside them, are their printable form)
     written = []
     for path, data in files:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -706,7 +714,8 @@ def write_key_backup(doc: dict[str, Any], out_dir: str, with_blob: bool = True) 
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        written.append(path)
+        if path.endswith(".txt") or path == blob_path:
+            written.append(path)
     return blob_path, written[1:] if with_blob else written
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,10 @@ def _drill(appliance_factory, homes, tmp_path, src_path, forged: bool) -> None:
     made = json.loads(a.cli("keys", "backup", "--out-dir", str(media), "--fetch", str(number), "--json", officer="admin").stdout)
     assert sorted(made["keys"]) == ["donjon-audit", "donjon-cmdb-wrap", "issuing", "root"] and made["threshold"] == 3
     assert len(made["shares"]) == 5 and len({Path(p).parent for p in made["shares"]}) == 5  # one folder (medium) each
+    sheet = subprocess.run(["pdftotext", str(Path(made["shares"][0]).with_suffix(".pdf")), "-"], capture_output=True,
+                           check=True).stdout.decode()  # the printable sheet carries the same share
+    share_line = [ln for ln in Path(made["shares"][0]).read_text().splitlines() if ln.startswith("share: ")][0]
+    assert share_line.split(": ", 1)[1][:40] in sheet.replace("\n", "") and "Custodian:" in sheet
     r = a.cli("keys", "backup", "--out-dir", str(tmp_path / "again"), "--fetch", str(number), check=False, officer="admin")
     assert r.returncode == 1 and b"taken already" in r.stderr  # handed out once
     blob = made["blob"]
