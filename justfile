@@ -60,7 +60,7 @@ lint:
 torture *ARGS:
     DONJON_KILL_CYCLES={{env_var_or_default("DONJON_KILL_CYCLES", "1000")}} {{venv}}/python -m pytest tests/integration/test_crash.py -m slow {{ARGS}}
 
-# Issue 15's long drills: key recovery refusing a forged share, a restore killed -9 at random moments (DONJON_RESTORE_KILLS=N)
+# Issue 15's long drills: key backup as a ceremony step and recovery refusing a forged share; a restore killed -9 at random moments (DONJON_RESTORE_KILLS=N)
 drills *ARGS:
     {{venv}}/python -m pytest tests/integration/test_keybackup.py tests/integration/test_restore.py -m slow {{ARGS}}
 

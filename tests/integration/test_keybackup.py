@@ -67,7 +67,8 @@ def _drill(appliance_factory, homes, tmp_path, src_path, forged: bool) -> None:
     assert all(e["spki_sha256"] is None or len(e["spki_sha256"]) == 64 for e in doc["keys"]) and doc["mac"]
     audit = [json.loads(x) for x in a.cli("audit", "export").stdout.splitlines() if b'"seq"' in x]
     assert [x["outcome"] for x in audit if x.get("action") == "keys-backup"] == ["denied", "ok"]  # the operator, then the backup
-    _ceremony_step(a, tmp_path)
+    if forged:  # the long version also makes the backup as a ceremony step (just drills)
+        _ceremony_step(a, tmp_path)
     assert a.stop() == 0
 
     shutil.rmtree(a.home)  # the disaster: the token and the home are gone
@@ -161,6 +162,7 @@ def test_recovery_drill(appliance_factory, homes, tmp_path, src_path):
 
 @pytest.mark.slow
 def test_recovery_drill_with_a_forged_share(appliance_factory, homes, tmp_path, src_path):
-    """The same drill, plus a share whose data was changed and whose checksums were recomputed: the CIS
-    refuses it after the new home and token were made, and the CLI removes them again."""
+    """The same drill, plus the backup made again as a witnessed ceremony step, and a share whose data
+    was changed and whose checksums were recomputed: the CIS refuses it after the new home and token
+    were made, and the CLI removes them again."""
     _drill(appliance_factory, homes, tmp_path, src_path, forged=True)
