@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,16 @@ def init_home(home: Path, issuing: list[tuple[str, str]], nolint_profile: bool =
         raise BenchError(f"donjon init failed: {r.stderr[-2000:]}")
     if nolint_profile:
         add_nolint_profile(home)
+    listen_on_free_port(home)
+
+
+def listen_on_free_port(home: Path) -> None:
+    """ocsp.listen on a free port of 127.0.0.1: engineers' tests and benchmarks share the machine (and 8080)."""
+    cfg = home / "donjon.toml"
+    text = cfg.read_text()
+    new = re.sub(r'(?m)^listen = "127\.0\.0\.1:8080"', 'listen = "127.0.0.1:0"', text, count=1)
+    if new != text:
+        cfg.write_text(new)
 
 
 def add_nolint_profile(home: Path) -> None:

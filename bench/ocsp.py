@@ -320,6 +320,8 @@ def _set_listen_any_port(home: Path) -> None:
     text = cfg.read_text()
     new = re.sub(r'(?m)^listen = "127\.0\.0\.1:8080"', 'listen = "127.0.0.1:0"', text, count=1)
     new = re.sub(r'(?m)^workers = 1\b', f"workers = {WORKERS}", new, count=1)
+    # nginx's revocation bound (bench.ocsp.nginx_run): the endpoint caps Cache-Control max-age at this.
+    new = re.sub(r'(?m)^max-age = 3600\b', f"max-age = {MAX_AGE}", new, count=1)
     # wrk's connections all come from one address: the per-source limit would cap the 64-connection point.
     new = re.sub(r'(?m)^max-connections-per-source = 64\b', "max-connections-per-source = 1024", new, count=1)
     if new == text:
@@ -713,6 +715,11 @@ def run(work: Path, n: int, big: int, duration: float = 5.0, do_profile: bool = 
             d["endpoint_cpu_seconds"] = common.cpu_seconds(ep_pid) - cpu0
             d["endpoint_rss"] = rss(ep_pid)
             d["endpoint_wall_seconds"] = 2 * len(CONNS) * duration
+        common.log("ocsp: Donjon behind nginx (appliance/ocsp/nginx.conf)")
+        chosen = set(idxs)  # the revocation drill takes a certificate no other measurement asks about
+        spare = bench_serial(next(i for i in range(n) if i not in chosen))
+        d["nginx"] = nginx_run(app, port, ca_der, pairs, post, get, work, ca_pem, duration,
+                               (spare, ocsp_request(ca_der, spare)))
         if do_profile and ep_pid:
             common.log("ocsp: py-spy record on the endpoint during a POST run at 64 connections")
             wrkp = subprocess.Popen(wrk_argv(url, post, 64, duration + 4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -728,7 +735,7 @@ def run(work: Path, n: int, big: int, duration: float = 5.0, do_profile: bool = 
     finally:
         app.stop()
     resp_file = work / "cfssl-responses.b64"
-    exported = export_store_responses(Path(info["home"]), resp_file)
+    exported = export_store_responses(Path(info["home"]), resp_file)  # the revoked one included: cfssl serves it too
     if exported != n:
         raise common.BenchError(f"exported {exported} responses from the endpoint store, expected {n}")
     res["donjon"] = d
@@ -773,12 +780,76 @@ def run(work: Path, n: int, big: int, duration: float = 5.0, do_profile: bool = 
         "rps64_vs_cfssl": rps(dp, 64) / rps(c["post"], 64),
         "rps64_get_vs_cfssl": rps(d["get"], 64) / rps(c["post"], 64),
         "p99_16_ms": dp["16"]["p99_us"] / 1000, "p99_16_get_ms": d["get"]["16"]["p99_us"] / 1000,
+        "nginx_rps64_vs_cfssl": rps(d["nginx"]["post"], 64) / rps(c["post"], 64),
+        "nginx_get_rps64_vs_cfssl": rps(d["nginx"]["get"], 64) / rps(c["post"], 64),
+        "nginx_rps64_vs_openssl_ec": rps(d["nginx"]["post"], 64) / rps(res["openssl"]["p256"]["conns"], 64),
     }
 
     # --- start-up with BIG responses
     res["startup"] = startup(work, big)
     res["seconds"] = time.perf_counter() - t0
     return res
+
+
+MAX_AGE = 5  # ocsp.max-age of the benchmark's appliance: the revocation bound through nginx
+
+
+def nginx_run(app, port: int, ca_der: bytes, pairs: list[tuple[int, bytes]], post: Path, get: Path, work: Path,
+              ca_pem: Path, duration: float, revoke: tuple[int, bytes]) -> dict:
+    """Donjon's endpoint behind Debian's nginx running the shipped cache configuration (2 workers): every
+    distinct request asked once (the cache filled), the answers checked, wrk at each point, then a
+    revocation asked through nginx until it shows, every answer on the way judged."""
+    from tests.servers import Nginx
+
+    ng = Nginx(workers=2)
+    try:
+        ng.start(port)
+        bad = [f"{s:x}: {why}" for s, q in pairs for why in
+               (check_answer(http_post(ng.port, q)[1], ca_der, s), check_answer(http_get(ng.port, get_path(q))[1], ca_der, s))
+               if why]
+        out: dict = {"warm_bad": len(bad), "first_bad": bad[:3],
+                     "sample_post": sample_check(lambda q: http_post(ng.port, q), ca_der, pairs, work, ca_pem, "nginx-post"),
+                     "sample_get": sample_check(lambda q: http_get(ng.port, get_path(q)), ca_der, pairs, work, ca_pem, "nginx-get"),
+                     "post": {}, "get": {}}
+        url = f"http://127.0.0.1:{ng.port}"
+        for c in CONNS:
+            common.log(f"ocsp: wrk nginx+donjon POST, {c} connections")
+            out["post"][str(c)] = run_wrk(url, post, c, duration)
+            common.log(f"ocsp: wrk nginx+donjon GET, {c} connections")
+            out["get"][str(c)] = run_wrk(url, get, c, duration)
+        out["revocation"] = _revocation_through(app, ng.port, ca_der, revoke)
+    finally:
+        ng.stop()
+    return out
+
+
+def _revocation_through(app, port: int, ca_der: bytes, pair: tuple[int, bytes]) -> dict:
+    """Revoke one served serial, then ask nginx (POST and GET) until both say revoked: every answer on the way
+    must be correctly signed, for that serial, fresh, and good or revoked; the time must be within MAX_AGE."""
+    serial, req = pair
+    for q in (lambda: http_post(port, req), lambda: http_get(port, get_path(req))):
+        st, body = q()
+        if st != 200 or check_answer(body, ca_der, serial) is not None:
+            raise common.BenchError(f"nginx: the answer for {serial:x} before revocation is wrong")
+    app.cli("revoke", "--ca", CA, f"{serial:x}", "--reason", "keyCompromise")
+    t0 = time.monotonic()
+    seen: list[str] = []
+    while time.monotonic() - t0 < MAX_AGE + 30:  # bounded; the bound itself is checked below
+        got = set()
+        for q in (lambda: http_post(port, req), lambda: http_get(port, get_path(req))):
+            st, body = q()
+            why = check_answer(body, ca_der, serial) if st == 200 else f"HTTP {st}"
+            if why is not None and why != "status REVOKED":
+                raise common.BenchError(f"nginx served a wrong answer for {serial:x} after its revocation: {why}")
+            got.add("revoked" if why else "good")
+        seen.append("/".join(sorted(got)))
+        if got == {"revoked"}:
+            break
+        time.sleep(0.1)
+    took = time.monotonic() - t0
+    if seen[-1] != "revoked":
+        raise common.BenchError(f"the revocation of {serial:x} never showed through nginx: {seen[-5:]}")
+    return {"seconds": took, "bound_seconds": MAX_AGE, "within_bound": took <= MAX_AGE + 1, "polls": len(seen)}
 
 
 def _wait_cfssl_ok(cf: Cfssl, req: bytes, ca_der: bytes, serial: int, timeout: float = 300) -> float:
@@ -801,7 +872,9 @@ def _wait_cfssl_ok(cf: Cfssl, req: bytes, ca_der: bytes, serial: int, timeout: f
 def table(res: dict) -> str:
     mb = 2 ** 20
     d, o, c = res["donjon"], res["openssl"], res["cfssl"]
-    rows = [("Donjon POST", d["post"]), ("Donjon GET", d["get"]), ("openssl ocsp P-256 POST", o["p256"]["conns"]),
+    rows = [("Donjon POST", d["post"]), ("Donjon GET", d["get"]),
+            ("nginx cache + Donjon POST", d["nginx"]["post"]), ("nginx cache + Donjon GET", d["nginx"]["get"]),
+            ("openssl ocsp P-256 POST", o["p256"]["conns"]),
             ("openssl ocsp RSA-2048 POST", o["rsa2048"]["conns"]), ("cfssl ocspserve POST", c["post"])]
     lines = [f"OCSP serving, {res['certs']:,} certificates, {res['distinct_requests']:,} distinct requests rotated, "
              f"wrk {res['duration_s']:g} s per point (-t min(2,c)); req/s | p50 / p99 ms; errors = non-200 + "
@@ -819,7 +892,15 @@ def table(res: dict) -> str:
                  f"Donjon/openssl(RSA): {ra['rps64_vs_openssl_rsa']:.2f}x; Donjon/cfssl: {ra['rps64_vs_cfssl']:.2f}x "
                  f"(GET {ra['rps64_get_vs_cfssl']:.2f}x) (target >= 0.6x); Donjon p99 at 16: {ra['p99_16_ms']:.2f} ms "
                  f"(GET {ra['p99_16_get_ms']:.2f} ms) (target <= 10 ms)")
-    samp = [("Donjon POST", d["sample_post"]), ("Donjon GET", d["sample_get"]), ("openssl P-256", o["p256"]["sample"]),
+    ng = d["nginx"]
+    rv = ng["revocation"]
+    lines.append(f"nginx cache + Donjon at 64: {ra['nginx_rps64_vs_cfssl']:.2f}x cfssl (GET {ra['nginx_get_rps64_vs_cfssl']:.2f}x), "
+                 f"{ra['nginx_rps64_vs_openssl_ec']:.2f}x openssl(EC) (target >= 1x cfssl); every distinct request "
+                 f"through nginx checked: {2 * len_pairs(res) - ng['warm_bad']}/{2 * len_pairs(res)} right; "
+                 f"a revocation showed through nginx in {rv['seconds']:.1f} s (bound: ocsp.max-age = {rv['bound_seconds']} s), "
+                 f"every answer on the way signed, fresh, good or revoked")
+    samp = [("Donjon POST", d["sample_post"]), ("Donjon GET", d["sample_get"]),
+            ("nginx POST", ng["sample_post"]), ("nginx GET", ng["sample_get"]), ("openssl P-256", o["p256"]["sample"]),
             ("openssl RSA", o["rsa2048"]["sample"]), ("cfssl", c["sample"])]
     lines.append("Answers checked (signature, serial, good): " + "; ".join(
         f"{k} {s['checked'] - s['bad']}/{s['checked']}" for k, s in samp) + "; openssl -respin: " +
@@ -844,6 +925,10 @@ def table(res: dict) -> str:
         lines.append(f"py-spy on the endpoint (POST, 64 connections, {d['profile']['samples']} samples), top self time:")
         lines += [f"  {pct:5.1f}%  {f}" for f, pct in d["profile"]["self"][:10]]
     return "\n".join(lines)
+
+
+def len_pairs(res: dict) -> int:
+    return res["distinct_requests"]
 
 
 def main(argv=None) -> int:

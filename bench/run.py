@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import common, crl, dist, issuance, ocsp, standby
+from bench import common, crl, dist, issuance, ocsp, standby, summary
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -74,6 +74,9 @@ def main(argv=None) -> int:
             results["standby"] = standby.run(work, 300 if a.quick else 1000)
             tables.append(standby.table(results["standby"]))
     results["seconds"] = time.perf_counter() - t0
+    closing = summary.table(results)  # issue 19's rows, from this run
+    if closing:
+        tables.append(closing)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

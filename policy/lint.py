@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
 from policy.profiles import Profile
@@ -20,6 +21,7 @@ def _validators() -> dict[str, Any]:
     from pkilint.cabf import serverauth
     from pkilint.pkix import algorithm, certificate, crl, extension, key, name, ocsp
     from pkilint.pkix.certificate import certificate_extension, certificate_key
+    from policy import lintwalk
 
     pkix_cert = certificate.create_pkix_certificate_validator_container(
         certificate.create_decoding_validators(name.ATTRIBUTE_TYPE_MAPPINGS, extension.EXTENSION_MAPPINGS),
@@ -97,6 +99,11 @@ def _validators() -> dict[str, Any]:
         "pkix_ocsp": pkix_ocsp,
         "chain": (chain_decoders, chain_issuer, chain_subject),
         "serverauth_cache": {},
+        "lintwalk": lintwalk,
+        "pkix_cert_walker": lintwalk.Walker(pkix_cert),
+        "chain_walkers": tuple(lintwalk.Walker(c) for c in (chain_decoders, chain_issuer, chain_subject)),
+        "issuer_cache": {},
+        "issuer_lock": threading.Lock(),
     }
 
 
@@ -142,49 +149,82 @@ def _load(loader_cls, der: bytes, what: str, name: str | None = None, parent=Non
         return None, f"FATAL malformed {what}: {type(e).__name__}"
 
 
-def _serverauth(v: dict[str, Any], der: bytes) -> list[str]:
+def _serverauth_walker(v: dict[str, Any], doc) -> Any:
     serverauth = v["serverauth"]
-    doc, bad = _load(v["loader"].RFC5280CertificateDocumentLoader, der, "certificate")
-    if bad:
-        return [bad]
     cert_type = serverauth.determine_certificate_type(doc)
-    validator = v["serverauth_cache"].get(cert_type)
-    if validator is None:
+    entry = v["serverauth_cache"].get(cert_type)
+    if entry is None:
         validator = v["certificate"].create_pkix_certificate_validator_container(
             serverauth.create_decoding_validators(), serverauth.create_validators(cert_type)
         )
-        v["serverauth_cache"][cert_type] = validator
-    results = validator.validate(doc.root)
-    results, _ = v["finding_filter"].filter_results(serverauth.create_serverauth_finding_filters(cert_type), results)
-    return _findings(results, "cabf-serverauth: ")
+        entry = (v["lintwalk"].Walker(validator), serverauth.create_serverauth_finding_filters(cert_type))
+        v["serverauth_cache"][cert_type] = entry
+    return entry
+
+
+class _Issuer:
+    """One issuer certificate decoded once (its decoders run once) and reused by every chain check of
+    its leaves; `docs` is the pair pkilint's chain validators navigate ("issuer", "subject")."""
+
+    def __init__(self, v: dict[str, Any], der: bytes):
+        self.lock = threading.Lock()
+        self.docs: dict[str, Any] = {}
+        self.doc, self.bad = _load(v["loader"].RFC5280CertificateDocumentLoader, der, "issuer certificate", "issuer", self.docs)
+        self.decoded: list = []
+        if self.doc is not None:
+            self.docs["issuer"] = self.doc
+            self.decoded = v["chain_walkers"][0].validate(self.doc.root)
+
+
+def _issuer(v: dict[str, Any], der: bytes) -> _Issuer:
+    cache = v["issuer_cache"]
+    with v["issuer_lock"]:
+        it = cache.get(der)
+        if it is None:
+            if len(cache) >= 64:  # a handful of CAs per appliance: bounded whatever the caller sends
+                cache.clear()
+            it = cache[der] = _Issuer(v, bytes(der))
+        return it
 
 
 def lint_certificate(der: bytes, profile: Profile, issuer_der: bytes | None = None) -> list[str]:
-    """Lint a certificate (RFC 5280; the CA/B Forum TLS BRs for `cabf` profiles; the issuer link if given)."""
+    """Lint a certificate (RFC 5280; the CA/B Forum TLS BRs for `cabf` profiles; the issuer link if given).
+
+    The certificate is decoded once: the same document feeds the profile's validators and the chain's."""
     v = _validators()
-    doc, bad = _load(v["loader"].RFC5280CertificateDocumentLoader, der, "certificate")
+    issuer = _issuer(v, issuer_der) if issuer_der is not None else None
+    if issuer is None:
+        return _lint_cert_doc(v, der, profile, None)
+    with issuer.lock:  # the chain validators find the subject through the issuer's shared `docs`
+        try:
+            return _lint_cert_doc(v, der, profile, issuer)
+        finally:
+            issuer.docs.pop("subject", None)
+
+
+def _lint_cert_doc(v: dict[str, Any], der: bytes, profile: Profile, issuer: _Issuer | None) -> list[str]:
+    docs = issuer.docs if issuer is not None else None
+    doc, bad = _load(v["loader"].RFC5280CertificateDocumentLoader, der, "certificate",
+                     "subject" if docs is not None else None, docs)
     if bad:
         return [bad]
     if profile.cabf and not profile.ca:
         # The BR validator set includes the RFC 5280 one, and filters the PKIX findings the BRs
         # supersede (e.g. a missing SKI, which RFC 5280 wants and the BRs advise against).
-        findings = _serverauth(v, der)
+        walker, filters = _serverauth_walker(v, doc)
+        results, _ = v["finding_filter"].filter_results(filters, walker.validate(doc.root))
+        findings = _findings(results, "cabf-serverauth: ")
     else:
-        findings = _findings(v["pkix_cert"].validate(doc.root), "pkix: ")
-    if issuer_der is not None:
-        docs: dict[str, Any] = {}
-        cert_loader = v["loader"].RFC5280CertificateDocumentLoader
-        issuer, bad = _load(cert_loader, issuer_der, "issuer certificate", "issuer", docs)
-        if bad:
-            return findings + [bad]
-        docs["issuer"] = issuer
-        subject, bad = _load(cert_loader, der, "certificate", "subject", docs)
-        if bad:
-            return findings + [bad]
-        docs["subject"] = subject
-        decoders, issuer_v, subject_v = v["chain"]
-        results = decoders.validate(issuer.root) + decoders.validate(subject.root)
-        results += issuer_v.validate(issuer.root) + subject_v.validate(subject.root)
+        findings = _findings(v["pkix_cert_walker"].validate(doc.root), "pkix: ")
+    if issuer is not None:
+        if issuer.bad:
+            return findings + [issuer.bad]
+        issuer.docs["subject"] = doc
+        decoders, issuer_v, subject_v = v["chain_walkers"]
+        # The issuer's decoders ran when it was cached (their results are kept and reported each time);
+        # on the subject they find the values the profile's decoders already decoded and add the rest.
+        results = issuer.decoded + decoders.validate(doc.root)
+        results += issuer_v.validate(issuer.doc.root) + subject_v.validate(doc.root)
         findings += _findings(results, "chain: ")
     return findings
 

@@ -1,19 +1,25 @@
 """Real servers the Distribution tests and benchmarks publish to: a throwaway slapd on 127.0.0.1, and a
-small HTTP receiver (Python's http.server) that stores what is PUT/POSTed. Each is started on a free
-port and stopped by pid."""
+small HTTP receiver (Python's http.server) that stores what is PUT/POSTed; Debian's nginx running the
+shipped OCSP cache configuration. Each is started on a free port and stopped by pid."""
 
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+NGINX_SHIPPED = REPO / "appliance" / "ocsp" / "nginx.conf"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 BASE = "dc=example,dc=org"
 ADMIN_DN = f"cn=admin,{BASE}"
 ADMIN_PW = "slapd-test-secret"
@@ -275,3 +281,74 @@ class Receiver:
             self.proc.terminate()
             self.proc.wait(10)
         self.proc.stdout.close()
+
+
+def render(shipped: str, upstream_port: int, port: int, cache_dir: Path) -> str:
+    """The shipped file with its three marked values set (folder, endpoint address, listen address)."""
+    out = shipped.replace("/var/cache/nginx/donjon-ocsp", str(cache_dir))
+    out = out.replace("server 127.0.0.1:8080;", f"server 127.0.0.1:{upstream_port};")
+    out = out.replace("    listen 80;", f"    listen 127.0.0.1:{port};")
+    assert out.count(str(cache_dir)) == 1 and f":{upstream_port};" in out and f":{port};" in out
+    return out
+
+
+class Nginx:
+    """Debian's nginx in the foreground on 127.0.0.1 with the shipped OCSP cache configuration in front of an
+    endpoint port, a prefix folder of its own; stopped by pid."""
+
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = workers
+        self.dir = Path(tempfile.mkdtemp(prefix="donjon-nginx-"))
+        os.chmod(self.dir, 0o755)  # the workers run as nobody when we are root
+        (self.dir / "cache").mkdir()
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, upstream_port: int) -> None:
+        site = render(NGINX_SHIPPED.read_text(), upstream_port, self.port, self.dir / "cache")
+        (self.dir / "site.conf").write_text(site)
+        user = ""
+        if os.geteuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            for p in [self.dir / "cache", *(self.dir / t for t in ("body", "proxy"))]:
+                p.mkdir(exist_ok=True)
+                os.chown(p, nobody.pw_uid, nobody.pw_gid)
+            user = "user nobody nogroup;"
+        d = self.dir
+        (d / "nginx.conf").write_text(f"""{user}
+worker_processes {self.workers};
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    include {d}/site.conf;
+}}
+""")
+        t = subprocess.run([NGINX, "-t", "-p", str(d), "-c", str(d / "nginx.conf")], capture_output=True, timeout=20)
+        assert t.returncode == 0, t.stderr.decode()
+        with open(d / "stderr.log", "wb") as err:
+            self.proc = subprocess.Popen([NGINX, "-p", str(d), "-c", str(d / "nginx.conf")], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=err)
+        for _ in range(100):  # bounded: 10 s
+            with suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return
+            assert self.proc.poll() is None, (d / "stderr.log").read_text()
+            time.sleep(0.1)
+        raise AssertionError("nginx did not listen")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # graceful: the master stops its workers
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+        shutil.rmtree(self.dir, ignore_errors=True)

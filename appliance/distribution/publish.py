@@ -247,9 +247,14 @@ class LdapPublisher:
         dn = self._dn(job)
         if job.action in ("cert", "ca-cert"):
             attr = "userCertificate;binary" if job.action == "cert" else "cACertificate;binary"
-            ok = self._modify(conn, dn, {attr: [(ldap3.MODIFY_ADD, [job.data])]}, ok_codes=(20,))  # 20: value exists
-            if ok == "missing":
-                self._create(conn, dn, job, {attr: [job.data]})
+
+            def add_value() -> None:
+                if self._modify(conn, dn, {attr: [(ldap3.MODIFY_ADD, [job.data])]}, ok_codes=(20,)) == "missing":  # 20: value exists
+                    raise PublishError(f"modify {dn}: the entry went away meanwhile")  # retried, in order
+
+            # A new certificate is most often a new entry: add it first (one round trip, as ldapadd does);
+            # an entry that exists gets the value added instead. The same end state either way.
+            self._create(conn, dn, job, {attr: [job.data]}, exists=add_value)
         elif job.action == "uncert":
             self._modify(conn, dn, {"userCertificate;binary": [(ldap3.MODIFY_DELETE, [job.data])]}, ok_codes=(16, 32))
         elif job.action == "crl":
@@ -290,7 +295,7 @@ class LdapPublisher:
             return "missing"
         raise PublishError(_ldap_error(conn, f"modify {dn}"), permanent=code in (17, 21, 34, 50, 64, 65, 69))
 
-    def _create(self, conn, dn: str, job: Job, attrs: dict[str, list[bytes]]) -> None:
+    def _create(self, conn, dn: str, job: Job, attrs: dict[str, list[bytes]], exists=None) -> None:
         from ldap3.utils.dn import parse_dn
 
         rdns = parse_dn(dn)
@@ -305,9 +310,9 @@ class LdapPublisher:
         for _ in range(2):
             conn.add(dn, attributes=entry)
             code = (conn.result or {}).get("result")
-            if code in (0, 68):  # 68: someone (an earlier attempt) created it: retry the modify path
+            if code in (0, 68):  # 68: it exists (an earlier attempt, another certificate): the modify path
                 if code == 68:
-                    self._do(conn, job)
+                    (exists or (lambda: self._do(conn, job)))()
                 return
             if code != 32:
                 raise PublishError(_ldap_error(conn, f"add {dn}"), permanent=code in (17, 19, 21, 34, 50, 64, 65, 69))
