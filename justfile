@@ -60,6 +60,10 @@ lint:
 torture *ARGS:
     DONJON_KILL_CYCLES={{env_var_or_default("DONJON_KILL_CYCLES", "1000")}} {{venv}}/python -m pytest tests/integration/test_crash.py -m slow {{ARGS}}
 
+# The ACME server judged by real clients: certbot, lego (http-01, tls-alpn-01, dns-01, EAB), uacme (key rollover), dehydrated; about 2 minutes
+acme-clients *ARGS:
+    {{venv}}/python -m pytest tests/integration/test_gateway.py -m slow {{ARGS}}
+
 # Issue 15's long drills: key backup as a ceremony step and recovery refusing a forged share; a restore killed -9 at random moments (DONJON_RESTORE_KILLS=N)
 drills *ARGS:
     {{venv}}/python -m pytest tests/integration/test_keybackup.py tests/integration/test_restore.py -m slow {{ARGS}}

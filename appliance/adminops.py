@@ -732,3 +732,17 @@ def read_share_file(path: str) -> str:
     if not text or hashlib.sha256(text.encode()).hexdigest() != check:
         raise OpError(f"{path}: not a key share, or its SHA-256 does not match (altered or mistyped)")
     return text
+
+
+def acme_eab_add(c: AdminClient, profiles: list[str] | None = None, names: list[str] | None = None) -> dict:
+    """A new ACME EAB key: {"eab": {...}, "hmac_key": base64url} (the key is shown this once)."""
+    return _wrap(c.call, S.AAcmeEabAdd, profiles=tuple(profiles or ()), name_patterns=tuple(names or ()))
+
+
+def acme_eab_list(c: AdminClient) -> list[dict]:
+    return _wrap(c.call, S.AAcmeEabList)["keys"]
+
+
+def acme_eab_revoke(c: AdminClient, kid: str) -> dict:
+    return _wrap(c.call, S.AAcmeEabRevoke, kid=kid)["eab"]
+

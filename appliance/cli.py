@@ -31,6 +31,8 @@ dist_app = typer.Typer(help="Distribution: publication to LDAP and HTTP destinat
 app.add_typer(dist_app, name="dist")
 app.add_typer(officer_app, name="officer")
 app.add_typer(pending_app, name="pending")
+acme_app = typer.Typer(help="The ACME server of the protocol gateway: external account binding (EAB) keys.", no_args_is_help=True)
+app.add_typer(acme_app, name="acme")
 
 Home = Annotated[str, typer.Option("--home", envvar="DONJON_HOME", help="State folder (DONJON_HOME).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -1306,6 +1308,50 @@ def keys_recover(blob: Annotated[str, typer.Option(help="The key backup (keys-ba
 
 def main() -> None:
     app()
+
+
+@acme_app.command("eab-add")
+def acme_eab_add(profile: Annotated[Optional[list[str]], typer.Option("--profile", help="ACME profile it allows (repeat; default: all).")] = None,
+                 name: Annotated[Optional[list[str]], typer.Option("--name", help="Names its account may get: host, *.domain or * (repeat).")] = None,
+                 home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Make an EAB key for one ACME account (shown once). Example: donjon acme eab-add --name '*.example.org'"""
+    try:
+        with client(home) as c:
+            doc = ops.acme_eab_add(c, profile, name)
+    except ClientError as e:
+        fail(str(e))
+    if emit_json(doc, as_json):
+        return
+    typer.echo(f"kid {doc['eab']['kid']}\nhmac-key {doc['hmac_key']}\n(give both to the ACME client, e.g. lego --eab --kid KID --hmac KEY)")
+
+
+@acme_app.command("eab-list")
+def acme_eab_list(home: Home = "./var", as_json: JsonOut = False) -> None:
+    """List EAB keys and the accounts they are bound to. Example: donjon acme eab-list"""
+    try:
+        with client(home) as c:
+            keys = ops.acme_eab_list(c)
+    except ClientError as e:
+        fail(str(e))
+    if emit_json({"keys": keys}, as_json):
+        return
+    lines_or([f"{k['kid']:<18} by {k['created_by'][:30]:<30} profiles {','.join(k.get('profiles', ())) or 'all'}  "
+              f"names {','.join(k.get('name_patterns', ())) or '-'}  account {k.get('account') or '-'}"
+              f"{'  REVOKED' if k.get('revoked_at') else ''}" for k in keys], "no EAB keys")
+
+
+@acme_app.command("eab-revoke")
+def acme_eab_revoke(kid: str, home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Revoke an EAB key: its account gets nothing more. Example: donjon acme eab-revoke KID"""
+    try:
+        with client(home) as c:
+            doc = ops.acme_eab_revoke(c, kid)
+    except ClientError as e:
+        fail(str(e))
+    if emit_json(doc, as_json):
+        return
+    typer.echo(f"EAB key {kid} revoked" + (f" (account {doc['account']})" if doc.get("account") else ""))
+
 
 
 if __name__ == "__main__":  # python -m appliance.cli: the same dispatch as the `donjon` program

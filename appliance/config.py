@@ -137,6 +137,46 @@ class Distribution(_C):
     rule: tuple[DistRuleCfg, ...] = ()
 
 
+class AcmeProfileCfg(_C):
+    """`[[gateway.acme.profile]]`: an ACME profile name offered in the directory and what it maps to."""
+
+    name: str
+    profile: str  # a Donjon profile
+    ca: str
+    description: str = ""
+
+
+class AcmeCfg(_C):
+    eab_required: bool = False  # new accounts need an external account binding (EAB keys: `donjon acme eab-add`)
+    default_profile: str | None = None  # else the first profile
+    profile: tuple[AcmeProfileCfg, ...] = ()
+    name_patterns: tuple[str, ...] = ("*",)  # names any account may get ("*.example.org", "host.example.org", "*")
+    order_lifetime: Annotated[int, msgspec.Meta(ge=60, le=30 * 86400)] = 86400
+    authz_lifetime: Annotated[int, msgspec.Meta(ge=60, le=30 * 86400)] = 86400
+    orders_per_hour: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 300
+    new_accounts_per_hour: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 50
+    max_open_orders: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 100_000
+    resolver: str | None = None  # host:port for dns-01 and validation names (None: the system's)
+    http01_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 80
+    tlsalpn01_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 443
+    renewal_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.33
+
+
+class Gateway(_C):
+    enabled: bool = False
+    listen: str = "127.0.0.1:8443"  # host:port of its HTTPS listener (port 0: any free port)
+    base_url: str | None = None  # https://name:port as clients reach it (default: from listen and the first tls-name)
+    protocols: tuple[Literal["acme", "cmp", "est", "scep"], ...] = ("acme",)
+    tls_names: tuple[str, ...] = ("127.0.0.1",)  # fully qualified names and IPs in its server certificate
+    tls_ca: str | None = None  # the CA issuing that certificate (default: the first CA with tls-server)
+    validation_networks: tuple[str, ...] = ()  # CIDRs validation may reach besides public addresses
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 1024
+    max_connections_per_source: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 64
+    head_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
+    read_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    acme: AcmeCfg = AcmeCfg()
+
+
 class Admin(_C):
     group: str = "donjon-admin"
 
@@ -187,6 +227,7 @@ class Config(_C):
     audit: Audit = Audit()
     activation: Activation = Activation()
     console: Console = Console()
+    gateway: Gateway = Gateway()
     # Per CA, the profiles it may issue: at its creation, what goes into its policy in the token;
     # afterwards the Factory also refuses anything not listed here (it can narrow, never widen).
     ca_profiles: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")],
@@ -309,6 +350,21 @@ lockout-minutes = 15                          # activation refused this long aft
 [console]
 media = "media"                               # removable media (appliance: /media/donjon); relative to DONJON_HOME
 
+[gateway]
+enabled = false                               # the protocol gateway (ACME; CMP, EST, SCEP) over HTTPS
+listen = "127.0.0.1:8443"
+protocols = ["acme"]
+tls-names = ["127.0.0.1"]                     # its server certificate (fully qualified names, IPs) (key in its own token), issued by tls-ca
+# tls-ca = "issuing"
+validation-networks = []                      # CIDRs challenge validation may reach (loopback/private are denied otherwise)
+# [gateway.acme]
+# eab-required = false
+# resolver = "127.0.0.1:5353"                 # dns-01 and validation names through this resolver
+# [[gateway.acme.profile]]
+# name = "classic"
+# profile = "tls-server"
+# ca = "issuing"
+
 # [ca-profiles]                               # per CA, the profiles it may issue (default: a root the CA
 # issuing = ["tls-server", "tls-client"]      # profiles, an issuing CA the others); set at the CA's
                                               # creation in its token policy, and only narrowed here later
@@ -350,7 +406,32 @@ def load(home: str) -> Config:
     if cfg.ocsp.responder_renew_days >= cfg.ocsp.responder_days:  # a renewed responder would be due again at once
         raise ConfigError(f"{path}: [ocsp] responder-renew-days ({cfg.ocsp.responder_renew_days}) must be less than "
                           f"responder-days ({cfg.ocsp.responder_days})")
+    gateway_check(path, cfg)
     return cfg
+
+
+def gateway_check(path: str, cfg: Config) -> None:
+    """What the types cannot say about [gateway]: addresses, networks, profile names."""
+    import ipaddress
+
+    g = cfg.gateway
+    for net in g.validation_networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"{path}: [gateway] validation-networks: {net!r} is not a CIDR network") from None
+    names = [p.name for p in g.acme.profile]
+    for p in g.acme.profile:
+        for k in ("name", "profile", "ca"):
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", getattr(p, k)):
+                raise ConfigError(f"{path}: [[gateway.acme.profile]] {k}: letters, digits, '.', '_' or '-', got {getattr(p, k)!r}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: [[gateway.acme.profile]]: a profile name given twice")
+    if g.acme.default_profile is not None and g.acme.default_profile not in names:
+        raise ConfigError(f"{path}: [gateway.acme] default-profile {g.acme.default_profile!r} is not a [[gateway.acme.profile]]")
+    for pat in g.acme.name_patterns:
+        if not re.fullmatch(r"\*|(\*\.)?[A-Za-z0-9._-]{1,253}", pat):
+            raise ConfigError(f"{path}: [gateway.acme] name-patterns: {pat!r} is not a name, *.name or *")
 
 
 DN_FIELDS = {"CN", "O", "OU", "C", "L", "ST", "UID", "E", "serial", "ca"}

@@ -30,6 +30,8 @@ class Host(Protocol):
     listen: Any  # the endpoint's listening socket (None during the init ceremony: no endpoint then)
     auto_activate: bool  # an AutoActivate follows the Factory's configuration (run with a PIN file)
     snmp_config: S.SnmpConfig | None  # when SNMP is enabled
+    gateway_listen: Any  # the gateway's HTTPS listening socket (None when it does not run)
+    gateway_pin: str | None  # the PIN of the gateway's own token (embedded mode)
 
     @property
     def layout(self) -> Any: ...
@@ -99,8 +101,20 @@ def _factory(h: Host, name: str) -> Launch:
                         dist_rules=[msgspec.structs.replace(r, secret=None) for r in h.dist_rules],
                         dist_max_attempts=cfg.distribution.max_attempts, dist_backoff_max=cfg.distribution.backoff_max,
                         ca_profiles={k: tuple(v) for k, v in cfg.ca_profiles.items()}, auto_activate=h.auto_activate,
-                        cis_deadline_seconds=cfg.hsm.deadline_seconds, **C.officer_settings(cfg)),
+                        cis_deadline_seconds=cfg.hsm.deadline_seconds, **C.officer_settings(cfg), **_gateway_policy(h)),
         rw=(h.layout.cmdb,))
+
+
+def _gateway_policy(h: Host) -> dict:
+    """What the Factory checks again of every gateway enrolment (FactoryConfig fields)."""
+    g = h.cfg.gateway
+    if not g.enabled:
+        return {}
+    pairs = [(p.profile, p.ca) for p in g.acme.profile] if "acme" in g.protocols else []
+    if "acme" in g.protocols and not g.acme.profile:
+        pairs.append(("tls-server", g.tls_ca or ""))
+    return {"gateway_profiles": tuple(dict.fromkeys(pairs)), "gateway_name_patterns": tuple(g.acme.name_patterns),
+            "gateway_tls_names": tuple(g.tls_names)}
 
 
 def _ocsp(h: Host, name: str) -> Launch:
@@ -130,6 +144,38 @@ def _snmp(h: Host, name: str) -> Launch:
     return Launch(h.snmp_config)
 
 
+def _gateway(h: Host, name: str) -> Launch:
+    g = h.cfg.gateway
+    embedded = h.cfg.hsm.embedded and h.gateway_pin is not None
+    conf = os.path.join(h.layout.gateway_token, "softhsm2.conf")
+    host, _, port = g.listen.rpartition(":")
+    bound = h.gateway_listen.getsockname()[1] if h.gateway_listen is not None else port
+    # Clients reach it by the listen address when that is a name of its certificate, else by the first name.
+    lhost = host.strip("[]")
+    shown = lhost if lhost in g.tls_names else g.tls_names[0]
+    base = g.base_url or f"https://{'[' + shown + ']' if ':' in shown else shown}:{bound}"
+    a = g.acme
+    profiles = [S.AcmeProfile(name=p.name, profile=p.profile, ca=p.ca, description=p.description) for p in a.profile] \
+        or [S.AcmeProfile(name="default", profile="tls-server", ca=g.tls_ca, description="TLS server (tls-server)")]
+    acme = S.AcmeSettings(
+        profiles=profiles, default_profile=a.default_profile or profiles[0].name, eab_required=a.eab_required,
+        name_patterns=tuple(a.name_patterns), order_lifetime=a.order_lifetime, authz_lifetime=a.authz_lifetime,
+        orders_per_hour=a.orders_per_hour, new_accounts_per_hour=a.new_accounts_per_hour, max_open_orders=a.max_open_orders,
+        resolver=a.resolver, http01_port=a.http01_port, tlsalpn01_port=a.tlsalpn01_port, renewal_fraction=a.renewal_fraction)
+    # Outbound for validation only: name resolution files when no resolver of its own is configured.
+    resolv = () if a.resolver else ("/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf")
+    return Launch(
+        S.GatewayConfig(store_dir=h.layout.gateway, base_url=base.rstrip("/"), protocols=tuple(g.protocols),
+                        tls_names=tuple(g.tls_names), tls_ca=g.tls_ca, validation_networks=tuple(g.validation_networks),
+                        max_connections=g.max_connections, max_per_source=g.max_connections_per_source,
+                        head_timeout=g.head_timeout, read_timeout=g.read_timeout,
+                        token_module=h.cfg.hsm.module if embedded else None, token_pin=h.gateway_pin if embedded else None,
+                        softhsm_conf=conf if embedded else None, acme=acme if "acme" in g.protocols else None),
+        rw=(h.layout.gateway,) + ((h.layout.gateway_token,) if embedded else ()),
+        ro=((_module_dir(h), "/etc/softhsm") if embedded else ()) + resolv,
+        env=(("SOFTHSM2_CONF", conf),) if embedded else ())
+
+
 ROLES: dict[str, RoleSpec] = {r.name: r for r in (
     RoleSpec("cis", "hsm.cis:main", "donjon-cis", L.SUP_CIS, S.CisConfig, restart="fatal", network="none",
              processes=lambda h: h.cfg.hsm.signers, launch=_cis, feed=L.FACTORY_CIS, stop_order=4),
@@ -143,6 +189,12 @@ ROLES: dict[str, RoleSpec] = {r.name: r for r in (
              launch=_distribution, feed=L.FACTORY_DIST, stop_order=1),
     RoleSpec("snmp", "appliance.snmp.main:run", "donjon-snmp", L.SUP_SNMP, S.SnmpConfig, restart="backoff",
              network="inbound", processes=lambda h: 1 if h.cfg.snmp.enabled else 0, launch=_snmp, own_loop=True, stop_order=2),
+    # Inbound HTTPS (the listener the supervisor opened) and outbound for challenge validation only,
+    # to the networks its configuration allows (checked in the role before every connection).
+    RoleSpec("gateway", "appliance.gateway.main:main", "donjon-gateway", L.SUP_GATEWAY, S.GatewayConfig,
+             restart="backoff", network="outbound",
+             processes=lambda h: 1 if h.cfg.gateway.enabled and h.gateway_listen is not None else 0, launch=_gateway,
+             feed=L.FACTORY_GATEWAY, inherits=("gateway-listen",), stop_order=0),
 )}
 
 

@@ -74,6 +74,18 @@ class Layout:
         return os.path.join(self.home, "ocsp-token")
 
     @property
+    def gateway(self) -> str:
+        return os.path.join(self.home, "gateway")
+
+    @property
+    def gateway_token(self) -> str:
+        return os.path.join(self.home, "gateway-token")
+
+    @property
+    def gateway_file(self) -> str:
+        return os.path.join(self.run, "gateway")
+
+    @property
     def endpoint_file(self) -> str:
         return os.path.join(self.run, "endpoint")
 
@@ -147,6 +159,9 @@ class Supervisor:
         self.ocsp_pin: str | None = None
         self._disk_low = False
         self.listen: socket.socket | None = None
+        self.gateway_listen: socket.socket | None = None
+        self.gateway_pin: str | None = None
+        self.gateway_stats: S.GatewayStats | None = None
         self.dist_rules: list[S.DistRule] = []
         self.auto_activate = False  # the Factory is told an AutoActivate follows (run with a PIN file)
         self.snmp_config: S.SnmpConfig | None = None
@@ -165,6 +180,8 @@ class Supervisor:
         os.makedirs(L.run, mode=0o750, exist_ok=True)
         for name in self._endpoint_names():
             os.makedirs(L.ocsp_store(name), mode=0o700, exist_ok=True)
+        if self.cfg.gateway.enabled:
+            os.makedirs(L.gateway, mode=0o700, exist_ok=True)
         if self.appliance:
             self.ids = privdrop.ensure_role_users(ROLES)  # every role's user, whether it runs now or not
             self.admin_gid = grp.getgrnam(privdrop.ADMIN_GROUP).gr_gid
@@ -176,11 +193,16 @@ class Supervisor:
         try:
             if self.cfg.hsm.embedded and self.cfg.ocsp.enabled:
                 self.ocsp_pin = _ensure_softhsm_token(home_fd, L.ocsp_token, "donjon-ocsp", self.ids.get("ocsp"))
+            if self.cfg.hsm.embedded and self.cfg.gateway.enabled:  # its TLS key, made the endpoint's way
+                self.gateway_pin = _ensure_softhsm_token(home_fd, L.gateway_token, "donjon-gateway", self.ids.get("gateway"))
             if self.appliance:
                 _hand_over(home_fd, "cmdb", self.ids["factory"])
                 for name in self._endpoint_names():
                     _hand_over(home_fd, name, self.ids["ocsp"])
                 _hand_over(home_fd, "ocsp-token", self.ids["ocsp"], must_exist=False)
+                if self.cfg.gateway.enabled:
+                    _hand_over(home_fd, "gateway", self.ids["gateway"])
+                    _hand_over(home_fd, "gateway-token", self.ids["gateway"], must_exist=False)
                 if self.cfg.hsm.embedded:
                     _hand_over(home_fd, "softhsm", self.ids["cis"], must_exist=False)
                 os.chown(L.run, 0, self.admin_gid)
@@ -196,6 +218,9 @@ class Supervisor:
         if ca_pin is not None and self.ocsp_pin is not None and hmac.compare_digest(ca_pin.encode(), self.ocsp_pin.encode()):
             log("the endpoint's token PIN is the CA token's PIN: not handed to the endpoint (no live signing)")
             self.ocsp_pin = None
+        if ca_pin is not None and self.gateway_pin is not None and hmac.compare_digest(ca_pin.encode(), self.gateway_pin.encode()):
+            log("the gateway's token PIN is the CA token's PIN: not handed to the gateway (it does not start)")
+            self.gateway_pin = None
 
     def dist_enabled(self) -> bool:
         """The agent runs when there is something to publish, or CRL-fed tenants may need fetching
@@ -229,6 +254,26 @@ class Supervisor:
         bound = s.getsockname()
         with open(self.layout.endpoint_file, "w", encoding="utf-8") as f:
             f.write(f"http://{'[' + bound[0] + ']' if family == socket.AF_INET6 else bound[0]}:{bound[1]}\n")
+        return s
+
+    def open_gateway_socket(self) -> socket.socket:
+        """The gateway's HTTPS listener: opened here, handed to the gateway role, never read by us."""
+        g = self.cfg.gateway.listen
+        host, _, port = g.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, int(port)))
+            s.listen(1024)
+        except (OSError, ValueError) as e:
+            s.close()
+            why = "the port is already in use" if getattr(e, "errno", None) == errno.EADDRINUSE else (getattr(e, "strerror", None) or str(e))
+            raise SupervisorError(f"cannot listen on {g} (gateway.listen): {why}") from None
+        bound = s.getsockname()
+        with open(self.layout.gateway_file, "w", encoding="utf-8") as f:
+            f.write(f"https://{'[' + bound[0] + ']' if family == socket.AF_INET6 else bound[0]}:{bound[1]}\n")
         return s
 
     def open_admin_socket(self) -> socket.socket:
@@ -268,7 +313,7 @@ class Supervisor:
             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             keep.extend([a, b])
             return a, b
-        inherited = {"admin": admin, "listen": listen}
+        inherited = {"admin": admin, "listen": listen, "gateway-listen": self.gateway_listen}
         roles: dict[str, Role] = {}
         self._sup_ends = {}
         fac_fds: dict[str, int] = {}  # the Factory's ends of every feed: factory-cis, factory-cis.1, factory-ocsp, ...
@@ -323,7 +368,7 @@ class Supervisor:
         try:
             while True:
                 m = await role.chan.recv()
-                if not isinstance(m, (S.Event, S.OcspStats, S.StatusReport, S.ConfigSet)):
+                if not isinstance(m, (S.Event, S.OcspStats, S.StatusReport, S.ConfigSet, S.GatewayStats)):
                     raise ProtocolViolation(f"unexpected {type(m).__name__}")
                 if isinstance(m, S.ConfigSet):
                     if role.kind != "factory":
@@ -332,6 +377,11 @@ class Supervisor:
                     continue
                 if isinstance(m, S.StatusReport):
                     self.factory_status = m
+                    continue
+                if isinstance(m, S.GatewayStats):
+                    if role.kind != "gateway":
+                        raise ProtocolViolation("gateway statistics from another role")
+                    self.gateway_stats = m
                     continue
                 if isinstance(m, S.OcspStats):
                     self._ocsp_stats[role.name] = m
@@ -437,6 +487,8 @@ class Supervisor:
                 await self.roles["factory"].chan.send_fd(S.NewLink(link=spec.feed.name, role=role.name), fac_end.fileno())
             if "listen" in spec.inherits:
                 role.fds["listen"] = self.listen.fileno()
+            if "gateway-listen" in spec.inherits:
+                role.fds["gateway-listen"] = self.gateway_listen.fileno()
             self._sup_ends[role.name] = sup_end
             await self._start(role)
         finally:
@@ -475,7 +527,8 @@ class Supervisor:
             tokens=[S.TokenState(label=k, available=v) for k, v in sorted(self.tokens.items())],
             cas=list(fs.cas) if fs else [], ocsp=self.ocsp_stats,
             oldest_response_age=fs.oldest_response_age if fs else None, destinations=[],
-            audit_records=fs.audit_records if fs else 0, audit_checkpoint=fs.audit_checkpoint if fs else None)
+            audit_records=fs.audit_records if fs else 0, audit_checkpoint=fs.audit_checkpoint if fs else None,
+            gateway=_gateway_counters(self.gateway_stats))
 
     async def watch_deadlines(self) -> None:
         """Every few seconds: push the status to the SNMP agent, and warn once per CRL and CA
@@ -541,6 +594,10 @@ class Supervisor:
         admin = self.open_admin_socket() if not one_job else None
         try:
             listen = self.open_endpoint_socket() if not one_job and self.cfg.ocsp.enabled else None
+            if not one_job and self.cfg.gateway.enabled and self.gateway_pin is not None:  # its token holds its TLS key
+                self.gateway_listen = self.open_gateway_socket()
+            elif not one_job and self.cfg.gateway.enabled:
+                log("the gateway does not start: it needs a token of its own for its TLS key (hsm.embedded = true)")
         except BaseException:  # e.g. the port is taken: leave no admin socket behind that answers nothing
             if admin is not None:
                 admin.close()
@@ -605,6 +662,8 @@ class Supervisor:
                     r.proc.kill()
             if self.listen is not None:
                 self.listen.close()
+            if self.gateway_listen is not None:
+                self.gateway_listen.close()
             if not one_job:
                 try:
                     os.unlink(self.layout.admin_socket)
@@ -635,6 +694,12 @@ class Supervisor:
 def subprocess_devnull() -> int:
     import subprocess
     return subprocess.DEVNULL
+
+
+def _gateway_counters(g: S.GatewayStats | None) -> S.GatewayCounters | None:
+    if g is None:
+        return None
+    return S.GatewayCounters(max(0, g.requests), max(0, g.errors), max(0, g.issued), max(0, g.refused), max(0, g.orders_open))
 
 
 def _sum_stats(all_stats: list[S.OcspStats]) -> S.OcspStats:

@@ -259,6 +259,7 @@ def homes():
 # The files `donjon init` writes that name the state folder itself (SoftHSM2 finds its tokens through them);
 # everything else in a state folder (token objects, CMDB, its wrapped key, PIN files) is position-free.
 PATH_FILES = ("softhsm/softhsm2.conf", "ocsp-token/softhsm2.conf")
+OPTIONAL_PATH_FILES = ("gateway-token/softhsm2.conf",)  # only in homes made with the gateway enabled
 
 
 def copy_home(src: Path, dst: Path) -> None:
@@ -266,7 +267,7 @@ def copy_home(src: Path, dst: Path) -> None:
     folders in appliance mode), and the SoftHSM2 configurations pointed at the copy's own tokens
     (left alone, the copy's CIS would sign with, and write into, the original's token)."""
     subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
-    for rel in PATH_FILES:
+    for rel in PATH_FILES + OPTIONAL_PATH_FILES:
         f = dst / rel
         if f.exists():
             text = f.read_text()

@@ -170,6 +170,11 @@ def _tenant(ctx: Ctx, req) -> Awaitable[dict[str, Any]]:
 
 R = S.Reply
 # The table. A request type missing here is refused to everyone (fail closed), and a test fails.
+async def _eab(ctx: Ctx, req) -> Any:
+    from .gateway import eab_admin  # the gateway's EAB keys live with the rest of its Factory side
+    return await eab_admin(ctx.f.store, ctx.f.audit, ctx.actor, req)
+
+
 TABLE: dict[type, AdminOp] = {
     S.AStatus: AdminOp(PUBLIC, None, lambda c, r: c.f.status(), R),
     S.AActivate: AdminOp(PUBLIC, None, lambda c, r: c.f.activate(r.pin, c.actor), R),
@@ -234,6 +239,9 @@ TABLE: dict[type, AdminOp] = {
     S.AShutdown: AdminOp(ADMIN, None, _shutdown, R),
     # HOME/donjon.toml, written by the supervisor on the Factory's audited request
     S.AConfigSet: AdminOp(ADMIN, None, lambda c, r: c.f.config_set(r.key, r.value, c.actor), R),
+    S.AAcmeEabAdd: AdminOp(ADMIN, None, _eab, S.EabReply),
+    S.AAcmeEabList: AdminOp(ANY, None, _eab, S.EabListReply),
+    S.AAcmeEabRevoke: AdminOp(ADMIN, None, _eab, S.EabReply),
 }
 
 

@@ -287,7 +287,18 @@ _MIGRATIONS[10] = """
         PRIMARY KEY (ca, serial)
     ) WITHOUT ROWID;
     """
-_MIGRATIONS[11] = "SELECT 1"
+# 11, the protocol gateway: EAB keys made by officers (the HMAC key never leaves the CMDB: the Factory
+# checks bindings itself), which certificate each gateway credential obtained (revocation by account),
+# and a small key-value store the gateway may keep here.
+_MIGRATIONS[11] = """
+    CREATE TABLE gateway_eab (kid TEXT PRIMARY KEY, hmac_key BLOB NOT NULL, created_by TEXT NOT NULL,
+        created_at INTEGER NOT NULL, profiles TEXT NOT NULL DEFAULT '', name_patterns TEXT NOT NULL DEFAULT '',
+        account TEXT, bound_at INTEGER, revoked_at INTEGER);
+    CREATE TABLE gateway_issued (ca TEXT NOT NULL, serial BLOB NOT NULL, protocol TEXT NOT NULL,
+        credential TEXT NOT NULL, replaces TEXT, PRIMARY KEY (ca, serial));
+    CREATE INDEX gateway_issued_by ON gateway_issued (credential);
+    CREATE TABLE gateway_state (ns TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, PRIMARY KEY (ns, key));
+    """
 _MIGRATIONS[12] = "SELECT 1"
 _MIGRATIONS[13] = "SELECT 1"
 _MIGRATIONS[14] = "SELECT 1"

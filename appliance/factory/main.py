@@ -16,12 +16,13 @@ from appliance import roles
 from appliance.ceremonyspec import CeremonySpec
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation, Undecodable
-from appliance.ipc.links import FACTORY_CIS, FACTORY_DIST, FACTORY_OCSP
+from appliance.ipc.links import FACTORY_CIS, FACTORY_DIST, FACTORY_GATEWAY, FACTORY_OCSP
 
 from . import admin
 from .checkpoints import Checkpoints
 from .cis_link import CisLink
 from .cmdb import CmdbError
+from .gateway import GatewayHost, GatewayService
 from .officers import Conn, Officers
 from .service import Factory, FactoryError, _log
 
@@ -227,6 +228,7 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
     f: Factory = None  # type: ignore[assignment] - made after the drop, once every CIS link is up
     endpoints: dict[str, trio.CancelScope] = {}
     nursery: list[trio.Nursery] = []  # the skeleton's, once serving
+    gateway: list[GatewayService] = []  # made with the Factory
 
     async def connect() -> None:  # every CIS link is up before Ready
         nonlocal f
@@ -237,6 +239,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         f.sup_send = sup.send
         f.officers = Officers(f)
         f.checkpoints = Checkpoints(f.store, f.cis, cfg.checkpoint_seconds, f.send_event)
+        gateway.append(GatewayService(GatewayHost(f.store, cfg, f.profiles, f.issue, f.issuance.issue_one, f.revoke, f.check_issuer,
+                                                  f.ca_chain, f.audit)))
 
     async def cis_liveness(link: CisLink) -> None:
         state = "responsive" if link.responsive else "unresponsive"
@@ -266,6 +270,26 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
             endpoints["distribution"].cancel()
         endpoints["distribution"] = trio.CancelScope()
         nursery[0].start_soon(serve_distribution, fd, endpoints["distribution"])
+
+    async def serve_gateway(fd: int, scope: trio.CancelScope) -> None:
+        with scope:
+            chan = Channel.from_fd(fd, FACTORY_GATEWAY.name, FACTORY_GATEWAY.up)
+            try:
+                await gateway[0].serve(chan)
+            except LinkClosed:
+                pass  # the gateway stopped (the supervisor restarts it with a new link)
+            except ProtocolViolation as e:
+                _log(f"gateway link: {e}")  # a gateway that sends what it may not is cut off; it is restarted
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                await chan.aclose()
+
+    def start_gateway(fd: int) -> None:
+        if "gateway" in endpoints:
+            endpoints["gateway"].cancel()
+        endpoints["gateway"] = trio.CancelScope()
+        nursery[0].start_soon(serve_gateway, fd, endpoints["gateway"])
 
     async def serve_endpoint(fd: int, role: str, scope: trio.CancelScope) -> None:
         with scope:
@@ -307,6 +331,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         n.start_soon(f.checkpoints.scheduler)
         if FACTORY_DIST.name in fds:
             start_distribution(fds[FACTORY_DIST.name])
+        if FACTORY_GATEWAY.name in fds:
+            start_gateway(fds[FACTORY_GATEWAY.name])
         for key in sorted(k for k in fds if k.split(".")[0] == FACTORY_OCSP.name):
             start_endpoint(fds[key], "ocsp" + key[len(FACTORY_OCSP.name):])  # factory-ocsp.1 -> ocsp.1
         if admin_sock is not None:
@@ -334,6 +360,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
             f.sup_reply(m)
         elif isinstance(m, S.NewLink) and m.link == FACTORY_DIST.name:
             start_distribution(sup.take_fd())
+        elif isinstance(m, S.NewLink) and m.link == FACTORY_GATEWAY.name:
+            start_gateway(sup.take_fd())
         elif isinstance(m, S.NewLink):
             start_endpoint(sup.take_fd(), m.role)
         elif isinstance(m, S.AutoActivate):

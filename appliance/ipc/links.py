@@ -30,10 +30,13 @@ SUP_DIST = LinkSpec("sup-distribution", S.SupToDist, S.DistToSup, 1 * MiB)
 FACTORY_CIS = LinkSpec("factory-cis", S.FactoryToCis, S.CisToFactory, 8 * MiB)
 FACTORY_OCSP = LinkSpec("factory-ocsp", S.FactoryToOcsp, S.OcspToFactory, 16 * MiB)
 FACTORY_DIST = LinkSpec("factory-distribution", S.FactoryToDist, S.DistToFactory, 8 * MiB)
+SUP_GATEWAY = LinkSpec("sup-gateway", S.SupToGateway, S.GatewayToSup, 256 * KiB)
+FACTORY_GATEWAY = LinkSpec("factory-gateway", S.FactoryToGateway, S.GatewayToFactory, 1 * MiB)
 ADMIN = LinkSpec("admin", S.AdminReply, S.AdminRequest, 8 * MiB)  # the Factory's admin socket; clients are the lower end
 
 LINKS: dict[str, LinkSpec] = {k.name: k for k in (SUP_CIS, SUP_FACTORY, SUP_OCSP, SUP_SNMP, SUP_DIST,
-                                                  FACTORY_CIS, FACTORY_OCSP, FACTORY_DIST, ADMIN)}
+                                                  FACTORY_CIS, FACTORY_OCSP, FACTORY_DIST, SUP_GATEWAY, FACTORY_GATEWAY,
+                                                  ADMIN)}
 
 
 def max_frame(link: str) -> int:

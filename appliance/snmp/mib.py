@@ -35,6 +35,9 @@ OCSP_RESPONSES_HELD, OCSP_OLDEST_RESPONSE_AGE = 7, 8
 DESTINATION_ENTRY: OID = OBJECTS + (6, 1)
 DESTINATION_NAME, DESTINATION_BACKLOG, DESTINATION_FAILURE = 2, 3, 4
 
+GATEWAY: OID = OBJECTS + (9,)
+GATEWAY_REQUESTS, GATEWAY_ERRORS, GATEWAY_ISSUED, GATEWAY_REFUSED, GATEWAY_ORDERS_OPEN = 1, 2, 3, 4, 5
+
 AUDIT_RECORDS: OID = OBJECTS + (7, 1)
 AUDIT_CHECKPOINT: OID = OBJECTS + (7, 2)
 
@@ -149,6 +152,12 @@ def instances(st: S.ApplianceStatus | None) -> dict[OID, object]:
         out[DESTINATION_ENTRY + (DESTINATION_NAME, i)] = admin_string(d.name, 64)
         out[DESTINATION_ENTRY + (DESTINATION_BACKLOG, i)] = _g32(d.backlog)
         out[DESTINATION_ENTRY + (DESTINATION_FAILURE, i)] = rfc1902.Integer32(_TRUE if d.failing else _FALSE)
+    if st.gateway is not None:
+        g = st.gateway
+        for col, n in ((GATEWAY_REQUESTS, g.requests), (GATEWAY_ERRORS, g.errors), (GATEWAY_ISSUED, g.issued),
+                       (GATEWAY_REFUSED, g.refused)):
+            out[GATEWAY + (col, 0)] = _c64(n)
+        out[GATEWAY + (GATEWAY_ORDERS_OPEN, 0)] = _g32(g.orders_open)
     out[AUDIT_RECORDS + (0,)] = _c64(st.audit_records)
     if st.audit_checkpoint is not None:
         out[AUDIT_CHECKPOINT + (0,)] = date_and_time(st.audit_checkpoint)

@@ -173,5 +173,5 @@ def test_schema_hash_is_pinned():
 PINNED_SCHEMA_HASHES = {
     2: "c13c81ddadbb16a3220f5182b620e99c973910835a5238461e9c83ecb8f82e98",
     3: "04ab501a300ad2df4e9ea7f3353411ca8c2d6c8e9cfda06261e03e1492de4866",
-    4: "0894a80ed17f2279e8f7c16639a1bdd9452ab5054a8e5620deb36f72e79fecee",
+    4: "f2d82f912c1fe9023e5d949889a35b2dacfe2eb050424969966fd7de720c8ae4",
 }

@@ -42,6 +42,7 @@ def status(issued=10, crl=3, pid=4242, ocsp=True) -> S.ApplianceStatus:
         destinations=[S.DestinationState("ldap", 4, True)],
         audit_records=777,
         audit_checkpoint=1_800_000_000,
+        gateway=S.GatewayCounters(requests=55, errors=1, issued=9, refused=2, orders_open=4),
     )
 
 
@@ -168,6 +169,7 @@ def test_walk_update_credentials_and_traps(tmp_path, snmpenv, trapd):
         assert vals[oid(M.OCSP, M.OCSP_OLDEST_RESPONSE_AGE, 0)] == "Gauge32: 321"
         assert vals[oid(M.DESTINATION_ENTRY, M.DESTINATION_BACKLOG, 1)] == "Gauge32: 4"
         assert vals[oid(M.AUDIT_RECORDS, 0)] == "Counter64: 777"
+        assert vals[oid(M.GATEWAY, M.GATEWAY_ISSUED, 0)] == "Counter64: 9" and vals[oid(M.GATEWAY, M.GATEWAY_REFUSED, 0)] == "Counter64: 2"
         assert oid(M.STATUS_AGE, 0) in vals
 
         # A changed status is served at once.

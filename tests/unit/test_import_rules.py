@@ -24,7 +24,9 @@ FACES = ("appliance.cli", "appliance.adminops", "appliance.client", "appliance.c
 # Who may load a PKCS#11 module: hsm/ (the CIS and the token code), and the endpoint through
 # hsm.token for its own token of delegated responder keys.
 PKCS11_OK = ("hsm",)
-HSM_TOKEN_OK = ("hsm", "appliance.ocsp")
+# The gateway too, for its own token (its TLS key; ARCHITECTURE.md §1: "its TLS/RA/CMP-protection keys in a
+# token of its own"), never the CA token.
+HSM_TOKEN_OK = ("hsm", "appliance.ocsp", "appliance.gateway")
 APSW_OK = ("appliance.factory",)
 
 

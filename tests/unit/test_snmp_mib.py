@@ -74,6 +74,9 @@ def test_python_constants_match_the_mib():
         "donjonDestinationFailure": M.DESTINATION_ENTRY + (M.DESTINATION_FAILURE,),
         "donjonAuditRecords": M.AUDIT_RECORDS, "donjonAuditCheckpoint": M.AUDIT_CHECKPOINT,
         "donjonNotifySubject": M.NOTIFY_SUBJECT, "donjonNotifyDetail": M.NOTIFY_DETAIL,
+        "donjonGatewayRequests": M.GATEWAY + (M.GATEWAY_REQUESTS,), "donjonGatewayErrors": M.GATEWAY + (M.GATEWAY_ERRORS,),
+        "donjonGatewayIssued": M.GATEWAY + (M.GATEWAY_ISSUED,), "donjonGatewayRefused": M.GATEWAY + (M.GATEWAY_REFUSED,),
+        "donjonGatewayOrdersOpen": M.GATEWAY + (M.GATEWAY_ORDERS_OPEN,),
     }
     for name, oid in expect.items():
         assert ids[name] == oid, name
@@ -136,3 +139,12 @@ def test_parse_hostport():
     assert A.parse_hostport("[::1]:1161") == ("::1", 1161)
     with pytest.raises(ValueError):
         A.parse_hostport("localhost")
+
+
+def test_gateway_counters_when_it_reports():
+    base = dict(activated=True, roles=[], tokens=[], cas=[], ocsp=None, oldest_response_age=None, destinations=[],
+                audit_records=0, audit_checkpoint=None)
+    assert not any(k[: len(M.GATEWAY)] == M.GATEWAY for k in M.instances(S.ApplianceStatus(**base)))
+    got = M.instances(S.ApplianceStatus(**base, gateway=S.GatewayCounters(7, 1, 5, 2, 3)))
+    assert [int(got[M.GATEWAY + (c, 0)]) for c in range(1, 6)] == [7, 1, 5, 2, 3]
+

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .tenants import *  # each link module sees the messages of those before it
+from .gateway import *  # each link module sees the messages of those before it
 from .common import _Msg
 
 
@@ -412,6 +412,27 @@ class ACeremonyRecord(_Msg, tag="ceremony-record"):
     operations: Annotated[list[CeremonyOperation], msgspec.Meta(max_length=4096)] = []
 
 
+class AAcmeEabAdd(_Msg, tag="acme-eab-add"):
+    """An ACME external account binding key: the HMAC key is shown once, in the reply."""
+
+    id: ReqId
+    profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=32)] = ()  # ACME profile names it allows (empty: all)
+    name_patterns: Annotated[tuple[Annotated[str, msgspec.Meta(min_length=1, max_length=253,
+                                                                pattern=r"^(\*|(\*\.)?[A-Za-z0-9._-]+)$")], ...],
+                             msgspec.Meta(max_length=64)] = ()  # names its account may get (empty: the gateway's)
+
+
+class AAcmeEabList(_Msg, tag="acme-eab-list"):
+    id: ReqId
+
+
+class AAcmeEabRevoke(_Msg, tag="acme-eab-revoke"):
+    """Revoke an EAB key: its account gets nothing more (the Factory refuses its enrolments)."""
+
+    id: ReqId
+    kid: Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
 AdminRequest = Union[
     Hello, AStatus, AActivate, ACaList, ACaShow, ACaCreate, ACaSignCsr, ACaExport, AIssue,
     ACertShow, ACertList, ARevoke, AUnrevoke, ACrlGenerate, ACrlExport, AAuditExport, AReconcile, AOcspStatus, AOcspResponderCert,
@@ -422,6 +443,7 @@ AdminRequest = Union[
     AOfficerUnlockShares, APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
     ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, ACeremonyBegin, ACeremonyWitness, ACeremonyRecords, AConfigSet,
     AKeysBackup, AKeysBackupFetch,
+    AAcmeEabAdd, AAcmeEabList, AAcmeEabRevoke,
 ]
 
 
@@ -612,8 +634,30 @@ class KeysBackupReply(_Reply, tag="keys-backup-reply"):
     shares: Annotated[list[Annotated[str, msgspec.Meta(max_length=1200)]], msgspec.Meta(max_length=16)] | None = None
 
 
+class EabInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    kid: Annotated[str, msgspec.Meta(max_length=128)]
+    created_by: Text
+    created_at: Epoch
+    profiles: tuple[Name, ...] = ()
+    name_patterns: tuple[Annotated[str, msgspec.Meta(max_length=253)], ...] = ()
+    account: Text | None = None  # the ACME account it is bound to
+    revoked_at: Epoch | None = None
+
+
+class EabReply(_Reply, tag="eab-reply"):
+    id: ReqId
+    eab: EabInfo
+    hmac_key: Annotated[str, msgspec.Meta(max_length=128)] | None = None  # base64url, only when made
+
+
+class EabListReply(_Reply, tag="eab-list-reply"):
+    id: ReqId
+    keys: Annotated[list[EabInfo], msgspec.Meta(max_length=100000)]
+
+
 TypedReply = Union[RevokeReply, UnrevokeReply, CertReply, CertListReply, CaReply, CaListReply, CaExportReply,
-                   CaSignCsrReply, LoginReply, LogoutReply, OfficerReply, OfficerListReply, KeysBackupReply]
+                   CaSignCsrReply, LoginReply, LogoutReply, OfficerReply, OfficerListReply, EabReply, EabListReply,
+                   KeysBackupReply]
 
 
 AdminReply = Union[Hello, Reply, IssueReply, BlobChunk, Refused, TypedReply]

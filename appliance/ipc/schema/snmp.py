@@ -98,6 +98,16 @@ SupToFactory = Union[Hello, FactoryConfig, AutoActivate, Ceremony, Shutdown, Ocs
 FactoryToSup = Union[Hello, Ready, Event, StatusReport, ConfigSet]
 
 
+class GatewayCounters(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    """The protocol gateway's last reported counters (its GatewayStats)."""
+
+    requests: Annotated[int, msgspec.Meta(ge=0)]
+    errors: Annotated[int, msgspec.Meta(ge=0)]
+    issued: Annotated[int, msgspec.Meta(ge=0)]
+    refused: Annotated[int, msgspec.Meta(ge=0)]
+    orders_open: Annotated[int, msgspec.Meta(ge=0)]
+
+
 class ApplianceStatus(_Msg, tag="appliance-status"):
     """A snapshot for the SNMP agent (sent on change and every few seconds)."""
 
@@ -110,6 +120,7 @@ class ApplianceStatus(_Msg, tag="appliance-status"):
     destinations: list[DestinationState]
     audit_records: int
     audit_checkpoint: Epoch | None
+    gateway: GatewayCounters | None = None  # when the gateway runs and has reported
 
 
 NotifyKind = Literal[

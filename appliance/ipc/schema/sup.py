@@ -62,6 +62,11 @@ class FactoryConfig(_Msg, tag="factory-config"):
     ca_profiles: dict[Name, Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)]] = {}
     auto_activate: bool = False  # an AutoActivate follows: admin requests wait for it instead of racing it
     cis_deadline_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0  # a CIS silent this long is unresponsive
+    # The protocol gateway's policy, checked again here for every enrolment it sends: the (profile, CA)
+    # pairs it may ask for ("" : any CA allowed to issue the profile), and the names any account may get.
+    gateway_profiles: tuple[tuple[Name, Annotated[str, msgspec.Meta(max_length=64)]], ...] = ()
+    gateway_name_patterns: tuple[Annotated[str, msgspec.Meta(max_length=253)], ...] = ()
+    gateway_tls_names: tuple[Annotated[str, msgspec.Meta(max_length=253)], ...] = ()  # its own server certificate
     standby: bool = False  # ship every commit to the standby CMDB (HOME/cmdb/standby) before acknowledging
 
 
@@ -74,7 +79,7 @@ class AutoActivate(_Msg, tag="auto-activate"):
 class NewLink(_Msg, tag="new-link"):
     """A restarted role's link, its descriptor attached (SCM_RIGHTS): the receiver drops the old one."""
 
-    link: Literal["factory-ocsp", "factory-distribution"]
+    link: Literal["factory-ocsp", "factory-distribution", "factory-gateway"]
     role: Name = "ocsp"  # which process ("ocsp", "ocsp.1", ..., "distribution")
 
 
