@@ -734,6 +734,38 @@ def read_share_file(path: str) -> str:
     return text
 
 
+# ---------------------------------------------------------------- EST/SCEP enrolment secrets
+
+
+def enrol_secret_create(c: AdminClient, protocol: str, ca: str, profile: str, ttl_seconds: int, uses: int,
+                        ref: str | None, subject: str | None, approval: bool = False) -> dict[str, Any]:
+    if protocol not in ("est", "scep"):
+        raise OpError("protocol must be est or scep")
+    check_name(ca, "CA name")
+    check_name(profile, "profile name")
+    if ref is not None:
+        check_name(ref, "reference")
+    return _wrap(c.call, S.AEnrolSecretCreate, protocol=protocol, ca=ca, profile=profile, ttl_seconds=ttl_seconds,
+                 uses=uses, ref=ref, subject=subject, approval=approval)
+
+
+def enrol_secret_list(c: AdminClient) -> list[dict[str, Any]]:
+    return _wrap(c.call, S.AEnrolSecretList)["secrets"]
+
+
+def enrol_secret_revoke(c: AdminClient, ref: str) -> dict[str, Any]:
+    return _wrap(c.call, S.AEnrolSecretRevoke, ref=check_name(ref, "reference"))
+
+
+def enrol_waiting(c: AdminClient) -> list[dict[str, Any]]:
+    return _wrap(c.call, S.AEnrolWaiting)["requests"]
+
+
+def enrol_decide(c: AdminClient, request: str, approve: bool, reason: str) -> dict[str, Any]:
+    if not request or len(request) > 64:
+        raise OpError("request: the id `donjon enrol-secret waiting` shows")
+    return _wrap(c.call, S.AEnrolDecide, request=request, approve=approve, reason=reason[:500])["requests"][0]
+
 def acme_eab_add(c: AdminClient, profiles: list[str] | None = None, names: list[str] | None = None) -> dict:
     """A new ACME EAB key: {"eab": {...}, "hmac_key": base64url} (the key is shown this once)."""
     return _wrap(c.call, S.AAcmeEabAdd, profiles=tuple(profiles or ()), name_patterns=tuple(names or ()))

@@ -1126,6 +1126,79 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+enrol_app = typer.Typer(help="EST and SCEP enrolment secrets for devices: create, list, revoke.", no_args_is_help=True)
+app.add_typer(enrol_app, name="enrol-secret")
+
+
+@enrol_app.command("create")
+def enrol_secret_create(
+        protocol: Annotated[str, typer.Argument(help="est (an HTTP Basic password) or scep (a one-time challenge password).")],
+        ca: Annotated[str, typer.Option(help="The CA that issues under it.")],
+        profile: Annotated[str, typer.Option(help="The profile it admits (no CA profiles).")],
+        ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 86400,
+        uses: Annotated[int, typer.Option(help="How many enrolments it admits (SCEP: 1).")] = 1,
+        ref: Annotated[Optional[str], typer.Option(help="Reference (the EST user name); made up when absent.")] = None,
+        subject: Annotated[Optional[str], typer.Option(help="Pattern the requested CN must match, e.g. 'router-*'.")] = None,
+        approval: Annotated[bool, typer.Option("--approval", help="Enrolments wait for another officer's decision.")] = False,
+        home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Make a secret for a device; it is shown this once.
+
+    Example: donjon enrol-secret create scep --ca issuing --profile tls-client --ttl 3600
+    """
+    with client(home) as c:
+        doc = op(ops.enrol_secret_create, c, protocol, ca, profile, ttl, uses, ref, subject, approval)
+    if not emit_json(doc, as_json):
+        typer.echo(f"{doc['protocol']} secret {doc['ref']}: {doc['secret']} (CA {doc['ca']}, profile {doc['profile']}, "
+                   f"{doc['uses']} use(s), expires {doc['expires']})")
+
+
+@enrol_app.command("list")
+def enrol_secret_list(home: Home = "./var", as_json: JsonOut = False) -> None:
+    """List enrolment secrets and their state (never the secrets). Example: donjon enrol-secret list"""
+    with client(home) as c:
+        docs = op(ops.enrol_secret_list, c)
+    if as_json:
+        typer.echo(json.dumps(docs, indent=2))
+        return
+    lines_or([f"{d['ref']:<24} {d['protocol']:<5} {d['ca']}/{d['profile']:<20} uses_left={d['uses_left']} {d['state']}"
+              for d in docs], "no enrolment secrets")
+
+
+@enrol_app.command("waiting")
+def enrol_waiting(home: Home = "./var", as_json: JsonOut = False) -> None:
+    """EST/SCEP enrolments waiting for a decision (and recent ones). Example: donjon enrol-secret waiting"""
+    with client(home) as c:
+        docs = op(ops.enrol_waiting, c)
+    if as_json:
+        typer.echo(json.dumps(docs, indent=2))
+        return
+    lines_or([f"{d['request']}  {d['state']:<8} {d['protocol']:<5} {d['ca']}/{d['profile']}  {d['summary']}" for d in docs],
+             "no enrolments waiting")
+
+
+@enrol_app.command("decide")
+def enrol_decide(request: str,
+                 approve: Annotated[bool, typer.Option("--approve/--reject", help="Issue it, or refuse it.")] = ...,
+                 reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")] = "",
+                 home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Approve or reject a waiting enrolment (not one admitted by a secret you made).
+
+    Example: donjon enrol-secret decide 3f2a... --approve
+    """
+    with client(home) as c:
+        doc = op(ops.enrol_decide, c, request, approve, reason)
+    if not emit_json(doc, as_json):
+        typer.echo(f"enrolment {doc['request']}: {doc['state']}" + (f", serial {doc['serial']}" if doc["serial"] else ""))
+
+
+@enrol_app.command("revoke")
+def enrol_secret_revoke(ref: str, home: Home = "./var") -> None:
+    """Make a secret unusable. Example: donjon enrol-secret revoke router-7"""
+    with client(home) as c:
+        op(ops.enrol_secret_revoke, c, ref)
+    typer.echo(f"enrolment secret {ref} revoked")
+
+
 @app.callback()
 def _options(show_version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
                                                         help="Print the version and exit.")] = False) -> None:

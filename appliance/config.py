@@ -162,6 +162,16 @@ class AcmeCfg(_C):
     renewal_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.33
 
 
+class EstScepCfg(_C):
+    """`[gateway.estscep]`: EST and SCEP (enrolment secrets: `donjon enrol-secret create`)."""
+
+    ca: str | None = None  # the CA of /cacerts, GetCACert and the SCEP RA certificates (default: the first issuing CA)
+    est_channel_binding: Literal["off", "optional", "required"] = "optional"  # tls-unique in the CSR (RFC 7030 §3.5)
+    est_key_types: tuple[str, ...] = ("p256", "rsa2048")  # what /csrattrs asks for
+    scep_allow_des: bool = False  # 3DES for old devices (DES itself is never accepted)
+    scep_allow_weak_digest: bool = False  # SHA-1/MD5 signatures for old devices
+
+
 class Gateway(_C):
     enabled: bool = False
     listen: str = "127.0.0.1:8443"  # host:port of its HTTPS listener (port 0: any free port)
@@ -175,6 +185,7 @@ class Gateway(_C):
     head_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
     read_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
     acme: AcmeCfg = AcmeCfg()
+    estscep: EstScepCfg = EstScepCfg()
 
 
 class Admin(_C):

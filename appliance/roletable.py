@@ -170,7 +170,12 @@ def _gateway(h: Host, name: str) -> Launch:
                         max_connections=g.max_connections, max_per_source=g.max_connections_per_source,
                         head_timeout=g.head_timeout, read_timeout=g.read_timeout,
                         token_module=h.cfg.hsm.module if embedded else None, token_pin=h.gateway_pin if embedded else None,
-                        softhsm_conf=conf if embedded else None, acme=acme if "acme" in g.protocols else None),
+                        softhsm_conf=conf if embedded else None, acme=acme if "acme" in g.protocols else None,
+                        estscep=S.EstScepSettings(ca=g.estscep.ca, est_channel_binding=g.estscep.est_channel_binding,
+                                                  est_key_types=tuple(g.estscep.est_key_types),
+                                                  scep_allow_des=g.estscep.scep_allow_des,
+                                                  scep_allow_weak_digest=g.estscep.scep_allow_weak_digest)
+                        if {"est", "scep"} & set(g.protocols) else None),
         rw=(h.layout.gateway,) + ((h.layout.gateway_token,) if embedded else ()),
         ro=((_module_dir(h), "/etc/softhsm") if embedded else ()) + resolv,
         env=(("SOFTHSM2_CONF", conf),) if embedded else ())

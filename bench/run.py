@@ -13,7 +13,9 @@
    backlog (--quick 2,000) after an outage and a restart, beside `ldapadd` loading the same entries.
 5. ACME (bench.acme): complete orders/s at 1, 8, 32 clients, the gateway beside `pebble`, and the
    gateway's memory with 10,000 open orders (--quick 2,000).
-6. Standby CMDB (bench.standby): issuance with [cmdb] standby on and off (group commits, and one commit
+6. EST and SCEP (bench.gateway): enrolments/s at 1 and 16 clients (a scripted EST client; Debian's
+   scepclient), SCEP beside micromdm's scepserver under the same client.
+7. Standby CMDB (bench.standby): issuance with [cmdb] standby on and off (group commits, and one commit
    per certificate), the ratio on/off.
 A readable table goes to stdout, everything measured to bench/out/results.json. Progress goes to stderr.
 """
@@ -28,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import acme, common, crl, dist, issuance, ocsp, standby, summary
+from bench import acme, common, crl, dist, gateway, issuance, ocsp, standby, summary
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -38,9 +40,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="N=300 CSRs, CRLs of 10k and 100k entries")
     ap.add_argument("--n", type=int, help="number of CSRs (default 2000, --quick 300)")
     ap.add_argument("--sizes", help="CRL sizes, comma-separated (default 10000,100000,1000000)")
-    ap.add_argument("--only", choices=["issuance", "crl", "ocsp", "dist", "acme", "standby"], help="run one benchmark only")
+    ap.add_argument("--only", choices=["issuance", "crl", "ocsp", "dist", "acme", "gateway", "standby"], help="run one benchmark only")
     ap.add_argument("--acme-seconds", type=float, help="ACME: seconds per concurrency point (default 10, --quick 5)")
     ap.add_argument("--acme-open", type=int, help="ACME: open orders for the memory figure (default 10000, --quick 2000)")
+    ap.add_argument("--gateway-seconds", type=float, help="EST/SCEP: seconds per concurrency point (default 10, --quick 5)")
     ap.add_argument("--dist-backlog", type=int, help="publication: backlog jobs (default 10000, --quick 2000)")
     ap.add_argument("--ocsp-certs", type=int, help="OCSP: certificates served (default 100000, --quick 10000)")
     ap.add_argument("--ocsp-big", type=int, help="OCSP: responses for the start-up test (default 1000000, --quick 200000)")
@@ -77,6 +80,9 @@ def main(argv=None) -> int:
         if a.only in (None, "acme"):
             results["acme"] = acme.run(work, a.acme_seconds or (5.0 if a.quick else 10.0), a.acme_open or (2000 if a.quick else 10_000))
             tables.append(acme.table(results["acme"]))
+        if a.only in (None, "gateway"):
+            results["gateway"] = gateway.run(work, a.gateway_seconds or (5.0 if a.quick else 10.0))
+            tables.append(gateway.table(results["gateway"]))
         if a.only in (None, "standby"):
             results["standby"] = standby.run(work, 300 if a.quick else 1000)
             tables.append(standby.table(results["standby"]))

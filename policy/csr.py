@@ -320,6 +320,7 @@ _ALLOWED_CSR_EXTENSIONS = (
     x509.KeyUsage,
     x509.ExtendedKeyUsage,
     x509.BasicConstraints,
+    x509.SubjectKeyIdentifier,  # certmonger sends it; ignored (the CIS derives the identifier from the key)
 )
 
 

@@ -168,6 +168,27 @@ def _tenant(ctx: Ctx, req) -> Awaitable[dict[str, Any]]:
     return ctx.f.tenants.admin(req, ctx.actor)
 
 
+async def _enrol_secret(ctx: Ctx, req) -> Any:
+    from .enrolsecrets import EnrolSecrets
+    es = EnrolSecrets(ctx.f.store, ctx.f.profiles)
+    if isinstance(req, S.AEnrolSecretCreate):
+        return await es.create(req.protocol, req.ca, req.profile, req.ttl_seconds, req.uses, req.ref, req.subject, ctx.actor,
+                               req.approval)
+    if isinstance(req, S.AEnrolSecretRevoke):
+        return await es.revoke(req.ref, ctx.actor)
+    return {"secrets": await es.list()}
+
+
+async def _enrol_wait(ctx: Ctx, req) -> Any:
+    gate = ctx.f.estscep
+    if gate is None:
+        raise FactoryError("not-found", "EST/SCEP enrolments wait only when the gateway is enabled")
+    if isinstance(req, S.AEnrolDecide):
+        officer = ctx.conn.session.officer if ctx.conn is not None and ctx.conn.session is not None else ""  # type: ignore[attr-defined]
+        return await gate.decide(req.request, req.approve, req.reason, officer, ctx.actor)
+    return await gate.waiting()
+
+
 R = S.Reply
 # The table. A request type missing here is refused to everyone (fail closed), and a test fails.
 async def _eab(ctx: Ctx, req) -> Any:
@@ -239,6 +260,12 @@ TABLE: dict[type, AdminOp] = {
     S.AShutdown: AdminOp(ADMIN, None, _shutdown, R),
     # HOME/donjon.toml, written by the supervisor on the Factory's audited request
     S.AConfigSet: AdminOp(ADMIN, None, lambda c, r: c.f.config_set(r.key, r.value, c.actor), R),
+    # EST/SCEP enrolment secrets: operators hand them to devices; the Factory spends them (enrolsecrets.py)
+    S.AEnrolSecretCreate: AdminOp(OPER, None, _enrol_secret, S.EnrolSecretReply),
+    S.AEnrolSecretRevoke: AdminOp(OPER, None, _enrol_secret, S.EnrolSecretReply),
+    S.AEnrolSecretList: AdminOp(OPER | AUD, None, _enrol_secret, S.EnrolSecretListReply),
+    S.AEnrolWaiting: AdminOp(OPER | AUD, None, _enrol_wait, S.EnrolWaitReply),
+    S.AEnrolDecide: AdminOp(OPER, None, _enrol_wait, S.EnrolWaitReply, session_bound=True),
     S.AAcmeEabAdd: AdminOp(ADMIN, None, _eab, S.EabReply),
     S.AAcmeEabList: AdminOp(ANY, None, _eab, S.EabListReply),
     S.AAcmeEabRevoke: AdminOp(ADMIN, None, _eab, S.EabReply),

@@ -303,7 +303,41 @@ _MIGRATIONS[12] = "SELECT 1"
 _MIGRATIONS[13] = "SELECT 1"
 _MIGRATIONS[14] = "SELECT 1"
 _MIGRATIONS[15] = "SELECT 1"
-_MIGRATIONS[16] = "SELECT 1"
+# 16: EST and SCEP enrolment secrets made by officers (EST Basic passwords, SCEP challenge passwords):
+# only a digest of each secret is kept; a use is one atomic decrement, audited. Enrolments admitted by a
+# secret marked `approval` wait in enrol_waiting until an officer (not the secret's maker) decides.
+_MIGRATIONS[16] = """
+    CREATE TABLE enrol_secrets (
+        ref TEXT PRIMARY KEY,
+        protocol TEXT NOT NULL CHECK (protocol IN ('est', 'scep')),
+        digest BLOB NOT NULL UNIQUE,
+        ca TEXT NOT NULL,
+        profile TEXT NOT NULL,
+        subject TEXT,
+        uses_left INTEGER NOT NULL CHECK (uses_left >= 0),
+        expires INTEGER NOT NULL,
+        created INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0,
+        approval INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE enrol_waiting (
+        id TEXT PRIMARY KEY,
+        protocol TEXT NOT NULL,
+        credential TEXT NOT NULL,
+        csr_sha256 BLOB NOT NULL,
+        request BLOB NOT NULL,
+        ca TEXT NOT NULL,
+        profile TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('waiting', 'issued', 'rejected')),
+        decided_by TEXT,
+        reason TEXT,
+        cert BLOB
+    );
+    CREATE INDEX enrol_waiting_by_request ON enrol_waiting(credential, csr_sha256);
+    """
 
 
 class CmdbError(Exception):

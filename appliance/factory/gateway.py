@@ -31,6 +31,8 @@ from policy.errors import PolicyError
 
 from .cmdb import serial_bytes, serial_int
 from .errors import FactoryError, _log
+from .gwestscep import EstScepGate
+from .gwestscep import KINDS as ESTSCEP_KINDS
 from .store import Store
 
 TLS_DAYS = 90
@@ -70,6 +72,7 @@ class GatewayService:
     def __init__(self, host: GatewayHost):
         self.h = host
         self.stats = {"issued": 0, "refused": 0}
+        self.estscep = EstScepGate(host, self.issue_admitted)
 
     # ------------------------------------------------------------ the link
 
@@ -118,7 +121,13 @@ class GatewayService:
         if isinstance(msg, S.GwEnroll):
             return await self.enroll(msg)
         if isinstance(msg, S.GwPoll):
-            return S.GwRefused(id=msg.id, code="not-found", reason="no pending request with this id (approval queue not used)")
+            return await self.estscep.poll(msg)  # EST/SCEP enrolments waiting for an officer
+        if isinstance(msg, S.GwChainRequest):
+            return await self.estscep.chain(msg)
+        if isinstance(msg, S.GwRaRequest):
+            return await self.estscep.ra_cert(msg)
+        if isinstance(msg, S.GwFetch):
+            return await self.estscep.fetch(msg)
         if isinstance(msg, S.GwRevoke):
             return await self.revoke(msg)
         if isinstance(msg, S.GwCertStatus):
@@ -190,14 +199,34 @@ class GatewayService:
     async def enroll(self, msg: S.GwEnroll) -> S.GwIssued | S.GwRefused | S.GwPending:
         self.h.store.require_active()
         actor = self._actor(msg.protocol, msg.auth)
+        if msg.auth.kind in ESTSCEP_KINDS:
+            # EST/SCEP credentials (secrets, current certificates) are checked again and spent there; the
+            # CA and profile come from the credential; an officer's approval may be needed first.
+            r = await self.estscep.admit(msg, actor)
+            if not isinstance(r, tuple):
+                return r
+            msg, ca, spent = r
+            refused = gwpolicy.names_refused([(k, v) for k, v in msg.names], tuple(self.h.cfg.gateway_name_patterns))
+            if refused:
+                out = await self._refuse(actor, "issue", ca, msg.id, "rejected-identifier",
+                                         f"names outside the gateway's policy: {', '.join(sorted(refused)[:5])}")
+            else:
+                out = await self.issue_admitted(msg, ca, actor)
+            if isinstance(out, S.GwRefused) and spent is not None:
+                await self.estscep.give_back(spent, actor)
+            return out
         ca, refusal = await self._admitted(msg, actor)
         if refusal is not None:
             return refusal
+        if msg.approval_wait:
+            return await self._refuse(actor, "issue", ca, msg.id, "policy", "approval-wait enrolment is not offered by this Factory")
+        return await self.issue_admitted(msg, ca, actor)
+
+    async def issue_admitted(self, msg: S.GwEnroll, ca: str, actor: str) -> S.GwIssued | S.GwRefused:
+        """Issue an admitted request through the normal pipeline (at once, or at an officer's approval)."""
         profile = self.h.profiles.get(msg.profile)
         if profile is None or profile.kind in profmod.CA_KINDS:
             return await self._refuse(actor, "issue", ca, msg.id, "policy", f"profile {msg.profile!r} is not for the gateway")
-        if msg.approval_wait:
-            return await self._refuse(actor, "issue", ca, msg.id, "policy", "approval-wait enrolment is not offered by this Factory")
         if msg.csr is None:
             return await self._refuse(actor, "issue", ca, msg.id, "bad-request", "an enrolment needs a CSR")
         try:

@@ -46,6 +46,7 @@ class Factory:
         self.signers = signers or [cis]  # every CIS process, for issuance batches
         self.send_event = send_event
         self.profiles = profiles
+        self.estscep = None  # gwestscep.EstScepGate once the gateway link is served: EST/SCEP approvals
         self.store = Store()  # the CMDB: the DB thread, transactions, audit write, named queries
         # Set once the supervisor's AutoActivate (PIN file) is done, when one is coming (cfg.auto_activate).
         self.auto_activation: trio.Event | None = trio.Event() if cfg.auto_activate else None

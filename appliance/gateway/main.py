@@ -50,6 +50,8 @@ class Context:
     background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # tasks to run while serving
     closers: list[Callable[[], None]] = field(default_factory=list)  # on Shutdown
     orders_open: Callable[[], int] = lambda: 0  # for the statistics (SNMP)
+    tls: TlsIdentity | None = None  # its TLS identity (EST asks for client certificates through it)
+    tls_changed: Callable[[], None] = lambda: None  # rebuild the TLS context (new client-certificate anchors)
 
 
 def routes(ctx: Context) -> list[Route]:
@@ -60,8 +62,12 @@ def routes(ctx: Context) -> list[Route]:
         out += acme.routes(ctx, ACME_BODY_CAP)
     else:
         out.append(Route("/acme/", not_implemented("ACME")))
+    if {"est", "scep"} & set(ctx.cfg.protocols) and ctx.cfg.estscep is not None:
+        from . import estscep  # imported here, before the drop
+        out += estscep.routes(ctx)
     for proto, (prefix, cap) in PLACEHOLDERS.items():
-        out.append(Route(prefix, not_implemented(proto.upper()), body_cap=cap))
+        if not any(r.prefix == prefix for r in out):
+            out.append(Route(prefix, not_implemented(proto.upper()), body_cap=cap))
     return out
 
 
@@ -124,10 +130,15 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.GatewayConfig) -> rol
     sock.setblocking(False)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     stats = Stats()
-    ctx = Context(cfg=cfg, factory=FactoryLink(), token=token, net=NetPolicy(cfg.validation_networks), stats=stats)
+    ctx = Context(cfg=cfg, factory=FactoryLink(), token=token, net=NetPolicy(cfg.validation_networks), stats=stats, tls=tls)
     table = routes(ctx)
     server = GatewayServer(HttpConfig(max_connections=cfg.max_connections, read_timeout=cfg.read_timeout,
                                       head_timeout=cfg.head_timeout, max_per_source=cfg.max_per_source), stats, table)
+
+    def tls_changed() -> None:
+        if tls.key_pem is not None:
+            server.ssl_context = tls.context()
+    ctx.tls_changed = tls_changed
 
     async def serve(n: trio.Nursery) -> None:
         ready = trio.Event()

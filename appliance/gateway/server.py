@@ -13,9 +13,24 @@ import trio
 
 from appliance.httpserve import HttpServer, Reply, _Fail, _plain
 
-__all__ = ["GatewayServer", "HttpConfig", "Reply", "Request", "Route", "Stats"]
+__all__ = ["GatewayServer", "HttpConfig", "Reply", "Request", "Route", "Stats", "tls_info"]
 
 _source: contextvars.ContextVar[str] = contextvars.ContextVar("source", default="")
+_tls: contextvars.ContextVar[trio.SSLStream | None] = contextvars.ContextVar("tls", default=None)
+
+
+def tls_info() -> tuple[bytes | None, bytes | None]:
+    """The current connection's verified client certificate (DER) and tls-unique (None on TLS 1.3,
+    which has no tls-unique), for EST's client-certificate authentication and channel binding."""
+    stream = _tls.get()
+    if stream is None:
+        return None, None
+    try:
+        peer = stream.getpeercert(binary_form=True)
+        unique = stream.get_channel_binding("tls-unique") if stream.version() != "TLSv1.3" else None
+    except (ValueError, AttributeError, ssl.SSLError):
+        return None, None
+    return peer or None, unique
 
 
 @dataclass
@@ -99,7 +114,9 @@ class GatewayServer(HttpServer):
     def new_stream(self, conn: socket.socket) -> trio.abc.Stream:
         assert self.ssl_context is not None
         tcp = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
-        return trio.SSLStream(tcp, self.ssl_context, server_side=True, https_compatible=True)
+        tls = trio.SSLStream(tcp, self.ssl_context, server_side=True, https_compatible=True)
+        _tls.set(tls)  # this connection's task: handle() reads it through tls_info()
+        return tls
 
     async def _close(self, stream) -> None:
         """TLS has no half-close: the connection is closed by the caller (close_notify, then the socket)."""

@@ -31,6 +31,7 @@ class TlsIdentity:
         self.chain_pem: bytes | None = None
         self.not_after = 0.0
         self.not_before = 0.0
+        self.client_cas: list[bytes] = []  # DER anchors for client certificates (EST); empty: none asked for
 
     def load(self) -> None:
         """The key and certificate of the last start, if any (before the drop)."""
@@ -102,6 +103,13 @@ class TlsIdentity:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.set_alpn_protocols(["http/1.1"])
+        if self.client_cas:
+            # EST re-enrolment authenticates with the current certificate: asked for, never required
+            # (ACME and first enrolments have none); verified against the EST/SCEP CA's chain.
+            ctx.verify_mode = ssl.CERT_OPTIONAL
+            # As PEM text: with DER, OpenSSL 3 ends the list without an error of its own and Python
+            # then reports whatever error was queued before (it failed once with NO_SUCH_ENGINE).
+            ctx.load_verify_locations(cadata="".join(ssl.DER_cert_to_PEM_cert(c) for c in self.client_cas))
         data = self.chain_pem + self.key_pem
         try:
             fd = os.memfd_create("gateway-tls", os.MFD_CLOEXEC)

@@ -28,8 +28,9 @@ EXPECTED = {
                              "ocsp-tenant-add", "ocsp-tenant-update", "ocsp-tenant-remove", "ocsp-tenant-csr",
                              "acme-eab-add", "acme-eab-revoke"},
     "operator": READ | {"ca-create", "ca-sign-csr", "issue", "revoke", "unrevoke", "crl-generate", "ocsp-responder-cert", "reconcile",
-                        "ca-create-root", "dist-retry", "ocsp-tenant-crl", "ocsp-tenant-serials"},
-    "auditor": READ | {"audit-export", "reconcile", "officer-list"},
+                        "ca-create-root", "dist-retry", "ocsp-tenant-crl", "ocsp-tenant-serials",
+                        "enrol-secret-create", "enrol-secret-revoke", "enrol-secret-list", "enrol-waiting", "enrol-decide"},
+    "auditor": READ | {"audit-export", "reconcile", "officer-list", "enrol-secret-list", "enrol-waiting"},
 }
 # One harmless instance of every non-public admin request (names that do not exist, passwords too short).
 SAMPLES = [
@@ -53,6 +54,8 @@ SAMPLES = [
     S.ACeremonyBegin(id=1, ceremony="m-x"), S.ACeremonyWitness(id=1, ceremony_seq=999999), S.ACeremonyRecords(id=1, ceremony_seq=999999),
     S.AConfigSet(id=1, key="nope", value="x"),
     S.AKeysBackup(id=1, so_pin="not-the-so-pin", threshold=2, shares=2), S.AKeysBackupFetch(id=1, backup=999999),
+    S.AEnrolSecretCreate(id=1, protocol="scep", ca="nope", profile="nope"), S.AEnrolSecretList(id=1),
+    S.AEnrolSecretRevoke(id=1, ref="nope"), S.AEnrolWaiting(id=1), S.AEnrolDecide(id=1, request="nope", approve=False),
     S.AAcmeEabAdd(id=1, profiles=("nope",)), S.AAcmeEabList(id=1), S.AAcmeEabRevoke(id=1, kid="nope"),
 ]
 # Sent only where they must be refused (allowed, they stop the appliance: tests/integration/test_console.py).

@@ -9,6 +9,7 @@ import pytest
 from cryptography import x509
 
 from appliance import adminops as ops
+from appliance.factory import cmdb
 from appliance.factory.cmdb import SCHEMA_VERSION, Cmdb
 from policy import crl as C
 from policy.tenants import CrlRefused, check_crl
@@ -37,11 +38,13 @@ def test_tenant_full_crl_with_remove_from_crl_is_refused_not_half_read():
         check_crl(ca.cert, der, NOW.timestamp())
 
 
-def test_migration_keeps_old_remove_from_crl_rows_revoked_with_exact_lengths(tmp_path):
+def test_migration_keeps_old_remove_from_crl_rows_revoked_with_exact_lengths(tmp_path, monkeypatch):
     """A CMDB written by an older version holds reason-8 rows: after the upgrade they are revoked,
     reason unspecified, with the entry length the encoder now produces, and queued for OCSP."""
     path, key = str(tmp_path / "cmdb"), os.urandom(32)
-    db = Cmdb(path, key, create=True)
+    with monkeypatch.context() as m:  # a real v7 CMDB: the later migrations are not run at creation
+        m.setattr(cmdb, "SCHEMA_VERSION", 7)
+        db = Cmdb(path, key, create=True)
     t = 1_700_000_000
     rows = [(0x1234, 8, None), (0x99AA, 8, t - 86400), (0x77, 1, None)]
     with db.tx():
@@ -53,7 +56,7 @@ def test_migration_keeps_old_remove_from_crl_rows_revoked_with_exact_lengths(tmp
             old_len = C.entry_length(serial, t, 1 if reason == 8 else reason, inv)  # reason 8 was as long as 1
             db.db.execute("INSERT INTO revocations VALUES ('ca', ?, ?, ?, ?, ?)", (sb, t, reason, inv, old_len))
         db.db.execute("DELETE FROM ocsp_queue")
-        db.db.execute("PRAGMA user_version = 7")
+        assert db.db.execute("PRAGMA user_version").fetchone()[0] == 7
     db.close()
     db = Cmdb(path, key)  # runs migration 8
     assert db.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

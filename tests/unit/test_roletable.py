@@ -42,9 +42,10 @@ def test_every_role_entry_is_complete_and_consistent():
         module, _, function = spec.entry.partition(":")
         assert module and function, spec.entry
     assert {r.name for r in ROLES.values() if r.restart == "fatal"} == {"cis", "factory"}
-    assert {r.name for r in ROLES.values() if r.may_open_sockets} == {"distribution"}  # seccomp: socket() for it alone
+    # seccomp: socket() for the two roles that connect out (publication; ACME/CMP validation traffic) alone
+    assert {r.name for r in ROLES.values() if r.may_open_sockets} == {"distribution", "gateway"}
     # Stop order: the Factory's clients first, then the Factory (it closes the CMDB), then the CIS.
-    assert [r.name for r in sorted(ROLES.values(), key=lambda r: r.stop_order)] == ["ocsp", "distribution", "snmp", "factory", "cis"]
+    assert [r.name for r in sorted(ROLES.values(), key=lambda r: r.stop_order)] == ["ocsp", "gateway", "distribution", "snmp", "factory", "cis"]
 
 
 @pytest.fixture
@@ -99,7 +100,7 @@ def test_a_new_role_is_one_table_entry(supervisor, monkeypatch):
     assert got["probe"] == ({"sup-distribution", "factory-distribution"}, ["/nonexistent/probe"], "DistConfig")
     assert "factory-distribution" in got["factory"][0]
     with pytest.raises(ValueError, match="unknown role"):  # no user for a role the table does not have
-        privdrop.ensure_role_users(["gateway"])
+        privdrop.ensure_role_users(["no-such-role"])
 
 
 def test_role_spec_is_frozen():

@@ -412,6 +412,43 @@ class ACeremonyRecord(_Msg, tag="ceremony-record"):
     operations: Annotated[list[CeremonyOperation], msgspec.Meta(max_length=4096)] = []
 
 
+# ---------------------------------------------------------------- EST/SCEP enrolment secrets (officers make them)
+
+
+class AEnrolSecretCreate(_Msg, tag="enrol-secret-create"):
+    """A secret a device presents once (SCEP challenge password) or a few times (EST Basic password)."""
+
+    id: ReqId
+    protocol: Literal["est", "scep"]
+    ca: Name
+    profile: Name
+    ttl_seconds: Annotated[int, msgspec.Meta(ge=60, le=90 * 86400)] = 86400
+    uses: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 1
+    ref: Name | None = None  # the EST user name / the reference the officer hands over; made up when absent
+    subject: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None  # CN pattern it admits
+    approval: bool = False  # enrolments under it wait for another officer's decision (enrol-decide)
+
+
+class AEnrolSecretList(_Msg, tag="enrol-secret-list"):
+    id: ReqId
+
+
+class AEnrolSecretRevoke(_Msg, tag="enrol-secret-revoke"):
+    id: ReqId
+    ref: Name
+
+
+class AEnrolWaiting(_Msg, tag="enrol-waiting"):
+    """Gateway enrolments (EST/SCEP) waiting for an officer's decision."""
+
+    id: ReqId
+
+
+class AEnrolDecide(_Msg, tag="enrol-decide"):
+    id: ReqId
+    request: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    approve: bool
+    reason: Annotated[str, msgspec.Meta(max_length=500)] = ""
 class AAcmeEabAdd(_Msg, tag="acme-eab-add"):
     """An ACME external account binding key: the HMAC key is shown once, in the reply."""
 
@@ -443,6 +480,7 @@ AdminRequest = Union[
     AOfficerUnlockShares, APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
     ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, ACeremonyBegin, ACeremonyWitness, ACeremonyRecords, AConfigSet,
     AKeysBackup, AKeysBackupFetch,
+    AEnrolSecretCreate, AEnrolSecretList, AEnrolSecretRevoke, AEnrolWaiting, AEnrolDecide,
     AAcmeEabAdd, AAcmeEabList, AAcmeEabRevoke,
 ]
 
@@ -634,6 +672,58 @@ class KeysBackupReply(_Reply, tag="keys-backup-reply"):
     shares: Annotated[list[Annotated[str, msgspec.Meta(max_length=1200)]], msgspec.Meta(max_length=16)] | None = None
 
 
+class EnrolSecretReply(_Reply, tag="enrol-secret-reply"):
+    """enrol-secret-create (everything; `secret` shown this once) and -revoke (ref, revoked)."""
+
+    id: ReqId
+    ref: Name
+    protocol: Literal["est", "scep"] | None = None
+    secret: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    ca: Name | None = None
+    profile: Name | None = None
+    expires: int | None = None
+    uses: int | None = None
+    revoked: bool | None = None
+    approval: bool | None = None
+
+
+class EnrolSecretInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    ref: Name
+    protocol: Literal["est", "scep"]
+    ca: Name
+    profile: Name
+    subject: Annotated[str, msgspec.Meta(max_length=128)]
+    uses_left: int
+    expires: int
+    created_by: Annotated[str, msgspec.Meta(max_length=128)]
+    state: Literal["usable", "used", "expired", "revoked"]
+
+
+class EnrolSecretListReply(_Reply, tag="enrol-secret-list-reply"):
+    id: ReqId
+    secrets: Annotated[list[EnrolSecretInfo], msgspec.Meta(max_length=100000)]
+
+
+class EnrolWaitInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    request: Annotated[str, msgspec.Meta(max_length=64)]
+    protocol: Annotated[str, msgspec.Meta(max_length=16)]
+    credential: Annotated[str, msgspec.Meta(max_length=400)]
+    ca: Name
+    profile: Name
+    summary: Annotated[str, msgspec.Meta(max_length=1000)]
+    created: int
+    state: Literal["waiting", "issued", "rejected"]
+    decided_by: Annotated[str, msgspec.Meta(max_length=400)] = ""
+    serial: Annotated[str, msgspec.Meta(max_length=40)] = ""
+
+
+class EnrolWaitReply(_Reply, tag="enrol-wait-reply"):
+    """enrol-waiting (requests) and enrol-decide (the one decided)."""
+
+    id: ReqId
+    requests: Annotated[list[EnrolWaitInfo], msgspec.Meta(max_length=10000)]
+
+
 class EabInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     kid: Annotated[str, msgspec.Meta(max_length=128)]
     created_by: Text
@@ -657,7 +747,7 @@ class EabListReply(_Reply, tag="eab-list-reply"):
 
 TypedReply = Union[RevokeReply, UnrevokeReply, CertReply, CertListReply, CaReply, CaListReply, CaExportReply,
                    CaSignCsrReply, LoginReply, LogoutReply, OfficerReply, OfficerListReply, EabReply, EabListReply,
-                   KeysBackupReply]
+                   KeysBackupReply, EnrolSecretReply, EnrolSecretListReply, EnrolWaitReply]
 
 
 AdminReply = Union[Hello, Reply, IssueReply, BlobChunk, Refused, TypedReply]

@@ -38,6 +38,14 @@ class AcmeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     renewal_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.33  # ARI: the window ends this far before notAfter
 
 
+class EstScepSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    ca: Name | None = None  # the CA of /cacerts, GetCACert and the RA certificates (None: the first issuing CA)
+    est_channel_binding: Literal["off", "optional", "required"] = "optional"  # tls-unique in the CSR (RFC 7030 §3.5)
+    est_key_types: tuple[Annotated[str, msgspec.Meta(max_length=16)], ...] = ("p256", "rsa2048")  # /csrattrs
+    scep_allow_des: bool = False  # 3DES content encryption, for old devices only
+    scep_allow_weak_digest: bool = False  # SHA-1 (and MD5) signatures, for old devices only
+
+
 class GatewayConfig(_Msg, tag="gateway-config"):
     store_dir: Text  # the gateway's own state (ACME accounts, orders, its server certificate)
     base_url: Text  # https://host:port as clients reach the listener
@@ -54,6 +62,7 @@ class GatewayConfig(_Msg, tag="gateway-config"):
     token_pin: Pin | None = None
     softhsm_conf: Text | None = None
     acme: AcmeSettings | None = None
+    estscep: EstScepSettings | None = None
 
 
 class GatewayStats(_Msg, tag="gateway-stats"):
@@ -77,9 +86,14 @@ class GwAuth(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     checks again what it can: that the credential is still valid (an EAB key not revoked, a CMP or
     EST secret it issued) and that the profile and the names are within its policy."""
 
-    kind: Literal["acme-account", "eab", "cmp-mac", "cmp-signature", "est-basic", "est-tls", "scep-challenge", "gateway"]
+    kind: Literal["acme-account", "eab", "cmp-mac", "cmp-signature", "est-basic", "est-tls", "scep-challenge",
+                  "scep-renewal", "gateway"]
     ident: Text  # the account URL, the EAB key id, the CMP sender, ...: what the audit names
     eab_kid: Annotated[str, msgspec.Meta(max_length=128)] | None = None  # the EAB key this account was bound with
+    # EST Basic password / SCEP challenge (est-basic, scep-challenge): the Factory spends it itself
+    secret: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    # the current certificate (est-tls, scep-renewal): the Factory checks it is its own, valid, not revoked
+    cert: Der | None = None
 
 
 class GwEnroll(_Msg, tag="gw-enroll"):
@@ -215,6 +229,44 @@ class GwState(_Msg, tag="gw-state"):
     value: Annotated[bytes, msgspec.Meta(max_length=64 * 1024)] | None
 
 
-GatewayToFactory = Union[Hello, GwEnroll, GwPoll, GwRevoke, GwCertStatus, GwEabCheck, GwTlsRequest, GwStateGet, GwStatePut]
+class GwChainRequest(_Msg, tag="gw-chain-request"):
+    """EST /cacerts, SCEP GetCACert: the chain of the CA EST and SCEP enrol under (None: the first issuing CA)."""
 
-FactoryToGateway = Union[Hello, GwIssued, GwPending, GwRefused, GwRevoked, GwCertInfo, GwEabResult, GwState, Ok]
+    id: ReqId
+    ca: Name | None = None
+
+
+class GwChain(_Msg, tag="gw-chain"):
+    id: ReqId
+    ca: Name
+    chain: Annotated[list[Der], msgspec.Meta(min_length=1, max_length=8)]  # the CA first, up to the root
+
+
+class GwRaRequest(_Msg, tag="gw-ra-request"):
+    """A SCEP RA certificate for a key in the gateway's own token: one for signing, one for decryption."""
+
+    id: ReqId
+    ca: Name | None
+    spki: Der
+    usage: Literal["sign", "decrypt"]
+
+
+class GwFetch(_Msg, tag="gw-fetch"):
+    """SCEP GetCert (a certificate by issuer name and serial) and GetCRL (the issuer's latest CRL)."""
+
+    id: ReqId
+    kind: Literal["cert", "crl"]
+    issuer: Der  # the issuer Name, DER
+    serial: Serial | None = None
+
+
+class GwBlob(_Msg, tag="gw-blob"):
+    id: ReqId
+    der: Annotated[bytes, msgspec.Meta(max_length=1 << 20)]
+
+
+GatewayToFactory = Union[Hello, GwEnroll, GwPoll, GwRevoke, GwCertStatus, GwEabCheck, GwTlsRequest, GwStateGet, GwStatePut,
+                         GwChainRequest, GwRaRequest, GwFetch]
+
+FactoryToGateway = Union[Hello, GwIssued, GwPending, GwRefused, GwRevoked, GwCertInfo, GwEabResult, GwState, Ok,
+                         GwChain, GwBlob]
