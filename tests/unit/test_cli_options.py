@@ -13,7 +13,7 @@ NO_DATA = {
     "audit cert", "audit export", "audit verify", "ca export", "cert export", "crl export", "crl generate",
     "ocsp tenant csr", "ceremony run", "ceremony verify", "config set", "console", "ssh-shell", "init", "run",
     "logout", "shutdown", "officer passwd", "officer remove", "officer unlock", "ocsp tenant remove", "version",
-    "keys recover",
+    "enrol-secret revoke", "keys recover",
 }
 
 
