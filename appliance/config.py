@@ -49,6 +49,10 @@ class Endpoint(_C):
 
 class Crl(_C):
     validity_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 366)] = 168
+    # CRL shards per CA (RFC 5280 issuingDistributionPoint): each certificate's CRL DP names shard
+    # serial mod N, fixed at issuance; a CA not named here has its one full CRL, as before.
+    shards: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")],
+                 Annotated[int, msgspec.Meta(ge=1, le=256)]] = {}
 
 
 class Ocsp(_C):
@@ -646,6 +650,7 @@ SETTINGS = {
     "endpoint.base-url": "the base of CRL DP / OCSP / caIssuers URLs in new certificates",
     "snmp.listen": "the SNMP agent's UDP address (host:port)",
     "crl.validity-hours": "nextUpdate - thisUpdate of new CRLs (hours)",
+    "crl.shards": "per CA, the number of CRL shards (1-256, by serial; fixed once the CA issued): { issuing = 16 }",
     "ocsp.validity-hours": "validity of pre-produced OCSP responses (hours)",
     "console.media": "the removable-media folder of the console",
 }

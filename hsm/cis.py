@@ -50,6 +50,7 @@ class Cis:
         self.token = Token(cfg.module, cfg.token_label)
         self.profiles = profiles.load_profiles(dict(cfg.profiles))
         self.base_url = cfg.base_url.rstrip("/") if cfg.base_url else None
+        self.crl_shards = dict(cfg.crl_shards)  # from the supervisor: the CIS names shards itself
         self._throwaway: dict[str, object] = {}
         self._shadows: dict[bytes, bytes] = {}
         self._crls: dict[int, _CrlState] = {}
@@ -118,6 +119,7 @@ class Cis:
             crl_url=f"{base}/crl/{label}.crl" if base else None,
             ocsp_url=f"{base}/ocsp" if base else None,
             ca_issuers_url=f"{base}/ca/{label}.crt" if base else None,
+            crl_shards=self.crl_shards.get(label, 1),
         )
 
     def ca_policy(self, label: str, cert: x509.Certificate) -> CaPolicy:
@@ -326,9 +328,15 @@ class Cis:
             except ValueError as e:
                 raise PolicyError("issued-serials", "declaration", str(e)) from None
         else:
+            idp = None
+            shards = self.crl_shards.get(m.ca, 1)
+            if m.shard is not None:  # the IDP names exactly the URL the shard's certificates name in their CRL DP
+                if shards == 1 or m.shard >= shards or not self.base_url:
+                    raise PolicyError("crl shard", "partition", f"CA {m.ca} has no CRL shard {m.shard} ({shards} shard(s))")
+                idp = crl.idp_der(crl.shard_url(f"{self.base_url}/crl/{m.ca}.crl", m.shard, shards))
             tbs = crl.TbsCrl(issuer_name_der=cert.subject.public_bytes(), key_type=key.key_type, this_update=m.this_update,
                              next_update=m.next_update, crl_number=m.crl_number, aki_key_id=ski,
-                             entry_count=m.entry_count, entries_length=m.entries_length)
+                             entry_count=m.entry_count, entries_length=m.entries_length, idp_der=idp)
         st = _CrlState(m, tbs, key.key_type, cert)
         self._crls[m.id] = st
         head = tbs.header()
@@ -346,6 +354,10 @@ class Cis:
             prev = e[0]
         st.last_serial = prev
         entries = [(int.from_bytes(s, "big"), t, r, i) for s, t, r, i in m.entries]
+        if st.begin.shard is not None:  # a shard's CRL lists only its own certificates
+            n = self.crl_shards.get(st.begin.ca, 1)
+            if any(e[0] % n != st.begin.shard for e in entries):
+                raise PolicyError("crl entry", "partition", f"an entry outside CRL shard {st.begin.shard}")
         try:
             data = st.tbs.entries(entries)
         except ValueError as e:

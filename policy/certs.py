@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from policy import crl as _crl
 from policy.csr import ATTR_OIDS, check_dns_name, check_names, check_public_key
 from policy.errors import PolicyError
 from policy.profiles import EKU_NAMES, KEY_USAGES, Profile
@@ -62,6 +63,8 @@ class IssuerInfo:
     crl_url: str | None = None
     ocsp_url: str | None = None
     ca_issuers_url: str | None = None
+    crl_shards: int = 1  # >1: the CRL DP names the certificate's shard (policy.crl.shard_url), fixed at issuance
+    delta_crls: bool = False  # a one-shard CA publishing delta CRLs: freshestCRL names the delta's URL
 
 
 @dataclass(frozen=True)
@@ -311,8 +314,12 @@ def build_tbs(spec: IssueSpec, issuer: IssuerInfo | None) -> x509.CertificateBui
     if sans:
         b = b.add_extension(x509.SubjectAlternativeName(_san(sans)), critical=not subject.rdns)
     if profile.crl_dp and issuer is not None and issuer.crl_url:
-        dp = x509.DistributionPoint([x509.UniformResourceIdentifier(issuer.crl_url)], None, None, None)
+        url = _crl.shard_url(issuer.crl_url, _crl.shard_of(spec.serial, issuer.crl_shards), issuer.crl_shards)
+        dp = x509.DistributionPoint([x509.UniformResourceIdentifier(url)], None, None, None)
         b = b.add_extension(x509.CRLDistributionPoints([dp]), critical=False)
+        if issuer.delta_crls and issuer.crl_shards == 1:
+            fresh = x509.DistributionPoint([x509.UniformResourceIdentifier(_crl.delta_url(issuer.crl_url))], None, None, None)
+            b = b.add_extension(x509.FreshestCRL([fresh]), critical=False)
     if profile.aia and issuer is not None:
         ads = []
         if issuer.ocsp_url:

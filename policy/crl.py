@@ -35,6 +35,10 @@ __all__ = [
     "algorithm_identifier",
     "TbsCrl",
     "certificate_list",
+    "shard_of",
+    "shard_url",
+    "idp_der",
+    "delta_url",
 ]
 
 REASONS = {
@@ -164,6 +168,8 @@ _OID_CRL_NUMBER = b"\x06\x03\x55\x1d\x14"
 _OID_AKI = b"\x06\x03\x55\x1d\x23"
 _OID_IDP = b"\x06\x03\x55\x1d\x1c"
 _OID_EXPIRED_CERTS_ON_CRL = b"\x06\x03\x55\x1d\x3c"
+_OID_DELTA_CRL_INDICATOR = b"\x06\x03\x55\x1d\x1b"
+_OID_FRESHEST_CRL = b"\x06\x03\x55\x1d\x2e"
 
 # invalidityDate Extension: SEQUENCE { OID, OCTET STRING { GeneralizedTime(15) } } = 26 octets
 _INV_EXT_PREFIX = b"\x30\x18" + _OID_INVALIDITY + b"\x04\x11\x18\x0f"
@@ -369,6 +375,46 @@ def algorithm_identifier(key_type: str) -> bytes:
         raise ValueError(f"unknown key type {key_type!r}") from None
 
 
+def _uri(url: str) -> bytes:
+    """GeneralName uniformResourceIdentifier [6] IA5String (refused if not ASCII or not a URL)."""
+    if not isinstance(url, str) or not url.isascii() or "://" not in url or len(url) > 2048 or any(c <= " " for c in url):
+        raise ValueError(f"not a URL fit for a distribution point: {url!r}")
+    return _tlv(0x86, url.encode("ascii"))
+
+
+def _dp_name(url: str) -> bytes:
+    """distributionPoint [0] { fullName [0] GeneralNames { URI } } (a tagged CHOICE: explicit)."""
+    return _tlv(0xA0, _tlv(0xA0, _uri(url)))
+
+
+def idp_der(url: str) -> bytes:
+    """issuingDistributionPoint value naming exactly one URL: the scope of a partitioned CRL (RFC 5280 §5.2.5)."""
+    return _tlv(0x30, _dp_name(url))
+
+
+def shard_of(serial: int, shards: int) -> int:
+    """The CRL shard of a certificate, by serial (serials are random: shards fill evenly)."""
+    if type(shards) is not int or not 1 <= shards <= 256:
+        raise ValueError("shards must be 1..256")
+    return serial % shards
+
+
+def shard_url(crl_url: str, shard: int, shards: int) -> str:
+    """The URL of one shard beside the CA's single CRL URL: <ca>.crl becomes <ca>-<k>.crl; unchanged with one shard."""
+    if shards == 1:
+        return crl_url
+    if not 0 <= shard < shards or not crl_url.endswith(".crl"):
+        raise ValueError(f"no shard {shard} of {shards} for {crl_url!r}")
+    return f"{crl_url[:-4]}-{shard}.crl"
+
+
+def delta_url(crl_url: str) -> str:
+    """Where the delta CRL of the CA whose full CRL is at crl_url is published."""
+    if not crl_url.endswith(".crl"):
+        raise ValueError(f"no delta URL for {crl_url!r}")
+    return f"{crl_url[:-4]}-delta.crl"
+
+
 def _extension(oid_tlv: bytes, value: bytes, critical: bool = False) -> bytes:
     return _tlv(0x30, oid_tlv + (b"\x01\x01\xff" if critical else b"") + _tlv(0x04, value))
 
@@ -396,6 +442,8 @@ class TbsCrl:
         entries_length: int,
         idp_der: bytes | None = None,
         expired_certs_on_crl: int | None = None,
+        delta_base: int | None = None,
+        freshest_crl_url: str | None = None,
     ):
         algid = algorithm_identifier(key_type)
         issuer_name_der = bytes(issuer_name_der) if isinstance(issuer_name_der, bytearray) else issuer_name_der
@@ -421,6 +469,12 @@ class TbsCrl:
             _check_single_sequence(idp_der, "idp_der")
         if expired_certs_on_crl is not None and type(expired_certs_on_crl) is not int:
             raise ValueError("expired_certs_on_crl must be an int")
+        if delta_base is not None:
+            # RFC 5280 §5.2.4: the delta's own number comes from the base's sequence, after it
+            if type(delta_base) is not int or not 0 <= delta_base < crl_number:
+                raise ValueError("delta_base must be a CRL number below the delta's own crl_number")
+            if freshest_crl_url is not None:
+                raise ValueError("a delta CRL does not point at a fresher CRL (freshestCRL is for full CRLs)")
 
         self._entry_count = entry_count
         self._entries_length = entries_length
@@ -436,6 +490,10 @@ class TbsCrl:
             exts.append(_extension(_OID_IDP, bytes(idp_der), critical=True))
         if expired_certs_on_crl is not None:
             exts.append(_extension(_OID_EXPIRED_CERTS_ON_CRL, _encode_generalized_time(expired_certs_on_crl)))
+        if delta_base is not None:
+            exts.append(_extension(_OID_DELTA_CRL_INDICATOR, _tlv(0x02, _der_uint(delta_base)), critical=True))
+        if freshest_crl_url is not None:  # CRLDistributionPoints syntax: one DP, fullName, one URI
+            exts.append(_extension(_OID_FRESHEST_CRL, _tlv(0x30, _tlv(0x30, _dp_name(freshest_crl_url)))))
         self._trailer = _tlv(0xA0, _tlv(0x30, b"".join(exts)))
 
         fixed = (

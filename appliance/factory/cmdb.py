@@ -301,7 +301,53 @@ _MIGRATIONS[11] = """
     """
 _MIGRATIONS[12] = "SELECT 1"
 _MIGRATIONS[13] = "SELECT 1"
-_MIGRATIONS[14] = "SELECT 1"
+# 14: CRL shards and delta CRLs (appliance/factory/crlshards.py). A CA's shard count is pinned once
+# (its certificates' CRL DPs name their shard for life); each certificate's shard is kept with it; each
+# shard has its own CRL number sequence; every change to revocations is logged in commit order, so a
+# delta CRL carries exactly what changed since its base (added, changed or removed entries). Re-runnable.
+_MIGRATIONS[14] = """
+    CREATE TABLE IF NOT EXISTS crl_partition(
+        ca TEXT PRIMARY KEY REFERENCES cas(name),
+        shards INTEGER NOT NULL CHECK (shards BETWEEN 1 AND 256)
+    );
+    CREATE TABLE IF NOT EXISTS cert_shards(
+        serial BLOB PRIMARY KEY REFERENCES certs(serial),
+        ca TEXT NOT NULL,
+        shard INTEGER NOT NULL CHECK (shard >= 0)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS cert_shards_ca ON cert_shards(ca, shard, serial);
+    CREATE TABLE IF NOT EXISTS crl_shard_numbers(
+        ca TEXT NOT NULL,
+        shard INTEGER NOT NULL,
+        number INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (ca, shard)
+    );
+    CREATE TABLE IF NOT EXISTS revocation_log(
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        ca TEXT NOT NULL,
+        serial BLOB NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS revocation_log_ca ON revocation_log(ca, seq);
+    -- Only CAs that publish delta CRLs pay for the log (a row per change, pruned once every base has it).
+    CREATE TABLE IF NOT EXISTS crl_delta_cas(ca TEXT PRIMARY KEY REFERENCES cas(name));
+    CREATE TRIGGER IF NOT EXISTS revocation_log_ins AFTER INSERT ON revocations
+        WHEN EXISTS (SELECT 1 FROM crl_delta_cas WHERE ca = new.ca)
+        BEGIN INSERT INTO revocation_log(ca, serial) VALUES (new.ca, new.serial); END;
+    CREATE TRIGGER IF NOT EXISTS revocation_log_upd AFTER UPDATE ON revocations
+        WHEN EXISTS (SELECT 1 FROM crl_delta_cas WHERE ca = new.ca)
+        BEGIN INSERT INTO revocation_log(ca, serial) VALUES (new.ca, new.serial); END;
+    CREATE TRIGGER IF NOT EXISTS revocation_log_del AFTER DELETE ON revocations
+        WHEN EXISTS (SELECT 1 FROM crl_delta_cas WHERE ca = old.ca)
+        BEGIN INSERT INTO revocation_log(ca, serial) VALUES (old.ca, old.serial); END;
+    -- Where each full CRL's snapshot stood in the log: a delta on base N lists what came after it.
+    CREATE TABLE IF NOT EXISTS crl_log_marks(
+        ca TEXT NOT NULL,
+        shard INTEGER NOT NULL,
+        number INTEGER NOT NULL,
+        log_seq INTEGER NOT NULL,
+        PRIMARY KEY (ca, shard, number)
+    );
+    """
 _MIGRATIONS[15] = "SELECT 1"
 # 16: EST and SCEP enrolment secrets made by officers (EST Basic passwords, SCEP challenge passwords):
 # only a digest of each secret is kept; a use is one atomic decrement, audited. Enrolments admitted by a

@@ -14,6 +14,7 @@ from appliance.ipc import schema as S
 
 from .checkpoints import Checkpoints
 from .cis_link import CisLink, CisUnresponsive
+from .crlshards import CrlShards
 from .dist import Dist
 from .errors import FactoryError, _log
 from .issuers import Issuers
@@ -42,9 +43,13 @@ class SignedLists:
         self._wake = trio.Event()
         self._serials_dirty: set[str] = set()
         self._serials_last: dict[str, float] = {}
+        self.shards = CrlShards(store, dict(cfg.crl_shards))
 
-    def cert_issued(self, ca: str) -> None:
-        """DB thread, inside the issuing transaction: the CA's issued-serials list is due (when wanted)."""
+    def cert_issued(self, ca: str, serial: int | None = None) -> None:
+        """DB thread, inside the issuing transaction: the certificate's CRL shard is kept with it, and the
+        CA's issued-serials list is due (when wanted)."""
+        if serial is not None:
+            self.shards.cert_issued(self.store.require_active().db, ca, serial)
         if self.dist.wants_serials(ca):
             self._serials_dirty.add(ca)  # the scheduler is woken by the caller, in the trio thread
 
@@ -64,7 +69,12 @@ class SignedLists:
         """Stream the CA's revocations to the CIS and store the signed CRL. Returns (number, entries, sha256)."""
         lock = self._locks.setdefault(ca, trio.Lock())
         async with lock:
-            return await self._generate_signed_list(ca, actor, "crl")
+            got = await self._generate_signed_list(ca, actor, "crl")
+            # A sharded CA keeps its complete CRL (<ca>.crl, as before) and signs every shard beside it
+            n = await self.store.run(lambda: self.shards.effective(self.store.require_active().db, ca))
+            for k in range(n if n > 1 else 0):
+                await self._generate_signed_list(ca, actor, "crl", shard=k)
+            return got
 
     async def generate_serials_list(self, ca: str, actor: str) -> tuple[int, int, bytes]:
         """Stream every serial the CA issued to the CIS and store the signed issued-serials list. A fresh
@@ -78,7 +88,7 @@ class SignedLists:
                     _log(f"no fresh audit checkpoint for the issued-serials list of {ca}: {e.reason}")
             return await self._generate_signed_list(ca, actor, "issued-serials")
 
-    async def _generate_signed_list(self, ca: str, actor: str, kind: str) -> tuple[int, int, bytes]:
+    async def _generate_signed_list(self, ca: str, actor: str, kind: str, shard: int | None = None) -> tuple[int, int, bytes]:
         """One streaming path for both signed lists: a CRL (revocations) and the issued-serials list
         (every serial in state 'issued'), read from a WAL snapshot, encoded and signed by the CIS."""
         db = self.store.require_active()
@@ -89,14 +99,27 @@ class SignedLists:
         next_update = this_update + self.cfg.crl_validity_hours * 3600
 
         store = self.store
-        number = await store.run(store.next_list_number, ca, kind)
+        sh = self.shards
+        # a shard is stored and numbered as "<ca>-<k>", its own sequence (a refused number stays spent)
+        name = ca if shard is None else f"{ca}-{shard}"
+        if shard is None:
+            number = await store.run(store.next_list_number, ca, kind)
+        else:
+            def take() -> int:
+                with db.tx() as c:
+                    return sh.next_number(c, ca, shard)
+            number = await store.run(take)
 
         def give_back():
             # Nothing was signed under this number: it is reused, so CRL numbers stay without gaps.
-            with db.tx():
-                store.give_back_list_number(ca, kind, number)
+            if shard is None:
+                with db.tx():
+                    store.give_back_list_number(ca, kind, number)
 
-        count, length = await store.read(store.list_snapshot_begin, ca, kind)
+        if shard is None:
+            count, length = await store.read(store.list_snapshot_begin, ca, kind)
+        else:
+            count, length = await store.read(sh.snapshot_begin, ca, shard)
         mid = self.cis.new_id()
         replies = self.cis.open(mid)
         tmp = tempfile.TemporaryFile(dir=self.cfg.home)
@@ -111,10 +134,11 @@ class SignedLists:
                     try:
                         await self.cis.send(S.CrlBegin(id=mid, ca=ca, crl_number=number, this_update=this_update,
                                                        next_update=next_update, entry_count=count, entries_length=length,
-                                                       kind=kind))
+                                                       kind=kind, shard=shard))
                         after = b""
                         while True:
-                            rows = await store.read(store.list_page, ca, kind, after, CRL_CHUNK)
+                            rows = await (store.read(store.list_page, ca, kind, after, CRL_CHUNK) if shard is None else
+                                          store.read(sh.snapshot_page, ca, shard, after, CRL_CHUNK))
                             if not rows:
                                 break
                             after = rows[-1][0]
@@ -144,14 +168,14 @@ class SignedLists:
                         n.cancel_scope.cancel()
                         break
             if late is not None:  # it may yet sign: the number is not given back
-                await self.store.audit(actor, action, f"{ca}#{number}", "failed", f"{late.reason}; number {number} skipped")
+                await self.store.audit(actor, action, f"{name}#{number}", "failed", f"{late.reason}; number {number} skipped")
                 raise FactoryError(late.code, late.reason)
             if refused is not None:
                 await self.store.run(give_back)
                 what = "CRL" if crl else "issued-serials list"
-                await self.store.audit(actor, action, f"{ca}#{number}", "refused", f"{refused.code}: {refused.reason}; number {number} not used")
+                await self.store.audit(actor, action, f"{name}#{number}", "refused", f"{refused.code}: {refused.reason}; number {number} not used")
                 raise FactoryError("lint" if refused.code == "lint" else refused.code,
-                                   f"the CIS refused to sign {what} #{number} of {ca}: {refused.reason}")
+                                   f"the CIS refused to sign {what} #{number} of {name}: {refused.reason}")
             if signed is None:
                 raise FactoryError("internal", f"no signed {'CRL' if crl else 'issued-serials list'} from the CIS")
             if tbs_hash.digest() != signed.tbs_sha256:
@@ -167,9 +191,10 @@ class SignedLists:
                         yield chunk
                     yield signed.suffix
                 with db.tx():
-                    digest = store.store_signed_list(kind, ca, number, this_update, next_update, count, parts(), total)
-                    self.dist.enqueue_object(db.db, action, ca, number)  # published with the same commit
-                    db.audit(actor, action, f"{ca}#{number}", "ok", f"entries={count} sha256={digest.hex()}")
+                    digest = store.store_signed_list(kind, name, number, this_update, next_update, count, parts(), total)
+                    if shard is None:  # shards are not yet published by the Distribution agent
+                        self.dist.enqueue_object(db.db, action, ca, number)  # published with the same commit
+                    db.audit(actor, action, f"{name}#{number}", "ok", f"entries={count} sha256={digest.hex()}")
                 return digest
             digest = await self.store.run(keep)
         finally:
@@ -178,7 +203,7 @@ class SignedLists:
         self.dist.poke()
         if crl:
             self.stats["crls"] += 1
-            await self.ocsp.publish_crl(ca, number)
+            await self.ocsp.publish_crl(ca, number, shard=shard)
         return number, count, digest
 
     async def crl_scheduler(self) -> None:

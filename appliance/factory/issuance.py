@@ -79,7 +79,7 @@ class Issuance:
         self.store.store_issued(serial, ca, profile, _cn(cert), int(cert.not_valid_before_utc.timestamp()),
                                 int(cert.not_valid_after_utc.timestamp()), der, request, spki_hash, sans)
         self.dist.enqueue_cert(self.store.require_active().db, ca, serial, profile)  # published with the same commit
-        self.lists.cert_issued(ca)
+        self.lists.cert_issued(ca, serial)
 
     async def issue(self, req: S.AIssue, actor: str) -> S.IssueReply:
         """Check every CSR, then hand the good ones to the group-commit pipeline."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import socket
 import sys
@@ -37,7 +38,8 @@ from .store import Store
 # usual request is under 100 bytes. Routes that take no body get none (route_cap).
 BODY_CAP = 8 * 1024
 
-_CA_PATH = re.compile(rb"^/(crl|ca)/([A-Za-z0-9][A-Za-z0-9._-]{0,63})\.(crl|crt)$")
+_CA_PATH = re.compile(rb"^/(crl|ca)/([A-Za-z0-9][A-Za-z0-9._-]{0,63})\.(crl|crt|json)$")
+_SHARD_NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})-(0|[1-9][0-9]{0,2})$")
 _TENANT_PATH = re.compile(rb"^/tenant/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/crl$")
 PUSH_CAP = 8 * 1024 * 1024  # body cap of a pushed tenant CRL (read only once its bearer secret is checked)
 PUSH_TIMEOUT = 30.0
@@ -145,6 +147,8 @@ class Endpoint(HttpServer):
         m = _CA_PATH.match(path)
         if m and (m.group(1), m.group(3)) in ((b"crl", b"crl"), (b"ca", b"crt")):
             return self._ca_file(m.group(1), m.group(2).decode(), headers)
+        if m and (m.group(1), m.group(3)) == (b"crl", b"json"):
+            return self._shard_list(m.group(2).decode())
         if path in (b"/", b"/ocsp", b"/ocsp/") or m:
             return _plain(404)
         try:
@@ -242,8 +246,26 @@ class Endpoint(HttpServer):
             return Reply(304, cache)
         return Reply(200, base + cache, answer.der)
 
+    def _shard_list(self, name: str) -> Reply:
+        """/crl/<ca>.json: the URL of every CRL shard of a sharded CA, as CCADB asks ("JSON array of partitioned CRLs")."""
+        ca = self.store.cas.get(name)
+        if ca is None or not ca.shards:
+            return _plain(404)
+        body = json.dumps([ca.shards[k][4] for k in sorted(ca.shards)]).encode() + b"\n"
+        return Reply(200, [(b"content-type", b"application/json"), (b"cache-control", b"no-cache")], body)
+
     def _ca_file(self, kind: bytes, name: str, headers: dict[bytes, bytes]) -> Reply:
         ca = self.store.cas.get(name)
+        if ca is None and kind == b"crl" and (sm := _SHARD_NAME.match(name)):  # /crl/<ca>-<k>.crl: one shard
+            ca = self.store.cas.get(sm.group(1))
+            got = ca.shards.get(int(sm.group(2))) if ca is not None else None
+            if got is None:
+                return _plain(404)
+            _, body, etag, mtime, _ = got
+            hdrs = [(b"etag", etag.encode()), (b"last-modified", _http_date(mtime)), (b"cache-control", b"no-cache")]
+            if _not_modified(headers, etag.encode(), mtime):
+                return Reply(304, hdrs)
+            return Reply(200, [(b"content-type", b"application/pkix-crl")] + hdrs, body)
         if ca is None:
             return _plain(404)
         if kind == b"crl":

@@ -7,6 +7,7 @@ fed concurrently: the endpoint serves what it holds whether or not the Factory (
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
@@ -166,7 +167,8 @@ async def apply(st: Store, msg, events: list[S.Event], fac: Channel | None = Non
             st.finish_compaction(built)
     elif isinstance(msg, S.PublishCrl):
         try:
-            await trio.to_thread.run_sync(st.crl_chunk, msg.ca, msg.number, msg.data, msg.last)
+            await trio.to_thread.run_sync(functools.partial(st.crl_chunk, msg.ca, msg.number, msg.data, msg.last,
+                                                            shard=msg.shard))
         except KeyError:
             raise ProtocolViolation(f"factory-ocsp: CRL for {msg.ca}, a CA never published") from None
         except ValueError as e:

@@ -187,6 +187,7 @@ class CaRecord:
     crl_number: int = 0
     crl_etag: str = ""
     crl_mtime: int = 0
+    shards: dict[int, tuple[int, bytes, str, int, str]] = field(default_factory=dict)  # k -> (number, DER, etag, mtime, URL)
 
     @property
     def live(self) -> int:
@@ -255,6 +256,12 @@ class Store:
                 blob = f.read()
             if len(blob) > 8:
                 self._set_crl(ca, int.from_bytes(blob[:8], "big"), blob[8:])
+        for fn in os.listdir(path):  # CRL shards: crl-<k>.bin
+            if (sm := re.match(r"^crl-(\d{1,3})\.bin$", fn)) and int(sm.group(1)) < 256:
+                with open(os.path.join(path, fn), "rb") as f:
+                    blob = f.read()
+                if len(blob) > 8:
+                    self._set_shard(ca, int(sm.group(1)), int.from_bytes(blob[:8], "big"), blob[8:])
         try:
             with open(os.path.join(path, "CURRENT"), "rb") as f:
                 ca.gen = int(f.read().strip() or b"0")
@@ -386,10 +393,11 @@ class Store:
         else:
             self._set_cert(ca, der)
 
-    def crl_chunk(self, name: str, number: int, data: bytes, last: bool, max_bytes: int = 512 << 20) -> bool:
-        """Collect a streamed CRL; on `last`, swap it in if its number is higher (blocking: fsync).
-        Returns True when a CRL was stored."""
-        key = (name, number)
+    def crl_chunk(self, name: str, number: int, data: bytes, last: bool, max_bytes: int = 512 << 20,
+                  shard: int | None = None) -> bool:
+        """Collect a streamed CRL (or one shard's); on `last`, swap it in if its number is higher (blocking:
+        fsync). Returns True when a CRL was stored."""
+        key = (name if shard is None else f"{name}/{shard}", number)
         parts = self.partial_crls.setdefault(key, [])
         parts.append(bytes(data))
         self.partial_bytes += len(data)
@@ -405,7 +413,7 @@ class Store:
         ca = self.cas.get(name)
         if ca is None:
             raise KeyError(name)
-        if number <= ca.crl_number:
+        if number <= (ca.crl_number if shard is None else ca.shards.get(shard, (0,))[0]):
             return False
         crl = x509.load_der_x509_crl(der)
         try:
@@ -414,9 +422,22 @@ class Store:
             ext_number = None
         if ext_number != number:
             raise ValueError("the CRL's number differs from the published number")
+        if shard is not None:
+            _atomic_write(os.path.join(ca.path, f"crl-{shard}.bin"), number.to_bytes(8, "big") + der)
+            self._set_shard(ca, shard, number, der)
+            return True
         _atomic_write(os.path.join(ca.path, "crl.bin"), number.to_bytes(8, "big") + der)
         self._set_crl(ca, number, der)
         return True
+
+    def _set_shard(self, ca: CaRecord, shard: int, number: int, der: bytes) -> None:
+        crl = x509.load_der_x509_crl(der)
+        try:  # its URL as its certificates name it: the IDP the CIS wrote (listed in /crl/<ca>.json)
+            names = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value.full_name or []
+            url = next(str(n.value) for n in names if isinstance(n, x509.UniformResourceIdentifier))
+        except (x509.ExtensionNotFound, StopIteration):
+            raise ValueError(f"CRL shard {shard} of {ca.name} names no URL in its IDP") from None
+        ca.shards[shard] = (number, der, '"' + hashlib.sha256(der).hexdigest() + '"', _ts(crl.last_update_utc), url)
 
     def plan(self, name: str, prepared: list[Prepared], seq: int) -> Plan:
         """Which prepared responses replace what is held: a newer thisUpdate, or the same

@@ -31,6 +31,8 @@ def _token(tmp_path, monkeypatch) -> Token:
     subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "live-test", "--so-pin", secrets.token_hex(8),
                     "--pin", pin], check=True, capture_output=True, timeout=30)
     t = Token(MODULE, "live-test")
+    t.load()
+    t._lib.reinitialize()  # python-pkcs11 keeps one library per process: make SoftHSM re-read SOFTHSM2_CONF
     t.login(pin)
     return t
 

@@ -29,6 +29,8 @@ def token(tmp_path_factory) -> Token:
     subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "ra-test", "--so-pin", secrets.token_hex(8),
                     "--pin", pin], check=True, capture_output=True, timeout=30)
     t = Token(MODULE, "ra-test")
+    t.load()
+    t._lib.reinitialize()  # python-pkcs11 keeps one library per process: make SoftHSM re-read SOFTHSM2_CONF
     t.login(pin)
     yield t
     monkeypatch.undo()

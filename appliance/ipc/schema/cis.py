@@ -91,6 +91,8 @@ class CrlBegin(_Msg, tag="crl-begin"):
     # "issued-serials": the same stream signs the CA's issued-serials list (policy/serials.py),
     # fed with SerialEntries instead of CrlEntries; `crl_number` is then the list number.
     kind: Literal["crl", "issued-serials"] = "crl"
+    # One shard of a sharded CA's CRL: the CIS names it in the IDP and checks every entry belongs to it.
+    shard: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None
 
 
 CrlEntry = tuple[Serial, Epoch, Reason | None, Epoch | None]

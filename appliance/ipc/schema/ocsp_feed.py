@@ -36,6 +36,7 @@ class PublishCrl(_Msg, tag="publish-crl"):
     number: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
     data: Annotated[bytes, msgspec.Meta(max_length=4 * 1024 * 1024)]
     last: bool
+    shard: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None  # one shard's CRL: /crl/<ca>-<shard>.crl
 
 
 class ResponderKeyRequest(_Msg, tag="responder-key-request"):

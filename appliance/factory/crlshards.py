@@ -1,0 +1,167 @@
+"""CRL shards and delta CRLs in the CMDB: pinned partitions, each certificate's shard, per-shard numbers, delta entries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import apsw
+
+from policy import crl as pcrl
+
+from .cmdb import serial_bytes, serial_int
+from .errors import FactoryError
+from .store import Store
+
+# Entries of one shard (or of the unsharded CA when shard is None), as the CRL stream wants them.
+_COUNT_SHARD = ("SELECT count(*), coalesce(sum(r.entry_len), 0) FROM revocations r "
+                "JOIN cert_shards s ON s.serial = r.serial WHERE r.ca=? AND s.ca=? AND s.shard=?")
+_PAGE_SHARD = ("SELECT r.serial, r.revoked_at, r.reason, r.invalidity FROM cert_shards s "
+               "JOIN revocations r ON r.ca = s.ca AND r.serial = s.serial "
+               "WHERE s.ca=? AND s.shard=? AND s.serial > ? ORDER BY s.serial LIMIT ?")
+
+
+def _row(c: apsw.Connection, q: str, args: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+    """The one row an aggregate (or a row just written) query returns."""
+    row = c.execute(q, args).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+class CrlShards:
+    """The partition of each CA's CRL, by serial. `shards_by_ca` is the operator's `crl.shards`; a CA
+    missing from it has one shard (a single CRL, exactly as without this module)."""
+
+    def __init__(self, store: Store, shards_by_ca: dict[str, int]):
+        for ca, n in shards_by_ca.items():
+            if type(n) is not int or not 1 <= n <= 256:
+                raise FactoryError("config", f"crl.shards.{ca}: {n!r} is not a shard count (1..256)")
+        self.store = store
+        self.wanted = dict(shards_by_ca)
+        self._pinned: set[str] = set()  # one-shard CAs found pinned (to more: issuance is then refused by pin)
+        self._single: set[str] = set()  # one-shard CAs found unpinned: no lookup per issuance
+
+    def shards(self, c: apsw.Connection, ca: str) -> int:
+        """The CA's pinned shard count (1 if never pinned)."""
+        row = c.execute("SELECT shards FROM crl_partition WHERE ca=?", (ca,)).fetchone()
+        return int(row[0]) if row else 1
+
+    def effective(self, c: apsw.Connection, ca: str) -> int:
+        """The shard count CRLs are cut by: the pinned one, else the configured one (nothing issued yet)."""
+        row = c.execute("SELECT shards FROM crl_partition WHERE ca=?", (ca,)).fetchone()
+        return int(row[0]) if row else self.wanted.get(ca, 1)
+
+    def pin(self, c: apsw.Connection, ca: str, issuing: bytes = b"") -> int:
+        """Inside tx(), before a certificate of `ca` is issued: fix the CA's shard count. Once certificates
+        name their shards, a different count in the configuration is refused (their CRL DPs can't change)."""
+        want = self.wanted.get(ca, 1)
+        row = c.execute("SELECT shards FROM crl_partition WHERE ca=?", (ca,)).fetchone()
+        if row is None:
+            # any certificate but the one being issued in this transaction
+            issued = c.execute("SELECT 1 FROM certs WHERE ca=? AND serial != ? LIMIT 1", (ca, issuing)).fetchone()
+            if issued and want != 1:  # its certificates already point at the single CRL
+                raise FactoryError("config", f"crl.shards.{ca} = {want}: CA {ca} already issued certificates "
+                                             "naming its single CRL; shards are chosen before the first issuance")
+            c.execute("INSERT INTO crl_partition VALUES (?,?)", (ca, want))
+            return want
+        if int(row[0]) != want:
+            raise FactoryError("config", f"crl.shards.{ca} = {want}, but CA {ca} is pinned to {row[0]} shard(s) "
+                                         "(its certificates name them): restore the setting")
+        return want
+
+    def cert_issued(self, c: apsw.Connection, ca: str, serial: int) -> int | None:
+        """Inside the issuing tx(): keep the certificate's shard with it (the one its CRL DP names).
+        A CA with one shard, never pinned otherwise, costs one cached lookup."""
+        if self.wanted.get(ca, 1) == 1 and ca not in self._pinned:
+            if ca in self._single:
+                return None
+            row = c.execute("SELECT shards FROM crl_partition WHERE ca=?", (ca,)).fetchone()
+            if row is None:  # nothing pins it while this configuration lasts (only a sharded setting does)
+                self._single.add(ca)
+                return None
+            self._pinned.add(ca)
+        sb = serial_bytes(serial)
+        shard = pcrl.shard_of(serial, self.pin(c, ca, sb))
+        c.execute("INSERT INTO cert_shards VALUES (?,?,?)", (sb, ca, shard))
+        return shard
+
+    def next_number(self, c: apsw.Connection, ca: str, shard: int) -> int:
+        """Inside tx(): the shard's next CRL number, its own sequence, never handed out twice."""
+        if not 0 <= shard < self.effective(c, ca):
+            raise FactoryError("not-found", f"CA {ca} has no CRL shard {shard}")
+        c.execute("INSERT OR IGNORE INTO crl_shard_numbers VALUES (?,?,0)", (ca, shard))
+        c.execute("UPDATE crl_shard_numbers SET number = number + 1 WHERE ca=? AND shard=?", (ca, shard))
+        return int(_row(c, "SELECT number FROM crl_shard_numbers WHERE ca=? AND shard=?", (ca, shard))[0])
+
+    def shard_count(self, c: apsw.Connection, ca: str, shard: int) -> tuple[int, int]:
+        """(entries, their DER length) of one shard, read in the caller's snapshot."""
+        n, length = _row(c, _COUNT_SHARD, (ca, ca, shard))
+        return int(n), int(length)
+
+    def shard_page(self, c: apsw.Connection, ca: str, shard: int, after: bytes, limit: int) -> list[tuple[Any, ...]]:
+        """The shard's next entries after serial `after`, in serial order (as Store.list_page)."""
+        return [tuple(r) for r in c.execute(_PAGE_SHARD, (ca, shard, after, limit))]
+
+    # The reader's snapshot, as Store.list_snapshot_begin / list_page (Store.list_snapshot_end ends it).
+    def snapshot_begin(self, ca: str, shard: int) -> tuple[int, int]:
+        r = self.store.reader
+        if r is None:
+            raise FactoryError("inactive", "the CA is not activated")
+        r.db.execute("BEGIN")
+        try:
+            return self.shard_count(r.db, ca, shard)
+        except BaseException:
+            r.db.execute("ROLLBACK")
+            raise
+
+    def snapshot_page(self, ca: str, shard: int, after: bytes, limit: int) -> list[tuple[Any, ...]]:
+        assert self.store.reader is not None
+        return self.shard_page(self.store.reader.db, ca, shard, after, limit)
+
+    # ------------------------------------------------------------------ delta CRLs
+
+    def enable_deltas(self, c: apsw.Connection, ca: str) -> None:
+        """Inside tx(), before the first full CRL a delta will be based on: from now on every change to
+        the CA's revocations is logged (before it, a delta could miss a change made during a base's snapshot)."""
+        c.execute("INSERT OR IGNORE INTO crl_delta_cas VALUES (?)", (ca,))
+
+    def log_seq(self, c: apsw.Connection) -> int:
+        """Where the revocation log stands in the caller's snapshot (taken with a full CRL's entries)."""
+        return int(_row(c, "SELECT coalesce(max(seq), 0) FROM revocation_log")[0])
+
+    def mark_base(self, c: apsw.Connection, ca: str, shard: int, number: int, log_seq: int) -> None:
+        """Inside the tx() storing full CRL `number`: remember the log position its entries reflect
+        (only for a CA whose changes are logged: no delta can be based on another)."""
+        if c.execute("SELECT 1 FROM crl_delta_cas WHERE ca=?", (ca,)).fetchone() is None:
+            raise FactoryError("internal", f"CA {ca} does not log its revocations: no delta CRL can be based on its CRL")
+        c.execute("INSERT INTO crl_log_marks VALUES (?,?,?,?)", (ca, shard, number, log_seq))
+
+    def delta_entries(self, c: apsw.Connection, ca: str, shard: int, base: int) -> tuple[list[tuple[Any, ...]], list[bytes]]:
+        """What changed since full CRL `base`: (entries revoked or changed since, now in the CA's revocations;
+        serials whose revocation was removed since: removeFromCRL in the delta). Serial order."""
+        row = c.execute("SELECT log_seq FROM crl_log_marks WHERE ca=? AND shard=? AND number=?", (ca, shard, base)).fetchone()
+        if row is None:
+            raise FactoryError("not-found", f"no full CRL #{base} of {ca} to base a delta on")
+        n = self.shards(c, ca)
+        changed = sorted({bytes(s) for (s,) in c.execute(
+            "SELECT DISTINCT serial FROM revocation_log WHERE ca=? AND seq > ?", (ca, row[0]))
+            if pcrl.shard_of(serial_int(s), n) == shard})
+        present: list[tuple[Any, ...]] = []
+        removed: list[bytes] = []
+        for s in changed:
+            r = c.execute("SELECT serial, revoked_at, reason, invalidity FROM revocations WHERE ca=? AND serial=?", (ca, s)).fetchone()
+            if r is None:
+                removed.append(s)
+            else:
+                present.append(tuple(r))
+        return present, removed
+
+    def prune_log(self, c: apsw.Connection, ca: str) -> int:
+        """Inside tx(), after a full CRL is stored: drop log rows every shard's latest base already reflects
+        (deltas are cut on the latest base), so the log stays as small as the changes since. Returns rows dropped."""
+        n = self.shards(c, ca)
+        marks = [c.execute("SELECT log_seq FROM crl_log_marks WHERE ca=? AND shard=? ORDER BY number DESC LIMIT 1",
+                           (ca, k)).fetchone() for k in range(n)]
+        if any(m is None for m in marks):
+            return 0
+        c.execute("DELETE FROM revocation_log WHERE ca=? AND seq <= ?", (ca, min(int(m[0]) for m in marks if m)))
+        return c.changes()

@@ -1,0 +1,127 @@
+"""appliance.factory.crlshards against a real encrypted CMDB: pinned partitions, per-shard numbers, delta entries."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.factory.cmdb import serial_bytes
+from appliance.factory.crlshards import CrlShards
+from appliance.factory.errors import FactoryError
+from tests.unit.test_store import _close, _open
+
+
+@pytest.fixture
+def st(tmp_path):
+    s = _open(str(tmp_path / "cmdb.sqlite"), create=True)
+    with s.tx():
+        s.add_ca("sub", "ec-p256", None, "sub-ca", b"sub-der", "")
+        s.add_ca("old", "ec-p256", None, "sub-ca", b"old-der", "")
+    yield s
+    _close(s)
+
+
+def _issue_sharded(st, sh: CrlShards, serial: int, ca: str = "sub") -> int:
+    st.reserve([(serial, ca, b"csr")])
+    with st.tx() as c:
+        st.store_issued(serial, ca, "tls-server", f"CN=s{serial:x}", 1, 2, b"der-%x" % serial, b"csr", b"\0" * 32, "")
+        return sh.cert_issued(c, ca, serial)
+
+
+def _revoke(st, serial: int, ca: str = "sub", at: int = 100) -> None:
+    with st.tx() as c:
+        c.execute("INSERT INTO revocations VALUES (?,?,?,?,?,?)", (ca, serial_bytes(serial), at, 1, None, 20))
+
+
+def test_partition_numbers_and_pages(st):
+    sh = CrlShards(st, {"sub": 4})
+    serials = list(range(0x1000, 0x1010))
+    assert [_issue_sharded(st, sh, s) for s in serials] == [s % 4 for s in serials]
+    for s in serials[::3]:
+        _revoke(st, s)
+    c = st.db.db
+    total = 0
+    for k in range(4):
+        n, length = sh.shard_count(c, "sub", k)
+        rows = sh.shard_page(c, "sub", k, b"", 100)
+        assert n == len(rows) and length == 20 * n
+        assert all(int.from_bytes(r[0], "big") % 4 == k for r in rows)
+        assert [r[0] for r in rows] == sorted(r[0] for r in rows)
+        total += n
+    assert total == len(serials[::3])
+    page = sh.shard_page(c, "sub", 0, b"", 1)  # paging by serial, as the CRL stream reads
+    assert sh.shard_page(c, "sub", 0, page[-1][0], 100) == sh.shard_page(c, "sub", 0, b"", 100)[1:]
+    # each shard its own sequence, never handed out twice
+    with st.tx() as c:
+        assert [sh.next_number(c, "sub", 0) for _ in range(3)] == [1, 2, 3]
+        assert sh.next_number(c, "sub", 3) == 1
+        with pytest.raises(FactoryError, match="no CRL shard 4"):
+            sh.next_number(c, "sub", 4)
+
+
+def test_shard_count_is_pinned(st):
+    st.reserve([(0x2000, "old", b"csr")])
+    with st.tx():
+        st.store_issued(0x2000, "old", "tls-server", "CN=x", 1, 2, b"der", b"csr", b"\0" * 32, "")
+    # a CA that issued certificates naming its single CRL can't be split afterwards
+    with pytest.raises(FactoryError, match="already issued certificates"), st.tx() as c:
+        CrlShards(st, {"old": 2}).pin(c, "old")
+    sh = CrlShards(st, {"sub": 2})
+    _issue_sharded(st, sh, 0x3001)
+    for wrong in ({"sub": 3}, {}):  # a changed or dropped setting is refused: the certificates name their shard
+        with pytest.raises(FactoryError, match="pinned to 2"), st.tx() as c:
+            CrlShards(st, wrong).pin(c, "sub")
+    # at issuance too: a dropped setting can't issue certificates naming the single CRL of a sharded CA
+    with pytest.raises(FactoryError, match="pinned to 2"):
+        _issue_sharded(st, CrlShards(st, {}), 0x3003)
+    one = CrlShards(st, {})  # a one-shard CA: nothing kept, nothing pinned
+    assert _issue_sharded(st, one, 0x2002, "old") is None and _issue_sharded(st, one, 0x2004, "old") is None
+    assert st.db.db.execute("SELECT count(*) FROM cert_shards WHERE ca='old'").fetchone()[0] == 0
+    for bad in (0, 257, "4"):
+        with pytest.raises(FactoryError, match="not a shard count"):
+            CrlShards(st, {"sub": bad})  # type: ignore[dict-item]
+
+
+def test_delta_entries_since_base(st):
+    sh = CrlShards(st, {"sub": 2})
+    for s in (0x4000, 0x4001, 0x4002, 0x4003):
+        _issue_sharded(st, sh, s)
+    _revoke(st, 0x4001)  # before deltas are on: nothing logged, no base to mark
+    with st.tx() as c:
+        assert c.execute("SELECT count(*) FROM revocation_log").fetchone()[0] == 0
+        with pytest.raises(FactoryError, match="does not log its revocations"):
+            sh.mark_base(c, "sub", 0, 1, sh.log_seq(c))
+        sh.enable_deltas(c, "sub")
+    _revoke(st, 0x4000)
+    with st.tx() as c:
+        sh.mark_base(c, "sub", 0, 1, sh.log_seq(c))
+        sh.mark_base(c, "sub", 1, 1, sh.log_seq(c))
+    _revoke(st, 0x4002, at=200)  # shard 0, after the base
+    _revoke(st, 0x4003, at=200)  # shard 1
+    with st.tx() as c:  # a hold lifted: removeFromCRL in the delta
+        c.execute("DELETE FROM revocations WHERE serial=?", (serial_bytes(0x4000),))
+    c = st.db.db
+    present, removed = sh.delta_entries(c, "sub", 0, 1)
+    assert [r[0] for r in present] == [serial_bytes(0x4002)] and removed == [serial_bytes(0x4000)]
+    present, removed = sh.delta_entries(c, "sub", 1, 1)
+    assert [r[0] for r in present] == [serial_bytes(0x4003)] and removed == []
+    with pytest.raises(FactoryError, match="no full CRL #9"):
+        sh.delta_entries(c, "sub", 0, 9)
+
+
+def test_log_pruned_once_every_shard_has_a_later_base(st):
+    sh = CrlShards(st, {"sub": 2})
+    with st.tx() as c:
+        sh.enable_deltas(c, "sub")
+    for s in (0x5000, 0x5001):
+        _issue_sharded(st, sh, s)
+        _revoke(st, s)
+    with st.tx() as c:
+        sh.mark_base(c, "sub", 0, 1, sh.log_seq(c))
+        assert sh.prune_log(c, "sub") == 0  # shard 1 has no base yet: its delta would need the rows
+        sh.mark_base(c, "sub", 1, 1, sh.log_seq(c))
+        assert sh.prune_log(c, "sub") == 2
+    _issue_sharded(st, sh, 0x5004)
+    _revoke(st, 0x5004)  # a revocation after both bases stays for the next delta
+    with st.tx() as c:
+        assert sh.prune_log(c, "sub") == 0
+        assert c.execute("SELECT count(*) FROM revocation_log WHERE ca='sub'").fetchone()[0] == 1
