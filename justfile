@@ -64,6 +64,10 @@ torture *ARGS:
 acme-clients *ARGS:
     {{venv}}/python -m pytest tests/integration/test_gateway.py -m slow {{ARGS}}
 
+# The KGS's batch of 20 smart cards (SoftHSM2 tokens) judged by pkcs11-tool, pdftotext and openssl (just test runs 5)
+kgs-cards *ARGS:
+    {{venv}}/python -m pytest tests/integration/test_kgs.py -m slow {{ARGS}}
+
 # Issue 15's long drills: key backup as a ceremony step and recovery refusing a forged share; a restore killed -9 at random moments (DONJON_RESTORE_KILLS=N)
 drills *ARGS:
     {{venv}}/python -m pytest tests/integration/test_keybackup.py tests/integration/test_restore.py -m slow {{ARGS}}

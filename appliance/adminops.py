@@ -778,3 +778,59 @@ def acme_eab_list(c: AdminClient) -> list[dict]:
 def acme_eab_revoke(c: AdminClient, kid: str) -> dict:
     return _wrap(c.call, S.AAcmeEabRevoke, kid=kid)["eab"]
 
+
+# ---------------------------------------------------------------- the KGS: cards, PIN letters, key recovery
+
+
+def kgs_personalise(c: AdminClient, profile: str, batch: str, data: bytes) -> dict[str, Any]:
+    """Start (or finish) a batch; the KGS works on while kgs_cards reports its progress."""
+    from policy.cards import MAX_BATCH_BYTES, parse_batch
+    from policy.errors import PolicyError
+    check_name(profile, "card profile")
+    check_name(batch, "batch")
+    if len(data) > MAX_BATCH_BYTES:
+        raise OpError(f"the batch file is larger than {MAX_BATCH_BYTES} bytes")
+    try:
+        parse_batch(data)  # the KGS checks it again: this only names the error before anything is sent
+    except PolicyError as e:
+        raise OpError(str(e)) from None
+    return _wrap(c.call, S.AKgsPersonalise, profile=profile, batch=batch, data=data)
+
+
+def kgs_cards(c: AdminClient, batch: str | None = None) -> dict[str, Any]:
+    return _wrap(c.call, S.AKgsCards, batch=batch)
+
+
+def kgs_cards_lines(cards: list[dict[str, Any]]) -> list[str]:
+    return [f"#{x['card']:<5} {x['batch']:<12} {x['subject_id']:<12} {x['label']:<20} {x['state']:<7} letter {x['letter']:<12} "
+            f"{' '.join(x['certs'])}" + (f"  error: {x['error']}" if x.get("error") else "") for x in cards]
+
+
+def kgs_letters(c: AdminClient, batch: str, limit: int = 100000) -> list[tuple[int, bytes]]:
+    """Every letter waiting in the spool for the batch (the KGS hands them over a few MiB at a time)."""
+    import base64
+    out: list[tuple[int, bytes]] = []
+    while len(out) < limit:
+        doc = _wrap(c.call, S.AKgsLetters, batch=batch)
+        if not doc["letters"]:
+            break
+        out += [(card, base64.b64decode(pdf)) for card, pdf in doc["letters"]]
+    return out
+
+
+def kgs_letter_status(c: AdminClient, card: int, status: str) -> dict[str, Any]:
+    return _wrap(c.call, S.AKgsLetterStatus, card=card, status=status)
+
+
+def kgs_reprint(c: AdminClient, card: int) -> dict[str, Any]:
+    return _wrap(c.call, S.AKgsReprint, card=card)
+
+
+def kgs_recover(c: AdminClient, card: int, reason: str) -> dict[str, Any]:
+    return _wrap(c.call, S.AKgsRecover, card=card, reason=reason)
+
+
+def kgs_recover_take(c: AdminClient, recovery: int) -> tuple[bytes, str]:
+    import base64
+    doc = _wrap(c.call, S.AKgsRecoverTake, recovery=recovery)
+    return base64.b64decode(doc["p12"]), doc["password"]

@@ -33,6 +33,8 @@ app.add_typer(officer_app, name="officer")
 app.add_typer(pending_app, name="pending")
 acme_app = typer.Typer(help="The ACME server of the protocol gateway: external account binding (EAB) keys.", no_args_is_help=True)
 app.add_typer(acme_app, name="acme")
+kgs_app = typer.Typer(help="Key generation: card personalisation, PIN letters, key recovery.", no_args_is_help=True)
+app.add_typer(kgs_app, name="kgs")
 
 Home = Annotated[str, typer.Option("--home", envvar="DONJON_HOME", help="State folder (DONJON_HOME).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -1377,6 +1379,137 @@ def keys_recover(blob: Annotated[str, typer.Option(help="The key backup (keys-ba
                     shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
     typer.echo(f"keys recovered into {os.path.abspath(home)} and the CMDB restored from {backup}. "
                f"Start it with: donjon run --home {home}")
+
+
+# ---------------------------------------------------------------- the KGS
+
+
+KGS_WAIT_SECONDS = 24 * 3600  # a batch of 10,000 cards at a few seconds each
+
+
+def _progress(done: int, failed: int, total: int) -> None:
+    if not sys.stderr.isatty():
+        return
+    width = 30
+    filled = width * (done + failed) // max(total, 1)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done + failed}/{total} ({failed} failed)")
+    sys.stderr.flush()
+
+
+@kgs_app.command("personalise")
+def kgs_personalise(card_profile: Annotated[str, typer.Option("--card-profile", help="Card profile (HOME/card-profiles/NAME.toml).")] = ...,
+                    batch: Annotated[str, typer.Option(help="Batch file: CSV with a header line, or JSON (id, CN, email, O, OU, C, serialNumber, address).")] = ...,
+                    name: Annotated[Optional[str], typer.Option(help="Batch name (default: the file's name); a rerun of a name finishes it.")] = None,
+                    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the batch with a progress bar until it ends.")] = True,
+                    home: Home = "./var") -> None:
+    """Personalise a card per subject of the batch (resumable: run it again to finish an interrupted batch).
+
+    Example: donjon kgs personalise --card-profile employee --batch staff.csv
+    """
+    import time as _time
+    data = read_file(batch, "batch file", 1 << 20)
+    bname = name or os.path.splitext(os.path.basename(batch))[0]
+    with client(home) as c:
+        doc = op(ops.kgs_personalise, c, card_profile, bname, data)
+        total = doc["subjects"]
+        typer.echo(f"batch {doc['batch']}: {total} subject(s) sent to the KGS")
+        if not wait:
+            return
+        deadline = _time.monotonic() + KGS_WAIT_SECONDS
+        while True:
+            st = op(ops.kgs_cards, c, bname)
+            cards = st["cards"]
+            done = sum(1 for x in cards if x["state"] == "done")
+            failed = [x for x in cards if x["state"] == "failed"]
+            _progress(done, len(failed), total)
+            if bname not in st.get("running", []) or _time.monotonic() > deadline:
+                break
+            _time.sleep(0.3)
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    typer.echo(f"batch {bname}: {done} of {total} card(s) done, {len(failed)} failed")
+    for x in failed:
+        typer.echo(f"card #{x['card']} ({x['subject_id']}, {x['label']}): {x['error']}", err=True)
+    if failed or done < total:
+        raise typer.Exit(1)
+
+
+@kgs_app.command("cards")
+def kgs_cards(batch: Annotated[Optional[str], typer.Option(help="Only this batch.")] = None, home: Home = "./var",
+              as_json: JsonOut = False) -> None:
+    """Card records: state (started, keys, certs, pins, done, failed), letter status, certificates.
+
+    Example: donjon kgs cards --batch staff
+    """
+    with client(home) as c:
+        doc = op(ops.kgs_cards, c, batch)
+    if not emit_json(doc, as_json):
+        lines_or(ops.kgs_cards_lines(doc["cards"]), "no cards")
+
+
+@kgs_app.command("letters")
+def kgs_letters(batch: Annotated[str, typer.Option(help="Batch (reprints: batch 'reprint').")] = ...,
+                out: Annotated[str, typer.Option(help="Folder for the PDFs (created, 0700).")] = ...,
+                home: Home = "./var") -> None:
+    """Take the batch's PIN letters out of the KGS spool, once (they become `printed`).
+
+    Example: donjon kgs letters --batch staff --out /media/print
+    """
+    os.makedirs(out, mode=0o700, exist_ok=True)
+    with client(home) as c:
+        letters = op(ops.kgs_letters, c, batch)
+    for card, pdf in letters:
+        fd = os.open(os.path.join(out, f"card-{card}.pdf"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pdf)
+    typer.echo(f"{len(letters)} PIN letter(s) -> {out}" if letters else "no letters waiting for this batch")
+
+
+@kgs_app.command("letter")
+def kgs_letter(card: int, status: Annotated[str, typer.Option(help="sent or acknowledged.")] = ..., home: Home = "./var") -> None:
+    """Record a PIN letter's hand-over. Example: donjon kgs letter 12 --status sent"""
+    if status not in ("sent", "acknowledged"):
+        fail("--status: sent or acknowledged")
+    with client(home) as c:
+        doc = op(ops.kgs_letter_status, c, card, status)
+    typer.echo(f"card #{doc['card']}: letter {doc['letter']}")
+
+
+@kgs_app.command("reprint")
+def kgs_reprint(card: int, home: Home = "./var") -> None:
+    """A new PIN for a card (set with its PUK) and a new letter in the spool (batch `reprint`).
+
+    Example: donjon kgs reprint 12
+    """
+    with client(home) as c:
+        doc = op(ops.kgs_reprint, c, card)
+    typer.echo(f"card #{doc['card']}: new PIN set, letter {doc['letter']} (take it with `donjon kgs letters --batch reprint`)")
+
+
+@kgs_app.command("recover")
+def kgs_recover(card: int, reason: Annotated[str, typer.Option(help="Why (audited).")] = ..., home: Home = "./var") -> None:
+    """Ask for the recovery of a card's archived encryption key (dual control: another officer approves).
+
+    Example: donjon kgs recover 12 --reason "card lost, mail archive"
+    """
+    doc = call(home, S.AKgsRecover, card=card, reason=reason)
+    typer.echo(f"recovery #{doc['recovery']} of card #{doc['card']} approved by {', '.join(doc['approvers'])}")
+
+
+@kgs_app.command("recover-take")
+def kgs_recover_take(recovery: int, out: Annotated[str, typer.Option(help="PKCS#12 file to write (new, 0600).")] = ...,
+                     home: Home = "./var") -> None:
+    """Take an approved recovery, once: the PKCS#12 and its one-time password (shown once, here).
+
+    Example: donjon kgs recover-take 3 --out alice-enc.p12
+    """
+    with client(home) as c:
+        p12, password = op(ops.kgs_recover_take, c, recovery)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(p12)
+    typer.echo(f"PKCS#12 -> {out}")
+    typer.echo(f"one-time password (shown once): {password}")
 
 
 def main() -> None:

@@ -200,7 +200,7 @@ class Profiles(_C):
     dir: str | None = "profiles"  # operator profile files (*.toml) overriding or adding to the shipped ones
 
 
-GUARDABLE = ("ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "keys-backup")
+GUARDABLE = ("ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "key-recovery", "keys-backup")
 
 
 class Officers(_C):
@@ -210,7 +210,7 @@ class Officers(_C):
 
 class DualControl(_C):
     approvals: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1  # M distinct officers, the requester included; 1: off
-    operations: tuple[Literal["ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "keys-backup"], ...] = GUARDABLE
+    operations: tuple[Literal["ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "key-recovery", "keys-backup"], ...] = GUARDABLE
     expiry_minutes: Annotated[int, msgspec.Meta(ge=1, le=30 * 1440)] = 60
 
 
@@ -225,6 +225,14 @@ class Activation(_C):
 
 class Console(_C):
     media: str = "media"  # removable-media folder for CSRs in and certificates/CRLs/backups out (relative to home)
+
+
+class Kgs(_C):
+    """The key generation system (issue 18): card personalisation, PIN letters, key archival."""
+
+    enabled: bool = False
+    card_module: str | None = None  # the card readers' PKCS#11 module (OpenSC's in production); default: hsm.module
+    card_profiles: str = "card-profiles"  # folder of card profiles (NAME.toml), relative to home
 
 
 class Config(_C):
@@ -243,6 +251,7 @@ class Config(_C):
     activation: Activation = Activation()
     console: Console = Console()
     gateway: Gateway = Gateway()
+    kgs: Kgs = Kgs()
     # Per CA, the profiles it may issue: at its creation, what goes into its policy in the token;
     # afterwards the Factory also refuses anything not listed here (it can narrow, never widen).
     ca_profiles: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")],
@@ -629,6 +638,29 @@ def profile_overrides(home: str, cfg: Config) -> dict[str, str]:
             except PolicyError as e:
                 raise ConfigError(f"{os.path.join(d, fn)}: {e}") from None
             out[name] = text
+    return out
+
+
+def card_profiles(home: str, cfg: Config, overrides: dict[str, str]) -> dict[str, str]:
+    """The KGS's card profiles (HOME/card-profiles/NAME.toml), validated against the certificate profiles."""
+    from policy.cards import load_card_profile_text
+    from policy.errors import PolicyError
+    from policy.profiles import load_profiles
+
+    out: dict[str, str] = {}
+    d = os.path.join(home, cfg.kgs.card_profiles)
+    if not cfg.kgs.enabled or not os.path.isdir(d):
+        return out
+    known = load_profiles(overrides)
+    for fn in sorted(os.listdir(d)):
+        if fn.endswith(".toml"):
+            with open(os.path.join(d, fn), encoding="utf-8") as f:
+                text = f.read()
+            try:
+                load_card_profile_text(fn[:-5], text, known)
+            except PolicyError as e:
+                raise ConfigError(f"{os.path.join(d, fn)}: {e}") from None
+            out[fn[:-5]] = text
     return out
 
 

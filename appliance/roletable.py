@@ -32,6 +32,8 @@ class Host(Protocol):
     snmp_config: S.SnmpConfig | None  # when SNMP is enabled
     gateway_listen: Any  # the gateway's HTTPS listening socket (None when it does not run)
     gateway_pin: str | None  # the PIN of the gateway's own token (embedded mode)
+    kgs_pin: str | None  # the KGS's own token's PIN (when the KGS is enabled)
+    card_profiles: dict[str, str]
 
     @property
     def layout(self) -> Any: ...
@@ -102,7 +104,8 @@ def _factory(h: Host, name: str) -> Launch:
                         dist_rules=[msgspec.structs.replace(r, secret=None) for r in h.dist_rules],
                         dist_max_attempts=cfg.distribution.max_attempts, dist_backoff_max=cfg.distribution.backoff_max,
                         ca_profiles={k: tuple(v) for k, v in cfg.ca_profiles.items()}, auto_activate=h.auto_activate,
-                        cis_deadline_seconds=cfg.hsm.deadline_seconds, **C.officer_settings(cfg), **_gateway_policy(h)),
+                        cis_deadline_seconds=cfg.hsm.deadline_seconds, card_profiles=dict(h.card_profiles),
+                        **C.officer_settings(cfg), **_gateway_policy(h)),
         rw=(h.layout.cmdb,))
 
 
@@ -182,6 +185,21 @@ def _gateway(h: Host, name: str) -> Launch:
         env=(("SOFTHSM2_CONF", conf),) if embedded else ())
 
 
+def _kgs(h: Host, name: str) -> Launch:
+    # Its own token folder (archival and sealing keys; with SoftHSM2 also the reader's "cards": one
+    # SoftHSM2 configuration per process) and its spool of PIN letters; the card module read-only.
+    if h.kgs_pin is None:
+        raise ValueError("the KGS token is made by prepare()")
+    L = h.layout
+    conf = os.path.join(L.kgs_token, "softhsm2.conf")
+    card_module = h.cfg.kgs.card_module or h.cfg.hsm.module
+    return Launch(
+        S.KgsConfig(card_module=card_module, hsm_module=h.cfg.hsm.module, hsm_label="donjon-kgs", hsm_pin=h.kgs_pin,
+                    softhsm_conf=conf, card_profiles=dict(h.card_profiles), profiles=h.profiles, spool=L.kgs_spool),
+        rw=(L.kgs_token, L.kgs_spool), ro=(_module_dir(h), os.path.dirname(os.path.realpath(card_module)), "/etc/softhsm"),
+        env=(("SOFTHSM2_CONF", conf),))
+
+
 ROLES: dict[str, RoleSpec] = {r.name: r for r in (
     RoleSpec("cis", "hsm.cis:main", "donjon-cis", L.SUP_CIS, S.CisConfig, restart="fatal", network="none",
              processes=lambda h: h.cfg.hsm.signers, launch=_cis, feed=L.FACTORY_CIS, stop_order=4),
@@ -201,6 +219,8 @@ ROLES: dict[str, RoleSpec] = {r.name: r for r in (
              restart="backoff", network="outbound",
              processes=lambda h: 1 if h.cfg.gateway.enabled and h.gateway_listen is not None else 0, launch=_gateway,
              feed=L.FACTORY_GATEWAY, inherits=("gateway-listen",), stop_order=0),
+    RoleSpec("kgs", "appliance.kgs.main:main", "donjon-kgs", L.SUP_KGS, S.KgsConfig, restart="backoff", network="none",
+             processes=lambda h: 1 if h.cfg.kgs.enabled and h.kgs_pin is not None else 0, launch=_kgs, feed=L.FACTORY_KGS, stop_order=1),
 )}
 
 

@@ -86,6 +86,14 @@ class Layout:
         return os.path.join(self.run, "gateway")
 
     @property
+    def kgs_token(self) -> str:
+        return os.path.join(self.home, "kgs-token")
+
+    @property
+    def kgs_spool(self) -> str:
+        return os.path.join(self.home, "kgs-spool")
+
+    @property
     def endpoint_file(self) -> str:
         return os.path.join(self.run, "endpoint")
 
@@ -157,6 +165,8 @@ class Supervisor:
         self.tokens: dict[str, bool] = {}
         self.unresponsive: set[str] = set()  # CIS processes the Factory reports silent past their deadline
         self.ocsp_pin: str | None = None
+        self.kgs_pin: str | None = None
+        self.card_profiles: dict[str, str] = {}
         self._disk_low = False
         self.listen: socket.socket | None = None
         self.gateway_listen: socket.socket | None = None
@@ -195,6 +205,10 @@ class Supervisor:
                 self.ocsp_pin = _ensure_softhsm_token(home_fd, L.ocsp_token, "donjon-ocsp", self.ids.get("ocsp"))
             if self.cfg.hsm.embedded and self.cfg.gateway.enabled:  # its TLS key, made the endpoint's way
                 self.gateway_pin = _ensure_softhsm_token(home_fd, L.gateway_token, "donjon-gateway", self.ids.get("gateway"))
+            if self.cfg.kgs.enabled:
+                # The KGS's own token (archival key, sealing key; in tests its reader's "cards" too): its own PIN.
+                os.makedirs(L.kgs_spool, mode=0o700, exist_ok=True)
+                self.kgs_pin = _ensure_softhsm_token(home_fd, L.kgs_token, "donjon-kgs", self.ids.get("kgs"))
             if self.appliance:
                 _hand_over(home_fd, "cmdb", self.ids["factory"])
                 for name in self._endpoint_names():
@@ -203,6 +217,8 @@ class Supervisor:
                 if self.cfg.gateway.enabled:
                     _hand_over(home_fd, "gateway", self.ids["gateway"])
                     _hand_over(home_fd, "gateway-token", self.ids["gateway"], must_exist=False)
+                _hand_over(home_fd, "kgs-token", self.ids["kgs"], must_exist=False)
+                _hand_over(home_fd, "kgs-spool", self.ids["kgs"], must_exist=False)
                 if self.cfg.hsm.embedded:
                     _hand_over(home_fd, "softhsm", self.ids["cis"], must_exist=False)
                 os.chown(L.run, 0, self.admin_gid)
@@ -221,6 +237,9 @@ class Supervisor:
         if ca_pin is not None and self.gateway_pin is not None and hmac.compare_digest(ca_pin.encode(), self.gateway_pin.encode()):
             log("the gateway's token PIN is the CA token's PIN: not handed to the gateway (it does not start)")
             self.gateway_pin = None
+        if ca_pin is not None and self.kgs_pin is not None and hmac.compare_digest(ca_pin.encode(), self.kgs_pin.encode()):
+            log("the KGS token's PIN is the CA token's PIN: not handed to the KGS (it does not start)")
+            self.kgs_pin = None
 
     def dist_enabled(self) -> bool:
         """The agent runs when there is something to publish, or CRL-fed tenants may need fetching
@@ -591,6 +610,7 @@ class Supervisor:
         self.keep_ca_pin_from_endpoint(pin)
         self.profiles = C.profile_overrides(self.home, self.cfg)
         C.check_ca_profiles(self.home, self.cfg, self.profiles)
+        self.card_profiles = C.card_profiles(self.home, self.cfg, self.profiles)
         admin = self.open_admin_socket() if not one_job else None
         try:
             listen = self.open_endpoint_socket() if not one_job and self.cfg.ocsp.enabled else None

@@ -15,7 +15,9 @@
    gateway's memory with 10,000 open orders (--quick 2,000).
 6. EST and SCEP (bench.gateway): enrolments/s at 1 and 16 clients (a scripted EST client; Debian's
    scepclient), SCEP beside micromdm's scepserver under the same client.
-7. Standby CMDB (bench.standby): issuance with [cmdb] standby on and off (group commits, and one commit
+7. Card personalisation (bench.kgs): cards/minute for a batch of 20 (--quick 10), keys on the card
+   against the encryption key made in the HSM, beside softhsm2-util + pkcs11-tool doing the keys alone.
+8. Standby CMDB (bench.standby): issuance with [cmdb] standby on and off (group commits, and one commit
    per certificate), the ratio on/off.
 A readable table goes to stdout, everything measured to bench/out/results.json. Progress goes to stderr.
 """
@@ -30,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import acme, common, crl, dist, gateway, issuance, ocsp, standby, summary
+from bench import acme, common, crl, dist, gateway, issuance, kgs, ocsp, standby, summary
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="N=300 CSRs, CRLs of 10k and 100k entries")
     ap.add_argument("--n", type=int, help="number of CSRs (default 2000, --quick 300)")
     ap.add_argument("--sizes", help="CRL sizes, comma-separated (default 10000,100000,1000000)")
-    ap.add_argument("--only", choices=["issuance", "crl", "ocsp", "dist", "acme", "gateway", "standby"], help="run one benchmark only")
+    ap.add_argument("--only", choices=["issuance", "crl", "ocsp", "dist", "acme", "gateway", "kgs", "standby"], help="run one benchmark only")
     ap.add_argument("--acme-seconds", type=float, help="ACME: seconds per concurrency point (default 10, --quick 5)")
     ap.add_argument("--acme-open", type=int, help="ACME: open orders for the memory figure (default 10000, --quick 2000)")
     ap.add_argument("--gateway-seconds", type=float, help="EST/SCEP: seconds per concurrency point (default 10, --quick 5)")
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ocsp-duration", type=float, default=5.0, help="OCSP: seconds of wrk per point")
     ap.add_argument("--ocsp-workers", type=int, default=1, help="OCSP: endpoint processes on the listener (ocsp.workers)")
     ap.add_argument("--ocsp-profile", action="store_true", help="OCSP: py-spy the endpoint during one more run")
+    ap.add_argument("--kgs-cards", type=int, help="KGS: cards per batch (default 20, --quick 10)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (appliance homes, CA dirs)")
     ap.add_argument("--out", default=str(OUT / "results.json"))
     a = ap.parse_args(argv)
@@ -83,6 +86,9 @@ def main(argv=None) -> int:
         if a.only in (None, "gateway"):
             results["gateway"] = gateway.run(work, a.gateway_seconds or (5.0 if a.quick else 10.0))
             tables.append(gateway.table(results["gateway"]))
+        if a.only in (None, "kgs"):
+            results["kgs"] = kgs.run(work, a.kgs_cards or (10 if a.quick else 20))
+            tables.append(kgs.table(results["kgs"]))
         if a.only in (None, "standby"):
             results["standby"] = standby.run(work, 300 if a.quick else 1000)
             tables.append(standby.table(results["standby"]))

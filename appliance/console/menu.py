@@ -42,6 +42,7 @@ class Console:
             ("Distribution: status, retry", self.distribution),
             ("Backup to media", self.backup),
             ("Shutdown", self.shutdown),
+            ("Cards: personalise, PIN letters", self.cards),
             ("Key backup to media", self.key_backup),
         ]
 
@@ -239,6 +240,38 @@ class Console:
         stem = name.rsplit(".", 1)[0]
         out = M.write_to_media(media, f"{stem}-{d['serial'][:16]}.pem", pem)
         self.t.say(f"issued {ca}/{d['serial']}", f"  -> media: {os.path.basename(out)}")
+
+    def cards(self) -> None:
+        """The KGS: a batch file from the media, the card records, the PIN letters to the media (once)."""
+        i = self.t.choose("cards", ["Personalise a batch file on the media", "Card records", "PIN letters of a batch to the media"])
+        media = M.media_dir(self.home)
+        if i == 0:
+            name = self._pick_file(media, (".csv", ".json"), "batch file")
+            if name is None:
+                return
+            profile = self._ask_name("card profile", "employee", "card profile")
+            batch = ops.check_name(name.rsplit(".", 1)[0], "batch")
+            doc = ops.kgs_personalise(self.s.client, profile or "employee", batch, M.read(media, name))
+            total = doc["subjects"]
+            self.t.say(f"batch {batch}: {total} subject(s) sent to the KGS")
+            deadline = time.monotonic() + 24 * 3600
+            while time.monotonic() < deadline:
+                st = ops.kgs_cards(self.s.client, batch)
+                states = [c["state"] for c in st["cards"]]
+                self.t.say(f"  {states.count('done')} done, {states.count('failed')} failed of {total}")
+                if batch not in st.get("running", []):
+                    break
+                time.sleep(2)
+        elif i == 1:
+            self.t.page(ops.kgs_cards_lines(ops.kgs_cards(self.s.client)["cards"]) or ["no cards"])
+        elif i == 2:
+            batch = self._ask_name("batch", None, "batch")
+            if not batch:
+                return
+            letters = ops.kgs_letters(self.s.client, batch)
+            for card, pdf in letters:
+                M.write_to_media(media, f"{batch}-card-{card}.pdf", pdf)
+            self.t.say(f"{len(letters)} PIN letter(s) -> media" if letters else "no letters waiting for this batch")
 
     def certificates(self) -> None:
         i = self.t.choose("certificates", ["List the latest certificates", "Export a certificate to the media",

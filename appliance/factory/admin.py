@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -168,6 +169,21 @@ def _tenant(ctx: Ctx, req) -> Awaitable[dict[str, Any]]:
     return ctx.f.tenants.admin(req, ctx.actor)
 
 
+async def _kgs_recover(ctx: Ctx, req: S.AKgsRecover) -> S.KgsRecoverReply:
+    approvers = None
+    if ctx.conn is None:  # the last approval of a filed request: officers.approve names them in the actor it passes
+        m = re.match(r"officer:(\S+) approved-by:(\S*)", ctx.actor)
+        if m:
+            approvers = [m.group(1)] + [a for a in m.group(2).split(",") if a]
+    return await ctx.f.kgs.recover(req, ctx.actor, approvers)
+
+
+async def _kgs_recover_take(ctx: Ctx, req: S.AKgsRecoverTake) -> S.KgsP12Reply:
+    conn = _conn(ctx)
+    officer = conn.session.officer if getattr(conn, "session", None) else ""  # type: ignore[attr-defined]
+    return await ctx.f.kgs.recover_take(req, officer, ctx.actor)
+
+
 async def _enrol_secret(ctx: Ctx, req) -> Any:
     from .enrolsecrets import EnrolSecrets
     es = EnrolSecrets(ctx.f.store, ctx.f.profiles)
@@ -269,6 +285,15 @@ TABLE: dict[type, AdminOp] = {
     S.AAcmeEabAdd: AdminOp(ADMIN, None, _eab, S.EabReply),
     S.AAcmeEabList: AdminOp(ANY, None, _eab, S.EabListReply),
     S.AAcmeEabRevoke: AdminOp(ADMIN, None, _eab, S.EabReply),
+    # the KGS (appliance/factory/kgs.py forwards to the KGS role): cards, PIN letters, key recovery
+    S.AKgsPersonalise: AdminOp(OPER, None, lambda c, r: c.f.kgs.personalise(r, c.actor), S.KgsPersonaliseReply),
+    S.AKgsCards: AdminOp(ANY, None, lambda c, r: c.f.kgs.cards(r), S.KgsCardsReply),
+    S.AKgsLetters: AdminOp(OPER, None, lambda c, r: c.f.kgs.take_letters(r, c.actor), S.KgsLettersReply),
+    S.AKgsLetterStatus: AdminOp(OPER, None, lambda c, r: c.f.kgs.letter_status(r, c.actor), S.KgsCardReply),
+    S.AKgsReprint: AdminOp(OPER, None, lambda c, r: c.f.kgs.reprint(r, c.actor), S.KgsCardReply),
+    # runs only at the last approval of dual control, with two officers at least (kgs.recover checks)
+    S.AKgsRecover: AdminOp(OPER, "key-recovery", _kgs_recover, S.KgsRecoverReply),
+    S.AKgsRecoverTake: AdminOp(OPER, None, _kgs_recover_take, S.KgsP12Reply, session_bound=True),
 }
 
 

@@ -300,7 +300,53 @@ _MIGRATIONS[11] = """
     CREATE TABLE gateway_state (ns TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, PRIMARY KEY (ns, key));
     """
 _MIGRATIONS[12] = "SELECT 1"
-_MIGRATIONS[13] = "SELECT 1"
+# 13: the KGS (issue 18). A card's record is written before each step it names (started -> keys -> certs
+# -> pins -> done, or failed): no card is half-made without a record saying so. Sealed columns are
+# encrypted under the KGS's HSM key (the Factory never sees those secrets); `pending` holds the new PIN
+# and PUK only until the letter exists. kgs_slots: each slot's certificate and, for keys made in the
+# HSM, the archive blob (wrapped under the KGS's archival key). kgs_recoveries: dual-control approved
+# recoveries, each taken once.
+_MIGRATIONS[13] = """
+CREATE TABLE kgs_cards (
+    card INTEGER PRIMARY KEY,
+    batch TEXT NOT NULL,
+    subject_id TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    label TEXT NOT NULL,
+    token_serial TEXT,
+    state TEXT NOT NULL CHECK (state IN ('started', 'keys', 'certs', 'pins', 'done', 'failed')),
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    transport BLOB,
+    pending BLOB,
+    puk BLOB,
+    letter TEXT NOT NULL DEFAULT 'none' CHECK (letter IN ('none', 'produced', 'printed', 'sent', 'acknowledged')),
+    created INTEGER NOT NULL,
+    updated INTEGER NOT NULL,
+    UNIQUE (batch, subject_id)
+);
+CREATE TABLE kgs_slots (
+    card INTEGER NOT NULL REFERENCES kgs_cards(card),
+    slot TEXT NOT NULL,
+    ca TEXT NOT NULL,
+    serial BLOB NOT NULL,
+    cert BLOB NOT NULL,
+    archive BLOB,
+    PRIMARY KEY (card, slot)
+);
+CREATE TABLE kgs_recoveries (
+    recovery INTEGER PRIMARY KEY,
+    card INTEGER NOT NULL REFERENCES kgs_cards(card),
+    slot TEXT NOT NULL,
+    approvers TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    taken_by TEXT,
+    taken INTEGER
+);
+"""
 # 14: CRL shards and delta CRLs (appliance/factory/crlshards.py). A CA's shard count is pinned once
 # (its certificates' CRL DPs name their shard for life); each certificate's shard is kept with it; each
 # shard has its own CRL number sequence; every change to revocations is logged in commit order, so a

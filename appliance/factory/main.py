@@ -16,10 +16,11 @@ from appliance import roles
 from appliance.ceremonyspec import CeremonySpec
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation, Undecodable
-from appliance.ipc.links import FACTORY_CIS, FACTORY_DIST, FACTORY_GATEWAY, FACTORY_OCSP
+from appliance.ipc.links import FACTORY_CIS, FACTORY_DIST, FACTORY_GATEWAY, FACTORY_KGS, FACTORY_OCSP
 
 from . import admin
 from .checkpoints import Checkpoints
+from .kgs import KgsLink
 from .cis_link import CisLink
 from .cmdb import CmdbError
 from .gateway import GatewayHost, GatewayService
@@ -242,6 +243,9 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         gateway.append(GatewayService(GatewayHost(f.store, cfg, f.profiles, f.issue, f.issuance.issue_one, f.revoke, f.check_issuer,
                                                   f.ca_chain, f.audit)))
         f.estscep = gateway[0].estscep  # officers decide EST/SCEP enrolments waiting for approval through the admin API
+        from policy.cards import load_card_profile_text
+        card_profiles = {n: load_card_profile_text(n, t, profiles) for n, t in cfg.card_profiles.items()}
+        f.kgs = KgsLink(f.store, f.issue, card_profiles)  # type: ignore[attr-defined] - the KGS link's end (appliance/factory/kgs.py)
 
     async def cis_liveness(link: CisLink) -> None:
         state = "responsive" if link.responsive else "unresponsive"
@@ -286,11 +290,31 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
             finally:
                 await chan.aclose()
 
+    async def serve_kgs(fd: int, scope: trio.CancelScope) -> None:
+        with scope:
+            chan = Channel.from_fd(fd, FACTORY_KGS.name, FACTORY_KGS.up)
+            try:
+                await f.kgs.serve(chan)  # type: ignore[attr-defined]
+            except LinkClosed:
+                pass  # the KGS stopped (the supervisor restarts it with a new link)
+            except ProtocolViolation as e:
+                _log(f"KGS link: {e}")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                await chan.aclose()
+
     def start_gateway(fd: int) -> None:
         if "gateway" in endpoints:
             endpoints["gateway"].cancel()
         endpoints["gateway"] = trio.CancelScope()
         nursery[0].start_soon(serve_gateway, fd, endpoints["gateway"])
+
+    def start_kgs(fd: int) -> None:
+        if "kgs" in endpoints:
+            endpoints["kgs"].cancel()
+        endpoints["kgs"] = trio.CancelScope()
+        nursery[0].start_soon(serve_kgs, fd, endpoints["kgs"])
 
     async def serve_endpoint(fd: int, role: str, scope: trio.CancelScope) -> None:
         with scope:
@@ -334,6 +358,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
             start_distribution(fds[FACTORY_DIST.name])
         if FACTORY_GATEWAY.name in fds:
             start_gateway(fds[FACTORY_GATEWAY.name])
+        if FACTORY_KGS.name in fds:
+            start_kgs(fds[FACTORY_KGS.name])
         for key in sorted(k for k in fds if k.split(".")[0] == FACTORY_OCSP.name):
             start_endpoint(fds[key], "ocsp" + key[len(FACTORY_OCSP.name):])  # factory-ocsp.1 -> ocsp.1
         if admin_sock is not None:
@@ -363,6 +389,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
             start_distribution(sup.take_fd())
         elif isinstance(m, S.NewLink) and m.link == FACTORY_GATEWAY.name:
             start_gateway(sup.take_fd())
+        elif isinstance(m, S.NewLink) and m.link == FACTORY_KGS.name:
+            start_kgs(sup.take_fd())
         elif isinstance(m, S.NewLink):
             start_endpoint(sup.take_fd(), m.role)
         elif isinstance(m, S.AutoActivate):

@@ -32,11 +32,13 @@ FACTORY_OCSP = LinkSpec("factory-ocsp", S.FactoryToOcsp, S.OcspToFactory, 16 * M
 FACTORY_DIST = LinkSpec("factory-distribution", S.FactoryToDist, S.DistToFactory, 8 * MiB)
 SUP_GATEWAY = LinkSpec("sup-gateway", S.SupToGateway, S.GatewayToSup, 256 * KiB)
 FACTORY_GATEWAY = LinkSpec("factory-gateway", S.FactoryToGateway, S.GatewayToFactory, 1 * MiB)
+SUP_KGS = LinkSpec("sup-kgs", S.SupToKgs, S.KgsToSup, 1 * MiB)
+FACTORY_KGS = LinkSpec("factory-kgs", S.FactoryToKgs, S.KgsToFactory, 4 * MiB)  # a batch file is at most 1 MiB
 ADMIN = LinkSpec("admin", S.AdminReply, S.AdminRequest, 8 * MiB)  # the Factory's admin socket; clients are the lower end
 
 LINKS: dict[str, LinkSpec] = {k.name: k for k in (SUP_CIS, SUP_FACTORY, SUP_OCSP, SUP_SNMP, SUP_DIST,
                                                   FACTORY_CIS, FACTORY_OCSP, FACTORY_DIST, SUP_GATEWAY, FACTORY_GATEWAY,
-                                                  ADMIN)}
+                                                  SUP_KGS, FACTORY_KGS, ADMIN)}
 
 
 def max_frame(link: str) -> int:

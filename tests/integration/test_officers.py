@@ -20,7 +20,7 @@ from tests.conftest import PASSWORD
 PUBLIC = {"status", "activate", "activate-shares", "login", "resume", "logout", "ca-list", "officer-unlock-shares"}
 READ = {"ca-show", "ca-export", "cert-show", "cert-list", "crl-export", "ocsp-status", "pending-list", "approve",
         "audit-cert", "audit-checkpoint", "ceremony-record", "ceremony-begin", "ceremony-witness", "ceremony-records", "dist-status", "dist-list", "ocsp-tenant-list",
-        "acme-eab-list"}
+        "acme-eab-list", "kgs-cards"}
 # What the issue asks for, written independently of the Factory's table.
 EXPECTED = {
     "administrator": READ | {"officer-add", "officer-remove", "officer-unlock", "officer-list", "officer-passwd", "officer-totp",
@@ -29,6 +29,7 @@ EXPECTED = {
                              "acme-eab-add", "acme-eab-revoke"},
     "operator": READ | {"ca-create", "ca-sign-csr", "issue", "revoke", "unrevoke", "crl-generate", "ocsp-responder-cert", "reconcile",
                         "ca-create-root", "dist-retry", "ocsp-tenant-crl", "ocsp-tenant-serials",
+                        "kgs-personalise-req", "kgs-letters-req", "kgs-letter-status", "kgs-reprint", "kgs-recover-req", "kgs-recover-take",
                         "enrol-secret-create", "enrol-secret-revoke", "enrol-secret-list", "enrol-waiting", "enrol-decide"},
     "auditor": READ | {"audit-export", "reconcile", "officer-list", "enrol-secret-list", "enrol-waiting"},
 }
@@ -57,6 +58,9 @@ SAMPLES = [
     S.AEnrolSecretCreate(id=1, protocol="scep", ca="nope", profile="nope"), S.AEnrolSecretList(id=1),
     S.AEnrolSecretRevoke(id=1, ref="nope"), S.AEnrolWaiting(id=1), S.AEnrolDecide(id=1, request="nope", approve=False),
     S.AAcmeEabAdd(id=1, profiles=("nope",)), S.AAcmeEabList(id=1), S.AAcmeEabRevoke(id=1, kid="nope"),
+    S.AKgsPersonalise(id=1, profile="nope", batch="m-x", data=b"junk"), S.AKgsCards(id=1), S.AKgsLetters(id=1, batch="nope"),
+    S.AKgsLetterStatus(id=1, card=999999, status="sent"), S.AKgsReprint(id=1, card=999999),
+    S.AKgsRecover(id=1, card=999999, reason="x"), S.AKgsRecoverTake(id=1, recovery=999999),
 ]
 # Sent only where they must be refused (allowed, they stop the appliance: tests/integration/test_console.py).
 DISRUPTIVE = [S.AShutdown(id=1)]

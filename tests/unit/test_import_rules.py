@@ -23,7 +23,9 @@ ROLES = {
 FACES = ("appliance.cli", "appliance.adminops", "appliance.client", "appliance.console")
 # Who may load a PKCS#11 module: hsm/ (the CIS and the token code), and the endpoint through
 # hsm.token for its own token of delegated responder keys.
-PKCS11_OK = ("hsm",)
+# The KGS drives card tokens (C_InitToken, PIN and PUK changes, key injection) and its own token of
+# archival keys: work hsm.token (one CA-key login session) does not model. It never sees the CA token's PIN.
+PKCS11_OK = ("hsm", "appliance.kgs")
 # The gateway too, for its own token (its TLS key; ARCHITECTURE.md §1: "its TLS/RA/CMP-protection keys in a
 # token of its own"), never the CA token.
 HSM_TOKEN_OK = ("hsm", "appliance.ocsp", "appliance.gateway")

@@ -26,6 +26,6 @@ def schema_hash() -> str:
     unions = [SupToCis, CisToSup, SupToFactory, FactoryToSup, FactoryToCis, CisToFactory, AdminRequest, AdminReply,
               SupToOcsp, OcspToSup, FactoryToOcsp, OcspToFactory, SupToSnmp, SnmpToSup,
               SupToDist, DistToSup, FactoryToDist, DistToFactory,
-              SupToGateway, GatewayToSup, FactoryToGateway, GatewayToFactory]
+              SupToGateway, GatewayToSup, FactoryToGateway, GatewayToFactory, SupToKgs, KgsToSup, FactoryToKgs, KgsToFactory]
     schema = msgspec.json.schema_components(unions, schema_hook=lambda t: {"any": repr(t)})
     return hashlib.sha256(json.dumps(schema, sort_keys=True, default=str).encode()).hexdigest()

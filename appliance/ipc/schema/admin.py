@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .gateway import *  # each link module sees the messages of those before it
 from .common import _Msg
+from .kgs import *  # noqa: F403 - the KGS's link and its admin requests (a module of its own, issue 18)
 
 
 # ---------------------------------------------------------------- admin clients -> Factory
@@ -482,6 +483,7 @@ AdminRequest = Union[
     AKeysBackup, AKeysBackupFetch,
     AEnrolSecretCreate, AEnrolSecretList, AEnrolSecretRevoke, AEnrolWaiting, AEnrolDecide,
     AAcmeEabAdd, AAcmeEabList, AAcmeEabRevoke,
+    AKgsPersonalise, AKgsCards, AKgsLetters, AKgsLetterStatus, AKgsReprint, AKgsRecover, AKgsRecoverTake,
 ]
 
 
@@ -747,7 +749,8 @@ class EabListReply(_Reply, tag="eab-list-reply"):
 
 TypedReply = Union[RevokeReply, UnrevokeReply, CertReply, CertListReply, CaReply, CaListReply, CaExportReply,
                    CaSignCsrReply, LoginReply, LogoutReply, OfficerReply, OfficerListReply, EabReply, EabListReply,
-                   KeysBackupReply, EnrolSecretReply, EnrolSecretListReply, EnrolWaitReply]
+                   EnrolSecretReply, EnrolSecretListReply, EnrolWaitReply, KeysBackupReply,
+                   KgsCardsReply, KgsPersonaliseReply, KgsLettersReply, KgsCardReply, KgsRecoverReply, KgsP12Reply]
 
 
 AdminReply = Union[Hello, Reply, IssueReply, BlobChunk, Refused, TypedReply]

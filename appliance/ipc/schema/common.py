@@ -20,7 +20,7 @@ Reason = Annotated[int, msgspec.Meta(ge=0, le=10)]
 Attr = tuple[Annotated[str, msgspec.Meta(max_length=32)], Annotated[str, msgspec.Meta(max_length=256)]]
 
 LinkName = Literal["sup-cis", "sup-factory", "factory-cis", "admin", "sup-ocsp", "factory-ocsp", "sup-snmp",
-                   "sup-distribution", "factory-distribution", "sup-gateway", "factory-gateway"]
+                   "sup-distribution", "factory-distribution", "sup-gateway", "factory-gateway", "sup-kgs", "factory-kgs"]
 
 
 class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="t"):

@@ -69,6 +69,8 @@ class FactoryConfig(_Msg, tag="factory-config"):
     gateway_profiles: tuple[tuple[Name, Annotated[str, msgspec.Meta(max_length=64)]], ...] = ()
     gateway_name_patterns: tuple[Annotated[str, msgspec.Meta(max_length=253)], ...] = ()
     gateway_tls_names: tuple[Annotated[str, msgspec.Meta(max_length=253)], ...] = ()  # its own server certificate
+    # The KGS's card profiles (TOML): the Factory certifies only the slots, CAs and profiles they name.
+    card_profiles: dict[Name, Annotated[str, msgspec.Meta(max_length=65536)]] = {}
     standby: bool = False  # ship every commit to the standby CMDB (HOME/cmdb/standby) before acknowledging
 
 
@@ -81,7 +83,7 @@ class AutoActivate(_Msg, tag="auto-activate"):
 class NewLink(_Msg, tag="new-link"):
     """A restarted role's link, its descriptor attached (SCM_RIGHTS): the receiver drops the old one."""
 
-    link: Literal["factory-ocsp", "factory-distribution", "factory-gateway"]
+    link: Literal["factory-ocsp", "factory-distribution", "factory-gateway", "factory-kgs"]
     role: Name = "ocsp"  # which process ("ocsp", "ocsp.1", ..., "distribution")
 
 
