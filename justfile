@@ -60,6 +60,10 @@ lint:
 torture *ARGS:
     DONJON_KILL_CYCLES={{env_var_or_default("DONJON_KILL_CYCLES", "1000")}} {{venv}}/python -m pytest tests/integration/test_crash.py -m slow {{ARGS}}
 
+# CMP's long runs: the openssl cmp flows against the protocol layer alone and a 5,000-mutation PKIMessage fuzz (-m slow)
+cmp-slow *ARGS:
+    {{venv}}/python -m pytest tests/unit/test_cmp_openssl.py -m slow {{ARGS}}
+
 # The ACME server judged by real clients: certbot, lego (http-01, tls-alpn-01, dns-01, EAB), uacme (key rollover), dehydrated; about 2 minutes
 acme-clients *ARGS:
     {{venv}}/python -m pytest tests/integration/test_gateway.py -m slow {{ARGS}}

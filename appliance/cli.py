@@ -1381,6 +1381,90 @@ def keys_recover(blob: Annotated[str, typer.Option(help="The key backup (keys-ba
                f"Start it with: donjon run --home {home}")
 
 
+# ---------------------------------------------------------------- CMP (the gateway's /.well-known/cmp)
+
+cmp_app = typer.Typer(help="CMP: credentials for devices and RAs, enrolments waiting for an officer.", no_args_is_help=True)
+app.add_typer(cmp_app, name="cmp")
+
+
+@cmp_app.command("add")
+def cmp_add(ca: Annotated[str, typer.Option("--ca", help="The CA enrolments under this credential get certificates from.")],
+            profile: Annotated[str, typer.Option("--profile", help="The profile they are issued under.")],
+            ref: Annotated[Optional[str], typer.Option("--ref", help="The reference number (default: 10 random digits).")] = None,
+            subject: Annotated[Optional[str], typer.Option("--subject", help="The one subject allowed (RFC 4514, e.g. CN=router-7).")] = None,
+            uses: Annotated[int, typer.Option("--uses", help="Enrolments the secret allows.")] = 1,
+            days: Annotated[int, typer.Option("--days", help="Days the credential is valid.")] = 7,
+            approval: Annotated[bool, typer.Option("--approval", help="Each enrolment waits for another officer's approval.")] = False,
+            ra_cert: Annotated[Optional[str], typer.Option("--ra-cert", help="Register this RA certificate (PEM/DER) instead of making a secret.")] = None,
+            home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Issue a CMP shared secret (shown once) or register an RA certificate.
+
+    Example: donjon cmp add --ca issuing --profile tls-client --subject CN=router-7
+    """
+    der = None
+    if ra_cert:
+        try:
+            from cryptography import x509
+            from cryptography.hazmat.primitives.serialization import Encoding
+            data = open(ra_cert, "rb").read()
+            cert = x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
+            der = cert.public_bytes(Encoding.DER)
+        except (OSError, ValueError) as e:
+            fail(f"--ra-cert {ra_cert}: {e}")
+    doc = call(home, S.ACmpCredentialAdd, ca=ca, profile=profile, ref=ref, subject=subject, uses=uses, days=days, approval=approval, ra_cert=der)
+    if emit_json(doc, as_json):
+        return
+    if doc.get("secret"):
+        typer.echo(f"reference {doc['ref']}  secret {doc['secret']}  (for {doc['ca']}/{doc['profile']}; shown once)")
+    else:
+        typer.echo(f"RA {doc['ref']} registered for {doc['ca']}/{doc['profile']}")
+
+
+@cmp_app.command("list")
+def cmp_list(home: Home = "./var", as_json: JsonOut = False) -> None:
+    """CMP credentials (never their secrets). Example: donjon cmp list"""
+    doc = call(home, S.ACmpCredentialList)
+    if emit_json(doc, as_json):
+        return
+    lines_or([f"{c['ref']:<16} {c['kind']:<6} {c['ca']}/{c['profile']} uses-left={c['uses_left']} failures={c['failures']}"
+              f"{' approval' if c['approval'] else ''}{' REVOKED' if c.get('revoked') else ''}" for c in doc["credentials"]], "no CMP credentials")
+
+
+@cmp_app.command("revoke")
+def cmp_revoke(ref: str, home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Withdraw a CMP credential. Example: donjon cmp revoke 0123456789"""
+    doc = call(home, S.ACmpCredentialRevoke, ref=ref)
+    if not emit_json(doc, as_json):
+        typer.echo(f"CMP credential {ref} revoked")
+
+
+@cmp_app.command("requests")
+def cmp_requests(all_: Annotated[bool, typer.Option("--all", help="Also decided requests.")] = False,
+                 home: Home = "./var", as_json: JsonOut = False) -> None:
+    """CMP enrolments waiting for an officer. Example: donjon cmp requests"""
+    doc = call(home, S.ACmpRequestList, open_only=not all_)
+    if emit_json(doc, as_json):
+        return
+    lines_or([f"#{r['id']:<5} {r['state']:<8} {r['ca']}/{r['profile']} {r['subject'].replace(chr(10), ',')} by {r['ref']}"
+              f"{' serial ' + r['serial'] if r.get('serial') else ''}" for r in doc["requests"]], "no CMP requests")
+
+
+@cmp_app.command("approve")
+def cmp_approve(request: int, home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Approve a waiting CMP enrolment (not by the officer who issued its credential). Example: donjon cmp approve 3"""
+    doc = call(home, S.ACmpDecide, request=request, approve=True)
+    if not emit_json(doc, as_json):
+        typer.echo(f"CMP request #{request} approved: the device gets its certificate at its next poll")
+
+
+@cmp_app.command("reject")
+def cmp_reject(request: int, reason: Annotated[str, typer.Option("--reason", help="Told to the device.")] = "refused by an officer",
+               home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Reject a waiting CMP enrolment. Example: donjon cmp reject 3 --reason 'unknown device'"""
+    doc = call(home, S.ACmpDecide, request=request, approve=False, reason=reason)
+    if not emit_json(doc, as_json):
+        typer.echo(f"CMP request #{request} rejected")
+
 # ---------------------------------------------------------------- the KGS
 
 

@@ -17,7 +17,9 @@
    scepclient), SCEP beside micromdm's scepserver under the same client.
 7. Card personalisation (bench.kgs): cards/minute for a batch of 20 (--quick 10), keys on the card
    against the encryption key made in the HSM, beside softhsm2-util + pkcs11-tool doing the keys alone.
-8. Standby CMDB (bench.standby): issuance with [cmdb] standby on and off (group commits, and one commit
+8. CMP on the gateway (--only gateway, bench.gateway_cmp): enrolments/s at 1 and 16 `openssl cmp` clients (bench.gateway_cmp)
+   against OpenSSL's own mock CMP server.
+9. Standby CMDB (bench.standby): issuance with [cmdb] standby on and off (group commits, and one commit
    per certificate), the ratio on/off.
 A readable table goes to stdout, everything measured to bench/out/results.json. Progress goes to stderr.
 """
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
         if a.only in (None, "dist"):
             results["dist"] = dist.run(work, 500 if a.quick else 2000, a.dist_backlog or (2000 if a.quick else 10_000))
             tables.append(dist.table(results["dist"]))
-        if a.only in (None, "acme"):
+        if a.only in (None, "acme", "gateway"):
             results["acme"] = acme.run(work, a.acme_seconds or (5.0 if a.quick else 10.0), a.acme_open or (2000 if a.quick else 10_000))
             tables.append(acme.table(results["acme"]))
         if a.only in (None, "gateway"):

@@ -169,6 +169,12 @@ def _tenant(ctx: Ctx, req) -> Awaitable[dict[str, Any]]:
     return ctx.f.tenants.admin(req, ctx.actor)
 
 
+async def _cmp_decide(ctx: Ctx, req: S.ACmpDecide) -> S.CmpRequestListReply:
+    conn = _conn(ctx)
+    officer = conn.session.officer if getattr(conn, "session", None) is not None else ""  # type: ignore[attr-defined]
+    return await ctx.f.cmp.decide(req.request, req.approve, req.reason, officer, ctx.actor)
+
+
 async def _kgs_recover(ctx: Ctx, req: S.AKgsRecover) -> S.KgsRecoverReply:
     approvers = None
     if ctx.conn is None:  # the last approval of a filed request: officers.approve names them in the actor it passes
@@ -276,6 +282,12 @@ TABLE: dict[type, AdminOp] = {
     S.AShutdown: AdminOp(ADMIN, None, _shutdown, R),
     # HOME/donjon.toml, written by the supervisor on the Factory's audited request
     S.AConfigSet: AdminOp(ADMIN, None, lambda c, r: c.f.config_set(r.key, r.value, c.actor), R),
+    # CMP (issue 17): credentials officers give devices and RAs; enrolments that wait for a second officer
+    S.ACmpCredentialAdd: AdminOp(OPER, None, lambda c, r: c.f.cmp.credential_add(r, c.actor), S.CmpCredentialReply),
+    S.ACmpCredentialList: AdminOp(ANY, None, lambda c, r: c.f.cmp.credential_list(), S.CmpCredentialListReply),
+    S.ACmpCredentialRevoke: AdminOp(OPER, None, lambda c, r: c.f.cmp.credential_revoke(r.ref, c.actor), S.CmpCredentialListReply),
+    S.ACmpRequestList: AdminOp(ANY, None, lambda c, r: c.f.cmp.request_list(r.open_only), S.CmpRequestListReply),
+    S.ACmpDecide: AdminOp(OPER, None, _cmp_decide, S.CmpRequestListReply, session_bound=True),
     # EST/SCEP enrolment secrets: operators hand them to devices; the Factory spends them (enrolsecrets.py)
     S.AEnrolSecretCreate: AdminOp(OPER, None, _enrol_secret, S.EnrolSecretReply),
     S.AEnrolSecretRevoke: AdminOp(OPER, None, _enrol_secret, S.EnrolSecretReply),

@@ -291,15 +291,56 @@ _MIGRATIONS[10] = """
 # checks bindings itself), which certificate each gateway credential obtained (revocation by account),
 # and a small key-value store the gateway may keep here.
 _MIGRATIONS[11] = """
-    CREATE TABLE gateway_eab (kid TEXT PRIMARY KEY, hmac_key BLOB NOT NULL, created_by TEXT NOT NULL,
+    CREATE TABLE IF NOT EXISTS gateway_eab (kid TEXT PRIMARY KEY, hmac_key BLOB NOT NULL, created_by TEXT NOT NULL,
         created_at INTEGER NOT NULL, profiles TEXT NOT NULL DEFAULT '', name_patterns TEXT NOT NULL DEFAULT '',
         account TEXT, bound_at INTEGER, revoked_at INTEGER);
-    CREATE TABLE gateway_issued (ca TEXT NOT NULL, serial BLOB NOT NULL, protocol TEXT NOT NULL,
+    CREATE TABLE IF NOT EXISTS gateway_issued (ca TEXT NOT NULL, serial BLOB NOT NULL, protocol TEXT NOT NULL,
         credential TEXT NOT NULL, replaces TEXT, PRIMARY KEY (ca, serial));
-    CREATE INDEX gateway_issued_by ON gateway_issued (credential);
-    CREATE TABLE gateway_state (ns TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, PRIMARY KEY (ns, key));
+    CREATE INDEX IF NOT EXISTS gateway_issued_by ON gateway_issued (credential);
+    CREATE TABLE IF NOT EXISTS gateway_state (ns TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, PRIMARY KEY (ns, key));
     """
-_MIGRATIONS[12] = "SELECT 1"
+# Migration 12, CMP (issue 17): the credentials officers issue to devices and RAs (a shared secret by
+# reference number, kept in the encrypted CMDB because a PasswordBasedMac/PBMAC1 check needs it in clear
+# with the client's salt: no hash would do; or an RA certificate), enrolments that wait for a second
+# officer, and which credential obtained which certificate (an rr under a MAC may revoke only those).
+_MIGRATIONS[12] = """
+    CREATE TABLE IF NOT EXISTS cmp_credentials(
+        ref TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('secret', 'ra')),
+        secret BLOB,
+        ra_cert BLOB,
+        ca TEXT NOT NULL,
+        profile TEXT NOT NULL,
+        subject TEXT,
+        approval INTEGER NOT NULL DEFAULT 0,
+        uses_left INTEGER NOT NULL,
+        created INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        expires INTEGER NOT NULL,
+        failures INTEGER NOT NULL DEFAULT 0,
+        revoked INTEGER
+    );
+    CREATE TABLE IF NOT EXISTS cmp_requests(
+        id INTEGER PRIMARY KEY,
+        ref TEXT NOT NULL,
+        ca TEXT NOT NULL,
+        profile TEXT NOT NULL,
+        spki BLOB NOT NULL,
+        subject TEXT NOT NULL,
+        sans TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('waiting', 'issued', 'rejected', 'failed')),
+        decided_by TEXT,
+        reason TEXT,
+        serial BLOB
+    );
+    CREATE TABLE IF NOT EXISTS cmp_issued(
+        ca TEXT NOT NULL,
+        serial BLOB NOT NULL,
+        ref TEXT NOT NULL,
+        PRIMARY KEY (ca, serial)
+    ) WITHOUT ROWID;
+    """
 # 13: the KGS (issue 18). A card's record is written before each step it names (started -> keys -> certs
 # -> pins -> done, or failed): no card is half-made without a record saying so. Sealed columns are
 # encrypted under the KGS's HSM key (the Factory never sees those secrets); `pending` holds the new PIN

@@ -30,6 +30,7 @@ from policy import profiles as profmod
 from policy.errors import PolicyError
 
 from .cmdb import serial_bytes, serial_int
+from .cmp import CMP_REQUESTS
 from .errors import FactoryError, _log
 from .gwestscep import EstScepGate
 from .gwestscep import KINDS as ESTSCEP_KINDS
@@ -71,6 +72,7 @@ def new_serial() -> int:
 class GatewayService:
     def __init__(self, host: GatewayHost):
         self.h = host
+        self.extra: Callable[[Any], Awaitable[Any]] | None = None  # another protocol's messages (CMP: factory/cmp.py)
         self.stats = {"issued": 0, "refused": 0}
         self.estscep = EstScepGate(host, self.issue_admitted)
 
@@ -140,6 +142,8 @@ class GatewayService:
             return await self.state_get(msg)
         if isinstance(msg, S.GwStatePut):
             return await self.state_put(msg)
+        if self.extra is not None and isinstance(msg, CMP_REQUESTS):
+            return await self.extra(msg)
         raise ProtocolViolation(f"factory-gateway: unexpected {type(msg).__name__}")
 
     # ------------------------------------------------------------ enrolment

@@ -23,6 +23,7 @@ from .checkpoints import Checkpoints
 from .kgs import KgsLink
 from .cis_link import CisLink
 from .cmdb import CmdbError
+from .cmp import CmpHost, CmpService
 from .gateway import GatewayHost, GatewayService
 from .officers import Conn, Officers
 from .service import Factory, FactoryError, _log
@@ -242,6 +243,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         f.checkpoints = Checkpoints(f.store, f.cis, cfg.checkpoint_seconds, f.send_event)
         gateway.append(GatewayService(GatewayHost(f.store, cfg, f.profiles, f.issue, f.issuance.issue_one, f.revoke, f.check_issuer,
                                                   f.ca_chain, f.audit)))
+        f.cmp = CmpService(CmpHost(f.store, f.profiles, f.issuance.issue_one, f.revoke, f.check_issuer, f.ca_chain, f.audit))
+        gateway[0].extra = f.cmp.answer  # CMP's messages on the gateway link
         f.estscep = gateway[0].estscep  # officers decide EST/SCEP enrolments waiting for approval through the admin API
         from policy.cards import load_card_profile_text
         card_profiles = {n: load_card_profile_text(n, t, profiles) for n, t in cfg.card_profiles.items()}

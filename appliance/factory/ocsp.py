@@ -228,10 +228,13 @@ class OcspProducer:
             raise ProtocolViolation(f"factory-ocsp: expected OcspResume, got {type(resume).__name__}")
         while f.db is None:  # nothing to feed before activation; the endpoint serves its own store
             await trio.sleep(0.2)
-        f.ocsp_feeds[role] = chan
-        for name, _, _, _, der in [tuple(r) for r in await f.run_db(lambda: f.db.db.execute(
-                "SELECT name, key_type, parent, profile, cert FROM cas").fetchall())]:
+        cas = [tuple(r) for r in await f.run_db(lambda: f.db.db.execute("SELECT name, key_type, parent, profile, cert FROM cas").fetchall())]
+        for name, _, _, _, der in cas:
             await self.publish(S.PublishCa(ca=name, cert=der), chan)
+        # Live publication only once the endpoint knows every CA: a response signed meanwhile (an issuance
+        # right after activation) must not reach it before its CA (it would be a protocol violation there).
+        f.ocsp_feeds[role] = chan
+        for name, *_ in cas:
             number = await f.run_db(lambda n=name: f.db.db.execute("SELECT max(number) FROM crls WHERE ca=?", (n,)).fetchone()[0])
             if number:
                 await self.publish_crl(name, number, chan)

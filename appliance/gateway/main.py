@@ -62,6 +62,9 @@ def routes(ctx: Context) -> list[Route]:
         out += acme.routes(ctx, ACME_BODY_CAP)
     else:
         out.append(Route("/acme/", not_implemented("ACME")))
+    if "cmp" in ctx.cfg.protocols:
+        from .cmp import route as cmp  # imported here, before the drop (routes() runs in setup)
+        out += cmp.routes(ctx)
     if {"est", "scep"} & set(ctx.cfg.protocols) and ctx.cfg.estscep is not None:
         from . import estscep  # imported here, before the drop
         out += estscep.routes(ctx)

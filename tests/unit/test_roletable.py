@@ -45,7 +45,7 @@ def test_every_role_entry_is_complete_and_consistent():
     # seccomp: socket() for the two roles that connect out (publication; ACME/CMP validation traffic) alone
     assert {r.name for r in ROLES.values() if r.may_open_sockets} == {"distribution", "gateway"}
     # Stop order: the Factory's clients first, then the Factory (it closes the CMDB), then the CIS.
-    assert [r.name for r in sorted(ROLES.values(), key=lambda r: r.stop_order)] == ["ocsp", "gateway", "distribution", "snmp", "factory", "cis"]
+    assert [r.name for r in sorted(ROLES.values(), key=lambda r: r.stop_order)] == ["ocsp", "gateway", "distribution", "kgs", "snmp", "factory", "cis"]
 
 
 @pytest.fixture

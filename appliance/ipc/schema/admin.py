@@ -413,6 +413,43 @@ class ACeremonyRecord(_Msg, tag="ceremony-record"):
     operations: Annotated[list[CeremonyOperation], msgspec.Meta(max_length=4096)] = []
 
 
+class ACmpCredentialAdd(_Msg, tag="cmp-credential-add"):
+    """A CMP credential for a device (a shared secret, returned once, by reference number) or an RA (its
+    certificate): the CA and profile its enrolments get, optionally one subject, and whether each enrolment
+    waits for the approval of an officer other than the one issuing it."""
+
+    id: ReqId
+    ca: Name
+    profile: Name
+    ref: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] | None = None
+    subject: Annotated[str, msgspec.Meta(max_length=512)] | None = None  # RFC 4514
+    uses: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1
+    days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 7
+    approval: bool = False
+    ra_cert: Der | None = None
+
+
+class ACmpCredentialList(_Msg, tag="cmp-credential-list"):
+    id: ReqId
+
+
+class ACmpCredentialRevoke(_Msg, tag="cmp-credential-revoke"):
+    id: ReqId
+    ref: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class ACmpRequestList(_Msg, tag="cmp-request-list"):
+    id: ReqId
+    open_only: bool = True
+
+
+class ACmpDecide(_Msg, tag="cmp-decide"):
+    """Approve (issue) or reject a CMP enrolment that waits for an officer."""
+
+    id: ReqId
+    request: Annotated[int, msgspec.Meta(ge=1)]
+    approve: bool
+    reason: Annotated[str, msgspec.Meta(max_length=400)] = ""
 # ---------------------------------------------------------------- EST/SCEP enrolment secrets (officers make them)
 
 
@@ -481,6 +518,7 @@ AdminRequest = Union[
     AOfficerUnlockShares, APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
     ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, ACeremonyBegin, ACeremonyWitness, ACeremonyRecords, AConfigSet,
     AKeysBackup, AKeysBackupFetch,
+    ACmpCredentialAdd, ACmpCredentialList, ACmpCredentialRevoke, ACmpRequestList, ACmpDecide,
     AEnrolSecretCreate, AEnrolSecretList, AEnrolSecretRevoke, AEnrolWaiting, AEnrolDecide,
     AAcmeEabAdd, AAcmeEabList, AAcmeEabRevoke,
     AKgsPersonalise, AKgsCards, AKgsLetters, AKgsLetterStatus, AKgsReprint, AKgsRecover, AKgsRecoverTake,
@@ -674,6 +712,53 @@ class KeysBackupReply(_Reply, tag="keys-backup-reply"):
     shares: Annotated[list[Annotated[str, msgspec.Meta(max_length=1200)]], msgspec.Meta(max_length=16)] | None = None
 
 
+class CmpCredentialReply(_Reply, tag="cmp-credential-reply"):
+    id: ReqId
+    ref: str
+    kind: str
+    ca: str
+    profile: str
+    expires: int
+    secret: str | None = None  # shown once, at creation; never stored anywhere but the CMDB
+
+
+class CmpCredentialInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    ref: str
+    kind: str
+    ca: str
+    profile: str
+    approval: bool
+    uses_left: int
+    created: int
+    created_by: str
+    expires: int
+    failures: int
+    subject: str | None = None
+    revoked: int | None = None
+
+
+class CmpCredentialListReply(_Reply, tag="cmp-credential-list-reply"):
+    id: ReqId
+    credentials: list[CmpCredentialInfo]
+
+
+class CmpRequestInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    id: int
+    ref: str
+    ca: str
+    profile: str
+    subject: str
+    sans: str
+    created: int
+    state: str
+    decided_by: str | None = None
+    reason: str | None = None
+    serial: str | None = None
+
+
+class CmpRequestListReply(_Reply, tag="cmp-request-list-reply"):
+    id: ReqId
+    requests: list[CmpRequestInfo]
 class EnrolSecretReply(_Reply, tag="enrol-secret-reply"):
     """enrol-secret-create (everything; `secret` shown this once) and -revoke (ref, revoked)."""
 
@@ -749,6 +834,7 @@ class EabListReply(_Reply, tag="eab-list-reply"):
 
 TypedReply = Union[RevokeReply, UnrevokeReply, CertReply, CertListReply, CaReply, CaListReply, CaExportReply,
                    CaSignCsrReply, LoginReply, LogoutReply, OfficerReply, OfficerListReply, EabReply, EabListReply,
+                   CmpCredentialReply, CmpCredentialListReply, CmpRequestListReply,
                    EnrolSecretReply, EnrolSecretListReply, EnrolWaitReply, KeysBackupReply,
                    KgsCardsReply, KgsPersonaliseReply, KgsLettersReply, KgsCardReply, KgsRecoverReply, KgsP12Reply]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .tenants import *  # each link module sees the messages of those before it
+from .cmp import *  # each link module sees the messages of those before it
 from .common import _Msg
 
 # ---------------------------------------------------------------- supervisor <-> gateway
@@ -266,7 +266,8 @@ class GwBlob(_Msg, tag="gw-blob"):
 
 
 GatewayToFactory = Union[Hello, GwEnroll, GwPoll, GwRevoke, GwCertStatus, GwEabCheck, GwTlsRequest, GwStateGet, GwStatePut,
-                         GwChainRequest, GwRaRequest, GwFetch]
+                         GwChainRequest, GwRaRequest, GwFetch,
+                         CmpCheck, CmpEnroll, CmpPoll, CmpConfirm, CmpRevoke, CmpInfo, CmpProtectionCert]
 
 FactoryToGateway = Union[Hello, GwIssued, GwPending, GwRefused, GwRevoked, GwCertInfo, GwEabResult, GwState, Ok,
-                         GwChain, GwBlob]
+                         GwChain, GwBlob, CmpChecked, CmpInfoReply]
