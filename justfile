@@ -47,9 +47,12 @@ demo:
 run *ARGS:
     {{venv}}/donjon run --home "{{home}}" {{ARGS}}
 
-# Run the whole test suite (pass pytest arguments through: just test -k crl); kill -9 at 10 cycles
+# Run the whole test suite (pass pytest arguments through: just test -k crl); kill -9 at 10 cycles.
+# In parallel (pytest-xdist): DONJON_TEST_WORKERS processes (3: appliance tests wait on fsync and on
+# their roles as much as they compute), one test module per worker at a time (--dist loadscope), so
+# that a module's fixtures (module_appliance, slapd) live in one worker. DONJON_TEST_WORKERS=0: serial.
 test *ARGS:
-    {{venv}}/python -m pytest {{ARGS}}
+    {{venv}}/python -m pytest -n {{env_var_or_default("DONJON_TEST_WORKERS", "3")}} --dist loadscope {{ARGS}}
 
 # Lint: ruff over the tree, mypy over policy/, appliance/ipc/, the CMDB module and the store (config in pyproject.toml)
 lint:

@@ -124,9 +124,8 @@ class AdminClient:
         try:
             return rid, self._recv(rid)
         except ClientError as e:
-            # An activation refused for a wrong PIN or share is an "auth" refusal too: it was not for want
-            # of a session, so it is no cue for the deferred login.
-            if e.code != "auth" or self.deferred_login is None or self.session is not None or cls in NO_SESSION:
+            # Only the Factory's "login-required" refusal is the cue: a wrong PIN or share ("auth") is not.
+            if e.code != "login-required" or self.deferred_login is None or self.session is not None:
                 raise
         officer, password, otp = self.deferred_login
         self.deferred_login = None
@@ -203,9 +202,6 @@ def save_session(home: str, token: str | None) -> None:
         os.rename(tmp, path)
     except OSError:
         pass
-
-
-NO_SESSION = (S.AActivate, S.AActivateShares, S.AStatus)  # answered without an officer session
 
 
 def connect(home: str, timeout: float | None = 600) -> AdminClient:

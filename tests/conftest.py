@@ -3,6 +3,8 @@ encrypted CMDB in a temporary DONJON_HOME, driven through the real CLI and admin
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
 import signal
@@ -19,6 +21,39 @@ DATA = REPO / "tests" / "data"
 VENV_BIN = Path(sys.executable).parent
 # DONJON_BIN=/path/to/dist/donjon/donjon runs every appliance test against the frozen bundle.
 DONJON_BIN = os.environ.get("DONJON_BIN") or None
+
+
+def pytest_configure(config):
+    # Test workers (pytest-xdist, `just test`) share the machine: the role users are made once, here in
+    # the controller before any worker starts (not by two appliances' concurrent `useradd`s), and the
+    # init-once templates live in one folder for the whole run (each variant initialised by one worker).
+    if hasattr(config, "workerinput"):
+        return
+    if os.geteuid() == 0:
+        from appliance import privdrop
+        from appliance.roletable import ROLES
+        privdrop.ensure_role_users(ROLES)
+    base = tempfile.mkdtemp(prefix="donjon-templates-")
+    os.chmod(base, 0o711)
+    os.environ[TEMPLATES_ENV] = config._donjon_templates = base  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config):
+    base = getattr(config, "_donjon_templates", None)
+    if base:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+TEMPLATES_ENV = "DONJON_TEST_TEMPLATES"
+# The longest modules (`just test --durations=60`) are collected first: with --dist loadscope a worker
+# takes modules in collection order, so none is left alone with a long one at the end of the run.
+LONG_MODULES = ("test_frozen.py", "test_distribution.py", "test_crash.py", "test_console.py", "test_ocsp.py", "test_audit.py",
+                "test_revocation.py", "test_officers.py", "test_lifecycle.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
 
 
 def _world_readable_source() -> str:
@@ -286,44 +321,56 @@ def _variant(ceremony: Path, config: str, officers: dict[str, str] | None, user:
 def home_templates(src_path):
     """`donjon init` once per variant (ceremony, config, officers, mode) and per rank within a test
     (a test's second appliance of a variant gets other keys than its first): state folders that are
-    never started, only copied. Init is most of an appliance's start-up."""
-    base = Path(tempfile.mkdtemp(prefix="donjon-templates-"))
-    os.chmod(base, 0o711)
+    never started, only copied. Init is most of an appliance's start-up. The folder is the run's (see
+    pytest_configure): the first worker to want a variant makes it under a lock, the others copy it."""
+    base = Path(os.environ.get(TEMPLATES_ENV) or tempfile.mkdtemp(prefix="donjon-templates-"))
     made: dict[tuple, Appliance] = {}
-    tries = iter(range(1 << 30))  # a failed init leaves its folder: the next try gets a new one
 
     def get(key: tuple, ceremony: Path, user: str | None, bin: str | None, config: str,
             officers: dict[str, str] | None) -> Appliance:
         if key not in made:
-            t = Appliance(base / f"t{next(tries)}", src_path, user=user, bin=bin)
-            t.init(ceremony, config=config, officers=officers)
+            name = "t" + hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+            t = Appliance(base / name, src_path, user=user, bin=bin)
+            with open(base / f"{name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this worker dies
+                if (base / f"{name}.ready").exists():
+                    t.officers = dict(OFFICERS if officers is None else officers)
+                else:
+                    shutil.rmtree(t.home, ignore_errors=True)  # a failed try of another worker
+                    t.init(ceremony, config=config, officers=officers)
+                    (base / f"{name}.ready").touch()
             made[key] = t
         return made[key]
 
     yield get
-    shutil.rmtree(base, ignore_errors=True)
+    if TEMPLATES_ENV not in os.environ:
+        shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture
-def appliance_factory(tmp_path, src_path, homes, home_templates):
-    made: list[Appliance] = []
-    ranks: dict[tuple, int] = {}
+class ApplianceMaker:
+    """Makes appliances under one base folder (a copy of an init-once template, or a real init where a
+    template cannot stand in) and stops them all at the end of its scope."""
 
-    def make(ceremony: Path | None = None, start: bool = True, user: str | None = None, config: str = "",
-             officers: dict[str, str] | None = None, init_args: tuple[str, ...] = (), bin: str | None = None,
-             **kw) -> Appliance:
-        home = homes / f"home{len(made)}"
-        a = Appliance(home, src_path, user=user, bin=bin)
-        made.append(a)
-        ceremony = ceremony or make_ceremony(tmp_path / f"ceremony{len(made)}.toml", **kw)
+    def __init__(self, base: Path, scratch: Path, src: str, templates):
+        self.base, self.scratch, self.src, self.templates = base, scratch, src, templates
+        self.made: list[Appliance] = []
+        self.ranks: dict[tuple, int] = {}
+
+    def __call__(self, ceremony: Path | None = None, start: bool = True, user: str | None = None, config: str = "",
+                 officers: dict[str, str] | None = None, init_args: tuple[str, ...] = (), bin: str | None = None,
+                 **kw) -> Appliance:
+        home = self.base / f"home{len(self.made)}"
+        a = Appliance(home, self.src, user=user, bin=bin)
+        self.made.append(a)
+        ceremony = ceremony or make_ceremony(self.scratch / f"ceremony{len(self.made)}.toml", **kw)
         # A real init each time where a template cannot stand in: init options may write outside the
         # folder (--shares-dir), and a folder the test seeded before init (its own profiles) is read by it.
         if init_args or (home.exists() and any(home.iterdir())):
             a.init(ceremony, config=config, officers=officers, extra=init_args)
         else:
             variant = _variant(ceremony, config, officers, user, bin)
-            ranks[variant] = ranks.get(variant, -1) + 1
-            t = home_templates((*variant, ranks[variant]), ceremony, user, bin, config, officers)
+            self.ranks[variant] = self.ranks.get(variant, -1) + 1
+            t = self.templates((*variant, self.ranks[variant]), ceremony, user, bin, config, officers)
             copy_home(t.home, home)
             a.template = t.home
             a.officers = dict(t.officers)
@@ -331,9 +378,16 @@ def appliance_factory(tmp_path, src_path, homes, home_templates):
             a.start()
         return a
 
+    def stop_all(self) -> None:
+        for a in self.made:
+            a.stop()
+
+
+@pytest.fixture
+def appliance_factory(tmp_path, src_path, homes, home_templates):
+    make = ApplianceMaker(homes, tmp_path, src_path, home_templates)
     yield make
-    for a in made:
-        a.stop()
+    make.stop_all()
 
 
 @pytest.fixture
@@ -342,23 +396,32 @@ def appliance(appliance_factory):
 
 
 @pytest.fixture(scope="module")
-def shared_appliance(src_path, home_templates):
+def module_appliance_factory(tmp_path_factory, src_path, home_templates):
+    """`appliance_factory` for a whole module: the appliances it makes run until the module's last test.
+    For tests that only observe, or that each change only what no other test of the module looks at
+    (their own certificates, their own officer): one start instead of one per test."""
+    base = Path(tempfile.mkdtemp(prefix="donjon-test-"))
+    os.chmod(base, 0o711)
+    make = ApplianceMaker(base, tmp_path_factory.mktemp("module"), src_path, home_templates)
+    try:
+        yield make
+    finally:
+        make.stop_all()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def module_appliance(module_appliance_factory):
+    """One running appliance of the default variant for every test of a module (see module_appliance_factory)."""
+    return module_appliance_factory()
+
+
+@pytest.fixture(scope="module")
+def shared_appliance(module_appliance):
     """One running appliance of the default variant for the tests of a module that only observe it:
     none of them may change what another looks at (a test that stops, kills or reconfigures takes
     `appliance`)."""
-    base = Path(tempfile.mkdtemp(prefix="donjon-test-"))
-    os.chmod(base, 0o711)
-    ceremony = make_ceremony(base / "ceremony.toml")
-    t = home_templates((*_variant(ceremony, "", None, None, None), 0), ceremony, None, None, "", None)
-    a = Appliance(base / "shared", src_path)
-    copy_home(t.home, a.home)
-    a.template, a.officers = t.home, dict(t.officers)
-    try:
-        a.start()
-        yield a
-    finally:
-        a.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    return module_appliance
 
 
 def openssl(*args: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess:

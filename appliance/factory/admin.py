@@ -126,9 +126,9 @@ async def _dist_retry(ctx: Ctx, req: S.ADistRetry) -> dict[str, Any]:
 
 
 async def _reconcile(ctx: Ctx, req: S.AReconcile) -> dict[str, Any]:
-    db = ctx.f._require_active()
-    rows = await ctx.f.run_db(lambda: db.db.execute(
-        "SELECT seq, ts, object, detail FROM audit WHERE action='reconcile' ORDER BY seq").fetchall())
+    st = ctx.f.store
+    st.require_active()
+    rows = await st.run(st.reconciled)
     return {"voided": [{"seq": r[0], "ts": r[1], "object": r[2], "detail": r[3]} for r in rows]}
 
 
@@ -219,9 +219,9 @@ async def _eab(ctx: Ctx, req) -> Any:
 
 
 TABLE: dict[type, AdminOp] = {
-    S.AStatus: AdminOp(PUBLIC, None, lambda c, r: c.f.status(), R),
-    S.AActivate: AdminOp(PUBLIC, None, lambda c, r: c.f.activate(r.pin, c.actor), R),
-    S.AActivateShares: AdminOp(PUBLIC, None, lambda c, r: c.f.activate_shares(r.shares, c.actor), R),
+    S.AStatus: AdminOp(PUBLIC, None, lambda c, r: c.f.status(), S.StatusReply),
+    S.AActivate: AdminOp(PUBLIC, None, lambda c, r: c.f.activate(r.pin, c.actor), S.ActivateReply),
+    S.AActivateShares: AdminOp(PUBLIC, None, lambda c, r: c.f.activate_shares(r.shares, c.actor), S.ActivateReply),
     S.ALogin: AdminOp(PUBLIC, None, lambda c, r: c.f.officers.login(_conn(c), r), S.LoginReply, session_bound=True),
     S.AResume: AdminOp(PUBLIC, None, lambda c, r: c.f.officers.resume(_conn(c), r.token), S.LoginReply, session_bound=True),
     S.ALogout: AdminOp(PUBLIC, None, lambda c, r: c.f.officers.logout(_conn(c)), S.LogoutReply, session_bound=True),
@@ -243,12 +243,13 @@ TABLE: dict[type, AdminOp] = {
     S.AUnrevoke: AdminOp(OPER, "revoke-ca", lambda c, r: c.f.unrevoke(r, c.actor), S.UnrevokeReply),
     S.ACrlGenerate: AdminOp(OPER, None, _crl_generate, STREAM),
     S.ACrlExport: AdminOp(ANY, None, _crl_export, STREAM),
-    S.AOcspStatus: AdminOp(ANY, None, lambda c, r: c.f.ocsp_status(), R),
-    S.AOcspResponderCert: AdminOp(OPER, None, lambda c, r: c.f.ocsp_responder_cert(r.ca, r.validity_days, c.actor), R),
+    S.AOcspStatus: AdminOp(ANY, None, lambda c, r: c.f.ocsp_status(), S.OcspStatusReply),
+    S.AOcspResponderCert: AdminOp(OPER, None, lambda c, r: c.f.ocsp_responder_cert(r.ca, r.validity_days, c.actor),
+                                  S.ResponderCertReply),
     S.AAuditExport: AdminOp(AUD, None, _audit_export, STREAM),
-    S.AAuditCheckpoint: AdminOp(ANY, None, lambda c, r: c.f.checkpoints.sign(c.actor), R),
-    S.AAuditCert: AdminOp(ANY, None, _audit_cert, R),
-    S.AReconcile: AdminOp(OPER | AUD, None, _reconcile, R),
+    S.AAuditCheckpoint: AdminOp(ANY, None, lambda c, r: c.f.checkpoints.sign(c.actor), S.CheckpointReply),
+    S.AAuditCert: AdminOp(ANY, None, _audit_cert, S.AuditCertReply),
+    S.AReconcile: AdminOp(OPER | AUD, None, _reconcile, S.ReconcileReply),
     S.AOfficerAdd: AdminOp(ADMIN, "officer", lambda c, r: c.f.officers.add(r, c.actor), S.OfficerReply),
     S.AOfficerRemove: AdminOp(ADMIN, "officer", lambda c, r: c.f.officers.remove(r.name, c.actor), S.OfficerReply),
     S.AOfficerUnlock: AdminOp(ADMIN, "officer", lambda c, r: c.f.officers.unlock(r.name, c.actor), S.OfficerReply),
@@ -257,31 +258,31 @@ TABLE: dict[type, AdminOp] = {
     S.AOfficerTotp: AdminOp(ADMIN, "officer", lambda c, r: c.f.officers.totp(r.name, r.enable, c.actor), S.OfficerReply,
                             self_service=True),
     S.AOfficerList: AdminOp(ADMIN | AUD, None, lambda c, r: c.f.officers.list(), S.OfficerListReply),
-    S.APendingList: AdminOp(ANY, None, lambda c, r: c.f.officers.pending_list(r.open_only), R),
-    S.AApprove: AdminOp(ANY, None, _approve, R, session_bound=True),
-    S.ADistStatus: AdminOp(ANY, None, _dist_status, R),
-    S.ADistList: AdminOp(ANY, None, _dist_list, R),
-    S.ADistRetry: AdminOp(OPER, None, _dist_retry, R),
+    S.APendingList: AdminOp(ANY, None, lambda c, r: c.f.officers.pending_list(r.open_only), S.PendingListReply),
+    S.AApprove: AdminOp(ANY, None, _approve, S.ApproveReply, session_bound=True),
+    S.ADistStatus: AdminOp(ANY, None, _dist_status, S.DistStatusReply),
+    S.ADistList: AdminOp(ANY, None, _dist_list, S.DistListReply),
+    S.ADistRetry: AdminOp(OPER, None, _dist_retry, S.DistRetryReply),
     # CRL-fed tenants: which other CAs the endpoint answers for is configuration; their CRLs are operations.
-    S.AOcspTenantList: AdminOp(ANY, None, _tenant, R),
-    S.AOcspTenantAdd: AdminOp(ADMIN, None, _tenant, R),
-    S.AOcspTenantUpdate: AdminOp(ADMIN, None, _tenant, R),
-    S.AOcspTenantRemove: AdminOp(ADMIN, None, _tenant, R),
-    S.AOcspTenantCsr: AdminOp(ADMIN, None, _tenant, R),
-    S.AOcspTenantCrl: AdminOp(OPER, None, _tenant, R),
-    S.AOcspTenantSerials: AdminOp(OPER, None, _tenant, R),
+    S.AOcspTenantList: AdminOp(ANY, None, _tenant, S.TenantListReply),
+    S.AOcspTenantAdd: AdminOp(ADMIN, None, _tenant, S.TenantReply),
+    S.AOcspTenantUpdate: AdminOp(ADMIN, None, _tenant, S.TenantReply),
+    S.AOcspTenantRemove: AdminOp(ADMIN, None, _tenant, S.TenantReply),
+    S.AOcspTenantCsr: AdminOp(ADMIN, None, _tenant, S.TenantReply),
+    S.AOcspTenantCrl: AdminOp(OPER, None, _tenant, S.TenantReply),
+    S.AOcspTenantSerials: AdminOp(OPER, None, _tenant, S.TenantReply),
     # console, ceremonies (bound to this connection's session and officer), backup
-    S.ACeremonyBegin: AdminOp(ANY, None, _ceremony, R, session_bound=True),
-    S.ACeremonyWitness: AdminOp(ANY, None, _ceremony, R, session_bound=True),
-    S.ACeremonyRecords: AdminOp(ANY, None, _ceremony, R, session_bound=True),
-    S.ACeremonyRecord: AdminOp(ANY, None, _ceremony, R, session_bound=True),
+    S.ACeremonyBegin: AdminOp(ANY, None, _ceremony, S.CeremonyReply, session_bound=True),
+    S.ACeremonyWitness: AdminOp(ANY, None, _ceremony, S.CeremonyReply, session_bound=True),
+    S.ACeremonyRecords: AdminOp(ANY, None, _ceremony, S.CeremonyReply, session_bound=True),
+    S.ACeremonyRecord: AdminOp(ANY, None, _ceremony, S.CeremonyReply, session_bound=True),
     S.ABackup: AdminOp(ADMIN, None, _backup, STREAM),
     # key backup under custodian shares (keys.py): made under dual control, taken once by an administrator
     S.AKeysBackup: AdminOp(ADMIN, "keys-backup", _keys_backup, S.KeysBackupReply),
     S.AKeysBackupFetch: AdminOp(ADMIN, None, _keys_backup_fetch, S.KeysBackupReply),
-    S.AShutdown: AdminOp(ADMIN, None, _shutdown, R),
+    S.AShutdown: AdminOp(ADMIN, None, _shutdown, S.ShutdownReply),
     # HOME/donjon.toml, written by the supervisor on the Factory's audited request
-    S.AConfigSet: AdminOp(ADMIN, None, lambda c, r: c.f.config_set(r.key, r.value, c.actor), R),
+    S.AConfigSet: AdminOp(ADMIN, None, lambda c, r: c.f.config_set(r.key, r.value, c.actor), S.ConfigSetReply),
     # CMP (issue 17): credentials officers give devices and RAs; enrolments that wait for a second officer
     S.ACmpCredentialAdd: AdminOp(OPER, None, lambda c, r: c.f.cmp.credential_add(r, c.actor), S.CmpCredentialReply),
     S.ACmpCredentialList: AdminOp(ANY, None, lambda c, r: c.f.cmp.credential_list(), S.CmpCredentialListReply),
@@ -353,7 +354,7 @@ async def serve(chan, req, f: Factory, conn: Conn) -> None:
     if not row.session_bound:
         guarded = await f.officers.guard(req, conn, row)
         if guarded is not None:
-            await chan.send(S.Reply(id=rid, data=await f.officers.propose(req, guarded, conn)))
+            await chan.send(reply_message(rid, as_reply(S.FiledReply, await f.officers.propose(req, guarded, conn))))
             return
     await chan.send(reply_message(rid, await run(f, req, ctx)))
 

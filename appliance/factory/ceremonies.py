@@ -24,20 +24,18 @@ def _officer(actor: str) -> str | None:
 
 def _session(conn):
     if conn.session is None:
-        raise FactoryError("auth", "log in first (donjon login --officer NAME)")
+        raise FactoryError("login-required", "log in first (donjon login --officer NAME)")
     return conn.session
 
 
 async def _begin_row(f: Factory, seq: int) -> tuple[str, int]:
     """(ceremony name, window start: the login seq of the session that opened it) of an open ceremony."""
-    db = f._require_active()
-    row = await f.run_db(lambda: db.db.execute(
-        "SELECT object, detail FROM audit WHERE seq=? AND action='ceremony-begin' AND outcome='ok'", (seq,)).fetchone())
+    st = f.store
+    st.require_active()
+    row = await st.run(st.ceremony_opening, seq)
     if row is None:
         raise FactoryError("not-found", f"no ceremony opened at audit seq {seq}")
-    done = await f.run_db(lambda: db.db.execute(
-        "SELECT 1 FROM audit WHERE seq>? AND action='ceremony' AND detail LIKE ?", (seq, f"% begin={seq} %")).fetchone())
-    if done:
+    if await st.run(st.ceremony_recorded, seq):
         raise FactoryError("exists", f"the ceremony opened at audit seq {seq} already has its transcript")
     return row[0], int(row[1].rsplit("login seq=", 1)[1])
 
@@ -52,7 +50,7 @@ async def ceremony_begin(f: Factory, conn, ceremony: str) -> dict[str, Any]:
     def w():
         with db.tx():
             r = db.audit(conn.actor, "ceremony-begin", ceremony, "ok", f"window from login seq={s.login_seq}")
-        return r, db.db.execute("SELECT hash FROM audit WHERE seq=?", (r,)).fetchone()[0]
+        return r, f.store.audit_hash(r)
     seq, h = await f.run_db(w)
     return {"ceremony_seq": seq, "hash": h.hex(), "window_start": s.login_seq}
 
@@ -68,22 +66,19 @@ async def ceremony_witness(f: Factory, conn, seq: int) -> dict[str, Any]:
     def w():
         with db.tx():
             r = db.audit(conn.actor, "ceremony-witness", f"ceremony#{seq}", "ok", f"{name}; login seq={s.login_seq}")
-        return r, db.db.execute("SELECT hash FROM audit WHERE seq=?", (r,)).fetchone()[0]
+        return r, f.store.audit_hash(r)
     wseq, h = await f.run_db(w)
     return {"seq": wseq, "hash": h.hex(), "officer": s.officer, "login_seq": s.login_seq}
 
 
 async def _ceremony_rows(f: Factory, seq: int) -> tuple[dict[str, tuple[int, str]], list[tuple[int, bytes, str, str, str, str]]]:
     """The witnesses (name -> their witness record) and every record since the opening."""
-    db = f._require_active()
+    st = f.store
+    st.require_active()
 
     def q():
-        ws = db.db.execute("SELECT seq, hash, actor FROM audit WHERE seq>? AND action='ceremony-witness' AND object=? "
-                           "AND outcome='ok' ORDER BY seq", (seq, f"ceremony#{seq}")).fetchall()
-        rows = db.db.execute("SELECT seq, hash, actor, action, object, outcome FROM audit WHERE seq>? ORDER BY seq LIMIT ?",
-                             (seq, 20 * MAX_RECORDS)).fetchall()
-        return ws, rows
-    ws, rows = await f.run_db(q)
+        return st.ceremony_witnesses(seq), st.audit_rows_after(seq, 20 * MAX_RECORDS)
+    ws, rows = await st.run(q)
     witnesses: dict[str, tuple[int, str]] = {}
     for wseq, h, actor in ws:
         o = _officer(actor)
@@ -141,7 +136,7 @@ async def ceremony_record(f: Factory, conn, req: S.ACeremonyRecord) -> dict[str,
     except FactoryError as e:
         await f.audit(actor, "ceremony", req.ceremony, "refused", e.reason)
         raise
-    begin_hash = await f.run_db(lambda: db.db.execute("SELECT hash FROM audit WHERE seq=?", (seq,)).fetchone()[0])
+    begin_hash = await f.store.run(f.store.audit_hash, seq)
     wlist = [(w, *witnesses[w]) for w in req.witnesses]
     bound = A.ceremony_binding_digest((seq, begin_hash.hex()), wlist, ops)
     detail = f"transcript sha256={req.transcript_sha256.hex()} begin={seq} bindings sha256={bound}"
@@ -151,8 +146,7 @@ async def ceremony_record(f: Factory, conn, req: S.ACeremonyRecord) -> dict[str,
         def write():
             with db.tx():
                 r = db.audit(actor, "ceremony", req.ceremony, "ok", detail)
-            return db.db.execute("SELECT seq, ts, actor, action, object, outcome, detail, prev, hash FROM audit WHERE seq=?",
-                                 (r,)).fetchone()
+            return f.store.audit_record(r)
         rseq, ts, who, action, obj, outcome, detail, prev, head = await f.run_db(write)
         r = await cps.sign_head(rseq, head, actor, f" (ceremony {req.ceremony})")
     from cryptography import x509

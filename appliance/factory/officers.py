@@ -298,7 +298,7 @@ class Officers:
             if await self.bootstrap():
                 raise FactoryError("denied", "no officer exists yet: create the first administrator with "
                                              "`donjon officer add NAME --role administrator`")
-            raise FactoryError("auth", "log in first (donjon login --officer NAME)")
+            raise FactoryError("login-required", "log in first (donjon login --officer NAME)")
         if s.roles & allowed:
             return
         if row.self_service and getattr(req, "name", None) == s.officer:

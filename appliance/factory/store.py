@@ -340,6 +340,45 @@ class Store:
         cp = _one(c, "SELECT max(ts) FROM checkpoints")[0]
         return n_audit, oldest, earliest, cp
 
+    def reconciled(self) -> list[tuple[int, int, str, str]]:
+        """(seq, ts, object, detail) of every intent voided by a reconcile, oldest first."""
+        return [(r[0], r[1], r[2], r[3]) for r in self.require_active().db.execute(
+            "SELECT seq, ts, object, detail FROM audit WHERE action='reconcile' ORDER BY seq")]
+
+    # ------------------------------------------------------------ ceremonies (records of the audit chain)
+
+    def audit_hash(self, seq: int) -> bytes | None:
+        row = self.require_active().db.execute("SELECT hash FROM audit WHERE seq=?", (seq,)).fetchone()
+        return row[0] if row else None
+
+    def audit_record(self, seq: int) -> tuple[Any, ...] | None:
+        """(seq, ts, actor, action, object, outcome, detail, prev, hash) of one record."""
+        row = self.require_active().db.execute(
+            "SELECT seq, ts, actor, action, object, outcome, detail, prev, hash FROM audit WHERE seq=?", (seq,)).fetchone()
+        return tuple(row) if row else None
+
+    def ceremony_opening(self, seq: int) -> tuple[str, str] | None:
+        """(ceremony name, detail) of the ceremony opened at `seq`, or None."""
+        row = self.require_active().db.execute(
+            "SELECT object, detail FROM audit WHERE seq=? AND action='ceremony-begin' AND outcome='ok'", (seq,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def ceremony_recorded(self, seq: int) -> bool:
+        """The ceremony opened at `seq` already has its transcript record."""
+        return self.require_active().db.execute(
+            "SELECT 1 FROM audit WHERE seq>? AND action='ceremony' AND detail LIKE ?", (seq, f"% begin={seq} %")).fetchone() is not None
+
+    def ceremony_witnesses(self, seq: int) -> list[tuple[int, bytes, str]]:
+        """(seq, hash, actor) of each witness record of the ceremony opened at `seq`."""
+        return [(r[0], r[1], r[2]) for r in self.require_active().db.execute(
+            "SELECT seq, hash, actor FROM audit WHERE seq>? AND action='ceremony-witness' AND object=? AND outcome='ok' "
+            "ORDER BY seq", (seq, f"ceremony#{seq}"))]
+
+    def audit_rows_after(self, seq: int, limit: int) -> list[tuple[int, bytes, str, str, str, str]]:
+        """(seq, hash, actor, action, object, outcome) of the records after `seq`, oldest first."""
+        return [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in self.require_active().db.execute(
+            "SELECT seq, hash, actor, action, object, outcome FROM audit WHERE seq>? ORDER BY seq LIMIT ?", (seq, limit))]
+
     def checkpoints_by_seq(self) -> list[tuple[int, bytes, bytes]]:
         """(seq, tbs, signature) of every stored checkpoint, oldest first."""
         return [(r[0], r[1], r[2]) for r in self.require_active().db.execute("SELECT seq, tbs, signature FROM checkpoints ORDER BY id")]

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel
 from policy.ocsp import issuer_hashes
+from policy.responder import ResponderRefused, check_responder_cert
 from policy.tenants import CrlRefused, check_ca_cert, check_crl, parse_issued_serials
 
 from .cis_link import CisRefused
@@ -350,7 +351,7 @@ class TenantManager:
         if req.responder_cert is not None:
             try:
                 cert, nocheck = self._check_responder(t, req.responder_cert)
-            except CrlRefused as e:
+            except ResponderRefused as e:
                 await self.store.audit(actor, "tenant-responder", req.name, "refused", str(e))
                 raise _fail("policy", str(e)) from None
             sets["responder_cert"] = req.responder_cert
@@ -376,33 +377,8 @@ class TenantManager:
         """The certificate the tenant CA issued for the key `tenant csr` made: that key, that issuer,
         id-kp-OCSPSigning, valid now. Returns it and whether it carries id-pkix-ocsp-nocheck."""
         if t.key_spki is None:
-            raise CrlRefused(f"tenant {t.name} has no responder key yet: run `donjon ocsp tenant csr {t.name}` first")
-        try:
-            cert = x509.load_der_x509_certificate(der)
-            spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        except Exception:  # noqa: BLE001 - cryptography raises several types on bad DER
-            raise CrlRefused("the responder certificate is not a DER or PEM X.509 certificate") from None
-        if spki != t.key_spki:
-            raise CrlRefused("the responder certificate does not certify the key of the latest `tenant csr`")
-        try:
-            cert.verify_directly_issued_by(t.ca)
-        except Exception:  # noqa: BLE001 - ValueError, TypeError, InvalidSignature
-            raise CrlRefused("the responder certificate is not issued by the tenant CA") from None
-        try:
-            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        except x509.ExtensionNotFound:
-            eku = ()
-        if x509.ExtendedKeyUsageOID.OCSP_SIGNING not in eku:
-            raise CrlRefused("the responder certificate lacks the id-kp-OCSPSigning extended key usage")
-        now = time.time()
-        if not cert.not_valid_before_utc.timestamp() <= now < cert.not_valid_after_utc.timestamp():
-            raise CrlRefused("the responder certificate is not valid now")
-        try:
-            cert.extensions.get_extension_for_class(x509.OCSPNoCheck)
-            nocheck = True
-        except x509.ExtensionNotFound:
-            nocheck = False
-        return cert, nocheck
+            raise ResponderRefused(f"tenant {t.name} has no responder key yet: run `donjon ocsp tenant csr {t.name}` first")
+        return check_responder_cert(der, t.key_spki, issuer=t.ca, now=time.time())
 
     async def remove(self, name: str, actor: str) -> dict[str, Any]:
         await self._get(name)

@@ -26,6 +26,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 
 from hsm.token import Token, TokenError, make_private_key
+from policy.responder import check_responder_cert
 
 _REASONS = {
     x509.ReasonFlags.key_compromise: "key_compromise", x509.ReasonFlags.ca_compromise: "ca_compromise",
@@ -107,21 +108,8 @@ class LiveSigner:
     def _install(self, ca: str, label: str, cert_der: bytes, persist: bool = True,
                  issuer: x509.Certificate | None = None) -> None:
         """`ca` is a local CA's name, or `tenant/<name>`; `issuer` (tenants) must have issued the certificate."""
-        cert = x509.load_der_x509_certificate(cert_der)
         key = self.token.call(self.token.key, label)
-        if cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != key.spki:
-            raise ValueError("the responder certificate does not certify the token key")
-        try:
-            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        except x509.ExtensionNotFound:
-            eku = ()
-        if x509.ExtendedKeyUsageOID.OCSP_SIGNING not in eku:
-            raise ValueError("the responder certificate lacks id-kp-OCSPSigning")
-        if issuer is not None:
-            try:
-                cert.verify_directly_issued_by(issuer)
-            except Exception:  # noqa: BLE001 - ValueError, TypeError, InvalidSignature
-                raise ValueError("the responder certificate is not issued by the tenant CA") from None
+        cert, _ = check_responder_cert(cert_der, key.spki, issuer=issuer)  # ResponderRefused is a ValueError
         bits = a_x509.Certificate.load(cert_der)["tbs_certificate"]["subject_public_key_info"]["public_key"].contents[1:]
         if persist:
             d = os.path.join(self.store_dir, ca)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import threading
 import time
 
@@ -52,6 +53,8 @@ def kill_9_cycles(a, tmp_path, cycles: int) -> None:
                 return  # the appliance died under us
 
     for cycle in range(cycles):
+        if cycle and cycle % 50 == 0:  # progress of a long torture run (seen with -s)
+            print(f"kill -9: {cycle} of {cycles} cycles, {len(received)} certificates returned", file=sys.stderr, flush=True)
         if cycle:
             a.start()
         token = a.session()  # sessions live in the Factory's memory: one per start

@@ -54,7 +54,8 @@ def test_chain_issue_revoke_crl(appliance_factory, tmp_path, root_key, issuing_k
     assert b"audit chain intact" in a.cli("audit", "verify").stdout
 
 
-def test_crl_numbers_are_monotonic(appliance, tmp_path):
+def test_crl_numbers_are_monotonic(shared_appliance, tmp_path):
+    appliance = shared_appliance
     numbers = []
     for i in range(3):
         out = tmp_path / f"c{i}.crl"
@@ -64,7 +65,8 @@ def test_crl_numbers_are_monotonic(appliance, tmp_path):
     assert numbers == sorted(set(numbers)) and len(numbers) == 3
 
 
-def test_subordinate_ca_create_and_external_csr(appliance, tmp_path):
+def test_subordinate_ca_create_and_external_csr(shared_appliance, tmp_path):
+    appliance = shared_appliance  # the module's only test that adds a CA (the others look at no CA list)
     appliance.cli("ca", "create", "issuing2", "--parent", "root", "--subject", "CN=Issuing CA 2,O=Donjon Test,C=FR",
                   "--key-type", "rsa2048", "--path-length", "0")
     listed = json.loads(appliance.cli("ca", "list", "--json").stdout)
@@ -127,11 +129,13 @@ def test_unknown_ca_and_profile_are_clear_errors(shared_appliance, tmp_path):
     assert r.returncode == 1 and b"no certificate abcdef" in r.stderr
 
 
-def test_cmdb_holds_no_plaintext(appliance, tmp_path):
+def test_cmdb_holds_no_plaintext(shared_appliance, tmp_path):
+    appliance = shared_appliance
     marker = "zq7-plaintext-marker.example.org"
     csr = make_csr(tmp_path, "m", san=f"DNS:{marker}", subj=f"/CN={marker}")
-    appliance.cli("issue", "--ca", "issuing", "--profile", "tls-client", "--csr", str(csr))
-    appliance.cli("revoke", "--ca", "issuing", json.loads(appliance.cli("cert", "list", "--json").stdout)[0]["serial"])
+    out = tmp_path / "m.pem"
+    appliance.cli("issue", "--ca", "issuing", "--profile", "tls-client", "--csr", str(csr), "--out", str(out))
+    appliance.cli("revoke", "--ca", "issuing", format(x509.load_pem_x509_certificate(out.read_bytes()).serial_number, "x"))
     files = list((appliance.home / "cmdb").glob("cmdb.sqlite*"))
     assert any(f.name.endswith("-wal") for f in files) or files
     for f in files:
@@ -165,7 +169,8 @@ def test_bad_ceremony_names_file_and_key(tmp_path, src_path):
     assert not (tmp_path / "h").exists()
 
 
-def test_revocation_schedules_a_new_crl(appliance, tmp_path):
+def test_revocation_schedules_a_new_crl(shared_appliance, tmp_path):
+    appliance = shared_appliance
     import time
     csr = make_csr(tmp_path, "r")
     leaf = tmp_path / "r.pem"
@@ -186,3 +191,28 @@ def test_revocation_schedules_a_new_crl(appliance, tmp_path):
             return
         time.sleep(0.2)
     raise AssertionError("the revocation did not reach a stored CRL within 20 s")
+
+
+def test_login_required_is_a_typed_refusal_and_the_deferred_login_cue(shared_appliance):
+    from appliance.client import AdminClient, ClientError
+    from appliance.ipc import schema as S
+    from tests.conftest import PASSWORD
+    a = shared_appliance
+    # No session: the Factory's typed "login-required" refusal (not "auth"), with the hint the CLI prints.
+    with AdminClient(str(a.home), timeout=30) as c:
+        with pytest.raises(ClientError) as e:
+            c.call(S.ACertList, ca=None, limit=1)
+        assert e.value.code == "login-required" and "log in first" in str(e.value)
+    # A client holding a deferred login logs in on that cue and gets its answer...
+    with AdminClient(str(a.home), timeout=30) as c:
+        c.deferred_login = ("oper", PASSWORD, None)
+        assert "certs" in c.call(S.ACertList, ca=None, limit=1) and c.officer == "oper" and c.deferred_login is None
+    # ...but an "auth" refusal (bad credentials) is no cue: the deferred login stays unused.
+    with AdminClient(str(a.home), timeout=30) as c:
+        c.deferred_login = ("oper", PASSWORD, None)
+        with pytest.raises(ClientError) as e:
+            c.call(S.ALogin, officer="nobody", password="wrong password here")
+        assert e.value.code == "auth" and c.deferred_login is not None and c.session is None
+    r = a.cli("cert", "list", env={"DONJON_OFFICER": "", "DONJON_PASSWORD": "", "DONJON_SESSION_FILE": str(a.home.parent / "none")},
+              check=False)
+    assert r.returncode == 1 and r.stderr.decode().strip().endswith("log in first (donjon login --officer NAME)")

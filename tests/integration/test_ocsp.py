@@ -8,6 +8,8 @@ import socket
 import subprocess
 import time
 
+import pytest
+
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
@@ -61,8 +63,14 @@ def _wait_for(a, issuing, chain, cert, word: str, *extra) -> subprocess.Complete
         time.sleep(0.2)
 
 
-def test_ocsp_good_then_revoked_and_crl_download(appliance_factory, tmp_path):
-    a, root, issuing, chain = _setup(appliance_factory, tmp_path)
+@pytest.fixture(scope="module")
+def box(module_appliance_factory, tmp_path_factory):
+    """One appliance for the tests that each issue, revoke and ask about their own certificates only."""
+    return _setup(module_appliance_factory, tmp_path_factory.mktemp("ocsp"))
+
+
+def test_ocsp_good_then_revoked_and_crl_download(box, tmp_path):
+    a, root, issuing, chain = box
     leaf = _issue(a, tmp_path, "www")
     r = _wait_for(a, issuing, chain, leaf, "good", "-no_nonce")
     assert b"Response verify OK" in r.stderr
@@ -86,8 +94,8 @@ def test_ocsp_good_then_revoked_and_crl_download(appliance_factory, tmp_path):
         time.sleep(0.3)
 
 
-def test_get_post_headers_and_lint(appliance_factory, tmp_path):
-    a, root, issuing, chain = _setup(appliance_factory, tmp_path)
+def test_get_post_headers_and_lint(box, tmp_path):
+    a, root, issuing, chain = box
     leaf = _issue(a, tmp_path, "api")
     _wait_for(a, issuing, chain, leaf, "good", "-no_nonce")
     req = tmp_path / "req.der"
@@ -117,8 +125,8 @@ def test_get_post_headers_and_lint(appliance_factory, tmp_path):
     x509.load_der_x509_crl(crl)
 
 
-def test_never_good_for_a_serial_that_was_not_issued(appliance_factory, tmp_path):
-    a, root, issuing, chain = _setup(appliance_factory, tmp_path)
+def test_never_good_for_a_serial_that_was_not_issued(box, tmp_path):
+    a, root, issuing, chain = box
     r = openssl("ocsp", "-issuer", str(issuing), "-serial", "0x1234567890abcdef", "-url", f"{a.endpoint}/ocsp",
                 "-CAfile", str(chain), "-no_nonce", check=False)
     out = (r.stdout + r.stderr).decode()

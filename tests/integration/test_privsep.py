@@ -173,5 +173,5 @@ def test_schema_hash_is_pinned():
 PINNED_SCHEMA_HASHES = {
     2: "c13c81ddadbb16a3220f5182b620e99c973910835a5238461e9c83ecb8f82e98",
     3: "04ab501a300ad2df4e9ea7f3353411ca8c2d6c8e9cfda06261e03e1492de4866",
-    4: "4dacd7da77e6ddd8dc5548ceb15c3efc2117a666514f1f26d2d4da876e6d85b6",
+    4: "01eb6c102a6f22d47485537ad07e235f31eed3574579457f61418c0de9fb70ff",
 }

@@ -248,3 +248,60 @@ def test_cert_row_and_ocsp_summary(st):
     with st.tx() as c:
         c.execute("INSERT INTO ocsp VALUES (?,?,?,?,?,?,?,?,?)", ("root", serial_bytes(s), 1, 10, 20, 15, 1, None, None))
     assert st.ocsp_summary() == ([("root", 1, 1, 10, 20, 15)], {"root": 1})
+
+
+def test_named_queries_of_the_split_factory(st):
+    """cert_list filters (LIKE wildcards literal), uniqueness lookups, revocation rows, status counts,
+    reconciled intents: the queries the Factory's modules ask by name instead of writing SQL."""
+    a, b, c = (1 << 64) + 21, (1 << 64) + 22, (1 << 64) + 23
+    st.reserve([(a, "root", None), (b, "root", None), (c, "root", None)])
+    with st.tx():
+        st.store_issued(a, "root", "tls-server", "CN=www_1%", 1, 2**33, b"der-a", None, b"\1" * 32, "www.example.org")
+        st.store_issued(b, "root", "user-auth", "CN=wwwX1", 1, 2, b"der-b", None, b"\2" * 32, "")
+    rows = st.cert_list(None, None, "_1%", None, None, None, 10, now=100)
+    assert [r[3] for r in rows] == ["CN=www_1%"]  # `_` and `%` matched literally, not as wildcards
+    assert {r[3] for r in st.cert_list("root", None, None, None, "expired", None, 10, now=100)} == {"CN=wwwX1"}
+    assert [r[2] for r in st.cert_list(None, "user-auth", None, None, None, None, 10, now=100)] == ["user-auth"]
+    assert len(st.cert_list(None, None, None, "example.org", "valid", 30, 10, now=2**33 - 86400)) == 1
+    assert st.cert_list(None, None, None, None, None, None, 1, now=100)[0][3] in ("CN=www_1%", "CN=wwwX1")  # limit
+    assert st.cert_with_key(b"\1" * 32) == ("root", serial_bytes(a)) and st.cert_with_key(b"\7" * 32) is None
+    assert st.valid_cert_for_other_key("root", "CN=www_1%", b"\3" * 32, 100) == serial_bytes(a)
+    assert st.valid_cert_for_other_key("root", "CN=www_1%", b"\1" * 32, 100) is None  # same key: not another
+    assert st.cert_profile("root", serial_bytes(a)) == "tls-server" and st.cert_profile("root", serial_bytes(c)) is None
+    with st.tx():
+        st.add_revocation("root", serial_bytes(a), 50, 6, None, 20)
+    assert st.revocation("root", serial_bytes(a)) == (50, 6, None)
+    assert st.valid_cert_for_other_key("root", "CN=www_1%", b"\3" * 32, 100) is None  # revoked: no longer valid
+    with st.tx():
+        st.change_revocation("root", serial_bytes(a), 1, 40, 25)
+    assert st.revocation("root", serial_bytes(a)) == (50, 1, 40)  # the date of the hold is kept
+    assert [r[5] is not None for r in st.cert_list(None, None, "www_1", None, "revoked", None, 10, now=100)] == [True]
+    with st.tx():
+        st.delete_revocation("root", serial_bytes(a))
+    assert st.revocation("root", serial_bytes(a)) is None
+    q = st.db.db.execute("SELECT count(*) FROM ocsp_queue WHERE serial=?", (serial_bytes(a),)).fetchone()[0]
+    assert q == 1  # each change queued its OCSP response (once: the queue is a set)
+    cas, certs, revoked, n_audit, head = st.status_counts()
+    assert (cas, certs, revoked) == (["root"], 2, 0) and head is None and n_audit == 0
+    assert st.ca_report_rows() == [("root", "ec-p256", b"root-der", 0, None, 2, 0)]
+    assert st.ca_name_taken("root") and not st.ca_name_taken("other")
+    assert st.reconcile("factory") == 1  # c: an intent left open
+    assert [r[2] for r in st.reconciled()] == [f"root/{c:x}"]
+    assert st.status_counts()[3] == 1 and len(st.status_counts()[4]) == 64
+
+
+def test_ceremony_queries_read_the_audit_chain(st):
+    with st.tx():
+        begin = st.audit_in_tx("officer:alice x", "ceremony-begin", "m-1", "ok", "window from login seq=1")
+        w = st.audit_in_tx("officer:bob y", "ceremony-witness", f"ceremony#{begin}", "ok", "m-1; login seq=2")
+        st.audit_in_tx("officer:eve z", "ceremony-witness", f"ceremony#{begin}", "refused", "late")
+        op = st.audit_in_tx("officer:bob y", "ca-create", "x", "ok", "")
+    assert st.ceremony_opening(begin) == ("m-1", "window from login seq=1") and st.ceremony_opening(w) is None
+    assert [(r[0], r[2]) for r in st.ceremony_witnesses(begin)] == [(w, "officer:bob y")]  # refused ones are no witness
+    assert [r[0] for r in st.audit_rows_after(begin, 10)] == [w, w + 1, op] and len(st.audit_rows_after(begin, 1)) == 1
+    rec = st.audit_record(op)
+    assert rec is not None and rec[0] == op and rec[3] == "ca-create" and rec[8] == st.audit_hash(op) and st.audit_hash(10**6) is None
+    assert not st.ceremony_recorded(begin)
+    with st.tx():
+        st.audit_in_tx("officer:bob y", "ceremony", "m-1", "ok", f"transcript sha256=00 begin={begin} bindings sha256=11")
+    assert st.ceremony_recorded(begin) and not st.ceremony_recorded(begin + 100)

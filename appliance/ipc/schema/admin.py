@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .gateway import *  # each link module sees the messages of those before it
 from .common import _Msg
+from msgspec import UNSET, UnsetType
 from .kgs import *  # noqa: F403 - the KGS's link and its admin requests (a module of its own, issue 18)
 
 
@@ -712,6 +713,352 @@ class KeysBackupReply(_Reply, tag="keys-backup-reply"):
     shares: Annotated[list[Annotated[str, msgspec.Meta(max_length=1200)]], msgspec.Meta(max_length=16)] | None = None
 
 
+# A field that is UNSET is left out of the document (a key the dict reply did not have); one that is
+# None is sent as null (a key the dict reply had, with no value): the faces read the same documents.
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Hex64 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Info(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class CheckpointRef(_Info):
+    seq: Count
+    head: Hex64
+    time: Epoch
+
+
+class DestinationBrief(_Info):
+    backlog: Count
+    failing: bool
+
+
+class StatusReply(_Reply, tag="status-reply"):
+    """status: what anyone may know (activated, token, counters, CIS liveness); the CMDB's part once activated."""
+
+    id: ReqId
+    activated: bool
+    token: Text
+    stats: dict[Name, Count]
+    pending: Count
+    cis: dict[Name, Literal["responsive", "unresponsive"]]
+    cas: Annotated[list[Name], msgspec.Meta(max_length=4096)] | UnsetType = UNSET
+    certificates: Count | UnsetType = UNSET
+    revoked: Count | UnsetType = UNSET
+    audit_records: Count | UnsetType = UNSET
+    audit_head: Hex64 | None | UnsetType = UNSET
+    distribution: dict[Name, DestinationBrief] | UnsetType = UNSET
+    audit_checkpoint: CheckpointRef | None | UnsetType = UNSET
+
+
+class ActivateReply(_Reply, tag="activate-reply"):
+    """activate, activate-shares."""
+
+    id: ReqId
+    activated: bool
+    token: Text
+    voided_intents: Count
+
+
+class ShutdownReply(_Reply, tag="shutdown-reply"):
+    id: ReqId
+    stopping: bool
+
+
+class ConfigSetReply(_Reply, tag="config-set-reply"):
+    id: ReqId
+    key: Annotated[str, msgspec.Meta(max_length=64)]
+    message: Text
+
+
+class CheckpointReply(_Reply, tag="checkpoint-reply"):
+    """audit-checkpoint: the signed head as published (policy.audit.checkpoint_doc)."""
+
+    id: ReqId
+    type: Literal["checkpoint"]
+    seq: Count
+    head: Hex64
+    time: Epoch
+    tbs: Annotated[str, msgspec.Meta(max_length=4096)]  # base64
+    signature: Annotated[str, msgspec.Meta(max_length=4096)]  # base64
+    alg: Annotated[str, msgspec.Meta(max_length=64)]
+
+
+class AuditCertReply(_Reply, tag="audit-cert-reply"):
+    id: ReqId
+    cert: Pem
+
+
+class VoidedIntent(_Info):
+    seq: Count
+    ts: Epoch
+    object: Text
+    detail: Text
+
+
+class ReconcileReply(_Reply, tag="reconcile-reply"):
+    id: ReqId
+    voided: Annotated[list[VoidedIntent], msgspec.Meta(max_length=100000)]
+
+
+class DestinationInfo(_Info):
+    rule: Name
+    url: Url | None
+    configured: bool
+    pending: Count
+    parked: Count
+    oldest_pending_age: int | None
+    in_flight: Count
+    failing: bool
+    consecutive_failures: Count
+    last_success: Epoch | None
+    last_error: Text | None
+    last_error_at: Epoch | None
+    retry_in: float
+
+
+class TenantFetchInfo(_Info):
+    tenant: Name
+    failures: Count
+    retry_in: float
+    last_fetch: Epoch | None
+    last_result: Text | None
+    last_error: Text | None
+    last_error_at: Epoch | None
+    in_flight: bool
+
+
+class DistStatusReply(_Reply, tag="dist-status-reply"):
+    id: ReqId
+    destinations: Annotated[list[DestinationInfo], msgspec.Meta(max_length=4096)]
+    agent: bool
+    tenant_fetches: Annotated[list[TenantFetchInfo], msgspec.Meta(max_length=4096)]
+
+
+class DistJobInfo(_Info):
+    id: Count
+    rule: Name
+    action: Annotated[str, msgspec.Meta(max_length=64)]
+    ca: Name | None
+    serial: Annotated[str, msgspec.Meta(max_length=256)] | None  # the job's reference, hex
+    number: Count | None
+    created: Epoch
+    attempts: Count
+    last_at: Epoch | None
+    last_error: Text | None
+    done_at: Epoch | None
+
+
+class DistListReply(_Reply, tag="dist-list-reply"):
+    id: ReqId
+    jobs: Annotated[list[DistJobInfo], msgspec.Meta(max_length=10000)]
+
+
+class DistRetryReply(_Reply, tag="dist-retry-reply"):
+    id: ReqId
+    requeued: Count
+
+
+class OcspCaInfo(_Info):
+    ca: Name
+    responses: Count
+    revoked: Count
+    oldest_this_update: Epoch | None
+    earliest_next_update: Epoch | None
+    next_refresh: Epoch | None
+    queued: Count
+    lapsed: bool
+
+
+class EndpointCounters(_Info):
+    """The endpoint's counters (OcspStats' fields, as the supervisor sums them)."""
+
+    requests: Count
+    good: Count
+    revoked: Count
+    unauthorized: Count
+    malformed: Count
+    errors: Count
+    responses_held: Count
+    oldest_this_update: Epoch | None
+
+
+class TenantCrlCounters(_Info):
+    tenants: Count
+    accepted: Count
+    refused: Count
+
+
+class OcspStatusReply(_Reply, tag="ocsp-status-reply"):
+    id: ReqId
+    endpoint_connected: bool
+    endpoints: Annotated[list[Name], msgspec.Meta(max_length=64)]
+    cas: Annotated[list[OcspCaInfo], msgspec.Meta(max_length=4096)]
+    endpoint: EndpointCounters | None
+    tenant_crls: TenantCrlCounters
+
+
+class ResponderCertReply(_Reply, tag="responder-cert-reply"):
+    id: ReqId
+    ca: Name
+    serial: HexSerial
+    label: Annotated[str, msgspec.Meta(max_length=128)]
+    not_after: IsoTime
+    cert: Pem
+
+
+Document = dict[str, object]  # an earlier reply embedded as JSON data (a dual-control request's result)
+Summary = Annotated[str, msgspec.Meta(max_length=1024)]
+
+
+class FiledReply(_Reply, tag="filed-reply"):
+    """A guarded request filed for dual control (any guarded request's answer until the M-th approval)."""
+
+    id: ReqId
+    pending: Count
+    operation: Name
+    summary: Summary
+    approvals: Count
+    required: Count
+    expires: Epoch
+
+
+class PendingInfo(_Info):
+    id: Count
+    operation: Name
+    summary: Summary
+    requester: Name
+    created: Epoch
+    expires: Epoch
+    state: Annotated[str, msgspec.Meta(max_length=16)]
+    approvals: Annotated[list[Name], msgspec.Meta(max_length=64)]
+    required: Count
+    result: Document | None
+
+
+class PendingListReply(_Reply, tag="pending-list-reply"):
+    id: ReqId
+    pending: Annotated[list[PendingInfo], msgspec.Meta(max_length=1000)]
+
+
+class ApproveReply(_Reply, tag="approve-reply"):
+    """approve: the approvals so far; at the M-th, `executed` and the request's own reply as `result`."""
+
+    id: ReqId
+    request: Count
+    approvals: Count
+    required: Count
+    executed: bool
+    result: Document | UnsetType = UNSET
+
+
+class ResponderBrief(_Info):
+    serial: HexSerial
+    not_after: IsoTime
+
+
+class TenantInfo(_Info):
+    name: Name
+    ca: Text
+    crl_urls: Annotated[list[Url], msgspec.Meta(max_length=16)]
+    refresh_seconds: Count
+    unissued: Unissued
+    push: bool
+    key_label: Annotated[str, msgspec.Meta(max_length=128)] | None
+    responder: ResponderBrief | None
+    crl_number: Count | None
+    crl_this_update: Epoch | None
+    crl_next_update: Epoch | None
+    crl_source: Text | None
+    stale: bool
+    issued_serials: bool
+    last_refusal: Text | None
+
+
+class TenantListReply(_Reply, tag="tenant-list-reply"):
+    id: ReqId
+    tenants: Annotated[list[TenantInfo], msgspec.Meta(max_length=4096)]
+
+
+class TenantReply(_Reply, tag="tenant-reply"):
+    """ocsp-tenant add and update (the tenant, TenantInfo's fields; update: responder_nocheck when a
+    responder certificate came), remove (removed), csr (tenant, label, csr), crl (tenant, crl_number,
+    next_update), serials (tenant, serials)."""
+
+    id: ReqId
+    name: Name | UnsetType = UNSET
+    ca: Text | UnsetType = UNSET
+    crl_urls: Annotated[list[Url], msgspec.Meta(max_length=16)] | UnsetType = UNSET
+    refresh_seconds: Count | UnsetType = UNSET
+    unissued: Unissued | UnsetType = UNSET
+    push: bool | UnsetType = UNSET
+    key_label: Annotated[str, msgspec.Meta(max_length=128)] | None | UnsetType = UNSET
+    responder: ResponderBrief | None | UnsetType = UNSET
+    crl_number: Count | None | UnsetType = UNSET
+    crl_this_update: Epoch | None | UnsetType = UNSET
+    crl_next_update: Epoch | None | UnsetType = UNSET
+    crl_source: Text | None | UnsetType = UNSET
+    stale: bool | UnsetType = UNSET
+    issued_serials: bool | UnsetType = UNSET
+    last_refusal: Text | None | UnsetType = UNSET
+    responder_nocheck: bool | None | UnsetType = UNSET
+    removed: Name | UnsetType = UNSET
+    tenant: Name | UnsetType = UNSET
+    label: Annotated[str, msgspec.Meta(max_length=128)] | UnsetType = UNSET
+    csr: Pem | UnsetType = UNSET
+    next_update: Epoch | None | UnsetType = UNSET
+    serials: Count | None | UnsetType = UNSET
+
+
+class CeremonyOp(_Info):
+    seq: Count
+    hash: Hex64
+    action: Annotated[str, msgspec.Meta(max_length=64)]
+    object: Text
+    outcome: Annotated[str, msgspec.Meta(max_length=32)]
+    officer: Name | None
+
+
+class AuditRecordInfo(_Info):
+    seq: Count
+    ts: Epoch
+    actor: Text
+    action: Annotated[str, msgspec.Meta(max_length=64)]
+    object: Text
+    outcome: Annotated[str, msgspec.Meta(max_length=32)]
+    detail: Text
+    prev: Hex64
+    hash: Hex64
+
+
+class CheckpointDoc(_Info):
+    type: Literal["checkpoint"]
+    seq: Count
+    head: Hex64
+    time: Epoch
+    tbs: Annotated[str, msgspec.Meta(max_length=4096)]
+    signature: Annotated[str, msgspec.Meta(max_length=4096)]
+    alg: Annotated[str, msgspec.Meta(max_length=64)]
+
+
+class CeremonyReply(_Reply, tag="ceremony-reply"):
+    """ceremony-begin (ceremony_seq, hash, window_start), -witness (seq, hash, officer, login_seq),
+    -records (records), -record (record, checkpoint, audit_cert)."""
+
+    id: ReqId
+    ceremony_seq: Count | UnsetType = UNSET
+    hash: Hex64 | UnsetType = UNSET
+    window_start: Count | UnsetType = UNSET
+    seq: Count | UnsetType = UNSET
+    officer: Name | UnsetType = UNSET
+    login_seq: Count | UnsetType = UNSET
+    records: Annotated[list[CeremonyOp], msgspec.Meta(max_length=4096)] | UnsetType = UNSET
+    record: AuditRecordInfo | UnsetType = UNSET
+    checkpoint: CheckpointDoc | UnsetType = UNSET
+    audit_cert: Pem | UnsetType = UNSET
+
+
 class CmpCredentialReply(_Reply, tag="cmp-credential-reply"):
     id: ReqId
     ref: str
@@ -836,7 +1183,11 @@ TypedReply = Union[RevokeReply, UnrevokeReply, CertReply, CertListReply, CaReply
                    CaSignCsrReply, LoginReply, LogoutReply, OfficerReply, OfficerListReply, EabReply, EabListReply,
                    CmpCredentialReply, CmpCredentialListReply, CmpRequestListReply,
                    EnrolSecretReply, EnrolSecretListReply, EnrolWaitReply, KeysBackupReply,
-                   KgsCardsReply, KgsPersonaliseReply, KgsLettersReply, KgsCardReply, KgsRecoverReply, KgsP12Reply]
+                   KgsCardsReply, KgsPersonaliseReply, KgsLettersReply, KgsCardReply, KgsRecoverReply, KgsP12Reply,
+                   StatusReply, ActivateReply,
+                   ShutdownReply, ConfigSetReply, CheckpointReply, AuditCertReply, ReconcileReply, DistStatusReply,
+                   DistListReply, DistRetryReply, OcspStatusReply, ResponderCertReply, FiledReply, PendingListReply,
+                   ApproveReply, TenantListReply, TenantReply, CeremonyReply]
 
 
 AdminReply = Union[Hello, Reply, IssueReply, BlobChunk, Refused, TypedReply]

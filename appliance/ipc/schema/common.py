@@ -39,7 +39,8 @@ class Refused(_Msg, tag="refused"):
     """A typed refusal. `code` is machine-readable, `reason` is one line for the operator."""
 
     id: ReqId
-    code: Literal["policy", "not-found", "exists", "inactive", "auth", "hsm", "internal", "bad-request", "lint", "busy", "denied"]
+    code: Literal["policy", "not-found", "exists", "inactive", "auth", "hsm", "internal", "bad-request", "lint", "busy", "denied",
+                  "login-required"]  # login-required: no officer session (the client's cue for a deferred login)
     reason: Text
 
 
