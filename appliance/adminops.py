@@ -734,6 +734,125 @@ def read_share_file(path: str) -> str:
     return text
 
 
+# ---------------------------------------------------------------- two tiers (CA requests and installs, CRL calendars)
+
+MAX_CERT_FILE = 256 * 1024  # a certificate or chain file (PEM or DER)
+MAX_BUNDLE = 4 * 1024 * 1024  # a CRL calendar bundle (the schema's bound)
+_PERIOD_UNITS = {"h": 3600, "d": 86400}
+
+
+def certs_of(data: bytes, what: str, limit: int = 9) -> list[bytes]:
+    """Every certificate of a PEM file (or the one of a DER file), as DER; one clear line if there is none."""
+    if len(data) > MAX_CERT_FILE:
+        raise OpError(f"{what}: larger than {MAX_CERT_FILE // 1024} KiB")
+    if b"-----BEGIN" not in data:
+        return [data]
+    import base64
+    import re
+    ders = []
+    for m in re.finditer(rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]*?)-----END CERTIFICATE-----", data):
+        try:
+            ders.append(base64.b64decode(b"".join(m.group(1).split()), validate=True))
+        except ValueError:
+            raise OpError(f"{what}: a PEM certificate is not valid base64") from None
+    if not ders:
+        raise OpError(f"{what}: no PEM certificate in it")
+    if len(ders) > limit:
+        raise OpError(f"{what}: at most {limit} certificates")
+    return ders
+
+
+def parse_period(s: str, what: str) -> int:
+    """'30d', '12h' (or seconds) as seconds."""
+    unit = _PERIOD_UNITS.get(s[-1:], 1)
+    num = s[:-1] if s[-1:] in _PERIOD_UNITS else s
+    if not num.isdigit() or len(num) > 8:
+        raise OpError(f"invalid {what} {s[:20]!r}: a number of days or hours, e.g. 30d or 12h")
+    return int(num) * unit
+
+
+def ca_request(c: AdminClient, name: str, subject: tuple, key_type: str, profile: str, path_length: int | None,
+               allowed_profiles: tuple[str, ...], mode: str) -> dict[str, Any]:
+    check_name(name, "CA name")
+    check_name(profile, "profile name")
+    check_key_type(key_type)
+    for p in allowed_profiles:
+        check_name(p, "profile")
+    if path_length is not None:
+        check_range(path_length, 0, 16, "path length")
+    return _wrap(c.call, S.ACaRequest, name=name, profile=profile, key_type=key_type, subject=subject, path_length=path_length,
+                 allowed_profiles=allowed_profiles, mode=mode)
+
+
+def ca_install(c: AdminClient, name: str, cert: bytes, chain: list[bytes], anchor: bytes | None) -> dict[str, Any]:
+    check_name(name, "CA name")
+    return _wrap(c.call, S.ACaInstall, name=name, cert=cert, chain=chain, anchor=anchor)
+
+
+def crl_presign(c: AdminClient, ca: str, periods: int, every: int, overlap: int) -> dict[str, Any]:
+    check_name(ca, "CA name")
+    check_range(periods, 1, 120, "periods")
+    check_range(every, 3600, 366 * 86400, "period in seconds")
+    check_range(overlap, 0, every, "overlap in seconds")
+    return _wrap(c.call, S.ACrlPresign, ca=ca, periods=periods, every_seconds=every, overlap_seconds=overlap)
+
+
+def crl_calendar_load(c: AdminClient, bundle: bytes) -> dict[str, Any]:
+    if len(bundle) > MAX_BUNDLE:
+        raise OpError(f"a CRL calendar bundle is at most {MAX_BUNDLE // (1024 * 1024)} MiB")
+    return _wrap(c.call, S.ACrlCalendarLoad, bundle=bundle)
+
+
+def crl_calendar_status(c: AdminClient) -> list[dict[str, Any]]:
+    return _wrap(c.call, S.ACrlCalendarStatus)["calendars"]
+
+
+def calendar_lines(cals: list[dict[str, Any]]) -> list[str]:
+    import time as _t
+
+    def at(t):
+        return _t.strftime("%Y-%m-%d %H:%M", _t.gmtime(t)) if t else "-"
+    out = []
+    for d in cals:
+        out.append(f"{d['ca']:<16} current #{d['current'] or '-'} until {at(d['current_next_update'])}  "
+                   f"{d['remaining']} waiting, covered until {at(d['covered_until'])}")
+        if d.get("warning"):
+            out.append(f"  WARNING: {d['warning']}")
+    return out
+
+
+def parse_utc(s: str) -> int:
+    """'YYYY-MM-DD HH:MM:SS' (UTC) as seconds since 1970."""
+    import calendar
+    import time as _t
+    try:
+        return calendar.timegm(_t.strptime(s, "%Y-%m-%d %H:%M:%S"))
+    except ValueError:
+        raise OpError(f"{s[:30]!r} is not a UTC time as YYYY-MM-DD HH:MM:SS") from None
+
+
+def clock_set(c: AdminClient, epoch: int) -> str:
+    from appliance.clock import check_epoch
+    try:
+        check_epoch(str(epoch))
+    except ValueError as e:
+        raise OpError(str(e)) from None
+    return _wrap(c.call, S.AClockSet, time=epoch)["message"]
+
+
+def officer_ssh_key(c: AdminClient, name: str, key: str | None) -> dict[str, Any]:
+    """Enrol (or, key None, remove) an officer's SSH public key for the SSH console account."""
+    check_name(name, "officer name")
+    if key is not None:
+        from policy.errors import PolicyError
+        from policy.sshkey import check_key
+        try:
+            check_key(key)
+        except PolicyError as e:
+            raise OpError(str(e)) from None
+    return _wrap(c.call, S.AOfficerSshKey, name=name, key=key.strip() if key is not None else None)
+
+
 # ---------------------------------------------------------------- EST/SCEP enrolment secrets
 
 

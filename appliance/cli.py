@@ -436,6 +436,22 @@ def officer_unlock(name: str, home: Home = "./var",
     typer.echo(f"officer {name} unlocked")
 
 
+@officer_app.command("ssh-key")
+def officer_ssh_key(name: str,
+                    key_file: Annotated[Optional[str], typer.Option(help="The officer's OpenSSH public key file (one line).")] = None,
+                    remove: Annotated[bool, typer.Option("--remove", help="Remove the officer's enrolled key.")] = False,
+                    home: Home = "./var") -> None:
+    """Enrol an officer's SSH public key for the SSH console account, or remove it (administrator; audited).
+
+    Example: donjon officer ssh-key alice --key-file alice.pub
+    """
+    if remove == (key_file is not None):
+        fail("give --key-file FILE or --remove")
+    key = read_file(key_file, "SSH public key", 4096).decode("ascii", "replace") if key_file else None
+    with client(home) as c:
+        typer.echo(op(ops.officer_ssh_key, c, name, key)["message"])
+
+
 @officer_app.command("totp")
 def officer_totp(name: str, enable: Annotated[bool, typer.Option("--enable/--disable", help="Turn the TOTP second factor on or off.")] = True,
                  home: Home = "./var", as_json: JsonOut = False) -> None:
@@ -547,6 +563,59 @@ def ca_sign_csr(csr: str,
     out_bytes(doc["cert"].encode(), out)
     if out:
         typer.echo(f"signed serial {doc['serial']} -> {out}")
+
+
+@ca_app.command("request")
+def ca_request(name: str,
+               subject: Annotated[str, typer.Option(help="Subject, e.g. 'CN=Issuing CA,O=Example,C=FR'.")] = ...,
+               key_type: Annotated[str, typer.Option(help="rsa2048|rsa3072|rsa4096|p256|p384|ed25519")] = "p256",
+               profile: Annotated[str, typer.Option(help="The sub-ca profile the request follows.")] = "sub-ca",
+               path_length: Annotated[Optional[int], typer.Option(help="pathLenConstraint asked for.")] = None,
+               allow_profile: Annotated[list[str], typer.Option(help="A profile the CA may issue (repeatable; default: "
+                                                                    "the issuing CA's). Kept in the token at install.")] = [],  # noqa: B006
+               renew: Annotated[bool, typer.Option("--renew", help="A new certificate for the CA's existing key.")] = False,
+               rekey: Annotated[bool, typer.Option("--rekey", help="A new key: the successor CA NAME.kN, which issues in "
+                                                              "NAME's place once installed (NAME's key keeps signing its CRLs and OCSP).")] = False,
+               out: Annotated[Optional[str], typer.Option(help="Write the request (PEM) here.")] = None,
+               home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Make a CA's key in the HSM and its PKCS#10 request, signed there, for a parent elsewhere; the CA
+    awaits its certificate (ca install) and issues nothing until then.
+
+    Example: donjon ca request issuing --subject 'CN=Example Issuing CA,O=Example' --key-type p256 --out issuing.csr
+    """
+    if renew and rekey:
+        fail("--renew (same key) or --rekey (new key), not both")
+    with client(home) as c:
+        doc = op(ops.ca_request, c, name, parse_subject(subject), key_type, profile, path_length, tuple(allow_profile),
+                 "renew" if renew else "rekey" if rekey else "new")
+    if out:
+        out_bytes(doc["csr"].encode(), out)
+    if emit_json(doc, as_json):
+        return
+    if out:
+        typer.echo(f"CA {doc['name']}: {doc['state']}; request (sha256 {doc['sha256']}) -> {out}")
+    else:
+        typer.echo(doc["csr"], nl=False)
+
+
+@ca_app.command("install")
+def ca_install(name: str, cert: str,
+               chain: Annotated[Optional[str], typer.Option(help="The intermediate certificates up to the root (PEM).")] = None,
+               trust_anchor: Annotated[Optional[str], typer.Option(help="The root certificate (PEM), given once: "
+                                                                         "kept in the HSM beside the CA key.")] = None,
+               home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Install the certificate a parent elsewhere returned for `ca request`, after every check (the token
+    key, a CA certificate valid now, the chain up to the trust anchor, the constraints); the CA becomes active.
+
+    Example: donjon ca install issuing issuing.pem --trust-anchor root.pem
+    """
+    der = op(ops.certs_of, read_file(cert, "certificate", ops.MAX_CERT_FILE), cert, 1)[0]
+    ch = op(ops.certs_of, read_file(chain, "chain", ops.MAX_CERT_FILE), chain, 8) if chain else []
+    anchor = op(ops.certs_of, read_file(trust_anchor, "trust anchor", ops.MAX_CERT_FILE), trust_anchor, 1)[0] if trust_anchor else None
+    with client(home) as c:
+        doc = op(ops.ca_install, c, name, der, ch, anchor)
+    if not emit_json(doc, as_json):
+        typer.echo(f"installed CA {doc['name']}: {doc['subject']} serial {doc['serial']} until {doc['not_after'][:10]}")
 
 
 @ca_app.command("export")
@@ -689,6 +758,82 @@ def crl_generate(ca: Annotated[str, typer.Option(help="The CA.")] = ...,
         typer.echo(f"{'issued-serials list' if issued_serials else 'CRL'} for {ca}: {len(data)} bytes -> {out}")
     else:
         out_bytes(data, None)
+
+
+clock_app = typer.Typer(help="The appliance clock: show (UTC and hardware clock), set (dual control).", no_args_is_help=True)
+app.add_typer(clock_app, name="clock")
+
+
+@clock_app.command("show")
+def clock_show(as_json: JsonOut = False) -> None:
+    """The system clock (UTC) and the hardware clock of this machine. Example: donjon clock show"""
+    from appliance import clock
+    lines = clock.show()
+    if not emit_json({"system": lines[0].split(":", 1)[1].strip(), "hardware": lines[1].split(":", 1)[1].strip()}, as_json):
+        for line in lines:
+            typer.echo(line)
+
+
+@clock_app.command("set")
+def clock_set(when: Annotated[str, typer.Argument(help="The time, UTC: 'YYYY-MM-DD HH:MM:SS'.")],
+              home: Home = "./var") -> None:
+    """Set the system and hardware clocks (administrator; dual control `clock-set`; audited).
+
+    Example: donjon clock set '2026-12-07 14:30:00'
+    """
+    epoch = op(ops.parse_utc, when)
+    with client(home) as c:
+        typer.echo(op(ops.clock_set, c, epoch))
+
+
+@crl_app.command("presign")
+def crl_presign(ca: Annotated[str, typer.Option(help="The (offline root) CA.")] = ...,
+                periods: Annotated[int, typer.Option(help="How many CRLs to sign ahead.")] = 12,
+                every: Annotated[str, typer.Option(help="The period: 30d, 7d, 12h.")] = "30d",
+                overlap: Annotated[str, typer.Option(help="How long each CRL stays valid past the next one's start.")] = "0d",
+                out: Annotated[str, typer.Option(help="Write the bundle (CRLs + manifest) here.")] = ...,
+                home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Sign a CA's next CRLs ahead, one per period, into one bundle for the online appliance.
+
+    Example: donjon crl presign --ca root --periods 12 --every 30d --overlap 2d --out root-calendar.json
+    """
+    e = op(ops.parse_period, every, "period")
+    o = op(ops.parse_period, overlap, "overlap")
+    if os.path.exists(out):
+        fail(f"{out} exists: a bundle is never overwritten")
+    with client(home) as c:
+        doc = op(ops.crl_presign, c, ca, periods, e, o)
+    out_bytes(doc["bundle"].encode(), out)
+    if not emit_json({k: v for k, v in doc.items() if k != "bundle"}, as_json):
+        typer.echo(f"CRLs #{doc['first']}-#{doc['last']} of {doc['ca']} signed ahead -> {out}")
+
+
+calendar_app = typer.Typer(help="An offline root's CRL calendar on the online appliance.", no_args_is_help=True)
+crl_app.add_typer(calendar_app, name="calendar")
+
+
+@calendar_app.command("load")
+def crl_calendar_load(bundle: str, home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Verify every CRL of a calendar bundle against the root certificate and publish each at its thisUpdate.
+
+    Example: donjon crl calendar load /media/donjon/root-calendar.json
+    """
+    data = read_file(bundle, "calendar bundle", ops.MAX_BUNDLE)
+    with client(home) as c:
+        doc = op(ops.crl_calendar_load, c, data)
+    if not emit_json(doc, as_json):
+        typer.echo(f"calendar of {doc['ca']}: CRLs #{doc['first']}-#{doc['last']} ({doc['new']} new) loaded")
+        for line in ops.calendar_lines([doc]):
+            typer.echo(line)
+
+
+@calendar_app.command("status")
+def crl_calendar_status(home: Home = "./var", as_json: JsonOut = False) -> None:
+    """The loaded CRL calendars: the current CRL, how many wait, until when they cover. Example: donjon crl calendar status"""
+    with client(home) as c:
+        cals = op(ops.crl_calendar_status, c)
+    if not emit_json(cals, as_json):
+        lines_or(ops.calendar_lines(cals), "no CRL calendar")
 
 
 @crl_app.command("export")

@@ -200,7 +200,7 @@ class Profiles(_C):
     dir: str | None = "profiles"  # operator profile files (*.toml) overriding or adding to the shipped ones
 
 
-GUARDABLE = ("ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "key-recovery", "keys-backup")
+GUARDABLE = ("ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "key-recovery", "clock-set", "keys-backup")
 
 
 class Officers(_C):
@@ -210,7 +210,7 @@ class Officers(_C):
 
 class DualControl(_C):
     approvals: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1  # M distinct officers, the requester included; 1: off
-    operations: tuple[Literal["ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "key-recovery", "keys-backup"], ...] = GUARDABLE
+    operations: tuple[Literal["ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "key-recovery", "clock-set", "keys-backup"], ...] = GUARDABLE
     expiry_minutes: Annotated[int, msgspec.Meta(ge=1, le=30 * 1440)] = 60
 
 
@@ -361,7 +361,7 @@ max-failures = 5                              # consecutive failed logins from o
 
 [dual-control]
 approvals = 1                                 # M distinct officers (the requester counts as one); 1 = off
-operations = ["ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "keys-backup"]
+operations = ["ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "clock-set", "keys-backup"]
 expiry-minutes = 60                           # a pending request expires with its approvals
 
 [audit]

@@ -106,7 +106,9 @@ def _factory(h: Host, name: str) -> Launch:
                         ca_profiles={k: tuple(v) for k, v in cfg.ca_profiles.items()}, auto_activate=h.auto_activate,
                         cis_deadline_seconds=cfg.hsm.deadline_seconds, card_profiles=dict(h.card_profiles),
                         **C.officer_settings(cfg), **_gateway_policy(h)),
-        rw=(h.layout.cmdb,))
+        rw=(h.layout.cmdb,),
+        # TEST MODE ONLY: a simulated clock for the CRL calendar (appliance/factory/tier.py test_clock), from the harness.
+        env=tuple((k, os.environ[k]) for k in ("DONJON_TEST_CLOCK_FILE",) if k in os.environ))
 
 
 def _gateway_policy(h: Host) -> dict:

@@ -22,7 +22,7 @@ import msgspec
 import trio
 
 from appliance import config as C
-from appliance import privdrop, safefs
+from appliance import clock, privdrop, safefs
 from appliance.ceremonyspec import CeremonySpec
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, ProtocolViolation
@@ -431,6 +431,9 @@ class Supervisor:
                     os.kill(os.getpid(), signal.SIGTERM)
                 elif m.kind == "responder-renewal-failed" and role.kind == "factory":
                     await self.notify("responder-cert-expiring", m.detail.split(":")[0], m.detail)
+                elif m.kind == "crl-calendar-low" and role.kind == "factory":
+                    # An offline root's calendar runs short or its current CRL nears nextUpdate (appliance/factory/tier.py).
+                    await self.notify("crl-lapsed" if "lapsed" in m.detail else "crl-expiring", m.detail.split(":")[0], m.detail)
                 elif m.kind == "login-lockout" and role.kind == "factory":
                     await self.notify("login-lockout", m.detail.split()[1] if len(m.detail.split()) > 1 else "officer", m.detail)
                 self.events.append(m)
@@ -447,6 +450,20 @@ class Supervisor:
     def _config_set(self, m: S.ConfigSet) -> S.ConfigSetDone:
         """Write one setting for the Factory (which checked the officer and audits the answer); validated
         here again, whole file included: a compromised Factory gets no more than an administrator could."""
+        if m.key == clock.CLOCK_KEY:  # setting the time: dual control and audit done by the Factory; checked here again
+            try:
+                msg = clock.set_clock(clock.check_epoch(m.value))
+            except (ValueError, OSError) as e:
+                return S.ConfigSetDone(id=m.id, message=f"the clock was not set: {e}"[:4000], ok=False)
+            log(f"clock: {msg}")
+            return S.ConfigSetDone(id=m.id, message=msg, ok=True)
+        if m.key.startswith("ssh-key:"):  # an officer's SSH key (checked and audited by the Factory; checked here again)
+            try:
+                msg = clock.write_ssh_key(self.home, m.key.removeprefix("ssh-key:"), m.value or None)
+            except (ValueError, OSError) as e:
+                return S.ConfigSetDone(id=m.id, message=f"the SSH key was not written: {e}"[:4000], ok=False)
+            log(f"ssh keys: {msg}")
+            return S.ConfigSetDone(id=m.id, message=msg, ok=True)
         try:
             msg = C.write_setting(self.home, m.key, m.value)
         except C.ConfigError as e:

@@ -23,7 +23,7 @@ from appliance import roles
 from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel, LinkClosed, ProtocolViolation
 from appliance.ipc.links import FACTORY_CIS
-from policy import audit, certs, crl, lint, profiles
+from policy import audit, certs, crl, lint, profiles, tier
 from policy import serials as serials_list
 from policy import ocsp as ocsp_hashes
 from policy.capolicy import CaPolicy, default_policy, named_policy
@@ -32,6 +32,7 @@ from policy.errors import PolicyError
 from . import keybackup
 from .token import ObjectMissing, Token, TokenError, make_private_key
 
+ANCHOR_PREFIX = "anchor/"  # token label of a CA's trust anchor ("/" is never in a CA name)
 AUDIT_LABEL = "donjon-audit"  # the audit key's token label (CA names may not take it)
 LINT_SAMPLE = 1000  # CRL entries linted under the throwaway key (memory stays flat for big CRLs)
 TOKEN_CHECK_SECONDS = 5  # how often an idle CIS checks that its token is still there
@@ -220,6 +221,52 @@ class Cis:
                 self.token.store_policy(item.install_as, new.encode())
             self.token.store_certificate(item.install_as, der, cert.subject.public_bytes())
         return der
+
+    # ------------------------------------------------------------ two tiers: a CA's request, its certificate from elsewhere
+
+    def make_ca_request(self, m: S.MakeCaRequest) -> tuple[bytes, bytes]:
+        """The CA's PKCS#10 request, built here (subject and CA extensions from the profile) and signed by its token key."""
+        profile = self.profiles.get(m.profile)
+        if profile is None:
+            raise PolicyError("profile", "known", f"unknown profile {m.profile!r}")
+        builder = tier.ca_request_builder(tuple(m.subject), profile, m.path_length)  # checked before a key is made
+        if m.new_key:
+            self.token.generate(m.label, m.key_type)
+        key = self.token.key(m.label)
+        if key.key_type != m.key_type:
+            raise PolicyError("key_type", "token-key", f"the token key {m.label!r} is {key.key_type}, not {m.key_type}")
+        csr = builder.sign(make_private_key(self.token, key), certs.signature_hash(key.key_type))
+        return csr.public_bytes(serialization.Encoding.DER), key.spki
+
+    def install_ca_cert(self, m: S.InstallCaCert) -> bytes:
+        """Check a CA certificate signed elsewhere (policy.tier.check_install) and keep it beside the key,
+        with the trust anchor (given once) and the CA's issuance policy (written once, never changed)."""
+        key = self.token.key(m.label)
+        kept = self.token.certificates(ANCHOR_PREFIX + m.label)
+        if kept and m.anchor is not None and m.anchor not in kept:
+            raise PolicyError("chain", "anchor", f"CA {m.label!r} already has a trust anchor in the token: it is never replaced")
+        anchor = kept[0] if kept else m.anchor
+        if anchor is None:
+            raise PolicyError("chain", "anchor", "no trust anchor: give the root certificate once (--trust-anchor)")
+        new = self.new_ca_policy(S.IssueItem(profile="sub-ca", spki=b"", subject=(), sans=(), serial=b"\x01",
+                                             validity=S.Validity(0, 1), allowed_kinds=m.allowed_kinds,
+                                             allowed_profiles=m.allowed_profiles), False)
+        old = self.token.policy(m.label)
+        if old is not None and CaPolicy.decode(old) != new:
+            raise PolicyError("policy", "ca-policy", f"CA {m.label!r} already has an issuance policy: it is never changed")
+        allows = [p for p in self.profiles.values() if new.allows(p)]
+        cert = tier.check_install(m.cert, list(m.chain), anchor, key.spki, datetime.now(timezone.utc), allows,
+                                  any(p.kind == "sub-ca" for p in allows))
+        if m.cert in self.token.certificates(m.label):
+            raise PolicyError("certificate", "installed", "this certificate is already installed")
+        if not kept:
+            a = x509.load_der_x509_certificate(anchor)
+            self.token.store_certificate(ANCHOR_PREFIX + m.label, anchor, a.subject.public_bytes())
+        if old is None:
+            self.token.store_policy(m.label, new.encode())
+        self.token.store_certificate(m.label, m.cert, cert.subject.public_bytes())
+        self._policies.pop((m.label, cert.serial_number), None)
+        return anchor
 
     # ------------------------------------------------------------ audit checkpoints
 
@@ -482,6 +529,11 @@ async def serve(sup: Channel, fac: Channel, cis: Cis, n: trio.Nursery) -> None:
             elif isinstance(m, S.Issue):
                 outcomes = await hsm(cis.token.call, cis.issue, m)
                 await fac.send(S.Issued(id=mid, outcomes=outcomes))
+            elif isinstance(m, S.MakeCaRequest):
+                csr, spki = await hsm(cis.token.call, cis.make_ca_request, m)
+                await fac.send(S.CaRequestMade(id=mid, csr=csr, spki=spki))
+            elif isinstance(m, S.InstallCaCert):
+                await fac.send(S.CaInstalled(id=mid, anchor=await hsm(cis.token.call, cis.install_ca_cert, m)))
             elif isinstance(m, S.SignCheckpoint):
                 tbs, sig = await hsm(cis.token.call, cis.sign_checkpoint, m)
                 await fac.send(S.CheckpointSigned(id=mid, tbs=tbs, signature=sig))

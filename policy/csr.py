@@ -418,7 +418,9 @@ def check_csr(der: bytes, profile: Profile) -> CsrInfo:
                 "critical-unknown" if critical else "unknown",
                 f"extension {oid.dotted_string} is not accepted in a request",
             )
-        if isinstance(value, x509.BasicConstraints) and value.ca:
+        # A CA's own request (ca request, openssl req -addext basicConstraints=CA:TRUE) asks for what a
+        # sub-CA profile makes anyway; any other profile never makes a CA out of a request.
+        if isinstance(value, x509.BasicConstraints) and value.ca and profile.kind != "sub-ca":
             raise PolicyError("csr.extensions", "basic-constraints", "a request may not ask for a CA certificate")
 
     subject: list[tuple[str, str]] = []

@@ -116,6 +116,7 @@ class Appliance:
         self.log = home.parent / f"{home.name}.log"
         self.officers: dict[str, str] = dict(OFFICERS)
         self.template: Path | None = None  # the initialised folder this one was copied from
+        self.run_env: dict[str, str] = {}  # more environment for `donjon run` (a test clock, say)
 
     def env(self, officer: str = "oper") -> dict[str, str]:
         """The CLI's environment, logged in as `officer` (a new login when its stored session is gone)."""
@@ -195,7 +196,7 @@ class Appliance:
     def start(self, timeout: float = 60, activate: bool = True) -> None:
         args = ["run", "--home", str(self.home)] + ([] if activate else ["--no-activate"])
         with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(self.argv(*args), env=self.env(), stdout=logf,
+            self.proc = subprocess.Popen(self.argv(*args), env={**self.env(), **self.run_env}, stdout=logf,
                                          stderr=subprocess.STDOUT, start_new_session=True, cwd="/")
         from appliance.client import AdminClient, ClientError
         from appliance.ipc import schema as S

@@ -26,10 +26,11 @@ FORMAT = "donjon-ceremony-transcript/2"  # /1 had no audit bindings: refused by 
 STEP_RECORDS = {"create-root": ("ca-create", lambda st, o: o == st.name), "create-ca": ("ca-create", lambda st, o: o == st.name),
                 "sign-csr": ("ca-sign-csr", lambda st, o: o.startswith(f"{st.parent}/")),
                 "crl": ("crl", lambda st, o: o.startswith(f"{st.ca}#")),
+                "crl-presign": ("crl-presign", lambda st, o: o.startswith(f"{st.ca}#")),
                 "keys-backup": ("keys-backup", lambda st, o: o == "token")}
 FileName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 Days = Annotated[int, msgspec.Meta(ge=1, le=40 * 366)]
-ACTIONS = ("create-root", "create-ca", "sign-csr", "crl", "export-ca", "keys-backup")
+ACTIONS = ("create-root", "create-ca", "sign-csr", "crl", "export-ca", "crl-presign", "keys-backup")
 
 
 class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="kebab"):
@@ -53,6 +54,9 @@ class Step(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="keba
     csr: FileName | None = None  # sign-csr: a file beside the ceremony file
     out: FileName | None = None  # the output file in the output folder
     chain: bool = False  # export-ca: with the parents up to the root
+    periods: Annotated[int, msgspec.Meta(ge=1, le=120)] | None = None  # crl-presign: CRLs signed ahead
+    every: Annotated[str, msgspec.Meta(max_length=12)] | None = None  # crl-presign: the period, e.g. 30d
+    overlap: Annotated[str, msgspec.Meta(max_length=12)] | None = None  # crl-presign: each CRL valid this long past the next one's start
     # keys-backup: the KEK split into `shares` custodian shares (custodian-N/ beside the outputs), any
     # `threshold` of which recover; the token's SO PIN from a file beside the ceremony file.
     shares: Annotated[int, msgspec.Meta(ge=2, le=16)] | None = None
@@ -72,6 +76,7 @@ _REQUIRED = {
     "sign-csr": ("parent", "csr", "validity_days", "out"),
     "crl": ("ca", "out"),
     "export-ca": ("ca", "out"),
+    "crl-presign": ("ca", "periods", "every", "out"),
     "keys-backup": ("shares", "threshold", "so_pin_file", "out"),
 }
 
@@ -89,11 +94,13 @@ def load(path: str) -> CeremonyFile:
         raise OpError(f"{path}: quorum {h.quorum} is more than the {len(h.officers)} officers listed")
     outs: set[str] = set()
     for i, st in enumerate(spec.step, 1):
-        if st.action == "crl-presign":
-            raise OpError(f"{path}: step {i}: crl-presign (CRLs for future periods) is not supported by this appliance yet")
         missing = [f.replace("_", "-") for f in _REQUIRED[st.action] if getattr(st, f) in (None, {})]
         if missing:
             raise OpError(f"{path}: step {i} ({st.action}) needs {', '.join(missing)}")
+        if st.action == "crl-presign":
+            every = ops.parse_period(st.every or "", f"{path}: step {i}: period")
+            if ops.parse_period(st.overlap or "0", "overlap") > every:
+                raise OpError(f"{path}: step {i}: the overlap is longer than the period")
         if st.out in outs or st.out in ("transcript.json", "transcript.pdf"):
             raise OpError(f"{path}: step {i}: output {st.out} is named twice")
         outs.add(st.out)
@@ -255,6 +262,10 @@ class Ceremony:
             return {"ca": st.ca, "crl_number": ops.crl_number(der), "bytes": len(der)}, der
         if st.action == "export-ca":
             return {"ca": st.ca, "chain": st.chain}, ops.ca_chain_pem(c, st.ca, st.chain)
+        if st.action == "crl-presign":
+            doc = ops.crl_presign(c, st.ca, st.periods, ops.parse_period(st.every or "", "period"),
+                                  ops.parse_period(st.overlap or "0", "overlap"))
+            return {"ca": st.ca, "first": doc["first"], "last": doc["last"]}, doc["bundle"].encode()
         if st.action == "keys-backup":  # the blob is the step's output; each share goes to a folder of its own
             assert st.so_pin_file and st.threshold and st.shares
             so_pin = M.read(os.path.dirname(self.path), st.so_pin_file).decode("utf-8", "replace").strip()

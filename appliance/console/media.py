@@ -26,6 +26,17 @@ def media_dir(home: str) -> str:
     return os.path.realpath(path)
 
 
+def media_path(home: str) -> str:
+    """The media folder's path, whether or not something is mounted there (the mount point of removable media)."""
+    from appliance import config as C
+    try:
+        cfg = C.load(home)
+    except C.ConfigError as e:
+        raise OpError(str(e)) from None
+    p = cfg.console.media
+    return os.path.realpath(p if os.path.isabs(p) else os.path.join(home, p))
+
+
 def check_file_name(name: str) -> str:
     if not FILE_RE.match(name) or ".." in name:
         raise OpError(f"invalid file name {name[:40]!r}: a plain name in the media folder (letters, digits, '.', '_', '-')")

@@ -43,6 +43,10 @@ class Console:
             ("Backup to media", self.backup),
             ("Shutdown", self.shutdown),
             ("Cards: personalise, PIN letters", self.cards),
+            ("Clock: show, set", self.clock),
+            ("Removable media (USB)", self.media),
+            ("CRL calendar: load, status", self.calendar),
+            ("Officers' SSH keys", self.ssh_keys),
             ("Key backup to media", self.key_backup),
         ]
 
@@ -441,6 +445,70 @@ class Console:
         self.t.say(f"key backup sha256 {doc['manifest_sha256'][:32]}...", f"  keys: {', '.join(doc['keys'])}"[:79],
                    f"  -> media: {os.path.basename(folder)}/{os.path.basename(blob)}",
                    f"  {len(shares)} shares in custodian-N/ (any {doc['threshold']} recover): one to each custodian")
+
+
+    def clock(self) -> None:
+        """UTC time and the hardware clock; an administrator sets the time (dual control, audited)."""
+        from appliance import clock
+        self.t.say(*clock.show())
+        if "administrator" not in (self.s.client.roles or []) or not self.t.confirm("set the time?"):
+            return
+        a = self.t.ask("new time, UTC (YYYY-MM-DD HH:MM:SS): ").strip()
+        self.t.say(ops.clock_set(self.s.client, ops.parse_utc(a)))
+
+    def media(self) -> None:
+        """Mount a USB stick at the media folder for the actions chosen here, and unmount it after."""
+        from appliance.console import stick
+        devs = stick.devices()
+        if not devs:
+            raise OpError("no USB mass-storage device with a vfat or ext4 filesystem: insert one")
+        i = self.t.choose("media", [f"{d.path}  {d.fstype}  {d.size}  {d.label}" for d in devs])
+        if i is None:
+            return
+        with stick.mounted(devs[i], M.media_path(self.home)) as where:
+            self.t.say(f"mounted {devs[i].path} at {where} (nodev, nosuid, noexec)")
+            actions = [("Ceremonies", self.ceremony), ("Issue from a CSR", self.issue), ("CRL: sign, export", self.crl),
+                       ("CRL calendar: load, status", self.calendar), ("Audit: verify, export", self.audit),
+                       ("Backup", self.backup)]
+            while True:
+                self.t.page([f"files: {', '.join(M.list_files(where, ('',))[:20]) or 'none'}"])
+                j = self.t.choose("with the media", [a[0] for a in actions])
+                if j is None:
+                    break
+                self._guard(actions[j][1])
+        self.t.say(f"{devs[i].path} unmounted: it may be removed")
+
+    def calendar(self) -> None:
+        """An offline root's CRL calendar: load a bundle from the media; what is left and when it lapses."""
+        i = self.t.choose("CRL calendar", ["Load a calendar bundle from the media", "Status"])
+        if i == 0:
+            media = M.media_dir(self.home)
+            fn = self._pick_file(media, (".json",), "calendar bundle")
+            if fn is None:
+                return
+            doc = ops.crl_calendar_load(self.s.client, M.read(media, fn))
+            self.t.say(f"calendar of {doc['ca']}: CRLs #{doc['first']}-#{doc['last']} ({doc['new']} new) loaded")
+            self.t.page(ops.calendar_lines([doc]))
+        elif i == 1:
+            self.t.page(ops.calendar_lines(ops.crl_calendar_status(self.s.client)) or ["no CRL calendar"])
+
+    def ssh_keys(self) -> None:
+        """An administrator enrols an officer's SSH public key (a .pub file on the media) or removes it; audited."""
+        i = self.t.choose("SSH keys", ["Enrol a key from the media", "Remove an officer's key"])
+        if i is None:
+            return
+        name = self._ask_name("officer", what="officer name")
+        if not name:
+            return
+        if i == 0:
+            media = M.media_dir(self.home)
+            fn = self._pick_file(media, (".pub",), "SSH public key")
+            if fn is None:
+                return
+            key = M.read(media, fn).decode("ascii", "replace")
+            self.t.say(ops.officer_ssh_key(self.s.client, name, key)["message"])
+        elif self.t.confirm(f"remove the SSH key of {name}?"):
+            self.t.say(ops.officer_ssh_key(self.s.client, name, None)["message"])
 
     def shutdown(self) -> None:
         if not self.t.confirm("stop the appliance (every role, cleanly)?"):

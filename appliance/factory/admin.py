@@ -188,6 +188,51 @@ async def _kgs_recover_take(ctx: Ctx, req: S.AKgsRecoverTake) -> S.KgsP12Reply:
     conn = _conn(ctx)
     officer = conn.session.officer if getattr(conn, "session", None) else ""  # type: ignore[attr-defined]
     return await ctx.f.kgs.recover_take(req, officer, ctx.actor)
+def _tier(ctx: Ctx):
+    if ctx.f.tier is None:
+        raise FactoryError("internal", "the two-tier service is not set up")
+    return ctx.f.tier
+
+
+async def _status(ctx: Ctx, req: S.AStatus) -> dict[str, Any]:
+    doc = await ctx.f.status()
+    if ctx.f.tier is not None and doc.get("activated"):
+        cals = await ctx.f.tier.status()
+        if cals:  # an offline root's CRL calendar, on the online box: what is left, and the warning
+            doc["crl_calendars"] = cals
+    return doc
+
+
+async def _calendar_status(ctx: Ctx, req: S.ACrlCalendarStatus) -> dict[str, Any]:
+    ctx.f._require_active()
+    await _tier(ctx).publish_due()  # what is due is published before it is shown (the timer may be between ticks)
+    return {"calendars": await _tier(ctx).status()}
+
+
+def _clock_checked(handler: Handler, what: str) -> Handler:
+    """A CA signing operation, refused (audited) while the clock is before the newest time the appliance signed at."""
+    import inspect
+    if inspect.isasyncgenfunction(handler):
+        async def gen(ctx: Ctx, req: Any) -> AsyncIterator[bytes]:
+            await _tier(ctx).check_clock(ctx.actor, what)
+            async for chunk in handler(ctx, req):  # type: ignore[union-attr]
+                yield chunk
+        return gen
+
+    async def run_checked(ctx: Ctx, req: Any) -> Any:
+        await _tier(ctx).check_clock(ctx.actor, what)
+        return await handler(ctx, req)  # type: ignore[misc]
+    return run_checked
+
+
+async def _clock_set(ctx: Ctx, req: S.AClockSet) -> dict[str, Any]:
+    from .timeset import ClockSetter
+    return await ClockSetter(ctx.f.store, ctx.f.sup_send, ctx.f.settings._waiting).set(req, ctx.actor)
+
+
+async def _ssh_key(ctx: Ctx, req: S.AOfficerSshKey) -> dict[str, Any]:
+    from .timeset import ClockSetter
+    return await ClockSetter(ctx.f.store, ctx.f.sup_send, ctx.f.settings._waiting).ssh_key(req, ctx.actor)
 
 
 async def _enrol_secret(ctx: Ctx, req) -> Any:
@@ -219,7 +264,7 @@ async def _eab(ctx: Ctx, req) -> Any:
 
 
 TABLE: dict[type, AdminOp] = {
-    S.AStatus: AdminOp(PUBLIC, None, lambda c, r: c.f.status(), S.StatusReply),
+    S.AStatus: AdminOp(PUBLIC, None, _status, S.StatusReply),
     S.AActivate: AdminOp(PUBLIC, None, lambda c, r: c.f.activate(r.pin, c.actor), S.ActivateReply),
     S.AActivateShares: AdminOp(PUBLIC, None, lambda c, r: c.f.activate_shares(r.shares, c.actor), S.ActivateReply),
     S.ALogin: AdminOp(PUBLIC, None, lambda c, r: c.f.officers.login(_conn(c), r), S.LoginReply, session_bound=True),
@@ -232,17 +277,29 @@ TABLE: dict[type, AdminOp] = {
     S.ACaList: AdminOp(PUBLIC, None, lambda c, r: _doc("cas", c.f.ca_list()), S.CaListReply),
     S.ACaShow: AdminOp(ANY, None, lambda c, r: c.f.ca_show(r.name), S.CaReply),
     S.ACaExport: AdminOp(ANY, None, _ca_export, S.CaExportReply),
-    S.ACaCreate: AdminOp(OPER, "ca-create", lambda c, r: c.f.create_ca(r, parent=r.parent, actor=c.actor), S.CaReply),
-    S.ACaCreateRoot: AdminOp(OPER, "ca-create", lambda c, r: c.f.create_ca(r, parent=None, actor=c.actor), S.CaReply),
-    S.ACaSignCsr: AdminOp(OPER, "ca-sign-csr", lambda c, r: c.f.sign_csr_ca(r, c.actor), S.CaSignCsrReply),
+    # a CA's signature while the clock has gone backwards is refused (_clock_checked)
+    S.ACaCreate: AdminOp(OPER, "ca-create", _clock_checked(lambda c, r: c.f.create_ca(r, parent=r.parent, actor=c.actor),
+                                                           "ca-create"), S.CaReply),
+    S.ACaCreateRoot: AdminOp(OPER, "ca-create", _clock_checked(lambda c, r: c.f.create_ca(r, parent=None, actor=c.actor),
+                                                               "ca-create"), S.CaReply),
+    S.ACaSignCsr: AdminOp(OPER, "ca-sign-csr", _clock_checked(lambda c, r: c.f.sign_csr_ca(r, c.actor), "ca-sign-csr"),
+                          S.CaSignCsrReply),
+    # two tiers: a CA key's request to a parent elsewhere, and the certificate it returned (guarded as ca-create)
+    S.ACaRequest: AdminOp(OPER, "ca-create", _clock_checked(lambda c, r: _tier(c).request(r, c.actor), "ca-request"),
+                          S.CaRequestReply),
+    S.ACaInstall: AdminOp(OPER, "ca-create", lambda c, r: _tier(c).install(r, c.actor), S.CaReply),
     S.AIssue: AdminOp(OPER, None, lambda c, r: c.f.issue(r, c.actor), S.IssueReply),
     S.ACertShow: AdminOp(ANY, None, lambda c, r: c.f.cert_get(r.ca, int.from_bytes(r.serial, "big")), S.CertReply),
     S.ACertList: AdminOp(ANY, None, lambda c, r: _doc("certs", c.f.cert_list(r)), S.CertListReply),
     # "revoke-ca" applies only when the certificate is a CA's (Officers.guard checks)
     S.ARevoke: AdminOp(OPER, "revoke-ca", lambda c, r: c.f.revoke(r, c.actor), S.RevokeReply),
     S.AUnrevoke: AdminOp(OPER, "revoke-ca", lambda c, r: c.f.unrevoke(r, c.actor), S.UnrevokeReply),
-    S.ACrlGenerate: AdminOp(OPER, None, _crl_generate, STREAM),
+    S.ACrlGenerate: AdminOp(OPER, None, _clock_checked(_crl_generate, "crl"), STREAM),
     S.ACrlExport: AdminOp(ANY, None, _crl_export, STREAM),
+    # an offline root's CRLs signed ahead; the online box's calendar of them
+    S.ACrlPresign: AdminOp(OPER, None, lambda c, r: _tier(c).presign(r, c.actor), S.CrlPresignReply),
+    S.ACrlCalendarLoad: AdminOp(OPER, None, lambda c, r: _tier(c).load(r, c.actor), S.CalendarLoadReply),
+    S.ACrlCalendarStatus: AdminOp(ANY, None, _calendar_status, S.CalendarStatusReply),
     S.AOcspStatus: AdminOp(ANY, None, lambda c, r: c.f.ocsp_status(), S.OcspStatusReply),
     S.AOcspResponderCert: AdminOp(OPER, None, lambda c, r: c.f.ocsp_responder_cert(r.ca, r.validity_days, c.actor),
                                   S.ResponderCertReply),
@@ -289,6 +346,10 @@ TABLE: dict[type, AdminOp] = {
     S.ACmpCredentialRevoke: AdminOp(OPER, None, lambda c, r: c.f.cmp.credential_revoke(r.ref, c.actor), S.CmpCredentialListReply),
     S.ACmpRequestList: AdminOp(ANY, None, lambda c, r: c.f.cmp.request_list(r.open_only), S.CmpRequestListReply),
     S.ACmpDecide: AdminOp(OPER, None, _cmp_decide, S.CmpRequestListReply, session_bound=True),
+    # the clock, set by the supervisor (root) once dual control approved (console: clock)
+    S.AClockSet: AdminOp(ADMIN, "clock-set", _clock_set, S.ClockSetReply),
+    # an officer's SSH key for the console account: an officer change (dual control "officer"), written by the supervisor
+    S.AOfficerSshKey: AdminOp(ADMIN, "officer", _ssh_key, S.OfficerSshKeyReply),
     # EST/SCEP enrolment secrets: operators hand them to devices; the Factory spends them (enrolsecrets.py)
     S.AEnrolSecretCreate: AdminOp(OPER, None, _enrol_secret, S.EnrolSecretReply),
     S.AEnrolSecretRevoke: AdminOp(OPER, None, _enrol_secret, S.EnrolSecretReply),

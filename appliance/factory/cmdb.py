@@ -271,7 +271,51 @@ _MIGRATIONS[8] = """
 # collide on a number: 9 two-tier PKI, 10 key backup and restore, 11 the ACME gateway, 12 CMP/EST/SCEP,
 # 13 the Key Generation System, 14 CRL shards and delta CRLs, 15 the storage layer, 16 EST/SCEP. One left as "SELECT 1"
 # creates nothing.
-_MIGRATIONS[9] = "SELECT 1"
+_MIGRATIONS[9] = """
+-- Two tiers (issue 14). A CA whose key is in the token and whose certificate is to come from a parent
+-- elsewhere (ca request; a renewal of an existing CA too), until ca install.
+CREATE TABLE ca_requests(
+    name TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('new', 'renew')),
+    rekey_of TEXT REFERENCES cas(name),  -- a new key for that CA: installed, it issues in its place
+    key_type TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    profiles TEXT NOT NULL,
+    csr BLOB NOT NULL,
+    created INTEGER NOT NULL
+);
+-- A re-keyed CA: the old key keeps signing CRLs and OCSP for what it issued; new issuance goes to the successor.
+CREATE TABLE ca_successors(ca TEXT PRIMARY KEY REFERENCES cas(name), successor TEXT NOT NULL REFERENCES cas(name), since INTEGER NOT NULL);
+-- The root each installed CA chains to (also kept in the token beside the CA key).
+CREATE TABLE trust_anchors(ca TEXT PRIMARY KEY, cert BLOB NOT NULL);
+-- The offline root's side: CRLs signed ahead for future periods (numbers from cas.crl_number: never reused).
+CREATE TABLE presigned_crls(
+    ca TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    this_update INTEGER NOT NULL,
+    next_update INTEGER NOT NULL,
+    entries INTEGER NOT NULL,
+    sha256 BLOB NOT NULL,
+    der BLOB NOT NULL,
+    signed_at INTEGER NOT NULL,
+    PRIMARY KEY (ca, number)
+);
+-- The online side: an offline root's calendars, each CRL published (copied to crls) once its thisUpdate has come.
+CREATE TABLE calendar_roots(ca TEXT PRIMARY KEY, cert BLOB NOT NULL, loaded INTEGER NOT NULL);
+CREATE TABLE crl_calendar(
+    ca TEXT NOT NULL REFERENCES calendar_roots(ca),
+    number INTEGER NOT NULL,
+    this_update INTEGER NOT NULL,
+    next_update INTEGER NOT NULL,
+    sha256 BLOB NOT NULL,
+    der BLOB NOT NULL,
+    loaded INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('waiting', 'published', 'superseded')),
+    published_at INTEGER,
+    PRIMARY KEY (ca, number)
+);
+CREATE INDEX crl_calendar_due ON crl_calendar(state, this_update);
+"""
 _MIGRATIONS[10] = """
     -- Restore (issue 15): revocations found in what the appliance had published (signed CRLs, OCSP
     -- responses) for certificates the restored CMDB never saw. Only their serial is known: they are

@@ -228,7 +228,8 @@ class Issuance:
         cert_row = await self.issuers.ca_row(ca)
         ca_cert = x509.load_der_x509_certificate(cert_row[4])
         ca_end = int(ca_cert.not_valid_after_utc.timestamp())
-        now = int(time.time()) - BACKDATE
+        # Backdated, but never before the issuer's own start (a CA certified elsewhere a moment ago: ca install).
+        now = max(int(time.time()) - BACKDATE, int(ca_cert.not_valid_before_utc.timestamp()))
         items = []
         for p in batch:
             prof = self.profiles[p.profile]

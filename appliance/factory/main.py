@@ -27,6 +27,7 @@ from .cmp import CmpHost, CmpService
 from .gateway import GatewayHost, GatewayService
 from .officers import Conn, Officers
 from .service import Factory, FactoryError, _log
+from .tier import Tier
 
 SO_PEERGROUPS = 59
 MAX_ADMIN_CONNECTIONS = 64
@@ -241,6 +242,8 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         f.sup_send = sup.send
         f.officers = Officers(f)
         f.checkpoints = Checkpoints(f.store, f.cis, cfg.checkpoint_seconds, f.send_event)
+        f.tier = Tier(f.store, f.cis, f.profiles, dict(cfg.ca_profiles), f.ocsp.publish, f.dist.enqueue_object, f.send_event,
+                      f.dist.poke, cfg.home)
         gateway.append(GatewayService(GatewayHost(f.store, cfg, f.profiles, f.issue, f.issuance.issue_one, f.revoke, f.check_issuer,
                                                   f.ca_chain, f.audit)))
         f.cmp = CmpService(CmpHost(f.store, f.profiles, f.issuance.issue_one, f.revoke, f.check_issuer, f.ca_chain, f.audit))
@@ -357,6 +360,7 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         n.start_soon(f.dist.fetcher)
         n.start_soon(f.dist.fetch_results)
         n.start_soon(f.checkpoints.scheduler)
+        n.start_soon(f.tier.run)
         if FACTORY_DIST.name in fds:
             start_distribution(fds[FACTORY_DIST.name])
         if FACTORY_GATEWAY.name in fds:

@@ -228,8 +228,10 @@ class OcspProducer:
             raise ProtocolViolation(f"factory-ocsp: expected OcspResume, got {type(resume).__name__}")
         while f.db is None:  # nothing to feed before activation; the endpoint serves its own store
             await trio.sleep(0.2)
-        cas = [tuple(r) for r in await f.run_db(lambda: f.db.db.execute("SELECT name, key_type, parent, profile, cert FROM cas").fetchall())]
-        for name, _, _, _, der in cas:
+        # This appliance's CAs, and the offline roots whose CRL calendar it publishes (two tiers: tier.py).
+        cas = [tuple(r) for r in await f.run_db(lambda: f.db.db.execute(
+            "SELECT name, cert FROM cas UNION ALL SELECT ca, cert FROM calendar_roots").fetchall())]
+        for name, der in cas:
             await self.publish(S.PublishCa(ca=name, cert=der), chan)
         # Live publication only once the endpoint knows every CA: a response signed meanwhile (an issuance
         # right after activation) must not reach it before its CA (it would be a protocol violation there).

@@ -34,6 +34,7 @@ from .settings import Settings
 from .status import Status
 from .store import Store, ca_state
 from .tenants import TenantManager
+from .tier import Tier
 
 __all__ = ["Factory", "FactoryError", "_log", "ca_state", "new_serial"]
 
@@ -62,6 +63,7 @@ class Factory:
         self.revocation = Revocation(self.store, self.dist, self.lists, self.stats)
         self.activation = Activation(cfg, self.store, cis, self.signers, self.dist, send_event)
         self.settings = Settings(self.store)
+        self.tier: Tier | None = None  # two tiers: CA requests and installs, CRL calendars (set by main)
         self.reports = Status(self.store, self.dist, self.signers, self.stats, self.tenants, self.ocsp_feeds,
                               lambda: self.activation.token_info, lambda: len(self.issuance.pending))
 

@@ -72,6 +72,8 @@ class Status:
                 cert = x509.load_der_x509_certificate(der)
                 cas.append(S.CaState(name=name, key_type=key_type, not_after=int(cert.not_valid_after_utc.timestamp()),
                                      crl_number=crl_number, crl_next_update=nu, issued=issued, revoked=revoked))
+            from .tier import calendar_ca_states
+            cas += calendar_ca_states(store.require_active().db)  # offline roots whose CRL calendar is published here
             return cas, store.report_heads(), self.dist.backlog()
         cas, (n_audit, oldest, earliest, cp), backlog = await store.run(q)
         dests = [S.DestinationState(name=d.name, backlog=backlog.get(d.name, 0), failing=d.failing) for d in self.dist.states()]

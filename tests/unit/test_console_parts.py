@@ -99,7 +99,9 @@ def test_pdf_is_read_by_pdftotext(tmp_path):
     ('[ceremony]\nname="c"\nofficers=["a"]\nquorum=1\noutput="o"\n[[step]]\naction="crl"\nca="root"\nout="x"\n'
      '[[step]]\naction="crl"\nca="issuing"\nout="x"\n', "named twice"),
     ('[ceremony]\nname="c"\nofficers=["a"]\nquorum=1\noutput="o"\n[[step]]\naction="create-ca"\nname="n"\nout="x"\n', "needs parent"),
-    ('[ceremony]\nname="c"\nofficers=["a"]\nquorum=1\noutput="o"\n[[step]]\naction="crl-presign"\nca="root"\nout="x"\n', "not supported"),
+    ('[ceremony]\nname="c"\nofficers=["a"]\nquorum=1\noutput="o"\n[[step]]\naction="crl-presign"\nca="root"\nout="x"\n', "needs periods, every"),
+    ('[ceremony]\nname="c"\nofficers=["a"]\nquorum=1\noutput="o"\n[[step]]\naction="crl-presign"\nca="root"\nperiods=2\nevery="30x"\n'
+     'out="x"\n', "step 1: period '30x'"),
     ('[ceremony]\nname="c"\nofficers=["a"]\nquorum=1\noutput="../o"\n[[step]]\naction="crl"\nca="root"\nout="x"\n', "output"),
     ('[ceremony]\nname="c"\nofficers=["a"]\nquorum=1\noutput="o"\n[[step]]\naction="crl"\nca="root"\nout="/etc/x"\n', "out"),
     ('[ceremony]\nname="c"\nofficers=["a"]\nquorum=1\noutput="o"\n[[step]]\naction="shell"\nout="x"\n', "action"),

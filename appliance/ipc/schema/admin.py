@@ -451,6 +451,65 @@ class ACmpDecide(_Msg, tag="cmp-decide"):
     request: Annotated[int, msgspec.Meta(ge=1)]
     approve: bool
     reason: Annotated[str, msgspec.Meta(max_length=400)] = ""
+class ACaRequest(_Msg, tag="ca-request"):
+    """A CA's key made in the token (not for renew) and its PKCS#10 request, signed there: the CA then awaits its certificate."""
+
+    id: ReqId
+    name: Name
+    profile: Name
+    key_type: KeyType
+    subject: tuple[Attr, ...]
+    path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
+    allowed_profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()
+    # renew: the same key, a new certificate; rekey: a new key, installed as the successor CA `NAME.kN`
+    mode: Literal["new", "renew", "rekey"] = "new"
+
+
+class ACaInstall(_Msg, tag="ca-install"):
+    """The certificate a parent elsewhere returned for a CA request, its chain, and (once) the trust anchor."""
+
+    id: ReqId
+    name: Name
+    cert: Der
+    chain: Annotated[list[Der], msgspec.Meta(max_length=8)] = []
+    anchor: Der | None = None
+
+
+class ACrlPresign(_Msg, tag="crl-presign"):
+    """Sign a CA's next `periods` CRLs ahead (an offline root's calendar), returned as one bundle."""
+
+    id: ReqId
+    ca: Name
+    periods: Annotated[int, msgspec.Meta(ge=1, le=120)]
+    every_seconds: Annotated[int, msgspec.Meta(ge=3600, le=366 * 86400)]
+    overlap_seconds: Annotated[int, msgspec.Meta(ge=0, le=366 * 86400)] = 0
+    start: Epoch | None = None
+
+
+class ACrlCalendarLoad(_Msg, tag="crl-calendar-load"):
+    id: ReqId
+    bundle: Annotated[bytes, msgspec.Meta(max_length=4 * 1024 * 1024)]
+
+
+class ACrlCalendarStatus(_Msg, tag="crl-calendar-status"):
+    id: ReqId
+
+
+class AClockSet(_Msg, tag="clock-set"):
+    """Set the appliance's system and hardware clocks (seconds since 1970, UTC): dual-controlled, audited."""
+
+    id: ReqId
+    time: Epoch
+
+
+class AOfficerSshKey(_Msg, tag="officer-ssh-key"):
+    """Enrol an officer's SSH public key (one OpenSSH line) for the SSH console account, or remove it (key None)."""
+
+    id: ReqId
+    name: Name
+    key: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
+
+
 # ---------------------------------------------------------------- EST/SCEP enrolment secrets (officers make them)
 
 
@@ -520,6 +579,7 @@ AdminRequest = Union[
     ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, ACeremonyBegin, ACeremonyWitness, ACeremonyRecords, AConfigSet,
     AKeysBackup, AKeysBackupFetch,
     ACmpCredentialAdd, ACmpCredentialList, ACmpCredentialRevoke, ACmpRequestList, ACmpDecide,
+    ACaRequest, ACaInstall, ACrlPresign, ACrlCalendarLoad, ACrlCalendarStatus, AClockSet, AOfficerSshKey,
     AEnrolSecretCreate, AEnrolSecretList, AEnrolSecretRevoke, AEnrolWaiting, AEnrolDecide,
     AAcmeEabAdd, AAcmeEabList, AAcmeEabRevoke,
     AKgsPersonalise, AKgsCards, AKgsLetters, AKgsLetterStatus, AKgsReprint, AKgsRecover, AKgsRecoverTake,
@@ -750,6 +810,7 @@ class StatusReply(_Reply, tag="status-reply"):
     audit_head: Hex64 | None | UnsetType = UNSET
     distribution: dict[Name, DestinationBrief] | UnsetType = UNSET
     audit_checkpoint: CheckpointRef | None | UnsetType = UNSET
+    crl_calendars: Annotated[list[CalendarInfo], msgspec.Meta(max_length=64)] | UnsetType = UNSET  # on an online box
 
 
 class ActivateReply(_Reply, tag="activate-reply"):
@@ -1106,6 +1167,64 @@ class CmpRequestInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
 class CmpRequestListReply(_Reply, tag="cmp-request-list-reply"):
     id: ReqId
     requests: list[CmpRequestInfo]
+class CaRequestReply(_Reply, tag="ca-request-reply"):
+    id: ReqId
+    name: Name  # for a rekey, the successor's name (ca install takes it)
+    state: Text
+    mode: Literal["new", "renew", "rekey"]
+    key_type: KeyType
+    csr: Pem
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+
+
+class CalendarInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    ca: Name
+    remaining: Annotated[int, msgspec.Meta(ge=0)]
+    covered_until: Epoch | None
+    current: Annotated[int, msgspec.Meta(ge=1, lt=2**62)] | None
+    current_next_update: Epoch | None
+    warning: Text | None
+
+
+class ClockSetReply(_Reply, tag="clock-set-reply"):
+    id: ReqId
+    time: Epoch
+    message: Text
+
+
+class OfficerSshKeyReply(_Reply, tag="officer-ssh-key-reply"):
+    id: ReqId
+    officer: Name
+    fingerprint: Text | None
+    message: Text
+
+
+class CrlPresignReply(_Reply, tag="crl-presign-reply"):
+    id: ReqId
+    ca: Name
+    first: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    last: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    bundle: Annotated[str, msgspec.Meta(max_length=4 * 1024 * 1024)]
+
+
+class CalendarLoadReply(_Reply, tag="crl-calendar-load-reply"):
+    id: ReqId
+    ca: Name
+    first: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    last: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+    new: Annotated[int, msgspec.Meta(ge=0)]
+    remaining: Annotated[int, msgspec.Meta(ge=0)]
+    covered_until: Epoch | None
+    current: Annotated[int, msgspec.Meta(ge=1, lt=2**62)] | None
+    current_next_update: Epoch | None
+    warning: Text | None
+
+
+class CalendarStatusReply(_Reply, tag="crl-calendar-status-reply"):
+    id: ReqId
+    calendars: Annotated[list[CalendarInfo], msgspec.Meta(max_length=64)]
+
+
 class EnrolSecretReply(_Reply, tag="enrol-secret-reply"):
     """enrol-secret-create (everything; `secret` shown this once) and -revoke (ref, revoked)."""
 
@@ -1187,7 +1306,9 @@ TypedReply = Union[RevokeReply, UnrevokeReply, CertReply, CertListReply, CaReply
                    StatusReply, ActivateReply,
                    ShutdownReply, ConfigSetReply, CheckpointReply, AuditCertReply, ReconcileReply, DistStatusReply,
                    DistListReply, DistRetryReply, OcspStatusReply, ResponderCertReply, FiledReply, PendingListReply,
-                   ApproveReply, TenantListReply, TenantReply, CeremonyReply]
+                   ApproveReply, TenantListReply, TenantReply, CeremonyReply,
+                   CaRequestReply, CrlPresignReply, CalendarLoadReply, CalendarStatusReply, ClockSetReply,
+                   OfficerSshKeyReply]
 
 
 AdminReply = Union[Hello, Reply, IssueReply, BlobChunk, Refused, TypedReply]

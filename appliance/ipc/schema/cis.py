@@ -198,7 +198,46 @@ class KeysBackedUp(_Msg, tag="keys-backed-up"):
     shares: Annotated[list[Annotated[str, msgspec.Meta(max_length=1200)]], msgspec.Meta(max_length=16)]
 
 
+
+
+class MakeCaRequest(_Msg, tag="make-ca-request"):
+    """A CA's PKCS#10 request, built and signed by the CIS with the token key `label` (generated first
+    when `new_key`): subject and CA extensions from the sub-CA `profile`, never bytes from the Factory."""
+
+    id: ReqId
+    label: Name
+    key_type: KeyType
+    profile: Name
+    subject: tuple[Attr, ...]
+    path_length: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
+    new_key: bool = True
+
+
+class CaRequestMade(_Msg, tag="ca-request-made"):
+    id: ReqId
+    csr: Der
+    spki: Der
+
+
+class InstallCaCert(_Msg, tag="install-ca-cert"):
+    """Keep a CA certificate signed elsewhere beside the token key `label`, after every check of
+    policy.tier.check_install; `anchor` is given once (then kept in the token) and later ones must equal it."""
+
+    id: ReqId
+    label: Name
+    cert: Der
+    chain: Annotated[list[Der], msgspec.Meta(max_length=8)]
+    anchor: Der | None
+    allowed_kinds: tuple[Literal["sub-ca", "ocsp-responder", "end-entity"], ...] = ()
+    allowed_profiles: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()
+
+
+class CaInstalled(_Msg, tag="ca-installed"):
+    id: ReqId
+    anchor: Der
+
+
 FactoryToCis = Union[Hello, Activate, GenerateKey, DeleteKey, Issue, CrlBegin, CrlEntries, SerialEntries, CrlEnd, SignOcsp, Ping,
-                     SignCheckpoint, GetAuditCert, BackupKeys]
+                     SignCheckpoint, GetAuditCert, MakeCaRequest, InstallCaCert, BackupKeys]
 CisToFactory = Union[Hello, Activated, PublicKey, Issued, CrlChunk, CrlSigned, OcspSigned, Ok, Refused,
-                     CheckpointSigned, AuditCert, KeysBackedUp]
+                     CheckpointSigned, AuditCert, CaRequestMade, CaInstalled, KeysBackedUp]
