@@ -657,6 +657,83 @@ def settings_set(c: AdminClient, key: str, value: str) -> str:
     return _wrap(c.call, S.AConfigSet, key=key, value=value)["message"]
 
 
+# ---------------------------------------------------------------- key backup under custodian shares (issue 15)
+
+
+def keys_backup_request(c: AdminClient, so_pin: str, threshold: int, shares: int) -> dict[str, Any]:
+    """Ask for a key backup (dual control "keys-backup": may raise PendingApproval): its number and digest."""
+    if not 2 <= threshold <= shares <= 16:
+        raise OpError(f"need 2 <= threshold <= shares <= 16 (got {threshold} of {shares})")
+    return _wrap(c.call, S.AKeysBackup, so_pin=so_pin, threshold=threshold, shares=shares)
+
+
+def keys_backup(c: AdminClient, so_pin: str, threshold: int, shares: int) -> dict[str, Any]:
+    """Ask for a key backup, then take it (blob and shares)."""
+    return keys_backup_fetch(c, keys_backup_request(c, so_pin, threshold, shares)["backup"])
+
+
+def keys_backup_fetch(c: AdminClient, backup: int) -> dict[str, Any]:
+    return _wrap(c.call, S.AKeysBackupFetch, backup=backup)
+
+
+def key_backup_blob(doc: dict[str, Any]) -> bytes:
+    blob = doc["blob"]
+    return base64.b64decode(blob) if isinstance(blob, str) else blob  # the JSON form of bytes is base64
+
+
+def write_key_backup(doc: dict[str, Any], out_dir: str, with_blob: bool = True) -> tuple[str, list[str]]:
+    """The blob to OUT/keys-backup-<sha>.json and share i to OUT/custodian-i/key-share-i.txt (one folder
+    per custodian's medium) with a printable sheet key-share-i.pdf, each file new (O_EXCL) and fsynced,
+    each share with its own SHA-256."""
+    import hashlib
+
+    from appliance.console.pdf import text_pdf
+    digest = doc["manifest_sha256"]
+    blob_path = os.path.join(out_dir, f"keys-backup-{digest[:16]}.json")
+    files: list[tuple[str, bytes]] = [(blob_path, key_backup_blob(doc))] if with_blob else []
+    n = len(doc["shares"])
+    for i, text in enumerate(doc["shares"], 1):
+        body = (f"Donjon CA key backup: custodian share {i} of {n} (any {doc['threshold']} recover the keys)\n"
+                f"backup: keys-backup-{digest[:16]}.json sha256 {digest}\n"
+                f"share: {text}\n"
+                f"share-sha256: {hashlib.sha256(text.encode()).hexdigest()}\n")
+        folder = os.path.join(out_dir, f"custodian-{i}")
+        files.append((os.path.join(folder, f"key-share-{i}.txt"), body.encode()))
+        sheet = body.splitlines() + ["", "Keep this sheet apart from the other shares and from the backup file.",
+                                     "", "Custodian: ______________________   Date: ____________   Signature: ____________"]
+        files.append((os.path.join(folder, f"key-share-{i}.pdf"), text_pdf(sheet, f"Donjon key share {i} of {n}")))
+    for path, _ in files:
+        if os.path.lexists(path):
+            raise OpError(f"{path} already exists: refusing to overwrite it")
+    # the text files are the shares (the PDF sheets, written beside them, are their printable form)
+    written = []
+    for path, data in files:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.endswith(".txt") or path == blob_path:
+            written.append(path)
+    return blob_path, written[1:] if with_blob else written
+
+
+def read_share_file(path: str) -> str:
+    """The share text of a custodian's file, checked against the SHA-256 written beside it."""
+    import hashlib
+    try:
+        with open(path, "rb") as f:
+            data = f.read(8192)
+    except OSError as e:
+        raise OpError(f"cannot read {path}: {e.strerror}") from None
+    fields = dict(line.split(": ", 1) for line in data.decode("utf-8", "replace").splitlines() if ": " in line)
+    text, check = fields.get("share", "").strip(), fields.get("share-sha256", "").strip()
+    if not text or hashlib.sha256(text.encode()).hexdigest() != check:
+        raise OpError(f"{path}: not a key share, or its SHA-256 does not match (altered or mistyped)")
+    return text
+
+
 # ---------------------------------------------------------------- two tiers (CA requests and installs, CRL calendars)
 
 MAX_CERT_FILE = 256 * 1024  # a certificate or chain file (PEM or DER)

@@ -1179,13 +1179,22 @@ def shutdown(home: Home = "./var",
     typer.echo("the appliance is stopping")
 
 
-@app.command()
-def backup(out: Annotated[str, typer.Option(help="New file for the backup (tar); never overwritten.")] = ...,
+backup_app = typer.Typer(help="Backups of the CMDB: make one (--out), or check one (verify).", invoke_without_command=True)
+app.add_typer(backup_app, name="backup")
+
+
+@backup_app.callback()
+def backup(ctx: typer.Context,
+           out: Annotated[Optional[str], typer.Option(help="New file for the backup (tar); never overwritten.")] = None,
            home: Home = "./var", as_json: JsonOut = False) -> None:
     """A consistent online copy of the encrypted CMDB and its HSM-wrapped key (audited).
 
     Example: donjon backup --out /media/donjon/backup.tar
     """
+    if ctx.invoked_subcommand is not None:
+        return
+    if out is None:
+        fail("donjon backup --out FILE makes a backup; donjon backup verify FILE checks one")
     with client(home) as c:
         n, digest = op(ops.backup_to, c, out)
     if not emit_json({"out": out, "bytes": n, "sha256": digest}, as_json):
@@ -1345,6 +1354,180 @@ def enrol_secret_revoke(ref: str, home: Home = "./var") -> None:
 def _options(show_version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
                                                         help="Print the version and exit.")] = False) -> None:
     """Donjon: a hardened certificate authority appliance."""
+
+@backup_app.command("verify")
+def backup_verify(file: Annotated[str, typer.Argument(help="A backup made by donjon backup.")], as_json: JsonOut = False) -> None:
+    """Check a backup without restoring it: every member there once, of the size and SHA-256 its manifest names.
+
+    Example: donjon backup verify /media/donjon/backup.tar
+    """
+    from datetime import datetime, timezone
+
+    from appliance import backupfile
+    try:
+        m = backupfile.verify(file)
+    except backupfile.BackupFileError as e:
+        fail(str(e))
+    doc = {"file": file, "ok": True, "created": m.get("created"), "audit_seq": m["cmdb.sqlite"].get("audit_seq"),
+           "bytes": m["cmdb.sqlite"].get("bytes")}
+    if not emit_json(doc, as_json):
+        typer.echo(f"{file}: backup intact (CMDB {doc['bytes']} bytes, audit seq {doc['audit_seq']}, "
+                   f"made {datetime.fromtimestamp(doc['created'] or 0, timezone.utc):%Y-%m-%d %H:%M} UTC)")
+
+
+@app.command()
+def restore(file: Annotated[str, typer.Argument(help="A backup made by donjon backup.")],
+            anchor: Annotated[Optional[str], typer.Option(help="A published signed audit head (audit checkpoint --out).")] = None,
+            max_age_days: Annotated[Optional[int], typer.Option(help="A backup older than this needs a quorum's confirmation "
+                                                                        "(default: cmdb.restore-max-age-days).", min=1)] = None,
+            confirm_share: Annotated[list[str], typer.Option(help="An activation PIN share confirming an older backup (repeat).")] = [],  # noqa: B006
+            home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Restore the CMDB from a backup, the appliance stopped; at the next activation it reconciles with
+    everything already published (CRLs, OCSP responses): nothing revoked comes back, no number is reused.
+
+    Example: donjon shutdown --yes; donjon restore /media/donjon/backup.tar --anchor head.json; donjon run
+    """
+    from appliance import config as C
+    from appliance import restore as R
+    try:
+        days = max_age_days or C.load(home).cmdb.restore_max_age_days
+        doc = R.restore(home, file, anchor, days, list(confirm_share))
+    except (R.RestoreError, C.ConfigError) as e:
+        fail(str(e))
+    if not emit_json(doc, as_json):
+        typer.echo(f"restored {file} (sha256 {doc['sha256']}); the old CMDB is kept as {doc['kept']}. "
+                   f"Start the appliance: its first activation reconciles with what was published.")
+
+
+standby_app = typer.Typer(help="The standby CMDB ([cmdb] standby = true): every acknowledged commit on a second disk.",
+                          no_args_is_help=True)
+app.add_typer(standby_app, name="standby")
+
+
+@standby_app.command("promote")
+def standby_promote(home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Put the standby CMDB in place of a lost or damaged primary (the appliance stopped).
+
+    Example: donjon standby promote --home /var/lib/donjon; donjon run --home /var/lib/donjon
+    """
+    from appliance import restore as R
+    try:
+        doc = R.promote_standby(home)
+    except R.RestoreError as e:
+        fail(str(e))
+    if not emit_json(doc, as_json):
+        typer.echo(f"the standby is now the CMDB; the old primary's files are in {doc['kept']}. Start the appliance.")
+
+
+# ---------------------------------------------------------------- CA key backup and disaster recovery (issue 15)
+
+keys_app = typer.Typer(help="CA key backup under custodian shares, and recovery onto a fresh appliance.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("backup")
+def keys_backup(out_dir: Annotated[str, typer.Option(help="The media folder: the blob here, share i in custodian-i/.")] = ...,
+                so_pin_file: Annotated[Optional[str], typer.Option(help="The token's SO PIN (it alone can mark the KEK trusted); prompted without it.")] = None,
+                shares: Annotated[int, typer.Option(help="Custodian shares of the KEK.")] = 5,
+                threshold: Annotated[int, typer.Option(help="Shares needed to recover.")] = 3,
+                fetch: Annotated[Optional[int], typer.Option(help="Take backup #N, made when its dual-control request was approved.")] = None,
+                home: Home = "./var", as_json: JsonOut = False) -> None:
+    """Wrap every CA key, the audit key and the CMDB-wrapping key (RFC 5649) under a fresh KEK made in
+    the token, and split the KEK into custodian shares (administrator; dual control "keys-backup").
+
+    Example: donjon keys backup --out-dir /media/donjon/keys --shares 5 --threshold 3 --so-pin-file so-pin
+    """
+    from appliance import home as H
+    if not 2 <= threshold <= shares <= 16:
+        fail(f"need 2 <= --threshold <= --shares <= 16 (got {threshold} of {shares})")
+    with client(home) as c:
+        if fetch is not None:
+            doc = op(ops.keys_backup_fetch, c, fetch)
+        else:
+            try:
+                so_pin = H.read_pin(so_pin_file) if so_pin_file else typer.prompt("Token SO PIN", hide_input=True)
+            except H.HomeError as e:
+                fail(str(e))
+            doc = op(ops.keys_backup, c, so_pin, threshold, shares)
+    blob_path, share_paths = op(ops.write_key_backup, doc, out_dir)
+    if not emit_json({"blob": blob_path, "shares": share_paths, "sha256": doc["manifest_sha256"], "keys": doc["keys"],
+                      "threshold": doc["threshold"]}, as_json):
+        typer.echo(f"key backup sha256 {doc['manifest_sha256']}: {', '.join(doc['keys'])} -> {blob_path}")
+        typer.echo(f"{len(share_paths)} custodian shares (any {doc['threshold']} recover): hand each custodian-N/ folder "
+                   "to its custodian and keep none here")
+
+
+@keys_app.command("recover")
+def keys_recover(blob: Annotated[str, typer.Option(help="The key backup (keys-backup-*.json).")] = ...,
+                 backup: Annotated[str, typer.Option(help="The CMDB backup (donjon backup) to restore with the keys.")] = ...,
+                 share: Annotated[list[str], typer.Option(help="A custodian's share text; '-' prompts.")] = [],  # noqa: B006
+                 share_file: Annotated[list[str], typer.Option(help="A custodian's key-share-N.txt.")] = [],  # noqa: B006
+                 pin_file: Annotated[Optional[str], typer.Option(help="The new token's user PIN (default: a new one in HOME/pin).")] = None,
+                 home: Home = "./var") -> None:
+    """Disaster recovery onto a fresh appliance: a new home and token, the KEK from the custodians'
+    shares, every key unwrapped into the token (sensitive, non-extractable), the CMDB backup put back.
+
+    Example: donjon keys recover --home /var/lib/donjon --blob keys-backup-….json --backup b.tar --share-file s1 ...
+    """
+    import shutil
+
+    import trio
+
+    from appliance import backupfile
+    from appliance import config as C
+    from appliance import home as H
+    from appliance.supervisor import Supervisor, SupervisorError
+    from policy import shamir
+    from policy.errors import PolicyError
+
+    texts = [t for t in share if t != "-"] + [op(ops.read_share_file, p) for p in share_file]
+    for _ in range(share.count("-")):
+        texts.append(typer.prompt(f"Share {len(texts) + 1}", hide_input=True))
+    # Everything that can be checked without the token is checked before anything is created.
+    try:
+        parsed = [shamir.parse_share(t) for t in texts]
+    except PolicyError as e:
+        fail(f"key recovery refused: {e.message}")
+    if not parsed:
+        fail("key recovery refused: no share given")
+    if len({p[0] for p in parsed}) != 1:
+        fail("key recovery refused: the shares come from different sets")
+    if len(parsed) < parsed[0][1]:
+        fail(f"key recovery refused: {parsed[0][1]} shares are needed, {len(parsed)} given")
+    try:
+        blob_data = read_file(blob, "the key backup", 192 * 1024)
+        if len(blob_data) > 192 * 1024:
+            fail(f"{blob}: too large for a key backup")
+        backupfile.verify(backup)
+    except backupfile.BackupFileError as e:
+        fail(str(e))
+    # A new home, holding at most the operator's donjon.toml for the new appliance.
+    if os.path.exists(home) and set(os.listdir(home)) - {"donjon.toml"}:
+        fail(f"{home} is not empty: keys are recovered into a new appliance home")
+    created = not os.path.exists(home)
+    kept = set(os.listdir(home)) if not created else set()
+    ok = False
+    try:
+        pin = H.read_pin(pin_file) if pin_file else None
+        cfg, pin = H.create(home, pin)
+        sup = Supervisor(home, cfg)
+        rc = trio.run(lambda: sup.run(recover=S.RecoverKeys(pin=pin, shares=texts, blob=blob_data)))
+        if rc != 0:
+            fail(f"{sup.failed or 'key recovery failed (see the log above)'}: nothing was kept")
+        backupfile.install_cmdb(backup, os.path.join(home, "cmdb"))
+        ok = True
+    except (C.ConfigError, H.HomeError, SupervisorError, backupfile.BackupFileError) as e:
+        fail(str(e))
+    finally:
+        if not ok:  # nothing left behind: the new home (token included) goes
+            if created:
+                shutil.rmtree(home, ignore_errors=True)
+            else:
+                for entry in set(os.listdir(home)) - kept:
+                    p = os.path.join(home, entry)
+                    shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+    typer.echo(f"keys recovered into {os.path.abspath(home)} and the CMDB restored from {backup}. "
+               f"Start it with: donjon run --home {home}")
 
 
 # ---------------------------------------------------------------- CMP (the gateway's /.well-known/cmp)

@@ -39,6 +39,8 @@ class Hsm(_C):
 
 class CmdbCfg(_C):
     cipher: Literal["chacha20", "aegis"] = "chacha20"
+    standby: bool = False  # ship every commit to HOME/cmdb/standby (a second disk mounted there) before acknowledging
+    restore_max_age_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 7  # donjon restore: older needs a quorum
 
 
 class Endpoint(_C):
@@ -207,7 +209,7 @@ class Profiles(_C):
     dir: str | None = "profiles"  # operator profile files (*.toml) overriding or adding to the shipped ones
 
 
-GUARDABLE = ("ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "key-recovery", "clock-set")
+GUARDABLE = ("ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "key-recovery", "clock-set", "keys-backup")
 
 
 class Officers(_C):
@@ -217,7 +219,7 @@ class Officers(_C):
 
 class DualControl(_C):
     approvals: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1  # M distinct officers, the requester included; 1: off
-    operations: tuple[Literal["ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "key-recovery", "clock-set"], ...] = GUARDABLE
+    operations: tuple[Literal["ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "key-recovery", "clock-set", "keys-backup"], ...] = GUARDABLE
     expiry_minutes: Annotated[int, msgspec.Meta(ge=1, le=30 * 1440)] = 60
 
 
@@ -288,6 +290,8 @@ deadline-seconds = 30                         # a CIS that does not answer this 
 
 [cmdb]
 cipher = "chacha20"                           # chacha20 or aegis (both authenticated)
+standby = false                               # true: every commit also on HOME/cmdb/standby (a second disk) first
+restore-max-age-days = 7                      # donjon restore: an older backup needs a quorum's confirmation
 
 [endpoint]
 base-url = "http://127.0.0.1:8080"            # CRL DP and AIA URLs derive from it
@@ -366,7 +370,7 @@ max-failures = 5                              # consecutive failed logins from o
 
 [dual-control]
 approvals = 1                                 # M distinct officers (the requester counts as one); 1 = off
-operations = ["ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "clock-set"]
+operations = ["ca-create", "ca-delete", "ca-sign-csr", "revoke-ca", "officer", "restore", "clock-set", "keys-backup"]
 expiry-minutes = 60                           # a pending request expires with its approvals
 
 [audit]

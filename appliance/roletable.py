@@ -96,7 +96,7 @@ def _factory(h: Host, name: str) -> Launch:
 
     cfg = h.cfg
     return Launch(
-        S.FactoryConfig(home=h.layout.cmdb, cipher=cfg.cmdb.cipher, profiles=h.profiles,
+        S.FactoryConfig(home=h.layout.cmdb, cipher=cfg.cmdb.cipher, standby=cfg.cmdb.standby, profiles=h.profiles,
                         base_url=cfg.endpoint.base_url, crl_validity_hours=cfg.crl.validity_hours,
                         crl_shards=dict(cfg.crl.shards), crl_delta=dict(cfg.crl.delta),
                         admin_gid=h.admin_gid, dev_uid=None if h.appliance else os.getuid(),

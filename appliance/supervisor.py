@@ -616,20 +616,24 @@ class Supervisor:
 
     # ------------------------------------------------------------ main
 
-    async def run(self, ceremony: CeremonySpec | None = None, pin: str | None = None, on_ready=None) -> int:
+    async def run(self, ceremony: CeremonySpec | None = None, pin: str | None = None, on_ready=None,
+                  recover: S.RecoverKeys | None = None) -> int:
+        """Serve until a signal; with `ceremony` (donjon init) or `recover` (donjon keys recover) do that
+        one job with no admin socket and no listener, then stop."""
         self.stopping = False
-        self.auto_activate = ceremony is None and pin is not None
+        one_job = ceremony is not None or recover is not None
+        self.auto_activate = not one_job and pin is not None
         self.prepare()
         self.keep_ca_pin_from_endpoint(pin)
         self.profiles = C.profile_overrides(self.home, self.cfg)
         C.check_ca_profiles(self.home, self.cfg, self.profiles)
         self.card_profiles = C.card_profiles(self.home, self.cfg, self.profiles)
-        admin = self.open_admin_socket() if ceremony is None else None
+        admin = self.open_admin_socket() if not one_job else None
         try:
-            listen = self.open_endpoint_socket() if ceremony is None and self.cfg.ocsp.enabled else None
-            if ceremony is None and self.cfg.gateway.enabled and self.gateway_pin is not None:  # its token holds its TLS key
+            listen = self.open_endpoint_socket() if not one_job and self.cfg.ocsp.enabled else None
+            if not one_job and self.cfg.gateway.enabled and self.gateway_pin is not None:  # its token holds its TLS key
                 self.gateway_listen = self.open_gateway_socket()
-            elif ceremony is None and self.cfg.gateway.enabled:
+            elif not one_job and self.cfg.gateway.enabled:
                 log("the gateway does not start: it needs a token of its own for its TLS key (hsm.embedded = true)")
         except BaseException:  # e.g. the port is taken: leave no admin socket behind that answers nothing
             if admin is not None:
@@ -667,6 +671,14 @@ class Supervisor:
                         await self._stop(roles)
                         n.cancel_scope.cancel()
                         return result
+                    if recover is not None:
+                        await roles["cis"].chan.send(recover)
+                        ev = await self.wait_event("keys-recovered", "keys-recover-failed")
+                        result = 0 if ev.kind == "keys-recovered" else 2
+                        self.failed = ev.detail
+                        await self._stop(roles)
+                        n.cancel_scope.cancel()
+                        return result
                     if pin is not None:
                         await roles["factory"].chan.send(S.AutoActivate(pin=pin))
                         ev = await self.wait_event("activated", "activation-failed")
@@ -689,7 +701,7 @@ class Supervisor:
                 self.listen.close()
             if self.gateway_listen is not None:
                 self.gateway_listen.close()
-            if ceremony is None:
+            if not one_job:
                 try:
                     os.unlink(self.layout.admin_socket)
                 except FileNotFoundError:

@@ -19,6 +19,8 @@
    against the encryption key made in the HSM, beside softhsm2-util + pkcs11-tool doing the keys alone.
 8. CMP on the gateway (--only gateway, bench.gateway_cmp): enrolments/s at 1 and 16 `openssl cmp` clients (bench.gateway_cmp)
    against OpenSSL's own mock CMP server.
+9. Standby CMDB (bench.standby): issuance with [cmdb] standby on and off (group commits, and one commit
+   per certificate), the ratio on/off.
 A readable table goes to stdout, everything measured to bench/out/results.json. Progress goes to stderr.
 """
 
@@ -32,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import acme, common, crl, dist, gateway, issuance, kgs, ocsp, summary
+from bench import acme, common, crl, dist, gateway, issuance, kgs, ocsp, standby, summary
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="N=300 CSRs, CRLs of 10k and 100k entries")
     ap.add_argument("--n", type=int, help="number of CSRs (default 2000, --quick 300)")
     ap.add_argument("--sizes", help="CRL sizes, comma-separated (default 10000,100000,1000000)")
-    ap.add_argument("--only", choices=["issuance", "crl", "ocsp", "dist", "acme", "gateway", "kgs"], help="run one benchmark only")
+    ap.add_argument("--only", choices=["issuance", "crl", "ocsp", "dist", "acme", "gateway", "kgs", "standby"], help="run one benchmark only")
     ap.add_argument("--acme-seconds", type=float, help="ACME: seconds per concurrency point (default 10, --quick 5)")
     ap.add_argument("--acme-open", type=int, help="ACME: open orders for the memory figure (default 10000, --quick 2000)")
     ap.add_argument("--gateway-seconds", type=float, help="EST/SCEP: seconds per concurrency point (default 10, --quick 5)")
@@ -89,6 +91,9 @@ def main(argv=None) -> int:
         if a.only in (None, "kgs"):
             results["kgs"] = kgs.run(work, a.kgs_cards or (10 if a.quick else 20))
             tables.append(kgs.table(results["kgs"]))
+        if a.only in (None, "standby"):
+            results["standby"] = standby.run(work, 300 if a.quick else 1000)
+            tables.append(standby.table(results["standby"]))
     results["seconds"] = time.perf_counter() - t0
     closing = summary.table(results)  # issue 19's rows, from this run
     if closing:

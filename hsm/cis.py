@@ -29,6 +29,7 @@ from policy import ocsp as ocsp_hashes
 from policy.capolicy import CaPolicy, default_policy, named_policy
 from policy.errors import PolicyError
 
+from . import keybackup
 from .token import ObjectMissing, Token, TokenError, make_private_key
 
 ANCHOR_PREFIX = "anchor/"  # token label of a CA's trust anchor ("/" is never in a CA name)
@@ -551,6 +552,11 @@ async def serve(sup: Channel, fac: Channel, cis: Cis, n: trio.Nursery) -> None:
             elif isinstance(m, S.SignCheckpoint):
                 tbs, sig = await hsm(cis.token.call, cis.sign_checkpoint, m)
                 await fac.send(S.CheckpointSigned(id=mid, tbs=tbs, signature=sig))
+            elif isinstance(m, S.BackupKeys):
+                await hsm(cis.token.call, cis.audit_key)  # made on first use: it is backed up with the CA keys
+                # Not through token.call: the backup logs out for the SO's turn, a blind retry would not do.
+                blob, texts = await hsm(keybackup.backup, cis.token, m.so_pin, list(m.labels), AUDIT_LABEL, m.threshold, m.shares)
+                await fac.send(S.KeysBackedUp(id=mid, blob=blob, shares=texts))
             elif isinstance(m, S.GetAuditCert):
                 await fac.send(S.AuditCert(id=mid, cert=await hsm(cis.token.call, cis.audit_cert)))
             elif isinstance(m, S.SignOcsp):
@@ -642,4 +648,33 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.CisConfig) -> roles.B
     async def serve_factory(n: trio.Nursery) -> None:
         await serve(sup, fac, cis, n)
 
-    return roles.Body(serve=serve_factory, connect=fac.handshake)  # Ready only once the Factory link is up
+    async def control(m) -> None:
+        if not isinstance(m, S.RecoverKeys):
+            raise ProtocolViolation(f"unexpected {type(m).__name__} from the supervisor")
+        try:
+            labels = await trio.to_thread.run_sync(_recover_keys, cis, m, limiter=cis.limiter)
+        except TokenError as e:
+            _log(f"key recovery refused: {e}")
+            await sup.send(S.Event(kind="keys-recover-failed", detail=str(e)[:4000]))
+            return
+        _log(f"keys recovered: {', '.join(labels)}")
+        await sup.send(S.Event(kind="keys-recovered", detail=", ".join(labels)[:4000]))
+
+    return roles.Body(serve=serve_factory, connect=fac.handshake, control=control)  # Ready only once the Factory link is up
+
+
+def _recover_keys(cis: Cis, m: S.RecoverKeys) -> list[str]:
+    """Recovery runs on a fresh, never activated appliance: log in, unwrap everything, log out."""
+    if cis.token.active:
+        raise TokenError("the CIS is activated: keys are recovered onto a fresh token before the first activation")
+    cis.token.login(m.pin)
+    try:
+        return keybackup.recover(cis.token, m.blob, list(m.shares))
+    except pkcs11_error() as e:
+        raise TokenError(f"key recovery failed in the token: {type(e).__name__}") from None
+    finally:
+        cis.token.logout()
+
+
+def pkcs11_error() -> type[Exception]:
+    return keybackup.pkcs11.exceptions.PKCS11Error

@@ -95,6 +95,35 @@ class Token:
         self._pin = pin
         self._keys.clear()
 
+    def logout(self) -> None:
+        """Close the login session (every session of this process logs out with it)."""
+        if self._session is not None:
+            try:
+                self._session.close()
+            except pkcs11.exceptions.PKCS11Error:
+                pass
+        self._session = None
+        self._pin = None
+        self._keys.clear()
+
+    def so_session(self, so_pin: str):
+        """A read-write session of the Security Officer (no user may be logged in: call logout first)."""
+        try:
+            return self._lib.get_token(token_label=self.label).open(so_pin=so_pin, rw=True)
+        except pkcs11.exceptions.PinIncorrect:
+            raise TokenError("wrong SO PIN") from None
+        except pkcs11.exceptions.PKCS11Error as e:
+            raise TokenError(f"cannot log the SO into token {self.label!r}: {type(e).__name__}") from None
+
+    @property
+    def session(self):
+        return self._session
+
+    def module_info(self) -> tuple[str, str]:
+        """(library manufacturer, library description) of the loaded PKCS#11 module."""
+        self.load()
+        return str(self._lib.manufacturer_id).strip(), str(self._lib.library_description).strip()
+
     @property
     def active(self) -> bool:
         """Activated once with a good PIN (the session itself may need a reconnect)."""
@@ -141,7 +170,10 @@ class Token:
         s = self._session
         if self._find_private(label) is not None:
             raise TokenError(f"a key labelled {label!r} already exists")
-        priv_t = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.SIGN: True, Attribute.TOKEN: True, Attribute.PRIVATE: True}
+        # Extractable only under a KEK the SO marked trusted (SoftHSM2 enforces CKA_WRAP_WITH_TRUSTED,
+        # and only the SO can set CKA_TRUSTED): `donjon keys backup` is then the one way out, wrapped.
+        priv_t = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True, Attribute.WRAP_WITH_TRUSTED: True,
+                  Attribute.SIGN: True, Attribute.TOKEN: True, Attribute.PRIVATE: True}
         pub_t = {Attribute.VERIFY: True, Attribute.TOKEN: True}
         if key_type in _RSA_BITS:
             s.generate_keypair(KeyType.RSA, _RSA_BITS[key_type], label=label, store=True,
@@ -269,7 +301,8 @@ class Token:
             if not create:
                 raise ObjectMissing("the CMDB wrapping key is missing from the token") from None
         return self._session.generate_key(KeyType.AES, 256, label=WRAP_LABEL, store=True, template={
-            Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.ENCRYPT: True, Attribute.DECRYPT: True,
+            Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True, Attribute.WRAP_WITH_TRUSTED: True,  # as CA keys (generate)
+            Attribute.ENCRYPT: True, Attribute.DECRYPT: True,
             Attribute.WRAP: False, Attribute.UNWRAP: False, Attribute.TOKEN: True, Attribute.PRIVATE: True})
 
     def new_db_key(self) -> tuple[bytes, bytes]:

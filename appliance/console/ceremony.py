@@ -26,10 +26,11 @@ FORMAT = "donjon-ceremony-transcript/2"  # /1 had no audit bindings: refused by 
 STEP_RECORDS = {"create-root": ("ca-create", lambda st, o: o == st.name), "create-ca": ("ca-create", lambda st, o: o == st.name),
                 "sign-csr": ("ca-sign-csr", lambda st, o: o.startswith(f"{st.parent}/")),
                 "crl": ("crl", lambda st, o: o.startswith(f"{st.ca}#")),
-                "crl-presign": ("crl-presign", lambda st, o: o.startswith(f"{st.ca}#"))}
+                "crl-presign": ("crl-presign", lambda st, o: o.startswith(f"{st.ca}#")),
+                "keys-backup": ("keys-backup", lambda st, o: o == "token")}
 FileName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 Days = Annotated[int, msgspec.Meta(ge=1, le=40 * 366)]
-ACTIONS = ("create-root", "create-ca", "sign-csr", "crl", "export-ca", "crl-presign")
+ACTIONS = ("create-root", "create-ca", "sign-csr", "crl", "export-ca", "crl-presign", "keys-backup")
 
 
 class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="kebab"):
@@ -41,7 +42,7 @@ class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="ke
 
 
 class Step(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="kebab"):
-    action: Literal["create-root", "create-ca", "sign-csr", "crl", "export-ca", "crl-presign"]
+    action: Literal["create-root", "create-ca", "sign-csr", "crl", "export-ca", "crl-presign", "keys-backup"]
     name: S.Name | None = None  # create-root, create-ca: the new CA (and its token key label)
     parent: S.Name | None = None  # create-ca, sign-csr: the signing CA
     ca: S.Name | None = None  # crl, export-ca
@@ -56,6 +57,11 @@ class Step(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="keba
     periods: Annotated[int, msgspec.Meta(ge=1, le=120)] | None = None  # crl-presign: CRLs signed ahead
     every: Annotated[str, msgspec.Meta(max_length=12)] | None = None  # crl-presign: the period, e.g. 30d
     overlap: Annotated[str, msgspec.Meta(max_length=12)] | None = None  # crl-presign: each CRL valid this long past the next one's start
+    # keys-backup: the KEK split into `shares` custodian shares (custodian-N/ beside the outputs), any
+    # `threshold` of which recover; the token's SO PIN from a file beside the ceremony file.
+    shares: Annotated[int, msgspec.Meta(ge=2, le=16)] | None = None
+    threshold: Annotated[int, msgspec.Meta(ge=2, le=16)] | None = None
+    so_pin_file: FileName | None = None
     note: Annotated[str, msgspec.Meta(max_length=500)] = ""
 
 
@@ -71,6 +77,7 @@ _REQUIRED = {
     "crl": ("ca", "out"),
     "export-ca": ("ca", "out"),
     "crl-presign": ("ca", "periods", "every", "out"),
+    "keys-backup": ("shares", "threshold", "so_pin_file", "out"),
 }
 
 
@@ -259,6 +266,14 @@ class Ceremony:
             doc = ops.crl_presign(c, st.ca, st.periods, ops.parse_period(st.every or "", "period"),
                                   ops.parse_period(st.overlap or "0", "overlap"))
             return {"ca": st.ca, "first": doc["first"], "last": doc["last"]}, doc["bundle"].encode()
+        if st.action == "keys-backup":  # the blob is the step's output; each share goes to a folder of its own
+            assert st.so_pin_file and st.threshold and st.shares
+            so_pin = M.read(os.path.dirname(self.path), st.so_pin_file).decode("utf-8", "replace").strip()
+            made = self.guarded(lambda cl: ops.keys_backup_request(cl, so_pin, st.threshold, st.shares), witnesses, rec)
+            doc = ops.keys_backup_fetch(c, made["backup"])
+            _, paths = ops.write_key_backup(doc, self.out, with_blob=False)
+            return ({"keys": doc["keys"], "threshold": doc["threshold"], "sha256": doc["manifest_sha256"],
+                     "custodian_files": [os.path.relpath(p, self.out) for p in paths]}, ops.key_backup_blob(doc))
         raise OpError(f"unsupported action {st.action}")
 
     def run(self) -> int:

@@ -47,6 +47,7 @@ class Console:
             ("Removable media (USB)", self.media),
             ("CRL calendar: load, status", self.calendar),
             ("Officers' SSH keys", self.ssh_keys),
+            ("Key backup to media", self.key_backup),
         ]
 
     # ------------------------------------------------------------ loop
@@ -369,6 +370,8 @@ class Console:
             doc = ops.approve(c, rid)
             self.t.say(f"request #{rid} approved ({doc['approvals']} of {doc['required']})"
                        + (": executed" if doc.get("executed") else ""))
+            if isinstance(doc.get("result"), dict) and "manifest_sha256" in doc["result"]:
+                self.t.say(f"key backup #{doc['result']['backup']} made: its requester takes it (Key backup to media)")
 
     def _new_password(self, name: str) -> str:
         pw = self.t.secret(f"new password for {name}: ")
@@ -417,6 +420,32 @@ class Console:
         n, digest = ops.backup_to(self.s.client, M.path_in(media, name))
         self.t.say(f"backup: {n} bytes -> media: {name}", f"  sha256 {digest}",
                    "  (encrypted CMDB + HSM-wrapped key: restorable only with the same HSM token)")
+
+    def key_backup(self) -> None:
+        """CA keys wrapped under a KEK split among custodians (dual control keys-backup), to a new media folder."""
+        i = self.t.choose("Key backup", ["Back up the CA keys under custodian shares",
+                                         "Take a key backup a second officer approved (its number)"])
+        if i is None:
+            return
+        folder = M.path_in(M.media_dir(self.home), time.strftime("keys-%Y%m%dT%H%M%SZ", time.gmtime()))
+        if os.path.lexists(folder):
+            raise OpError(f"{os.path.basename(folder)} exists on the media: try again in a second")
+        if i == 0:
+            n = self._ask_int("custodian shares", 2, 16)
+            k = self._ask_int("shares needed to recover", 2, n) if n else None
+            if n is None or k is None:
+                return
+            doc = ops.keys_backup(self.s.client, self.t.secret("token SO PIN: "), k, n)
+        else:
+            number = self._ask_int("key backup number", 1, 2**62 - 1)
+            if number is None:
+                return
+            doc = ops.keys_backup_fetch(self.s.client, number)
+        blob, shares = ops.write_key_backup(doc, folder)
+        self.t.say(f"key backup sha256 {doc['manifest_sha256'][:32]}...", f"  keys: {', '.join(doc['keys'])}"[:79],
+                   f"  -> media: {os.path.basename(folder)}/{os.path.basename(blob)}",
+                   f"  {len(shares)} shares in custodian-N/ (any {doc['threshold']} recover): one to each custodian")
+
 
     def clock(self) -> None:
         """UTC time and the hardware clock; an administrator sets the time (dual control, audited)."""

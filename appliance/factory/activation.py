@@ -141,6 +141,11 @@ class Activation:
             except CmdbError as e:
                 raise FactoryError("internal", str(e)) from None
             self.token_info = reply.token
+            if self.cfg.standby:  # before anything else commits: every later commit reaches the standby first
+                from . import standby
+                await self.store.run(standby.attach, self.store.require_active(), self.cfg.home, reply.db_key, self.cfg.cipher)
+            from . import restore  # issue 15: a restored CMDB first catches up with what was published
+            restored_cas = await self.store.run(restore.reconcile, self.store, self.cfg.home, actor)
             voided = await self.store.run(self.store.reconcile, actor)
             await self.store.run(self.dist.catch_up)
             self.dist.poke()
@@ -155,7 +160,10 @@ class Activation:
             self._pin_mac = hmac.new(self._pin_key, pin.encode(), "sha256").digest()
             await self.store.audit(actor, "activate", "appliance", "ok", reply.token)
             await self.send_event(S.Event(kind="activated", detail=f"CMDB open; {voided} stale intents voided"))
-            return {"activated": True, "token": reply.token, "voided_intents": voided}
+            doc = {"activated": True, "token": reply.token, "voided_intents": voided}
+            if restored_cas:
+                doc["restored_cas"] = restored_cas  # Factory.activate signs their next CRL, then drops this key
+            return doc
 
 
 def _write_durably(path: str, data: bytes) -> None:

@@ -101,6 +101,17 @@ async def _backup(ctx: Ctx, req: S.ABackup) -> AsyncIterator[bytes]:
         yield chunk
 
 
+async def _keys_backup(ctx: Ctx, req: S.AKeysBackup) -> S.KeysBackupReply:
+    from . import keys
+    cfg = ctx.f.cfg
+    return await keys.backup(ctx.f.store, ctx.f.cis, req, ctx.actor, cfg.dual_approvals, "keys-backup" in cfg.dual_operations)
+
+
+async def _keys_backup_fetch(ctx: Ctx, req: S.AKeysBackupFetch) -> S.KeysBackupReply:
+    from . import keys
+    return await keys.fetch(ctx.f.store, req, ctx.actor)
+
+
 async def _ca_export(ctx: Ctx, req: S.ACaExport) -> S.CaExportReply:
     return S.CaExportReply(id=0, chain=[c.hex() for c in await ctx.f.ca_chain(req.name)])
 
@@ -329,6 +340,9 @@ TABLE: dict[type, AdminOp] = {
     S.ACeremonyRecords: AdminOp(ANY, None, _ceremony, S.CeremonyReply, session_bound=True),
     S.ACeremonyRecord: AdminOp(ANY, None, _ceremony, S.CeremonyReply, session_bound=True),
     S.ABackup: AdminOp(ADMIN, None, _backup, STREAM),
+    # key backup under custodian shares (keys.py): made under dual control, taken once by an administrator
+    S.AKeysBackup: AdminOp(ADMIN, "keys-backup", _keys_backup, S.KeysBackupReply),
+    S.AKeysBackupFetch: AdminOp(ADMIN, None, _keys_backup_fetch, S.KeysBackupReply),
     S.AShutdown: AdminOp(ADMIN, None, _shutdown, S.ShutdownReply),
     # HOME/donjon.toml, written by the supervisor on the Factory's audited request
     S.AConfigSet: AdminOp(ADMIN, None, lambda c, r: c.f.config_set(r.key, r.value, c.actor), S.ConfigSetReply),

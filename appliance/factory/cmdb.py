@@ -316,7 +316,21 @@ CREATE TABLE crl_calendar(
 );
 CREATE INDEX crl_calendar_due ON crl_calendar(state, this_update);
 """
-_MIGRATIONS[10] = "SELECT 1"
+_MIGRATIONS[10] = """
+    -- Restore (issue 15): revocations found in what the appliance had published (signed CRLs, OCSP
+    -- responses) for certificates the restored CMDB never saw. Only their serial is known: they are
+    -- carried by every later CRL (store.py _LIST_*), and their serial is reserved as issued.
+    CREATE TABLE recovered_revocations(
+        ca TEXT NOT NULL,
+        serial BLOB NOT NULL,
+        revoked_at INTEGER NOT NULL,
+        reason INTEGER,
+        invalidity INTEGER,
+        entry_len INTEGER NOT NULL,
+        recovered_at INTEGER NOT NULL,
+        PRIMARY KEY (ca, serial)
+    ) WITHOUT ROWID;
+    """
 # 11, the protocol gateway: EAB keys made by officers (the HMAC key never leaves the CMDB: the Factory
 # checks bindings itself), which certificate each gateway credential obtained (revocation by account),
 # and a small key-value store the gateway may keep here.
@@ -559,16 +573,24 @@ class Cmdb:
                     _AFTER[v](self.db)
                 self.db.execute(f"PRAGMA user_version = {v}")
 
+    shipper: Any = None  # standby.Standby: each commit is shipped to the standby before tx() returns
+
     @contextmanager
     def tx(self) -> Iterator[apsw.Connection]:
         """One durable transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on any exception)."""
+        shipper = self.shipper
+        s = shipper.begin() if shipper is not None else None
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
         except BaseException:
             self.db.execute("ROLLBACK")
+            if s is not None:
+                shipper.abort(s)
             raise
         self.db.execute("COMMIT")
+        if s is not None:
+            shipper.ship(s)
 
     # ------------------------------------------------------------ audit
 

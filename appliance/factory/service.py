@@ -123,10 +123,18 @@ class Factory:
     # ------------------------------------------------------------ activation
 
     async def activate(self, pin: str, actor: str) -> dict[str, Any]:
-        return await self.activation.activate(pin, actor)
+        return await self._after_restore(await self.activation.activate(pin, actor), actor)
 
     async def activate_shares(self, shares: list[str], actor: str) -> dict[str, Any]:
-        return await self.activation.activate_shares(shares, actor)
+        return await self._after_restore(await self.activation.activate_shares(shares, actor), actor)
+
+    async def _after_restore(self, doc: dict[str, Any], actor: str) -> dict[str, Any]:
+        for ca in doc.pop("restored_cas", ()):  # after a restore: a CRL numbered above every one published
+            try:
+                await self.lists.generate_crl(ca, actor)
+            except FactoryError as e:
+                _log(f"after the restore, the CRL of {ca} could not be signed yet: {e.reason}")
+        return doc
 
     def check_shares(self, shares: list[str], uid: int) -> None:
         self.activation.check_shares(shares, uid)

@@ -29,13 +29,18 @@ T = TypeVar("T")
 LISTS = {"crl": ("crls", "crl_number", "crl"), "issued-serials": ("serials_lists", "list_number", "issued-serials")}
 
 _LIST_COUNT = {
-    "crl": "SELECT count(*), coalesce(sum(entry_len), 0) FROM revocations WHERE ca=?",
+    # revocations, and those a restore recovered from published lists for certificates it never saw
+    "crl": ("SELECT (SELECT count(*) FROM revocations WHERE ca=?1) + (SELECT count(*) FROM recovered_revocations WHERE ca=?1), "
+            "(SELECT coalesce(sum(entry_len), 0) FROM revocations WHERE ca=?1) "
+            "+ (SELECT coalesce(sum(entry_len), 0) FROM recovered_revocations WHERE ca=?1)"),
     # INTEGER TLV length: tag + length octet + the octets + a sign octet when the top bit is set
     "issued-serials": ("SELECT count(*), coalesce(sum(length(serial) + 2 + (hex(substr(serial, 1, 1)) >= '80')), 0) "
                        "FROM serials WHERE ca=? AND state='issued'"),
 }
 _LIST_PAGE = {
-    "crl": "SELECT serial, revoked_at, reason, invalidity FROM revocations WHERE ca=? AND serial > ? ORDER BY serial LIMIT ?",
+    "crl": ("SELECT serial, revoked_at, reason, invalidity FROM revocations WHERE ca=?1 AND serial > ?2 UNION ALL "
+            "SELECT serial, revoked_at, reason, invalidity FROM recovered_revocations WHERE ca=?1 AND serial > ?2 "
+            "ORDER BY serial LIMIT ?3"),
     "issued-serials": "SELECT serial FROM serials WHERE ca=? AND state='issued' AND serial > ? ORDER BY serial LIMIT ?",
 }
 

@@ -173,5 +173,5 @@ def test_schema_hash_is_pinned():
 PINNED_SCHEMA_HASHES = {
     2: "c13c81ddadbb16a3220f5182b620e99c973910835a5238461e9c83ecb8f82e98",
     3: "04ab501a300ad2df4e9ea7f3353411ca8c2d6c8e9cfda06261e03e1492de4866",
-    4: "0b822206d626ba32aa90884d66ca6dc2c04cce5c604c5d8d3505c29457aed9b9",
+    4: "d36f02f7789fb348f4cfc25c244c61ec537317a97f9cdaab0eedf5906e8dbcdb",
 }

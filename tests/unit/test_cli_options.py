@@ -14,6 +14,7 @@ NO_DATA = {
     "ocsp tenant csr", "ceremony run", "ceremony verify", "config set", "console", "ssh-shell", "init", "run",
     "logout", "shutdown", "officer passwd", "officer remove", "officer unlock", "ocsp tenant remove", "version",
     "enrol-secret revoke", "clock set", "officer ssh-key", "kgs letter", "kgs letters", "kgs personalise", "kgs recover", "kgs recover-take", "kgs reprint",
+    "keys recover",
 }
 
 

@@ -359,6 +359,22 @@ class ABackup(_Msg, tag="backup"):
     id: ReqId
 
 
+class AKeysBackup(_Msg, tag="keys-backup"):
+    """Back the token's keys up under a KEK split among custodians (dual control "keys-backup"). The
+    result stays in the Factory's memory only (never in the CMDB, where a filed request's result is
+    kept): the reply names it, and AKeysBackupFetch takes it once."""
+
+    id: ReqId
+    so_pin: Pin
+    threshold: Annotated[int, msgspec.Meta(ge=2, le=16)]
+    shares: Annotated[int, msgspec.Meta(ge=2, le=16)]
+
+
+class AKeysBackupFetch(_Msg, tag="keys-backup-fetch"):
+    id: ReqId
+    backup: Annotated[int, msgspec.Meta(ge=1, lt=2**62)]
+
+
 class ACeremonyBegin(_Msg, tag="ceremony-begin"):
     """Open a ceremony: an audit record whose seq identifies it; its window starts at this session's login."""
 
@@ -562,6 +578,7 @@ AdminRequest = Union[
     ALogin, AResume, ALogout, AOfficerAdd, AOfficerList, AOfficerRemove, AOfficerPasswd, AOfficerUnlock, AOfficerTotp,
     AOfficerUnlockShares, APendingList, AApprove, AAuditCheckpoint, AAuditCert, AActivateShares,
     ACaCreateRoot, AShutdown, ABackup, ACeremonyRecord, ACeremonyBegin, ACeremonyWitness, ACeremonyRecords, AConfigSet,
+    AKeysBackup, AKeysBackupFetch,
     ACmpCredentialAdd, ACmpCredentialList, ACmpCredentialRevoke, ACmpRequestList, ACmpDecide,
     ACaRequest, ACaInstall, ACrlPresign, ACrlCalendarLoad, ACrlCalendarStatus, AClockSet, AOfficerSshKey,
     AEnrolSecretCreate, AEnrolSecretList, AEnrolSecretRevoke, AEnrolWaiting, AEnrolDecide,
@@ -743,6 +760,18 @@ class OfficerInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class OfficerListReply(_Reply, tag="officer-list-reply"):
     id: ReqId
     officers: Annotated[list[OfficerInfo], msgspec.Meta(max_length=10000)]
+
+
+class KeysBackupReply(_Reply, tag="keys-backup-reply"):
+    """A key backup made (AKeysBackup) or taken (AKeysBackupFetch: blob and shares, once)."""
+
+    id: ReqId
+    backup: int
+    manifest_sha256: Annotated[str, msgspec.Meta(max_length=64)]
+    keys: Annotated[list[Name], msgspec.Meta(max_length=256)]
+    threshold: int
+    blob: Annotated[bytes, msgspec.Meta(max_length=4 * 1024 * 1024)] | None = None
+    shares: Annotated[list[Annotated[str, msgspec.Meta(max_length=1200)]], msgspec.Meta(max_length=16)] | None = None
 
 
 # A field that is UNSET is left out of the document (a key the dict reply did not have); one that is
@@ -1273,7 +1302,7 @@ class EabListReply(_Reply, tag="eab-list-reply"):
 TypedReply = Union[RevokeReply, UnrevokeReply, CertReply, CertListReply, CaReply, CaListReply, CaExportReply,
                    CaSignCsrReply, LoginReply, LogoutReply, OfficerReply, OfficerListReply, EabReply, EabListReply,
                    CmpCredentialReply, CmpCredentialListReply, CmpRequestListReply,
-                   EnrolSecretReply, EnrolSecretListReply, EnrolWaitReply,
+                   EnrolSecretReply, EnrolSecretListReply, EnrolWaitReply, KeysBackupReply,
                    KgsCardsReply, KgsPersonaliseReply, KgsLettersReply, KgsCardReply, KgsRecoverReply, KgsP12Reply,
                    StatusReply, ActivateReply,
                    ShutdownReply, ConfigSetReply, CheckpointReply, AuditCertReply, ReconcileReply, DistStatusReply,

@@ -182,6 +182,26 @@ class AuditCert(_Msg, tag="audit-cert"):
     cert: Der
 
 
+class BackupKeys(_Msg, tag="backup-keys"):
+    """Wrap every CA key (labels), the audit key and the CMDB-wrapping key under a fresh trusted KEK
+    made by the token's SO (RFC 5649 key wrap), and split the KEK into `shares` custodian shares of
+    which `threshold` recover it. The CIS builds the blob and the shares itself."""
+
+    id: ReqId
+    so_pin: Pin
+    labels: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=256)]
+    threshold: Annotated[int, msgspec.Meta(ge=2, le=16)]
+    shares: Annotated[int, msgspec.Meta(ge=2, le=16)]
+
+
+class KeysBackedUp(_Msg, tag="keys-backed-up"):
+    id: ReqId
+    blob: Annotated[bytes, msgspec.Meta(max_length=4 * 1024 * 1024)]  # JSON: manifest, wrapped keys, MAC
+    shares: Annotated[list[Annotated[str, msgspec.Meta(max_length=1200)]], msgspec.Meta(max_length=16)]
+
+
+
+
 class MakeCaRequest(_Msg, tag="make-ca-request"):
     """A CA's PKCS#10 request, built and signed by the CIS with the token key `label` (generated first
     when `new_key`): subject and CA extensions from the sub-CA `profile`, never bytes from the Factory."""
@@ -220,6 +240,6 @@ class CaInstalled(_Msg, tag="ca-installed"):
 
 
 FactoryToCis = Union[Hello, Activate, GenerateKey, DeleteKey, Issue, CrlBegin, CrlEntries, SerialEntries, CrlEnd, SignOcsp, Ping,
-                     SignCheckpoint, GetAuditCert, MakeCaRequest, InstallCaCert]
+                     SignCheckpoint, GetAuditCert, MakeCaRequest, InstallCaCert, BackupKeys]
 CisToFactory = Union[Hello, Activated, PublicKey, Issued, CrlChunk, CrlSigned, OcspSigned, Ok, Refused,
-                     CheckpointSigned, AuditCert, CaRequestMade, CaInstalled]
+                     CheckpointSigned, AuditCert, CaRequestMade, CaInstalled, KeysBackedUp]

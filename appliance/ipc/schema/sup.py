@@ -19,7 +19,17 @@ class CisConfig(_Msg, tag="cis-config"):
     crl_delta: tuple[Name, ...] = ()  # CAs with delta CRLs: freshestCRL {base}/crl/<ca>-delta.crl
 
 
-SupToCis = Union[Hello, CisConfig, Shutdown]
+class RecoverKeys(_Msg, tag="recover-keys"):
+    """Disaster recovery onto a fresh token (`donjon keys recover`): the CIS logs in, combines the
+    custodians' KEK shares itself, checks the backup's MAC and unwraps every key; answered by an Event
+    ("keys-recovered" or "keys-recover-failed", one line)."""
+
+    pin: Pin
+    shares: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=1200)]], msgspec.Meta(min_length=1, max_length=16)]
+    blob: Annotated[bytes, msgspec.Meta(max_length=192 * 1024)]  # under the control link's 256 KiB frame
+
+
+SupToCis = Union[Hello, CisConfig, Shutdown, RecoverKeys]
 CisToSup = Union[Hello, Ready, Event]
 
 
@@ -63,6 +73,7 @@ class FactoryConfig(_Msg, tag="factory-config"):
     gateway_tls_names: tuple[Annotated[str, msgspec.Meta(max_length=253)], ...] = ()  # its own server certificate
     # The KGS's card profiles (TOML): the Factory certifies only the slots, CAs and profiles they name.
     card_profiles: dict[Name, Annotated[str, msgspec.Meta(max_length=65536)]] = {}
+    standby: bool = False  # ship every commit to the standby CMDB (HOME/cmdb/standby) before acknowledging
 
 
 class AutoActivate(_Msg, tag="auto-activate"):

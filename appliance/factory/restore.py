@@ -1,0 +1,194 @@
+"""After `donjon restore`: reconcile the restored CMDB with what the appliance had already published.
+
+`donjon restore` (appliance/restore.py, the appliance stopped) swaps the CMDB for the backup's and
+leaves `restore.json` beside it: the backup's manifest, the anchor it was checked against, and the
+evidence read from the endpoint's store (each CA's latest CRL and every pre-signed OCSP response it
+served). At the next activation, before anything else runs, this module verifies every piece of
+evidence with the CA's own public key (a forged file proves nothing), then in one transaction:
+re-enters revocations the CMDB lost (audited as recovered), reserves every serial known issued,
+resumes CRL numbers above the highest published, supersedes queued publications of lower numbers,
+and records the restore and the audit gap. The marker is retired only after that commit: a crash
+redoes it (idempotent). The caller then signs a fresh CRL for every CA that needs one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import msgspec
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.x509 import ocsp
+
+from policy import crl as crlenc
+
+from .cmdb import serial_bytes
+from .errors import _log
+from .store import Store
+
+MARKER = "restore.json"
+_REASONS = {f: code for code, f in {  # ReasonFlags -> RFC 5280 reason code
+    1: x509.ReasonFlags.key_compromise, 2: x509.ReasonFlags.ca_compromise, 3: x509.ReasonFlags.affiliation_changed,
+    4: x509.ReasonFlags.superseded, 5: x509.ReasonFlags.cessation_of_operation, 6: x509.ReasonFlags.certificate_hold,
+    9: x509.ReasonFlags.privilege_withdrawn, 10: x509.ReasonFlags.aa_compromise}.items()}
+
+
+class Evidence(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    crl: bytes | None = None  # the endpoint's latest CRL of this CA
+    responses: list[bytes] = []  # every pre-signed OCSP response it held
+    crls: list[bytes] = []  # the CRLs the Distribution's HTTP destinations held
+
+
+class Marker(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    format: str
+    backup_sha256: str
+    backup_created: int
+    backup_audit_seq: int
+    anchor_seq: int | None
+    older_confirmed: bool
+    restored_at: int
+    evidence: dict[str, Evidence]
+    endpoint_seq: int = 0  # the highest publication seq the endpoint's stores held
+    unread: list[str] = []  # destinations whose held CRL could not be read
+
+
+def _verify(pub, sig: bytes, data: bytes, halg) -> bool:
+    try:
+        if isinstance(pub, rsa.RSAPublicKey):
+            pub.verify(sig, data, padding.PKCS1v15(), halg)
+        elif isinstance(pub, ec.EllipticCurvePublicKey):
+            pub.verify(sig, data, ec.ECDSA(halg))
+        elif isinstance(pub, ed25519.Ed25519PublicKey):
+            pub.verify(sig, data)
+        else:
+            return False
+    except Exception:  # noqa: BLE001 - InvalidSignature or an unusable key: not our CA's signature
+        return False
+    return True
+
+
+def published(cert_der: bytes, ev: Evidence) -> tuple[int, dict[int, tuple[int, int | None]], set[int], int]:
+    """What this CA verifiably published: (highest CRL number, revoked serial -> (time, reason),
+    serials known issued, pieces refused because not signed by this CA)."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    pub = cert.public_key()
+    revoked: dict[int, tuple[int, int | None]] = {}
+    issued: set[int] = set()
+    number, refused = 0, 0
+    for der in ([ev.crl] if ev.crl else []) + list(ev.crls):
+        try:
+            c = x509.load_der_x509_crl(der)
+            if c.issuer != cert.subject or not c.is_signature_valid(pub):  # type: ignore[arg-type]
+                raise ValueError("not this CA's")
+            number = max(number, c.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+            for r in c:
+                try:
+                    reason = _REASONS.get(r.extensions.get_extension_for_class(x509.CRLReason).value.reason)
+                except x509.ExtensionNotFound:
+                    reason = None
+                revoked.setdefault(r.serial_number, (int(r.revocation_date_utc.timestamp()), reason))
+                issued.add(r.serial_number)
+        except Exception:  # noqa: BLE001 - a damaged or foreign CRL is no evidence
+            refused += 1
+    for der in ev.responses:
+        try:
+            resp = ocsp.load_der_ocsp_response(der)
+            if not _verify(pub, resp.signature, resp.tbs_response_bytes, resp.signature_hash_algorithm):
+                raise ValueError("not this CA's")
+            if resp.certificate_status == ocsp.OCSPCertStatus.UNKNOWN:
+                continue
+            serial = resp.serial_number
+            issued.add(serial)
+            if resp.certificate_status == ocsp.OCSPCertStatus.REVOKED:
+                rr = resp.revocation_reason
+                reason = _REASONS.get(rr) if rr is not None else None
+                revoked.setdefault(serial, (int(resp.revocation_time_utc.timestamp()), reason))  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - idem
+            refused += 1
+    return number, revoked, issued, refused
+
+
+def pending(home: str) -> bool:
+    return os.path.exists(os.path.join(home, MARKER))
+
+
+def reconcile(store: Store, home: str, actor: str) -> list[str]:
+    """On the DB thread, right after the CMDB opens: apply the marker's evidence; the CAs whose next
+    CRL must be signed now. No marker: nothing to do."""
+    path = os.path.join(home, MARKER)
+    try:
+        with open(path, "rb") as f:
+            m = msgspec.msgpack.decode(f.read(), type=Marker)
+    except FileNotFoundError:
+        return []
+    db = store.require_active()
+    now = int(time.time())
+    need_crl: list[str] = []
+    lines: list[str] = []
+    with db.tx():
+        for ca, cert_der, crl_number in list(db.db.execute("SELECT name, cert, crl_number FROM cas ORDER BY name")):
+            ev = m.evidence.get(ca)
+            if ev is None:
+                continue
+            number, revoked, issued, refused = published(cert_der, ev)
+            if refused:
+                db.audit(actor, "restore", ca, "refused", f"{refused} published object(s) not signed by {ca}: ignored")
+            re_entered, reserved = 0, 0
+            for serial in sorted(issued):
+                sb = serial_bytes(serial)
+                known = db.db.execute("SELECT 1 FROM certs WHERE ca=? AND serial=?", (ca, sb)).fetchone()
+                state = db.db.execute("SELECT state FROM serials WHERE serial=?", (sb,)).fetchone()
+                if state is None:
+                    db.db.execute("INSERT INTO serials(serial, ca, state, reserved) VALUES (?,?,'issued',?)", (sb, ca, now))
+                    reserved += 1
+                    db.audit(actor, "recovered", f"{ca}/{serial:x}", "ok", "serial published but unknown to the restored CMDB: "
+                             "reserved as issued (never reused)")
+                elif state[0] != "issued":
+                    db.db.execute("UPDATE serials SET state='issued' WHERE serial=?", (sb,))
+                    reserved += 1
+                    db.audit(actor, "recovered", f"{ca}/{serial:x}", "ok", f"serial published while the CMDB said {state[0]}: issued")
+                if serial not in revoked:
+                    continue
+                at, reason = revoked[serial]
+                if known:
+                    if db.db.execute("SELECT 1 FROM revocations WHERE ca=? AND serial=?", (ca, sb)).fetchone():
+                        continue
+                    db.db.execute("INSERT INTO revocations VALUES (?,?,?,?,?,?)",
+                                  (ca, sb, at, reason, None, crlenc.entry_length(serial, at, reason, None)))
+                    db.db.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (ca, sb))
+                else:
+                    if db.db.execute("SELECT 1 FROM recovered_revocations WHERE ca=? AND serial=?", (ca, sb)).fetchone():
+                        continue
+                    db.db.execute("INSERT INTO recovered_revocations VALUES (?,?,?,?,?,?,?)",
+                                  (ca, sb, at, reason, None, crlenc.entry_length(serial, at, reason, None), now))
+                re_entered += 1
+                db.audit(actor, "recovered", f"{ca}/{serial:x}", "ok",
+                         f"revocation published at {at} (reason={reason}) but missing from the restored CMDB: re-entered")
+            superseded = 0
+            if number > crl_number:
+                db.db.execute("UPDATE cas SET crl_number=? WHERE name=?", (number, ca))
+                # a queued publication of a lower number would push a destination back: never sent
+                db.db.execute("UPDATE dist_jobs SET state='superseded' WHERE ca=? AND action='crl' AND number<=? "
+                              "AND state IN ('pending','parked')", (ca, number))
+                superseded = db.db.changes()
+            if number > crl_number or re_entered:
+                need_crl.append(ca)
+            lines.append(f"{ca}: CRL numbers resume above {max(number, crl_number)} (restored CMDB had {crl_number}), "
+                         f"{re_entered} revocation(s) re-entered, {reserved} serial(s) reserved, {superseded} publication(s) superseded")
+        if m.endpoint_seq:
+            # The endpoint resumes after the highest seq it holds: every response of the restored CMDB
+            # moves above it (resent once; the endpoint keeps whichever response is newer).
+            db.db.execute("UPDATE ocsp SET seq = -seq")
+            db.db.execute("UPDATE ocsp SET seq = ? - seq", (m.endpoint_seq,))
+        head = db.db.execute("SELECT max(seq) FROM audit").fetchone()[0] or 0
+        gap = (f"audit records {m.backup_audit_seq + 1}..{m.anchor_seq} of the published anchor are lost"
+               if m.anchor_seq is not None and m.anchor_seq > m.backup_audit_seq else "no published anchor beyond the backup")
+        db.audit(actor, "restore", "cmdb", "ok",
+                 f"backup sha256={m.backup_sha256} created={m.backup_created} audit_seq={m.backup_audit_seq} "
+                 f"(chain resumes at {head + 1}); {gap}{'; older backup confirmed by a quorum' if m.older_confirmed else ''}; "
+                 + "; ".join(lines) + ("; destinations not read: " + ", ".join(m.unread) if m.unread else ""))
+    os.replace(path, os.path.join(home, f"restore-done-{now}.json"))  # after the commit: a crash before it redoes the above
+    _log("restore reconciled: " + "; ".join(lines))
+    return need_crl
+

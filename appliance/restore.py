@@ -1,0 +1,312 @@
+"""`donjon restore FILE`, the appliance stopped: checks, evidence of what was published, an atomic CMDB swap.
+
+The CMDB folder is replaced in one step, renameat2(RENAME_EXCHANGE) of `cmdb.restoring` (the backup's
+database and key, and restore.json: the evidence the Factory reconciles with at the next activation,
+appliance/factory/restore.py) with `cmdb`: a kill -9 at any moment leaves either the old folder or the
+restored one, never a mix. The old folder is kept beside it as `cmdb.pre-restore-<time>`.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from typing import Any
+
+import msgspec
+
+from appliance import backupfile
+from appliance.ocsp.store import Store as EndpointStore
+from appliance.ocsp.store import StoreError
+from policy import audit as audit_policy
+from policy import shamir
+from policy.errors import PolicyError
+
+_RENAME_EXCHANGE = 2
+_STORE_DIR = re.compile(r"^ocsp(\.[0-9]+)?$")
+
+
+class RestoreError(Exception):
+    """A restore refused or failed before the swap: nothing was changed."""
+
+
+class _Evidence(msgspec.Struct, frozen=True):
+    crl: bytes | None = None
+    responses: list[bytes] = []
+    crls: list[bytes] = []  # read back from the Distribution's HTTP destinations
+
+
+class _Marker(msgspec.Struct, frozen=True):
+    format: str
+    backup_sha256: str
+    backup_created: int
+    backup_audit_seq: int
+    anchor_seq: int | None
+    older_confirmed: bool
+    restored_at: int
+    evidence: dict[str, _Evidence]
+    endpoint_seq: int = 0
+    unread: list[str] = []  # destinations whose held CRL could not be read
+
+
+def appliance_running(home: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(os.path.join(home, "run", "admin.sock"))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def anchor_seq(path: str) -> int:
+    """The seq of a published signed head (donjon audit checkpoint --out)."""
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read(65536))
+        return audit_policy.parse_checkpoint_tbs(base64.b64decode(doc["tbs"]))[0]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RestoreError(f"{path}: not a published audit anchor ({type(e).__name__})") from None
+
+
+@contextlib.contextmanager
+def _as_endpoint_user():
+    """Root reads the endpoint's stores as the endpoint's own user: a link it planted there reaches
+    nothing root alone may read (ARCHITECTURE.md §1: root never follows a link in a role's folder)."""
+    import pwd
+    try:
+        pw = pwd.getpwnam("donjon-ocsp")
+    except KeyError:
+        pw = None
+    if os.geteuid() != 0 or pw is None:  # developer mode: the stores are this user's own
+        yield
+        return
+    os.setegid(pw.pw_gid)
+    os.seteuid(pw.pw_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def collect_evidence(home: str) -> tuple[dict[str, _Evidence], int, list[str]]:
+    """Every CA's latest CRL and every pre-signed response the endpoint's stores hold, their highest seq,
+    and a note per store that could not be read (it is named in the restore's audit record)."""
+    found: dict[str, tuple[tuple[int, bytes] | None, dict[int, bytes]]] = {}
+    top = 0
+    notes: list[str] = []
+    for entry in sorted(os.listdir(home)):  # HOME's own entries are root's
+        path = os.path.join(home, entry)
+        if not _STORE_DIR.match(entry) or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        try:
+            with _as_endpoint_user():
+                top = max(top, _read_store(path, found))
+        except (OSError, StoreError, ValueError) as e:
+            notes.append(f"endpoint store {entry}: {type(e).__name__}")
+    return {n: _Evidence(crl=c[1] if c else None, responses=list(r.values())) for n, (c, r) in found.items()}, top, notes
+
+
+def _read_store(path: str, found: dict[str, tuple[tuple[int, bytes] | None, dict[int, bytes]]]) -> int:
+    """One endpoint store into `found` (CA -> latest CRL, serial -> response); its highest seq."""
+    st = EndpointStore.open(path)
+    try:
+        for name, ca in st.cas.items():
+            crl, responses = found.setdefault(name, (None, {}))
+            if ca.crl is not None and (crl is None or ca.crl_number > crl[0]):
+                crl = (ca.crl_number, ca.crl)
+            for alg in ("sha256", "sha1"):
+                for serial in list(ca.index[alg]):
+                    held = st.get(ca, alg, serial)
+                    if held is not None and serial not in responses:
+                        responses[serial] = bytes(held.der)
+            found[name] = (crl, responses)
+        return st.max_seq()
+    finally:
+        st.close()
+
+
+MAX_FETCH = 64 << 20  # a CRL read back from a destination (the endpoint caps its own CRLs alike)
+
+
+def fetch_destinations(home: str, cas: list[str]) -> tuple[dict[str, list[bytes]], list[str]]:
+    """The CRL each HTTP destination holds for each CA (as the agent names it: {ca}.crl), and a note per
+    destination that could not be read. LDAP destinations are not read back yet (README)."""
+    import http.client
+    from urllib.parse import quote, urlsplit
+
+    from appliance import config as C
+    try:
+        cfg = C.load(home)
+        rules = C.dist_rules(home, cfg, with_secrets=True)
+    except C.ConfigError as e:
+        return {}, [f"configuration: {e}"]
+    got: dict[str, list[bytes]] = {}
+    notes: list[str] = []
+    for r in rules:
+        if not r.url.startswith(("http://", "https://")) or "crl" not in r.publish:
+            continue
+        for ca in cas:
+            if r.cas and ca not in r.cas:
+                continue
+            url = r.url.replace("{ca}", quote(ca)).replace("{name}", quote(f"{ca}.crl")) if "{" in r.url \
+                else r.url.rstrip("/") + "/" + quote(f"{ca}.crl")
+            u = urlsplit(url)
+            headers = {"User-Agent": "donjon-restore"}
+            if r.secret is not None:
+                tok = base64.b64encode(f"{r.username}:{r.secret}".encode()).decode() if r.username else None
+                headers["Authorization"] = f"Basic {tok}" if tok else f"Bearer {r.secret}"
+            conn: http.client.HTTPConnection
+            if u.scheme == "https":
+                import ssl
+                ctx = ssl.create_default_context(cadata=r.ca_file_pem.decode() if r.ca_file_pem else None)
+                conn = http.client.HTTPSConnection(u.hostname or "", u.port or 443, timeout=r.timeout, context=ctx)
+            else:
+                conn = http.client.HTTPConnection(u.hostname or "", u.port or 80, timeout=r.timeout)
+            try:
+                conn.request("GET", (u.path or "/") + (f"?{u.query}" if u.query else ""), headers=headers)
+                resp = conn.getresponse()
+                body = resp.read(MAX_FETCH + 1)
+                if resp.status == 200 and len(body) <= MAX_FETCH:
+                    got.setdefault(ca, []).append(body)
+                elif resp.status != 404:
+                    notes.append(f"{r.name}: {ca}.crl: HTTP {resp.status}")
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                notes.append(f"{r.name}: {ca}.crl: {type(e).__name__}")
+            finally:
+                conn.close()
+    return got, notes
+
+
+def _exchange(a: str, b: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, a.encode(), -100, b.encode(), _RENAME_EXCHANGE) != 0:  # AT_FDCWD
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), a)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confirm_shares: list[str]) -> dict[str, Any]:
+    """Check, collect, swap. Returns what was done (for the CLI)."""
+    home = os.path.abspath(home)
+    if appliance_running(home):
+        raise RestoreError("the appliance is running: stop it first (donjon shutdown), then restore")
+    try:
+        manifest = backupfile.verify(backup)
+    except backupfile.BackupFileError as e:
+        raise RestoreError(str(e)) from None
+    created = int(manifest.get("created", 0))
+    seq = int(manifest["cmdb.sqlite"].get("audit_seq", 0))
+    why_older = []
+    if time.time() - created > max_age_days * 86400:
+        why_older.append(f"it is {int((time.time() - created) / 86400)} days old (limit {max_age_days})")
+    a_seq = anchor_seq(anchor) if anchor else None
+    if a_seq is not None and a_seq > seq:
+        why_older.append(f"it ends at audit record {seq}, before the published anchor's {a_seq}")
+    if why_older and not confirm_shares:
+        raise RestoreError("restore refused: the backup is older than allowed (" + "; ".join(why_older) +
+                           "): a quorum of officers confirms it with --confirm-share (their activation PIN shares)")
+    if why_older:
+        try:
+            pin = shamir.combine_pin(confirm_shares)
+        except PolicyError as e:
+            raise RestoreError(f"restore refused: the confirming shares: {e.message}") from None
+        pin_file = os.path.join(home, "pin")
+        if os.path.exists(pin_file):
+            with open(pin_file) as f:
+                if f.read().strip() != pin:
+                    raise RestoreError("restore refused: the confirming shares do not give this appliance's PIN")
+    evidence, top, unread = collect_evidence(home)
+    fetched, notes = fetch_destinations(home, sorted(evidence))
+    notes = unread + notes
+    evidence = {n: msgspec.structs.replace(e, crls=fetched.get(n, [])) for n, e in evidence.items()}
+    cmdb = os.path.join(home, "cmdb")
+    staging = os.path.join(home, "cmdb.restoring")
+    now = int(time.time())
+    tag = f"{now}-{time.time_ns() % 10**9:09d}"  # two restores in one second keep both old folders
+    if os.path.lexists(staging):  # a restore killed earlier: the old CMDB or a partial copy, kept aside
+        os.rename(staging, os.path.join(home, f"cmdb.pre-restore-{tag}-partial"))
+    os.mkdir(staging, 0o700)
+    keep = ("activation-failures.json",)
+    for name in keep:
+        if os.path.exists(os.path.join(cmdb, name)):
+            shutil.copy2(os.path.join(cmdb, name), os.path.join(staging, name))
+    backupfile.install_cmdb(backup, staging)
+    with open(backup, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    marker = _Marker(format="donjon-restore/1", backup_sha256=digest, backup_created=created, backup_audit_seq=seq,
+                     anchor_seq=a_seq, older_confirmed=bool(why_older), restored_at=now, evidence=evidence, endpoint_seq=top,
+                     unread=notes)
+    fd = os.open(os.path.join(staging, "restore.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(msgspec.msgpack.encode(marker))
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(staging)
+    if os.path.isdir(cmdb):
+        _exchange(staging, cmdb)  # the one step: old or new, never a mix
+        _fsync_dir(home)
+        os.rename(staging, os.path.join(home, f"cmdb.pre-restore-{tag}"))
+    else:
+        os.rename(staging, cmdb)
+    _fsync_dir(home)
+    return {"backup": backup, "sha256": digest, "audit_seq": seq, "anchor_seq": a_seq, "older_confirmed": bool(why_older),
+            "evidence": {n: {"crl": e.crl is not None, "responses": len(e.responses), "destination_crls": len(e.crls)}
+                         for n, e in evidence.items()},
+            "unread_destinations": notes,
+            "kept": f"cmdb.pre-restore-{tag}"}
+
+
+def promote_standby(home: str) -> dict[str, Any]:
+    """Put the standby CMDB (HOME/cmdb/standby, appliance/factory/standby.py) in place of the primary's,
+    the appliance stopped. The primary's files are kept in cmdb/pre-promote-<time>/. The main file is
+    replaced last, atomically; a promote killed half-way is simply run again."""
+    home = os.path.abspath(home)
+    if appliance_running(home):
+        raise RestoreError("the appliance is running: stop it first, then promote the standby")
+    cmdb = os.path.join(home, "cmdb")
+    sb = os.path.join(cmdb, "standby")
+    src = os.path.join(sb, "cmdb.sqlite")
+    if not os.path.isfile(src):
+        raise RestoreError(f"no standby CMDB at {src}")
+    if os.path.exists(os.path.join(sb, "STALE")):
+        raise RestoreError("the standby missed a commit (STALE): it is not a complete copy; restore a backup instead")
+    tag = f"{int(time.time())}-{time.time_ns() % 10**9:09d}"
+    aside = os.path.join(cmdb, f"pre-promote-{tag}")
+    os.mkdir(aside, 0o700)
+    tmp = os.path.join(cmdb, "cmdb.sqlite.promoting")
+    for suffix in ("", "-wal"):
+        if os.path.exists(src + suffix):
+            shutil.copyfile(src + suffix, tmp + suffix)
+            with open(tmp + suffix, "rb+") as f:
+                os.fsync(f.fileno())
+    main = os.path.join(cmdb, "cmdb.sqlite")
+    if os.path.exists(main):
+        os.link(main, os.path.join(aside, "cmdb.sqlite"))
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(main + suffix):
+            os.rename(main + suffix, os.path.join(aside, "cmdb.sqlite" + suffix))
+    if os.path.exists(tmp + "-wal"):
+        os.rename(tmp + "-wal", main + "-wal")
+    os.replace(tmp, main)
+    key = os.path.join(cmdb, "cmdb.key")
+    if not os.path.exists(key):  # the primary disk lost its key too: the standby kept a copy
+        shutil.copyfile(os.path.join(sb, "cmdb.key"), key)
+    _fsync_dir(cmdb)
+    return {"promoted": src, "kept": os.path.relpath(aside, home)}

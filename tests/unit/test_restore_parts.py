@@ -1,0 +1,209 @@
+"""The parts of a restore that read untrusted files: a backup tar (appliance/backupfile.py), a published
+anchor (appliance/restore.py), and the published evidence the Factory verifies (factory/restore.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import tarfile
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from appliance import backupfile
+from appliance import restore as R
+from appliance.factory import restore as FR
+
+
+def _tar(path: Path, members: dict[str, bytes], manifest: dict | None = None, extra: list[tarfile.TarInfo] = ()) -> Path:
+    if manifest is None:
+        manifest = {"format": "donjon-backup/1", "created": 1,
+                    "cmdb.sqlite": {"bytes": len(members["cmdb.sqlite"]), "sha256": hashlib.sha256(members["cmdb.sqlite"]).hexdigest(),
+                                    "audit_seq": 3},
+                    "cmdb.key": {"bytes": len(members["cmdb.key"]), "sha256": hashlib.sha256(members["cmdb.key"]).hexdigest()}}
+    with tarfile.open(path, "w") as t:
+        for name, data in [*members.items(), ("manifest.json", json.dumps(manifest).encode())]:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+        for ti in extra:
+            t.addfile(ti)
+    return path
+
+
+GOOD = {"cmdb.sqlite": b"\x01" * 3000, "cmdb.key": b"\x02" * 61}
+
+
+def test_backup_file_checks(tmp_path):
+    good = _tar(tmp_path / "good.tar", GOOD)
+    assert backupfile.verify(str(good))["cmdb.sqlite"]["audit_seq"] == 3
+    with tarfile.open(good) as t:
+        good_manifest = json.loads(t.extractfile("manifest.json").read())
+    link = tarfile.TarInfo("evil")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/shadow"
+    cases = {
+        "sha": (_tar(tmp_path / "sha.tar", {**GOOD, "cmdb.key": b"\x03" * 61},
+                     manifest=good_manifest), "does not match its SHA-256"),
+        "missing": (_tar(tmp_path / "missing.tar", {"cmdb.sqlite": GOOD["cmdb.sqlite"]}, manifest={}), "not a Donjon backup"),
+        "extra": (_tar(tmp_path / "extra.tar", GOOD, extra=[link]), "not a Donjon backup"),
+        "format": (_tar(tmp_path / "format.tar", GOOD, manifest={"format": "other"}), "unknown backup format"),
+        "size": (_tar(tmp_path / "size.tar", GOOD, manifest={"format": "donjon-backup/1", "cmdb.sqlite": {"bytes": 1},
+                                                             "cmdb.key": {"bytes": 61}}), "not the size"),
+    }
+    for path, why in cases.values():
+        with pytest.raises(backupfile.BackupFileError, match=why):
+            backupfile.verify(str(path))
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 40)
+    with pytest.raises(backupfile.BackupFileError, match="not a Donjon backup"):
+        backupfile.verify(str(tmp_path / "junk.tar"))
+    # install_cmdb never overwrites a CMDB
+    d = tmp_path / "cmdb"
+    backupfile.install_cmdb(str(good), str(d))
+    assert (d / "cmdb.sqlite").read_bytes() == GOOD["cmdb.sqlite"]
+    with pytest.raises(backupfile.BackupFileError, match="refusing to overwrite"):
+        backupfile.install_cmdb(str(good), str(d))
+
+
+def test_backup_file_fuzz(tmp_path):
+    """Bounded mutation fuzz: a damaged backup is a BackupFileError, never another exception."""
+    base = _tar(tmp_path / "base.tar", GOOD).read_bytes()
+    rnd = random.Random(15)
+    p = tmp_path / "m.tar"
+    accepted = 0
+    for _ in range(400):
+        b = bytearray(base)
+        for _ in range(rnd.randint(1, 4)):
+            i = rnd.randrange(len(b))
+            if rnd.random() < 0.8:
+                b[i] = rnd.randrange(256)
+            else:
+                del b[i:i + rnd.randint(1, 600)]
+        p.write_bytes(bytes(b))
+        try:
+            backupfile.verify(str(p))
+            accepted += 1
+        except backupfile.BackupFileError:
+            pass
+    assert accepted < 400  # the checks do refuse damage (a flip in tar padding is harmless, and accepted)
+
+
+def test_anchor_parsing(tmp_path):
+    import base64
+
+    from policy import audit
+    good = tmp_path / "head.json"
+    good.write_text(json.dumps({"tbs": base64.b64encode(audit.checkpoint_tbs(42, b"\0" * 32, 5)).decode()}))
+    assert R.anchor_seq(str(good)) == 42
+    for i, junk in enumerate(['{"tbs": "!!"}', "[]", "not json", '{"tbs": "' + base64.b64encode(b"seq: 9").decode() + '"}']):
+        p = tmp_path / f"bad{i}.json"
+        p.write_text(junk)
+        with pytest.raises(R.RestoreError, match="not a published audit anchor"):
+            R.anchor_seq(str(p))
+
+
+def _ca(name: str):
+    key = ec.generate_private_key(ec.SECP256R1())
+    n = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
+    now = datetime.now(timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(n).issuer_name(n).public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256()))
+    return key, cert
+
+
+def _crl(key, cert, number: int, revoked: dict[int, x509.ReasonFlags]) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding
+    now = datetime.now(timezone.utc)
+    b = (x509.CertificateRevocationListBuilder().issuer_name(cert.subject).last_update(now)
+         .next_update(now + timedelta(days=1)).add_extension(x509.CRLNumber(number), critical=False))
+    for serial, reason in revoked.items():
+        b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now)
+                                      .add_extension(x509.CRLReason(reason), critical=False).build())
+    return b.sign(key, hashes.SHA256()).public_bytes(Encoding.DER)
+
+
+def test_published_evidence_counts_only_what_the_ca_signed():
+    from cryptography.hazmat.primitives.serialization import Encoding
+    key, cert = _ca("CA")
+    other_key, _ = _ca("CA")  # same name, another key: a forger
+    der = cert.public_bytes(Encoding.DER)
+    number, revoked, issued, refused = FR.published(der, FR.Evidence(crl=_crl(key, cert, 7, {0x1234: x509.ReasonFlags.key_compromise})))
+    assert (number, set(revoked), issued, refused) == (7, {0x1234}, {0x1234}, 0) and revoked[0x1234][1] == 1
+    number, revoked, issued, refused = FR.published(der, FR.Evidence(crl=_crl(other_key, cert, 99, {0x9: x509.ReasonFlags.superseded})))
+    assert (number, revoked, issued, refused) == (0, {}, set(), 1)  # a forged CRL #99 moves nothing
+    number, revoked, issued, refused = FR.published(der, FR.Evidence(crl=b"\x30\x03junk", responses=[b"", b"\x30\x00", b"x" * 100]))
+    assert (number, revoked, issued, refused) == (0, {}, set(), 4)
+
+
+def test_crls_read_back_from_an_http_destination(tmp_path):
+    """The restore reads the CRL each HTTP destination holds (a real HTTP server: tests/servers.py)."""
+    from appliance import config as C
+    from tests.servers import Receiver
+    web = Receiver(tmp_path / "web")
+    try:
+        (tmp_path / "web" / "pub_issuing.crl").write_bytes(b"held CRL bytes")
+        home = tmp_path / "home"
+        home.mkdir()
+        (home / "donjon.toml").write_text(C.DEFAULT_TOML + f"""
+[[distribution.rule]]
+name = "web"
+url = "{web.url}/pub/{{name}}"
+publish = ["crl"]
+cas = ["issuing"]
+""")
+        got, notes = R.fetch_destinations(str(home), ["issuing", "root"])
+        assert got == {"issuing": [b"held CRL bytes"]} and notes == []  # root is not this destination's
+        web.stop()
+        got, notes = R.fetch_destinations(str(home), ["issuing"])
+        assert got == {} and len(notes) == 1 and notes[0].startswith("web: issuing.crl: ")  # unreachable: said so
+    finally:
+        web.stop()
+
+
+def test_an_old_backup_needs_a_quorum(tmp_path):
+    """Refused before anything is read or written: the home is left exactly as it was."""
+    import os
+    old = _tar(tmp_path / "old.tar", GOOD)  # made in 1970
+    home = tmp_path / "home"
+    (home / "cmdb").mkdir(parents=True)
+    (home / "cmdb" / "cmdb.sqlite").write_bytes(b"current")
+    with pytest.raises(R.RestoreError, match=r"days old \(limit 7\).*quorum"):
+        R.restore(str(home), str(old), None, 7, [])
+    from policy import shamir
+    with pytest.raises(R.RestoreError, match="the confirming shares: the shares come from different sets"):
+        R.restore(str(home), str(old), None, 7, shamir.split_pin("1234-pin", 2, 3, os.urandom)[:1] +
+                  shamir.split_pin("other-pin", 2, 3, os.urandom)[1:2])
+    assert sorted(p.name for p in home.rglob("*")) == ["cmdb", "cmdb.sqlite"]
+    assert (home / "cmdb" / "cmdb.sqlite").read_bytes() == b"current"
+
+
+def test_evidence_is_read_as_the_endpoint_user(tmp_path):
+    """A link the endpoint planted in its store (here: to a root-only file) reaches nothing: root reads
+    the store as donjon-ocsp, the store is named unreadable, and the secret is in no evidence."""
+    import os
+
+    from appliance import privdrop
+    from appliance.roletable import ROLES
+    assert os.geteuid() == 0, "the suite runs as root (CI); this checks root's reading of a role's folder"
+    privdrop.ensure_role_users(ROLES)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"\0" * 8 + b"root-only secret")
+    os.chmod(secret, 0o600)
+    home = tmp_path / "home"
+    (home / "ocsp" / "evil").mkdir(parents=True)
+    os.chmod(tmp_path, 0o711)
+    os.chmod(home, 0o711)
+    (home / "ocsp" / "evil" / "crl.bin").symlink_to(secret)
+    import pwd
+    pw = pwd.getpwnam("donjon-ocsp")
+    for d in (home / "ocsp", home / "ocsp" / "evil"):
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+    evidence, top, notes = R.collect_evidence(str(home))
+    assert notes == ["endpoint store ocsp: PermissionError"] and evidence == {} and top == 0
+    assert os.geteuid() == 0 and os.getegid() == 0  # root again afterwards
