@@ -441,3 +441,14 @@ def make_csr(tmp: Path, name: str, san: str | None = "DNS:www.example.org", subj
         args += ["-addext", f"subjectAltName={san}"]
     openssl(*args)
     return csrf
+
+
+def softhsm_reload(module: str = "/usr/lib/softhsm/libsofthsm2.so") -> None:
+    """In-process unit tests: python-pkcs11 keeps one library per process and SoftHSM lists its tokens at
+    C_Initialize, so a test module that points SOFTHSM2_CONF at its own tokens re-initialises it first
+    (order-independent, serially as under xdist)."""
+    import pkcs11
+    lib = pkcs11.lib(module)
+    if lib.initialized:
+        lib.finalize()
+    lib.initialize()

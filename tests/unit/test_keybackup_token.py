@@ -8,6 +8,8 @@ import subprocess
 
 import pkcs11
 import pytest
+
+from tests.conftest import softhsm_reload
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -34,6 +36,7 @@ def softhsm(tmp_path_factory):
     for label in ("kb-main", "kb-fresh", "kb-old"):  # all before the library is loaded: it lists tokens once
         subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", SO_PIN, "--pin", PIN],
                        check=True, capture_output=True)
+    softhsm_reload(MODULE)
     yield d
     if old is None:
         os.environ.pop("SOFTHSM2_CONF", None)

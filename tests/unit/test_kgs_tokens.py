@@ -6,6 +6,8 @@ import os
 import subprocess
 
 import pytest
+
+from tests.conftest import softhsm_reload
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import padding
@@ -29,6 +31,7 @@ def tok(tmp_path_factory):
     os.environ["SOFTHSM2_CONF"] = str(conf)
     subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "donjon-kgs", "--so-pin", "12345678", "--pin", "1234"],
                    check=True, capture_output=True)
+    softhsm_reload(MODULE)
     t = T.Tokens(MODULE, MODULE, "donjon-kgs")
     t.open("1234")
     t.ensure_keys()

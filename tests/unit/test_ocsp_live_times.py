@@ -16,6 +16,7 @@ from appliance.factory.ocsp import _by_this_update
 from appliance.ocsp.live import LiveSigner, Single
 from hsm.token import Token
 from policy.ocsp import issuer_hashes
+from tests.conftest import softhsm_reload
 from tests.unit.test_ocsp_pki import make_ca
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -30,9 +31,8 @@ def _token(tmp_path, monkeypatch) -> Token:
     pin = secrets.token_hex(8)
     subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "live-test", "--so-pin", secrets.token_hex(8),
                     "--pin", pin], check=True, capture_output=True, timeout=30)
+    softhsm_reload(MODULE)
     t = Token(MODULE, "live-test")
-    t.load()
-    t._lib.reinitialize()  # python-pkcs11 keeps one library per process: make SoftHSM re-read SOFTHSM2_CONF
     t.login(pin)
     return t
 

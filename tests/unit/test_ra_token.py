@@ -6,6 +6,8 @@ import secrets
 import subprocess
 
 import pytest
+
+from tests.conftest import softhsm_reload
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.serialization import load_der_public_key
@@ -28,9 +30,8 @@ def token(tmp_path_factory) -> Token:
     pin = secrets.token_hex(8)
     subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "ra-test", "--so-pin", secrets.token_hex(8),
                     "--pin", pin], check=True, capture_output=True, timeout=30)
+    softhsm_reload(MODULE)
     t = Token(MODULE, "ra-test")
-    t.load()
-    t._lib.reinitialize()  # python-pkcs11 keeps one library per process: make SoftHSM re-read SOFTHSM2_CONF
     t.login(pin)
     yield t
     monkeypatch.undo()
