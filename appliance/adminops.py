@@ -344,10 +344,10 @@ def unrevoke(c: AdminClient, ca: str, serial: bytes) -> dict[str, Any]:
     return _wrap(c.call, S.AUnrevoke, ca=ca, serial=serial)
 
 
-def crl_generate(c: AdminClient, ca: str, kind: str = "crl") -> bytes:
-    """Sign a new CRL (or, kind="issued-serials", a new issued-serials list) and return its DER."""
+def crl_generate(c: AdminClient, ca: str, kind: str = "crl", delta: bool = False) -> bytes:
+    """Sign a new CRL (a delta CRL with delta=True; kind="issued-serials": a new issued-serials list) and return its DER."""
     check_name(ca, "CA name")
-    return _wrap(lambda: b"".join(c.stream(S.ACrlGenerate, ca=ca, kind=kind)))
+    return _wrap(lambda: b"".join(c.stream(S.ACrlGenerate, ca=ca, kind=kind, delta=delta)))
 
 
 def crl_export(c: AdminClient, ca: str, number: int | None = None, kind: str = "crl") -> bytes:

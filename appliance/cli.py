@@ -745,17 +745,21 @@ def _unrevoke(home: str, ca: str, sb: bytes, as_json: bool = False) -> None:
 def crl_generate(ca: Annotated[str, typer.Option(help="The CA.")] = ...,
                  out: Annotated[Optional[str], typer.Option(help="Write the CRL (DER) here.")] = None,
                  issued_serials: IssuedSerials = False,
+                 delta: Annotated[bool, typer.Option("--delta", help="A delta CRL on the latest full CRL (crl.delta).")] = False,
                  home: Home = "./var") -> None:
-    """Sign a new full CRL now (or, with --issued-serials, a new issued-serials list).
+    """Sign a new full CRL now (with --delta, a delta CRL; with --issued-serials, a new issued-serials list).
 
     Example: donjon crl generate --ca issuing --out issuing.crl
     """
     no_der_to_terminal(out, "a CRL" if not issued_serials else "an issued-serials list")  # before a new one is signed
+    if delta and issued_serials:
+        fail("--delta and --issued-serials exclude each other")
     with client(home) as c:
-        data = op(ops.crl_generate, c, ca, "issued-serials" if issued_serials else "crl")
+        data = op(ops.crl_generate, c, ca, "issued-serials" if issued_serials else "crl", delta)
     if out:
         out_bytes(data, out)
-        typer.echo(f"{'issued-serials list' if issued_serials else 'CRL'} for {ca}: {len(data)} bytes -> {out}")
+        what = "issued-serials list" if issued_serials else "delta CRL" if delta else "CRL"
+        typer.echo(f"{what} for {ca}: {len(data)} bytes -> {out}")
     else:
         out_bytes(data, None)
 

@@ -53,6 +53,15 @@ class Crl(_C):
     # serial mod N, fixed at issuance; a CA not named here has its one full CRL, as before.
     shards: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")],
                  Annotated[int, msgspec.Meta(ge=1, le=256)]] = {}
+    # Delta CRLs per CA (RFC 5280 §5.2.4): minutes between two deltas; revocations go out in a delta at
+    # once, the full CRL (the base) is re-signed at half its validity. One-shard CAs only.
+    delta: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")],
+                Annotated[int, msgspec.Meta(ge=1, le=24 * 60)]] = {}
+
+    def __post_init__(self) -> None:
+        both = sorted(ca for ca in self.delta if self.shards.get(ca, 1) > 1)
+        if both:
+            raise ValueError(f"crl.delta: {both[0]} has CRL shards; delta CRLs are for one-shard CAs")
 
 
 class Ocsp(_C):
@@ -479,8 +488,8 @@ def dist_rules(home: str, cfg: Config, with_secrets: bool) -> list[S.DistRule]:
         if u.scheme not in ("ldap", "ldaps", "http", "https") or not u.hostname:
             raise ConfigError(f"{where}: url: want ldap://, ldaps://, http:// or https:// with a host, got {r.url!r}")
         ldap = u.scheme.startswith("ldap")
-        if "delta-crl" in r.publish:
-            raise ConfigError(f"{where}: publish: delta CRLs are not produced by this version (full CRLs only)")
+        if "delta-crl" in r.publish and not (set(r.cas) & set(cfg.crl.delta) if r.cas else cfg.crl.delta):
+            raise ConfigError(f"{where}: publish: delta-crl, but no CA of the rule has delta CRLs (crl.delta)")
         if not r.publish:
             raise ConfigError(f"{where}: publish: name at least one of ca-cert, certs, crl, issued-serials")
         if ldap:

@@ -85,7 +85,8 @@ def _cis(h: Host, name: str) -> Launch:
     return Launch(
         S.CisConfig(module=h.cfg.hsm.module, token_label=h.cfg.hsm.token,
                     softhsm_conf=h.layout.softhsm_conf if embedded else None,
-                    profiles=h.profiles, base_url=h.cfg.endpoint.base_url, crl_shards=dict(h.cfg.crl.shards)),
+                    profiles=h.profiles, base_url=h.cfg.endpoint.base_url, crl_shards=dict(h.cfg.crl.shards),
+                    crl_delta=tuple(sorted(h.cfg.crl.delta))),
         rw=(h.layout.softhsm,) if embedded else (), ro=(_module_dir(h), "/etc/softhsm"),
         env=(("SOFTHSM2_CONF", h.layout.softhsm_conf),) if embedded else ())
 
@@ -97,7 +98,7 @@ def _factory(h: Host, name: str) -> Launch:
     return Launch(
         S.FactoryConfig(home=h.layout.cmdb, cipher=cfg.cmdb.cipher, standby=cfg.cmdb.standby, profiles=h.profiles,
                         base_url=cfg.endpoint.base_url, crl_validity_hours=cfg.crl.validity_hours,
-                        crl_shards=dict(cfg.crl.shards),
+                        crl_shards=dict(cfg.crl.shards), crl_delta=dict(cfg.crl.delta),
                         admin_gid=h.admin_gid, dev_uid=None if h.appliance else os.getuid(),
                         ocsp_validity_hours=cfg.ocsp.validity_hours, ocsp_hashes=cfg.ocsp.hashes,
                         responder_days=cfg.ocsp.responder_days, responder_renew_days=cfg.ocsp.responder_renew_days,

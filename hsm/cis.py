@@ -52,6 +52,7 @@ class Cis:
         self.profiles = profiles.load_profiles(dict(cfg.profiles))
         self.base_url = cfg.base_url.rstrip("/") if cfg.base_url else None
         self.crl_shards = dict(cfg.crl_shards)  # from the supervisor: the CIS names shards itself
+        self.crl_delta = frozenset(cfg.crl_delta)  # CAs with delta CRLs (freshestCRL in certificates and full CRLs)
         self._throwaway: dict[str, object] = {}
         self._shadows: dict[bytes, bytes] = {}
         self._crls: dict[int, _CrlState] = {}
@@ -121,6 +122,7 @@ class Cis:
             ocsp_url=f"{base}/ocsp" if base else None,
             ca_issuers_url=f"{base}/ca/{label}.crt" if base else None,
             crl_shards=self.crl_shards.get(label, 1),
+            delta_crls=label in self.crl_delta,
         )
 
     def ca_policy(self, label: str, cert: x509.Certificate) -> CaPolicy:
@@ -381,9 +383,19 @@ class Cis:
                 if shards == 1 or m.shard >= shards or not self.base_url:
                     raise PolicyError("crl shard", "partition", f"CA {m.ca} has no CRL shard {m.shard} ({shards} shard(s))")
                 idp = crl.idp_der(crl.shard_url(f"{self.base_url}/crl/{m.ca}.crl", m.shard, shards))
-            tbs = crl.TbsCrl(issuer_name_der=cert.subject.public_bytes(), key_type=key.key_type, this_update=m.this_update,
-                             next_update=m.next_update, crl_number=m.crl_number, aki_key_id=ski,
-                             entry_count=m.entry_count, entries_length=m.entries_length, idp_der=idp)
+            fresh = None
+            if m.delta_base is not None:  # a delta CRL: only for a CA that publishes them, never a shard
+                if m.ca not in self.crl_delta or m.shard is not None or not self.base_url:
+                    raise PolicyError("crl", "delta", f"CA {m.ca} has no delta CRLs")
+            elif m.ca in self.crl_delta and m.shard is None and self.base_url:  # the full CRL points at its delta
+                fresh = crl.delta_url(f"{self.base_url}/crl/{m.ca}.crl")
+            try:
+                tbs = crl.TbsCrl(issuer_name_der=cert.subject.public_bytes(), key_type=key.key_type, this_update=m.this_update,
+                                 next_update=m.next_update, crl_number=m.crl_number, aki_key_id=ski,
+                                 entry_count=m.entry_count, entries_length=m.entries_length, idp_der=idp,
+                                 delta_base=m.delta_base, freshest_crl_url=fresh)
+            except ValueError as e:
+                raise PolicyError("crl", "declaration", str(e)) from None
         st = _CrlState(m, tbs, key.key_type, cert)
         self._crls[m.id] = st
         head = tbs.header()
@@ -449,7 +461,10 @@ class Cis:
         tbs = crl.TbsCrl(issuer_name_der=st.cert.subject.public_bytes(), key_type=st.key_type, this_update=b.this_update,
                          next_update=b.next_update, crl_number=b.crl_number,
                          aki_key_id=st.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest,
-                         entry_count=len(sample), entries_length=ln)
+                         entry_count=len(sample), entries_length=ln, delta_base=b.delta_base,
+                         freshest_crl_url=(crl.delta_url(f"{self.base_url}/crl/{b.ca}.crl")
+                                           if b.delta_base is None and b.ca in self.crl_delta and b.shard is None
+                                           and self.base_url else None))
         body = tbs.header() + tbs.entries(sample) + tbs.trailer()
         k = self.throwaway(st.key_type)
         if st.key_type == "ed25519":

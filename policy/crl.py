@@ -231,6 +231,10 @@ for _c, _x in _REASON_EXT.items():
     _EXTS_NO_INV[_c] = b"\x30" + bytes((len(_x),)) + _x
     _EXTS_INV[_c] = b"\x30" + bytes((len(_x) + _INV_EXT_LEN,)) + _x
 _EXTS_INV[None] = _EXTS_INV[0] = b"\x30" + bytes((_INV_EXT_LEN,))
+# A delta CRL's tables also know removeFromCRL (8): RFC 5280 §5.3.1 allows it there only.
+_REMOVE = b"\x30\x0a" + _OID_REASON + b"\x04\x03\x0a\x01\x08"
+_EXTS_NO_INV_DELTA: dict = {**_EXTS_NO_INV, 8: b"\x30" + bytes((len(_REMOVE),)) + _REMOVE}
+_EXTS_INV_DELTA: dict = {**_EXTS_INV, 8: b"\x30" + bytes((len(_REMOVE) + _INV_EXT_LEN,)) + _REMOVE}
 del _c, _x
 # Without the invalidity date the length of the extensions is len(_EXTS_NO_INV[r]); with it,
 # len(_EXTS_INV[r]) + 26. The entry's content length never reaches 128 octets:
@@ -240,7 +244,7 @@ del _c, _x
 _HEADS = [[bytes((0x30, cl, 0x02, n)) for n in range(22)] for cl in range(128)]
 
 
-def _bad_entry(entry) -> ValueError:
+def _bad_entry(entry, delta: bool = False) -> ValueError:
     """Explain why an entry was refused (slow path, only after the fast path failed)."""
     try:
         serial, revoked_at, reason, invalidity = entry
@@ -252,7 +256,9 @@ def _bad_entry(entry) -> ValueError:
         return ValueError(f"serial must be positive, got {serial}")
     if (serial.bit_length() >> 3) + 1 > 20:
         return ValueError("serial longer than 20 octets")
-    if reason is not None and (type(reason) is not int or reason not in _REASON_CODES):
+    if reason == 8 and type(reason) is int and not delta:
+        return ValueError("removeFromCRL (8) is allowed in delta CRLs only (RFC 5280 §5.3.1)")
+    if reason is not None and (type(reason) is not int or reason not in _REASON_CODES | ({8} if delta else set())):
         return ValueError(f"invalid reason code {reason!r}")
     for name, t in (("revoked_at", revoked_at), ("invalidity", invalidity)):
         if name == "invalidity" and t is None:
@@ -264,14 +270,15 @@ def _bad_entry(entry) -> ValueError:
     return ValueError(f"invalid entry {entry!r}")
 
 
-def _encode(entries: Iterable[Entry]) -> tuple[list[bytes], int]:
-    """Encode entries; return (parts, count). Every entry contributes exactly one part."""
+def _encode(entries: Iterable[Entry], delta: bool = False) -> tuple[list[bytes], int]:
+    """Encode entries; return (parts, count). Every entry contributes exactly one part.
+    removeFromCRL (8) only with delta=True (a delta CRL)."""
     sod = _sod()
     heads = _HEADS
     time_get = _TIME_DAY.get
     inv_get = _INV_DAY.get
-    exts_no_inv = _EXTS_NO_INV
-    exts_inv = _EXTS_INV
+    exts_no_inv = _EXTS_NO_INV_DELTA if delta else _EXTS_NO_INV
+    exts_inv = _EXTS_INV_DELTA if delta else _EXTS_INV
     out: list[bytes] = []
     append = out.append
     entry = None
@@ -317,7 +324,7 @@ def _encode(entries: Iterable[Entry]) -> tuple[list[bytes], int]:
                     + sod[isec]
                 )
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError):
-        raise _bad_entry(entry) from None
+        raise _bad_entry(entry, delta) from None
     return out, len(out)
 
 
@@ -340,12 +347,12 @@ def entry_length(serial: int, revoked_at: int, reason: int | None, invalidity: i
         if reason is not None and type(reason) is not int:
             raise ValueError
         if invalidity is None:
-            ext = len(_EXTS_NO_INV[reason])
+            ext = len(_EXTS_NO_INV_DELTA[reason])  # the length of 8 too (the encoder decides where it may go)
         else:
             if type(invalidity) is not int:
                 raise ValueError
             _inv_day(invalidity // 86400)
-            ext = len(_EXTS_INV[reason]) + _INV_EXT_LEN
+            ext = len(_EXTS_INV_DELTA[reason]) + _INV_EXT_LEN
         return 4 + n + tl + ext
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
         raise _bad_entry(entry) from None
@@ -481,6 +488,7 @@ class TbsCrl:
         self._count = 0
         self._length = 0
         self._state = 0  # 0 new, 1 header given, 2 finished
+        self._delta = delta_base is not None  # removeFromCRL entries allowed
 
         exts = [
             _extension(_OID_AKI, _tlv(0x30, _tlv(0x80, bytes(aki_key_id)))),
@@ -517,7 +525,7 @@ class TbsCrl:
     def entries(self, batch: Iterable[Entry]) -> bytes:
         if self._state != 1:
             raise ValueError("entries() must come after header() and before trailer()")
-        parts, count = _encode(batch)
+        parts, count = _encode(batch, self._delta)
         data = b"".join(parts)
         self._count += count
         self._length += len(data)

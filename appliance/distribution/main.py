@@ -105,7 +105,7 @@ class Worker:
                     if skipped(m):
                         break
                     run.append((m, Job(action=m.action, ca=m.ca, ca_root=m.ca_root, issuer=m.issuer, subject=dict(m.subject),
-                                       number=m.number, data=data, attachment=m.attachment)))
+                                       number=m.number, data=data, attachment=m.attachment, part=m.part)))
                 outcomes = await trio.to_thread.run_sync(publish_run, [j for _, j in run], limiter=limiter,
                                                          abandon_on_cancel=True)
                 for (m, _), e in zip(run, outcomes):

@@ -36,6 +36,7 @@ class Job:
     number: int
     data: bytes
     attachment: bytes | None = None  # the signed audit head published beside an issued-serials list
+    part: str = ""  # a CRL's: "" complete, "-<k>" shard k, "-delta" the delta CRL
 
 
 # ---------------------------------------------------------------- verification before sending
@@ -68,6 +69,22 @@ def verify(job: Job) -> None:
             num = crl.extensions.get_extension_for_oid(ExtensionOID.CRL_NUMBER).value.crl_number
             if num != job.number:
                 raise PublishError(f"CRL number {num} is not the job's {job.number}", permanent=True)
+            # the object is what its name says: a delta CRL only as <ca>-delta.crl, a shard's IDP names <ca>-<k>.crl
+            try:
+                crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+                is_delta = True
+            except x509.ExtensionNotFound:
+                is_delta = False
+            if is_delta != (job.part == "-delta"):
+                raise PublishError(f"a {'delta' if is_delta else 'full'} CRL sent as {object_name(job)}", permanent=True)
+            try:
+                names = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value.full_name or []
+            except x509.ExtensionNotFound:
+                names = None
+            if job.part in ("", "-delta") and names is not None:
+                raise PublishError(f"a CRL shard sent as {object_name(job)}", permanent=True)
+            if job.part not in ("", "-delta") and not any(str(n.value).endswith("/" + object_name(job)) for n in names or []):
+                raise PublishError(f"the CRL's IDP does not name {object_name(job)}", permanent=True)
         elif job.action == "issued-serials":
             lst = serials_list.decode(job.data)
             if lst.issuer_der != issuer.subject.public_bytes():
@@ -87,7 +104,7 @@ def verify(job: Job) -> None:
 
 
 def object_name(job: Job) -> str:
-    return {"crl": f"{job.ca}.crl", "ca-cert": f"{job.ca}.crt", "issued-serials": f"{job.ca}.serials"}[job.action]
+    return {"crl": f"{job.ca}{job.part}.crl", "ca-cert": f"{job.ca}.crt", "issued-serials": f"{job.ca}.serials"}[job.action]
 
 
 CONTENT_TYPES = {"crl": "application/pkix-crl", "ca-cert": "application/pkix-cert",
@@ -239,7 +256,10 @@ class LdapPublisher:
             raise PublishError(f"no dn template for {job.action}", permanent=True)
         fields = dict(job.subject)
         fields.setdefault("ca", job.ca)
-        return render(template, fields, escape_rdn)
+        dn = render(template, fields, escape_rdn)
+        if job.action == "crl" and job.part not in ("", "-delta"):  # a shard: its own entry below the CA's,
+            return f"cn={escape_rdn(job.ca + job.part)},{dn}"      # named like its file (a delta goes beside its base)
+        return dn
 
     def _do(self, conn, job: Job) -> None:
         import ldap3
@@ -258,26 +278,33 @@ class LdapPublisher:
         elif job.action == "uncert":
             self._modify(conn, dn, {"userCertificate;binary": [(ldap3.MODIFY_DELETE, [job.data])]}, ok_codes=(16, 32))
         elif job.action == "crl":
-            current = self._current_crl_number(conn, dn)
+            attr = "deltaRevocationList;binary" if job.part == "-delta" else "certificateRevocationList;binary"
+            current = self._current_crl_number(conn, dn, attr)
             if current is not None and current > job.number:
                 return  # a newer CRL is already there: an older one never overwrites it
-            changes = {"certificateRevocationList;binary": [(ldap3.MODIFY_REPLACE, [job.data])]}
-            if job.ca_root:
+            changes: dict[str, list[tuple[str, list[bytes | str]]]] = {attr: [(ldap3.MODIFY_REPLACE, [job.data])]}
+            if job.ca_root and not job.part:
                 changes["authorityRevocationList;binary"] = [(ldap3.MODIFY_REPLACE, [job.data])]
+            if job.part == "-delta":  # deltaRevocationList needs the auxiliary class deltaCRL (RFC 4523 §4.4)
+                conn.modify(dn, changes)
+                if (conn.result or {}).get("result") == 65:  # objectClassViolation: the class first, same change
+                    changes["objectClass"] = [(ldap3.MODIFY_ADD, ["deltaCRL"])]
+                elif (conn.result or {}).get("result") == 0:
+                    return
             if self._modify(conn, dn, changes) == "missing":
                 self._create(conn, dn, job, {k: [job.data] for k in changes})
         else:
             raise PublishError(f"{job.action} has no LDAP attribute (RFC 4523); publish it over HTTP", permanent=True)
 
-    def _current_crl_number(self, conn, dn: str) -> int | None:
+    def _current_crl_number(self, conn, dn: str, attr: str = "certificateRevocationList;binary") -> int | None:
         import ldap3
 
-        if not conn.search(dn, "(objectClass=*)", search_scope=ldap3.BASE, attributes=["certificateRevocationList;binary"]):
+        if not conn.search(dn, "(objectClass=*)", search_scope=ldap3.BASE, attributes=[attr]):
             if (conn.result or {}).get("result") == 32:
                 return None
             raise PublishError(f"read {dn}: {(conn.result or {}).get('description', 'error')}")
         for e in conn.response or []:
-            vals = (e.get("raw_attributes") or {}).get("certificateRevocationList;binary") or []
+            vals = (e.get("raw_attributes") or {}).get(attr) or []
             for v in vals:
                 try:
                     crl = x509.load_der_x509_crl(v)
@@ -303,9 +330,12 @@ class LdapPublisher:
         if job.action in ("cert", "uncert"):
             classes = list(self.rule.entry_classes)
             extra = {k: render(v, dict(job.subject), lambda x: x) for k, v in self.rule.entry_attributes.items()}
+        elif job.action == "crl" and job.part not in ("", "-delta"):
+            classes, extra = ["cRLDistributionPoint"], {}  # RFC 4523 §3.2: a CRL shard's own entry
         else:
-            classes = list(self.rule.ca_entry_classes)
+            classes = list(self.rule.ca_entry_classes) + (["deltaCRL"] if job.part == "-delta" else [])
             extra = {}
+        attrs = {k: v for k, v in attrs.items() if k != "objectClass"}
         entry = {"objectClass": classes, rdn_attr: rdn_val, **extra, **attrs}
         for _ in range(2):
             conn.add(dn, attributes=entry)

@@ -69,11 +69,17 @@ def _conn(ctx: Ctx) -> Conn:
 
 async def _crl_generate(ctx: Ctx, req: S.ACrlGenerate) -> AsyncIterator[bytes]:
     f = ctx.f
-    if req.kind == "crl":
+    name = req.ca
+    if req.delta:
+        if req.kind != "crl":
+            raise FactoryError("bad-request", "--delta is for CRLs")
+        number, _, _ = await f.generate_delta(req.ca, ctx.actor)
+        name = f"{req.ca}-delta"
+    elif req.kind == "crl":
         number, _, _ = await f.generate_crl(req.ca, ctx.actor)
     else:
         number, _, _ = await f.generate_serials_list(req.ca, ctx.actor)
-    async for chunk in f.crl_chunks(req.ca, number, "crls" if req.kind == "crl" else "serials_lists"):
+    async for chunk in f.crl_chunks(name, number, "crls" if req.kind == "crl" else "serials_lists"):
         yield chunk
 
 

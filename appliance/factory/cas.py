@@ -16,6 +16,7 @@ from policy.errors import PolicyError
 
 from .cis_link import CisLink, CisRefused
 from .cmdb import serial_bytes
+from .crlshards import name_collision
 from .dist import Dist
 from .errors import FactoryError
 from .issuance import BACKDATE, Issuance, _cn, new_serial
@@ -71,6 +72,10 @@ class Cas:
             raise FactoryError("bad-request", str(e)) from None
         if await self.store.run(self.store.ca_name_taken, name):
             raise FactoryError("exists", f"CA {name!r} already exists")
+        why = await self.store.run(lambda: name_collision(db.db, name, dict(self.cfg.crl_shards), dict(self.cfg.crl_delta)))
+        if why:  # <ca>-<k> / <ca>-delta name another CA's shards and delta (CRL store, endpoint, publication)
+            await self.store.audit(actor, "ca-create", name, "refused", why)
+            raise FactoryError("exists", why)
         parent_cert = None
         if parent is not None:
             prow = await self.store.run(self.store.ca_row, parent)

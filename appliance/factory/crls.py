@@ -11,9 +11,11 @@ from typing import Any
 import trio
 
 from appliance.ipc import schema as S
+from policy import crl as pcrl
 
 from .checkpoints import Checkpoints
 from .cis_link import CisLink, CisUnresponsive
+from .cmdb import serial_int
 from .crlshards import CrlShards
 from .dist import Dist
 from .errors import FactoryError, _log
@@ -44,6 +46,10 @@ class SignedLists:
         self._serials_dirty: set[str] = set()
         self._serials_last: dict[str, float] = {}
         self.shards = CrlShards(store, dict(cfg.crl_shards))
+        self.delta = dict(cfg.crl_delta)  # CA -> minutes between delta CRLs
+        self._delta_dirty: set[str] = set()
+        self._delta_last: dict[str, float] = {}
+        self._delta_blocked: dict[str, str] = {}  # CA -> why its deltas can't start (its full CRLs go on)
 
     def cert_issued(self, ca: str, serial: int | None = None) -> None:
         """DB thread, inside the issuing transaction: the certificate's CRL shard is kept with it, and the
@@ -59,8 +65,9 @@ class SignedLists:
             self._wake.set()
 
     def revocations_changed(self, ca: str) -> None:
-        """A new CRL soon (debounced), fresh OCSP responses, distribution jobs on their way."""
-        self._crl_dirty.add(ca)
+        """A new CRL soon (debounced), fresh OCSP responses, distribution jobs on their way. A CA with
+        delta CRLs gets a delta (its full CRL, the base, is re-signed at half its validity)."""
+        (self._delta_dirty if ca in self.delta else self._crl_dirty).add(ca)
         self._wake.set()
         self.ocsp.poke()
         self.dist.poke()
@@ -69,12 +76,53 @@ class SignedLists:
         """Stream the CA's revocations to the CIS and store the signed CRL. Returns (number, entries, sha256)."""
         lock = self._locks.setdefault(ca, trio.Lock())
         async with lock:
+            if ca in self.delta:  # log every revocation change from before this base's snapshot on
+                def enable() -> None:
+                    with self.store.require_active().tx() as c:
+                        self.shards.enable_deltas(c, ca)
+                try:
+                    await self.store.run(enable)
+                    self._delta_blocked.pop(ca, None)
+                except FactoryError as e:  # a name clash: no deltas, but the full CRL never lapses for it
+                    self._delta_blocked[ca] = e.reason
+                    await self.send_event(S.Event(kind="crl-failed", detail=f"{ca} delta: {e.reason}"[:4000]))
             got = await self._generate_signed_list(ca, actor, "crl")
             # A sharded CA keeps its complete CRL (<ca>.crl, as before) and signs every shard beside it
             n = await self.store.run(lambda: self.shards.effective(self.store.require_active().db, ca))
             for k in range(n if n > 1 else 0):
                 await self._generate_signed_list(ca, actor, "crl", shard=k)
             return got
+
+    async def generate_delta(self, ca: str, actor: str) -> tuple[int, int, bytes]:
+        """A delta CRL on the CA's latest full CRL (one signed first if none is a base yet): what changed
+        since, removals as removeFromCRL; its number from the same sequence as the base."""
+        if ca not in self.delta:
+            raise FactoryError("bad-request", f"CA {ca} has no delta CRLs (crl.delta in donjon.toml)")
+        if ca in self._delta_blocked:
+            raise FactoryError("config", self._delta_blocked[ca])
+        db = self.store.require_active()
+
+        def latest_base() -> int | None:
+            row = db.db.execute("SELECT max(number) FROM crl_log_marks WHERE ca=? AND shard=0", (ca,)).fetchone()
+            return row[0] if row else None
+        if await self.store.run(latest_base) is None:
+            await self.generate_crl(ca, actor)
+            if ca in self._delta_blocked:
+                raise FactoryError("config", self._delta_blocked[ca])
+        lock = self._locks.setdefault(ca, trio.Lock())
+        async with lock:
+            base = await self.store.run(latest_base)
+            if base is None:
+                raise FactoryError("internal", f"no full CRL of {ca} to base a delta on")
+            this_update = int(time.time())
+
+            def entries() -> list[tuple[Any, ...]]:
+                present, removed = self.shards.delta_entries(db.db, ca, 0, base)
+                rows = present + [(s, this_update, 8, None) for s in removed]  # removeFromCRL: delta CRLs only
+                return sorted(rows, key=lambda r: bytes(r[0]))
+            rows = await self.store.run(entries)
+            self._delta_last[ca] = trio.current_time()
+            return await self._generate_signed_list(ca, actor, "crl", delta=(base, rows))
 
     async def generate_serials_list(self, ca: str, actor: str) -> tuple[int, int, bytes]:
         """Stream every serial the CA issued to the CIS and store the signed issued-serials list. A fresh
@@ -88,7 +136,8 @@ class SignedLists:
                     _log(f"no fresh audit checkpoint for the issued-serials list of {ca}: {e.reason}")
             return await self._generate_signed_list(ca, actor, "issued-serials")
 
-    async def _generate_signed_list(self, ca: str, actor: str, kind: str, shard: int | None = None) -> tuple[int, int, bytes]:
+    async def _generate_signed_list(self, ca: str, actor: str, kind: str, shard: int | None = None,
+                                    delta: tuple[int, list[tuple[Any, ...]]] | None = None) -> tuple[int, int, bytes]:
         """One streaming path for both signed lists: a CRL (revocations) and the issued-serials list
         (every serial in state 'issued'), read from a WAL snapshot, encoded and signed by the CIS."""
         db = self.store.require_active()
@@ -97,11 +146,18 @@ class SignedLists:
         action = kind
         this_update = int(time.time())
         next_update = this_update + self.cfg.crl_validity_hours * 3600
+        if delta is not None:  # a delta lasts two of its periods (a new one comes every period)
+            next_update = min(next_update, this_update + 2 * 60 * self.delta[ca])
 
         store = self.store
         sh = self.shards
         # a shard is stored and numbered as "<ca>-<k>", its own sequence (a refused number stays spent)
         name = ca if shard is None else f"{ca}-{shard}"
+        if delta is not None:  # stored as "<ca>-delta", numbered from the CA's own CRL sequence (RFC 5280 §5.2.4)
+            name = f"{ca}-delta"
+        # a full CRL deltas build on (its log position is kept with it)
+        base_of = crl and shard is None and delta is None and ca in self.delta and ca not in self._delta_blocked
+        log_seq = 0
         if shard is None:
             number = await store.run(store.next_list_number, ca, kind)
         else:
@@ -116,8 +172,13 @@ class SignedLists:
                 with db.tx():
                     store.give_back_list_number(ca, kind, number)
 
-        if shard is None:
+        if delta is not None:
+            count = len(delta[1])
+            length = sum(pcrl.entry_length(serial_int(r[0]), *r[1:]) for r in delta[1])
+        elif shard is None:
             count, length = await store.read(store.list_snapshot_begin, ca, kind)
+            if base_of:  # where the revocation log stands in the same snapshot as the entries
+                log_seq = await store.read(lambda: sh.log_seq(store._reader().db))
         else:
             count, length = await store.read(sh.snapshot_begin, ca, shard)
         mid = self.cis.new_id()
@@ -134,9 +195,12 @@ class SignedLists:
                     try:
                         await self.cis.send(S.CrlBegin(id=mid, ca=ca, crl_number=number, this_update=this_update,
                                                        next_update=next_update, entry_count=count, entries_length=length,
-                                                       kind=kind, shard=shard))
+                                                       kind=kind, shard=shard,
+                                                       delta_base=None if delta is None else delta[0]))
                         after = b""
-                        while True:
+                        for i in range(0, len(delta[1]) if delta is not None else 0, CRL_CHUNK):
+                            await self.cis.send(S.CrlEntries(id=mid, entries=delta[1][i:i + CRL_CHUNK]))
+                        while delta is None:
                             rows = await (store.read(store.list_page, ca, kind, after, CRL_CHUNK) if shard is None else
                                           store.read(sh.snapshot_page, ca, shard, after, CRL_CHUNK))
                             if not rows:
@@ -147,7 +211,8 @@ class SignedLists:
                         await self.cis.send(S.CrlEnd(id=mid))
                     finally:
                         with trio.CancelScope(shield=True):  # the reader's snapshot ends even when the CIS refused
-                            await store.read(store.list_snapshot_end)
+                            if delta is None:
+                                await store.read(store.list_snapshot_end)
                 n.start_soon(sender)
                 while True:
                     try:
@@ -192,8 +257,12 @@ class SignedLists:
                     yield signed.suffix
                 with db.tx():
                     digest = store.store_signed_list(kind, name, number, this_update, next_update, count, parts(), total)
-                    if shard is None:  # shards are not yet published by the Distribution agent
-                        self.dist.enqueue_object(db.db, action, ca, number)  # published with the same commit
+                    # published with the same commit, named like its file: <ca>.crl, <ca>-<k>.crl, <ca>-delta.crl
+                    self.dist.enqueue_object(db.db, action, ca, number,
+                                             "-delta" if delta is not None else "" if shard is None else f"-{shard}")
+                    if base_of:
+                        sh.mark_base(db.db, ca, 0, number, log_seq)
+                        sh.prune_log(db.db, ca)
                     db.audit(actor, action, f"{name}#{number}", "ok", f"entries={count} sha256={digest.hex()}")
                 return digest
             digest = await self.store.run(keep)
@@ -203,7 +272,7 @@ class SignedLists:
         self.dist.poke()
         if crl:
             self.stats["crls"] += 1
-            await self.ocsp.publish_crl(ca, number, shard=shard)
+            await self.ocsp.publish_crl(ca, number, shard=shard, delta=delta is not None)
         return number, count, digest
 
     async def crl_scheduler(self) -> None:
@@ -227,7 +296,23 @@ class SignedLists:
                     await self.send_event(S.Event(kind="crl-failed", detail=f"{ca}: {e.reason}"[:4000]))
                 if self.dist.wants_serials(ca):
                     self._serials_dirty.add(ca)  # the list is re-signed with each CRL, so it never lapses first
+            await self._sign_deltas()
             await self._sign_serials_lists()
+
+    async def _sign_deltas(self) -> None:
+        """Delta CRLs: right after revocations (debounced with them) and every crl.delta minutes."""
+        now = trio.current_time()
+        due = self._delta_dirty | {ca for ca, m in self.delta.items() if now - self._delta_last.get(ca, -1e9) >= 60 * m}
+        self._delta_dirty = set()
+        for ca in sorted(due):
+            if not await self.store.run(self.store.ca_name_taken, ca):
+                continue  # configured before the CA is created: nothing to sign yet
+            try:
+                number, count, _ = await self.generate_delta(ca, "factory:crl-scheduler")
+                _log(f"delta CRL {ca} #{number} signed ({count} entries)")
+            except FactoryError as e:
+                self._delta_dirty.add(ca)
+                await self.send_event(S.Event(kind="crl-failed", detail=f"{ca} delta: {e.reason}"[:4000]))
 
     async def _sign_serials_lists(self) -> None:
         """Issued-serials lists for CAs with a destination that wants them: after issuance (at most

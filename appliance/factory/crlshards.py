@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import apsw
@@ -25,6 +26,37 @@ def _row(c: apsw.Connection, q: str, args: tuple[Any, ...] = ()) -> tuple[Any, .
     row = c.execute(q, args).fetchone()
     assert row is not None
     return tuple(row)
+
+
+_SUFFIXED = re.compile(r"^(.+)-(0|[1-9][0-9]*|delta)$")
+
+
+def name_collision(c: apsw.Connection, name: str, shards_by_ca: dict[str, int], delta_cas: set[str] | dict[str, int]) -> str | None:
+    """Why a new CA may not be called `name`, if it would share a CRL file name (and its stored CRLs, its
+    endpoint path, its published object) with another CA's shard or delta: <other>-<k>.crl, <other>-delta.crl."""
+    m = _SUFFIXED.match(name)
+    if m is None:
+        return None
+    other, suffix = m.group(1), m.group(2)
+    if suffix == "delta":
+        if other in delta_cas:
+            return f"CA name {name!r} is the delta CRL name of CA {other!r} ({other}-delta.crl): choose another"
+        return None
+    row = c.execute("SELECT shards FROM crl_partition WHERE ca=?", (other,)).fetchone()
+    if shards_by_ca.get(other, 1) > 1 or (row is not None and int(row[0]) > 1):
+        return f"CA name {name!r} is a CRL shard name of CA {other!r} ({name}.crl): choose another"
+    return None
+
+
+def taken_suffix(c: apsw.Connection, ca: str, digits: bool) -> str | None:
+    """An existing CA named <ca>-<k> (digits) or <ca>-delta: the file name a shard or delta of `ca` would take."""
+    if not digits:
+        row = c.execute("SELECT name FROM cas WHERE name=?", (f"{ca}-delta",)).fetchone()
+        return str(row[0]) if row else None
+    for (name,) in c.execute("SELECT name FROM cas WHERE substr(name, 1, ?) = ?", (len(ca) + 1, ca + "-")):
+        if re.fullmatch(r"0|[1-9][0-9]*", name[len(ca) + 1:]):
+            return str(name)
+    return None
 
 
 class CrlShards:
@@ -61,6 +93,9 @@ class CrlShards:
             if issued and want != 1:  # its certificates already point at the single CRL
                 raise FactoryError("config", f"crl.shards.{ca} = {want}: CA {ca} already issued certificates "
                                              "naming its single CRL; shards are chosen before the first issuance")
+            if want != 1 and (other := taken_suffix(c, ca, digits=True)):
+                raise FactoryError("config", f"crl.shards.{ca} = {want}: a CA is named {other!r}, a shard name of "
+                                             f"{ca} ({other}.crl): shard another CA or rename")
             c.execute("INSERT INTO crl_partition VALUES (?,?)", (ca, want))
             return want
         if int(row[0]) != want:
@@ -122,6 +157,8 @@ class CrlShards:
     def enable_deltas(self, c: apsw.Connection, ca: str) -> None:
         """Inside tx(), before the first full CRL a delta will be based on: from now on every change to
         the CA's revocations is logged (before it, a delta could miss a change made during a base's snapshot)."""
+        if other := taken_suffix(c, ca, digits=False):
+            raise FactoryError("config", f"crl.delta.{ca}: a CA is named {other!r}, the name of {ca}'s delta CRL: rename")
         c.execute("INSERT OR IGNORE INTO crl_delta_cas VALUES (?)", (ca,))
 
     def log_seq(self, c: apsw.Connection) -> int:

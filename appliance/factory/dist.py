@@ -95,12 +95,13 @@ class Dist:
             if st.rule.remove_on_revoke and self._wants(st.rule, "certs", ca, profile):
                 self._insert(db, st.rule.name, "uncert", ca, serial_bytes(serial))
 
-    def enqueue_object(self, db, action: str, ca: str, number: int = 0) -> None:
-        """A CA certificate, CRL or issued-serials list for every rule that wants it."""
-        what = {"ca-cert": "ca-cert", "crl": "crl", "issued-serials": "issued-serials"}[action]
+    def enqueue_object(self, db, action: str, ca: str, number: int = 0, part: str = "") -> None:
+        """A CA certificate, CRL or issued-serials list for every rule that wants it. `part` names a CRL
+        shard ("-<k>", for rules publishing "crl") or the delta CRL ("-delta", for "delta-crl"); kept in ref."""
+        what = "delta-crl" if part == "-delta" else {"ca-cert": "ca-cert", "crl": "crl", "issued-serials": "issued-serials"}[action]
         for st in self.rules.values():
             if self._wants(st.rule, what, ca):
-                self._insert(db, st.rule.name, action, ca, None, number)
+                self._insert(db, st.rule.name, action, ca, part.encode() or None, number)
 
     def wants_serials(self, ca: str) -> bool:
         return any(self._wants(st.rule, "issued-serials", ca) for st in self.rules.values())
@@ -129,6 +130,16 @@ class Dist:
                         row = db.execute("SELECT max(number) FROM crls WHERE ca=?", (ca,)).fetchone()
                         if row[0]:
                             self._insert(db, r.name, "crl", ca, None, row[0])
+                        # and the latest of each CRL shard (stored as "<ca>-<k>")
+                        for k, n in db.execute("SELECT s.shard, max(c.number) FROM crl_shard_numbers s JOIN crls c "
+                                               "ON c.ca = s.ca || '-' || s.shard WHERE s.ca=? GROUP BY s.shard", (ca,)).fetchall():
+                            self._insert(db, r.name, "crl", ca, f"-{k}".encode(), n)
+                    if self._wants(r, "delta-crl", ca) and not db.execute(
+                            "SELECT 1 FROM dist_jobs WHERE rule=? AND action='crl' AND ca=? AND ref=? LIMIT 1",
+                            (r.name, ca, b"-delta")).fetchone():
+                        row = db.execute("SELECT max(number) FROM crls WHERE ca=?", (ca + "-delta",)).fetchone()
+                        if row[0]:
+                            self._insert(db, r.name, "crl", ca, b"-delta", row[0])
                     if self._wants(r, "issued-serials", ca) and never("issued-serials"):
                         row = db.execute("SELECT max(number) FROM serials_lists WHERE ca=?", (ca,)).fetchone()
                         if row[0]:
@@ -282,9 +293,9 @@ class Dist:
             out = []
             superseded = []
             for jid, action, ca, ref, number in rows:
-                if action in ("crl", "issued-serials") and db.execute(
-                        "SELECT 1 FROM dist_jobs WHERE rule=? AND action=? AND ca=? AND state='pending' AND number > ? LIMIT 1",
-                        (name, action, ca, number)).fetchone():
+                if action in ("crl", "issued-serials") and db.execute(  # the same CRL (complete, shard k or delta)
+                        "SELECT 1 FROM dist_jobs WHERE rule=? AND action=? AND ca=? AND ref IS ? AND state='pending' "
+                        "AND number > ? LIMIT 1", (name, action, ca, ref, number)).fetchone():
                     superseded.append(jid)  # a newer one is queued: the older is never sent
                     continue
                 out.append((jid, action, ca, ref, number) + self._load(db, action, ca, ref, number))
@@ -295,7 +306,7 @@ class Dist:
             return out, (rows[-1][0] if rows else after)
         jobs, last = await self.f.run_db(fetch)
         st.last_sent = max(st.last_sent, last)
-        for jid, action, ca, _ref, number, issuer, ca_root, subject, data, attachment in jobs:
+        for jid, action, ca, ref, number, issuer, ca_root, subject, data, attachment in jobs:
             if gen != self._link_gen or self.link is None:
                 return
             if data is None:  # the object is gone (cannot happen short of manual surgery): park it
@@ -305,7 +316,8 @@ class Dist:
             self._jobs_rule[jid] = name
             await self.link.send(S.DistJob(id=jid, rule=name, action=action, ca=ca, ca_root=ca_root, issuer=issuer,
                                            subject=subject, number=number, size=len(data), round=st.round,
-                                           attachment=attachment))
+                                           attachment=attachment,
+                                           part=bytes(ref).decode() if action == "crl" and ref else ""))
             for off in range(0, len(data), CHUNK):
                 await self.link.send(S.DistData(id=jid, data=data[off:off + CHUNK]))
 
@@ -346,7 +358,8 @@ class Dist:
                 issuer = ca_der
             return issuer, ca_root, subject_fields(ca_cert), ca_der
         table = "crls" if action == "crl" else "serials_lists"
-        r = db.execute(f"SELECT der FROM {table} WHERE ca=? AND number=?", (ca, number)).fetchone()
+        name = ca + bytes(ref).decode() if action == "crl" and ref else ca  # a shard or delta: "<ca>-<k>", "<ca>-delta"
+        r = db.execute(f"SELECT der FROM {table} WHERE ca=? AND number=?", (name, number)).fetchone()
         return ca_der, ca_root, subject_fields(ca_cert), (r[0] if r else None)
 
     # ------------------------------------------------------------ tenant CRL fetches

@@ -212,12 +212,15 @@ class OcspProducer:
                 if self.f.ocsp_feeds.get(name) is chan:
                     del self.f.ocsp_feeds[name]
 
-    async def publish_crl(self, ca: str, number: int, only: Channel | None = None, shard: int | None = None) -> None:
+    async def publish_crl(self, ca: str, number: int, only: Channel | None = None, shard: int | None = None,
+                          delta: bool = False) -> None:
         if not self.f.ocsp_feeds and only is None:
             return
-        chunks = [c async for c in self.f.crl_chunks(ca if shard is None else f"{ca}-{shard}", number)]
+        name = f"{ca}-delta" if delta else ca if shard is None else f"{ca}-{shard}"
+        chunks = [c async for c in self.f.crl_chunks(name, number)]
         for i, c in enumerate(chunks):
-            await self.publish(S.PublishCrl(ca=ca, number=number, data=c, last=i == len(chunks) - 1, shard=shard), only)
+            await self.publish(S.PublishCrl(ca=ca, number=number, data=c, last=i == len(chunks) - 1, shard=shard,
+                                            delta=delta), only)
 
     async def serve_endpoint(self, chan: Channel, role: str = "ocsp") -> None:
         """One endpoint process's link: resume from its sequence number, then push as things change."""
@@ -244,6 +247,10 @@ class OcspProducer:
                     "SELECT s.shard, max(c.number) FROM crl_shard_numbers s JOIN crls c ON c.ca = s.ca || '-' || s.shard "
                     "WHERE s.ca=? GROUP BY s.shard", (n,)).fetchall()):
                 await self.publish_crl(name, kn, chan, shard=k)
+            dn = await f.run_db(lambda n=name: f.db.db.execute(  # its delta CRL, if any
+                "SELECT max(number) FROM crls WHERE ca=?", (n + "-delta",)).fetchone()[0])
+            if dn:
+                await self.publish_crl(name, dn, chan, delta=True)
         after = resume.seq
         for _ in range(1 << 30):
             rows = await f.run_db(lambda a=after: f.db.db.execute(

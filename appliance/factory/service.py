@@ -201,6 +201,9 @@ class Factory:
     async def generate_crl(self, ca: str, actor: str) -> tuple[int, int, bytes]:
         return await self.lists.generate_crl(ca, actor)
 
+    async def generate_delta(self, ca: str, actor: str) -> tuple[int, int, bytes]:
+        return await self.lists.generate_delta(ca, actor)
+
     async def generate_serials_list(self, ca: str, actor: str) -> tuple[int, int, bytes]:
         return await self.lists.generate_serials_list(ca, actor)
 

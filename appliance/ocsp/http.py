@@ -39,7 +39,7 @@ from .store import Store
 BODY_CAP = 8 * 1024
 
 _CA_PATH = re.compile(rb"^/(crl|ca)/([A-Za-z0-9][A-Za-z0-9._-]{0,63})\.(crl|crt|json)$")
-_SHARD_NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})-(0|[1-9][0-9]{0,2})$")
+_SHARD_NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})-(0|[1-9][0-9]{0,2}|delta)$")
 _TENANT_PATH = re.compile(rb"^/tenant/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/crl$")
 PUSH_CAP = 8 * 1024 * 1024  # body cap of a pushed tenant CRL (read only once its bearer secret is checked)
 PUSH_TIMEOUT = 30.0
@@ -258,7 +258,10 @@ class Endpoint(HttpServer):
         ca = self.store.cas.get(name)
         if ca is None and kind == b"crl" and (sm := _SHARD_NAME.match(name)):  # /crl/<ca>-<k>.crl: one shard
             ca = self.store.cas.get(sm.group(1))
-            got = ca.shards.get(int(sm.group(2))) if ca is not None else None
+            if sm.group(2) == "delta":  # /crl/<ca>-delta.crl: its delta CRL
+                got = ca.delta + ("",) if ca is not None and ca.delta else None
+            else:
+                got = ca.shards.get(int(sm.group(2))) if ca is not None else None
             if got is None:
                 return _plain(404)
             _, body, etag, mtime, _ = got

@@ -168,7 +168,7 @@ async def apply(st: Store, msg, events: list[S.Event], fac: Channel | None = Non
     elif isinstance(msg, S.PublishCrl):
         try:
             await trio.to_thread.run_sync(functools.partial(st.crl_chunk, msg.ca, msg.number, msg.data, msg.last,
-                                                            shard=msg.shard))
+                                                            shard=msg.shard, delta=msg.delta))
         except KeyError:
             raise ProtocolViolation(f"factory-ocsp: CRL for {msg.ca}, a CA never published") from None
         except ValueError as e:

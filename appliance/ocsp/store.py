@@ -188,6 +188,7 @@ class CaRecord:
     crl_etag: str = ""
     crl_mtime: int = 0
     shards: dict[int, tuple[int, bytes, str, int, str]] = field(default_factory=dict)  # k -> (number, DER, etag, mtime, URL)
+    delta: tuple[int, bytes, str, int] | None = None  # the delta CRL: (number, DER, etag, mtime)
 
     @property
     def live(self) -> int:
@@ -256,6 +257,11 @@ class Store:
                 blob = f.read()
             if len(blob) > 8:
                 self._set_crl(ca, int.from_bytes(blob[:8], "big"), blob[8:])
+        if os.path.exists(dpath := os.path.join(path, "crl-delta.bin")):
+            with open(dpath, "rb") as f:
+                blob = f.read()
+            if len(blob) > 8:
+                self._set_delta(ca, int.from_bytes(blob[:8], "big"), blob[8:])
         for fn in os.listdir(path):  # CRL shards: crl-<k>.bin
             if (sm := re.match(r"^crl-(\d{1,3})\.bin$", fn)) and int(sm.group(1)) < 256:
                 with open(os.path.join(path, fn), "rb") as f:
@@ -394,10 +400,10 @@ class Store:
             self._set_cert(ca, der)
 
     def crl_chunk(self, name: str, number: int, data: bytes, last: bool, max_bytes: int = 512 << 20,
-                  shard: int | None = None) -> bool:
+                  shard: int | None = None, delta: bool = False) -> bool:
         """Collect a streamed CRL (or one shard's); on `last`, swap it in if its number is higher (blocking:
         fsync). Returns True when a CRL was stored."""
-        key = (name if shard is None else f"{name}/{shard}", number)
+        key = (name + "/delta" if delta else name if shard is None else f"{name}/{shard}", number)
         parts = self.partial_crls.setdefault(key, [])
         parts.append(bytes(data))
         self.partial_bytes += len(data)
@@ -413,7 +419,8 @@ class Store:
         ca = self.cas.get(name)
         if ca is None:
             raise KeyError(name)
-        if number <= (ca.crl_number if shard is None else ca.shards.get(shard, (0,))[0]):
+        held = (ca.delta[0] if ca.delta else 0) if delta else ca.crl_number if shard is None else ca.shards.get(shard, (0,))[0]
+        if number <= held:
             return False
         crl = x509.load_der_x509_crl(der)
         try:
@@ -422,6 +429,10 @@ class Store:
             ext_number = None
         if ext_number != number:
             raise ValueError("the CRL's number differs from the published number")
+        if delta:
+            _atomic_write(os.path.join(ca.path, "crl-delta.bin"), number.to_bytes(8, "big") + der)
+            self._set_delta(ca, number, der)
+            return True
         if shard is not None:
             _atomic_write(os.path.join(ca.path, f"crl-{shard}.bin"), number.to_bytes(8, "big") + der)
             self._set_shard(ca, shard, number, der)
@@ -429,6 +440,14 @@ class Store:
         _atomic_write(os.path.join(ca.path, "crl.bin"), number.to_bytes(8, "big") + der)
         self._set_crl(ca, number, der)
         return True
+
+    def _set_delta(self, ca: CaRecord, number: int, der: bytes) -> None:
+        crl = x509.load_der_x509_crl(der)
+        try:  # only a delta CRL goes where relying parties fetch deltas
+            crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+        except x509.ExtensionNotFound:
+            raise ValueError(f"the delta CRL of {ca.name} has no deltaCRLIndicator") from None
+        ca.delta = (number, der, '"' + hashlib.sha256(der).hexdigest() + '"', _ts(crl.last_update_utc))
 
     def _set_shard(self, ca: CaRecord, shard: int, number: int, der: bytes) -> None:
         crl = x509.load_der_x509_crl(der)

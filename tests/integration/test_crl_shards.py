@@ -7,11 +7,25 @@ import json
 import subprocess
 import time
 
+import pytest
 from cryptography import x509
 
 from policy import lint
 from tests.conftest import openssl
+from tests.conftest import make_csr
 from tests.integration.test_ocsp import BOUND, _issue, _setup
+
+# One appliance for the module: `issuing` in 2 shards, a second issuing CA `deltas` with delta CRLs (its own
+# revocations, CRLs and files: the tests don't look at each other's CA).
+CONFIG = "[crl]\nshards = { issuing = 2 }\ndelta = { deltas = 60 }\n"
+
+
+@pytest.fixture(scope="module")
+def crl_appliance(module_appliance_factory, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("crl")
+    a, root, issuing, chain = _setup(module_appliance_factory, tmp, extra=CONFIG)
+    a.cli("ca", "create", "deltas", "--parent", "root", "--subject", "CN=Donjon Test Delta CA,O=Donjon Test", "--path-length", "0")
+    return a, root, issuing, a.export("deltas", tmp / "deltas.pem")
 
 
 def _get(url: str) -> bytes:
@@ -23,8 +37,8 @@ def _dp(pem) -> str:
     return cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value[0].full_name[0].value
 
 
-def test_shards_crl_download_revocation_and_lint(appliance_factory, tmp_path):
-    a, root, issuing, chain = _setup(appliance_factory, tmp_path, extra="[crl]\nshards = { issuing = 2 }\n")
+def test_shards_crl_download_revocation_and_lint(crl_appliance, tmp_path):
+    a, root, issuing, _ = crl_appliance
     by_shard: dict[int, list] = {0: [], 1: []}
     for i in range(12):  # random serials: both shards get leaves soon (bounded)
         leaf = _issue(a, tmp_path, f"s{i}")
@@ -82,3 +96,94 @@ def test_shards_crl_download_revocation_and_lint(appliance_factory, tmp_path):
     r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{a.endpoint}/crl/issuing-2.crl"],
                        capture_output=True, text=True, timeout=30)
     assert r.stdout == "404"  # no third shard
+    r = a.cli("ca", "create", "issuing-7", "--parent", "root", "--subject", "CN=Collide,O=Donjon Test", check=False)
+    assert r.returncode != 0 and b"CRL shard name of CA 'issuing'" in r.stderr, r.stderr  # its CRL would be issuing-7.crl
+    assert len(r.stderr.strip().splitlines()) == 1 and b"Traceback" not in r.stderr
+
+
+def _pem_crl(tmp_path, name: str, der: bytes):
+    (tmp_path / f"{name}.der").write_bytes(der)
+    openssl("crl", "-inform", "DER", "-in", str(tmp_path / f"{name}.der"), "-out", str(tmp_path / f"{name}.pem"))
+    return tmp_path / f"{name}.pem"
+
+
+def _number(der: bytes) -> int:
+    return x509.load_der_x509_crl(der).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
+def _issue_delta(a, tmp_path, name):
+    csr = make_csr(tmp_path, name, san=f"DNS:{name}.example.org")
+    out = tmp_path / f"{name}.pem"
+    a.cli("issue", "--ca", "deltas", "--profile", "tls-server", "--csr", str(csr), "--out", str(out))
+    return out
+
+
+def test_delta_crls_base_plus_delta_remove_from_crl_and_lint(crl_appliance, tmp_path):
+    a, root, _, issuing = crl_appliance  # here "issuing" is the delta CA's certificate
+    good, bad, held = (_issue_delta(a, tmp_path, n) for n in ("dgood", "dbad", "dheld"))
+    delta_url = f"{a.endpoint}/crl/deltas-delta.crl"
+    fresh = x509.load_pem_x509_certificate(good.read_bytes()).extensions.get_extension_for_class(x509.FreshestCRL)
+    assert fresh.value[0].full_name == [x509.UniformResourceIdentifier(delta_url)]  # certificates name the delta
+    a.cli("crl", "generate", "--ca", "deltas", "--out", str(tmp_path / "base.der"))
+    base_der = (tmp_path / "base.der").read_bytes()
+    base = x509.load_der_x509_crl(base_der)
+    assert base.extensions.get_extension_for_class(x509.FreshestCRL).value[0].full_name == [
+        x509.UniformResourceIdentifier(delta_url)]  # the full CRL points at its delta
+    assert lint.lint_crl(base_der) == []
+    base_pem = _pem_crl(tmp_path, "base", base_der)
+
+    def serial(p) -> int:
+        return x509.load_pem_x509_certificate(p.read_bytes()).serial_number
+    a.cli("revoke", "--ca", "deltas", format(serial(bad), "x"), "--reason", "keyCompromise")
+    deadline = time.monotonic() + BOUND
+    while True:  # a revocation goes out in a delta (the scheduler's), not in a new base
+        r = subprocess.run(["curl", "-sf", delta_url], capture_output=True, timeout=30)
+        if r.returncode == 0 and serial(bad) in [e.serial_number for e in x509.load_der_x509_crl(r.stdout)]:
+            break
+        assert time.monotonic() < deadline, r
+        time.sleep(0.3)
+    delta_der = r.stdout
+    delta = x509.load_der_x509_crl(delta_der)
+    ind = delta.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+    assert ind.critical and ind.value.crl_number == _number(base_der) < _number(delta_der)  # same sequence, after it
+    assert lint.lint_crl(delta_der) == []
+    delta_pem = _pem_crl(tmp_path, "delta", delta_der)
+    text = openssl("crl", "-in", str(delta_pem), "-noout", "-text").stdout
+    assert b"Delta CRL Indicator" in text
+    assert _number(_get(f"{a.endpoint}/crl/deltas.crl")) == _number(base_der)  # no new base for a revocation
+
+    def verify(cert, *crls):
+        args = [x for c in crls for x in ("-CRLfile", str(c))]
+        return openssl("verify", "-crl_check", "-use_deltas", "-CAfile", str(root), "-untrusted", str(issuing),
+                       *args, str(cert), check=False)
+    r = verify(bad, base_pem)
+    assert r.returncode == 0, r.stdout + r.stderr  # the base alone predates the revocation
+    r = verify(bad, base_pem, delta_pem)
+    assert b"certificate revoked" in r.stdout + r.stderr, r.stdout + r.stderr
+    r = verify(good, base_pem, delta_pem)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    # A hold released after the base: the delta says removeFromCRL (delta CRLs only)
+    a.cli("revoke", "--ca", "deltas", format(serial(held), "x"), "--reason", "certificateHold")
+    a.cli("crl", "generate", "--ca", "deltas", "--out", str(tmp_path / "base2.der"))
+    base2 = (tmp_path / "base2.der").read_bytes()
+    assert serial(held) in [e.serial_number for e in x509.load_der_x509_crl(base2)]
+    a.cli("unrevoke", "--ca", "deltas", format(serial(held), "x"))
+    a.cli("crl", "generate", "--ca", "deltas", "--delta", "--out", str(tmp_path / "d2.der"))
+    d2 = (tmp_path / "d2.der").read_bytes()
+    crl2 = x509.load_der_x509_crl(d2)
+    assert crl2.extensions.get_extension_for_class(x509.DeltaCRLIndicator).value.crl_number == _number(base2)
+    assert _number(d2) > _number(base2) > _number(delta_der)  # never reused
+    entry = crl2.get_revoked_certificate_by_serial_number(serial(held))
+    assert entry is not None and entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == \
+        x509.ReasonFlags.remove_from_crl
+    assert lint.lint_crl(d2) == []
+    r = verify(held, _pem_crl(tmp_path, "base2", base2), _pem_crl(tmp_path, "d2", d2))
+    assert r.returncode == 0, r.stdout + r.stderr  # released: not revoked through base + delta
+    assert _number(_get(delta_url)) == _number(d2)  # the endpoint serves the newest delta
+    r = a.cli("crl", "generate", "--ca", "root", "--delta", "--out", str(tmp_path / "x.der"), check=False)
+    assert r.returncode != 0 and b"no delta CRLs" in r.stderr and b"Traceback" not in r.stderr
+    assert not (tmp_path / "x.der").exists()
+    r = a.cli("ca", "create", "deltas-delta", "--parent", "root", "--subject", "CN=Collide,O=Donjon Test", check=False)
+    assert r.returncode != 0 and b"delta CRL name of CA 'deltas'" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and b"Traceback" not in r.stderr

@@ -309,3 +309,86 @@ publish = ["ca-cert", "crl"]
         assert crl.is_signature_valid(issuing.public_key())
     finally:
         web.stop()
+
+
+def test_crl_shards_and_delta_named_by_file_http_and_ldap(appliance_factory, slapd, receiver, homes, tmp_path):
+    """A shard or delta never overwrites <ca>.crl: each CRL object is named by its file at HTTP destinations,
+    a shard has its own entry (cRLDistributionPoint) below its CA's, a delta goes to deltaRevocationList."""
+    (homes / "ldap.secret").write_text(ADMIN_PW + "\n")
+    (homes / "web.secret").write_text("push-token\n")
+    a = appliance_factory(start=False)
+    (a.home / "donjon.toml").write_text(f"""
+[crl]
+shards = {{ issuing = 2 }}
+delta = {{ root = 60 }}
+[distribution]
+backoff-max = 2
+[[distribution.rule]]
+name = "directory"
+url = "{slapd.url}"
+bind-dn = "{ADMIN_DN}"
+secret-file = "{homes / 'ldap.secret'}"
+publish = ["crl", "delta-crl"]
+ca-dn = "cn={{CN}},ou=CAs,{BASE}"
+timeout = 2.0
+[[distribution.rule]]
+name = "web"
+url = "{receiver.url}/pub/{{name}}"
+secret-file = "{homes / 'web.secret'}"
+publish = ["crl", "delta-crl"]
+""")
+    a.start()
+    a.cli("crl", "generate", "--ca", "issuing", "--out", str(tmp_path / "i.crl"))  # complete + both shards
+    a.cli("crl", "generate", "--ca", "root", "--delta", "--out", str(tmp_path / "d.crl"))
+    wait_drained(a)
+
+    def idp(der: bytes):
+        try:
+            v = x509.load_der_x509_crl(der).extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+            return str(v.full_name[0].value)
+        except x509.ExtensionNotFound:
+            return None
+
+    def is_delta(der: bytes) -> bool:
+        try:
+            x509.load_der_x509_crl(der).extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+            return True
+        except x509.ExtensionNotFound:
+            return False
+    files = {p.name: p.read_bytes() for p in receiver.dir.glob("pub_*.crl")}
+    assert idp(files["pub_issuing.crl"]) is None and not is_delta(files["pub_issuing.crl"])  # still the complete CRL
+    for k in (0, 1):
+        assert idp(files[f"pub_issuing-{k}.crl"]).endswith(f"/crl/issuing-{k}.crl")
+    assert is_delta(files["pub_root-delta.crl"]) and not is_delta(files["pub_root.crl"])
+    assert files["pub_root-delta.crl"] == (tmp_path / "d.crl").read_bytes()
+    assert "pub_issuing-delta.crl" not in files  # no deltas for a CA without crl.delta
+    web = {row[1]: row for row in receiver.log()}
+    assert web["/pub/issuing-1.crl"][3] == web["/pub/root-delta.crl"][3] == "application/pkix-crl"
+    issuing_dn = f"cn=Donjon Test Issuing CA,ou=CAs,{BASE}"
+    root_dn = f"cn=Donjon Test Root CA,ou=CAs,{BASE}"
+    full = slapd.search(issuing_dn, "certificateRevocationList;binary")
+    assert len(full) == 1 and idp(full[0]) is None
+    for k in (0, 1):
+        got = slapd.search(f"cn=issuing-{k},{issuing_dn}", "certificateRevocationList;binary")
+        assert len(got) == 1 and idp(got[0]).endswith(f"/crl/issuing-{k}.crl")
+    delta = slapd.search(root_dn, "deltaRevocationList;binary")
+    assert len(delta) == 1 and is_delta(delta[0]) and delta[0] == (tmp_path / "d.crl").read_bytes()
+    base = slapd.search(root_dn, "certificateRevocationList;binary")
+    assert len(base) == 1 and not is_delta(base[0])
+    assert all(d["parked"] == 0 for d in dist_status(a)["destinations"])
+    # A rule added later gets the current complete CRL, every shard and the delta at its next start.
+    a.stop()
+    with open(a.home / "donjon.toml", "a") as f:
+        f.write(f"""
+[[distribution.rule]]
+name = "late"
+url = "{receiver.url}/late/{{name}}"
+secret-file = "{homes / 'web.secret'}"
+publish = ["crl", "delta-crl"]
+""")
+    a.start()
+    wait_drained(a)
+    late = {p.name: p.read_bytes() for p in receiver.dir.glob("late_*.crl")}
+    assert {"late_issuing.crl", "late_issuing-0.crl", "late_issuing-1.crl", "late_root.crl", "late_root-delta.crl"} <= set(late)
+    assert late["late_issuing-1.crl"] == files["pub_issuing-1.crl"] and is_delta(late["late_root-delta.crl"])
+    assert idp(late["late_issuing.crl"]) is None

@@ -227,3 +227,53 @@ def test_fuzz_idp_freshest_and_shards(url, base, shards, serial):
     else:
         assert 0 <= k < shards
         assert C.shard_url("http://h/crl/ca.crl", k, shards).startswith("http://h/crl/ca")
+
+
+def test_remove_from_crl_only_in_a_delta_and_the_delta_config(tmp_path):
+    ca = _Ca()
+    released = (2002, NOW - 10, 8, None)
+    with pytest.raises(ValueError, match="delta CRLs only"):
+        ca.crl(12, [released])  # a full CRL never carries removeFromCRL (clients read it both ways)
+    with pytest.raises(ValueError, match="delta CRLs only"):
+        ca.crl(12, [(2002, NOW - 10, 8, NOW - 20)])
+    delta = ca.crl(13, [released, (2003, NOW - 5, 8, NOW - 100)], delta_base=12)
+    got = x509.load_der_x509_crl(delta)
+    assert [e.extensions.get_extension_for_class(x509.CRLReason).value.reason for e in got] == \
+        [x509.ReasonFlags.remove_from_crl] * 2
+    assert lint.lint_crl(delta) == []
+    from appliance import config as cfgmod
+    (tmp_path / "donjon.toml").write_text("[crl]\ndelta = { issuing = 60 }\n")
+    assert cfgmod.load(str(tmp_path)).crl.delta == {"issuing": 60}
+    for bad, word in (("shards = { issuing = 4 }\ndelta = { issuing = 60 }", "one-shard CAs"),
+                      ("delta = { issuing = 0 }", ">= 1"), ("delta = { issuing = 1441 }", "<= 1440")):
+        (tmp_path / "donjon.toml").write_text(f"[crl]\n{bad}\n")
+        with pytest.raises(cfgmod.ConfigError, match=word) as e:
+            cfgmod.load(str(tmp_path))
+        assert "\n" not in str(e.value).strip() or "Traceback" not in str(e.value)
+
+
+def test_the_agent_publishes_a_crl_only_under_its_own_name():
+    """A compromised Factory naming a full CRL as the delta (or a shard as another shard, or as the
+    complete CRL) would make relying parties read the wrong scope: the agent refuses it (parked)."""
+    from appliance.distribution.publish import Job, PublishError, object_name, verify
+    ca = _Ca()
+    url = "http://127.0.0.1:9/crl/ca.crl"
+    full = ca.crl(20, [], freshest_crl_url=C.delta_url(url))
+    delta = ca.crl(21, [(2002, NOW - 10, 8, None)], delta_base=20)
+    shard1 = ca.crl(3, [], idp_der=C.idp_der(C.shard_url(url, 1, 4)))
+    der = ca.cert.public_bytes(serialization.Encoding.DER)
+
+    def job(data: bytes, number: int, part: str) -> Job:
+        return Job(action="crl", ca="ca", ca_root=True, issuer=der, subject={}, number=number, data=data, part=part)
+    for data, number, part in ((full, 20, ""), (delta, 21, "-delta"), (shard1, 3, "-1")):
+        verify(job(data, number, part))  # each under its own name
+    assert [object_name(job(full, 20, p)) for p in ("", "-1", "-delta")] == ["ca.crl", "ca-1.crl", "ca-delta.crl"]
+    for data, number, part, why in ((full, 20, "-delta", "full CRL sent as ca-delta.crl"),
+                                    (delta, 21, "", "delta CRL sent as ca.crl"),
+                                    (delta, 21, "-2", "delta CRL sent as ca-2.crl"),
+                                    (shard1, 3, "-2", "IDP does not name ca-2.crl"),
+                                    (full, 20, "-0", "IDP does not name ca-0.crl"),
+                                    (shard1, 3, "", "a CRL shard sent as ca.crl")):
+        with pytest.raises(PublishError, match=why) as e:
+            verify(job(data, number, part))
+        assert e.value.permanent

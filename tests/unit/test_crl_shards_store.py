@@ -125,3 +125,35 @@ def test_log_pruned_once_every_shard_has_a_later_base(st):
     with st.tx() as c:
         assert sh.prune_log(c, "sub") == 0
         assert c.execute("SELECT count(*) FROM revocation_log WHERE ca='sub'").fetchone()[0] == 1
+
+
+def test_ca_names_colliding_with_shards_or_deltas(st):
+    from appliance.factory.crlshards import name_collision
+    sh = CrlShards(st, {"sub": 4})
+    _issue_sharded(st, sh, 0x2000)  # "sub" pinned to 4 shards
+    c = st.db.db
+    for name in ("sub-0", "sub-3", "sub-17"):  # pinned: refused even if the setting went away
+        why = name_collision(c, name, {}, {})
+        assert why and "CRL shard name of CA 'sub'" in why and "\n" not in why
+    assert "shard name of CA 'next'" in name_collision(c, "next-1", {"next": 2}, {})  # configured, nothing issued yet
+    assert "delta CRL name of CA 'old'" in name_collision(c, "old-delta", {}, {"old": 60})
+    for name in ("old-1", "sub", "sub-01", "sub-delta", "sub-x", "sub-1a", "next-1", "a-b-c"):  # nothing collides
+        assert name_collision(c, name, {"next": 1}, {"old": 60}) is None, name
+
+
+def test_shards_or_deltas_refused_for_a_ca_whose_names_are_taken(st):
+    with st.tx():
+        for name in ("new", "new-1", "new-delta", "neu", "neu-01", "neu-x"):
+            st.add_ca(name, "ec-p256", None, "sub-ca", f"{name}-der".encode(), "")
+    c = st.db.db
+    with pytest.raises(FactoryError, match="a CA is named 'new-1', a shard name of new") as e:
+        with st.tx():
+            CrlShards(st, {"new": 2}).pin(c, "new")
+    assert "\n" not in e.value.reason
+    assert c.execute("SELECT count(*) FROM crl_partition WHERE ca='new'").fetchone()[0] == 0  # nothing half-done
+    with pytest.raises(FactoryError, match="a CA is named 'new-delta', the name of new's delta CRL"):
+        with st.tx():
+            CrlShards(st, {}).enable_deltas(c, "new")
+    with st.tx():  # "neu-01" and "neu-x" are no shard names (shards are neu-0, neu-1, ...); no CA "neu-delta"
+        assert CrlShards(st, {"neu": 2}).pin(c, "neu") == 2
+        CrlShards(st, {}).enable_deltas(c, "neu")

@@ -42,7 +42,7 @@ secret-file = "s"
 
 @pytest.mark.parametrize("edit,message", [
     (("ldap://ldap.example.org", "ftp://x"), "url: want ldap://"),
-    (('publish = ["ca-cert", "certs", "crl"]', 'publish = ["delta-crl"]'), "delta CRLs are not produced"),
+    (('publish = ["ca-cert", "certs", "crl"]', 'publish = ["delta-crl"]'), "delta-crl, but no CA of the rule has delta"),
     (('publish = ["ca-cert", "certs", "crl"]', 'publish = ["issued-serials"]'), "no LDAP attribute"),
     (('dn = "cn={CN},ou=people,dc=example,dc=org"', 'dn = "cn={nickname},dc=x"'), "unknown field {nickname}"),
     (('dn = "cn={CN},ou=people,dc=example,dc=org"', ''), "needs a dn template"),
@@ -76,3 +76,11 @@ def test_duplicate_rule_names_and_empty_secret(tmp_path):
         load(tmp_path, GOOD_LDAP + GOOD_LDAP)
     with pytest.raises(C.ConfigError, match="is empty"):
         load(tmp_path, GOOD_LDAP, secret="\n")
+
+
+def test_delta_crl_rules_need_a_ca_with_deltas(tmp_path):
+    text = GOOD_LDAP.replace('publish = ["ca-cert", "certs", "crl"]', 'publish = ["ca-cert", "certs", "crl", "delta-crl"]')
+    agent, _ = load(tmp_path, "[crl]\ndelta = { root = 60 }\n" + text)
+    assert "delta-crl" in agent[0].publish
+    with pytest.raises(C.ConfigError, match="no CA of the rule has delta CRLs"):
+        load(tmp_path, "[crl]\ndelta = { root = 60 }\n" + text.replace("[[distribution.rule]]", "[[distribution.rule]]\ncas = [\"issuing\"]", 1))

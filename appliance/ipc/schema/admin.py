@@ -102,6 +102,7 @@ class ACrlGenerate(_Msg, tag="crl-generate"):
     id: ReqId
     ca: Name
     kind: Literal["crl", "issued-serials"] = "crl"
+    delta: bool = False  # a delta CRL on the latest full CRL (a CA with crl.delta)
 
 
 class ACrlExport(_Msg, tag="crl-export"):

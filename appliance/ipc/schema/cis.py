@@ -93,6 +93,8 @@ class CrlBegin(_Msg, tag="crl-begin"):
     kind: Literal["crl", "issued-serials"] = "crl"
     # One shard of a sharded CA's CRL: the CIS names it in the IDP and checks every entry belongs to it.
     shard: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None
+    # A delta CRL on full CRL number `delta_base` (deltaCRLIndicator); only for a CA with crl.delta.
+    delta_base: Annotated[int, msgspec.Meta(ge=1, lt=2**62)] | None = None
 
 
 CrlEntry = tuple[Serial, Epoch, Reason | None, Epoch | None]

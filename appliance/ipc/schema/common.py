@@ -66,7 +66,7 @@ class Event(_Msg, tag="event"):
 
 # ---------------------------------------------------------------- distribution rules (config -> Factory, agent)
 
-Publishable = Literal["ca-cert", "certs", "crl", "issued-serials"]
+Publishable = Literal["ca-cert", "certs", "crl", "delta-crl", "issued-serials"]
 
 
 class DistRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

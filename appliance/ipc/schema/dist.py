@@ -38,6 +38,9 @@ class DistJob(_Msg, tag="dist-job"):
     # With an issued-serials list: the latest signed audit checkpoint (JSON), published beside it so
     # that a CMDB rolled back to an older copy is detectable from outside (issue #6).
     attachment: Annotated[bytes, msgspec.Meta(max_length=16384)] | None = None
+    # Which CRL of the CA: "" its complete CRL, "-<k>" shard k, "-delta" its delta CRL; published as
+    # <ca><part>.crl over HTTP (a shard's own entry in LDAP, a delta in deltaRevocationList).
+    part: Annotated[str, msgspec.Meta(pattern=r"^(-(0|[1-9][0-9]{0,2})|-delta)?$")] = ""
 
 
 class DistData(_Msg, tag="dist-data"):

@@ -37,6 +37,7 @@ class PublishCrl(_Msg, tag="publish-crl"):
     data: Annotated[bytes, msgspec.Meta(max_length=4 * 1024 * 1024)]
     last: bool
     shard: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None  # one shard's CRL: /crl/<ca>-<shard>.crl
+    delta: bool = False  # the CA's delta CRL: /crl/<ca>-delta.crl
 
 
 class ResponderKeyRequest(_Msg, tag="responder-key-request"):

@@ -16,6 +16,7 @@ class CisConfig(_Msg, tag="cis-config"):
     profiles: dict[Name, Annotated[str, msgspec.Meta(max_length=16384)]]  # operator TOML overrides
     base_url: Text | None  # CRL DP / AIA URLs are derived from it: {base}/crl/<ca>.crl, {base}/ocsp, {base}/ca/<ca>.crt
     crl_shards: dict[Name, Annotated[int, msgspec.Meta(ge=1, le=256)]] = {}  # CRL DP {base}/crl/<ca>-<k>.crl
+    crl_delta: tuple[Name, ...] = ()  # CAs with delta CRLs: freshestCRL {base}/crl/<ca>-delta.crl
 
 
 class RecoverKeys(_Msg, tag="recover-keys"):
@@ -48,6 +49,7 @@ class FactoryConfig(_Msg, tag="factory-config"):
     responder_days: Annotated[int, msgspec.Meta(ge=1, le=30)] = 30  # renewed delegated responders last this long
     responder_renew_days: Annotated[int, msgspec.Meta(ge=0, le=29)] = 10  # ... renewed this close to notAfter; 0: never
     crl_shards: dict[Name, Annotated[int, msgspec.Meta(ge=1, le=256)]] = {}  # CRL shards per CA (crlshards.py)
+    crl_delta: dict[Name, Annotated[int, msgspec.Meta(ge=1, le=1440)]] = {}  # minutes between delta CRLs per CA
     dist_rules: list[DistRule] = []  # what each destination receives (credentials stripped: the agent alone holds them)
     dist_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 50
     dist_backoff_max: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 3600
