@@ -547,7 +547,7 @@ def test_console_media_mounted_for_its_use_only(pki, stick, tmp_path):
     finally:
         del os.environ[S.TEST_DEVICE_ENV]
     media = online.home / "media"
-    lines = ["admin", PASSWORD, "", "15", "1", "6", "", "0"]
+    lines = ["admin", PASSWORD, "", "16", "1", "6", "", "0"]  # 16: "Removable media (USB)" in the admin menu
     r = subprocess.run(online.argv("console", "--home", str(online.home)), input=("\n".join(lines) + "\n").encode(),
                        env={**online.env("admin"), S.TEST_DEVICE_ENV: dev}, capture_output=True, timeout=300, cwd="/")
     out = r.stdout.decode()
