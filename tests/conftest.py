@@ -47,8 +47,9 @@ def pytest_unconfigure(config):
 TEMPLATES_ENV = "DONJON_TEST_TEMPLATES"
 # The longest modules (`just test --durations=60`) are collected first: with --dist loadscope a worker
 # takes modules in collection order, so none is left alone with a long one at the end of the run.
-LONG_MODULES = ("test_frozen.py", "test_distribution.py", "test_crash.py", "test_console.py", "test_ocsp.py", "test_audit.py",
-                "test_revocation.py", "test_officers.py", "test_lifecycle.py")
+LONG_MODULES = ("test_two_tier.py", "test_distribution.py", "test_kgs.py", "test_crash.py", "test_cmp.py", "test_console.py",
+                "test_gateway_estscep.py", "test_gateway.py", "test_keybackup.py", "test_ocsp.py", "test_audit.py",
+                "test_revocation.py", "test_restore.py", "test_officers.py", "test_lifecycle.py", "test_frozen.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -47,7 +47,8 @@ def _bundle_excludes_test_packages(exe: str) -> None:
         assert mode & 0o004 and not mode & 0o002, p
 
 
-@pytest.mark.parametrize("kind", ["source", "frozen"])
+# The frozen run builds the PyInstaller bundle (minutes of CPU): it runs in `just drills` (CI), the source run in `just test`.
+@pytest.mark.parametrize("kind", ["source", pytest.param("frozen", marks=pytest.mark.slow)])
 def test_smoke(request, appliance_factory, tmp_path, kind):
     """init, run, issue, revoke, CRL and an OCSP answer; every role re-executed from the same program
     and, as root, running under its own user."""
