@@ -8,17 +8,15 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Appliance, _variant, copy_home, make_ceremony
+from tests.conftest import Appliance
 from tests.integration.test_gateway import gateway_url, wait_https
 
 CMP_TOML = """
@@ -43,37 +41,28 @@ presence = "required"
 
 
 @pytest.fixture(scope="module")
-def gw(src_path, home_templates):
+def gw(module_appliance_factory, tmp_path_factory):
     """One appliance with CMP on the gateway for the whole module, its PKI files, and an openssl cmp runner."""
-    base = Path(tempfile.mkdtemp(prefix="donjon-cmp-"))
-    os.chmod(base, 0o711)
-    ceremony = make_ceremony(base / "ceremony.toml")
+    base = tmp_path_factory.mktemp("cmp")
     # The default variant's template (made once per session, shared with other modules), CMP switched on before the start.
-    t = home_templates((*_variant(ceremony, "", None, None, None), 0), ceremony, None, None, "", None)
-    a = Appliance(base / "gw", src_path)
-    copy_home(t.home, a.home)
-    a.template, a.officers = t.home, dict(t.officers)
+    a = module_appliance_factory(start=False)
     with open(a.home / "donjon.toml", "a") as f:
         f.write(CMP_TOML)
     (a.home / "profiles").mkdir(exist_ok=True)
     (a.home / "profiles" / "cmp-ra.toml").write_text(RA_PROFILE)
     os.chmod(a.home / "profiles", 0o755)
     os.chmod(a.home / "profiles" / "cmp-ra.toml", 0o644)
-    try:
-        a.start()
-        a.cli("officer", "add", "oper2", "--role", "operator")  # a second operator: approvals are never the issuer's
-        a.officers["oper2"] = "operator"
-        a.d = base
-        a.root = a.export("root", base / "root.pem")
-        a.chain = a.root
-        a.issuing = a.export("issuing", base / "issuing.pem")
-        wait_https(a)
-        a.cmp_url = gateway_url(a) + "/.well-known/cmp"
-        wait_cmp(a)
-        yield a
-    finally:
-        a.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    a.start()
+    a.cli("officer", "add", "oper2", "--role", "operator")  # a second operator: approvals are never the issuer's
+    a.officers["oper2"] = "operator"
+    a.d = base
+    a.root = a.export("root", base / "root.pem")
+    a.chain = a.root
+    a.issuing = a.export("issuing", base / "issuing.pem")
+    wait_https(a)
+    a.cmp_url = gateway_url(a) + "/.well-known/cmp"
+    wait_cmp(a)
+    return a
 
 
 def post(a: Appliance, body: bytes, ctype: str = "application/pkixcmp") -> tuple[int, bytes, str]:

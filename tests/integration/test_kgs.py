@@ -7,13 +7,12 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Appliance, _variant, copy_home, make_ceremony, openssl
+from tests.conftest import Appliance, openssl
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "kgs"
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -23,29 +22,19 @@ CONFIG = '[kgs]\nenabled = true\n[dual-control]\napprovals = 2\noperations = ["k
 
 
 @pytest.fixture(scope="module")
-def kgs(src_path, home_templates):
+def kgs(module_appliance_factory, tmp_path_factory):
     """One appliance with the KGS for the module (its tests build on each other's batches, in order),
     copied from the default template other modules share (no init of its own)."""
-    base = Path(tempfile.mkdtemp(prefix="donjon-test-"))
-    os.chmod(base, 0o711)
-    ceremony = make_ceremony(base / "ceremony.toml")
-    t = home_templates((*_variant(ceremony, "", None, None, None), 0), ceremony, None, None, "", None)
-    a = Appliance(base / "kgs", src_path)
-    copy_home(t.home, a.home)
-    a.template, a.officers = t.home, dict(t.officers)
+    a = module_appliance_factory(start=False)
     with open(a.home / "donjon.toml", "a") as f:
         f.write(CONFIG)
     (a.home / "card-profiles").mkdir()
     shutil.copy(DATA / "employee.toml", a.home / "card-profiles" / "employee.toml")
-    try:
-        a.start()
-        a.cli("officer", "add", "oper2", "--role", "operator")
-        a.officers["oper2"] = "operator"
-        a.chain = a.export("issuing", base / "chain.pem", chain=True)  # type: ignore[attr-defined]
-        yield a
-    finally:
-        a.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    a.start()
+    a.cli("officer", "add", "oper2", "--role", "operator")
+    a.officers["oper2"] = "operator"
+    a.chain = a.export("issuing", tmp_path_factory.mktemp("kgs") / "chain.pem", chain=True)  # type: ignore[attr-defined]
+    return a
 
 
 def p11(a: Appliance, *args: str, check: bool = True) -> subprocess.CompletedProcess:
