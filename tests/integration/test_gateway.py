@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.acmeenv import Knot, free_port
-from tests.conftest import Appliance, _variant, copy_home, make_ceremony
+from tests.conftest import Appliance
 
 GATEWAY_TOML = """
 [gateway]
@@ -62,17 +62,13 @@ presence = "optional"
 
 
 @pytest.fixture(scope="module")
-def gw(src_path, home_templates):
+def gw(module_appliance_factory):
     """One appliance with the gateway and ACME on, and the DNS it resolves through, for the whole module."""
     base = Path(tempfile.mkdtemp(prefix="donjon-gw-"))
     os.chmod(base, 0o711)
-    ceremony = make_ceremony(base / "ceremony.toml")
     # The default variant's template (made once per session, shared with other modules): the gateway's
     # folder and token are made at its first start.
-    t = home_templates((*_variant(ceremony, "", None, None, None), 0), ceremony, None, None, "", None)
-    a = Appliance(base / "gw", src_path)
-    copy_home(t.home, a.home)
-    a.template, a.officers = t.home, dict(t.officers)
+    a = module_appliance_factory(start=False)
     knot = Knot(base / "knot").start()
     a.knot = knot
     a.http_port, a.alpn_port = free_port(), free_port()
@@ -88,7 +84,7 @@ def gw(src_path, home_templates):
         wait_https(a)
         yield a
     finally:
-        a.stop()
+        a.stop()  # before knot: the gateway resolves through it (the factory's own stop is then a no-op)
         knot.stop()
         shutil.rmtree(base, ignore_errors=True)
 

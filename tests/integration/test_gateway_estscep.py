@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tests.conftest import Appliance, _variant, copy_home, make_ceremony
+from tests.conftest import Appliance
 from tests.integration.test_gateway import gateway_url, wait_https
 
 TOML = """
@@ -33,16 +33,12 @@ scep-allow-weak-digest = true
 
 
 @pytest.fixture(scope="module")
-def gw(src_path, home_templates):
+def gw(module_appliance_factory):
     """One appliance with EST and SCEP on, for the whole module."""
     base = Path(tempfile.mkdtemp(prefix="donjon-estscep-"))
     os.chmod(base, 0o711)
     # An RSA issuing CA: scepclient encrypts to every certificate GetCACert returns, and RSA only
-    ceremony = make_ceremony(base / "ceremony.toml", issuing_key="rsa2048")
-    t = home_templates((*_variant(ceremony, TOML, None, None, None), 0), ceremony, None, None, TOML, None)
-    a = Appliance(base / "gw", src_path)
-    copy_home(t.home, a.home)
-    a.template, a.officers = t.home, dict(t.officers)
+    a = module_appliance_factory(start=False, config=TOML, issuing_key="rsa2048")
     try:
         a.start()
         a.base = base
