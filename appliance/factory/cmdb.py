@@ -16,7 +16,7 @@ import apsw
 
 from policy.audit import GENESIS, audit_hash, verify_chain
 
-SCHEMA_VERSION = 16
+SCHEMA_VERSION = 20
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -515,6 +515,13 @@ _MIGRATIONS[16] = """
     );
     CREATE INDEX enrol_waiting_by_request ON enrol_waiting(credential, csr_sha256);
     """
+
+# Migrations 17-20 are reserved for the third group of this wave, one per feature (as 9-16 above):
+# 17 backup and restore II, 18 two-tier II, 19 CRL at scale, 20 the storage layer II.
+_MIGRATIONS[17] = "SELECT 1"
+_MIGRATIONS[18] = "SELECT 1"
+_MIGRATIONS[19] = "SELECT 1"
+_MIGRATIONS[20] = "SELECT 1"
 
 
 class CmdbError(Exception):
