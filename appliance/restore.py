@@ -54,6 +54,57 @@ class _Marker(msgspec.Struct, frozen=True):
     evidence: dict[str, _Evidence]
     endpoint_seq: int = 0
     unread: list[str] = []  # destinations whose held CRL could not be read
+    officers: list[str] = []  # who authorised the restore (dual control)
+
+
+CHECK_COPY = "restore-check.sqlite"  # appliance/factory/restore.py reads it there (the Factory's folder)
+
+
+def check_officers(home: str, backup: str, officers: list[tuple[str, str, str]], pin: str) -> list[str]:
+    """Dual control with the appliance stopped: a one-job run of the roles in which the Factory unwraps the
+    backup's CMDB key through the CIS and checks each officer (name, password, TOTP code) against the
+    backup's own officers table (appliance/factory/restore.py check_officers). Their names, or RestoreError."""
+    import trio
+
+    from appliance import config as C
+    from appliance import safefs
+    from appliance.ipc import schema as S
+    from appliance.supervisor import Supervisor, SupervisorError
+    if len({n for n, _, _ in officers}) < 2:
+        raise RestoreError("restore refused (dual control): two distinct officers of the backup authorise it "
+                           "(--officer NAME twice, each with their password)")
+    cfg = C.load(home)
+    cmdb = os.path.join(home, "cmdb")
+    os.makedirs(cmdb, mode=0o700, exist_ok=True)
+    with backupfile._open(backup) as tar:
+        kf = tar.extractfile("cmdb.key")
+        wrapped = kf.read(4097) if kf is not None else b""
+        src = tar.extractfile("cmdb.sqlite")
+        assert src is not None
+        # The copy goes where the Factory may read it; the folder is the Factory's: no link followed.
+        dfd = safefs.open_root(cmdb)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(CHECK_COPY, dir_fd=dfd)  # left by a check killed earlier
+            fd = safefs.open_beneath(dfd, CHECK_COPY, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                while chunk := src.read(backupfile.CHUNK):
+                    f.write(chunk)
+        finally:
+            os.close(dfd)
+    msg = S.CheckRestoreOfficers(pin=pin, wrapped_db_key=wrapped,
+                                 officers=[S.RestoreOfficer(name=n, password=p, code=c) for n, p, c in officers])
+    try:
+        sup = Supervisor(home, cfg)
+        rc = trio.run(lambda: sup.run(restore_check=msg))
+    except (C.ConfigError, SupervisorError) as e:
+        raise RestoreError(f"restore refused: the officers could not be checked: {e}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(cmdb, CHECK_COPY))
+    if rc != 0:
+        raise RestoreError(sup.failed or "restore refused: the officers could not be checked")
+    return [n for n, _, _ in officers]
 
 
 def appliance_running(home: str) -> bool:
@@ -202,8 +253,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confirm_shares: list[str]) -> dict[str, Any]:
-    """Check, collect, swap. Returns what was done (for the CLI)."""
+def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confirm_shares: list[str],
+            officers: list[tuple[str, str, str]], pin: str | None) -> dict[str, Any]:
+    """Check (the backup, its age, two of its administrators), collect, swap. Returns what was done (for the CLI)."""
     home = os.path.abspath(home)
     if appliance_running(home):
         raise RestoreError("the appliance is running: stop it first (donjon shutdown), then restore")
@@ -232,6 +284,14 @@ def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confi
             with open(pin_file) as f:
                 if f.read().strip() != pin:
                     raise RestoreError("restore refused: the confirming shares do not give this appliance's PIN")
+    if pin is None and confirm_shares:
+        try:
+            pin = shamir.combine_pin(confirm_shares)
+        except PolicyError as e:
+            raise RestoreError(f"restore refused: the confirming shares: {e.message}") from None
+    if pin is None:
+        raise RestoreError("restore refused: the token PIN is needed to check the officers (--pin-file, or the PIN file)")
+    names = check_officers(home, backup, officers, pin)
     evidence, top, unread = collect_evidence(home)
     fetched, notes = fetch_destinations(home, sorted(evidence))
     notes = unread + notes
@@ -252,7 +312,7 @@ def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confi
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     marker = _Marker(format="donjon-restore/1", backup_sha256=digest, backup_created=created, backup_audit_seq=seq,
                      anchor_seq=a_seq, older_confirmed=bool(why_older), restored_at=now, evidence=evidence, endpoint_seq=top,
-                     unread=notes)
+                     unread=notes, officers=names)
     fd = os.open(os.path.join(staging, "restore.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(msgspec.msgpack.encode(marker))
@@ -269,7 +329,7 @@ def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confi
     return {"backup": backup, "sha256": digest, "audit_seq": seq, "anchor_seq": a_seq, "older_confirmed": bool(why_older),
             "evidence": {n: {"crl": e.crl is not None, "responses": len(e.responses), "destination_crls": len(e.crls)}
                          for n, e in evidence.items()},
-            "unread_destinations": notes,
+            "unread_destinations": notes, "officers": names,
             "kept": f"cmdb.pre-restore-{tag}"}
 
 

@@ -17,15 +17,18 @@ import os
 import time
 
 import msgspec
+import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509 import ocsp
 
+from appliance.ipc import schema as S
 from policy import crl as crlenc
 
-from .cmdb import serial_bytes
-from .errors import _log
-from .store import Store
+from .cis_link import CisLink, CisRefused
+from .cmdb import CmdbError, serial_bytes
+from .errors import FactoryError, _log
+from .store import Store, officers_of_file
 
 MARKER = "restore.json"
 _REASONS = {f: code for code, f in {  # ReasonFlags -> RFC 5280 reason code
@@ -51,6 +54,47 @@ class Marker(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     evidence: dict[str, Evidence]
     endpoint_seq: int = 0  # the highest publication seq the endpoint's stores held
     unread: list[str] = []  # destinations whose held CRL could not be read
+    officers: list[str] = []  # the two (or more) administrators of the backup who authorised the restore
+
+
+CHECK_COPY = "restore-check.sqlite"  # the backup's database, put beside the CMDB by `donjon restore` for the check
+
+
+async def check_officers(cis: CisLink, home: str, cipher: str, m: S.CheckRestoreOfficers) -> list[str]:
+    """Dual control of `donjon restore`: every officer named is an administrator of the backup being
+    restored (its own officers table: the people who will run the restored CA), unlocked, with the right
+    password (and TOTP code when it has one), and they are at least two distinct people. Raises
+    FactoryError with one line naming what failed; reads the backup's copy only, writes nothing."""
+    from .officers import check_password, dummy_check, totp_match
+    names = [o.name for o in m.officers]
+    if len(set(names)) < 2:
+        raise FactoryError("policy", "restore refused (dual control): two distinct officers are needed")
+    try:
+        reply = await cis.request(S.Activate(id=cis.new_id(), pin=m.pin, wrapped_db_key=m.wrapped_db_key))
+    except CisRefused as e:
+        raise FactoryError("auth", f"the backup's CMDB key: {e.reason}") from None
+    try:
+        rows = await trio.to_thread.run_sync(officers_of_file, os.path.join(home, CHECK_COPY), reply.db_key, cipher, names)
+    except CmdbError as e:
+        raise FactoryError("internal", str(e)) from None
+    bad: list[str] = []
+    for o in m.officers:
+        row = rows.get(o.name)
+        if row is None:  # the same KDF time as a known name
+            await trio.to_thread.run_sync(dummy_check, o.password)
+            bad.append(f"{o.name}: no such officer in the backup")
+            continue
+        roles, pwhash, totp, locked = row
+        ok = await trio.to_thread.run_sync(check_password, pwhash, o.password)
+        if not ok or (totp is not None and totp_match(totp, o.code, time.time(), 0) is None):
+            bad.append(f"{o.name}: wrong password or code")
+        elif locked:
+            bad.append(f"{o.name}: locked")
+        elif "administrator" not in roles.split(","):
+            bad.append(f"{o.name}: not an administrator")
+    if bad:
+        raise FactoryError("auth", "restore refused (dual control): " + "; ".join(bad))
+    return names
 
 
 def _verify(pub, sig: bytes, data: bytes, halg) -> bool:
@@ -187,7 +231,8 @@ def reconcile(store: Store, home: str, actor: str) -> list[str]:
         db.audit(actor, "restore", "cmdb", "ok",
                  f"backup sha256={m.backup_sha256} created={m.backup_created} audit_seq={m.backup_audit_seq} "
                  f"(chain resumes at {head + 1}); {gap}{'; older backup confirmed by a quorum' if m.older_confirmed else ''}; "
-                 + "; ".join(lines) + ("; destinations not read: " + ", ".join(m.unread) if m.unread else ""))
+                 + "; ".join(lines) + (f"; authorised by {' and '.join(m.officers)} (dual control)" if m.officers else "")
+                 + ("; destinations not read: " + ", ".join(m.unread) if m.unread else ""))
     os.replace(path, os.path.join(home, f"restore-done-{now}.json"))  # after the commit: a crash before it redoes the above
     _log("restore reconciled: " + "; ".join(lines))
     return need_crl

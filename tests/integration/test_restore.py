@@ -18,7 +18,7 @@ import pytest
 from cryptography import x509
 
 from policy import shamir
-from tests.conftest import make_csr, openssl
+from tests.conftest import PASSWORD, make_csr, openssl
 from tests.integration.test_distribution import wait_drained
 from tests.servers import Receiver
 
@@ -79,6 +79,8 @@ def _scenario(appliance_factory, web: Receiver, tmp_path: Path, kills: int) -> N
         a.cli("issue", "--ca", "issuing", "--profile", "tls-server", "--csr", str(csr), "--out", str(out))
         return format(x509.load_pem_x509_certificate(out.read_bytes()).serial_number, "x"), out
 
+    a.cli("officer", "add", "admin2", "--role", "administrator")  # the restore's second administrator (dual control)
+    a.officers["admin2"] = "administrator"
     before, before_pem = issue("before")  # in the backup; revoked after it
     a.cli("backup", "--out", str(tmp_path / "b.tar"), officer="admin")
     after, after_pem = issue("after")  # issued and revoked after the backup: the CMDB will never have seen it
@@ -111,13 +113,27 @@ def _scenario(appliance_factory, web: Receiver, tmp_path: Path, kills: int) -> N
     r = a.cli("backup", "verify", str(bad), check=False)
     assert r.returncode == 1 and b"cmdb.key does not match its SHA-256" in r.stderr
     old_sha = _cmdb_sha(a.home)
-    r = a.cli("restore", str(tmp_path / "b.tar"), "--home", str(a.home), "--anchor", str(tmp_path / "head.json"), check=False)
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    (tmp_path / "bad-pw").write_text("not the password\n")
+    two = ["--officer", "admin", "--password-file", str(tmp_path / "pw"), "--officer", "admin2", "--password-file", str(tmp_path / "pw")]
+    base = ["restore", str(tmp_path / "b.tar"), "--home", str(a.home), "--max-age-days", "30"]
+    # Dual control: one administrator alone, or the same one twice, is refused before anything is read.
+    for alone in (["--officer", "admin"], ["--officer", "admin", "--officer", "admin"]):
+        r = a.cli(*base, *alone, check=False)
+        assert r.returncode == 1 and b"two distinct administrators" in r.stderr and b"Traceback" not in r.stderr, r.stderr
+    # Two names, but checked against the backup's own officers: a wrong password and a non-administrator.
+    r = a.cli(*base, "--officer", "admin2", "--password-file", str(tmp_path / "bad-pw"), "--officer", "oper",
+              "--password-file", str(tmp_path / "pw"), check=False)
+    assert r.returncode == 1 and b"admin2: wrong password or code" in r.stderr and b"oper: not an administrator" in r.stderr, r.stderr
+    assert _cmdb_sha(a.home) == old_sha and not (a.home / "cmdb.restoring").exists()
+    assert not (a.home / "cmdb" / "restore-check.sqlite").exists() and not (a.home / "cmdb" / "restore.json").exists()
+    r = a.cli(*base[:-2], "--anchor", str(tmp_path / "head.json"), *two, check=False)
     assert r.returncode == 1 and b"before the published anchor" in r.stderr and b"quorum" in r.stderr, r.stderr
     assert _cmdb_sha(a.home) == old_sha and not (a.home / "cmdb.restoring").exists()
     pin = (a.home / "pin").read_text().strip()
     shares = shamir.split_pin(pin, 2, 3, os.urandom)  # the officers' activation shares (this test made them)
     wrong = shamir.split_pin("not-the-pin", 2, 3, os.urandom)
-    argv = ["restore", str(tmp_path / "b.tar"), "--home", str(a.home), "--anchor", str(tmp_path / "head.json")]
+    argv = ["restore", str(tmp_path / "b.tar"), "--home", str(a.home), "--anchor", str(tmp_path / "head.json"), *two]
     r = a.cli(*argv, "--confirm-share", wrong[0], "--confirm-share", wrong[2], check=False)
     assert r.returncode == 1 and b"do not give this appliance's PIN" in r.stderr
     assert _cmdb_sha(a.home) == old_sha
@@ -139,7 +155,7 @@ def _scenario(appliance_factory, web: Receiver, tmp_path: Path, kills: int) -> N
             assert (a.home / "cmdb" / "restore.json").exists()
         assert (a.home / "cmdb" / "cmdb.key").exists()
     r = a.cli(*argv, "--confirm-share", shares[0], "--confirm-share", shares[1], "--json")
-    assert json.loads(r.stdout)["older_confirmed"] is True
+    assert json.loads(r.stdout)["older_confirmed"] is True and json.loads(r.stdout)["officers"] == ["admin", "admin2"]
     assert _cmdb_sha(a.home) == restored_sha and (a.home / "cmdb" / "restore.json").exists()
 
     a.start()  # activation reconciles with what the endpoint had published
@@ -162,6 +178,7 @@ def _scenario(appliance_factory, web: Receiver, tmp_path: Path, kills: int) -> N
     assert f"issuing/{before}" in recovered and f"issuing/{after}" in recovered
     restore_rec = [x for x in recs if x["action"] == "restore" and x["outcome"] == "ok"][-1]
     assert "are lost" in restore_rec["detail"] and "confirmed by a quorum" in restore_rec["detail"]
+    assert "authorised by admin and admin2 (dual control)" in restore_rec["detail"]
     assert b"audit chain intact" in a.cli("audit", "verify").stdout
     # A certificate issued now never takes a serial known issued.
     new, _ = issue("new")
