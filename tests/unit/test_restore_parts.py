@@ -174,11 +174,11 @@ def test_an_old_backup_needs_a_quorum(tmp_path):
     (home / "cmdb").mkdir(parents=True)
     (home / "cmdb" / "cmdb.sqlite").write_bytes(b"current")
     with pytest.raises(R.RestoreError, match=r"days old \(limit 7\).*quorum"):
-        R.restore(str(home), str(old), None, 7, [])
+        R.restore(str(home), str(old), None, 7, [], [], None)
     from policy import shamir
     with pytest.raises(R.RestoreError, match="the confirming shares: the shares come from different sets"):
         R.restore(str(home), str(old), None, 7, shamir.split_pin("1234-pin", 2, 3, os.urandom)[:1] +
-                  shamir.split_pin("other-pin", 2, 3, os.urandom)[1:2])
+                  shamir.split_pin("other-pin", 2, 3, os.urandom)[1:2], [], None)
     assert sorted(p.name for p in home.rglob("*")) == ["cmdb", "cmdb.sqlite"]
     assert (home / "cmdb" / "cmdb.sqlite").read_bytes() == b"current"
 
