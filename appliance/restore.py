@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import msgspec
+from cryptography import x509
 
 from appliance import backupfile
 from appliance.ocsp.store import Store as EndpointStore
@@ -40,7 +41,8 @@ class RestoreError(Exception):
 class _Evidence(msgspec.Struct, frozen=True):
     crl: bytes | None = None
     responses: list[bytes] = []
-    crls: list[bytes] = []  # read back from the Distribution's HTTP destinations
+    crls: list[bytes] = []  # read back from the Distribution's HTTP and LDAP destinations
+    lists: list[bytes] = []  # the issued-serials lists its HTTP destinations hold
 
 
 class _Marker(msgspec.Struct, frozen=True):
@@ -149,10 +151,12 @@ def _as_endpoint_user():
         os.setegid(0)
 
 
-def collect_evidence(home: str) -> tuple[dict[str, _Evidence], int, list[str]]:
+def collect_evidence(home: str) -> tuple[dict[str, _Evidence], int, list[str], dict[str, bytes]]:
     """Every CA's latest CRL and every pre-signed response the endpoint's stores hold, their highest seq,
-    and a note per store that could not be read (it is named in the restore's audit record)."""
+    a note per store that could not be read (it is named in the restore's audit record), and each CA's
+    certificate (to find its entry at the LDAP destinations)."""
     found: dict[str, tuple[tuple[int, bytes] | None, dict[int, bytes]]] = {}
+    certs: dict[str, bytes] = {}
     top = 0
     notes: list[str] = []
     for entry in sorted(os.listdir(home)):  # HOME's own entries are root's
@@ -161,17 +165,21 @@ def collect_evidence(home: str) -> tuple[dict[str, _Evidence], int, list[str]]:
             continue
         try:
             with _as_endpoint_user():
-                top = max(top, _read_store(path, found))
+                top = max(top, _read_store(path, found, certs))
         except (OSError, StoreError, ValueError) as e:
             notes.append(f"endpoint store {entry}: {type(e).__name__}")
-    return {n: _Evidence(crl=c[1] if c else None, responses=list(r.values())) for n, (c, r) in found.items()}, top, notes
+    return ({n: _Evidence(crl=c[1] if c else None, responses=list(r.values())) for n, (c, r) in found.items()}, top, notes,
+            certs)
 
 
-def _read_store(path: str, found: dict[str, tuple[tuple[int, bytes] | None, dict[int, bytes]]]) -> int:
-    """One endpoint store into `found` (CA -> latest CRL, serial -> response); its highest seq."""
+def _read_store(path: str, found: dict[str, tuple[tuple[int, bytes] | None, dict[int, bytes]]],
+                certs: dict[str, bytes] | None = None) -> int:
+    """One endpoint store into `found` (CA -> latest CRL, serial -> response) and `certs`; its highest seq."""
     st = EndpointStore.open(path)
     try:
         for name, ca in st.cas.items():
+            if certs is not None and ca.cert:
+                certs.setdefault(name, bytes(ca.cert))
             crl, responses = found.setdefault(name, (None, {}))
             if ca.crl is not None and (crl is None or ca.crl_number > crl[0]):
                 crl = (ca.crl_number, ca.crl)
@@ -189,9 +197,9 @@ def _read_store(path: str, found: dict[str, tuple[tuple[int, bytes] | None, dict
 MAX_FETCH = 64 << 20  # a CRL read back from a destination (the endpoint caps its own CRLs alike)
 
 
-def fetch_destinations(home: str, cas: list[str]) -> tuple[dict[str, list[bytes]], list[str]]:
-    """The CRL each HTTP destination holds for each CA (as the agent names it: {ca}.crl), and a note per
-    destination that could not be read. LDAP destinations are not read back yet (README)."""
+def fetch_destinations(home: str, cas: list[str], kind: str = "crl") -> tuple[dict[str, list[bytes]], list[str]]:
+    """What each HTTP destination holds for each CA (as the agent names it: {ca}.crl, or {ca}.serials for
+    kind "issued-serials"), and a note per destination that could not be read."""
     import http.client
     from urllib.parse import quote, urlsplit
 
@@ -203,14 +211,15 @@ def fetch_destinations(home: str, cas: list[str]) -> tuple[dict[str, list[bytes]
         return {}, [f"configuration: {e}"]
     got: dict[str, list[bytes]] = {}
     notes: list[str] = []
+    suffix = ".crl" if kind == "crl" else ".serials"
     for r in rules:
-        if not r.url.startswith(("http://", "https://")) or "crl" not in r.publish:
+        if not r.url.startswith(("http://", "https://")) or kind not in r.publish:
             continue
         for ca in cas:
             if r.cas and ca not in r.cas:
                 continue
-            url = r.url.replace("{ca}", quote(ca)).replace("{name}", quote(f"{ca}.crl")) if "{" in r.url \
-                else r.url.rstrip("/") + "/" + quote(f"{ca}.crl")
+            url = r.url.replace("{ca}", quote(ca)).replace("{name}", quote(f"{ca}{suffix}")) if "{" in r.url \
+                else r.url.rstrip("/") + "/" + quote(f"{ca}{suffix}")
             u = urlsplit(url)
             headers = {"User-Agent": "donjon-restore"}
             if r.secret is not None:
@@ -230,11 +239,55 @@ def fetch_destinations(home: str, cas: list[str]) -> tuple[dict[str, list[bytes]
                 if resp.status == 200 and len(body) <= MAX_FETCH:
                     got.setdefault(ca, []).append(body)
                 elif resp.status != 404:
-                    notes.append(f"{r.name}: {ca}.crl: HTTP {resp.status}")
+                    notes.append(f"{r.name}: {ca}{suffix}: HTTP {resp.status}")
             except (OSError, http.client.HTTPException, ValueError) as e:
-                notes.append(f"{r.name}: {ca}.crl: {type(e).__name__}")
+                notes.append(f"{r.name}: {ca}{suffix}: {type(e).__name__}")
             finally:
                 conn.close()
+    return got, notes
+
+
+def fetch_ldap(home: str, certs: dict[str, bytes]) -> tuple[dict[str, list[bytes]], list[str]]:
+    """The CRL each LDAP destination holds in each CA's entry (certificateRevocationList;binary at the rule's
+    ca-dn, rendered from the CA certificate as the agent renders it), and a note per destination that could
+    not be read. Read with the agent's own publisher code: the same DN, bind and TLS settings."""
+    from appliance import config as C
+    from appliance.distribution.publish import Job, LdapPublisher, PublishError
+    from appliance.factory.dist import subject_fields
+    try:
+        cfg = C.load(home)
+        rules = C.dist_rules(home, cfg, with_secrets=True)
+    except C.ConfigError as e:
+        return {}, [f"configuration: {e}"]
+    got: dict[str, list[bytes]] = {}
+    notes: list[str] = []
+    attr = "certificateRevocationList;binary"
+    for r in rules:
+        if not r.url.startswith(("ldap://", "ldaps://")) or "crl" not in r.publish or not r.ca_dn:
+            continue
+        p = LdapPublisher(r)
+        try:
+            for ca, der in sorted(certs.items()):
+                if r.cas and ca not in r.cas:
+                    continue
+                try:
+                    fields = dict(subject_fields(x509.load_der_x509_certificate(der)))
+                    dn = p._dn(Job(action="crl", ca=ca, ca_root=False, issuer=der, subject=fields, number=0, data=b""))
+                    conn = p.conn or p._connect()
+                    if not conn.search(dn, "(objectClass=*)", search_scope="BASE", attributes=[attr]):
+                        if (conn.result or {}).get("result") != 32:  # 32: no such entry, nothing held
+                            notes.append(f"{r.name}: {ca}: LDAP {(conn.result or {}).get('description', 'error')}")
+                        continue
+                    for e in conn.response or []:
+                        for v in ((e.get("raw_attributes") or {}).get(attr) or [])[:4]:
+                            if len(v) <= MAX_FETCH:
+                                got.setdefault(ca, []).append(bytes(v))
+                except PublishError as e:
+                    notes.append(f"{r.name}: {ca}: {e}")
+                except Exception as e:  # noqa: BLE001 - ldap3 raises IndexError, socket errors, its own types
+                    notes.append(f"{r.name}: {ca}: {type(e).__name__}")
+        finally:
+            p.close()
     return got, notes
 
 
@@ -292,10 +345,13 @@ def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confi
     if pin is None:
         raise RestoreError("restore refused: the token PIN is needed to check the officers (--pin-file, or the PIN file)")
     names = check_officers(home, backup, officers, pin)
-    evidence, top, unread = collect_evidence(home)
+    evidence, top, unread, certs = collect_evidence(home)
     fetched, notes = fetch_destinations(home, sorted(evidence))
-    notes = unread + notes
-    evidence = {n: msgspec.structs.replace(e, crls=fetched.get(n, [])) for n, e in evidence.items()}
+    lists, list_notes = fetch_destinations(home, sorted(evidence), "issued-serials")
+    in_ldap, ldap_notes = fetch_ldap(home, certs)
+    notes = unread + notes + list_notes + ldap_notes
+    evidence = {n: msgspec.structs.replace(e, crls=fetched.get(n, []) + in_ldap.get(n, []), lists=lists.get(n, []))
+                for n, e in evidence.items()}
     cmdb = os.path.join(home, "cmdb")
     staging = os.path.join(home, "cmdb.restoring")
     now = int(time.time())
@@ -327,7 +383,8 @@ def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confi
         os.rename(staging, cmdb)
     _fsync_dir(home)
     return {"backup": backup, "sha256": digest, "audit_seq": seq, "anchor_seq": a_seq, "older_confirmed": bool(why_older),
-            "evidence": {n: {"crl": e.crl is not None, "responses": len(e.responses), "destination_crls": len(e.crls)}
+            "evidence": {n: {"crl": e.crl is not None, "responses": len(e.responses), "destination_crls": len(e.crls),
+                             "destination_lists": len(e.lists)}
                          for n, e in evidence.items()},
             "unread_destinations": notes, "officers": names,
             "kept": f"cmdb.pre-restore-{tag}"}

@@ -24,6 +24,7 @@ from cryptography.x509 import ocsp
 
 from appliance.ipc import schema as S
 from policy import crl as crlenc
+from policy import serials as serials_list
 
 from .cis_link import CisLink, CisRefused
 from .cmdb import CmdbError, serial_bytes
@@ -40,7 +41,8 @@ _REASONS = {f: code for code, f in {  # ReasonFlags -> RFC 5280 reason code
 class Evidence(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     crl: bytes | None = None  # the endpoint's latest CRL of this CA
     responses: list[bytes] = []  # every pre-signed OCSP response it held
-    crls: list[bytes] = []  # the CRLs the Distribution's HTTP destinations held
+    crls: list[bytes] = []  # the CRLs the Distribution's HTTP and LDAP destinations held
+    lists: list[bytes] = []  # the issued-serials lists its HTTP destinations held
 
 
 class Marker(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -153,6 +155,26 @@ def published(cert_der: bytes, ev: Evidence) -> tuple[int, dict[int, tuple[int, 
     return number, revoked, issued, refused
 
 
+def published_lists(cert_der: bytes, lists: list[bytes]) -> tuple[int, set[int], int]:
+    """What this CA verifiably published as issued-serials lists: (highest list number, serials named,
+    lists refused because not signed by this CA)."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    pub = cert.public_key()
+    number, refused = 0, 0
+    issued: set[int] = set()
+    for der in lists:
+        try:
+            lst = serials_list.decode(der)
+            if lst.issuer_der != cert.subject.public_bytes() or \
+                    not _verify(pub, lst.signature, lst.tbs, serials_list.hash_for(lst.signature_oid)):
+                raise ValueError("not this CA's")
+            number = max(number, lst.number)
+            issued |= lst.serials
+        except Exception:  # noqa: BLE001 - a damaged or foreign list is no evidence
+            refused += 1
+    return number, issued, refused
+
+
 def pending(home: str) -> bool:
     return os.path.exists(os.path.join(home, MARKER))
 
@@ -176,6 +198,9 @@ def reconcile(store: Store, home: str, actor: str) -> list[str]:
             if ev is None:
                 continue
             number, revoked, issued, refused = published(cert_der, ev)
+            list_number, listed, list_refused = published_lists(cert_der, ev.lists)
+            issued |= listed
+            refused += list_refused
             if refused:
                 db.audit(actor, "restore", ca, "refused", f"{refused} published object(s) not signed by {ca}: ignored")
             re_entered, reserved = 0, 0
@@ -216,9 +241,16 @@ def reconcile(store: Store, home: str, actor: str) -> list[str]:
                 db.db.execute("UPDATE dist_jobs SET state='superseded' WHERE ca=? AND action='crl' AND number<=? "
                               "AND state IN ('pending','parked')", (ca, number))
                 superseded = db.db.changes()
+            held_list = db.db.execute("SELECT list_number FROM cas WHERE name=?", (ca,)).fetchone()[0]
+            if list_number > held_list:  # the same for the issued-serials list's numbers
+                db.db.execute("UPDATE cas SET list_number=? WHERE name=?", (list_number, ca))
+                db.db.execute("UPDATE dist_jobs SET state='superseded' WHERE ca=? AND action='issued-serials' AND number<=? "
+                              "AND state IN ('pending','parked')", (ca, list_number))
+                superseded += db.db.changes()
             if number > crl_number or re_entered:
                 need_crl.append(ca)
             lines.append(f"{ca}: CRL numbers resume above {max(number, crl_number)} (restored CMDB had {crl_number}), "
+                         f"issued-serials lists above {max(list_number, held_list)} (had {held_list}), "
                          f"{re_entered} revocation(s) re-entered, {reserved} serial(s) reserved, {superseded} publication(s) superseded")
         if m.endpoint_seq:
             # The endpoint resumes after the highest seq it holds: every response of the restored CMDB

@@ -20,7 +20,7 @@ from cryptography import x509
 from policy import shamir
 from tests.conftest import PASSWORD, make_csr, openssl
 from tests.integration.test_distribution import wait_drained
-from tests.servers import Receiver
+from tests.servers import ADMIN_DN, ADMIN_PW, BASE, Receiver, Slapd
 
 WEB = """
 [distribution]
@@ -28,8 +28,16 @@ backoff-max = 1
 [[distribution.rule]]
 name = "web"
 url = "{url}/pub/{{name}}"
-publish = ["crl"]
+publish = ["crl", "issued-serials"]
 cas = ["issuing"]
+[[distribution.rule]]
+name = "directory"
+url = "{ldap}"
+bind-dn = "{bind_dn}"
+secret-file = "{secret}"
+publish = ["crl"]
+ca-dn = "cn={{CN}},ou=CAs,{base}"
+timeout = 2.0
 """
 
 
@@ -48,27 +56,37 @@ def _cmdb_sha(home: Path) -> str:
 
 
 def test_restore_never_goes_back(appliance_factory, homes, tmp_path):
-    web = Receiver(homes / "web")
+    web, ldap = Receiver(homes / "web"), Slapd(homes / "slapd")
     try:
-        _scenario(appliance_factory, web, tmp_path, kills=0)
+        ldap.start()
+        _scenario(appliance_factory, web, ldap, homes, tmp_path, kills=0)
     finally:
         web.stop()
+        ldap.stop()
 
 
 @pytest.mark.slow
 def test_restore_killed_at_random_moments(appliance_factory, homes, tmp_path):
     """The same scenario with kill -9 at random moments of the restore first (just drills)."""
-    web = Receiver(homes / "web")
+    web, ldap = Receiver(homes / "web"), Slapd(homes / "slapd")
     try:
-        _scenario(appliance_factory, web, tmp_path, kills=int(os.environ.get("DONJON_RESTORE_KILLS", "12")))
+        ldap.start()
+        _scenario(appliance_factory, web, ldap, homes, tmp_path, kills=int(os.environ.get("DONJON_RESTORE_KILLS", "12")))
     finally:
         web.stop()
+        ldap.stop()
 
 
-def _scenario(appliance_factory, web: Receiver, tmp_path: Path, kills: int) -> None:
+def _list_number(der: bytes) -> int:
+    from policy import serials
+    return serials.decode(der).number
+
+
+def _scenario(appliance_factory, web: Receiver, ldap: Slapd, homes: Path, tmp_path: Path, kills: int) -> None:
     a = appliance_factory(start=False)
+    (homes / "ldap.secret").write_text(ADMIN_PW + "\n")
     with open(a.home / "donjon.toml", "a") as f:
-        f.write(WEB.format(url=web.url))
+        f.write(WEB.format(url=web.url, ldap=ldap.url, bind_dn=ADMIN_DN, secret=homes / "ldap.secret", base=BASE))
     a.start()
     a.export("root", tmp_path / "root.pem")
     a.export("issuing", tmp_path / "issuing.pem")
@@ -95,7 +113,12 @@ def _scenario(appliance_factory, web: Receiver, tmp_path: Path, kills: int) -> N
     assert max(crls) == 7
     for n in range(1, 7):
         crls.setdefault(n, a.cli("crl", "export", "--ca", "issuing", "--number", str(n)).stdout)
+    for _ in range(2):  # issued-serials lists published after the backup: only their destination holds them
+        a.cli("crl", "generate", "--ca", "issuing", "--issued-serials", "--out", str(tmp_path / "gen.serials"))
     wait_drained(a)
+    held_list = _list_number((homes / "web" / "pub_issuing.serials").read_bytes())
+    ca_dn = f"cn=Donjon Test Issuing CA,ou=CAs,{BASE}"
+    assert _number(ldap.search(ca_dn, "certificateRevocationList;binary")[0]) == 7
     for pem in (before_pem, after_pem):
         assert b": revoked" in _ocsp_status(a, tmp_path, pem)
     a.cli("audit", "checkpoint", "--out", str(tmp_path / "head.json"))  # the published anchor
@@ -155,7 +178,10 @@ def _scenario(appliance_factory, web: Receiver, tmp_path: Path, kills: int) -> N
             assert (a.home / "cmdb" / "restore.json").exists()
         assert (a.home / "cmdb" / "cmdb.key").exists()
     r = a.cli(*argv, "--confirm-share", shares[0], "--confirm-share", shares[1], "--json")
-    assert json.loads(r.stdout)["older_confirmed"] is True and json.loads(r.stdout)["officers"] == ["admin", "admin2"]
+    doc = json.loads(r.stdout)
+    assert doc["older_confirmed"] is True and doc["officers"] == ["admin", "admin2"] and doc["unread_destinations"] == []
+    # read back: the CRL held by the HTTP destination and by the directory, the list held by the HTTP destination
+    assert doc["evidence"]["issuing"]["destination_crls"] == 2 and doc["evidence"]["issuing"]["destination_lists"] == 1
     assert _cmdb_sha(a.home) == restored_sha and (a.home / "cmdb" / "restore.json").exists()
 
     a.start()  # activation reconciles with what the endpoint had published
@@ -173,6 +199,13 @@ def _scenario(appliance_factory, web: Receiver, tmp_path: Path, kills: int) -> N
     pushed = [by_sha[ln[4]] for ln in web.log() if ln[1].endswith("issuing.crl") or "crl" in ln[1]]
     assert pushed and all(x < y for x, y in zip(pushed, pushed[1:])), pushed  # never lower than the destination holds
     assert pushed[-1] == n
+    assert _number(ldap.search(ca_dn, "certificateRevocationList;binary")[0]) == n  # the directory moved on, up
+    # The issued-serials list resumes above the one its destination holds (the restored CMDB's counter was lower).
+    new_list = a.cli("crl", "generate", "--ca", "issuing", "--issued-serials", "--out", str(tmp_path / "new.serials")) \
+        and (tmp_path / "new.serials").read_bytes()
+    assert _list_number(new_list) > held_list
+    wait_drained(a)
+    assert _list_number((homes / "web" / "pub_issuing.serials").read_bytes()) >= _list_number(new_list)
     recs = [json.loads(x) for x in a.cli("audit", "export").stdout.splitlines() if b'"seq"' in x and b'"checkpoint"' not in x]
     recovered = {x["object"] for x in recs if x["action"] == "recovered"}
     assert f"issuing/{before}" in recovered and f"issuing/{after}" in recovered

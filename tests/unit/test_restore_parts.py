@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import random
+import subprocess
 import tarfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -204,6 +205,61 @@ def test_evidence_is_read_as_the_endpoint_user(tmp_path):
     pw = pwd.getpwnam("donjon-ocsp")
     for d in (home / "ocsp", home / "ocsp" / "evil"):
         os.chown(d, pw.pw_uid, pw.pw_gid)
-    evidence, top, notes = R.collect_evidence(str(home))
+    evidence, top, notes, _ = R.collect_evidence(str(home))
     assert notes == ["endpoint store ocsp: PermissionError"] and evidence == {} and top == 0
     assert os.geteuid() == 0 and os.getegid() == 0  # root again afterwards
+
+
+def test_crls_read_back_from_an_ldap_destination(tmp_path):
+    """The restore reads the CRL an LDAP destination holds in the CA's entry (a real slapd: tests/servers.py),
+    at the DN the agent renders from the CA certificate; only the CA's own signature makes it evidence."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from appliance import config as C
+    from tests.servers import ADMIN_DN, ADMIN_PW, BASE, Slapd
+    import gc
+    import warnings
+    with warnings.catch_warnings():  # ldap3's import trips pyasn1's deprecation warning (the agent imports it alike)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import ldap3  # noqa: F401
+    key, cert = _ca("Restore Test CA")
+    forger, _ = _ca("Restore Test CA")
+    d = Slapd(tmp_path / "slapd")
+    d.start()
+    try:
+        subprocess.run(["ldapadd", "-x", "-H", d.url, "-D", ADMIN_DN, "-w", ADMIN_PW], text=True, check=True, capture_output=True,
+                       input=f"dn: ou=CAs,{BASE}\nobjectClass: organizationalUnit\nou: CAs\n")
+        d.put_binary(f"cn=Restore Test CA,ou=CAs,{BASE}", "certificateRevocationList;binary", _crl(key, cert, 9, {0x77: x509.ReasonFlags.key_compromise}))
+        d.put_binary(f"cn=Other,ou=CAs,{BASE}", "certificateRevocationList;binary", _crl(forger, cert, 50, {}))
+        (tmp_path / "ldap.secret").write_text(ADMIN_PW + "\n")
+        home = tmp_path / "home"
+        home.mkdir()
+        (home / "donjon.toml").write_text(C.DEFAULT_TOML + f"""
+[[distribution.rule]]
+name = "directory"
+url = "{d.url}"
+bind-dn = "{ADMIN_DN}"
+secret-file = "{tmp_path / 'ldap.secret'}"
+publish = ["crl"]
+ca-dn = "cn={{CN}},ou=CAs,{BASE}"
+timeout = 2.0
+""")
+        der = cert.public_bytes(Encoding.DER)
+        got, notes = R.fetch_ldap(str(home), {"issuing": der})
+        assert notes == [] and len(got["issuing"]) == 1
+        number, revoked, issued, refused = FR.published(der, FR.Evidence(crls=got["issuing"]))
+        assert (number, set(revoked), refused) == (9, {0x77}, 0)  # #9 held in the directory: numbers resume above it
+        _, other = _ca("Other")  # its entry holds a CRL signed by someone else: no evidence
+        got, _ = R.fetch_ldap(str(home), {"other": other.public_bytes(Encoding.DER)})
+        assert FR.published(other.public_bytes(Encoding.DER), FR.Evidence(crls=got["other"]))[0] == 0
+        _, nobody = _ca("Nobody")  # no entry: nothing held, nothing to say
+        assert R.fetch_ldap(str(home), {"x": nobody.public_bytes(Encoding.DER)}) == ({}, [])
+        assert FR.published_lists(der, [b"", b"\x30\x03abc", b"x" * 64]) == (0, set(), 3)  # damaged lists prove nothing
+        d.stop()
+        with warnings.catch_warnings():  # ldap3 leaves the socket of a refused connection to the collector
+            warnings.simplefilter("ignore", ResourceWarning)
+            got, notes = R.fetch_ldap(str(home), {"issuing": der})
+            gc.collect()
+        assert got == {} and len(notes) == 1 and notes[0].startswith("directory: issuing: ")  # unreachable: said so
+    finally:
+        d.stop()
