@@ -203,10 +203,19 @@ def reconcile(store: Store, home: str, actor: str) -> list[str]:
             refused += list_refused
             if refused:
                 db.audit(actor, "restore", ca, "refused", f"{refused} published object(s) not signed by {ca}: ignored")
-            re_entered, reserved = 0, 0
+            re_entered, reserved, answered = 0, 0, 0
+            ca_end = int(x509.load_der_x509_certificate(cert_der).not_valid_after_utc.timestamp())
             for serial in sorted(issued):
                 sb = serial_bytes(serial)
                 known = db.db.execute("SELECT 1 FROM certs WHERE ca=? AND serial=?", (ca, sb)).fetchone()
+                if not known and not db.db.execute("SELECT 1 FROM recovered_certs WHERE ca=? AND serial=?", (ca, sb)).fetchone():
+                    # Its body is not in the evidence; its serial and status are: fresh responses keep saying
+                    # good or revoked for it (never "unknown"), re-signed like any other (migration 17).
+                    db.db.execute("INSERT INTO recovered_certs VALUES (?,?,?,?)", (ca, sb, ca_end, now))
+                    db.db.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (ca, sb))
+                    answered += 1
+                    db.audit(actor, "recovered", f"{ca}/{serial:x}", "ok", "certificate published but unknown to the restored "
+                             "CMDB: re-entered by serial (its status answered by fresh OCSP responses until the CA expires)")
                 state = db.db.execute("SELECT state FROM serials WHERE serial=?", (sb,)).fetchone()
                 if state is None:
                     db.db.execute("INSERT INTO serials(serial, ca, state, reserved) VALUES (?,?,'issued',?)", (sb, ca, now))
@@ -251,7 +260,8 @@ def reconcile(store: Store, home: str, actor: str) -> list[str]:
                 need_crl.append(ca)
             lines.append(f"{ca}: CRL numbers resume above {max(number, crl_number)} (restored CMDB had {crl_number}), "
                          f"issued-serials lists above {max(list_number, held_list)} (had {held_list}), "
-                         f"{re_entered} revocation(s) re-entered, {reserved} serial(s) reserved, {superseded} publication(s) superseded")
+                         f"{re_entered} revocation(s) re-entered, {reserved} serial(s) reserved, {answered} certificate(s) re-entered by serial, "
+                         f"{superseded} publication(s) superseded")
         if m.endpoint_seq:
             # The endpoint resumes after the highest seq it holds: every response of the restored CMDB
             # moves above it (resent once; the endpoint keeps whichever response is newer).

@@ -72,6 +72,14 @@ def officers_of_file(path: str, key: bytes, cipher: str, names: list[str]) -> di
         c.close()
 
 
+def recovered_cert_state(c: apsw.Connection, ca: str, serial: bytes) -> tuple[Any, ...] | None:
+    """(not_after, revoked_at, reason, held this_update) of a certificate a restore recovered from published
+    evidence only (recovered_certs, migration 17): the shape of the OCSP scheduler's row for a known one."""
+    return c.execute("SELECT k.not_after, r.revoked_at, r.reason, o.this_update FROM recovered_certs k "
+                     "LEFT JOIN recovered_revocations r ON r.ca = k.ca AND r.serial = k.serial "
+                     "LEFT JOIN ocsp o ON o.ca = k.ca AND o.serial = k.serial WHERE k.ca=? AND k.serial=?", (ca, serial)).fetchone()
+
+
 def inactive(yet: str = "") -> FactoryError:
     return FactoryError("inactive", f"the CA is not activated{yet} (run `donjon activate`)")
 

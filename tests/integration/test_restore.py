@@ -12,6 +12,7 @@ import signal
 import subprocess
 import tarfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,11 @@ def _ocsp_status(a, tmp_path: Path, cert: Path) -> bytes:
     r = openssl("ocsp", "-issuer", str(tmp_path / "issuing.pem"), "-cert", str(cert), "-url", a.endpoint + "/ocsp",
                 "-CAfile", str(tmp_path / "root.pem"), "-no_nonce", check=False)
     return r.stdout
+
+
+def _this_update(out: bytes) -> datetime:
+    line = next(ln for ln in out.decode().splitlines() if "This Update:" in ln)
+    return datetime.strptime(" ".join(line.split(":", 1)[1].split()), "%b %d %H:%M:%S %Y GMT")
 
 
 def _cmdb_sha(home: Path) -> str:
@@ -102,6 +108,7 @@ def _scenario(appliance_factory, web: Receiver, ldap: Slapd, homes: Path, tmp_pa
     before, before_pem = issue("before")  # in the backup; revoked after it
     a.cli("backup", "--out", str(tmp_path / "b.tar"), officer="admin")
     after, after_pem = issue("after")  # issued and revoked after the backup: the CMDB will never have seen it
+    good, good_pem = issue("good")  # issued after the backup, never revoked: known only from the endpoint's response
     for s in (before, after):
         a.cli("revoke", "--ca", "issuing", s, "--reason", "keyCompromise")
     crls: dict[int, bytes] = {}
@@ -121,6 +128,8 @@ def _scenario(appliance_factory, web: Receiver, ldap: Slapd, homes: Path, tmp_pa
     assert _number(ldap.search(ca_dn, "certificateRevocationList;binary")[0]) == 7
     for pem in (before_pem, after_pem):
         assert b": revoked" in _ocsp_status(a, tmp_path, pem)
+    held_tu = {p: _this_update(_ocsp_status(a, tmp_path, p)) for p in (after_pem, good_pem)}
+    assert b": good" in _ocsp_status(a, tmp_path, good_pem)
     a.cli("audit", "checkpoint", "--out", str(tmp_path / "head.json"))  # the published anchor
     assert a.stop() == 0
 
@@ -187,6 +196,15 @@ def _scenario(appliance_factory, web: Receiver, ldap: Slapd, homes: Path, tmp_pa
     a.start()  # activation reconciles with what the endpoint had published
     for pem in (before_pem, after_pem):
         assert b": revoked" in _ocsp_status(a, tmp_path, pem)
+    # The certificates the restored CMDB never saw get freshly signed responses (re-entered by serial, migration 17):
+    # still revoked, still good, never unknown, and newer than what the endpoint held.
+    for pem, status in ((after_pem, b": revoked"), (good_pem, b": good")):
+        for _ in range(100):
+            out = _ocsp_status(a, tmp_path, pem)
+            if _this_update(out) > held_tu[pem]:
+                break
+            time.sleep(0.1)
+        assert status in out and _this_update(out) > held_tu[pem], out
     latest = a.cli("crl", "export", "--ca", "issuing").stdout
     n = _number(latest)
     assert n > 7
@@ -208,11 +226,11 @@ def _scenario(appliance_factory, web: Receiver, ldap: Slapd, homes: Path, tmp_pa
     assert _list_number((homes / "web" / "pub_issuing.serials").read_bytes()) >= _list_number(new_list)
     recs = [json.loads(x) for x in a.cli("audit", "export").stdout.splitlines() if b'"seq"' in x and b'"checkpoint"' not in x]
     recovered = {x["object"] for x in recs if x["action"] == "recovered"}
-    assert f"issuing/{before}" in recovered and f"issuing/{after}" in recovered
+    assert f"issuing/{before}" in recovered and f"issuing/{after}" in recovered and f"issuing/{good}" in recovered
     restore_rec = [x for x in recs if x["action"] == "restore" and x["outcome"] == "ok"][-1]
     assert "are lost" in restore_rec["detail"] and "confirmed by a quorum" in restore_rec["detail"]
     assert "authorised by admin and admin2 (dual control)" in restore_rec["detail"]
     assert b"audit chain intact" in a.cli("audit", "verify").stdout
     # A certificate issued now never takes a serial known issued.
     new, _ = issue("new")
-    assert new not in (before, after)
+    assert new not in (before, after, good)
