@@ -390,40 +390,105 @@ def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confi
             "kept": f"cmdb.pre-restore-{tag}"}
 
 
+PROMOTE_MARKER = "promote.json"  # in HOME/cmdb while a promote is committed but not finished
+
+
+def _crash_point(step: str) -> None:
+    """Where a promote may be cut short (kill -9, power loss): tests make it stop here."""
+
+
+def promote_pending(home: str) -> bool:
+    """A promote was committed (its marker written) but not finished: the appliance must not start on the
+    half-switched folder; `donjon standby promote` again finishes it."""
+    return os.path.exists(os.path.join(home, "cmdb", PROMOTE_MARKER))
+
+
+def _write_marker(cmdb: str, doc: dict[str, Any]) -> None:
+    tmp = os.path.join(cmdb, PROMOTE_MARKER + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(cmdb, PROMOTE_MARKER))
+    _fsync_dir(cmdb)
+
+
+def _copy_durably(src: str, dst: str) -> None:
+    shutil.copyfile(src, dst)
+    with open(dst, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def promote_standby(home: str) -> dict[str, Any]:
     """Put the standby CMDB (HOME/cmdb/standby, appliance/factory/standby.py) in place of the primary's,
-    the appliance stopped. The primary's files are kept in cmdb/pre-promote-<time>/. The main file is
-    replaced last, atomically; a promote killed half-way is simply run again."""
+    the appliance stopped; the primary's files are kept in cmdb/pre-promote-<time>/.
+
+    Atomic by roll-forward: the standby's files are first copied into cmdb/promoting/ and fsynced (a crash
+    there leaves the old state, and the next promote discards the partial copy); then the marker
+    promote.json is written durably (the commit point); then the old files go aside and the staged ones
+    in, each step recorded in the marker. A crash after the commit point leaves the marker: the appliance
+    refuses to start on it and `donjon standby promote` again finishes the same promote, never redoes it."""
     home = os.path.abspath(home)
     if appliance_running(home):
         raise RestoreError("the appliance is running: stop it first, then promote the standby")
     cmdb = os.path.join(home, "cmdb")
+    if promote_pending(home):
+        return _finish_promote(home, cmdb)
     sb = os.path.join(cmdb, "standby")
     src = os.path.join(sb, "cmdb.sqlite")
     if not os.path.isfile(src):
         raise RestoreError(f"no standby CMDB at {src}")
     if os.path.exists(os.path.join(sb, "STALE")):
         raise RestoreError("the standby missed a commit (STALE): it is not a complete copy; restore a backup instead")
-    tag = f"{int(time.time())}-{time.time_ns() % 10**9:09d}"
-    aside = os.path.join(cmdb, f"pre-promote-{tag}")
-    os.mkdir(aside, 0o700)
-    tmp = os.path.join(cmdb, "cmdb.sqlite.promoting")
+    staging = os.path.join(cmdb, "promoting")
+    if os.path.lexists(staging):  # a promote killed before its commit point: its partial copy goes
+        shutil.rmtree(staging)
+    os.mkdir(staging, 0o700)
     for suffix in ("", "-wal"):
         if os.path.exists(src + suffix):
-            shutil.copyfile(src + suffix, tmp + suffix)
-            with open(tmp + suffix, "rb+") as f:
-                os.fsync(f.fileno())
-    main = os.path.join(cmdb, "cmdb.sqlite")
-    if os.path.exists(main):
-        os.link(main, os.path.join(aside, "cmdb.sqlite"))
-    for suffix in ("-wal", "-shm"):
-        if os.path.exists(main + suffix):
-            os.rename(main + suffix, os.path.join(aside, "cmdb.sqlite" + suffix))
-    if os.path.exists(tmp + "-wal"):
-        os.rename(tmp + "-wal", main + "-wal")
-    os.replace(tmp, main)
-    key = os.path.join(cmdb, "cmdb.key")
-    if not os.path.exists(key):  # the primary disk lost its key too: the standby kept a copy
-        shutil.copyfile(os.path.join(sb, "cmdb.key"), key)
+            _crash_point(f"copy{suffix}")
+            _copy_durably(src + suffix, os.path.join(staging, "cmdb.sqlite" + suffix))
+    if not os.path.exists(os.path.join(cmdb, "cmdb.key")):  # the primary disk lost its key too: the standby kept a copy
+        _copy_durably(os.path.join(sb, "cmdb.key"), os.path.join(staging, "cmdb.key"))
+    _fsync_dir(staging)
+    _crash_point("staged")
+    tag = f"{int(time.time())}-{time.time_ns() % 10**9:09d}"
+    _write_marker(cmdb, {"tag": tag, "phase": "aside", "promoted": src})  # the commit point
+    return _finish_promote(home, cmdb)
+
+
+def _finish_promote(home: str, cmdb: str) -> dict[str, Any]:
+    """The steps after the commit point; each is idempotent, so a promote cut anywhere here is finished by
+    running this again."""
+    try:
+        with open(os.path.join(cmdb, PROMOTE_MARKER)) as f:
+            doc = json.load(f)
+        tag, phase = str(doc["tag"]), doc["phase"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RestoreError(f"{cmdb}/{PROMOTE_MARKER}: unreadable ({type(e).__name__}); nothing more was changed") from None
+    if not re.fullmatch(r"[0-9]+-[0-9]{9}", tag) or phase not in ("aside", "in"):
+        raise RestoreError(f"{cmdb}/{PROMOTE_MARKER}: not a promote marker; nothing more was changed")
+    aside = os.path.join(cmdb, f"pre-promote-{tag}")
+    staging = os.path.join(cmdb, "promoting")
+    if phase == "aside":
+        os.makedirs(aside, mode=0o700, exist_ok=True)
+        for name in ("cmdb.sqlite-shm", "cmdb.sqlite-wal", "cmdb.sqlite"):
+            if os.path.exists(os.path.join(cmdb, name)):
+                _crash_point(f"aside {name}")
+                os.rename(os.path.join(cmdb, name), os.path.join(aside, name))
+        _fsync_dir(aside)
+        _fsync_dir(cmdb)
+        _crash_point("aside done")
+        _write_marker(cmdb, {**doc, "phase": "in"})
+    for name in ("cmdb.key", "cmdb.sqlite-wal", "cmdb.sqlite"):  # the database last
+        if os.path.exists(os.path.join(staging, name)):
+            _crash_point(f"in {name}")
+            os.rename(os.path.join(staging, name), os.path.join(cmdb, name))
     _fsync_dir(cmdb)
-    return {"promoted": src, "kept": os.path.relpath(aside, home)}
+    _crash_point("in done")
+    os.unlink(os.path.join(cmdb, PROMOTE_MARKER))
+    if os.path.isdir(staging):
+        os.rmdir(staging)
+    _fsync_dir(cmdb)
+    return {"promoted": doc.get("promoted", ""), "kept": os.path.relpath(aside, home)}

@@ -182,6 +182,9 @@ class Supervisor:
         L = self.layout
         if not os.path.isdir(self.home):
             raise SupervisorError(f"{self.home} does not exist (run `donjon init --home {self.home} --ceremony FILE`)")
+        from appliance import restore
+        if restore.promote_pending(self.home):  # the CMDB folder is half-switched: never open or create a CMDB there
+            raise SupervisorError("a standby promote was interrupted: run `donjon standby promote` again to finish it")
         # Configuration errors first: a refused configuration leaves nothing behind.
         self.dist_rules = C.dist_rules(self.home, self.cfg, with_secrets=True)  # ConfigError names the rule
         if self.cfg.snmp.enabled:

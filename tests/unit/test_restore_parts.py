@@ -263,3 +263,80 @@ timeout = 2.0
         assert got == {} and len(notes) == 1 and notes[0].startswith("directory: issuing: ")  # unreachable: said so
     finally:
         d.stop()
+
+
+class _Cut(BaseException):
+    """The promote stops here, as a kill -9 would: no cleanup runs (promote_standby has no finally)."""
+
+
+def _promote_home(tmp_path: Path, lost: bool = False) -> Path:
+    home = tmp_path / "home"
+    (home / "cmdb" / "standby").mkdir(parents=True)
+    if not lost:
+        for name, data in (("cmdb.sqlite", b"OLD"), ("cmdb.sqlite-wal", b"OLDWAL"), ("cmdb.sqlite-shm", b"OLDSHM"), ("cmdb.key", b"KEY")):
+            (home / "cmdb" / name).write_bytes(data)
+    for name, data in (("cmdb.sqlite", b"SB"), ("cmdb.sqlite-wal", b"SBWAL"), ("cmdb.key", b"KEY")):
+        (home / "cmdb" / "standby" / name).write_bytes(data)
+    return home
+
+
+def _promoted(home: Path) -> None:
+    c = home / "cmdb"
+    assert (c / "cmdb.sqlite").read_bytes() == b"SB" and (c / "cmdb.sqlite-wal").read_bytes() == b"SBWAL"
+    assert not (c / "cmdb.sqlite-shm").exists() and (c / "cmdb.key").read_bytes() == b"KEY"
+    assert not (c / R.PROMOTE_MARKER).exists() and not (c / "promoting").exists() and not R.promote_pending(str(home))
+
+
+def test_standby_promote_cut_at_every_step(tmp_path, monkeypatch):
+    """Cut at each step of a promote: either the old primary is intact (and the next promote starts over), or
+    the marker is there (the appliance refuses to start) and the next promote finishes it; never a mix."""
+    steps: list[str] = []
+    monkeypatch.setattr(R, "_crash_point", steps.append)
+    home = _promote_home(tmp_path / "all")
+    doc = R.promote_standby(str(home))
+    _promoted(home)
+    aside = home / doc["kept"]
+    assert doc["kept"].startswith("cmdb/pre-promote-") and {p.name: p.read_bytes() for p in aside.iterdir()} == {
+        "cmdb.sqlite": b"OLD", "cmdb.sqlite-wal": b"OLDWAL", "cmdb.sqlite-shm": b"OLDSHM"}
+    assert len(steps) >= 8, steps
+    for i, step in enumerate(steps):
+        home = _promote_home(tmp_path / f"cut{i}")
+
+        def cut(name: str, at: str = step) -> None:
+            if name == at:
+                raise _Cut(name)
+        monkeypatch.setattr(R, "_crash_point", cut)
+        with pytest.raises(_Cut):
+            R.promote_standby(str(home))
+        monkeypatch.setattr(R, "_crash_point", lambda name: None)
+        c = home / "cmdb"
+        if not R.promote_pending(str(home)):  # before the commit point: the old primary, untouched
+            assert [(c / n).read_bytes() for n in ("cmdb.sqlite", "cmdb.sqlite-wal", "cmdb.sqlite-shm")] == [b"OLD", b"OLDWAL", b"OLDSHM"], step
+        R.promote_standby(str(home))  # starts over, or finishes the committed one
+        _promoted(home)
+        kept = [p for p in c.iterdir() if p.name.startswith("pre-promote-")]
+        assert len(kept) == 1 and (kept[0] / "cmdb.sqlite").read_bytes() == b"OLD", step  # one promote, never two
+    # The primary disk lost with its key: the standby's copy of the wrapped key comes along.
+    home = _promote_home(tmp_path / "lost", lost=True)
+    R.promote_standby(str(home))
+    _promoted(home)
+    # A damaged marker: refused in one line, nothing more touched.
+    home = _promote_home(tmp_path / "bad")
+    (home / "cmdb" / R.PROMOTE_MARKER).write_text('{"tag": "../../x", "phase": "aside"}')
+    with pytest.raises(R.RestoreError, match="not a promote marker"):
+        R.promote_standby(str(home))
+    assert (home / "cmdb" / "cmdb.sqlite").read_bytes() == b"OLD"
+
+
+def test_the_appliance_refuses_a_half_promoted_cmdb(tmp_path):
+    """The supervisor, on a folder with an unfinished promote: a one-line refusal before any role starts, no
+    CMDB opened or created."""
+    from appliance import config as C
+    from appliance.supervisor import Supervisor, SupervisorError
+    home = _promote_home(tmp_path)
+    (home / "donjon.toml").write_text(C.DEFAULT_TOML)
+    (home / "cmdb" / R.PROMOTE_MARKER).write_text('{"tag": "1-000000000", "phase": "in"}')
+    (home / "cmdb" / "cmdb.sqlite").unlink()
+    with pytest.raises(SupervisorError, match=r"a standby promote was interrupted: run `donjon standby promote` again"):
+        Supervisor(str(home), C.load(str(home))).prepare()
+    assert not (home / "cmdb" / "cmdb.sqlite").exists() and not (home / "run").exists()
