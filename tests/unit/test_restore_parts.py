@@ -340,3 +340,32 @@ def test_the_appliance_refuses_a_half_promoted_cmdb(tmp_path):
     with pytest.raises(SupervisorError, match=r"a standby promote was interrupted: run `donjon standby promote` again"):
         Supervisor(str(home), C.load(str(home))).prepare()
     assert not (home / "cmdb" / "cmdb.sqlite").exists() and not (home / "run").exists()
+
+
+def test_published_lists_and_promote_marker_fuzz(tmp_path):
+    """The issued-serials lists read back from destinations and the promote marker are untrusted input:
+    random and mutated bytes give a counted refusal or a one-line RestoreError, never anything else."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+    key, cert = _ca("CA")
+    der = cert.public_bytes(Encoding.DER)
+    rnd = random.Random(15)
+    seed = _crl(key, cert, 3, {5: x509.ReasonFlags.superseded})  # DER of the right shape, not a list
+    inputs = [rnd.randbytes(rnd.randrange(0, 300)) for _ in range(150)]
+    for _ in range(150):
+        b = bytearray(seed)
+        for _ in range(rnd.randrange(1, 6)):
+            b[rnd.randrange(len(b))] = rnd.randrange(256)
+        inputs.append(bytes(b))
+    assert FR.published_lists(der, inputs) == (0, set(), len(inputs))
+    home = _promote_home(tmp_path)
+    marker = home / "cmdb" / R.PROMOTE_MARKER
+    for i in range(200):
+        marker.write_bytes(rnd.randbytes(rnd.randrange(0, 80)) if i % 2 else
+                           json.dumps({"tag": rnd.choice(["1-000000000", "../x", 7, None]),
+                                       "phase": rnd.choice(["aside", "in", "?", 1])}).encode())
+        try:
+            R.promote_standby(str(home))
+        except R.RestoreError as e:
+            assert "\n" not in str(e)
+        home = _promote_home(tmp_path / f"f{i}")  # a marker that did pass finished a promote: a fresh home
+        marker = home / "cmdb" / R.PROMOTE_MARKER
