@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 from typing import Any
 
@@ -306,6 +307,34 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+KEEP = ("activation-failures.json", "restore-refused.jsonl")  # both go into the restored CMDB's audit chain
+
+
+def carry_over(cmdb: str, staging: str) -> list[str]:
+    """Copy the CMDB folder's pending audit notes into the restored one. The folder is the Factory's: a link
+    or anything but a small plain file there is refused (named), never followed by root. What was copied."""
+    from appliance import safefs
+    done: list[str] = []
+    if not os.path.isdir(cmdb):
+        return done
+    dfd = safefs.open_root(cmdb)
+    try:
+        for name in KEEP:
+            try:
+                data = safefs.read_file(dfd, name, 128 * 1024)
+            except (safefs.UnsafePath, OSError) as e:
+                print(f"donjon restore: {name} not carried over: {e}", file=sys.stderr)
+                continue
+            if data is not None:
+                fd = os.open(os.path.join(staging, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                done.append(name)
+    finally:
+        os.close(dfd)
+    return done
+
+
 def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confirm_shares: list[str],
             officers: list[tuple[str, str, str]], pin: str | None) -> dict[str, Any]:
     """Check (the backup, its age, two of its administrators), collect, swap. Returns what was done (for the CLI)."""
@@ -359,10 +388,7 @@ def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confi
     if os.path.lexists(staging):  # a restore killed earlier: the old CMDB or a partial copy, kept aside
         os.rename(staging, os.path.join(home, f"cmdb.pre-restore-{tag}-partial"))
     os.mkdir(staging, 0o700)
-    keep = ("activation-failures.json",)
-    for name in keep:
-        if os.path.exists(os.path.join(cmdb, name)):
-            shutil.copy2(os.path.join(cmdb, name), os.path.join(staging, name))
+    carry_over(cmdb, staging)
     backupfile.install_cmdb(backup, staging)
     with open(backup, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()

@@ -95,8 +95,53 @@ async def check_officers(cis: CisLink, home: str, cipher: str, m: S.CheckRestore
         elif "administrator" not in roles.split(","):
             bad.append(f"{o.name}: not an administrator")
     if bad:
-        raise FactoryError("auth", "restore refused (dual control): " + "; ".join(bad))
+        why = "restore refused (dual control): " + "; ".join(bad)
+        _note_refusal(home, names, why)
+        raise FactoryError("auth", why)
     return names
+
+
+REFUSALS = "restore-refused.jsonl"  # refused restores, recorded in the audit chain at the next activation
+_REFUSALS_MAX = 64 * 1024
+
+
+def _note_refusal(home: str, names: list[str], why: str) -> None:
+    """The CMDB is closed (the appliance is stopped): keep the refusal beside it, bounded, for the audit chain."""
+    path = os.path.join(home, REFUSALS)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        _log(f"restore refusal not kept for the audit ({e.strerror}): {why}")
+        return
+    with os.fdopen(fd, "ab") as f:
+        if f.tell() < _REFUSALS_MAX:  # a flood of refusals keeps the first ones, never fills the disk
+            f.write(msgspec.json.encode({"ts": int(time.time()), "officers": names[:4], "why": why[:1000]}) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def record_refusals(store: Store, home: str) -> int:
+    """On the DB thread at activation: the restores refused while the appliance was stopped become audit
+    records (actor: the officers named), then the file goes. Their number."""
+    path = os.path.join(home, REFUSALS)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_REFUSALS_MAX + 4096)
+    except FileNotFoundError:
+        return 0
+    recs = []
+    for line in data.splitlines():
+        try:
+            r = msgspec.json.decode(line)
+            recs.append((int(r["ts"]), "+".join(str(n)[:64] for n in r["officers"][:4]), str(r["why"])[:1000]))
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            recs.append((int(time.time()), "unknown", "a restore refusal record was unreadable"))
+    db = store.require_active()
+    with db.tx():
+        for ts, who, why in recs:
+            db.audit(f"restore:{who}", "restore", "cmdb", "refused", why, ts=ts)
+    os.unlink(path)
+    return len(recs)
 
 
 def _verify(pub, sig: bytes, data: bytes, halg) -> bool:

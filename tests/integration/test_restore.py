@@ -230,6 +230,8 @@ def _scenario(appliance_factory, web: Receiver, ldap: Slapd, homes: Path, tmp_pa
     restore_rec = [x for x in recs if x["action"] == "restore" and x["outcome"] == "ok"][-1]
     assert "are lost" in restore_rec["detail"] and "confirmed by a quorum" in restore_rec["detail"]
     assert "authorised by admin and admin2 (dual control)" in restore_rec["detail"]
+    refused = [x for x in recs if x["action"] == "restore" and x["outcome"] == "refused" and x["actor"] == "restore:admin2+oper"]
+    assert len(refused) == 1 and "admin2: wrong password or code" in refused[0]["detail"]  # the refused attempt, audited
     assert b"audit chain intact" in a.cli("audit", "verify").stdout
     # A certificate issued now never takes a serial known issued.
     new, _ = issue("new")

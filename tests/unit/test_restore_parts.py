@@ -369,3 +369,21 @@ def test_published_lists_and_promote_marker_fuzz(tmp_path):
             assert "\n" not in str(e)
         home = _promote_home(tmp_path / f"f{i}")  # a marker that did pass finished a promote: a fresh home
         marker = home / "cmdb" / R.PROMOTE_MARKER
+
+
+def test_carry_over_never_follows_a_link_in_the_factorys_folder(tmp_path):
+    """A compromised Factory plants activation-failures.json -> a root-only file: root's restore refuses it
+    (named on stderr) and copies only the plain notes into the restored folder."""
+    cmdb, staging = tmp_path / "cmdb", tmp_path / "staging"
+    cmdb.mkdir()
+    staging.mkdir()
+    secret = tmp_path / "secret"
+    secret.write_text("root-only secret")
+    (cmdb / "activation-failures.json").symlink_to(secret)
+    (cmdb / "restore-refused.jsonl").write_bytes(b'{"ts": 1, "officers": ["a"], "why": "x"}\n')
+    assert R.carry_over(str(cmdb), str(staging)) == ["restore-refused.jsonl"]
+    assert sorted(p.name for p in staging.iterdir()) == ["restore-refused.jsonl"]
+    assert all(b"root-only" not in p.read_bytes() for p in staging.iterdir())
+    (cmdb / "restore-refused.jsonl").unlink()
+    (cmdb / "restore-refused.jsonl").write_bytes(b"x" * (200 * 1024))  # oversize: refused, not copied
+    assert R.carry_over(str(cmdb), str(tmp_path / "new")) == [] if (tmp_path / "new").mkdir() is None else False
