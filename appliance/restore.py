@@ -82,6 +82,8 @@ def check_officers(home: str, backup: str, officers: list[tuple[str, str, str]],
     with backupfile._open(backup) as tar:
         kf = tar.extractfile("cmdb.key")
         wrapped = kf.read(4097) if kf is not None else b""
+        if not wrapped or len(wrapped) > 4096:
+            raise RestoreError(f"{backup}: its cmdb.key is not a wrapped CMDB key")
         src = tar.extractfile("cmdb.sqlite")
         assert src is not None
         # The copy goes where the Factory may read it; the folder is the Factory's: no link followed.

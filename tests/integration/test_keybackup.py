@@ -135,6 +135,7 @@ def _console_key_backup(a: Appliance, tmp_path: Path) -> None:
     media = a.home / "media"
     media.mkdir(mode=0o700, exist_ok=True)
     so_pin = (a.home / "softhsm" / "so-pin").read_text().strip()
+    (tmp_path / "console").mkdir()
     t = Tmux(tmp_path / "console", console_argv(a), env=a.env("admin"))
     try:
         log_in(t, "admin")
@@ -163,7 +164,7 @@ def _console_key_backup(a: Appliance, tmp_path: Path) -> None:
         t.send("2")
         t.expect(r"key backup number \(Enter: default\):$")
         t.send(str(number))
-        t.expect(r"key backup sha256 [0-9a-f]{32}\.\.\.[\s\S]*keys: [\s\S]*2\) recover\): one to each custodian[\s\S]*choice>$")
+        t.expect(r"key backup sha256 [0-9a-f]{32}\.\.\.[\s\S]*keys: [\s\S]*\(any 2 recover\): one to each custodian[\s\S]*choice>$")
         t.key("C-d")
         assert t.wait_dead() == 0
     finally:

@@ -178,7 +178,7 @@ def _scenario(appliance_factory, web: Receiver, ldap: Slapd, homes: Path, tmp_pa
         cur = _cmdb_sha(a.home)
         p = subprocess.Popen(a.argv(*argv, "--confirm-share", shares[0], "--confirm-share", shares[1]), env=a.env("admin"),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(rnd.uniform(0.3, 1.2))
+        time.sleep(rnd.uniform(0.3, 8.0))  # the officers' check (a one-job run of the roles) comes before the swap
         os.killpg(p.pid, signal.SIGKILL)
         p.wait(30)
         now = _cmdb_sha(a.home)
