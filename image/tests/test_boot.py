@@ -132,7 +132,13 @@ class Vm:
             assert time.monotonic() < deadline, "QEMU made no serial socket"
             time.sleep(0.05)
         self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(str(self.sock_path))
+        while True:  # the socket file can exist a moment before QEMU listens on it
+            try:
+                self.sock.connect(str(self.sock_path))
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline and self.proc.poll() is None, "QEMU's serial socket refused"
+                time.sleep(0.1)
         self.buf = b""
         self.seen = b""
         self.closed = False
@@ -231,7 +237,7 @@ class Vm:
 
 
 def _first_boot(vm: Vm, url: str | None, hierarchy: str = "1") -> None:
-    for attempt in range(3):
+    for attempt in range(5):
         # An emulated guest on a loaded host can fail the kernel's early timer check ("IO-APIC + timer
         # doesn't work!"): an artefact of TCG starved of CPU, not of the image; power-cycle and boot again.
         m = vm.expect(r"(Press Enter to set up this appliance from this console)|(Kernel panic - not syncing: [^\n]*)",
@@ -239,7 +245,7 @@ def _first_boot(vm: Vm, url: str | None, hierarchy: str = "1") -> None:
         if m.group(1):
             break
         print(f"{vm.tmp.name}: {m.group(2).decode(errors='replace')[:120]} (emulated boot {attempt + 1}); power-cycled")
-        assert attempt < 2, "three kernel panics at boot"
+        assert attempt < 4, "five kernel panics at boot"
         vm.power_cycle()
     print(f"{vm.tmp.name}: console question after {time.monotonic() - vm.started:.1f} s")
     vm.send("")
