@@ -502,18 +502,6 @@ def test_two_appliances_carry_media(image_dir, tmp_path):
         assert "unmounted: it may be removed" in _unmount(online)
         _logout(online)
 
-        # SSH with the enrolled key: the admin account, the forced command, a read-only command.
-        sshopts = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-                   "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=30", "-p", str(ssh)]
-        # The officer then logs in on the channel itself (prompts on stderr): name, password, second factor.
-        r = subprocess.run(["ssh", *sshopts, "-i", str(tmp_path / "alice"), "admin@127.0.0.1", "ca list"],
-                           input=f"alice\n{PASSWORD}\n\n", capture_output=True, text=True, timeout=180)
-        assert r.returncode == 0 and re.search(r"(?m)^sub ", r.stdout), f"{r.returncode} {r.stdout} {r.stderr}"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "mallory")], check=True)
-        r = subprocess.run(["ssh", *sshopts, "-i", str(tmp_path / "mallory"), "admin@127.0.0.1", "status"],
-                           capture_output=True, text=True, timeout=180)
-        assert r.returncode == 255 and "Permission denied" in r.stderr, f"{r.returncode} {r.stderr}"
-
         # ---- carried: the request on the stick, pulled from one guest and pushed into the other.
         online.unplug_stick()
         assert "sub.csr" in _mtools("mdir", "-b", "-i", str(stick), "::")
@@ -643,6 +631,18 @@ def test_two_appliances_carry_media(image_dir, tmp_path):
             assert time.monotonic() < deadline, f"{r.stdout}\n{r.stderr}"
             time.sleep(5)
         assert "www.pem: OK" in r.stdout
+
+        # SSH with the enrolled key: the admin account, the forced command, a read-only command.
+        sshopts = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+                   "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=30", "-p", str(ssh)]
+        # The officer then logs in on the channel itself (prompts on stderr): name, password, second factor.
+        r = subprocess.run(["ssh", *sshopts, "-i", str(tmp_path / "alice"), "admin@127.0.0.1", "ca list"],
+                           input=f"alice\n{PASSWORD}\n\n", capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0 and re.search(r"(?m)^sub ", r.stdout), f"{r.returncode} {r.stdout} {r.stderr}"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "mallory")], check=True)
+        r = subprocess.run(["ssh", *sshopts, "-i", str(tmp_path / "mallory"), "admin@127.0.0.1", "status"],
+                           capture_output=True, text=True, timeout=180)
+        assert r.returncode == 255 and "Permission denied" in r.stderr, f"{r.returncode} {r.stderr}"
 
         ifaces, socks = _network(online)
         assert "lo" in ifaces and len(ifaces) >= 2, ifaces
