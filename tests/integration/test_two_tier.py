@@ -10,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -90,13 +91,17 @@ def pki(module_appliance_factory):
                         "DONJON_TEST_CLOCK_SETTER_FAKE": str(base / "clock-setter-fake.log")}
         media = base / "media"  # the stick carried between the two boxes
         media.mkdir(mode=0o755)
-        root.start()
-        online.start()
-        for n in WITNESSES:
-            root.cli("officer", "add", n, "--role", "operator", env={"DONJON_PASSWORD": PASSWORD})
-            root.officers[n] = "operator"
-        root.cli("officer", "add", "admin2", "--role", "administrator", env={"DONJON_PASSWORD": PASSWORD})
-        root.officers["admin2"] = "administrator"
+        # The two boxes start side by side (each mostly waits: fsync, its roles, the HSM), the root's
+        # officers added meanwhile; a start that fails raises here, after the other is done.
+        with ThreadPoolExecutor(1) as pool:
+            online_started = pool.submit(online.start)
+            root.start()
+            for n in WITNESSES:
+                root.cli("officer", "add", n, "--role", "operator", env={"DONJON_PASSWORD": PASSWORD})
+                root.officers[n] = "operator"
+            root.cli("officer", "add", "admin2", "--role", "administrator", env={"DONJON_PASSWORD": PASSWORD})
+            root.officers["admin2"] = "administrator"
+            online_started.result()
         yield root, online, media, clock, url
     finally:
         for a in reversed(made):
