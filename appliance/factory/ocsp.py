@@ -21,6 +21,7 @@ from appliance.ipc.channel import Channel, ProtocolViolation
 
 from .cis_link import CisRefused
 from .errors import FactoryError, _log
+from .store import recovered_cert_state
 
 if TYPE_CHECKING:
     from .cis_link import CisLink
@@ -91,8 +92,14 @@ class OcspProducer:
 
     def _due(self, now: int) -> list[tuple]:
         """Up to BATCH certificates whose response is missing, stale, or no longer says the truth."""
-        keys = self.store.ocsp_due_keys(now, BATCH)
-        return [(ca, serial, self.store.ocsp_cert_state(ca, serial)) for ca, serial in dict.fromkeys(keys)]
+        st = self.store
+        out = []
+        for ca, serial in dict.fromkeys(st.ocsp_due_keys(now, BATCH)):
+            row = st.ocsp_cert_state(ca, serial)
+            if row is None:  # known only from what was published before a restore: still answered, never "unknown"
+                row = recovered_cert_state(st.require_active().db, ca, serial)
+            out.append((ca, serial, row))
+        return out
 
     def _store(self, ca: str, items: list[tuple], responses: list[bytes], hashes: tuple[str, ...],
                this_update: int, next_update: int) -> tuple[list[tuple], int]:
