@@ -12,7 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import trio
@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives import hashes
 
 from appliance.ipc import schema as S
 
-from .admin import PUBLIC, ROLES, TABLE, AdminOp
-from .service import Factory, FactoryError
+from .cmdb import Cmdb
+from .errors import FactoryError
+from .permissions import PUBLIC, ROLES
 from .store import Store
 
 MIN_PASSWORD = 12
@@ -147,10 +148,33 @@ class Peer:
         return max(0.0, self.last + min(2.0 ** (self.failures - free), MAX_PEER_DELAY) - now)
 
 
+class TableRow(Protocol):
+    """What the permission check reads of a row of the admin-request table (admin.AdminOp)."""
+
+    allowed: frozenset[str] | None
+    guard: str | None
+    self_service: bool
+
+
+class OfficersHost(Protocol):
+    """What the officers use of their owner (the Factory) besides the store: its configuration, profiles,
+    the audit write, events and the break-glass share check. Named here, not imported from service.py:
+    restore.py checks passwords with this module's functions, and service.py leads back to restore.py."""
+
+    cfg: S.FactoryConfig
+    profiles: dict[str, Any]
+
+    def _require_active(self) -> Cmdb: ...
+    async def audit(self, actor: str, action: str, obj: str, outcome: str, detail: str = "") -> None: ...
+    async def send_event(self, ev: S.Event) -> None: ...
+    def check_shares(self, shares: Any, uid: int) -> Any: ...
+
+
 @dataclass
 class Officers:
-    f: Factory  # its config, profiles, events and the break-glass share check; the CMDB only through the store
+    f: OfficersHost
     store: Store
+    table: dict[type, TableRow]  # admin.TABLE, given by main.py: this module does not import admin.py (no import circle)
     sessions: dict[bytes, Session] = field(default_factory=dict)
     peers: dict[int, Peer] = field(default_factory=dict)
     kdf: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(KDF_CONCURRENCY))
@@ -278,7 +302,7 @@ class Officers:
         """Refuse (typed, audited) what this connection's officer may not do."""
         op = tag_of(req)
         obj = str(getattr(req, "name", None) or getattr(req, "ca", None) or getattr(req, "request", None) or "-")
-        row = TABLE.get(type(req))
+        row = self.table.get(type(req))
         if row is None:
             await self.f.audit(conn.actor, op, obj, "denied", "not in the admin-request table")
             raise FactoryError("denied", f"{op}: not a permitted operation")
@@ -401,7 +425,7 @@ class Officers:
 
     # ------------------------------------------------------------ dual control
 
-    async def guard(self, req, conn: Conn, row: AdminOp) -> str | None:
+    async def guard(self, req, conn: Conn, row: TableRow) -> str | None:
         """The dual-control operation name this request falls under, or None when it runs at once."""
         if self.cfg.dual_approvals <= 1 or conn.session is None:
             return None  # no policy, or the bootstrap administrator (no officer exists to approve)
@@ -474,7 +498,7 @@ class Officers:
             await self.f.audit(conn.actor, "approve", obj, "refused", f"request is {state}")
             raise FactoryError("exists" if state in ("done", "failed", "running") else "policy", f"request #{request_id} is {state}")
         req = msgspec.msgpack.decode(blob, type=S.AdminRequest)
-        row = TABLE.get(type(req))
+        row = self.table.get(type(req))
         allowed = (row.allowed if row is not None else None) or frozenset()
         if not s.roles & allowed:
             await self.f.audit(conn.actor, "approve", obj, "denied", f"roles {','.join(sorted(s.roles))} may not approve {operation}")
