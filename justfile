@@ -57,7 +57,7 @@ test *ARGS:
 # Lint: ruff over the tree, mypy over policy/, appliance/ipc/, the CMDB module and the store (config in pyproject.toml)
 lint:
     {{venv}}/ruff check .
-    {{venv}}/mypy policy appliance/ipc appliance/factory/cmdb.py appliance/factory/store.py appliance/factory/errors.py
+    {{venv}}/mypy policy appliance/ipc appliance/factory/cmdb.py appliance/factory/store appliance/factory/errors.py
 
 # The kill -9 test at 1,000 cycles (nothing lost, no serial twice, audit chain intact; DONJON_KILL_CYCLES=N for another count)
 torture *ARGS:
