@@ -312,18 +312,27 @@ class Endpoint(HttpServer):
         already read, and keeps it. Each request: its head within head_timeout and all of it within
         read_timeout, counted from the connection or from the previous answer."""
         buf = bytearray()
+        raw = type(stream) is _RawStream
         while True:
             got = None
             start = trio.current_time()
-            with trio.move_on_at(start + min(self.cfg.head_timeout, self.cfg.read_timeout)) as scope:
-                self._heads[held] = (scope, start)
+            if raw and self._arrived(stream, buf):  # type: ignore[arg-type]
+                # All of the request is here (the usual case under load): read without waiting, so no deadline.
                 try:
-                    got = await self._read_fast(stream, buf, scope, start, held)
+                    got = await self._read_fast(stream, buf, None, start, held)
                 except _Fail as f:
                     got = f
-                finally:
-                    self._heads.pop(held, None)
-            if scope.cancelled_caught:
+                scope = None
+            else:
+                with trio.move_on_at(start + min(self.cfg.head_timeout, self.cfg.read_timeout)) as scope:
+                    self._heads[held] = (scope, start)
+                    try:
+                        got = await self._read_fast(stream, buf, scope, start, held)
+                    except _Fail as f:
+                        got = f
+                    finally:
+                        self._heads.pop(held, None)
+            if scope is not None and scope.cancelled_caught:
                 if not buf or held.evicted:
                     return  # an idle keep-alive connection, or evicted: close quietly
                 await self._send(stream, _raw_reply(_plain(408, close=True), self.clock(), False, False))
@@ -369,7 +378,22 @@ class Endpoint(HttpServer):
                 await self._close(stream)
                 return
 
-    async def _read_fast(self, stream, buf: bytearray, scope: trio.CancelScope, start: float, held: _Held):
+    def _arrived(self, stream: "_RawStream", buf: bytearray) -> bool:
+        """Whether a whole request in a head already seen is in `buf`, after one read that does not wait
+        if it is not yet. The bytes read stay in `buf` either way; _read_fast decides everything."""
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            data = stream.receive_now(FAST_READ)
+            if not data:
+                return False
+            buf += data
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return False
+        parsed = self._heads_seen.get(bytes(buf[:end]))
+        return parsed is not None and len(buf) >= end + 4 + parsed[3]
+
+    async def _read_fast(self, stream, buf: bytearray, scope: trio.CancelScope | None, start: float, held: _Held):
         """One request in the common shape: (method, target, headers, body, keep_alive); None if
         the client closed before sending anything; _FALLBACK for anything else (h11 decides). The
         request's bytes are removed from `buf`, what follows them (pipelining) stays."""
@@ -401,7 +425,8 @@ class Endpoint(HttpServer):
             if length > self.route_cap(method, target, headers):
                 raise _Fail(413)  # a POST elsewhere than OCSP: no body read, as on the h11 path
             self._reserve(held, length)
-            scope.deadline = start + self.cfg.read_timeout  # the head is in: the body has what is left
+            if scope is not None:
+                scope.deadline = start + self.cfg.read_timeout  # the head is in: the body has what is left
         while len(buf) < begin + length:
             data = await stream.receive_some(FAST_READ)
             if not data:
@@ -424,12 +449,13 @@ class _RawStream:
     trio's SocketStream adds a scheduling round to every call that completes at once, which is most of
     the cost of a small answer. Same contract as the parts of trio.abc.Stream the endpoint uses."""
 
-    __slots__ = ("sock", "_quick")
+    __slots__ = ("_dry", "_quick", "sock")
 
     def __init__(self, sock: socket.socket):
         sock.setblocking(False)
         self.sock = sock
         self._quick = 0
+        self._dry = False  # receive_now just found nothing: the next receive_some waits first
 
     async def _count(self) -> None:
         self._quick += 1
@@ -437,7 +463,21 @@ class _RawStream:
             self._quick = 0
             await trio.lowlevel.checkpoint()
 
+    def receive_now(self, max_bytes: int) -> bytes | None:
+        """What has arrived, without waiting: None if nothing yet (b"" at the end of the stream)."""
+        try:
+            return self.sock.recv(max_bytes)
+        except BlockingIOError:
+            self._dry = True
+            return None
+        except OSError as e:
+            raise trio.BrokenResourceError from e
+
     async def receive_some(self, max_bytes: int) -> bytes:
+        if self._dry:  # nothing was there a moment ago: wait before asking again
+            self._dry = False
+            self._quick = 0
+            await trio.lowlevel.wait_readable(self.sock)
         while True:
             try:
                 data = self.sock.recv(max_bytes)

@@ -141,7 +141,7 @@ def fuzz(tmp_path_factory):
         _FUZZ.clear()
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.integers(0, 7), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255),
                                               st.sampled_from(["flip", "set", "cut", "insert"])), max_size=3))
 def test_fuzz_cached_answers_equal_fresh_ones(fuzz, k, edits):
@@ -180,3 +180,67 @@ def test_the_cache_holds_across_many_distinct_requests(store, ca):
         for s, q in reqs.items():
             a = ep.responder.answer(q)
             assert a.outcome == "good" and ocsp.load_der_ocsp_response(a.der).serial_number == s
+
+
+# ---------------------------------------------------------------- on a real socket: requests that are all here, and those that are not
+
+
+def _answers(s, n: int) -> list[bytes]:
+    """n HTTP answers read off a keep-alive connection (bodies by Content-Length), bounded."""
+    out, buf = [], b""
+    while len(out) < n:
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                return out
+            buf += chunk
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        while len(buf) < length:
+            chunk = s.recv(65536)
+            if not chunk:
+                return out
+            buf += chunk
+        out.append(head + b"\r\n\r\n" + buf[:length])
+        buf = buf[length:]
+    return out
+
+
+def test_pipelined_split_and_stalled_requests_on_one_connection(tmp_path, ca):
+    import socket
+
+    from tests.unit.test_ocsp_http import Server
+    st = Store.open(str(tmp_path / "store"))
+    st.publish_ca("issuing", ca.der)
+    held = {s: published(ca, s) for s in (5, 6, 7)}
+    st.publish_responses("issuing", list(held.values()), seq=1)
+    srv = Server(Endpoint(st, HttpConfig(max_connections=8, read_timeout=0.5, max_age=300)))
+    try:
+        def post(serial: int) -> bytes:
+            q = cert_id_request(ca, [serial])
+            return b"POST /ocsp HTTP/1.1\r\nHost: x\r\nContent-Type: application/ocsp-request\r\nContent-Length: %d\r\n\r\n" % len(q) + q
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            s.sendall(post(5) + post(6) + post(7) + post(5))  # pipelined: answered in order, heads parsed once
+            got = _answers(s, 4)
+            assert [g.split(b"\r\n\r\n", 1)[1] for g in got] == [held[5][4], held[6][4], held[7][4], held[5][4]]
+            assert all(g.startswith(b"HTTP/1.1 200 OK\r\n") and b"max-age=300," in g for g in got)
+            whole = post(6)
+            for cut in (10, len(whole) - 20, len(whole) - 1):  # a known head with its body late; an unknown head in pieces
+                s.sendall(whole[:cut])
+                time.sleep(0.05)
+                s.sendall(whole[cut:])
+                assert _answers(s, 1)[0].endswith(held[6][4])
+            s.sendall(whole[:-3])  # stalls: the request deadline still holds after answers taken without one
+            t = time.monotonic()
+            rest = s.recv(65536)
+            assert rest.startswith(b"HTTP/1.1 408") and time.monotonic() - t < 3
+            s.settimeout(3)
+            assert s.recv(65536) == b""  # then closed
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            s.sendall(post(7)[:-1])
+            s.shutdown(socket.SHUT_WR)  # a body cut short by the client: no answer for it, the connection closed
+            got = s.recv(65536)
+            assert not got.startswith(b"HTTP/1.1 200"), got
+    finally:
+        srv.stop()
+        st.close()
