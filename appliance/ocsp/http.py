@@ -121,7 +121,7 @@ class Endpoint(HttpServer):
         self.tenants = tenants
         self.push = push  # async (tenant, der) -> "accepted" | reason: the Factory's verdict
         self.responder = Responder(store, clock, live, tenants, unissued_default, unissued)
-        # Replies to POSTs of held answers, built once per answer (headers, ETag, serialised lines): valid while
+        # Replies of held answers (POST, and GET without a condition), built once per answer (headers, ETag, serialised lines): valid while
         # the answer is the one the responder returns and its nextUpdate is at least max-age away (max-age
         # is then the configured one, whatever the second). Bounded like the responder's cache.
         self._wire: dict[bytes, tuple[Answer, Reply]] = {}
@@ -241,7 +241,8 @@ class Endpoint(HttpServer):
         if not answer.successful or not answer.cacheable:  # errors, and live answers (a nonce is unique)
             return Reply(200, base + [(b"cache-control", b"no-store")], answer.der)
         now = self.clock()
-        if post and answer.next_update - now >= self.cfg.max_age:
+        plain = post or (b"if-none-match" not in headers and b"if-modified-since" not in headers)  # no 304 to decide
+        if plain and answer.next_update - now >= self.cfg.max_age:
             w = self._wire.get(answer.der)
             if w is not None and w[0] is answer:
                 return w[1]
@@ -255,7 +256,7 @@ class Endpoint(HttpServer):
         ]
         if not post and _not_modified(headers, etag, answer.this_update):
             return Reply(304, cache)
-        if post and max_age == self.cfg.max_age:
+        if plain and max_age == self.cfg.max_age:
             hdrs = base + cache
             reply = Reply(200, hdrs, answer.der, wire=b"".join(k + b": " + v + b"\r\n" for k, v in hdrs) +
                           b"content-length: %d\r\n" % len(answer.der))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import random
 import time
+import urllib.parse
 
 import pytest
 from cryptography import x509
@@ -39,6 +40,11 @@ def _post(ep: Endpoint, der: bytes, now: float) -> bytes:
     return _raw_reply(ep.route(b"POST", b"/ocsp", {b"content-type": b"application/ocsp-request"}, der), now, False, False)
 
 
+def _get(ep: Endpoint, der: bytes, now: float, headers: dict | None = None, close: bool = False) -> bytes:
+    target = b"/ocsp/" + urllib.parse.quote(base64.b64encode(der).decode(), safe="").encode()
+    return _raw_reply(ep.route(b"GET", target, headers or {}, b""), now, close, False)
+
+
 def test_a_revocation_a_republication_and_a_compaction_are_seen_at_once(store, ca, tmp_path):
     now = int(time.time())
     good = published(ca, 0x10)
@@ -50,6 +56,12 @@ def test_a_revocation_a_republication_and_a_compaction_are_seen_at_once(store, c
     assert first.der == good[4] and again is first  # the second one from the cache
     w1 = _post(ep, req, now)
     assert w1 == _post(ep, req, now) and w1.endswith(good[4]) and b"max-age=300," in w1
+    g1 = _get(ep, req, now)
+    assert g1 == w1 == _get(ep, req, now)  # a GET without a condition: the same prebuilt reply
+    assert _get(ep, req, now, close=True).endswith(b"Connection: close\r\n\r\n" + good[4])
+    etag = [ln for ln in g1.split(b"\r\n") if ln.startswith(b"etag: ")][0][6:]
+    assert _get(ep, req, now, {b"if-none-match": etag}).startswith(b"HTTP/1.1 304 ")  # conditions still decided
+    assert _get(ep, req, now, {b"if-none-match": b'"other"'}) == w1
     # Revoked: the next answer, POST or GET, is the new response.
     revoked = published(ca, 0x10, status="revoked", revoked_at=now - 1, reason=x509.ReasonFlags.key_compromise)
     store.publish_responses("issuing", [revoked], seq=2)
@@ -166,6 +178,9 @@ def test_fuzz_cached_answers_equal_fresh_ones(fuzz, k, edits):
     fresh = Endpoint(fuzz["store"], HttpConfig(max_age=300), clock=lambda: now)
     a, b, c = _post(warm, der, now), _post(warm, der, now), _post(fresh, der, now)
     assert a == b == c
+    if der:
+        assert _get(warm, der, now) == _get(warm, der, now) == _get(Endpoint(fuzz["store"], HttpConfig(max_age=300),
+                                                                              clock=lambda: now), der, now)
     assert fresh.responder._decide(der) == warm.responder.answer(der)
     if der and fresh.responder.answer(der).outcome == "malformed":
         assert c.endswith(b"\r\n\r\n" + error_response(MALFORMED))
