@@ -121,9 +121,10 @@ class Endpoint(HttpServer):
         self.tenants = tenants
         self.push = push  # async (tenant, der) -> "accepted" | reason: the Factory's verdict
         self.responder = Responder(store, clock, live, tenants, unissued_default, unissued)
-        # Replies of held answers (POST, and GET without a condition), built once per answer (headers, ETag, serialised lines): valid while
-        # the answer is the one the responder returns and its nextUpdate is at least max-age away (max-age
-        # is then the configured one, whatever the second). Bounded like the responder's cache.
+        # Replies of held answers (POST, and GET without a condition) built once per answer (headers, ETag,
+        # serialised lines): used while the answer is the one the responder returns and its nextUpdate is at
+        # least max-age away (max-age is then the configured one, whatever the second). Bounded like the
+        # responder's cache.
         self._wire: dict[bytes, tuple[Answer, Reply]] = {}
         # Parsed request heads by their exact bytes (clients repeat theirs): _parse_head is a pure function
         # of them. The headers dicts are shared: nothing downstream changes them.
