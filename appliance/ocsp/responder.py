@@ -63,7 +63,8 @@ _OUTCOME = {GOOD: "good", REVOKED: "revoked"}
 # certificate asked by many clients, the same request replayed by one): a hit skips decoding, the lookups
 # and the read. The key is the whole request, so a hit is a request already fully checked by the same
 # rules; dropped whenever the store or the tenants change (Store.version), and a held answer past its
-# nextUpdate is never returned from it (the rules decide again: tryLater). About 1 KiB an entry.
+# nextUpdate is never returned from it (the rules decide again: tryLater). About 1.6 KiB an answer with
+# its prebuilt reply (http.Endpoint._wire): 13 MiB at most.
 HOT_MAX = 8192
 
 
