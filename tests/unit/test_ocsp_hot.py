@@ -153,7 +153,7 @@ def fuzz(tmp_path_factory):
         _FUZZ.clear()
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.integers(0, 7), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255),
                                               st.sampled_from(["flip", "set", "cut", "insert"])), max_size=3))
 def test_fuzz_cached_answers_equal_fresh_ones(fuzz, k, edits):
