@@ -11,11 +11,14 @@
      them, exactly as after issuance). POST /ocsp and GET /ocsp/<url-encoded base64>.
    - `openssl ocsp` as a responder (signs every answer live, one process) with a P-256 CA and with an
      RSA-2048 CA, on an index.txt with the same N serials ('V' lines). It binds the wildcard address: it
-     and its wrk run inside a private network namespace with only loopback up (`unshare -n`). A fresh
+     and its wrk run inside a private network namespace with only loopback up (`unshare -n`), the responder in
+     a session of its own (SESSION). A fresh
      responder per point (it wedges after a connection that closes without a request); readiness is probed
      with a real request. POST.
    - `cfssl ocspserve -responses FILE` with the very responses Donjon serves (exported from the endpoint's
      store after the appliance stopped). POST only (its GET answers 400).
+   - Alternated (ROUNDS, --rounds): the endpoint and `openssl ocsp` P-256, POST at 64 connections, one after the
+     other in each round (the first alternating): the median of the per-round ratios, its spread, the load.
    Requests: DISTINCT (1,000) valid single-CertID requests (SHA-1 CertID, no nonce) for random serials among
    the N, rotated per request by the wrk Lua script; its `response` hook counts non-200 answers and OCSP
    responseStatus != successful. A sample of each server's answers is checked (signature with the issuer's
