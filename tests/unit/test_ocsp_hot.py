@@ -259,3 +259,38 @@ def test_pipelined_split_and_stalled_requests_on_one_connection(tmp_path, ca):
     finally:
         srv.stop()
         st.close()
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory):
+    from tests.unit.test_ocsp_http import Server
+    ca = make_ca("issuing")
+    st = Store.open(str(tmp_path_factory.mktemp("live") / "store"))
+    st.publish_ca("issuing", ca.der)
+    st.publish_responses("issuing", [published(ca, s) for s in (5, 6)], seq=1)
+    srv = Server(Endpoint(st, HttpConfig(max_connections=16, read_timeout=0.5, max_age=300)))
+    yield srv, ca
+    srv.stop()
+    st.close()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 3), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=2))
+def test_fuzz_a_request_already_all_here_is_answered_as_the_first_time(live_server, k, edits):
+    """Mutated whole requests (head or body), each sent twice on new connections: the second time its head
+    is known and it is read without a deadline; the answers are the same bytes but for Date."""
+    import socket
+
+    from tests.unit.test_ocsp_http import _no_date, raw
+    srv, ca = live_server
+    q = cert_id_request(ca, [5 + k % 2])
+    heads = [b"POST /ocsp HTTP/1.1\r\nHost: x\r\nContent-Type: application/ocsp-request\r\nContent-Length: %d\r\n\r\n",
+             b"POST / HTTP/1.0\r\nContent-Type: application/ocsp-request\r\nContent-Length: %d\r\n\r\n"]
+    data = bytearray(heads[k // 2] % len(q) + q)
+    for pos, val in edits:
+        data[pos % len(data)] = val
+    first, _ = raw(srv.port, bytes(data), timeout=3, shut=True)
+    second, _ = raw(srv.port, bytes(data), timeout=3, shut=True)
+    assert _no_date(first) == _no_date(second)
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=3):
+        pass  # the server still takes connections
