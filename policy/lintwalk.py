@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import collections
+import importlib.metadata
 import threading
 from typing import Any
 
 from pkilint import document, validation
+from pyasn1.type import base, univ
 from pkilint.document import NodeVisitor, PDUNode
 from pkilint.validation import ValidationFindingDescription, ValidationResult, Validator, ValidatorContainer
 
@@ -39,11 +41,196 @@ def _memo_decode_der(substrate, asn1Spec=None, **kw):  # noqa: N803 - pyasn1_fas
     return out
 
 
-def install() -> None:
-    """Route pkilint's decoding through the memo (idempotent)."""
-    global _OVERRIDES
+# The pkilint release whose code the changes below were read against and proved equal to (tests/unit/
+# test_lint_walk.py); under any other release pkilint runs as shipped.
+PKILINT_VERSION = "0.13.3"
+PYASN1_VERSION = "0.6.5"  # _is_value reads its value classes' fields
+_INSTALLED = False
+
+
+def install() -> bool:
+    """Apply the changes to pkilint (idempotent): memoized decoding, node counting. False, and nothing
+    changed, under another pkilint release than the one they were read against."""
+    global _OVERRIDES, _INSTALLED
+    if _INSTALLED:
+        return True
+    if importlib.metadata.version("pkilint") != PKILINT_VERSION or importlib.metadata.version("pyasn1") != PYASN1_VERSION:
+        return False
+    from pkilint.pkix.certificate import certificate_key
+
+    global _stock_verify
+    _stock_verify = certificate_key.SubjectSignatureVerificationValidator.validate
     _OVERRIDES = _overrides()
     document.decode_der = _memo_decode_der
+    document.create_and_append_node_from_pdu = _counting_append
+    PDUNode.navigate = _navigate
+    PDUNode.__init__ = _node_init
+    certificate_key.SubjectSignatureVerificationValidator.validate = _verify_subject_signature
+    _INSTALLED = True
+    return True
+
+
+def _node_init(self: PDUNode, document, name: str, pdu, parent: PDUNode | None) -> None:
+    """PDUNode.__init__ of pkilint 0.13.3 (the same nodes, names, paths and children, in the same order),
+    with each value's isValue found once for the whole subtree: pyasn1's isValue of a SEQUENCE walks all
+    its mandatory components again, so pkilint's per-node test made building a tree quadratic in depth
+    (≈30% of a certificate's lint)."""
+    self.document = document
+    self.name = name
+    self.pdu = pdu
+    self.parent = parent
+    self.path = name if parent is None else f"{parent.path}.{name}"
+    self.children = _child_nodes(self, {})
+
+
+def _child_nodes(node: PDUNode, memo: dict[int, bool]) -> dict[str, PDUNode]:
+    pdu = node.pdu
+    if isinstance(pdu, univ.Choice):
+        name = pdu.getName()
+        return {name: _child(node, name, pdu.getComponent(), memo)}
+    if isinstance(pdu, univ.SequenceOfAndSetOfBase):
+        return {str(i): _child(node, str(i), component, memo) for i, component in enumerate(pdu)}
+    if isinstance(pdu, univ.SequenceAndSetBase):
+        return {name: _child(node, name, value, memo) for name, value in pdu.items() if _is_value(value, memo)}
+    return {}
+
+
+def _child(parent: PDUNode, name: str, pdu, memo: dict[int, bool]) -> PDUNode:
+    n = PDUNode.__new__(PDUNode)
+    n.document = parent.document
+    n.name = name
+    n.pdu = pdu
+    n.parent = parent
+    n.path = f"{parent.path}.{name}"
+    n.children = _child_nodes(n, memo)
+    return n
+
+
+_IS_VALUE: dict[type, int] = {}  # type -> which pyasn1 isValue property it has (0: another: asked as is)
+
+
+def _is_value_kind(t: type) -> int:
+    k = _IS_VALUE.get(t)
+    if k is None:
+        prop = next(c.__dict__["isValue"] for c in t.__mro__ if "isValue" in c.__dict__)
+        k = {id(univ.SequenceAndSetBase.__dict__["isValue"]): 1, id(univ.SequenceOfAndSetOfBase.__dict__["isValue"]): 2,
+             id(univ.Choice.__dict__["isValue"]): 3}.get(id(prop), 0)
+        _IS_VALUE[t] = k
+    return k
+
+
+def _is_value(v, memo: dict[int, bool]) -> bool:
+    """pyasn1 0.6.5's isValue for v (read in univ.py: SequenceAndSetBase, SequenceOfAndSetOfBase, Choice),
+    each constructed value's found once per tree build (memo, by id: the tree holds every value meanwhile)."""
+    kind = _is_value_kind(type(v))
+    if kind == 0:
+        return v.isValue
+    r = memo.get(id(v))
+    if r is not None:
+        return r
+    no = base.noValue
+    cv = v._componentValues
+    r = True
+    if kind == 3:  # Choice
+        r = v._currentIdx is not None and cv[v._currentIdx] is not no and _is_value(cv[v._currentIdx], memo)
+    elif cv is no:
+        r = False
+    elif kind == 2:  # SEQUENCE OF / SET OF
+        r = len(cv) == len(v) and all(c is not no and _is_value(c, memo) for c in cv.values())
+    elif v.componentType:  # SEQUENCE / SET: every mandatory component a value
+        for idx, nt in enumerate(v.componentType.namedTypes):
+            if nt.isDefaulted or nt.isOptional:
+                continue
+            if not cv or cv[idx] is no or not _is_value(cv[idx], memo):
+                r = False
+                break
+    else:
+        r = all(c is not no and _is_value(c, memo) for c in cv)
+    memo[id(v)] = r
+    return r
+
+
+_stock_navigate = PDUNode.navigate
+_stock_node_init = PDUNode.__init__
+_stock_verify = None  # SubjectSignatureVerificationValidator.validate as shipped (set by install)
+
+
+def _navigate(self: PDUNode, path: str):
+    """PDUNode.navigate without its regular expression for the paths validators use most: relative, no
+    document name (no ':'), non-empty dot-separated parts: the same nodes, the same errors."""
+    if ":" in path or not path or path[0] == "." or path[-1] == "." or ".." in path:
+        return _stock_navigate(self, path)
+    node = self
+    for part in path.split("."):
+        if part == "^":
+            node = node.parent
+        else:
+            try:
+                node = node.children[part]
+            except KeyError:
+                raise document.PDUNavigationFailedError(path, node.path, part) from None
+    return node
+
+
+def _tbs_der(tbs: PDUNode) -> bytes:
+    """The DER of a certificate's TBSCertificate node: the first element of the certificate's own bytes when
+    the node is that of a decoded certificate document (pyasn1_fasder accepts DER only, so those bytes are
+    what pyasn1's encoder makes of the decoded value), else encoded as pkilint does."""
+    from pyasn1.codec.der.encoder import encode
+    from pyasn1_alt_modules import rfc5280
+
+    root = tbs.parent
+    doc = tbs.document
+    if (root is not None and root.parent is None and tbs.name == "tbsCertificate" and doc.root is root
+            and type(root.pdu) is rfc5280.Certificate and isinstance(doc.substrate, bytes)):
+        tlv = _first_tlv(doc.substrate)
+        if tlv is not None:
+            return tlv
+    return encode(tbs.pdu)
+
+
+def _tlv_end(b: bytes, at: int) -> int | None:
+    """Where the DER element starting at `at` ends (None if its header is not a short definite one)."""
+    if at + 2 > len(b) or b[at] & 0x1F == 0x1F:
+        return None
+    n = b[at + 1]
+    if n < 0x80:
+        return at + 2 + n
+    k = n & 0x7F
+    if k == 0 or k > 4 or at + 2 + k > len(b):
+        return None
+    return at + 2 + k + int.from_bytes(b[at + 2:at + 2 + k], "big")
+
+
+def _first_tlv(b: bytes) -> bytes | None:
+    """The first element inside the outer SEQUENCE of b (None unless both headers parse and fit)."""
+    outer = _tlv_end(b, 0)
+    if b[:1] != b"\x30" or outer != len(b):
+        return None
+    start = 2 + (b[1] & 0x7F if b[1] & 0x80 else 0)
+    end = _tlv_end(b, start)
+    if end is None or end > outer:
+        return None
+    return b[start:end]
+
+
+def _verify_subject_signature(self, node):
+    """SubjectSignatureVerificationValidator.validate of pkilint 0.13.3, the TBS taken as bytes (_tbs_der)
+    instead of re-encoded with pyasn1's DER encoder (≈0.4 ms a certificate)."""
+    from cryptography import exceptions
+    from pkilint.pkix.key import verify_signature
+
+    issuer_cert_doc = document.get_document_by_name(node, "issuer")
+    public_key = issuer_cert_doc.public_key_object
+    if public_key is None:
+        raise validation.ValidationFindingEncountered(self.VALIDATION_UNSUPPORTED_ALGORITHM)
+    subject_crypto_doc = node.document.cryptography_object
+    tbs_octets = _tbs_der(self._tbs_node_retriever(node))
+    try:
+        if not verify_signature(public_key, tbs_octets, node.pdu.asOctets(), subject_crypto_doc.signature_hash_algorithm):
+            raise validation.ValidationFindingEncountered(self.VALIDATION_SIGNATURE_MISMATCH)
+    except exceptions.UnsupportedAlgorithm:
+        raise validation.ValidationFindingEncountered(self.VALIDATION_UNSUPPORTED_ALGORITHM) from None
 
 
 def _overrides() -> frozenset:
@@ -81,21 +268,78 @@ _SHAPES_MAX = 50_000
 _UNHANDLED = validation.Validator.VALIDATION_FINDING_UNHANDLED_EXCEPTION
 
 
+def _bound(v: Validator) -> tuple[str | None, type | None]:
+    """A necessary condition for v.match(node), read from v's own NodeVisitor fields: (path, None) when only
+    the node at that path can match, (None, cls) when only nodes whose value is a cls can, (None, None) when
+    any node may (no path or class, or a match() override not known to test NodeVisitor's part first)."""
+    m = type(v).match
+    if m is not NodeVisitor.match and m not in _OVERRIDES:
+        return None, None
+    if v._path is not None:
+        return v._path, None
+    return None, v._pdu_class
+
+
+_append_node = document.create_and_append_node_from_pdu
+
+
+def _counting_append(source_document, pdu, parent_node=None):
+    """pkilint's create_and_append_node_from_pdu, forgetting the subtree summaries (_types) of the nodes
+    above the new one. A node whose summary is known has all its descendants' known: stop at the first
+    unknown one."""
+    p = parent_node
+    while p is not None and p.__dict__.get("_lw_types") is not None:
+        p._lw_types = None
+        p = p.parent
+    return _append_node(source_document, pdu, parent_node)
+
+
+def _types(node: PDUNode) -> frozenset:
+    """The value classes of node and its descendants (kept on the node until a node is added under it)."""
+    t = node.__dict__.get("_lw_types")
+    if t is None:
+        acc = {type(node.pdu)}
+        for child in node.children.values():
+            acc |= _types(child)
+        t = node._lw_types = frozenset(acc)
+    return t
+
+
 class Walker:
     """Runs a ValidatorContainer exactly as its validate() does (same validators, same order, same
     results), but asks each validator whose match is a function of (path, value class) only once per
-    shape instead of at every node of every document."""
+    shape, and does not descend into a subtree where no validator of the container can match: none bound
+    to a path there, none bound to a value class found there (by the NodeVisitor tests its match() makes
+    first), none that may match anywhere."""
 
     def __init__(self, root: ValidatorContainer):
         install()
         self.root = root
         self._index: dict[int, tuple[list[int], dict[tuple, tuple[tuple[int, bool], ...]]]] = {}
-        self._prefixes: dict[int, frozenset[str] | None] = {}
+        self._plans: dict[int, tuple[bool, frozenset[str], tuple[type, ...]]] = {}
+        self._found: dict[tuple[int, frozenset], bool] = {}
 
     def validate(self, node: PDUNode) -> list[ValidationResult]:
+        if not _INSTALLED:
+            return self.root.validate(node)
         results: list[ValidationResult] = []
         self._walk(self.root, node, results)
         return results
+
+    def _plan(self, c: ValidatorContainer) -> tuple[bool, frozenset[str], tuple[type, ...]]:
+        """(a validator may match anywhere, the paths leading to path-bound ones, the classes of class-bound ones)."""
+        plan = self._plans.get(id(c))
+        if plan is None:
+            bounds = [_bound(v) for v in c.validators]
+            prefixes: set[str] = set()
+            for path, _ in bounds:
+                if path is not None:
+                    parts = path.split(".")
+                    prefixes.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            plan = (any(p is None and cls is None for p, cls in bounds), frozenset(prefixes),
+                    tuple({cls for _, cls in bounds if cls is not None}))
+            self._plans[id(c)] = plan
+        return plan
 
     def _candidates(self, c: ValidatorContainer, node: PDUNode) -> tuple[tuple[int, bool], ...]:
         entry = self._index.get(id(c))
@@ -116,6 +360,7 @@ class Walker:
         return idx
 
     def _walk(self, c: ValidatorContainer, node: PDUNode, results: list) -> None:
+        """c over node's subtree, as c._validate_rec(node, results)."""
         validators = c.validators
         for i, ask in self._candidates(c, node):
             v = validators[i]
@@ -135,12 +380,21 @@ class Walker:
                 results += result
             else:
                 results.append(result)
-        if id(c) not in self._prefixes:
-            self._prefixes[id(c)] = _path_prefixes(c)
-        prefixes = self._prefixes[id(c)]
-        for child in node.children.values():
-            if prefixes is None or child.path in prefixes:
-                self._walk(c, child, results)
+        anywhere, prefixes, classes = self._plans.get(id(c)) or self._plan(c)
+        found = self._found
+        for child in node.children.values():  # live, as pkilint's: a decoder above may just have added one
+            if not anywhere and child.path not in prefixes:
+                types = _types(child)  # current: nothing ran since the last node was added
+                key = (id(c), types)
+                hit = found.get(key)
+                if hit is None:
+                    hit = any(issubclass(t, classes) for t in types)
+                    if len(found) > _SHAPES_MAX:
+                        found.clear()
+                    found[key] = hit
+                if not hit:
+                    continue
+            self._walk(c, child, results)
 
 
 def _is_container(v: Validator) -> bool:
@@ -148,16 +402,3 @@ def _is_container(v: Validator) -> bool:
     return (isinstance(v, ValidatorContainer) and t.validate is ValidatorContainer.validate
             and t._validate_rec is ValidatorContainer._validate_rec
             and t.validate_wrapper is Validator.validate_wrapper)
-
-
-def _path_prefixes(c: ValidatorContainer) -> frozenset[str] | None:
-    """Where every validator of c matches one exact path only (NodeVisitor's first test, also in the
-    overrides it knows), the paths on the way to those: no node elsewhere can match, so the walk skips
-    those subtrees. None where some validator may match anywhere."""
-    out: set[str] = set()
-    for v in c.validators:
-        if v._path is None or (_kind(v) == 2 and type(v).match is not NodeVisitor.match):
-            return None
-        parts = v._path.split(".")
-        out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return frozenset(out)
