@@ -123,16 +123,18 @@ def measure(key_type: str, n: int, stock: bool = False, prof: cProfile.Profile |
 
 def _stock(cert_der: bytes, profile, issuer_der: bytes | None) -> list[str]:
     """pkilint's stock path, as its own tools drive it (the reference the differential tests use too)."""
-    from tests.unit.test_lint_walk import _stock as stock
+    from tests.lintstock import stock_findings
 
-    return stock(cert_der, profile, issuer_der)
+    return stock_findings(cert_der, profile, issuer_der)
 
 
 def stock_only(key_types: list[str], n: int) -> dict:
     """The stock path in this process with none of Donjon's changes to pkilint applied (run it alone)."""
     from policy import lintwalk
 
-    lintwalk.install = lambda: None  # the Walkers are built but never used here: pkilint stays as shipped
+    lintwalk.PKILINT_VERSION = "0.0.0-not-installed"  # the version guard leaves pkilint as shipped
+    lint.warm()
+    assert not lintwalk._INSTALLED
     return {kt: measure(kt, n, stock=True) for kt in key_types}
 
 

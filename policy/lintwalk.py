@@ -83,16 +83,41 @@ def _node_init(self: PDUNode, document, name: str, pdu, parent: PDUNode | None) 
     self.children = _child_nodes(self, {})
 
 
+_SKELETONS = 8192  # values whose children (names and values) are kept: a CA's leaves repeat many
+_skeletons: collections.OrderedDict[int, tuple[Any, tuple[tuple[str, Any], ...]]] = collections.OrderedDict()
+_skeleton_lock = threading.Lock()
+
+
 def _child_nodes(node: PDUNode, memo: dict[int, bool]) -> dict[str, PDUNode]:
+    """The children pkilint gives node, from the value's (name, value) list, kept per value object: a
+    value is never changed once decoded (pkilint's validators only read), so its list stays what it was."""
     pdu = node.pdu
+    if not isinstance(pdu, base.ConstructedAsn1Type):
+        return {}  # as pkilint: no children for a simple value (nor for anything but the three kinds below)
+    key = id(pdu)
+    with _skeleton_lock:
+        hit = _skeletons.get(key)
+        if hit is not None and hit[0] is pdu:
+            _skeletons.move_to_end(key)
+    if hit is not None and hit[0] is pdu:  # built outside the lock: children are built the same way
+        return {name: _child(node, name, value, memo) for name, value in hit[1]}
+    skeleton = _skeleton(pdu, memo)
+    with _skeleton_lock:
+        _skeletons[key] = (pdu, skeleton)  # the value kept too: its id is never reused while cached
+        if len(_skeletons) > _SKELETONS:
+            _skeletons.popitem(last=False)
+    return {name: _child(node, name, value, memo) for name, value in skeleton}
+
+
+def _skeleton(pdu, memo: dict[int, bool]) -> tuple[tuple[str, Any], ...]:
+    """PDUNode._generate_child_nodes of pkilint 0.13.3, as (name, value) pairs."""
     if isinstance(pdu, univ.Choice):
-        name = pdu.getName()
-        return {name: _child(node, name, pdu.getComponent(), memo)}
+        return ((pdu.getName(), pdu.getComponent()),)
     if isinstance(pdu, univ.SequenceOfAndSetOfBase):
-        return {str(i): _child(node, str(i), component, memo) for i, component in enumerate(pdu)}
+        return tuple((str(i), component) for i, component in enumerate(pdu))
     if isinstance(pdu, univ.SequenceAndSetBase):
-        return {name: _child(node, name, value, memo) for name, value in pdu.items() if _is_value(value, memo)}
-    return {}
+        return tuple((name, value) for name, value in pdu.items() if _is_value(value, memo))
+    return ()
 
 
 def _child(parent: PDUNode, name: str, pdu, memo: dict[int, bool]) -> PDUNode:
@@ -119,6 +144,19 @@ def _is_value_kind(t: type) -> int:
     return k
 
 
+_REQUIRED: dict[int, tuple[Any, tuple[int, ...]]] = {}
+
+
+def _required(ct) -> tuple[int, ...]:
+    """The positions of the components that are neither OPTIONAL nor DEFAULT (NamedTypes.requiredComponents)."""
+    hit = _REQUIRED.get(id(ct))
+    if hit is None or hit[0] is not ct:
+        if len(_REQUIRED) > _SHAPES_MAX:
+            _REQUIRED.clear()
+        hit = _REQUIRED[id(ct)] = (ct, tuple(sorted(ct.requiredComponents)))  # the schema object kept: its id stays its own
+    return hit[1]
+
+
 def _is_value(v, memo: dict[int, bool]) -> bool:
     """pyasn1 0.6.5's isValue for v (read in univ.py: SequenceAndSetBase, SequenceOfAndSetOfBase, Choice),
     each constructed value's found once per tree build (memo, by id: the tree holds every value meanwhile)."""
@@ -138,9 +176,7 @@ def _is_value(v, memo: dict[int, bool]) -> bool:
     elif kind == 2:  # SEQUENCE OF / SET OF
         r = len(cv) == len(v) and all(c is not no and _is_value(c, memo) for c in cv.values())
     elif v.componentType:  # SEQUENCE / SET: every mandatory component a value
-        for idx, nt in enumerate(v.componentType.namedTypes):
-            if nt.isDefaulted or nt.isOptional:
-                continue
+        for idx in _required(v.componentType):
             if not cv or cv[idx] is no or not _is_value(cv[idx], memo):
                 r = False
                 break

@@ -191,6 +191,7 @@ def test_memo_and_issuer_cache_stay_bounded():
         value, rest = lintwalk.document.decode_der(b"\x02\x03\x01" + i.to_bytes(2, "big"), asn1Spec=spec_)
         assert int(value) == 0x10000 + i and rest == b""
     assert len(lintwalk._memo) <= lintwalk._MEMO_ENTRIES
+    assert len(lintwalk._skeletons) <= lintwalk._SKELETONS
     v = lint._validators()
     root = make_root()
     sub = der(make_sub(root, "p256").cert)
