@@ -9,6 +9,7 @@ from typing import Any
 
 from pkilint import document, validation
 from pyasn1.type import base, univ
+from pyasn1_alt_modules import rfc5280
 from pkilint.document import NodeVisitor, PDUNode
 from pkilint.validation import ValidationFindingDescription, ValidationResult, Validator, ValidatorContainer
 
@@ -25,6 +26,10 @@ _decode_der = document.decode_der
 def _memo_decode_der(substrate, asn1Spec=None, **kw):  # noqa: N803 - pyasn1_fasder's keyword
     """decode_der, memoized: the same bytes under the same schema decode to the same value (never mutated
     by pkilint: validators only read their nodes, and each document gets nodes of its own)."""
+    if not kw and type(asn1Spec) is rfc5280.Certificate:
+        cert = _certificate_by_parts(bytes(substrate), asn1Spec)
+        if cert is not None:
+            return cert, b""
     if kw or len(substrate) > _MEMO_MAX_BYTES:
         return _decode_der(substrate, asn1Spec=asn1Spec, **kw)
     key = (bytes(substrate), id(asn1Spec))
@@ -39,6 +44,120 @@ def _memo_decode_der(substrate, asn1Spec=None, **kw):  # noqa: N803 - pyasn1_fas
         if len(_memo) > _MEMO_ENTRIES:
             _memo.popitem(last=False)
     return out
+
+
+# A certificate's TBSCertificate as Donjon (and most CAs) make it: version v3, then every mandatory field,
+# then the extensions; the tags of its elements in that order.
+_TBS_TAGS = (0xA0, 0x02, 0x30, 0x30, 0x30, 0x30, 0x30, 0xA3)
+_SET = {"verifyConstraints": False, "matchTags": False, "matchConstraints": False}  # as pyasn1_fasder sets components
+
+
+def _elements(b: bytes, start: int, end: int) -> list[tuple[int, int, int]] | None:
+    """The DER elements filling b[start:end]: (tag, start, end) each; None unless every header is a
+    one-octet tag with a minimal definite length and the elements fill the span exactly."""
+    out = []
+    at = start
+    while at < end:
+        if at + 2 > end:
+            return None
+        tag, n = b[at], b[at + 1]
+        if tag & 0x1F == 0x1F:
+            return None
+        if n < 0x80:
+            body = at + 2
+        else:
+            k = n & 0x7F
+            if k == 0 or k > 3 or at + 2 + k > end or b[at + 2] == 0:
+                return None
+            n = int.from_bytes(b[at + 2:at + 2 + k], "big")
+            if n < 0x80:
+                return None
+            body = at + 2 + k
+        if body + n > end:
+            return None
+        out.append((tag, at, body + n))
+        at = body + n
+    return out
+
+
+_EXACT_ENTRIES = 256
+_exact_tbs: collections.OrderedDict[int, tuple[Any, bytes]] = collections.OrderedDict()  # TBS values -> their DER
+_reencoded: collections.OrderedDict[int, tuple[Any, bool]] = collections.OrderedDict()
+
+
+def _reencodes(value, der: bytes) -> bool:
+    """Whether pyasn1's DER encoder gives back `der` for the value decoded from it (once per value object)."""
+    from pyasn1.codec.der.encoder import encode
+
+    with _memo_lock:
+        hit = _reencoded.get(id(value))
+    if hit is not None and hit[0] is value:
+        return hit[1]
+    try:
+        ok = encode(value) == der
+    except Exception:  # noqa: BLE001 - pkilint's own encode raises too: not taken as bytes then
+        ok = False
+    with _memo_lock:
+        _reencoded[id(value)] = (value, ok)  # the value kept: its id is never reused while cached
+        if len(_reencoded) > _MEMO_ENTRIES * 4:
+            _reencoded.popitem(last=False)
+    return ok
+
+
+def _certificate_by_parts(b: bytes, spec) -> Any:
+    """The certificate decoded field by field through the memo (a CA's leaves share their issuer name,
+    algorithms and most extensions), assembled as pyasn1_fasder assembles a SEQUENCE; None (decode it
+    whole) for any other shape than _TBS_TAGS, a v1 version or any header that is not plain DER."""
+    top = _elements(b, 0, len(b))
+    if top is None or len(top) != 1 or top[0][0] != 0x30:
+        return None
+    _, s0, _ = top[0]
+    outer = _elements(b, s0 + (2 if b[s0 + 1] < 0x80 else 2 + (b[s0 + 1] & 0x7F)), len(b))
+    if outer is None or [t for t, _, _ in outer] != [0x30, 0x30, 0x03]:
+        return None
+    _, ts, te = outer[0]
+    fields = _elements(b, ts + (2 if b[ts + 1] < 0x80 else 2 + (b[ts + 1] & 0x7F)), te)
+    if fields is None or tuple(t for t, _, _ in fields) != _TBS_TAGS:
+        return None
+    _, es, ee = fields[7]
+    inner = _elements(b, es + (2 if b[es + 1] < 0x80 else 2 + (b[es + 1] & 0x7F)), ee)
+    if inner is None or len(inner) != 1 or inner[0][0] != 0x30:
+        return None
+    _, xs, xe = inner[0]
+    exts = _elements(b, xs + (2 if b[xs + 1] < 0x80 else 2 + (b[xs + 1] & 0x7F)), xe)
+    if not exts or any(t != 0x30 for t, _, _ in exts):
+        return None
+    try:
+        tbs_spec = spec.componentType[0].asn1Object
+        ct = tbs_spec.componentType
+        tbs = tbs_spec.clone()
+        exact = True  # every field re-encodes to its own bytes: then so does the TBS (_tbs_der)
+        for i, (_, fs, fe) in enumerate(fields[:7]):
+            value = _memo_decode_der(b[fs:fe], asn1Spec=ct[i].asn1Object)[0]
+            if i == 0 and value == 0:
+                return None  # v1 is the DEFAULT: DER omits it, and the whole decode refuses it
+            tbs.setComponentByPosition(i, value, **_SET)
+            exact = exact and _reencodes(value, b[fs:fe])
+        ext_spec = ct[9].asn1Object
+        extensions = ext_spec.clone()
+        for j, (_, fs, fe) in enumerate(exts):
+            value = _memo_decode_der(b[fs:fe], asn1Spec=ext_spec.componentType)[0]
+            extensions.setComponentByPosition(j, value, **_SET)
+            exact = exact and _reencodes(value, b[fs:fe])
+        tbs.setComponentByPosition(9, extensions, **_SET)
+        if exact:
+            with _memo_lock:
+                _exact_tbs[id(tbs)] = (tbs, b[ts:te])
+                if len(_exact_tbs) > _EXACT_ENTRIES:
+                    _exact_tbs.popitem(last=False)
+        cert = spec.clone()
+        cert.setComponentByPosition(0, tbs, **_SET)
+        for i in (1, 2):
+            _, fs, fe = outer[i]
+            cert.setComponentByPosition(i, _memo_decode_der(b[fs:fe], asn1Spec=spec.componentType[i].asn1Object)[0], **_SET)
+    except Exception:  # noqa: BLE001 - a field refused: the whole decode gives pkilint's own error
+        return None
+    return cert
 
 
 # The pkilint release whose code the changes below were read against and proved equal to (tests/unit/
@@ -209,45 +328,16 @@ def _navigate(self: PDUNode, path: str):
 
 
 def _tbs_der(tbs: PDUNode) -> bytes:
-    """The DER of a certificate's TBSCertificate node: the first element of the certificate's own bytes when
-    the node is that of a decoded certificate document (pyasn1_fasder accepts DER only, so those bytes are
-    what pyasn1's encoder makes of the decoded value), else encoded as pkilint does."""
+    """encode(tbs.pdu) as pkilint computes it, without encoding when it is known: a TBS assembled by
+    _certificate_by_parts from fields that each re-encode to their own bytes (checked once per decoded
+    field) re-encodes to the bytes it was read from (minimal DER headers around them)."""
     from pyasn1.codec.der.encoder import encode
-    from pyasn1_alt_modules import rfc5280
 
-    root = tbs.parent
-    doc = tbs.document
-    if (root is not None and root.parent is None and tbs.name == "tbsCertificate" and doc.root is root
-            and type(root.pdu) is rfc5280.Certificate and isinstance(doc.substrate, bytes)):
-        tlv = _first_tlv(doc.substrate)
-        if tlv is not None:
-            return tlv
+    with _memo_lock:
+        hit = _exact_tbs.get(id(tbs.pdu))
+    if hit is not None and hit[0] is tbs.pdu:
+        return hit[1]
     return encode(tbs.pdu)
-
-
-def _tlv_end(b: bytes, at: int) -> int | None:
-    """Where the DER element starting at `at` ends (None if its header is not a short definite one)."""
-    if at + 2 > len(b) or b[at] & 0x1F == 0x1F:
-        return None
-    n = b[at + 1]
-    if n < 0x80:
-        return at + 2 + n
-    k = n & 0x7F
-    if k == 0 or k > 4 or at + 2 + k > len(b):
-        return None
-    return at + 2 + k + int.from_bytes(b[at + 2:at + 2 + k], "big")
-
-
-def _first_tlv(b: bytes) -> bytes | None:
-    """The first element inside the outer SEQUENCE of b (None unless both headers parse and fit)."""
-    outer = _tlv_end(b, 0)
-    if b[:1] != b"\x30" or outer != len(b):
-        return None
-    start = 2 + (b[1] & 0x7F if b[1] & 0x80 else 0)
-    end = _tlv_end(b, start)
-    if end is None or end > outer:
-        return None
-    return b[start:end]
 
 
 def _verify_subject_signature(self, node):

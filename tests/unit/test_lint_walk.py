@@ -151,7 +151,7 @@ def test_each_change_to_pkilint_equals_the_original():
         b = bytearray(good)
         b[rng.randrange(len(b))] = rng.randrange(256)
         corpus.append(bytes(b))
-    compared = 0
+    compared = by_parts = exact = 0
     for c in corpus:
         try:
             doc = loader.RFC5280CertificateDocumentLoader().load_der_document(c, "subject", "c", None)
@@ -170,16 +170,21 @@ def test_each_change_to_pkilint_equals_the_original():
                          "algorithm.algorithm", "x..y", ".x", "x.", "", "subject:certificate", ":certificate.tbsCertificate"):
                 assert _outcome(lambda: lintwalk._navigate(n, path)) == _outcome(lambda: lintwalk._stock_navigate(n, path)), (n.path, path)
         tbs = doc.root.children["tbsCertificate"]
-        assert lintwalk._tbs_der(tbs) == encode(tbs.pdu)
-    assert compared >= 5
-    # Not a certificate document's TBS: encoded, as pkilint does.
+        assert _outcome(lambda: lintwalk._tbs_der(tbs), bytes) == _outcome(lambda: encode(tbs.pdu), bytes)
+        # Decoded field by field (through the memo) or whole: the same nodes.
+        whole = document.PDUNode.__new__(document.PDUNode)
+        lintwalk._stock_node_init(whole, doc, "certificate", lintwalk._decode_der(c, asn1Spec=rfc5280.Certificate())[0], None)
+        assert [(n.path, type(n.pdu), n.pdu.tagSet) for n in _nodes(whole)] == [(n.path, type(n.pdu), n.pdu.tagSet) for n in _nodes(stock)]
+        by_parts += lintwalk._certificate_by_parts(c, rfc5280.Certificate()) is not None
+        exact += id(tbs.pdu) in lintwalk._exact_tbs
+    assert compared >= 5 and by_parts >= 3 and exact >= 3
+    # Not a certificate's TBS: encoded, as pkilint does.
     assert lintwalk._tbs_der(doc.root) == encode(doc.root.pdu)
-    assert isinstance(doc.root.pdu, rfc5280.Certificate)
 
 
-def _outcome(f):
+def _outcome(f, kind=id):
     try:
-        return ("ok", id(f()))
+        return ("ok", kind(f()))
     except Exception as e:  # noqa: BLE001 - the same exception, the same message
         return (type(e).__name__, str(e))
 
