@@ -146,6 +146,15 @@ def _stock_subprocess(key_type: str, n: int) -> dict:
     return json.loads(r.stdout.splitlines()[-1])[key_type]
 
 
+def compare(n: int, key_types: tuple[str, ...] = ("p256", "rsa2048")) -> dict:
+    """Donjon's lint step against pkilint as shipped (in a process of its own), per key type."""
+    out = {}
+    for kt in key_types:
+        mine, stock = measure(kt, n), _stock_subprocess(kt, n)
+        out[kt] = {"donjon": mine, "stock": stock, "ratio": stock["lint_ms"] / mine["lint_ms"]}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=300)

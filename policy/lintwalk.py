@@ -104,6 +104,27 @@ def _reencodes(value, der: bytes) -> bool:
     return ok
 
 
+_stock_encode = validation.encode
+_encoded: collections.OrderedDict[int, tuple[Any, bytes]] = collections.OrderedDict()
+
+
+def _memo_encode(value, **kw) -> bytes:
+    """pyasn1's DER encode, kept per value object (values are never changed once decoded; a refusal is
+    not kept: it is raised again, the same, each time)."""
+    if kw:
+        return _stock_encode(value, **kw)
+    with _memo_lock:
+        hit = _encoded.get(id(value))
+    if hit is not None and hit[0] is value:
+        return hit[1]
+    out = _stock_encode(value)
+    with _memo_lock:
+        _encoded[id(value)] = (value, out)  # the value kept: its id is never reused while cached
+        if len(_encoded) > _MEMO_ENTRIES:
+            _encoded.popitem(last=False)
+    return out
+
+
 def _certificate_by_parts(b: bytes, spec) -> Any:
     """The certificate decoded field by field through the memo (a CA's leaves share their issuer name,
     algorithms and most extensions), assembled as pyasn1_fasder assembles a SEQUENCE; None (decode it
@@ -183,6 +204,7 @@ def install() -> bool:
     document.decode_der = _memo_decode_der
     document.create_and_append_node_from_pdu = _counting_append
     PDUNode.navigate = _navigate
+    validation.encode = _memo_encode  # DEREqualityValidator's: names and algorithms a CA's leaves share
     PDUNode.__init__ = _node_init
     certificate_key.SubjectSignatureVerificationValidator.validate = _verify_subject_signature
     _INSTALLED = True

@@ -197,6 +197,10 @@ def test_memo_and_issuer_cache_stay_bounded():
         assert int(value) == 0x10000 + i and rest == b""
     assert len(lintwalk._memo) <= lintwalk._MEMO_ENTRIES
     assert len(lintwalk._skeletons) <= lintwalk._SKELETONS
+    for i in range(lintwalk._MEMO_ENTRIES + 20):
+        value = rfc5280.CertificateSerialNumber(i + 1)
+        assert lintwalk._memo_encode(value) == encode(value) == lintwalk._memo_encode(value)
+    assert len(lintwalk._encoded) <= lintwalk._MEMO_ENTRIES
     v = lint._validators()
     root = make_root()
     sub = der(make_sub(root, "p256").cert)
