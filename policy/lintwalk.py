@@ -8,6 +8,9 @@ import threading
 from typing import Any
 
 from pkilint import document, validation
+from cryptography import exceptions
+from pkilint.pkix.key import verify_signature
+from pyasn1.codec.der.encoder import encode
 from pyasn1.type import base, univ
 from pyasn1_alt_modules import rfc5280
 from pkilint.document import NodeVisitor, PDUNode
@@ -87,8 +90,6 @@ _reencoded: collections.OrderedDict[int, tuple[Any, bool]] = collections.Ordered
 
 def _reencodes(value, der: bytes) -> bool:
     """Whether pyasn1's DER encoder gives back `der` for the value decoded from it (once per value object)."""
-    from pyasn1.codec.der.encoder import encode
-
     with _memo_lock:
         hit = _reencoded.get(id(value))
     if hit is not None and hit[0] is value:
@@ -353,8 +354,6 @@ def _tbs_der(tbs: PDUNode) -> bytes:
     """encode(tbs.pdu) as pkilint computes it, without encoding when it is known: a TBS assembled by
     _certificate_by_parts from fields that each re-encode to their own bytes (checked once per decoded
     field) re-encodes to the bytes it was read from (minimal DER headers around them)."""
-    from pyasn1.codec.der.encoder import encode
-
     with _memo_lock:
         hit = _exact_tbs.get(id(tbs.pdu))
     if hit is not None and hit[0] is tbs.pdu:
@@ -365,9 +364,6 @@ def _tbs_der(tbs: PDUNode) -> bytes:
 def _verify_subject_signature(self, node):
     """SubjectSignatureVerificationValidator.validate of pkilint 0.13.3, the TBS taken as bytes (_tbs_der)
     instead of re-encoded with pyasn1's DER encoder (≈0.4 ms a certificate)."""
-    from cryptography import exceptions
-    from pkilint.pkix.key import verify_signature
-
     issuer_cert_doc = document.get_document_by_name(node, "issuer")
     public_key = issuer_cert_doc.public_key_object
     if public_key is None:
