@@ -77,9 +77,9 @@ kgs-cards *ARGS:
 
 # The drills CI runs after `just test`: the real ACME clients, CMP's long runs, the 20-card KGS batch (every
 # `slow` test but the kill -9 torture: issue 15's key backup ceremony, forged share and restore killed -9, and the
-# smoke test of the frozen PyInstaller bundle); in parallel like `just test`
+# smoke test of the frozen PyInstaller bundle, the 2,000-certificate lint differential); in parallel like `just test`
 drills *ARGS:
-    {{venv}}/python -m pytest -n {{env_var_or_default("DONJON_TEST_WORKERS", "3")}} --dist loadscope -m slow tests/integration/test_gateway.py tests/unit/test_cmp_openssl.py tests/integration/test_kgs.py tests/integration/test_keybackup.py tests/integration/test_restore.py tests/integration/test_frozen.py {{ARGS}}
+    {{venv}}/python -m pytest -n {{env_var_or_default("DONJON_TEST_WORKERS", "3")}} --dist loadscope -m slow tests/integration/test_gateway.py tests/unit/test_cmp_openssl.py tests/integration/test_kgs.py tests/integration/test_keybackup.py tests/integration/test_restore.py tests/integration/test_frozen.py tests/unit/test_lint_walk.py {{ARGS}}
 
 # Run the unit tests only (no appliance processes)
 test-unit *ARGS:
