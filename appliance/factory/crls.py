@@ -101,17 +101,13 @@ class SignedLists:
         if ca in self._delta_blocked:
             raise FactoryError("config", self._delta_blocked[ca])
         db = self.store.require_active()
-
-        def latest_base() -> int | None:
-            row = db.db.execute("SELECT max(number) FROM crl_log_marks WHERE ca=? AND shard=0", (ca,)).fetchone()
-            return row[0] if row else None
-        if await self.store.run(latest_base) is None:
+        if await self.store.run(self.store.latest_base_crl, ca) is None:
             await self.generate_crl(ca, actor)
             if ca in self._delta_blocked:
                 raise FactoryError("config", self._delta_blocked[ca])
         lock = self._locks.setdefault(ca, trio.Lock())
         async with lock:
-            base = await self.store.run(latest_base)
+            base = await self.store.run(self.store.latest_base_crl, ca)
             if base is None:
                 raise FactoryError("internal", f"no full CRL of {ca} to base a delta on")
             this_update = int(time.time())
