@@ -584,9 +584,9 @@ def test_two_appliances_carry_media(image_dir, tmp_path):
         _pick(online, r"sign-out/root-calendar\.json", r"calendar bundle: number or file name \(Enter: back\)> ")
         online.expect(r"calendar of offline-root: CRLs #\d+-#\d+ \(12 new\) loaded", 300)
         for _ in range(5):  # the calendar's lines are paged
-            m = online.expect(r"(-- more: [^\n]*-- |-- end: [^\n]*-- |with the media \(1-\d+, Enter: back\)> )", 60)
-            if m.group(1).startswith(b"with the media"):
-                online.unread(m.group(1))  # _with_media waits for this prompt
+            m = online.expect(r"([\s\S]*?)(-- more: [^\n]*-- |-- end: [^\n]*-- |with the media \(1-\d+, Enter: back\)> )", 60)
+            if m.group(2).startswith(b"with the media"):
+                online.unread(m.group(0))  # the list and its prompt, for _with_media
                 break
             online.send("")
         _with_media(online, "Issue from a CSR")
