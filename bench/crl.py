@@ -5,8 +5,8 @@
 One appliance home with an RSA-2048 issuing CA (the peer's CA in bench.crl_peer is RSA-2048 too). For each
 size N (ascending), the bench-only shortcut:
   1. stop the appliance; in a child process (its own PKCS#11 state) unwrap the CMDB key with the token and
-     bulk-insert the missing entries into serials ('issued'), certs (dummy DER) and revocations
-     (entry_len from policy.crl.entry_length) in one transaction, so the CA holds exactly N revocations;
+     bulk-insert the missing entries into serials ('issued'), certs (dummy DER), revocations
+     (entry_len from policy.crl.entry_length) and crl_der (each entry's DER, as a revocation keeps it) in one transaction, so the CA holds exactly N revocations;
      ownership of the CMDB and token files is restored for the dropped roles;
   2. start the appliance (fresh role processes), read VmHWM of the `role factory` and `role cis` processes,
      time `crl generate` through AdminClient.stream(ACrlGenerate), read VmHWM again;
@@ -45,6 +45,7 @@ def _load_child(home: Path, start: int, stop: int) -> dict:
     now = int(time.time())
     nb, na = now - 86400, now + 300 * 86400
     el = crlenc.entry_length
+    enc = crlenc.encode_entries
     it = itertools.islice(synthetic_entries(stop), start, stop)
     inserted = 0
     with db.tx():
@@ -60,6 +61,9 @@ def _load_child(home: Path, start: int, stop: int) -> dict:
                           [(sb, CA, nb, na, now, b"\x30\x03\x02\x01\x00") for sb, *_ in rows])
             c.executemany("INSERT INTO revocations VALUES (?,?,?,?,?,?)",
                           [(CA, sb, t, r, i, el(s, t, r, i)) for (sb, t, r, i), (s, *_) in zip(rows, chunk)])
+            # each entry encoded once, as Store.add_revocation does at revocation time (migration 19)
+            c.executemany("INSERT INTO crl_der VALUES (?,?,?)",
+                          [(CA, sb, enc([e])) for (sb, *_), e in zip(rows, chunk)])
             inserted += len(chunk)
         total = c.execute("SELECT count(*) FROM revocations WHERE ca=?", (CA,)).fetchone()[0]
     db.close()

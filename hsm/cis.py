@@ -426,6 +426,27 @@ class Cis:
         st.feed(data)
         return data
 
+    def crl_entries_der(self, m: S.CrlEntriesDer) -> None:
+        """Entries the Factory sent encoded: checked strictly (shapes, order, count, shard) and hashed into
+        the TBS this CIS assembles around them; nothing is echoed back (the Factory holds those bytes)."""
+        st = self._crls[m.id]
+        if st.begin.kind != "crl":
+            raise PolicyError("crl entry", "order", "CRL entries sent to an issued-serials stream")
+        try:
+            keys = st.tbs.encoded(m.data, st.last_serial)
+        except ValueError as e:
+            raise PolicyError("crl entry", "encoding", str(e)) from None
+        if len(keys) != m.count:
+            raise PolicyError("crl entry", "encoding", f"{len(keys)} entries where {m.count} were announced")
+        st.last_serial = keys[-1]
+        if st.begin.shard is not None:  # a shard's CRL lists only its own certificates
+            n, k = self.crl_shards.get(st.begin.ca, 1), st.begin.shard
+            if any(int.from_bytes(s, "big") % n != k for s in keys):
+                raise PolicyError("crl entry", "partition", f"an entry outside CRL shard {st.begin.shard}")
+        if len(st.sample) < LINT_SAMPLE:
+            st.sample.extend(crl.decode_encoded(m.data, LINT_SAMPLE - len(st.sample)))
+        st.feed(m.data)
+
     def serial_entries(self, m: S.SerialEntries) -> bytes:
         st = self._crls[m.id]
         if st.begin.kind != "issued-serials":
@@ -570,6 +591,10 @@ async def serve(sup: Channel, fac: Channel, cis: Cis, n: trio.Nursery) -> None:
                 if mid not in cis._crls:
                     return  # the stream was refused earlier; the Factory already got the refusal
                 await fac.send(S.CrlChunk(id=mid, data=cis.crl_entries(m)))
+            elif isinstance(m, S.CrlEntriesDer):
+                if mid not in cis._crls:
+                    return
+                cis.crl_entries_der(m)
             elif isinstance(m, S.SerialEntries):
                 if mid not in cis._crls:
                     return

@@ -30,10 +30,11 @@ SERIALS_MIN_INTERVAL = 5.0  # seconds between two issued-serials lists of one CA
 
 class SignedLists:
     def __init__(self, cfg: S.FactoryConfig, store: Store, cis: CisLink, issuers: Issuers, dist: Dist, ocsp: OcspProducer,
-                 send_event: Callable[[Any], Awaitable[None]], stats: dict[str, int]):
+                 send_event: Callable[[Any], Awaitable[None]], stats: dict[str, int], signers: list[CisLink] | None = None):
         self.cfg = cfg
         self.store = store
         self.cis = cis
+        self.signers = signers or [cis]  # every CIS process: a sharded CA's shards are signed on all of them
         self.issuers = issuers
         self.dist = dist
         self.ocsp = ocsp
@@ -89,9 +90,48 @@ class SignedLists:
             got = await self._generate_signed_list(ca, actor, "crl")
             # A sharded CA keeps its complete CRL (<ca>.crl, as before) and signs every shard beside it
             n = await self.store.run(lambda: self.shards.effective(self.store.require_active().db, ca))
-            for k in range(n if n > 1 else 0):
-                await self._generate_signed_list(ca, actor, "crl", shard=k)
+            if n > 1:
+                await self._generate_shards(ca, actor, n)
             return got
+
+    async def _generate_shards(self, ca: str, actor: str, n: int) -> None:
+        """Every shard of a sharded CA from one snapshot, signed in parallel: one shard at a time on each CIS
+        process (hsm.signers), the pages of all of them read in turn by the one reader. A shard that fails
+        leaves the others signed; the first failure is raised once all are done."""
+        store, sh = self.store, self.shards
+
+        def begin() -> list[tuple[int, int, bool]]:
+            r = store._reader().db
+            r.execute("BEGIN")
+            try:
+                out = []
+                for k in range(n):
+                    count, length = sh.shard_count(r, ca, k)
+                    out.append((count, length, count > 0 and store.shard_der_ready(ca, k, count)))
+                return out
+            except BaseException:
+                r.execute("ROLLBACK")
+                raise
+        opened = await store.read(begin)
+        todo = list(range(n))
+        errors: list[FactoryError] = []
+
+        async def worker(link: CisLink) -> None:
+            while todo:
+                k = todo.pop(0)
+                try:
+                    await self._generate_signed_list(ca, actor, "crl", shard=k, link=link, opened=opened[k])
+                except FactoryError as e:
+                    errors.append(e)
+        try:
+            async with trio.open_nursery() as nursery:
+                for link in self.signers[:n]:
+                    nursery.start_soon(worker, link)
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.read(store.list_snapshot_end)
+        if errors:
+            raise errors[0]
 
     async def generate_delta(self, ca: str, actor: str) -> tuple[int, int, bytes]:
         """A delta CRL on the CA's latest full CRL (one signed first if none is a base yet): what changed
@@ -137,9 +177,13 @@ class SignedLists:
             return await self._generate_signed_list(ca, actor, "issued-serials")
 
     async def _generate_signed_list(self, ca: str, actor: str, kind: str, shard: int | None = None,
-                                    delta: tuple[int, list[tuple[Any, ...]]] | None = None) -> tuple[int, int, bytes]:
+                                    delta: tuple[int, list[tuple[Any, ...]]] | None = None, link: CisLink | None = None,
+                                    opened: tuple[int, int, bool] | None = None) -> tuple[int, int, bytes]:
         """One streaming path for both signed lists: a CRL (revocations) and the issued-serials list
-        (every serial in state 'issued'), read from a WAL snapshot, encoded and signed by the CIS."""
+        (every serial in state 'issued'), read from a WAL snapshot, encoded and signed by the CIS.
+        `opened`: a shard's (count, length, pre-encoded) in a snapshot the caller opened and ends;
+        `link`: the CIS process that signs it (the primary by default)."""
+        cis = link or self.cis
         db = self.store.require_active()
         await self.issuers.ca_row(ca)
         crl = kind == "crl"
@@ -175,14 +219,24 @@ class SignedLists:
         if delta is not None:
             count = len(delta[1])
             length = sum(pcrl.entry_length(serial_int(r[0]), *r[1:]) for r in delta[1])
+        elif opened is not None:
+            count, length, der = opened
         elif shard is None:
             count, length = await store.read(store.list_snapshot_begin, ca, kind)
             if base_of:  # where the revocation log stands in the same snapshot as the entries
                 log_seq = await store.read(lambda: sh.log_seq(store._reader().db))
         else:
             count, length = await store.read(sh.snapshot_begin, ca, shard)
-        mid = self.cis.new_id()
-        replies = self.cis.open(mid)
+        # A full CRL whose entries are all kept encoded goes as pre-encoded pages (read as one blob a page,
+        # checked strictly by the CIS, not echoed back); anything else entry by entry, encoded by the CIS.
+        if opened is None:
+            der = (crl and delta is None and count > 0
+                   and await store.read(store.der_pages_ready, ca) if shard is None else
+                   crl and count > 0 and await store.read(store.shard_der_ready, ca, shard, count))
+        header: list[bytes] = []  # DER pages: the CIS's TBS header and trailer, kept beside the entries in tmp
+        header_in = trio.Event()
+        mid = cis.new_id()
+        replies = cis.open(mid)
         tmp = tempfile.TemporaryFile(dir=self.cfg.home)
         tbs_hash = hashlib.sha256()
         tbs_len = 0
@@ -193,35 +247,49 @@ class SignedLists:
             async with trio.open_nursery() as n:
                 async def sender():
                     try:
-                        await self.cis.send(S.CrlBegin(id=mid, ca=ca, crl_number=number, this_update=this_update,
+                        await cis.send(S.CrlBegin(id=mid, ca=ca, crl_number=number, this_update=this_update,
                                                        next_update=next_update, entry_count=count, entries_length=length,
                                                        kind=kind, shard=shard,
                                                        delta_base=None if delta is None else delta[0]))
                         after = b""
+                        if der:  # the entries follow the header in the hash: wait for it
+                            await header_in.wait()
+                        while der:
+                            data, k, after = await (store.read(store.der_page, ca, after, CRL_CHUNK) if shard is None else
+                                                    store.read(store.shard_der_page, ca, shard, after, CRL_CHUNK))
+                            if not k:
+                                break
+                            tbs_hash.update(data)
+                            await trio.to_thread.run_sync(tmp.write, data)
+                            await cis.send(S.CrlEntriesDer(id=mid, data=data, count=k))
                         for i in range(0, len(delta[1]) if delta is not None else 0, CRL_CHUNK):
-                            await self.cis.send(S.CrlEntries(id=mid, entries=delta[1][i:i + CRL_CHUNK]))
-                        while delta is None:
+                            await cis.send(S.CrlEntries(id=mid, entries=delta[1][i:i + CRL_CHUNK]))
+                        while delta is None and not der:
                             rows = await (store.read(store.list_page, ca, kind, after, CRL_CHUNK) if shard is None else
                                           store.read(sh.snapshot_page, ca, shard, after, CRL_CHUNK))
                             if not rows:
                                 break
                             after = rows[-1][0]
-                            await self.cis.send(S.CrlEntries(id=mid, entries=rows) if crl else
+                            await cis.send(S.CrlEntries(id=mid, entries=rows) if crl else
                                                 S.SerialEntries(id=mid, serials=[r[0] for r in rows]))
-                        await self.cis.send(S.CrlEnd(id=mid))
+                        await cis.send(S.CrlEnd(id=mid))
                     finally:
                         with trio.CancelScope(shield=True):  # the reader's snapshot ends even when the CIS refused
-                            if delta is None:
+                            if delta is None and opened is None:
                                 await store.read(store.list_snapshot_end)
                 n.start_soon(sender)
                 while True:
                     try:
-                        m = await self.cis.receive(replies)
+                        m = await cis.receive(replies)
                     except CisUnresponsive as e:
                         late = e
                         n.cancel_scope.cancel()
                         break
-                    if isinstance(m, S.CrlChunk):
+                    if isinstance(m, S.CrlChunk) and der:  # the header, then (after every page) the trailer
+                        tbs_hash.update(m.data)
+                        header.append(m.data)
+                        header_in.set()
+                    elif isinstance(m, S.CrlChunk):
                         tbs_hash.update(m.data)
                         tbs_len += len(m.data)
                         await trio.to_thread.run_sync(tmp.write, m.data)
@@ -246,14 +314,21 @@ class SignedLists:
             if tbs_hash.digest() != signed.tbs_sha256:
                 raise FactoryError("internal", "the bytes received differ from what the CIS signed")
 
+            if der and len(header) != 2:
+                raise FactoryError("internal", "the CIS sent no TBS header and trailer around the encoded entries")
+
             def keep():
-                total = len(signed.prefix) + tbs_len + len(signed.suffix)
+                total = len(signed.prefix) + (length + len(header[0]) + len(header[1]) if der else tbs_len) + len(signed.suffix)
 
                 def parts():
                     yield signed.prefix
+                    if der:
+                        yield header[0]
                     tmp.seek(0)
                     while chunk := tmp.read(1 << 20):
                         yield chunk
+                    if der:
+                        yield header[1]
                     yield signed.suffix
                 with db.tx():
                     digest = store.store_signed_list(kind, name, number, this_update, next_update, count, parts(), total)
@@ -267,7 +342,7 @@ class SignedLists:
                 return digest
             digest = await self.store.run(keep)
         finally:
-            self.cis.close(mid, answered=late is None)
+            cis.close(mid, answered=late is None)
             tmp.close()
         self.dist.poke()
         if crl:

@@ -217,10 +217,13 @@ class OcspProducer:
         if not self.f.ocsp_feeds and only is None:
             return
         name = f"{ca}-delta" if delta else ca if shard is None else f"{ca}-{shard}"
-        chunks = [c async for c in self.f.crl_chunks(name, number)]
-        for i, c in enumerate(chunks):
-            await self.publish(S.PublishCrl(ca=ca, number=number, data=c, last=i == len(chunks) - 1, shard=shard,
-                                            delta=delta), only)
+        prev: bytes | None = None  # one piece ahead, to mark the last: never the whole CRL in memory
+        async for c in self.f.crl_chunks(name, number):
+            if prev is not None:
+                await self.publish(S.PublishCrl(ca=ca, number=number, data=prev, last=False, shard=shard, delta=delta), only)
+            prev = c
+        if prev is not None:
+            await self.publish(S.PublishCrl(ca=ca, number=number, data=prev, last=True, shard=shard, delta=delta), only)
 
     async def serve_endpoint(self, chan: Channel, role: str = "ocsp") -> None:
         """One endpoint process's link: resume from its sequence number, then push as things change."""
