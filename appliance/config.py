@@ -54,14 +54,10 @@ class Crl(_C):
     shards: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")],
                  Annotated[int, msgspec.Meta(ge=1, le=256)]] = {}
     # Delta CRLs per CA (RFC 5280 §5.2.4): minutes between two deltas; revocations go out in a delta at
-    # once, the full CRL (the base) is re-signed at half its validity. One-shard CAs only.
+    # once, the full CRL (the base) is re-signed at half its validity. A sharded CA has one delta per shard
+    # (its scope, RFC 5280 §5.2.5: the shard's IDP, based on the shard's latest full CRL, its numbers).
     delta: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")],
                 Annotated[int, msgspec.Meta(ge=1, le=24 * 60)]] = {}
-
-    def __post_init__(self) -> None:
-        both = sorted(ca for ca in self.delta if self.shards.get(ca, 1) > 1)
-        if both:
-            raise ValueError(f"crl.delta: {both[0]} has CRL shards; delta CRLs are for one-shard CAs")
 
 
 class Ocsp(_C):

@@ -49,7 +49,8 @@ def _load_child(home: Path, start: int, stop: int, ca: str = CA, shards: int = 1
     nb, na = now - 86400, now + 300 * 86400
     el = crlenc.entry_length
     enc = crlenc.encode_entries
-    it = itertools.islice(synthetic_entries(stop), start, stop)
+    # the sharded CA's entries: the same number, other serials (a serial is unique across the CMDB)
+    it = itertools.islice(synthetic_entries(stop, seed=1 if shards == 1 else 2), start, stop)
     inserted = 0
     with db.tx():
         for _ in range((stop - start) // INSERT_CHUNK + 2):  # bounded: one more than enough
@@ -185,7 +186,7 @@ def shards_run(app: common.Appliance, home: Path, work: Path, n: int) -> dict:
     common.log("crl: openssl ca -gencrl, one per shard")
     peer_s, peer_peak = 0.0, 0
     parts: list[list] = [[] for _ in range(SHARDS)]
-    for e in synthetic_entries(n):
+    for e in synthetic_entries(n, seed=2):  # what the sharded CA holds
         parts[e[0] % SHARDS].append(e)
     for k, part in enumerate(parts):
         dk = work / f"openssl-shard-{k}"

@@ -378,17 +378,22 @@ class Cis:
                 raise PolicyError("issued-serials", "declaration", str(e)) from None
         else:
             idp = None
+            url = f"{self.base_url}/crl/{m.ca}.crl"
             shards = self.crl_shards.get(m.ca, 1)
             if m.shard is not None:  # the IDP names exactly the URL the shard's certificates name in their CRL DP
                 if shards == 1 or m.shard >= shards or not self.base_url:
                     raise PolicyError("crl shard", "partition", f"CA {m.ca} has no CRL shard {m.shard} ({shards} shard(s))")
-                idp = crl.idp_der(crl.shard_url(f"{self.base_url}/crl/{m.ca}.crl", m.shard, shards))
+                url = crl.shard_url(url, m.shard, shards)
+                idp = crl.idp_der(url)
             fresh = None
-            if m.delta_base is not None:  # a delta CRL: only for a CA that publishes them, never a shard
-                if m.ca not in self.crl_delta or m.shard is not None or not self.base_url:
-                    raise PolicyError("crl", "delta", f"CA {m.ca} has no delta CRLs")
-            elif m.ca in self.crl_delta and m.shard is None and self.base_url:  # the full CRL points at its delta
-                fresh = crl.delta_url(f"{self.base_url}/crl/{m.ca}.crl")
+            # Deltas (RFC 5280 §5.2.4/§5.2.5): one per scope, the scope of the CRL its certificates name: the
+            # CA's one CRL, or each shard (the same IDP as its base). A sharded CA's complete CRL has none.
+            scoped = m.ca in self.crl_delta and bool(self.base_url) and (shards == 1) == (m.shard is None)
+            if m.delta_base is not None:
+                if not scoped:
+                    raise PolicyError("crl", "delta", f"CA {m.ca} has no delta CRLs" + (" for its complete CRL" if shards > 1 else ""))
+            elif scoped:  # a base points at its delta
+                fresh = crl.delta_url(url)
             try:
                 tbs = crl.TbsCrl(issuer_name_der=cert.subject.public_bytes(), key_type=key.key_type, this_update=m.this_update,
                                  next_update=m.next_update, crl_number=m.crl_number, aki_key_id=ski,
@@ -397,6 +402,8 @@ class Cis:
             except ValueError as e:
                 raise PolicyError("crl", "declaration", str(e)) from None
         st = _CrlState(m, tbs, key.key_type, cert)
+        if m.kind != "issued-serials":
+            st.idp, st.fresh = idp, fresh  # the lint sample is built with the same extensions
         self._crls[m.id] = st
         head = tbs.header()
         st.feed(head)
@@ -483,9 +490,7 @@ class Cis:
                          next_update=b.next_update, crl_number=b.crl_number,
                          aki_key_id=st.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest,
                          entry_count=len(sample), entries_length=ln, delta_base=b.delta_base,
-                         freshest_crl_url=(crl.delta_url(f"{self.base_url}/crl/{b.ca}.crl")
-                                           if b.delta_base is None and b.ca in self.crl_delta and b.shard is None
-                                           and self.base_url else None))
+                         idp_der=st.idp, freshest_crl_url=st.fresh)
         body = tbs.header() + tbs.entries(sample) + tbs.trailer()
         k = self.throwaway(st.key_type)
         if st.key_type == "ed25519":
@@ -528,6 +533,8 @@ class _CrlState:
         self.buffer: list[bytes] | None = [] if key_type == "ed25519" else None
         self.sample: list = []
         self.last_serial = b""
+        self.idp: bytes | None = None
+        self.fresh: str | None = None
 
     def feed(self, data: bytes) -> None:
         if self.hash is not None:

@@ -87,9 +87,10 @@ class SignedLists:
                 except FactoryError as e:  # a name clash: no deltas, but the full CRL never lapses for it
                     self._delta_blocked[ca] = e.reason
                     await self.send_event(S.Event(kind="crl-failed", detail=f"{ca} delta: {e.reason}"[:4000]))
-            got = await self._generate_signed_list(ca, actor, "crl")
-            # A sharded CA keeps its complete CRL (<ca>.crl, as before) and signs every shard beside it
+            # A sharded CA keeps its complete CRL (<ca>.crl, as before) and signs every shard beside it;
+            # its shards, not the complete CRL, are the bases of its deltas (one scope each)
             n = await self.store.run(lambda: self.shards.effective(self.store.require_active().db, ca))
+            got = await self._generate_signed_list(ca, actor, "crl", base=n == 1)
             if n > 1:
                 await self._generate_shards(ca, actor, n)
             return got
@@ -100,14 +101,15 @@ class SignedLists:
         leaves the others signed; the first failure is raised once all are done."""
         store, sh = self.store, self.shards
 
-        def begin() -> list[tuple[int, int, bool]]:
+        def begin() -> list[tuple[int, int, bool, int]]:
             r = store._reader().db
             r.execute("BEGIN")
             try:
                 out = []
+                log_seq = sh.log_seq(r)  # where the revocation log stands in this snapshot: each shard's base mark
                 for k in range(n):
                     count, length = sh.shard_count(r, ca, k)
-                    out.append((count, length, count > 0 and store.shard_der_ready(ca, k, count)))
+                    out.append((count, length, count > 0 and store.shard_der_ready(ca, k, count), log_seq))
                 return out
             except BaseException:
                 r.execute("ROLLBACK")
@@ -144,28 +146,43 @@ class SignedLists:
         if ca in self._delta_blocked:
             raise FactoryError("config", self._delta_blocked[ca])
         db = self.store.require_active()
+        n = await self.store.run(lambda: self.shards.effective(db.db, ca))
 
-        def latest_base() -> int | None:
-            row = db.db.execute("SELECT max(number) FROM crl_log_marks WHERE ca=? AND shard=0", (ca,)).fetchone()
-            return row[0] if row else None
-        if await self.store.run(latest_base) is None:
+        def latest_bases() -> list[int | None]:  # per scope: the CA's one CRL (0), or each shard
+            return [db.db.execute("SELECT max(number) FROM crl_log_marks WHERE ca=? AND shard=?", (ca, k)).fetchone()[0]
+                    for k in range(n)]
+        if None in await self.store.run(latest_bases):
             await self.generate_crl(ca, actor)
             if ca in self._delta_blocked:
                 raise FactoryError("config", self._delta_blocked[ca])
         lock = self._locks.setdefault(ca, trio.Lock())
         async with lock:
-            base = await self.store.run(latest_base)
-            if base is None:
+            bases = await self.store.run(latest_bases)
+            if None in bases:
                 raise FactoryError("internal", f"no full CRL of {ca} to base a delta on")
             this_update = int(time.time())
 
-            def entries() -> list[tuple[Any, ...]]:
-                present, removed = self.shards.delta_entries(db.db, ca, 0, base)
+            def entries(k: int, base: int) -> list[tuple[Any, ...]]:
+                present, removed = self.shards.delta_entries(db.db, ca, k, base)
                 rows = present + [(s, this_update, 8, None) for s in removed]  # removeFromCRL: delta CRLs only
                 return sorted(rows, key=lambda r: bytes(r[0]))
-            rows = await self.store.run(entries)
             self._delta_last[ca] = trio.current_time()
-            return await self._generate_signed_list(ca, actor, "crl", delta=(base, rows))
+            if n == 1:
+                base = bases[0]
+                assert base is not None
+                return await self._generate_signed_list(ca, actor, "crl", delta=(base, await self.store.run(entries, 0, base)))
+            # a sharded CA: one delta per shard, on that shard's base, with its IDP (RFC 5280 §5.2.5)
+            got: tuple[int, int, bytes] | None = None
+            for k, base in enumerate(bases):
+                assert base is not None
+                r = await self._generate_signed_list(ca, actor, "crl", shard=k, delta=(base, await self.store.run(entries, k, base)))
+                got = got or r
+            assert got is not None
+            return got
+
+    def delta_name(self, ca: str) -> str:
+        """The stored name of the delta `generate_delta` answers with: <ca>-delta, or shard 0's of a sharded CA."""
+        return f"{ca}-delta" if self.shards.wanted.get(ca, 1) == 1 else f"{ca}-0-delta"
 
     async def generate_serials_list(self, ca: str, actor: str) -> tuple[int, int, bytes]:
         """Stream every serial the CA issued to the CIS and store the signed issued-serials list. A fresh
@@ -181,11 +198,12 @@ class SignedLists:
 
     async def _generate_signed_list(self, ca: str, actor: str, kind: str, shard: int | None = None,
                                     delta: tuple[int, list[tuple[Any, ...]]] | None = None, link: CisLink | None = None,
-                                    opened: tuple[int, int, bool] | None = None) -> tuple[int, int, bytes]:
+                                    opened: tuple[int, int, bool, int] | None = None, base: bool = True) -> tuple[int, int, bytes]:
         """One streaming path for both signed lists: a CRL (revocations) and the issued-serials list
         (every serial in state 'issued'), read from a WAL snapshot, encoded and signed by the CIS.
-        `opened`: a shard's (count, length, pre-encoded) in a snapshot the caller opened and ends;
-        `link`: the CIS process that signs it (the primary by default)."""
+        `opened`: a shard's (count, length, pre-encoded, log position) in a snapshot the caller opened and ends;
+        `link`: the CIS process that signs it (the primary by default); `base`: a full CRL deltas may build on
+        (not a sharded CA's complete CRL: its shards are)."""
         cis = link or self.cis
         db = self.store.require_active()
         await self.issuers.ca_row(ca)
@@ -200,10 +218,10 @@ class SignedLists:
         sh = self.shards
         # a shard is stored and numbered as "<ca>-<k>", its own sequence (a refused number stays spent)
         name = ca if shard is None else f"{ca}-{shard}"
-        if delta is not None:  # stored as "<ca>-delta", numbered from the CA's own CRL sequence (RFC 5280 §5.2.4)
-            name = f"{ca}-delta"
+        if delta is not None:  # stored as "<ca>-delta" ("<ca>-<k>-delta"), numbered from its base's sequence (RFC 5280 §5.2.4)
+            name = f"{name}-delta"
         # a full CRL deltas build on (its log position is kept with it)
-        base_of = crl and shard is None and delta is None and ca in self.delta and ca not in self._delta_blocked
+        base_of = crl and base and delta is None and ca in self.delta and ca not in self._delta_blocked
         log_seq = 0
         if shard is None:
             number = await store.run(store.next_list_number, ca, kind)
@@ -223,7 +241,7 @@ class SignedLists:
             count = len(delta[1])
             length = sum(pcrl.entry_length(serial_int(r[0]), *r[1:]) for r in delta[1])
         elif opened is not None:
-            count, length, der = opened
+            count, length, der, log_seq = opened
         elif shard is None:
             count, length = await store.read(store.list_snapshot_begin, ca, kind)
             if base_of:  # where the revocation log stands in the same snapshot as the entries
@@ -233,9 +251,8 @@ class SignedLists:
         # A full CRL whose entries are all kept encoded goes as pre-encoded pages (read as one blob a page,
         # checked strictly by the CIS, not echoed back); anything else entry by entry, encoded by the CIS.
         if opened is None:
-            der = (crl and delta is None and count > 0
-                   and await store.read(store.der_pages_ready, ca) if shard is None else
-                   crl and count > 0 and await store.read(store.shard_der_ready, ca, shard, count))
+            der = crl and delta is None and count > 0 and await (
+                store.read(store.der_pages_ready, ca) if shard is None else store.read(store.shard_der_ready, ca, shard, count))
         header: list[bytes] = []  # DER pages: the CIS's TBS header and trailer, kept beside the entries in tmp
         header_in = trio.Event()
         mid = cis.new_id()
@@ -336,10 +353,10 @@ class SignedLists:
                 with db.tx():
                     digest = store.store_signed_list(kind, name, number, this_update, next_update, count, parts(), total)
                     # published with the same commit, named like its file: <ca>.crl, <ca>-<k>.crl, <ca>-delta.crl
-                    self.dist.enqueue_object(db.db, action, ca, number,
-                                             "-delta" if delta is not None else "" if shard is None else f"-{shard}")
+                    self.dist.enqueue_object(db.db, action, ca, number, ("" if shard is None else f"-{shard}")
+                                             + ("-delta" if delta is not None else ""))
                     if base_of:
-                        sh.mark_base(db.db, ca, 0, number, log_seq)
+                        sh.mark_base(db.db, ca, shard or 0, number, log_seq)
                         sh.prune_log(db.db, ca)
                     db.audit(actor, action, f"{name}#{number}", "ok", f"entries={count} sha256={digest.hex()}")
                 return digest

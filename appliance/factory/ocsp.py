@@ -216,7 +216,7 @@ class OcspProducer:
                           delta: bool = False) -> None:
         if not self.f.ocsp_feeds and only is None:
             return
-        name = f"{ca}-delta" if delta else ca if shard is None else f"{ca}-{shard}"
+        name = (ca if shard is None else f"{ca}-{shard}") + ("-delta" if delta else "")
         prev: bytes | None = None  # one piece ahead, to mark the last: never the whole CRL in memory
         async for c in self.f.crl_chunks(name, number):
             if prev is not None:
@@ -254,6 +254,10 @@ class OcspProducer:
                 "SELECT max(number) FROM crls WHERE ca=?", (n + "-delta",)).fetchone()[0])
             if dn:
                 await self.publish_crl(name, dn, chan, delta=True)
+            for k, kn in await f.run_db(lambda n=name: f.db.db.execute(  # its shards' deltas, if any
+                    "SELECT s.shard, max(c.number) FROM crl_shard_numbers s JOIN crls c ON c.ca = s.ca || '-' || s.shard || '-delta' "
+                    "WHERE s.ca=? GROUP BY s.shard", (n,)).fetchall()):
+                await self.publish_crl(name, kn, chan, shard=k, delta=True)
         after = resume.seq
         for _ in range(1 << 30):
             rows = await f.run_db(lambda a=after: f.db.db.execute(

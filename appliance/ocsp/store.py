@@ -193,6 +193,7 @@ class CaRecord:
     crl_mtime: int = 0
     shards: dict[int, tuple[int, bytes | memoryview, str, int, str]] = field(default_factory=dict)  # k -> (number, DER, etag, mtime, URL)
     delta: tuple[int, bytes | memoryview, str, int] | None = None  # the delta CRL: (number, DER, etag, mtime)
+    shard_deltas: dict[int, tuple[int, bytes | memoryview, str, int]] = field(default_factory=dict)  # k -> shard k's delta
 
     @property
     def live(self) -> int:
@@ -324,10 +325,13 @@ class Store:
             self._set_crl(ca, *got)
         if (got := _map_crl(os.path.join(path, "crl-delta.bin"))) is not None:
             self._set_delta(ca, *got)
-        for fn in os.listdir(path):  # CRL shards: crl-<k>.bin
-            if (sm := re.match(r"^crl-(\d{1,3})\.bin$", fn)) and int(sm.group(1)) < 256:
+        for fn in os.listdir(path):  # CRL shards: crl-<k>.bin, and their deltas crl-<k>-delta.bin
+            if (sm := re.match(r"^crl-(\d{1,3})(-delta)?\.bin$", fn)) and int(sm.group(1)) < 256:
                 if (got := _map_crl(os.path.join(path, fn))) is not None:
-                    self._set_shard(ca, int(sm.group(1)), *got)
+                    if sm.group(2):
+                        self._set_delta(ca, *got, shard=int(sm.group(1)))
+                    else:
+                        self._set_shard(ca, int(sm.group(1)), *got)
         try:
             with open(os.path.join(path, "CURRENT"), "rb") as f:
                 ca.gen = int(f.read().strip() or b"0")
@@ -467,7 +471,7 @@ class Store:
         ca = self.cas.get(name)
         if ca is None:
             raise KeyError(name)
-        fn = "crl-delta.bin" if delta else "crl.bin" if shard is None else f"crl-{shard}.bin"
+        fn = ("crl" if shard is None else f"crl-{shard}") + ("-delta" if delta else "") + ".bin"
         key = (f"{name}/{fn}", number)
         part = self.partial_crls.get(key)
         if part is None:
@@ -489,7 +493,8 @@ class Store:
         del self.partial_crls[key]
         self.partial_bytes -= part.size
         final = os.path.join(ca.path, fn)
-        held = (ca.delta[0] if ca.delta else 0) if delta else ca.crl_number if shard is None else ca.shards.get(shard, (0,))[0]
+        held = ((ca.delta[0] if ca.delta else 0) if shard is None else ca.shard_deltas.get(shard, (0,))[0]) if delta \
+            else ca.crl_number if shard is None else ca.shards.get(shard, (0,))[0]
         try:
             part.finish()
             if number <= held:
@@ -505,7 +510,7 @@ class Store:
             if ext_number != number:
                 raise ValueError("the CRL's number differs from the published number")
             if delta:
-                self._set_delta(ca, number, der, part.etag())
+                self._set_delta(ca, number, der, part.etag(), shard)
             elif shard is not None:
                 self._set_shard(ca, shard, number, der, part.etag())
             else:
@@ -522,13 +527,18 @@ class Store:
         self.partial_crls.clear()
         self.partial_bytes = 0
 
-    def _set_delta(self, ca: CaRecord, number: int, der: bytes | memoryview, etag: str | None = None) -> None:
+    def _set_delta(self, ca: CaRecord, number: int, der: bytes | memoryview, etag: str | None = None,
+                   shard: int | None = None) -> None:
         crl = _crl_head(der)
         try:  # only a delta CRL goes where relying parties fetch deltas
             crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
         except x509.ExtensionNotFound:
             raise ValueError(f"the delta CRL of {ca.name} has no deltaCRLIndicator") from None
-        ca.delta = (number, der, etag or _etag(der), _ts(crl.last_update_utc))
+        got = (number, der, etag or _etag(der), _ts(crl.last_update_utc))
+        if shard is None:
+            ca.delta = got
+        else:
+            ca.shard_deltas[shard] = got
 
     def _set_shard(self, ca: CaRecord, shard: int, number: int, der: bytes | memoryview, etag: str | None = None) -> None:
         crl = _crl_head(der)
