@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
@@ -350,8 +350,12 @@ class SignedLists:
                     if der:
                         yield header[1]
                     yield signed.suffix
+                pre = hashlib.sha256()  # the digest first, so that it goes into the row with the blob
+                for p in parts():
+                    pre.update(p)
                 with db.tx():
-                    digest = store.store_signed_list(kind, name, number, this_update, next_update, count, parts(), total)
+                    digest = store.store_signed_list(kind, name, number, this_update, next_update, count, parts(), total,
+                                                     pre.digest())
                     # published with the same commit, named like its file: <ca>.crl, <ca>-<k>.crl, <ca>-delta.crl
                     self.dist.enqueue_object(db.db, action, ca, number, ("" if shard is None else f"-{shard}")
                                              + ("-delta" if delta is not None else ""))
@@ -361,13 +365,25 @@ class SignedLists:
                     db.audit(actor, action, f"{name}#{number}", "ok", f"entries={count} sha256={digest.hex()}")
                 return digest
             digest = await self.store.run(keep)
+            self.dist.poke()
+            if crl:
+                self.stats["crls"] += 1
+
+                async def stored() -> AsyncIterator[bytes]:
+                    """The bytes just stored, from the temporary file (their digest was checked in the commit):
+                    not read back out of the CMDB."""
+                    yield signed.prefix + (header[0] if der else b"")
+                    await trio.to_thread.run_sync(tmp.seek, 0)
+                    for _ in range(tbs_len // (1 << 20) + length // (1 << 20) + 2):  # bounded: the file's size
+                        chunk = await trio.to_thread.run_sync(tmp.read, 1 << 20)
+                        if not chunk:
+                            break
+                        yield chunk
+                    yield (header[1] if der else b"") + signed.suffix
+                await self.ocsp.publish_crl(ca, number, shard=shard, delta=delta is not None, chunks=stored())
         finally:
             cis.close(mid, answered=late is None)
             tmp.close()
-        self.dist.poke()
-        if crl:
-            self.stats["crls"] += 1
-            await self.ocsp.publish_crl(ca, number, shard=shard, delta=delta is not None)
         return number, count, digest
 
     async def crl_scheduler(self) -> None:

@@ -213,12 +213,13 @@ class OcspProducer:
                     del self.f.ocsp_feeds[name]
 
     async def publish_crl(self, ca: str, number: int, only: Channel | None = None, shard: int | None = None,
-                          delta: bool = False) -> None:
+                          delta: bool = False, chunks: AsyncIterator[bytes] | None = None) -> None:
+        """Stream one stored CRL to the endpoints: read from the CMDB, or `chunks`, the same bytes just stored."""
         if not self.f.ocsp_feeds and only is None:
             return
         name = (ca if shard is None else f"{ca}-{shard}") + ("-delta" if delta else "")
         prev: bytes | None = None  # one piece ahead, to mark the last: never the whole CRL in memory
-        async for c in self.f.crl_chunks(name, number):
+        async for c in (chunks if chunks is not None else self.f.crl_chunks(name, number)):
             if prev is not None:
                 await self.publish(S.PublishCrl(ca=ca, number=number, data=prev, last=False, shard=shard, delta=delta), only)
             prev = c

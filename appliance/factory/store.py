@@ -517,12 +517,15 @@ class Store:
             self.list_snapshot_end()
 
     def store_signed_list(self, kind: str, ca: str, number: int, this_update: int, next_update: int, entries: int,
-                          parts: Iterable[bytes], total: int) -> bytes:
+                          parts: Iterable[bytes], total: int, sha256: bytes | None = None) -> bytes:
         """Write a signed CRL or issued-serials list of `total` bytes from its parts (inside tx()),
-        streamed into a blob; returns its SHA-256. A number already stored fails (primary key)."""
+        streamed into a blob; returns its SHA-256. A number already stored fails (primary key).
+        `sha256` known beforehand goes into the row with it (checked against what is written): setting it
+        afterwards rewrites the whole record, a 42 MB CRL read back and written again (≈ 2× its size in memory)."""
         table = LISTS[kind][0]
         c = self.require_active().db
-        c.execute(f"INSERT INTO {table} VALUES (?,?,?,?,?,?,zeroblob(?))", (ca, number, this_update, next_update, entries, b"", total))
+        c.execute(f"INSERT INTO {table} VALUES (?,?,?,?,?,?,zeroblob(?))",
+                  (ca, number, this_update, next_update, entries, sha256 or b"", total))
         rowid = c.last_insert_rowid()
         h = hashlib.sha256()
         written = 0
@@ -534,7 +537,10 @@ class Store:
         if written != total:
             raise CmdbError(f"the signed list is {written} bytes, {total} announced")
         digest = h.digest()
-        c.execute(f"UPDATE {table} SET sha256=? WHERE rowid=?", (digest, rowid))
+        if sha256 is None:
+            c.execute(f"UPDATE {table} SET sha256=? WHERE rowid=?", (digest, rowid))
+        elif digest != sha256:
+            raise CmdbError("the signed list differs from the digest announced with it")
         return digest
 
     def crls_due(self, now: int) -> set[str]:
