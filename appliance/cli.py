@@ -1381,18 +1381,41 @@ def restore(file: Annotated[str, typer.Argument(help="A backup made by donjon ba
             max_age_days: Annotated[Optional[int], typer.Option(help="A backup older than this needs a quorum's confirmation "
                                                                         "(default: cmdb.restore-max-age-days).", min=1)] = None,
             confirm_share: Annotated[list[str], typer.Option(help="An activation PIN share confirming an older backup (repeat).")] = [],  # noqa: B006
+            officer: Annotated[list[str], typer.Option(help="An administrator of the backup authorising the restore "
+                                                              "(twice: dual control; NAME or NAME:TOTP-CODE).")] = [],  # noqa: B006
+            password_file: Annotated[list[str], typer.Option(help="The password of each --officer, in order (else prompted).")] = [],  # noqa: B006
+            pin_file: Annotated[Optional[str], typer.Option(help="The token PIN (default: the PIN file, or the confirming shares).")] = None,
             home: Home = "./var", as_json: JsonOut = False) -> None:
-    """Restore the CMDB from a backup, the appliance stopped; at the next activation it reconciles with
-    everything already published (CRLs, OCSP responses): nothing revoked comes back, no number is reused.
+    """Restore the CMDB from a backup, the appliance stopped, authorised by two administrators of the backup;
+    at the next activation it reconciles with everything already published (CRLs, OCSP responses,
+    destinations): nothing revoked comes back, no number is reused.
 
-    Example: donjon shutdown --yes; donjon restore /media/donjon/backup.tar --anchor head.json; donjon run
+    Example: donjon shutdown --yes; donjon restore /media/donjon/backup.tar --anchor head.json --officer alice --officer bob; donjon run
     """
     from appliance import config as C
+    from appliance import home as H
     from appliance import restore as R
+    if len(officer) < 2 or len(set(o.partition(":")[0] for o in officer)) < 2:
+        fail("restore refused (dual control): two distinct administrators of the backup authorise it "
+             "(--officer NAME twice, each with their password)")
+    if password_file and len(password_file) != len(officer):
+        fail("give one --password-file per --officer, in the same order (or none: the passwords are prompted)")
+    creds: list[tuple[str, str, str]] = []
     try:
-        days = max_age_days or C.load(home).cmdb.restore_max_age_days
-        doc = R.restore(home, file, anchor, days, list(confirm_share))
-    except (R.RestoreError, C.ConfigError) as e:
+        cfg = C.load(home)
+        for i, o in enumerate(officer):
+            name, _, code = o.partition(":")
+            pw = C.read_secret(password_file[i], f"{name}'s password file") if password_file \
+                else typer.prompt(f"Password of officer {name}", hide_input=True)
+            creds.append((name, pw, code))
+        pin = H.read_pin(pin_file) if pin_file else None
+        if pin is None and not confirm_share and cfg.hsm.pin_file and os.path.exists(os.path.join(home, cfg.hsm.pin_file)):
+            pin = H.read_pin(os.path.join(home, cfg.hsm.pin_file))
+        if pin is None and not confirm_share:
+            pin = typer.prompt("Token PIN", hide_input=True)
+        days = max_age_days or cfg.cmdb.restore_max_age_days
+        doc = R.restore(home, file, anchor, days, list(confirm_share), creds, pin)
+    except (R.RestoreError, C.ConfigError, H.HomeError) as e:
         fail(str(e))
     if not emit_json(doc, as_json):
         typer.echo(f"restored {file} (sha256 {doc['sha256']}); the old CMDB is kept as {doc['kept']}. "

@@ -17,10 +17,12 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 from typing import Any
 
 import msgspec
+from cryptography import x509
 
 from appliance import backupfile
 from appliance.ocsp.store import Store as EndpointStore
@@ -40,7 +42,8 @@ class RestoreError(Exception):
 class _Evidence(msgspec.Struct, frozen=True):
     crl: bytes | None = None
     responses: list[bytes] = []
-    crls: list[bytes] = []  # read back from the Distribution's HTTP destinations
+    crls: list[bytes] = []  # read back from the Distribution's HTTP and LDAP destinations
+    lists: list[bytes] = []  # the issued-serials lists its HTTP destinations hold
 
 
 class _Marker(msgspec.Struct, frozen=True):
@@ -54,6 +57,59 @@ class _Marker(msgspec.Struct, frozen=True):
     evidence: dict[str, _Evidence]
     endpoint_seq: int = 0
     unread: list[str] = []  # destinations whose held CRL could not be read
+    officers: list[str] = []  # who authorised the restore (dual control)
+
+
+CHECK_COPY = "restore-check.sqlite"  # appliance/factory/restore.py reads it there (the Factory's folder)
+
+
+def check_officers(home: str, backup: str, officers: list[tuple[str, str, str]], pin: str) -> list[str]:
+    """Dual control with the appliance stopped: a one-job run of the roles in which the Factory unwraps the
+    backup's CMDB key through the CIS and checks each officer (name, password, TOTP code) against the
+    backup's own officers table (appliance/factory/restore.py check_officers). Their names, or RestoreError."""
+    import trio
+
+    from appliance import config as C
+    from appliance import safefs
+    from appliance.ipc import schema as S
+    from appliance.supervisor import Supervisor, SupervisorError
+    if len({n for n, _, _ in officers}) < 2:
+        raise RestoreError("restore refused (dual control): two distinct officers of the backup authorise it "
+                           "(--officer NAME twice, each with their password)")
+    cfg = C.load(home)
+    cmdb = os.path.join(home, "cmdb")
+    os.makedirs(cmdb, mode=0o700, exist_ok=True)
+    with backupfile._open(backup) as tar:
+        kf = tar.extractfile("cmdb.key")
+        wrapped = kf.read(4097) if kf is not None else b""
+        if not wrapped or len(wrapped) > 4096:
+            raise RestoreError(f"{backup}: its cmdb.key is not a wrapped CMDB key")
+        src = tar.extractfile("cmdb.sqlite")
+        assert src is not None
+        # The copy goes where the Factory may read it; the folder is the Factory's: no link followed.
+        dfd = safefs.open_root(cmdb)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(CHECK_COPY, dir_fd=dfd)  # left by a check killed earlier
+            fd = safefs.open_beneath(dfd, CHECK_COPY, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                while chunk := src.read(backupfile.CHUNK):
+                    f.write(chunk)
+        finally:
+            os.close(dfd)
+    msg = S.CheckRestoreOfficers(pin=pin, wrapped_db_key=wrapped,
+                                 officers=[S.RestoreOfficer(name=n, password=p, code=c) for n, p, c in officers])
+    try:
+        sup = Supervisor(home, cfg)
+        rc = trio.run(lambda: sup.run(restore_check=msg))
+    except (C.ConfigError, SupervisorError) as e:
+        raise RestoreError(f"restore refused: the officers could not be checked: {e}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(cmdb, CHECK_COPY))
+    if rc != 0:
+        raise RestoreError(sup.failed or "restore refused: the officers could not be checked")
+    return [n for n, _, _ in officers]
 
 
 def appliance_running(home: str) -> bool:
@@ -98,10 +154,12 @@ def _as_endpoint_user():
         os.setegid(0)
 
 
-def collect_evidence(home: str) -> tuple[dict[str, _Evidence], int, list[str]]:
+def collect_evidence(home: str) -> tuple[dict[str, _Evidence], int, list[str], dict[str, bytes]]:
     """Every CA's latest CRL and every pre-signed response the endpoint's stores hold, their highest seq,
-    and a note per store that could not be read (it is named in the restore's audit record)."""
+    a note per store that could not be read (it is named in the restore's audit record), and each CA's
+    certificate (to find its entry at the LDAP destinations)."""
     found: dict[str, tuple[tuple[int, bytes] | None, dict[int, bytes]]] = {}
+    certs: dict[str, bytes] = {}
     top = 0
     notes: list[str] = []
     for entry in sorted(os.listdir(home)):  # HOME's own entries are root's
@@ -110,17 +168,21 @@ def collect_evidence(home: str) -> tuple[dict[str, _Evidence], int, list[str]]:
             continue
         try:
             with _as_endpoint_user():
-                top = max(top, _read_store(path, found))
+                top = max(top, _read_store(path, found, certs))
         except (OSError, StoreError, ValueError) as e:
             notes.append(f"endpoint store {entry}: {type(e).__name__}")
-    return {n: _Evidence(crl=c[1] if c else None, responses=list(r.values())) for n, (c, r) in found.items()}, top, notes
+    return ({n: _Evidence(crl=c[1] if c else None, responses=list(r.values())) for n, (c, r) in found.items()}, top, notes,
+            certs)
 
 
-def _read_store(path: str, found: dict[str, tuple[tuple[int, bytes] | None, dict[int, bytes]]]) -> int:
-    """One endpoint store into `found` (CA -> latest CRL, serial -> response); its highest seq."""
+def _read_store(path: str, found: dict[str, tuple[tuple[int, bytes] | None, dict[int, bytes]]],
+                certs: dict[str, bytes] | None = None) -> int:
+    """One endpoint store into `found` (CA -> latest CRL, serial -> response) and `certs`; its highest seq."""
     st = EndpointStore.open(path)
     try:
         for name, ca in st.cas.items():
+            if certs is not None and ca.cert:
+                certs.setdefault(name, bytes(ca.cert))
             crl, responses = found.setdefault(name, (None, {}))
             if ca.crl is not None and (crl is None or ca.crl_number > crl[0]):
                 crl = (ca.crl_number, ca.crl)
@@ -138,9 +200,9 @@ def _read_store(path: str, found: dict[str, tuple[tuple[int, bytes] | None, dict
 MAX_FETCH = 64 << 20  # a CRL read back from a destination (the endpoint caps its own CRLs alike)
 
 
-def fetch_destinations(home: str, cas: list[str]) -> tuple[dict[str, list[bytes]], list[str]]:
-    """The CRL each HTTP destination holds for each CA (as the agent names it: {ca}.crl), and a note per
-    destination that could not be read. LDAP destinations are not read back yet (README)."""
+def fetch_destinations(home: str, cas: list[str], kind: str = "crl") -> tuple[dict[str, list[bytes]], list[str]]:
+    """What each HTTP destination holds for each CA (as the agent names it: {ca}.crl, or {ca}.serials for
+    kind "issued-serials"), and a note per destination that could not be read."""
     import http.client
     from urllib.parse import quote, urlsplit
 
@@ -152,14 +214,15 @@ def fetch_destinations(home: str, cas: list[str]) -> tuple[dict[str, list[bytes]
         return {}, [f"configuration: {e}"]
     got: dict[str, list[bytes]] = {}
     notes: list[str] = []
+    suffix = ".crl" if kind == "crl" else ".serials"
     for r in rules:
-        if not r.url.startswith(("http://", "https://")) or "crl" not in r.publish:
+        if not r.url.startswith(("http://", "https://")) or kind not in r.publish:
             continue
         for ca in cas:
             if r.cas and ca not in r.cas:
                 continue
-            url = r.url.replace("{ca}", quote(ca)).replace("{name}", quote(f"{ca}.crl")) if "{" in r.url \
-                else r.url.rstrip("/") + "/" + quote(f"{ca}.crl")
+            url = r.url.replace("{ca}", quote(ca)).replace("{name}", quote(f"{ca}{suffix}")) if "{" in r.url \
+                else r.url.rstrip("/") + "/" + quote(f"{ca}{suffix}")
             u = urlsplit(url)
             headers = {"User-Agent": "donjon-restore"}
             if r.secret is not None:
@@ -179,11 +242,55 @@ def fetch_destinations(home: str, cas: list[str]) -> tuple[dict[str, list[bytes]
                 if resp.status == 200 and len(body) <= MAX_FETCH:
                     got.setdefault(ca, []).append(body)
                 elif resp.status != 404:
-                    notes.append(f"{r.name}: {ca}.crl: HTTP {resp.status}")
+                    notes.append(f"{r.name}: {ca}{suffix}: HTTP {resp.status}")
             except (OSError, http.client.HTTPException, ValueError) as e:
-                notes.append(f"{r.name}: {ca}.crl: {type(e).__name__}")
+                notes.append(f"{r.name}: {ca}{suffix}: {type(e).__name__}")
             finally:
                 conn.close()
+    return got, notes
+
+
+def fetch_ldap(home: str, certs: dict[str, bytes]) -> tuple[dict[str, list[bytes]], list[str]]:
+    """The CRL each LDAP destination holds in each CA's entry (certificateRevocationList;binary at the rule's
+    ca-dn, rendered from the CA certificate as the agent renders it), and a note per destination that could
+    not be read. Read with the agent's own publisher code: the same DN, bind and TLS settings."""
+    from appliance import config as C
+    from appliance.distribution.publish import Job, LdapPublisher, PublishError
+    from appliance.factory.dist import subject_fields
+    try:
+        cfg = C.load(home)
+        rules = C.dist_rules(home, cfg, with_secrets=True)
+    except C.ConfigError as e:
+        return {}, [f"configuration: {e}"]
+    got: dict[str, list[bytes]] = {}
+    notes: list[str] = []
+    attr = "certificateRevocationList;binary"
+    for r in rules:
+        if not r.url.startswith(("ldap://", "ldaps://")) or "crl" not in r.publish or not r.ca_dn:
+            continue
+        p = LdapPublisher(r)
+        try:
+            for ca, der in sorted(certs.items()):
+                if r.cas and ca not in r.cas:
+                    continue
+                try:
+                    fields = dict(subject_fields(x509.load_der_x509_certificate(der)))
+                    dn = p._dn(Job(action="crl", ca=ca, ca_root=False, issuer=der, subject=fields, number=0, data=b""))
+                    conn = p.conn or p._connect()
+                    if not conn.search(dn, "(objectClass=*)", search_scope="BASE", attributes=[attr]):
+                        if (conn.result or {}).get("result") != 32:  # 32: no such entry, nothing held
+                            notes.append(f"{r.name}: {ca}: LDAP {(conn.result or {}).get('description', 'error')}")
+                        continue
+                    for e in conn.response or []:
+                        for v in ((e.get("raw_attributes") or {}).get(attr) or [])[:4]:
+                            if len(v) <= MAX_FETCH:
+                                got.setdefault(ca, []).append(bytes(v))
+                except PublishError as e:
+                    notes.append(f"{r.name}: {ca}: {e}")
+                except Exception as e:  # noqa: BLE001 - ldap3 raises IndexError, socket errors, its own types
+                    notes.append(f"{r.name}: {ca}: {type(e).__name__}")
+        finally:
+            p.close()
     return got, notes
 
 
@@ -202,8 +309,37 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confirm_shares: list[str]) -> dict[str, Any]:
-    """Check, collect, swap. Returns what was done (for the CLI)."""
+KEEP = ("activation-failures.json", "restore-refused.jsonl")  # both go into the restored CMDB's audit chain
+
+
+def carry_over(cmdb: str, staging: str) -> list[str]:
+    """Copy the CMDB folder's pending audit notes into the restored one. The folder is the Factory's: a link
+    or anything but a small plain file there is refused (named), never followed by root. What was copied."""
+    from appliance import safefs
+    done: list[str] = []
+    if not os.path.isdir(cmdb):
+        return done
+    dfd = safefs.open_root(cmdb)
+    try:
+        for name in KEEP:
+            try:
+                data = safefs.read_file(dfd, name, 128 * 1024)
+            except (safefs.UnsafePath, OSError) as e:
+                print(f"donjon restore: {name} not carried over: {e}", file=sys.stderr)
+                continue
+            if data is not None:
+                fd = os.open(os.path.join(staging, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                done.append(name)
+    finally:
+        os.close(dfd)
+    return done
+
+
+def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confirm_shares: list[str],
+            officers: list[tuple[str, str, str]], pin: str | None) -> dict[str, Any]:
+    """Check (the backup, its age, two of its administrators), collect, swap. Returns what was done (for the CLI)."""
     home = os.path.abspath(home)
     if appliance_running(home):
         raise RestoreError("the appliance is running: stop it first (donjon shutdown), then restore")
@@ -232,10 +368,21 @@ def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confi
             with open(pin_file) as f:
                 if f.read().strip() != pin:
                     raise RestoreError("restore refused: the confirming shares do not give this appliance's PIN")
-    evidence, top, unread = collect_evidence(home)
+    if pin is None and confirm_shares:
+        try:
+            pin = shamir.combine_pin(confirm_shares)
+        except PolicyError as e:
+            raise RestoreError(f"restore refused: the confirming shares: {e.message}") from None
+    if pin is None:
+        raise RestoreError("restore refused: the token PIN is needed to check the officers (--pin-file, or the PIN file)")
+    names = check_officers(home, backup, officers, pin)
+    evidence, top, unread, certs = collect_evidence(home)
     fetched, notes = fetch_destinations(home, sorted(evidence))
-    notes = unread + notes
-    evidence = {n: msgspec.structs.replace(e, crls=fetched.get(n, [])) for n, e in evidence.items()}
+    lists, list_notes = fetch_destinations(home, sorted(evidence), "issued-serials")
+    in_ldap, ldap_notes = fetch_ldap(home, certs)
+    notes = unread + notes + list_notes + ldap_notes
+    evidence = {n: msgspec.structs.replace(e, crls=fetched.get(n, []) + in_ldap.get(n, []), lists=lists.get(n, []))
+                for n, e in evidence.items()}
     cmdb = os.path.join(home, "cmdb")
     staging = os.path.join(home, "cmdb.restoring")
     now = int(time.time())
@@ -243,16 +390,13 @@ def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confi
     if os.path.lexists(staging):  # a restore killed earlier: the old CMDB or a partial copy, kept aside
         os.rename(staging, os.path.join(home, f"cmdb.pre-restore-{tag}-partial"))
     os.mkdir(staging, 0o700)
-    keep = ("activation-failures.json",)
-    for name in keep:
-        if os.path.exists(os.path.join(cmdb, name)):
-            shutil.copy2(os.path.join(cmdb, name), os.path.join(staging, name))
+    carry_over(cmdb, staging)
     backupfile.install_cmdb(backup, staging)
     with open(backup, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     marker = _Marker(format="donjon-restore/1", backup_sha256=digest, backup_created=created, backup_audit_seq=seq,
                      anchor_seq=a_seq, older_confirmed=bool(why_older), restored_at=now, evidence=evidence, endpoint_seq=top,
-                     unread=notes)
+                     unread=notes, officers=names)
     fd = os.open(os.path.join(staging, "restore.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(msgspec.msgpack.encode(marker))
@@ -267,46 +411,112 @@ def restore(home: str, backup: str, anchor: str | None, max_age_days: int, confi
         os.rename(staging, cmdb)
     _fsync_dir(home)
     return {"backup": backup, "sha256": digest, "audit_seq": seq, "anchor_seq": a_seq, "older_confirmed": bool(why_older),
-            "evidence": {n: {"crl": e.crl is not None, "responses": len(e.responses), "destination_crls": len(e.crls)}
+            "evidence": {n: {"crl": e.crl is not None, "responses": len(e.responses), "destination_crls": len(e.crls),
+                             "destination_lists": len(e.lists)}
                          for n, e in evidence.items()},
-            "unread_destinations": notes,
+            "unread_destinations": notes, "officers": names,
             "kept": f"cmdb.pre-restore-{tag}"}
+
+
+PROMOTE_MARKER = "promote.json"  # in HOME/cmdb while a promote is committed but not finished
+
+
+def _crash_point(step: str) -> None:
+    """Where a promote may be cut short (kill -9, power loss): tests make it stop here."""
+
+
+def promote_pending(home: str) -> bool:
+    """A promote was committed (its marker written) but not finished: the appliance must not start on the
+    half-switched folder; `donjon standby promote` again finishes it."""
+    return os.path.exists(os.path.join(home, "cmdb", PROMOTE_MARKER))
+
+
+def _write_marker(cmdb: str, doc: dict[str, Any]) -> None:
+    tmp = os.path.join(cmdb, PROMOTE_MARKER + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(cmdb, PROMOTE_MARKER))
+    _fsync_dir(cmdb)
+
+
+def _copy_durably(src: str, dst: str) -> None:
+    shutil.copyfile(src, dst)
+    with open(dst, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def promote_standby(home: str) -> dict[str, Any]:
     """Put the standby CMDB (HOME/cmdb/standby, appliance/factory/standby.py) in place of the primary's,
-    the appliance stopped. The primary's files are kept in cmdb/pre-promote-<time>/. The main file is
-    replaced last, atomically; a promote killed half-way is simply run again."""
+    the appliance stopped; the primary's files are kept in cmdb/pre-promote-<time>/.
+
+    Atomic by roll-forward: the standby's files are first copied into cmdb/promoting/ and fsynced (a crash
+    there leaves the old state, and the next promote discards the partial copy); then the marker
+    promote.json is written durably (the commit point); then the old files go aside and the staged ones
+    in, each step recorded in the marker. A crash after the commit point leaves the marker: the appliance
+    refuses to start on it and `donjon standby promote` again finishes the same promote, never redoes it."""
     home = os.path.abspath(home)
     if appliance_running(home):
         raise RestoreError("the appliance is running: stop it first, then promote the standby")
     cmdb = os.path.join(home, "cmdb")
+    if promote_pending(home):
+        return _finish_promote(home, cmdb)
     sb = os.path.join(cmdb, "standby")
     src = os.path.join(sb, "cmdb.sqlite")
     if not os.path.isfile(src):
         raise RestoreError(f"no standby CMDB at {src}")
     if os.path.exists(os.path.join(sb, "STALE")):
         raise RestoreError("the standby missed a commit (STALE): it is not a complete copy; restore a backup instead")
-    tag = f"{int(time.time())}-{time.time_ns() % 10**9:09d}"
-    aside = os.path.join(cmdb, f"pre-promote-{tag}")
-    os.mkdir(aside, 0o700)
-    tmp = os.path.join(cmdb, "cmdb.sqlite.promoting")
+    staging = os.path.join(cmdb, "promoting")
+    if os.path.lexists(staging):  # a promote killed before its commit point: its partial copy goes
+        shutil.rmtree(staging)
+    os.mkdir(staging, 0o700)
     for suffix in ("", "-wal"):
         if os.path.exists(src + suffix):
-            shutil.copyfile(src + suffix, tmp + suffix)
-            with open(tmp + suffix, "rb+") as f:
-                os.fsync(f.fileno())
-    main = os.path.join(cmdb, "cmdb.sqlite")
-    if os.path.exists(main):
-        os.link(main, os.path.join(aside, "cmdb.sqlite"))
-    for suffix in ("-wal", "-shm"):
-        if os.path.exists(main + suffix):
-            os.rename(main + suffix, os.path.join(aside, "cmdb.sqlite" + suffix))
-    if os.path.exists(tmp + "-wal"):
-        os.rename(tmp + "-wal", main + "-wal")
-    os.replace(tmp, main)
-    key = os.path.join(cmdb, "cmdb.key")
-    if not os.path.exists(key):  # the primary disk lost its key too: the standby kept a copy
-        shutil.copyfile(os.path.join(sb, "cmdb.key"), key)
+            _crash_point(f"copy{suffix}")
+            _copy_durably(src + suffix, os.path.join(staging, "cmdb.sqlite" + suffix))
+    if not os.path.exists(os.path.join(cmdb, "cmdb.key")):  # the primary disk lost its key too: the standby kept a copy
+        _copy_durably(os.path.join(sb, "cmdb.key"), os.path.join(staging, "cmdb.key"))
+    _fsync_dir(staging)
+    _crash_point("staged")
+    tag = f"{int(time.time())}-{time.time_ns() % 10**9:09d}"
+    _write_marker(cmdb, {"tag": tag, "phase": "aside", "promoted": src})  # the commit point
+    return _finish_promote(home, cmdb)
+
+
+def _finish_promote(home: str, cmdb: str) -> dict[str, Any]:
+    """The steps after the commit point; each is idempotent, so a promote cut anywhere here is finished by
+    running this again."""
+    try:
+        with open(os.path.join(cmdb, PROMOTE_MARKER)) as f:
+            doc = json.load(f)
+        tag, phase = str(doc["tag"]), doc["phase"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RestoreError(f"{cmdb}/{PROMOTE_MARKER}: unreadable ({type(e).__name__}); nothing more was changed") from None
+    if not re.fullmatch(r"[0-9]+-[0-9]{9}", tag) or phase not in ("aside", "in"):
+        raise RestoreError(f"{cmdb}/{PROMOTE_MARKER}: not a promote marker; nothing more was changed")
+    aside = os.path.join(cmdb, f"pre-promote-{tag}")
+    staging = os.path.join(cmdb, "promoting")
+    if phase == "aside":
+        os.makedirs(aside, mode=0o700, exist_ok=True)
+        for name in ("cmdb.sqlite-shm", "cmdb.sqlite-wal", "cmdb.sqlite"):
+            if os.path.exists(os.path.join(cmdb, name)):
+                _crash_point(f"aside {name}")
+                os.rename(os.path.join(cmdb, name), os.path.join(aside, name))
+        _fsync_dir(aside)
+        _fsync_dir(cmdb)
+        _crash_point("aside done")
+        _write_marker(cmdb, {**doc, "phase": "in"})
+    for name in ("cmdb.key", "cmdb.sqlite-wal", "cmdb.sqlite"):  # the database last
+        if os.path.exists(os.path.join(staging, name)):
+            _crash_point(f"in {name}")
+            os.rename(os.path.join(staging, name), os.path.join(cmdb, name))
     _fsync_dir(cmdb)
-    return {"promoted": src, "kept": os.path.relpath(aside, home)}
+    _crash_point("in done")
+    os.unlink(os.path.join(cmdb, PROMOTE_MARKER))
+    if os.path.isdir(staging):
+        os.rmdir(staging)
+    _fsync_dir(cmdb)
+    return {"promoted": doc.get("promoted", ""), "kept": os.path.relpath(aside, home)}

@@ -182,6 +182,9 @@ class Supervisor:
         L = self.layout
         if not os.path.isdir(self.home):
             raise SupervisorError(f"{self.home} does not exist (run `donjon init --home {self.home} --ceremony FILE`)")
+        from appliance import restore
+        if restore.promote_pending(self.home):  # the CMDB folder is half-switched: never open or create a CMDB there
+            raise SupervisorError("a standby promote was interrupted: run `donjon standby promote` again to finish it")
         # Configuration errors first: a refused configuration leaves nothing behind.
         self.dist_rules = C.dist_rules(self.home, self.cfg, with_secrets=True)  # ConfigError names the rule
         if self.cfg.snmp.enabled:
@@ -617,11 +620,12 @@ class Supervisor:
     # ------------------------------------------------------------ main
 
     async def run(self, ceremony: CeremonySpec | None = None, pin: str | None = None, on_ready=None,
-                  recover: S.RecoverKeys | None = None) -> int:
-        """Serve until a signal; with `ceremony` (donjon init) or `recover` (donjon keys recover) do that
-        one job with no admin socket and no listener, then stop."""
+                  recover: S.RecoverKeys | None = None, restore_check: S.CheckRestoreOfficers | None = None) -> int:
+        """Serve until a signal; with `ceremony` (donjon init), `recover` (donjon keys recover) or
+        `restore_check` (donjon restore's dual control) do that one job with no admin socket and no
+        listener, then stop."""
         self.stopping = False
-        one_job = ceremony is not None or recover is not None
+        one_job = ceremony is not None or recover is not None or restore_check is not None
         self.auto_activate = not one_job and pin is not None
         self.prepare()
         self.keep_ca_pin_from_endpoint(pin)
@@ -675,6 +679,14 @@ class Supervisor:
                         await roles["cis"].chan.send(recover)
                         ev = await self.wait_event("keys-recovered", "keys-recover-failed")
                         result = 0 if ev.kind == "keys-recovered" else 2
+                        self.failed = ev.detail
+                        await self._stop(roles)
+                        n.cancel_scope.cancel()
+                        return result
+                    if restore_check is not None:
+                        await roles["factory"].chan.send(restore_check)
+                        ev = await self.wait_event("restore-officers-ok", "restore-officers-refused")
+                        result = 0 if ev.kind == "restore-officers-ok" else 2
                         self.failed = ev.detail
                         await self._stop(roles)
                         n.cancel_scope.cancel()

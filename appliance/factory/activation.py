@@ -146,6 +146,7 @@ class Activation:
                 await self.store.run(standby.attach, self.store.require_active(), self.cfg.home, reply.db_key, self.cfg.cipher)
             from . import restore  # issue 15: a restored CMDB first catches up with what was published
             restored_cas = await self.store.run(restore.reconcile, self.store, self.cfg.home, actor)
+            await self.store.run(restore.record_refusals, self.store, self.cfg.home)
             voided = await self.store.run(self.store.reconcile, actor)
             await self.store.run(self.dist.catch_up)
             self.dist.poke()

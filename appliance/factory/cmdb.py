@@ -518,7 +518,19 @@ _MIGRATIONS[16] = """
 
 # Migrations 17-20 are reserved for the third group of this wave, one per feature (as 9-16 above):
 # 17 backup and restore II, 18 two-tier II, 19 CRL at scale, 20 the storage layer II.
-_MIGRATIONS[17] = "SELECT 1"
+# 17, backup and restore II: certificates a restore knows only from what was published (the endpoint's
+# responses, CRLs, issued-serials lists) and not from the restored CMDB. Their body is not in that
+# evidence; their serial and status are, so the endpoint keeps getting fresh responses for them
+# (good or revoked, never unknown) until the CA itself expires (their own notAfter is not known).
+_MIGRATIONS[17] = """
+    CREATE TABLE recovered_certs(
+        ca TEXT NOT NULL,
+        serial BLOB NOT NULL,
+        not_after INTEGER NOT NULL,          -- the CA's: the certificate's own is not in the evidence
+        recovered_at INTEGER NOT NULL,
+        PRIMARY KEY (ca, serial)
+    ) WITHOUT ROWID;
+"""
 _MIGRATIONS[18] = "SELECT 1"
 # Issue 19, CRLs at scale: each revocation's CRL entry kept encoded from its revocation on (a CRL is then
 # read as pre-encoded pages, checked strictly by the CIS); a changed or deleted revocation drops its entry

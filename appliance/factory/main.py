@@ -408,6 +408,13 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
             finally:
                 if f.auto_activation is not None:
                     f.auto_activation.set()
+        elif isinstance(m, S.CheckRestoreOfficers):
+            from . import restore
+            try:
+                names = await restore.check_officers(f.cis, f.cfg.home, f.cfg.cipher, m)
+                await sup.send(S.Event(kind="restore-officers-ok", detail=",".join(names)))
+            except FactoryError as e:
+                await sup.send(S.Event(kind="restore-officers-refused", detail=e.reason[:4000]))
         elif isinstance(m, S.Ceremony):
             try:
                 spec = msgspec.msgpack.decode(m.spec, type=CeremonySpec)

@@ -21,6 +21,7 @@ from appliance.ipc.channel import Channel, ProtocolViolation
 
 from .cis_link import CisRefused
 from .errors import FactoryError, _log
+from .store import recovered_cert_state
 
 if TYPE_CHECKING:
     from .cmdb import Cmdb
@@ -101,6 +102,8 @@ class OcspProducer:
             row = db.execute("SELECT c.not_after, r.revoked_at, r.reason, o.this_update FROM certs c LEFT JOIN revocations r "
                              "ON r.ca = c.ca AND r.serial = c.serial LEFT JOIN ocsp o ON o.ca = c.ca AND o.serial = c.serial "
                              "WHERE c.ca=? AND c.serial=?", (ca, serial)).fetchone()
+            if row is None:  # known only from what was published before a restore: still answered, never "unknown"
+                row = recovered_cert_state(db, ca, serial)
             out.append((ca, serial, row))
         return out
 

@@ -17,15 +17,19 @@ import os
 import time
 
 import msgspec
+import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509 import ocsp
 
+from appliance.ipc import schema as S
 from policy import crl as crlenc
+from policy import serials as serials_list
 
-from .cmdb import serial_bytes
-from .errors import _log
-from .store import Store
+from .cis_link import CisLink, CisRefused
+from .cmdb import CmdbError, serial_bytes
+from .errors import FactoryError, _log
+from .store import Store, officers_of_file
 
 MARKER = "restore.json"
 _REASONS = {f: code for code, f in {  # ReasonFlags -> RFC 5280 reason code
@@ -37,7 +41,8 @@ _REASONS = {f: code for code, f in {  # ReasonFlags -> RFC 5280 reason code
 class Evidence(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     crl: bytes | None = None  # the endpoint's latest CRL of this CA
     responses: list[bytes] = []  # every pre-signed OCSP response it held
-    crls: list[bytes] = []  # the CRLs the Distribution's HTTP destinations held
+    crls: list[bytes] = []  # the CRLs the Distribution's HTTP and LDAP destinations held
+    lists: list[bytes] = []  # the issued-serials lists its HTTP destinations held
 
 
 class Marker(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -51,6 +56,92 @@ class Marker(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     evidence: dict[str, Evidence]
     endpoint_seq: int = 0  # the highest publication seq the endpoint's stores held
     unread: list[str] = []  # destinations whose held CRL could not be read
+    officers: list[str] = []  # the two (or more) administrators of the backup who authorised the restore
+
+
+CHECK_COPY = "restore-check.sqlite"  # the backup's database, put beside the CMDB by `donjon restore` for the check
+
+
+async def check_officers(cis: CisLink, home: str, cipher: str, m: S.CheckRestoreOfficers) -> list[str]:
+    """Dual control of `donjon restore`: every officer named is an administrator of the backup being
+    restored (its own officers table: the people who will run the restored CA), unlocked, with the right
+    password (and TOTP code when it has one), and they are at least two distinct people. Raises
+    FactoryError with one line naming what failed; reads the backup's copy only, writes nothing."""
+    from .officers import check_password, dummy_check, totp_match
+    names = [o.name for o in m.officers]
+    if len(set(names)) < 2:
+        raise FactoryError("policy", "restore refused (dual control): two distinct officers are needed")
+    try:
+        reply = await cis.request(S.Activate(id=cis.new_id(), pin=m.pin, wrapped_db_key=m.wrapped_db_key))
+    except CisRefused as e:
+        raise FactoryError("auth", f"the backup's CMDB key: {e.reason}") from None
+    try:
+        rows = await trio.to_thread.run_sync(officers_of_file, os.path.join(home, CHECK_COPY), reply.db_key, cipher, names)
+    except CmdbError as e:
+        raise FactoryError("internal", str(e)) from None
+    bad: list[str] = []
+    for o in m.officers:
+        row = rows.get(o.name)
+        if row is None:  # the same KDF time as a known name
+            await trio.to_thread.run_sync(dummy_check, o.password)
+            bad.append(f"{o.name}: no such officer in the backup")
+            continue
+        roles, pwhash, totp, locked = row
+        ok = await trio.to_thread.run_sync(check_password, pwhash, o.password)
+        if not ok or (totp is not None and totp_match(totp, o.code, time.time(), 0) is None):
+            bad.append(f"{o.name}: wrong password or code")
+        elif locked:
+            bad.append(f"{o.name}: locked")
+        elif "administrator" not in roles.split(","):
+            bad.append(f"{o.name}: not an administrator")
+    if bad:
+        why = "restore refused (dual control): " + "; ".join(bad)
+        _note_refusal(home, names, why)
+        raise FactoryError("auth", why)
+    return names
+
+
+REFUSALS = "restore-refused.jsonl"  # refused restores, recorded in the audit chain at the next activation
+_REFUSALS_MAX = 64 * 1024
+
+
+def _note_refusal(home: str, names: list[str], why: str) -> None:
+    """The CMDB is closed (the appliance is stopped): keep the refusal beside it, bounded, for the audit chain."""
+    path = os.path.join(home, REFUSALS)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        _log(f"restore refusal not kept for the audit ({e.strerror}): {why}")
+        return
+    with os.fdopen(fd, "ab") as f:
+        if f.tell() < _REFUSALS_MAX:  # a flood of refusals keeps the first ones, never fills the disk
+            f.write(msgspec.json.encode({"ts": int(time.time()), "officers": names[:4], "why": why[:1000]}) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def record_refusals(store: Store, home: str) -> int:
+    """On the DB thread at activation: the restores refused while the appliance was stopped become audit
+    records (actor: the officers named), then the file goes. Their number."""
+    path = os.path.join(home, REFUSALS)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_REFUSALS_MAX + 4096)
+    except FileNotFoundError:
+        return 0
+    recs = []
+    for line in data.splitlines():
+        try:
+            r = msgspec.json.decode(line)
+            recs.append((int(r["ts"]), "+".join(str(n)[:64] for n in r["officers"][:4]), str(r["why"])[:1000]))
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            recs.append((int(time.time()), "unknown", "a restore refusal record was unreadable"))
+    db = store.require_active()
+    with db.tx():
+        for ts, who, why in recs:
+            db.audit(f"restore:{who}", "restore", "cmdb", "refused", why, ts=ts)
+    os.unlink(path)
+    return len(recs)
 
 
 def _verify(pub, sig: bytes, data: bytes, halg) -> bool:
@@ -109,6 +200,26 @@ def published(cert_der: bytes, ev: Evidence) -> tuple[int, dict[int, tuple[int, 
     return number, revoked, issued, refused
 
 
+def published_lists(cert_der: bytes, lists: list[bytes]) -> tuple[int, set[int], int]:
+    """What this CA verifiably published as issued-serials lists: (highest list number, serials named,
+    lists refused because not signed by this CA)."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    pub = cert.public_key()
+    number, refused = 0, 0
+    issued: set[int] = set()
+    for der in lists:
+        try:
+            lst = serials_list.decode(der)
+            if lst.issuer_der != cert.subject.public_bytes() or \
+                    not _verify(pub, lst.signature, lst.tbs, serials_list.hash_for(lst.signature_oid)):
+                raise ValueError("not this CA's")
+            number = max(number, lst.number)
+            issued |= lst.serials
+        except Exception:  # noqa: BLE001 - a damaged or foreign list is no evidence
+            refused += 1
+    return number, issued, refused
+
+
 def pending(home: str) -> bool:
     return os.path.exists(os.path.join(home, MARKER))
 
@@ -132,12 +243,24 @@ def reconcile(store: Store, home: str, actor: str) -> list[str]:
             if ev is None:
                 continue
             number, revoked, issued, refused = published(cert_der, ev)
+            list_number, listed, list_refused = published_lists(cert_der, ev.lists)
+            issued |= listed
+            refused += list_refused
             if refused:
                 db.audit(actor, "restore", ca, "refused", f"{refused} published object(s) not signed by {ca}: ignored")
-            re_entered, reserved = 0, 0
+            re_entered, reserved, answered = 0, 0, 0
+            ca_end = int(x509.load_der_x509_certificate(cert_der).not_valid_after_utc.timestamp())
             for serial in sorted(issued):
                 sb = serial_bytes(serial)
                 known = db.db.execute("SELECT 1 FROM certs WHERE ca=? AND serial=?", (ca, sb)).fetchone()
+                if not known and not db.db.execute("SELECT 1 FROM recovered_certs WHERE ca=? AND serial=?", (ca, sb)).fetchone():
+                    # Its body is not in the evidence; its serial and status are: fresh responses keep saying
+                    # good or revoked for it (never "unknown"), re-signed like any other (migration 17).
+                    db.db.execute("INSERT INTO recovered_certs VALUES (?,?,?,?)", (ca, sb, ca_end, now))
+                    db.db.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (ca, sb))
+                    answered += 1
+                    db.audit(actor, "recovered", f"{ca}/{serial:x}", "ok", "certificate published but unknown to the restored "
+                             "CMDB: re-entered by serial (its status answered by fresh OCSP responses until the CA expires)")
                 state = db.db.execute("SELECT state FROM serials WHERE serial=?", (sb,)).fetchone()
                 if state is None:
                     db.db.execute("INSERT INTO serials(serial, ca, state, reserved) VALUES (?,?,'issued',?)", (sb, ca, now))
@@ -172,10 +295,18 @@ def reconcile(store: Store, home: str, actor: str) -> list[str]:
                 db.db.execute("UPDATE dist_jobs SET state='superseded' WHERE ca=? AND action='crl' AND number<=? "
                               "AND state IN ('pending','parked')", (ca, number))
                 superseded = db.db.changes()
+            held_list = db.db.execute("SELECT list_number FROM cas WHERE name=?", (ca,)).fetchone()[0]
+            if list_number > held_list:  # the same for the issued-serials list's numbers
+                db.db.execute("UPDATE cas SET list_number=? WHERE name=?", (list_number, ca))
+                db.db.execute("UPDATE dist_jobs SET state='superseded' WHERE ca=? AND action='issued-serials' AND number<=? "
+                              "AND state IN ('pending','parked')", (ca, list_number))
+                superseded += db.db.changes()
             if number > crl_number or re_entered:
                 need_crl.append(ca)
             lines.append(f"{ca}: CRL numbers resume above {max(number, crl_number)} (restored CMDB had {crl_number}), "
-                         f"{re_entered} revocation(s) re-entered, {reserved} serial(s) reserved, {superseded} publication(s) superseded")
+                         f"issued-serials lists above {max(list_number, held_list)} (had {held_list}), "
+                         f"{re_entered} revocation(s) re-entered, {reserved} serial(s) reserved, {answered} certificate(s) re-entered by serial, "
+                         f"{superseded} publication(s) superseded")
         if m.endpoint_seq:
             # The endpoint resumes after the highest seq it holds: every response of the restored CMDB
             # moves above it (resent once; the endpoint keeps whichever response is newer).
@@ -187,7 +318,8 @@ def reconcile(store: Store, home: str, actor: str) -> list[str]:
         db.audit(actor, "restore", "cmdb", "ok",
                  f"backup sha256={m.backup_sha256} created={m.backup_created} audit_seq={m.backup_audit_seq} "
                  f"(chain resumes at {head + 1}); {gap}{'; older backup confirmed by a quorum' if m.older_confirmed else ''}; "
-                 + "; ".join(lines) + ("; destinations not read: " + ", ".join(m.unread) if m.unread else ""))
+                 + "; ".join(lines) + (f"; authorised by {' and '.join(m.officers)} (dual control)" if m.officers else "")
+                 + ("; destinations not read: " + ", ".join(m.unread) if m.unread else ""))
     os.replace(path, os.path.join(home, f"restore-done-{now}.json"))  # after the commit: a crash before it redoes the above
     _log("restore reconciled: " + "; ".join(lines))
     return need_crl

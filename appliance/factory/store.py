@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -56,6 +57,33 @@ def _one(c: apsw.Connection, q: str, args: tuple[Any, ...] = ()) -> Any:
     row = c.execute(q, args).fetchone()
     assert row is not None
     return row
+
+
+def officers_of_file(path: str, key: bytes, cipher: str, names: list[str]) -> dict[str, tuple[str, str, bytes | None, int]]:
+    """The named officers (roles, pwhash, totp, locked) of a CMDB file that is not the live one (the backup
+    a restore is about to put in place): opened read-only and immutable, nothing written, no WAL."""
+    c = apsw.Connection(f"file:{path}?immutable=1", flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+    try:
+        c.execute(f"PRAGMA cipher = '{cipher}'")
+        if cipher == "chacha20":
+            c.execute("PRAGMA kdf_iter = 1")
+        c.execute(f"PRAGMA hexkey = '{key.hex()}'")
+        try:
+            rows = c.execute("SELECT name, roles, pwhash, totp, locked FROM officers WHERE name IN (SELECT value FROM json_each(?))",
+                             (json.dumps(names),)).fetchall()
+        except (apsw.NotADBError, apsw.SQLError):
+            raise CmdbError("the backup's CMDB does not decrypt with this token's key, or has no officers table") from None
+        return {str(r[0]): (str(r[1]), str(r[2]), r[3] if isinstance(r[3], bytes) else None, int(r[4] or 0)) for r in rows}
+    finally:
+        c.close()
+
+
+def recovered_cert_state(c: apsw.Connection, ca: str, serial: bytes) -> tuple[Any, ...] | None:
+    """(not_after, revoked_at, reason, held this_update) of a certificate a restore recovered from published
+    evidence only (recovered_certs, migration 17): the shape of the OCSP scheduler's row for a known one."""
+    return c.execute("SELECT k.not_after, r.revoked_at, r.reason, o.this_update FROM recovered_certs k "
+                     "LEFT JOIN recovered_revocations r ON r.ca = k.ca AND r.serial = k.serial "
+                     "LEFT JOIN ocsp o ON o.ca = k.ca AND o.serial = k.serial WHERE k.ca=? AND k.serial=?", (ca, serial)).fetchone()
 
 
 def inactive(yet: str = "") -> FactoryError:

@@ -312,6 +312,17 @@ def test_shutdown_from_the_console(ready, tmp_path):
         t.expect(r"new value \(Enter: keep\):$")
         t.send("127.0.0.1:18443")
         t.expect(r"ocsp\.listen = \"127\.0\.0\.1:18443\" \(takes effect at the next start\)[\s\S]*choice>$")
+        t.send("19")  # key backup to the media: refused here, where dual control is off (tests/integration/test_keybackup.py
+        t.expect(r"Key backup \(1-2, Enter: back\)>$")  # drives it to the end under dual control)
+        t.send("1")
+        t.expect(r"custodian shares \(Enter: default\):$")
+        t.send("3")
+        t.expect(r"shares needed to recover \(Enter: default\):$")
+        t.send("2")
+        t.expect(r"token SO PIN:$")
+        t.send((a.home / "softhsm" / "so-pin").read_text().strip())
+        t.expect(r"error: [\s\S]*a key backup needs dual control[\s\S]*choice>$")
+        assert not list(media.glob("keys-*"))
         t.send("12")  # backup to the media: the same operation as `donjon backup`
         t.expect(r"backup: \d+ bytes -> media: (donjon-backup-\d{8}T\d{6}Z\.tar)\s+sha256 ([0-9a-f]{64})[\s\S]*choice>$")
         t.send("13")

@@ -67,8 +67,9 @@ def _drill(appliance_factory, homes, tmp_path, src_path, forged: bool) -> None:
     assert all(e["spki_sha256"] is None or len(e["spki_sha256"]) == 64 for e in doc["keys"]) and doc["mac"]
     audit = [json.loads(x) for x in a.cli("audit", "export").stdout.splitlines() if b'"seq"' in x]
     assert [x["outcome"] for x in audit if x.get("action") == "keys-backup"] == ["denied", "ok"]  # the operator, then the backup
-    if forged:  # the long version also makes the backup as a ceremony step (just drills)
+    if forged:  # the long version also makes the backup as a ceremony step and from the console (just drills)
         _ceremony_step(a, tmp_path)
+        _console_key_backup(a, tmp_path)
     assert a.stop() == 0
 
     shutil.rmtree(a.home)  # the disaster: the token and the home are gone
@@ -124,6 +125,57 @@ def _drill(appliance_factory, homes, tmp_path, src_path, forged: bool) -> None:
         assert b"audit chain intact" in b.cli("audit", "verify").stdout
     finally:
         b.stop()
+
+
+def _console_key_backup(a: Appliance, tmp_path: Path) -> None:
+    """The console's "Key backup to media" item on a real tmux pane: an administrator asks, a second one
+    approves (dual control), the first takes the backup by its number onto the media; a bad answer is refused."""
+    from tests.integration.console_driver import Tmux
+    from tests.integration.test_console import console_argv, log_in
+    media = a.home / "media"
+    media.mkdir(mode=0o700, exist_ok=True)
+    so_pin = (a.home / "softhsm" / "so-pin").read_text().strip()
+    (tmp_path / "console").mkdir()
+    t = Tmux(tmp_path / "console", console_argv(a), env=a.env("admin"))
+    try:
+        log_in(t, "admin")
+        t.expect(r"logged in as admin[\s\S]*choice>$")
+        t.send("19")
+        t.expect(r"Key backup \(1-2, Enter: back\)>$")
+        t.send("1")
+        t.expect(r"custodian shares \(Enter: default\):$")
+        t.send("99")  # out of range: refused, nothing asked of the token
+        t.expect(r"error: '99' is not a number from 2 to 16[\s\S]*choice>$")
+        t.send("19")
+        t.expect(r"Key backup \(1-2, Enter: back\)>$")
+        t.send("1")
+        t.expect(r"custodian shares \(Enter: default\):$")
+        t.send("3")
+        t.expect(r"shares needed to recover \(Enter: default\):$")
+        t.send("2")
+        t.expect(r"token SO PIN:$")
+        t.send(so_pin)
+        m = t.expect(r"request #(\d+) \(keys-backup\) is pending[\s\S]*choice>$")
+        rid = m.group(1)
+        assert not list(media.glob("keys-*"))  # nothing before the second administrator approves
+        number = json.loads(a.cli("approve", rid, "--json", officer="admin2").stdout)["result"]["backup"]
+        t.send("19")
+        t.expect(r"Key backup \(1-2, Enter: back\)>$")
+        t.send("2")
+        t.expect(r"key backup number \(Enter: default\):$")
+        t.send(str(number))
+        t.expect(r"key backup sha256 [0-9a-f]{32}\.\.\.[\s\S]*keys: [\s\S]*\(any 2 recover\): one to each custodian[\s\S]*choice>$")
+        t.key("C-d")
+        assert t.wait_dead() == 0
+    finally:
+        t.close()
+    folders = list(media.glob("keys-*"))
+    assert len(folders) == 1
+    blob = list(folders[0].glob("keys-backup-*.json"))
+    shares = sorted(folders[0].glob("custodian-*/key-share-*.txt"))
+    assert len(blob) == 1 and len(shares) == 3 and {p.parent.name for p in shares} == {"custodian-1", "custodian-2", "custodian-3"}
+    doc = json.loads(blob[0].read_bytes())
+    assert {e["label"] for e in doc["keys"]} >= {"issuing", "root"} and doc["mac"]
 
 
 def _ceremony_step(a: Appliance, tmp_path: Path) -> None:

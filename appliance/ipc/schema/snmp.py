@@ -94,7 +94,7 @@ class ConfigSetDone(_Msg, tag="config-set-done"):
 
 
 SupToFactory = Union[Hello, FactoryConfig, AutoActivate, Ceremony, Shutdown, OcspStats, NewLink,  # the endpoint's counters, relayed
-                     ConfigSetDone]
+                     ConfigSetDone, CheckRestoreOfficers]
 FactoryToSup = Union[Hello, Ready, Event, StatusReport, ConfigSet]
 
 

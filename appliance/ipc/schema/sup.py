@@ -76,6 +76,23 @@ class FactoryConfig(_Msg, tag="factory-config"):
     standby: bool = False  # ship every commit to the standby CMDB (HOME/cmdb/standby) before acknowledging
 
 
+class RestoreOfficer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Name
+    password: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+    code: Annotated[str, msgspec.Meta(max_length=8)] = ""  # TOTP, for an officer with the second factor on
+
+
+class CheckRestoreOfficers(_Msg, tag="check-restore-officers"):
+    """`donjon restore` (the appliance stopped), dual control: the Factory unwraps the backup's CMDB key
+    through the CIS, opens the backup's database (HOME/cmdb/restore-check.sqlite, read-only) and checks
+    these officers against its own officers table; answered by an Event ("restore-officers-ok" with
+    their names, or "restore-officers-refused", one line)."""
+
+    pin: Pin
+    wrapped_db_key: Annotated[bytes, msgspec.Meta(max_length=4096)]
+    officers: Annotated[list[RestoreOfficer], msgspec.Meta(min_length=2, max_length=4)]
+
+
 class AutoActivate(_Msg, tag="auto-activate"):
     """Developer mode only: the supervisor read the PIN file."""
 
