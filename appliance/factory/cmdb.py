@@ -544,7 +544,9 @@ _MIGRATIONS[19] = """
         shard INTEGER,  -- the certificate's CRL shard (cert_shards), NULL for a CA with one CRL
         PRIMARY KEY (ca, serial)
     ) WITHOUT ROWID;
-    CREATE INDEX crl_der_shard ON crl_der(ca, shard, serial) WHERE shard IS NOT NULL;
+    -- covering (der included): a shard's pages are read in order, not one random lookup per entry into
+    -- encrypted pages the 2 MB cache mostly misses
+    CREATE INDEX crl_der_shard ON crl_der(ca, shard, serial, der) WHERE shard IS NOT NULL;
     CREATE TRIGGER crl_der_upd AFTER UPDATE ON revocations
         BEGIN DELETE FROM crl_der WHERE ca = old.ca AND serial = old.serial; END;
     CREATE TRIGGER crl_der_del AFTER DELETE ON revocations

@@ -296,3 +296,13 @@ def test_endpoint_writes_crls_to_their_file_as_they_come_and_refuses_bad_ones_wh
     st.close()
     again = EndpointStore.open(str(path))
     assert again.cas["issuing"].crl == crl6 and again.cas["issuing"].crl_number == 6
+
+
+def test_pages_are_read_in_order_from_one_index(st):
+    """A page is a range scan: the full CRL's in crl_der's key order, a shard's in its covering index (one
+    random lookup per entry into encrypted pages would cost a page decryption each)."""
+    from appliance.factory.store import _DER_PAGE, _DER_SHARD_PAGE
+    plan = " | ".join(r[3] for r in st.db.db.execute("EXPLAIN QUERY PLAN " + _DER_PAGE, ("root", b"", 10)))
+    assert "SEARCH crl_der USING PRIMARY KEY (ca=? AND serial>?)" in plan, plan
+    plan = " | ".join(r[3] for r in st.db.db.execute("EXPLAIN QUERY PLAN " + _DER_SHARD_PAGE, ("root", 1, b"", 10)))
+    assert "COVERING INDEX crl_der_shard (ca=? AND shard=? AND serial>?)" in plan, plan
