@@ -1,7 +1,5 @@
 """The `donjon` command: thin typer commands, each calling one function; errors are one line + exit 1."""
 
-from __future__ import annotations
-
 import json
 import os
 import sys

@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtensionOID
 
+from appliance.client import AdminClient
+from appliance.ipc import schema as S
 from policy import audit
 from policy import serials as serials_list
 from tests.conftest import make_csr, openssl
@@ -66,7 +68,10 @@ cas = ["issuing"]
 
 
 def dist_status(a) -> dict:
-    return json.loads(a.cli("dist", "status", "--json").stdout)
+    """What `donjon dist status --json` prints (the same admin request), asked in-process: the drain waits
+    poll it every 0.2 s, and a CLI process per poll was most of this module's CPU."""
+    with AdminClient(str(a.home), timeout=30, session=a.session()) as c:
+        return c.call(S.ADistStatus)
 
 
 def wait_drained(a, timeout: float = 120) -> dict:
@@ -91,7 +96,7 @@ def crl_number(der: bytes) -> int:
 
 
 def test_publish_issue_revoke_ldap_and_http(appliance_factory, slapd, receiver, homes, tmp_path):
-    a = appliance_factory(config=rules(homes, slapd.url, receiver.url))
+    a = appliance_factory(run_config=rules(homes, slapd.url, receiver.url))
     cert = issue_user(a, tmp_path, "Alice Example")
     wait_drained(a)
     dn = f"cn=Alice Example,ou=people,{BASE}"
@@ -143,19 +148,21 @@ def test_publish_issue_revoke_ldap_and_http(appliance_factory, slapd, receiver, 
 def test_slapd_outage_during_500_issuances(appliance_factory, slapd, homes, tmp_path):
     """Every publication arrives exactly once in effect; nothing lost; the backlog drains."""
     # Backoff is capped at 2 s here (not an hour): allow the attempts a real outage would take.
-    a = appliance_factory(config=rules(homes, slapd.url, max_attempts=100000))
+    a = appliance_factory(run_config=rules(homes, slapd.url, max_attempts=100000))
     wait_drained(a)
     slapd.stop()
     csrs = []
     for i in range(10):
         csrs.append(str(make_csr(tmp_path, f"u{i}", san=f"email:u{i}@example.org", subj=f"/CN=user {i}")))
+    ders = [x509.load_pem_x509_csr(Path(c).read_bytes()).public_bytes(Encoding.DER) for c in csrs]
     serials = set()
-    for round_ in range(50):  # 50 × 10 = 500 issuances while the directory is down
-        # Every CSR again: a new certificate (new serial) for the same subject each round.
-        out = tmp_path / f"r{round_}.pem"
-        a.cli("issue", "--ca", "issuing", "--profile", "user-auth", *sum((["--csr", c] for c in csrs), []), "--out", str(out))
-        for c in x509.load_pem_x509_certificates(out.read_bytes()):
-            serials.add(c.serial_number)
+    with AdminClient(str(a.home), timeout=60, session=a.session()) as client:
+        for _ in range(50):  # 50 × 10 = 500 issuances while the directory is down (in-process: 50 CLI starts cost more than the issuance)
+            # Every CSR again: a new certificate (new serial) for the same subject each round.
+            r = client.issue(ca="issuing", profile="user-auth", csrs=ders)
+            for res in r.results:
+                assert res.cert is not None, res.error
+                serials.add(x509.load_der_x509_certificate(res.cert).serial_number)
     assert len(serials) == 500
     doc = dist_status(a)
     d = next(x for x in doc["destinations"] if x["rule"] == "directory")
@@ -196,7 +203,7 @@ def test_broken_directory_no_crash_retried_visible(appliance_factory, homes, tmp
         broken.pause()
         url = broken.url
     try:
-        a = appliance_factory(config=rules(homes, url))
+        a = appliance_factory(run_config=rules(homes, url))
         pids = a.role_pids()
         issue_user(a, tmp_path, "Carol Example")
         d = _wait_for(lambda: (lambda x: x if x["last_error"] and x["consecutive_failures"] >= 2 else None)(_directory(a)),
@@ -215,7 +222,7 @@ def test_broken_directory_no_crash_retried_visible(appliance_factory, homes, tmp
 def test_http_refusal_parks_and_retry_requeues(appliance_factory, slapd, homes, tmp_path):
     web = Receiver(homes / "web401", token="another-token")  # our token is refused: HTTP 401, permanent
     try:
-        a = appliance_factory(config=rules(homes, slapd.url, web.url))
+        a = appliance_factory(run_config=rules(homes, slapd.url, web.url))
         _wait_for(lambda: next(d for d in dist_status(a)["destinations"] if d["rule"] == "web")["parked"] >= 2,
                   what="parked jobs")
         parked = json.loads(a.cli("dist", "list", "--state", "parked", "--json").stdout)["jobs"]
@@ -231,7 +238,7 @@ def test_http_refusal_parks_and_retry_requeues(appliance_factory, slapd, homes, 
 
 
 def test_kill9_mid_publication_resumes(appliance_factory, slapd, homes, tmp_path):
-    a = appliance_factory(config=rules(homes, slapd.url))
+    a = appliance_factory(run_config=rules(homes, slapd.url))
     wait_drained(a)
     slapd.pause()  # publications are in flight, none acknowledged
     csrs = [str(make_csr(tmp_path, f"k{i}", san=f"email:k{i}@example.org", subj=f"/CN=kill {i}")) for i in range(20)]
@@ -259,7 +266,7 @@ def test_tls_to_the_directory_with_a_trust_anchor(appliance_factory, homes, tmp_
     try:
         url = f"ldaps://127.0.0.1:{d.tls_port}" if how == "ldaps" else d.url
         tls = f'ca-file = "{d.tls_ca}"\n' + ("starttls = true\n" if how == "starttls" else "")
-        a = appliance_factory(config=rules(homes, url, extra=tls))
+        a = appliance_factory(run_config=rules(homes, url, extra=tls))
         cert = issue_user(a, tmp_path, "Dave Example")
         wait_drained(a)
         values = d.search(f"cn=Dave Example,ou=people,{BASE}", "userCertificate;binary")
@@ -273,7 +280,7 @@ def test_tls_refuses_an_untrusted_directory(appliance_factory, homes, tmp_path):
     d.start()
     try:
         other_ca, _, _ = make_tls(homes / "other-tls")
-        a = appliance_factory(config=rules(homes, f"ldaps://127.0.0.1:{d.tls_port}", extra=f'ca-file = "{other_ca}"\n'))
+        a = appliance_factory(run_config=rules(homes, f"ldaps://127.0.0.1:{d.tls_port}", extra=f'ca-file = "{other_ca}"\n'))
         issue_user(a, tmp_path, "Eve Example")
         dd = _wait_for(lambda: (lambda x: x if x["last_error"] else None)(_directory(a)), what="a TLS error")
         assert dd["pending"] >= 1
@@ -297,7 +304,7 @@ ca-file = "{web.tls_ca}"
 method = "POST"
 publish = ["ca-cert", "crl"]
 """
-        a = appliance_factory(config=rules(homes, slapd.url) + extra)
+        a = appliance_factory(run_config=rules(homes, slapd.url) + extra)
         wait_drained(a)
         names = {row[1] for row in web.log()}
         assert {"/issuing/issuing.crl", "/issuing/issuing.crt", "/root/root.crl", "/root/root.crt"} <= names

@@ -106,8 +106,15 @@ def test_every_admin_request_is_in_the_matrix():
         assert row.allowed == want, (op, row.allowed, want)
 
 
-def test_role_operation_matrix_denials_refused_and_audited(appliance):
-    a = appliance
+@pytest.fixture(scope="module")
+def officers_box(module_appliance):
+    """One appliance for the matrix, the sessions and the TOTP tests (in that order: only the last turns on
+    a second factor, for `oper`); each looks only at its own audit records and officers."""
+    return module_appliance
+
+
+def test_role_operation_matrix_denials_refused_and_audited(officers_box):
+    a = officers_box
     denied: list[tuple[str, str]] = []
     for officer, role in (("admin", "administrator"), ("oper", "operator"), ("aud", "auditor"), (None, None)):
         with AdminClient(str(a.home), session=a.session(officer) if officer else None) as c:
@@ -133,8 +140,8 @@ def test_role_operation_matrix_denials_refused_and_audited(appliance):
     assert b"audit chain intact" in a.cli("audit", "verify").stdout
 
 
-def test_sessions_logout_and_cli_login(appliance):
-    a = appliance
+def test_sessions_logout_and_cli_login(officers_box):
+    a = officers_box
     env = {"DONJON_OFFICER": "", "DONJON_PASSWORD": PASSWORD}
     r = a.cli("login", "--officer", "admin", officer="admin", env=env)
     assert b"logged in as admin (administrator)" in r.stdout
@@ -160,8 +167,8 @@ def test_sessions_logout_and_cli_login(appliance):
 # Failed logins slow the peer down instead of locking the account: tests/security/test_lockout.py.
 
 
-def test_totp_second_factor(appliance):
-    a = appliance
+def test_totp_second_factor(officers_box):
+    a = officers_box
     out = a.cli("officer", "totp", "oper", "--enable").stdout.decode()
     secret = out.split("secret ")[1].split()[0]
     key = base64.b32decode(secret + "=" * (-len(secret) % 8))
