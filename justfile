@@ -57,7 +57,7 @@ test *ARGS:
 # Lint: ruff over the tree, mypy over policy/, appliance/ipc/, the CMDB module and the store (config in pyproject.toml)
 lint:
     {{venv}}/ruff check .
-    {{venv}}/mypy policy appliance/ipc appliance/factory/cmdb.py appliance/factory/store.py appliance/factory/errors.py
+    {{venv}}/mypy policy appliance/ipc appliance/factory/cmdb.py appliance/factory/store appliance/factory/errors.py
 
 # The kill -9 test at 1,000 cycles (nothing lost, no serial twice, audit chain intact; DONJON_KILL_CYCLES=N for another count)
 torture *ARGS:
@@ -77,9 +77,9 @@ kgs-cards *ARGS:
 
 # The drills CI runs after `just test`: the real ACME clients, CMP's long runs, the 20-card KGS batch (every
 # `slow` test but the kill -9 torture: issue 15's key backup ceremony, forged share and restore killed -9, and the
-# smoke test of the frozen PyInstaller bundle); in parallel like `just test`
+# smoke test of the frozen PyInstaller bundle, the 2,000-certificate lint differential); in parallel like `just test`
 drills *ARGS:
-    {{venv}}/python -m pytest -n {{env_var_or_default("DONJON_TEST_WORKERS", "3")}} --dist loadscope -m slow tests/integration/test_gateway.py tests/unit/test_cmp_openssl.py tests/integration/test_kgs.py tests/integration/test_keybackup.py tests/integration/test_restore.py tests/integration/test_frozen.py {{ARGS}}
+    {{venv}}/python -m pytest -n {{env_var_or_default("DONJON_TEST_WORKERS", "3")}} --dist loadscope -m slow tests/integration/test_gateway.py tests/unit/test_cmp_openssl.py tests/integration/test_kgs.py tests/integration/test_keybackup.py tests/integration/test_restore.py tests/integration/test_frozen.py tests/unit/test_lint_walk.py {{ARGS}}
 
 # Run the unit tests only (no appliance processes)
 test-unit *ARGS:

@@ -44,6 +44,7 @@ class Reply:
     headers: list[tuple[bytes, bytes]]
     body: bytes | memoryview = b""
     close: bool = False
+    wire: bytes | None = None  # the header lines (after Date, before the blank line) serialised once, for a reply served many times
 
 
 class _Fail(Exception):

@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ocsp-duration", type=float, default=5.0, help="OCSP: seconds of wrk per point")
     ap.add_argument("--ocsp-workers", type=int, default=1, help="OCSP: endpoint processes on the listener (ocsp.workers)")
     ap.add_argument("--ocsp-profile", action="store_true", help="OCSP: py-spy the endpoint during one more run")
+    ap.add_argument("--ocsp-rounds", type=int, default=ocsp.ROUNDS,
+                    help="OCSP: Donjon/openssl ocsp rounds alternated at 64 connections (median ratio and spread)")
     ap.add_argument("--kgs-cards", type=int, help="KGS: cards per batch (default 20, --quick 10)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (appliance homes, CA dirs)")
     ap.add_argument("--out", default=str(OUT / "results.json"))
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
             ocsp.WORKERS = a.ocsp_workers
             results["ocsp"] = ocsp.run(work, a.ocsp_certs or (10_000 if a.quick else 100_000),
                                        a.ocsp_big or (200_000 if a.quick else 1_000_000), a.ocsp_duration,
-                                       a.ocsp_profile)
+                                       a.ocsp_profile, a.ocsp_rounds)
             tables.append(ocsp.table(results["ocsp"]))
         if a.only in (None, "dist"):
             results["dist"] = dist.run(work, 500 if a.quick else 2000, a.dist_backlog or (2000 if a.quick else 10_000))

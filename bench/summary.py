@@ -36,7 +36,14 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         d, c, o = oc["donjon"], oc["cfssl"], oc["openssl"]["p256"]["conns"]
         dp, cp, op = d["post"]["64"]["rps"], c["post"]["64"]["rps"], o["64"]["rps"]
         out.append(("OCSP POST, 64 connections", _rate(dp), f"cfssl ocspserve {_rate(cp)}", _ratio(dp, cp), ">= 1.0x"))
-        out.append(("OCSP POST, 64 connections", _rate(dp), f"openssl ocsp P-256 {_rate(op)}", _ratio(dp, op), ">= 2x"))
+        al = d.get("alternated")
+        if al:  # the endpoint-alone goal: the median of alternated rounds, with their spread and the machine's load
+            out.append((f"OCSP POST, 64 connections, endpoint alone ({len(al['rounds'])} alternated rounds, "
+                        f"load {al['load1_min']:.0f}-{al['load1_max']:.0f})", _rate(al["median_donjon"]),
+                        f"openssl ocsp P-256 {_rate(al['median_openssl'])}",
+                        f"{al['median_ratio']:.2f}x ({al['min_ratio']:.2f}-{al['max_ratio']:.2f}x)", ">= 2x"))
+        else:
+            out.append(("OCSP POST, 64 connections", _rate(dp), f"openssl ocsp P-256 {_rate(op)}", _ratio(dp, op), ">= 2x"))
         ng = d.get("nginx")
         if ng:
             np_, ng_ = ng["post"]["64"]["rps"], ng["get"]["64"]["rps"]

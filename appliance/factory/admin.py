@@ -12,6 +12,7 @@ import msgspec
 
 from appliance.ipc import schema as S
 
+from .permissions import PUBLIC, ROLES
 from .service import Factory, FactoryError
 
 
@@ -26,13 +27,10 @@ class Conn(typing.Protocol):
     def actor(self) -> str: ...
 
 
-ROLES = ("administrator", "operator", "auditor")
 ADMIN = frozenset({"administrator"})
 OPER = frozenset({"operator"})
 AUD = frozenset({"auditor"})
 ANY = frozenset(ROLES)
-PUBLIC = None  # no session needed: activation is authorised by the PIN or the shares, not by an officer
-
 STREAM = S.BlobChunk  # reply type of a streamed result: BlobChunks, the last one empty with last=True
 
 

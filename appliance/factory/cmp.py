@@ -147,13 +147,11 @@ class CmpService:
 
         def w() -> None:
             with db.tx():
-                if db.db.execute("SELECT 1 FROM cmp_credentials WHERE ref=?", (ref,)).fetchone():
+                if self.h.store.cmp_credential_exists(ref):
                     db.audit(actor, "cmp-credential-add", ref, "refused", "exists")
                     raise FactoryError("exists", f"CMP reference {ref!r} exists")
-                db.db.execute("INSERT INTO cmp_credentials(ref, kind, secret, ra_cert, ca, profile, subject, approval, uses_left, created, "
-                              "created_by, expires) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                              (ref, "ra" if ra_der else "secret", secret.encode() if secret else None, ra_der, req.ca, req.profile,
-                               req.subject, int(req.approval), -1 if ra_der else req.uses, now, actor, expires))
+                self.h.store.cmp_credential_add(ref, "ra" if ra_der else "secret", secret.encode() if secret else None, ra_der, req.ca,
+                                                req.profile, req.subject, req.approval, -1 if ra_der else req.uses, now, actor, expires)
                 db.audit(actor, "cmp-credential-add", ref, "ok",
                          f"{'RA certificate' if ra_der else 'shared secret'} for {req.ca}/{req.profile}"
                          f"{' subject ' + req.subject if req.subject else ''}{', approval by a second officer' if req.approval else ''}"
@@ -180,21 +178,13 @@ class CmpService:
         der = cert.public_bytes(serialization.Encoding.DER)
         sb = serial_bytes(cert.serial_number)
 
-        def q():
-            return self.h.store.require_active().db.execute(
-                "SELECT c.ca, c.profile, c.der, r.serial FROM certs c LEFT JOIN revocations r ON r.ca=c.ca AND r.serial=c.serial "
-                "WHERE c.serial=?", (sb,)).fetchone()
-        row = await self.h.store.run(q)
+        row = await self.h.store.run(self.h.store.issued_by_serial, sb)
         if row is None or bytes(row[2]) != der or row[3] is not None:
             return None
         return row[0], row[1]
 
     async def credential_list(self) -> S.CmpCredentialListReply:
-        def q():
-            return self.h.store.require_active().db.execute(
-                "SELECT ref, kind, ca, profile, subject, approval, uses_left, created, created_by, expires, failures, revoked "
-                "FROM cmp_credentials ORDER BY created, ref").fetchall()
-        rows = await self.h.store.run(q)
+        rows = await self.h.store.run(self.h.store.cmp_credential_rows)
         return S.CmpCredentialListReply(id=0, credentials=[
             S.CmpCredentialInfo(ref=r[0], kind=r[1], ca=r[2], profile=r[3], subject=r[4], approval=bool(r[5]), uses_left=r[6],
                                 created=r[7], created_by=r[8], expires=r[9], failures=r[10], revoked=r[11]) for r in rows])
@@ -203,8 +193,7 @@ class CmpService:
         def w() -> None:
             db = self.h.store.require_active()
             with db.tx():
-                db.db.execute("UPDATE cmp_credentials SET revoked=? WHERE ref=? AND revoked IS NULL", (int(time.time()), ref))
-                if db.db.changes() != 1:
+                if not self.h.store.cmp_credential_revoke(ref, int(time.time())):
                     db.audit(actor, "cmp-credential-revoke", ref, "refused", "no such active reference")
                     raise FactoryError("not-found", f"no active CMP reference {ref!r}")
                 db.audit(actor, "cmp-credential-revoke", ref, "ok", "")
@@ -212,22 +201,14 @@ class CmpService:
         return await self.credential_list()
 
     async def request_list(self, open_only: bool) -> S.CmpRequestListReply:
-        def q():
-            return self.h.store.require_active().db.execute(
-                "SELECT id, ref, ca, profile, subject, sans, created, state, decided_by, reason, serial FROM cmp_requests "
-                + ("WHERE state='waiting' " if open_only else "") + "ORDER BY id DESC LIMIT 200").fetchall()
-        rows = await self.h.store.run(q)
+        rows = await self.h.store.run(self.h.store.cmp_request_rows, open_only)
         return S.CmpRequestListReply(id=0, requests=[
             S.CmpRequestInfo(id=r[0], ref=r[1], ca=r[2], profile=r[3], subject=r[4], sans=r[5], created=r[6], state=r[7],
                              decided_by=r[8], reason=r[9], serial=f"{serial_int(r[10]):x}" if r[10] else None) for r in rows])
 
     async def decide(self, request_id: int, approve: bool, reason: str, officer: str, actor: str) -> S.CmpRequestListReply:
         """An officer's decision on a waiting enrolment: never the officer who issued the credential (dual control)."""
-        def q():
-            return self.h.store.require_active().db.execute(
-                "SELECT r.ref, r.ca, r.profile, r.spki, r.subject, r.sans, r.state, c.created_by FROM cmp_requests r "
-                "JOIN cmp_credentials c ON c.ref=r.ref WHERE r.id=?", (request_id,)).fetchone()
-        row = await self.h.store.run(q)
+        row = await self.h.store.run(self.h.store.cmp_request_to_decide, request_id)
         obj = f"cmp-request#{request_id}"
         if row is None:
             raise FactoryError("not-found", f"no CMP request #{request_id}")
@@ -252,8 +233,7 @@ class CmpService:
         def w() -> None:
             db = self.h.store.require_active()
             with db.tx():
-                db.db.execute("UPDATE cmp_requests SET state=?, decided_by=?, reason=?, serial=? WHERE id=? AND state='waiting'",
-                              (state, actor, reason[:400], serial, request_id))
+                self.h.store.cmp_request_close(request_id, state, actor, reason[:400], serial)
                 db.audit(actor, "cmp-approve" if state == "issued" else "cmp-reject", f"cmp-request#{request_id}", state, reason[:400])
         await self.h.store.run(w)
 
@@ -273,11 +253,7 @@ class CmpService:
                               key_len=ev.mac.key_len)
         now = int(time.time())
 
-        def q():
-            return self.h.store.require_active().db.execute(
-                "SELECT secret, ca, profile, subject, approval, uses_left, expires, failures, revoked, created_by FROM cmp_credentials "
-                "WHERE ref=? AND kind='secret'", (ev.ref,)).fetchone()
-        row = await self.h.store.run(q)
+        row = await self.h.store.run(self.h.store.cmp_secret, ev.ref)
         why = None
         if row is None:
             why = "unknown reference"
@@ -297,7 +273,7 @@ class CmpService:
                 db = self.h.store.require_active()
                 with db.tx():
                     if row is not None and why == "wrong MAC":
-                        db.db.execute("UPDATE cmp_credentials SET failures=failures+1 WHERE ref=?", (ev.ref,))
+                        self.h.store.cmp_failure(ev.ref)
                     db.audit(actor, "cmp-auth", ev.ref[:64], "refused", why)
             await self.h.store.run(fail)
             raise FactoryError("auth", f"MAC protection refused: {why}")
@@ -306,9 +282,8 @@ class CmpService:
         return Cred(ref=ev.ref, kind="secret", ca=row[1], profile=row[2], subject=row[3], approval=bool(row[4]), created_by=row[9])
 
     def _reset_failures(self, ref: str) -> None:
-        db = self.h.store.require_active()
-        with db.tx():
-            db.db.execute("UPDATE cmp_credentials SET failures=0 WHERE ref=?", (ref,))
+        with self.h.store.tx():
+            self.h.store.cmp_reset_failures(ref)
 
     async def _signer(self, ev: S.CmpEvidence, actor: str) -> Cred:
         try:
@@ -323,11 +298,7 @@ class CmpService:
             raise FactoryError("auth", "the signer certificate was not issued by this appliance or is revoked")
         ref = f"ra-{cert.serial_number:x}"[:64]
 
-        def q():
-            return self.h.store.require_active().db.execute(
-                "SELECT ca, profile, subject, approval, expires, revoked, created_by, ra_cert FROM cmp_credentials WHERE ref=? AND kind='ra'",
-                (ref,)).fetchone()
-        row = await self.h.store.run(q)
+        row = await self.h.store.run(self.h.store.cmp_ra, ref)
         if row is not None and row[5] is None and row[4] >= time.time() and bytes(row[7]) == ev.signer_cert:
             return Cred(ref=ref, kind="ra", ca=row[0], profile=row[1], subject=row[2], approval=bool(row[3]), created_by=row[6])
         # Not a registered RA: the device's own certificate (kur, cr for the same subject, rr of itself).
@@ -416,10 +387,8 @@ class CmpService:
             return True
 
         def w() -> bool:
-            db = self.h.store.require_active()
-            with db.tx():
-                db.db.execute("UPDATE cmp_credentials SET uses_left=uses_left-1 WHERE ref=? AND uses_left > 0", (cred.ref,))
-                return db.db.changes() == 1
+            with self.h.store.tx():
+                return self.h.store.cmp_take_use(cred.ref)
         return await self.h.store.run(w)
 
     async def _give_back(self, cred: Cred) -> None:
@@ -427,18 +396,14 @@ class CmpService:
             return
 
         def w() -> None:
-            db = self.h.store.require_active()
-            with db.tx():
-                db.db.execute("UPDATE cmp_credentials SET uses_left=uses_left+1 WHERE ref=? AND uses_left >= 0", (cred.ref,))
+            with self.h.store.tx():
+                self.h.store.cmp_give_back_use(cred.ref)
         await self.h.store.run(w)
 
     async def _file(self, cred: Cred, spki: bytes, subject, sans) -> int:
         def w() -> int:
-            db = self.h.store.require_active()
-            with db.tx():
-                db.db.execute("INSERT INTO cmp_requests(ref, ca, profile, spki, subject, sans, created, state) VALUES (?,?,?,?,?,?,?, 'waiting')",
-                              (cred.ref, cred.ca, cred.profile, spki, _text(subject), _text(sans), int(time.time())))
-                return db.db.last_insert_rowid()
+            with self.h.store.tx():
+                return self.h.store.cmp_request_add(cred.ref, cred.ca, cred.profile, spki, _text(subject), _text(sans), int(time.time()))
         return await self.h.store.run(w)
 
     async def _issue(self, ca: str, profile_name: str, spki: bytes, subject, sans, actor: str, ref: str, days: int | None = None,
@@ -458,13 +423,11 @@ class CmpService:
                            validity=S.Validity(now, min(now + min(days or 10**6, profile.max_validity_days) * 86400 - 1, ca_end)))
         if record:
             def w() -> bool:
-                db = self.h.store.require_active()
-                with db.tx():
-                    if use is not None and use.kind == "secret":
-                        db.db.execute("UPDATE cmp_credentials SET uses_left=uses_left-1 WHERE ref=? AND uses_left > 0", (use.ref,))
-                        if db.db.changes() != 1:
-                            return False
-                    db.db.execute("INSERT OR REPLACE INTO cmp_issued VALUES (?,?,?)", (ca, serial_bytes(serial), ref))
+                st = self.h.store
+                with st.tx():
+                    if use is not None and use.kind == "secret" and not st.cmp_take_use(use.ref):
+                        return False
+                    st.cmp_issued_add(ca, serial_bytes(serial), ref)
                     return True
             if not await self.h.store.run(w):
                 raise FactoryError("auth", "the credential has no use left")
@@ -479,11 +442,7 @@ class CmpService:
         if not msg.request_id.isdigit():
             return S.GwRefused(id=msg.id, code="not-found", reason="no such request")
 
-        def q():
-            return self.h.store.require_active().db.execute(
-                "SELECT r.ref, r.ca, r.state, r.reason, c.der FROM cmp_requests r LEFT JOIN certs c ON c.serial=r.serial WHERE r.id=?",
-                (int(msg.request_id),)).fetchone()
-        row = await self.h.store.run(q)
+        row = await self.h.store.run(self.h.store.cmp_request_outcome, int(msg.request_id))
         if row is None or row[0] != cred.ref:
             return S.GwRefused(id=msg.id, code="not-found", reason="no such request for this credential")
         ref, ca, state, reason, der = row
@@ -503,9 +462,7 @@ class CmpService:
             return S.GwRefused(id=msg.id, code="unauthorized", reason=e.reason)
         sb = msg.serial
 
-        def q():
-            return self.h.store.require_active().db.execute("SELECT ca, ref FROM cmp_issued WHERE serial=?", (sb,)).fetchone()
-        row = await self.h.store.run(q)
+        row = await self.h.store.run(self.h.store.cmp_issued_by_serial, sb)
         if row is None or row[1] != cred.ref:
             return S.GwRefused(id=msg.id, code="not-found", reason="not a certificate issued to this credential")
         obj = f"{row[0]}/{serial_int(sb):x}"
@@ -536,9 +493,8 @@ class CmpService:
         elif cred.kind == "ra":
             allowed = cred.ca == ca
         else:
-            issued = await self.h.store.run(lambda: self.h.store.require_active().db.execute(
-                "SELECT ref FROM cmp_issued WHERE ca=? AND serial=?", (ca, msg.serial)).fetchone())
-            allowed = issued is not None and issued[0] == cred.ref
+            issued = await self.h.store.run(self.h.store.cmp_issued_ref, ca, msg.serial)
+            allowed = issued is not None and issued == cred.ref
         if not allowed:
             return await self._refuse_rr(actor, obj, msg.id, "unauthorized", "this credential may not revoke that certificate")
         try:

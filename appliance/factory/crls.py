@@ -149,8 +149,7 @@ class SignedLists:
         n = await self.store.run(lambda: self.shards.effective(db.db, ca))
 
         def latest_bases() -> list[int | None]:  # per scope: the CA's one CRL (0), or each shard
-            return [db.db.execute("SELECT max(number) FROM crl_log_marks WHERE ca=? AND shard=?", (ca, k)).fetchone()[0]
-                    for k in range(n)]
+            return [self.store.latest_base_crl(ca, k) for k in range(n)]
         if None in await self.store.run(latest_bases):
             await self.generate_crl(ca, actor)
             if ca in self._delta_blocked:

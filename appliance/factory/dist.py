@@ -18,6 +18,7 @@ from appliance.ipc import schema as S
 from appliance.ipc.channel import Channel
 
 from .cmdb import serial_bytes
+from .store import Store
 
 WINDOW = 64  # jobs in flight per destination
 CHUNK = 1 << 20
@@ -59,8 +60,9 @@ class RuleState:
 
 
 class Dist:
-    def __init__(self, factory):
-        self.f = factory
+    def __init__(self, factory, store: Store):
+        self.f = factory  # its config, events and tenants; the CMDB only through the store
+        self.store = store
         self.rules = {r.name: RuleState(r) for r in factory.cfg.dist_rules}
         self.link: Channel | None = None
         self._link_gen = 0
@@ -82,8 +84,10 @@ class Dist:
         return what in r.publish and (not r.cas or ca in r.cas) and (profile is None or not r.profiles or profile in r.profiles)
 
     def _insert(self, db, rule: str, action: str, ca: str, ref: bytes | None = None, number: int = 0) -> None:
-        db.execute("INSERT INTO dist_jobs(rule, action, ca, ref, number, created, state) VALUES (?,?,?,?,?,?, 'pending')",
-                   (rule, action, ca, ref, number, int(time.time())))
+        # `db` is the connection of the caller's transaction (the enqueue_* signatures stay for the callers
+        # not yet moved onto the store, tier.py): it is always the store's writer, whose job rows these are
+        assert db is self.store.require_active().db
+        self.store.dist_job_add(rule, action, ca, ref, number, int(time.time()))
 
     def enqueue_cert(self, db, ca: str, serial: int, profile: str) -> None:
         for st in self.rules.values():
@@ -109,50 +113,37 @@ class Dist:
     def catch_up(self) -> None:
         """At activation: a rule added since the objects were made gets the current ones; jobs of a
         rule no longer configured are parked (visible, retryable if it comes back)."""
-        cmdb = self.f.db
-        db = cmdb.db
-        with cmdb.tx():
-            names = list(self.rules)
-            q = "UPDATE dist_jobs SET state='parked', last_error='rule no longer configured' WHERE state='pending'"
-            if names:
-                q += f" AND rule NOT IN ({','.join('?' * len(names))})"
-            db.execute(q, names)
-            cas = [r[0] for r in db.execute("SELECT name FROM cas")]
+        st_ = self.store
+        with st_.tx() as db:
+            st_.dist_park_unconfigured(list(self.rules))
+            cas = st_.ca_names()
             for st in self.rules.values():
                 r = st.rule
                 for ca in cas:
                     def never(action: str) -> bool:
-                        return not db.execute("SELECT 1 FROM dist_jobs WHERE rule=? AND action=? AND ca=? LIMIT 1",
-                                              (r.name, action, ca)).fetchone()
+                        return not st_.dist_ever(r.name, action, ca)
                     if self._wants(r, "ca-cert", ca) and never("ca-cert"):
                         self._insert(db, r.name, "ca-cert", ca)
                     if self._wants(r, "crl", ca) and never("crl"):
-                        row = db.execute("SELECT max(number) FROM crls WHERE ca=?", (ca,)).fetchone()
-                        if row[0]:
-                            self._insert(db, r.name, "crl", ca, None, row[0])
+                        number = st_.latest_crl_number(ca)
+                        if number:
+                            self._insert(db, r.name, "crl", ca, None, number)
                         # and the latest of each CRL shard (stored as "<ca>-<k>")
-                        for k, n in db.execute("SELECT s.shard, max(c.number) FROM crl_shard_numbers s JOIN crls c "
-                                               "ON c.ca = s.ca || '-' || s.shard WHERE s.ca=? GROUP BY s.shard", (ca,)).fetchall():
+                        for k, n in st_.latest_shard_crls(ca):
                             self._insert(db, r.name, "crl", ca, f"-{k}".encode(), n)
-                    if self._wants(r, "delta-crl", ca) and not db.execute(
-                            "SELECT 1 FROM dist_jobs WHERE rule=? AND action='crl' AND ca=? AND ref=? LIMIT 1",
-                            (r.name, ca, b"-delta")).fetchone():
-                        row = db.execute("SELECT max(number) FROM crls WHERE ca=?", (ca + "-delta",)).fetchone()
-                        if row[0]:
-                            self._insert(db, r.name, "crl", ca, b"-delta", row[0])
+                    if self._wants(r, "delta-crl", ca) and not st_.dist_ever(r.name, "crl", ca, b"-delta"):
+                        number = st_.latest_crl_number(ca + "-delta")
+                        if number:
+                            self._insert(db, r.name, "crl", ca, b"-delta", number)
                     if self._wants(r, "issued-serials", ca) and never("issued-serials"):
-                        row = db.execute("SELECT max(number) FROM serials_lists WHERE ca=?", (ca,)).fetchone()
-                        if row[0]:
-                            self._insert(db, r.name, "issued-serials", ca, None, row[0])
+                        number = st_.latest_serials_list_number(ca)
+                        if number:
+                            self._insert(db, r.name, "issued-serials", ca, None, number)
                     if "certs" in r.publish and (not r.cas or ca in r.cas) and never("cert"):
-                        for serial, profile in db.execute(
-                                "SELECT c.serial, c.profile FROM certs c WHERE c.ca=? AND NOT EXISTS "
-                                "(SELECT 1 FROM revocations v WHERE v.ca=c.ca AND v.serial=c.serial) ORDER BY c.issued_at",
-                                (ca,)).fetchall():
+                        for serial, profile in st_.unrevoked_certs(ca):
                             if not r.profiles or profile in r.profiles:
                                 self._insert(db, r.name, "cert", ca, serial)
-            db.execute("DELETE FROM dist_jobs WHERE state IN ('done', 'superseded') AND done_at < ?",
-                       (int(time.time()) - DONE_RETENTION,))
+            st_.dist_prune(int(time.time()) - DONE_RETENTION)
 
     # ------------------------------------------------------------ the link to the agent
 
@@ -198,35 +189,32 @@ class Dist:
             self._ack_wake = trio.Event()
             await trio.sleep(0.005)
             acks, self._acks = self._acks, []
-            if not acks or self.f.db is None:
+            if not acks or not self.store.active:
                 continue
             now = int(time.time())
             max_attempts = self.f.cfg.dist_max_attempts
 
             def apply():
-                cmdb = self.f.db
-                db = cmdb.db
+                st_ = self.store
                 parked = []
-                with cmdb.tx():
+                with st_.tx():
                     for a in acks:
                         if not a.attempted:
                             continue
                         if a.outcome == "done":
-                            db.execute("UPDATE dist_jobs SET state='done', attempts=attempts+1, last_at=?, done_at=? "
-                                       "WHERE id=? AND state='pending'", (now, now, a.id))
+                            st_.dist_done(a.id, now)
                         else:
-                            row = db.execute("SELECT attempts, rule, action, ca FROM dist_jobs WHERE id=?", (a.id,)).fetchone()
+                            row = st_.dist_job(a.id)
                             if row is None:
                                 continue
                             park = a.outcome == "permanent" or row[0] + 1 >= max_attempts
-                            db.execute("UPDATE dist_jobs SET attempts=attempts+1, last_at=?, last_error=?, state=? "
-                                       "WHERE id=? AND state='pending'", (now, a.error[:500], "parked" if park else "pending", a.id))
+                            st_.dist_failed(a.id, now, a.error[:500], park)
                             if park:
                                 parked.append((a.id, row))
-                                cmdb.audit("factory:distribution", "dist-park", f"{row[1]}/{a.id}", "failed",
-                                           f"{row[2]} {row[3]}: {a.error[:300]}")
+                                st_.audit_in_tx("factory:distribution", "dist-park", f"{row[1]}/{a.id}", "failed",
+                                                f"{row[2]} {row[3]}: {a.error[:300]}")
                 return parked
-            parked = await self.f.run_db(apply)
+            parked = await self.store.run(apply)
             for a in acks:
                 rule = self._jobs_rule.pop(a.id, None)
                 st = self.rules.get(rule) if rule else None
@@ -258,7 +246,7 @@ class Dist:
             with trio.move_on_after(self._next_wake()):
                 await self._wake.wait()
             self._wake = trio.Event()
-            if self.link is None or self.f.db is None:
+            if self.link is None or not self.store.active:
                 continue
             gen = self._link_gen
             try:
@@ -287,24 +275,21 @@ class Dist:
         name, after = st.rule.name, st.last_sent
 
         def fetch():
-            db = self.f.db.db
-            rows = db.execute("SELECT id, action, ca, ref, number FROM dist_jobs WHERE rule=? AND state='pending' AND id > ? "
-                              "ORDER BY id LIMIT ?", (name, after, room)).fetchall()
+            st_ = self.store
+            rows = st_.dist_pending(name, after, room)
             out = []
             superseded = []
             for jid, action, ca, ref, number in rows:
-                if action in ("crl", "issued-serials") and db.execute(  # the same CRL (complete, shard k or delta)
-                        "SELECT 1 FROM dist_jobs WHERE rule=? AND action=? AND ca=? AND ref IS ? AND state='pending' "
-                        "AND number > ? LIMIT 1", (name, action, ca, ref, number)).fetchone():
+                # the same CRL (complete, shard k or delta)
+                if action in ("crl", "issued-serials") and st_.dist_newer_pending(name, action, ca, ref, number):
                     superseded.append(jid)  # a newer one is queued: the older is never sent
                     continue
-                out.append((jid, action, ca, ref, number) + self._load(db, action, ca, ref, number))
+                out.append((jid, action, ca, ref, number) + self._load(action, ca, ref, number))
             if superseded:
-                with self.f.db.tx():
-                    db.executemany("UPDATE dist_jobs SET state='superseded', done_at=? WHERE id=?",
-                                   [(int(time.time()), j) for j in superseded])
+                with st_.tx():
+                    st_.dist_supersede(superseded, int(time.time()))
             return out, (rows[-1][0] if rows else after)
-        jobs, last = await self.f.run_db(fetch)
+        jobs, last = await self.store.run(fetch)
         st.last_sent = max(st.last_sent, last)
         for jid, action, ca, ref, number, issuer, ca_root, subject, data, attachment in jobs:
             if gen != self._link_gen or self.link is None:
@@ -326,41 +311,40 @@ class Dist:
         self._acks.append(S.DistAck(id=jid, outcome="permanent", error=error))
         self._ack_wake.set()
 
-    def _load(self, db, action: str, ca: str, ref: bytes | None, number: int):
+    def _load(self, action: str, ca: str, ref: bytes | None, number: int):
         """(issuer DER, ca_root, subject fields, object DER, attachment) for one job."""
-        out = self._load_object(db, action, ca, ref, number)
+        out = self._load_object(action, ca, ref, number)
         attachment = None
         if action == "issued-serials":
-            row = db.execute("SELECT tbs, signature FROM checkpoints ORDER BY id DESC LIMIT 1").fetchone()
+            row = self.store.latest_checkpoint()
             if row:
                 from policy import audit
                 attachment = msgspec.json.encode(audit.checkpoint_doc(row[0], row[1]))
         return out + (attachment,)
 
-    def _load_object(self, db, action: str, ca: str, ref: bytes | None, number: int):
-        row = db.execute("SELECT cert, parent FROM cas WHERE name=?", (ca,)).fetchone()
+    def _load_object(self, action: str, ca: str, ref: bytes | None, number: int):
+        st_ = self.store
+        row = st_.ca_cert_and_parent(ca)
         if row is None:
             return b"", False, (), None
         ca_der, parent = row
         ca_cert = x509.load_der_x509_certificate(ca_der)
         ca_root = ca_cert.issuer == ca_cert.subject
         if action in ("cert", "uncert"):
-            r = db.execute("SELECT der FROM certs WHERE ca=? AND serial=?", (ca, ref)).fetchone()
-            if r is None:
+            der = st_.cert_der(ca, ref)
+            if der is None:
                 return ca_der, ca_root, (), None
-            return ca_der, ca_root, subject_fields(x509.load_der_x509_certificate(r[0])), r[0]
+            return ca_der, ca_root, subject_fields(x509.load_der_x509_certificate(der)), der
         if action == "ca-cert":
             issuer = ca_der
             if parent:
-                p = db.execute("SELECT cert FROM cas WHERE name=?", (parent,)).fetchone()
+                p = st_.ca_cert_and_parent(parent)
                 issuer = p[0] if p else ca_der
             elif not ca_root:  # an external parent (signed elsewhere): verify against itself is impossible
                 issuer = ca_der
             return issuer, ca_root, subject_fields(ca_cert), ca_der
-        table = "crls" if action == "crl" else "serials_lists"
         name = ca + bytes(ref).decode() if action == "crl" and ref else ca  # a shard or delta: "<ca>-<k>", "<ca>-delta"
-        r = db.execute(f"SELECT der FROM {table} WHERE ca=? AND number=?", (name, number)).fetchone()
-        return ca_der, ca_root, subject_fields(ca_cert), (r[0] if r else None)
+        return ca_der, ca_root, subject_fields(ca_cert), st_.signed_list_der(action, name, number)
 
     # ------------------------------------------------------------ tenant CRL fetches
 
@@ -391,7 +375,7 @@ class Dist:
             with trio.move_on_after(FETCH_POLL):
                 await self._fetch_wake.wait()
             self._fetch_wake = trio.Event()
-            if self.link is None or self.f.db is None:
+            if self.link is None or not self.store.active:
                 continue
             if not self.f.tenants.loaded:
                 try:
@@ -440,7 +424,7 @@ class Dist:
 
     async def status(self) -> dict[str, Any]:
         """The queue per destination (counts from the CMDB, live state from here)."""
-        doc = await self.f.run_db(self._status_rows)
+        doc = await self.store.run(self._status_rows)
         clock = trio.current_time()
         for d in doc["destinations"]:
             st = self.rules.get(d["rule"])
@@ -449,11 +433,9 @@ class Dist:
         return doc
 
     def _status_rows(self) -> dict[str, Any]:
-        db = self.f.db.db
         now = int(time.time())
         counts: dict[tuple[str, str], tuple[int, int | None]] = {}
-        for rule, state, n, oldest in db.execute(
-                "SELECT rule, state, count(*), min(created) FROM dist_jobs WHERE state IN ('pending', 'parked') GROUP BY rule, state"):
+        for rule, state, n, oldest in self.store.dist_counts():
             counts[(rule, state)] = (n, oldest)
         out = []
         names = list(self.rules) + sorted({r for r, _ in counts if r not in self.rules})
@@ -463,10 +445,8 @@ class Dist:
             parked, _ = counts.get((name, "parked"), (0, None))
             last_ok = st.last_success if st else None
             if last_ok is None:
-                row = db.execute("SELECT max(done_at) FROM dist_jobs WHERE rule=? AND state='done'", (name,)).fetchone()
-                last_ok = row[0]
-            err = db.execute("SELECT last_error, last_at, id FROM dist_jobs WHERE rule=? AND last_error IS NOT NULL "
-                             "ORDER BY last_at DESC, id DESC LIMIT 1", (name,)).fetchone()
+                last_ok = self.store.dist_last_done(name)
+            err = self.store.dist_last_error(name)
             last_error, last_error_at = (st.last_error, st.last_error_at) if st and st.last_error else (err[0], err[1]) if err else (None, None)
             out.append({
                 "rule": name, "url": st.rule.url if st else None, "configured": st is not None,
@@ -485,22 +465,15 @@ class Dist:
                 for t, st in sorted(self.fetch_state.items())]
 
     def backlog(self) -> dict[str, int]:
-        return dict(self.f.db.db.execute("SELECT rule, count(*) FROM dist_jobs WHERE state='pending' GROUP BY rule").fetchall())
+        return self.store.dist_backlog()
 
     def list_jobs(self, state: str, rule: str | None, limit: int) -> list[dict[str, Any]]:
-        q = "SELECT id, rule, action, ca, ref, number, created, attempts, last_at, last_error, done_at FROM dist_jobs WHERE state=?"
-        args: list[Any] = [state]
-        if rule:
-            q += " AND rule=?"
-            args.append(rule)
-        q += " ORDER BY id DESC LIMIT ?"
-        args.append(limit)
         return [{"id": i, "rule": r, "action": a, "ca": c, "serial": ref.hex() if ref else None, "number": n or None,
                  "created": cr, "attempts": at, "last_at": la, "last_error": le, "done_at": d}
-                for i, r, a, c, ref, n, cr, at, la, le, d in self.f.db.db.execute(q, args)]
+                for i, r, a, c, ref, n, cr, at, la, le, d in self.store.dist_jobs(state, rule, limit)]
 
     async def retry(self, rule: str | None, job: int | None, actor: str) -> int:
-        n = await self.f.run_db(self._retry, rule, job, actor)
+        n = await self.store.run(self._retry, rule, job, actor)
         for st in self.rules.values():
             if rule is None or st.rule.name == rule:
                 st.backoff_until = 0.0
@@ -509,17 +482,7 @@ class Dist:
         return n
 
     def _retry(self, rule: str | None, job: int | None, actor: str) -> int:
-        cmdb = self.f.db
-        with cmdb.tx():
-            q = "UPDATE dist_jobs SET state='pending', attempts=0 WHERE state='parked'"
-            args: list[Any] = []
-            if rule:
-                q += " AND rule=?"
-                args.append(rule)
-            if job:
-                q += " AND id=?"
-                args.append(job)
-            cmdb.db.execute(q, args)
-            n = cmdb.db.changes()
-            cmdb.audit(actor, "dist-retry", rule or (f"job {job}" if job else "all"), "ok", f"{n} job(s) back in the queue")
+        with self.store.tx():
+            n = self.store.dist_unpark(rule, job)
+            self.store.audit_in_tx(actor, "dist-retry", rule or (f"job {job}" if job else "all"), "ok", f"{n} job(s) back in the queue")
         return n

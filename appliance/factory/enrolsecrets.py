@@ -73,12 +73,10 @@ class EnrolSecrets:
         st = self.store
 
         def w() -> None:
-            with st.tx() as c:
-                if c.execute("SELECT 1 FROM enrol_secrets WHERE ref=?", (ref,)).fetchone():
+            with st.tx():
+                if st.enrol_secret_exists(ref):
                     raise FactoryError("exists", f"an enrolment secret {ref} already exists")
-                c.execute("INSERT INTO enrol_secrets (ref, protocol, digest, ca, profile, subject, uses_left, expires,"
-                          " created, created_by, approval) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                          (ref, protocol, _digest(secret), ca, profile, subject, uses, now + ttl, now, actor, int(approval)))
+                st.enrol_secret_add(ref, protocol, _digest(secret), ca, profile, subject, uses, now + ttl, now, actor, approval)
                 st.audit_in_tx(actor, "enrol-secret-create", ref, "ok",
                                f"{protocol} ca={ca} profile={profile} uses={uses} expires={now + ttl}"
                                + (f" subject={subject}" if subject else "") + (" approval" if approval else ""))
@@ -90,9 +88,8 @@ class EnrolSecrets:
         st = self.store
 
         def w() -> None:
-            with st.tx() as c:
-                c.execute("UPDATE enrol_secrets SET revoked=1 WHERE ref=? AND revoked=0", (ref,))
-                if c.changes() == 0:
+            with st.tx():
+                if not st.enrol_secret_revoke(ref):
                     raise FactoryError("not-found", f"no usable enrolment secret {ref}")
                 st.audit_in_tx(actor, "enrol-secret-revoke", ref, "ok")
         await st.run(w)
@@ -100,9 +97,7 @@ class EnrolSecrets:
 
     async def list(self) -> list[dict[str, Any]]:
         st = self.store
-        rows = await st.run(lambda: st.require_active().db.execute(
-            "SELECT ref, protocol, ca, profile, subject, uses_left, expires, created_by, revoked FROM enrol_secrets"
-            " ORDER BY created, ref").fetchall())
+        rows = await st.run(st.enrol_secret_rows)
         now = int(time.time())
         return [{"ref": r[0], "protocol": r[1], "ca": r[2], "profile": r[3], "subject": r[4] or "", "uses_left": r[5],
                  "expires": r[6], "created_by": r[7],
@@ -114,11 +109,10 @@ class EnrolSecrets:
         proves it holds the secret again, without spending it a second time)."""
         st = self.store
         digest = _digest(secret) if 0 < len(secret) <= 256 else b""
-        row = await st.run(lambda: st.require_active().db.execute(
-            "SELECT ref FROM enrol_secrets WHERE digest=? AND protocol=?", (digest, protocol)).fetchone())
-        if row is None or (ref is not None and row[0] != ref):
+        found = await st.run(st.enrol_secret_ref, digest, protocol)
+        if found is None or (ref is not None and found != ref):
             return None
-        return row[0]
+        return found
 
     async def spend(self, protocol: str, secret: str, ref: str | None, subject_cn: str | None, actor: str) -> Grant:
         """Check and use once, atomically (two requests racing for a one-time secret: one wins). Every
@@ -128,9 +122,8 @@ class EnrolSecrets:
         now = int(time.time())
 
         def w() -> Grant | str:
-            with st.tx() as c:
-                row = c.execute("SELECT ref, protocol, ca, profile, subject, uses_left, expires, revoked, approval, created_by"
-                                " FROM enrol_secrets WHERE digest=?", (digest,)).fetchone()
+            with st.tx():
+                row = st.enrol_secret_by_digest(digest)
                 why = None
                 if row is None or (ref is not None and row[0] != ref) or row[1] != protocol:
                     why = "wrong secret"
@@ -146,7 +139,7 @@ class EnrolSecrets:
                     who = row[0] if row is not None and why != "wrong secret" else (ref or "?")
                     st.audit_in_tx(actor, f"{protocol}-enrol", who, "refused", why)
                     return why
-                c.execute("UPDATE enrol_secrets SET uses_left = uses_left - 1 WHERE ref=?", (row[0],))
+                st.enrol_secret_use(row[0], -1)
                 st.audit_in_tx(actor, "enrol-secret-use", row[0], "ok", f"{protocol} uses_left={row[5] - 1}")
                 return Grant(row[0], protocol, row[2], row[3], bool(row[8]), row[9])
         out = await st.run(w)
@@ -160,8 +153,7 @@ class EnrolSecrets:
         st = self.store
 
         def w() -> None:
-            with st.tx() as c:
-                c.execute("UPDATE enrol_secrets SET uses_left = uses_left + 1 WHERE ref=?", (ref,))
-                if c.changes():
+            with st.tx():
+                if st.enrol_secret_use(ref, +1):
                     st.audit_in_tx(actor, "enrol-secret-use", ref, "returned", "the enrolment was refused: the use is given back")
         await st.run(w)

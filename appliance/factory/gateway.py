@@ -166,10 +166,7 @@ class GatewayService:
         return sorted(subs)[0]
 
     async def _eab_row(self, kid: str):
-        def q():
-            return self.h.store.require_active().db.execute(
-                "SELECT hmac_key, profiles, name_patterns, account, revoked_at FROM gateway_eab WHERE kid=?", (kid,)).fetchone()
-        return await self.h.store.run(q)
+        return await self.h.store.run(self.h.store.eab_key, kid)
 
     async def _admitted(self, msg: S.GwEnroll, actor: str) -> tuple[str, S.GwRefused | None]:
         """The CA, or the refusal (audited): profile pair, EAB key, name patterns."""
@@ -259,8 +256,7 @@ class GatewayService:
         def record():
             db = self.h.store.require_active()
             with db.tx():
-                db.db.execute("INSERT OR REPLACE INTO gateway_issued VALUES (?,?,?,?,?)",
-                              (ca, sb, msg.protocol, msg.auth.ident, msg.replaces))
+                self.h.store.gateway_issued_add(ca, sb, msg.protocol, msg.auth.ident, msg.replaces)
                 if msg.replaces:
                     db.audit(actor, "gateway-replaces", f"{ca}/{cert.serial_number:x}", "ok", f"replaces {msg.replaces}"[:4000])
         await self.h.store.run(record)
@@ -294,9 +290,8 @@ class GatewayService:
             return await self._refuse(actor, "revoke", obj, msg.id, "not-found", "not a certificate of this appliance")
         sb = serial_bytes(cert.serial_number)
         if msg.proof == "account":
-            row = await self.h.store.run(lambda: self.h.store.require_active().db.execute(
-                "SELECT credential FROM gateway_issued WHERE ca=? AND serial=?", (ca, sb)).fetchone())
-            if row is None or row[0] != msg.auth.ident:
+            to = await self.h.store.run(self.h.store.gateway_issued_to, ca, sb)
+            if to is None or to != msg.auth.ident:
                 return await self._refuse(actor, "revoke", obj, msg.id, "unauthorized", "this account did not obtain this certificate")
         elif msg.proof == "authorized-names":
             return await self._refuse(actor, "revoke", obj, msg.id, "unauthorized", "revocation by authorised names is not offered")
@@ -349,7 +344,7 @@ class GatewayService:
         def bind():
             db = self.h.store.require_active()
             with db.tx():
-                db.db.execute("UPDATE gateway_eab SET account=?, bound_at=? WHERE kid=?", (msg.account, int(time.time()), msg.kid))
+                self.h.store.eab_bind(msg.kid, msg.account, int(time.time()))
                 db.audit(actor, "eab-bind", msg.kid, "ok", "")
         await self.h.store.run(bind)
         return S.GwEabResult(id=msg.id, ok=True, profiles=tuple(row[1].split()), name_patterns=tuple(row[2].split()))
@@ -391,18 +386,13 @@ class GatewayService:
     # ------------------------------------------------------------ key-value state
 
     async def state_get(self, msg: S.GwStateGet) -> S.GwState:
-        row = await self.h.store.run(lambda: self.h.store.require_active().db.execute(
-            "SELECT value FROM gateway_state WHERE ns=? AND key=?", (msg.ns, msg.key)).fetchone())
-        return S.GwState(id=msg.id, value=bytes(row[0]) if row else None)
+        value = await self.h.store.run(self.h.store.gateway_state_get, msg.ns, msg.key)
+        return S.GwState(id=msg.id, value=value)
 
     async def state_put(self, msg: S.GwStatePut) -> S.Ok:
         def w():
-            db = self.h.store.require_active()
-            with db.tx():
-                if msg.value is None:
-                    db.db.execute("DELETE FROM gateway_state WHERE ns=? AND key=?", (msg.ns, msg.key))
-                else:
-                    db.db.execute("INSERT OR REPLACE INTO gateway_state VALUES (?,?,?)", (msg.ns, msg.key, msg.value))
+            with self.h.store.tx():
+                self.h.store.gateway_state_put(msg.ns, msg.key, msg.value)
         await self.h.store.run(w)
         return S.Ok(id=msg.id)
 
@@ -417,9 +407,8 @@ async def eab_admin(store: Store, audit: Callable[..., Awaitable[None]], actor: 
     def info(r) -> S.EabInfo:
         return S.EabInfo(kid=r[0], created_by=r[1], created_at=r[2], profiles=tuple(r[3].split()), name_patterns=tuple(r[4].split()),
                          account=r[5], revoked_at=r[6])
-    cols = "kid, created_by, created_at, profiles, name_patterns, account, revoked_at"
     if isinstance(req, S.AAcmeEabList):
-        rows = await store.run(lambda: store.require_active().db.execute(f"SELECT {cols} FROM gateway_eab ORDER BY created_at").fetchall())
+        rows = await store.run(store.eab_rows)
         return S.EabListReply(id=req.id, keys=[info(r) for r in rows])
     if isinstance(req, S.AAcmeEabAdd):
         kid, key = eab_new()
@@ -428,11 +417,10 @@ async def eab_admin(store: Store, audit: Callable[..., Awaitable[None]], actor: 
         def add():
             db = store.require_active()
             with db.tx():
-                db.db.execute("INSERT INTO gateway_eab (kid, hmac_key, created_by, created_at, profiles, name_patterns) VALUES (?,?,?,?,?,?)",
-                              (kid, key, actor, now, " ".join(req.profiles), " ".join(req.name_patterns)))
+                store.eab_add(kid, key, actor, now, " ".join(req.profiles), " ".join(req.name_patterns))
                 db.audit(actor, "acme-eab-add", kid, "ok", f"profiles={','.join(req.profiles) or 'all'} "
                                                            f"names={','.join(req.name_patterns) or 'any the gateway allows'}")
-            return db.db.execute(f"SELECT {cols} FROM gateway_eab WHERE kid=?", (kid,)).fetchone()
+            return store.eab_row(kid)
         row = await store.run(add)
         return S.EabReply(id=req.id, eab=info(row), hmac_key=base64.urlsafe_b64encode(key).rstrip(b"=").decode())
     kid = req.kid
@@ -440,14 +428,14 @@ async def eab_admin(store: Store, audit: Callable[..., Awaitable[None]], actor: 
     def revoke():
         db = store.require_active()
         with db.tx():
-            row = db.db.execute(f"SELECT {cols} FROM gateway_eab WHERE kid=?", (kid,)).fetchone()
+            row = store.eab_row(kid)
             if row is None:
                 db.audit(actor, "acme-eab-revoke", kid, "refused", "no such EAB key")
                 return None
             if row[6] is None:
-                db.db.execute("UPDATE gateway_eab SET revoked_at=? WHERE kid=?", (int(time.time()), kid))
+                store.eab_revoke(kid, int(time.time()))
                 db.audit(actor, "acme-eab-revoke", kid, "ok", f"account {row[5] or '-'}")
-            return db.db.execute(f"SELECT {cols} FROM gateway_eab WHERE kid=?", (kid,)).fetchone()
+            return store.eab_row(kid)
     row = await store.run(revoke)
     if row is None:
         raise FactoryError("not-found", f"no EAB key {kid!r}")

@@ -140,26 +140,20 @@ class EstScepGate:
         now = int(time.time())
 
         def w() -> None:
-            with st.tx() as c:
-                c.execute("INSERT INTO enrol_waiting (id, protocol, credential, csr_sha256, request, ca, profile, summary,"
-                          " created, state) VALUES (?,?,?,?,?,?,?,?,?, 'waiting')",
-                          (rid, msg.protocol, credential, csr_hash, msgspec.msgpack.encode(msg), msg.ca, msg.profile,
-                           summary, now))
+            with st.tx():
+                st.waiting_add(rid, msg.protocol, credential, csr_hash, msgspec.msgpack.encode(msg), msg.ca, msg.profile, summary, now)
                 st.audit_in_tx(actor, "enrol-wait", rid, "pending", f"{credential}: {summary}; waits for an officer")
         await st.run(w)
         return S.GwPending(id=msg.id, request_id=rid, retry_after=RETRY_AFTER)
 
     async def _repeated(self, credential: str, csr_hash: bytes, rid_msg: int):
         st = self.h.store
-        row = await st.run(lambda: st.require_active().db.execute(
-            "SELECT id FROM enrol_waiting WHERE credential=? AND csr_sha256=? ORDER BY created DESC LIMIT 1",
-            (credential, csr_hash)).fetchone())
-        return None if row is None else await self.poll(S.GwPoll(id=rid_msg, request_id=row[0]))
+        rid = await st.run(st.waiting_for, credential, csr_hash)
+        return None if rid is None else await self.poll(S.GwPoll(id=rid_msg, request_id=rid))
 
     async def poll(self, msg: S.GwPoll):
         st = self.h.store
-        row = await st.run(lambda: st.require_active().db.execute(
-            "SELECT state, cert, reason, ca FROM enrol_waiting WHERE id=?", (msg.request_id,)).fetchone())
+        row = await st.run(st.waiting_outcome, msg.request_id)
         if row is None:
             return S.GwRefused(id=msg.id, code="not-found", reason="no enrolment waits under this id")
         state, cert, reason, ca = row
@@ -173,9 +167,7 @@ class EstScepGate:
 
     async def waiting(self, only_open: bool = False) -> dict[str, Any]:
         st = self.h.store
-        rows = await st.run(lambda: st.require_active().db.execute(
-            "SELECT id, protocol, credential, ca, profile, summary, created, state, decided_by, cert FROM enrol_waiting"
-            + (" WHERE state='waiting'" if only_open else "") + " ORDER BY created DESC LIMIT 1000").fetchall())
+        rows = await st.run(st.waiting_rows, only_open)
         return {"requests": [self._info(r) for r in rows]}
 
     @staticmethod
@@ -187,9 +179,7 @@ class EstScepGate:
     async def decide(self, request_id: str, approve: bool, reason: str, officer: str, actor: str) -> dict[str, Any]:
         """An officer's decision. Dual control: the officer who made the secret cannot approve what it admitted."""
         st = self.h.store
-        row = await st.run(lambda: st.require_active().db.execute(
-            "SELECT w.state, w.request, w.credential, w.ca, s.created_by FROM enrol_waiting w LEFT JOIN enrol_secrets s"
-            " ON w.credential = w.protocol || '-secret:' || s.ref WHERE w.id=?", (request_id,)).fetchone())
+        row = await st.run(st.waiting_to_decide, request_id)
         if row is None:
             raise FactoryError("not-found", f"no enrolment {request_id} waits")
         state, blob, credential, ca, maker = row
@@ -200,10 +190,8 @@ class EstScepGate:
             raise FactoryError("denied", "you made this enrolment secret: another officer must approve (dual control)")
         if not approve:
             def rej() -> bool:
-                with st.tx() as c:
-                    c.execute("UPDATE enrol_waiting SET state='rejected', decided_by=?, reason=?, request=x'' WHERE id=? AND state='waiting'",
-                              (actor, reason[:500], request_id))
-                    if c.changes() == 0:
+                with st.tx():
+                    if not st.waiting_reject(request_id, actor, reason[:500]):
                         return False
                     st.audit_in_tx(actor, "enrol-decide", request_id, "rejected", f"{credential}: {reason[:500]}")
                     return True
@@ -211,30 +199,25 @@ class EstScepGate:
                 raise FactoryError("exists", f"enrolment {request_id} was decided meanwhile")
         else:
             def claim() -> bool:  # one decision only, even with two officers approving at once
-                with st.tx() as c:
-                    c.execute("UPDATE enrol_waiting SET decided_by=? WHERE id=? AND state='waiting' AND decided_by IS NULL",
-                              (actor, request_id))
-                    return c.changes() == 1
+                with st.tx():
+                    return st.waiting_claim(request_id, actor)
             if not await st.run(claim):
                 raise FactoryError("exists", f"enrolment {request_id} is being decided by another officer")
             msg = msgspec.msgpack.decode(bytes(blob), type=S.GwEnroll)
             out = await self.issue(msg, ca, f"{actor} approved {credential}")
             if isinstance(out, S.GwIssued):
                 def done() -> None:
-                    with st.tx() as c:
-                        c.execute("UPDATE enrol_waiting SET state='issued', cert=?, request=x'' WHERE id=?", (out.cert, request_id))
+                    with st.tx():
+                        st.waiting_issued(request_id, out.cert)
                         st.audit_in_tx(actor, "enrol-decide", request_id, "ok", f"{credential}: issued serial {out.serial.hex()}")
                 await st.run(done)
             else:
                 def failed() -> None:
-                    with st.tx() as c:
-                        c.execute("UPDATE enrol_waiting SET state='rejected', reason=?, request=x'' WHERE id=?",
-                                  (f"approved, but refused by policy: {out.reason}"[:500], request_id))
+                    with st.tx():
+                        st.waiting_refused(request_id, f"approved, but refused by policy: {out.reason}"[:500])
                 await st.run(failed)
                 raise FactoryError("policy", f"approved, but the issuance was refused: {out.reason}")
-        rows = await st.run(lambda: st.require_active().db.execute(
-            "SELECT id, protocol, credential, ca, profile, summary, created, state, decided_by, cert FROM enrol_waiting WHERE id=?",
-            (request_id,)).fetchall())
+        rows = await st.run(st.waiting_rows, False, request_id)
         return {"requests": [self._info(r) for r in rows]}
 
     # ------------------------------------------------------------ what SCEP and EST read: chain, RA certificates, GetCert, GetCRL

@@ -42,12 +42,12 @@ class Issuers:
         def q():
             if self.store.ca_row(ca) is None:
                 # ca request: the key is in the token, the certificate is to come from the parent (ca install)
-                if self.store.require_active().db.execute("SELECT 1 FROM ca_requests WHERE name=? AND kind='new'", (ca,)).fetchone():
+                if self.store.ca_requested(ca):
                     return "policy", f"CA {ca!r} is awaiting certificate (ca install): it issues nothing yet"
                 return "not-found", f"no CA named {ca!r}"
-            succ = self.store.require_active().db.execute("SELECT successor FROM ca_successors WHERE ca=?", (ca,)).fetchone()
+            succ = self.store.ca_successor(ca)
             if succ is not None:  # re-keyed (two tiers: tier.py): its old key only signs CRLs and OCSP now
-                return "policy", f"CA {ca!r} was re-keyed: issue with its successor {succ[0]!r} (the old key signs only its CRLs and OCSP)"
+                return "policy", f"CA {ca!r} was re-keyed: issue with its successor {succ!r} (the old key signs only its CRLs and OCSP)"
             state, why = self.state(ca)
             if state != "active":
                 return "policy", f"CA {ca!r} is {state}: {why}; it issues nothing more"

@@ -240,7 +240,7 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
                 hs.start_soon(link.chan.handshake)
         f = Factory(cfg, signers[0], send_event, profiles, signers)
         f.sup_send = sup.send
-        f.officers = Officers(f)
+        f.officers = Officers(f, f.store, admin.TABLE)
         f.checkpoints = Checkpoints(f.store, f.cis, cfg.checkpoint_seconds, f.send_event)
         f.tier = Tier(f.store, f.cis, f.profiles, dict(cfg.ca_profiles), f.ocsp.publish, f.dist.enqueue_object, f.send_event,
                       f.dist.poke, cfg.home)

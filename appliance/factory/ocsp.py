@@ -24,22 +24,20 @@ from .errors import FactoryError, _log
 from .store import recovered_cert_state
 
 if TYPE_CHECKING:
-    from .cmdb import Cmdb
     from .cis_link import CisLink
+    from .store import Store
     from .tenants import TenantManager
 
 
 class OcspHost(Protocol):
-    """What the producer uses of its owner (the Factory), named so that this module does not import
-    service.py (no import circle). Still wider than the store: moving it onto named queries is next."""
+    """What the producer uses of its owner (the Factory) besides the store, named so that this module
+    does not import service.py (no import circle)."""
 
     cfg: S.FactoryConfig
-    db: Cmdb | None
     signers: list[CisLink]
     ocsp_feeds: dict[str, Channel]
     tenants: TenantManager
 
-    async def run_db(self, fn: Any, *args: Any) -> Any: ...
     async def send_event(self, ev: S.Event) -> None: ...
     async def ca_row(self, name: str) -> Any: ...
     def crl_chunks(self, ca: str, number: int | None = None) -> AsyncIterator[bytes]: ...
@@ -67,8 +65,9 @@ def _by_this_update(items: list[tuple], backdated: int, floors: dict[bytes, int]
 
 
 class OcspProducer:
-    def __init__(self, f: OcspHost):
+    def __init__(self, f: OcspHost, store: Store):
         self.f = f
+        self.store = store
         self.wake = trio.Event()
         self.produced = 0
         self._ids = 0
@@ -84,7 +83,7 @@ class OcspProducer:
             with trio.move_on_after(CHECK_SECONDS):
                 await self.wake.wait()
             self.wake = trio.Event()
-            if self.f.db is None:
+            if not self.store.active:
                 continue
             try:
                 await self.drain()
@@ -93,50 +92,41 @@ class OcspProducer:
 
     def _due(self, now: int) -> list[tuple]:
         """Up to BATCH certificates whose response is missing, stale, or no longer says the truth."""
-        db = self.f.db.db
-        keys = db.execute("SELECT ca, serial FROM ocsp_queue LIMIT ?", (BATCH,)).fetchall()
-        if len(keys) < BATCH:
-            keys += db.execute("SELECT ca, serial FROM ocsp WHERE refresh_at <= ? LIMIT ?", (now, BATCH - len(keys))).fetchall()
+        st = self.store
         out = []
-        for ca, serial in dict.fromkeys(keys):
-            row = db.execute("SELECT c.not_after, r.revoked_at, r.reason, o.this_update FROM certs c LEFT JOIN revocations r "
-                             "ON r.ca = c.ca AND r.serial = c.serial LEFT JOIN ocsp o ON o.ca = c.ca AND o.serial = c.serial "
-                             "WHERE c.ca=? AND c.serial=?", (ca, serial)).fetchone()
+        for ca, serial in dict.fromkeys(st.ocsp_due_keys(now, BATCH)):
+            row = st.ocsp_cert_state(ca, serial)
             if row is None:  # known only from what was published before a restore: still answered, never "unknown"
-                row = recovered_cert_state(db, ca, serial)
+                row = recovered_cert_state(st.require_active().db, ca, serial)
             out.append((ca, serial, row))
         return out
 
     def _store(self, ca: str, items: list[tuple], responses: list[bytes], hashes: tuple[str, ...],
                this_update: int, next_update: int) -> tuple[list[tuple], int]:
         """Keep the new responses and dequeue their certificates in one transaction; return what to publish."""
-        f = self.f
-        db = f.db
+        st = self.store
         refresh = this_update + (next_update - this_update) // 2
         published = []
-        with db.tx():
-            seq = db.db.execute("SELECT coalesce(max(seq), 0) FROM ocsp").fetchone()[0]
+        with st.tx():
+            seq = st.ocsp_last_seq()
             for i, (serial, status, _, _) in enumerate(items):
                 seq += 1
                 by_hash = dict(zip(hashes, responses[i * len(hashes):(i + 1) * len(hashes)]))
-                db.db.execute("INSERT OR REPLACE INTO ocsp VALUES (?,?,?,?,?,?,?,?,?)",
-                              (ca, serial, status, this_update, next_update, refresh, seq, by_hash.get("sha1"), by_hash.get("sha256")))
-                db.db.execute("DELETE FROM ocsp_queue WHERE ca=? AND serial=?", (ca, serial))
+                st.ocsp_put(ca, serial, status, this_update, next_update, refresh, seq, by_hash.get("sha1"), by_hash.get("sha256"))
                 for h, der in by_hash.items():
                     published.append((serial, h, this_update, next_update, der))
         return published, seq
 
     def _retire(self, ca: str, serial: bytes) -> None:
         """An expired or unknown certificate: no more responses (the endpoint keeps answering until nextUpdate)."""
-        with self.f.db.tx():
-            self.f.db.db.execute("DELETE FROM ocsp_queue WHERE ca=? AND serial=?", (ca, serial))
-            self.f.db.db.execute("DELETE FROM ocsp WHERE ca=? AND serial=?", (ca, serial))
+        with self.store.tx():
+            self.store.ocsp_retire(ca, serial)
 
     async def drain(self) -> None:
         f = self.f
         for _ in range(100000):  # bounded: each round handles up to BATCH certificates
             now = int(time.time())
-            due = await f.run_db(self._due, now)
+            due = await self.store.run(self._due, now)
             if not due:
                 return
             for ca, group in groupby(sorted(due, key=lambda d: d[0]), key=lambda d: d[0]):
@@ -146,7 +136,7 @@ class OcspProducer:
                 floors = {}  # serial -> the earliest thisUpdate its new response may carry
                 for _, serial, row in group:
                     if row is None or row[0] < now:
-                        await f.run_db(self._retire, ca, serial)
+                        await self.store.run(self._retire, ca, serial)
                         continue
                     revoked_at, reason, held_tu = row[1], row[2], row[3]
                     items.append((serial, 1 if revoked_at is not None else 0, revoked_at, reason))
@@ -163,7 +153,7 @@ class OcspProducer:
                                                 next_update=next_update, hashes=hashes, items=items))
         if len(reply.responses) != len(items) * len(hashes):
             raise CisRefused("internal", "the CIS answered a different number of OCSP responses")
-        published, seq = await f.run_db(self._store, ca, items, reply.responses, hashes, this_update, next_update)
+        published, seq = await self.store.run(self._store, ca, items, reply.responses, hashes, this_update, next_update)
         self.produced += len(items)
         await self.publish(S.PublishResponses(ca=ca, responses=published, seq=seq))
 
@@ -175,15 +165,10 @@ class OcspProducer:
             with trio.move_on_after(RENEW_CHECK_SECONDS):
                 await self.renew_wake.wait()
             self.renew_wake = trio.Event()
-            if self.f.db is None or not self.f.cfg.responder_renew_days:
+            if not self.store.active or not self.f.cfg.responder_renew_days:
                 continue
-            for ca, not_after in await self.f.run_db(self._latest_responders):
+            for ca, not_after in await self.store.run(self.store.latest_responders):
                 await self._renew(ca, not_after)
-
-    def _latest_responders(self) -> list[tuple[str, int]]:
-        """(CA, notAfter of its latest delegated responder certificate), for CAs that have one."""
-        return self.f.db.db.execute(
-            "SELECT ca, max(not_after) FROM certs WHERE profile='ocsp-responder' GROUP BY ca ORDER BY ca").fetchall()
 
     async def _renew(self, ca: str, not_after: int) -> None:
 
@@ -236,26 +221,23 @@ class OcspProducer:
         resume = await chan.recv()
         if not isinstance(resume, S.OcspResume):
             raise ProtocolViolation(f"factory-ocsp: expected OcspResume, got {type(resume).__name__}")
-        while f.db is None:  # nothing to feed before activation; the endpoint serves its own store
+        st = self.store
+        while not st.active:  # nothing to feed before activation; the endpoint serves its own store
             await trio.sleep(0.2)
         # This appliance's CAs, and the offline roots whose CRL calendar it publishes (two tiers: tier.py).
-        cas = [tuple(r) for r in await f.run_db(lambda: f.db.db.execute(
-            "SELECT name, cert FROM cas UNION ALL SELECT ca, cert FROM calendar_roots").fetchall())]
+        cas = await st.run(st.published_cas)
         for name, der in cas:
             await self.publish(S.PublishCa(ca=name, cert=der), chan)
         # Live publication only once the endpoint knows every CA: a response signed meanwhile (an issuance
         # right after activation) must not reach it before its CA (it would be a protocol violation there).
         f.ocsp_feeds[role] = chan
         for name, *_ in cas:
-            number = await f.run_db(lambda n=name: f.db.db.execute("SELECT max(number) FROM crls WHERE ca=?", (n,)).fetchone()[0])
+            number = await st.run(st.latest_crl_number, name)
             if number:
                 await self.publish_crl(name, number, chan)
-            for k, kn in await f.run_db(lambda n=name: f.db.db.execute(  # its CRL shards, if any
-                    "SELECT s.shard, max(c.number) FROM crl_shard_numbers s JOIN crls c ON c.ca = s.ca || '-' || s.shard "
-                    "WHERE s.ca=? GROUP BY s.shard", (n,)).fetchall()):
+            for k, kn in await st.run(st.latest_shard_crls, name):  # its CRL shards, if any
                 await self.publish_crl(name, kn, chan, shard=k)
-            dn = await f.run_db(lambda n=name: f.db.db.execute(  # its delta CRL, if any
-                "SELECT max(number) FROM crls WHERE ca=?", (n + "-delta",)).fetchone()[0])
+            dn = await st.run(st.latest_crl_number, name + "-delta")  # its delta CRL, if any
             if dn:
                 await self.publish_crl(name, dn, chan, delta=True)
             for k, kn in await f.run_db(lambda n=name: f.db.db.execute(  # its shards' deltas, if any
@@ -264,9 +246,7 @@ class OcspProducer:
                 await self.publish_crl(name, kn, chan, shard=k, delta=True)
         after = resume.seq
         for _ in range(1 << 30):
-            rows = await f.run_db(lambda a=after: f.db.db.execute(
-                "SELECT ca, serial, this_update, next_update, sha1, sha256, seq FROM ocsp WHERE seq > ? ORDER BY seq LIMIT ?",
-                (a, BATCH)).fetchall())
+            rows = await st.run(st.ocsp_after, after, BATCH)
             if not rows:
                 break
             for ca, group in groupby(rows, key=lambda r: r[0]):

@@ -11,7 +11,8 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import msgspec
 import trio
@@ -19,8 +20,10 @@ from cryptography.hazmat.primitives import hashes
 
 from appliance.ipc import schema as S
 
-from .admin import PUBLIC, ROLES, TABLE, AdminOp
-from .service import Factory, FactoryError
+from .cmdb import Cmdb
+from .errors import FactoryError
+from .permissions import PUBLIC, ROLES
+from .store import Store
 
 MIN_PASSWORD = 12
 ARGON = {"m": 47104, "t": 1, "p": 1}  # OWASP's first Argon2id setting: 46 MiB, one pass
@@ -145,9 +148,33 @@ class Peer:
         return max(0.0, self.last + min(2.0 ** (self.failures - free), MAX_PEER_DELAY) - now)
 
 
+class TableRow(Protocol):
+    """What the permission check reads of a row of the admin-request table (admin.AdminOp)."""
+
+    allowed: frozenset[str] | None
+    guard: str | None
+    self_service: bool
+
+
+class OfficersHost(Protocol):
+    """What the officers use of their owner (the Factory) besides the store: its configuration, profiles,
+    the audit write, events and the break-glass share check. Named here, not imported from service.py:
+    restore.py checks passwords with this module's functions, and service.py leads back to restore.py."""
+
+    cfg: S.FactoryConfig
+    profiles: dict[str, Any]
+
+    def _require_active(self) -> Cmdb: ...
+    async def audit(self, actor: str, action: str, obj: str, outcome: str, detail: str = "") -> None: ...
+    async def send_event(self, ev: S.Event) -> None: ...
+    def check_shares(self, shares: Any, uid: int) -> Any: ...
+
+
 @dataclass
 class Officers:
-    f: Factory
+    f: OfficersHost
+    store: Store
+    table: dict[type, TableRow]  # admin.TABLE, given by main.py: this module does not import admin.py (no import circle)
     sessions: dict[bytes, Session] = field(default_factory=dict)
     peers: dict[int, Peer] = field(default_factory=dict)
     kdf: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(KDF_CONCURRENCY))
@@ -200,8 +227,7 @@ class Officers:
         db = self.f._require_active()
         name = req.officer
         actor = f"login:{name} {conn.who}"
-        row = await self.f.run_db(lambda: db.db.execute(
-            "SELECT roles, pwhash, totp, totp_last, failures, locked FROM officers WHERE name=?", (name,)).fetchone())
+        row = await self.store.run(self.store.officer_login_row, name)
         # Unknown, locked or wrong: the same KDF time and the same answer, so that names cannot be probed.
         if row is None:
             await trio.to_thread.run_sync(dummy_check, req.password, limiter=self.kdf)
@@ -225,11 +251,10 @@ class Officers:
 
             def fail():
                 with db.tx():
-                    db.db.execute("UPDATE officers SET failures = failures + 1 WHERE name=?", (name,))
-                    n = db.db.execute("SELECT failures FROM officers WHERE name=?", (name,)).fetchone()[0]
+                    n = self.store.officer_failed(name)
                     db.audit(actor, "login", name, "refused", f"{why} (consecutive failure {n} on this account)")
                     return n
-            n = await self.f.run_db(fail)
+            n = await self.store.run(fail)
             if n == limit:  # an alert, not a lockout: whoever tries is slowed down, the account stays usable
                 await self.f.send_event(S.Event(kind="login-lockout", detail=f"officer {name} has {n} consecutive failed logins (no lockout: the peers are slowed down)"))
             raise FactoryError("auth", REFUSED)
@@ -238,9 +263,9 @@ class Officers:
 
         def good():
             with db.tx():
-                db.db.execute("UPDATE officers SET failures = 0, totp_last = max(totp_last, ?) WHERE name=?", (step or 0, name))
+                self.store.officer_logged_in(name, step or 0)
                 return db.audit(actor, "login", name, "ok", roles)
-        login_seq = await self.f.run_db(good)
+        login_seq = await self.store.run(good)
         now = time.monotonic()
         s = Session(name, frozenset(roles.split(",")), th, now, now, login_seq)
         self.sessions[th] = s
@@ -269,16 +294,15 @@ class Officers:
 
     async def bootstrap(self) -> bool:
         """True while the CMDB holds no officer: only the first administrator may be created."""
-        if self.f.db is None:
+        if not self.store.active:
             return False
-        db = self.f.db
-        return not await self.f.run_db(lambda: db.db.execute("SELECT 1 FROM officers LIMIT 1").fetchone())
+        return not await self.store.run(self.store.officers_exist)
 
     async def authorise(self, conn: Conn, req) -> None:
         """Refuse (typed, audited) what this connection's officer may not do."""
         op = tag_of(req)
         obj = str(getattr(req, "name", None) or getattr(req, "ca", None) or getattr(req, "request", None) or "-")
-        row = TABLE.get(type(req))
+        row = self.table.get(type(req))
         if row is None:
             await self.f.audit(conn.actor, op, obj, "denied", "not in the admin-request table")
             raise FactoryError("denied", f"{op}: not a permitted operation")
@@ -292,7 +316,7 @@ class Officers:
                     await self.f.audit(conn.actor, op, req.name, "denied", "bootstrap: the first officer is an administrator")
                     raise FactoryError("denied", "no officer exists yet: the first one must be an administrator only (--role administrator)")
                 return
-            if self.f.db is None:
+            if not self.store.active:
                 raise FactoryError("inactive", "the CA is not activated yet (run `donjon activate`)")
             await self.f.audit(conn.actor, op, obj, "denied", "no officer session")
             if await self.bootstrap():
@@ -318,53 +342,48 @@ class Officers:
 
         def w():
             with db.tx():
-                if db.db.execute("SELECT 1 FROM officers WHERE name=?", (req.name,)).fetchone():
+                if self.store.officer_exists(req.name):
                     db.audit(actor, "officer-add", req.name, "refused", "exists")
                     return False
-                db.db.execute("INSERT INTO officers(name, roles, pwhash, created, changed) VALUES (?,?,?,?,?)",
-                              (req.name, ",".join(roles), pw, now, now))
+                self.store.officer_add(req.name, ",".join(roles), pw, now)
                 db.audit(actor, "officer-add", req.name, "ok", ",".join(roles))
                 return True
-        if not await self.f.run_db(w):
+        if not await self.store.run(w):
             raise FactoryError("exists", f"officer {req.name!r} already exists")
         return {"name": req.name, "roles": list(roles)}
 
-    async def _update(self, name: str, action: str, actor: str, sql: str, args: tuple, detail: str = "") -> None:
+    async def _update(self, name: str, action: str, actor: str, change: Callable[[], bool], detail: str = "") -> None:
+        """Run one of the store's officer changes (it says whether the officer exists), audited."""
         db = self.f._require_active()
 
         def w():
             with db.tx():
-                db.db.execute(sql, args)
-                if db.db.changes() != 1:
+                if not change():
                     db.audit(actor, action, name, "refused", "no such officer")
                     return False
                 db.audit(actor, action, name, "ok", detail)
                 return True
-        if not await self.f.run_db(w):
+        if not await self.store.run(w):
             raise FactoryError("not-found", f"no officer named {name!r}")
 
     async def remove(self, name: str, actor: str) -> dict[str, Any]:
-        db = self.f._require_active()
-
-        def admins_left():
-            return db.db.execute("SELECT count(*) FROM officers WHERE name<>? AND ','||roles||',' LIKE '%,administrator,%'",
-                                 (name,)).fetchone()[0]
-        if await self.f.run_db(admins_left) == 0:
+        self.f._require_active()
+        if await self.store.run(self.store.other_administrators, name) == 0:
             await self.f.audit(actor, "officer-remove", name, "refused", "the last administrator")
             raise FactoryError("policy", "refusing to remove the last administrator")
-        await self._update(name, "officer-remove", actor, "DELETE FROM officers WHERE name=?", (name,))
+        await self._update(name, "officer-remove", actor, lambda: self.store.officer_remove(name))
         self.end_sessions(name)
         return {"removed": name}
 
     async def passwd(self, name: str, password: str, actor: str) -> dict[str, Any]:
         check_new_password(password)
         pw = await trio.to_thread.run_sync(hash_password, password, limiter=self.kdf)
-        await self._update(name, "officer-passwd", actor, "UPDATE officers SET pwhash=?, changed=? WHERE name=?",
-                           (pw, int(time.time()), name))
+        now = int(time.time())
+        await self._update(name, "officer-passwd", actor, lambda: self.store.officer_set_password(name, pw, now))
         return {"name": name, "password": "changed"}
 
     async def unlock(self, name: str, actor: str) -> dict[str, Any]:
-        await self._update(name, "officer-unlock", actor, "UPDATE officers SET locked=0, failures=0 WHERE name=?", (name,))
+        await self._update(name, "officer-unlock", actor, lambda: self.store.officer_unlock(name))
         return {"name": name, "locked": False}
 
     async def unlock_shares(self, conn: Conn, req: S.AOfficerUnlockShares) -> dict[str, Any]:
@@ -381,9 +400,8 @@ class Officers:
         if req.password is not None:
             check_new_password(req.password)
             pw = await trio.to_thread.run_sync(hash_password, req.password, limiter=self.kdf)
-        sql = "UPDATE officers SET locked=0, failures=0" + (", pwhash=?, changed=?" if pw else "") + " WHERE name=?"
-        args = (pw, int(time.time()), req.name) if pw else (req.name,)
-        await self._update(req.name, "officer-unlock", actor, sql, args,
+        now = int(time.time())
+        await self._update(req.name, "officer-unlock", actor, lambda: self.store.officer_unlock(req.name, pw, now),
                            "break-glass: authorised by a quorum of activation shares" + ("; new password set" if pw else ""))
         if pw:
             self.end_sessions(req.name)
@@ -392,8 +410,7 @@ class Officers:
 
     async def totp(self, name: str, enable: bool, actor: str) -> dict[str, Any]:
         secret = os.urandom(20) if enable else None
-        await self._update(name, "officer-totp", actor, "UPDATE officers SET totp=?, totp_last=0 WHERE name=?",
-                           (secret, name), "on" if enable else "off")
+        await self._update(name, "officer-totp", actor, lambda: self.store.officer_set_totp(name, secret), "on" if enable else "off")
         if not enable:
             return {"name": name, "totp": False}
         b32 = base64.b32encode(secret).decode().rstrip("=")
@@ -401,15 +418,14 @@ class Officers:
                 "uri": f"otpauth://totp/Donjon:{name}?secret={b32}&issuer=Donjon&algorithm=SHA1&digits=6&period={TOTP_STEP}"}
 
     async def list(self) -> dict[str, Any]:
-        db = self.f._require_active()
-        rows = await self.f.run_db(lambda: db.db.execute(
-            "SELECT name, roles, totp IS NOT NULL, failures, locked, created FROM officers ORDER BY name").fetchall())
+        self.f._require_active()
+        rows = await self.store.run(self.store.officer_rows)
         return {"officers": [{"name": n, "roles": r.split(","), "totp": bool(t), "failures": fl, "locked": bool(lk), "created": c}
                              for n, r, t, fl, lk, c in rows]}
 
     # ------------------------------------------------------------ dual control
 
-    async def guard(self, req, conn: Conn, row: AdminOp) -> str | None:
+    async def guard(self, req, conn: Conn, row: TableRow) -> str | None:
         """The dual-control operation name this request falls under, or None when it runs at once."""
         if self.cfg.dual_approvals <= 1 or conn.session is None:
             return None  # no policy, or the bootstrap administrator (no officer exists to approve)
@@ -421,9 +437,9 @@ class Officers:
         return name if name in self.cfg.dual_operations else None
 
     async def _is_ca_cert(self, ca: str, serial: bytes) -> bool:
-        db = self.f._require_active()
-        row = await self.f.run_db(lambda: db.db.execute("SELECT profile FROM certs WHERE ca=? AND serial=?", (ca, serial)).fetchone())
-        prof = self.f.profiles.get(row[0]) if row else None
+        self.f._require_active()
+        profile = await self.store.run(self.store.cert_profile, ca, serial)
+        prof = self.f.profiles.get(profile) if profile else None
         return prof is not None and prof.kind in ("root-ca", "sub-ca")
 
     async def propose(self, req, operation: str, conn: Conn) -> dict[str, Any]:
@@ -435,32 +451,27 @@ class Officers:
 
         def w():
             with db.tx():
-                db.db.execute("INSERT INTO pending(operation, summary, request, requester, created, expires, state) "
-                              "VALUES (?,?,?,?,?,?, 'open')", (operation, summary, blob, s.officer, now, now + self.cfg.dual_expiry_seconds))
-                pid = db.db.last_insert_rowid()
-                db.db.execute("INSERT INTO approvals VALUES (?,?,?)", (pid, s.officer, now))
+                pid = self.store.pending_add(operation, summary, blob, s.officer, now, now + self.cfg.dual_expiry_seconds)
                 db.audit(conn.actor, "dual-control", f"request#{pid}", "pending",
                          f"{operation}: {summary}; 1 of {self.cfg.dual_approvals} approvals")
                 return pid
-        pid = await self.f.run_db(w)
+        pid = await self.store.run(w)
         return {"pending": pid, "operation": operation, "summary": summary, "approvals": 1,
                 "required": self.cfg.dual_approvals, "expires": now + self.cfg.dual_expiry_seconds}
 
     async def pending_list(self, open_only: bool) -> dict[str, Any]:
-        db = self.f._require_active()
+        self.f._require_active()
         await self._expire()
 
         def q():
-            rows = db.db.execute("SELECT id, operation, summary, requester, created, expires, state, result FROM pending "
-                                 + ("WHERE state='open' " if open_only else "") + "ORDER BY id DESC LIMIT 200").fetchall()
             out = []
-            for pid, op, summ, who, created, expires, state, result in rows:
-                approvers = [r[0] for r in db.db.execute("SELECT officer FROM approvals WHERE pending=? ORDER BY ts", (pid,))]
+            for pid, op, summ, who, created, expires, state, result in self.store.pending_rows(open_only):
+                approvers = self.store.approvers(pid)
                 out.append({"id": pid, "operation": op, "summary": summ, "requester": who, "created": created,
                             "expires": expires, "state": state, "approvals": approvers, "required": self.cfg.dual_approvals,
                             "result": json.loads(result) if result else None})
             return out
-        return {"pending": await self.f.run_db(q)}
+        return {"pending": await self.store.run(q)}
 
     async def _expire(self) -> None:
         db = self.f._require_active()
@@ -468,28 +479,26 @@ class Officers:
 
         def w():
             with db.tx():
-                rows = db.db.execute("SELECT id, operation FROM pending WHERE state='open' AND expires <= ?", (now,)).fetchall()
-                for pid, op in rows:
-                    db.db.execute("UPDATE pending SET state='expired', request=x'' WHERE id=?", (pid,))
+                for pid, op in self.store.pending_expired(now):
+                    self.store.pending_expire(pid)
                     db.audit("factory:dual-control", "dual-control", f"request#{pid}", "expired", f"{op}: approvals expired")
-        await self.f.run_db(w)
+        await self.store.run(w)
 
     async def approve(self, request_id: int, conn: Conn, execute) -> dict[str, Any]:
         """Record this officer's approval; the M-th distinct one runs the request with `execute(req, actor)`."""
         db = self.f._require_active()
         await self._expire()
         s = conn.session
-        row = await self.f.run_db(lambda: db.db.execute(
-            "SELECT operation, request, requester, state FROM pending WHERE id=?", (request_id,)).fetchone())
-        if row is None:
+        pending = await self.store.run(self.store.pending_row, request_id)
+        if pending is None:
             raise FactoryError("not-found", f"no pending request #{request_id}")
-        operation, blob, requester, state = row
+        operation, blob, requester, state = pending
         obj = f"request#{request_id}"
         if state != "open":
             await self.f.audit(conn.actor, "approve", obj, "refused", f"request is {state}")
             raise FactoryError("exists" if state in ("done", "failed", "running") else "policy", f"request #{request_id} is {state}")
         req = msgspec.msgpack.decode(blob, type=S.AdminRequest)
-        row = TABLE.get(type(req))
+        row = self.table.get(type(req))
         allowed = (row.allowed if row is not None else None) or frozenset()
         if not s.roles & allowed:
             await self.f.audit(conn.actor, "approve", obj, "denied", f"roles {','.join(sorted(s.roles))} may not approve {operation}")
@@ -499,19 +508,18 @@ class Officers:
 
         def w():
             with db.tx():
-                if db.db.execute("SELECT 1 FROM approvals WHERE pending=? AND officer=?", (request_id, s.officer)).fetchone():
+                if self.store.approved_by(request_id, s.officer):
                     db.audit(conn.actor, "approve", obj, "refused", "already approved by this officer")
                     return None
-                db.db.execute("INSERT INTO approvals VALUES (?,?,?)", (request_id, s.officer, now))
-                approvers = [r[0] for r in db.db.execute("SELECT officer FROM approvals WHERE pending=? ORDER BY ts, rowid", (request_id,))]
+                self.store.approval_add(request_id, s.officer, now)
+                approvers = self.store.approvers(request_id)
                 run = len(approvers) >= m
                 if run:
-                    db.db.execute("UPDATE pending SET state='running' WHERE id=? AND state='open'", (request_id,))
-                    run = db.db.changes() == 1
+                    run = self.store.pending_start(request_id)
                 db.audit(conn.actor, "approve", obj, "ok", f"{operation}: {len(approvers)} of {m} approvals"
                          + ("; running it" if run else ""))
                 return approvers, run
-        r = await self.f.run_db(w)
+        r = await self.store.run(w)
         if r is None:
             raise FactoryError("exists", f"officer {s.officer} already approved request #{request_id}: another officer must")
         approvers, run = r
@@ -535,10 +543,9 @@ class Officers:
         def w():
             with db.tx():
                 # The request may hold a password: keep only its summary once it has run.
-                db.db.execute("UPDATE pending SET state=?, result=?, request=x'' WHERE id=?",
-                              (state, json.dumps(result, default=str), request_id))
+                self.store.pending_close(request_id, state, json.dumps(result, default=str))
                 db.audit("factory:dual-control", "dual-control", f"request#{request_id}", state, json.dumps(result, default=str)[:500])
-        await self.f.run_db(w)
+        await self.store.run(w)
 
 
 def _summary(req) -> str:

@@ -53,8 +53,8 @@ class Factory:
         self.auto_activation: trio.Event | None = trio.Event() if cfg.auto_activate else None
         self.ocsp_feeds: dict[str, Channel] = {}  # the endpoint processes' links, by role name, when they run
         self.stats = {"issued": 0, "refused": 0, "revoked": 0, "crls": 0}
-        self.ocsp = OcspProducer(self)
-        self.dist = Dist(self)
+        self.ocsp = OcspProducer(self, self.store)
+        self.dist = Dist(self, self.store)
         self.tenants = TenantManager(self.store, self.ocsp, send_event)  # CRL-fed OCSP tenants
         self.issuers = Issuers(cfg, self.store)
         self.lists = SignedLists(cfg, self.store, cis, self.issuers, self.dist, self.ocsp, send_event, self.stats, self.signers)

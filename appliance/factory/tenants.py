@@ -43,11 +43,6 @@ CHUNK = 4 * 1024 * 1024
 RETRY_SECONDS = 60  # next fetch after an attempt that found no newer CRL past nextUpdate
 _SECRET = re.compile(rb"^[A-Za-z0-9._~+/=-]{16,512}$")  # RFC 6750 b64token, at least 16 characters
 _URL = re.compile(r"^(https?|ldaps?)://[^\s]+$")
-_COLS = ("name, ca_cert, crl_urls, refresh_seconds, unissued, push_secret_sha256, key_label, key_spki, responder_label, "
-         "responder_cert, "
-         "crl_number, crl_this_update, crl_next_update, crl_source, crl_at, serials IS NOT NULL, last_refusal")
-
-
 @dataclass
 class Info:
     """What the Factory keeps in memory of a tenant (the fetch plan is computed from it)."""
@@ -110,13 +105,12 @@ class TenantManager:
                     r[14], bool(r[15]), r[16])
 
     async def _reload(self, name: str | None = None) -> None:
-        db = self.store.db
         if name is None:
-            rows = await self.store.run(lambda: db.db.execute(f"SELECT {_COLS} FROM ocsp_tenants ORDER BY name").fetchall())
+            rows = await self.store.run(self.store.tenant_rows)
             self.info = {r[0]: self._row(r) for r in rows}
             self.loaded = True
             return
-        row = await self.store.run(lambda: db.db.execute(f"SELECT {_COLS} FROM ocsp_tenants WHERE name=?", (name,)).fetchone())
+        row = await self.store.run(self.store.tenant_row, name)
         if row is None:
             self.info.pop(name, None)
         else:
@@ -169,10 +163,8 @@ class TenantManager:
         if not self.loaded:
             await self._reload()
         await self.publish([S.TenantSync(tenants=sorted(self.info))], chan)
-        db = self.store.db
         for name, t in sorted(self.info.items()):
-            crl, serials = await self.store.run(lambda n=name: db.db.execute(
-                "SELECT crl_der, serials FROM ocsp_tenants WHERE name=?", (n,)).fetchone())
+            crl, serials = await self.store.run(self.store.tenant_crl_and_serials, name)
             msgs = [t.config()]
             if crl:
                 msgs += self._chunks(S.TenantCrl, name, crl, number=t.crl_number or 0)
@@ -223,16 +215,13 @@ class TenantManager:
                 await self._refuse(t, source, str(e))
                 return str(e)
             db = self.store.db
-            same = await self.store.run(lambda: db.db.execute(
-                "SELECT crl_der = ? FROM ocsp_tenants WHERE name=?", (der, tenant)).fetchone()[0])
+            same = await self.store.run(self.store.tenant_crl_is, tenant, der)
             if same:
                 return "accepted"  # the CRL already in use (a scheduled fetch found nothing new)
 
             def store():
                 with db.tx():
-                    db.db.execute("UPDATE ocsp_tenants SET crl_number=?, crl_this_update=?, crl_next_update=?, crl_der=?, "
-                                  "crl_source=?, crl_at=?, last_refusal=NULL WHERE name=?",
-                                  (crl.number, crl.this_update, crl.next_update, der, source[:200], int(now), tenant))
+                    self.store.tenant_set_crl(tenant, crl.number, crl.this_update, crl.next_update, der, source[:200], int(now))
                     db.audit(source[:200], "tenant-crl", f"{tenant}#{crl.number}", "ok",
                              f"entries={len(crl.revoked)} nextUpdate={crl.next_update} sha256={hashlib.sha256(der).hexdigest()}")
             await self.store.run(store)
@@ -247,7 +236,7 @@ class TenantManager:
 
         def w():
             with db.tx():
-                db.db.execute("UPDATE ocsp_tenants SET last_refusal=? WHERE name=?", (f"{int(time.time())} {source[:100]}: {reason}", t.name))
+                self.store.tenant_set_refusal(t.name, f"{int(time.time())} {source[:100]}: {reason}")
                 db.audit(source[:200], "tenant-crl", t.name, "refused", reason)
         await self.store.run(w)
         await self._reload(t.name)
@@ -271,8 +260,7 @@ class TenantManager:
 
     async def _check_issuer_free(self, name: str, ca_der: bytes) -> None:
         mine = issuer_hashes(ca_der)["sha256"]
-        db = self.store.db
-        cas = await self.store.run(lambda: db.db.execute("SELECT name, cert FROM cas").fetchall())
+        cas = await self.store.run(self.store.ca_certs)
         for ca_name, der in cas:
             if issuer_hashes(der)["sha256"] == mine:
                 raise _fail("exists", f"that CA is this appliance's own CA {ca_name!r}: it is answered from its own data")
@@ -319,9 +307,7 @@ class TenantManager:
 
         def w():
             with db.tx():
-                db.db.execute("INSERT INTO ocsp_tenants(name, ca_cert, crl_urls, refresh_seconds, unissued, push_secret_sha256, "
-                              "created) VALUES (?,?,?,?,?,?,?)",
-                              (req.name, req.ca_cert, json.dumps(urls), req.refresh_seconds, req.unissued, secret, int(time.time())))
+                self.store.tenant_add(req.name, req.ca_cert, json.dumps(urls), req.refresh_seconds, req.unissued, secret, int(time.time()))
                 db.audit(actor, "tenant-add", req.name, "ok",
                          f"{ca.subject.rfc4514_string()} urls={','.join(urls) or '-'} unissued={req.unissued} "
                          f"refresh={req.refresh_seconds}s push={'yes' if secret else 'no'}")
@@ -362,8 +348,7 @@ class TenantManager:
 
         def w():
             with db.tx():
-                db.db.execute(f"UPDATE ocsp_tenants SET {', '.join(k + '=?' for k in sets)} WHERE name=?",
-                              (*sets.values(), req.name))
+                self.store.tenant_update(req.name, sets)
                 db.audit(actor, "tenant-update", req.name, "ok", "; ".join(what))
         await self.store.run(w)
         await self._reload(req.name)
@@ -386,7 +371,7 @@ class TenantManager:
 
         def w():
             with db.tx():
-                db.db.execute("DELETE FROM ocsp_tenants WHERE name=?", (name,))
+                self.store.tenant_remove(name)
                 db.audit(actor, "tenant-remove", name, "ok")
         await self.store.run(w)
         self.info.pop(name, None)
@@ -415,7 +400,7 @@ class TenantManager:
 
         def w():
             with db.tx():
-                db.db.execute("UPDATE ocsp_tenants SET key_label=?, key_spki=? WHERE name=?", (m.label, m.spki, name))
+                self.store.tenant_set_key(name, m.label, m.spki)
                 db.audit(actor, "tenant-csr", name, "ok", f"key {m.label} in the endpoint's token")
         await self.store.run(w)
         await self._reload(name)
@@ -435,7 +420,7 @@ class TenantManager:
 
         def w():
             with db.tx():
-                db.db.execute("UPDATE ocsp_tenants SET serials=? WHERE name=?", (data, name))
+                self.store.tenant_set_serials(name, data)
                 db.audit(actor, "tenant-serials", name, "ok",
                          f"{count} serials sha256={hashlib.sha256(data).hexdigest()}" if data is not None else "cleared")
         await self.store.run(w)

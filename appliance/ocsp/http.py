@@ -31,7 +31,7 @@ from appliance.httpserve import (  # noqa: F401 - the shared server; names kept 
     INFLIGHT_CAP, MAX_PER_SOURCE, HttpServer, Reply, _Closed, _Fail, _Held, _http_date, _plain, _REASONS, source_key)
 
 from .request import MalformedRequest, decode_get_path
-from .responder import Answer, Responder
+from .responder import HOT_MAX, Answer, Responder
 from .store import Store
 
 # Body cap of an OCSP POST: 32 CertIDs (request.MAX_CERT_IDS) with SHA-512 issuer hashes fit; a
@@ -122,6 +122,14 @@ class Endpoint(HttpServer):
         self.tenants = tenants
         self.push = push  # async (tenant, der) -> "accepted" | reason: the Factory's verdict
         self.responder = Responder(store, clock, live, tenants, unissued_default, unissued)
+        # Replies of held answers (POST, and GET without a condition) built once per answer (headers, ETag,
+        # serialised lines): used while the answer is the one the responder returns and its nextUpdate is at
+        # least max-age away (max-age is then the configured one, whatever the second). Bounded like the
+        # responder's cache.
+        self._wire: dict[bytes, tuple[Answer, Reply]] = {}
+        # Parsed request heads by their exact bytes (clients repeat theirs): _parse_head is a pure function
+        # of them. The headers dicts are shared: nothing downstream changes them.
+        self._heads_seen: dict[bytes, tuple] = {}
 
     async def handle(self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytearray) -> Reply:
         if target.startswith(b"/tenant/"):
@@ -235,6 +243,11 @@ class Endpoint(HttpServer):
         if not answer.successful or not answer.cacheable:  # errors, and live answers (a nonce is unique)
             return Reply(200, base + [(b"cache-control", b"no-store")], answer.der)
         now = self.clock()
+        plain = post or (b"if-none-match" not in headers and b"if-modified-since" not in headers)  # no 304 to decide
+        if plain and answer.next_update - now >= self.cfg.max_age:
+            w = self._wire.get(answer.der)
+            if w is not None and w[0] is answer:
+                return w[1]
         max_age = max(0, min(int(answer.next_update - now), self.cfg.max_age))
         etag = b'"' + hashlib.sha256(answer.der).hexdigest().encode() + b'"'
         cache = [
@@ -245,6 +258,14 @@ class Endpoint(HttpServer):
         ]
         if not post and _not_modified(headers, etag, answer.this_update):
             return Reply(304, cache)
+        if plain and max_age == self.cfg.max_age:
+            hdrs = base + cache
+            reply = Reply(200, hdrs, answer.der, wire=b"".join(k + b": " + v + b"\r\n" for k, v in hdrs) +
+                          b"content-length: %d\r\n" % len(answer.der))
+            if len(self._wire) >= HOT_MAX:
+                self._wire.clear()
+            self._wire[answer.der] = (answer, reply)
+            return reply
         return Reply(200, base + cache, answer.der)
 
     def _shard_list(self, name: str) -> Reply:
@@ -305,18 +326,27 @@ class Endpoint(HttpServer):
         already read, and keeps it. Each request: its head within head_timeout and all of it within
         read_timeout, counted from the connection or from the previous answer."""
         buf = bytearray()
+        raw = type(stream) is _RawStream
         while True:
             got = None
             start = trio.current_time()
-            with trio.move_on_at(start + min(self.cfg.head_timeout, self.cfg.read_timeout)) as scope:
-                self._heads[held] = (scope, start)
+            if raw and self._arrived(stream, buf):  # type: ignore[arg-type]
+                # All of the request is here (the usual case under load): read without waiting, so no deadline.
                 try:
-                    got = await self._read_fast(stream, buf, scope, start, held)
+                    got = await self._read_fast(stream, buf, None, start, held)
                 except _Fail as f:
                     got = f
-                finally:
-                    self._heads.pop(held, None)
-            if scope.cancelled_caught:
+                scope = None
+            else:
+                with trio.move_on_at(start + min(self.cfg.head_timeout, self.cfg.read_timeout)) as scope:
+                    self._heads[held] = (scope, start)
+                    try:
+                        got = await self._read_fast(stream, buf, scope, start, held)
+                    except _Fail as f:
+                        got = f
+                    finally:
+                        self._heads.pop(held, None)
+            if scope is not None and scope.cancelled_caught:
                 if not buf or held.evicted:
                     return  # an idle keep-alive connection, or evicted: close quietly
                 await self._send(stream, _raw_reply(_plain(408, close=True), self.clock(), False, False))
@@ -347,7 +377,12 @@ class Endpoint(HttpServer):
             close = reply.close or not keep_alive
             head = method == b"HEAD" or reply.status == 304
             if head or len(reply.body) <= CHUNK:  # an OCSP answer: one write
-                await self._send(stream, _raw_reply(reply, self.clock(), close, head))
+                data = _raw_reply(reply, self.clock(), close, head)
+                sent = stream.send_now(data) if type(stream) is _RawStream else 0
+                if sent < len(data):
+                    await self._send(stream, memoryview(data)[sent:])  # the rest, under the send deadline
+                else:
+                    await stream.sent()  # taken at once: no deadline to set (the fairness count still applies)
             else:  # a large CRL: the head, then the held body itself, piece by piece (no copy per client)
                 await self._send(stream, _raw_reply(reply, self.clock(), close, True))
                 view = memoryview(reply.body)
@@ -357,7 +392,22 @@ class Endpoint(HttpServer):
                 await self._close(stream)
                 return
 
-    async def _read_fast(self, stream, buf: bytearray, scope: trio.CancelScope, start: float, held: _Held):
+    def _arrived(self, stream: "_RawStream", buf: bytearray) -> bool:
+        """Whether a whole request in a head already seen is in `buf`, after one read that does not wait
+        if it is not yet. The bytes read stay in `buf` either way; _read_fast decides everything."""
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            data = stream.receive_now(FAST_READ)
+            if not data:
+                return False
+            buf += data
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return False
+        parsed = self._heads_seen.get(bytes(buf[:end]))
+        return parsed is not None and len(buf) >= end + 4 + parsed[3]
+
+    async def _read_fast(self, stream, buf: bytearray, scope: trio.CancelScope | None, start: float, held: _Held):
         """One request in the common shape: (method, target, headers, body, keep_alive); None if
         the client closed before sending anything; _FALLBACK for anything else (h11 decides). The
         request's bytes are removed from `buf`, what follows them (pipelining) stays."""
@@ -373,9 +423,15 @@ class Endpoint(HttpServer):
             if not data:
                 return _FALLBACK if buf else None
             buf += data
-        parsed = _parse_head(bytes(buf[:end]), self.cfg.body_cap)
+        head = bytes(buf[:end])
+        parsed = self._heads_seen.get(head)
         if parsed is None:
-            return _FALLBACK
+            parsed = _parse_head(head, self.cfg.body_cap)
+            if parsed is None:
+                return _FALLBACK
+            if len(self._heads_seen) >= _HEADS_SEEN_MAX:
+                self._heads_seen.clear()
+            self._heads_seen[head] = parsed
         method, target, headers, length, keep_alive = parsed
         begin = end + 4
         self._heads.pop(held, None)  # the head is in: no longer evictable
@@ -383,7 +439,8 @@ class Endpoint(HttpServer):
             if length > self.route_cap(method, target, headers):
                 raise _Fail(413)  # a POST elsewhere than OCSP: no body read, as on the h11 path
             self._reserve(held, length)
-            scope.deadline = start + self.cfg.read_timeout  # the head is in: the body has what is left
+            if scope is not None:
+                scope.deadline = start + self.cfg.read_timeout  # the head is in: the body has what is left
         while len(buf) < begin + length:
             data = await stream.receive_some(FAST_READ)
             if not data:
@@ -394,6 +451,7 @@ class Endpoint(HttpServer):
         return method, target, headers, body, keep_alive
 
 _FALLBACK = object()
+_HEADS_SEEN_MAX = 256
 
 # Operations that complete at once (no wait) before a connection yields to the others anyway: a client
 # whose pipelined requests are always there cannot hold the process, and its deadlines still apply.
@@ -405,12 +463,13 @@ class _RawStream:
     trio's SocketStream adds a scheduling round to every call that completes at once, which is most of
     the cost of a small answer. Same contract as the parts of trio.abc.Stream the endpoint uses."""
 
-    __slots__ = ("sock", "_quick")
+    __slots__ = ("_dry", "_quick", "sock")
 
     def __init__(self, sock: socket.socket):
         sock.setblocking(False)
         self.sock = sock
         self._quick = 0
+        self._dry = False  # receive_now just found nothing: the next receive_some waits first
 
     async def _count(self) -> None:
         self._quick += 1
@@ -418,7 +477,21 @@ class _RawStream:
             self._quick = 0
             await trio.lowlevel.checkpoint()
 
+    def receive_now(self, max_bytes: int) -> bytes | None:
+        """What has arrived, without waiting: None if nothing yet (b"" at the end of the stream)."""
+        try:
+            return self.sock.recv(max_bytes)
+        except BlockingIOError:
+            self._dry = True
+            return None
+        except OSError as e:
+            raise trio.BrokenResourceError from e
+
     async def receive_some(self, max_bytes: int) -> bytes:
+        if self._dry:  # nothing was there a moment ago: wait before asking again
+            self._dry = False
+            self._quick = 0
+            await trio.lowlevel.wait_readable(self.sock)
         while True:
             try:
                 data = self.sock.recv(max_bytes)
@@ -443,6 +516,18 @@ class _RawStream:
             except OSError as e:
                 raise trio.BrokenResourceError from e
             view = view[n:]
+        await self._count()
+
+    def send_now(self, data: bytes) -> int:
+        """As much of `data` as the socket takes without waiting (a small answer: all of it); then sent()."""
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            raise trio.BrokenResourceError from e
+
+    async def sent(self) -> None:
         await self._count()
 
     async def send_eof(self) -> None:
@@ -509,6 +594,9 @@ def _parse_head(head: bytes, body_cap: int):
 
 def _raw_reply(reply: Reply, now: float, close: bool, head: bool) -> bytes:
     """A response serialised as h11 would (HTTP/1.1 status line, lower-case names, Content-Length)."""
+    if reply.wire is not None and not head and not reply.close:
+        return b"".join((b"HTTP/1.1 %d %s\r\ndate: " % (reply.status, _REASONS.get(reply.status, b"")), _http_date(now),
+                         b"\r\n", reply.wire, b"Connection: close\r\n\r\n" if close else b"\r\n", reply.body))
     out = [b"HTTP/1.1 %d %s\r\ndate: %s\r\n" % (reply.status, _REASONS.get(reply.status, b""), _http_date(now))]
     for k, v in reply.headers:
         out.append(k + b": " + v + b"\r\n")

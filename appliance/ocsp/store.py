@@ -297,6 +297,9 @@ class Store:
         self.issuers: dict[tuple[str, bytes, bytes], str] = {}
         self.partial_crls: dict[tuple[str, int], _PartialCrl] = {}
         self.partial_bytes = 0
+        # Bumped after every change to what ca_for() or get() return (some happen in a worker thread): the
+        # responder's cache of served answers (responder.HOT_MAX) is dropped whenever it moves.
+        self.version = 0
 
     # ---------------------------------------------------------------- open / load
 
@@ -347,6 +350,7 @@ class Store:
         ca.data_size = os.fstat(ca.data_fd).st_size
         self._load_index(ca)
         self.cas[name] = ca
+        self.version += 1
 
     def _load_index(self, ca: CaRecord) -> None:
         size = os.fstat(ca.idx_fd).st_size
@@ -410,6 +414,7 @@ class Store:
         for alg, (nh, kh) in hashes_.items():
             self.issuers[(alg, nh, kh)] = ca.name
         ca.cert, ca.hashes = der, hashes_
+        self.version += 1
         ca.cert_etag = '"' + hashlib.sha256(der).hexdigest() + '"'
         ca.cert_mtime = _ts(cert.not_valid_before_utc)
 
@@ -608,6 +613,7 @@ class Store:
         ca.idx_size += len(plan.entries)
         if plan.updates and seq > ca.max_seq:
             ca.max_seq = seq
+        self.version += 1
 
     def publish_responses(self, name: str, items, seq: int = 0) -> tuple[int, list[Rejected]]:
         """All steps in the calling thread (tests, tools). Returns (stored, rejected)."""
@@ -668,6 +674,7 @@ class Store:
         old = (ca.data_fd, ca.idx_fd, ca.gen)
         ca.index = new_index
         ca.data_fd, ca.idx_fd, ca.gen = dfd, ifd, gen
+        self.version += 1
         ca.data_size = os.fstat(dfd).st_size
         ca.idx_size = os.fstat(ifd).st_size
         ca.dead = 0

@@ -74,6 +74,7 @@ class Tenants:
         self.by_name: dict[str, Tenant] = {}
         self.issuers: dict[tuple[str, bytes, bytes], str] = {}
         self.partial: dict[tuple[str, str], list[bytes]] = {}
+        self.version = 0  # bumped after every change of which issuers are tenants' (see Store.version)
 
     # ---------------------------------------------------------------- load
 
@@ -121,11 +122,13 @@ class Tenants:
         self.by_name[t.name] = t
         for alg, (nh, kh) in t.hashes.items():
             self.issuers[(alg, nh, kh)] = t.name
+        self.version += 1
 
     def _unindex(self, name: str) -> None:
         for k in [k for k, v in self.issuers.items() if v == name]:
             del self.issuers[k]
         self.by_name.pop(name, None)
+        self.version += 1
 
     # ---------------------------------------------------------------- queries
 

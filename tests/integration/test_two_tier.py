@@ -10,12 +10,13 @@ import socket
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from tests.conftest import PASSWORD, VENV_BIN, Appliance, _variant, copy_home, make_csr, openssl
+from tests.conftest import PASSWORD, VENV_BIN, Appliance, ApplianceMaker, make_csr, openssl
 from tests.servers import free_udp_port
 
 WITNESSES = ("alice", "bob")
@@ -30,13 +31,12 @@ def _free_port() -> int:
     return port
 
 
-def _start(templates, src_path, base: Path, name: str, ceremony: str, config: str, edit) -> Appliance:
+def _start(make: ApplianceMaker, base: Path, name: str, ceremony: str, config: str, edit) -> Appliance:
+    """A copy of the init-once template of this ceremony and config (each box's variant is its own:
+    an offline root alone, an online box with its local root), not started, its donjon.toml edited."""
     cer = base / f"{name}.toml"
     cer.write_text(ceremony)
-    t = templates((*_variant(cer, config, None, None, None), 0), cer, None, None, config, None)
-    a = Appliance(base / name, src_path)
-    copy_home(t.home, a.home)
-    a.template, a.officers = t.home, dict(t.officers)
+    a = make(cer, start=False, config=config)
     cfg = a.home / "donjon.toml"
     cfg.write_text(edit(cfg.read_text()))
     return a
@@ -60,7 +60,7 @@ validity-days = 3650
 
 
 @pytest.fixture(scope="module")
-def pki(src_path, home_templates):
+def pki(module_appliance_factory):
     """The two appliances: the root offline (no endpoint, no Distribution, no inet socket; its profiles'
     URLs name the online box), the online box with a simulated clock for the CRL calendar (test mode)."""
     base = Path(tempfile.mkdtemp(prefix="donjon-tier-"))
@@ -69,12 +69,12 @@ def pki(src_path, home_templates):
     try:
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
-        root = _start(home_templates, src_path, base, "root", ROOT_CEREMONY, "enabled = false\n",
+        root = _start(module_appliance_factory, base, "root", ROOT_CEREMONY, "enabled = false\n",
                       lambda t: t + f'\n[endpoint]\nbase-url = "{url}"\n'
                       '\n[dual-control]\napprovals = 2\noperations = ["ca-create", "ca-sign-csr", "revoke-ca", "clock-set"]\n')
         made.append(root)
         snmp_port = free_udp_port()
-        online = _start(home_templates, src_path, base, "online", ONLINE_CEREMONY, "",
+        online = _start(module_appliance_factory, base, "online", ONLINE_CEREMONY, "",
                         lambda t: t.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"') +
                         f'\n[endpoint]\nbase-url = "{url}"\n[snmp]\nenabled = true\nlisten = "127.0.0.1:{snmp_port}"\n'
                         'community-file = "secrets/ro"\ncommunity-sources = ["127.0.0.0/8"]\n')
@@ -91,17 +91,21 @@ def pki(src_path, home_templates):
                         "DONJON_TEST_CLOCK_SETTER_FAKE": str(base / "clock-setter-fake.log")}
         media = base / "media"  # the stick carried between the two boxes
         media.mkdir(mode=0o755)
-        root.start()
-        online.start()
-        for n in WITNESSES:
-            root.cli("officer", "add", n, "--role", "operator", env={"DONJON_PASSWORD": PASSWORD})
-            root.officers[n] = "operator"
-        root.cli("officer", "add", "admin2", "--role", "administrator", env={"DONJON_PASSWORD": PASSWORD})
-        root.officers["admin2"] = "administrator"
+        # The two boxes start side by side (each mostly waits: fsync, its roles, the HSM), the root's
+        # officers added meanwhile; a start that fails raises here, after the other is done.
+        with ThreadPoolExecutor(1) as pool:
+            online_started = pool.submit(online.start)
+            root.start()
+            for n in WITNESSES:
+                root.cli("officer", "add", n, "--role", "operator", env={"DONJON_PASSWORD": PASSWORD})
+                root.officers[n] = "operator"
+            root.cli("officer", "add", "admin2", "--role", "administrator", env={"DONJON_PASSWORD": PASSWORD})
+            root.officers["admin2"] = "administrator"
+            online_started.result()
         yield root, online, media, clock, url
     finally:
-        for a in reversed(made):
-            a.stop()
+        with ThreadPoolExecutor(2) as pool:  # side by side too; each stop waits for its own supervisor
+            list(pool.map(lambda a: a.stop(), made))
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -496,7 +500,7 @@ def test_clock_gone_backwards_refused_and_set_under_dual_control(pki, tmp_path):
 
     shown = root.cli("clock", "show").stdout.decode()
     assert "system clock:" in shown and "UTC" in shown and "hardware clock:" in shown
-    fake = root.home.parent / "clock-setter-fake.log"
+    fake = Path(root.run_env["DONJON_TEST_CLOCK_SETTER_FAKE"])
     r = root.cli("clock", "set", "2031-02-03 04:05:06", officer="admin")
     pending = re.search(rb"#(\d+)", r.stdout)
     assert pending and not fake.exists(), r.stdout  # one administrator is not enough

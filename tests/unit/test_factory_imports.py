@@ -12,13 +12,20 @@ import appliance.factory
 PKG = Path(appliance.factory.__file__).parent
 
 
-def factory_imports(src: str, module: str) -> set[str]:
-    """The appliance.factory modules that `module` imports anywhere in `src` (relative or absolute)."""
+def _is_module(name: str) -> bool:
+    """A module of appliance/factory/, or one of its subpackages (store/)."""
+    return (PKG / (name + ".py")).exists() or (PKG / name / "__init__.py").exists()
+
+
+def factory_imports(src: str, module: str, package: str = "appliance.factory") -> set[str]:
+    """The appliance.factory modules (a subpackage counts as one) that `module` imports anywhere in `src`
+    (relative or absolute); `package` is the one `src` sits in, for its relative imports."""
     out: set[str] = set()
     for node in ast.walk(ast.parse(src)):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = "appliance.factory" if node.level == 1 else "appliance"
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - (node.level - 1)])
                 target = f"{base}.{node.module}" if node.module else base
             else:
                 target = node.module or ""
@@ -28,7 +35,7 @@ def factory_imports(src: str, module: str) -> set[str]:
         else:
             continue
         for n in names:
-            if n.startswith("appliance.factory.") and (PKG / (n.split(".")[2] + ".py")).exists():
+            if n.startswith("appliance.factory.") and _is_module(n.split(".")[2]):
                 out.add(n.split(".")[2])
     out.discard(module)
     return out
@@ -57,13 +64,19 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def factory_graph() -> dict[str, set[str]]:
-    return {p.stem: factory_imports(p.read_text(), p.stem) for p in PKG.glob("*.py") if p.stem != "__init__"}
+    g = {p.stem: factory_imports(p.read_text(), p.stem) for p in PKG.glob("*.py") if p.stem != "__init__"}
+    for d in PKG.iterdir():  # a subpackage is one node: the union of its files' imports
+        if (d / "__init__.py").exists():
+            g[d.name] = set().union(*(factory_imports(f.read_text(), d.name, f"appliance.factory.{d.name}") for f in d.rglob("*.py")))
+    return g
 
 
 def test_the_checker_sees_every_kind_of_import():
     src = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .service import Factory\n"
            "def f():\n    from appliance.factory import store\n    import appliance.factory.cmdb\n")
     assert factory_imports(src, "x") == {"service", "store", "cmdb"}
+    # inside the store package, `..` is appliance.factory and `.` the package itself
+    assert factory_imports("from ..cmdb import Cmdb\nfrom ._base import one\n", "store", "appliance.factory.store") == {"cmdb"}
     # A circle planted the way the old helpers had it (ocsp -> service under TYPE_CHECKING) is found.
     g = factory_graph()
     assert find_cycle(g) is None
@@ -79,7 +92,8 @@ def test_no_import_cycle_in_factory():
 
 def test_each_factory_module_imports_alone():
     # Each in a fresh interpreter, so that no module only works because another was imported first.
-    mods = sorted(p.stem for p in PKG.glob("*.py") if p.stem != "__init__")
+    # A subpackage once: importing any of its modules runs its __init__, which imports them all.
+    mods = sorted(m for m in factory_graph())
     procs = {m: subprocess.Popen([sys.executable, "-c", f"import appliance.factory.{m}"], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True) for m in mods}
     for m, p in procs.items():

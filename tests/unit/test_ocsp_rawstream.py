@@ -113,3 +113,39 @@ def test_end_of_stream_reset_and_close_behave_as_a_stream():
         f.close()
 
     trio.run(main)
+
+
+def test_reads_and_writes_that_do_not_wait():
+    async def main():
+        a, b = socket.socketpair()
+        s = _RawStream(a)
+        assert s.receive_now(100) is None  # nothing yet: no wait, and the next receive_some waits first
+        late = []
+
+        async def writer():
+            await trio.sleep(0.05)
+            late.append(b.send(b"later"))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(writer)
+            assert await s.receive_some(100) == b"later" and late  # it waited for the data, then read it
+        b.sendall(b"now")
+        assert s.receive_now(100) == b"now"
+        assert s.send_now(b"answer") == 6 and b.recv(100) == b"answer"
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sent = sum(s.send_now(b"x" * 65536) for _ in range(64))  # a reader that does not read: takes what fits
+        assert 0 < sent < 64 * 65536 and s.send_now(b"x" * 65536) == 0
+        b.close()  # with our bytes unread: a reset, which a read reports as a broken stream
+        with pytest.raises(trio.BrokenResourceError):
+            for _ in range(100):
+                s.send_now(b"z" * 65536)
+        with pytest.raises(trio.BrokenResourceError):
+            s.receive_now(100)
+        await s.aclose()
+        c, d = socket.socketpair()
+        s2 = _RawStream(c)
+        d.close()
+        assert s2.receive_now(100) == b""  # end of stream
+        await s2.aclose()
+
+    trio.run(main)

@@ -22,8 +22,16 @@ from cryptography import x509
 from policy import crl as pcrl
 from policy.audit import GENESIS
 
-from .cmdb import Cmdb, CmdbError, serial_bytes, serial_int
-from .errors import FactoryError
+from ..cmdb import Cmdb, CmdbError, serial_bytes, serial_int
+from ..errors import FactoryError
+from .cas import CaQueries
+from .cmp import CmpQueries
+from .dist import DistQueries
+from .enrolsecrets import EnrolSecretQueries
+from .gateway import GatewayQueries
+from .ocsp import OcspQueries
+from .officers import OfficerQueries
+from .tenants import TenantQueries
 
 T = TypeVar("T")
 
@@ -90,7 +98,8 @@ def inactive(yet: str = "") -> FactoryError:
     return FactoryError("inactive", f"the CA is not activated{yet} (run `donjon activate`)")
 
 
-class Store:
+# The query modules, one per concern, each a mixin of Store (the public API stays `store.<query>(...)`).
+class Store(CaQueries, CmpQueries, DistQueries, EnrolSecretQueries, GatewayQueries, OcspQueries, OfficerQueries, TenantQueries):
     """The CMDB of an active CA (None until activation), its writer thread and its snapshot reader."""
 
     def __init__(self) -> None:
