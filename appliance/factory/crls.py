@@ -102,8 +102,7 @@ class SignedLists:
         store, sh = self.store, self.shards
 
         def begin() -> list[tuple[int, int, bool, int]]:
-            r = store._reader().db
-            r.execute("BEGIN")
+            r = store.snapshot_begin()
             try:
                 out = []
                 log_seq = sh.log_seq(r)  # where the revocation log stands in this snapshot: each shard's base mark
@@ -112,7 +111,7 @@ class SignedLists:
                     out.append((count, length, count > 0 and store.shard_der_ready(ca, k, count), log_seq))
                 return out
             except BaseException:
-                r.execute("ROLLBACK")
+                store.snapshot_abort()
                 raise
         t0 = trio.current_time()
         opened = await store.read(begin)

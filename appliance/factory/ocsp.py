@@ -240,9 +240,7 @@ class OcspProducer:
             dn = await st.run(st.latest_crl_number, name + "-delta")  # its delta CRL, if any
             if dn:
                 await self.publish_crl(name, dn, chan, delta=True)
-            for k, kn in await f.run_db(lambda n=name: f.db.db.execute(  # its shards' deltas, if any
-                    "SELECT s.shard, max(c.number) FROM crl_shard_numbers s JOIN crls c ON c.ca = s.ca || '-' || s.shard || '-delta' "
-                    "WHERE s.ca=? GROUP BY s.shard", (n,)).fetchall()):
+            for k, kn in await st.run(st.latest_shard_delta_crls, name):  # its shards' deltas, if any
                 await self.publish_crl(name, kn, chan, shard=k, delta=True)
         after = resume.seq
         for _ in range(1 << 30):

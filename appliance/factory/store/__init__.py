@@ -605,6 +605,16 @@ class Store(CaQueries, CmpQueries, DistQueries, EnrolSecretQueries, GatewayQueri
             raise inactive()
         return self.reader
 
+    def snapshot_begin(self) -> apsw.Connection:
+        """Open a read snapshot on the reader connection (reader thread): the shards of one CRL generation
+        are all read from it; whoever reads last ends it (or snapshot_abort on a failure)."""
+        r = self._reader().db
+        r.execute("BEGIN")
+        return r
+
+    def snapshot_abort(self) -> None:
+        self._reader().db.execute("ROLLBACK")
+
 
 def ca_state(db: apsw.Connection, name: str, now: float) -> tuple[str, str]:
     """A CA's state with its reason: active; revoked or expired (its certificate, or one above it);
