@@ -54,7 +54,8 @@ class Crl(_C):
     shards: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")],
                  Annotated[int, msgspec.Meta(ge=1, le=256)]] = {}
     # Delta CRLs per CA (RFC 5280 §5.2.4): minutes between two deltas; revocations go out in a delta at
-    # once, the full CRL (the base) is re-signed at half its validity. One-shard CAs only.
+    # once, the full CRL (the base) is re-signed at half its validity. A sharded CA has one delta per shard
+    # (its scope, RFC 5280 §5.2.5: the shard's IDP, based on the shard's latest full CRL, its numbers).
     delta: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")],
                 Annotated[int, msgspec.Meta(ge=1, le=24 * 60)]] = {}
     # An offline root's CRL calendar loaded here (issue 14): status warns and the SNMP notification goes
@@ -62,11 +63,6 @@ class Crl(_C):
     # within `calendar-warn-hours` with none to follow (donjonCrlLapsed once it has).
     calendar_warn_remaining: Annotated[int, msgspec.Meta(ge=1, le=120)] = 3
     calendar_warn_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 90)] = 72
-
-    def __post_init__(self) -> None:
-        both = sorted(ca for ca in self.delta if self.shards.get(ca, 1) > 1)
-        if both:
-            raise ValueError(f"crl.delta: {both[0]} has CRL shards; delta CRLs are for one-shard CAs")
 
 
 class Ocsp(_C):
@@ -699,6 +695,7 @@ SETTINGS = {
     "snmp.listen": "the SNMP agent's UDP address (host:port)",
     "crl.validity-hours": "nextUpdate - thisUpdate of new CRLs (hours)",
     "crl.shards": "per CA, the number of CRL shards (1-256, by serial; fixed once the CA issued): { issuing = 16 }",
+    "crl.delta": "per CA, minutes between its delta CRLs (1-1440): { issuing = 60 }",
     "ocsp.validity-hours": "validity of pre-produced OCSP responses (hours)",
     "console.media": "the removable-media folder of the console",
 }
@@ -725,6 +722,17 @@ def setting_literal(key: str, value: str) -> str:
         if not re.fullmatch(r"[0-9]{1,5}", value):
             raise ConfigError(f"{key}: {value[:20]!r} is not a whole number of hours")
         return value
+    if key in ("crl.shards", "crl.delta"):  # a table of CA name -> number, written back in one normal form
+        top = 256 if key == "crl.shards" else 24 * 60
+        m = re.fullmatch(r"\{\s*(.*?)\s*\}", value.strip())
+        items = [] if m is None or not m.group(1) else m.group(1).split(",")
+        pairs = [re.fullmatch(r'\s*"?([A-Za-z0-9][A-Za-z0-9._-]{0,63})"?\s*=\s*([0-9]{1,4})\s*', it) for it in items]
+        if m is None or len(value) > 4000 or not all(pairs):
+            raise ConfigError(f"{key}: {value[:60]!r} is not a table of CA names and numbers, e.g. {{ issuing = 16 }}")
+        table = {p.group(1): int(p.group(2)) for p in pairs if p}
+        if len(table) != len(pairs) or not all(1 <= n <= top for n in table.values()):
+            raise ConfigError(f"{key}: each CA once, each number 1..{top}")
+        return "{ " + ", ".join(f'"{ca}" = {n}' for ca, n in table.items()) + " }" if table else "{}"
     if key == "console.media":
         if not _PATH.match(value) or ".." in value.split("/"):
             raise ConfigError(f"{key}: {value[:60]!r} is not a plain path")

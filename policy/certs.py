@@ -64,7 +64,7 @@ class IssuerInfo:
     ocsp_url: str | None = None
     ca_issuers_url: str | None = None
     crl_shards: int = 1  # >1: the CRL DP names the certificate's shard (policy.crl.shard_url), fixed at issuance
-    delta_crls: bool = False  # a one-shard CA publishing delta CRLs: freshestCRL names the delta's URL
+    delta_crls: bool = False  # a CA publishing delta CRLs: freshestCRL names the delta of the certificate's CRL (or shard)
 
 
 @dataclass(frozen=True)
@@ -317,8 +317,8 @@ def build_tbs(spec: IssueSpec, issuer: IssuerInfo | None) -> x509.CertificateBui
         url = _crl.shard_url(issuer.crl_url, _crl.shard_of(spec.serial, issuer.crl_shards), issuer.crl_shards)
         dp = x509.DistributionPoint([x509.UniformResourceIdentifier(url)], None, None, None)
         b = b.add_extension(x509.CRLDistributionPoints([dp]), critical=False)
-        if issuer.delta_crls and issuer.crl_shards == 1:
-            fresh = x509.DistributionPoint([x509.UniformResourceIdentifier(_crl.delta_url(issuer.crl_url))], None, None, None)
+        if issuer.delta_crls:  # the delta of the certificate's own CRL (its shard's: the same scope)
+            fresh = x509.DistributionPoint([x509.UniformResourceIdentifier(_crl.delta_url(url))], None, None, None)
             b = b.add_extension(x509.FreshestCRL([fresh]), critical=False)
     if profile.aia and issuer is not None:
         ads = []

@@ -25,6 +25,9 @@ the 86,400 possible ``HHMMSSZ`` strings, and every entry's tag/length octets fro
 
 from __future__ import annotations
 
+import itertools
+import operator
+import re
 from collections.abc import Iterable
 
 __all__ = [
@@ -39,6 +42,9 @@ __all__ = [
     "shard_url",
     "idp_der",
     "delta_url",
+    "check_encoded",
+    "decode_encoded",
+    "crl_stub",
 ]
 
 REASONS = {
@@ -81,7 +87,7 @@ def _der_uint(value: int) -> bytes:
     return value.to_bytes((value.bit_length() >> 3) + 1, "big")
 
 
-def _parse_tlv(data: bytes, pos: int = 0) -> tuple[int, int, int]:
+def _parse_tlv(data: bytes | memoryview, pos: int = 0) -> tuple[int, int, int]:
     """Return (tag, content_start, content_end) of the DER TLV at pos; ValueError if malformed."""
     if pos + 2 > len(data):
         raise ValueError("truncated DER")
@@ -537,6 +543,24 @@ class TbsCrl:
             )
         return data
 
+    def encoded(self, data: bytes, after: bytes = b"") -> list[bytes]:
+        """Account for a batch of entries encoded elsewhere, after the strict check of `check_encoded` (full
+        CRLs only: a delta's removeFromCRL is not among its shapes). Returns the batch's serial octets."""
+        if self._state != 1:
+            raise ValueError("entries must come after header() and before trailer()")
+        if self._delta:
+            raise ValueError("a delta CRL's entries are encoded here, not sent encoded")
+        keys = check_encoded(data, after)
+        self._count += len(keys)
+        self._length += len(data)
+        if self._count > self._entry_count or self._length > self._entries_length:
+            self._state = 2
+            raise ValueError(
+                f"entries exceed the declaration ({self._count}/{self._entry_count} entries, "
+                f"{self._length}/{self._entries_length} octets)"
+            )
+        return keys
+
     def trailer(self) -> bytes:
         if self._state != 1:
             raise ValueError("trailer() must come after header() and entries(), once")
@@ -566,3 +590,134 @@ def certificate_list(tbs_length: int, key_type: str, signature: bytes) -> tuple[
         _check_single_sequence(signature, "ECDSA signature")
     suffix = algid + _tlv(0x03, b"\x00" + signature)
     return b"\x30" + _der_len(tbs_length + len(suffix)), suffix
+
+
+# --------------------------------------------------------------------------------------------------
+# Pre-encoded entries: the strict check of a buffer of revokedCertificates elements
+
+
+def _entry_pattern() -> re.Pattern[bytes]:
+    """One regular expression that matches exactly the revokedCertificates elements `_encode` makes for a
+    full CRL: minimal positive serial of 1..20 octets, UTCTime for 1950-2049 and GeneralizedTime from 2050
+    with real calendar dates, no extension, reasonCode (never unspecified nor removeFromCRL),
+    invalidityDate or both, each length octet the one its content has. Branches are keyed by the
+    length octets and atomic, the repetition possessive: the check runs in C at a few hundred ns an entry."""
+    mmdd = (rb"(?:(?:0[13578]|1[02])(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)(?:0[1-9]|[12][0-9]|30)"
+            rb"|02(?:0[1-9]|1[0-9]|2[0-8]))")
+    hms = rb"(?:[01][0-9]|2[0-3])[0-5][0-9][0-5][0-9]Z"
+    utc = rb"(?:[0-9][0-9]" + mmdd + rb"|(?:[02468][048]|[13579][26])0229)" + hms  # YY 50-99, 00-49: all leap rules agree
+
+    def gen(first: bytes, years: bytes) -> bytes:  # GeneralizedTime YYYYMMDDHHMMSSZ with the Gregorian leap rule
+        leap = rb"(?:[0-9][0-9](?:0[48]|[2468][048]|[13579][26])|(?:[02468][048]|[13579][26])00)"
+        return rb"(?:" + years + mmdd + rb"|(?=" + first + rb")" + leap + rb"0229)" + hms
+    gen2050 = gen(rb"20[5-9]|2[1-9]|[3-9]", rb"(?:20[5-9][0-9]|2[1-9][0-9][0-9]|[3-9][0-9]{3})")
+    gen1950 = gen(rb"19[5-9]|[2-9]", rb"(?:19[5-9][0-9]|[2-9][0-9]{3})")
+    reasons = b"".join(re.escape(bytes((c,))) for c in sorted(c for c in _REASON_CODES if c))
+    reason = re.escape(b"\x30\x0a" + _OID_REASON + b"\x04\x03\x0a\x01") + rb"[" + reasons + rb"]"
+    inv = re.escape(_INV_EXT_PREFIX) + gen1950
+    exts = {0: b"", 14: rb"\x30\x0c" + reason, 28: rb"\x30\x1a" + inv, 40: rb"\x30\x26" + reason + inv}
+    by_len: dict[int, list[bytes]] = {}
+    for n in range(1, 21):
+        if n == 1:
+            serial = rb"[\x01-\x7f]"
+        else:  # minimal and positive: a leading 0x00 only before a high bit
+            serial = rb"(?:[\x01-\x7f][\x00-\xff]{%d}|\x00[\x80-\xff][\x00-\xff]{%d})" % (n - 1, n - 2)
+        for tl, time_ in ((15, rb"\x17\x0d" + utc), (17, rb"\x18\x0f" + gen2050)):
+            for el, ext in exts.items():
+                by_len.setdefault(2 + n + tl + el, []).append(re.escape(bytes((n,))) + serial + time_ + ext)
+    entry = rb"\x30(?>" + rb"|".join(re.escape(bytes((ln,))) + rb"\x02(?>" + rb"|".join(alts) + rb")"
+                                     for ln, alts in sorted(by_len.items())) + rb")"
+    return re.compile(rb"(?:" + entry + rb")*+", re.DOTALL)
+
+
+# After the strict check, this one splits the same buffer into the same entries and captures each serial's
+# INTEGER (an extension's SEQUENCE can't be taken for the next entry: an entry's third octet is 0x02).
+_SERIALS = re.compile(rb"\x30[\x00-\x7f](\x02(?:" + rb"|".join(re.escape(bytes((n,))) + rb"[\x00-\xff]{%d}" % n for n in range(1, 21))
+                      + rb"))(?:\x17\x0d[\x00-\xff]{13}|\x18\x0f[\x00-\xff]{15})"
+                      rb"(?:\x30\x0c\x30\x0a[\x00-\xff]{10}|\x30\x1a\x30\x18[\x00-\xff]{24}|\x30\x26\x30\x0a[\x00-\xff]{36})?",
+                      re.DOTALL)
+_STRICT: list[re.Pattern[bytes]] = []
+
+
+def check_encoded(data: bytes, after: bytes = b"") -> list[bytes]:
+    """Check a buffer of pre-encoded revokedCertificates elements of a full CRL, as a CIS must before it signs
+    bytes it did not encode: every element exactly of a shape the encoder makes (see `_entry_pattern`), and
+    serials strictly increasing after `after` in the CMDB's order (their minimal unsigned octets compared as
+    bytes: no duplicate). Returns those serial octets; ValueError otherwise."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise ValueError("entries must be bytes")
+    if not _STRICT:
+        _STRICT.append(_entry_pattern())
+    if _STRICT[0].fullmatch(data) is None:
+        raise ValueError("the entries are not DER revokedCertificates elements of the encoder's shapes")
+    keys = [t[2:].lstrip(b"\x00") for t in _SERIALS.findall(data)]
+    if keys and not (after < keys[0] and all(map(operator.lt, keys, itertools.islice(keys, 1, None)))):
+        raise ValueError("serials out of order or duplicated")
+    return keys
+
+
+def _decode_time(tlv: bytes) -> int:
+    """Epoch seconds of a UTCTime or GeneralizedTime TLV the strict check accepted."""
+    v = tlv[2:].decode("ascii")
+    if tlv[0] == 0x17:
+        yy = int(v[:2])
+        v = ("19" if yy >= 50 else "20") + v  # RFC 5280 §4.1.2.5.1
+    y, mo, d, h, mi, s = int(v[:4]), int(v[4:6]), int(v[6:8]), int(v[8:10]), int(v[10:12]), int(v[12:14])
+    a = (14 - mo) // 12  # days from civil (the inverse of _civil_from_days)
+    yy2, mm = y + 4800 - a, mo + 12 * a - 3
+    jdn = d + (153 * mm + 2) // 5 + 365 * yy2 + yy2 // 4 - yy2 // 100 + yy2 // 400 - 32045
+    return (jdn - 2440588) * 86400 + h * 3600 + mi * 60 + s
+
+
+def decode_encoded(data: bytes, limit: int) -> list[Entry]:
+    """The first `limit` entries of a buffer `check_encoded` accepted, back as (serial, revoked_at, reason,
+    invalidity): the CIS lints a sample CRL the encoder builds from them."""
+    out: list[Entry] = []
+    pos = 0
+    while pos < len(data) and len(out) < limit:
+        end = pos + 2 + data[pos + 1]
+        n = data[pos + 3]
+        serial = int.from_bytes(data[pos + 4:pos + 4 + n], "big")
+        t = pos + 4 + n
+        revoked = _decode_time(data[t:t + 2 + data[t + 1]])
+        t += 2 + data[t + 1]
+        reason: int | None = None
+        invalidity: int | None = None
+        if t < end:  # crlEntryExtensions: reasonCode and/or invalidityDate, in this order
+            t += 2
+            while t < end:
+                ext_end = t + 2 + data[t + 1]
+                if data[t + 6] == 0x15:
+                    reason = data[ext_end - 1]
+                else:
+                    invalidity = _decode_time(data[ext_end - 17:ext_end])
+                t = ext_end
+        out.append((serial, revoked, reason, invalidity))
+        pos = end
+    return out
+
+
+def crl_stub(der: bytes | memoryview) -> bytes:
+    """The CRL `der` with its revokedCertificates left out: a few hundred octets that a DER parser reads for
+    the header and the extensions (number, IDP, deltaCRLIndicator) without touching a million entries. The
+    outer structure is checked to span `der` exactly; the stub's signature no longer verifies (it is for
+    reading fields, never for trust)."""
+    view = memoryview(der)
+    tag, start, end = _parse_tlv(view, 0)
+    if tag != 0x30 or end != len(view):
+        raise ValueError("not one DER SEQUENCE")
+    ttag, tstart, tend = _parse_tlv(view, start)
+    if ttag != 0x30:
+        raise ValueError("no TBSCertList")
+    fields = []
+    pos = tstart
+    seen_time = False
+    while pos < tend:  # version, signature, issuer, thisUpdate, nextUpdate, revokedCertificates, [0] extensions
+        ftag, fstart, fend = _parse_tlv(view, pos)
+        if not (ftag == 0x30 and seen_time):  # the one SEQUENCE after the times is the entries: skipped
+            fields.append(bytes(view[pos:fend]))
+        seen_time = seen_time or ftag in (0x17, 0x18)
+        pos = fend
+    tbs = _tlv(0x30, b"".join(fields))
+    return _tlv(0x30, tbs + bytes(view[tend:end]))
+

@@ -36,7 +36,16 @@ class Job:
     number: int
     data: bytes
     attachment: bytes | None = None  # the signed audit head published beside an issued-serials list
-    part: str = ""  # a CRL's: "" complete, "-<k>" shard k, "-delta" the delta CRL
+    part: str = ""  # a CRL's: "" complete, "-<k>" shard k, "-delta" the delta CRL, "-<k>-delta" shard k's delta
+
+    @property
+    def delta(self) -> bool:
+        return self.part.endswith("-delta")
+
+    @property
+    def shard(self) -> str:
+        """"-<k>" for a shard's CRL or its delta (its scope), "" for the CA's one CRL or its delta."""
+        return self.part.removesuffix("-delta")
 
 
 # ---------------------------------------------------------------- verification before sending
@@ -75,16 +84,17 @@ def verify(job: Job) -> None:
                 is_delta = True
             except x509.ExtensionNotFound:
                 is_delta = False
-            if is_delta != (job.part == "-delta"):
+            if is_delta != job.delta:
                 raise PublishError(f"a {'delta' if is_delta else 'full'} CRL sent as {object_name(job)}", permanent=True)
             try:
                 names = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value.full_name or []
             except x509.ExtensionNotFound:
                 names = None
-            if job.part in ("", "-delta") and names is not None:
+            if not job.shard and names is not None:
                 raise PublishError(f"a CRL shard sent as {object_name(job)}", permanent=True)
-            if job.part not in ("", "-delta") and not any(str(n.value).endswith("/" + object_name(job)) for n in names or []):
-                raise PublishError(f"the CRL's IDP does not name {object_name(job)}", permanent=True)
+            scope = f"{job.ca}{job.shard}.crl"  # a shard's delta has its base's IDP (RFC 5280 §5.2.5)
+            if job.shard and not any(str(n.value).endswith("/" + scope) for n in names or []):
+                raise PublishError(f"the CRL's IDP does not name {scope}", permanent=True)
         elif job.action == "issued-serials":
             lst = serials_list.decode(job.data)
             if lst.issuer_der != issuer.subject.public_bytes():
@@ -257,8 +267,8 @@ class LdapPublisher:
         fields = dict(job.subject)
         fields.setdefault("ca", job.ca)
         dn = render(template, fields, escape_rdn)
-        if job.action == "crl" and job.part not in ("", "-delta"):  # a shard: its own entry below the CA's,
-            return f"cn={escape_rdn(job.ca + job.part)},{dn}"      # named like its file (a delta goes beside its base)
+        if job.action == "crl" and job.shard:  # a shard: its own entry below the CA's,
+            return f"cn={escape_rdn(job.ca + job.shard)},{dn}"  # named like its file (a delta goes beside its base)
         return dn
 
     def _do(self, conn, job: Job) -> None:
@@ -278,14 +288,14 @@ class LdapPublisher:
         elif job.action == "uncert":
             self._modify(conn, dn, {"userCertificate;binary": [(ldap3.MODIFY_DELETE, [job.data])]}, ok_codes=(16, 32))
         elif job.action == "crl":
-            attr = "deltaRevocationList;binary" if job.part == "-delta" else "certificateRevocationList;binary"
+            attr = "deltaRevocationList;binary" if job.delta else "certificateRevocationList;binary"
             current = self._current_crl_number(conn, dn, attr)
             if current is not None and current > job.number:
                 return  # a newer CRL is already there: an older one never overwrites it
             changes: dict[str, list[tuple[str, list[bytes | str]]]] = {attr: [(ldap3.MODIFY_REPLACE, [job.data])]}
             if job.ca_root and not job.part:
                 changes["authorityRevocationList;binary"] = [(ldap3.MODIFY_REPLACE, [job.data])]
-            if job.part == "-delta":  # deltaRevocationList needs the auxiliary class deltaCRL (RFC 4523 §4.4)
+            if job.delta:  # deltaRevocationList needs the auxiliary class deltaCRL (RFC 4523 §4.4)
                 conn.modify(dn, changes)
                 if (conn.result or {}).get("result") == 65:  # objectClassViolation: the class first, same change
                     changes["objectClass"] = [(ldap3.MODIFY_ADD, ["deltaCRL"])]
@@ -330,10 +340,10 @@ class LdapPublisher:
         if job.action in ("cert", "uncert"):
             classes = list(self.rule.entry_classes)
             extra = {k: render(v, dict(job.subject), lambda x: x) for k, v in self.rule.entry_attributes.items()}
-        elif job.action == "crl" and job.part not in ("", "-delta"):
-            classes, extra = ["cRLDistributionPoint"], {}  # RFC 4523 §3.2: a CRL shard's own entry
+        elif job.action == "crl" and job.shard:
+            classes, extra = ["cRLDistributionPoint"] + (["deltaCRL"] if job.delta else []), {}  # RFC 4523 §3.2: a shard's own entry
         else:
-            classes = list(self.rule.ca_entry_classes) + (["deltaCRL"] if job.part == "-delta" else [])
+            classes = list(self.rule.ca_entry_classes) + (["deltaCRL"] if job.delta else [])
             extra = {}
         attrs = {k: v for k, v in attrs.items() if k != "objectClass"}
         entry = {"objectClass": classes, rdn_attr: rdn_val, **extra, **attrs}

@@ -72,7 +72,7 @@ async def _crl_generate(ctx: Ctx, req: S.ACrlGenerate) -> AsyncIterator[bytes]:
         if req.kind != "crl":
             raise FactoryError("bad-request", "--delta is for CRLs")
         number, _, _ = await f.generate_delta(req.ca, ctx.actor)
-        name = f"{req.ca}-delta"
+        name = f.lists.delta_name(req.ca)  # a sharded CA: every shard's delta signed, shard 0's answered
     elif req.kind == "crl":
         number, _, _ = await f.generate_crl(req.ca, ctx.actor)
     else:

@@ -532,7 +532,60 @@ _MIGRATIONS[17] = """
     ) WITHOUT ROWID;
 """
 _MIGRATIONS[18] = "SELECT 1"
-_MIGRATIONS[19] = "SELECT 1"
+# Issue 19, CRLs at scale: each revocation's CRL entry kept encoded from its revocation on (a CRL is then
+# read as pre-encoded pages, checked strictly by the CIS); a changed or deleted revocation drops its entry
+# (the Factory encodes again what has none). Per-CA counts of certificates and revocations kept by
+# triggers, so that the status reporter reads two numbers instead of counting a million rows.
+_MIGRATIONS[19] = """
+    CREATE TABLE crl_der(
+        ca TEXT NOT NULL,
+        serial BLOB NOT NULL,
+        der BLOB NOT NULL,
+        shard INTEGER,  -- the certificate's CRL shard (cert_shards), NULL for a CA with one CRL
+        PRIMARY KEY (ca, serial)
+    ) WITHOUT ROWID;
+    -- covering (der included): a shard's pages are read in order, not one random lookup per entry into
+    -- encrypted pages the 2 MB cache mostly misses
+    CREATE INDEX crl_der_shard ON crl_der(ca, shard, serial, der) WHERE shard IS NOT NULL;
+    CREATE TRIGGER crl_der_upd AFTER UPDATE ON revocations
+        BEGIN DELETE FROM crl_der WHERE ca = old.ca AND serial = old.serial; END;
+    CREATE TRIGGER crl_der_del AFTER DELETE ON revocations
+        BEGIN DELETE FROM crl_der WHERE ca = old.ca AND serial = old.serial; END;
+    CREATE TABLE ca_counts(
+        ca TEXT PRIMARY KEY,
+        issued INTEGER NOT NULL DEFAULT 0,
+        revoked INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO ca_counts(ca, issued) SELECT ca, count(*) FROM certs WHERE true GROUP BY ca;
+    INSERT INTO ca_counts(ca, revoked) SELECT ca, count(*) FROM revocations WHERE true GROUP BY ca
+        ON CONFLICT(ca) DO UPDATE SET revoked = excluded.revoked;
+    CREATE TRIGGER ca_counts_cert_ins AFTER INSERT ON certs
+        BEGIN INSERT INTO ca_counts(ca, issued) VALUES (new.ca, 1) ON CONFLICT(ca) DO UPDATE SET issued = issued + 1; END;
+    CREATE TRIGGER ca_counts_cert_del AFTER DELETE ON certs
+        BEGIN UPDATE ca_counts SET issued = issued - 1 WHERE ca = old.ca; END;
+    CREATE TRIGGER ca_counts_rev_ins AFTER INSERT ON revocations
+        BEGIN INSERT INTO ca_counts(ca, revoked) VALUES (new.ca, 1) ON CONFLICT(ca) DO UPDATE SET revoked = revoked + 1; END;
+    CREATE TRIGGER ca_counts_rev_del AFTER DELETE ON revocations
+        BEGIN UPDATE ca_counts SET revoked = revoked - 1 WHERE ca = old.ca; END;
+    """
+
+
+def _backfill_v19(db: apsw.Connection) -> None:
+    """Encode the CRL entry of every revocation made before migration 19 (once, at the upgrade)."""
+    from policy import crl as pcrl
+    rows = db.execute("SELECT r.ca, r.serial, r.revoked_at, r.reason, r.invalidity, r.entry_len, s.shard FROM revocations r "
+                      "LEFT JOIN cert_shards s ON s.serial = r.serial AND s.ca = r.ca").fetchall()
+    for ca, serial, at, reason, inv, entry_len, shard in rows:
+        try:
+            der = pcrl.encode_entries([(serial_int(bytes(serial)), int(at),  # type: ignore[arg-type]
+                                        None if reason is None else int(reason), None if inv is None else int(inv))])
+        except ValueError:
+            continue  # left to the slow path, which refuses it in one line as before
+        if len(der) == entry_len:
+            db.execute("INSERT INTO crl_der VALUES (?,?,?,?)", (ca, serial, der, shard))
+
+
+_AFTER[19] = _backfill_v19
 _MIGRATIONS[20] = "SELECT 1"
 
 

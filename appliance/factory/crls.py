@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
@@ -30,10 +30,11 @@ SERIALS_MIN_INTERVAL = 5.0  # seconds between two issued-serials lists of one CA
 
 class SignedLists:
     def __init__(self, cfg: S.FactoryConfig, store: Store, cis: CisLink, issuers: Issuers, dist: Dist, ocsp: OcspProducer,
-                 send_event: Callable[[Any], Awaitable[None]], stats: dict[str, int]):
+                 send_event: Callable[[Any], Awaitable[None]], stats: dict[str, int], signers: list[CisLink] | None = None):
         self.cfg = cfg
         self.store = store
         self.cis = cis
+        self.signers = signers or [cis]  # every CIS process: a sharded CA's shards are signed on all of them
         self.issuers = issuers
         self.dist = dist
         self.ocsp = ocsp
@@ -86,12 +87,55 @@ class SignedLists:
                 except FactoryError as e:  # a name clash: no deltas, but the full CRL never lapses for it
                     self._delta_blocked[ca] = e.reason
                     await self.send_event(S.Event(kind="crl-failed", detail=f"{ca} delta: {e.reason}"[:4000]))
-            got = await self._generate_signed_list(ca, actor, "crl")
-            # A sharded CA keeps its complete CRL (<ca>.crl, as before) and signs every shard beside it
+            # A sharded CA keeps its complete CRL (<ca>.crl, as before) and signs every shard beside it;
+            # its shards, not the complete CRL, are the bases of its deltas (one scope each)
             n = await self.store.run(lambda: self.shards.effective(self.store.require_active().db, ca))
-            for k in range(n if n > 1 else 0):
-                await self._generate_signed_list(ca, actor, "crl", shard=k)
+            got = await self._generate_signed_list(ca, actor, "crl", base=n == 1)
+            if n > 1:
+                await self._generate_shards(ca, actor, n)
             return got
+
+    async def _generate_shards(self, ca: str, actor: str, n: int) -> None:
+        """Every shard of a sharded CA from one snapshot, signed in parallel: one shard at a time on each CIS
+        process (hsm.signers), the pages of all of them read in turn by the one reader. A shard that fails
+        leaves the others signed; the first failure is raised once all are done."""
+        store, sh = self.store, self.shards
+
+        def begin() -> list[tuple[int, int, bool, int]]:
+            r = store.snapshot_begin()
+            try:
+                out = []
+                log_seq = sh.log_seq(r)  # where the revocation log stands in this snapshot: each shard's base mark
+                for k in range(n):
+                    count, length = sh.shard_count(r, ca, k)
+                    out.append((count, length, count > 0 and store.shard_der_ready(ca, k, count), log_seq))
+                return out
+            except BaseException:
+                store.snapshot_abort()
+                raise
+        t0 = trio.current_time()
+        opened = await store.read(begin)
+        todo = list(range(n))
+        errors: list[FactoryError] = []
+
+        async def worker(link: CisLink) -> None:
+            while todo:
+                k = todo.pop(0)
+                try:
+                    await self._generate_signed_list(ca, actor, "crl", shard=k, link=link, opened=opened[k])
+                except FactoryError as e:
+                    errors.append(e)
+        try:
+            async with trio.open_nursery() as nursery:
+                for link in self.signers[:n]:
+                    nursery.start_soon(worker, link)
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.read(store.list_snapshot_end)
+        _log(f"CRL shards of {ca}: {n} signed in {trio.current_time() - t0:.2f} s "
+             f"({sum(o[0] for o in opened)} entries, {len(self.signers[:n])} CIS processes, {len(errors)} failed)")
+        if errors:
+            raise errors[0]
 
     async def generate_delta(self, ca: str, actor: str) -> tuple[int, int, bytes]:
         """A delta CRL on the CA's latest full CRL (one signed first if none is a base yet): what changed
@@ -101,24 +145,42 @@ class SignedLists:
         if ca in self._delta_blocked:
             raise FactoryError("config", self._delta_blocked[ca])
         db = self.store.require_active()
-        if await self.store.run(self.store.latest_base_crl, ca) is None:
+        n = await self.store.run(lambda: self.shards.effective(db.db, ca))
+
+        def latest_bases() -> list[int | None]:  # per scope: the CA's one CRL (0), or each shard
+            return [self.store.latest_base_crl(ca, k) for k in range(n)]
+        if None in await self.store.run(latest_bases):
             await self.generate_crl(ca, actor)
             if ca in self._delta_blocked:
                 raise FactoryError("config", self._delta_blocked[ca])
         lock = self._locks.setdefault(ca, trio.Lock())
         async with lock:
-            base = await self.store.run(self.store.latest_base_crl, ca)
-            if base is None:
+            bases = await self.store.run(latest_bases)
+            if None in bases:
                 raise FactoryError("internal", f"no full CRL of {ca} to base a delta on")
             this_update = int(time.time())
 
-            def entries() -> list[tuple[Any, ...]]:
-                present, removed = self.shards.delta_entries(db.db, ca, 0, base)
+            def entries(k: int, base: int) -> list[tuple[Any, ...]]:
+                present, removed = self.shards.delta_entries(db.db, ca, k, base)
                 rows = present + [(s, this_update, 8, None) for s in removed]  # removeFromCRL: delta CRLs only
                 return sorted(rows, key=lambda r: bytes(r[0]))
-            rows = await self.store.run(entries)
             self._delta_last[ca] = trio.current_time()
-            return await self._generate_signed_list(ca, actor, "crl", delta=(base, rows))
+            if n == 1:
+                base = bases[0]
+                assert base is not None
+                return await self._generate_signed_list(ca, actor, "crl", delta=(base, await self.store.run(entries, 0, base)))
+            # a sharded CA: one delta per shard, on that shard's base, with its IDP (RFC 5280 §5.2.5)
+            got: tuple[int, int, bytes] | None = None
+            for k, base in enumerate(bases):
+                assert base is not None
+                r = await self._generate_signed_list(ca, actor, "crl", shard=k, delta=(base, await self.store.run(entries, k, base)))
+                got = got or r
+            assert got is not None
+            return got
+
+    def delta_name(self, ca: str) -> str:
+        """The stored name of the delta `generate_delta` answers with: <ca>-delta, or shard 0's of a sharded CA."""
+        return f"{ca}-delta" if self.shards.wanted.get(ca, 1) == 1 else f"{ca}-0-delta"
 
     async def generate_serials_list(self, ca: str, actor: str) -> tuple[int, int, bytes]:
         """Stream every serial the CA issued to the CIS and store the signed issued-serials list. A fresh
@@ -133,9 +195,14 @@ class SignedLists:
             return await self._generate_signed_list(ca, actor, "issued-serials")
 
     async def _generate_signed_list(self, ca: str, actor: str, kind: str, shard: int | None = None,
-                                    delta: tuple[int, list[tuple[Any, ...]]] | None = None) -> tuple[int, int, bytes]:
+                                    delta: tuple[int, list[tuple[Any, ...]]] | None = None, link: CisLink | None = None,
+                                    opened: tuple[int, int, bool, int] | None = None, base: bool = True) -> tuple[int, int, bytes]:
         """One streaming path for both signed lists: a CRL (revocations) and the issued-serials list
-        (every serial in state 'issued'), read from a WAL snapshot, encoded and signed by the CIS."""
+        (every serial in state 'issued'), read from a WAL snapshot, encoded and signed by the CIS.
+        `opened`: a shard's (count, length, pre-encoded, log position) in a snapshot the caller opened and ends;
+        `link`: the CIS process that signs it (the primary by default); `base`: a full CRL deltas may build on
+        (not a sharded CA's complete CRL: its shards are)."""
+        cis = link or self.cis
         db = self.store.require_active()
         await self.issuers.ca_row(ca)
         crl = kind == "crl"
@@ -149,10 +216,10 @@ class SignedLists:
         sh = self.shards
         # a shard is stored and numbered as "<ca>-<k>", its own sequence (a refused number stays spent)
         name = ca if shard is None else f"{ca}-{shard}"
-        if delta is not None:  # stored as "<ca>-delta", numbered from the CA's own CRL sequence (RFC 5280 §5.2.4)
-            name = f"{ca}-delta"
+        if delta is not None:  # stored as "<ca>-delta" ("<ca>-<k>-delta"), numbered from its base's sequence (RFC 5280 §5.2.4)
+            name = f"{name}-delta"
         # a full CRL deltas build on (its log position is kept with it)
-        base_of = crl and shard is None and delta is None and ca in self.delta and ca not in self._delta_blocked
+        base_of = crl and base and delta is None and ca in self.delta and ca not in self._delta_blocked
         log_seq = 0
         if shard is None:
             number = await store.run(store.next_list_number, ca, kind)
@@ -171,14 +238,23 @@ class SignedLists:
         if delta is not None:
             count = len(delta[1])
             length = sum(pcrl.entry_length(serial_int(r[0]), *r[1:]) for r in delta[1])
+        elif opened is not None:
+            count, length, der, log_seq = opened
         elif shard is None:
             count, length = await store.read(store.list_snapshot_begin, ca, kind)
             if base_of:  # where the revocation log stands in the same snapshot as the entries
                 log_seq = await store.read(lambda: sh.log_seq(store._reader().db))
         else:
             count, length = await store.read(sh.snapshot_begin, ca, shard)
-        mid = self.cis.new_id()
-        replies = self.cis.open(mid)
+        # A full CRL whose entries are all kept encoded goes as pre-encoded pages (read as one blob a page,
+        # checked strictly by the CIS, not echoed back); anything else entry by entry, encoded by the CIS.
+        if opened is None:
+            der = crl and delta is None and count > 0 and await (
+                store.read(store.der_pages_ready, ca) if shard is None else store.read(store.shard_der_ready, ca, shard, count))
+        header: list[bytes] = []  # DER pages: the CIS's TBS header and trailer, kept beside the entries in tmp
+        header_in = trio.Event()
+        mid = cis.new_id()
+        replies = cis.open(mid)
         tmp = tempfile.TemporaryFile(dir=self.cfg.home)
         tbs_hash = hashlib.sha256()
         tbs_len = 0
@@ -189,35 +265,49 @@ class SignedLists:
             async with trio.open_nursery() as n:
                 async def sender():
                     try:
-                        await self.cis.send(S.CrlBegin(id=mid, ca=ca, crl_number=number, this_update=this_update,
+                        await cis.send(S.CrlBegin(id=mid, ca=ca, crl_number=number, this_update=this_update,
                                                        next_update=next_update, entry_count=count, entries_length=length,
                                                        kind=kind, shard=shard,
                                                        delta_base=None if delta is None else delta[0]))
                         after = b""
+                        if der:  # the entries follow the header in the hash: wait for it
+                            await header_in.wait()
+                        while der:
+                            data, k, after = await (store.read(store.der_page, ca, after, CRL_CHUNK) if shard is None else
+                                                    store.read(store.shard_der_page, ca, shard, after, CRL_CHUNK))
+                            if not k:
+                                break
+                            tbs_hash.update(data)
+                            await trio.to_thread.run_sync(tmp.write, data)
+                            await cis.send(S.CrlEntriesDer(id=mid, data=data, count=k))
                         for i in range(0, len(delta[1]) if delta is not None else 0, CRL_CHUNK):
-                            await self.cis.send(S.CrlEntries(id=mid, entries=delta[1][i:i + CRL_CHUNK]))
-                        while delta is None:
+                            await cis.send(S.CrlEntries(id=mid, entries=delta[1][i:i + CRL_CHUNK]))
+                        while delta is None and not der:
                             rows = await (store.read(store.list_page, ca, kind, after, CRL_CHUNK) if shard is None else
                                           store.read(sh.snapshot_page, ca, shard, after, CRL_CHUNK))
                             if not rows:
                                 break
                             after = rows[-1][0]
-                            await self.cis.send(S.CrlEntries(id=mid, entries=rows) if crl else
+                            await cis.send(S.CrlEntries(id=mid, entries=rows) if crl else
                                                 S.SerialEntries(id=mid, serials=[r[0] for r in rows]))
-                        await self.cis.send(S.CrlEnd(id=mid))
+                        await cis.send(S.CrlEnd(id=mid))
                     finally:
                         with trio.CancelScope(shield=True):  # the reader's snapshot ends even when the CIS refused
-                            if delta is None:
+                            if delta is None and opened is None:
                                 await store.read(store.list_snapshot_end)
                 n.start_soon(sender)
                 while True:
                     try:
-                        m = await self.cis.receive(replies)
+                        m = await cis.receive(replies)
                     except CisUnresponsive as e:
                         late = e
                         n.cancel_scope.cancel()
                         break
-                    if isinstance(m, S.CrlChunk):
+                    if isinstance(m, S.CrlChunk) and der:  # the header, then (after every page) the trailer
+                        tbs_hash.update(m.data)
+                        header.append(m.data)
+                        header_in.set()
+                    elif isinstance(m, S.CrlChunk):
                         tbs_hash.update(m.data)
                         tbs_len += len(m.data)
                         await trio.to_thread.run_sync(tmp.write, m.data)
@@ -242,33 +332,56 @@ class SignedLists:
             if tbs_hash.digest() != signed.tbs_sha256:
                 raise FactoryError("internal", "the bytes received differ from what the CIS signed")
 
+            if der and len(header) != 2:
+                raise FactoryError("internal", "the CIS sent no TBS header and trailer around the encoded entries")
+
             def keep():
-                total = len(signed.prefix) + tbs_len + len(signed.suffix)
+                total = len(signed.prefix) + (length + len(header[0]) + len(header[1]) if der else tbs_len) + len(signed.suffix)
 
                 def parts():
                     yield signed.prefix
+                    if der:
+                        yield header[0]
                     tmp.seek(0)
                     while chunk := tmp.read(1 << 20):
                         yield chunk
+                    if der:
+                        yield header[1]
                     yield signed.suffix
+                pre = hashlib.sha256()  # the digest first, so that it goes into the row with the blob
+                for p in parts():
+                    pre.update(p)
                 with db.tx():
-                    digest = store.store_signed_list(kind, name, number, this_update, next_update, count, parts(), total)
+                    digest = store.store_signed_list(kind, name, number, this_update, next_update, count, parts(), total,
+                                                     pre.digest())
                     # published with the same commit, named like its file: <ca>.crl, <ca>-<k>.crl, <ca>-delta.crl
-                    self.dist.enqueue_object(db.db, action, ca, number,
-                                             "-delta" if delta is not None else "" if shard is None else f"-{shard}")
+                    self.dist.enqueue_object(db.db, action, ca, number, ("" if shard is None else f"-{shard}")
+                                             + ("-delta" if delta is not None else ""))
                     if base_of:
-                        sh.mark_base(db.db, ca, 0, number, log_seq)
+                        sh.mark_base(db.db, ca, shard or 0, number, log_seq)
                         sh.prune_log(db.db, ca)
                     db.audit(actor, action, f"{name}#{number}", "ok", f"entries={count} sha256={digest.hex()}")
                 return digest
             digest = await self.store.run(keep)
+            self.dist.poke()
+            if crl:
+                self.stats["crls"] += 1
+
+                async def stored() -> AsyncIterator[bytes]:
+                    """The bytes just stored, from the temporary file (their digest was checked in the commit):
+                    not read back out of the CMDB."""
+                    yield signed.prefix + (header[0] if der else b"")
+                    await trio.to_thread.run_sync(tmp.seek, 0)
+                    for _ in range(tbs_len // (1 << 20) + length // (1 << 20) + 2):  # bounded: the file's size
+                        chunk = await trio.to_thread.run_sync(tmp.read, 1 << 20)
+                        if not chunk:
+                            break
+                        yield chunk
+                    yield (header[1] if der else b"") + signed.suffix
+                await self.ocsp.publish_crl(ca, number, shard=shard, delta=delta is not None, chunks=stored())
         finally:
-            self.cis.close(mid, answered=late is None)
+            cis.close(mid, answered=late is None)
             tmp.close()
-        self.dist.poke()
-        if crl:
-            self.stats["crls"] += 1
-            await self.ocsp.publish_crl(ca, number, shard=shard, delta=delta is not None)
         return number, count, digest
 
     async def crl_scheduler(self) -> None:

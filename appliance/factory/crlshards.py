@@ -41,6 +41,9 @@ def name_collision(c: apsw.Connection, name: str, shards_by_ca: dict[str, int], 
     if suffix == "delta":
         if other in delta_cas:
             return f"CA name {name!r} is the delta CRL name of CA {other!r} ({other}-delta.crl): choose another"
+        sm = re.match(r"^(.+)-(0|[1-9][0-9]*)$", other)  # <ca>-<k>-delta: a shard's delta
+        if sm is not None and sm.group(1) in delta_cas and name_collision(c, other, shards_by_ca, delta_cas):
+            return f"CA name {name!r} is the delta CRL name of a CRL shard of CA {sm.group(1)!r} ({name}.crl): choose another"
         return None
     row = c.execute("SELECT shards FROM crl_partition WHERE ca=?", (other,)).fetchone()
     if shards_by_ca.get(other, 1) > 1 or (row is not None and int(row[0]) > 1):

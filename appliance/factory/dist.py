@@ -102,7 +102,7 @@ class Dist:
     def enqueue_object(self, db, action: str, ca: str, number: int = 0, part: str = "") -> None:
         """A CA certificate, CRL or issued-serials list for every rule that wants it. `part` names a CRL
         shard ("-<k>", for rules publishing "crl") or the delta CRL ("-delta", for "delta-crl"); kept in ref."""
-        what = "delta-crl" if part == "-delta" else {"ca-cert": "ca-cert", "crl": "crl", "issued-serials": "issued-serials"}[action]
+        what = "delta-crl" if part.endswith("-delta") else {"ca-cert": "ca-cert", "crl": "crl", "issued-serials": "issued-serials"}[action]
         for st in self.rules.values():
             if self._wants(st.rule, what, ca):
                 self._insert(db, st.rule.name, action, ca, part.encode() or None, number)

@@ -201,14 +201,18 @@ class OcspProducer:
                     del self.f.ocsp_feeds[name]
 
     async def publish_crl(self, ca: str, number: int, only: Channel | None = None, shard: int | None = None,
-                          delta: bool = False) -> None:
+                          delta: bool = False, chunks: AsyncIterator[bytes] | None = None) -> None:
+        """Stream one stored CRL to the endpoints: read from the CMDB, or `chunks`, the same bytes just stored."""
         if not self.f.ocsp_feeds and only is None:
             return
-        name = f"{ca}-delta" if delta else ca if shard is None else f"{ca}-{shard}"
-        chunks = [c async for c in self.f.crl_chunks(name, number)]
-        for i, c in enumerate(chunks):
-            await self.publish(S.PublishCrl(ca=ca, number=number, data=c, last=i == len(chunks) - 1, shard=shard,
-                                            delta=delta), only)
+        name = (ca if shard is None else f"{ca}-{shard}") + ("-delta" if delta else "")
+        prev: bytes | None = None  # one piece ahead, to mark the last: never the whole CRL in memory
+        async for c in (chunks if chunks is not None else self.f.crl_chunks(name, number)):
+            if prev is not None:
+                await self.publish(S.PublishCrl(ca=ca, number=number, data=prev, last=False, shard=shard, delta=delta), only)
+            prev = c
+        if prev is not None:
+            await self.publish(S.PublishCrl(ca=ca, number=number, data=prev, last=True, shard=shard, delta=delta), only)
 
     async def serve_endpoint(self, chan: Channel, role: str = "ocsp") -> None:
         """One endpoint process's link: resume from its sequence number, then push as things change."""
@@ -236,6 +240,8 @@ class OcspProducer:
             dn = await st.run(st.latest_crl_number, name + "-delta")  # its delta CRL, if any
             if dn:
                 await self.publish_crl(name, dn, chan, delta=True)
+            for k, kn in await st.run(st.latest_shard_delta_crls, name):  # its shards' deltas, if any
+                await self.publish_crl(name, kn, chan, shard=k, delta=True)
         after = resume.seq
         for _ in range(1 << 30):
             rows = await st.run(st.ocsp_after, after, BATCH)

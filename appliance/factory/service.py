@@ -57,7 +57,7 @@ class Factory:
         self.dist = Dist(self, self.store)
         self.tenants = TenantManager(self.store, self.ocsp, send_event)  # CRL-fed OCSP tenants
         self.issuers = Issuers(cfg, self.store)
-        self.lists = SignedLists(cfg, self.store, cis, self.issuers, self.dist, self.ocsp, send_event, self.stats)
+        self.lists = SignedLists(cfg, self.store, cis, self.issuers, self.dist, self.ocsp, send_event, self.stats, self.signers)
         self.issuance = Issuance(self.store, cis, self.signers, profiles, self.issuers, self.lists, self.dist, self.ocsp, self.stats)
         self.cas = Cas(cfg, self.store, cis, profiles, self.issuers, self.issuance, self.dist, self.ocsp)
         self.revocation = Revocation(self.store, self.dist, self.lists, self.stats)

@@ -40,6 +40,7 @@ BODY_CAP = 8 * 1024
 
 _CA_PATH = re.compile(rb"^/(crl|ca)/([A-Za-z0-9][A-Za-z0-9._-]{0,63})\.(crl|crt|json)$")
 _SHARD_NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})-(0|[1-9][0-9]{0,2}|delta)$")
+_SHARD_DELTA = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})-(0|[1-9][0-9]{0,2})-delta$")
 _TENANT_PATH = re.compile(rb"^/tenant/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/crl$")
 PUSH_CAP = 8 * 1024 * 1024  # body cap of a pushed tenant CRL (read only once its bearer secret is checked)
 PUSH_TIMEOUT = 30.0
@@ -277,6 +278,17 @@ class Endpoint(HttpServer):
 
     def _ca_file(self, kind: bytes, name: str, headers: dict[bytes, bytes]) -> Reply:
         ca = self.store.cas.get(name)
+        sd = _SHARD_DELTA.match(name) if ca is None and kind == b"crl" else None
+        if sd and self.store.cas.get(sd.group(1)) is not None:  # /crl/<ca>-<k>-delta.crl: shard k's delta
+            d = self.store.cas[sd.group(1)].shard_deltas.get(int(sd.group(2)))
+            got = d + ("",) if d else None
+            if got is None:
+                return _plain(404)
+            _, body, etag, mtime, _ = got
+            hdrs = [(b"etag", etag.encode()), (b"last-modified", _http_date(mtime)), (b"cache-control", b"no-cache")]
+            if _not_modified(headers, etag.encode(), mtime):
+                return Reply(304, hdrs)
+            return Reply(200, [(b"content-type", b"application/pkix-crl")] + hdrs, body)
         if ca is None and kind == b"crl" and (sm := _SHARD_NAME.match(name)):  # /crl/<ca>-<k>.crl: one shard
             ca = self.store.cas.get(sm.group(1))
             if sm.group(2) == "delta":  # /crl/<ca>-delta.crl: its delta CRL

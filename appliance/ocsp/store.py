@@ -3,7 +3,9 @@
 Layout beneath `store_dir` (one folder per CA, named as the CA):
 
     <ca>/ca.der                  the CA certificate (atomic replace)
-    <ca>/crl.bin                 8-byte big-endian CRL number, then the DER CRL (atomic replace)
+    <ca>/crl.bin                 8-byte big-endian CRL number, then the DER CRL (atomic replace; crl-<k>.bin a
+                                 shard's, crl-delta.bin the delta). Received chunk by chunk into <file>.part,
+                                 then mapped read-only: one copy, in the page cache, whatever its size.
     <ca>/CURRENT                 the generation of the response files below
     <ca>/responses.<gen>.dat     append-only: per record crc32(der) (4 bytes) + der
     <ca>/responses.<gen>.idx     append-only: 64-byte entries (see _ENTRY), each with its own crc32
@@ -23,6 +25,7 @@ split out (`prepare_responses`, `Plan.write`, `build_compaction`) and touches no
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import re
 import struct
@@ -33,6 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509 import ocsp
 
+from policy.crl import crl_stub
 from policy.ocsp import HASHES, issuer_hashes
 
 _ALG = {"sha1": 1, "sha256": 2}
@@ -183,16 +187,82 @@ class CaRecord:
     idx_fd: int = -1
     data_size: int = 0
     idx_size: int = 0
-    crl: bytes | None = None
+    crl: bytes | memoryview | None = None
     crl_number: int = 0
     crl_etag: str = ""
     crl_mtime: int = 0
-    shards: dict[int, tuple[int, bytes, str, int, str]] = field(default_factory=dict)  # k -> (number, DER, etag, mtime, URL)
-    delta: tuple[int, bytes, str, int] | None = None  # the delta CRL: (number, DER, etag, mtime)
+    shards: dict[int, tuple[int, bytes | memoryview, str, int, str]] = field(default_factory=dict)  # k -> (number, DER, etag, mtime, URL)
+    delta: tuple[int, bytes | memoryview, str, int] | None = None  # the delta CRL: (number, DER, etag, mtime)
+    shard_deltas: dict[int, tuple[int, bytes | memoryview, str, int]] = field(default_factory=dict)  # k -> shard k's delta
 
     @property
     def live(self) -> int:
         return sum(len(d) for d in self.index.values())
+
+
+class _PartialCrl:
+    """A CRL being received: its file (`<name>.part`, the 8-byte number first), its running SHA-256 (the ETag)."""
+
+    def __init__(self, path: str, number: int):
+        self.path = path
+        self.size = 0
+        self._sha = hashlib.sha256()
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        _write_all(self._fd, number.to_bytes(8, "big"))
+
+    def write(self, data: bytes) -> None:
+        assert self._fd is not None
+        _write_all(self._fd, data)
+        self._sha.update(data)
+        self.size += len(data)
+
+    def finish(self) -> None:
+        assert self._fd is not None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+
+    def etag(self) -> str:
+        return '"' + self._sha.hexdigest() + '"'
+
+    def discard(self) -> None:
+        """Close and remove what is left of it (nothing once it was renamed into place)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _map_crl(path: str) -> tuple[int, memoryview] | None:
+    """(number, DER) of a stored CRL file, the DER a view of a read-only mapping (None if absent or empty)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size <= 8:
+            return None
+        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    view = memoryview(mm)
+    return int.from_bytes(view[:8], "big"), view[8:]
+
+
+def _crl_head(der: bytes | memoryview) -> x509.CertificateRevocationList:
+    """The CRL's header and extensions, parsed from its stub (policy.crl.crl_stub): the entries are not read."""
+    try:
+        return x509.load_der_x509_crl(crl_stub(der))
+    except ValueError as e:
+        raise ValueError(f"not a CRL: {e}") from None
+
+
+def _etag(der: bytes | memoryview) -> str:
+    return '"' + hashlib.sha256(der).hexdigest() + '"'
 
 
 def _files(path: str, gen: int) -> tuple[str, str]:
@@ -225,7 +295,7 @@ class Store:
         self.root = root
         self.cas: dict[str, CaRecord] = {}
         self.issuers: dict[tuple[str, bytes, bytes], str] = {}
-        self.partial_crls: dict[tuple[str, int], list[bytes]] = {}
+        self.partial_crls: dict[tuple[str, int], _PartialCrl] = {}
         self.partial_bytes = 0
         # Bumped after every change to what ca_for() or get() return (some happen in a worker thread): the
         # responder's cache of served answers (responder.HOT_MAX) is dropped whenever it moves.
@@ -254,23 +324,17 @@ class Store:
         ca = CaRecord(name=name, path=path)
         with open(os.path.join(path, "ca.der"), "rb") as f:
             self._set_cert(ca, f.read())
-        crl_path = os.path.join(path, "crl.bin")
-        if os.path.exists(crl_path):
-            with open(crl_path, "rb") as f:
-                blob = f.read()
-            if len(blob) > 8:
-                self._set_crl(ca, int.from_bytes(blob[:8], "big"), blob[8:])
-        if os.path.exists(dpath := os.path.join(path, "crl-delta.bin")):
-            with open(dpath, "rb") as f:
-                blob = f.read()
-            if len(blob) > 8:
-                self._set_delta(ca, int.from_bytes(blob[:8], "big"), blob[8:])
-        for fn in os.listdir(path):  # CRL shards: crl-<k>.bin
-            if (sm := re.match(r"^crl-(\d{1,3})\.bin$", fn)) and int(sm.group(1)) < 256:
-                with open(os.path.join(path, fn), "rb") as f:
-                    blob = f.read()
-                if len(blob) > 8:
-                    self._set_shard(ca, int(sm.group(1)), int.from_bytes(blob[:8], "big"), blob[8:])
+        if (got := _map_crl(os.path.join(path, "crl.bin"))) is not None:
+            self._set_crl(ca, *got)
+        if (got := _map_crl(os.path.join(path, "crl-delta.bin"))) is not None:
+            self._set_delta(ca, *got)
+        for fn in os.listdir(path):  # CRL shards: crl-<k>.bin, and their deltas crl-<k>-delta.bin
+            if (sm := re.match(r"^crl-(\d{1,3})(-delta)?\.bin$", fn)) and int(sm.group(1)) < 256:
+                if (got := _map_crl(os.path.join(path, fn))) is not None:
+                    if sm.group(2):
+                        self._set_delta(ca, *got, shard=int(sm.group(1)))
+                    else:
+                        self._set_shard(ca, int(sm.group(1)), *got)
         try:
             with open(os.path.join(path, "CURRENT"), "rb") as f:
                 ca.gen = int(f.read().strip() or b"0")
@@ -354,10 +418,10 @@ class Store:
         ca.cert_etag = '"' + hashlib.sha256(der).hexdigest() + '"'
         ca.cert_mtime = _ts(cert.not_valid_before_utc)
 
-    def _set_crl(self, ca: CaRecord, number: int, der: bytes) -> None:
-        crl = x509.load_der_x509_crl(der)
+    def _set_crl(self, ca: CaRecord, number: int, der: bytes | memoryview, etag: str | None = None) -> None:
+        crl = _crl_head(der)
         ca.crl, ca.crl_number = der, number
-        ca.crl_etag = '"' + hashlib.sha256(der).hexdigest() + '"'
+        ca.crl_etag = etag or _etag(der)
         ca.crl_mtime = _ts(crl.last_update_utc)
 
     # ---------------------------------------------------------------- queries
@@ -406,62 +470,89 @@ class Store:
 
     def crl_chunk(self, name: str, number: int, data: bytes, last: bool, max_bytes: int = 512 << 20,
                   shard: int | None = None, delta: bool = False) -> bool:
-        """Collect a streamed CRL (or one shard's); on `last`, swap it in if its number is higher (blocking:
-        fsync). Returns True when a CRL was stored."""
-        key = (name + "/delta" if delta else name if shard is None else f"{name}/{shard}", number)
-        parts = self.partial_crls.setdefault(key, [])
-        parts.append(bytes(data))
-        self.partial_bytes += len(data)
-        if self.partial_bytes > max_bytes or len(self.partial_crls) > 8:
-            self.partial_crls.clear()
-            self.partial_bytes = 0
-            raise ValueError("CRL stream too large or too many CRLs in flight")
-        if not last:
-            return False
-        parts = self.partial_crls.pop(key)
-        self.partial_bytes -= sum(len(p) for p in parts)
-        der = b"".join(parts)
+        """Write a streamed CRL (or one shard's, or the delta) to its file as it comes; on `last`, swap it in
+        if its number is higher (blocking: fsync) and serve it from a read-only mapping of that file. Returns
+        True when a CRL was stored. Nothing of it is held in memory but the chunk being written."""
         ca = self.cas.get(name)
         if ca is None:
             raise KeyError(name)
-        held = (ca.delta[0] if ca.delta else 0) if delta else ca.crl_number if shard is None else ca.shards.get(shard, (0,))[0]
-        if number <= held:
-            return False
-        crl = x509.load_der_x509_crl(der)
+        fn = ("crl" if shard is None else f"crl-{shard}") + ("-delta" if delta else "") + ".bin"
+        key = (f"{name}/{fn}", number)
+        part = self.partial_crls.get(key)
+        if part is None:
+            if len(self.partial_crls) >= 8:
+                self._drop_partials()
+                raise ValueError("too many CRLs in flight")
+            part = self.partial_crls[key] = _PartialCrl(os.path.join(ca.path, fn + ".part"), number)
         try:
-            ext_number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-        except x509.ExtensionNotFound:
-            ext_number = None
-        if ext_number != number:
-            raise ValueError("the CRL's number differs from the published number")
-        if delta:
-            _atomic_write(os.path.join(ca.path, "crl-delta.bin"), number.to_bytes(8, "big") + der)
-            self._set_delta(ca, number, der)
+            part.write(data)
+        except OSError:
+            self._drop_partials()
+            raise
+        self.partial_bytes += len(data)
+        if self.partial_bytes > max_bytes:
+            self._drop_partials()
+            raise ValueError("CRL stream too large")
+        if not last:
+            return False
+        del self.partial_crls[key]
+        self.partial_bytes -= part.size
+        final = os.path.join(ca.path, fn)
+        held = ((ca.delta[0] if ca.delta else 0) if shard is None else ca.shard_deltas.get(shard, (0,))[0]) if delta \
+            else ca.crl_number if shard is None else ca.shards.get(shard, (0,))[0]
+        try:
+            part.finish()
+            if number <= held:
+                return False
+            got = _map_crl(part.path)
+            if got is None:
+                raise ValueError("empty CRL")
+            der = got[1]
+            try:
+                ext_number = _crl_head(der).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+            except x509.ExtensionNotFound:
+                ext_number = None
+            if ext_number != number:
+                raise ValueError("the CRL's number differs from the published number")
+            if delta:
+                self._set_delta(ca, number, der, part.etag(), shard)
+            elif shard is not None:
+                self._set_shard(ca, shard, number, der, part.etag())
+            else:
+                self._set_crl(ca, number, der, part.etag())
+            os.replace(part.path, final)  # checked and held: now the file the next start maps
+            _fsync_dir(ca.path)
             return True
-        if shard is not None:
-            _atomic_write(os.path.join(ca.path, f"crl-{shard}.bin"), number.to_bytes(8, "big") + der)
-            self._set_shard(ca, shard, number, der)
-            return True
-        _atomic_write(os.path.join(ca.path, "crl.bin"), number.to_bytes(8, "big") + der)
-        self._set_crl(ca, number, der)
-        return True
+        finally:
+            part.discard()
 
-    def _set_delta(self, ca: CaRecord, number: int, der: bytes) -> None:
-        crl = x509.load_der_x509_crl(der)
+    def _drop_partials(self) -> None:
+        for p in self.partial_crls.values():
+            p.discard()
+        self.partial_crls.clear()
+        self.partial_bytes = 0
+
+    def _set_delta(self, ca: CaRecord, number: int, der: bytes | memoryview, etag: str | None = None,
+                   shard: int | None = None) -> None:
+        crl = _crl_head(der)
         try:  # only a delta CRL goes where relying parties fetch deltas
             crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
         except x509.ExtensionNotFound:
             raise ValueError(f"the delta CRL of {ca.name} has no deltaCRLIndicator") from None
-        ca.delta = (number, der, '"' + hashlib.sha256(der).hexdigest() + '"', _ts(crl.last_update_utc))
+        got = (number, der, etag or _etag(der), _ts(crl.last_update_utc))
+        if shard is None:
+            ca.delta = got
+        else:
+            ca.shard_deltas[shard] = got
 
-    def _set_shard(self, ca: CaRecord, shard: int, number: int, der: bytes) -> None:
-        crl = x509.load_der_x509_crl(der)
+    def _set_shard(self, ca: CaRecord, shard: int, number: int, der: bytes | memoryview, etag: str | None = None) -> None:
+        crl = _crl_head(der)
         try:  # its URL as its certificates name it: the IDP the CIS wrote (listed in /crl/<ca>.json)
             names = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value.full_name or []
             url = next(str(n.value) for n in names if isinstance(n, x509.UniformResourceIdentifier))
         except (x509.ExtensionNotFound, StopIteration):
             raise ValueError(f"CRL shard {shard} of {ca.name} names no URL in its IDP") from None
-        ca.shards[shard] = (number, der, '"' + hashlib.sha256(der).hexdigest() + '"', _ts(crl.last_update_utc), url)
+        ca.shards[shard] = (number, der, etag or _etag(der), _ts(crl.last_update_utc), url)
 
     def plan(self, name: str, prepared: list[Prepared], seq: int) -> Plan:
         """Which prepared responses replace what is held: a newer thisUpdate, or the same

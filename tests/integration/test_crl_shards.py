@@ -9,15 +9,19 @@ import time
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from appliance import adminops as ops
+from appliance.client import AdminClient
 from policy import lint
 from tests.conftest import openssl
 from tests.conftest import make_csr
 from tests.integration.test_ocsp import BOUND, _issue, _setup
 
-# One appliance for the module: `issuing` in 2 shards, a second issuing CA `deltas` with delta CRLs (its own
-# revocations, CRLs and files: the tests don't look at each other's CA).
-CONFIG = "[crl]\nshards = { issuing = 2 }\ndelta = { deltas = 60 }\n"
+# One appliance for the module: `issuing` in 2 shards, a second issuing CA `deltas` with delta CRLs, a third
+# `sdeltas` in 2 shards with a delta per shard (each its own revocations, CRLs and files: the tests don't look
+# at each other's CA).
+CONFIG = "[crl]\nshards = { issuing = 2, sdeltas = 2 }\ndelta = { deltas = 60, sdeltas = 60 }\n"
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +29,7 @@ def crl_appliance(module_appliance_factory, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("crl")
     a, root, issuing, chain = _setup(module_appliance_factory, tmp, extra=CONFIG)
     a.cli("ca", "create", "deltas", "--parent", "root", "--subject", "CN=Donjon Test Delta CA,O=Donjon Test", "--path-length", "0")
+    a.cli("ca", "create", "sdeltas", "--parent", "root", "--subject", "CN=Donjon Test Shard Delta CA,O=Donjon Test", "--path-length", "0")
     return a, root, issuing, a.export("deltas", tmp / "deltas.pem")
 
 
@@ -111,10 +116,10 @@ def _number(der: bytes) -> int:
     return x509.load_der_x509_crl(der).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
 
 
-def _issue_delta(a, tmp_path, name):
+def _issue_delta(a, tmp_path, name, ca="deltas"):
     csr = make_csr(tmp_path, name, san=f"DNS:{name}.example.org")
     out = tmp_path / f"{name}.pem"
-    a.cli("issue", "--ca", "deltas", "--profile", "tls-server", "--csr", str(csr), "--out", str(out))
+    a.cli("issue", "--ca", ca, "--profile", "tls-server", "--csr", str(csr), "--out", str(out))
     return out
 
 
@@ -187,3 +192,86 @@ def test_delta_crls_base_plus_delta_remove_from_crl_and_lint(crl_appliance, tmp_
     r = a.cli("ca", "create", "deltas-delta", "--parent", "root", "--subject", "CN=Collide,O=Donjon Test", check=False)
     assert r.returncode != 0 and b"delta CRL name of CA 'deltas'" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and b"Traceback" not in r.stderr
+
+
+def test_a_delta_per_shard_judged_by_openssl_use_deltas_and_pkilint(crl_appliance, tmp_path):
+    """A sharded CA with deltas (RFC 5280 §5.2.4/§5.2.5): each shard is a scope with its own delta
+    (<ca>-<k>-delta.crl), which has the shard's IDP, is based on the shard's latest full CRL and numbered from
+    the shard's sequence; certificates and the shard's base name it in freshestCRL; the complete CRL has none."""
+    a, root, _, _ = crl_appliance
+    ca_pem = a.export("sdeltas", tmp_path / "sdeltas.pem")
+    leaves: dict[int, list] = {0: [], 1: []}
+    for batch in range(3):  # random serials: 12 leaves in one call put two in each shard but rarely (bounded)
+        csrs = [x for i in range(12) for x in ("--csr", str(make_csr(tmp_path, f"sd{batch}-{i}", san=f"DNS:sd{i}.example.org")))]
+        a.cli("issue", "--ca", "sdeltas", "--profile", "tls-server", *csrs, "--out", str(tmp_path / "sd.pem"))
+        for i, cert in enumerate(x509.load_pem_x509_certificates((tmp_path / "sd.pem").read_bytes())):
+            (tmp_path / f"sd{batch}-{i}.pem").write_bytes(cert.public_bytes(Encoding.PEM))
+            leaves[cert.serial_number % 2].append(tmp_path / f"sd{batch}-{i}.pem")
+        if all(len(v) >= 2 for v in leaves.values()):
+            break
+    assert all(len(v) >= 2 for v in leaves.values())
+    for k in (0, 1):
+        fresh = x509.load_pem_x509_certificate(leaves[k][0].read_bytes()).extensions.get_extension_for_class(x509.FreshestCRL)
+        assert fresh.value[0].full_name == [x509.UniformResourceIdentifier(f"{a.endpoint}/crl/sdeltas-{k}-delta.crl")]
+    c = AdminClient(str(a.home), timeout=60, session=a.session())  # in-process: a CLI process costs ~1 s
+    complete = x509.load_der_x509_crl(ops.crl_generate(c, "sdeltas"))
+    with pytest.raises(x509.ExtensionNotFound):  # the complete CRL is no delta's base
+        complete.extensions.get_extension_for_class(x509.FreshestCRL)
+    bases = {k: _get(f"{a.endpoint}/crl/sdeltas-{k}.crl") for k in (0, 1)}
+    for k, der in bases.items():
+        crl = x509.load_der_x509_crl(der)
+        assert crl.extensions.get_extension_for_class(x509.FreshestCRL).value[0].full_name == [
+            x509.UniformResourceIdentifier(f"{a.endpoint}/crl/sdeltas-{k}-delta.crl")]
+        assert lint.lint_crl(der) == [], k
+
+    def serial(p) -> int:
+        return x509.load_pem_x509_certificate(p.read_bytes()).serial_number
+    victim, bystander = leaves[1][0], leaves[0][0]
+    ops.revoke(c, "sdeltas", serial(victim).to_bytes(20, "big").lstrip(b"\0"), "keyCompromise")
+    url = f"{a.endpoint}/crl/sdeltas-1-delta.crl"
+    deadline = time.monotonic() + BOUND
+    while True:  # the scheduler signs every shard's delta right after a revocation
+        r = subprocess.run(["curl", "-sf", url], capture_output=True, timeout=30)
+        if r.returncode == 0 and serial(victim) in [e.serial_number for e in x509.load_der_x509_crl(r.stdout)]:
+            break
+        assert time.monotonic() < deadline, r
+        time.sleep(0.3)
+    deltas = {1: r.stdout, 0: _get(f"{a.endpoint}/crl/sdeltas-0-delta.crl")}
+    for k, der in deltas.items():
+        crl = x509.load_der_x509_crl(der)
+        assert lint.lint_crl(der) == [], k
+        idp = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint)  # the base's scope
+        assert idp.critical and idp.value.full_name == [x509.UniformResourceIdentifier(f"{a.endpoint}/crl/sdeltas-{k}.crl")]
+        ind = crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+        assert ind.critical and ind.value.crl_number == _number(bases[k]) < _number(der)  # the shard's sequence
+        assert all(e.serial_number % 2 == k for e in crl)  # only its own shard's changes
+    assert serial(victim) not in [e.serial_number for e in x509.load_der_x509_crl(deltas[0])]
+    pems = {(k, w): _pem_crl(tmp_path, f"sd-{w}-{k}", d) for k in (0, 1) for w, d in (("base", bases[k]), ("delta", deltas[k]))}
+
+    def verify(cert, k, *which):
+        args = [x for w in which for x in ("-CRLfile", str(pems[(k, w)]))]
+        return openssl("verify", "-crl_check", "-use_deltas", "-CAfile", str(root), "-untrusted", str(ca_pem),
+                       *args, str(cert), check=False)
+    r = verify(victim, 1, "base")
+    assert r.returncode == 0, r.stdout + r.stderr  # its shard's base predates the revocation
+    r = verify(victim, 1, "base", "delta")
+    assert b"certificate revoked" in r.stdout + r.stderr, r.stdout + r.stderr
+    for k, leaf in ((0, bystander), (1, leaves[1][1])):
+        r = verify(leaf, k, "base", "delta")
+        assert r.returncode == 0, r.stdout + r.stderr
+    # `crl generate --delta` signs every shard's delta and answers shard 0's
+    d0_der = ops.crl_generate(c, "sdeltas", delta=True)
+    c.close()
+    d0 = x509.load_der_x509_crl(d0_der)
+    assert d0.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value.full_name == [
+        x509.UniformResourceIdentifier(f"{a.endpoint}/crl/sdeltas-0.crl")]
+    assert _number(d0_der) > _number(deltas[0])
+    # a CA named like a shard's delta is refused in one line
+    r = a.cli("ca", "create", "sdeltas-1-delta", "--parent", "root", "--subject", "CN=Collide2,O=Donjon Test", check=False)
+    assert r.returncode != 0 and b"delta CRL name of a CRL shard of CA 'sdeltas'" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and b"Traceback" not in r.stderr
+    # crl.delta through `donjon config set` (an administrator's session; written for the next start)
+    out = a.cli("config", "set", "crl.delta", "{ deltas = 60, sdeltas = 30 }", officer="admin").stdout.decode()
+    assert "takes effect" in out and 'delta = { "deltas" = 60, "sdeltas" = 30 }' in (a.home / "donjon.toml").read_text()
+    r = a.cli("config", "set", "crl.delta", "{ sdeltas = 0 }", officer="admin", check=False)
+    assert r.returncode == 1 and b"1..1440" in r.stderr and b"Traceback" not in r.stderr

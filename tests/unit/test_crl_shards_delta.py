@@ -244,8 +244,10 @@ def test_remove_from_crl_only_in_a_delta_and_the_delta_config(tmp_path):
     from appliance import config as cfgmod
     (tmp_path / "donjon.toml").write_text("[crl]\ndelta = { issuing = 60 }\n")
     assert cfgmod.load(str(tmp_path)).crl.delta == {"issuing": 60}
-    for bad, word in (("shards = { issuing = 4 }\ndelta = { issuing = 60 }", "one-shard CAs"),
-                      ("delta = { issuing = 0 }", ">= 1"), ("delta = { issuing = 1441 }", "<= 1440")):
+    # a sharded CA has deltas too (one per shard, issue 19): no longer refused
+    (tmp_path / "donjon.toml").write_text("[crl]\nshards = { issuing = 4 }\ndelta = { issuing = 60 }\n")
+    assert cfgmod.load(str(tmp_path)).crl.delta == {"issuing": 60}
+    for bad, word in (("delta = { issuing = 0 }", ">= 1"), ("delta = { issuing = 1441 }", "<= 1440")):
         (tmp_path / "donjon.toml").write_text(f"[crl]\n{bad}\n")
         with pytest.raises(cfgmod.ConfigError, match=word) as e:
             cfgmod.load(str(tmp_path))

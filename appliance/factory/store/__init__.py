@@ -19,6 +19,7 @@ import apsw
 import trio
 from cryptography import x509
 
+from policy import crl as pcrl
 from policy.audit import GENESIS
 
 from ..cmdb import Cmdb, CmdbError, serial_bytes, serial_int
@@ -46,6 +47,11 @@ _LIST_COUNT = {
     "issued-serials": ("SELECT count(*), coalesce(sum(length(serial) + 2 + (hex(substr(serial, 1, 1)) >= '80')), 0) "
                        "FROM serials WHERE ca=? AND state='issued'"),
 }
+# One page of pre-encoded CRL entries as one blob: concatenated in C (no Python object per entry).
+_DER_PAGE = ("SELECT CAST(group_concat(der, '' ORDER BY serial) AS BLOB), count(*), max(serial) FROM "
+             "(SELECT serial, der FROM crl_der WHERE ca=? AND serial > ? ORDER BY serial LIMIT ?)")
+_DER_SHARD_PAGE = ("SELECT CAST(group_concat(der, '' ORDER BY serial) AS BLOB), count(*), max(serial) FROM "
+                   "(SELECT serial, der FROM crl_der WHERE ca=? AND shard=? AND serial > ? ORDER BY serial LIMIT ?)")
 _LIST_PAGE = {
     "crl": ("SELECT serial, revoked_at, reason, invalidity FROM revocations WHERE ca=?1 AND serial > ?2 UNION ALL "
             "SELECT serial, revoked_at, reason, invalidity FROM recovered_revocations WHERE ca=?1 AND serial > ?2 "
@@ -331,6 +337,7 @@ class Store(CaQueries, CmpQueries, DistQueries, EnrolSecretQueries, GatewayQueri
         """A new revocation, its OCSP response queued for re-signing."""
         c = self.require_active().db
         c.execute("INSERT INTO revocations VALUES (?,?,?,?,?,?)", (ca, serial, at, reason, invalidity, entry_len))
+        self._keep_crl_entry(c, ca, serial, at, reason, invalidity, entry_len)
         c.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (ca, serial))
 
     def change_revocation(self, ca: str, serial: bytes, reason: int | None, invalidity: int | None, entry_len: int) -> None:
@@ -338,7 +345,23 @@ class Store(CaQueries, CmpQueries, DistQueries, EnrolSecretQueries, GatewayQueri
         c = self.require_active().db
         c.execute("UPDATE revocations SET reason=?, invalidity=?, entry_len=? WHERE ca=? AND serial=?",
                   (reason, invalidity, entry_len, ca, serial))
+        row = c.execute("SELECT revoked_at FROM revocations WHERE ca=? AND serial=?", (ca, serial)).fetchone()
+        if row is not None:  # the update's trigger dropped the old entry
+            self._keep_crl_entry(c, ca, serial, row[0], reason, invalidity, entry_len)
         c.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (ca, serial))
+
+    @staticmethod
+    def _keep_crl_entry(c: apsw.Connection, ca: str, serial: bytes, at: int, reason: int | None, invalidity: int | None,
+                        entry_len: int) -> None:
+        """The revocation's CRL entry, encoded once now: full CRLs are read as pages of these (migration 19)."""
+        try:
+            der = pcrl.encode_entries([(serial_int(serial), at, reason, invalidity)])
+        except ValueError:
+            return  # no fast path for it: the CRL is then encoded entry by entry, which says what is wrong
+        if len(der) != entry_len:
+            return  # the length declared to the CIS would be wrong: the slow path refuses it as before
+        shard = c.execute("SELECT shard FROM cert_shards WHERE serial=? AND ca=?", (serial, ca)).fetchone()
+        c.execute("INSERT OR REPLACE INTO crl_der VALUES (?,?,?,?)", (ca, serial, der, shard[0] if shard else None))
 
     def delete_revocation(self, ca: str, serial: bytes) -> None:
         """A certificateHold released, OCSP queued."""
@@ -352,8 +375,7 @@ class Store(CaQueries, CmpQueries, DistQueries, EnrolSecretQueries, GatewayQueri
         """(CA names, certificates, revocations, audit records, audit head hex)."""
         c = self.require_active().db
         cas = [r[0] for r in c.execute("SELECT name FROM cas ORDER BY created")]
-        certs = _one(c, "SELECT count(*) FROM certs")[0]
-        revoked = _one(c, "SELECT count(*) FROM revocations")[0]
+        certs, revoked = _one(c, "SELECT coalesce(sum(issued), 0), coalesce(sum(revoked), 0) FROM ca_counts")
         n_audit = _one(c, "SELECT count(*) FROM audit")[0]
         head = c.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         return cas, certs, revoked, n_audit, head[0].hex() if head else None
@@ -364,8 +386,9 @@ class Store(CaQueries, CmpQueries, DistQueries, EnrolSecretQueries, GatewayQueri
         out: list[Any] = []
         for name, key_type, der, crl_number in c.execute("SELECT name, key_type, cert, crl_number FROM cas ORDER BY created").fetchall():
             nu = c.execute("SELECT next_update FROM crls WHERE ca=? ORDER BY number DESC LIMIT 1", (name,)).fetchone()
-            issued = _one(c, "SELECT count(*) FROM certs WHERE ca=?", (name,))[0]
-            revoked = _one(c, "SELECT count(*) FROM revocations WHERE ca=?", (name,))[0]
+            # kept by triggers (migration 19): no count over a million rows every few seconds
+            counts = c.execute("SELECT issued, revoked FROM ca_counts WHERE ca=?", (name,)).fetchone()
+            issued, revoked = (counts[0], counts[1]) if counts else (0, 0)
             out.append((name, key_type, der, crl_number, nu[0] if nu else None, issued, revoked))
         return out
 
@@ -491,6 +514,31 @@ class Store(CaQueries, CmpQueries, DistQueries, EnrolSecretQueries, GatewayQueri
         """The next page of entries (revocations, or issued serials) after serial `after`, in serial order."""
         return [tuple(row) for row in self._reader().db.execute(_LIST_PAGE[kind], (ca, after, limit))]
 
+    def der_pages_ready(self, ca: str) -> bool:
+        """In the open snapshot: every entry of the CA's full CRL is kept encoded (crl_der), none recovered by a
+        restore: the CRL can be sent as pre-encoded pages (else entry by entry, as before)."""
+        r = self._reader().db
+        n_rev, n_der, n_rec = _one(r, "SELECT (SELECT count(*) FROM revocations WHERE ca=?1), "
+                                      "(SELECT count(*) FROM crl_der WHERE ca=?1), "
+                                      "(SELECT count(*) FROM recovered_revocations WHERE ca=?1)", (ca,))
+        return n_rev == n_der and n_rec == 0
+
+    def der_page(self, ca: str, after: bytes, limit: int) -> tuple[bytes, int, bytes]:
+        """In the open snapshot: (the next `limit` encoded entries after serial `after`, concatenated in serial
+        order by SQLite itself, their count, the last serial)."""
+        blob, n, last = _one(self._reader().db, _DER_PAGE, (ca, after, limit))
+        return (blob or b""), int(n), (last or b"")
+
+    def shard_der_ready(self, ca: str, shard: int, count: int) -> bool:
+        """In the open snapshot: the shard's `count` revocations are all kept encoded with their shard."""
+        n = _one(self._reader().db, "SELECT count(*) FROM crl_der WHERE ca=? AND shard=?", (ca, shard))[0]
+        return bool(n == count)
+
+    def shard_der_page(self, ca: str, shard: int, after: bytes, limit: int) -> tuple[bytes, int, bytes]:
+        """As der_page, for one CRL shard (its index, crl_der_shard)."""
+        blob, n, last = _one(self._reader().db, _DER_SHARD_PAGE, (ca, shard, after, limit))
+        return (blob or b""), int(n), (last or b"")
+
     def list_snapshot_end(self) -> None:
         self._reader().db.execute("COMMIT")
 
@@ -506,12 +554,15 @@ class Store(CaQueries, CmpQueries, DistQueries, EnrolSecretQueries, GatewayQueri
             self.list_snapshot_end()
 
     def store_signed_list(self, kind: str, ca: str, number: int, this_update: int, next_update: int, entries: int,
-                          parts: Iterable[bytes], total: int) -> bytes:
+                          parts: Iterable[bytes], total: int, sha256: bytes | None = None) -> bytes:
         """Write a signed CRL or issued-serials list of `total` bytes from its parts (inside tx()),
-        streamed into a blob; returns its SHA-256. A number already stored fails (primary key)."""
+        streamed into a blob; returns its SHA-256. A number already stored fails (primary key).
+        `sha256` known beforehand goes into the row with it (checked against what is written): setting it
+        afterwards rewrites the whole record, a 42 MB CRL read back and written again (≈ 2× its size in memory)."""
         table = LISTS[kind][0]
         c = self.require_active().db
-        c.execute(f"INSERT INTO {table} VALUES (?,?,?,?,?,?,zeroblob(?))", (ca, number, this_update, next_update, entries, b"", total))
+        c.execute(f"INSERT INTO {table} VALUES (?,?,?,?,?,?,zeroblob(?))",
+                  (ca, number, this_update, next_update, entries, sha256 or b"", total))
         rowid = c.last_insert_rowid()
         h = hashlib.sha256()
         written = 0
@@ -523,7 +574,10 @@ class Store(CaQueries, CmpQueries, DistQueries, EnrolSecretQueries, GatewayQueri
         if written != total:
             raise CmdbError(f"the signed list is {written} bytes, {total} announced")
         digest = h.digest()
-        c.execute(f"UPDATE {table} SET sha256=? WHERE rowid=?", (digest, rowid))
+        if sha256 is None:
+            c.execute(f"UPDATE {table} SET sha256=? WHERE rowid=?", (digest, rowid))
+        elif digest != sha256:
+            raise CmdbError("the signed list differs from the digest announced with it")
         return digest
 
     def crls_due(self, now: int) -> set[str]:
@@ -550,6 +604,16 @@ class Store(CaQueries, CmpQueries, DistQueries, EnrolSecretQueries, GatewayQueri
         if self.reader is None:
             raise inactive()
         return self.reader
+
+    def snapshot_begin(self) -> apsw.Connection:
+        """Open a read snapshot on the reader connection (reader thread): the shards of one CRL generation
+        are all read from it; whoever reads last ends it (or snapshot_abort on a failure)."""
+        r = self._reader().db
+        r.execute("BEGIN")
+        return r
+
+    def snapshot_abort(self) -> None:
+        self._reader().db.execute("ROLLBACK")
 
 
 def ca_state(db: apsw.Connection, name: str, now: float) -> tuple[str, str]:

@@ -15,7 +15,8 @@ class CaQueries(Queries):
         row = self._c.execute("SELECT successor FROM ca_successors WHERE ca=?", (ca,)).fetchone()
         return row[0] if row else None
 
-    def latest_base_crl(self, ca: str) -> int | None:
-        """The number of the newest full CRL a delta CRL of `ca` can be based on (its log mark), if any."""
-        row = self._c.execute("SELECT max(number) FROM crl_log_marks WHERE ca=? AND shard=0", (ca,)).fetchone()
+    def latest_base_crl(self, ca: str, shard: int = 0) -> int | None:
+        """The number of the newest full CRL a delta CRL of `ca` (of its shard `shard`) can be based on (its log
+        mark), if any."""
+        row = self._c.execute("SELECT max(number) FROM crl_log_marks WHERE ca=? AND shard=?", (ca, shard)).fetchone()
         return row[0] if row else None

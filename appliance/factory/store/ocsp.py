@@ -60,6 +60,12 @@ class OcspQueries(Queries):
             "SELECT s.shard, max(c.number) FROM crl_shard_numbers s JOIN crls c ON c.ca = s.ca || '-' || s.shard "
             "WHERE s.ca=? GROUP BY s.shard", (ca,))]
 
+    def latest_shard_delta_crls(self, ca: str) -> list[tuple[int, int]]:
+        """(shard, number of its newest delta CRL) of each CRL shard of `ca` that has one."""
+        return [(r[0], r[1]) for r in self._c.execute(
+            "SELECT s.shard, max(c.number) FROM crl_shard_numbers s JOIN crls c ON c.ca = s.ca || '-' || s.shard || '-delta' "
+            "WHERE s.ca=? GROUP BY s.shard", (ca,))]
+
     def ocsp_after(self, seq: int, limit: int) -> list[tuple[Any, ...]]:
         """(ca, serial, this_update, next_update, sha1 DER, sha256 DER, seq) of the responses after `seq`, in order."""
         return [tuple(r) for r in self._c.execute(

@@ -105,6 +105,16 @@ class CrlEntries(_Msg, tag="crl-entries"):
     entries: Annotated[list[CrlEntry], msgspec.Meta(max_length=20000)]
 
 
+class CrlEntriesDer(_Msg, tag="crl-entries-der"):
+    """A full CRL's entries pre-encoded by the Factory (kept encoded in the CMDB since their revocation): the
+    CIS checks every element's shape and the serials' order strictly (policy.crl.check_encoded) before it
+    hashes them, and sends nothing back but the header, the trailer and the signature."""
+
+    id: ReqId
+    data: Annotated[bytes, msgspec.Meta(max_length=4 * 1024 * 1024)]
+    count: Annotated[int, msgspec.Meta(ge=1, le=100_000)]
+
+
 class SerialEntries(_Msg, tag="serial-entries"):
     id: ReqId
     serials: Annotated[list[Serial], msgspec.Meta(max_length=20000)]
@@ -239,7 +249,7 @@ class CaInstalled(_Msg, tag="ca-installed"):
     anchor: Der
 
 
-FactoryToCis = Union[Hello, Activate, GenerateKey, DeleteKey, Issue, CrlBegin, CrlEntries, SerialEntries, CrlEnd, SignOcsp, Ping,
+FactoryToCis = Union[Hello, Activate, GenerateKey, DeleteKey, Issue, CrlBegin, CrlEntries, CrlEntriesDer, SerialEntries, CrlEnd, SignOcsp, Ping,
                      SignCheckpoint, GetAuditCert, MakeCaRequest, InstallCaCert, BackupKeys]
 CisToFactory = Union[Hello, Activated, PublicKey, Issued, CrlChunk, CrlSigned, OcspSigned, Ok, Refused,
                      CheckpointSigned, AuditCert, CaRequestMade, CaInstalled, KeysBackedUp]
