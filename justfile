@@ -101,7 +101,7 @@ binary:
 image *PROFILES="online-ca offline-root":
     for p in {{PROFILES}}; do bash image/mkimage "$p" dist/image; done
 
-# Build both images and boot each in QEMU, driving the console on the serial line (image/README)
+# Build both images, boot both in QEMU at once and carry a virtual vfat USB stick between them (two-tier PKI, SSH, clock; image/README)
 image-test *ARGS:
     {{venv}}/python -m pytest image/tests -p no:cacheprovider --basetemp=/var/tmp/donjon-image-test -s {{ARGS}}
 

@@ -776,6 +776,15 @@ def clock_show(as_json: JsonOut = False) -> None:
             typer.echo(line)
 
 
+@clock_app.command("apply", hidden=True)
+def clock_apply() -> None:
+    """donjon-clock@.service only (the image): set the clocks to the epoch read on stdin, one line back."""
+    import sys
+
+    from appliance import clock
+    raise typer.Exit(clock.helper_main(sys.stdin, sys.stdout))
+
+
 @clock_app.command("set")
 def clock_set(when: Annotated[str, typer.Argument(help="The time, UTC: 'YYYY-MM-DD HH:MM:SS'.")],
               home: Home = "./var") -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
 import time
 
 CLOCK_KEY = "clock"  # the ConfigSet key the Factory sends once dual control approved a time (never a donjon.toml key)
@@ -40,20 +39,86 @@ class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
+HELPER_SOCKET_ENV = "DONJON_CLOCK_SOCKET"  # the image: /run/donjon-clock.sock (donjon-clock.socket)
+REPLY_MAX = 512
+
+
 def set_clock(epoch: int) -> str:
-    """Set the system clock (clock_settime) and then the hardware clock (hwclock --systohc). In test mode
-    the FAKE setter named by DONJON_TEST_CLOCK_SETTER_FAKE records the call instead: tests never change
-    the machine's clock."""
+    """Set the system clock and then the hardware clock. In the image the supervisor holds no
+    CAP_SYS_TIME (ProtectClock): it asks the one process that does, `donjon clock-apply`, started per
+    request by donjon-clock.socket (root-only socket). Elsewhere (developer machine, as root) it sets
+    them itself. In test mode the FAKE setter named by DONJON_TEST_CLOCK_SETTER_FAKE records the call
+    instead: tests never change the machine's clock."""
     fake = os.environ.get(FAKE_ENV)
     if fake:
         with open(fake, "a", encoding="ascii") as f:
             f.write(f"{epoch}\n")
         return f"FAKE clock setter (test mode): recorded {epoch}"
+    helper = os.environ.get(HELPER_SOCKET_ENV)
+    if helper:
+        return _ask_helper(helper, epoch)
+    return apply(epoch)
+
+
+def _ask_helper(path: str, epoch: int) -> str:
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(60)  # the helper is the frozen bundle, started on demand (slow on an emulated guest)
+        s.connect(path)
+        s.sendall(f"{epoch}\n".encode())
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while len(reply) <= REPLY_MAX:
+            chunk = s.recv(REPLY_MAX)
+            if not chunk:
+                break
+            reply += chunk
+    text = reply[:REPLY_MAX].decode("ascii", "replace").strip()
+    if not text.startswith("ok: "):
+        raise OSError(0, text.removeprefix("error: ") or "the clock helper gave no answer")
+    return text.removeprefix("ok: ")
+
+
+# <linux/rtc.h>: struct rtc_time is nine ints; RTC_SET_TIME = _IOW('p', 0x0a, struct rtc_time).
+_RTC_SET_TIME = 0x4024700A
+
+
+def apply(epoch: int) -> str:
+    """clock_settime(CLOCK_REALTIME), then the RTC (kept in UTC) through RTC_SET_TIME: both need CAP_SYS_TIME."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.clock_settime(0, ctypes.byref(_Timespec(epoch, 0))) != 0:  # CLOCK_REALTIME
         raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-    r = subprocess.run(["hwclock", "--systohc", "--utc"], capture_output=True, timeout=30, check=False)
-    return "system clock set" + ("; hardware clock set" if r.returncode == 0 else "; hardware clock NOT set (hwclock failed)")
+    import fcntl
+    import struct
+    t = time.gmtime(epoch)
+    try:
+        fd = os.open("/dev/rtc0", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        return f"system clock set; hardware clock NOT set (/dev/rtc0: {e.strerror})"
+    try:
+        fcntl.ioctl(fd, _RTC_SET_TIME, struct.pack("9i", t.tm_sec, t.tm_min, t.tm_hour, t.tm_mday, t.tm_mon - 1,
+                                                   t.tm_year - 1900, 0, 0, 0))
+    except OSError as e:
+        return f"system clock set; hardware clock NOT set (RTC_SET_TIME: {e.strerror})"
+    finally:
+        os.close(fd)
+    return "system clock set; hardware clock set"
+
+
+def helper_main(stdin, stdout) -> int:
+    """`donjon clock-apply`: one request on the socket systemd accepted (stdin/stdout), one line back.
+    Runs with CAP_SYS_TIME and nothing else (donjon-clock@.service); the root-only socket means only
+    the supervisor reaches it, which asks only once the Factory checked dual control and audited."""
+    line = stdin.buffer.readline(32).decode("ascii", "replace").strip()
+    try:
+        msg = apply(check_epoch(line))
+    except (ValueError, OSError) as e:
+        stdout.write(f"error: {e}\n"[:REPLY_MAX])
+        stdout.flush()
+        return 1
+    stdout.write(f"ok: {msg}\n")
+    stdout.flush()
+    return 0
 
 
 SSH_KEYS_ENV = "DONJON_SSH_KEYS_DIR"  # the image: /var/lib/donjon-ssh/authorized_keys (sshd's AuthorizedKeysFile); default HOME/ssh/authorized_keys

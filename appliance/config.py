@@ -58,6 +58,11 @@ class Crl(_C):
     # (its scope, RFC 5280 §5.2.5: the shard's IDP, based on the shard's latest full CRL, its numbers).
     delta: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")],
                 Annotated[int, msgspec.Meta(ge=1, le=24 * 60)]] = {}
+    # An offline root's CRL calendar loaded here (issue 14): status warns and the SNMP notification goes
+    # out when fewer than `calendar-warn-remaining` pre-signed CRLs remain, or when the current one lapses
+    # within `calendar-warn-hours` with none to follow (donjonCrlLapsed once it has).
+    calendar_warn_remaining: Annotated[int, msgspec.Meta(ge=1, le=120)] = 3
+    calendar_warn_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 90)] = 72
 
 
 class Ocsp(_C):
@@ -294,6 +299,8 @@ base-url = "http://127.0.0.1:8080"            # CRL DP and AIA URLs derive from 
 
 [crl]
 validity-hours = 168                          # nextUpdate = thisUpdate + this
+calendar-warn-remaining = 3                   # an offline root's CRL calendar: warn when fewer pre-signed CRLs remain (1-120)
+calendar-warn-hours = 72                      # ... or when the current one lapses this soon with none to follow (1-2160)
 
 [ocsp]
 enabled = true

@@ -106,6 +106,7 @@ def _factory(h: Host, name: str) -> Launch:
                         dist_max_attempts=cfg.distribution.max_attempts, dist_backoff_max=cfg.distribution.backoff_max,
                         ca_profiles={k: tuple(v) for k, v in cfg.ca_profiles.items()}, auto_activate=h.auto_activate,
                         cis_deadline_seconds=cfg.hsm.deadline_seconds, card_profiles=dict(h.card_profiles),
+                        calendar_warn_remaining=cfg.crl.calendar_warn_remaining, calendar_warn_hours=cfg.crl.calendar_warn_hours,
                         **C.officer_settings(cfg), **_gateway_policy(h)),
         rw=(h.layout.cmdb,),
         # TEST MODE ONLY: a simulated clock for the CRL calendar (appliance/factory/tier.py test_clock), from the harness.

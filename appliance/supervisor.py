@@ -395,7 +395,10 @@ class Supervisor:
                 if isinstance(m, S.ConfigSet):
                     if role.kind != "factory":
                         raise ProtocolViolation("a settings change from a role other than the Factory")
-                    await role.chan.send(self._config_set(m))
+                    if m.key == clock.CLOCK_KEY:  # the clock helper may take seconds to start: not on the event loop
+                        await role.chan.send(await trio.to_thread.run_sync(self._config_set, m))
+                    else:
+                        await role.chan.send(self._config_set(m))
                     continue
                 if isinstance(m, S.StatusReport):
                     self.factory_status = m

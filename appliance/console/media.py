@@ -44,21 +44,33 @@ def check_file_name(name: str) -> str:
 
 
 def path_in(media: str, name: str) -> str:
-    check_file_name(name)
-    path = os.path.join(media, name)
-    if os.path.dirname(os.path.abspath(path)) != media:
+    """A plain name in the media folder, or `FOLDER/NAME` one level down (a ceremony's output folder
+    carried from the other appliance); never a symbolic link on the way, never a path out of it."""
+    folder, _, base = name.rpartition("/")
+    check_file_name(base)
+    where = media
+    if folder:
+        check_file_name(folder)
+        where = os.path.join(media, folder)
+        if os.path.islink(where) or not os.path.isdir(where):
+            raise OpError(f"invalid file name {name[:40]!r}: {folder[:40]} is not a folder on the media")
+    path = os.path.join(where, base)
+    if os.path.dirname(os.path.abspath(path)) != where or os.path.realpath(where) != os.path.join(os.path.realpath(media), folder).rstrip("/"):
         raise OpError(f"invalid file name {name[:40]!r}")
     return path
 
 
-def list_files(media: str, suffixes: tuple[str, ...]) -> list[str]:
+def list_files(media: str, suffixes: tuple[str, ...], subfolders: bool = False) -> list[str]:
+    """Regular files with one of the suffixes; with subfolders, also `FOLDER/NAME` one level down."""
     out = []
     for fn in sorted(os.listdir(media)):
-        if FILE_RE.match(fn) and ".." not in fn and fn.lower().endswith(suffixes):
+        if FILE_RE.match(fn) and ".." not in fn:
             st = os.lstat(os.path.join(media, fn))
-            if os.path.stat.S_ISREG(st.st_mode):
+            if os.path.stat.S_ISREG(st.st_mode) and fn.lower().endswith(suffixes):
                 out.append(fn)
-    return out
+            elif subfolders and os.path.stat.S_ISDIR(st.st_mode):
+                out += [f"{fn}/{x}" for x in list_files(os.path.join(media, fn), suffixes)][:200]
+    return out[:1000]
 
 
 def read(media: str, name: str) -> bytes:

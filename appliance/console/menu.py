@@ -48,6 +48,7 @@ class Console:
             ("CRL calendar: load, status", self.calendar),
             ("Officers' SSH keys", self.ssh_keys),
             ("Key backup to media", self.key_backup),
+            ("CA: request, install (media)", self.ca_tier),
         ]
 
     # ------------------------------------------------------------ loop
@@ -175,7 +176,7 @@ class Console:
         return int(a)
 
     def _pick_file(self, media: str, suffixes: tuple[str, ...], what: str) -> str | None:
-        files = M.list_files(media, suffixes)
+        files = M.list_files(media, suffixes, subfolders=True)  # a ceremony's output folder too
         if files:
             self.t.say(f"{what} on the media ({media}):")
             for i, f in enumerate(files, 1):
@@ -466,10 +467,11 @@ class Console:
         if i is None:
             return
         with stick.mounted(devs[i], M.media_path(self.home)) as where:
-            self.t.say(f"mounted {devs[i].path} at {where} (nodev, nosuid, noexec)")
+            self.t.say(f"mounted {devs[i].path} at {where}", f"  options: {stick.mount_options(where)}"[:400])
             actions = [("Ceremonies", self.ceremony), ("Issue from a CSR", self.issue), ("CRL: sign, export", self.crl),
                        ("CRL calendar: load, status", self.calendar), ("Audit: verify, export", self.audit),
-                       ("Backup", self.backup)]
+                       ("Backup", self.backup), ("CA: request, install", self.ca_tier),
+                       ("Officers' SSH keys", self.ssh_keys)]
             while True:
                 self.t.page([f"files: {', '.join(M.list_files(where, ('',))[:20]) or 'none'}"])
                 j = self.t.choose("with the media", [a[0] for a in actions])
@@ -509,6 +511,37 @@ class Console:
             self.t.say(ops.officer_ssh_key(self.s.client, name, key)["message"])
         elif self.t.confirm(f"remove the SSH key of {name}?"):
             self.t.say(ops.officer_ssh_key(self.s.client, name, None)["message"])
+
+    def ca_tier(self) -> None:
+        """Two tiers across appliances: a CA's request to the media for a parent elsewhere, and the
+        certificate that parent signed installed from the media (dual control and audit as ca-create)."""
+        i = self.t.choose("CA", ["Request: a new CA key in the HSM, its CSR to the media",
+                                 "Install a CA certificate from the media"])
+        if i is None:
+            return
+        media = M.media_dir(self.home)
+        name = self._ask_name("CA name", what="CA name")
+        if not name:
+            return
+        if i == 0:
+            subject = ops.parse_subject(self.t.ask("subject (e.g. CN=Example Issuing CA,O=Example,C=FR): ").strip())
+            key_type = self.t.ask("key type (rsa3072|rsa4096|p256|p384|ed25519) [p256]: ").strip() or "p256"
+            path_length = self._ask_int("path length", 0, 16)
+            out = M.path_in(media, f"{name}.csr")
+            if os.path.lexists(out):
+                raise OpError(f"{name}.csr already exists on the media: refusing to overwrite it")
+            doc = ops.ca_request(self.s.client, name, subject, key_type, "sub-ca", path_length, (), "new")
+            M.write_new(out, doc["csr"].encode())
+            self.t.say(f"CA {doc['name']}: {doc['state']}", f"  request sha256 {doc['sha256'][:32]}... -> media: {name}.csr")
+            return
+        cert = self._pick_file(media, (".pem", ".crt", ".cer"), "CA certificate")
+        if cert is None:
+            return
+        anchor = self._pick_file(media, (".pem", ".crt", ".cer"), "trust anchor (the root; Enter: the one kept)")
+        der = ops.certs_of(M.read(media, cert), cert, 1)[0]
+        root = ops.certs_of(M.read(media, anchor), anchor, 1)[0] if anchor else None
+        doc = ops.ca_install(self.s.client, name, der, [], root)
+        self.t.say(f"installed CA {doc['name']}: {doc['subject']}"[:79], f"  serial {doc['serial']} until {doc['not_after'][:10]}")
 
     def shutdown(self) -> None:
         if not self.t.confirm("stop the appliance (every role, cleanly)?"):

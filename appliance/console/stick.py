@@ -76,3 +76,14 @@ def mounted(dev: Device, where: str) -> Iterator[str]:
         u = subprocess.run(["umount", where], capture_output=True, env=ENV, timeout=60, check=False)
         if u.returncode != 0 or os.path.ismount(where):
             raise OpError(f"{where}: the media could not be unmounted: do not remove it; try again")
+
+
+def mount_options(where: str) -> str:
+    """The options the kernel applied to what is mounted at `where` (shown to the officers: nodev, nosuid, noexec)."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            rows = [ln.split() for ln in f]
+    except OSError:
+        return "?"
+    opts = [r[3] for r in rows if len(r) >= 4 and r[1] == where]
+    return opts[-1] if opts else "?"

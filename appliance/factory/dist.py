@@ -325,6 +325,9 @@ class Dist:
     def _load_object(self, action: str, ca: str, ref: bytes | None, number: int):
         st_ = self.store
         row = st_.ca_cert_and_parent(ca)
+        if row is None and action == "crl":  # an offline root's pre-signed CRL (tier.py): verified against its root certificate
+            root = st_.calendar_root_cert(ca)
+            row = (root, None) if root is not None else None
         if row is None:
             return b"", False, (), None
         ca_der, parent = row

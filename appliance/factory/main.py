@@ -243,7 +243,7 @@ async def _setup(fds: dict[str, int], sup: Channel, cfg: S.FactoryConfig) -> rol
         f.officers = Officers(f, f.store, admin.TABLE)
         f.checkpoints = Checkpoints(f.store, f.cis, cfg.checkpoint_seconds, f.send_event)
         f.tier = Tier(f.store, f.cis, f.profiles, dict(cfg.ca_profiles), f.ocsp.publish, f.dist.enqueue_object, f.send_event,
-                      f.dist.poke, cfg.home)
+                      f.dist.poke, cfg.home, cfg.calendar_warn_remaining, cfg.calendar_warn_hours)
         gateway.append(GatewayService(GatewayHost(f.store, cfg, f.profiles, f.issue, f.issuance.issue_one, f.revoke, f.check_issuer,
                                                   f.ca_chain, f.audit)))
         f.cmp = CmpService(CmpHost(f.store, f.profiles, f.issuance.issue_one, f.revoke, f.check_issuer, f.ca_chain, f.audit))

@@ -405,14 +405,17 @@ class Tier:
         return doc
 
     def _warning(self, doc: dict[str, Any], now: int) -> str | None:
+        """The most urgent of: the current CRL lapsed; it lapses within warn_hours with none to follow;
+        fewer than warn_remaining pre-signed CRLs left ([crl] calendar-warn-remaining / -hours)."""
+        nu = doc["current_next_update"]
+        if nu is not None and nu <= now:
+            return f"CRL calendar of {doc['ca']}: the current CRL #{doc['current']} has lapsed"
+        if nu is not None and nu - now < self.warn_hours * 3600 and doc["remaining"] == 0:
+            return (f"CRL calendar of {doc['ca']}: the current CRL #{doc['current']} lapses at "
+                    f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(nu))} UTC (within {self.warn_hours} h), none to follow")
         if doc["remaining"] < self.warn_remaining:
             return (f"CRL calendar of {doc['ca']}: {doc['remaining']} pre-signed CRL(s) left (fewer than {self.warn_remaining}): "
                     "bring the next calendar from the offline root")
-        nu = doc["current_next_update"]
-        if nu is not None and nu - now < self.warn_hours * 3600 and doc["remaining"] == 0:
-            return f"CRL calendar of {doc['ca']}: the current CRL #{doc['current']} lapses at {time.strftime('%Y-%m-%d %H:%M', time.gmtime(nu))} UTC"
-        if nu is not None and nu <= now:
-            return f"CRL calendar of {doc['ca']}: the current CRL #{doc['current']} has lapsed"
         return None
 
     async def status(self) -> list[dict[str, Any]]:

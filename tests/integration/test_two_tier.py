@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -17,7 +19,7 @@ import pytest
 from cryptography import x509
 
 from tests.conftest import PASSWORD, VENV_BIN, Appliance, ApplianceMaker, make_csr, openssl
-from tests.servers import free_udp_port
+from tests.servers import Receiver, free_udp_port, snmptrapd
 
 WITNESSES = ("alice", "bob")
 DAY = 86400
@@ -66,7 +68,16 @@ def pki(module_appliance_factory):
     base = Path(tempfile.mkdtemp(prefix="donjon-tier-"))
     os.chmod(base, 0o711)
     made: list[Appliance] = []  # stopped whatever happens, even a failure half-way through the setup
+    servers = contextlib.ExitStack()
     try:
+        # The online box's notifications go to a real snmptrapd; its Distribution rule "web" publishes the
+        # offline root's calendar CRLs to an HTTP destination (tests/servers.py Receiver: stores each PUT).
+        traps_dir = base / "traps"
+        traps_dir.mkdir()
+        trap_port, trap_log = servers.enter_context(snmptrapd(
+            traps_dir, "authCommunity log ro-test\n", dict(os.environ, SNMP_PERSISTENT_DIR=str(traps_dir), MIBS="", MIBDIRS="")))
+        web = Receiver(base / "web")
+        servers.callback(web.stop)
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         root = _start(module_appliance_factory, base, "root", ROOT_CEREMONY, "enabled = false\n",
@@ -77,11 +88,17 @@ def pki(module_appliance_factory):
         online = _start(module_appliance_factory, base, "online", ONLINE_CEREMONY, "",
                         lambda t: t.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"') +
                         f'\n[endpoint]\nbase-url = "{url}"\n[snmp]\nenabled = true\nlisten = "127.0.0.1:{snmp_port}"\n'
-                        'community-file = "secrets/ro"\ncommunity-sources = ["127.0.0.0/8"]\n')
+                        'community-file = "secrets/ro"\ncommunity-sources = ["127.0.0.0/8"]\n'
+                        f'[[snmp.targets]]\nhost = "127.0.0.1"\nport = {trap_port}\nversion = "v2c"\ncommunity-file = "secrets/ro"\n'
+                        # K of "fewer than K CRLs remain" and the lapse horizon: not the defaults (3, 72 h), to show they are read.
+                        '[crl]\ncalendar-warn-remaining = 5\ncalendar-warn-hours = 100\n'
+                        f'[distribution]\nbackoff-max = 2\n[[distribution.rule]]\nname = "web"\nurl = "{web.url}/pki"\n'
+                        'publish = ["crl"]\ncas = ["root"]\n')
         (online.home / "secrets").mkdir(mode=0o700, exist_ok=True)
         (online.home / "secrets" / "ro").write_text("ro-test\n")
         os.chmod(online.home / "secrets" / "ro", 0o600)
         online.snmp_port = snmp_port  # type: ignore[attr-defined]
+        online.trap_log, online.web = trap_log, web  # type: ignore[attr-defined]
         made.append(online)
         assert f'base-url = "{url}"' in (root.home / "donjon.toml").read_text()
         clock = online.home / "cmdb" / "test-clock"
@@ -106,6 +123,7 @@ def pki(module_appliance_factory):
     finally:
         with ThreadPoolExecutor(2) as pool:  # side by side too; each stop waits for its own supervisor
             list(pool.map(lambda a: a.stop(), made))
+        servers.close()
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -233,10 +251,12 @@ out = "root-calendar.json"
     doc = json.loads(r.stdout)
     assert doc["ca"] == "root" and doc["current"] is None and doc["remaining"] == 12 and doc["new"] == 12
     assert _get(f"{url}/crl/root.crl") is None  # 404: nothing due yet
+    assert _web_puts(online) == []  # nor handed to the Distribution rule
     _set_clock(clock, tus[0])
     cal = _status(online)
     assert cal["current"] == numbers[0] and cal["remaining"] == 11 and cal["warning"] is None
     assert _get(f"{url}/crl/root.crl") == crls[0]
+    _web_wait(online, [crls[0]])  # the rule "web" got it once its thisUpdate came
     make_csr(tmp_path, "leaf", subj="/CN=www.example.org")
     online.cli("issue", "--ca", "issuing", "--profile", "tls-server", "--csr", str(tmp_path / "leaf.csr"),
                "--out", str(tmp_path / "leaf.pem"))
@@ -269,13 +289,22 @@ out = "root-calendar.json"
         raise AssertionError(f"the root's calendar CRL is not in the SNMP CA table:\n{w}")
     _set_clock(clock, tus[1] - 1)
     assert _status(online)["current"] == numbers[0]
+    assert _web_puts(online) == [_sha(crls[0])]  # one second before its thisUpdate, the next one is not out
     _set_clock(clock, tus[1])
     assert _status(online)["current"] == numbers[1]
     assert _get(f"{url}/crl/root.crl") == crls[1]
+    _web_wait(online, [crls[0], crls[1]])
+    # [crl] calendar-warn-remaining = 5 here: 4 left warns (the default, 3, would not).
+    _set_clock(clock, tus[7])
+    cal = _status(online)
+    assert cal["current"] == numbers[7] and cal["remaining"] == 4
+    assert "4 pre-signed CRL(s) left (fewer than 5)" in cal["warning"], cal
+    _trap_wait(online, "4 pre-signed CRL(s) left")
     _set_clock(clock, tus[10])
     cal = _status(online)
     assert cal["current"] == numbers[10] and cal["remaining"] == 1
     assert "1 pre-signed CRL(s) left" in cal["warning"]
+    _web_wait(online, [crls[0], crls[1], crls[7], crls[10]])  # the passed-over ones never go out
     st = json.loads(online.cli("status", "--json").stdout)
     assert st["crl_calendars"][0]["warning"] == cal["warning"]
     assert "crl-calendar-low" in online.log.read_text()
@@ -308,6 +337,33 @@ out = "root-calendar-2.json"
     clock.unlink()  # the online box back on the real clock for the next tests
 
 
+def test_calendar_lapse_warnings_status_and_snmp(pki):
+    """The calendar loaded last (12 CRLs after the compromise): with the simulated clock, the three warnings in
+    turn, each in status and as an SNMP notification at snmptrapd: none left (fewer than the configured 5), the
+    current one lapsing within the configured 100 h (donjonCrlExpiring), then lapsed (donjonCrlLapsed)."""
+    from appliance.snmp import mib as M
+    _, online, _, clock, _ = pki
+    try:
+        end = _status(online)["covered_until"]  # the last CRL's nextUpdate
+        _set_clock(clock, end - 101 * 3600)  # every CRL due: the last one published, none left; 101 h is not yet "near"
+        cal = _status(online)
+        assert cal["remaining"] == 0 and cal["current_next_update"] == end
+        assert "0 pre-signed CRL(s) left (fewer than 5)" in cal["warning"], cal
+        _trap_wait(online, "0 pre-signed CRL(s) left")
+        _set_clock(clock, end - 99 * 3600)
+        cal = _status(online)
+        assert f"the current CRL #{cal['current']} lapses at" in cal["warning"] and "within 100 h" in cal["warning"], cal
+        assert json.loads(online.cli("status", "--json").stdout)["crl_calendars"][0]["warning"] == cal["warning"]
+        expiring = ".".join(map(str, M.NOTIFY_OID["crl-expiring"]))
+        _trap_wait(online, "lapses at", expiring)
+        _set_clock(clock, end)
+        cal = _status(online)
+        assert cal["warning"].endswith(f"the current CRL #{cal['current']} has lapsed"), cal
+        _trap_wait(online, "has lapsed", ".".join(map(str, M.NOTIFY_OID["crl-lapsed"])))
+    finally:
+        clock.unlink(missing_ok=True)
+
+
 def ops_crl_number(a: Appliance, tmp: Path) -> int:
     """The number of the CRL just signed (a new one, so that it is the newest number handed out)."""
     a.cli("crl", "generate", "--ca", "root", "--out", str(tmp / "now.crl"))
@@ -323,6 +379,37 @@ def _status(online: Appliance) -> dict:
     cals = json.loads(online.cli("crl", "calendar", "status", "--json").stdout)
     assert [c["ca"] for c in cals] == ["root"]
     return cals[0]
+
+
+def _sha(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
+
+
+def _web_puts(online: Appliance) -> list[str]:
+    """The SHA-256 of each root CRL the Distribution rule "web" delivered, in order (the HTTP destination's log)."""
+    return [ln[4] for ln in online.web.log() if ln[1] == "/pki/root.crl"]  # type: ignore[attr-defined]
+
+
+def _web_wait(online: Appliance, want: list[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        got = _web_puts(online)
+        if got == [_sha(x) for x in want]:
+            return
+        assert len(got) <= len(want) and time.monotonic() < deadline, f"rule web delivered {got}, wanted {[_sha(x) for x in want]}"
+        time.sleep(0.1)
+
+
+def _trap_wait(online: Appliance, text: str, oid: str | None = None) -> str:
+    """The notification carrying `text` at the module's snmptrapd (the supervisor sends one per new warning)."""
+    deadline = time.monotonic() + 30
+    while True:
+        log = online.trap_log.read_text(errors="replace")  # type: ignore[attr-defined]
+        hits = [blk for blk in log.split("\n\n") if text in blk or text in blk.replace("\n", " ")]
+        if hits and (oid is None or oid in hits[-1]):
+            return hits[-1]
+        assert time.monotonic() < deadline, f"no notification with {text!r} (oid {oid}):\n{log[-3000:]}"
+        time.sleep(0.1)
 
 
 def _wait_crl(url: str, ca: str) -> None:

@@ -87,6 +87,11 @@ class DistQueries(Queries):
         row = self._c.execute("SELECT cert, parent FROM cas WHERE name=?", (name,)).fetchone()
         return (row[0], row[1]) if row else None
 
+    def calendar_root_cert(self, ca: str) -> bytes | None:
+        """The certificate of an offline root whose pre-signed CRLs this box publishes (CRL calendar, tier.py)."""
+        row = self._c.execute("SELECT cert FROM calendar_roots WHERE ca=?", (ca,)).fetchone()
+        return row[0] if row else None
+
     def cert_der(self, ca: str, serial: bytes | None) -> bytes | None:
         row = self._c.execute("SELECT der FROM certs WHERE ca=? AND serial=?", (ca, serial)).fetchone()
         return row[0] if row else None

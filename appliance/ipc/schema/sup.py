@@ -74,6 +74,10 @@ class FactoryConfig(_Msg, tag="factory-config"):
     # The KGS's card profiles (TOML): the Factory certifies only the slots, CAs and profiles they name.
     card_profiles: dict[Name, Annotated[str, msgspec.Meta(max_length=65536)]] = {}
     standby: bool = False  # ship every commit to the standby CMDB (HOME/cmdb/standby) before acknowledging
+    # An offline root's CRL calendar (tier.py): warn when fewer than this many pre-signed CRLs remain, or
+    # when the current one lapses within this many hours with none to follow.
+    calendar_warn_remaining: Annotated[int, msgspec.Meta(ge=1, le=120)] = 3
+    calendar_warn_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 90)] = 72
 
 
 class RestoreOfficer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
