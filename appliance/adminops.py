@@ -314,7 +314,7 @@ def cert_list(c: AdminClient, ca: str | None, limit: int, subject: str | None = 
         raise OpError(f"unknown status {status!r} (one of: {', '.join(CERT_STATUSES)})")
     if expires_within is not None and not 0 <= expires_within <= 40 * 366:
         raise OpError("--expires-within is a number of days, 0 to 14640")
-    check_range(limit, 1, 100000, "limit")
+    check_range(limit, 1, 10000, "limit")
     for what, v in (("subject", subject), ("SAN", san)):
         if v is not None and not 1 <= len(v) <= 256:
             raise OpError(f"the {what} filter is 1 to 256 characters")

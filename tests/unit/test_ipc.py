@@ -105,3 +105,22 @@ def test_a_new_link_travels_with_its_descriptor():
         await sup.aclose()
         await fac.aclose()
     trio.run(go)
+
+
+def test_a_list_request_never_asks_for_more_than_its_reply_may_hold():
+    """cert-list's limit once allowed 100,000 while its reply holds 10,000: a CA past 10,000 certificates
+    answered `cert list --limit 20000` with an internal error (found by the kill -9 torture's check)."""
+    import typing
+
+    import msgspec
+
+    from appliance.ipc import schema as S
+
+    def bound(cls, field: str, key: str) -> int:
+        hint = typing.get_type_hints(cls, include_extras=True)[field]
+        for h in (hint, *typing.get_args(hint)):
+            for meta in getattr(h, "__metadata__", ()):
+                if isinstance(meta, msgspec.Meta) and getattr(meta, key) is not None:
+                    return getattr(meta, key)
+        raise AssertionError(f"{cls.__name__}.{field} has no {key}")
+    assert bound(S.ACertList, "limit", "le") <= bound(S.CertListReply, "certs", "max_length")

@@ -72,7 +72,7 @@ class ACertShow(_Msg, tag="cert-show"):
 class ACertList(_Msg, tag="cert-list"):
     id: ReqId
     ca: Name | None
-    limit: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 1000
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 1000  # a reply holds at most 10,000 (CertListReply)
     # Filters (all given must match): substrings of the subject or of a SAN (case-insensitive), the
     # status now, valid certificates expiring within N days, the profile.
     subject: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
