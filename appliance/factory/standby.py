@@ -44,6 +44,10 @@ class Standby:
         self._seed(key, cipher)
         shutil.copyfile(os.path.join(home, "cmdb.key"), os.path.join(self.folder, "cmdb.key"))  # the standby alone must do
         self.db = Cmdb(self.path, key, cipher)
+        # A changeset holds every row the primary's transaction changed, its triggers' rows included (the
+        # per-CA counts, the encoded CRL entries): triggers firing again on the standby would apply them
+        # twice and abort the commit. The standby is a replica; it runs no triggers of its own.
+        self.db.db.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
 
     def _seed(self, key: bytes, cipher: str) -> None:
         """A consistent copy of the primary (backup API, page by page, re-encrypted with the same key)."""

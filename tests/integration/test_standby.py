@@ -28,6 +28,7 @@ def test_kill_the_primary_during_issuance_and_promote_the_standby(appliance_fact
     ders = [x509.load_pem_x509_csr(make_csr(tmp_path, f"s{i}", san=f"DNS:s{i}.example.org").read_bytes()).public_bytes(Encoding.DER)
             for i in range(16)]
     received: list[str] = []
+    died: list[str] = []  # why the client stopped, for the assertion's message
     stop = threading.Event()
 
     def client() -> None:  # a client issuing one certificate per request, as fast as it is answered
@@ -38,7 +39,9 @@ def test_kill_the_primary_during_issuance_and_promote_the_standby(appliance_fact
                         return
                     r = c.issue(ca="issuing", profile="tls-server", csrs=[der], validity_days=None)
                     received.extend(s for s in r.serials if s)  # acknowledged: the client holds it now
-        except (ClientError, OSError):
+                    died.extend(res.error for res in r.results if res.error)
+        except (ClientError, OSError) as e:
+            died.append(str(e))
             return  # the appliance died under it
 
     t = threading.Thread(target=client)
@@ -49,7 +52,7 @@ def test_kill_the_primary_during_issuance_and_promote_the_standby(appliance_fact
     a.kill()  # kill -9, in the middle of the client's issuance
     stop.set()
     t.join(30)
-    assert len(received) >= 5
+    assert len(received) >= 5, died
     got = list(received)
 
     for suffix in ("", "-wal", "-shm"):  # the primary disk is lost
