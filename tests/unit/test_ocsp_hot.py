@@ -19,7 +19,7 @@ from appliance.ocsp.http import Endpoint, HttpConfig, _raw_reply
 from appliance.ocsp.responder import MALFORMED, TRY_LATER, Responder, error_response
 from appliance.ocsp.store import Store
 from appliance.ocsp.tenants import Tenants
-from tests.unit.test_ocsp_pki import cert_id_request, make_ca, published
+from tests.unit.test_ocsp_pki import cert_id_request, make_ca, mutate, published
 
 
 @pytest.fixture(scope="module")
@@ -160,20 +160,7 @@ def test_fuzz_cached_answers_equal_fresh_ones(fuzz, k, edits):
     """Each mutated request is asked twice of one long-lived endpoint (the second from its caches when
     the first was kept) and once of a new one: the three wire answers are the same bytes, and what is not
     an OCSP request of ours is malformedRequest."""
-    data = bytearray(fuzz["seeds"][k % len(fuzz["seeds"])])
-    for pos, val, op in edits:
-        if not data:
-            break
-        i = pos % len(data)
-        if op == "flip":
-            data[i] ^= 1 << (val % 8)
-        elif op == "set":
-            data[i] = val
-        elif op == "cut":
-            del data[i:]
-        else:
-            data[i:i] = bytes([val])
-    der, now = bytes(data), fuzz["now"]
+    der, now = mutate(fuzz["seeds"][k % len(fuzz["seeds"])], edits), fuzz["now"]
     warm = fuzz["warm"]
     fresh = Endpoint(fuzz["store"], HttpConfig(max_age=300), clock=lambda: now)
     a, b, c = _post(warm, der, now), _post(warm, der, now), _post(fresh, der, now)

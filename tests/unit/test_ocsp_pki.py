@@ -116,3 +116,26 @@ def cert_id_request(ca: Ca, serials: list[int], alg: str = "sha1", nonce: bytes 
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def mutate(seed: bytes, edits) -> bytes:
+    """`seed` with the fuzzers' edits applied in turn: (position, value, op), op one of flip (one bit),
+    set (one byte), cut (the rest), insert (one byte), dup (repeat up to 15 bytes in place)."""
+    data = bytearray(seed)
+    for pos, val, op in edits:
+        if not data:
+            break
+        i = pos % len(data)
+        if op == "flip":
+            data[i] ^= 1 << (val % 8)
+        elif op == "set":
+            data[i] = val
+        elif op == "cut":
+            del data[i:]
+        elif op == "insert":
+            data[i:i] = bytes([val])
+        elif op == "dup":
+            data[i:i] = data[i:i + (val % 16)]
+        else:
+            raise ValueError(f"unknown edit {op!r}")
+    return bytes(data)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from appliance.ocsp.request import MAX_CERT_IDS, MalformedRequest, decode_get_path, parse_request
 from policy.ocsp import issuer_hashes
-from tests.unit.test_ocsp_pki import cert_id_request, make_ca
+from tests.unit.test_ocsp_pki import cert_id_request, make_ca, mutate
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "ocsp"
 
@@ -128,22 +128,7 @@ def test_fuzz_random_bytes(data):
 @settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(_SEEDS), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255), st.sampled_from(["flip", "set", "cut", "insert", "dup"])), min_size=1, max_size=4))
 def test_fuzz_mutated_der(seed, edits):
-    data = bytearray(seed)
-    for pos, val, op in edits:
-        if not data:
-            break
-        i = pos % len(data)
-        if op == "flip":
-            data[i] ^= 1 << (val % 8)
-        elif op == "set":
-            data[i] = val
-        elif op == "cut":
-            del data[i:]
-        elif op == "insert":
-            data[i:i] = bytes([val])
-        else:
-            data[i:i] = data[i:i + (val % 16)]
-    _check(bytes(data))
+    _check(mutate(seed, edits))
 
 
 # ---------------------------------------------------------------- the hand-read fast path
