@@ -17,6 +17,7 @@ import stat
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import trio
@@ -650,7 +651,6 @@ class Supervisor:
         self.listen = listen  # kept (never read) so that a restarted endpoint gets the same listener
         roles, keep = self._roles(admin, listen)
         self.roles = roles
-        result = 1
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as n:
@@ -668,32 +668,26 @@ class Supervisor:
                                 ready.start_soon(self._wait_ready, role)
                     for role in roles.values():
                         n.start_soon(self._listen, role)
-                    if ceremony is not None:
-                        await roles["factory"].chan.send(S.Ceremony(pin=pin, spec=msgspec.msgpack.encode(ceremony),
-                                                                    officers=list(getattr(self, "init_officers", []))))
-                        ev = await self.wait_event("ceremony-done", "ceremony-failed")
-                        result = 0 if ev.kind == "ceremony-done" else 2
-                        if result:
+                    async def one_job(role: str, msg: Any, done: str, failed: str, detail_always: bool) -> int:
+                        """A run for one job (init's ceremony, a key recovery, a restore's officer check): send
+                        it, wait for its outcome event, stop; the event's detail is what the caller prints."""
+                        await roles[role].chan.send(msg)
+                        ev = await self.wait_event(done, failed)
+                        result = 0 if ev.kind == done else 2
+                        if result or detail_always:
                             self.failed = ev.detail
                         await self._stop(roles)
                         n.cancel_scope.cancel()
                         return result
+                    if ceremony is not None:
+                        return await one_job("factory", S.Ceremony(pin=pin, spec=msgspec.msgpack.encode(ceremony),
+                                                                   officers=list(getattr(self, "init_officers", []))),
+                                             "ceremony-done", "ceremony-failed", detail_always=False)
                     if recover is not None:
-                        await roles["cis"].chan.send(recover)
-                        ev = await self.wait_event("keys-recovered", "keys-recover-failed")
-                        result = 0 if ev.kind == "keys-recovered" else 2
-                        self.failed = ev.detail
-                        await self._stop(roles)
-                        n.cancel_scope.cancel()
-                        return result
+                        return await one_job("cis", recover, "keys-recovered", "keys-recover-failed", detail_always=True)
                     if restore_check is not None:
-                        await roles["factory"].chan.send(restore_check)
-                        ev = await self.wait_event("restore-officers-ok", "restore-officers-refused")
-                        result = 0 if ev.kind == "restore-officers-ok" else 2
-                        self.failed = ev.detail
-                        await self._stop(roles)
-                        n.cancel_scope.cancel()
-                        return result
+                        return await one_job("factory", restore_check, "restore-officers-ok", "restore-officers-refused",
+                                             detail_always=True)
                     if pin is not None:
                         await roles["factory"].chan.send(S.AutoActivate(pin=pin))
                         ev = await self.wait_event("activated", "activation-failed")
