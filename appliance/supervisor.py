@@ -314,14 +314,31 @@ class Supervisor:
                     probe.close()
         except FileNotFoundError:
             pass
+        # Bound and listening under a temporary name, then renamed into place: a client never finds
+        # the socket before it accepts (between bind and listen a connect is refused, and the client
+        # would say "not running" to a script started right after `donjon run`).
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(path)
-        if self.appliance:
-            os.chown(path, 0, self.admin_gid)
-            os.chmod(path, 0o660)
-        else:
-            os.chmod(path, 0o600)
-        s.listen(64)
+        try:
+            s.bind(tmp)
+            if self.appliance:
+                os.chown(tmp, 0, self.admin_gid)
+                os.chmod(tmp, 0o660)
+            else:
+                os.chmod(tmp, 0o600)
+            s.listen(64)
+            os.rename(tmp, path)
+        except BaseException:
+            s.close()
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
         return s
 
     # ------------------------------------------------------------ roles
@@ -668,7 +685,7 @@ class Supervisor:
                                 ready.start_soon(self._wait_ready, role)
                     for role in roles.values():
                         n.start_soon(self._listen, role)
-                    async def one_job(role: str, msg: Any, done: str, failed: str, detail_always: bool) -> int:
+                    async def do_one_job(role: str, msg: Any, done: str, failed: str, detail_always: bool) -> int:
                         """A run for one job (init's ceremony, a key recovery, a restore's officer check): send
                         it, wait for its outcome event, stop; the event's detail is what the caller prints."""
                         await roles[role].chan.send(msg)
@@ -680,13 +697,13 @@ class Supervisor:
                         n.cancel_scope.cancel()
                         return result
                     if ceremony is not None:
-                        return await one_job("factory", S.Ceremony(pin=pin, spec=msgspec.msgpack.encode(ceremony),
+                        return await do_one_job("factory", S.Ceremony(pin=pin, spec=msgspec.msgpack.encode(ceremony),
                                                                    officers=list(getattr(self, "init_officers", []))),
                                              "ceremony-done", "ceremony-failed", detail_always=False)
                     if recover is not None:
-                        return await one_job("cis", recover, "keys-recovered", "keys-recover-failed", detail_always=True)
+                        return await do_one_job("cis", recover, "keys-recovered", "keys-recover-failed", detail_always=True)
                     if restore_check is not None:
-                        return await one_job("factory", restore_check, "restore-officers-ok", "restore-officers-refused",
+                        return await do_one_job("factory", restore_check, "restore-officers-ok", "restore-officers-refused",
                                              detail_always=True)
                     if pin is not None:
                         await roles["factory"].chan.send(S.AutoActivate(pin=pin))

@@ -225,7 +225,7 @@ def test_commands_right_after_a_restart_wait_for_activation(shared):
         assert time.monotonic() < deadline and shared.proc.poll() is None
         time.sleep(0.01)
     r = shared.cli("cert", "list", check=False)
-    assert r.returncode == 0, r.stderr.decode()
+    assert r.returncode == 0, r.stderr.decode() + shared.log.read_text(errors="replace")[-3000:]
 
 
 def _files(root: Path) -> set[str]:
