@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import importlib.util
 import json
 import random
 import subprocess
@@ -244,3 +245,27 @@ def test_big_differential_corpus_equals_shipped_pkilint():
         assert fast == ref["stock"] == ref["fallback"], (case[1], fast, ref)
         decoded += not any(f.startswith("FATAL malformed") for f in fast)
     assert decoded > 200  # many reached the validators, not only the decoder's refusal
+
+
+def test_validators_argument_names_kept_give_the_shipped_dict():
+    """The refused value's arguments (validators' ValidationError) as validators 0.22.0 builds them."""
+    import validators
+    from validators import utils
+
+    assert lintwalk.install()
+    assert utils._func_args_as_dict is lintwalk._func_args_as_dict
+    # The shipped function: validators/utils.py loaded again, apart from the patched module.
+    spec_ = importlib.util.spec_from_file_location("validators_utils_shipped", utils.__file__)
+    fresh = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(fresh)
+    shipped = fresh._func_args_as_dict
+
+    for func, args, kwargs in ((validators.domain, ("127.0.0.1",), {"rfc_1034": False, "rfc_2782": False}),
+                               (validators.ipv4, ("example.org",), {"cidr": False}), (validators.url, ("x y",), {}),
+                               (validators.domain.__wrapped__, ("a", True), {})):
+        for _ in range(2):  # the second from the kept names
+            assert lintwalk._func_args_as_dict(func, *args, **kwargs) == shipped(func, *args, **kwargs)
+    # A refused URI still refused, with the arguments named.
+    r = validators.domain("127.0.0.1", rfc_1034=False, rfc_2782=False)
+    assert not r and repr(r) == "ValidationError(func=domain, args={'value': '127.0.0.1', 'rfc_1034': False, 'rfc_2782': False})"
+    assert validators.url("http://127.0.0.1:8080/crl/issuing.crl") is True
