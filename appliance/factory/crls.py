@@ -447,8 +447,16 @@ class SignedLists:
             what = "CRL" if table == "crls" else "issued-serials list"
             raise FactoryError("not-found", f"no {what} for CA {ca!r} yet")
         rowid, size = row
-        off = 0
-        while off < size:
-            n = min(1 << 20, size - off)
-            yield await self.store.run(self.store.read_blob, table, rowid, off, n)
-            off += n
+        stream = self.store.blob_stream(table, rowid)
+        try:
+            off = 0
+            while off < size:
+                n = min(1 << 20, size - off)
+                yield await self.store.run(stream.read, off, n)
+                off += n
+        finally:
+            if self.store.db is None:
+                stream.blob = None  # deactivated meanwhile: the connection, and the handle with it, is closed
+            else:
+                with trio.CancelScope(shield=True):
+                    await self.store.run(stream.close)

@@ -600,6 +600,10 @@ class Store(CaQueries, CmpQueries, DistQueries, EnrolSecretQueries, GatewayQueri
             data = b.read(n)
         return data
 
+    def blob_stream(self, table: str, rowid: int) -> BlobStream:
+        """A read handle on a stored list's bytes for a whole stream (see BlobStream)."""
+        return BlobStream(self, table, rowid)
+
     def _reader(self) -> Cmdb:
         if self.reader is None:
             raise inactive()
@@ -614,6 +618,40 @@ class Store(CaQueries, CmpQueries, DistQueries, EnrolSecretQueries, GatewayQueri
 
     def snapshot_abort(self) -> None:
         self._reader().db.execute("ROLLBACK")
+
+
+class BlobStream:
+    """A stored CRL's (or issued-serials list's) bytes read in order through one blob handle, kept open
+    between the pieces (each read in the DB thread: `await store.run(stream.read, off, n)`). A fresh handle
+    per piece made streaming quadratic: reaching an offset walks the row's overflow-page chain from its
+    start, decrypting every page on the way (≈1.9 s of Factory CPU per stream of a 1M-entry, 42 MB CRL).
+    The row never changes once written; should the handle be aborted meanwhile (a ROLLBACK on the same
+    connection aborts pending reads), the piece is read again through a new handle."""
+
+    def __init__(self, store: Store, table: str, rowid: int):
+        self.store, self.table, self.rowid = store, table, rowid
+        self.blob: apsw.Blob | None = None
+
+    def read(self, offset: int, n: int) -> bytes:
+        for attempt in (0, 1):
+            try:
+                if self.blob is None:
+                    self.blob = self.store.require_active().db.blob_open("main", self.table, "der", self.rowid, False)
+                self.blob.seek(offset)
+                return self.blob.read(n)
+            except apsw.Error:
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        blob, self.blob = self.blob, None
+        if blob is not None:
+            try:
+                blob.close()
+            except apsw.Error:
+                pass
 
 
 def ca_state(db: apsw.Connection, name: str, now: float) -> tuple[str, str]:
