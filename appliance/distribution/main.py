@@ -17,6 +17,8 @@ import trio
 import ldap3  # noqa: F401
 import ldap3.operation  # noqa: F401
 import ldap3.strategy.sync  # noqa: F401
+import ldap3.operation.add  # noqa: F401
+import ldap3.utils.asn1  # noqa: F401
 import http.client  # noqa: F401
 import ssl  # noqa: F401
 import encodings.idna  # noqa: F401 - host names with ldap3/http.client
@@ -27,7 +29,7 @@ from appliance.ipc.channel import Channel, ProtocolViolation
 from appliance.ipc.links import FACTORY_DIST
 
 from .fetch import fetch
-from .publish import Job, PublishError, publisher_for, verify
+from .publish import Job, LdapPublisher, PublishError, publisher_for, verify
 
 MAX_OBJECT = 256 * 1024 * 1024  # a CRL bigger than this is refused (the Factory never makes one)
 FETCH_CHUNK = 1 << 20
@@ -71,6 +73,8 @@ class Worker:
         def publish_run(jobs: list[Job]) -> list[PublishError | None]:
             """Publish in order in one thread hop (the hop costs more than a local LDAP round trip);
             stop at the first failure: what follows it is decided again by the round rules below."""
+            if isinstance(publisher, LdapPublisher):
+                return publisher.publish_run(jobs)  # the same, new entries pipelined
             out: list[PublishError | None] = []
             for job in jobs:
                 try:
