@@ -937,6 +937,8 @@ def _revocation_through(app, port: int, ca_der: bytes, pair: tuple[int, bytes]) 
     took = time.monotonic() - t0
     if seen[-1] != "revoked":
         raise common.BenchError(f"the revocation of {serial:x} never showed through nginx: {seen[-5:]}")
+    # The stated bound runs from the endpoint holding the new answer; from the revoke command, the re-sign
+    # and the feed come first (1 s allowed for them).
     return {"seconds": took, "bound_seconds": MAX_AGE, "within_bound": took <= MAX_AGE + 1, "polls": len(seen)}
 
 
@@ -994,7 +996,8 @@ def table(res: dict) -> str:
     lines.append(f"nginx cache + Donjon at 64: {ra['nginx_rps64_vs_cfssl']:.2f}x cfssl (GET {ra['nginx_get_rps64_vs_cfssl']:.2f}x), "
                  f"{ra['nginx_rps64_vs_openssl_ec']:.2f}x openssl(EC) (target >= 1x cfssl); every distinct request "
                  f"through nginx checked: {2 * len_pairs(res) - ng['warm_bad']}/{2 * len_pairs(res)} right; "
-                 f"a revocation showed through nginx in {rv['seconds']:.1f} s (bound: ocsp.max-age = {rv['bound_seconds']} s), "
+                 f"a revocation showed through nginx in {rv['seconds']:.1f} s after the revoke command (bound: ocsp.max-age = "
+                 f"{rv['bound_seconds']} s once the endpoint holds the new answer, + 1 s allowed for the re-sign and feed), "
                  f"every answer on the way signed, fresh, good or revoked")
     samp = [("Donjon POST", d["sample_post"]), ("Donjon GET", d["sample_get"]),
             ("nginx POST", ng["sample_post"]), ("nginx GET", ng["sample_get"]), ("openssl P-256", o["p256"]["sample"]),
