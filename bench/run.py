@@ -17,8 +17,8 @@
    scepclient), SCEP beside micromdm's scepserver under the same client.
 7. Card personalisation (bench.kgs): cards/minute for a batch of 20 (--quick 10), keys on the card
    against the encryption key made in the HSM, beside softhsm2-util + pkcs11-tool doing the keys alone.
-8. CMP on the gateway (--only gateway, bench.gateway_cmp): enrolments/s at 1 and 16 `openssl cmp` clients (bench.gateway_cmp)
-   against OpenSSL's own mock CMP server.
+8. CMP on the gateway (with 6, and --only gateway; bench.gateway_cmp): enrolments/s at 1 and 16 `openssl cmp`
+   clients against OpenSSL's own mock CMP server.
 9. Standby CMDB (bench.standby): issuance with [cmdb] standby on and off (group commits, and one commit
    per certificate), the ratio on/off.
 A readable table goes to stdout, everything measured to bench/out/results.json. Progress goes to stderr.
@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import acme, common, crl, dist, gateway, issuance, kgs, ocsp, standby, summary
+from bench import acme, common, crl, dist, gateway, gateway_cmp, issuance, kgs, ocsp, standby, summary
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -90,6 +90,8 @@ def main(argv=None) -> int:
         if a.only in (None, "gateway"):
             results["gateway"] = gateway.run(work, a.gateway_seconds or (5.0 if a.quick else 10.0))
             tables.append(gateway.table(results["gateway"]))
+            results["gateway_cmp"] = gateway_cmp.run(work, quick=a.quick)
+            tables.append(gateway_cmp.table(results["gateway_cmp"]))
         if a.only in (None, "kgs"):
             results["kgs"] = kgs.run(work, a.kgs_cards or (10 if a.quick else 20))
             tables.append(kgs.table(results["kgs"]))
