@@ -237,6 +237,7 @@ def table(res: dict) -> str:
     for e, s, p in zip(res["est"], res["scep"], res["scepserver"]):
         ratio = s["rate"] / p["rate"] if p["rate"] else None
         lines.append(f"{e['clients']:>8} {e['rate']:>8.1f} {s['rate']:>8.1f} {p['rate']:>11.1f} {common.fmt_ratio(ratio):>11}")
-    errs = sum(x["errors"] for k in ("est", "scep", "scepserver") for x in res[k])
-    lines.append(f"errors: {errs}; SCEP: one scepclient process per enrolment (Go start-up, DES/SHA-1 as it speaks)")
+    errs = {k: sum(x["errors"] for x in res[k]) for k in ("est", "scep", "scepserver")}
+    lines.append(f"failed enrolments: Donjon EST {errs['est']}, Donjon SCEP {errs['scep']}, scepserver {errs['scepserver']}; "
+                 "SCEP: one scepclient process per enrolment (Go start-up, DES/SHA-1 as it speaks)")
     return "\n".join(lines)
