@@ -16,6 +16,11 @@ from .store import Store
 # Entries of one shard (or of the unsharded CA when shard is None), as the CRL stream wants them.
 _COUNT_SHARD = ("SELECT count(*), coalesce(sum(r.entry_len), 0) FROM revocations r "
                 "JOIN cert_shards s ON s.serial = r.serial WHERE r.ca=? AND s.ca=? AND s.shard=?")
+# Every shard's (count, length) in one pass: the CA's revocations in serial order (the outer loop, forced
+# by CROSS JOIN), each one's shard looked up by serial, in order too. Counting shard by shard joined the
+# other way round made a million lookups into revocations in random order (≈1.9 s at 1M entries).
+_COUNT_SHARDS = ("SELECT s.shard, count(*), coalesce(sum(r.entry_len), 0) FROM revocations r "
+                 "CROSS JOIN cert_shards s ON s.serial = r.serial WHERE r.ca=?1 AND s.ca=?1 GROUP BY s.shard")
 _PAGE_SHARD = ("SELECT r.serial, r.revoked_at, r.reason, r.invalidity FROM cert_shards s "
                "JOIN revocations r ON r.ca = s.ca AND r.serial = s.serial "
                "WHERE s.ca=? AND s.shard=? AND s.serial > ? ORDER BY s.serial LIMIT ?")
@@ -134,6 +139,11 @@ class CrlShards:
         """(entries, their DER length) of one shard, read in the caller's snapshot."""
         n, length = _row(c, _COUNT_SHARD, (ca, ca, shard))
         return int(n), int(length)
+
+    def shard_counts(self, c: apsw.Connection, ca: str, n: int) -> list[tuple[int, int]]:
+        """(entries, their DER length) of each of the CA's n shards, read in the caller's snapshot."""
+        got = {int(k): (int(cnt), int(length)) for k, cnt, length in c.execute(_COUNT_SHARDS, (ca,))}
+        return [got.get(k, (0, 0)) for k in range(n)]
 
     def shard_page(self, c: apsw.Connection, ca: str, shard: int, after: bytes, limit: int) -> list[tuple[Any, ...]]:
         """The shard's next entries after serial `after`, in serial order (as Store.list_page)."""

@@ -48,6 +48,12 @@ def test_partition_numbers_and_pages(st):
         assert [r[0] for r in rows] == sorted(r[0] for r in rows)
         total += n
     assert total == len(serials[::3])
+    # all shards in one pass: what each shard's own count says (a shard with none: zero), another CA's
+    # revocations not counted
+    _issue_sharded(st, CrlShards(st, {"old": 4}), 0x2001, "old")
+    _revoke(st, 0x2001, "old")
+    assert sh.shard_counts(c, "sub", 5) == [sh.shard_count(c, "sub", k) for k in range(4)] + [(0, 0)]
+    assert sum(n for n, _ in sh.shard_counts(c, "sub", 4)) == total
     page = sh.shard_page(c, "sub", 0, b"", 1)  # paging by serial, as the CRL stream reads
     assert sh.shard_page(c, "sub", 0, page[-1][0], 100) == sh.shard_page(c, "sub", 0, b"", 100)[1:]
     # each shard its own sequence, never handed out twice
@@ -157,3 +163,17 @@ def test_shards_or_deltas_refused_for_a_ca_whose_names_are_taken(st):
     with st.tx():  # "neu-01" and "neu-x" are no shard names (shards are neu-0, neu-1, ...); no CA "neu-delta"
         assert CrlShards(st, {"neu": 2}).pin(c, "neu") == 2
         CrlShards(st, {}).enable_deltas(c, "neu")
+
+
+def test_encoded_entries_counted_per_shard_in_one_pass(st):
+    """Store.shard_der_counts: each shard's encoded entries (crl_der) in one scan, as shard_der_ready counts them."""
+    with st.tx() as c:
+        for serial, shard in ((1, 0), (2, 0), (3, 2), (4, None)):
+            c.execute("INSERT INTO crl_der VALUES (?,?,?,?)", ("sub", serial_bytes(serial), b"\x30\x00", shard))
+        c.execute("INSERT INTO crl_der VALUES (?,?,?,?)", ("old", serial_bytes(5), b"\x30\x00", 0))
+    st.list_snapshot_begin("sub", "crl")
+    try:
+        assert st.shard_der_counts("sub") == ({0: (2, 4), 2: (1, 2)}, 0)  # no revocation behind them here: totals differ
+        assert [st.shard_der_ready("sub", k, n) for k, n in ((0, 2), (1, 0), (2, 1), (0, 3))] == [True, True, True, False]
+    finally:
+        st.list_snapshot_end()

@@ -529,6 +529,17 @@ class Store(CaQueries, CmpQueries, DistQueries, EnrolSecretQueries, GatewayQueri
         blob, n, last = _one(self._reader().db, _DER_PAGE, (ca, after, limit))
         return (blob or b""), int(n), (last or b"")
 
+    def shard_der_counts(self, ca: str) -> tuple[dict[int, tuple[int, int]], int]:
+        """In the open snapshot: each of the CA's shards' encoded entries (count, bytes), from one scan of the
+        covering index crl_der_shard, and how many revocations the CA has (ca_counts). When the two totals
+        agree, every revocation is encoded in its shard (crl_der rows are made with their revocation, in its
+        certificate's pinned shard, and go with it: triggers), so these are the shards' own figures."""
+        r = self._reader().db
+        got = {int(k): (int(n), int(size)) for k, n, size in r.execute(
+            "SELECT shard, count(*), sum(length(der)) FROM crl_der WHERE ca=? AND shard IS NOT NULL GROUP BY shard", (ca,))}
+        row = r.execute("SELECT revoked FROM ca_counts WHERE ca=?", (ca,)).fetchone()
+        return got, int(row[0]) if row else 0
+
     def shard_der_ready(self, ca: str, shard: int, count: int) -> bool:
         """In the open snapshot: the shard's `count` revocations are all kept encoded with their shard."""
         n = _one(self._reader().db, "SELECT count(*) FROM crl_der WHERE ca=? AND shard=?", (ca, shard))[0]
