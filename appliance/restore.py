@@ -204,9 +204,10 @@ def fetch_destinations(home: str, cas: list[str], kind: str = "crl") -> tuple[di
     """What each HTTP destination holds for each CA (as the agent names it: {ca}.crl, or {ca}.serials for
     kind "issued-serials"), and a note per destination that could not be read."""
     import http.client
-    from urllib.parse import quote, urlsplit
+    from urllib.parse import urlsplit
 
     from appliance import config as C
+    from appliance.distribution.publish import auth_headers, object_url
     try:
         cfg = C.load(home)
         rules = C.dist_rules(home, cfg, with_secrets=True)
@@ -221,13 +222,8 @@ def fetch_destinations(home: str, cas: list[str], kind: str = "crl") -> tuple[di
         for ca in cas:
             if r.cas and ca not in r.cas:
                 continue
-            url = r.url.replace("{ca}", quote(ca)).replace("{name}", quote(f"{ca}{suffix}")) if "{" in r.url \
-                else r.url.rstrip("/") + "/" + quote(f"{ca}{suffix}")
-            u = urlsplit(url)
-            headers = {"User-Agent": "donjon-restore"}
-            if r.secret is not None:
-                tok = base64.b64encode(f"{r.username}:{r.secret}".encode()).decode() if r.username else None
-                headers["Authorization"] = f"Basic {tok}" if tok else f"Bearer {r.secret}"
+            u = urlsplit(object_url(r, ca, f"{ca}{suffix}"))  # where the agent puts it, with its credentials
+            headers = {"User-Agent": "donjon-restore", **auth_headers(r)}
             conn: http.client.HTTPConnection
             if u.scheme == "https":
                 import ssl

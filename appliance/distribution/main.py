@@ -29,7 +29,7 @@ from appliance.ipc.channel import Channel, ProtocolViolation
 from appliance.ipc.links import FACTORY_DIST
 
 from .fetch import fetch
-from .publish import Job, LdapPublisher, PublishError, publisher_for, verify
+from .publish import Job, PublishError, publisher_for
 
 MAX_OBJECT = 256 * 1024 * 1024  # a CRL bigger than this is refused (the Factory never makes one)
 FETCH_CHUNK = 1 << 20
@@ -72,19 +72,9 @@ class Worker:
     async def _lane(self, publisher, send, recv, limiter) -> None:
         def publish_run(jobs: list[Job]) -> list[PublishError | None]:
             """Publish in order in one thread hop (the hop costs more than a local LDAP round trip);
-            stop at the first failure: what follows it is decided again by the round rules below."""
-            if isinstance(publisher, LdapPublisher):
-                return publisher.publish_run(jobs)  # the same, new entries pipelined
-            out: list[PublishError | None] = []
-            for job in jobs:
-                try:
-                    verify(job)
-                    publisher.publish(job)
-                except PublishError as e:
-                    out.append(e)
-                    break
-                out.append(None)
-            return out
+            stop at the first failure: what follows it is decided again by the round rules below (LDAP
+            sends runs of new entries pipelined, with the same outcomes)."""
+            return publisher.publish_run(jobs)
 
         def skipped(m: S.DistJob) -> bool:
             return self.failed_round is not None and m.round <= self.failed_round

@@ -132,6 +132,36 @@ def _tls_context(rule: S.DistRule) -> ssl.SSLContext:
 # ---------------------------------------------------------------- HTTP
 
 
+def publish_in_order(publisher, jobs: list[Job]) -> list[PublishError | None]:
+    """Verify and publish each job in turn, stopping at the first failure: the outcome of each job tried."""
+    out: list[PublishError | None] = []
+    for job in jobs:
+        try:
+            verify(job)
+            publisher.publish(job)
+        except PublishError as e:
+            out.append(e)
+            break
+        out.append(None)
+    return out
+
+
+def object_url(rule: S.DistRule, ca: str, name: str) -> str:
+    """Where an HTTP rule puts a CA's object: its URL with {ca} and {name} filled, or name appended."""
+    if "{" in rule.url:
+        return rule.url.replace("{ca}", quote(ca)).replace("{name}", quote(name))
+    return rule.url.rstrip("/") + "/" + quote(name)
+
+
+def auth_headers(rule: S.DistRule) -> dict[str, str]:
+    """An HTTP rule's credentials: Basic with a username, else the secret as a Bearer token; none without one."""
+    if rule.secret is None:
+        return {}
+    if rule.username:
+        return {"Authorization": "Basic " + base64.b64encode(f"{rule.username}:{rule.secret}".encode()).decode()}
+    return {"Authorization": f"Bearer {rule.secret}"}
+
+
 class HttpPublisher:
     """PUT or POST each object to its URL; any 2xx is success. Replacing a file is idempotent."""
 
@@ -140,6 +170,9 @@ class HttpPublisher:
 
     def close(self) -> None:
         pass
+
+    def publish_run(self, jobs: list[Job]) -> list[PublishError | None]:
+        return publish_in_order(self, jobs)
 
     def publish(self, job: Job) -> None:
         if job.action not in CONTENT_TYPES:
@@ -150,20 +183,9 @@ class HttpPublisher:
 
     def _put(self, job: Job, name: str, data: bytes, ctype: str) -> None:
         r = self.rule
-        url = r.url
-        if "{" in url:
-            url = url.replace("{ca}", quote(job.ca)).replace("{name}", quote(name))
-        else:
-            url = url.rstrip("/") + "/" + quote(name)
-        u = urlsplit(url)
+        u = urlsplit(object_url(r, job.ca, name))
         headers = {"Content-Type": ctype, "Content-Length": str(len(data)),
-                   "User-Agent": "donjon-distribution"}
-        if r.secret is not None:
-            if r.username:
-                tok = base64.b64encode(f"{r.username}:{r.secret}".encode()).decode()
-                headers["Authorization"] = f"Basic {tok}"
-            else:
-                headers["Authorization"] = f"Bearer {r.secret}"
+                   "User-Agent": "donjon-distribution", **auth_headers(r)}
         if u.scheme == "https":
             conn = http.client.HTTPSConnection(u.hostname, u.port or 443, timeout=r.timeout, context=_tls_context(r))
         else:
@@ -366,20 +388,11 @@ class LdapPublisher:
         i = 0
         while i < len(jobs):
             group = self._pipelinable(jobs, i)
-            if len(group) < 2:
-                try:
-                    verify(jobs[i])
-                    self.publish(jobs[i])
-                except PublishError as e:
-                    return out + [e]
-                out.append(None)
-                i += 1
-                continue
-            done = self._pipeline(group)
+            done = self._pipeline(group) if len(group) >= 2 else publish_in_order(self, jobs[i:i + 1])
             out += done
-            if done and done[-1] is not None:
+            if done[-1] is not None:
                 return out
-            i += len(group)
+            i += len(done)
         return out
 
     def _pipelinable(self, jobs: list[Job], i: int) -> list[tuple[Job, str, dict[str, Any]]]:

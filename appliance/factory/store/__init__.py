@@ -606,10 +606,12 @@ class Store(CaQueries, CmpQueries, DistQueries, EnrolSecretQueries, GatewayQueri
         return (row[0], row[1]) if row else None
 
     def read_blob(self, table: str, rowid: int, offset: int, n: int) -> bytes:
-        with self.require_active().db.blob_open("main", table, "der", rowid, False) as b:
-            b.seek(offset)
-            data = b.read(n)
-        return data
+        """n bytes at offset of a stored list, in one read (a whole stream: blob_stream)."""
+        stream = BlobStream(self, table, rowid)
+        try:
+            return stream.read(offset, n)
+        finally:
+            stream.close()
 
     def blob_stream(self, table: str, rowid: int) -> BlobStream:
         """A read handle on a stored list's bytes for a whole stream (see BlobStream)."""
