@@ -86,12 +86,13 @@ class Worker:
                     batch.append(recv.receive_nowait())
                 except trio.WouldBlock:
                     break
+            acks: list[S.DistAck] = []  # sent together: one write for the run, not one per job
             i = 0
             while i < len(batch):
                 m = batch[i][0]
                 if skipped(m):
-                    await self.ack(S.DistAck(id=m.id, outcome="failed", error="an earlier job of this destination failed",
-                                             attempted=False))
+                    acks.append(S.DistAck(id=m.id, outcome="failed", error="an earlier job of this destination failed",
+                                          attempted=False))
                     i += 1
                     continue
                 run = []
@@ -107,12 +108,16 @@ class Worker:
                         if not e.permanent:
                             self.failed_round = max(self.failed_round or 0, m.round)
                         _log(f"{self.rule.name}: job {m.id} ({m.action} {m.ca}): {e}")
-                        await self.ack(S.DistAck(id=m.id, outcome="permanent" if e.permanent else "failed", error=str(e)[:4000]))
+                        acks.append(S.DistAck(id=m.id, outcome="permanent" if e.permanent else "failed", error=str(e)[:4000]))
                         continue
                     if self.failed_round is not None and m.round > self.failed_round:
                         self.failed_round = None  # a newer round went through: the destination is back
-                    await self.ack(S.DistAck(id=m.id, outcome="done"))
+                    acks.append(S.DistAck(id=m.id, outcome="done"))
                 i += len(outcomes)
+                await self.ack(acks)
+                acks = []
+            if acks:
+                await self.ack(acks)
 
 
 async def main(fds: dict[str, int], drop) -> None:
@@ -124,9 +129,9 @@ async def _setup(fds: dict[str, int], cfg: S.DistConfig) -> roles.Body:
     lock = trio.Lock()
     workers: dict[str, Worker] = {}
 
-    async def ack(a) -> None:
+    async def ack(a) -> None:  # one message, or a list of them in one write
         async with lock:
-            await fac.send(a)
+            await (fac.send_many(a) if isinstance(a, list) else fac.send(a))
 
     async def connect() -> None:  # after the drop, as before: publishers are made unprivileged
         workers.update({r.name: Worker(r, ack) for r in cfg.rules})  # may be none: the agent then only fetches tenant CRLs

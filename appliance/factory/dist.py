@@ -20,7 +20,8 @@ from appliance.ipc.channel import Channel
 from .cmdb import serial_bytes
 from .store import Store
 
-WINDOW = 64  # jobs in flight per destination
+WINDOW = 256  # jobs in flight per destination: the agent's lanes have the next ones queued while acks commit
+WINDOW_BYTES = 32 << 20  # and at most this many bytes of objects (a window of big CRLs), at least one job
 CHUNK = 1 << 20
 BACKOFF_BASE = 1.0
 FAILING_AFTER = 3  # consecutive failures before the destination is reported failing (SNMP)
@@ -49,7 +50,7 @@ def subject_fields(cert: x509.Certificate) -> tuple[tuple[str, str], ...]:
 class RuleState:
     rule: S.DistRule
     last_sent: int = 0  # highest job id sent in this round (jobs go out in id order)
-    inflight: set[int] = field(default_factory=set)
+    inflight: dict[int, int] = field(default_factory=dict)  # job id -> bytes sent
     backoff_until: float = 0.0
     failures: int = 0
     restart: bool = False  # resend from the oldest pending job once the in-flight ones are answered
@@ -220,7 +221,7 @@ class Dist:
                 st = self.rules.get(rule) if rule else None
                 if st is None:
                     continue
-                st.inflight.discard(a.id)
+                st.inflight.pop(a.id, None)
                 if not a.attempted:
                     continue
                 if a.outcome == "done":
@@ -273,38 +274,55 @@ class Dist:
         if room <= 0:
             return
         name, after = st.rule.name, st.last_sent
+        budget, busy = WINDOW_BYTES - sum(st.inflight.values()), bool(st.inflight)
 
         def fetch():
             st_ = self.store
             rows = st_.dist_pending(name, after, room)
             out = []
             superseded = []
+            last, left = after, budget
             for jid, action, ca, ref, number in rows:
                 # the same CRL (complete, shard k or delta)
                 if action in ("crl", "issued-serials") and st_.dist_newer_pending(name, action, ca, ref, number):
                     superseded.append(jid)  # a newer one is queued: the older is never sent
+                    last = jid
                     continue
-                out.append((jid, action, ca, ref, number) + self._load(action, ca, ref, number))
+                job = (jid, action, ca, ref, number) + self._load(action, ca, ref, number)
+                size = len(job[8] or b"")
+                if size > left and (out or busy):
+                    break  # the window's bytes are full: this job goes in a later feed
+                left -= size
+                out.append(job)
+                last = jid
             if superseded:
                 with st_.tx():
                     st_.dist_supersede(superseded, int(time.time()))
-            return out, (rows[-1][0] if rows else after)
+            return out, last
         jobs, last = await self.store.run(fetch)
         st.last_sent = max(st.last_sent, last)
+        out: list[S.DistJob | S.DistData] = []  # written together (one write per CHUNK of objects, not two per job)
+        size = 0
         for jid, action, ca, ref, number, issuer, ca_root, subject, data, attachment in jobs:
             if gen != self._link_gen or self.link is None:
                 return
             if data is None:  # the object is gone (cannot happen short of manual surgery): park it
                 await self._ack_local(jid, "the object to publish is not in the CMDB")
                 continue
-            st.inflight.add(jid)
+            st.inflight[jid] = len(data)
             self._jobs_rule[jid] = name
-            await self.link.send(S.DistJob(id=jid, rule=name, action=action, ca=ca, ca_root=ca_root, issuer=issuer,
-                                           subject=subject, number=number, size=len(data), round=st.round,
-                                           attachment=attachment,
-                                           part=bytes(ref).decode() if action == "crl" and ref else ""))
+            out.append(S.DistJob(id=jid, rule=name, action=action, ca=ca, ca_root=ca_root, issuer=issuer,
+                                 subject=subject, number=number, size=len(data), round=st.round,
+                                 attachment=attachment,
+                                 part=bytes(ref).decode() if action == "crl" and ref else ""))
             for off in range(0, len(data), CHUNK):
-                await self.link.send(S.DistData(id=jid, data=data[off:off + CHUNK]))
+                out.append(S.DistData(id=jid, data=data[off:off + CHUNK]))
+            size += len(data) + len(issuer)
+            if size >= CHUNK:
+                await self.link.send_many(out)
+                out, size = [], 0
+        if out and gen == self._link_gen and self.link is not None:
+            await self.link.send_many(out)
 
     async def _ack_local(self, jid: int, error: str) -> None:
         self._jobs_rule[jid] = self._jobs_rule.get(jid, "")

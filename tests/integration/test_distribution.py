@@ -81,7 +81,8 @@ def wait_drained(a, timeout: float = 120) -> dict:
         if doc["agent"] and all(d["pending"] == 0 and d["in_flight"] == 0 for d in doc["destinations"]):
             return doc
         time.sleep(0.2)
-    raise AssertionError(f"backlog not drained in {timeout}s: {doc}")
+    tail = "\n".join(a.log.read_text(errors="replace").splitlines()[-60:]) if a.log.exists() else ""
+    raise AssertionError(f"backlog not drained in {timeout}s: {doc}\nappliance log (tail):\n{tail}")
 
 
 def issue_user(a, tmp: Path, cn: str) -> x509.Certificate:

@@ -4,6 +4,7 @@ the entry that exists, exactly once whatever is replayed, and in the order the j
 from __future__ import annotations
 
 import datetime as dt
+import threading
 
 import pytest
 from cryptography import x509
@@ -141,12 +142,22 @@ def test_a_run_of_new_entries_goes_pipelined_and_decides_as_one_by_one(slapd):
         assert [values(cn) for cn in "HIJ"] == [[], [], []]
     finally:
         pub.close()
-    # The directory gone: the run's first job fails, not permanent (the round rules resend it all).
+    # The directory gone: the run's first job fails, not permanent (the round rules resend it all), both
+    # when it cannot be reached and when it closes a connection that was open: the adds are written
+    # without an error then, and the answers never come (this once spun reading nothing, for ever).
     pub = publisher_for(rule)
-    slapd.stop()
     try:
-        out = pub.publish_run([job("cert", cn, 0, data=_leaf(ca_key, ca_der, cn, 950 + n)) for n, cn in enumerate("KL")])
-        assert len(out) == 1 and isinstance(out[0], PublishError) and not out[0].permanent
+        assert pub.publish_run([job("cert", cn, 0, data=_leaf(ca_key, ca_der, cn, 940 + n)) for n, cn in enumerate("MN")]) == [None, None]
+        slapd.stop()
+        for first in (960, 970):  # the open connection closed by the directory, then a refused connection
+            got: list = []
+            t = threading.Thread(target=lambda: got.append(pub.publish_run(
+                [job("cert", cn, 0, data=_leaf(ca_key, ca_der, cn, first + n)) for n, cn in enumerate("KL")])), daemon=True)
+            t.start()
+            t.join(30)
+            assert not t.is_alive(), "publish_run hangs on a directory that went away"
+            out = got[0]
+            assert len(out) == 1 and isinstance(out[0], PublishError) and not out[0].permanent, out
     finally:
         pub.close()
         slapd.start()
