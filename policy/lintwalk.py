@@ -188,7 +188,7 @@ def _certificate_by_parts(b: bytes, spec) -> Any:
 # test_lint_walk.py); under any other release pkilint runs as shipped.
 PKILINT_VERSION = "0.13.3"
 PYASN1_VERSION = "0.6.5"  # _is_value reads its value classes' fields
-VALIDATORS_VERSION = "0.22.0"  # _func_args_as_dict is that release's, with the argument names kept
+VALIDATORS_VERSION = "0.22.0"  # _func_args_as_dict is that release's, with the argument names kept; its url, domain, email are pure
 _INSTALLED = False
 
 
@@ -206,6 +206,9 @@ def install() -> bool:
         import validators.utils
 
         validators.utils._func_args_as_dict = _func_args_as_dict
+        from pkilint.pkix import general_name
+
+        general_name.validators_predicate = _validators_predicate
 
     _OVERRIDES = _overrides()
     document.decode_der = _memo_decode_der
@@ -230,6 +233,31 @@ def _func_args_as_dict(func, *args: Any, **kwargs: Any) -> dict[str, Any]:
     if names is None:
         names = _ARG_NAMES[func] = getfullargspec(func)[0]
     return dict(list(zip(dict.fromkeys(chain(names, kwargs.keys())), args)) + list(kwargs.items()))
+
+
+_PREDICATES = 4096  # (validators function, string) answers kept; emptied when full
+_predicates: dict[tuple[Any, str], bool] = {}
+
+
+def _validators_predicate(func, value) -> bool:
+    """pkilint.pkix.general_name.validators_predicate (`isinstance(ret, bool) and ret` of validators'
+    url, domain or email on the value), its answer kept per function and exact string: those functions of
+    validators 0.22.0 are pure (regular expressions and ipaddress on the string, no state), and a CA's
+    leaves carry the same CRL, OCSP and CA-issuer URIs every time, whose check was ≈ 10% of a leaf's lint
+    (a URI with an IP address is refused by `domain` before `ipv4` accepts it). The same check on every
+    certificate; an identical input gets the answer the function gave it."""
+    if type(value) is not str:
+        ret = func(value)
+        return isinstance(ret, bool) and ret
+    key = (func, value)
+    got = _predicates.get(key)
+    if got is None:
+        ret = func(value)  # an exception (none known) goes to pkilint as before, and nothing is kept
+        got = isinstance(ret, bool) and ret
+        if len(_predicates) >= _PREDICATES:
+            _predicates.clear()
+        _predicates[key] = got
+    return got
 
 
 def _node_init(self: PDUNode, document, name: str, pdu, parent: PDUNode | None) -> None:

@@ -269,3 +269,31 @@ def test_validators_argument_names_kept_give_the_shipped_dict():
     r = validators.domain("127.0.0.1", rfc_1034=False, rfc_2782=False)
     assert not r and repr(r) == "ValidationError(func=domain, args={'value': '127.0.0.1', 'rfc_1034': False, 'rfc_2782': False})"
     assert validators.url("http://127.0.0.1:8080/crl/issuing.crl") is True
+
+
+def test_uri_domain_and_email_checks_kept_per_string_answer_as_shipped():
+    """pkilint's validators_predicate, its answer kept per (function, string): the same answer as the
+    shipped predicate for valid and refused values, the first time and from the memo, and bounded."""
+    import validators
+    from pkilint.pkix import general_name
+
+    assert lintwalk.install()
+    assert general_name.validators_predicate is lintwalk._validators_predicate
+    spec_ = importlib.util.spec_from_file_location("general_name_shipped", general_name.__file__)
+    fresh = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(fresh)
+    shipped = fresh.validators_predicate
+    assert shipped is not lintwalk._validators_predicate
+    values = ["http://127.0.0.1:8080/crl/issuing.crl", "http://[::1]:80/ocsp", "http://pki.example.org/ca.der", "https://x",
+              "http://exa mple.org/", "ftp://a.b/c", "http://999.1.1.1/", "http://-bad-.example/", "", "é", "x" * 300,
+              "pki.example.org", "127.0.0.1", "a..b", "*.example.org", "user@example.org", "user@@example.org",
+              "ldap://dir.example.org/cn=x", "http://example.org:99999/"]
+    lintwalk._predicates.clear()
+    for _ in range(2):  # computed, then from the memo
+        for func in (validators.url, validators.domain, validators.email):
+            for v in values:
+                assert lintwalk._validators_predicate(func, v) is shipped(func, v), (func.__name__, v)
+    assert any(shipped(validators.url, v) for v in values) and not all(shipped(validators.url, v) for v in values)
+    for i in range(lintwalk._PREDICATES + 10):
+        lintwalk._validators_predicate(validators.domain, f"h{i}.example.org")
+    assert len(lintwalk._predicates) <= lintwalk._PREDICATES
