@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import signal
@@ -127,6 +128,20 @@ async def config(spec: RoleSpec, fds: dict[str, int]) -> tuple[Channel, Any]:
     return sup, cfg
 
 
+GC_THRESHOLDS = (10000, 50, 50)
+
+
+def settle_gc() -> None:
+    """After setup, every role: what it imported and built (modules, pkilint's validators, profiles) is never
+    garbage, so it is frozen out of every later collection, and the youngest generation is collected
+    every 10,000 allocations instead of 700. pkilint makes thousands of short-lived objects per
+    certificate (document trees with parent links: cycles, so the collector stays on): ≈15% less CIS
+    CPU per linted leaf, in the appliance and in-process (alternated A/B), for a few MB more at rest."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def serve(name: str, fds: dict[str, int], drop: Callable[[], None],
                 setup: Callable[[Channel, Any], Awaitable[Body]]) -> None:
     """handshake -> config -> setup (imports, privileged resources) -> drop -> connect -> Ready ->
@@ -136,6 +151,7 @@ async def serve(name: str, fds: dict[str, int], drop: Callable[[], None],
     stopped = False
     try:
         body = await setup(sup, cfg)
+        settle_gc()
         drop()
         if body.connect is not None:
             await body.connect()

@@ -311,12 +311,18 @@ class Dist:
                 continue
             st.inflight[jid] = len(data)
             self._jobs_rule[jid] = name
-            out.append(S.DistJob(id=jid, rule=name, action=action, ca=ca, ca_root=ca_root, issuer=issuer,
-                                 subject=subject, number=number, size=len(data), round=st.round,
-                                 attachment=attachment,
-                                 part=bytes(ref).decode() if action == "crl" and ref else ""))
-            for off in range(0, len(data), CHUNK):
-                out.append(S.DistData(id=jid, data=data[off:off + CHUNK]))
+            job = S.DistJob(id=jid, rule=name, action=action, ca=ca, ca_root=ca_root, issuer=issuer,
+                            subject=subject, number=number, size=len(data), round=st.round,
+                            attachment=attachment, part=bytes(ref).decode() if action == "crl" and ref else "")
+            if len(data) > CHUNK:  # a big object (a large CRL): its pieces one write each, never all in memory twice
+                if out:
+                    await self.link.send_many(out)
+                    out, size = [], 0
+                await self.link.send(job)
+                for off in range(0, len(data), CHUNK):
+                    await self.link.send(S.DistData(id=jid, data=data[off:off + CHUNK]))
+                continue
+            out += [job, S.DistData(id=jid, data=data)]
             size += len(data) + len(issuer)
             if size >= CHUNK:
                 await self.link.send_many(out)
