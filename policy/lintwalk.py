@@ -236,6 +236,7 @@ def _func_args_as_dict(func, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 _PREDICATES = 4096  # (validators function, string) answers kept; emptied when full
+_PREDICATE_LEN = 512  # longer strings (a CSR's own SAN URIs can be long) are checked every time, never kept
 _predicates: dict[tuple[Any, str], bool] = {}
 
 
@@ -246,7 +247,7 @@ def _validators_predicate(func, value) -> bool:
     leaves carry the same CRL, OCSP and CA-issuer URIs every time, whose check was ≈ 10% of a leaf's lint
     (a URI with an IP address is refused by `domain` before `ipv4` accepts it). The same check on every
     certificate; an identical input gets the answer the function gave it."""
-    if type(value) is not str:
+    if type(value) is not str or len(value) > _PREDICATE_LEN:
         ret = func(value)
         return isinstance(ret, bool) and ret
     key = (func, value)

@@ -297,3 +297,8 @@ def test_uri_domain_and_email_checks_kept_per_string_answer_as_shipped():
     for i in range(lintwalk._PREDICATES + 10):
         lintwalk._validators_predicate(validators.domain, f"h{i}.example.org")
     assert len(lintwalk._predicates) <= lintwalk._PREDICATES
+    # A long string (a hostile CSR's SAN URI) is checked, as shipped, and never kept: the memo stays small.
+    lintwalk._predicates.clear()
+    long_uri = "http://example.org/" + "a" * lintwalk._PREDICATE_LEN
+    assert lintwalk._validators_predicate(validators.url, long_uri) is shipped(validators.url, long_uri)
+    assert lintwalk._predicates == {}
