@@ -18,6 +18,7 @@ from cryptography.x509.oid import ExtensionOID
 
 from appliance.ipc import schema as S
 from policy import serials as serials_list
+from policy.crl import _der_uint, _tlv  # DER lengths and a positive INTEGER: BER's minimal form, as ldap3 sends
 
 
 class PublishError(Exception):
@@ -225,26 +226,17 @@ PARENT_CLASSES = {"ou": ["organizationalUnit"], "o": ["organization"], "dc": ["d
 _FIELD = re.compile(r"{([A-Za-z]+)}")
 
 
-def _ber(tag: int, body: bytes) -> bytes:
-    n = len(body)
-    if n < 0x80:
-        return bytes((tag, n)) + body
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(size))) + size + body
-
-
 def _octets(v: bytes | str) -> bytes:
-    return _ber(0x04, v if isinstance(v, bytes) else str(v).encode("utf-8"))
+    return _tlv(0x04, v if isinstance(v, bytes) else str(v).encode("utf-8"))
 
 
 def add_request(message_id: int, dn: str, entry: dict[str, Any]) -> bytes:
     """One LDAPMessage carrying an AddRequest (RFC 4511 §4.7), in the BER ldap3 sends for it (tested byte
     for byte against ldap3's pyasn1 encoding): written here because pyasn1 built and encoded each request
     at several times the cost of the rest of the agent's work on an entry."""
-    attrs = b"".join(_ber(0x30, _octets(k) + _ber(0x31, b"".join(map(_octets, v if isinstance(v, (list, tuple)) else [v]))))
+    attrs = b"".join(_tlv(0x30, _octets(k) + _tlv(0x31, b"".join(map(_octets, v if isinstance(v, (list, tuple)) else [v]))))
                      for k, v in entry.items())
-    mid = message_id.to_bytes(message_id.bit_length() // 8 + 1, "big")  # INTEGER: minimal, positive
-    return _ber(0x30, _ber(0x02, mid) + _ber(0x68, _octets(dn) + _ber(0x30, attrs)))
+    return _tlv(0x30, _tlv(0x02, _der_uint(message_id)) + _tlv(0x68, _octets(dn) + _tlv(0x30, attrs)))
 
 
 def render(template: str, fields: dict[str, str], escape) -> str:
