@@ -247,6 +247,14 @@ def test_big_differential_corpus_equals_shipped_pkilint():
     assert decoded > 200  # many reached the validators, not only the decoder's refusal
 
 
+def _module_as_shipped(module):
+    """The module as shipped: its file loaded again, apart from the module lintwalk patched."""
+    spec_ = importlib.util.spec_from_file_location(module.__name__ + "_shipped", module.__file__)
+    fresh = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(fresh)
+    return fresh
+
+
 def test_validators_argument_names_kept_give_the_shipped_dict():
     """The refused value's arguments (validators' ValidationError) as validators 0.22.0 builds them."""
     import validators
@@ -254,11 +262,7 @@ def test_validators_argument_names_kept_give_the_shipped_dict():
 
     assert lintwalk.install()
     assert utils._func_args_as_dict is lintwalk._func_args_as_dict
-    # The shipped function: validators/utils.py loaded again, apart from the patched module.
-    spec_ = importlib.util.spec_from_file_location("validators_utils_shipped", utils.__file__)
-    fresh = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(fresh)
-    shipped = fresh._func_args_as_dict
+    shipped = _module_as_shipped(utils)._func_args_as_dict
 
     for func, args, kwargs in ((validators.domain, ("127.0.0.1",), {"rfc_1034": False, "rfc_2782": False}),
                                (validators.ipv4, ("example.org",), {"cidr": False}), (validators.url, ("x y",), {}),
@@ -279,10 +283,7 @@ def test_uri_domain_and_email_checks_kept_per_string_answer_as_shipped():
 
     assert lintwalk.install()
     assert general_name.validators_predicate is lintwalk._validators_predicate
-    spec_ = importlib.util.spec_from_file_location("general_name_shipped", general_name.__file__)
-    fresh = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(fresh)
-    shipped = fresh.validators_predicate
+    shipped = _module_as_shipped(general_name).validators_predicate
     assert shipped is not lintwalk._validators_predicate
     values = ["http://127.0.0.1:8080/crl/issuing.crl", "http://[::1]:80/ocsp", "http://pki.example.org/ca.der", "https://x",
               "http://exa mple.org/", "ftp://a.b/c", "http://999.1.1.1/", "http://-bad-.example/", "", "é", "x" * 300,
