@@ -199,6 +199,12 @@ class CrlShards:
         removed: list[bytes] = []
         for s in changed:
             r = c.execute("SELECT serial, revoked_at, reason, invalidity FROM revocations WHERE ca=? AND serial=?", (ca, s)).fetchone()
+            if r is None and c.execute("SELECT 1 FROM recovered_certs WHERE ca=? AND serial=?", (ca, s)).fetchone():
+                # known only by its serial (a restore recovered it): on the CA's one CRL, never on a shard's
+                if n > 1:
+                    continue
+                r = c.execute("SELECT serial, revoked_at, reason, invalidity FROM recovered_revocations WHERE ca=? AND serial=?",
+                              (ca, s)).fetchone()
             if r is None:
                 removed.append(s)
             else:

@@ -15,6 +15,9 @@ from .errors import FactoryError
 from .store import Store
 
 HOLD = 6  # CRLReason certificateHold: the one revocation that can be released or made permanent
+# In the audit of a change to a certificate known only by its serial (a restore recovered it from published
+# evidence): every full CRL and the OCSP endpoint say it; CRL shards and directory entries do not.
+RECOVERED_NOTE = "; known only by its serial (recovered by a restore): on full CRLs and OCSP, not on CRL shards"
 
 
 class Revocation:
@@ -45,24 +48,29 @@ class Revocation:
         def w():
             with store.tx():
                 profile = store.cert_profile(req.ca, sb)
-                if profile is None:
+                # A certificate a restore knows only by its serial (recovered_certs) is revocable too: its
+                # CRL entry and OCSP response need nothing but the serial. No body: no directory entry to update.
+                recovered = profile is None and store.recovered_cert(req.ca, sb)
+                note = RECOVERED_NOTE if recovered else ""
+                if profile is None and not recovered:
                     store.audit_in_tx(actor, "revoke", obj, "refused", "no such certificate")
-                    return "not-found", now
-                old = store.revocation(req.ca, sb)
+                    return "not-found", now, False
+                old = store.revocation(req.ca, sb, recovered)
                 if old is not None and (old[1] != HOLD or reason == HOLD):
                     why = "already on hold" if old[1] == HOLD else "already revoked"
                     store.audit_in_tx(actor, "revoke", obj, "refused", why)
-                    return why, old[0]
+                    return why, old[0], recovered
                 if old is not None:  # certificateHold -> a permanent reason
                     inv = req.invalidity if req.invalidity is not None else old[2]
-                    store.change_revocation(req.ca, sb, reason, inv, crlenc.entry_length(serial, old[0], reason, inv))
-                    store.audit_in_tx(actor, "revoke", obj, "ok", f"reason={req.reason} (was certificateHold since {old[0]})")
-                    return "changed", old[0]
-                store.add_revocation(req.ca, sb, now, reason, req.invalidity, entry_len)
-                self.dist.enqueue_uncert(store.require_active().db, req.ca, serial, profile)
-                store.audit_in_tx(actor, "revoke", obj, "ok", f"reason={req.reason}")
-                return "ok", now
-        r, revoked_at = await store.run(w)
+                    store.change_revocation(req.ca, sb, reason, inv, crlenc.entry_length(serial, old[0], reason, inv), recovered)
+                    store.audit_in_tx(actor, "revoke", obj, "ok", f"reason={req.reason} (was certificateHold since {old[0]}){note}")
+                    return "changed", old[0], recovered
+                store.add_revocation(req.ca, sb, now, reason, req.invalidity, entry_len, recovered)
+                if profile is not None:
+                    self.dist.enqueue_uncert(store.require_active().db, req.ca, serial, profile)
+                store.audit_in_tx(actor, "revoke", obj, "ok", f"reason={req.reason}{note}")
+                return "ok", now, recovered
+        r, revoked_at, recovered = await store.run(w)
         if r == "not-found":
             raise FactoryError("not-found", f"no certificate {serial:x} issued by {req.ca!r}")
         if r == "already on hold":
@@ -73,7 +81,7 @@ class Revocation:
             self.stats["revoked"] += 1
         self.lists.revocations_changed(req.ca)
         return {"ca": req.ca, "serial": f"{serial:x}", "revoked_at": revoked_at, "reason": req.reason,
-                "was_on_hold": r == "changed"}
+                "was_on_hold": r == "changed", "known_by_serial_only": recovered}
 
     async def unrevoke(self, req: S.AUnrevoke, actor: str) -> dict[str, Any]:
         """Release a certificate from certificateHold: its entry leaves the CRL (the next full CRL omits
@@ -87,15 +95,18 @@ class Revocation:
         def w():
             with store.tx():
                 profile = store.cert_profile(req.ca, sb)
-                old = store.revocation(req.ca, sb)
-                why = ("no such certificate" if profile is None else "not revoked" if old is None
+                recovered = profile is None and store.recovered_cert(req.ca, sb)
+                old = store.revocation(req.ca, sb, recovered)
+                why = ("no such certificate" if profile is None and not recovered else "not revoked" if old is None
                        else None if old[1] == HOLD else "revoked permanently, not on hold")
-                if why or profile is None or old is None:
+                if why or old is None:
                     store.audit_in_tx(actor, "unrevoke", obj, "refused", why or "")
                     return why, None
-                store.delete_revocation(req.ca, sb)
-                self.dist.enqueue_cert(store.require_active().db, req.ca, serial, profile)  # published again where revocation removed it
-                store.audit_in_tx(actor, "unrevoke", obj, "ok", f"released from certificateHold (held since {old[0]})")
+                store.delete_revocation(req.ca, sb, recovered)
+                if profile is not None:  # published again where revocation removed it
+                    self.dist.enqueue_cert(store.require_active().db, req.ca, serial, profile)
+                store.audit_in_tx(actor, "unrevoke", obj, "ok", f"released from certificateHold (held since {old[0]})"
+                                  + (RECOVERED_NOTE if recovered else ""))
                 return "ok", old[0]
         r, held_since = await store.run(w)
         if r == "no such certificate":

@@ -175,4 +175,5 @@ PINNED_SCHEMA_HASHES = {
     3: "04ab501a300ad2df4e9ea7f3353411ca8c2d6c8e9cfda06261e03e1492de4866",
     4: "d36f02f7789fb348f4cfc25c244c61ec537317a97f9cdaab0eedf5906e8dbcdb",
     5: "bc8b9c49119c0d486cac57ee71fe3ba3c7504953f37ef7193e18e92f6a9ee4f2",
+    6: "ff5f28ece79280598e5653f945cd781ff343398a05a445dae005d576c4395b6f",  # RevokeReply.known_by_serial_only
 }

@@ -241,3 +241,40 @@ def _scenario(appliance_factory, web: Receiver, ldap: Slapd, homes: Path, tmp_pa
     # A certificate issued now never takes a serial known issued.
     new, _ = issue("new")
     assert new not in (before, after, good)
+
+    # A certificate known only by its serial is still revocable (a key can be compromised after a restore too):
+    # on hold, released, then revoked for good; the endpoint says each state, the next full CRL carries it.
+    def ocsp_says(status: bytes) -> bytes:
+        for _ in range(150):
+            out = _ocsp_status(a, tmp_path, good_pem)
+            if status in out:
+                return out
+            time.sleep(0.1)
+        raise AssertionError(out)
+
+    r = a.cli("revoke", "--ca", "issuing", good, "--reason", "certificateHold")
+    assert b"known only by its serial" in r.stdout, r.stdout
+    ocsp_says(b": revoked")
+    a.cli("revoke", "--ca", "issuing", good, "--release")
+    ocsp_says(b": good")
+    r = a.cli("revoke", "--ca", "issuing", good, "--reason", "keyCompromise", "--json")
+    assert json.loads(r.stdout)["known_by_serial_only"] is True
+    assert b"Reason: keyCompromise" in ocsp_says(b": revoked")
+    r = a.cli("revoke", "--ca", "issuing", good, "--reason", "keyCompromise", check=False)
+    assert r.returncode == 1 and b"already revoked" in r.stderr and b"Traceback" not in r.stderr, r.stderr
+    r = a.cli("revoke", "--ca", "issuing", good, "--release", check=False)
+    assert r.returncode == 1 and b"only a certificateHold can be released" in r.stderr, r.stderr
+    r = a.cli("revoke", "--ca", "issuing", "7fffffffffff0001", "--reason", "keyCompromise", check=False)
+    assert r.returncode == 1 and b"no certificate" in r.stderr, r.stderr  # neither issued nor recovered: refused as before
+    a.cli("crl", "generate", "--ca", "issuing", "--out", str(tmp_path / "after-revoke.crl"))
+    full = x509.load_der_x509_crl((tmp_path / "after-revoke.crl").read_bytes())
+    entry = full.get_revoked_certificate_by_serial_number(int(good, 16))
+    assert entry is not None and entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == x509.ReasonFlags.key_compromise
+    r = openssl("crl", "-in", str(tmp_path / "after-revoke.crl"), "-inform", "DER", "-CAfile", str(tmp_path / "issuing.pem"),
+                "-noout", check=False)
+    assert r.returncode == 0 and b"verify OK" in r.stdout + r.stderr, r.stderr  # openssl checks its signature
+    recs = [json.loads(x) for x in a.cli("audit", "export").stdout.splitlines() if b'"seq"' in x and b'"checkpoint"' not in x]
+    mine = [x for x in recs if x["object"] == f"issuing/{good}" and x["action"] in ("revoke", "unrevoke")]
+    assert [(x["action"], x["outcome"]) for x in mine] == [("revoke", "ok"), ("unrevoke", "ok"), ("revoke", "ok"),
+                                                           ("revoke", "refused"), ("unrevoke", "refused")], mine
+    assert all("known only by its serial" in x["detail"] for x in mine if x["outcome"] == "ok")

@@ -114,6 +114,40 @@ def test_delta_entries_since_base(st):
         sh.delta_entries(c, "sub", 0, 9)
 
 
+@pytest.mark.parametrize("shards", [1, 2])
+def test_delta_entries_of_certificates_known_only_by_serial(st, shards):
+    """A certificate a restore knows only by its serial (recovered_certs), revoked by an officer through the
+    store: its changes are logged like any other; the CA's one CRL lists it (a released hold: removeFromCRL),
+    a shard never does (its shard is not known from the evidence)."""
+    sh = CrlShards(st, {"sub": shards})
+    _issue_sharded(st, sh, 0x5000)
+    rec, held = serial_bytes(0x5001), serial_bytes(0x5003)
+    with st.tx() as c:
+        c.executemany("INSERT INTO recovered_certs VALUES ('sub', ?, 999, 1)", [(rec,), (held,)])
+        st.add_revocation("sub", held, 50, 6, None, 20, recovered=True)  # on hold before deltas
+        sh.enable_deltas(c, "sub")
+        for k in range(shards):
+            sh.mark_base(c, "sub", k, 1, sh.log_seq(c))
+    with st.tx() as c:
+        st.add_revocation("sub", rec, 300, 1, None, 20, recovered=True)
+        st.delete_revocation("sub", held, recovered=True)
+        assert c.execute("SELECT count(*) FROM ocsp_queue WHERE serial IN (?,?)", (rec, held)).fetchone()[0] == 2
+    assert st.revocation("sub", rec, recovered=True) == (300, 1, None) and st.revocation("sub", rec) is None
+    assert st.recovered_cert("sub", rec) and not st.recovered_cert("sub", serial_bytes(0x5000))
+    c = st.db.db
+    got = [sh.delta_entries(c, "sub", k, 1) for k in range(shards)]
+    if shards == 1:
+        assert [r[:3] for r in got[0][0]] == [(rec, 300, 1)] and got[0][1] == [held]
+    else:
+        assert got == [([], []), ([], [])]
+    with st.tx():  # a hold made permanent: logged again, the new reason read
+        st.add_revocation("sub", held, 400, 6, None, 20, recovered=True)
+        st.change_revocation("sub", held, 1, None, 20, recovered=True)
+    assert st.revocation("sub", held, recovered=True) == (400, 1, None)
+    if shards == 1:
+        assert [r[:3] for r in sh.delta_entries(c, "sub", 0, 1)[0]] == [(rec, 300, 1), (held, 400, 1)]
+
+
 def test_log_pruned_once_every_shard_has_a_later_base(st):
     sh = CrlShards(st, {"sub": 2})
     with st.tx() as c:

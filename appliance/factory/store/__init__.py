@@ -327,22 +327,50 @@ class Store(CaQueries, CmpQueries, DistQueries, EnrolSecretQueries, GatewayQueri
 
     # ------------------------------------------------------------ revocations (inside tx())
 
-    def revocation(self, ca: str, serial: bytes) -> tuple[int, int | None, int | None] | None:
-        """(revoked_at, reason, invalidity) of a revoked certificate, or None."""
-        row = self.require_active().db.execute("SELECT revoked_at, reason, invalidity FROM revocations WHERE ca=? AND serial=?",
+    def recovered_cert(self, ca: str, serial: bytes) -> bool:
+        """Whether the certificate is one a restore knows only by its serial, from published evidence
+        (recovered_certs, migration 17): no body, no profile, still revocable."""
+        return self.require_active().db.execute("SELECT 1 FROM recovered_certs WHERE ca=? AND serial=?",
+                                                (ca, serial)).fetchone() is not None
+
+    def revocation(self, ca: str, serial: bytes, recovered: bool = False) -> tuple[int, int | None, int | None] | None:
+        """(revoked_at, reason, invalidity) of a revoked certificate, or None (`recovered`: of one known
+        only by its serial)."""
+        table = "recovered_revocations" if recovered else "revocations"
+        row = self.require_active().db.execute(f"SELECT revoked_at, reason, invalidity FROM {table} WHERE ca=? AND serial=?",
                                                (ca, serial)).fetchone()
         return (row[0], row[1], row[2]) if row else None
 
-    def add_revocation(self, ca: str, serial: bytes, at: int, reason: int | None, invalidity: int | None, entry_len: int) -> None:
-        """A new revocation, its OCSP response queued for re-signing."""
+    @staticmethod
+    def _recovered_changed(c: apsw.Connection, ca: str, serial: bytes) -> None:
+        """A revocation of a certificate known only by its serial changed: logged for delta CRLs (as the
+        triggers log `revocations`), its OCSP response queued for re-signing."""
+        c.execute("INSERT INTO revocation_log(ca, serial) SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM crl_delta_cas WHERE ca = ?1)",
+                  (ca, serial))
+        c.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (ca, serial))
+
+    def add_revocation(self, ca: str, serial: bytes, at: int, reason: int | None, invalidity: int | None, entry_len: int,
+                       recovered: bool = False) -> None:
+        """A new revocation, its OCSP response queued for re-signing. `recovered`: of a certificate known only
+        by its serial, kept beside the ones a restore recovered (every full CRL carries them, none of the shards)."""
         c = self.require_active().db
+        if recovered:
+            c.execute("INSERT INTO recovered_revocations VALUES (?,?,?,?,?,?,?)", (ca, serial, at, reason, invalidity, entry_len, at))
+            self._recovered_changed(c, ca, serial)
+            return
         c.execute("INSERT INTO revocations VALUES (?,?,?,?,?,?)", (ca, serial, at, reason, invalidity, entry_len))
         self._keep_crl_entry(c, ca, serial, at, reason, invalidity, entry_len)
         c.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (ca, serial))
 
-    def change_revocation(self, ca: str, serial: bytes, reason: int | None, invalidity: int | None, entry_len: int) -> None:
+    def change_revocation(self, ca: str, serial: bytes, reason: int | None, invalidity: int | None, entry_len: int,
+                          recovered: bool = False) -> None:
         """A held certificate's reason made permanent (its revocation date kept), OCSP queued."""
         c = self.require_active().db
+        if recovered:
+            c.execute("UPDATE recovered_revocations SET reason=?, invalidity=?, entry_len=? WHERE ca=? AND serial=?",
+                      (reason, invalidity, entry_len, ca, serial))
+            self._recovered_changed(c, ca, serial)
+            return
         c.execute("UPDATE revocations SET reason=?, invalidity=?, entry_len=? WHERE ca=? AND serial=?",
                   (reason, invalidity, entry_len, ca, serial))
         row = c.execute("SELECT revoked_at FROM revocations WHERE ca=? AND serial=?", (ca, serial)).fetchone()
@@ -363,9 +391,13 @@ class Store(CaQueries, CmpQueries, DistQueries, EnrolSecretQueries, GatewayQueri
         shard = c.execute("SELECT shard FROM cert_shards WHERE serial=? AND ca=?", (serial, ca)).fetchone()
         c.execute("INSERT OR REPLACE INTO crl_der VALUES (?,?,?,?)", (ca, serial, der, shard[0] if shard else None))
 
-    def delete_revocation(self, ca: str, serial: bytes) -> None:
+    def delete_revocation(self, ca: str, serial: bytes, recovered: bool = False) -> None:
         """A certificateHold released, OCSP queued."""
         c = self.require_active().db
+        if recovered:
+            c.execute("DELETE FROM recovered_revocations WHERE ca=? AND serial=?", (ca, serial))
+            self._recovered_changed(c, ca, serial)
+            return
         c.execute("DELETE FROM revocations WHERE ca=? AND serial=?", (ca, serial))
         c.execute("INSERT OR IGNORE INTO ocsp_queue VALUES (?,?)", (ca, serial))
 

@@ -15,7 +15,7 @@ from .admin import *  # noqa: F401  (admin imports every link module before it)
 from .admin import _Reply  # noqa: F401
 from .common import _Msg  # noqa: F401
 
-VERSION = 5
+VERSION = 6
 
 
 def schema_hash() -> str:
