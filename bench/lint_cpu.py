@@ -70,7 +70,8 @@ def builders(issuing: x509.Certificate, key_type: str, n: int, profile: str = "t
     out = []
     for i in range(n):
         k = _KEYGEN["p256"]()
-        s = certs.IssueSpec(P[profile], _spki(k), (), (("dns", f"host{i}.bench.example.org"),), 0x4000_0000_0000_0000 + i,
+        s = certs.IssueSpec(P[profile], _spki(k), (("CN", f"host{i}.bench.example.org"),), (("dns", f"host{i}.bench.example.org"),),
+                            0x4000_0000_0000_0000 + i,
                             now - dt.timedelta(hours=1), now + dt.timedelta(days=90))
         out.append(certs.build_tbs(s, info))
     return out
