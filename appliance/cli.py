@@ -718,7 +718,7 @@ def revoke(serial: str, ca: Annotated[str, typer.Option(help="Issuing CA.")] = .
         doc = op(ops.revoke, c, ca, sb, reason, invalidity)
     was = " (was certificateHold)" if doc.get("was_on_hold") else ""
     if doc.get("known_by_serial_only"):
-        was += "; known only by its serial (recovered by a restore): on full CRLs and OCSP, not on CRL shards"
+        was += "; known only by its serial (recovered by a restore): no directory entry updated"
     if not emit_json(doc, as_json):
         typer.echo(f"revoked {doc['ca']}/{doc['serial']} ({reason}){was}")
 

@@ -107,7 +107,8 @@ class SignedLists:
                 out = []
                 log_seq = sh.log_seq(r)  # where the revocation log stands in this snapshot: each shard's base mark
                 encoded, revoked = store.shard_der_counts(ca)
-                if sum(c for c, _ in encoded.values()) == revoked:  # all encoded, each in its shard: no join needed
+                if sum(c for c, _ in encoded.values()) == revoked and not sh.recovered(r, ca):
+                    # all encoded, each in its shard, none known only by its serial: no join needed
                     return [(*encoded.get(k, (0, 0)), k in encoded, log_seq) for k in range(n)]
                 for k, (count, length) in enumerate(sh.shard_counts(r, ca, n)):
                     out.append((count, length, count > 0 and encoded.get(k, (0, 0))[0] == count, log_seq))

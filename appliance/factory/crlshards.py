@@ -135,19 +135,39 @@ class CrlShards:
         c.execute("UPDATE crl_shard_numbers SET number = number + 1 WHERE ca=? AND shard=?", (ca, shard))
         return int(_row(c, "SELECT number FROM crl_shard_numbers WHERE ca=? AND shard=?", (ca, shard))[0])
 
+    def recovered(self, c: apsw.Connection, ca: str, shard: int | None = None, after: bytes = b"") -> list[tuple[Any, ...]]:
+        """Revocations of certificates known only by their serial (recovered by a restore: no cert_shards row,
+        their body being unknown) after serial `after`, in serial order, with their entry length last; of one
+        shard if given. Their shard is the one their CRL DP named, by serial as every certificate's
+        (policy.crl.shard_of over the pinned count). Few: read whole and placed here, not joined in SQL."""
+        rows = [tuple(r) for r in c.execute("SELECT serial, revoked_at, reason, invalidity, entry_len FROM recovered_revocations "
+                                            "WHERE ca=? AND serial > ? ORDER BY serial", (ca, after))]
+        if shard is None:
+            return rows
+        n = self.shards(c, ca)
+        return [r for r in rows if pcrl.shard_of(serial_int(r[0]), n) == shard]
+
     def shard_count(self, c: apsw.Connection, ca: str, shard: int) -> tuple[int, int]:
         """(entries, their DER length) of one shard, read in the caller's snapshot."""
         n, length = _row(c, _COUNT_SHARD, (ca, ca, shard))
-        return int(n), int(length)
+        rec = self.recovered(c, ca, shard)
+        return int(n) + len(rec), int(length) + sum(int(r[4]) for r in rec)
 
     def shard_counts(self, c: apsw.Connection, ca: str, n: int) -> list[tuple[int, int]]:
         """(entries, their DER length) of each of the CA's n shards, read in the caller's snapshot."""
         got = {int(k): (int(cnt), int(length)) for k, cnt, length in c.execute(_COUNT_SHARDS, (ca,))}
+        for r in self.recovered(c, ca):
+            k = pcrl.shard_of(serial_int(r[0]), n)
+            cnt, length = got.get(k, (0, 0))
+            got[k] = (cnt + 1, length + int(r[4]))
         return [got.get(k, (0, 0)) for k in range(n)]
 
     def shard_page(self, c: apsw.Connection, ca: str, shard: int, after: bytes, limit: int) -> list[tuple[Any, ...]]:
-        """The shard's next entries after serial `after`, in serial order (as Store.list_page)."""
-        return [tuple(r) for r in c.execute(_PAGE_SHARD, (ca, shard, after, limit))]
+        """The shard's next entries after serial `after`, in serial order (as Store.list_page); recovered
+        revocations merged in (bytes order is SQLite's BLOB order, the order `serial > ?` pages by)."""
+        rows = [tuple(r) for r in c.execute(_PAGE_SHARD, (ca, shard, after, limit))]
+        rec = [r[:4] for r in self.recovered(c, ca, shard, after)]
+        return sorted(rows + rec, key=lambda r: bytes(r[0]))[:limit] if rec else rows
 
     # The reader's snapshot, as Store.list_snapshot_begin / list_page (Store.list_snapshot_end ends it).
     def snapshot_begin(self, ca: str, shard: int) -> tuple[int, int]:
@@ -199,10 +219,7 @@ class CrlShards:
         removed: list[bytes] = []
         for s in changed:
             r = c.execute("SELECT serial, revoked_at, reason, invalidity FROM revocations WHERE ca=? AND serial=?", (ca, s)).fetchone()
-            if r is None and c.execute("SELECT 1 FROM recovered_certs WHERE ca=? AND serial=?", (ca, s)).fetchone():
-                # known only by its serial (a restore recovered it): on the CA's one CRL, never on a shard's
-                if n > 1:
-                    continue
+            if r is None:  # or one of a certificate known only by its serial (a restore recovered it)
                 r = c.execute("SELECT serial, revoked_at, reason, invalidity FROM recovered_revocations WHERE ca=? AND serial=?",
                               (ca, s)).fetchone()
             if r is None:

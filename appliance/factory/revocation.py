@@ -16,8 +16,8 @@ from .store import Store
 
 HOLD = 6  # CRLReason certificateHold: the one revocation that can be released or made permanent
 # In the audit of a change to a certificate known only by its serial (a restore recovered it from published
-# evidence): every full CRL and the OCSP endpoint say it; CRL shards and directory entries do not.
-RECOVERED_NOTE = "; known only by its serial (recovered by a restore): on full CRLs and OCSP, not on CRL shards"
+# evidence): its CRLs (full, its shard, deltas) and the OCSP endpoint say it; no directory entry is updated.
+RECOVERED_NOTE = "; known only by its serial (recovered by a restore): no directory entry updated"
 
 
 class Revocation:

@@ -136,16 +136,45 @@ def test_delta_entries_of_certificates_known_only_by_serial(st, shards):
     assert st.recovered_cert("sub", rec) and not st.recovered_cert("sub", serial_bytes(0x5000))
     c = st.db.db
     got = [sh.delta_entries(c, "sub", k, 1) for k in range(shards)]
-    if shards == 1:
-        assert [r[:3] for r in got[0][0]] == [(rec, 300, 1)] and got[0][1] == [held]
-    else:
-        assert got == [([], []), ([], [])]
+    # by serial, as every certificate's CRL DP names its shard: 0x5001 and 0x5003 are both in shard 1 of 2
+    assert [r[:3] for r in got[-1][0]] == [(rec, 300, 1)] and got[-1][1] == [held]
+    assert shards == 1 or got[0] == ([], [])
     with st.tx():  # a hold made permanent: logged again, the new reason read
         st.add_revocation("sub", held, 400, 6, None, 20, recovered=True)
         st.change_revocation("sub", held, 1, None, 20, recovered=True)
     assert st.revocation("sub", held, recovered=True) == (400, 1, None)
-    if shards == 1:
-        assert [r[:3] for r in sh.delta_entries(c, "sub", 0, 1)[0]] == [(rec, 300, 1), (held, 400, 1)]
+    assert [r[:3] for r in sh.delta_entries(c, "sub", shards - 1, 1)[0]] == [(rec, 300, 1), (held, 400, 1)]
+
+
+def test_shards_carry_revocations_of_certificates_known_only_by_serial(st):
+    """A sharded CA's recovered revocations (no cert_shards row: their body is unknown) are counted in and
+    paged with the shard their serial names, merged in serial order with the others."""
+    sh = CrlShards(st, {"sub": 4})
+    issued = list(range(0x6000, 0x6010))
+    for s in issued:
+        _issue_sharded(st, sh, s)
+    for s in issued[::2]:
+        _revoke(st, s)
+    recovered = [0x6011, 0x6015, 0x6104, 0x60ff01]  # shards 1, 1, 0, 1
+    with st.tx():
+        for s in recovered:
+            st.db.db.execute("INSERT INTO recovered_certs VALUES ('sub', ?, 999, 1)", (serial_bytes(s),))
+            st.add_revocation("sub", serial_bytes(s), 100, 1, None, 21, recovered=True)
+    c = st.db.db
+    counts = sh.shard_counts(c, "sub", 4)
+    assert counts == [sh.shard_count(c, "sub", k) for k in range(4)]
+    want = {k: sorted([serial_bytes(s) for s in issued[::2] if s % 4 == k] + [serial_bytes(s) for s in recovered if s % 4 == k])
+            for k in range(4)}
+    for k in range(4):
+        assert counts[k][0] == len(want[k])
+        assert counts[k][1] == 20 * sum(1 for s in issued[::2] if s % 4 == k) + 21 * sum(1 for s in recovered if s % 4 == k)
+        paged, after = [], b""
+        while page := sh.shard_page(c, "sub", k, after, 2):  # two at a time: the merge respects the page bounds
+            assert len(page) <= 2 and all(len(r) == 4 for r in page)
+            paged += [r[0] for r in page]
+            after = page[-1][0]
+        assert paged == want[k], k
+    assert sh.recovered(c, "sub", 1) and sh.recovered(c, "sub", 3) == []
 
 
 def test_log_pruned_once_every_shard_has_a_later_base(st):

@@ -629,7 +629,7 @@ class RevokeReply(_Reply, tag="revoke-reply"):
     revoked_at: Epoch
     reason: Reason
     was_on_hold: bool
-    known_by_serial_only: bool = False  # recovered by a restore: on full CRLs and OCSP, not on CRL shards
+    known_by_serial_only: bool = False  # recovered by a restore: no directory entry updated
 
 
 class UnrevokeReply(_Reply, tag="unrevoke-reply"):
