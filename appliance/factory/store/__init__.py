@@ -352,7 +352,7 @@ class Store(CaQueries, CmpQueries, DistQueries, EnrolSecretQueries, GatewayQueri
     def add_revocation(self, ca: str, serial: bytes, at: int, reason: int | None, invalidity: int | None, entry_len: int,
                        recovered: bool = False) -> None:
         """A new revocation, its OCSP response queued for re-signing. `recovered`: of a certificate known only
-        by its serial, kept beside the ones a restore recovered (every full CRL carries them, none of the shards)."""
+        by its serial, kept beside the ones a restore recovered (full CRLs, its shard's and the deltas carry them)."""
         c = self.require_active().db
         if recovered:
             c.execute("INSERT INTO recovered_revocations VALUES (?,?,?,?,?,?,?)", (ca, serial, at, reason, invalidity, entry_len, at))
