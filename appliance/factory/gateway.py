@@ -397,9 +397,14 @@ class GatewayService:
         return S.Ok(id=msg.id)
 
 
-def eab_new(kid: str | None = None) -> tuple[str, bytes]:
-    """A fresh EAB key id and 256-bit HMAC key."""
-    return kid or secrets.token_urlsafe(12), secrets.token_bytes(32)
+def eab_new() -> tuple[str, bytes]:
+    """A fresh EAB key id and 256-bit HMAC key. The id never starts with "-" (1 in 64 of base64url's
+    would): officers and clients type it as a command-line argument (`donjon acme eab-revoke KID`,
+    `certbot --eab-kid`, `lego --eab.kid`), where it would be read as an option."""
+    kid = secrets.token_urlsafe(12)
+    while kid.startswith("-"):
+        kid = secrets.token_urlsafe(12)
+    return kid, secrets.token_bytes(32)
 
 
 async def eab_admin(store: Store, audit: Callable[..., Awaitable[None]], actor: str, req) -> S.EabReply | S.EabListReply:

@@ -204,3 +204,15 @@ def test_the_acme_store_survives_a_reopen(tmp_path):
     assert st.account_by_thumbprint("tp")["contact"] == ["mailto:a@b.c"]
     assert st.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     st.close()
+
+
+def test_eab_key_ids_never_start_with_a_dash():
+    """An EAB key id is typed as an argument (`donjon acme eab-revoke KID`, `certbot --eab-kid KID`): one
+    starting with "-" (1 in 64 of base64url's ids) is read as an option. 4,000 draws: a generator that let
+    them through would give one with probability 1 - (63/64)^4000."""
+    from appliance.factory.gateway import eab_new
+
+    ids = [eab_new()[0] for _ in range(4000)]
+    assert not [k for k in ids if k.startswith("-")]
+    assert len(set(ids)) == len(ids) and all(len(k) == 16 for k in ids)
+    assert sum(k.startswith("_") for k in ids) > 0  # the rest of the alphabet is kept
