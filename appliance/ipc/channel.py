@@ -111,19 +111,22 @@ class Channel:
             raise ProtocolViolation(f"{self.link}: a NewLink arrived without its descriptor")
         return self._fds.pop(0)
 
-    async def send(self, msg: Any) -> None:
+    def _frame(self, msg: Any) -> bytes:
+        """The message's frame, refused if the peer would refuse it (larger than the link's maximum)."""
         data = encode(msg)
         if len(data) - 4 > self.max:
             raise ProtocolViolation(f"{self.link}: refusing to send a {len(data)}-byte frame")
+        return data
+
+    async def send(self, msg: Any) -> None:
+        data = self._frame(msg)
         async with self._send_lock:
             await self.stream.send_all(data)
 
     async def send_many(self, msgs: list[Any]) -> None:
-        """Several messages in one write (each its own frame: the peer reads them one by one as ever)."""
-        frames = [encode(m) for m in msgs]
-        for data in frames:
-            if len(data) - 4 > self.max:
-                raise ProtocolViolation(f"{self.link}: refusing to send a {len(data)}-byte frame")
+        """Several messages in one write (each its own frame: the peer reads them one by one as ever);
+        nothing is written if any of them is refused."""
+        frames = [self._frame(m) for m in msgs]
         async with self._send_lock:
             await self.stream.send_all(b"".join(frames))
 
